@@ -1,0 +1,86 @@
+"""The stage schema: canonical names, their order, their shapes, and aliases.
+
+Shapes use ``T`` tokens, ``H`` hidden size, ``Hq``/``Hkv`` query/key-value
+heads, ``D`` head dim, ``E`` experts, ``k`` experts per token, ``V`` vocab.
+Per-layer stages are stored stacked on a leading layer axis ``[L, ...]``.
+"""
+
+from __future__ import annotations
+
+# Whole-model stages, in computation order (``tokens`` is the input).
+MODEL_STAGES: tuple[str, ...] = ("tokens", "embed", "final_norm", "logits")
+
+# Per-layer stages, in computation order within one layer.
+LAYER_STAGES: tuple[str, ...] = (
+    "attn_norm",     # [T, H]
+    "q",             # [T, Hq, D]   after q projection
+    "k",             # [T, Hkv, D]  after k projection
+    "v",             # [T, Hkv, D]  after v projection
+    "q_norm",        # [T, Hq, D]   per-head RMSNorm over D
+    "k_norm",        # [T, Hkv, D]
+    "q_rope",        # [T, Hq, D]   NeoX rotary embedding applied
+    "k_rope",        # [T, Hkv, D]
+    "attn",          # [T, Hq*D]    attention output before o projection
+    "attn_out",      # [T, H]       after o projection
+    "attn_resid",    # [T, H]       residual + attn_out
+    "ffn_norm",      # [T, H]
+    "router_logits", # [T, E]       float32 router logits
+    "topk_ids",      # [T, k] int32 selected experts, by descending weight
+    "topk_weights",  # [T, k]       renormalised weights, same order as ids
+    "expert_out",    # [T, k, H]    each selected expert's unweighted output
+    "moe_out",       # [T, H]       weighted sum of expert outputs
+    "layer_out",     # [T, H]       attn_resid + moe_out
+)
+
+INTEGER_STAGES: frozenset[str] = frozenset({"tokens", "topk_ids"})
+
+# Stages whose value depends on the routing decision of their layer.
+POST_ROUTING_STAGES: frozenset[str] = frozenset(
+    {"topk_ids", "topk_weights", "expert_out", "moe_out", "layer_out"}
+)
+
+ALL_STAGES: tuple[str, ...] = MODEL_STAGES + LAYER_STAGES
+
+# Names other engines use for our stages.  Keys are foreign names, values
+# canonical ones.  The first four come from the aprender-serve MoE trace.
+ALIASES: dict[str, str] = {
+    "moe_router": "topk_weights",
+    "moe_ffn_out": "moe_out",
+    "post_ffn_residual": "layer_out",
+    "lm_head": "logits",
+    # llama.cpp graph tensor names (eval-callback dumps)
+    "inp_embd": "embed",
+    "attn_norm": "attn_norm",
+    "Qcur": "q",
+    "Kcur": "k",
+    "Vcur": "v",
+    "Qcur_normed": "q_norm",
+    "Kcur_normed": "k_norm",
+    "kqv_out": "attn",
+    "ffn_inp": "attn_resid",
+    "ffn_norm": "ffn_norm",
+    "ffn_moe_logits": "router_logits",
+    "ffn_moe_weights_norm": "topk_weights",
+    "ffn_moe_out": "moe_out",
+    "l_out": "layer_out",
+    "result_norm": "final_norm",
+    "result_output": "logits",
+    # HF transformers module names (model_addition_debugger style)
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate": "router_logits",
+    "mlp": "moe_out",
+    "norm": "final_norm",
+}
+
+
+def canonical(name: str) -> str | None:
+    """Return the canonical stage name for ``name`` (itself or an alias), or None."""
+    if name in ALL_STAGES:
+        return name
+    return ALIASES.get(name)
+
+
+def stage_order(stage: str) -> int:
+    """Index of a layer stage in computation order (for sorting results)."""
+    return LAYER_STAGES.index(stage)
