@@ -64,7 +64,8 @@ def _dequantize(gf: GGUFFile, name: str, qtype: GGMLQuantizationType, data: np.n
         out = quants.dequantize(np.asarray(data), qtype)
     except NotImplementedError:
         raise ModelFileError(f"{gf.path}: tensor {name!r} has type {qtype.name}, which gguf-py cannot dequantize") from None
-    return np.ascontiguousarray(out, dtype=np.float32)
+    out = np.ascontiguousarray(out, dtype=np.float32)
+    return out if out.flags.writeable else out.copy()  # F32 tensors come back as read-only memmap views
 
 
 @dataclass

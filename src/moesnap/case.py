@@ -1,0 +1,165 @@
+"""One case (one prompt) as a Zarr v3 group: the layout every engine can write.
+
+::
+
+    <case>/tokens           [T] int32
+    <case>/embed            [T, H]
+    <case>/final_norm       [T, H]
+    <case>/logits           [T, V]
+    <case>/layers/<stage>   [L, ...]   one chunk per layer
+
+The group's attributes are optional for a candidate written by another
+engine; moesnap writes ``schema``, ``checksums`` (sha256 of each array's
+little-endian C-order bytes) and provenance.  Foreign stage names listed in
+:data:`moesnap.stages.ALIASES` are accepted on read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import zarr
+import zarr.errors
+
+from .errors import GoldenError
+from .stages import LAYER_STAGES, MODEL_STAGES, canonical
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Case:
+    tokens: np.ndarray                                     # [T] int32
+    model: dict[str, np.ndarray] = field(default_factory=dict)   # embed, final_norm, logits
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # stage -> [L, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layer(self) -> int:
+        return max((a.shape[0] for a in self.layers.values()), default=0)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array keyed by its path inside the case group."""
+        out = {"tokens": self.tokens}
+        out.update(self.model)
+        out.update({f"layers/{s}": a for s, a in self.layers.items()})
+        return out
+
+    def stage(self, stage: str, layer: int | None = None) -> np.ndarray | None:
+        if layer is None:
+            return self.tokens if stage == "tokens" else self.model.get(stage)
+        a = self.layers.get(stage)
+        if a is None or layer >= a.shape[0]:
+            return None
+        return a[layer]
+
+
+def checksum(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def from_recorder(rec, attrs: dict[str, Any] | None = None) -> Case:
+    """Build a Case from an :class:`~moesnap.recorder.ArrayRecorder`."""
+    model = {k: v for k, v in rec.model.items() if k != "tokens"}
+    return Case(tokens=rec.model["tokens"].astype(np.int32), model=model,
+                layers=rec.stacked(), attrs=dict(attrs or {}))
+
+
+def write_case(group: zarr.Group, case: Case) -> dict[str, str]:
+    """Write ``case`` into an empty group; return the checksum of every array."""
+    sums: dict[str, str] = {}
+    for path, arr in case.arrays().items():
+        arr = np.ascontiguousarray(arr)
+        chunks = (1, *arr.shape[1:]) if path.startswith("layers/") and arr.ndim >= 1 else arr.shape
+        chunks = tuple(max(1, c) for c in chunks)
+        group.create_array(path, data=arr, chunks=chunks, compressors=None)
+        sums[path] = checksum(arr)
+    group.attrs.update({**case.attrs, "schema": SCHEMA_VERSION, "checksums": sums})
+    return sums
+
+
+def save_case(path: str | Path, case: Case) -> dict[str, str]:
+    """Write ``case`` as a new Zarr v3 group at ``path`` (which must not exist)."""
+    p = Path(path)
+    if p.exists():
+        raise GoldenError(f"{p}: exists (use --force to overwrite)")
+    return write_case(zarr.open_group(str(p), mode="w-", zarr_format=3), case)
+
+
+def _walk(group: zarr.Group) -> Iterable[tuple[str, Any]]:
+    for name, member in group.members(max_depth=None):
+        if isinstance(member, zarr.Array):
+            yield name, member
+
+
+def open_case_group(path: str | Path) -> zarr.Group:
+    p = Path(path)
+    if not p.exists():
+        raise GoldenError(f"{p}: no such case group")
+    try:
+        g = zarr.open_group(str(p), mode="r")
+    except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError, TypeError, KeyError) as e:
+        raise GoldenError(f"{p}: not a Zarr v3 group ({type(e).__name__})") from None
+    except Exception as e:
+        raise GoldenError(f"{p}: not a readable Zarr group ({type(e).__name__}: {e})") from None
+    return g
+
+
+def read_case(group: zarr.Group, *, where: str, verify: bool = True) -> Case:
+    """Read every array of a case group, mapping foreign stage names onto ours.
+
+    ``where`` names the group in error messages.  With ``verify`` each array
+    that has a recorded checksum is checked against it.
+    """
+    try:
+        attrs = dict(group.attrs)
+    except Exception as e:
+        raise GoldenError(f"{where}: unreadable group attributes ({e})") from None
+    sums = attrs.get("checksums") or {}
+    if not isinstance(sums, dict):
+        raise GoldenError(f"{where}: attribute 'checksums' is not a mapping")
+    tokens = None
+    model: dict[str, np.ndarray] = {}
+    layers: dict[str, np.ndarray] = {}
+    try:
+        members = list(_walk(group))
+    except Exception as e:
+        raise GoldenError(f"{where}: unreadable group ({type(e).__name__}: {e})") from None
+    for path, arr in members:
+        try:
+            data = np.asarray(arr[...])
+        except Exception as e:
+            raise GoldenError(f"{where}/{path}: unreadable array ({type(e).__name__}: {e})") from None
+        expect = sums.get(path)
+        if verify and expect is not None and checksum(data) != expect:
+            raise GoldenError(f"{where}/{path}: checksum mismatch (corrupt or modified array)")
+        parts = path.split("/")
+        if len(parts) == 2 and parts[0] == "layers":
+            name = canonical(parts[1])
+            if name in LAYER_STAGES:
+                layers[name] = data
+        elif len(parts) == 1:
+            name = canonical(parts[0])
+            if name == "tokens":
+                tokens = data.astype(np.int32)
+            elif name in MODEL_STAGES:
+                model[name] = data
+    if verify:
+        present = {p for p, _ in members}
+        for path in sums:
+            if path not in present:
+                raise GoldenError(f"{where}/{path}: array is missing")
+    if tokens is None:
+        raise GoldenError(f"{where}: no 'tokens' array")
+    return Case(tokens=tokens, model=model, layers=layers, attrs=attrs)
+
+
+def load_case(path: str | Path, *, verify: bool = True) -> Case:
+    return read_case(open_case_group(path), where=str(path), verify=verify)

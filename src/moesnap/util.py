@@ -1,0 +1,106 @@
+"""Small shared helpers: file hashing (cached), progress, atomic paths, versions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+T = TypeVar("T")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("MOESNAP_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "moesnap"
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, cached by (real path, size, mtime) so a 17 GB model is hashed once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    cache = _cache_dir() / "sha256.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if not isinstance(known, dict):
+            known = {}
+        known[key] = digest
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+    return digest
+
+
+def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True) -> Iterable[T]:
+    """tqdm on stderr (quiet when disabled or when MOESNAP_NO_PROGRESS is set)."""
+    if not enabled or os.environ.get("MOESNAP_NO_PROGRESS"):
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+class LayerProgress:
+    """A callback ``(done, total)`` drawing a tqdm bar for layer-by-layer work."""
+
+    def __init__(self, desc: str, enabled: bool = True) -> None:
+        self.desc, self.enabled, self.bar = desc, enabled and not os.environ.get("MOESNAP_NO_PROGRESS"), None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, file=sys.stderr, leave=False, unit="layer", dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def versions() -> dict[str, Any]:
+    import gguf  # noqa: F401
+    import numpy
+    import torch
+    import zarr
+
+    from . import __version__
+
+    try:
+        from importlib.metadata import version
+
+        gguf_version = version("gguf")
+    except Exception:
+        gguf_version = "unknown"
+    return {
+        "moesnap": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "zarr": zarr.__version__,
+        "gguf": gguf_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+    }
