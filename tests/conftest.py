@@ -34,3 +34,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    from importlib.resources import files
+
+    return files("moesnap") / "data" / "tiny.gguf"

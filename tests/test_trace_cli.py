@@ -1,0 +1,52 @@
+"""`moesnap trace` end to end on the bundled tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from moesnap.case import load_case
+from moesnap.cli import main
+from moesnap.stages import LAYER_STAGES
+
+
+def test_trace_writes_the_case_layout_and_a_summary(capsys, tmp_path, tiny_path):
+    out = tmp_path / "case.zarr"
+    code = main(["-q", "trace", str(tiny_path), "--prompt", "Hi!", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "L00" in stdout and "L03" in stdout and "logits: finite=True" in stdout
+    g = zarr.open_group(str(out), mode="r")
+    assert g["tokens"][:].tolist() == [3 + ord(c) for c in "Hi!"]  # byte tokens <0xNN> sit at 3 + NN
+    for stage in LAYER_STAGES:
+        a = g[f"layers/{stage}"]
+        assert a.shape[0] == 4 and a.chunks[0] == 1, stage
+    assert g["logits"].shape == (3, 272)
+    assert g.attrs["producer"] == "moesnap-reference"
+    assert len(g.attrs["model"]["sha256"]) == 64
+    case = load_case(out)
+    assert np.isfinite(case.model["logits"]).all()
+
+
+def test_trace_float64_and_force(capsys, tmp_path, tiny_path):
+    out = tmp_path / "case.zarr"
+    assert main(["-q", "trace", str(tiny_path), "--tokens", "5,6", "--out", str(out)]) == 0
+    assert main(["-q", "trace", str(tiny_path), "--tokens", "5,6,7", "--dtype", "float64", "--out", str(out), "--force"]) == 0
+    g = zarr.open_group(str(out), mode="r")
+    assert g["logits"].dtype == np.float64 and g["tokens"].shape == (3,)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_corrupted_case_is_detected(tmp_path, tiny_path, capsys):
+    out = tmp_path / "case.zarr"
+    assert main(["-q", "trace", str(tiny_path), "--tokens", "5,6", "--out", str(out)]) == 0
+    chunk = out / "layers" / "moe_out" / "c" / "1" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[10] ^= 0x40
+    chunk.write_bytes(bytes(raw))
+    import pytest
+
+    from moesnap.errors import GoldenError
+
+    with pytest.raises(GoldenError, match="layers/moe_out: checksum mismatch"):
+        load_case(out)
