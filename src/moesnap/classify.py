@@ -1,0 +1,624 @@
+"""The classifier: is a candidate array the golden one up to float noise?
+
+Pure numpy; it knows nothing of stores, models or torch.  It is the judge of
+the whole tool, so every decision is written down here.
+
+Inputs
+    numpy arrays only (bfloat16 arrives as float32 arrays holding bfloat16
+    values).  Real floating, integer and bool dtypes are accepted; any other
+    dtype (complex, object, str, void) raises :class:`MoesnapError`.  ``None``
+    on either side is ``MISSING``; different shapes are ``SHAPE_MISMATCH``
+    (the detail names both shapes); neither carries metrics.
+
+Arithmetic
+    Every metric is computed in float64.  Conversion of float16, bfloat16
+    (via float32) and float32 to float64 is exact, so results are identical
+    for inputs that hold the same values whatever their dtype.  Sums of
+    squares are taken after dividing by a power of two at least the largest
+    magnitude (exact), so 1e38 (or 1e300 in float64) does not overflow and
+    subnormals do not underflow into a wrong cosine; as a consequence the
+    metrics are exactly equivariant under scaling both sides by a power of
+    two.  The tolerance test uses the correctly rounded float64 ``|c - g|``
+    (+inf only for float64 inputs whose difference exceeds the float64
+    range, which is then rightly outside); the metrics use the difference of
+    the scaled sides, so ``rel_l2`` of [1e308, -1e308] against its negation is
+    2, and only a metric whose true value exceeds the float64 range is +inf.
+
+Non-finite dominance
+    NaN and Inf are counted apart (``nan_*``, ``inf_*``), over *all*
+    elements: a routing flip never excuses a non-finite value, so excluded
+    tokens are counted too.  Any NaN/Inf in the candidate only is
+    ``NAN_CANDIDATE``, in the golden only ``NAN_GOLDEN``, in both ``NAN_BOTH``
+    (also when they sit at the same positions: a non-finite golden is itself
+    a fault), whatever the other values are.  The other metrics are still
+    computed, on the elements finite on both sides.
+
+The elementwise rule
+    An element is *outside* when it is non-finite on either side, or when
+    ``|c - g| > atol + rtol * |g|`` (float64, so ``-0.0 == 0.0``).  The verdict
+    is ``MATCH`` iff ``n_outside <= max_frac_outside * n`` (exact rational
+    comparison), else ``DIVERGE``.  ``n`` counts the judged elements (those
+    not in excluded tokens).  Integer/bool arrays on both sides are compared
+    exactly (tolerance ignored): ``MATCH`` iff every judged element is equal;
+    their float metrics are computed on float64 copies (approximate beyond
+    2**53).  An integer array against a float array takes the float rule.
+
+Metrics (on the judged elements finite on both sides, ``m`` of them)
+    ``cosine`` = g.c / (|g| |c|), clamped to [-1, 1]; 1.0 when both are all
+    zero (or exactly equal), 0.0 when exactly one side is all zero.
+    ``rel_l2`` = |c - g| / |g| and ``nmse`` = rel_l2**2 (llama.cpp's NMSE);
+    both 0 when c == g and +inf when g is all zero but c is not.
+    ``max_abs``, ``mean_abs`` of |c - g|; ``max_rel`` = max |c - g| / |g|,
+    where an element with g == 0 counts 0 if c == 0 else +inf.
+    ``frac_outside`` = n_outside / n.
+    When nothing is judged (``n == 0``: an empty array, or every token
+    excluded) the verdict is ``MATCH`` (unless non-finite values dominate),
+    cosine is 1.0 and the errors are 0.  When elements are judged but none is
+    finite on both sides, the float metrics are NaN (``null`` in JSON).
+
+Locations
+    ``worst_index`` is the first (C order) element non-finite on either side,
+    else the judged element with the largest ``|c - g|`` (first on ties), or
+    None when no judged element differs.  Along ``token_axis`` (default 0;
+    None, or a 0-d array, means no token axis) a token is *bad* when it holds
+    an element that is non-finite on either side (excluded or not) or a judged
+    element outside the tolerance: ``first_bad_token`` is the smallest,
+    ``bad_tokens`` the first :data:`MAX_BAD_TOKENS` in order, ``n_bad_tokens``
+    their number.  Without a token axis they are None, () and 0.
+
+Routing
+    :func:`classify_routing` compares top-k expert ids as *sets* per token;
+    see its docstring for the near-tie rule.  :func:`align_topk_weights`
+    puts per-expert arrays in expert-id order so that they compare
+    consistently with the ids.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Collection
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from .errors import MoesnapError, ToleranceError
+from .tolerances import Tolerance
+
+MAX_BAD_TOKENS = 64
+_DETAIL_FLIPS = 8
+
+
+class Verdict(enum.Enum):
+    """What a comparison concluded; the names are the JSON strings."""
+
+    MATCH = "MATCH"
+    DIVERGE = "DIVERGE"
+    NAN_CANDIDATE = "NAN_CANDIDATE"
+    NAN_GOLDEN = "NAN_GOLDEN"
+    NAN_BOTH = "NAN_BOTH"
+    MISSING = "MISSING"
+    SHAPE_MISMATCH = "SHAPE_MISMATCH"
+    ROUTING_TIE = "ROUTING_TIE"
+
+    @property
+    def passed(self) -> bool:
+        return self in (Verdict.MATCH, Verdict.ROUTING_TIE)
+
+
+def _json_float(x: float) -> float | str | None:
+    """NaN -> None, +-inf -> "inf"/"-inf", else a plain float."""
+    if math.isnan(x):
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return float(x)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    n: int
+    cosine: float
+    rel_l2: float
+    nmse: float
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    frac_outside: float
+    n_outside: int
+    nan_golden: int
+    nan_candidate: int
+    inf_golden: int
+    inf_candidate: int
+    worst_index: tuple[int, ...] | None
+    first_bad_token: int | None
+    bad_tokens: tuple[int, ...]
+    n_bad_tokens: int
+
+    def to_dict(self) -> dict:
+        """JSON-safe: floats NaN -> None, +-inf -> "inf"/"-inf"; plain ints."""
+        out: dict = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, float):
+                out[name] = _json_float(value)
+            elif isinstance(value, tuple):
+                out[name] = [int(v) for v in value]
+            elif value is None:
+                out[name] = None
+            else:
+                out[name] = int(value)
+        return out
+
+
+@dataclass(frozen=True)
+class Result:
+    verdict: Verdict
+    metrics: Metrics | None
+    detail: str = ""
+    flipped_tokens: tuple[int, ...] = ()
+    excluded_tokens: tuple[int, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+    def to_dict(self) -> dict:
+        return {
+            "verdict": self.verdict.name,
+            "metrics": self.metrics.to_dict() if self.metrics is not None else None,
+            "detail": self.detail,
+            "flipped_tokens": [int(t) for t in self.flipped_tokens],
+            "excluded_tokens": [int(t) for t in self.excluded_tokens],
+        }
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def _pow2_above(m: float) -> int:
+    """Exponent e with m < 2**e (m finite > 0)."""
+    return math.frexp(m)[1]
+
+
+def _scaled(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """(x / 2**e, e), exact but for subnormal results, with max |x / 2**e| < 1."""
+    m = float(np.max(np.abs(x))) if x.size else 0.0
+    if m == 0.0 or not math.isfinite(m):
+        return x, 0
+    e = _pow2_above(m)
+    return np.ldexp(x, -e), e
+
+
+def _sumsq(x: np.ndarray) -> tuple[float, int]:
+    """(s, e) with sum(x**2) == s * 4**e; s is 0, inf (x holds inf), or in [0.25, n]."""
+    xs, e = _scaled(x)
+    return float(np.dot(xs, xs)), e
+
+
+def _cosine(g: np.ndarray, c: np.ndarray) -> float:
+    gs, _ = _scaled(g)
+    cs, _ = _scaled(c)
+    sg, sc = float(np.dot(gs, gs)), float(np.dot(cs, cs))
+    if sg == 0.0 and sc == 0.0:
+        return 1.0
+    if sg == 0.0 or sc == 0.0:
+        return 0.0
+    if np.array_equal(g, c):
+        return 1.0
+    return min(1.0, max(-1.0, float(np.dot(gs, cs)) / math.sqrt(sg * sc)))
+
+
+def _rel_l2(d: np.ndarray, g: np.ndarray) -> tuple[float, float]:
+    """(rel_l2, nmse) = (|d| / |g|, |d|**2 / |g|**2) via scaled sums of squares."""
+    sd, ed = _sumsq(d)
+    sg, eg = _sumsq(g)
+    if sd == 0.0:
+        return 0.0, 0.0
+    if sg == 0.0 or math.isinf(sd):
+        return math.inf, math.inf
+    with np.errstate(over="ignore", under="ignore"):
+        rel = float(np.ldexp(math.sqrt(sd) / math.sqrt(sg), ed - eg))
+        nmse = float(np.ldexp(sd / sg, 2 * (ed - eg)))
+    return rel, nmse
+
+
+# ---------------------------------------------------------------- classify
+
+
+def _check_array(name: str, a: object) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype.kind not in "biuf":
+        raise MoesnapError(
+            f"cannot compare {name} of dtype {a.dtype}: only real floating, integer and bool arrays"
+        )
+    return a
+
+
+def _token_axis(token_axis: int | None, ndim: int) -> int | None:
+    if token_axis is None or ndim == 0:
+        return None
+    if not -ndim <= token_axis < ndim:
+        raise ValueError(f"{token_axis=} is out of range for {ndim}-d arrays")
+    return token_axis % ndim
+
+
+def _excluded(exclude_tokens: Collection[int], axis: int | None, shape: tuple[int, ...]) -> tuple[int, ...]:
+    excluded = tuple(sorted({int(t) for t in exclude_tokens}))
+    if not excluded:
+        return ()
+    if axis is None:
+        raise ValueError(f"exclude_tokens={excluded} needs a token axis")
+    bad = [t for t in excluded if not 0 <= t < shape[axis]]
+    if bad:
+        raise ValueError(f"exclude_tokens {bad} out of range for {shape[axis]} tokens")
+    return excluded
+
+
+def _tokens_of(mask: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np.ndarray:
+    """Sorted token indices along ``axis`` holding a True element of flat ``mask``."""
+    if axis is None:
+        return np.zeros(0, dtype=np.int64)
+    other = tuple(i for i in range(len(shape)) if i != axis)
+    return np.flatnonzero(mask.reshape(shape).any(axis=other))
+
+
+def classify(
+    golden: np.ndarray | None,
+    candidate: np.ndarray | None,
+    tol: Tolerance,
+    *,
+    token_axis: int | None = 0,
+    exclude_tokens: Collection[int] = (),
+) -> Result:
+    """Judge ``candidate`` against ``golden`` under ``tol`` (see the module docstring).
+
+    ``exclude_tokens`` are indices along ``token_axis`` left out of the
+    tolerance judgement (tokens whose routing flipped at a near tie); they are
+    reported back in ``Result.excluded_tokens``.  Out-of-range indices, or
+    indices without a token axis, are a caller bug (ValueError).
+    """
+    if golden is None or candidate is None:
+        side = "golden and candidate" if golden is None and candidate is None else (
+            "golden" if golden is None else "candidate")
+        return Result(Verdict.MISSING, None, f"{side} missing")
+    golden = _check_array("golden", golden)
+    candidate = _check_array("candidate", candidate)
+    if golden.shape != candidate.shape:
+        return Result(
+            Verdict.SHAPE_MISMATCH, None,
+            f"golden shape {golden.shape} != candidate shape {candidate.shape}")
+    shape = golden.shape
+    axis = _token_axis(token_axis, golden.ndim)
+    excluded = _excluded(exclude_tokens, axis, shape)
+    exact = golden.dtype.kind in "biu" and candidate.dtype.kind in "biu"
+
+    g = golden.astype(np.float64, copy=False).reshape(-1)
+    c = candidate.astype(np.float64, copy=False).reshape(-1)
+    g_nan, c_nan = np.isnan(g), np.isnan(c)
+    g_inf, c_inf = np.isinf(g), np.isinf(c)
+    nonfinite = g_nan | c_nan | g_inf | c_inf
+
+    if excluded:
+        keep = np.ones(shape[axis], dtype=bool)
+        keep[list(excluded)] = False
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        judged = np.broadcast_to(keep.reshape(view), shape).reshape(-1)
+        n = int(judged.sum())
+        sel = judged & ~nonfinite
+    else:
+        judged = None
+        n = g.size
+        sel = ~nonfinite
+    all_sel = bool(sel.all())
+    gs, cs = (g, c) if all_sel else (g[sel], c[sel])
+    m = gs.size
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if exact:
+            gi, ci = golden.reshape(-1), candidate.reshape(-1)
+            outside = gi != ci if all_sel else gi[sel] != ci[sel]
+        else:
+            outside = np.abs(cs - gs) > tol.atol + tol.rtol * np.abs(gs)
+        n_nonfinite_judged = int(nonfinite.sum() if judged is None else (nonfinite & judged).sum())
+        n_outside = int(outside.sum()) + n_nonfinite_judged
+
+        if m == 0:
+            value = 1.0 if n == 0 else math.nan
+            zero = 0.0 if n == 0 else math.nan
+            cosine, rel_l2, nmse, max_abs, mean_abs, max_rel = value, zero, zero, zero, zero, zero
+            ds = np.zeros(0)
+        else:
+            # One power-of-two scale for both sides: |c_s - g_s| <= 2 cannot
+            # overflow, and for float32-or-narrower inputs nothing is subnormal.
+            top = max(float(np.max(np.abs(gs))), float(np.max(np.abs(cs))))
+            e = _pow2_above(top) if top > 0 else 0
+            g_s = np.ldexp(gs, -e)
+            ds = np.abs(np.ldexp(cs, -e) - g_s)
+            cosine = _cosine(gs, cs)
+            rel_l2, nmse = _rel_l2(ds, g_s)
+            max_abs = float(np.ldexp(ds.max(), e))
+            mean_abs = float(np.ldexp(np.mean(ds), e))
+            rel = ds / np.abs(g_s)
+            rel[ds == 0] = 0.0
+            max_rel = float(rel.max())
+
+    bad = nonfinite.copy()
+    if all_sel:
+        bad |= outside
+    else:
+        bad[sel] = outside
+    bad_tok = _tokens_of(bad, shape, axis)
+
+    worst: tuple[int, ...] | None = None
+    if nonfinite.any():
+        worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(nonfinite)), shape))
+    elif m and max_abs > 0:
+        k = int(np.argmax(ds))
+        flat = k if all_sel else int(np.flatnonzero(sel)[k])
+        worst = tuple(int(i) for i in np.unravel_index(flat, shape))
+
+    metrics = Metrics(
+        n=n, cosine=cosine, rel_l2=rel_l2, nmse=nmse, max_abs=max_abs, mean_abs=mean_abs,
+        max_rel=max_rel, frac_outside=n_outside / n if n else 0.0, n_outside=n_outside,
+        nan_golden=int(g_nan.sum()), nan_candidate=int(c_nan.sum()),
+        inf_golden=int(g_inf.sum()), inf_candidate=int(c_inf.sum()),
+        worst_index=worst,
+        first_bad_token=int(bad_tok[0]) if bad_tok.size else None,
+        bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]),
+        n_bad_tokens=int(bad_tok.size),
+    )
+    verdict, detail = _judge(metrics, tol, exact, golden, candidate, shape, excluded, axis)
+    return Result(verdict, metrics, detail, excluded_tokens=excluded)
+
+
+def _judge(mt: Metrics, tol: Tolerance, exact: bool, golden: np.ndarray, candidate: np.ndarray,
+           shape: tuple[int, ...], excluded: tuple[int, ...], axis: int | None) -> tuple[Verdict, str]:
+    where = ""
+    if mt.worst_index is not None:
+        idx = mt.worst_index
+        where = (f"; worst at {idx}: golden={_fmt(float(golden[idx]))}, "
+                 f"candidate={_fmt(float(candidate[idx]))}")
+        if mt.first_bad_token is not None:
+            where += f"; first bad token {mt.first_bad_token} of {mt.n_bad_tokens} bad"
+    g_bad = mt.nan_golden + mt.inf_golden
+    c_bad = mt.nan_candidate + mt.inf_candidate
+    if g_bad or c_bad:
+        verdict = (Verdict.NAN_BOTH if g_bad and c_bad
+                   else Verdict.NAN_GOLDEN if g_bad else Verdict.NAN_CANDIDATE)
+        parts = []
+        for side, nan, inf in (("golden", mt.nan_golden, mt.inf_golden),
+                               ("candidate", mt.nan_candidate, mt.inf_candidate)):
+            parts.append(f"{side}: {nan} NaN, {inf} Inf" if nan or inf else f"{side} finite")
+        return verdict, "; ".join(parts) + where
+    note = ""
+    if excluded:
+        note = f"; {len(excluded)} of {shape[axis]} tokens excluded (routing flips)"
+    if mt.n == 0:
+        reason = "all tokens excluded" if excluded else "empty arrays"
+        return Verdict.MATCH, f"nothing judged: {reason}"
+    rule = "exact equality" if exact else f"|c-g| <= atol + rtol*|g| ({tol})"
+    if exact:
+        ok = mt.n_outside == 0
+    else:
+        ok = mt.n_outside <= Fraction(tol.max_frac_outside) * mt.n
+    pct = 100.0 * mt.frac_outside
+    stats = f"max_abs={_fmt(mt.max_abs)}, max_rel={_fmt(mt.max_rel)}, cosine={_fmt(mt.cosine)}"
+    if mt.n_outside == 0:
+        return Verdict.MATCH, f"all {mt.n} elements within {rule}; {stats}{note}"
+    counted = f"{mt.n_outside} of {mt.n} elements ({pct:.3g}%) outside {rule}"
+    if ok:
+        allowed = f"{100.0 * tol.max_frac_outside:.3g}%"
+        return Verdict.MATCH, f"{counted}, within the allowed {allowed}; {stats}{where}{note}"
+    return Verdict.DIVERGE, f"{counted}; {stats}{where}{note}"
+
+
+# ---------------------------------------------------------------- routing
+
+
+@dataclass(frozen=True)
+class Flip:
+    """One token whose expert set differs between golden and candidate."""
+
+    token: int
+    golden_only: tuple[int, ...]
+    candidate_only: tuple[int, ...]
+    gap: float    # see classify_routing; +inf for invalid ids, NaN for non-finite logits
+    tie: bool
+
+    def to_dict(self) -> dict:
+        return {"token": self.token, "golden_only": list(self.golden_only),
+                "candidate_only": list(self.candidate_only), "gap": _json_float(self.gap),
+                "tie": self.tie}
+
+
+@dataclass(frozen=True)
+class RoutingResult:
+    verdict: Verdict
+    flipped_tokens: tuple[int, ...]
+    tie_tokens: tuple[int, ...]
+    diverged_tokens: tuple[int, ...]
+    detail: str
+    max_gap: float
+    flips: tuple[Flip, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+    def as_result(self, metrics: Metrics | None = None) -> Result:
+        """This routing judgement as a stage :class:`Result` (for ``topk_ids``)."""
+        return Result(self.verdict, metrics, self.detail, flipped_tokens=self.flipped_tokens)
+
+    def to_dict(self) -> dict:
+        return {
+            "verdict": self.verdict.name,
+            "flipped_tokens": list(self.flipped_tokens),
+            "tie_tokens": list(self.tie_tokens),
+            "diverged_tokens": list(self.diverged_tokens),
+            "detail": self.detail,
+            "max_gap": _json_float(self.max_gap),
+            "flips": [f.to_dict() for f in self.flips],
+        }
+
+
+def _routing_fail(verdict: Verdict, detail: str) -> RoutingResult:
+    return RoutingResult(verdict, (), (), (), detail, math.nan)
+
+
+def _valid_rows(ids: np.ndarray, n_experts: int) -> np.ndarray:
+    """Per token: every id an integer in [0, E) and no id repeated."""
+    if ids.dtype.kind in "iu":
+        valid = ((ids >= 0) & (ids < n_experts)).all(axis=1)
+    elif ids.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            valid = (np.isfinite(ids) & (ids == np.floor(ids)) & (ids >= 0) & (ids < n_experts)).all(axis=1)
+    else:
+        return np.zeros(ids.shape[0], dtype=bool)
+    srt = np.sort(ids, axis=1)
+    return valid & (np.diff(srt, axis=1) != 0).all(axis=1)
+
+
+def classify_routing(
+    golden_ids: np.ndarray | None,
+    candidate_ids: np.ndarray | None,
+    golden_router_logits: np.ndarray | None,
+    tie_tol: float,
+) -> RoutingResult:
+    """Compare top-k expert ids ``[T, k]`` as sets per token.
+
+    A token whose set differs is a *flip*.  For a flip with candidate set C
+    and golden router logits l (softmax is monotone, so logits order experts
+    as the probabilities do) its **gap** is::
+
+        gap = max(l[e] for e not in C) - min(l[e] for e in C)
+
+    and the flip is a tolerated **tie** iff ``gap <= tie_tol``.  Equivalently:
+    C is a top-k choice of *some* logit vector within ``tie_tol / 2`` of the
+    golden's in every component (raise C by tie_tol/2, lower the rest).  When
+    the golden ids G are the golden's own top-k, the maximum is attained on
+    G \\ C and the minimum on C \\ G, so every expert the candidate picked
+    instead lies within tie_tol below the golden's k-th largest logit (the
+    selection threshold) *and* every expert it dropped lies within tie_tol
+    above it; the second half rejects dropping a clearly-preferred expert
+    for one just under the threshold.  Exactly equal logits are ties even
+    at ``tie_tol == 0``.
+
+    Any non-tie flip gives ``DIVERGE``, only tie flips ``ROUTING_TIE``, no
+    flip ``MATCH``.  A row with an id outside [0, E), a non-integer or a
+    repeated id on either side is a non-tie flip (gap +inf); a flip whose
+    golden logits are not finite is a non-tie flip (gap NaN).  ``None`` input
+    is ``MISSING``; ids that are not ``[T, k]`` alike, or logits not
+    ``[T, E]`` with ``k <= E``, are ``SHAPE_MISMATCH``.  Never raises for
+    bad data; a negative or non-finite ``tie_tol`` raises ToleranceError.
+    ``max_gap`` is the largest gap over flips (0.0 without flips; NaN if a
+    flip's gap is NaN).
+    """
+    if not (isinstance(tie_tol, (int, float)) and math.isfinite(tie_tol) and tie_tol >= 0):
+        raise ToleranceError(f"{tie_tol=} must be a finite number >= 0")
+    named = {"golden_ids": golden_ids, "candidate_ids": candidate_ids,
+             "golden_router_logits": golden_router_logits}
+    missing = [name for name, a in named.items() if a is None]
+    if missing:
+        return _routing_fail(Verdict.MISSING, f"{', '.join(missing)} missing")
+    gi, ci, logits = (np.asarray(a) for a in named.values())
+    if gi.ndim != 2:
+        return _routing_fail(Verdict.SHAPE_MISMATCH, f"golden_ids shape {gi.shape} is not [T, k]")
+    if gi.shape != ci.shape:
+        return _routing_fail(Verdict.SHAPE_MISMATCH,
+                             f"golden_ids shape {gi.shape} != candidate_ids shape {ci.shape}")
+    n_tokens, k = gi.shape
+    if logits.ndim != 2 or logits.shape[0] != n_tokens or logits.shape[1] < k:
+        return _routing_fail(Verdict.SHAPE_MISMATCH,
+                             f"golden_router_logits shape {logits.shape} is not [T={n_tokens}, E>={k}]")
+    if logits.dtype.kind not in "biuf":
+        return _routing_fail(Verdict.DIVERGE, f"golden_router_logits dtype {logits.dtype} is not real")
+    n_experts = logits.shape[1]
+    vg, vc = _valid_rows(gi, n_experts), _valid_rows(ci, n_experts)
+    flipped = ~(vg & vc)
+    both = vg & vc
+    if both.any() and k:
+        same = (np.sort(gi[both], axis=1) == np.sort(ci[both], axis=1)).all(axis=1)
+        flipped[np.flatnonzero(both)[~same]] = True
+
+    flips: list[Flip] = []
+    for t in np.flatnonzero(flipped):
+        t = int(t)
+        g_set = {int(e) for e in gi[t] if _is_int(e)}
+        c_set = {int(e) for e in ci[t] if _is_int(e)}
+        golden_only = tuple(sorted(g_set - c_set))
+        candidate_only = tuple(sorted(c_set - g_set))
+        if not (vg[t] and vc[t]):
+            flips.append(Flip(t, golden_only, candidate_only, math.inf, False))
+            continue
+        row = logits[t].astype(np.float64)
+        chosen = np.zeros(n_experts, dtype=bool)
+        chosen[ci[t].astype(np.int64)] = True
+        if not np.isfinite(row).all():
+            gap = math.nan
+        else:
+            gap = float(row[~chosen].max() - row[chosen].min())
+        flips.append(Flip(t, golden_only, candidate_only, gap, gap <= tie_tol))
+
+    tie_tokens = tuple(f.token for f in flips if f.tie)
+    diverged = tuple(f.token for f in flips if not f.tie)
+    gaps = [f.gap for f in flips]
+    max_gap = 0.0 if not gaps else (math.nan if any(math.isnan(x) for x in gaps) else max(gaps))
+    if diverged:
+        verdict = Verdict.DIVERGE
+    elif tie_tokens:
+        verdict = Verdict.ROUTING_TIE
+    else:
+        verdict = Verdict.MATCH
+    if not flips:
+        detail = f"all {n_tokens} tokens pick the same {k} experts"
+    else:
+        shown = "; ".join(
+            f"token {f.token}: golden-only {list(f.golden_only)}, candidate-only "
+            f"{list(f.candidate_only)}, gap {_fmt(f.gap)} ({'tie' if f.tie else 'not a tie'})"
+            for f in flips[:_DETAIL_FLIPS])
+        more = f"; ... {len(flips) - _DETAIL_FLIPS} more" if len(flips) > _DETAIL_FLIPS else ""
+        detail = (f"{len(flips)} of {n_tokens} tokens flipped ({len(tie_tokens)} near ties "
+                  f"within tie_tol={tie_tol:g}, {len(diverged)} not): {shown}{more}")
+    return RoutingResult(verdict, tuple(f.token for f in flips), tie_tokens, diverged, detail,
+                         max_gap, tuple(flips))
+
+
+def _is_int(e: object) -> bool:
+    try:
+        return math.isfinite(float(e)) and float(e) == int(float(e))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _sort_by_ids(ids: np.ndarray | None, values: np.ndarray | None) -> np.ndarray | None:
+    if ids is None or values is None:
+        return values
+    ids, values = np.asarray(ids), np.asarray(values)
+    if ids.ndim != 2 or values.shape[:2] != ids.shape or ids.dtype.kind not in "biuf":
+        return values
+    order = np.argsort(ids, axis=1, kind="stable")
+    order = order.reshape(order.shape + (1,) * (values.ndim - 2))
+    return np.take_along_axis(values, order, axis=1)
+
+
+def align_topk_weights(
+    golden_ids: np.ndarray | None,
+    golden_w: np.ndarray | None,
+    cand_ids: np.ndarray | None,
+    cand_w: np.ndarray | None,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Reorder each side's per-expert values ``[T, k, ...]`` (``topk_weights``,
+    ``expert_out``) by ascending expert id, so that position j holds the same
+    expert on both sides wherever the expert sets agree.  A side whose ids
+    cannot index its values (None, shapes not ``[T, k]`` / ``[T, k, ...]``,
+    non-numeric ids) is returned as given: classify_routing and classify
+    report the shape problem."""
+    return _sort_by_ids(golden_ids, golden_w), _sort_by_ids(cand_ids, cand_w)
