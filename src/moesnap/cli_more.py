@@ -1,4 +1,4 @@
-"""Sub-commands beyond trace/model: goldens, compare, check, calibrate."""
+"""Sub-commands beyond trace/model: each module registers its own parser."""
 
 from __future__ import annotations
 
@@ -6,4 +6,6 @@ import argparse
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    return None
+    from . import cli_compare
+
+    cli_compare.register(sub)

@@ -1,0 +1,106 @@
+"""`moesnap compare GOLDEN CANDIDATE`: judge any engine's dump against a golden."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .case import Case, load_case
+from .compare import Report, compare_cases
+from .errors import GoldenError, UsageError
+from .tolerances import DTYPES, Tolerances
+
+
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="write the JSON report here")
+    p.add_argument("--html", metavar="PATH", help="write the HTML heat map here")
+    p.add_argument("--tol", action="append", default=[], metavar="[DTYPE:][STAGE.]KEY=VALUE",
+                   help="tolerance override, e.g. moe_out.atol=1e-3 (repeatable)")
+    p.add_argument("--config", metavar="PYPROJECT", help="read [tool.moesnap] from this file "
+                   "(default: ./pyproject.toml when it has that table)")
+
+
+def load_tolerances(a: argparse.Namespace) -> Tolerances:
+    tols = Tolerances.defaults()
+    cfg = Path(a.config) if a.config else Path("pyproject.toml")
+    if a.config and not cfg.is_file():
+        raise UsageError(f"{cfg}: no such file")
+    if cfg.is_file() and (a.config or "[tool.moesnap" in cfg.read_text(encoding="utf-8", errors="replace")):
+        tols = Tolerances.from_pyproject(cfg, base=tols)
+    return tols.with_overrides(a.tol) if a.tol else tols
+
+
+def emit(report: Report, a: argparse.Namespace, title: str) -> int:
+    from .report import text, write_html, write_json
+
+    for line in text(report):
+        print(line)
+    if a.json:
+        write_json(report, a.json)
+        print(f"wrote {a.json}")
+    if a.html:
+        write_html(report, a.html, title=title)
+        print(f"wrote {a.html}")
+    return 0 if report.passed else 1
+
+
+def resolve_golden(spec: str, store: str | None) -> list[tuple[str, Case]]:
+    """A case group path, or NAME[@vNNNN] in a golden store: [(case name, Case)]."""
+    p = Path(spec)
+    if p.exists() and "@" not in spec:
+        return [(p.name, load_case(p))]
+    from .store import open_store, parse_ref
+
+    suite, version = parse_ref(spec)
+    st = open_store(store)
+    v = st.open_version(suite, version)
+    return [(name, v.read_case(name)) for name in v.case_names()]
+
+
+def _candidate_cases(path: str, golden: list[tuple[str, Case]]) -> list[tuple[str, Case, Case]]:
+    p = Path(path)
+    if not p.exists():
+        raise GoldenError(f"{p}: no such candidate group")
+    if len(golden) == 1 and (p / "tokens").exists() or (p / "tokens" / "zarr.json").exists():
+        cand = load_case(p)
+        for name, g in golden:
+            if g.tokens.shape == cand.tokens.shape and (g.tokens == cand.tokens).all():
+                return [(name, g, cand)]
+        if len(golden) == 1:
+            return [(golden[0][0], golden[0][1], cand)]  # compare_cases reports the token mismatch
+        raise GoldenError(f"{p}: its tokens match none of the golden's cases ({', '.join(n for n, _ in golden)})")
+    pairs = []
+    for name, g in golden:
+        sub = p / name
+        if not sub.exists():
+            raise GoldenError(f"{p}: has no case group {name!r} (the golden's cases: {', '.join(n for n, _ in golden)})")
+        pairs.append((name, g, load_case(sub)))
+    return pairs
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    tols = load_tolerances(a)
+    golden = resolve_golden(a.golden, a.store)
+    pairs = _candidate_cases(a.candidate, golden)
+    cases = []
+    dtype = a.dtype
+    for name, g, c in pairs:
+        d = dtype or str(c.attrs.get("dtype") or "float32")
+        if d not in DTYPES:
+            raise UsageError(f"unknown dtype {d!r}; choose one of {', '.join(DTYPES)}")
+        dtype = d
+        cases.append(compare_cases(g, c, tols, dtype=d, name=name, allow_missing=a.allow_missing))
+    report = Report(cases=cases, golden=a.golden, candidate=a.candidate, dtype=dtype or "float32")
+    return emit(report, a, "moesnap compare")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="check a candidate case group (any engine's dump) against a golden")
+    p.add_argument("golden", help="NAME[@vNNNN] in the store, or a case group path")
+    p.add_argument("candidate", help="a Zarr v3 group in the case layout (or a group of case groups)")
+    p.add_argument("--store", help="golden store root (default goldens/)")
+    p.add_argument("--dtype", help="the candidate's dtype, for tolerances (default: its 'dtype' attribute, else float32)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="skip stages the candidate does not have at all instead of failing them as MISSING")
+    add_report_options(p)
+    p.set_defaults(func=cmd_compare)

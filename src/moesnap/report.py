@@ -1,0 +1,234 @@
+"""Reports: the compact layer x stage table, the JSON report and the HTML heat map."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from pathlib import Path
+
+from .classify import Verdict
+from .compare import CaseReport, Report, StageResult
+from .errors import UsageError
+from .stages import LAYER_STAGES
+
+SYMBOL = {
+    Verdict.MATCH: ".", Verdict.ROUTING_TIE: "~", Verdict.DIVERGE: "D", Verdict.NAN_CANDIDATE: "N",
+    Verdict.NAN_GOLDEN: "G", Verdict.NAN_BOTH: "B", Verdict.MISSING: "M", Verdict.SHAPE_MISMATCH: "S",
+}
+# two-letter column codes, in LAYER_STAGES order
+CODE = {
+    "attn_norm": "an", "q": "q", "k": "k", "v": "v", "q_norm": "qn", "k_norm": "kn", "q_rope": "qr",
+    "k_rope": "kr", "attn": "at", "attn_out": "ao", "attn_resid": "ar", "ffn_norm": "fn",
+    "router_logits": "rl", "topk_ids": "id", "topk_weights": "tw", "expert_out": "eo", "moe_out": "mo",
+    "layer_out": "lo",
+}
+LEGEND = (". MATCH  ~ ROUTING_TIE  D DIVERGE  N NAN_CANDIDATE  G NAN_GOLDEN  B NAN_BOTH  "
+          "M MISSING  S SHAPE_MISMATCH")
+
+
+def _digits(r: StageResult) -> float | None:
+    """-log10(1 - cosine): digits of agreement (None where undefined)."""
+    m = r.result.metrics
+    if m is None or m.cosine != m.cosine:
+        return None
+    gap = 1.0 - m.cosine
+    return 16.0 if gap <= 1e-16 else -math.log10(gap)
+
+
+def _fmt_loc(r: StageResult | None) -> str:
+    if r is None:
+        return "none"
+    where = f"layer {r.layer} / {r.stage}" if r.layer is not None else r.stage
+    tok = f" / token {r.token}" if r.token is not None else ""
+    return f"{where}{tok}: {r.verdict.name}"
+
+
+def table(case: CaseReport, *, title: str | None = None) -> list[str]:
+    """One row per layer: a symbol per stage, the row's worst cosine and first failing stage."""
+    by_layer: dict[int | None, dict[str, StageResult]] = {}
+    for r in case.results:
+        by_layer.setdefault(r.layer, {})[r.stage] = r
+    head = "      " + "".join(f"{CODE[s]:>3}" for s in LAYER_STAGES) + " | max 1-cos | first failing"
+    lines = [title or f"case {case.case} ({case.dtype})", head]
+    for stage in ("embed",):
+        if stage in by_layer.get(None, {}):
+            r = by_layer[None][stage]
+            lines.append(f"{stage:<6}{SYMBOL[r.verdict]:>3}" + " " * (3 * len(LAYER_STAGES) - 3) + f" | {_cos(r)} |"
+                         + ("" if r.result.passed else f" {r.verdict.name}"))
+    for layer in sorted(k for k in by_layer if k is not None):
+        row = by_layer[layer]
+        cells = "".join(f"{SYMBOL[row[s].verdict] if s in row else ' ':>3}" for s in LAYER_STAGES)
+        rs = list(row.values())
+        worst = max((1.0 - r.result.metrics.cosine for r in rs if r.result.metrics is not None
+                     and r.result.metrics.cosine == r.result.metrics.cosine), default=float("nan"))
+        bad = next((r for s in LAYER_STAGES if (r := row.get(s)) is not None and not r.result.passed), None)
+        tail = f" {bad.stage} {bad.verdict.name}" if bad else ""
+        lines.append(f"L{layer:02d}   {cells} | {worst:<9.2e} |{tail}")
+    for stage in ("final_norm", "logits"):
+        if stage in by_layer.get(None, {}):
+            r = by_layer[None][stage]
+            lines.append(f"{stage.replace('final_norm', 'fnorm'):<6}{SYMBOL[r.verdict]:>3}" + " " * (3 * len(LAYER_STAGES) - 3)
+                         + f" | {_cos(r)} |" + ("" if r.result.passed else f" {r.verdict.name}"))
+    return lines
+
+
+def _cos(r: StageResult) -> str:
+    m = r.result.metrics
+    return f"{1.0 - m.cosine:<9.2e}" if m is not None and m.cosine == m.cosine else f"{'-':<9}"
+
+
+def text(report: Report) -> list[str]:
+    out: list[str] = []
+    for case in report.cases:
+        out += table(case)
+        out.append("")
+    out.append(LEGEND)
+    out.append("columns: " + " ".join(f"{CODE[s]}={s}" for s in LAYER_STAGES))
+    for n in (n for c in report.cases for n in c.routing_notes):
+        out.append(f"routing: {n}")
+    for n in report.notes:
+        out.append(f"note: {n}")
+    fd = report.first_divergence
+    if fd is not None:
+        out += detail_lines(fd)
+    if report.replay is not None:
+        out.append("")
+        out.append("replay (each layer fed the golden input of that layer): error introduced vs inherited")
+        out.append("layer | introduced (replay)           | inherited (free-running)")
+        for case in report.replay:
+            per: dict[int, list[StageResult]] = {}
+            for r in case.results:
+                if r.layer is not None:
+                    per.setdefault(r.layer, []).append(r)
+            for layer in sorted(per):
+                intro = next((r for r in per[layer] if not r.result.passed), None)
+                inh = [r for r in report.results if r.case == case.case and r.layer == layer and not r.result.passed]
+                out.append(f"L{layer:02d}   | {(intro.stage + ' ' + intro.verdict.name) if intro else 'none':<29} | "
+                           f"{(inh[0].stage + ' ' + inh[0].verdict.name) if inh else 'none'}")
+        out.append(f"first layer that introduces a divergence: {_fmt_loc(report.first_introduced())}")
+    out.append(f"first divergence: {_fmt_loc(fd)}")
+    out.append(f"verdict: {'pass' if report.passed else 'fail'}")
+    return out
+
+
+def detail_lines(r: StageResult) -> list[str]:
+    """ndarrays_regression-style detail of one failing stage."""
+    m = r.result.metrics
+    lines = [f"first failing stage: {_fmt_loc(r)}"]
+    if r.result.detail:
+        lines.append(f"  {r.result.detail}")
+    if m is not None:
+        lines.append(f"  elements outside tolerance: {m.n_outside} of {m.n} ({100 * m.frac_outside:.3g}%)"
+                     f"; bad tokens: {m.n_bad_tokens} (first {list(m.bad_tokens[:8])})")
+        lines.append(f"  cosine {m.cosine:.9g}  rel_l2 {m.rel_l2:.3g}  nmse {m.nmse:.3g}  max_abs {m.max_abs:.3g}  "
+                     f"mean_abs {m.mean_abs:.3g}  max_rel {m.max_rel:.3g}  worst index {m.worst_index}")
+        lines.append(f"  NaN golden/candidate {m.nan_golden}/{m.nan_candidate}  Inf golden/candidate "
+                     f"{m.inf_golden}/{m.inf_candidate}")
+    return lines
+
+
+def write_json(report: Report, path: str | Path, extra: dict | None = None) -> None:
+    d = report.to_dict()
+    if extra:
+        d.update(extra)
+    _atomic_write(Path(path), json.dumps(d, indent=1, allow_nan=False, ensure_ascii=False))
+
+
+def _atomic_write(path: Path, content: str) -> None:
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory")
+    if not path.parent.exists():
+        raise UsageError(f"{path.parent}: directory does not exist")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(content, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+_COLOR = {
+    Verdict.DIVERGE: "#d7301f", Verdict.NAN_CANDIDATE: "#7a0177", Verdict.NAN_GOLDEN: "#2c7fb8",
+    Verdict.NAN_BOTH: "#54278f", Verdict.MISSING: "#969696", Verdict.SHAPE_MISMATCH: "#252525",
+}
+
+
+def _pass_color(r: StageResult) -> str:
+    d = _digits(r)
+    if d is None:
+        return "#c7e9c0"
+    # 2 digits of agreement (cos 0.99) pale yellow .. 8+ digits deep green
+    t = max(0.0, min(1.0, (d - 2.0) / 6.0))
+    lo, hi = (255, 255, 204), (0, 104, 55)
+    c = tuple(round(a + (b - a) * t) for a, b in zip(lo, hi))
+    return "#%02x%02x%02x" % c
+
+
+def _cell(r: StageResult | None, first: StageResult | None) -> str:
+    if r is None:
+        return "<td class=e></td>"
+    color = _pass_color(r) if r.result.passed else _COLOR.get(r.verdict, "#d7301f")
+    m = r.result.metrics
+    tip = [f"{r.stage} layer {r.layer}: {r.verdict.name}"]
+    if m is not None:
+        tip.append(f"cosine {m.cosine:.9g}  rel_l2 {m.rel_l2:.3g}  max_abs {m.max_abs:.3g}  max_rel {m.max_rel:.3g}")
+        tip.append(f"outside {m.n_outside}/{m.n}  NaN g/c {m.nan_golden}/{m.nan_candidate}  "
+                   f"Inf g/c {m.inf_golden}/{m.inf_candidate}  first bad token {m.first_bad_token}")
+    if r.result.flipped_tokens:
+        tip.append(f"flipped tokens {list(r.result.flipped_tokens)}")
+    if r.result.excluded_tokens:
+        tip.append(f"judged without tokens {list(r.result.excluded_tokens)[:16]}")
+    if r.result.detail:
+        tip.append(r.result.detail)
+    mark = " first" if first is not None and r is first else ""
+    d = _digits(r)
+    label = SYMBOL[r.verdict] if not r.result.passed else (f"{d:.0f}" if d is not None else "")
+    return (f"<td class='c{mark}' style='background:{color}' title='{html.escape(chr(10).join(tip), quote=True)}'>"
+            f"{html.escape(label)}</td>")
+
+
+def write_html(report: Report, path: str | Path, *, title: str = "moesnap check") -> None:
+    first = report.first_divergence
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>",
+        "body{font:13px system-ui,sans-serif;margin:16px} table{border-collapse:collapse}",
+        "td,th{border:1px solid #fff;padding:2px 4px;text-align:center;min-width:22px}",
+        "th{font-weight:normal;writing-mode:vertical-rl;transform:rotate(180deg);height:90px}",
+        "td.first{outline:3px solid #000;outline-offset:-3px} .e{background:#f0f0f0}",
+        ".key span{display:inline-block;padding:2px 6px;margin-right:4px;color:#fff}",
+        "</style></head><body>",
+        f"<h2>{html.escape(title)}: {'pass' if report.passed else 'FAIL'}</h2>",
+        f"<p>golden <code>{html.escape(report.golden)}</code>, candidate <code>{html.escape(report.candidate)}</code>, "
+        f"dtype {html.escape(report.dtype)}, {html.escape(report.mode)}</p>",
+        f"<p><b>first divergence:</b> {html.escape(_fmt_loc(first))}</p>",
+        "<p>cells: digits of agreement −log10(1 − cosine) where the stage passes (green = more); "
+        "a letter where it fails; hover a cell for its metrics. The first divergence is outlined.</p>",
+        "<p class=key>" + "".join(f"<span style='background:{c}'>{SYMBOL[v]} {v.name}</span>" for v, c in _COLOR.items())
+        + "</p>",
+    ]
+    sections = [("free-running", report.cases)]
+    if report.replay is not None:
+        sections.append(("replay: each layer fed its golden input (error introduced by the layer)", report.replay))
+    for label, cases in sections:
+        for case in cases:
+            parts.append(f"<h3>{html.escape(label)} — case {html.escape(case.case)}</h3><table><tr><th></th>")
+            parts += [f"<th>{html.escape(s)}</th>" for s in LAYER_STAGES] + ["</tr>"]
+            by: dict[int | None, dict[str, StageResult]] = {}
+            for r in case.results:
+                by.setdefault(r.layer, {})[r.stage] = r
+            for stage in ("embed",):
+                if stage in by.get(None, {}):
+                    parts.append(f"<tr><td>{stage}</td>{_cell(by[None][stage], first)}</tr>")
+            for layer in sorted(k for k in by if k is not None):
+                parts.append(f"<tr><td>L{layer}</td>" + "".join(_cell(by[layer].get(s), first) for s in LAYER_STAGES)
+                             + "</tr>")
+            for stage in ("final_norm", "logits"):
+                if stage in by.get(None, {}):
+                    parts.append(f"<tr><td>{stage}</td>{_cell(by[None][stage], first)}</tr>")
+            parts.append("</table>")
+            for n in case.routing_notes:
+                parts.append(f"<p>routing: {html.escape(n)}</p>")
+    for n in report.notes:
+        parts.append(f"<p>note: {html.escape(n)}</p>")
+    parts.append("</body></html>")
+    _atomic_write(Path(path), "\n".join(parts))
