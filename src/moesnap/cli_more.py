@@ -9,3 +9,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from . import cli_compare
 
     cli_compare.register(sub)
+    from . import cli_calibrate
+
+    cli_calibrate.register(sub)
