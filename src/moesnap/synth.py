@@ -481,6 +481,10 @@ def tensor_data(t: SynthTensor, spec: SynthSpec) -> np.ndarray:
     return data.reshape(t.byte_shape)
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = False, progress: bool = False) -> Path:
     """Write the synthetic model ``spec`` to ``out`` (atomically) and return its path.
 
@@ -516,7 +520,7 @@ def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = Fa
             last_of_layer = t.layer is not None and (i + 1 == len(plan) or plan[i + 1].layer != t.layer)
             if progress and last_of_layer:
                 print(f"moesnap: {out.name}: layer {t.layer + 1}/{spec.n_layer} "
-                      f"({written / 1e9:.2f} GB, {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+                      f"({_size(written)}, {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
         assert writer.fout is not None
         writer.flush()
         os.fsync(writer.fout[0].fileno())
@@ -528,6 +532,6 @@ def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = Fa
         tmp.unlink(missing_ok=True)
         raise
     if progress:
-        print(f"moesnap: wrote {out} ({out.stat().st_size / 1e9:.2f} GB, {time.perf_counter() - t0:.1f} s)",
+        print(f"moesnap: wrote {out} ({_size(out.stat().st_size)}, {time.perf_counter() - t0:.1f} s)",
               file=sys.stderr, flush=True)
     return out
