@@ -12,3 +12,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from . import cli_calibrate
 
     cli_calibrate.register(sub)
+    from . import cli_check
+
+    cli_check.register(sub)
