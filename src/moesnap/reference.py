@@ -16,6 +16,8 @@ layer at a time, only the experts the router selected.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +31,19 @@ from .recorder import NullRecorder, Recorder
 from .weights import GGUFModel, LayerWeights
 
 LM_HEAD_CHUNK = 16384  # vocab rows dequantized at a time for the lm head
+# Threads that dequantize experts ahead of the (serial) expert maths; results arrive in order.
+_POOL = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 1))), thread_name_prefix="moesnap-dequant")
+
+
+def _prefetch(fn, items: list, depth: int = 8):
+    """``map(fn, items)`` computed on the pool, at most ``depth`` results ahead (bounds memory)."""
+    pending = [_POOL.submit(fn, it) for it in items[:depth]]
+    for i in range(len(items)):
+        result = pending[i].result()
+        pending[i] = None
+        if i + depth < len(items):
+            pending.append(_POOL.submit(fn, items[i + depth]))
+        yield result
 
 
 class RMSNorm(nn.Module):
@@ -111,9 +126,10 @@ class MoE(nn.Module):
         rec.save("topk_weights", layer, topk_w)
 
         expert_out = x.new_zeros(T, k, cfg.hidden)                     # [T, k, H]
-        for e in torch.unique(topk_ids).tolist():
+        selected = torch.unique(topk_ids).tolist()
+        # Dequantizing is the slow part: do it on a few threads (numpy releases the GIL); the maths below is serial.
+        for e, (gate, up, down) in zip(selected, _prefetch(w.experts.expert, selected)):
             tok, slot = (topk_ids == e).nonzero(as_tuple=True)         # tokens routed to e
-            gate, up, down = w.experts.expert(e)                       # [F, H], [F, H], [H, F]
             xe = x[tok]                                                # [n, H]
             h = F.silu(xe @ gate.T) * (xe @ up.T)                      # [n, F]
             expert_out[tok, slot] = h @ down.T                         # [n, H]
