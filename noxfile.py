@@ -41,3 +41,23 @@ def props(session: nox.Session) -> None:
     _install(session)
     session.run("pytest", "-q", "-k", "prop or fuzz", *session.posargs,
                 env={"HYPOTHESIS_PROFILE": "nightly", "MOESNAP_NO_PROGRESS": "1"})
+
+
+def _cuda(session: nox.Session) -> None:
+    out = session.run("python", "-c", "import torch; print(int(torch.cuda.is_available()))", silent=True)
+    if str(out).strip() != "1":
+        session.skip("skipped: no CUDA")
+
+
+@nox.session(default=False, venv_backend="none")
+def check_gpu(session: nox.Session) -> None:
+    """The bundled goldens against the CUDA candidate, float32 and bfloat16, plus planted faults (current env)."""
+    _cuda(session)
+    session.run("python", "-m", "moesnap.sessions", "check_gpu", *session.posargs)
+
+
+@nox.session(default=False, venv_backend="none")
+def heavy(session: nox.Session) -> None:
+    """Full-size qwen3-30b-a3b (48 layers): goldens on the CPU, check on CUDA in float32 and bfloat16 (current env)."""
+    _cuda(session)
+    session.run("python", "-m", "moesnap.sessions", "heavy", *session.posargs)
