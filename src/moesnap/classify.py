@@ -18,11 +18,12 @@ Arithmetic
     magnitude (exact), so 1e38 (or 1e300 in float64) does not overflow and
     subnormals do not underflow into a wrong cosine; as a consequence the
     metrics are exactly equivariant under scaling both sides by a power of
-    two.  The tolerance test uses the correctly rounded float64 ``|c - g|``
-    (+inf only for float64 inputs whose difference exceeds the float64
-    range, which is then rightly outside); the metrics use the difference of
-    the scaled sides, so ``rel_l2`` of [1e308, -1e308] against its negation is
-    2, and only a metric whose true value exceeds the float64 range is +inf.
+    two.  ``|c - g|`` is the correctly rounded float64 difference (+inf only
+    for float64 inputs whose difference exceeds the float64 range, which is
+    then rightly outside); it gives the tolerance test, ``max_abs`` and the
+    worst element.  Norms and means use the difference of the scaled sides,
+    so ``rel_l2`` of [1e308, -1e308] against its negation is 2: only a metric
+    whose true value exceeds the float64 range is +inf.
 
 Non-finite dominance
     NaN and Inf are counted apart (``nan_*``, ``inf_*``), over *all*
@@ -322,11 +323,12 @@ def classify(
     m = gs.size
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        d = np.abs(cs - gs)     # correctly rounded; +inf only past the float64 range
         if exact:
             gi, ci = golden.reshape(-1), candidate.reshape(-1)
             outside = gi != ci if all_sel else gi[sel] != ci[sel]
         else:
-            outside = np.abs(cs - gs) > tol.atol + tol.rtol * np.abs(gs)
+            outside = d > tol.atol + tol.rtol * np.abs(gs)
         n_nonfinite_judged = int(nonfinite.sum() if judged is None else (nonfinite & judged).sum())
         n_outside = int(outside.sum()) + n_nonfinite_judged
 
@@ -334,20 +336,23 @@ def classify(
             value = 1.0 if n == 0 else math.nan
             zero = 0.0 if n == 0 else math.nan
             cosine, rel_l2, nmse, max_abs, mean_abs, max_rel = value, zero, zero, zero, zero, zero
-            ds = np.zeros(0)
         else:
-            # One power-of-two scale for both sides: |c_s - g_s| <= 2 cannot
-            # overflow, and for float32-or-narrower inputs nothing is subnormal.
+            # Sums go through one power-of-two scale for both sides:
+            # |c_s - g_s| <= 2 cannot overflow, and for float32-or-narrower
+            # inputs nothing becomes subnormal, so the scaling is exact.
             top = max(float(np.max(np.abs(gs))), float(np.max(np.abs(cs))))
             e = _pow2_above(top) if top > 0 else 0
             g_s = np.ldexp(gs, -e)
             ds = np.abs(np.ldexp(cs, -e) - g_s)
             cosine = _cosine(gs, cs)
             rel_l2, nmse = _rel_l2(ds, g_s)
-            max_abs = float(np.ldexp(ds.max(), e))
+            max_abs = float(d.max())
             mean_abs = float(np.ldexp(np.mean(ds), e))
-            rel = ds / np.abs(g_s)
-            rel[ds == 0] = 0.0
+            rel = d / np.abs(gs)
+            overflow = np.isinf(d)
+            if overflow.any():
+                rel[overflow] = ds[overflow] / np.abs(g_s[overflow])
+            rel[d == 0] = 0.0
             max_rel = float(rel.max())
 
     bad = nonfinite.copy()
@@ -361,7 +366,7 @@ def classify(
     if nonfinite.any():
         worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(nonfinite)), shape))
     elif m and max_abs > 0:
-        k = int(np.argmax(ds))
+        k = int(np.argmax(d))
         flat = k if all_sel else int(np.flatnonzero(sel)[k])
         worst = tuple(int(i) for i in np.unravel_index(flat, shape))
 
