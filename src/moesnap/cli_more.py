@@ -15,3 +15,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from . import cli_check
 
     cli_check.register(sub)
+    from . import cli_goldens
+
+    cli_goldens.register(sub)
