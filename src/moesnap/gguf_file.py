@@ -159,7 +159,10 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: metadata key {key!r} is unreadable ({e})") from None
 
     def tensor(self, name: str) -> Any:
-        t = self.tensors.get(name)
+        """A tensor by its base name; real files add ``.weight`` (``blk.0.attn_q.weight``)."""
+        t = self.tensors.get(name + ".weight")
+        if t is None:
+            t = self.tensors.get(name)
         if t is None:
             raise ModelFileError(f"{self.path}: missing tensor {name!r}")
         return t
