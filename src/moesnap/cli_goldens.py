@@ -37,8 +37,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         parts += [f"--{kind}", value]
     parts += ["--dtype", a.dtype]
     command = " ".join(shlex.quote(x) for x in parts)
-    v = generate(a.model, a.suite, store=_store(a), inputs=a.inputs or [], dtype=a.dtype,
-                 show_progress=_progress(a), command=command)
+    with _store(a) as st:
+        v = generate(a.model, a.suite, store=st, inputs=a.inputs or [], dtype=a.dtype,
+                     show_progress=_progress(a), command=command)
     print(v.ref)
     return 0
 
@@ -46,7 +47,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_list(a: argparse.Namespace) -> int:
     from .goldens import describe, list_suites
 
-    infos = list_suites(_store(a))
+    with _store(a) as st:
+        infos = list_suites(st)
     if not infos:
         print(f"no suites in {a.store or 'goldens'}")
     for info in infos:
@@ -57,8 +59,9 @@ def cmd_list(a: argparse.Namespace) -> int:
 def cmd_show(a: argparse.Namespace) -> int:
     from .goldens import show_lines
 
-    v = _store(a).resolve(a.ref)
-    for line in show_lines(v, verify=not a.no_verify, show_progress=_progress(a)):
+    with _store(a) as st:
+        lines = show_lines(st.resolve(a.ref), verify=not a.no_verify, show_progress=_progress(a))
+    for line in lines:
         print(line)
     return 0
 
@@ -66,9 +69,8 @@ def cmd_show(a: argparse.Namespace) -> int:
 def cmd_diff(a: argparse.Namespace) -> int:
     from .goldens import diff, diff_lines, write_json
 
-    st = _store(a)
-    va, vb = st.resolve(a.a), st.resolve(a.b)
-    rep = diff(va, vb, show_progress=_progress(a))
+    with _store(a) as st:
+        rep = diff(st.resolve(a.a), st.resolve(a.b), show_progress=_progress(a))
     for line in diff_lines(rep):
         print(line)
     if a.json:
@@ -84,7 +86,8 @@ def cmd_prune(a: argparse.Namespace) -> int:
         raise UsageError(f"--keep {a.keep}: must be ≥ 1 (the newest version is never deleted)")
     if a.stale_after is not None and a.stale_after < 0:
         raise UsageError(f"--stale-after {a.stale_after}: must be ≥ 0")
-    res = prune(_store(a), a.suite, a.keep, stale_after=a.stale_after)
+    with _store(a) as st:
+        res = prune(st, a.suite, a.keep, stale_after=a.stale_after)
     print(f"{a.suite}: deleted {', '.join(res.deleted) or 'nothing'}; kept {', '.join(res.kept) or 'nothing'}"
           + (f"; removed unpublished {', '.join(res.cleaned)}" if res.cleaned else ""))
     return 0

@@ -53,6 +53,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,6 +345,15 @@ class GoldenStore(ABC):
         """Remove a leftover judged dead; False when it turned out to be alive or gone."""
 
     # -- what every store shares
+    def close(self) -> None:
+        """Release connections (remote stores); the store stays readable by reopening."""
+
+    def __enter__(self) -> "GoldenStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def where(self, suite: str, version: str | None = None) -> str:
         base = f"{self.url.rstrip('/')}/{suite}"
         return f"{base}/{version}" if version else base
@@ -597,7 +607,7 @@ class ZarrGoldenStore(GoldenStore):
     def _new_version_group(self, zstore):
         import zarr
 
-        return zarr.open_group(zstore, mode="w-", zarr_format=3)
+        return zarr.create_group(zstore, zarr_format=3, overwrite=False)
 
 
 # ---------------------------------------------------------------- local directory
@@ -831,6 +841,19 @@ async def _collect(agen) -> list:
     return [x async for x in agen]
 
 
+def _close_fs(fs) -> None:
+    """Close the aiohttp session of an asynchronous s3fs instance (s3fs leaves that to its owner)."""
+    creator = getattr(fs, "_s3creator", None)
+    if creator is None:
+        return
+    fs._s3creator = fs._s3 = None
+    with contextlib.suppress(Exception):
+        if hasattr(creator, "__aexit__"):
+            _sync(creator.__aexit__(None, None, None))
+        elif hasattr(creator, "clear"):
+            _sync(creator.clear())
+
+
 class RemoteGoldenStore(ZarrGoldenStore):
     """``s3://bucket/prefix`` through zarr's FsspecStore (s3fs imported only here)."""
 
@@ -852,7 +875,10 @@ class RemoteGoldenStore(ZarrGoldenStore):
             raise UsageError(f"store {url!r}: s3 support needs s3fs (pip install s3fs): {e}") from None
         self.fs = self._root.fs
         self.path = self._root.path.rstrip("/")
-        self._nodes_cache: dict[str, list[str]] = {}
+        self._finalizer = weakref.finalize(self, _close_fs, self.fs)
+
+    def close(self) -> None:
+        self._finalizer()
 
     @contextlib.contextmanager
     def _errors(self, where: str) -> Iterator[None]:
