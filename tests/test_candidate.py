@@ -1,10 +1,21 @@
 """The candidate forward against the reference on the bundled tiny model.
 
-Measured on the CPU (torch 2.13, 32 tokens), max |candidate - reference| per
-stage: float32 everything <= 8.2e-6 (router_logits; logits 3.0e-6),
-bfloat16 <= 0.16 on router_logits and <= 0.10 on every other stage (relative
-to the stage's largest magnitude: <= 2.5 %), same expert sets everywhere.
-The bounds below leave an order of magnitude of room over those figures.
+Measured on the CPU (torch 2.13, 32 tokens), max |candidate - reference| over
+all layers, the reference in float32:
+
+* float32: every stage <= 1.0e-5 (router_logits; logits 4.3e-6), the same
+  experts in the same order everywhere.
+* bfloat16, replay (each layer fed the reference's input): <= 0.058 on
+  router_logits, <= 0.051 elsewhere, i.e. <= 2.1 % of the stage's largest
+  magnitude (moe_out; 0.4-0.9 % for most stages); no routing flips.
+  Free-running, bf16 error accumulates (logits 0.24, 6.6 % of max) and layer
+  2 / token 14 picks another expert: the reference's k-th and (k+1)-th
+  router logits there are 0.061 apart, the closest tie of that layer.
+* float16, replay: <= 0.0072 (router_logits), <= 0.18 % relative; no flips.
+
+The bounds below leave 3-10x room over those figures.  A routing flip is
+accepted only where the reference's own top-k margin is within twice the
+candidate's router-logit error at that layer (a near tie).
 """
 
 from __future__ import annotations
@@ -15,17 +26,18 @@ import torch
 from torch.nn import functional as F
 
 from moesnap import quants_torch
-from moesnap.candidate import EXPERT_PATHS, CandidateModel, grouped_mm_works
+from moesnap.candidate import EXPERT_PATHS, CandidateModel, default_expert_path, grouped_mm_works
 from moesnap.errors import UsageError
 from moesnap.recorder import ArrayRecorder, NullRecorder
 from moesnap.reference import run_reference
-from moesnap.stages import INTEGER_STAGES, LAYER_STAGES
+from moesnap.stages import INTEGER_STAGES, LAYER_STAGES, POST_ROUTING_STAGES
 from moesnap.synth import tiny_path
 from moesnap.weights import GGUFModel
 
 N_TOKENS = 32
 FP32_ATOL = 1e-4          # max abs error, every float stage and the logits
-BF16_REL = 0.06           # max abs error / max |reference|, every float stage
+# max abs error / max |reference| per stage, (replay, free-running up to the first flip)
+LOOSE_REL = {torch.bfloat16: (0.06, 0.12), torch.float16: (0.01, 0.02)}
 FLOAT_LAYER_STAGES = [s for s in LAYER_STAGES if s not in INTEGER_STAGES]
 
 
@@ -103,15 +115,66 @@ def test_float32_agrees_with_reference(ref, cand32):
     assert errs["embed"] == 0.0  # F32 embedding rows: both decoders are exact
 
 
-def test_bfloat16_agrees_loosely(model, tokens, ref):
-    cand, logits = run_candidate(model, tokens, dtype=torch.bfloat16)
-    assert logits.dtype == torch.bfloat16
-    assert_agrees(ref, cand, rel=BF16_REL)
+def golden_inputs(ref: ArrayRecorder, n_layer: int) -> dict[int, torch.Tensor]:
+    """The reference's input of every layer (replay)."""
+    inputs = {0: torch.from_numpy(ref.model["embed"])}
+    inputs.update({i: torch.from_numpy(ref.layers["layer_out"][i - 1]) for i in range(1, n_layer)})
+    return inputs
 
 
-def test_float16_agrees_loosely(model, tokens, ref):
-    cand, _ = run_candidate(model, tokens, dtype=torch.float16)
-    assert_agrees(ref, cand, rel=BF16_REL / 8)
+def routing_flips(ref: ArrayRecorder, cand: ArrayRecorder) -> np.ndarray:
+    """``[L, T]``: where the candidate selected another expert set than the reference."""
+    r, c = ref.stacked()["topk_ids"], cand.stacked()["topk_ids"]
+    return (np.sort(r, -1) != np.sort(c, -1)).any(-1)
+
+
+def assert_flips_at_ties(ref: ArrayRecorder, cand: ArrayRecorder) -> np.ndarray:
+    """Every routing flip sits where the reference's top-k margin is within twice the
+    candidate's router-logit error of that layer; returns the flips."""
+    r, c = ref.stacked()["router_logits"], cand.stacked()["router_logits"]
+    k = ref.stacked()["topk_ids"].shape[-1]
+    srt = -np.sort(-r, axis=-1)
+    margin = srt[..., k - 1] - srt[..., k]                                # [L, T]
+    err = np.abs(r - c).max(axis=(1, 2))                                 # [L]
+    flips = routing_flips(ref, cand)
+    for layer, tok in np.argwhere(flips):
+        assert margin[layer, tok] <= 2 * err[layer], \
+            f"layer {layer} token {tok}: routing differs at margin {margin[layer, tok]:.3g} (router error {err[layer]:.3g})"
+    return flips
+
+
+def assert_loose(ref: ArrayRecorder, cand: ArrayRecorder, rel: float, *, replay: bool) -> None:
+    """Float stages within ``rel`` x max |reference|, judged per layer: in replay mode every
+    layer, post-routing stages only on unflipped tokens; free-running only up to the first flip."""
+    assert_same_shapes(ref, cand)
+    flips = assert_flips_at_ties(ref, cand)
+    n_layer = flips.shape[0]
+    first = int(np.argmax(flips.any(-1))) if flips.any() else n_layer
+    for layer in range(n_layer if replay else min(first + 1, n_layer)):
+        for s in FLOAT_LAYER_STAGES:
+            g, c = ref.layers[s][layer], cand.layers[s][layer]
+            if s in POST_ROUTING_STAGES:
+                if not replay and layer == first:
+                    continue
+                g, c = g[~flips[layer]], c[~flips[layer]]
+            err, scale = float(np.abs(g - c).max(initial=0)), float(np.abs(g).max(initial=0))
+            assert err <= rel * scale, f"layer {layer} {s}: max abs error {err:.3g} > {rel} x {scale:.3g}"
+    if not replay and not flips.any():
+        for s in ("final_norm", "logits"):
+            err, scale = np.abs(ref.model[s] - cand.model[s]).max(), np.abs(ref.model[s]).max()
+            assert err <= rel * scale, f"{s}: max abs error {err:.3g} > {rel} x {scale:.3g}"
+    assert np.isfinite(cand.model["logits"]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_agrees_loosely(model, tokens, ref, dtype):
+    rel_replay, rel_free = LOOSE_REL[dtype]
+    free, logits = run_candidate(model, tokens, dtype=dtype)
+    assert logits.dtype == dtype
+    assert_loose(ref, free, rel_free, replay=False)
+    replay = ArrayRecorder()
+    CandidateModel(model, dtype=dtype).forward(tokens, replay, layer_inputs=golden_inputs(ref, model.config.n_layer))
+    assert_loose(ref, replay, rel_replay, replay=True)
 
 
 def test_returned_logits_are_the_recorded_ones(model, tokens, cand32):
@@ -185,9 +248,12 @@ def test_expert_batches_do_not_change_results(model, tokens, cand32):
     np.testing.assert_allclose(small.model["logits"], cand32.model["logits"], rtol=0, atol=1e-5)
 
 
-def test_grouped_mm_probe_on_cpu():
+def test_grouped_mm_probe_on_cpu(model):
     # torch 2.13's CPU build has a working _grouped_mm; a build without it must say no
-    assert grouped_mm_works("cpu", torch.float32, 64, 512) == hasattr(torch, "_grouped_mm")
+    assert grouped_mm_works("cpu", torch.float32, 64, 256) == hasattr(torch, "_grouped_mm")
+    # ... but it is slower than the loop there, so the CPU default is the loop
+    assert default_expert_path("cpu", torch.float32, model.config) == "loop"
+    assert CandidateModel(model).expert_path == "loop"
 
 
 def test_unknown_expert_path_and_dtype(model):
@@ -203,8 +269,7 @@ def test_unknown_expert_path_and_dtype(model):
 def test_replay_with_golden_inputs(model, tokens, ref):
     """Each layer fed the reference's input of that layer introduces only float noise."""
     L = model.config.n_layer
-    golden_in = {0: torch.from_numpy(ref.model["embed"])}
-    golden_in.update({i: torch.from_numpy(ref.layers["layer_out"][i - 1]) for i in range(1, L)})
+    golden_in = golden_inputs(ref, L)
     cm = CandidateModel(model)
     rec = ArrayRecorder()
     cm.forward(tokens, rec, layer_inputs=golden_in)
@@ -239,16 +304,6 @@ def test_forward_layer_rejects_bad_layer(model):
 # --------------------------------------------------------------------------- GPU
 
 
-def _cuda_flips_only_at_ties(ref: ArrayRecorder, cand: ArrayRecorder, margin: float) -> None:
-    """Expert sets agree except where the reference's k-th and (k+1)-th router logits nearly tie."""
-    r, c = ref.stacked(), cand.stacked()
-    k = r["topk_ids"].shape[-1]
-    srt = -np.sort(-r["router_logits"], axis=-1)
-    gap = srt[..., k - 1] - srt[..., k]                                 # [L, T]
-    differ = (np.sort(r["topk_ids"], -1) != np.sort(c["topk_ids"], -1)).any(-1)
-    assert (gap[differ] < margin).all(), gap[differ]
-
-
 @pytest.mark.gpu
 def test_cuda_float32_agrees_with_reference(model, tokens, ref):
     cand, logits = run_candidate(model, tokens, device="cuda")
@@ -257,18 +312,21 @@ def test_cuda_float32_agrees_with_reference(model, tokens, ref):
 
 
 @pytest.mark.gpu
-def test_cuda_bfloat16_agrees_loosely(model, tokens, ref):
-    cand, _ = run_candidate(model, tokens, device="cuda", dtype=torch.bfloat16)
-    _cuda_flips_only_at_ties(ref, cand, margin=0.05)
-    assert_same_shapes(ref, cand)
-    errs = stage_errors(ref, cand)
-    assert errs["logits"] <= BF16_REL * np.abs(ref.model["logits"]).max(), errs
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision_agrees_loosely(model, tokens, ref, dtype):
+    rel_replay, rel_free = LOOSE_REL[dtype]
+    free, _ = run_candidate(model, tokens, device="cuda", dtype=dtype)
+    assert_loose(ref, free, rel_free, replay=False)
+    replay = ArrayRecorder()
+    CandidateModel(model, device="cuda", dtype=dtype).forward(
+        tokens, replay, layer_inputs=golden_inputs(ref, model.config.n_layer))
+    assert_loose(ref, replay, rel_replay, replay=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_expert_paths_agree(model, tokens, dtype):
-    if not grouped_mm_works("cuda", dtype, model.config.hidden, 2 * model.config.expert_ff):
+    if not grouped_mm_works("cuda", dtype, model.config.hidden, model.config.expert_ff):
         pytest.skip(f"torch._grouped_mm does not work on this GPU in {dtype}")
     grouped, _ = run_candidate(model, tokens, device="cuda", dtype=dtype, expert_path="grouped_mm")
     loop, _ = run_candidate(model, tokens, device="cuda", dtype=dtype, expert_path="loop")
@@ -279,3 +337,14 @@ def test_cuda_expert_paths_agree(model, tokens, dtype):
 @pytest.mark.gpu
 def test_cuda_uses_grouped_mm_for_bfloat16(model):
     assert CandidateModel(model, device="cuda", dtype=torch.bfloat16).expert_path == "grouped_mm"
+
+
+@pytest.mark.gpu
+def test_cuda_upload_keeps_bytes_on_the_device(model, tokens):
+    cm = CandidateModel(model, device="cuda")
+    cm.upload()
+    n_tensors = 3 + 12 * model.config.n_layer
+    assert len(cm._bytes) == n_tensors
+    assert all(t.device.type == "cuda" and t.dtype == torch.uint8 for t in cm._bytes.values())
+    cm.forward(tokens[:4])
+    assert len(cm._bytes) == n_tensors  # nothing uploaded twice

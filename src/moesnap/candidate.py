@@ -14,11 +14,15 @@ code: only the config, the stage names and the recorder.  What makes it a
   Dequantized weights are never cached: dense ones are rebuilt per layer per
   forward, experts per batch of experts (:attr:`CandidateModel.expert_values`).
 * **Grouped experts.**  The ``T*k`` (token, slot) pairs are sorted by expert;
-  only the experts that received tokens are dequantized, and the three expert
-  matmuls run as one grouped GEMM each (``torch._grouped_mm``, gate and up
-  fused into one) or, where that is missing or wrong, one matmul per expert
-  group (``"loop"``).  :func:`grouped_mm_works` probes the choice per
-  (device, dtype, shape).
+  only the experts that received tokens are dequantized, and each of the
+  three expert matmuls (gate, up, down) runs over all of them at once, as
+  one grouped GEMM (``torch._grouped_mm``, path ``"grouped_mm"``) or as one
+  matmul per expert group (path ``"loop"``).  :func:`default_expert_path`
+  picks ``"grouped_mm"`` on CUDA wherever :func:`grouped_mm_works` finds it
+  present and correct for the (dtype, shapes), and ``"loop"`` elsewhere: the
+  CPU build's ``_grouped_mm`` works but measured about 2x slower than the
+  loop (full-width shapes, torch 2.13), while on a GPU the loop is
+  launch-bound (FINDINGS.md: 9.8 ms against 0.43 ms per full-width layer).
 * **Fused attention.**  q/k/v come from one fused projection;
   attention is ``scaled_dot_product_attention(is_causal=True)`` with
   ``enable_gqa`` (key/value heads repeated where that flag is missing).
@@ -48,7 +52,7 @@ from torch.nn import functional as F
 from . import quants_torch
 from .config import Qwen3MoeConfig
 from .errors import UsageError
-from .inject import Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, validate_injection
+from .inject import LAYER_TENSORS, Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, validate_injection
 from .recorder import NullRecorder, Recorder
 from .weights import GGUFModel
 
@@ -129,6 +133,14 @@ def grouped_mm_works(device: torch.device | str, dtype: torch.dtype, k: int, m: 
     return ok
 
 
+def default_expert_path(device: torch.device | str, dtype: torch.dtype, cfg: Qwen3MoeConfig) -> str:
+    """``"grouped_mm"`` on CUDA where it works for the model's expert shapes, else ``"loop"``."""
+    if torch.device(device).type != "cuda":
+        return "loop"
+    ok = all(grouped_mm_works(device, dtype, k, m) for k, m in ((cfg.hidden, cfg.expert_ff), (cfg.expert_ff, cfg.hidden)))
+    return "grouped_mm" if ok else "loop"
+
+
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention; ``q [Hq, T, D]``, ``k``/``v`` ``[Hkv, T, D]`` -> ``[Hq, T, D]``."""
     global _GQA_FLAG
@@ -164,8 +176,8 @@ class _Dense:
 class CandidateModel:
     """The candidate forward over an open :class:`~moesnap.weights.GGUFModel`.
 
-    ``expert_path`` forces ``"grouped_mm"`` or ``"loop"``; by default the
-    grouped GEMM is used wherever :func:`grouped_mm_works` says it works.
+    ``expert_path`` forces ``"grouped_mm"`` or ``"loop"``; by default
+    :func:`default_expert_path` chooses.
     ``expert_values`` bounds how many expert weight values are dequantized at
     once (default: 2**26 on the CPU, 2**31 elsewhere, i.e. a whole full-width
     layer on a GPU).
@@ -199,9 +211,7 @@ class CandidateModel:
                 self._flips.setdefault(j.layer, []).append(j.token)
 
         if expert_path is None:
-            ok = all(grouped_mm_works(self.device, dtype, kk, m)
-                     for kk, m in ((cfg.hidden, 2 * cfg.expert_ff), (cfg.expert_ff, cfg.hidden)))
-            expert_path = "grouped_mm" if ok else "loop"
+            expert_path = default_expert_path(self.device, dtype, cfg)
         if expert_path not in EXPERT_PATHS:
             raise UsageError(f"expert_path={expert_path!r}; choose one of {', '.join(EXPERT_PATHS)}")
         self.expert_path = expert_path
@@ -227,8 +237,11 @@ class CandidateModel:
     def upload(self) -> None:
         """Upload every tensor's bytes now (a no-op on the CPU, where they stay memory-mapped)."""
         if self.resident:
-            for name in self.model.file.tensors:
+            for name in ("token_embd", "output_norm", "output"):
                 self._raw(name)
+            for i in range(self.cfg.n_layer):
+                for t in LAYER_TENSORS:
+                    self._raw(f"blk.{i}.{t}")
 
     def _decode(self, name: str, data: torch.Tensor, qtype, layer: int | None, dtype: torch.dtype) -> torch.Tensor:
         tensor = name.split(".")[-1]
@@ -258,20 +271,17 @@ class CandidateModel:
             router=self._weight(p + "ffn_gate_inp", i, self.router_dtype),
         )
 
-    def _experts_weights(self, i: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gate and up stacked ``[G, 2F, H]`` and down ``[G, H, F]`` of experts ``ids``."""
+    def _experts_weights(self, i: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gate ``[G, F, H]``, up ``[G, F, H]`` and down ``[G, H, F]`` of experts ``ids`` (ascending)."""
         p = f"blk.{i}."
-        Fd = self.cfg.expert_ff
+        lo, hi = ids[0], ids[-1] + 1
+        contiguous = hi - lo == len(ids)  # common with many tokens: a slice, no gather
         out = []
         for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
             qtype, data = self._raw(p + name)
-            sel = data.index_select(0, ids.to(data.device)).to(self.device)  # only the used experts' bytes
-            out.append(self._decode(p + name, sel, qtype, i, self.dtype))
-        gate, up, down = out
-        gate_up = torch.empty(ids.numel(), 2 * Fd, self.cfg.hidden, dtype=self.dtype, device=self.device)
-        gate_up[:, :Fd] = gate
-        gate_up[:, Fd:] = up
-        return gate_up, down
+            sel = data[lo:hi] if contiguous else data.index_select(0, torch.tensor(ids, device=data.device))
+            out.append(self._decode(p + name, sel.to(self.device), qtype, i, self.dtype))  # only these experts
+        return out[0], out[1], out[2]
 
     # -- stages ---------------------------------------------------------------
     def _emit(self, stage: str, layer: int, x: torch.Tensor, rec: Recorder) -> torch.Tensor:
@@ -356,18 +366,16 @@ class CandidateModel:
         r0 = 0
         for g0 in range(0, len(used_host), batch):
             sizes = n_used[g0:g0 + batch]
-            gate_up, down = self._experts_weights(i, used[g0:g0 + batch])  # [G, 2F, H], [G, H, F]
+            gate, up, down = self._experts_weights(i, used_host[g0:g0 + batch])  # [G, F, H] x2, [G, H, F]
             r1 = r0 + sum(sizes)
             bounds = np.cumsum([0, *sizes]).tolist()
-            a = rows[r0:r1]
+            a = rows[r0:r1]                                            # [n, H]
             if self.expert_path == "grouped_mm":
                 offs = torch.tensor(bounds[1:], dtype=torch.int32, device=self.device)
-                gu = _grouped(a, gate_up, offs)                        # [n, 2F]
-                h = F.silu(gu[:, :cfg.expert_ff]) * gu[:, cfg.expert_ff:]
+                h = F.silu(_grouped(a, gate, offs)) * _grouped(a, up, offs)    # [n, F]
                 out[r0:r1] = _grouped(h, down, offs)                   # [n, H]
             else:
-                gu = _looped(a, gate_up, bounds)
-                h = F.silu(gu[:, :cfg.expert_ff]) * gu[:, cfg.expert_ff:]
+                h = F.silu(_looped(a, gate, bounds)) * _looped(a, up, bounds)
                 out[r0:r1] = _looped(h, down, bounds)
             for g, e in enumerate(used_host[g0:g0 + batch]):
                 if (i, e) in self._nan:                                # planted fault: a NaN expert
