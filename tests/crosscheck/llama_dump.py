@@ -1,0 +1,379 @@
+"""Logits and intermediate tensors of llama.cpp (through llama-cpp-python) for one prompt.
+
+Independent of moesnap: llama.cpp loads the GGUF itself and runs its own
+qwen3moe graph.  Two passes:
+
+1. the high-level ``llama_cpp.Llama`` with ``logits_all=True``, an F32 KV
+   cache and flash attention off, for the logits of every token;
+2. the low-level API with a ``cb_eval`` callback that copies every named,
+   contiguous F32/I32 graph tensor (``ggml_backend_tensor_get``) -- a ctypes
+   mirror of ``struct ggml_tensor`` from the vendored ``ggml.h`` of the
+   pinned llama-cpp-python (0.3.36) gives its type, shape, strides and name.
+
+The tokens go in one batch with ``n_batch == n_ubatch >= len(tokens)`` so
+every graph tensor covers all tokens (a batch larger than ``n_batch`` aborts
+the process).  Because a llama.cpp abort kills the interpreter,
+:func:`llama_forward` runs the work in a child process (this file run as a
+script) and reads its ``.npz``.
+
+llama.cpp tensor names for qwen3moe and the moesnap stages they map onto
+are in :data:`STAGE_MAP`; the ggml shape ``ne = [ne0, ne1, ...]`` is
+reversed into numpy order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# --- ctypes mirror of struct ggml_tensor (ggml/include/ggml.h, llama-cpp-python 0.3.36) ---
+GGML_MAX_DIMS = 4
+GGML_MAX_OP_PARAMS = 64
+GGML_MAX_SRC = 10
+GGML_MAX_NAME = 64
+GGML_TYPE_F32 = 0
+GGML_TYPE_I32 = 26
+
+
+class ggml_tensor(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
+        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * GGML_MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * GGML_MAX_NAME),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+# llama.cpp qwen3moe graph name (without the "-<layer>" suffix) -> moesnap stage,
+# as observed with llama-cpp-python 0.3.36 (CPU, F32 weights, no flash attention).
+# "Qcur"/"Kcur" name three graph nodes per layer: the 2-D projection, its 3-D
+# reshape (both ``q``/``k``) and the RoPE output (``q_rope``/``k_rope``, the
+# last one); "Vcur" names the projection and its reshape.  The o-projection
+# output is unnamed ("node_N"): ``attn_out`` is derived as
+# ``ffn_inp - <layer input>`` (layer input = ``embd`` or the previous ``l_out``).
+STAGE_MAP: dict[str, str] = {
+    "attn_norm": "attn_norm",
+    "Qcur": "q",            # first occurrence; the last of three is q_rope
+    "Kcur": "k",            # first occurrence; the last of three is k_rope
+    "Vcur": "v",
+    "Qcur_normed": "q_norm",
+    "Kcur_normed": "k_norm",
+    "kqv_out": "attn",
+    "ffn_inp": "attn_resid",
+    "ffn_norm": "ffn_norm",
+    "ffn_moe_logits": "router_logits",
+    "ffn_moe_argsort": "topk_ids",      # [T, E] descending-probability order; first k columns
+    "ffn_moe_weights_norm": "topk_weights",
+    "ffn_moe_down": "expert_out",       # [T, k, H] unweighted, in topk_ids order
+    "ffn_moe_out": "moe_out",
+    "l_out": "layer_out",
+}
+MODEL_MAP: dict[str, str] = {"embd": "embed", "result_norm": "final_norm", "result_output": "logits"}
+ROPE_OCCURRENCE = {"Qcur": "q_rope", "Kcur": "k_rope"}
+HEAD_STAGES = frozenset({"q", "k", "v", "q_norm", "k_norm", "q_rope", "k_rope"})
+
+
+class LlamaCrash(RuntimeError):
+    """The llama.cpp child process died or failed."""
+
+
+def _contiguous(t: ggml_tensor) -> bool:
+    if t.nb[0] != 4:
+        return False
+    for i in range(1, GGML_MAX_DIMS):
+        if t.ne[i] > 1 and t.nb[i] != t.nb[i - 1] * t.ne[i - 1]:
+            return False
+    return True
+
+
+def _libggml_base():
+    import llama_cpp
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        if (lib_dir / name).exists():
+            lib = ctypes.CDLL(str(lib_dir / name))
+            break
+    else:
+        raise LlamaCrash(f"libggml-base not found in {lib_dir}")
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    lib.ggml_backend_tensor_get.restype = None
+    return lib
+
+
+LOG: list[str] = []
+_LOG_CALLBACK = None  # llama.cpp keeps the pointer for the life of the process
+
+
+def _capture_log():
+    """Send llama.cpp's log into :data:`LOG` (printed to stderr only when something fails)."""
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def _log(level, text, user_data):  # noqa: ARG001
+        LOG.append(text.decode(errors="replace"))
+
+    global _LOG_CALLBACK
+    _LOG_CALLBACK = _log
+    llama_cpp.llama_log_set(_log, ctypes.c_void_p())
+
+
+def _highlevel_logits(path: str, tokens: list[int], n_threads: int) -> np.ndarray:
+    import llama_cpp
+
+    n = max(len(tokens), 8)
+    llm = llama_cpp.Llama(
+        model_path=path, logits_all=True, n_ctx=max(n, 64), n_batch=n, n_ubatch=n,
+        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
+        n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
+    )
+    llm.eval(tokens)
+    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    llm.close()
+    return logits
+
+
+def _lowlevel(path: str, tokens: list[int], n_threads: int) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    """Logits [T, V] and every captured (name, array) in graph order."""
+    import llama_cpp as L
+
+    ggml = _libggml_base()
+    captured: list[tuple[str, np.ndarray]] = []
+    errors: list[str] = []
+
+    def callback(t_ptr, ask, user_data):  # noqa: ARG001
+        try:
+            t = ggml_tensor.from_address(t_ptr)
+            name = t.name.decode(errors="replace")
+            wanted = t.type in (GGML_TYPE_F32, GGML_TYPE_I32) and _contiguous(t) and name and " " not in name
+            if ask:
+                return bool(wanted)
+            if wanted:
+                shape = tuple(int(t.ne[i]) for i in reversed(range(GGML_MAX_DIMS)))  # numpy order
+                arr = np.empty(shape, dtype=np.float32 if t.type == GGML_TYPE_F32 else np.int32)
+                ggml.ggml_backend_tensor_get(t_ptr, arr.ctypes.data, 0, arr.nbytes)
+                captured.append((name, arr))
+            return True
+        except Exception as e:  # never let an exception cross into C
+            errors.append(repr(e))
+            return True
+
+    cb = L.ggml_backend_sched_eval_callback(callback)
+    L.llama_backend_init()
+    mparams = L.llama_model_default_params()
+    model = L.llama_model_load_from_file(path.encode(), mparams)
+    if not model:
+        raise LlamaCrash(f"llama.cpp could not load {path}")
+    T = len(tokens)
+    n = max(T, 8)
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = max(n, 64)
+    cparams.n_batch = n
+    cparams.n_ubatch = n
+    cparams.n_threads = n_threads
+    cparams.n_threads_batch = n_threads
+    cparams.type_k = L.GGML_TYPE_F32
+    cparams.type_v = L.GGML_TYPE_F32
+    cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cparams.cb_eval = cb
+    cparams.cb_eval_user_data = None
+    ctx = L.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise LlamaCrash("llama_init_from_model failed")
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    batch = L.llama_batch_init(T, 0, 1)
+    try:
+        captured.clear()  # warm-up graphs (if any) are not ours
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        batch.n_tokens = T
+        rc = L.llama_decode(ctx, batch)
+        if rc != 0:
+            raise LlamaCrash(f"llama_decode returned {rc}")
+        logits = np.stack([np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
+                           for i in range(T)])
+    finally:
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+        L.llama_model_free(model)
+    if errors:
+        raise LlamaCrash(f"eval callback failed: {errors[:3]}")
+    return logits.astype(np.float32), captured
+
+
+def _split(name: str) -> tuple[str, int | None]:
+    base, sep, idx = name.rpartition("-")
+    if sep and idx.isdigit():
+        return base, int(idx)
+    return name, None
+
+
+def map_stages(captured: list[tuple[str, np.ndarray]], T: int, n_expert_used: int, head_dim: int) -> dict[str, np.ndarray]:
+    """moesnap stages ``[L, T, ...]`` (and model stages ``[T, ...]``) from the captured llama.cpp tensors."""
+    occ: dict[tuple[str, int], list[np.ndarray]] = {}
+    model: dict[str, np.ndarray] = {}
+    for name, arr in captured:
+        base, il = _split(name)
+        if il is None:
+            if base in MODEL_MAP and base not in model:
+                model[MODEL_MAP[base]] = arr.reshape(T, -1)
+        else:
+            occ.setdefault((base, il), []).append(arr)
+    per: dict[str, dict[int, np.ndarray]] = {}
+    for (base, il), arrs in occ.items():
+        picks = []
+        if base in STAGE_MAP:
+            picks.append((STAGE_MAP[base], arrs[0]))
+        if base in ROPE_OCCURRENCE and len(arrs) >= 3:
+            picks.append((ROPE_OCCURRENCE[base], arrs[-1]))
+        for stage, arr in picks:
+            if arr.size % T:
+                continue
+            if stage in HEAD_STAGES:
+                a = arr.reshape(T, -1, head_dim)
+            elif stage == "expert_out":
+                a = arr.reshape(T, n_expert_used, -1)
+            else:
+                a = arr.reshape(T, -1)
+            if stage == "topk_ids":
+                a = a[:, :n_expert_used]
+            per.setdefault(stage, {})[il] = a
+    out = {s: np.stack([v[i] for i in sorted(v)]) for s, v in per.items()}
+    if "attn_resid" in out and "layer_out" in out and "embed" in model:
+        inputs = np.concatenate([model["embed"][None], out["layer_out"][:-1]])
+        out["attn_out"] = out["attn_resid"] - inputs  # derived: the o-projection output is unnamed
+    out.update(model)
+    return out
+
+
+def forward_in_process(path: str, tokens: list[int], *, stages: bool = True,
+                       n_threads: int | None = None) -> dict[str, np.ndarray]:
+    """Run both passes in this process (a llama.cpp abort kills the interpreter)."""
+    n_threads = n_threads or min(os.cpu_count() or 1, 4)
+    _capture_log()
+    res: dict[str, np.ndarray] = {"logits": _highlevel_logits(path, tokens, n_threads)}
+    if stages:
+        ll_logits, captured = _lowlevel(path, tokens, n_threads)
+        res["logits_lowlevel"] = ll_logits
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+        n_expert_used = int(fields["qwen3moe.expert_used_count"].contents())
+        head_dim = int(fields["qwen3moe.attention.key_length"].contents())
+        for stage, arr in map_stages(captured, len(tokens), n_expert_used, head_dim).items():
+            if stage != "logits":
+                res[stage] = arr
+        names: dict[str, list] = {}
+        for name, arr in captured:
+            names.setdefault(name, []).append(list(arr.shape))
+        res["_names"] = np.array(json.dumps(names))
+    return res
+
+
+def has_weight_suffix(path: str | Path) -> bool:
+    """Whether every tensor is named like a converted checkpoint (``blk.0.attn_q.weight``)."""
+    from gguf import GGUFReader
+
+    return all(t.name.endswith(".weight") for t in GGUFReader(str(path)).tensors)
+
+
+def copy_with_weight_suffix(src: str | Path, dst: str | Path) -> Path:
+    """Copy ``src`` to ``dst`` byte-for-byte in data, adding ``.weight`` to tensor names that lack it.
+
+    llama.cpp looks tensors up as ``<name>.weight``; a file whose tensors are
+    named ``blk.0.attn_q`` does not load.  Metadata is copied key by key with
+    its GGUF value type; tensor bytes (quantized blocks included) unchanged.
+    """
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(str(src))
+    arch = r.fields["general.architecture"].contents()
+    w = GGUFWriter(str(dst), arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub = f.types[1] if vtype == GGUFValueType.ARRAY and len(f.types) > 1 else None
+        w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+    for t in r.tensors:
+        name = t.name if t.name.endswith(".weight") else t.name + ".weight"
+        w.add_tensor(name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(dst)
+
+
+def llama_forward(path: str | Path, tokens, *, stages: bool = True, timeout: float = 300,
+                  n_threads: int | None = None) -> dict[str, np.ndarray]:
+    """llama.cpp's logits ``[T, V]`` and (``stages=True``) moesnap-named stages, computed in a child process.
+
+    Keys: ``logits`` (high-level API), ``logits_lowlevel`` (the cb_eval pass),
+    the stages of :data:`STAGE_MAP` stacked ``[L, T, ...]``, ``final_norm``,
+    and ``_names`` (JSON: every captured tensor name -> its numpy shapes).
+    """
+    tokens = [int(t) for t in tokens]
+    with tempfile.TemporaryDirectory(prefix="llama_dump_") as d:
+        out = Path(d) / "dump.npz"
+        cmd = [sys.executable, str(Path(__file__).resolve()), str(path), "--out", str(out),
+               "--tokens", ",".join(map(str, tokens))]
+        if not stages:
+            cmd.append("--no-stages")
+        if n_threads:
+            cmd += ["--threads", str(n_threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out.exists():
+            errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+            raise LlamaCrash(f"llama.cpp child exited {proc.returncode}: " + " | ".join(errors[:5])
+                             + f"\n--- stderr tail ---\n{proc.stderr[-3000:]}")
+        with np.load(out) as z:
+            return {k: z[k] for k in z.files}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--tokens", required=True, help="comma-separated token ids")
+    ap.add_argument("--out", required=True, help=".npz to write")
+    ap.add_argument("--no-stages", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--print-names", action="store_true")
+    a = ap.parse_args(argv)
+    tokens = [int(t) for t in a.tokens.split(",") if t]
+    try:
+        res = forward_in_process(a.model, tokens, stages=not a.no_stages, n_threads=a.threads)
+    except BaseException:
+        sys.stderr.write("".join(LOG[-40:]))
+        raise
+    if a.print_names and "_names" in res:
+        for name, shapes in json.loads(str(res["_names"])).items():
+            print(name, shapes)
+    np.savez(a.out, **res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
