@@ -144,17 +144,18 @@ def default_expert_path(device: torch.device | str, dtype: torch.dtype, cfg: Qwe
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention; ``q [Hq, T, D]``, ``k``/``v`` ``[Hkv, T, D]`` -> ``[Hq, T, D]``."""
     global _GQA_FLAG
-    if _GQA_FLAG is not False and q.shape[0] != k.shape[0]:
+    q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, heads, T, D]
+    if _GQA_FLAG is not False and q.shape[1] != k.shape[1]:
         try:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             _GQA_FLAG = True
-            return out
-        except TypeError:  # torch < 2.5
+            return out.squeeze(0)
+        except TypeError:  # torch < 2.5 has no enable_gqa
             _GQA_FLAG = False
-    rep = q.shape[0] // k.shape[0]
+    rep = q.shape[1] // k.shape[1]
     if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(0)
 
 
 # --------------------------------------------------------------------------- the model
