@@ -31,6 +31,11 @@ def read(path: Path) -> tuple[dict, dict]:
     return kv, tensors
 
 
+def weights(names: dict) -> dict:
+    """Real files (and llama.cpp) name every weight ``<name>.weight``."""
+    return {f"{name}.weight": value for name, value in names.items()}
+
+
 # ---------------------------------------------------------------- the bundled tiny model
 
 
@@ -98,12 +103,12 @@ def test_tiny_file_tensors():
             f"blk.{i}.ffn_up_exps": ((E, F, H), QT.Q8_0),
             f"blk.{i}.ffn_down_exps": ((E, H, F), down),
         }
-    assert tensors == expected
+    assert tensors == weights(expected)
 
 
 def test_tiny_weights_have_the_intended_scales():
     r = GGUFReader(tiny_path())
-    values = {t.name: dequantize(np.asarray(t.data), t.tensor_type) for t in r.tensors}
+    values = {t.name.removesuffix(".weight"): dequantize(np.asarray(t.data), t.tensor_type) for t in r.tensors}
     assert all(np.isfinite(v).all() for v in values.values())
     assert np.std(values["token_embd"]) == pytest.approx(1.0, rel=0.1)
     assert np.mean(values["blk.0.attn_norm"]) == pytest.approx(1.0, abs=0.05)
@@ -204,7 +209,7 @@ def test_preset_rejects_layer_counts_below_one(layers):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"expert_ff": 96}, "blk.0.ffn_down_exps: row length 96 is not a multiple of the Q6_K block size 256"),
+        ({"expert_ff": 96}, "blk.0.ffn_down_exps.weight: row length 96 is not a multiple of the Q6_K block size 256"),
         ({"n_head_kv": 3}, "n_head=4 is not a multiple of n_head_kv=3"),
         ({"n_expert_used": 9}, "n_expert_used=9 exceeds n_expert=8"),
         ({"vocab_size": 100}, "vocab_size=100"),
@@ -221,7 +226,7 @@ def test_invalid_specs_are_usage_errors(changes, message):
 def test_qwen3_30b_a3b_plan():
     spec = preset("qwen3-30b-a3b")
     assert (spec.n_layer, spec.rope_base, spec.context_length) == (48, 1e7, 262144)
-    plan = {t.name: (t.shape, t.qtype) for t in spec.tensors()}
+    plan = {t.name.removesuffix(".weight"): (t.shape, t.qtype) for t in spec.tensors()}
     assert len(plan) == 3 + 48 * 12
     assert plan["token_embd"] == ((151936, 2048), QT.Q4_K)
     assert plan["output"] == ((151936, 2048), QT.Q6_K)
@@ -286,7 +291,7 @@ def test_one_layer_qwen3_30b_a3b_file(tmp_path):
     assert len(r.fields["tokenizer.ggml.tokens"].data) == 151936
     tensors = {t.name: (tuple(int(n) for n in reversed(t.shape.tolist())), t.tensor_type) for t in r.tensors}
     assert tensors == {t.name: (t.shape, t.qtype) for t in spec.tensors()}
-    down = next(t for t in r.tensors if t.name == "blk.0.ffn_down_exps")
+    down = next(t for t in r.tensors if t.name == "blk.0.ffn_down_exps.weight")
     x = dequantize(np.asarray(down.data)[:2], down.tensor_type)  # two experts
     assert np.isfinite(x).all() and np.std(x) == pytest.approx(1 / np.sqrt(768), rel=0.05)
 

@@ -5,7 +5,8 @@ seed); :func:`make_model` streams it into a GGUF file that gguf-py, moesnap's
 loaders and llama.cpp all read like a converted Qwen3-MoE checkpoint:
 
 * architecture ``qwen3moe``, every hyper-parameter under the keys of
-  ``gguf.constants.Keys``, tensor names from ``gguf.constants.TENSOR_NAMES``;
+  ``gguf.constants.Keys``, tensor names from ``gguf.constants.TENSOR_NAMES``
+  plus ``.weight`` as in real files (``blk.0.ffn_down_exps.weight``);
 * a byte-level ``llama`` (SentencePiece) vocabulary: ids 0-2 are ``<unk>``,
   ``<s>``, ``</s>``; ids 3-258 are the bytes ``<0x00>``..``<0xFF>``; the rest
   are filler tokens ``tok_259``...;
@@ -14,11 +15,12 @@ loaders and llama.cpp all read like a converted Qwen3-MoE checkpoint:
   (projections ``1/sqrt(fan_in)``, embeddings 1, norms ``N(1, 0.1)``, router
   ``4/sqrt(hidden)`` so top-k choices do not nearly tie).
 
-Each tensor draws from its own generator seeded by ``(seed, crc32(name))``,
-so the same spec gives a byte-identical file, and layer ``i`` of a 1-layer
-file equals layer ``i`` of a 48-layer file.  Files are written tensor by
-tensor to a temporary file next to the target and renamed into place, so a
-crash never leaves a half-written model and memory stays at one tensor.
+Each tensor draws from its own generator seeded by ``(seed, crc32(name))``
+(the name without ``.weight``), so the same spec gives a byte-identical file,
+and layer ``i`` of a 1-layer file equals layer ``i`` of a 48-layer file.
+Files are written tensor by tensor to a temporary file next to the target and
+renamed into place, so a crash never leaves a half-written model and memory
+stays at one tensor.
 
 The bundled ``data/tiny.gguf`` is ``make_model(..., preset("tiny"))``;
 regenerate it with
@@ -61,6 +63,9 @@ QTYPE_KINDS: tuple[str, ...] = (
     "ffn_up_exps",
     "ffn_down_exps",
 )
+
+#: real files (convert_hf_to_gguf) and llama.cpp name every weight "<TENSOR_NAMES entry>.weight"
+WEIGHT_SUFFIX = ".weight"
 
 #: byte-level vocabulary layout
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -152,7 +157,7 @@ class SynthSpec:
 
 
 class SynthTensor(NamedTuple):
-    name: str  # GGUF tensor name, e.g. "blk.3.ffn_down_exps"
+    name: str  # GGUF tensor name, e.g. "blk.3.ffn_down_exps.weight"
     kind: str  # name without the "blk.N." prefix
     layer: int | None
     shape: tuple[int, ...]  # numpy (row-major) shape; ggml's ne is this reversed
@@ -189,7 +194,7 @@ _MODEL_TENSOR = {
 
 
 def _tensor(kind: str, layer: int | None, shape: tuple[int, ...], spec: SynthSpec) -> SynthTensor:
-    name = TENSOR_NAMES[_MODEL_TENSOR[kind]].format(bid=layer)
+    name = TENSOR_NAMES[_MODEL_TENSOR[kind]].format(bid=layer) + WEIGHT_SUFFIX
     return SynthTensor(name, kind, layer, shape, spec.qtype(kind, layer))
 
 
@@ -468,7 +473,7 @@ def _scale(t: SynthTensor, spec: SynthSpec) -> float:
 
 def tensor_data(t: SynthTensor, spec: SynthSpec) -> np.ndarray:
     """The bytes of tensor ``t``, uint8 of shape ``t.byte_shape`` (deterministic)."""
-    rng = np.random.default_rng([int(spec.seed), zlib.crc32(t.name.encode())])
+    rng = np.random.default_rng([int(spec.seed), zlib.crc32(t.name.removesuffix(WEIGHT_SUFFIX).encode())])
     if t.kind in _F32_KINDS:
         x = rng.standard_normal(t.shape, dtype=np.float32)
         if t.kind == "ffn_gate_inp":  # router: spread so top-k choices do not nearly tie
