@@ -48,19 +48,17 @@ ALIASES: dict[str, str] = {
     "moe_ffn_out": "moe_out",
     "post_ffn_residual": "layer_out",
     "lm_head": "logits",
-    # llama.cpp graph tensor names (eval-callback dumps)
-    "inp_embd": "embed",
-    "attn_norm": "attn_norm",
-    "Qcur": "q",
-    "Kcur": "k",
+    # llama.cpp graph tensor names (eval-callback dumps; ``Qcur``/``Kcur`` are left out on
+    # purpose: llama.cpp reuses them before and after RoPE)
+    "embd": "embed",
     "Vcur": "v",
     "Qcur_normed": "q_norm",
     "Kcur_normed": "k_norm",
     "kqv_out": "attn",
     "ffn_inp": "attn_resid",
-    "ffn_norm": "ffn_norm",
     "ffn_moe_logits": "router_logits",
     "ffn_moe_weights_norm": "topk_weights",
+    "ffn_moe_down": "expert_out",
     "ffn_moe_out": "moe_out",
     "l_out": "layer_out",
     "result_norm": "final_norm",

@@ -118,7 +118,7 @@ class GGUFModel:
     # -- inspection ---------------------------------------------------------
     def qtypes(self) -> dict[str, str]:
         """Quant type name of every tensor, e.g. {'blk.0.ffn_down_exps': 'Q6_K'}."""
-        return {name: t.tensor_type.name for name, t in self.file.tensors.items()}
+        return {name.removesuffix(".weight"): t.tensor_type.name for name, t in self.file.tensors.items()}
 
     def raw(self, name: str) -> tuple[GGMLQuantizationType, np.ndarray]:
         """(type, data as stored): uint8 blocks for quantized types, typed array otherwise."""
