@@ -310,6 +310,16 @@ def test_replay_input_replaces_the_predecessor(model, tokens, cand32):
 def test_forward_layer_rejects_bad_layer(model):
     with pytest.raises(UsageError, match="layer=4 is out of range: the model has 4 layers"):
         CandidateModel(model).forward_layer(4, torch.zeros(2, model.config.hidden))
+    with pytest.raises(UsageError, match=r"layer 1 input has shape \[2, 3\], expected \[T, 64\]"):
+        CandidateModel(model).forward_layer(1, torch.zeros(2, 3))
+
+
+def test_forward_rejects_bad_layer_inputs(model, tokens):
+    H = model.config.hidden
+    with pytest.raises(UsageError, match="layer=7 is out of range"):
+        CandidateModel(model).forward(tokens, layer_inputs={7: torch.zeros(len(tokens), H)})
+    with pytest.raises(UsageError, match=r"layer_inputs\[1\] has shape \[3, 64\]"):
+        CandidateModel(model).forward(tokens, layer_inputs={1: torch.zeros(3, H)})
 
 
 # --------------------------------------------------------------------------- GPU

@@ -112,9 +112,9 @@ def grouped_mm_works(device: torch.device | str, dtype: torch.dtype, k: int, m: 
     and agrees with one matmul per group.
 
     Probed once per (device, dtype, k, m) on random data with uneven groups and
-    a row slice that starts mid-buffer, as the expert path uses it.  The CPU
-    build of torch 2.13 supports float32/bfloat16/float16; on the H200 it is
-    known to work for bfloat16 (FINDINGS.md), other dtypes are decided here.
+    a row slice that starts mid-buffer, as the expert path uses it.  Seen
+    passing: torch 2.13 CPU and torch 2.11 on the H200, each in float32,
+    bfloat16 and float16.
     """
     device = torch.device(device)
     key = (str(device), dtype, k, m)
@@ -405,7 +405,10 @@ class CandidateModel:
         rec = rec or NullRecorder()
         if not 0 <= i < self.cfg.n_layer:
             raise UsageError(f"layer={i} is out of range: the model has {self.cfg.n_layer} layers")
-        x = torch.as_tensor(x).to(self.device, self.dtype)
+        x = torch.as_tensor(x)
+        if x.dim() != 2 or x.shape[1] != self.cfg.hidden or x.shape[0] == 0:
+            raise UsageError(f"layer {i} input has shape {list(x.shape)}, expected [T, {self.cfg.hidden}]")
+        x = x.to(self.device, self.dtype)
         self._check_tokens_for_injections(x.shape[0])
         w = self._dense(i)
         h = self._emit("attn_norm", i, self._norm(x, w.attn_norm), rec)
@@ -429,6 +432,9 @@ class CandidateModel:
         """
         rec = rec or NullRecorder()
         cfg = self.cfg
+        bad = sorted(set(layer_inputs or ()) - set(range(cfg.n_layer)))
+        if bad:
+            raise UsageError(f"layer_inputs: layer={bad[0]} is out of range: the model has {cfg.n_layer} layers")
         ids = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens).astype(np.int64).reshape(-1)
         self.model.check_tokens(ids)
         self._check_tokens_for_injections(len(ids))
@@ -441,6 +447,8 @@ class CandidateModel:
         for i in range(cfg.n_layer):
             if layer_inputs is not None and i in layer_inputs:
                 x = torch.as_tensor(layer_inputs[i])
+                if x.dim() != 2 or x.shape[0] != len(ids):
+                    raise UsageError(f"layer_inputs[{i}] has shape {list(x.shape)}, expected [{len(ids)}, {cfg.hidden}]")
             x = self.forward_layer(i, x, rec)
             if progress is not None:
                 progress(i + 1, cfg.n_layer)
