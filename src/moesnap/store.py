@@ -841,6 +841,16 @@ async def _collect(agen) -> list:
     return [x async for x in agen]
 
 
+async def _upload(store, items: list) -> None:
+    """Set every (key, buffer) concurrently; wait for all of them, then raise the first failure."""
+    import asyncio
+
+    results = await asyncio.gather(*(store.set(k, b) for k, b in items), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
 def _close_fs(fs) -> None:
     """Close the aiohttp session of an asynchronous s3fs instance (s3fs leaves that to its owner)."""
     creator = getattr(fs, "_s3creator", None)
@@ -919,9 +929,14 @@ class RemoteGoldenStore(ZarrGoldenStore):
 
     def _check(self) -> None:
         bucket = self.path.split("/", 1)[0]
-        with self._errors(self.url):
-            if not _sync(self.fs._exists(bucket)):
-                raise GoldenError(f"{self.url}: no such bucket {bucket!r}")
+        try:
+            _sync(self.fs._call_s3("head_bucket", Bucket=bucket))
+        except FileNotFoundError:
+            raise GoldenError(f"{self.url}: no such bucket {bucket!r}") from None
+        except PermissionError as e:
+            raise GoldenError(f"{self.url}: access denied ({_one_line(e)})") from None
+        except Exception as e:   # unreachable endpoint, timeouts: say so, not "no such bucket"
+            raise GoldenError(f"{self.url}: S3 storage error ({_one_line(e)})") from None
 
     def suites(self) -> list[str]:
         self._check()
@@ -932,7 +947,7 @@ class RemoteGoldenStore(ZarrGoldenStore):
 
     def versions(self, suite: str) -> list[str]:
         validate_suite(suite)
-        names = [v for v in self._version_names(suite) if self._exists(f"{suite}/{v}/{MARKER}")]
+        names = [v for v in self._version_names(suite) if self._get_bytes(f"{suite}/{v}/{MARKER}") is not None]
         return sorted(names, key=version_number)
 
     def begin(self, suite: str) -> VersionWriter:
@@ -951,7 +966,7 @@ class RemoteGoldenStore(ZarrGoldenStore):
         out = []
         now = time.time()
         for v in self._version_names(suite):
-            if self._exists(f"{suite}/{v}/{MARKER}"):
+            if self._get_bytes(f"{suite}/{v}/{MARKER}") is not None:
                 continue
             with self._errors(self.where(suite, v)):
                 infos = _sync(self.fs._find(self._key(f"{suite}/{v}"), detail=True))
@@ -965,10 +980,13 @@ class RemoteGoldenStore(ZarrGoldenStore):
 
     def _remove_leftover(self, suite: str, leftover: Leftover) -> bool:
         with self._errors(self.where(suite, leftover.name)):
-            if _sync(self._root.exists(f"{suite}/{leftover.name}/{MARKER}")):
+            if self._get_bytes(f"{suite}/{leftover.name}/{MARKER}") is not None:
                 return False
             _sync(self._root.delete_dir(f"{suite}/{leftover.name}"))
         return True
+
+
+_UPLOAD_BATCH = 64   # objects in flight at once when uploading a case
 
 
 class _RemoteWriter(VersionWriter):
@@ -997,10 +1015,27 @@ class _RemoteWriter(VersionWriter):
         self._delay = _test_delay("MOESNAP_TEST_SLOW_WRITE")
 
     def _write_case(self, name: str, case: Case) -> dict[str, str]:
+        """Build the case group in memory, then upload its objects concurrently.
+
+        Object stores answer each request slowly; zarr writing straight to S3
+        would make a few existence checks per array, one after the other.
+        """
+        import zarr
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.storage import MemoryStore
+
         st: RemoteGoldenStore = self.store  # type: ignore[assignment]
         with st._errors(f"{st.where(self.suite, self.version)}/{name}"):
-            g = self.group.create_group(name)
-            return write_case(_SlowGroup(g, self._delay) if self._delay else g, case)
+            mem = MemoryStore()
+            g = zarr.create_group(mem, zarr_format=3)
+            sums = write_case(_SlowGroup(g, self._delay) if self._delay else g, case)
+            keys = sorted(_sync(_collect(mem.list())))
+            proto = default_buffer_prototype()
+            for i in range(0, len(keys), _UPLOAD_BATCH):
+                batch = keys[i:i + _UPLOAD_BATCH]
+                bufs = [_sync(mem.get(k, prototype=proto)) for k in batch]
+                _sync(_upload(self.zstore, [(f"{name}/{k}", b) for k, b in zip(batch, bufs)]))
+            return sums
 
     def _publish(self, meta: dict[str, Any]) -> str:
         st: RemoteGoldenStore = self.store  # type: ignore[assignment]
