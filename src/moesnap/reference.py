@@ -32,10 +32,11 @@ from .weights import GGUFModel, LayerWeights
 
 LM_HEAD_CHUNK = 16384  # vocab rows dequantized at a time for the lm head
 # Threads that dequantize experts ahead of the (serial) expert maths; results arrive in order.
-_POOL = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 1))), thread_name_prefix="moesnap-dequant")
+DEQUANT_THREADS = max(1, min(16, os.cpu_count() or 1))
+_POOL = ThreadPoolExecutor(max_workers=DEQUANT_THREADS, thread_name_prefix="moesnap-dequant")
 
 
-def _prefetch(fn, items: list, depth: int = 8):
+def _prefetch(fn, items: list, depth: int = 2 * DEQUANT_THREADS):
     """``map(fn, items)`` computed on the pool, at most ``depth`` results ahead (bounds memory)."""
     pending = [_POOL.submit(fn, it) for it in items[:depth]]
     for i in range(len(items)):
@@ -187,6 +188,7 @@ class Transformer(nn.Module):
             block = Block(cfg, self.model.layer(i, dtype))
             x = block(x, cos, sin, i, rec)
             del block
+            self.model.release_layer(i)
             if progress is not None:
                 progress(i + 1, cfg.n_layer)
         x = RMSNorm(self.model.dense("output_norm", dtype), cfg.rms_eps)(x)

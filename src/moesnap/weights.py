@@ -167,6 +167,11 @@ class GGUFModel:
             experts=ExpertBank(self, i, dtype),
         )
 
+    def release_layer(self, i: int) -> None:
+        """Drop layer ``i``'s mapped pages from this process, so resident memory does not grow with depth."""
+        for name in LAYER_TENSORS:
+            self.file.release(self.file.tensor(f"blk.{i}.{name}"))
+
     def check_tokens(self, tokens: Any) -> None:
         ids = np.asarray(tokens)
         if ids.size == 0:
