@@ -61,3 +61,36 @@ def heavy(session: nox.Session) -> None:
     """Full-size qwen3-30b-a3b (48 layers): goldens on the CPU, check on CUDA in float32 and bfloat16 (current env)."""
     _cuda(session)
     session.run("python", "-m", "moesnap.sessions", "heavy", *session.posargs)
+
+
+# The committed goldens of the bundled tiny model (goldens/tiny): two prompts and a token-id case.
+TINY_GOLDENS = ["--prompt", "The quick brown fox", "--prompt", "def main():\n    return 0",
+                "--tokens", "1,2,3,259,260,271,42,7"]
+
+
+@nox.session(default=False)
+def goldens(session: nox.Session) -> None:
+    """Regenerate the committed tiny goldens as a new version, diff it against the previous one, keep the last two."""
+    from pathlib import Path
+
+    _install(session)
+    suite = Path("goldens/tiny")
+    previous = max((p.name for p in suite.glob("v*") if (p / "published.json").is_file()), default=None)
+    out = session.run("moesnap", "-q", "goldens", "generate", "src/moesnap/data/tiny.gguf", "--suite", "tiny",
+                      "--store", "goldens", *TINY_GOLDENS, *session.posargs, silent=True)
+    new = out.strip().splitlines()[-1]
+    session.log(f"generated {new}")
+    if previous is not None:   # exit 1 means "some stages changed": reported, not a failure
+        session.run("moesnap", "-q", "goldens", "diff", f"tiny@{previous}", new, "--store", "goldens",
+                    success_codes=[0, 1])
+    session.run("moesnap", "-q", "goldens", "prune", "tiny", "--keep", "2", "--store", "goldens")
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Every benchmarks/bench_*.py; each prints its figures as ratios to a baseline measured in the same run."""
+    from pathlib import Path
+
+    _install(session)
+    for script in sorted(Path("benchmarks").glob("bench_*.py")):
+        session.run("python", str(script), *session.posargs, env={"MOESNAP_NO_PROGRESS": "1"})
