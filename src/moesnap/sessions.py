@@ -54,6 +54,8 @@ def run_step(name: str, argv: list[str], log: list[dict], expect: tuple[int, ...
         rec = {"argv": argv, "rc": proc.returncode}
     rec["name"] = name
     log.append(rec)
+    if os.environ.get("MOESNAP_SESSION_LOG"):
+        Path(os.environ["MOESNAP_SESSION_LOG"]).write_text(json.dumps(log, indent=1))
     print(f"[{name}] rc={rec['rc']} wall={rec.get('wall_s')} s peak host={rec.get('peak_host_gib')} GiB "
           f"peak GPU={rec.get('peak_gpu_gib')} GiB", flush=True)
     if rec["rc"] not in expect:
@@ -73,23 +75,21 @@ def read_floor(paths: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
-def check_gpu(out: Path, store: str) -> list[dict]:
-    log: list[dict] = []
+def check_gpu(out: Path, store: str, device: str, log: list[dict]) -> list[dict]:
     for dtype in ("float32", "bfloat16"):
         run_step(f"check tiny {dtype}", ["-q", "check", str(TINY), "--suite", "tiny", "--store", store,
-                                         "--device", "cuda", "--dtype", dtype, "--replay",
+                                         "--device", device, "--dtype", dtype, "--replay",
                                          "--json", str(out / f"check_tiny_{dtype}.json"),
                                          "--html", str(out / f"check_tiny_{dtype}.html")], log, expect=(0, 1))
     for spec in ("nan:layer=2,expert=3", "qtype:layer=1,tensor=ffn_down_exps,as=q4_k",
                  "scale:layer=2,stage=attn_out,factor=1.05"):
         tag = spec.split(":")[0]
-        run_step(f"inject {tag}", ["-q", "check", str(TINY), "--suite", "tiny", "--store", store, "--device", "cuda",
+        run_step(f"inject {tag}", ["-q", "check", str(TINY), "--suite", "tiny", "--store", store, "--device", device,
                                    "--inject", spec, "--json", str(out / f"inject_{tag}.json")], log, expect=(1,))
     return log
 
 
-def heavy(out: Path, work: Path, layers: int) -> list[dict]:
-    log: list[dict] = []
+def heavy(out: Path, work: Path, layers: int, device: str, log: list[dict]) -> list[dict]:
     model = work / f"qwen3-30b-a3b-{layers}l.gguf"
     store = work / "goldens"
     if not model.exists():
@@ -101,8 +101,8 @@ def heavy(out: Path, work: Path, layers: int) -> list[dict]:
     log.append({"name": "I/O floor (read model + goldens)", "wall_s": round(floor, 2)})
     print(f"[I/O floor] {floor:.2f} s to read {model.stat().st_size / 2**30:.1f} GiB model + goldens", flush=True)
     for dtype in ("float32", "bfloat16"):
-        run_step(f"check cuda {dtype}", ["-q", "check", str(model), "--suite", "heavy", "--store", str(store),
-                                         "--device", "cuda", "--dtype", dtype,
+        run_step(f"check {device} {dtype}", ["-q", "check", str(model), "--suite", "heavy", "--store", str(store),
+                                         "--device", device, "--dtype", dtype,
                                          "--json", str(out / f"heavy_{dtype}.json"),
                                          "--html", str(out / f"heavy_{dtype}.html")], log, expect=(0, 1))
     return log
@@ -118,23 +118,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="where the full-size model and its goldens are made (heavy)")
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--store", default=str(ROOT / "goldens"))
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu only for a dry run of the session")
     a = p.parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("skipped: no CUDA")
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MOESNAP_NO_PROGRESS", "1")
-    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {os.cpu_count()} CPU cores", flush=True)
-    if a.session == "check_gpu":
-        log = check_gpu(out, a.store)
-    else:
-        work = Path(a.work or tempfile.mkdtemp(prefix="moesnap-heavy-"))
-        work.mkdir(parents=True, exist_ok=True)
-        log = heavy(out, work, a.layers)
-    (out / f"{a.session}_summary.json").write_text(json.dumps(log, indent=1))
+    name = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
+    print(f"device: {name}, torch {torch.__version__}, {os.cpu_count()} CPU cores", flush=True)
+    log: list[dict] = [{"name": "machine", "device": name, "torch": torch.__version__, "cpus": os.cpu_count()}]
+    summary = out / f"{a.session}_summary.json"
+    os.environ["MOESNAP_SESSION_LOG"] = str(summary)
+    try:
+        if a.session == "check_gpu":
+            check_gpu(out, a.store, a.device, log)
+        else:
+            work = Path(a.work or tempfile.mkdtemp(prefix="moesnap-heavy-"))
+            work.mkdir(parents=True, exist_ok=True)
+            heavy(out, work, a.layers, a.device, log)
+    finally:
+        summary.write_text(json.dumps(log, indent=1))
     print(json.dumps(log, indent=1))
     return 0
 
