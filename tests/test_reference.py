@@ -111,3 +111,17 @@ def test_mixed_quant_types_are_all_read(tiny):
     downs = {q[f"blk.{i}.ffn_down_exps"] for i in range(tiny.config.n_layer)}
     assert {"Q4_K", "Q6_K"} <= downs
     assert run_reference(tiny, TOKENS).isfinite().all()
+
+
+def test_fast_dequant_path_is_identical_to_gguf_py(tiny):
+    from gguf import quants
+
+    for name in ("blk.0.ffn_down_exps", "blk.1.ffn_down_exps", "blk.0.ffn_gate_exps", "blk.2.attn_q", "output"):
+        t = tiny.file.tensor(name)
+        if t.data.ndim == 3:
+            got = tiny.expert_matrix(int(name.split(".")[1]), name.split(".")[2], 5)
+            want = quants.dequantize(np.asarray(t.data[5]), t.tensor_type)
+        else:
+            got = tiny.dense(name).numpy()
+            want = quants.dequantize(np.asarray(t.data), t.tensor_type)
+        assert got.tobytes() == np.ascontiguousarray(want, dtype=np.float32).tobytes(), name

@@ -239,6 +239,7 @@ class CandidateModel:
         if self.resident:
             t = t.to(self.device)
             self._bytes[name] = t
+            self.model.file.release(self.model.file.tensor(name))  # the host copy is no longer needed
         return qtype, t
 
     def upload(self) -> None:

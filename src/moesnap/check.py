@@ -82,7 +82,8 @@ def run_check(model: GGUFModel, goldens: Sequence[tuple[str, Case]], *, device: 
             bar = LayerProgress(f"replay {name}", enabled=show_progress)
             rcase = _replay_case(cand, golden, free, progress=bar)
             bar.close()
-            replays.append(compare_cases(golden, rcase, tols, dtype=dname, name=name, allow_missing=True))
+            replays.append(compare_cases(golden, rcase, tols, dtype=dname, name=name, allow_missing=True,
+                                         propagate=False))
     notes = [f"injected fault: {inj}" for inj in injections]
     notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}")
     return Report(cases=cases, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})", dtype=dname,

@@ -19,6 +19,8 @@ put in expert-id order on both sides before they are compared.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -86,15 +88,24 @@ def check_same_tokens(golden: Case, candidate: Case, *, where: str) -> None:
         )
 
 
+_POOL = ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1)), thread_name_prefix="moesnap-classify")
+
+
 def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: str = "case",
-                  allow_missing: bool = False, layers: Iterable[int] | None = None) -> CaseReport:
+                  allow_missing: bool = False, layers: Iterable[int] | None = None,
+                  propagate: bool = True) -> CaseReport:
     """Judge every stage of ``candidate`` against ``golden``.
 
     ``allow_missing``: stages the candidate does not have at all (an engine
     that dumps only a few stages) are skipped instead of reported ``MISSING``.
+    ``propagate=False`` (replay, where every layer gets the golden input): a
+    near-tie flip excuses its token in the rest of its own layer only.
+    Stages are classified concurrently (numpy releases the GIL); results keep
+    computation order.
     """
     check_same_tokens(golden, candidate, where=name)
     rep = CaseReport(case=name, dtype=dtype)
+    pending: list = []  # StageResult or (name, layer, stage, Future)
     T = int(golden.tokens.shape[0])
     n_layer = golden.n_layer
 
@@ -104,8 +115,8 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     def judge(stage: str, layer: int | None, g, c, exclude=()) -> None:
         if c is None and allow_missing and not has(stage, layer):
             return
-        res = classify(g, c, tols.for_stage(stage, dtype), exclude_tokens=exclude)
-        rep.results.append(StageResult(name, layer, stage, res))
+        fut = _POOL.submit(classify, g, c, tols.for_stage(stage, dtype), exclude_tokens=exclude)
+        pending.append((name, layer, stage, fut))
 
     def judge_routing(layer: int, g, c, earlier: tuple[int, ...]) -> tuple[int, ...]:
         """Judge topk_ids as sets; return the tokens newly flipped at a near tie."""
@@ -113,6 +124,11 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
         if g is None or c is None or logits is None:
             judge("topk_ids", layer, g, c, earlier)
             return ()
+        if earlier and g.shape == c.shape and g.ndim == 2:
+            # tokens already excused by an earlier flip may route differently: do not judge them again
+            c = c.copy()
+            idx = np.asarray(earlier)
+            c[idx[idx < c.shape[0]]] = g[idx[idx < g.shape[0]]]
         rres = classify_routing(g, c, logits, tols.tie_tol(dtype))
         metrics = None
         if g.shape == c.shape:  # exact set comparison of the sorted ids, for the metrics
@@ -128,7 +144,7 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
                     f"later stages of layer {layer} are judged without them, "
                     f"later layers without tokens >= {min(new)}")
             res = Result(res.verdict, res.metrics, res.detail, res.flipped_tokens, earlier)
-        rep.results.append(StageResult(name, layer, "topk_ids", res))
+        pending.append(StageResult(name, layer, "topk_ids", res))
         return new
 
     judge("embed", None, _pick(golden, "embed", None), _pick(candidate, "embed", None))
@@ -154,12 +170,15 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
                 else:
                     g, c = align_topk_weights(gi, g, ci, c)
             judge(stage, layer, g, c, exclude)
-        if flipped_here:
+        if flipped_here and propagate:
             first = min(flipped_here)
             inherited = first if inherited is None else min(inherited, first)
     tail = tuple(range(inherited, T)) if inherited is not None else ()
     judge("final_norm", None, _pick(golden, "final_norm", None), _pick(candidate, "final_norm", None), tail)
     judge("logits", None, _pick(golden, "logits", None), _pick(candidate, "logits", None), tail)
+    for item in pending:
+        rep.results.append(item if isinstance(item, StageResult)
+                           else StageResult(item[0], item[1], item[2], item[3].result()))
     return rep
 
 
