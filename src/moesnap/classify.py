@@ -187,46 +187,76 @@ def _pow2_above(m: float) -> int:
     return math.frexp(m)[1]
 
 
-def _scaled(x: np.ndarray) -> tuple[np.ndarray, int]:
-    """(x / 2**e, e), exact but for subnormal results, with max |x / 2**e| < 1."""
-    m = float(np.max(np.abs(x))) if x.size else 0.0
-    if m == 0.0 or not math.isfinite(m):
-        return x, 0
-    e = _pow2_above(m)
-    return np.ldexp(x, -e), e
+def _times_pow2(x: np.ndarray, k: int) -> np.ndarray:
+    """x * 2**k, rounded once (a plain multiply while 2**k is a float64)."""
+    if -1074 <= k <= 1023:
+        return x * math.ldexp(1.0, k)
+    return np.ldexp(x, k)
 
 
-def _sumsq(x: np.ndarray) -> tuple[float, int]:
-    """(s, e) with sum(x**2) == s * 4**e; s is 0, inf (x holds inf), or in [0.25, n]."""
-    xs, e = _scaled(x)
-    return float(np.dot(xs, xs)), e
+def _absmax(x: np.ndarray) -> float:
+    return max(float(x.max()), -float(x.min())) if x.size else 0.0
 
 
-def _cosine(g: np.ndarray, c: np.ndarray) -> float:
-    gs, _ = _scaled(g)
-    cs, _ = _scaled(c)
-    sg, sc = float(np.dot(gs, gs)), float(np.dot(cs, cs))
-    if sg == 0.0 and sc == 0.0:
-        return 1.0
-    if sg == 0.0 or sc == 0.0:
-        return 0.0
-    if np.array_equal(g, c):
-        return 1.0
-    return min(1.0, max(-1.0, float(np.dot(gs, cs)) / math.sqrt(sg * sc)))
+def _normalised(x: np.ndarray, xmax: float) -> tuple[np.ndarray, float, int]:
+    """(x / 2**e, sum((x / 2**e)**2), e) with 2**e just above xmax = max|x| > 0.
+
+    The sum lies in [0.25, n]: no overflow, and an element whose square
+    underflows is below 2**-1022 of the largest square, so negligible."""
+    e = _pow2_above(xmax)
+    xn = _times_pow2(x, -e)
+    return xn, float(np.dot(xn, xn)), e
 
 
-def _rel_l2(d: np.ndarray, g: np.ndarray) -> tuple[float, float]:
-    """(rel_l2, nmse) = (|d| / |g|, |d|**2 / |g|**2) via scaled sums of squares."""
-    sd, ed = _sumsq(d)
-    sg, eg = _sumsq(g)
+def _float_metrics(gs: np.ndarray, cs: np.ndarray, d: np.ndarray, abs_g: np.ndarray
+                   ) -> tuple[float, float, float, float, float, float]:
+    """(cosine, rel_l2, nmse, max_abs, mean_abs, max_rel) of finite, non-empty
+    gs, cs with d = |cs - gs| and abs_g = |gs|."""
+    gmax, cmax = float(abs_g.max()), _absmax(cs)
+    max_abs = float(d.max())
+    if gmax == 0.0 and cmax == 0.0:
+        return 1.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    if gmax == 0.0:                          # g all zero, c not: d == |c|
+        return 0.0, math.inf, math.inf, max_abs, _scaled_mean(d, max_abs), math.inf
+    g_n, sg, eg = _normalised(gs, gmax)
+    if cmax == 0.0:
+        cosine = 0.0
+    elif max_abs == 0.0:
+        cosine = 1.0
+    else:
+        c_n, sc, _ = _normalised(cs, cmax)
+        cosine = min(1.0, max(-1.0, float(np.dot(g_n, c_n)) / math.sqrt(sg * sc)))
+    rel = d / abs_g
+    if max_abs == 0.0:
+        sd, ed, mean_abs = 0.0, 0, 0.0
+    elif math.isfinite(max_abs):
+        _, sd, ed = _normalised(d, max_abs)
+        mean_abs = _scaled_mean(d, max_abs)
+    else:
+        # |c - g| overflowed float64 somewhere: take the difference at one
+        # joint power-of-two scale, where it is at most 2.
+        e = _pow2_above(max(gmax, cmax))
+        g_s = _times_pow2(gs, -e)
+        ds = np.abs(_times_pow2(cs, -e) - g_s)
+        sd, ed = float(np.dot(ds, ds)), e
+        mean_abs = float(np.ldexp(np.mean(ds), e))
+        over = np.isinf(d)
+        rel[over] = ds[over] / np.abs(g_s[over])
     if sd == 0.0:
-        return 0.0, 0.0
-    if sg == 0.0 or math.isinf(sd):
-        return math.inf, math.inf
-    with np.errstate(over="ignore", under="ignore"):
-        rel = float(np.ldexp(math.sqrt(sd) / math.sqrt(sg), ed - eg))
+        rel_l2 = nmse = 0.0
+    else:
+        rel_l2 = float(np.ldexp(math.sqrt(sd) / math.sqrt(sg), ed - eg))
         nmse = float(np.ldexp(sd / sg, 2 * (ed - eg)))
-    return rel, nmse
+    max_rel = float(np.fmax.reduce(rel))     # fmax skips the NaN of 0/0 (c == g == 0)
+    return cosine, rel_l2, nmse, max_abs, mean_abs, 0.0 if math.isnan(max_rel) else max_rel
+
+
+def _scaled_mean(x: np.ndarray, xmax: float) -> float:
+    """Mean of non-negative x (max xmax, finite) without overflow in the sum."""
+    if xmax == 0.0:
+        return 0.0
+    e = _pow2_above(xmax)
+    return float(np.ldexp(np.mean(_times_pow2(x, -e)), e))
 
 
 # ---------------------------------------------------------------- classify
@@ -302,9 +332,14 @@ def classify(
 
     g = golden.astype(np.float64, copy=False).reshape(-1)
     c = candidate.astype(np.float64, copy=False).reshape(-1)
-    g_nan, c_nan = np.isnan(g), np.isnan(c)
-    g_inf, c_inf = np.isinf(g), np.isinf(c)
-    nonfinite = g_nan | c_nan | g_inf | c_inf
+    finite = np.isfinite(g)
+    finite &= np.isfinite(c)
+    if finite.all():
+        nonfinite = None
+        counts = (0, 0, 0, 0)
+    else:
+        nonfinite = ~finite
+        counts = tuple(int(f(a).sum()) for a in (g, c) for f in (np.isnan, np.isinf))
 
     if excluded:
         keep = np.ones(shape[axis], dtype=bool)
@@ -313,68 +348,60 @@ def classify(
         view[axis] = shape[axis]
         judged = np.broadcast_to(keep.reshape(view), shape).reshape(-1)
         n = int(judged.sum())
-        sel = judged & ~nonfinite
+        sel = judged if nonfinite is None else judged & finite
     else:
         judged = None
         n = g.size
-        sel = ~nonfinite
-    all_sel = bool(sel.all())
-    gs, cs = (g, c) if all_sel else (g[sel], c[sel])
+        sel = None if nonfinite is None else finite
+    gs, cs = (g, c) if sel is None else (g[sel], c[sel])
     m = gs.size
+    n_nonfinite_judged = 0
+    if nonfinite is not None:
+        n_nonfinite_judged = int(nonfinite.sum() if judged is None else (nonfinite & judged).sum())
 
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        d = np.abs(cs - gs)     # correctly rounded; +inf only past the float64 range
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        d = cs - gs
+        np.abs(d, out=d)        # correctly rounded; +inf only past the float64 range
+        abs_g = np.abs(gs)
         if exact:
             gi, ci = golden.reshape(-1), candidate.reshape(-1)
-            outside = gi != ci if all_sel else gi[sel] != ci[sel]
+            outside = gi != ci if sel is None else gi[sel] != ci[sel]
         else:
-            outside = d > tol.atol + tol.rtol * np.abs(gs)
-        n_nonfinite_judged = int(nonfinite.sum() if judged is None else (nonfinite & judged).sum())
+            thr = abs_g * tol.rtol
+            thr += tol.atol
+            outside = d > thr
         n_outside = int(outside.sum()) + n_nonfinite_judged
-
-        if m == 0:
+        if m:
+            cosine, rel_l2, nmse, max_abs, mean_abs, max_rel = _float_metrics(gs, cs, d, abs_g)
+        else:
             value = 1.0 if n == 0 else math.nan
             zero = 0.0 if n == 0 else math.nan
             cosine, rel_l2, nmse, max_abs, mean_abs, max_rel = value, zero, zero, zero, zero, zero
-        else:
-            # Sums go through one power-of-two scale for both sides:
-            # |c_s - g_s| <= 2 cannot overflow, and for float32-or-narrower
-            # inputs nothing becomes subnormal, so the scaling is exact.
-            top = max(float(np.max(np.abs(gs))), float(np.max(np.abs(cs))))
-            e = _pow2_above(top) if top > 0 else 0
-            g_s = np.ldexp(gs, -e)
-            ds = np.abs(np.ldexp(cs, -e) - g_s)
-            cosine = _cosine(gs, cs)
-            rel_l2, nmse = _rel_l2(ds, g_s)
-            max_abs = float(d.max())
-            mean_abs = float(np.ldexp(np.mean(ds), e))
-            rel = d / np.abs(gs)
-            overflow = np.isinf(d)
-            if overflow.any():
-                rel[overflow] = ds[overflow] / np.abs(g_s[overflow])
-            rel[d == 0] = 0.0
-            max_rel = float(rel.max())
 
-    bad = nonfinite.copy()
-    if all_sel:
-        bad |= outside
+    if n_outside == 0 and nonfinite is None:
+        bad_tok = np.zeros(0, dtype=np.int64)
     else:
-        bad[sel] = outside
-    bad_tok = _tokens_of(bad, shape, axis)
+        bad = np.zeros(g.size, dtype=bool) if nonfinite is None else nonfinite.copy()
+        if sel is None:
+            bad |= outside
+        else:
+            bad[sel] = outside
+        bad_tok = _tokens_of(bad, shape, axis)
 
     worst: tuple[int, ...] | None = None
-    if nonfinite.any():
+    if nonfinite is not None:
         worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(nonfinite)), shape))
     elif m and max_abs > 0:
         k = int(np.argmax(d))
-        flat = k if all_sel else int(np.flatnonzero(sel)[k])
+        flat = k if sel is None else int(np.flatnonzero(sel)[k])
         worst = tuple(int(i) for i in np.unravel_index(flat, shape))
 
+    nan_golden, inf_golden, nan_candidate, inf_candidate = counts
     metrics = Metrics(
         n=n, cosine=cosine, rel_l2=rel_l2, nmse=nmse, max_abs=max_abs, mean_abs=mean_abs,
         max_rel=max_rel, frac_outside=n_outside / n if n else 0.0, n_outside=n_outside,
-        nan_golden=int(g_nan.sum()), nan_candidate=int(c_nan.sum()),
-        inf_golden=int(g_inf.sum()), inf_candidate=int(c_inf.sum()),
+        nan_golden=nan_golden, nan_candidate=nan_candidate,
+        inf_golden=inf_golden, inf_candidate=inf_candidate,
         worst_index=worst,
         first_bad_token=int(bad_tok[0]) if bad_tok.size else None,
         bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]),
