@@ -12,18 +12,18 @@ Inputs
 
 Arithmetic
     Every metric is computed in float64.  Conversion of float16, bfloat16
-    (via float32) and float32 to float64 is exact, so results are identical
-    for inputs that hold the same values whatever their dtype.  Sums of
-    squares are taken after dividing by a power of two at least the largest
-    magnitude (exact), so 1e38 (or 1e300 in float64) does not overflow and
-    subnormals do not underflow into a wrong cosine; as a consequence the
-    metrics are exactly equivariant under scaling both sides by a power of
-    two.  ``|c - g|`` is the correctly rounded float64 difference (+inf only
-    for float64 inputs whose difference exceeds the float64 range, which is
-    then rightly outside); it gives the tolerance test, ``max_abs`` and the
-    worst element.  Norms and means use the difference of the scaled sides,
-    so ``rel_l2`` of [1e308, -1e308] against its negation is 2: only a metric
-    whose true value exceeds the float64 range is +inf.
+    (via float32) and float32 to float64 is exact, so inputs that hold the
+    same values give identical results whatever their dtype.  ``|c - g|`` is
+    the correctly rounded float64 difference; it gives the tolerance test,
+    ``max_abs`` and the worst element (+inf only for float64 inputs whose
+    difference exceeds the float64 range: rightly outside).  Sums of squares
+    are taken after dividing each vector by a power of two just above its
+    largest magnitude (exact), so 1e38 (or 1e300 in float64) cannot overflow
+    and subnormals cannot underflow into a wrong cosine; the metrics are
+    therefore exactly equivariant under scaling both sides by a power of two.
+    Where ``|c - g|`` overflowed, norms and ratios use the difference of the
+    sides at one joint scale: ``rel_l2`` of [1e308, -1e308] against its
+    negation is 2.  Only a metric whose true value is beyond float64 is +inf.
 
 Non-finite dominance
     NaN and Inf are counted apart (``nan_*``, ``inf_*``), over *all*
@@ -40,10 +40,11 @@ The elementwise rule
     is ``MATCH`` iff ``frac_outside <= max_frac_outside``, else ``DIVERGE``,
     where ``frac_outside = n_outside / n`` is the correctly rounded float64
     that the report shows (so a max_frac_outside of 1/3 admits 1 of 3).
-    ``n`` counts the judged elements (those not in excluded tokens).  Integer/bool arrays on both sides are compared
-    exactly (tolerance ignored): ``MATCH`` iff every judged element is equal;
-    their float metrics are computed on float64 copies (approximate beyond
-    2**53).  An integer array against a float array takes the float rule.
+    ``n`` counts the judged elements (those not in excluded tokens).
+    Integer/bool arrays on both sides are compared exactly (tolerance
+    ignored): ``MATCH`` iff every judged element is equal; their float
+    metrics come from float64 copies (approximate beyond 2**53).  An integer
+    array against a float array takes the float rule.
 
 Metrics (on the judged elements finite on both sides, ``m`` of them)
     ``cosine`` = g.c / (|g| |c|), clamped to [-1, 1]; 1.0 when both are all
@@ -69,10 +70,9 @@ Locations
     their number.  Without a token axis they are None, () and 0.
 
 Routing
-    :func:`classify_routing` compares top-k expert ids as *sets* per token;
-    see its docstring for the near-tie rule.  :func:`align_topk_weights`
-    puts per-expert arrays in expert-id order so that they compare
-    consistently with the ids.
+    :func:`classify_routing` compares top-k expert ids as *sets* per token
+    (its docstring gives the near-tie rule); :func:`align_topk_weights` puts
+    per-expert arrays in expert-id order to compare them consistently.
 """
 
 from __future__ import annotations
@@ -143,18 +143,14 @@ class Metrics:
 
     def to_dict(self) -> dict:
         """JSON-safe: floats NaN -> None, +-inf -> "inf"/"-inf"; plain ints."""
-        out: dict = {}
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
+        def plain(value):
             if isinstance(value, float):
-                out[name] = _json_float(value)
-            elif isinstance(value, tuple):
-                out[name] = [int(v) for v in value]
-            elif value is None:
-                out[name] = None
-            else:
-                out[name] = int(value)
-        return out
+                return _json_float(value)
+            if isinstance(value, tuple):
+                return [int(v) for v in value]
+            return None if value is None else int(value)
+
+        return {name: plain(getattr(self, name)) for name in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -322,9 +318,8 @@ def classify(
     golden = _check_array("golden", golden)
     candidate = _check_array("candidate", candidate)
     if golden.shape != candidate.shape:
-        return Result(
-            Verdict.SHAPE_MISMATCH, None,
-            f"golden shape {golden.shape} != candidate shape {candidate.shape}")
+        detail = f"golden shape {golden.shape} != candidate shape {candidate.shape}"
+        return Result(Verdict.SHAPE_MISMATCH, None, detail)
     shape = golden.shape
     axis = _token_axis(token_axis, golden.ndim)
     excluded = _excluded(exclude_tokens, axis, shape)
@@ -425,27 +420,19 @@ def _judge(mt: Metrics, tol: Tolerance, exact: bool, golden: np.ndarray, candida
     if g_bad or c_bad:
         verdict = (Verdict.NAN_BOTH if g_bad and c_bad
                    else Verdict.NAN_GOLDEN if g_bad else Verdict.NAN_CANDIDATE)
-        parts = []
-        for side, nan, inf in (("golden", mt.nan_golden, mt.inf_golden),
-                               ("candidate", mt.nan_candidate, mt.inf_candidate)):
-            parts.append(f"{side}: {nan} NaN, {inf} Inf" if nan or inf else f"{side} finite")
+        parts = [f"{side}: {nan} NaN, {inf} Inf" if nan or inf else f"{side} finite"
+                 for side, nan, inf in (("golden", mt.nan_golden, mt.inf_golden),
+                                        ("candidate", mt.nan_candidate, mt.inf_candidate))]
         return verdict, "; ".join(parts) + where
-    note = ""
-    if excluded:
-        note = f"; {len(excluded)} of {shape[axis]} tokens excluded (routing flips)"
+    note = f"; {len(excluded)} of {shape[axis]} tokens excluded (routing flips)" if excluded else ""
     if mt.n == 0:
-        reason = "all tokens excluded" if excluded else "empty arrays"
-        return Verdict.MATCH, f"nothing judged: {reason}"
+        return Verdict.MATCH, f"nothing judged: {'all tokens excluded' if excluded else 'empty arrays'}"
     rule = "exact equality" if exact else f"|c-g| <= atol + rtol*|g| ({tol})"
-    if exact:
-        ok = mt.n_outside == 0
-    else:
-        ok = mt.frac_outside <= tol.max_frac_outside
-    pct = 100.0 * mt.frac_outside
+    ok = mt.n_outside == 0 if exact else mt.frac_outside <= tol.max_frac_outside
     stats = f"max_abs={_fmt(mt.max_abs)}, max_rel={_fmt(mt.max_rel)}, cosine={_fmt(mt.cosine)}"
     if mt.n_outside == 0:
         return Verdict.MATCH, f"all {mt.n} elements within {rule}; {stats}{note}"
-    counted = f"{mt.n_outside} of {mt.n} elements ({pct:.3g}%) outside {rule}"
+    counted = f"{mt.n_outside} of {mt.n} elements ({100.0 * mt.frac_outside:.3g}%) outside {rule}"
     if ok:
         allowed = f"{100.0 * tol.max_frac_outside:.3g}%"
         return Verdict.MATCH, f"{counted}, within the allowed {allowed}; {stats}{where}{note}"
@@ -490,15 +477,10 @@ class RoutingResult:
         return Result(self.verdict, metrics, self.detail, flipped_tokens=self.flipped_tokens)
 
     def to_dict(self) -> dict:
-        return {
-            "verdict": self.verdict.name,
-            "flipped_tokens": list(self.flipped_tokens),
-            "tie_tokens": list(self.tie_tokens),
-            "diverged_tokens": list(self.diverged_tokens),
-            "detail": self.detail,
-            "max_gap": _json_float(self.max_gap),
-            "flips": [f.to_dict() for f in self.flips],
-        }
+        return {"verdict": self.verdict.name, "flipped_tokens": list(self.flipped_tokens),
+                "tie_tokens": list(self.tie_tokens), "diverged_tokens": list(self.diverged_tokens),
+                "detail": self.detail, "max_gap": _json_float(self.max_gap),
+                "flips": [f.to_dict() for f in self.flips]}
 
 
 def _routing_fail(verdict: Verdict, detail: str) -> RoutingResult:
@@ -532,26 +514,24 @@ def classify_routing(
 
         gap = max(l[e] for e not in C) - min(l[e] for e in C)
 
-    and the flip is a tolerated **tie** iff ``gap <= tie_tol``.  Equivalently:
-    C is a top-k choice of *some* logit vector within ``tie_tol / 2`` of the
-    golden's in every component (raise C by tie_tol/2, lower the rest).  When
-    the golden ids G are the golden's own top-k, the maximum is attained on
-    G \\ C and the minimum on C \\ G, so every expert the candidate picked
-    instead lies within tie_tol below the golden's k-th largest logit (the
-    selection threshold) *and* every expert it dropped lies within tie_tol
-    above it; the second half rejects dropping a clearly-preferred expert
-    for one just under the threshold.  Exactly equal logits are ties even
-    at ``tie_tol == 0``.
+    and the flip is a tolerated **tie** iff ``gap <= tie_tol``: exactly when C
+    is a top-k choice of *some* logits within ``tie_tol / 2`` of the golden's
+    in every component (raise C by tie_tol/2, lower the rest).  When the
+    golden ids G are the golden's own top-k, the max is taken on G \\ C and
+    the min on C \\ G: every expert the candidate picked instead lies within
+    tie_tol below the golden's k-th largest logit (the selection threshold)
+    *and* every expert it dropped within tie_tol above it, which rejects
+    dropping a clear winner for an expert just under the threshold.  Equal
+    logits are ties even at ``tie_tol == 0``.
 
-    Any non-tie flip gives ``DIVERGE``, only tie flips ``ROUTING_TIE``, no
-    flip ``MATCH``.  A row with an id outside [0, E), a non-integer or a
-    repeated id on either side is a non-tie flip (gap +inf); a flip whose
-    golden logits are not finite is a non-tie flip (gap NaN).  ``None`` input
-    is ``MISSING``; ids that are not ``[T, k]`` alike, or logits not
-    ``[T, E]`` with ``k <= E``, are ``SHAPE_MISMATCH``.  Never raises for
-    bad data; a negative or non-finite ``tie_tol`` raises ToleranceError.
-    ``max_gap`` is the largest gap over flips (0.0 without flips; NaN if a
-    flip's gap is NaN).
+    Any non-tie flip gives ``DIVERGE``, only tie flips ``ROUTING_TIE``, none
+    ``MATCH``.  A row with an id outside [0, E), a non-integer or a repeated
+    id on either side is a non-tie flip (gap +inf), and so is a flip whose
+    golden logits are not finite (gap NaN).  ``None`` input is ``MISSING``;
+    ids not ``[T, k]`` alike, or logits not ``[T, E]`` with ``k <= E``, are
+    ``SHAPE_MISMATCH``.  Bad data never raises; a negative or non-finite
+    ``tie_tol`` raises ToleranceError.  ``max_gap`` is the largest gap over
+    flips (0.0 without flips, NaN if one is NaN).
     """
     if not (isinstance(tie_tol, (int, float)) and math.isfinite(tie_tol) and tie_tol >= 0):
         raise ToleranceError(f"{tie_tol=} must be a finite number >= 0")
@@ -593,22 +573,14 @@ def classify_routing(
         row = logits[t].astype(np.float64)
         chosen = np.zeros(n_experts, dtype=bool)
         chosen[ci[t].astype(np.int64)] = True
-        if not np.isfinite(row).all():
-            gap = math.nan
-        else:
-            gap = float(row[~chosen].max() - row[chosen].min())
+        gap = float(row[~chosen].max() - row[chosen].min()) if np.isfinite(row).all() else math.nan
         flips.append(Flip(t, golden_only, candidate_only, gap, gap <= tie_tol))
 
     tie_tokens = tuple(f.token for f in flips if f.tie)
     diverged = tuple(f.token for f in flips if not f.tie)
     gaps = [f.gap for f in flips]
     max_gap = 0.0 if not gaps else (math.nan if any(math.isnan(x) for x in gaps) else max(gaps))
-    if diverged:
-        verdict = Verdict.DIVERGE
-    elif tie_tokens:
-        verdict = Verdict.ROUTING_TIE
-    else:
-        verdict = Verdict.MATCH
+    verdict = (Verdict.DIVERGE if diverged else Verdict.ROUTING_TIE if tie_tokens else Verdict.MATCH)
     if not flips:
         detail = f"all {n_tokens} tokens pick the same {k} experts"
     else:
