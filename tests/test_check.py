@@ -150,3 +150,14 @@ def test_compare_refuses_other_tokens_and_non_groups(capsys, tiny_path, tmp_path
     assert main(["compare", str(a), str(junk)]) == 2
     err = capsys.readouterr().err
     assert str(junk) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_check_passes_and_names_a_planted_nan(capsys, tiny_path, store, tmp_path, dtype):
+    code, out, err, rep = check(capsys, tiny_path, store, tmp_path, "--device", "cuda", "--dtype", dtype, "--replay")
+    assert code == 0, out + err
+    code, out, err, rep = check(capsys, tiny_path, store, tmp_path, "--device", "cuda", "--dtype", dtype,
+                                "--inject", "nan:layer=1,expert=0")
+    assert code == 1 and rep["first_divergence"]["layer"] == 1
+    assert rep["first_divergence"]["verdict"] == "NAN_CANDIDATE"

@@ -191,11 +191,6 @@ def test_qtype_q6k_read_as_q4k(model, tokens, clean):
     assert wrong, "Q6_K bytes read as Q4_K should give non-finite or wildly wrong outputs"
 
 
-def test_qtype_on_its_own_type_is_a_no_op(model, tokens, clean):
-    hit = run(model, tokens, "qtype:layer=1,tensor=ffn_down_exps,as=q4_k")  # layer 1 is Q4_K already
-    np.testing.assert_array_equal(hit.model["logits"], clean.model["logits"])
-
-
 def test_qtype_on_an_attention_tensor(model, tokens, clean):
     hit = run(model, tokens, "qtype:layer=2,tensor=attn_k,as=q4_0")
     assert_first_change(clean, hit, 2, "k")
@@ -261,3 +256,16 @@ def test_injection_in_replay_hits_only_its_layer(model, tokens, clean):
     for i in (0, 2, 3):
         np.testing.assert_array_equal(rec.layers["layer_out"][i], clean.layers["layer_out"][i])
     assert not np.array_equal(rec.layers["layer_out"][1], clean.layers["layer_out"][1])
+
+
+def test_qtype_injection_that_changes_nothing_is_refused(tiny_path):
+    from moesnap.candidate import CandidateModel
+    from moesnap.errors import UsageError
+    from moesnap.inject import parse_inject
+    from moesnap.weights import GGUFModel
+
+    model = GGUFModel.open(tiny_path)
+    layer = next(i for i in range(model.config.n_layer) if model.qtypes()[f"blk.{i}.ffn_down_exps"] == "Q4_K")
+    inj = parse_inject(f"qtype:layer={layer},tensor=ffn_down_exps,as=q4_k", model.config)
+    with pytest.raises(UsageError, match="already is Q4_K"):
+        CandidateModel(model, injections=[inj])

@@ -207,6 +207,11 @@ class CandidateModel:
         for inj in self.injections:
             validate_injection(inj, cfg)
         self._qtype_as = {(j.layer, j.tensor): j.as_qtype for j in self.injections if isinstance(j, QtypeAs)}
+        for (layer, tensor), as_qtype in self._qtype_as.items():
+            true_qtype = model.file.tensor(f"blk.{layer}.{tensor}").tensor_type
+            if true_qtype == as_qtype:
+                raise UsageError(f"--inject qtype:layer={layer},tensor={tensor},as={as_qtype.name.lower()}: "
+                                 f"that tensor already is {true_qtype.name}, so nothing would change")
         self._scales: dict[tuple[int, str], float] = {}
         for j in self.injections:
             if isinstance(j, ScaleStage):

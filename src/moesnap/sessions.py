@@ -81,7 +81,7 @@ def check_gpu(out: Path, store: str, device: str, log: list[dict]) -> list[dict]
                                          "--device", device, "--dtype", dtype, "--replay",
                                          "--json", str(out / f"check_tiny_{dtype}.json"),
                                          "--html", str(out / f"check_tiny_{dtype}.html")], log, expect=(0, 1))
-    for spec in ("nan:layer=2,expert=3", "qtype:layer=1,tensor=ffn_down_exps,as=q4_k",
+    for spec in ("nan:layer=2,expert=3", "qtype:layer=2,tensor=ffn_down_exps,as=q4_k",
                  "scale:layer=2,stage=attn_out,factor=1.05"):
         tag = spec.split(":")[0]
         run_step(f"inject {tag}", ["-q", "check", str(TINY), "--suite", "tiny", "--store", store, "--device", device,
