@@ -112,6 +112,15 @@ def test_float64_near_max_keeps_metrics_finite_where_true_value_is():
     assert r.verdict is Verdict.DIVERGE
 
 
+def test_sides_of_very_different_magnitude_do_not_break_the_cosine():
+    # regression: a joint scale flushed the small side to zero (ZeroDivisionError)
+    g = np.array([2.532e-294, 6.338e29])
+    c = np.array([2.532e-294, 0.0])
+    r = classify(g, c, F32)
+    assert 0.0 <= r.metrics.cosine < 1e-300 and r.metrics.rel_l2 == pytest.approx(1.0)
+    assert r.verdict is Verdict.DIVERGE and r.metrics.worst_index == (1,)
+
+
 @pytest.mark.parametrize("stage", [s for s in MODEL_STAGES + LAYER_STAGES if s not in INTEGER_STAGES])
 def test_pure_five_percent_scale_error_diverges_under_float32_defaults(stage):
     tol = Tolerances.defaults().for_stage(stage, "float32")

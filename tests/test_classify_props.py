@@ -6,6 +6,7 @@ meant to be run at high example counts by ``nox -s props``.
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
 from fractions import Fraction
@@ -224,6 +225,48 @@ def test_within_tolerance_matches_and_beyond_diverges(beyond, data):
                         g.shape).reshape(-1)) if o]
     if finite_diffs:
         assert r.metrics.max_abs == float(max(finite_diffs))
+
+
+_WIDE = decimal.Context(prec=50, Emax=10**6, Emin=-10**6)
+
+
+def _dec(q: Fraction) -> decimal.Decimal:
+    return _WIDE.divide(decimal.Decimal(q.numerator), decimal.Decimal(q.denominator))
+
+
+def _f(x: Fraction | decimal.Decimal) -> float:
+    """Correctly rounded float of an exact value (a Decimal is rounded twice)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf
+
+
+@given(pair=ms.array_pairs(shape=ms.shapes(min_side=1, max_side=5, max_dims=2)))
+def test_metrics_agree_with_exact_rational_arithmetic(pair):
+    g, c = (a.astype(np.float64).reshape(-1) for a in pair)
+    m = classify(*pair, Tolerance(0.0, 0.0)).metrics
+    G, C = [Fraction(x) for x in g], [Fraction(x) for x in c]
+    D = [abs(b - a) for a, b in zip(G, C)]
+    gg, cc, dd = sum(x * x for x in G), sum(x * x for x in C), sum(x * x for x in D)
+    dot = sum(a * b for a, b in zip(G, C))
+    if gg == 0 or cc == 0:
+        assert m.cosine == (1.0 if gg == cc else 0.0)
+    else:
+        cos = _f(_WIDE.sqrt(_dec(dot * dot / (gg * cc)))) * (1.0 if dot >= 0 else -1.0)
+        assert m.cosine == pytest.approx(cos, abs=1e-12)
+    if dd == 0:
+        assert m.rel_l2 == 0.0 and m.nmse == 0.0
+    elif gg == 0:
+        assert m.rel_l2 == math.inf
+    else:
+        assert same_float(m.nmse, _f(dd / gg), rel=1e-12)
+        assert same_float(m.rel_l2, _f(_WIDE.sqrt(_dec(dd / gg))), rel=1e-12)
+    assert m.max_abs == _f(max(D))
+    assert same_float(m.mean_abs, _f(sum(D) / len(D)), rel=1e-12)
+    rels = [math.inf if a == 0 else _f(d / abs(a)) for a, d in zip(G, D) if d]
+    # |c - g| and the division are each rounded once: allow two roundings
+    assert same_float(m.max_rel, max(rels) if rels else 0.0, rel=1e-15)
 
 
 @given(pair=st.one_of(*(st.tuples(ms.arrays(dtype=d, shape=s), ms.arrays(dtype=d, shape=s))
