@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import nox
 
 nox.options.sessions = ["light"]
@@ -33,6 +31,13 @@ def crosscheck(session: nox.Session) -> None:
     session.install(*CPU, "-r", "requirements-crosscheck.txt", env={"CMAKE_ARGS": "-DGGML_NATIVE=OFF"})
     session.run("pytest", "-m", "crosscheck", "-q", "-s", "tests/crosscheck", *session.posargs,
                 env={"MOESNAP_NO_PROGRESS": "1"})
+
+
+@nox.session(default=False)
+def lint(session: nox.Session) -> None:
+    """ruff: pyflakes, pycodestyle errors and bugbear over the code, tests and benchmarks."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py", *session.posargs)
 
 
 @nox.session(default=False)

@@ -137,7 +137,6 @@ def bench_model(name: str, path: Path, tokens: list[int], repeat: int, *, full: 
                 torch.cuda.reset_peak_memory_stats()
             rows.append(row)
             print(f"  {name}: {device} {row['dtype']} {path_name}: {t:.4f} s", flush=True)
-            del cm
         if "grouped_mm" in per_path and "loop" in per_path:
             for r in rows[-len(paths):]:
                 r["vs_loop"] = per_path["loop"] / r["seconds"]
