@@ -84,6 +84,7 @@ class Proxy:
         self.conns: list[socket.socket] = []
         self.nbytes = 0
         self.requests: list[str] = []    # "GET /bucket/key" lines seen from the client
+        self.stopped = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -95,6 +96,10 @@ class Proxy:
             upstream = socket.create_connection(("127.0.0.1", self.upstream), timeout=10)
             upstream.settimeout(None)
             with self.lock:
+                if self.stopped:       # accepted while stop() ran: reset it too
+                    self._reset(client)
+                    self._reset(upstream)
+                    return
                 self.conns += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
@@ -117,53 +122,80 @@ class Proxy:
                 except OSError:
                     pass
 
+    @staticmethod
+    def _reset(s: socket.socket) -> None:
+        # shutdown() acts at once, even while a pump thread is blocked in recv() on this socket
+        # (close() alone would wait for that recv to return)
+        for step in (lambda: s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)),
+                     lambda: s.shutdown(socket.SHUT_RDWR), s.close):
+            try:
+                step()
+            except OSError:
+                pass
+
     def stop(self) -> None:
-        self.listener.close()
         with self.lock:
+            self.stopped = True
+            try:   # wakes the blocked accept() and stops listening (close alone leaves it to accept())
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.listener.close()
             for s in self.conns:
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # reset
-                    s.close()
-                except OSError:
-                    pass
+                self._reset(s)
 
 
 # ---------------------------------------------------------------- conformance
 
 
+def keys_under(store: RemoteGoldenStore, prefix: str) -> list[str]:
+    resp = boto3.client("s3").list_objects_v2(Bucket=store.test_bucket, Prefix=f"goldens/{prefix}")
+    return sorted(o["Key"] for o in resp.get("Contents", []))
+
+
+@pytest.fixture
+def s3_store(bucket):
+    st = RemoteGoldenStore(f"s3://{bucket}/goldens")
+    st.test_bucket = bucket
+    yield st
+    st.close()
+
+
+@pytest.mark.slow   # ~20 s against moto; the light run keeps the S3-specific tests below
 class TestS3Store(StoreConformance):
     stale_after = 0.0      # S3 cannot tell a dead writer from a live one but by the age of its last write
 
     @pytest.fixture
-    def store(self, bucket):
-        st = RemoteGoldenStore(f"s3://{bucket}/goldens")
-        st.test_bucket = bucket
-        yield st
-        st.close()
-
-    def _keys(self, store, prefix: str) -> list[str]:
-        s3 = boto3.client("s3")
-        resp = s3.list_objects_v2(Bucket=store.test_bucket, Prefix=f"goldens/{prefix}")
-        return sorted(o["Key"] for o in resp.get("Contents", []))
+    def store(self, s3_store):
+        return s3_store
 
     def flip_bit(self, store, suite, version, case, path):
         s3 = boto3.client("s3")
-        key = [k for k in self._keys(store, f"{suite}/{version}/{case}/{path}/c/")][-1]
+        key = [k for k in keys_under(store, f"{suite}/{version}/{case}/{path}/c/")][-1]
         data = bytearray(s3.get_object(Bucket=store.test_bucket, Key=key)["Body"].read())
         data[len(data) // 2] ^= 0x01
         s3.put_object(Bucket=store.test_bucket, Key=key, Body=bytes(data))
 
     def remove_array(self, store, suite, version, case, path):
         s3 = boto3.client("s3")
-        for key in self._keys(store, f"{suite}/{version}/{case}/{path}/"):
+        for key in keys_under(store, f"{suite}/{version}/{case}/{path}/"):
             s3.delete_object(Bucket=store.test_bucket, Key=key)
 
     def crash(self, store, writer):
         writer._done = True   # the process is gone: nothing aborts, nothing commits
 
+
+
+class TestS3Claims:
+    """What only an object store needs: claims by conditional put, the marker written last."""
+
+    @pytest.fixture
+    def store(self, s3_store):
+        return s3_store
+
     def test_claim_then_marker_layout(self, store):
         v = store.publish("s", {"case0": small_case(0)}, META)
-        keys = self._keys(store, f"s/{v.version}/")
+        keys = keys_under(store, f"s/{v.version}/")
         assert f"goldens/s/{v.version}/{MARKER}" in keys and f"goldens/s/{v.version}/zarr.json" in keys
         assert not any(k.endswith("claim.json") for k in keys)
 
@@ -188,7 +220,7 @@ def s3_golden(moto, tiny_path):
     s3.create_bucket(Bucket=bucket)
     url = f"s3://{bucket}/goldens"
     assert main(["-q", "goldens", "generate", str(tiny_path), "--suite", "tiny", "--store", url,
-                 "--prompt", "The quick brown fox", "--tokens", "1,2,3"]) == 0
+                 "--prompt", "Hi"]) == 0
     return {"bucket": bucket, "url": url, "v1": objects(s3, bucket, "goldens/tiny/v0001/")}
 
 
@@ -196,13 +228,13 @@ def test_cli_generate_list_show_diff_prune(s3_golden, tiny_path, capsys):
     url = s3_golden["url"]
     capsys.readouterr()
     assert main(["-q", "goldens", "generate", str(tiny_path), "--suite", "tiny", "--store", url,
-                 "--prompt", "The quick brown fox", "--tokens", "1,2,3"]) == 0
+                 "--prompt", "Hi"]) == 0
     assert capsys.readouterr().out == "tiny@v0002\n"
     assert main(["-q", "goldens", "list", "--store", url]) == 0
     assert capsys.readouterr().out.startswith("tiny  v0001 v0002  newest v0002: tiny.gguf")
     assert main(["-q", "goldens", "show", "tiny@v0001", "--store", url]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"tiny@v0001  ({url}/tiny/v0001)") and "44 arrays, all verified" in out
+    assert out.startswith(f"tiny@v0001  ({url}/tiny/v0001)") and "22 arrays, all verified" in out
     assert main(["-q", "goldens", "diff", "tiny@v0001", "tiny@v0002", "--store", url]) == 0
     assert "identical: all" in capsys.readouterr().out
     assert main(["-q", "goldens", "prune", "tiny", "--keep", "1", "--store", url]) == 0
@@ -215,22 +247,31 @@ def test_unknown_bucket_and_suite(moto, capsys):
     assert capsys.readouterr().err == "moesnap: error: s3://no-such-bucket/x: no such bucket 'no-such-bucket'\n"
     assert main(["-q", "goldens", "show", "tiny", "--store", "s3:///x"]) == 2
     assert "no bucket" in capsys.readouterr().err
+    assert main(["-q", "goldens", "list", "--store", "gs://bucket/x"]) == 2
+    assert "only local directories and s3://bucket/prefix" in capsys.readouterr().err
+
+
+def test_bad_s3_settings_are_usage_errors(moto, monkeypatch, capsys):
+    monkeypatch.setenv("MOESNAP_S3_ATTEMPTS", "lots")
+    assert main(["-q", "goldens", "list", "--store", "s3://any/x"]) == 2
+    assert capsys.readouterr().err == "moesnap: error: MOESNAP_S3_ATTEMPTS='lots': expected a whole number\n"
 
 
 @pytest.fixture
 def s3_one(moto, tiny_path, s3):
-    """A fresh bucket holding tiny@v0001 (copied from the module's), and its objects' digests."""
+    """A fresh bucket holding tiny@v0001 (a small synthetic case), and its objects' digests."""
     bucket = f"c{uuid.uuid4().hex[:16]}"
     s3.create_bucket(Bucket=bucket)
     url = f"s3://{bucket}/goldens"
-    assert main(["-q", "goldens", "generate", str(tiny_path), "--suite", "tiny", "--store", url, "--tokens", "1,2,3"]) == 0
+    with RemoteGoldenStore(url) as st:
+        assert st.publish("tiny", {"case0": small_case(0)}, META).version == "v0001"
     return {"bucket": bucket, "url": url, "v1": objects(s3, bucket, "goldens/tiny/v0001/")}
 
 
 def test_sigkill_mid_write_on_s3(s3_one, s3, tiny_path, capsys):
     bucket, url = s3_one["bucket"], s3_one["url"]
     p = run_cli("-q", "goldens", "generate", tiny_path, "--suite", "tiny", "--store", url, "--tokens", "1,2,3,4",
-                env={"MOESNAP_TEST_SLOW_WRITE": "0.05"})
+                env={"MOESNAP_TEST_SLOW_WRITE": "0.03"})
     _wait_for(lambda: any("/c/" in k for k in objects(s3, bucket, "goldens/tiny/v0002/case0/")), proc=p)
     os.kill(p.pid, signal.SIGKILL)
     p.communicate(timeout=30)
@@ -254,7 +295,8 @@ def test_server_gone_mid_write(s3_one, s3, moto, tiny_path):
     bucket, url = s3_one["bucket"], s3_one["url"]
     proxy = Proxy(moto["port"])
     p = run_cli("-q", "goldens", "generate", tiny_path, "--suite", "tiny", "--store", url, "--tokens", "1,2,3,4",
-                env={"MOESNAP_TEST_SLOW_WRITE": "0.1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+                env={"MOESNAP_TEST_SLOW_WRITE": "0.03", "MOESNAP_S3_ATTEMPTS": "1",
+                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
     _wait_for(lambda: any("/c/" in k for k in objects(s3, bucket, "goldens/tiny/v0002/case0/")), proc=p)
     t0 = time.monotonic()
     proxy.stop()
@@ -272,7 +314,8 @@ def test_server_gone_mid_read(s3_one, moto):
     url = s3_one["url"]
     proxy = Proxy(moto["port"])
     p = run_cli("-q", "goldens", "show", "tiny", "--store", url,
-                env={"MOESNAP_TEST_SLOW_READ": "1.5", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+                env={"MOESNAP_TEST_SLOW_READ": "1.5", "MOESNAP_S3_ATTEMPTS": "1",
+                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
     # the version's metadata came through; the reader now waits before reading case0's arrays
     _wait_for(lambda: any("/tiny/v0001/zarr.json" in r for r in proxy.requests), proc=p)
     time.sleep(0.3)
@@ -282,6 +325,7 @@ def test_server_gone_mid_read(s3_one, moto):
     assert out == "" and err.count("\n") == 1, err
     assert err.startswith(f"moesnap: error: {url}/tiny/v0001/case0") and "error" in err, err
     # and with the server unreachable from the start
-    p = run_cli("-q", "goldens", "list", "--store", url, env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+    p = run_cli("-q", "goldens", "list", "--store", url,
+                env={"MOESNAP_S3_ATTEMPTS": "1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
     out, err = p.communicate(timeout=120)
     assert p.returncode == 2 and err.count("\n") == 1 and "S3 storage error" in err, err

@@ -61,7 +61,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from .case import Case, checksum, read_case, write_case
+from .case import Case, checksum, write_case
 from .errors import GoldenError, MoesnapError, UsageError
 
 SCHEMA = 1                      # version of the store layout and its provenance attributes
@@ -154,19 +154,64 @@ def _test_delay(var: str) -> float:
         return 0.0
 
 
-class _SlowGroup:
-    """Wraps a zarr group so that each array write is followed by a sleep (MOESNAP_TEST_SLOW_WRITE)."""
+class _PipelinedGroup:
+    """A zarr group for :func:`~moesnap.case.write_case` whose ``create_array`` hands the
+    write to a worker thread and returns at once, so that write_case's checksum of one
+    array (sha256 releases the GIL) runs while the previous array is written.  One worker:
+    arrays are written in order, one at a time.  ``attrs`` waits for every write first, and
+    :meth:`wait` re-raises the first failure.  ``delay`` (MOESNAP_TEST_SLOW_WRITE) sleeps
+    after each array to widen the window of the crash tests.
+    """
 
-    def __init__(self, group, delay: float) -> None:
+    def __init__(self, group, delay: float = 0.0) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self._group, self._delay = group, delay
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moesnap-write")
+        self._pending: list = []
 
-    def create_array(self, *args, **kwargs):
-        out = self._group.create_array(*args, **kwargs)
-        time.sleep(self._delay)
-        return out
+    def create_array(self, *args, **kwargs) -> None:
+        self._pending.append(self._pool.submit(self._group.create_array, *args, **kwargs))
+        if self._delay:
+            self.wait()
+            time.sleep(self._delay)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            for f in pending:
+                f.result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+    @property
+    def attrs(self):
+        self.wait()
+        return self._group.attrs
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __getattr__(self, name: str):
         return getattr(self._group, name)
+
+
+def _write_case_pipelined(group, case: Case, delay: float = 0.0) -> dict[str, str]:
+    import zarr
+
+    g = _PipelinedGroup(group, delay)
+    # every chunk is written, also all-zero ones: no scan for the fill value, and a golden
+    # whose chunk file disappears is caught by its checksum rather than read back as zeros
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        try:
+            sums = write_case(g, case)
+        finally:
+            g.close()
+    return sums
 
 
 # ---------------------------------------------------------------- the interface
@@ -592,7 +637,7 @@ class ZarrGoldenStore(GoldenStore):
                 raise
             except Exception as e:
                 raise GoldenError(f"{where}: case group missing or unreadable ({_one_line(e)})") from None
-            return read_case(group, where=where, verify=verify)
+            return _read_case_parallel(group, where=where, verify=verify)
 
     @contextlib.contextmanager
     def _errors(self, where: str) -> Iterator[None]:
@@ -608,6 +653,63 @@ class ZarrGoldenStore(GoldenStore):
         import zarr
 
         return zarr.create_group(zstore, zarr_format=3, overwrite=False)
+
+
+def _sha256(a: np.ndarray) -> str:
+    """:func:`moesnap.case.checksum` without its copy: the same digest of the same bytes."""
+    a = np.ascontiguousarray(a)
+    if a.dtype.byteorder == ">" or a.dtype.kind not in "biuf":
+        return checksum(a)
+    return hashlib.sha256(memoryview(a.reshape(-1)).cast("B")).hexdigest()
+
+
+_READ_THREADS = 4   # arrays read and hashed at once (zarr's reads and sha256 release the GIL)
+
+
+def _read_case_parallel(group, *, where: str, verify: bool) -> Case:
+    """:func:`moesnap.case.read_case` for goldens this module wrote (canonical names): the
+    arrays are read and their sha256 checked on a few threads at once.  Same errors: an
+    unreadable, corrupt or missing array is a GoldenError naming it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zarr
+
+    try:
+        attrs = dict(group.attrs)
+        members = [(p, a) for p, a in group.members(max_depth=None) if isinstance(a, zarr.Array)]
+    except Exception as e:
+        raise GoldenError(f"{where}: unreadable group ({_one_line(e)})") from None
+    sums = attrs.get("checksums") or {}
+    if not isinstance(sums, dict):
+        raise GoldenError(f"{where}: attribute 'checksums' is not a mapping")
+
+    def load(item):
+        path, arr = item
+        try:
+            data = np.asarray(arr[...])
+        except Exception as e:
+            return path, None, f"unreadable array ({_one_line(e)})"
+        if verify and path in sums and _sha256(data) != sums[path]:
+            return path, None, "checksum mismatch (corrupt or modified array)"
+        return path, data, None
+
+    with ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix="moesnap-read") as pool:
+        loaded = list(pool.map(load, members))
+    arrays: dict[str, np.ndarray] = {}
+    for path, data, problem in loaded:
+        if problem is not None:
+            raise GoldenError(f"{where}/{path}: {problem}")
+        arrays[path] = data
+    if verify:
+        for path in sums:
+            if path not in arrays:
+                raise GoldenError(f"{where}/{path}: array is missing")
+    if "tokens" not in arrays:
+        raise GoldenError(f"{where}: no 'tokens' array")
+    return Case(tokens=arrays.pop("tokens").astype(np.int32),
+                model={p: a for p, a in arrays.items() if "/" not in p},
+                layers={p[len("layers/"):]: a for p, a in arrays.items() if p.startswith("layers/")},
+                attrs=attrs)
 
 
 # ---------------------------------------------------------------- local directory
@@ -773,8 +875,7 @@ class _LocalWriter(VersionWriter):
 
     def _write_case(self, name: str, case: Case) -> dict[str, str]:
         with self.store._errors(f"{self.dir}/{name}"):  # type: ignore[attr-defined]
-            g = self.group.create_group(name)
-            return write_case(_SlowGroup(g, self._delay) if self._delay else g, case)
+            return _write_case_pipelined(self.group.create_group(name), case, self._delay)
 
     def _publish(self, meta: dict[str, Any]) -> str:
         st: LocalGoldenStore = self.store  # type: ignore[assignment]
@@ -818,12 +919,26 @@ class _LocalWriter(VersionWriter):
 # ---------------------------------------------------------------- S3 (object stores)
 
 
+def _env_number(name: str, default: float, *, integer: bool = False) -> float:
+    text = os.environ.get(name, "")
+    if not text:
+        return default
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r}: expected a {'whole ' if integer else ''}number") from None
+    if value < (1 if integer else 0):
+        raise UsageError(f"{name}={text!r}: must be ≥ {1 if integer else 0}")
+    return value
+
+
 def _s3_options() -> dict[str, Any]:
+    """s3fs options: endpoint from the AWS variables; timeouts and attempts from MOESNAP_S3_*."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     config: dict[str, Any] = {
-        "connect_timeout": float(os.environ.get("MOESNAP_S3_CONNECT_TIMEOUT", "5")),
-        "read_timeout": float(os.environ.get("MOESNAP_S3_READ_TIMEOUT", "30")),
-        "retries": {"max_attempts": int(os.environ.get("MOESNAP_S3_ATTEMPTS", "3")), "mode": "standard"},
+        "connect_timeout": _env_number("MOESNAP_S3_CONNECT_TIMEOUT", 5.0),
+        "read_timeout": _env_number("MOESNAP_S3_READ_TIMEOUT", 30.0),
+        "retries": {"max_attempts": int(_env_number("MOESNAP_S3_ATTEMPTS", 3, integer=True)), "mode": "standard"},
     }
     opts: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False, "config_kwargs": config}
     if endpoint:
@@ -1028,13 +1143,16 @@ class _RemoteWriter(VersionWriter):
         with st._errors(f"{st.where(self.suite, self.version)}/{name}"):
             mem = MemoryStore()
             g = zarr.create_group(mem, zarr_format=3)
-            sums = write_case(_SlowGroup(g, self._delay) if self._delay else g, case)
+            sums = _write_case_pipelined(g, case)
             keys = sorted(_sync(_collect(mem.list())))
             proto = default_buffer_prototype()
-            for i in range(0, len(keys), _UPLOAD_BATCH):
-                batch = keys[i:i + _UPLOAD_BATCH]
+            step = 1 if self._delay else _UPLOAD_BATCH    # the test hook uploads one object at a time
+            for i in range(0, len(keys), step):
+                batch = keys[i:i + step]
                 bufs = [_sync(mem.get(k, prototype=proto)) for k in batch]
                 _sync(_upload(self.zstore, [(f"{name}/{k}", b) for k, b in zip(batch, bufs)]))
+                if self._delay:
+                    time.sleep(self._delay)
             return sums
 
     def _publish(self, meta: dict[str, Any]) -> str:
