@@ -143,7 +143,7 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
                     f"layer {layer}: tokens {list(new)} picked other experts at a near tie; "
                     f"later stages of layer {layer} are judged without them, "
                     f"later layers without tokens >= {min(new)}")
-            res = Result(res.verdict, res.metrics, res.detail, res.flipped_tokens, earlier)
+        res = Result(res.verdict, res.metrics, res.detail, res.flipped_tokens, earlier)
         pending.append(StageResult(name, layer, "topk_ids", res))
         return new
 

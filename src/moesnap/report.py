@@ -25,7 +25,7 @@ CODE = {
     "layer_out": "lo",
 }
 LEGEND = (". MATCH  ~ ROUTING_TIE  D DIVERGE  N NAN_CANDIDATE  G NAN_GOLDEN  B NAN_BOTH  "
-          "M MISSING  S SHAPE_MISMATCH")
+          "M MISSING  S SHAPE_MISMATCH  - not judged (every token excused by a routing flip)")
 
 
 def _digits(r: StageResult) -> float | None:
@@ -59,22 +59,30 @@ def table(case: CaseReport, *, title: str | None = None) -> list[str]:
                          + ("" if r.result.passed else f" {r.verdict.name}"))
     for layer in sorted(k for k in by_layer if k is not None):
         row = by_layer[layer]
-        cells = "".join(f"{SYMBOL[row[s].verdict] if s in row else ' ':>3}" for s in LAYER_STAGES)
+        cells = "".join(f"{_sym(row[s]) if s in row else ' ':>3}" for s in LAYER_STAGES)
         rs = list(row.values())
-        worst = max((1.0 - r.result.metrics.cosine for r in rs if r.result.metrics is not None
-                     and r.result.metrics.cosine == r.result.metrics.cosine), default=float("nan"))
+        judged = [r for r in rs if r.result.metrics is not None and r.result.metrics.n > 0 and r.stage != "topk_ids"
+                  and r.result.metrics.cosine == r.result.metrics.cosine]
+        worst = max((1.0 - r.result.metrics.cosine for r in judged), default=float("nan"))
         bad = next((r for s in LAYER_STAGES if (r := row.get(s)) is not None and not r.result.passed), None)
         tail = f" {bad.stage} {bad.verdict.name}" if bad else ""
-        lines.append(f"L{layer:02d}   {cells} | {worst:<9.2e} |{tail}")
+        shown = f"{worst:<9.2e}" if judged else f"{'-':<9}"
+        lines.append(f"L{layer:02d}   {cells} | {shown} |{tail}")
     for stage in ("final_norm", "logits"):
         if stage in by_layer.get(None, {}):
             r = by_layer[None][stage]
-            lines.append(f"{stage.replace('final_norm', 'fnorm'):<6}{SYMBOL[r.verdict]:>3}" + " " * (3 * len(LAYER_STAGES) - 3)
+            lines.append(f"{stage.replace('final_norm', 'fnorm'):<6}{_sym(r):>3}" + " " * (3 * len(LAYER_STAGES) - 3)
                          + f" | {_cos(r)} |" + ("" if r.result.passed else f" {r.verdict.name}"))
     return lines
 
 
+def _sym(r: StageResult) -> str:
+    return "-" if _unjudged(r) else SYMBOL[r.verdict]
+
+
 def _cos(r: StageResult) -> str:
+    if _unjudged(r):
+        return f"{'-':<9}"
     m = r.result.metrics
     return f"{1.0 - m.cosine:<9.2e}" if m is not None and m.cosine == m.cosine else f"{'-':<9}"
 
@@ -163,10 +171,21 @@ def _pass_color(r: StageResult) -> str:
     return "#%02x%02x%02x" % c
 
 
+def _unjudged(r: StageResult) -> bool:
+    """True when routing exclusions left no element of the stage to judge."""
+    m = r.result.metrics
+    return m is not None and m.n == 0 and bool(r.result.excluded_tokens)
+
+
 def _cell(r: StageResult | None, first: StageResult | None) -> str:
     if r is None:
         return "<td class=e></td>"
+    if _unjudged(r):
+        tip = f"{r.stage} layer {r.layer}: not judged: every token was excused by an earlier near-tie routing flip"
+        return f"<td class=u title='{html.escape(tip, quote=True)}'>–</td>"
     color = _pass_color(r) if r.result.passed else _COLOR.get(r.verdict, "#d7301f")
+    if r.verdict == Verdict.ROUTING_TIE:
+        color = "#fdae61"
     m = r.result.metrics
     tip = [f"{r.stage} layer {r.layer}: {r.verdict.name}"]
     if m is not None:
@@ -181,7 +200,8 @@ def _cell(r: StageResult | None, first: StageResult | None) -> str:
         tip.append(r.result.detail)
     mark = " first" if first is not None and r is first else ""
     d = _digits(r)
-    label = SYMBOL[r.verdict] if not r.result.passed else (f"{d:.0f}" if d is not None else "")
+    label = SYMBOL[r.verdict] if not r.result.passed or r.verdict == Verdict.ROUTING_TIE else \
+        (f"{d:.0f}" if d is not None else "")
     return (f"<td class='c{mark}' style='background:{color}' title='{html.escape(chr(10).join(tip), quote=True)}'>"
             f"{html.escape(label)}</td>")
 
@@ -194,7 +214,7 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
         "body{font:13px system-ui,sans-serif;margin:16px} table{border-collapse:collapse}",
         "td,th{border:1px solid #fff;padding:2px 4px;text-align:center;min-width:22px}",
         "th{font-weight:normal;writing-mode:vertical-rl;transform:rotate(180deg);height:90px}",
-        "td.first{outline:3px solid #000;outline-offset:-3px} .e{background:#f0f0f0}",
+        "td.first{outline:3px solid #000;outline-offset:-3px} .e{background:#f0f0f0} .u{background:#d9d9d9;color:#666}",
         ".key span{display:inline-block;padding:2px 6px;margin-right:4px;color:#fff}",
         "</style></head><body>",
         f"<h2>{html.escape(title)}: {'pass' if report.passed else 'FAIL'}</h2>",
@@ -204,7 +224,8 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
         "<p>cells: digits of agreement −log10(1 − cosine) where the stage passes (green = more); "
         "a letter where it fails; hover a cell for its metrics. The first divergence is outlined.</p>",
         "<p class=key>" + "".join(f"<span style='background:{c}'>{SYMBOL[v]} {v.name}</span>" for v, c in _COLOR.items())
-        + "</p>",
+        + "<span style='background:#fdae61;color:#000'>~ ROUTING_TIE</span>"
+        + "<span style='background:#d9d9d9;color:#000'>– not judged (tokens excused)</span></p>",
     ]
     sections = [("free-running", report.cases)]
     if report.replay is not None:
