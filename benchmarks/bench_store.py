@@ -15,7 +15,6 @@ the publish marker and the atomic rename.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import statistics
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moesnap.case import Case
+from moesnap.case import Case, checksum
 from moesnap.stages import LAYER_STAGES
 from moesnap.store import LocalGoldenStore
 
@@ -79,18 +78,19 @@ def zarr_read(case: Case, d: Path) -> int:
     return sum(g[path][...].nbytes for path in case.arrays())
 
 
-def sha256_all(case: Case) -> None:
+def checksums(case: Case) -> None:
+    """What write_case spends on checksums: moesnap.case.checksum (a copy, then sha256) per array."""
     for a in case.arrays().values():
-        hashlib.sha256(memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B")).hexdigest()
+        checksum(a)
 
 
 def store_write(case: Case, root: Path) -> str:
     return LocalGoldenStore(root).publish("bench", {"case0": case}, {"dtype": "float32"}).version
 
 
-def store_read(root: Path, version: str) -> int:
+def store_read(root: Path, version: str, verify: bool = True) -> int:
     v = LocalGoldenStore(root).open_version("bench", version)
-    return sum(a.nbytes for a in v.read_case("case0", verify=True).arrays().values())
+    return sum(a.nbytes for a in v.read_case("case0", verify=verify).arrays().values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = sum(x.nbytes for x in case.arrays().values())
     base = Path(tempfile.mkdtemp(prefix="bench_store-", dir=a.dir))
     times: dict[str, list[float]] = {k: [] for k in ("np_write", "np_read", "store_write", "store_read",
-                                                     "zarr_write", "zarr_read", "sha256")}
+                                                     "store_read_noverify", "zarr_write", "zarr_read",
+                                                     "checksums")}
     try:
         for i in range(a.repeat):   # interleaved, so drift hits both sides alike
             d = base / f"np{i}"
@@ -112,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter(); version = store_write(case, root); times["store_write"].append(time.perf_counter() - t0)
             t0 = time.perf_counter(); got = store_read(root, version); times["store_read"].append(time.perf_counter() - t0)
             assert got == nbytes
+            t0 = time.perf_counter(); store_read(root, version, verify=False)
+            times["store_read_noverify"].append(time.perf_counter() - t0)
             z = base / f"zarr{i}"
             t0 = time.perf_counter(); zarr_write(case, z); times["zarr_write"].append(time.perf_counter() - t0)
             t0 = time.perf_counter(); zarr_read(case, z); times["zarr_read"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); sha256_all(case); times["sha256"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); checksums(case); times["checksums"].append(time.perf_counter() - t0)
             for p in (d, root, z):
                 shutil.rmtree(p)
     finally:
@@ -124,14 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     mib = nbytes / 2**20
     print(f"bench_store: one golden case of a full-width 2-layer qwen3-30b-a3b, T={T}: "
           f"{len(case.arrays())} arrays, {mib:.1f} MiB; median of {a.repeat}")
-    for op in ("write", "read"):
-        s, n, z = med[f"store_{op}"], med[f"np_{op}"], med[f"zarr_{op}"]
-        print(f"  {op:5}  store {s * 1e3:7.1f} ms ({mib / s:6.0f} MiB/s)   numpy {n * 1e3:7.1f} ms "
-              f"({mib / n:6.0f} MiB/s)   ratio numpy/store {n / s:.2f}x (goal >= 0.8x)")
-        print(f"         of which: zarr alone {z * 1e3:7.1f} ms, ratio numpy/zarr {n / z:.2f}x")
-    h = med["sha256"]
-    print(f"  sha256 of every array (what the store's checksums cost, once per write and per verified read): "
-          f"{h * 1e3:.1f} ms ({mib / h:.0f} MiB/s), {h / med['np_write']:.1f}x the numpy write")
+    def line(label: str, t: float, base_t: float) -> str:
+        return f"  {label:<36} {t * 1e3:7.1f} ms {mib / t:6.0f} MiB/s   numpy/this {base_t / t:5.2f}x"
+
+    nw, nr = med["np_write"], med["np_read"]
+    print(line("write: numpy np.save (baseline)", nw, nw))
+    print(line("write: golden store", med["store_write"], nw) + "   (goal >= 0.8x)")
+    print(line("       its sha256 checksums alone", med["checksums"], nw))
+    print(line("       plain zarr-python, no hashing", med["zarr_write"], nw))
+    print(line("read:  numpy np.load (baseline)", nr, nr))
+    print(line("read:  golden store, verified", med["store_read"], nr) + "   (goal >= 0.8x)")
+    print(line("       golden store, --no-verify", med["store_read_noverify"], nr))
+    print(line("       plain zarr-python, no hashing", med["zarr_read"], nr))
     return 0
 
 

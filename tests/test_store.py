@@ -405,3 +405,36 @@ def test_s3fs_is_imported_only_for_s3_roots(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_local_chunks_are_byte_identical_to_zarrs_own(tmp_path):
+    """The local store writes and reads chunk files itself; they must be exactly what zarr writes."""
+    import zarr
+
+    case = small_case(7, n_layer=3, n_tok=4)
+    case.layers["moe_out"][1] = 0.0                    # an all-zero chunk is written too
+    v = LocalGoldenStore(tmp_path / "store").publish("s", {"case0": case}, META)
+    ours = tmp_path / "store" / "s" / v.version / "case0"
+    theirs = tmp_path / "zarr"
+    g = zarr.open_group(str(theirs), mode="w-", zarr_format=3)
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        for path, a in case.arrays().items():
+            chunks = (1, *a.shape[1:]) if path.startswith("layers/") else a.shape
+            g.create_array(path, data=a, chunks=chunks, compressors=None)
+    a_files = {str(p.relative_to(ours)): p.read_bytes() for p in ours.rglob("*") if p.is_file()}
+    b_files = {str(p.relative_to(theirs)): p.read_bytes() for p in theirs.rglob("*") if p.is_file()}
+    a_files.pop("zarr.json"), b_files.pop("zarr.json")     # the case group's attributes differ
+    assert a_files.keys() == b_files.keys() and len(a_files) > 30
+    assert all(a_files[k] == b_files[k] for k in a_files), [k for k in a_files if a_files[k] != b_files[k]]
+
+
+def test_truncated_chunk_is_caught(tmp_path):
+    st = LocalGoldenStore(tmp_path)
+    v = st.publish("s", {"case0": small_case(0)}, META)
+    chunk = tmp_path / "s" / v.version / "case0" / "layers" / "attn_out" / "c" / "1" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-4])
+    with pytest.raises(GoldenError, match=r"case0/layers/attn_out: chunk c/1/0/0 has the wrong size"):
+        st.open_version("s").read_case("case0")
+    chunk.unlink()                                       # a missing chunk reads as zeros: the checksum catches it
+    with pytest.raises(GoldenError, match=r"case0/layers/attn_out: checksum mismatch"):
+        st.open_version("s").read_case("case0")

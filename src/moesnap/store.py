@@ -50,6 +50,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -163,18 +164,35 @@ class _PipelinedGroup:
     after each array to widen the window of the crash tests.
     """
 
-    def __init__(self, group, delay: float = 0.0) -> None:
+    def __init__(self, group, delay: float = 0.0, raw_dir: Path | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self._group, self._delay = group, delay
+        self._group, self._delay, self._raw_dir = group, delay, raw_dir
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moesnap-write")
         self._pending: list = []
 
     def create_array(self, *args, **kwargs) -> None:
-        self._pending.append(self._pool.submit(self._group.create_array, *args, **kwargs))
+        data, chunks = kwargs.get("data"), kwargs.get("chunks")
+        if (self._raw_dir is not None and len(args) == 1 and set(kwargs) == {"data", "chunks", "compressors"}
+                and kwargs["compressors"] is None and _raw_items(data, chunks) is not None):
+            job = self._pool.submit(self._create_raw, args[0], np.ascontiguousarray(data), tuple(chunks))
+        else:
+            job = self._pool.submit(self._group.create_array, *args, **kwargs)
+        self._pending.append(job)
         if self._delay:
             self.wait()
             time.sleep(self._delay)
+
+    def _create_raw(self, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
+        """zarr writes the metadata; the chunk files (uncompressed: the chunk's little-endian
+        C-order bytes) are written straight from the array, as zarr's bytes codec would."""
+        self._group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=None)
+        base = self._raw_dir / name / "c"
+        for key, sl in _raw_items(data, chunks):
+            path = base.joinpath(*key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(memoryview(data[sl]).cast("B"))
 
     def wait(self) -> None:
         pending, self._pending = self._pending, []
@@ -200,10 +218,27 @@ class _PipelinedGroup:
         return getattr(self._group, name)
 
 
-def _write_case_pipelined(group, case: Case, delay: float = 0.0) -> dict[str, str]:
+def _raw_items(a: Any, chunks: Any) -> list[tuple[tuple[str, ...], tuple[slice, ...]]] | None:
+    """Chunk keys and slices when ``a`` is stored as one chunk or one chunk per leading index
+    (the only layouts goldens use) in a dtype whose bytes zarr's ``bytes`` codec stores as they
+    are in memory; else None (then zarr itself does the I/O)."""
+    if not isinstance(a, np.ndarray) or a.ndim == 0 or 0 in a.shape or chunks is None:
+        return None
+    dt = a.dtype
+    if dt.kind not in "biuf" or not (dt.byteorder in ("<", "|") or (dt.byteorder == "=" and sys.byteorder == "little")):
+        return None
+    chunks, zeros = tuple(int(c) for c in chunks), ("0",) * (a.ndim - 1)
+    if chunks == a.shape:
+        return [(("0",) + zeros, (slice(None),))]
+    if chunks == (1, *a.shape[1:]):
+        return [((str(i),) + zeros, (slice(i, i + 1),)) for i in range(a.shape[0])]
+    return None
+
+
+def _write_case_pipelined(group, case: Case, delay: float = 0.0, raw_dir: Path | None = None) -> dict[str, str]:
     import zarr
 
-    g = _PipelinedGroup(group, delay)
+    g = _PipelinedGroup(group, delay, raw_dir)
     # every chunk is written, also all-zero ones: no scan for the fill value, and a golden
     # whose chunk file disappears is caught by its checksum rather than read back as zeros
     with zarr.config.set({"array.write_empty_chunks": True}):
@@ -593,6 +628,10 @@ class ZarrGoldenStore(GoldenStore):
         """A read-only zarr store at the root."""
         raise NotImplementedError
 
+    def _raw_case_dir(self, suite: str, version: str, case: str) -> Path | None:
+        """A local directory whose chunk files may be read directly (None: go through zarr)."""
+        return None
+
     @abstractmethod
     def _get_bytes(self, key: str) -> bytes | None:
         """Raw bytes of ``key`` under the root, or None when absent."""
@@ -637,7 +676,8 @@ class ZarrGoldenStore(GoldenStore):
                 raise
             except Exception as e:
                 raise GoldenError(f"{where}: case group missing or unreadable ({_one_line(e)})") from None
-            return _read_case_parallel(group, where=where, verify=verify)
+            return _read_case_parallel(group, where=where, verify=verify,
+                                       raw_dir=self._raw_case_dir(suite, version, case))
 
     @contextlib.contextmanager
     def _errors(self, where: str) -> Iterator[None]:
@@ -666,10 +706,51 @@ def _sha256(a: np.ndarray) -> str:
 _READ_THREADS = 4   # arrays read and hashed at once (zarr's reads and sha256 release the GIL)
 
 
-def _read_case_parallel(group, *, where: str, verify: bool) -> Case:
+def _read_raw(arr, raw_dir: Path, path: str) -> np.ndarray | str | None:
+    """Read a local array's chunk files straight into the result when its layout is one that
+    :class:`_PipelinedGroup` writes raw (uncompressed, little-endian, one chunk or one per
+    leading index, default '/' keys); None when it is not (zarr reads it then); a string
+    saying what is wrong with a chunk file of the wrong size."""
+    from zarr.codecs import BytesCodec
+
+    m = arr.metadata
+    try:
+        codecs = tuple(m.codecs)
+        simple = (len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
+                  and getattr(codecs[0].endian, "value", codecs[0].endian) in ("little", None)
+                  and getattr(m.chunk_key_encoding, "name", "") == "default"
+                  and getattr(m.chunk_key_encoding, "separator", "") == "/"
+                  and not getattr(m, "storage_transformers", ()))
+        chunks = tuple(m.chunk_grid.chunk_shape)
+    except AttributeError:
+        return None
+    if not simple:
+        return None
+    out = np.empty(arr.shape, dtype=arr.dtype)
+    items = _raw_items(out, chunks)
+    if items is None:
+        return None
+    base = raw_dir / path / "c"
+    for key, sl in items:
+        view = out[sl]
+        try:
+            f = open(base.joinpath(*key), "rb")
+        except FileNotFoundError:
+            view[...] = m.fill_value
+            continue
+        with f:
+            n = f.readinto(memoryview(view).cast("B"))
+            extra = f.read(1)
+        if n != view.nbytes or extra:
+            return f"chunk c/{'/'.join(key)} has the wrong size (corrupt or truncated)"
+    return out
+
+
+def _read_case_parallel(group, *, where: str, verify: bool, raw_dir: Path | None = None) -> Case:
     """:func:`moesnap.case.read_case` for goldens this module wrote (canonical names): the
-    arrays are read and their sha256 checked on a few threads at once.  Same errors: an
-    unreadable, corrupt or missing array is a GoldenError naming it."""
+    arrays are read and their sha256 checked on a few threads at once (local chunk files
+    straight into the result when :func:`_read_raw` can).  Same errors: an unreadable,
+    corrupt or missing array is a GoldenError naming it."""
     from concurrent.futures import ThreadPoolExecutor
 
     import zarr
@@ -686,7 +767,11 @@ def _read_case_parallel(group, *, where: str, verify: bool) -> Case:
     def load(item):
         path, arr = item
         try:
-            data = np.asarray(arr[...])
+            data = _read_raw(arr, raw_dir, path) if raw_dir is not None else None
+            if isinstance(data, str):
+                return path, None, data
+            if data is None:
+                data = np.asarray(arr[...])
         except Exception as e:
             return path, None, f"unreadable array ({_one_line(e)})"
         if verify and path in sums and _sha256(data) != sums[path]:
@@ -753,6 +838,9 @@ class LocalGoldenStore(ZarrGoldenStore):
         from zarr.storage import LocalStore
 
         return LocalStore(self.root, read_only=True)
+
+    def _raw_case_dir(self, suite: str, version: str, case: str) -> Path | None:
+        return self.root / suite / version / case
 
     def _get_bytes(self, key: str) -> bytes | None:
         try:
@@ -875,7 +963,7 @@ class _LocalWriter(VersionWriter):
 
     def _write_case(self, name: str, case: Case) -> dict[str, str]:
         with self.store._errors(f"{self.dir}/{name}"):  # type: ignore[attr-defined]
-            return _write_case_pipelined(self.group.create_group(name), case, self._delay)
+            return _write_case_pipelined(self.group.create_group(name), case, self._delay, raw_dir=self.dir / name)
 
     def _publish(self, meta: dict[str, Any]) -> str:
         st: LocalGoldenStore = self.store  # type: ignore[assignment]
