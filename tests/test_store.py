@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moesnap.case import Case, checksum
@@ -438,3 +438,36 @@ def test_truncated_chunk_is_caught(tmp_path):
     chunk.unlink()                                       # a missing chunk reads as zeros: the checksum catches it
     with pytest.raises(GoldenError, match=r"case0/layers/attn_out: checksum mismatch"):
         st.open_version("s").read_case("case0")
+
+
+@pytest.fixture(scope="module")
+def fuzz_source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz") / "store"
+    LocalGoldenStore(root).publish("s", {"case0": small_case(0)}, META)
+    meta_files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name in ("zarr.json", MARKER))
+    return root, meta_files
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_metadata_bytes_only_ever_give_golden_errors(fuzz_source, tmp_path_factory, data):
+    """Any mutation of a published version's zarr.json / published.json files: reading it either
+    raises a GoldenError or returns exactly the arrays that were written."""
+    import shutil
+
+    src, files = fuzz_source
+    root = tmp_path_factory.mktemp("fuzzcase") / "store"
+    shutil.copytree(src, root)
+    target = root / data.draw(st.sampled_from(files), label="file")
+    raw = bytearray(target.read_bytes())
+    for _ in range(data.draw(st.integers(1, 4), label="n")):
+        i = data.draw(st.integers(0, len(raw) - 1), label="at")
+        raw[i] = data.draw(st.integers(0, 255), label="byte")
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[: data.draw(st.integers(0, len(raw)), label="len")]
+    target.write_bytes(bytes(raw))
+    try:
+        case = LocalGoldenStore(root).open_version("s").read_case("case0")
+    except GoldenError:
+        return
+    assert same_arrays(case, small_case(0))
