@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped: a file name holding a newline or an
+    ANSI escape cannot split the error over lines or repaint the terminal."""
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for ch in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -103,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ["MOESNAP_NO_PROGRESS"] = "1"
         return int(args.func(args) or 0)
     except MoesnapError as e:
-        print(f"moesnap: error: {e}", file=sys.stderr)
+        print(f"moesnap: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moesnap: interrupted", file=sys.stderr)
@@ -114,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MOESNAP_DEBUG"):
             traceback.print_exc()
         cmd = " ".join(argv[:3])
-        print(f"moesnap: internal error in `moesnap {cmd}`: {type(e).__name__}: {e} "
-              f"(set MOESNAP_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(_one_line(f"moesnap: internal error in `moesnap {cmd}`: {type(e).__name__}: {e} ")
+              + "(set MOESNAP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3
 
 
