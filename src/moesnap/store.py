@@ -57,7 +57,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .case import Case, checksum
+from .case import Case, checksum, checksum_matches
 from .errors import GoldenError, UsageError
 
 SCHEMA = 1                      # version of the store layout and its provenance attributes
@@ -215,7 +215,7 @@ class GoldenVersion:
                 for path, digest in expect.items():
                     if path not in arrays:
                         raise GoldenError(f"{where}/{path}: array is missing")
-                    if checksum(arrays[path]) != digest:
+                    if not checksum_matches(arrays[path], digest):
                         raise GoldenError(f"{where}/{path}: checksum mismatch (corrupt or modified array)")
                 raise GoldenError(f"{where}: the case's checksums differ from the version's provenance (modified)")
         return case
@@ -451,7 +451,7 @@ class MemoryGoldenStore(GoldenStore):
             for path, digest in sums.items():
                 if path not in arrays:
                     raise GoldenError(f"{where}/{path}: array is missing")
-                if checksum(arrays[path]) != digest:
+                if not checksum_matches(arrays[path], digest):
                     raise GoldenError(f"{where}/{path}: checksum mismatch (corrupt or modified array)")
         if "tokens" not in arrays:
             raise GoldenError(f"{where}: no 'tokens' array")

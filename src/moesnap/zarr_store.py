@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .case import Case, checksum, write_case
+from .case import Case, checksum_matches, write_case
 from .errors import GoldenError, MoesnapError, UsageError
 from .store import (
     _NAME,
@@ -219,14 +219,6 @@ class ZarrGoldenStore(GoldenStore):
         return zarr.create_group(zstore, zarr_format=3, overwrite=False)
 
 
-def _sha256(a: np.ndarray) -> str:
-    """:func:`moesnap.case.checksum` without its copy: the same digest of the same bytes."""
-    a = np.ascontiguousarray(a)
-    if a.dtype.byteorder == ">" or a.dtype.kind not in "biuf":
-        return checksum(a)
-    return hashlib.sha256(memoryview(a.reshape(-1)).cast("B")).hexdigest()
-
-
 _READ_THREADS = 4   # arrays read and hashed at once (zarr's reads and sha256 release the GIL)
 
 
@@ -298,7 +290,7 @@ def _read_case_parallel(group, *, where: str, verify: bool, raw_dir: Path | None
                 data = np.asarray(arr[...])
         except Exception as e:
             return path, None, f"unreadable array ({_one_line(e)})"
-        if verify and path in sums and _sha256(data) != sums[path]:
+        if verify and path in sums and not checksum_matches(data, sums[path]):
             return path, None, "checksum mismatch (corrupt or modified array)"
         return path, data, None
 
