@@ -5,13 +5,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from pathlib import Path
 
 from .classify import Verdict
 from .compare import CaseReport, Report, StageResult
 from .errors import UsageError
 from .stages import LAYER_STAGES
+from .util import write_text_atomic
 
 SYMBOL = {
     Verdict.MATCH: ".", Verdict.ROUTING_TIE: "~", Verdict.DIVERGE: "D", Verdict.NAN_CANDIDATE: "N",
@@ -149,9 +149,7 @@ def _atomic_write(path: Path, content: str) -> None:
         raise UsageError(f"{path}: is a directory")
     if not path.parent.exists():
         raise UsageError(f"{path.parent}: directory does not exist")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(content, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, content)   # a non-UTF-8 file name in the text is written escaped
 
 
 _COLOR = {

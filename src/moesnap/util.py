@@ -104,3 +104,68 @@ def versions() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
     }
+
+
+# -- outputs ----------------------------------------------------------------
+
+def published_version_above(path: str | Path) -> Path | None:
+    """The published golden version directory (one holding ``published.json``) that ``path``
+    is or lies inside, if any."""
+    p = Path(os.path.abspath(path))
+    for d in (p, *p.parents):
+        if (d / "published.json").is_file():
+            return d
+    return None
+
+
+def check_output_file(path: str | Path, *, force: bool = False, option: str = "output",
+                      store: str | os.PathLike | None = None) -> Path:
+    """Refuse an output file path before any work is done: a directory, a missing parent,
+    a place inside a published golden version or inside the local golden ``store``, or an
+    existing file without ``force``.  Raises :class:`~moesnap.errors.UsageError`."""
+    from .errors import UsageError
+
+    p = Path(path)
+    if not str(path):
+        raise UsageError(f"{option}: empty path")
+    if p.is_dir():
+        raise UsageError(f"{p}: is a directory ({option} needs a file path)")
+    if not p.parent.is_dir():
+        raise UsageError(f"{p.parent}: output directory does not exist ({option} {p})")
+    inside = published_version_above(p)
+    if inside is not None:
+        raise UsageError(f"{p}: inside the published golden version {inside}; refusing to write there ({option})")
+    if store is not None and "://" not in os.fspath(store) and Path(store).is_dir():
+        root = Path(os.path.realpath(store))
+        if Path(os.path.realpath(p)).is_relative_to(root):
+            raise UsageError(f"{p}: inside the golden store {store}; refusing to write there ({option})")
+    if (p.exists() or p.is_symlink()) and not force:
+        raise UsageError(f"{p}: exists (use --force to overwrite)")
+    return p
+
+
+def write_text_atomic(path: str | Path, content: str) -> None:
+    """Write ``content`` (UTF-8; characters that cannot be encoded, such as the lone
+    surrogates of a non-UTF-8 file name, written as backslash escapes) through a temporary
+    file beside ``path`` and a rename; the temporary file never outlives a failure."""
+    from .errors import UsageError
+
+    p = Path(path)
+    data = content.encode("utf-8", errors="backslashreplace")
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except OSError as e:
+        raise UsageError(f"{p}: cannot write ({e.strerror or e})") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (and lone surrogates) as backslash escapes: text that
+    came from input cannot split a line or send escape sequences to the terminal."""
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for ch in text)
