@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from .errors import UsageError
 
@@ -12,21 +13,25 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from .calibrate import MARGIN, measure, suggested, toml_block
     from .tokenizer import encode
     from .trace import parse_dtype, parse_tokens
-    from .util import LayerProgress
+    from .util import LayerProgress, check_output_file, write_text_atomic
     from .weights import GGUFModel
 
+    if a.json is not None:
+        check_output_file(a.json, force=a.force, option="--json")
+    margin = a.margin if a.margin is not None else MARGIN
+    if not (margin > 0 and math.isfinite(margin)):
+        raise UsageError(f"--margin {margin} must be a finite number > 0")
+    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    if not dtypes:
+        raise UsageError(f"--dtypes {a.dtypes!r}: name at least one of float32, bfloat16, float16")
+    for d in dtypes:
+        parse_dtype(d, allowed=("float32", "bfloat16", "float16"))
     model = GGUFModel.open(a.model)
     token_lists = [parse_tokens(t) for t in a.tokens] + [encode(model.file, p) for p in a.prompt]
     if not token_lists:
         token_lists = [encode(model.file, "The quick brown fox jumps over the lazy dog. 0123456789")]
     for t in token_lists:
         model.check_tokens(t)
-    margin = a.margin if a.margin is not None else MARGIN
-    if not margin > 0:
-        raise UsageError(f"--margin {margin} must be > 0")
-    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
-    for d in dtypes:
-        parse_dtype(d, allowed=("float32", "bfloat16", "float16"))
     out: dict = {"model": model.path.name, "margin": margin, "tokens": token_lists, "dtypes": {}}
     for d in dtypes:
         bar = LayerProgress(f"calibrate {d}")
@@ -46,8 +51,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
                             "spread": {s: vars(sp) for s, sp in spread.items() if sp.n},
                             "suggested": {s: {"atol": t[0], "rtol": t[1]} for s, t in sugg.items()}}
     if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
+        write_text_atomic(a.json, json.dumps(out, indent=1))
         print(f"wrote {a.json}")
     return 0
 
@@ -60,4 +64,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16,float16")
     p.add_argument("--margin", type=float, help="multiplier on the measured spread (default 10)")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_calibrate)

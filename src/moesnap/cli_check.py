@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_compare import add_report_options, emit, load_tolerances
+from .cli_compare import add_report_options, check_report_outputs, emit, load_tolerances
 
 
 def cmd_check(a: argparse.Namespace) -> int:
@@ -15,6 +15,7 @@ def cmd_check(a: argparse.Namespace) -> int:
 
     dtype = parse_dtype(a.dtype, allowed=("float32", "bfloat16", "float16"))
     device = parse_device(a.device)
+    check_report_outputs(a, a.store)
     tols = load_tolerances(a)
     model = GGUFModel.open(a.model)
     injections = [parse_inject(s, model.config) for s in a.inject]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .case import Case, load_case
@@ -18,6 +19,20 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
                    help="tolerance override, e.g. moe_out.atol=1e-3 (repeatable)")
     p.add_argument("--config", metavar="PYPROJECT", help="read [tool.moesnap] from this file "
                    "(default: ./pyproject.toml when it has that table)")
+    p.add_argument("--force", action="store_true", help="overwrite existing --json / --html files")
+
+
+def check_report_outputs(a: argparse.Namespace, store: str | None = None) -> None:
+    """Refuse bad --json / --html paths before any work (see :func:`moesnap.util.check_output_file`)."""
+    from .store import DEFAULT_ROOT
+    from .util import check_output_file
+
+    paths = [(opt, getattr(a, opt[2:], None)) for opt in ("--json", "--html")]
+    paths = [(opt, v) for opt, v in paths if v is not None]
+    for opt, v in paths:
+        check_output_file(v, force=a.force, option=opt, store=store or DEFAULT_ROOT)
+    if len(paths) == 2 and Path(paths[0][1]).absolute() == Path(paths[1][1]).absolute():
+        raise UsageError(f"--json and --html are the same file {paths[0][1]}")
 
 
 def load_tolerances(a: argparse.Namespace) -> Tolerances:
@@ -33,8 +48,10 @@ def load_tolerances(a: argparse.Namespace) -> Tolerances:
 def emit(report: Report, a: argparse.Namespace, title: str) -> int:
     from .report import text, write_html, write_json
 
+    from .util import printable
+
     for line in text(report):
-        print(line)
+        print(printable(line))
     if a.json:
         write_json(report, a.json)
         print(f"wrote {a.json}")
@@ -49,6 +66,8 @@ def resolve_golden(spec: str, store: str | None) -> list[tuple[str, Case]]:
     p = Path(spec)
     if p.exists() and "@" not in spec:
         return [(p.name, load_case(p))]
+    if "@" not in spec and (os.sep in spec or "/" in spec or spec.endswith(".zarr")):
+        raise GoldenError(f"{p}: no such case group (nor a golden NAME[@vNNNN])")
     from .store import open_store, parse_ref
 
     suite, version = parse_ref(spec)
@@ -79,6 +98,7 @@ def _candidate_cases(path: str, golden: list[tuple[str, Case]]) -> list[tuple[st
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
+    check_report_outputs(a, a.store)
     tols = load_tolerances(a)
     golden = resolve_golden(a.golden, a.store)
     pairs = _candidate_cases(a.candidate, golden)

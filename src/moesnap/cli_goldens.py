@@ -68,7 +68,11 @@ def cmd_show(a: argparse.Namespace) -> int:
 
 def cmd_diff(a: argparse.Namespace) -> int:
     from .goldens import diff, diff_lines, write_json
+    from .store import DEFAULT_ROOT
+    from .util import check_output_file
 
+    if a.json is not None:
+        check_output_file(a.json, force=a.force, option="--json", store=a.store or DEFAULT_ROOT)
     with _store(a) as st:
         rep = diff(st.resolve(a.a), st.resolve(a.b), show_progress=_progress(a))
     for line in diff_lines(rep):
@@ -125,6 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("b", metavar="NAME@vB")
     p.add_argument("--store", help=store_help)
     p.add_argument("--json", metavar="PATH", help="write the diff as JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_diff)
 
     p = gsub.add_parser("prune", help="delete old versions (never the newest) and dead unpublished leftovers")

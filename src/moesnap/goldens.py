@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import GoldenError, UsageError
 from .store import GoldenStore, GoldenVersion, PruneResult, check_model_matches, validate_suite  # noqa: F401
-from .util import progress
+from .util import printable, progress, write_text_atomic
 
 #: dtypes a golden may be generated in (the reference forward's arithmetic)
 GOLDEN_DTYPES = ("float32", "float64")
@@ -93,7 +93,7 @@ def list_suites(store: GoldenStore) -> list[SuiteInfo]:
 def describe(meta: Mapping[str, Any]) -> str:
     """One line: model file, dtype, case count, creation time."""
     model = meta.get("model") or {}
-    return (f"{model.get('file', '?')} ({str(model.get('sha256', '?'))[:12]}), {meta.get('dtype', '?')}, "
+    return printable(f"{model.get('file', '?')} ({str(model.get('sha256', '?'))[:12]}), {meta.get('dtype', '?')}, "
             f"{len(meta.get('cases') or [])} case(s), {meta.get('created', '?')}")
 
 
@@ -137,7 +137,7 @@ def show_lines(v: GoldenVersion, *, verify: bool = True, show_progress: bool = T
             n_layer = arrays[layer[0]]["shape"][0] if arrays[layer[0]]["shape"] else 0
             lines.append(f"    layers ({n_layer}): " + "  ".join(f"{p[7:]} {_shape(arrays[p], skip=1)}" for p in layer))
     lines.append(f"  checksums: {len(m.get('checksums') or {})} arrays" + (", all verified" if verify else " (not verified)"))
-    return lines
+    return [printable(line) for line in lines]   # provenance is input: no control characters to the terminal
 
 
 def _shape(info: Mapping[str, Any], skip: int = 0) -> str:
@@ -271,7 +271,7 @@ def diff_lines(rep: DiffReport) -> list[str]:
                      (f", {len(rep.case_notes)} case difference(s)" if rep.case_notes else ""))
     else:
         lines.append(f"identical: all {len(rep.stages)} stages bit for bit")
-    return lines
+    return [printable(line) for line in lines]
 
 
 def _short(x: Any) -> str:
@@ -301,6 +301,7 @@ def write_json(obj: dict, path: str | Path) -> None:
     if not p.parent.is_dir():
         raise UsageError(f"{p.parent}: output directory does not exist")
     try:
-        p.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    except (OSError, ValueError) as e:
+        text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    except ValueError as e:
         raise GoldenError(f"{p}: cannot write the report ({e})") from None
+    write_text_atomic(p, text)

@@ -79,13 +79,13 @@ def check_gpu(out: Path, store: str, device: str, log: list[dict]) -> list[dict]
     for dtype in ("float32", "bfloat16"):
         run_step(f"check tiny {dtype}", ["-q", "check", str(TINY), "--suite", "tiny", "--store", store,
                                          "--device", device, "--dtype", dtype, "--replay",
-                                         "--json", str(out / f"check_tiny_{dtype}.json"),
+                                         "--force", "--json", str(out / f"check_tiny_{dtype}.json"),
                                          "--html", str(out / f"check_tiny_{dtype}.html")], log, expect=(0, 1))
     for spec in ("nan:layer=2,expert=3", "qtype:layer=2,tensor=ffn_down_exps,as=q4_k",
                  "scale:layer=2,stage=attn_out,factor=1.05"):
         tag = spec.split(":")[0]
         run_step(f"inject {tag}", ["-q", "check", str(TINY), "--suite", "tiny", "--store", store, "--device", device,
-                                   "--inject", spec, "--json", str(out / f"inject_{tag}.json")], log, expect=(1,))
+                                   "--inject", spec, "--force", "--json", str(out / f"inject_{tag}.json")], log, expect=(1,))
     return log
 
 
@@ -104,7 +104,7 @@ def heavy(out: Path, work: Path, layers: int, device: str, log: list[dict]) -> l
         tag = dtype + ("_replay" if extra else "")
         run_step(f"check {device} {tag}", ["-q", "check", str(model), "--suite", "heavy", "--store", str(store),
                                            "--device", device, "--dtype", dtype, *extra,
-                                           "--json", str(out / f"heavy_{tag}.json"),
+                                           "--force", "--json", str(out / f"heavy_{tag}.json"),
                                            "--html", str(out / f"heavy_{tag}.html")], log, expect=(0, 1))
     return log
 
