@@ -45,11 +45,12 @@ def _tokens_from(a: argparse.Namespace, model) -> tuple[list[int], str | None]:
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
-    from .trace import parse_device, parse_dtype, run_case, summary, write_output
+    from .trace import check_output, parse_device, parse_dtype, run_case, summary, write_output
     from .weights import GGUFModel
 
     dtype = parse_dtype(a.dtype)
     device = parse_device(a.device)
+    check_output(a.out, force=a.force)
     model = GGUFModel.open(a.model)
     tokens, prompt = _tokens_from(a, model)
     case = run_case(model, tokens, dtype=dtype, device=device, candidate=a.candidate, prompt=prompt,
@@ -96,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(text: str) -> str:
-    """``text`` with control characters escaped: a file name holding a newline or an
-    ANSI escape cannot split the error over lines or repaint the terminal."""
-    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   for ch in text)
+    """``text`` on one line: a file name holding a newline or an ANSI escape cannot split the
+    error over lines or repaint the terminal."""
+    from .util import printable
+
+    return printable(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import torch
 from .case import Case, from_recorder, save_case
 from .errors import UsageError
 from .recorder import ArrayRecorder
-from .util import LayerProgress, file_sha256, versions
+from .util import LayerProgress, file_sha256, published_version_above, versions
 from .weights import GGUFModel
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,15 +87,32 @@ def run_case(model: GGUFModel, tokens: Sequence[int], *, dtype: torch.dtype = to
     return from_recorder(rec, attrs)
 
 
-def write_output(case: Case, out: str | Path, *, force: bool = False) -> None:
-    """Write the case group at ``out``; replace an existing one only with ``force`` (atomically)."""
+def check_output(out: str | Path, *, force: bool = False) -> Path:
+    """Refuse an output path for a case group before the forward runs: a missing parent, a
+    place inside a published golden version, or one that exists (``force`` replaces only
+    a case group, never another directory, a file, a golden version or store)."""
+    if not str(out):
+        raise UsageError("--out: empty path")
     out = Path(out)
-    if out.exists() and not force:
+    exists = out.exists() or out.is_symlink()
+    if exists and not force:
         raise UsageError(f"{out}: exists (use --force to overwrite)")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a directory")
     if not out.parent.exists():
         raise UsageError(f"{out.parent}: output directory does not exist")
+    inside = published_version_above(out)
+    if inside is not None:
+        raise UsageError(f"{out}: inside the published golden version {inside}; refusing to write there")
+    if exists:
+        if out.is_symlink() or not out.is_dir():
+            raise UsageError(f"{out}: exists and is not a directory")
+        if not ((out / "zarr.json").is_file() and (out / "tokens" / "zarr.json").is_file()):
+            raise UsageError(f"{out}: exists and is not a case group; --force only replaces a case group")
+    return out
+
+
+def write_output(case: Case, out: str | Path, *, force: bool = False) -> None:
+    """Write the case group at ``out``; replace an existing one only with ``force`` (atomically)."""
+    out = check_output(out, force=force)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
