@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -490,6 +491,14 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
+def estimated_size(spec: SynthSpec) -> int:
+    """Bytes of tensor data ``spec`` makes, without building its plan (layers alternate types)."""
+    two = spec.with_(n_layer=2).tensors()
+    size = {k: sum(t.nbytes for t in two if t.layer == k) for k in (None, 0, 1)}
+    n = int(spec.n_layer)
+    return size[None] + size[0] * ((n + 1) // 2) + size[1] * (n // 2)
+
+
 def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = False, progress: bool = False) -> Path:
     """Write the synthetic model ``spec`` to ``out`` (atomically) and return its path.
 
@@ -504,6 +513,14 @@ def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = Fa
     parent = out.parent
     if not parent.is_dir():
         raise UsageError(f"{out}: directory {parent} does not exist")
+    from .util import published_version_above
+
+    inside = published_version_above(out)
+    if inside is not None:
+        raise UsageError(f"{out}: inside the published golden version {inside}; refusing to write there")
+    need, free = estimated_size(spec), shutil.disk_usage(parent).free
+    if need > free:   # checked before the tensor plan is built: --layers 100000000 would not fit in memory either
+        raise UsageError(f"{out}: {spec.n_layer} layers need {_size(need)}, only {_size(free)} free in {parent}")
 
     plan = spec.tensors()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
@@ -532,9 +549,11 @@ def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = Fa
         writer.close()
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         writer.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):   # disk full, permissions: one line naming the file
+            raise UsageError(f"{out}: cannot write ({e.strerror or e})") from None
         raise
     if progress:
         print(f"moesnap: wrote {out} ({_size(out.stat().st_size)}, {time.perf_counter() - t0:.1f} s)",
