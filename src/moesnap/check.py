@@ -40,7 +40,10 @@ def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: GGUFMod
                               f"(sha256 {sha[:12]}…, {model.path.name} is {mine[:12]}…)")
     for name, c in cases:
         ids = c.attrs.get("token_ids")
-        if ids is not None and list(map(int, ids)) != c.tokens.tolist():
+        if ids is not None and (not isinstance(ids, list)
+                                or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+            raise GoldenError(f"{where}/{name}: attribute 'token_ids' is not a list of integers")
+        if ids is not None and ids != c.tokens.tolist():
             raise GoldenError(f"{where}/{name}: tokens array differs from the recorded token ids")
         bad = c.tokens[(c.tokens < 0) | (c.tokens >= model.config.vocab_size)]
         if bad.size:
