@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .errors import ModelFileError
+from .errors import ModelFileError, UsageError
 from .gguf_file import GGUFFile
 
 
@@ -53,5 +53,9 @@ def byte_token_ids(gf: GGUFFile) -> list[int]:
 def encode(gf: GGUFFile, text: str) -> list[int]:
     if not text:
         raise ModelFileError(f"{gf.path}: empty prompt")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:   # a command line that was not UTF-8 (lone surrogates)
+        raise UsageError(f"--prompt: not UTF-8 text (undecodable byte at character {e.start})") from None
     table = byte_token_ids(gf)
-    return [table[b] for b in text.encode("utf-8")]
+    return [table[b] for b in data]
