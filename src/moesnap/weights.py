@@ -186,6 +186,9 @@ class GGUFModel:
         ids = np.asarray(tokens)
         if ids.size == 0:
             raise ModelFileError(f"{self.path}: empty token list")
+        if ids.size > self.config.context_length:   # attention is T x T: refuse before allocating it
+            raise ModelFileError(f"{self.path}: {ids.size} tokens, more than the model's context of "
+                                 f"{self.config.context_length}")
         bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
         if bad.size:
             raise ModelFileError(
