@@ -1,0 +1,57 @@
+"""The chunked, threaded path for large float16/float32 arrays agrees with the general path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import moesnap.classify as C
+from moesnap.tolerances import Tolerance
+
+EXACT_FIELDS = ("n", "n_outside", "worst_index", "bad_tokens", "n_bad_tokens", "first_bad_token", "max_abs",
+                "max_rel", "nan_golden", "nan_candidate", "inf_golden", "inf_candidate")
+SUM_FIELDS = ("cosine", "rel_l2", "nmse", "mean_abs")
+
+
+def both(monkeypatch, g, c, tol, **kw):
+    monkeypatch.setattr(C, "CHUNK", 1 << 40)
+    general = C.classify(g, c, tol, **kw)
+    monkeypatch.setattr(C, "CHUNK", 1 << 11)
+    chunked = C.classify(g, c, tol, **kw)
+    return general, chunked
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_chunked_equals_general(monkeypatch, seed):
+    rng = np.random.default_rng(seed)
+    shape = [(64, 300), (32, 8, 100), (100, 77), (16, 4, 64), (200, 50), (64, 300), (40, 2, 90), (128, 64)][seed]
+    dtype = np.float16 if seed % 3 == 2 else np.float32
+    g = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 3)).astype(dtype)
+    noise = [1e-7, 1e-3, 0.0, 5e-2, 1e-6, 1e-4, 2e-2, 0.0][seed]
+    c = (g.astype(np.float64) * (1 + noise * rng.standard_normal(shape))).astype(dtype)
+    if seed == 5:
+        g[:] = 0
+    if seed == 7:
+        c[:] = 0
+    excluded = (3, 7) if seed in (1, 3, 6) else ()
+    tol = Tolerance(1e-5, 1e-4, 0.0)
+    a, b = both(monkeypatch, g, c, tol, exclude_tokens=excluded)
+    assert a.verdict == b.verdict and a.excluded_tokens == b.excluded_tokens
+    for f in EXACT_FIELDS:
+        assert getattr(a.metrics, f) == getattr(b.metrics, f), f
+    for f in SUM_FIELDS:
+        x, y = getattr(a.metrics, f), getattr(b.metrics, f)
+        assert x == y or math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-300), (f, x, y)
+
+
+def test_non_finite_chunk_falls_back_to_the_general_path(monkeypatch):
+    g = np.random.default_rng(0).standard_normal((64, 8, 64), dtype=np.float32)
+    c = g.copy()
+    c[5, 3, 7] = np.nan
+    c[9, 0, 0] = np.inf
+    a, b = both(monkeypatch, g, c, Tolerance(1e-5, 1e-4))
+    assert a == b
+    assert b.verdict == C.Verdict.NAN_CANDIDATE and b.metrics.nan_candidate == 1 and b.metrics.inf_candidate == 1
+    assert b.metrics.first_bad_token == 5
