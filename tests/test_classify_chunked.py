@@ -55,3 +55,31 @@ def test_non_finite_chunk_falls_back_to_the_general_path(monkeypatch):
     assert a == b
     assert b.verdict == C.Verdict.NAN_CANDIDATE and b.metrics.nan_candidate == 1 and b.metrics.inf_candidate == 1
     assert b.metrics.first_bad_token == 5
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from moesnap.testing.strategies import array_pairs, tolerances  # noqa: E402
+
+
+@settings(max_examples=200)
+@given(pair=array_pairs(dtype=st.sampled_from([np.float16, np.float32]), allow_nan=True, allow_infinity=True),
+       tol=tolerances())
+def test_prop_chunked_path_agrees_with_general_path(pair, tol):
+    g, c = pair
+    saved = C.CHUNK
+    try:
+        C.CHUNK = 1 << 40
+        a = C.classify(g, c, tol)
+        C.CHUNK = 2
+        b = C.classify(g, c, tol)
+    finally:
+        C.CHUNK = saved
+    assert a.verdict == b.verdict and a.detail.split(";")[0] == b.detail.split(";")[0]
+    for f in EXACT_FIELDS:
+        x, y = getattr(a.metrics, f), getattr(b.metrics, f)
+        assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), f
+    for f in SUM_FIELDS:
+        x, y = getattr(a.metrics, f), getattr(b.metrics, f)
+        assert x == y or math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-300) or (math.isnan(x) and math.isnan(y)), (f, x, y)

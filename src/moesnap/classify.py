@@ -13,7 +13,9 @@ Inputs
 Arithmetic
     Every metric is computed in float64.  Conversion of float16, bfloat16
     (via float32) and float32 to float64 is exact, so inputs that hold the
-    same values give identical results whatever their dtype.  ``|c - g|`` is
+    same values give identical results whatever their dtype (up to the last
+    bit of the summed metrics for arrays above :data:`CHUNK` elements, which
+    float16/float32 inputs sum in parallel chunks, in another order).  ``|c - g|`` is
     the correctly rounded float64 difference; it gives the tolerance test,
     ``max_abs`` and the worst element (+inf only for float64 inputs whose
     difference exceeds the float64 range: rightly outside).  Sums of squares
