@@ -91,6 +91,9 @@ def _candidate_cases(path: str, golden: list[tuple[str, Case]]) -> list[tuple[st
     pairs = []
     for name, g in golden:
         sub = p / name
+        if not sub.exists() and not (p / "zarr.json").is_file():
+            raise GoldenError(f"{p}: not a Zarr v3 group (no zarr.json), nor a directory of case groups "
+                              f"named like the golden's ({', '.join(n for n, _ in golden)})")
         if not sub.exists():
             raise GoldenError(f"{p}: has no case group {name!r} (the golden's cases: {', '.join(n for n, _ in golden)})")
         pairs.append((name, g, load_case(sub)))

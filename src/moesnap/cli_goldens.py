@@ -29,6 +29,11 @@ def _progress(a: argparse.Namespace) -> bool:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .goldens import generate
+    from .util import published_version_above
+
+    inside = published_version_above(a.store) if a.store and "://" not in a.store else None
+    if inside is not None:
+        raise UsageError(f"--store {a.store}: inside the published golden version {inside}; refusing to write there")
 
     parts = ["moesnap", "goldens", "generate", a.model, "--suite", a.suite]
     if a.store:
