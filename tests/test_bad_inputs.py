@@ -1,0 +1,502 @@
+"""The catalogue of hostile and broken inputs, command by command (issue 6).
+
+Every row runs one command in-process against one bad input and asserts what
+the user sees and what stays put:
+
+* exit code 2, nothing on stdout, exactly one short line on stderr starting
+  ``moesnap: error:``, no traceback, naming the offending file, key, array or
+  argument (the row's needles);
+* not one byte changes under the test's directory: the golden store (a copy of
+  the committed ``goldens/``, never the repository's own), the model files,
+  and nothing new appears (no half-written output, no temporary file).
+
+Rows that damage the store work on a private copy; the others share one copy
+per module and still hash it before and after.  New commands and new inputs
+get a row here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from ggufgen import absurd_header, write_gguf
+from moesnap.cli import main
+from test_goldens import tree_digest
+
+REPO_GOLDENS = Path(__file__).resolve().parent.parent / "goldens"
+V = "tiny/v0001"          # the committed version every store row starts from
+
+
+# ---------------------------------------------------------------- the bad things
+
+
+def _copy_of_tiny(tmp: Path, tiny: Path, name: str, edit: Callable[[bytearray], bytes | bytearray]) -> Path:
+    p = tmp / name
+    p.write_bytes(bytes(edit(bytearray(tiny.read_bytes()))))
+    return p
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _flip_weight(d: bytearray) -> bytearray:
+    d[-100] ^= 0xFF                      # a weight byte far from the header: a valid model, another sha256
+    return d
+
+
+#: bad model files: name -> (make(tmp, tiny) -> path, needle of the message)
+BAD_MODELS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
+    "missing": (lambda t, m: t / "missing.gguf", "no such file"),
+    "empty": (lambda t, m: _write(t / "empty.gguf", b""), "empty file"),
+    "directory": (lambda t, m: _mkdir(t / "dir.gguf"), "is a directory"),
+    "non-GGUF text": (lambda t, m: _write(t / "text.gguf", b"hello\n" * 50), "not a GGUF file (bad magic)"),
+    "magic then junk": (lambda t, m: _write(t / "junk.gguf", b"GGUF\x03\0\0\0" + bytes(range(256)) * 4),
+                        "more than the file holds"),
+    "unknown GGUF version": (lambda t, m: _copy_of_tiny(t, m, "v7.gguf", lambda d: d[:4] + b"\x07\0\0\0" + d[8:]),
+                             "unsupported GGUF version 7"),
+    "truncated header": (lambda t, m: _copy_of_tiny(t, m, "cut300.gguf", lambda d: d[:300]),
+                         "more than the file holds"),
+    "truncated data": (lambda t, m: _copy_of_tiny(t, m, "cut.gguf", lambda d: d[: len(d) // 2]),
+                       "more than the file holds"),
+    "other architecture": (lambda t, m: write_gguf(t / "llama.gguf", arch="llama"), "architecture is 'llama'"),
+    "missing key": (lambda t, m: write_gguf(t / "nokey.gguf", drop_keys=("qwen3moe.rope.freq_base",)),
+                    "missing metadata key 'qwen3moe.rope.freq_base'"),
+    "bad key value": (lambda t, m: write_gguf(t / "badval.gguf", override_keys={"qwen3moe.block_count": ("4", "str")}),
+                      "'qwen3moe.block_count' = '4' must be a positive integer"),
+    "wrong tensor shape": (lambda t, m: write_gguf(t / "shape.gguf", bad_shape="blk.1.ffn_down_exps"),
+                           "tensor 'blk.1.ffn_down_exps' has shape"),
+    "2^60 tensors": (lambda t, m: absurd_header(t / "t60.gguf", n_tensors=2**60),
+                     "header claims 1152921504606846976 tensors"),
+    "2^60 metadata keys": (lambda t, m: absurd_header(t / "k60.gguf", n_kv=2**60),
+                           "1152921504606846976 metadata keys"),
+    "array of 2^60 items": (lambda t, m: absurd_header(t / "a60.gguf", n_kv=1, array_len=2**60),
+                            "metadata key 'general.junk' claims 1152921504606846976 array items"),
+    "dimension 2^40": (lambda t, m: absurd_header(t / "d40.gguf", n_tensors=1, dim=2**40),
+                       "tensor 'token_embd' claims"),
+}
+
+#: every command that opens a model, with the rest of its arguments
+MODEL_COMMANDS = {
+    "trace": ["trace", "{model}", "--tokens", "1,2,3", "--out", "{tmp}/out.zarr"],
+    "generate": ["goldens", "generate", "{model}", "--suite", "new", "--store", "{store}", "--tokens", "1,2,3"],
+    "check": ["check", "{model}", "--suite", "tiny", "--store", "{store}", "--json", "{tmp}/r.json"],
+    "calibrate": ["calibrate", "{model}", "--tokens", "1,2,3", "--dtypes", "float32", "--json", "{tmp}/c.json"],
+}
+
+
+# ---------------------------------------------------------------- store damage (on a private copy)
+
+
+def _json_edit(path: Path, edit: Callable[[dict], None]) -> None:
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+def flip_chunk_bit(store: Path) -> None:
+    chunk = store / V / "case1/layers/moe_out/c/3/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[17] ^= 0x04
+    chunk.write_bytes(bytes(data))
+
+
+def delete_array(store: Path) -> None:
+    shutil.rmtree(store / V / "case2/logits")
+
+
+def absurd_shape(store: Path) -> None:
+    """case0/logits declares 2^40 rows (numpy refuses the 1 PiB at once)."""
+    _json_edit(store / V / "case0/logits/zarr.json", lambda d: d.update(shape=[2**40, 272]))
+
+
+def other_token_ids(store: Path) -> None:
+    """The case's recorded token ids differ from its tokens array (its attributes are not checksummed)."""
+    _json_edit(store / V / "case0/zarr.json", lambda d: d["attributes"].update(token_ids=[1, 2, 3]))
+
+
+def token_ids_not_a_list(store: Path) -> None:
+    _json_edit(store / V / "case0/zarr.json", lambda d: d["attributes"].update(token_ids="abc"))
+
+
+def _republish(store: Path, edit: Callable[[dict], None]) -> None:
+    """A hostile publisher: edit the version's provenance and re-seal published.json over it."""
+    _json_edit(store / V / "zarr.json", edit)
+    marker = store / V / "published.json"
+    m = json.loads(marker.read_text())
+    m["meta_sha256"] = hashlib.sha256((store / V / "zarr.json").read_bytes()).hexdigest()
+    marker.write_text(json.dumps(m))
+
+
+def case_name_dotdot(store: Path) -> None:
+    _republish(store, lambda d: d["attributes"]["cases"][0].update(name="../case1"))
+
+
+def case_name_absolute(store: Path) -> None:
+    _republish(store, lambda d: d["attributes"]["cases"][0].update(name="/etc"))
+
+
+def edited_version_meta(store: Path) -> None:
+    _json_edit(store / V / "zarr.json", lambda d: d["attributes"].update(dtype="float64"))
+
+
+def unpublished(store: Path) -> None:
+    (store / V / "published.json").unlink()
+
+
+# ---------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Row:
+    argv: tuple[str, ...]
+    needles: tuple[str, ...]
+    damage: Callable[[Path], None] | None = None
+
+
+def row(*argv: str, needles: str | tuple[str, ...], damage=None) -> Row:
+    return Row(tuple(argv), (needles,) if isinstance(needles, str) else tuple(needles), damage)
+
+
+SHOW, DIFF, CHECK = ("goldens", "show"), ("goldens", "diff"), ("check", "{model}", "--suite")
+S = ("--store", "{store}")
+
+ROWS: dict[str, Row] = {}
+
+# every model-opening command against every bad model file: the message names the file and the problem
+for _cmd, _argv in MODEL_COMMANDS.items():
+    for _bad, (_make, _needle) in BAD_MODELS.items():
+        ROWS[f"{_cmd}: model {_bad}"] = row(*_argv, needles=("{model}", _needle))
+
+ROWS.update({
+    # ------------------------------------------------ model make
+    "model make: unknown preset": row("model", "make", "{tmp}/m.gguf", "--preset", "nope", needles="unknown preset 'nope'"),
+    "model make: 0 layers": row("model", "make", "{tmp}/m.gguf", "--preset", "tiny", "--layers", "0", needles="layers=0"),
+    "model make: layers not an int": row("model", "make", "{tmp}/m.gguf", "--preset", "tiny", "--layers", "x",
+                                         needles=("--layers", "'x'")),
+    "model make: 10^12 layers (more than the disk)": row(
+        "model", "make", "{tmp}/m.gguf", "--preset", "tiny", "--layers", str(10**12), needles=("1000000000000 layers need", "free")),
+    "model make: negative seed": row("model", "make", "{tmp}/m.gguf", "--preset", "tiny", "--seed", "-1", needles="seed=-1"),
+    "model make: output exists": row("model", "make", "{tiny_copy}", "--preset", "tiny", needles=("{tiny_copy}", "exists", "--force")),
+    "model make: output is a directory": row("model", "make", "{tmp}", "--preset", "tiny", "--force",
+                                             needles=("{tmp}", "is a directory")),
+    "model make: missing parent": row("model", "make", "{tmp}/no/m.gguf", "--preset", "tiny", needles=("{tmp}/no", "does not exist")),
+    "model make: inside a published golden (--force)": row(
+        "model", "make", "{store}/" + V + "/zarr.json", "--preset", "tiny", "--force", needles="inside the published golden version"),
+
+    # ------------------------------------------------ trace
+    "trace: negative token": row("trace", "{model}", "--tokens", "1,-5", "--out", "{tmp}/o.zarr", needles="token id -5 is outside the vocabulary"),
+    "trace: token = vocab size": row("trace", "{model}", "--tokens", "272", "--out", "{tmp}/o.zarr", needles="token id 272"),
+    "trace: token 10^20": row("trace", "{model}", "--tokens", str(10**20), "--out", "{tmp}/o.zarr", needles=f"token id {10**20}"),
+    "trace: empty token list": row("trace", "{model}", "--tokens", "", "--out", "{tmp}/o.zarr", needles="--tokens: empty token list"),
+    "trace: only commas": row("trace", "{model}", "--tokens", ",,", "--out", "{tmp}/o.zarr", needles="empty token list"),
+    "trace: token not an integer": row("trace", "{model}", "--tokens", "1,x", "--out", "{tmp}/o.zarr", needles=("--tokens '1,x'", "integers")),
+    "trace: more tokens than the context": row("trace", "{model}", "--tokens", ",".join(["5"] * 4097), "--out", "{tmp}/o.zarr",
+                                               needles=("4097 tokens", "context of 4096")),
+    "trace: empty prompt": row("trace", "{model}", "--prompt", "", "--out", "{tmp}/o.zarr", needles="empty prompt"),
+    "trace: non-UTF-8 prompt": row("trace", "{model}", "--prompt", "ab\udcff", "--out", "{tmp}/o.zarr", needles="--prompt: not UTF-8"),
+    "trace: tokens and prompt": row("trace", "{model}", "--tokens", "1", "--prompt", "x", "--out", "{tmp}/o.zarr", needles="exactly one"),
+    "trace: unknown dtype": row("trace", "{model}", "--tokens", "1", "--dtype", "float8", "--out", "{tmp}/o.zarr", needles="unknown dtype 'float8'"),
+    "trace: unknown device": row("trace", "{model}", "--tokens", "1", "--device", "tpu", "--out", "{tmp}/o.zarr", needles="unknown device 'tpu'"),
+    "trace: output exists": row("trace", "{model}", "--tokens", "1", "--out", "{tmp}/plain", needles=("{tmp}/plain", "exists (use --force")),
+    "trace: --force over a plain directory": row("trace", "{model}", "--tokens", "1", "--out", "{tmp}/plain", "--force",
+                                                 needles=("{tmp}/plain", "not a case group")),
+    "trace: --force over a golden suite": row("trace", "{model}", "--tokens", "1", "--out", "{store}/tiny", "--force",
+                                              needles=("{store}/tiny", "not a case group")),
+    "trace: --force over a file": row("trace", "{model}", "--tokens", "1", "--out", "{tiny_copy}", "--force",
+                                      needles=("{tiny_copy}", "not a directory")),
+    "trace: output inside a published golden": row("trace", "{model}", "--tokens", "1", "--out", "{store}/" + V + "/case9",
+                                                   needles="inside the published golden version"),
+    "trace: missing output parent": row("trace", "{model}", "--tokens", "1", "--out", "{tmp}/no/o.zarr",
+                                        needles=("{tmp}/no", "does not exist")),
+
+    # ------------------------------------------------ goldens generate
+    "generate: suite ../x": row("goldens", "generate", "{model}", "--suite", "../x", *S, "--tokens", "1", needles="contains '..'"),
+    "generate: suite ..": row("goldens", "generate", "{model}", "--suite", "..", *S, "--tokens", "1", needles="contains '..'"),
+    "generate: absolute suite": row("goldens", "generate", "{model}", "--suite", "/tmp/x", *S, "--tokens", "1", needles="absolute path"),
+    "generate: suite with /": row("goldens", "generate", "{model}", "--suite", "a/b", *S, "--tokens", "1", needles="path separator"),
+    "generate: suite with ESC": row("goldens", "generate", "{model}", "--suite", "a\x1b[2Jb", *S, "--tokens", "1",
+                                    needles="control characters"),
+    "generate: suite with newline": row("goldens", "generate", "{model}", "--suite", "a\nb", *S, "--tokens", "1",
+                                        needles="control characters"),
+    "generate: empty suite": row("goldens", "generate", "{model}", "--suite", "", *S, "--tokens", "1", needles="is empty"),
+    "generate: no inputs": row("goldens", "generate", "{model}", "--suite", "tiny", *S, needles="at least one --tokens or --prompt"),
+    "generate: unknown dtype": row("goldens", "generate", "{model}", "--suite", "tiny", *S, "--tokens", "1", "--dtype", "bfloat16",
+                                   needles="unknown golden dtype 'bfloat16'"),
+    "generate: token out of vocab (second input)": row("goldens", "generate", "{model}", "--suite", "tiny", *S, "--tokens", "1",
+                                                       "--tokens", "1,99999", needles="token id 99999"),
+    "generate: store is a file": row("goldens", "generate", "{model}", "--suite", "tiny", "--store", "{tiny_copy}", "--tokens", "1",
+                                     needles=("{tiny_copy}", "store path is a file")),
+    "generate: store inside a published golden": row("goldens", "generate", "{model}", "--suite", "x", "--store", "{store}/" + V,
+                                                     "--tokens", "1", needles="inside the published golden version"),
+    "generate: store under a file": row("goldens", "generate", "{model}", "--suite", "tiny", "--store", "{tiny_copy}/sub",
+                                        "--tokens", "1", needles="{tiny_copy}/sub"),
+
+    # ------------------------------------------------ goldens list
+    "list: store is a file": row("goldens", "list", "--store", "{tiny_copy}", needles=("{tiny_copy}", "store path is a file")),
+    "list: no such store": row("goldens", "list", "--store", "{tmp}/nowhere", needles=("{tmp}/nowhere", "no such golden store")),
+    "list: empty store path": row("goldens", "list", "--store", "", needles="store root is empty"),
+    "list: store with NUL": row("goldens", "list", "--store", "a\x00b", needles="control characters"),
+    "list: unsupported URL": row("goldens", "list", "--store", "http://example.invalid/x", needles="only local directories and s3://"),
+    "list: s3 without bucket": row("goldens", "list", "--store", "s3://", needles="no bucket"),
+
+    # ------------------------------------------------ goldens show
+    "show: unknown suite": row(*SHOW, "nosuch", *S, needles="unknown suite 'nosuch'"),
+    "show: unknown version": row(*SHOW, "tiny@v0009", *S, needles="unknown version 'v0009' (published: v0001)"),
+    "show: malformed version": row(*SHOW, "tiny@9", *S, needles="version '9'"),
+    "show: suite ..": row(*SHOW, "..@v0001", *S, needles="contains '..'"),
+    "show: absolute suite": row(*SHOW, "/etc/passwd", *S, needles="absolute path"),
+    "show: bit flip in a chunk": row(*SHOW, "tiny", *S, needles="case1/layers/moe_out: checksum mismatch", damage=flip_chunk_bit),
+    "show: deleted array": row(*SHOW, "tiny", *S, needles="case2/logits: array is missing", damage=delete_array),
+    "show: array shape 2^40": row(*SHOW, "tiny", *S, needles="case0/logits", damage=absurd_shape),
+    "show: case name ../case1": row(*SHOW, "tiny", *S, needles="case name '../case1'", damage=case_name_dotdot),
+    "show: case name /etc": row(*SHOW, "tiny", *S, needles="case name '/etc'", damage=case_name_absolute),
+    "show: provenance edited after publishing": row(*SHOW, "tiny", *S, needles=("zarr.json", "changed after publishing"),
+                                                    damage=edited_version_meta),
+    "show: marker deleted": row(*SHOW, "tiny", *S, needles="unknown suite 'tiny'", damage=unpublished),
+    "show: store is a file": row(*SHOW, "tiny", "--store", "{tiny_copy}", needles="store path is a file"),
+
+    # ------------------------------------------------ goldens diff
+    "diff: unknown version": row(*DIFF, "tiny@v0001", "tiny@v0002", *S, needles="unknown version 'v0002'"),
+    "diff: bit flip": row(*DIFF, "tiny@v0001", "tiny", *S, needles="checksum mismatch", damage=flip_chunk_bit),
+    "diff: deleted array": row(*DIFF, "tiny@v0001", "tiny", *S, needles="case2/logits: array is missing", damage=delete_array),
+    "diff: --json to a directory": row(*DIFF, "tiny", "tiny", *S, "--json", "{tmp}", needles=("{tmp}", "is a directory")),
+    "diff: --json missing parent": row(*DIFF, "tiny", "tiny", *S, "--json", "{tmp}/no/d.json", needles=("{tmp}/no", "does not exist")),
+    "diff: --json exists": row(*DIFF, "tiny", "tiny", *S, "--json", "{tmp}/keep.json", needles=("keep.json", "exists (use --force")),
+    "diff: --json into the store": row(*DIFF, "tiny", "tiny", *S, "--json", "{store}/d.json", "--force",
+                                       needles="inside the golden store"),
+    "diff: store is a file": row(*DIFF, "tiny", "tiny", "--store", "{tiny_copy}", needles="store path is a file"),
+
+    # ------------------------------------------------ goldens prune
+    "prune: keep 0": row("goldens", "prune", "tiny", "--keep", "0", *S, needles="--keep 0"),
+    "prune: negative stale-after": row("goldens", "prune", "tiny", "--keep", "1", "--stale-after", "-1", *S, needles="--stale-after -1"),
+    "prune: unknown suite": row("goldens", "prune", "other", "--keep", "1", *S, needles="unknown suite 'other'"),
+    "prune: suite ../tiny": row("goldens", "prune", "../tiny", "--keep", "1", *S, needles="contains '..'"),
+    "prune: store is a file": row("goldens", "prune", "tiny", "--keep", "1", "--store", "{tiny_copy}", needles="store path is a file"),
+
+    # ------------------------------------------------ check
+    "check: unknown suite": row(*CHECK, "nosuch", *S, needles="unknown suite 'nosuch'"),
+    "check: unknown version": row(*CHECK, "tiny@v0099", *S, needles="unknown version 'v0099'"),
+    "check: suite ../x": row(*CHECK, "../x", *S, needles="contains '..'"),
+    "check: suite with ESC": row(*CHECK, "t\x1bx", *S, needles="control characters"),
+    "check: golden from another model file": row("check", "{other_model}", "--suite", "tiny", *S,
+                                                 needles="golden was made from another model file"),
+    "check: golden with other tokens": row(*CHECK, "tiny", *S, needles="case0: tokens array differs from the recorded token ids",
+                                           damage=other_token_ids),
+    "check: golden token_ids not a list": row(*CHECK, "tiny", *S, needles="'token_ids' is not a list of integers",
+                                              damage=token_ids_not_a_list),
+    "check: bit flip": row(*CHECK, "tiny", *S, needles="case1/layers/moe_out: checksum mismatch", damage=flip_chunk_bit),
+    "check: deleted array": row(*CHECK, "tiny", *S, needles="case2/logits: array is missing", damage=delete_array),
+    "check: case name ../case1": row(*CHECK, "tiny", *S, needles="case name '../case1'", damage=case_name_dotdot),
+    "check: store is a file": row(*CHECK, "tiny", "--store", "{tiny_copy}", needles="store path is a file"),
+    "check: unknown dtype": row(*CHECK, "tiny", *S, "--dtype", "float64", needles="unknown dtype 'float64'"),
+    "check: unknown device": row(*CHECK, "tiny", *S, "--device", "meta", needles="unknown device 'meta'"),
+    "check: --json to a directory": row(*CHECK, "tiny", *S, "--json", "{tmp}", needles=("{tmp}", "is a directory")),
+    "check: --html missing parent": row(*CHECK, "tiny", *S, "--html", "{tmp}/no/r.html", needles=("{tmp}/no", "does not exist")),
+    "check: --json exists": row(*CHECK, "tiny", *S, "--json", "{tmp}/keep.json", needles=("keep.json", "exists (use --force")),
+    "check: --html into a published golden": row(*CHECK, "tiny", *S, "--html", "{store}/" + V + "/zarr.json", "--force",
+                                                  needles="inside the published golden version"),
+    "check: --json and --html the same file": row(*CHECK, "tiny", *S, "--json", "{tmp}/r", "--html", "{tmp}/r",
+                                                  needles="same file"),
+    "check: bad --tol": row(*CHECK, "tiny", *S, "--tol", "moe_out.atol=-1", needles="atol"),
+    "check: --config missing": row(*CHECK, "tiny", *S, "--config", "{tmp}/none.toml", needles=("none.toml", "no such file")),
+    "check: --config not TOML": row(*CHECK, "tiny", *S, "--config", "{tiny_copy}", needles="not valid TOML"),
+    "check: missing --suite": row("check", "{model}", *S, needles="--suite"),
+})
+
+# --inject: malformed specs and values out of range (checked before anything runs)
+for _spec, _needle in {
+    "": "expected KIND:KEY=VALUE", "boom": "expected KIND:KEY=VALUE", "boom:layer=0": "unknown fault kind 'boom'",
+    "nan:": "missing layer=, expert=", "nan:layer=0": "missing expert=", "nan:layer=0,layer=1,expert=0": "given twice",
+    "nan:layer=0,expert=0,x=1": "unknown key 'x'", "nan:layer,expert=0": "'layer' is not KEY=VALUE",
+    "nan:layer=99,expert=0": "layer=99 is out of range: the model has 4 layers", "nan:layer=-1,expert=0": "layer=-1 is out of range",
+    "nan:layer=0x1,expert=0": "layer='0x1' is not an integer", "nan:layer=0,expert=8": "expert=8 is out of range",
+    "qtype:layer=0,tensor=bogus,as=q4_k": "tensor='bogus'", "qtype:layer=0,tensor=ffn_down_exps,as=q9_k": "as='q9_k'",
+    "scale:layer=0,stage=topk_ids,factor=2": "cannot be scaled", "scale:layer=0,stage=bogus,factor=2": "stage='bogus'",
+    "scale:layer=0,stage=moe_out,factor=nan": "must be finite", "scale:layer=0,stage=moe_out,factor=1e400": "must be finite",
+    "route:layer=0,token=-1": "token=-1", "route:layer=0,token=99999": "token=99999 is out of range",
+}.items():
+    ROWS[f"check: --inject {_spec!r}"] = row(*CHECK, "tiny", *S, "--inject", _spec, needles=("--inject", _needle))
+
+ROWS.update({
+    # ------------------------------------------------ compare
+    "compare: candidate is not a Zarr group": row("compare", "tiny", "{tmp}/plain", *S, needles=("{tmp}/plain", "not a Zarr v3 group")),
+    "compare: candidate is a GGUF file": row("compare", "tiny", "{model}", *S, needles=("{model}", "not a Zarr v3 group")),
+    "compare: candidate not a Zarr group (one-case golden)": row("compare", "{store}/" + V + "/case0", "{tmp}/plain",
+                                                                 needles=("{tmp}/plain", "not a Zarr v3 group")),
+    "compare: candidate missing": row("compare", "tiny", "{tmp}/nowhere.zarr", *S, needles=("nowhere.zarr", "no such candidate")),
+    "compare: candidate with other tokens": row("compare", "{store}/" + V + "/case0", "{cand}", needles="other tokens than the golden"),
+    "compare: candidate matching no golden case": row("compare", "tiny", "{cand}", *S, needles="match none of the golden's cases"),
+    "compare: candidate declaring a 2^40 shape": row("compare", "{store}/" + V + "/case0", "{huge_cand}",
+                                                     needles=("logits", "declares shape")),
+    "compare: golden case path missing": row("compare", "{tmp}/gone/case0", "{cand}", needles=("{tmp}/gone/case0", "no such case group")),
+    "compare: golden path not a Zarr group": row("compare", "{tmp}/plain", "{cand}", needles=("{tmp}/plain", "not a Zarr v3 group")),
+    "compare: unknown suite": row("compare", "nosuch", "{cand}", *S, needles="unknown suite 'nosuch'"),
+    "compare: golden bit flip": row("compare", "tiny", "{store}/" + V, *S, needles="checksum mismatch", damage=flip_chunk_bit),
+    "compare: golden deleted array": row("compare", "tiny", "{store}/" + V, *S, needles="array is missing", damage=delete_array),
+    "compare: unknown dtype": row("compare", "tiny", "{store}/" + V, *S, "--dtype", "int4", needles="unknown dtype 'int4'"),
+    "compare: --json exists": row("compare", "tiny", "{cand}", *S, "--json", "{tmp}/keep.json", needles=("keep.json", "exists")),
+    "compare: --json into a published golden": row("compare", "tiny", "{cand}", *S, "--json", "{store}/" + V + "/zarr.json",
+                                                   "--force", needles="inside the published golden version"),
+    "compare: --html to a directory": row("compare", "tiny", "{cand}", *S, "--html", "{tmp}", needles="is a directory"),
+
+    # ------------------------------------------------ calibrate
+    "calibrate: unknown dtype": row("calibrate", "{model}", "--tokens", "1", "--dtypes", "float64", needles="unknown dtype 'float64'"),
+    "calibrate: no dtypes": row("calibrate", "{model}", "--tokens", "1", "--dtypes", ",", needles="--dtypes ','"),
+    "calibrate: margin 0": row("calibrate", "{model}", "--tokens", "1", "--margin", "0", needles="--margin 0"),
+    "calibrate: margin inf": row("calibrate", "{model}", "--tokens", "1", "--margin", "inf", needles="--margin inf"),
+    "calibrate: margin nan": row("calibrate", "{model}", "--tokens", "1", "--margin", "nan", needles="--margin nan"),
+    "calibrate: token out of vocab": row("calibrate", "{model}", "--tokens", "1,99999", needles="token id 99999"),
+    "calibrate: empty prompt": row("calibrate", "{model}", "--prompt", "", needles="empty prompt"),
+    "calibrate: --json to a directory": row("calibrate", "{model}", "--tokens", "1", "--json", "{tmp}", needles="is a directory"),
+    "calibrate: --json missing parent": row("calibrate", "{model}", "--tokens", "1", "--json", "{tmp}/no/c.json",
+                                            needles="does not exist"),
+    "calibrate: --json exists": row("calibrate", "{model}", "--tokens", "1", "--json", "{tmp}/keep.json", needles="exists"),
+
+    # ------------------------------------------------ usage
+    "usage: unknown command": row("frobnicate", needles="invalid choice: 'frobnicate'"),
+    "usage: unknown option": row("goldens", "list", "--stoer", "x", needles="unrecognized arguments: --stoer"),
+})
+
+
+# ---------------------------------------------------------------- running a row
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_path):
+    """One copy of the committed goldens for the rows that do not damage it, and a candidate
+    case group with other tokens than every golden case."""
+    return _shared(tmp_path_factory.mktemp("bad_inputs"), Path(tiny_path))
+
+
+def _shared(base: Path, tiny: Path) -> tuple[Path, Path]:
+    store = base / "goldens"
+    shutil.copytree(REPO_GOLDENS, store)
+    cand = base / "cand.zarr"
+    assert main(["-q", "trace", str(tiny), "--tokens", "5,6,7", "--out", str(cand)]) == 0
+    return store, cand
+
+
+def _prepare(name: str, r: Row, tmp: Path, shared_store: Path, cand: Path, tiny: Path) -> dict[str, str]:
+    """Make what the row names (only that: a row costs milliseconds) and return the placeholders."""
+    used = " ".join(r.argv + r.needles)
+    store = shared_store
+    if r.damage is not None:
+        store = tmp / "goldens"
+        shutil.copytree(shared_store, store)
+        r.damage(store)
+    ctx = {"model": str(tiny), "store": str(store), "tmp": str(tmp), "cand": str(cand)}
+    bad = name.partition(": model ")[2]
+    if bad:
+        ctx["model"] = str(BAD_MODELS[bad][0](tmp, tiny))
+    if "{tmp}/plain" in used:
+        (tmp / "plain").mkdir()
+        (tmp / "plain" / "mine.txt").write_text("not a case group")
+    if "keep.json" in used:
+        (tmp / "keep.json").write_text("mine")
+    if "{huge_cand}" in used:
+        huge = tmp / "huge.zarr"
+        shutil.copytree(shared_store / V / "case0", huge)
+        _json_edit(huge / "logits" / "zarr.json", lambda d: d.update(shape=[2**40, 272]))
+        ctx["huge_cand"] = str(huge)
+    if "{tiny_copy}" in used:
+        ctx["tiny_copy"] = str(_copy_of_tiny(tmp, tiny, "tiny-copy.gguf", lambda d: d))
+    if "{other_model}" in used:
+        ctx["other_model"] = str(_copy_of_tiny(tmp, tiny, "tiny-edited.gguf", _flip_weight))
+    return ctx
+
+
+def invoke(argv: list[str]) -> tuple[int, str, str]:
+    """``moesnap -q ARGV`` in this process: (exit code, stdout, stderr); warnings land on stderr too."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["-q", *argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_row(name: str, tmp: Path, shared_store: Path, cand: Path, tiny: Path) -> str:
+    """Run one row and assert everything the module promises; return the line the user saw."""
+    r = ROWS[name]
+    ctx = _prepare(name, r, tmp, shared_store, cand, tiny)
+    argv = [a.format(**ctx) for a in r.argv]
+    store = Path(ctx["store"])
+    before_tmp, before_store = tree_digest(tmp), tree_digest(store)
+    code, out, err = invoke(argv)
+    assert code == 2, (code, out, err)
+    assert out == "", out
+    assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("moesnap: error: "), err
+    assert "Traceback" not in err and len(err) < 600, err
+    for needle in r.needles:
+        assert needle.format(**ctx) in err, (needle.format(**ctx), err)
+    assert tree_digest(store) == before_store, "the golden store changed"
+    assert tree_digest(tmp) == before_tmp, "files appeared, changed or vanished"
+    return err.strip()
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_bad_input(name, tmp_path, shared, tiny_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)            # a relative default (goldens/) never reaches the repository's store
+    store, cand = shared
+    run_row(name, tmp_path, store, cand, Path(tiny_path))
+
+
+def test_cuda_without_a_gpu(tmp_path, tiny_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    for argv in (["trace", str(tiny_path), "--tokens", "1", "--device", "cuda", "--out", str(tmp_path / "o")],
+                 ["check", str(tiny_path), "--suite", "tiny", "--store", str(REPO_GOLDENS), "--device", "cuda:0"]):
+        code, out, err = invoke(argv)
+        assert code == 2 and err.count("\n") == 1 and "no CUDA device is available" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_catalogue_covers_every_command():
+    firsts = {(r.argv[0], r.argv[1] if r.argv[0] in ("goldens", "model") else None) for r in ROWS.values()}
+    assert {("model", "make"), ("trace", None), ("goldens", "generate"), ("goldens", "list"), ("goldens", "show"),
+            ("goldens", "diff"), ("goldens", "prune"), ("check", None), ("compare", None), ("calibrate", None)} <= firsts
+
+
+def test_repository_goldens_untouched():
+    """The rows work on copies: the committed store still verifies."""
+    assert invoke(["goldens", "show", "tiny", "--store", str(REPO_GOLDENS)])[0] == 0
+
+
+if __name__ == "__main__":   # python tests/test_bad_inputs.py: the catalogue as a Markdown table
+    import os
+    import tempfile
+
+    from moesnap.synth import tiny_path as _tiny
+
+    os.environ["MOESNAP_NO_PROGRESS"] = "1"
+    with tempfile.TemporaryDirectory() as d:
+        base = Path(d)
+        store, cand = _shared(base, _tiny())
+        print("| input | what the user sees (exit 2) |\n|---|---|")
+        for i, name in enumerate(ROWS):
+            work = base / f"row{i}"
+            work.mkdir()
+            try:
+                line = run_row(name, work, store, cand, _tiny())
+            except AssertionError as e:
+                line = f"FAILED: {e}"
+            for path, short in ((str(work), "$TMP"), (str(store), "goldens"), (str(cand), "cand.zarr"),
+                                (str(_tiny()), "tiny.gguf")):
+                line = line.replace(path, short)
+            print(f"| {name} | `{line.replace('|', '&#124;')}` |")
