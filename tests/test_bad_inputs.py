@@ -478,6 +478,126 @@ def test_repository_goldens_untouched():
     assert invoke(["goldens", "show", "tiny", "--store", str(REPO_GOLDENS)])[0] == 0
 
 
+# ---------------------------------------------------------------- path safety (issue 6, item 4)
+
+
+def _listing(root: Path) -> set[str]:
+    return {str(q.relative_to(root)) for q in root.rglob("*")}
+
+
+def test_bad_suite_names_are_refused_before_any_write(tmp_path, tiny_path):
+    """Neither the CLI nor the library creates anything for a suite that would leave the store."""
+    from moesnap.errors import UsageError
+    from moesnap.store import LocalGoldenStore
+
+    store = tmp_path / "area" / "store"
+    store.mkdir(parents=True)
+    for bad in ("../x", "..", "/tmp/x", "a/../../x", "x\x00", "x/..", ".", "~"):
+        code, _, err = invoke(["goldens", "generate", str(tiny_path), "--suite", bad, "--store", str(store), "--tokens", "1"])
+        assert code == 2 and err.count("\n") == 1, err
+        with pytest.raises(UsageError):
+            LocalGoldenStore(store).begin(bad)
+    assert _listing(tmp_path) == {"area", "area/store"}
+
+
+def test_generate_writes_only_inside_the_store(tmp_path, tiny_path):
+    store = tmp_path / "store"
+    (tmp_path / "neighbour.txt").write_text("x")
+    code, out, err = invoke(["goldens", "generate", str(tiny_path), "--suite", "s", "--store", str(store), "--tokens", "1,2"])
+    assert code == 0, err
+    assert out == "s@v0001\n"
+    assert {q.split("/")[0] for q in _listing(tmp_path)} == {"store", "neighbour.txt"}
+    assert {q for q in _listing(store) if q.count("/") <= 1} == {"s", "s/v0001"}      # no leftovers beside it
+
+
+def test_trace_force_replaces_a_case_group_and_nothing_else(tmp_path, tiny_path):
+    out = tmp_path / "o.zarr"
+    assert invoke(["trace", str(tiny_path), "--tokens", "1,2", "--out", str(out)])[0] == 0
+    code, _, err = invoke(["trace", str(tiny_path), "--tokens", "3,4,5", "--out", str(out)])
+    assert code == 2 and "exists (use --force" in err
+    assert load_tokens(out) == [1, 2]
+    assert invoke(["trace", str(tiny_path), "--tokens", "3,4,5", "--out", str(out), "--force"])[0] == 0
+    assert load_tokens(out) == [3, 4, 5]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["o.zarr"]                   # no .tmp / .old left
+
+
+def load_tokens(path: Path) -> list[int]:
+    from moesnap.case import load_case
+
+    return load_case(path).tokens.tolist()
+
+
+def test_reports_are_not_overwritten_without_force(tmp_path, tiny_path, shared):
+    store, cand = shared
+    golden = str(store / V / "case0")
+    same = tmp_path / "same.zarr"
+    shutil.copytree(golden, same)
+    js, page = tmp_path / "r.json", tmp_path / "r.html"
+    js.write_text("mine")
+    page.write_text("mine")
+    for extra in (["--json", str(js)], ["--html", str(page)]):
+        code, _, err = invoke(["compare", golden, str(same), *extra])
+        assert code == 2 and "exists (use --force to overwrite)" in err, err
+    assert js.read_text() == page.read_text() == "mine"
+    code, _, err = invoke(["compare", golden, str(same), "--json", str(js), "--html", str(page), "--force"])
+    assert code == 0, err
+    assert json.loads(js.read_text())["verdict"] == "pass" and page.read_text().startswith("<!doctype html>")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["r.html", "r.json", "same.zarr"]
+
+
+def test_model_make_force_replaces_only_with_force(tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"mine")
+    code, _, err = invoke(["model", "make", str(out), "--preset", "tiny", "--layers", "1"])
+    assert code == 2 and "exists" in err and out.read_bytes() == b"mine"
+    assert invoke(["model", "make", str(out), "--preset", "tiny", "--layers", "1", "--force"])[0] == 0
+    assert out.read_bytes()[:4] == b"GGUF" and sorted(q.name for q in tmp_path.iterdir()) == ["m.gguf"]
+
+
+# ---------------------------------------------------------------- reports are safe (issue 6, item 5)
+
+HOSTILE = "c<script>alert(\"x&y\")<img src=x onerror=alert(1)>'&amp;\u00e9" + __import__("os").fsdecode(b"\xff\xfe")
+
+
+def test_report_text_from_input_is_escaped_in_html_and_valid_in_json(tmp_path, shared):
+    """A golden and a candidate whose paths hold markup, quotes, '&' and bytes that are not UTF-8."""
+    store, _ = shared
+    golden, cand = tmp_path / HOSTILE, tmp_path / (HOSTILE + "-cand")
+    shutil.copytree(store / V / "case0", golden)
+    shutil.copytree(store / V / "case0", cand)
+    js, page = tmp_path / "r.json", tmp_path / "r.html"
+    code, out, err = invoke(["compare", str(golden), str(cand), "--json", str(js), "--html", str(page)])
+    assert code == 0, err
+    doc = page.read_bytes().decode("utf-8")                      # valid UTF-8
+    assert "<script" not in doc and "<img" not in doc
+    assert "&lt;script&gt;alert(&quot;x&amp;y&quot;)&lt;img src=x onerror=alert(1)&gt;" in doc
+    assert "&#x27;&amp;amp;" in doc                               # the quote and a literal '&amp;' escaped once more
+    raw = js.read_bytes().decode("utf-8")
+    rep = json.loads(raw)
+    assert rep["golden"] == str(golden) and rep["candidate"] == str(cand)   # the odd bytes round-trip
+    assert {r["case"] for r in rep["results"]} == {HOSTILE}
+    json.dumps(rep, allow_nan=False)                              # no NaN or Infinity anywhere
+    assert "\x1b" not in out
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted([golden.name, cand.name, "r.json", "r.html"])
+
+
+def test_prompt_with_markup_and_escapes_in_a_golden(tmp_path, tiny_path):
+    """The prompt lives in the golden's provenance: show prints it escaped, check's reports stay clean."""
+    prompt = "<script>alert('&')</script>\x1b[2J\nnext \"q\""
+    store = tmp_path / "store"
+    assert invoke(["goldens", "generate", str(tiny_path), "--suite", "p", "--store", str(store), "--prompt", prompt])[0] == 0
+    code, out, err = invoke(["goldens", "show", "p", "--store", str(store)])
+    assert code == 0, err
+    assert "\x1b" not in out                                      # the ESC is shown, not sent
+    assert "\\x1b" in out and "\\u001b" in out                    # command line / JSON-quoted prompt
+    assert all(line.isprintable() for line in out.splitlines())
+    js, page = tmp_path / "c.json", tmp_path / "c.html"
+    code, out, err = invoke(["check", str(tiny_path), "--suite", "p", "--store", str(store), "--json", str(js), "--html", str(page)])
+    assert code == 0, err
+    assert "<script" not in page.read_text(encoding="utf-8")
+    json.dumps(json.loads(js.read_text(encoding="utf-8")), allow_nan=False)
+
+
 if __name__ == "__main__":   # python tests/test_bad_inputs.py: the catalogue as a Markdown table
     import os
     import tempfile
