@@ -115,6 +115,12 @@ class GGUFModel:
         self.file = gf
         self.path: Path = gf.path
         self.config = Qwen3MoeConfig.from_gguf(gf)
+        # the layer count comes from metadata and every check below loops over it: bound it by the
+        # tensors first (block_count = 2^32-1 built 50 billion expected shapes and never returned)
+        layers = {int(n.split(".")[1]) for n in gf.tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+        if self.config.n_layer > len(layers):
+            raise ModelFileError(f"{gf.path}: metadata key 'qwen3moe.block_count' = {self.config.n_layer}, "
+                                 f"but the file holds tensors of {len(layers)} layers")
         for name, shape in expected_shapes(self.config).items():
             t = gf.tensor(name)
             got = tuple(int(d) for d in reversed(t.shape.tolist()))
