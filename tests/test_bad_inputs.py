@@ -79,6 +79,8 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
                     "missing metadata key 'qwen3moe.rope.freq_base'"),
     "bad key value": (lambda t, m: write_gguf(t / "badval.gguf", override_keys={"qwen3moe.block_count": ("4", "str")}),
                       "'qwen3moe.block_count' = '4' must be a positive integer"),
+    "block_count 2^32-1": (lambda t, m: write_gguf(t / "layers.gguf", override_keys={"qwen3moe.block_count": (2**32 - 1, "u32")}),
+                           "'qwen3moe.block_count' = 4294967295, but the file holds tensors of 2 layers"),
     "wrong tensor shape": (lambda t, m: write_gguf(t / "shape.gguf", bad_shape="blk.1.ffn_down_exps"),
                            "tensor 'blk.1.ffn_down_exps' has shape"),
     "2^60 tensors": (lambda t, m: absurd_header(t / "t60.gguf", n_tensors=2**60),

@@ -98,10 +98,14 @@ def header_fields(data: bytes) -> list[tuple[int, int, str]]:
         pos += 8 + n
 
     for _ in range(n_kv):
+        (n,) = struct.unpack_from("<Q", data, pos)
+        key = data[pos + 8:pos + 8 + n].decode()
         string("key")
         out.append((pos, 4, "value type"))
         (t,) = struct.unpack_from("<I", data, pos)
         pos += 4
+        if t in scalar:
+            out.append((pos, scalar[t], f"value of {key}"))
         if t == 8:
             string("string value")
         elif t == 9:
@@ -206,6 +210,9 @@ def test_header_walker_finds_every_field():
 @example(ops=[("field", next(o for o, _, w in FIELDS if w == "dimension"), 8, 2**40)])
 @example(ops=[("field", next(o for o, _, w in FIELDS if w == "tensor offset"), 8, 2**64 - 1)])
 @example(ops=[("field", next(o for o, _, w in FIELDS if w == "length of string value"), 8, 2**63 - 1)])
+@example(ops=[("field", next(o for o, _, w in FIELDS if w == "value of qwen3moe.block_count"), 4, 2**32 - 1)])  # hung
+@example(ops=[("field", next(o for o, _, w in FIELDS if w == "value of qwen3moe.expert_count"), 4, 2**32 - 1)])
+@example(ops=[("field", next(o for o, _, w in FIELDS if w == "value of qwen3moe.context_length"), 4, 2**32 - 1)])
 @example(ops=[("truncate", 10)])
 @example(ops=[("truncate", HEADER_END)])
 def test_fuzz_gguf_bytes(ops, tmp_path):
