@@ -28,7 +28,7 @@ import numpy as np
 
 from .case import Case
 from .classify import Metrics, Result, Verdict, align_topk_weights, classify, classify_routing
-from .errors import GoldenError
+from .errors import GoldenError, MoesnapError
 from .stages import LAYER_STAGES, POST_ROUTING_STAGES
 from .tolerances import Tolerances
 
@@ -129,11 +129,14 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
             c = c.copy()
             idx = np.asarray(earlier)
             c[idx[idx < c.shape[0]]] = g[idx[idx < g.shape[0]]]
-        rres = classify_routing(g, c, logits, tols.tie_tol(dtype))
-        metrics = None
-        if g.shape == c.shape:  # exact set comparison of the sorted ids, for the metrics
-            metrics = classify(np.sort(g, -1), np.sort(c, -1), tols.for_stage("topk_ids", dtype),
-                               exclude_tokens=earlier).metrics
+        try:
+            rres = classify_routing(g, c, logits, tols.tie_tol(dtype))
+            metrics = None
+            if g.shape == c.shape:  # exact set comparison of the sorted ids, for the metrics
+                metrics = classify(np.sort(g, -1), np.sort(c, -1), tols.for_stage("topk_ids", dtype),
+                                   exclude_tokens=earlier).metrics
+        except MoesnapError as e:
+            raise type(e)(f"{_where(name, layer, 'topk_ids')}: {e}") from None
         res = rres.as_result(metrics)
         new: tuple[int, ...] = ()
         if rres.verdict == Verdict.ROUTING_TIE:
@@ -181,9 +184,18 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     judge("final_norm", None, _pick(golden, "final_norm", None), _pick(candidate, "final_norm", None), tail)
     judge("logits", None, _pick(golden, "logits", None), _pick(candidate, "logits", None), tail)
     for item in pending:
-        rep.results.append(item if isinstance(item, StageResult)
-                           else StageResult(item[0], item[1], item[2], item[3].result()))
+        if isinstance(item, StageResult):
+            rep.results.append(item)
+            continue
+        try:
+            rep.results.append(StageResult(item[0], item[1], item[2], item[3].result()))
+        except MoesnapError as e:   # say which stage held the array it could not judge
+            raise type(e)(f"{_where(item[0], item[1], item[2])}: {e}") from None
     return rep
+
+
+def _where(case: str, layer: int | None, stage: str) -> str:
+    return f"{case}/{stage}" if layer is None else f"{case}/layers/{stage} (layer {layer})"
 
 
 @dataclass
