@@ -196,7 +196,7 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True) -> Case:
         elif len(parts) == 1:
             name = canonical(parts[0])
             if name == "tokens":
-                tokens = data.astype(np.int32)
+                tokens = _token_ids(data, f"{where}/{path}")
             elif name in MODEL_STAGES:
                 model[name] = data
     if verify:
@@ -207,6 +207,17 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True) -> Case:
     if tokens is None:
         raise GoldenError(f"{where}: no 'tokens' array")
     return Case(tokens=tokens, model=model, layers=layers, attrs=attrs)
+
+
+def _token_ids(data: np.ndarray, where: str) -> np.ndarray:
+    """The tokens array as int32; a float, boolean, multi-dimensional or out-of-range array is refused
+    (a cast would truncate 87.5 to 87 or wrap 2^40 to 0 and compare the wrong prompt)."""
+    if data.dtype.kind not in "iu" or data.ndim != 1:
+        raise GoldenError(f"{where}: expected a 1-D integer array of token ids, got {data.dtype} {list(data.shape)}")
+    if data.size and (int(data.min()) < np.iinfo(np.int32).min or int(data.max()) > np.iinfo(np.int32).max):
+        raise GoldenError(f"{where}: token id {int(data.max()) if int(data.max()) > 0 else int(data.min())} "
+                          f"is out of the int32 range")
+    return data.astype(np.int32)
 
 
 def load_case(path: str | Path, *, verify: bool = True) -> Case:
