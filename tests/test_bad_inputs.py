@@ -168,11 +168,23 @@ def unpublished(store: Path) -> None:
 class Row:
     argv: tuple[str, ...]
     needles: tuple[str, ...]
-    damage: Callable[[Path], None] | None = None
+    damage: Callable[[Path], None] | None = None          # applied to a private copy of the store
+    candidate: Callable[[Path], None] | None = None       # applied to {bad_cand}, a copy of golden case0
 
 
-def row(*argv: str, needles: str | tuple[str, ...], damage=None) -> Row:
-    return Row(tuple(argv), (needles,) if isinstance(needles, str) else tuple(needles), damage)
+def row(*argv: str, needles: str | tuple[str, ...], damage=None, candidate=None) -> Row:
+    return Row(tuple(argv), (needles,) if isinstance(needles, str) else tuple(needles), damage, candidate)
+
+
+def _replace_array(case: Path, path: str, make) -> None:
+    """Another engine's dump: array ``path`` of the case group at ``case`` rewritten as make(old values)."""
+    import zarr
+
+    g = zarr.open_group(str(case), mode="r+")
+    old = g[path][...]
+    del g[path]
+    g.create_array(path, data=make(old))
+    g.attrs.put({k: v for k, v in g.attrs.asdict().items() if k != "checksums"})   # engines write none
 
 
 SHOW, DIFF, CHECK = ("goldens", "show"), ("goldens", "diff"), ("check", "{model}", "--suite")
@@ -346,6 +358,18 @@ ROWS.update({
     "compare: candidate matching no golden case": row("compare", "tiny", "{cand}", *S, needles="match none of the golden's cases"),
     "compare: candidate declaring a 2^40 shape": row("compare", "{store}/" + V + "/case0", "{huge_cand}",
                                                      needles=("logits", "declares shape")),
+    "compare: candidate tokens are floats": row("compare", "{store}/" + V + "/case0", "{bad_cand}",
+                                                needles=("bad_cand.zarr/tokens", "integer array of token ids, got float64"),
+                                                candidate=lambda c: _replace_array(c, "tokens", lambda a: a + 0.5)),
+    "compare: candidate token 2^40": row("compare", "{store}/" + V + "/case0", "{bad_cand}",
+                                         needles=("bad_cand.zarr/tokens", "token id 1099511627776 is out of the int32 range"),
+                                         candidate=lambda c: _replace_array(c, "tokens", lambda a: a.astype("i8") * 0 + 2**40)),
+    "compare: candidate stage of strings": row("compare", "{store}/" + V + "/case0", "{bad_cand}",
+                                               needles=("case0/layers/moe_out (layer 0)", "dtype <U"),
+                                               candidate=lambda c: _replace_array(c, "layers/moe_out", lambda a: a.astype(str))),
+    "compare: candidate stage of complex numbers": row("compare", "{store}/" + V + "/case0", "{bad_cand}",
+                                                       needles=("case0/logits", "complex64"),
+                                                       candidate=lambda c: _replace_array(c, "logits", lambda a: a.astype("c8"))),
     "compare: golden case path missing": row("compare", "{tmp}/gone/case0", "{cand}", needles=("{tmp}/gone/case0", "no such case group")),
     "compare: golden path not a Zarr group": row("compare", "{tmp}/plain", "{cand}", needles=("{tmp}/plain", "not a Zarr v3 group")),
     "compare: unknown suite": row("compare", "nosuch", "{cand}", *S, needles="unknown suite 'nosuch'"),
@@ -416,6 +440,11 @@ def _prepare(name: str, r: Row, tmp: Path, shared_store: Path, cand: Path, tiny:
         shutil.copytree(shared_store / V / "case0", huge)
         _json_edit(huge / "logits" / "zarr.json", lambda d: d.update(shape=[2**40, 272]))
         ctx["huge_cand"] = str(huge)
+    if r.candidate is not None:
+        bad_cand = tmp / "bad_cand.zarr"
+        shutil.copytree(shared_store / V / "case0", bad_cand)
+        r.candidate(bad_cand)
+        ctx["bad_cand"] = str(bad_cand)
     if "{tiny_copy}" in used:
         ctx["tiny_copy"] = str(_copy_of_tiny(tmp, tiny, "tiny-copy.gguf", lambda d: d))
     if "{other_model}" in used:
