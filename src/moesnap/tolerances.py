@@ -366,7 +366,8 @@ class Tolerances:
             raise ToleranceError(f"{path}: cannot read: {err.strerror or err}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ToleranceError(f"{path}: not valid TOML: {err}") from None
-        section = data.get("tool", {}).get("moesnap", {})
+        tool = data.get("tool", {})
+        section = tool.get("moesnap", {}) if isinstance(tool, dict) else None   # 'tool = 5' is not a table either
         if not isinstance(section, dict):
             raise ToleranceError(f"{path}: [tool.moesnap] must be a table")
         try:
