@@ -330,6 +330,8 @@ ROWS.update({
     "check: bad --tol": row(*CHECK, "tiny", *S, "--tol", "moe_out.atol=-1", needles="atol"),
     "check: --config missing": row(*CHECK, "tiny", *S, "--config", "{tmp}/none.toml", needles=("none.toml", "no such file")),
     "check: --config not TOML": row(*CHECK, "tiny", *S, "--config", "{tiny_copy}", needles="not valid TOML"),
+    "check: --config with 'tool = 5'": row(*CHECK, "tiny", *S, "--config", "{tmp}/tool5.toml",
+                                            needles=("tool5.toml", "[tool.moesnap] must be a table")),
     "check: missing --suite": row("check", "{model}", *S, needles="--suite"),
 })
 
@@ -433,6 +435,8 @@ def _prepare(name: str, r: Row, tmp: Path, shared_store: Path, cand: Path, tiny:
     if "{tmp}/plain" in used:
         (tmp / "plain").mkdir()
         (tmp / "plain" / "mine.txt").write_text("not a case group")
+    if "tool5.toml" in used:
+        (tmp / "tool5.toml").write_text("tool = 5\n")
     if "keep.json" in used:
         (tmp / "keep.json").write_text("mine")
     if "{huge_cand}" in used:
