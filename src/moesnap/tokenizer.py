@@ -35,6 +35,8 @@ def byte_token_ids(gf: GGUFFile) -> list[int]:
         raise ModelFileError(f"{gf.path}: has no tokenizer vocabulary; pass --tokens instead of --prompt")
     kind = gf.get("tokenizer.ggml.model")
     tokens = gf.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ModelFileError(f"{gf.path}: metadata key 'tokenizer.ggml.tokens' is not an array of strings; pass --tokens")
     index = {t: i for i, t in enumerate(tokens)}
     if kind == "llama":
         wanted = [f"<0x{b:02X}>" for b in range(256)]
