@@ -93,6 +93,21 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
                        "tensor 'token_embd' claims"),
 }
 
+def _nested_vocabulary(path: Path) -> Path:
+    """A model whose tokenizer.ggml.tokens is an array of arrays (GGUF allows it)."""
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        def add_token_list(self, tokens):
+            self.add_array("tokenizer.ggml.tokens", [[1, 2], [3]] * 135)
+
+    real, gguf.GGUFWriter = gguf.GGUFWriter, Writer
+    try:
+        return write_gguf(path)
+    finally:
+        gguf.GGUFWriter = real
+
+
 #: every command that opens a model, with the rest of its arguments
 MODEL_COMMANDS = {
     "trace": ["trace", "{model}", "--tokens", "1,2,3", "--out", "{tmp}/out.zarr"],
@@ -224,6 +239,8 @@ ROWS.update({
                                                needles=("4097 tokens", "context of 4096")),
     "trace: empty prompt": row("trace", "{model}", "--prompt", "", "--out", "{tmp}/o.zarr", needles="empty prompt"),
     "trace: non-UTF-8 prompt": row("trace", "{model}", "--prompt", "ab\udcff", "--out", "{tmp}/o.zarr", needles="--prompt: not UTF-8"),
+    "trace: --prompt with a vocabulary of arrays": row("trace", "{nested_vocab}", "--prompt", "hi", "--out", "{tmp}/o.zarr",
+                                                      needles=("{nested_vocab}", "'tokenizer.ggml.tokens' is not an array of strings")),
     "trace: tokens and prompt": row("trace", "{model}", "--tokens", "1", "--prompt", "x", "--out", "{tmp}/o.zarr", needles="exactly one"),
     "trace: unknown dtype": row("trace", "{model}", "--tokens", "1", "--dtype", "float8", "--out", "{tmp}/o.zarr", needles="unknown dtype 'float8'"),
     "trace: unknown device": row("trace", "{model}", "--tokens", "1", "--device", "tpu", "--out", "{tmp}/o.zarr", needles="unknown device 'tpu'"),
@@ -449,6 +466,8 @@ def _prepare(name: str, r: Row, tmp: Path, shared_store: Path, cand: Path, tiny:
         shutil.copytree(shared_store / V / "case0", bad_cand)
         r.candidate(bad_cand)
         ctx["bad_cand"] = str(bad_cand)
+    if "{nested_vocab}" in used:
+        ctx["nested_vocab"] = str(_nested_vocabulary(tmp / "nested.gguf"))
     if "{tiny_copy}" in used:
         ctx["tiny_copy"] = str(_copy_of_tiny(tmp, tiny, "tiny-copy.gguf", lambda d: d))
     if "{other_model}" in used:
