@@ -96,12 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_MESSAGE = 600   # characters: a hostile file's 1 MB tensor name or metadata array stays one short line
+
+
 def _one_line(text: str) -> str:
-    """``text`` on one line: a file name holding a newline or an ANSI escape cannot split the
-    error over lines or repaint the terminal."""
+    """``text`` on one short line: a file name holding a newline or an ANSI escape cannot split the
+    error over lines or repaint the terminal, and a value read from a file cannot flood it."""
     from .util import printable
 
-    return printable(text)
+    text = printable(text)
+    if len(text) > MAX_MESSAGE:
+        half = MAX_MESSAGE // 2 - 10
+        text = f"{text[:half]} … ({len(text) - 2 * half} characters left out) … {text[-half:]}"
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ class Qwen3MoeConfig:
         arch = gf.get(Keys.General.ARCHITECTURE)
         if arch != ARCH:
             raise ModelFileError(
-                f"{gf.path}: architecture is {arch!r}, moesnap supports {ARCH!r} (Qwen3-MoE)"
+                f"{gf.path}: architecture is {reprlib.repr(arch)}, moesnap supports {ARCH!r} (Qwen3-MoE)"
             )
 
         def key(template: str) -> str:
@@ -60,14 +61,14 @@ class Qwen3MoeConfig:
             k = key(template)
             v = gf.get(k)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ModelFileError(f"{gf.path}: metadata key {k!r} = {v!r} must be a positive integer")
+                raise ModelFileError(f"{gf.path}: metadata key {k!r} = {reprlib.repr(v)} must be a positive integer")
             return int(v)
 
         def pos_float(template: str) -> float:
             k = key(template)
             v = gf.get(k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ModelFileError(f"{gf.path}: metadata key {k!r} = {v!r} must be a positive finite number")
+                raise ModelFileError(f"{gf.path}: metadata key {k!r} = {reprlib.repr(v)} must be a positive finite number")
             return float(v)
 
         n_head = pos_int(Keys.Attention.HEAD_COUNT)
