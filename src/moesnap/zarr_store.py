@@ -200,8 +200,12 @@ class ZarrGoldenStore(GoldenStore):
                 raise
             except Exception as e:
                 raise GoldenError(f"{where}: case group missing or unreadable ({_one_line(e)})") from None
+            expected: dict = {}
+            for entry in self._read_meta(suite, version).get("cases") or []:
+                if isinstance(entry, dict) and entry.get("name") == case and isinstance(entry.get("arrays"), dict):
+                    expected = entry["arrays"]
             return _read_case_parallel(group, where=where, verify=verify,
-                                       raw_dir=self._raw_case_dir(suite, version, case))
+                                       raw_dir=self._raw_case_dir(suite, version, case), expected=expected)
 
     @contextlib.contextmanager
     def _errors(self, where: str) -> Iterator[None]:
@@ -262,7 +266,8 @@ def _read_raw(arr, raw_dir: Path, path: str) -> np.ndarray | str | None:
     return out
 
 
-def _read_case_parallel(group, *, where: str, verify: bool, raw_dir: Path | None = None) -> Case:
+def _read_case_parallel(group, *, where: str, verify: bool, raw_dir: Path | None = None,
+                        expected: dict | None = None) -> Case:
     """:func:`moesnap.case.read_case` for goldens this module wrote (canonical names): the
     arrays are read and their sha256 checked on a few threads at once (local chunk files
     straight into the result when :func:`_read_raw` can).  Same errors: an unreadable,
@@ -282,6 +287,12 @@ def _read_case_parallel(group, *, where: str, verify: bool, raw_dir: Path | None
 
     def load(item):
         path, arr = item
+        want = (expected or {}).get(path)
+        if isinstance(want, dict) and (list(arr.shape) != list(want.get("shape") or [])
+                                       or str(arr.dtype) != str(want.get("dtype"))):
+            # checked before reading: a tampered zarr.json must not make us allocate what it claims
+            return path, None, (f"declares shape {list(arr.shape)} {arr.dtype}, the version recorded "
+                                f"{want.get('shape')} {want.get('dtype')} (modified metadata)")
         try:
             data = _read_raw(arr, raw_dir, path) if raw_dir is not None else None
             if isinstance(data, str):
