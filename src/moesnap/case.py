@@ -136,27 +136,56 @@ def open_case_group(path: str | Path) -> zarr.Group:
     return g
 
 
-#: arrays are read whole; what they declare may exceed what they store only by this
-#: factor (compression, chunks left out as fill value), beyond a floor that is always allowed
+#: arrays are read whole; what they declare may exceed what they store only by this factor
+#: (compression, chunks left out as fill value), beyond a floor that is always allowed
 MAX_EXPANSION = 64
-ALWAYS_ALLOWED_BYTES = 1 << 30
+ALWAYS_ALLOWED_BYTES = 64 << 20
+ALWAYS_ALLOWED_CHUNKS = 4096
 
 
 def _check_sizes(members: list[tuple[str, Any]], where: str) -> None:
-    """Refuse a group whose arrays declare far more bytes than they store (a corrupt or
-    hostile ``zarr.json`` claiming a shape of 2^40 would otherwise be allocated and filled)."""
+    """Refuse a group whose arrays declare far more than they store: a corrupt or hostile
+    ``zarr.json`` claiming a shape of 2^40 would be allocated and filled, and a tokens array
+    of 2^24 ids in 883k one-token chunks would be read chunk by chunk for minutes."""
     sizes = []
     for path, arr in members:
         try:
-            sizes.append((int(arr.nbytes) - int(arr.nbytes_stored()), int(arr.nbytes), path, arr))
+            n = int(arr.nbytes)
+            have, stored = _stored(arr)
+            outer = arr.shards or arr.chunks
+            chunks = int(np.prod([-(-int(a) // max(1, int(c))) for a, c in zip(arr.shape, outer)], dtype=np.float64))
+            chunk_bytes = int(np.prod(outer, dtype=np.float64)) * arr.dtype.itemsize
         except Exception as e:
             raise GoldenError(f"{where}/{path}: unreadable array ({type(e).__name__}: {e})") from None
-    declared = sum(n for _, n, _, _ in sizes)
-    stored = declared - sum(gap for gap, _, _, _ in sizes)
+        if chunk_bytes > max(ALWAYS_ALLOWED_BYTES, MAX_EXPANSION * stored):
+            raise GoldenError(f"{where}/{path}: declares chunks of {list(arr.metadata.chunk_grid.chunk_shape)} "
+                              f"({chunk_bytes / 2**30:.3g} GiB each), far more than it stores; corrupt zarr.json?")
+        sizes.append((n - stored, n, stored, chunks, have, path, arr))
+    declared = sum(x[1] for x in sizes)
+    stored = sum(x[2] for x in sizes)
     if declared > max(ALWAYS_ALLOWED_BYTES, MAX_EXPANSION * stored):
-        _, n, path, arr = max(sizes, key=lambda x: x[0])
+        _, n, _, _, _, path, arr = max(sizes, key=lambda x: x[0])
         raise GoldenError(f"{where}/{path}: declares shape {list(arr.shape)} {arr.dtype} ({n / 2**30:.3g} GiB), "
                           f"far more than the group stores ({stored} bytes); corrupt zarr.json?")
+    if sum(x[3] for x in sizes) > max(ALWAYS_ALLOWED_CHUNKS, MAX_EXPANSION * sum(x[4] for x in sizes)):
+        _, _, _, chunks, have, path, arr = max(sizes, key=lambda x: x[3] - x[4])
+        raise GoldenError(f"{where}/{path}: declares shape {list(arr.shape)} in {chunks} chunks but stores {have}; "
+                          f"corrupt zarr.json?")
+
+
+def _stored(arr) -> tuple[int, int]:
+    """(chunk or shard objects, bytes) stored under the array, by listing its own prefix only
+    (zarr's nchunks_initialized enumerates every declared chunk key: 10^12 of them never return)."""
+    from zarr.core.sync import sync
+
+    sp = arr.store_path
+
+    async def count() -> tuple[int, int]:
+        keys = [k async for k in sp.store.list_prefix(f"{sp.path}/" if sp.path else "")]
+        sizes = [await sp.store.getsize(k) for k in keys]
+        return sum(1 for k in keys if not k.endswith("zarr.json")), sum(sizes)
+
+    return sync(count())
 
 
 def read_case(group: zarr.Group, *, where: str, verify: bool = True) -> Case:
