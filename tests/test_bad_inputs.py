@@ -395,6 +395,10 @@ ROWS.update({
     "compare: candidate matching no golden case": row("compare", "tiny", "{cand}", *S, needles="match none of the golden's cases"),
     "compare: candidate declaring a 2^40 shape": row("compare", "{store}/" + V + "/case0", "{huge_cand}",
                                                      needles=("logits", "declares shape")),
+    "compare: candidate tokens in 220,753 chunks": row("compare", "{store}/" + V + "/case0", "{bad_cand}",
+                                                     needles=("bad_cand.zarr/tokens", "in 220753 chunks but stores 1"),
+                                                     candidate=lambda c: _json_edit(c / "tokens/zarr.json",
+                                                                                    lambda d: d.update(shape=[2**22]))),
     "compare: candidate tokens are floats": row("compare", "{store}/" + V + "/case0", "{bad_cand}",
                                                 needles=("bad_cand.zarr/tokens", "integer array of token ids, got float64"),
                                                 candidate=lambda c: _replace_array(c, "tokens", lambda a: a + 0.5)),
@@ -550,7 +554,7 @@ def test_repository_goldens_untouched():
     assert invoke(["goldens", "show", "tiny", "--store", str(REPO_GOLDENS)])[0] == 0
 
 
-# ---------------------------------------------------------------- known gaps
+# ---------------------------------------------------------------- regressions
 
 
 def test_golden_array_declaring_a_larger_shape_is_refused_before_reading(tmp_path, shared):

@@ -350,17 +350,34 @@ def test_fuzz_case_zarr_json(golden_case, tmp_path_factory, data):
             assert str(e) and "\n" not in str(e)
 
 
-@pytest.mark.parametrize("shape", [[2**40, 272], [2**22, 272], [2**31, 2**31]])
-def test_regression_case_declaring_a_huge_shape_is_refused_without_allocating(golden_case, tmp_path, shape):
-    """Found by hand, kept: logits zarr.json claiming [2^22, 272] made compare allocate and fill 4.25 GiB
-    (40 s); [2^40, 272] was a MemoryError (exit 3).  Now refused before reading, naming the array."""
+@pytest.mark.parametrize("array, shape, chunks, message", [
+    # found by hand: logits claiming [2^22, 272] made compare allocate and fill 4.25 GiB (40 s);
+    # [2^40, 272] was a MemoryError (exit 3)
+    ("logits", [2**40, 272], None, r"case0/logits: declares shape .* far more than the group stores"),
+    ("logits", [2**22, 272], None, r"case0/logits: declares shape .* far more than the group stores"),
+    ("logits", [2**31, 2**31], None, r"case0/logits: declares shape"),
+    # found by test_fuzz_case_zarr_json (nightly): tokens claiming 2^22 ids in 220,753 chunks of 19 were
+    # read chunk by chunk for minutes (and zarr's nchunks_initialized enumerates every declared key)
+    ("tokens", [2**22], None, r"case0/tokens: declares shape \[4194304\] in 220753 chunks but stores 1"),
+    ("tokens", [19], [2**31], r"case0/tokens: declares chunks of \[2147483648\]"),
+])
+def test_regression_case_declaring_huge_shapes_or_chunks_is_refused_fast(golden_case, tmp_path, array, shape, chunks,
+                                                                         message):
     src, _ = golden_case
     work = tmp_path / "case0"
     shutil.copytree(src, work)
-    _edit(work / "logits/zarr.json", ("logits/zarr.json", "json", ("shape", 0, shape[0])))
-    _edit(work / "logits/zarr.json", ("logits/zarr.json", "json", ("shape", 1, shape[1])))
-    with bounded(peak=64 << 20):
-        with pytest.raises(MoesnapError, match=r"case0/logits: declares shape .* far more than the group stores"):
+
+    def edit(d):
+        d["shape"] = shape
+        if chunks is not None:
+            d["chunk_grid"]["configuration"]["chunk_shape"] = chunks
+
+    f = work / array / "zarr.json"
+    d = json.loads(f.read_text())
+    edit(d)
+    f.write_text(json.dumps(d))
+    with bounded(seconds=10, peak=64 << 20):
+        with pytest.raises(MoesnapError, match=message):
             load_case(work)
 
 
