@@ -112,9 +112,11 @@ def published_version_above(path: str | Path) -> Path | None:
     """The published golden version directory (one holding ``published.json``) that ``path``
     is or lies inside, if any."""
     p = Path(os.path.abspath(path))
-    for d in (p, *p.parents):
-        if (d / "published.json").is_file():
-            return d
+    real = Path(os.path.realpath(p.parent)) / p.name    # a symlinked directory leads where it points
+    for q in (p, real):
+        for d in (q, *q.parents):
+            if (d / "published.json").is_file():
+                return d
     return None
 
 
