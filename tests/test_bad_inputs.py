@@ -605,6 +605,19 @@ def test_generate_writes_only_inside_the_store(tmp_path, tiny_path):
     assert {q for q in _listing(store) if q.count("/") <= 1} == {"s", "s/v0001"}      # no leftovers beside it
 
 
+def test_a_symlinked_directory_does_not_lead_into_a_golden(tmp_path, tiny_path, shared):
+    store = tmp_path / "goldens"
+    shutil.copytree(shared[0], store)
+    before = tree_digest(store)
+    (tmp_path / "link").symlink_to(store / V, target_is_directory=True)
+    for argv in (["compare", str(store / V / "case0"), str(store / V / "case0"), "--json", str(tmp_path / "link/r.json")],
+                 ["trace", str(tiny_path), "--tokens", "1", "--out", str(tmp_path / "link/case9")],
+                 ["calibrate", str(tiny_path), "--tokens", "1", "--dtypes", "float32", "--json", str(tmp_path / "link/c.json")]):
+        code, _, err = invoke(argv)
+        assert code == 2 and "inside the published golden version" in err, err
+    assert tree_digest(store) == before
+
+
 def test_trace_force_replaces_a_case_group_and_nothing_else(tmp_path, tiny_path):
     out = tmp_path / "o.zarr"
     assert invoke(["trace", str(tiny_path), "--tokens", "1,2", "--out", str(out)])[0] == 0
