@@ -24,7 +24,8 @@ def store(tmp_path_factory, tiny_path):
 
 def check(capsys, tiny_path, store, tmp_path, *extra):
     js = tmp_path / "r.json"
-    code = main(["-q", "check", str(tiny_path), "--suite", "t", "--store", str(store), "--json", str(js), *extra])
+    code = main(["-q", "check", str(tiny_path), "--suite", "t", "--store", str(store), "--json", str(js), "--force",
+                 *extra])
     out = capsys.readouterr()
     return code, out.out, out.err, (json.loads(js.read_text()) if js.exists() else None)
 
@@ -76,17 +77,51 @@ def test_planted_fault_is_named(capsys, tiny_path, store, tmp_path, spec, layer,
         assert later or layer == GGUFModel.open(tiny_path).config.n_layer - 1
 
 
-def test_routing_flip_at_a_near_tie_is_tolerated(capsys, tiny_path, store, tmp_path):
-    # with a wide tie tolerance every flip counts as a near tie: the check passes and says which token flipped
+def test_a_planted_flip_within_the_tie_width_is_refused(capsys, tiny_path, store, tmp_path):
+    # with a wide tie tolerance every flip is a near tie: router replay takes the golden's experts back,
+    # so the planted fault changes nothing and proves nothing
     code, out, err, rep = check(capsys, tiny_path, store, tmp_path, "--inject", "route:layer=1,token=4",
                                 "--tol", "float32:tie_tol=100")
-    assert code == 0, out + err
+    assert code == 2 and "cannot fire" in err and "route:layer=1,token=4" in err, out + err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_without_router_replay_a_flip_leaves_the_check_inconclusive(capsys, tiny_path, store, tmp_path):
+    # the candidate keeps its own experts: the flipped token and every later one go unjudged in later
+    # layers, so nothing fails, and yet it is no pass
+    code, out, err, rep = check(capsys, tiny_path, store, tmp_path, "--inject", "route:layer=1,token=4",
+                                "--tol", "float32:tie_tol=100", "--no-router-replay")
+    assert code == 1, out + err
+    assert rep["verdict"] == "inconclusive" and rep["first_divergence"] is None
     ids = [r for r in rep["results"] if r["stage"] == "topk_ids" and r["layer"] == 1]
     assert any(r["verdict"] == "ROUTING_TIE" and r["flipped_tokens"] == [4] for r in ids)
     later = [r for r in rep["results"] if r["layer"] == 2 and r["stage"] == "layer_out"]
     assert all(set(r["excluded_tokens"]) >= {4, 5, 6} for r in later if len(r["excluded_tokens"]))
-    assert any("near tie" in n for n in rep["routing_notes"])
-    assert "~" in out
+    cov = rep["coverage"]
+    assert 0 < cov["cells_judged"] < cov["cells_held"] and cov["unjudged"]
+    assert "--replay" in rep["inconclusive"] and "verdict: inconclusive" in out
+    assert "~" in out and "inconclusive:" in out
+
+
+def test_bfloat16_router_replay_judges_every_token(capsys, tiny_path, tmp_path):
+    # these 32 tokens of the tiny model flip near ties in bfloat16 (layers 1 and 3); router replay keeps them judged
+    store = tmp_path / "s"
+    toks = ",".join(str(t) for t in np.random.default_rng(4).integers(0, 272, 32))
+    assert main(["-q", "goldens", "generate", str(tiny_path), "--suite", "b", "--store", str(store),
+                 "--tokens", toks]) == 0
+    js = tmp_path / "b.json"
+    code = main(["-q", "check", str(tiny_path), "--suite", "b", "--store", str(store), "--dtype", "bfloat16",
+                 "--json", str(js)])
+    out = capsys.readouterr().out
+    rep = json.loads(js.read_text())
+    assert code == 0 and rep["verdict"] == "pass", out
+    cov = rep["coverage"]
+    assert cov["cells_judged"] == cov["cells_held"] > 0
+    assert set(cov["judged_by_mode"]) == {"free-running, router replay", "replay"}
+    assert any("followed" in n for n in rep["routing_notes"] + rep["replay"]["routing_notes"]), rep["routing_notes"]
+    ties = [r for r in rep["results"] + rep["replay"]["results"] if r["verdict"] == "ROUTING_TIE"]
+    assert ties and all(r["stage"] == "topk_ids" for r in ties)
+    assert not any(r["excluded_tokens"] for r in rep["results"])   # nothing was excused
 
 
 def test_golden_from_another_model_is_refused(capsys, tmp_path, store):

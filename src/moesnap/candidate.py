@@ -43,6 +43,17 @@ code: only the config, the stage names and the recorder.  What makes it a
 
 Fault injection (:mod:`moesnap.inject`) hooks in at four points: the decode of
 one tensor, one expert's output, one stage's value and one token's routing.
+
+**Router replay** (:class:`RouterReplay`, what ``moesnap check`` does by default):
+in low precision the candidate legitimately picks other experts where two
+golden router logits nearly tie.  Given the golden routing, a token whose
+expert set differs from the golden's within ``tie_tol`` (the rule of
+:func:`moesnap.classify.tie_gap`) continues with the golden's experts,
+weighted by the candidate's own router probabilities for them and
+renormalised, so that it stays comparable in every later stage and layer.
+``topk_ids`` records the experts used; :attr:`CandidateModel.followed` lists
+each (layer, token, own choice), which the comparison judges as the routing
+decision (``ROUTING_TIE``).  A wider flip is kept: it is a divergence.
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ import torch
 from torch.nn import functional as F
 
 from . import quants_torch
+from .classify import tie_gap
 from .config import Qwen3MoeConfig
 from .errors import UsageError
 from .inject import LAYER_TENSORS, Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, validate_injection
@@ -167,6 +179,24 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 # --------------------------------------------------------------------------- the model
 
 
+@dataclass(frozen=True)
+class RouterReplay:
+    """The golden routing a candidate follows at near ties: ``ids [L, T, k]``, router
+    ``logits [L, T, E]`` (numpy, any layer count) and the tie width in logit units."""
+
+    ids: np.ndarray
+    logits: np.ndarray
+    tie_tol: float
+
+    def layer(self, i: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if i >= len(self.ids) or i >= len(self.logits):
+            return None
+        ids, logits = np.asarray(self.ids[i]), np.asarray(self.logits[i])
+        if ids.ndim != 2 or logits.ndim != 2 or ids.shape[0] != n_tokens or logits.shape[0] != n_tokens:
+            return None
+        return ids, logits
+
+
 @dataclass
 class _Dense:
     """One layer's dense weights, dequantized on the device."""
@@ -221,6 +251,12 @@ class CandidateModel:
         for j in self.injections:
             if isinstance(j, RouteFlip):
                 self._flips.setdefault(j.layer, []).append(j.token)
+        #: (layer, token, own expert ids) where the last forward followed the golden's experts
+        self.followed: list[tuple[int, int, list[int]]] = []
+        #: planted faults that changed something in any forward so far (see :meth:`unfired`)
+        self.fired: set[Injection] = set()
+        self._guide: RouterReplay | None = None
+        self._force: dict[str, np.ndarray] | None = None
 
         if expert_path is None:
             expert_path = default_expert_path(self.device, dtype, cfg)
@@ -298,11 +334,15 @@ class CandidateModel:
 
     # -- stages ---------------------------------------------------------------
     def _emit(self, stage: str, layer: int, x: torch.Tensor, rec: Recorder) -> torch.Tensor:
-        """Apply a planted scale error (if any) to a stage's value, record it and pass it on."""
+        """Apply a planted scale error (if any) to a stage's value, record it and pass it on
+        (the golden's value instead, when stage-local replay forces this stage)."""
         f = self._scales.get((layer, stage))
         if f is not None:
             x = x * f
         rec.save(stage, layer, x)
+        forced = self._force.get(stage) if self._force is not None and stage != "topk_ids" else None
+        if forced is not None and tuple(forced.shape) == tuple(x.shape):
+            return torch.as_tensor(np.ascontiguousarray(forced)).to(x.device, x.dtype)
         return x
 
     def _rope(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,10 +397,62 @@ class CandidateModel:
             pw, pid = pw[:, :k], pid[:, :k]
         else:
             pw, pid = torch.topk(probs, k, dim=-1)                              # [T, k], descending
+        if self._force is not None and "topk_ids" in self._force:
+            pw, pid = self._forced_router(i, probs, pw, pid)
+        elif self._guide is not None:
+            pw, pid = self._replay_router(i, probs, pw, pid)
+        for t in flips or ():   # a flip fires when free-running keeps it (router replay undoes near ties)
+            if self._force is None and not any(f[0] == i and f[1] == t for f in self.followed):
+                self.fired.add(RouteFlip(layer=i, token=t))
         weights = (pw / pw.sum(dim=-1, keepdim=True)).to(self.dtype)
         ids = self._emit("topk_ids", i, pid, rec)
         weights = self._emit("topk_weights", i, weights, rec)
         return ids, weights
+
+    def _replay_router(self, i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router replay: tokens whose expert set differs from the golden's at a near tie take the golden's."""
+        guide = self._guide.layer(i, pid.shape[0]) if self._guide is not None else None
+        if guide is None or guide[0].shape[1] != pid.shape[1]:
+            return pw, pid
+        g_ids = torch.as_tensor(guide[0].astype(np.int64), device=pid.device)           # [T, k]
+        differ = (pid.sort(dim=-1).values != g_ids.sort(dim=-1).values).any(dim=-1)     # [T]
+        tokens = torch.nonzero(differ).squeeze(1).tolist()                              # host: usually none
+        if not tokens:
+            return pw, pid
+        own = pid[tokens].cpu().numpy()
+        follow = [t for t, ids in zip(tokens, own) if tie_gap(guide[1][t], ids) <= self._guide.tie_tol]
+        if not follow:
+            return pw, pid
+        for t in follow:
+            self.followed.append((i, t, [int(e) for e in own[tokens.index(t)]]))
+        idx = torch.tensor(follow, device=pid.device)
+        pid, pw = pid.clone(), pw.clone()
+        new_w, order = probs[idx].gather(-1, g_ids[idx]).sort(dim=-1, descending=True)
+        pid[idx] = g_ids[idx].gather(-1, order)
+        pw[idx] = new_w
+        return pw, pid
+
+    def _forced_router(self, i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage-local replay: every token continues with the golden's experts, in the golden's slot order,
+        weighted by this router's probabilities for them; tokens whose own set differs are listed in
+        :attr:`followed` (the comparison judges the own choice)."""
+        g = np.asarray(self._force["topk_ids"])
+        if g.shape != tuple(pid.shape):
+            return pw, pid
+        g_ids = torch.as_tensor(g.astype(np.int64), device=pid.device)
+        differ = (pid.sort(dim=-1).values != g_ids.sort(dim=-1).values).any(dim=-1)
+        tokens = torch.nonzero(differ).squeeze(1).tolist()
+        if tokens:
+            own = pid[tokens].cpu().numpy()
+            self.followed += [(i, t, [int(e) for e in ids]) for t, ids in zip(tokens, own)]
+        return probs.gather(-1, g_ids), g_ids
+
+    def unfired(self) -> list[Injection]:
+        """Planted faults that have changed nothing in any forward so far: an expert no token routed
+        to, or a routing flip that router replay undid because it fell within the near-tie width."""
+        return [j for j in self.injections if isinstance(j, (NanExpert, RouteFlip)) and j not in self.fired]
 
     def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Unweighted outputs ``[T, k, H]`` of each token's selected experts, run grouped by expert."""
@@ -393,6 +485,7 @@ class CandidateModel:
             for g, e in enumerate(used_host[g0:g0 + batch]):
                 if (i, e) in self._nan:                                # planted fault: a NaN expert
                     out[r0 + bounds[g]:r0 + bounds[g + 1]] = float("nan")
+                    self.fired.add(NanExpert(layer=i, expert=e))
             r0 = r1
         expert_out = torch.empty_like(out)
         expert_out[order] = out                                      # back to (token, slot) order
@@ -406,8 +499,24 @@ class CandidateModel:
 
     # -- public entry points --------------------------------------------------
     @torch.inference_mode()
-    def forward_layer(self, i: int, x: torch.Tensor, rec: Recorder | None = None) -> torch.Tensor:
-        """Run layer ``i`` on hidden state ``x [T, H]``; return its output ``[T, H]`` (replay uses this)."""
+    def forward_layer(self, i: int, x: torch.Tensor, rec: Recorder | None = None, *,
+                      router_replay: RouterReplay | None = None,
+                      force: dict[str, np.ndarray] | None = None) -> torch.Tensor:
+        """Run layer ``i`` on hidden state ``x [T, H]``; return its output ``[T, H]`` (replay uses this).
+
+        With ``router_replay`` the layer follows the golden's experts at near ties (the module
+        docstring); :attr:`followed` then lists where, for this call only.
+        ``force`` (stage-local replay) maps stages of this layer to golden values: each stage is
+        recorded as computed and then replaced by the golden's value before the next operation uses
+        it, so every recorded stage holds the error of one operation alone; ``topk_ids`` makes the
+        layer run the golden's experts (:attr:`followed` lists the tokens whose own choice differed).
+        """
+        if router_replay is not None or force is not None:
+            self._guide, self._force, self.followed = router_replay, force, []
+            try:
+                return self.forward_layer(i, x, rec)
+            finally:
+                self._guide, self._force = None, None
         rec = rec or NullRecorder()
         if not 0 <= i < self.cfg.n_layer:
             raise UsageError(f"layer={i} is out of range: the model has {self.cfg.n_layer} layers")
@@ -430,12 +539,23 @@ class CandidateModel:
 
     @torch.inference_mode()
     def forward(self, tokens, rec: Recorder | None = None, *, progress: Progress | None = None,
-                layer_inputs: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                layer_inputs: dict[int, torch.Tensor] | None = None,
+                router_replay: RouterReplay | None = None) -> torch.Tensor:
         """Logits ``[T, V]`` (in the compute dtype) for ``tokens`` ``[T]``, every stage recorded.
 
         ``layer_inputs`` (replay) maps a layer index to the hidden state
         ``[T, H]`` that layer receives instead of its predecessor's output.
+        ``router_replay``: follow the golden's experts at near ties (module
+        docstring); :attr:`followed` then lists where, for this forward.
         """
+        self._guide, self.followed = router_replay, []
+        try:
+            return self._forward(tokens, rec, progress=progress, layer_inputs=layer_inputs)
+        finally:
+            self._guide = None
+
+    def _forward(self, tokens, rec: Recorder | None, *, progress: Progress | None,
+                 layer_inputs: dict[int, torch.Tensor] | None) -> torch.Tensor:
         rec = rec or NullRecorder()
         cfg = self.cfg
         bad = sorted(set(layer_inputs or ()) - set(range(cfg.n_layer)))

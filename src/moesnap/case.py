@@ -37,6 +37,7 @@ class Case:
     model: dict[str, np.ndarray] = field(default_factory=dict)   # embed, final_norm, logits
     layers: dict[str, np.ndarray] = field(default_factory=dict)  # stage -> [L, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()      # arrays of the group that name no stage (read_case skipped them)
 
     @property
     def n_layer(self) -> int:
@@ -204,6 +205,7 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True) -> Case:
     tokens = None
     model: dict[str, np.ndarray] = {}
     layers: dict[str, np.ndarray] = {}
+    ignored: list[str] = []
     try:
         members = list(_walk(group))
     except Exception as e:
@@ -222,12 +224,18 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True) -> Case:
             name = canonical(parts[1])
             if name in LAYER_STAGES:
                 layers[name] = data
+            else:
+                ignored.append(path)
         elif len(parts) == 1:
             name = canonical(parts[0])
             if name == "tokens":
                 tokens = _token_ids(data, f"{where}/{path}")
             elif name in MODEL_STAGES:
                 model[name] = data
+            else:
+                ignored.append(path)
+        else:
+            ignored.append(path)
     if verify:
         present = {p for p, _ in members}
         for path in sums:
@@ -235,7 +243,7 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True) -> Case:
                 raise GoldenError(f"{where}/{path}: array is missing")
     if tokens is None:
         raise GoldenError(f"{where}: no 'tokens' array")
-    return Case(tokens=tokens, model=model, layers=layers, attrs=attrs)
+    return Case(tokens=tokens, model=model, layers=layers, attrs=attrs, ignored=tuple(ignored))
 
 
 def _token_ids(data: np.ndarray, where: str) -> np.ndarray:

@@ -1,6 +1,17 @@
 """The check: run the candidate forward on each golden case's tokens and judge every stage.
 
-With ``replay`` each layer of the candidate is also run on the *golden* input
+By default the candidate runs with **router replay**: where it picks other
+experts than the golden at a near tie it continues with the golden's experts
+(:class:`moesnap.candidate.RouterReplay`), so every token stays judged in every
+later layer however early a bfloat16 router flips.  ``router_replay=False``
+runs it entirely free; a flip then excuses its token from there on and the
+report may be ``inconclusive``.
+
+A planted fault that changed nothing (a NaN expert no token routed to, a
+routing flip within the near-tie width) is refused: a self-test that cannot
+fire proves nothing.
+
+``replay`` (the default for bfloat16 and float16): each layer of the candidate is also run on the *golden* input
 of that layer (the golden ``embed`` for layer 0, the golden ``layer_out`` of
 the layer before otherwise).  A stage that diverges in replay is an error the
 layer **introduces**; one that diverges only when running free is an error it
@@ -16,7 +27,7 @@ import torch
 
 from .case import Case, from_recorder
 from .compare import CaseReport, Report, compare_cases
-from .errors import GoldenError
+from .errors import GoldenError, UsageError
 from .inject import Injection
 from .recorder import ArrayRecorder
 from .tolerances import Tolerances
@@ -52,42 +63,68 @@ def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: GGUFMod
             raise GoldenError(f"{where}/{name}: golden has {c.n_layer} layers, {model.path.name} has {model.config.n_layer}")
 
 
-def _replay_case(cand, golden: Case, free: Case, progress=None) -> Case:
-    """Run each layer on the golden input of that layer; model-level stages are not replayed."""
+def _followed_attr(followed) -> list:
+    return [[int(layer), int(t), [int(e) for e in ids]] for layer, t, ids in followed]
+
+
+def _replay_case(cand, golden: Case, progress=None) -> Case:
+    """Stage-local replay: each layer run on the golden input of that layer, and each of its stages
+    computed from the golden's value of the stage before it; model-level stages are not replayed."""
     rec = ArrayRecorder()
     n = golden.n_layer
+    followed: list = []
     for i in range(n):
         x = golden.model["embed"] if i == 0 else golden.layers["layer_out"][i - 1]
-        cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec)
+        force = {stage: a[i] for stage, a in golden.layers.items() if i < a.shape[0]}
+        cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec, force=force)
+        followed += cand.followed
         if progress is not None:
             progress(i + 1, n)
-    return Case(tokens=golden.tokens, model={}, layers=rec.stacked(), attrs={"replay": True})
+    return Case(tokens=golden.tokens, model={}, layers=rec.stacked(),
+                attrs={"replay": True, "router_followed": _followed_attr(followed)})
 
 
 def run_check(model: GGUFModel, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32, replay: bool = False, injections: Sequence[Injection] = (),
-              tols: Tolerances | None = None, golden_ref: str = "golden", show_progress: bool = True) -> Report:
-    from .candidate import CandidateModel
+              dtype: torch.dtype = torch.float32, replay: bool | None = None, injections: Sequence[Injection] = (),
+              tols: Tolerances | None = None, golden_ref: str = "golden", show_progress: bool = True,
+              router_replay: bool = True) -> Report:
+    from .candidate import CandidateModel, RouterReplay
 
     tols = tols or Tolerances.defaults()
     dname = str(dtype).removeprefix("torch.")
+    if replay is None:   # low precision: free-running tolerances must admit drift; replay judges each stage
+        replay = dtype in (torch.bfloat16, torch.float16)
     cand = CandidateModel(model, device=device, dtype=dtype, injections=injections)
     cases: list[CaseReport] = []
     replays: list[CaseReport] | None = [] if replay else None
+    mode = "free-running, router replay" if router_replay else "free-running"
     for name, golden in goldens:
+        ids, logits = golden.layers.get("topk_ids"), golden.layers.get("router_logits")
+        guide = RouterReplay(ids, logits, tols.tie_tol(dname)) if ids is not None and logits is not None else None
         rec = ArrayRecorder()
         bar = LayerProgress(f"check {name}", enabled=show_progress)
-        cand.forward(golden.tokens, rec, progress=bar)
+        cand.forward(golden.tokens, rec, progress=bar, router_replay=guide if router_replay else None)
         bar.close()
-        free = from_recorder(rec, {"dtype": dname})
-        cases.append(compare_cases(golden, free, tols, dtype=dname, name=name))
+        free = from_recorder(rec, {"dtype": dname, "router_followed": _followed_attr(cand.followed)})
+        cases.append(compare_cases(golden, free, tols, dtype=dname, name=name, mode=mode))
         if replays is not None:
             bar = LayerProgress(f"replay {name}", enabled=show_progress)
-            rcase = _replay_case(cand, golden, free, progress=bar)
+            rcase = _replay_case(cand, golden, progress=bar)
             bar.close()
             replays.append(compare_cases(golden, rcase, tols, dtype=dname, name=name, allow_missing=True,
-                                         propagate=False))
+                                         propagate=False, mode="replay"))
+    unfired = cand.unfired()
+    if unfired:
+        why = ("no token of any case routes to that expert there" if unfired[0].kind == "nan" else
+               "the flip falls within the near-tie width, so router replay takes the golden's experts back")
+        raise UsageError(f"--inject {unfired[0]}: the planted fault cannot fire ({why}), so this self-test "
+                         f"would prove nothing; choose another expert or token")
     notes = [f"injected fault: {inj}" for inj in injections]
     notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}")
+    n_followed = sum(len(n) for c in cases for n in [[x for x in c.routing_notes if "followed" in x]])
+    if router_replay and n_followed:
+        notes.append("router replay: where the candidate picked other experts at a near tie it continued with the "
+                     "golden's (routing notes), so every token was judged in every layer")
     return Report(cases=cases, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})", dtype=dname,
-                  mode="free-running + replay" if replay else "free-running", replay=replays, notes=notes)
+                  mode=mode + (" + replay" if replay else ""), replay=replays, notes=notes,
+                  hint=None if router_replay else "moesnap check … --replay (or leave router replay on)")

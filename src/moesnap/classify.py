@@ -82,7 +82,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -143,6 +143,8 @@ class Metrics:
     first_bad_token: int | None
     bad_tokens: tuple[int, ...]
     n_bad_tokens: int
+    max_row_rel_l2: float = 0.0      # largest relative L2 error of a judged row (see Tolerance.row_rel_l2)
+    n_bad_rows: int = 0              # rows beyond row_rel_l2
 
     def to_dict(self) -> dict:
         """JSON-safe: floats NaN -> None, +-inf -> "inf"/"-inf"; plain ints."""
@@ -431,6 +433,85 @@ def classify(
     reported back in ``Result.excluded_tokens``.  Out-of-range indices, or
     indices without a token axis, are a caller bug (ValueError).
     """
+    res = _classify_elements(golden, candidate, tol, token_axis=token_axis, exclude_tokens=exclude_tokens)
+    if res.metrics is None or not math.isfinite(tol.row_rel_l2) or res.verdict not in (Verdict.MATCH, Verdict.DIVERGE):
+        return res
+    if golden.dtype.kind in "biu" and candidate.dtype.kind in "biu":
+        return res
+    return _row_rule(res, golden, candidate, tol, _token_axis(token_axis, golden.ndim))
+
+
+#: a row's error is taken relative to at least this fraction of the median row norm, so that rows
+#: that are nearly zero (where any rounding is a large relative error) do not decide alone
+ROW_NORM_FLOOR = 0.25
+
+
+def _row_rule(res: Result, golden: np.ndarray, candidate: np.ndarray, tol: Tolerance, axis: int | None) -> Result:
+    """Apply ``tol.row_rel_l2`` to every judged, finite row (a vector along the last axis).
+
+    rel(row) = ||c - g|| / max(||g||, ROW_NORM_FLOOR * median row norm), in float64 at a
+    power-of-two scale per row (no overflow).  Arrays with fewer than two axes, or whose
+    token axis is the last one, have no rows.
+    """
+    shape = golden.shape
+    if golden.ndim < 2 or axis == golden.ndim - 1 or golden.size == 0:
+        return res
+    width = shape[-1]
+    g = golden.astype(np.float64, copy=False).reshape(-1, width)
+    c = candidate.astype(np.float64, copy=False).reshape(-1, width)
+    keep = np.isfinite(g).all(axis=1) & np.isfinite(c).all(axis=1)
+    row_tok = None
+    if axis is not None:
+        row_tok = np.unravel_index(np.arange(g.shape[0]), shape[:-1])[axis]
+        if res.excluded_tokens:
+            keep &= ~np.isin(row_tok, np.asarray(res.excluded_tokens))
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        return res
+    g, c = g[rows], c[rows]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        top = np.maximum(np.abs(g).max(axis=1), np.abs(c).max(axis=1))
+        e = np.frexp(np.where(top > 0, top, 1.0))[1]
+        gs, cs = np.ldexp(g, -e[:, None]), np.ldexp(c, -e[:, None])
+        dn = np.sqrt(np.einsum("ij,ij->i", cs - gs, cs - gs))
+        gn = np.sqrt(np.einsum("ij,ij->i", gs, gs))
+        true_gn = np.ldexp(gn, e)
+        floor = ROW_NORM_FLOOR * float(np.median(true_gn))
+        den = np.maximum(gn, np.ldexp(np.full_like(gn, floor), -e))
+        rel = np.where(dn == 0, 0.0, dn / den)
+    rel = np.where(np.isnan(rel), np.inf, rel)
+    worst = int(np.argmax(rel))
+    max_rel = float(rel[worst])
+    bad = rel > tol.row_rel_l2
+    m = res.metrics
+    if not bad.any():
+        return Result(res.verdict, replace(m, max_row_rel_l2=max_rel), res.detail, res.flipped_tokens,
+                      res.excluded_tokens)
+    n_bad_rows = int(bad.sum())
+    bad_tok = np.unique(np.concatenate([np.asarray(m.bad_tokens, dtype=np.int64),
+                                        row_tok[rows[bad]] if row_tok is not None else np.zeros(0, np.int64)]))
+    n_bad_tokens = max(m.n_bad_tokens, int(bad_tok.size))
+    worst_row = tuple(int(i) for i in np.unravel_index(int(rows[worst]), shape[:-1]))
+    metrics = replace(m, max_row_rel_l2=max_rel, n_bad_rows=n_bad_rows,
+                      first_bad_token=int(bad_tok[0]) if bad_tok.size else m.first_bad_token,
+                      bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]), n_bad_tokens=n_bad_tokens)
+    detail = (f"{n_bad_rows} of {rows.size} rows with relative L2 error above row_rel_l2={tol.row_rel_l2:g} "
+              f"(worst {_fmt(max_rel)} at row {worst_row})")
+    if res.verdict == Verdict.DIVERGE:
+        detail = f"{res.detail}; {detail}"
+    else:
+        detail = f"{detail}; elementwise: {res.detail}"
+    return Result(Verdict.DIVERGE, metrics, detail, res.flipped_tokens, res.excluded_tokens)
+
+
+def _classify_elements(
+    golden: np.ndarray | None,
+    candidate: np.ndarray | None,
+    tol: Tolerance,
+    *,
+    token_axis: int | None = 0,
+    exclude_tokens: Collection[int] = (),
+) -> Result:
     if golden is None or candidate is None:
         side = "golden and candidate" if golden is None and candidate is None else (
             "golden" if golden is None else "candidate")
@@ -607,6 +688,61 @@ class RoutingResult:
                 "flips": [f.to_dict() for f in self.flips]}
 
 
+def tie_gap(logits_row: np.ndarray, chosen: np.ndarray) -> float:
+    """The near-tie gap of choosing experts ``chosen`` under router logits ``logits_row`` [E]:
+    ``max(l[e] for e not chosen) - min(l[e] for e chosen)`` (<= 0 when ``chosen`` is a top-k of
+    the row; see :func:`classify_routing`).  +inf for invalid or repeated ids, NaN for non-finite
+    logits."""
+    row = np.asarray(logits_row, dtype=np.float64)
+    ids = np.asarray(chosen)
+    n = row.shape[0]
+    if ids.size == 0 or not _valid_rows(ids.reshape(1, -1), n)[0] or ids.size >= n:
+        return math.inf if ids.size and not _valid_rows(ids.reshape(1, -1), n)[0] else 0.0
+    if not np.isfinite(row).all():
+        return math.nan
+    mask = np.zeros(n, dtype=bool)
+    mask[ids.astype(np.int64)] = True
+    return float(row[~mask].max() - row[mask].min())
+
+
+def expert_scale_errors(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray,
+                        exclude_tokens: Collection[int] = ()) -> list[tuple[int, float, float, int, int]]:
+    """Per expert, the least-squares relative scale of the candidate's error along the golden's
+    contribution of that expert: ``eps_e = sum <r, a> / sum |a|^2`` over the (token, slot) pairs
+    routed to ``e`` (``a = contrib[t, j]``, ``r = resid[t, j]`` or ``resid[t]`` when ``resid`` is
+    ``[T, H]``).  A candidate whose expert ``e`` computes ``(1 + f) x`` the right output gives
+    ``eps_e ~= f``; rounding noise, uncorrelated with ``a``, averages out over ``H`` elements and
+    the tokens.  Returns ``(expert, eps, se, pairs, first token)`` for every expert with a non-zero
+    contribution, where ``se`` is the standard error ``eps`` would have if the residual were noise
+    in a random direction (``sqrt(sum |r|^2 |a|^2 / H) / sum |a|^2``): an expert that gets only a
+    few low-weight tokens has a large ``se`` and must not be judged on ``eps`` alone.  Non-finite
+    pairs and excluded tokens are left out."""
+    ids = np.asarray(ids)
+    T, k = ids.shape
+    a = np.asarray(contrib, dtype=np.float64).reshape(T, k, -1)
+    r = np.asarray(resid, dtype=np.float64)
+    r = r.reshape(T, 1, -1) if r.ndim == 2 else r.reshape(T, k, -1)
+    keep = np.ones((T, k), dtype=bool)
+    if exclude_tokens:
+        keep[np.asarray(sorted(exclude_tokens), dtype=np.int64)] = False
+    with np.errstate(over="ignore", invalid="ignore"):
+        rb = np.broadcast_to(r, a.shape)
+        dots = np.einsum("tkh,tkh->tk", rb, a)                                 # [T, k]
+        sq = np.einsum("tkh,tkh->tk", a, a)                                    # [T, k]
+        rsq = np.einsum("tkh,tkh->tk", rb, rb)                                 # [T, k]
+    keep &= np.isfinite(dots) & np.isfinite(sq) & np.isfinite(rsq)
+    width = max(1, a.shape[-1])
+    out = []
+    for e in np.unique(ids[keep]).tolist():
+        sel = keep & (ids == e)
+        den = float(sq[sel].sum())
+        if den > 0:
+            se = math.sqrt(float((rsq[sel] * sq[sel]).sum()) / width) / den
+            out.append((int(e), float(dots[sel].sum()) / den, se, int(sel.sum()),
+                        int(np.flatnonzero(sel.any(axis=1))[0])))
+    return out
+
+
 def _routing_fail(verdict: Verdict, detail: str) -> RoutingResult:
     return RoutingResult(verdict, (), (), (), detail, math.nan)
 
@@ -694,10 +830,7 @@ def classify_routing(
         if not (vg[t] and vc[t]):
             flips.append(Flip(t, golden_only, candidate_only, math.inf, False))
             continue
-        row = logits[t].astype(np.float64)
-        chosen = np.zeros(n_experts, dtype=bool)
-        chosen[ci[t].astype(np.int64)] = True
-        gap = float(row[~chosen].max() - row[chosen].min()) if np.isfinite(row).all() else math.nan
+        gap = tie_gap(logits[t], ci[t])
         flips.append(Flip(t, golden_only, candidate_only, gap, gap <= tie_tol))
 
     tie_tokens = tuple(f.token for f in flips if f.tie)

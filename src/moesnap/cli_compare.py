@@ -63,9 +63,15 @@ def emit(report: Report, a: argparse.Namespace, title: str) -> int:
 
 def resolve_golden(spec: str, store: str | None) -> list[tuple[str, Case]]:
     """A case group path, or NAME[@vNNNN] in a golden store: [(case name, Case)]."""
+    return resolve_golden_meta(spec, store)[1]
+
+
+def resolve_golden_meta(spec: str, store: str | None) -> tuple[dict, list[tuple[str, Case]]]:
+    """(version metadata, or the case's own attributes, [(case name, Case)])."""
     p = Path(spec)
     if p.exists() and "@" not in spec:
-        return [(p.name, load_case(p))]
+        case = load_case(p)
+        return dict(case.attrs), [(p.name, case)]
     if "@" not in spec and (os.sep in spec or "/" in spec or spec.endswith(".zarr")):
         raise GoldenError(f"{p}: no such case group (nor a golden NAME[@vNNNN])")
     from .store import open_store, parse_ref
@@ -73,7 +79,27 @@ def resolve_golden(spec: str, store: str | None) -> list[tuple[str, Case]]:
     suite, version = parse_ref(spec)
     st = open_store(store)
     v = st.open_version(suite, version)
-    return [(name, v.read_case(name)) for name in v.case_names()]
+    return dict(v.meta), [(name, v.read_case(name)) for name in v.case_names()]
+
+
+def provenance_model(meta: dict) -> Path | None:
+    """The model file a golden was made from, where it can still be found with the recorded sha256:
+    the recorded path, the bundled data directory, or the current directory."""
+    from .util import file_sha256
+
+    m = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(m, dict) or not isinstance(m.get("sha256"), str) or not isinstance(m.get("file"), str):
+        return None
+    name = Path(m["file"]).name
+    places = [Path(m["path"])] if isinstance(m.get("path"), str) else []
+    places += [Path(__file__).resolve().parent / "data" / name, Path.cwd() / name]
+    for p in places:
+        try:
+            if p.is_file() and p.stat().st_size == m.get("size", p.stat().st_size) and file_sha256(p) == m["sha256"]:
+                return p
+        except OSError:
+            continue
+    return None
 
 
 def _candidate_cases(path: str, golden: list[tuple[str, Case]]) -> list[tuple[str, Case, Case]]:
@@ -100,12 +126,42 @@ def _candidate_cases(path: str, golden: list[tuple[str, Case]]) -> list[tuple[st
     return pairs
 
 
+def _check_judgeable(name: str, cand: Case, where: str) -> None:
+    """A candidate holding no stage moesnap knows would be judged on nothing: refuse it, naming what it holds."""
+    if cand.model or cand.layers:
+        return
+    other = ", ".join(cand.ignored[:8]) + (" …" if len(cand.ignored) > 8 else "") if cand.ignored else "nothing but tokens"
+    raise GoldenError(f"{where}: case {name!r} holds no stage moesnap knows (it holds: {other}); stage names "
+                      f"and aliases: moesnap.stages")
+
+
 def cmd_compare(a: argparse.Namespace) -> int:
+    from .util import LayerProgress
+
     check_report_outputs(a, a.store)
     tols = load_tolerances(a)
-    golden = resolve_golden(a.golden, a.store)
+    meta, golden = resolve_golden_meta(a.golden, a.store)
     pairs = _candidate_cases(a.candidate, golden)
-    cases = []
+    for name, _, c in pairs:
+        _check_judgeable(name, c, a.candidate)
+    model = None
+    notes: list[str] = []
+    if a.model and a.no_local:
+        raise UsageError("--model and --no-local contradict each other")
+    if a.model:
+        from .check import check_golden_matches_model
+        from .weights import GGUFModel
+
+        model = GGUFModel.open(a.model)
+        check_golden_matches_model([(n, g) for n, g, _ in pairs], model, where=a.golden, meta=meta)
+    elif not a.no_local:
+        found = provenance_model(meta)
+        if found is not None:
+            from .weights import GGUFModel
+
+            model = GGUFModel.open(found)
+            notes.append(f"local re-reference with {found} (the golden's model file, same sha256)")
+    cases, local = [], []
     dtype = a.dtype
     for name, g, c in pairs:
         d = dtype or str(c.attrs.get("dtype") or "float32")
@@ -113,7 +169,29 @@ def cmd_compare(a: argparse.Namespace) -> int:
             raise UsageError(f"unknown dtype {d!r}; choose one of {', '.join(DTYPES)}")
         dtype = d
         cases.append(compare_cases(g, c, tols, dtype=d, name=name, allow_missing=a.allow_missing))
-    report = Report(cases=cases, golden=a.golden, candidate=a.candidate, dtype=dtype or "float32")
+        if model is not None:
+            from .rereference import local_reference
+
+            if c.n_layer > g.n_layer:   # compare_cases above has refused it already
+                continue
+            bar = LayerProgress(f"local {name}", enabled=not getattr(a, "quiet", False))
+            ref, done, lnotes = local_reference(model, c, tie_tol=tols.tie_tol(d), progress=bar)
+            bar.close()
+            if not done:
+                notes.append(f"{name}: local re-reference judged nothing: the dump holds no layer input "
+                             f"(embed, layer_out), so every layer is judged free-running only")
+                continue
+            rep = compare_cases(ref, c, tols, dtype=d, name=name, allow_missing=True, layers=done,
+                                propagate=False, mode="local")
+            rep.notes.extend(f"{name}: {n}" for n in lnotes)
+            local.append(rep)
+    hint = None
+    if model is None:
+        hint = (f"moesnap compare {a.golden} {a.candidate} --model MODEL.gguf (the golden's model file: the "
+                f"reference then judges every layer from the engine's own input)")
+    report = Report(cases=cases, golden=a.golden, candidate=a.candidate, dtype=dtype or "float32",
+                    mode="free-running" + (" + local re-reference" if model is not None else ""),
+                    replay=local or None, replay_kind="local", notes=notes, hint=hint)
     return emit(report, a, "moesnap compare")
 
 
@@ -125,5 +203,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", help="the candidate's dtype, for tolerances (default: its 'dtype' attribute, else float32)")
     p.add_argument("--allow-missing", action="store_true",
                    help="skip stages the candidate does not have at all instead of failing them as MISSING")
+    p.add_argument("--model", metavar="MODEL",
+                   help="the golden's model file: re-run the reference on each layer from the candidate's own "
+                        "input and judge the error each layer introduces (default: the model file the golden "
+                        "records, where it is found with the same sha256)")
+    p.add_argument("--no-local", action="store_true", help="judge free-running only, even where the model is found")
     add_report_options(p)
     p.set_defaults(func=cmd_compare)

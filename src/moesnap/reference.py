@@ -71,6 +71,33 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def causal_attention(cfg: Qwen3MoeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal grouped-query attention of roped ``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]`` -> ``[T, Hq*D]``."""
+    T = q.shape[0]
+    group = cfg.n_head // cfg.n_head_kv
+    k = k.repeat_interleave(group, dim=1)                    # [T, Hq, D]
+    v = v.repeat_interleave(group, dim=1)                    # [T, Hq, D]
+    scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(cfg.head_dim)  # [Hq, T, T]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)                    # [Hq, T, T]
+    return torch.einsum("hts,shd->thd", probs, v).reshape(T, cfg.q_dim)  # [T, Hq*D]
+
+
+def expert_outputs(cfg: Qwen3MoeConfig, w: LayerWeights, x: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Each selected expert's unweighted SwiGLU output ``[T, k, H]`` for ``x [T, H]`` and ``topk_ids [T, k]``."""
+    T, k = topk_ids.shape
+    expert_out = x.new_zeros(T, k, cfg.hidden)                     # [T, k, H]
+    selected = torch.unique(topk_ids).tolist()
+    # Dequantizing is the slow part: do it on a few threads (numpy releases the GIL); the maths below is serial.
+    for e, (gate, up, down) in zip(selected, _prefetch(w.experts.expert, selected)):
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)         # tokens routed to e
+        xe = x[tok]                                                # [n, H]
+        h = F.silu(xe @ gate.T) * (xe @ up.T)                      # [n, F]
+        expert_out[tok, slot] = h @ down.T                         # [n, H]
+    return expert_out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights) -> None:
         super().__init__()
@@ -95,14 +122,7 @@ class Attention(nn.Module):
         rec.save("q_rope", layer, q)
         rec.save("k_rope", layer, k)
 
-        group = cfg.n_head // cfg.n_head_kv
-        k = k.repeat_interleave(group, dim=1)                    # [T, Hq, D]
-        v = v.repeat_interleave(group, dim=1)                    # [T, Hq, D]
-        scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(cfg.head_dim)  # [Hq, T, T]
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)                    # [Hq, T, T]
-        attn = torch.einsum("hts,shd->thd", probs, v).reshape(T, cfg.q_dim)  # [T, Hq*D]
+        attn = causal_attention(cfg, q, k, v)                   # [T, Hq*D]
         rec.save("attn", layer, attn)
         out = attn @ w.wo.T                                      # [T, H]
         rec.save("attn_out", layer, out)
@@ -116,7 +136,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: int, rec: Recorder) -> torch.Tensor:
         cfg, w = self.cfg, self.w
-        T, k = x.shape[0], cfg.n_expert_used
+        k = cfg.n_expert_used
         router_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         logits = x.to(router_dtype) @ w.router.to(router_dtype).T      # [T, E]
         rec.save("router_logits", layer, logits)
@@ -126,14 +146,7 @@ class MoE(nn.Module):
         rec.save("topk_ids", layer, topk_ids)
         rec.save("topk_weights", layer, topk_w)
 
-        expert_out = x.new_zeros(T, k, cfg.hidden)                     # [T, k, H]
-        selected = torch.unique(topk_ids).tolist()
-        # Dequantizing is the slow part: do it on a few threads (numpy releases the GIL); the maths below is serial.
-        for e, (gate, up, down) in zip(selected, _prefetch(w.experts.expert, selected)):
-            tok, slot = (topk_ids == e).nonzero(as_tuple=True)         # tokens routed to e
-            xe = x[tok]                                                # [n, H]
-            h = F.silu(xe @ gate.T) * (xe @ up.T)                      # [n, F]
-            expert_out[tok, slot] = h @ down.T                         # [n, H]
+        expert_out = expert_outputs(cfg, w, x, topk_ids)               # [T, k, H]
         rec.save("expert_out", layer, expert_out)
         out = (expert_out * topk_w[..., None]).sum(dim=1)              # [T, H]
         rec.save("moe_out", layer, out)
@@ -191,11 +204,21 @@ class Transformer(nn.Module):
             self.model.release_layer(i)
             if progress is not None:
                 progress(i + 1, cfg.n_layer)
-        x = RMSNorm(self.model.dense("output_norm", dtype), cfg.rms_eps)(x)
+        x = self.final_norm(x)
         rec.save("final_norm", None, x)
-        logits = torch.cat([x @ w.T for w in self.model.row_chunks("output", LM_HEAD_CHUNK, dtype)], dim=-1)  # [T, V]
+        logits = self.lm_head(x)
         rec.save("logits", None, logits)
         return logits
+
+    @torch.no_grad()
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return RMSNorm(self.model.dense("output_norm", self.dtype), self.cfg.rms_eps)(x.to(self.dtype))
+
+    @torch.no_grad()
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, H]`` -> logits ``[T, V]``, the vocabulary dequantized in chunks."""
+        x = x.to(self.dtype)
+        return torch.cat([x @ w.T for w in self.model.row_chunks("output", LM_HEAD_CHUNK, self.dtype)], dim=-1)
 
 
 def run_reference(path: str | Path | GGUFModel, tokens: Sequence[int] | np.ndarray | torch.Tensor, *,

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from .classify import Verdict
-from .compare import CaseReport, Report, StageResult
+from .compare import PER_LAYER_MODES, CaseReport, Report, StageResult
 from .errors import UsageError
 from .stages import LAYER_STAGES
 from .util import write_text_atomic
@@ -96,29 +96,64 @@ def text(report: Report) -> list[str]:
     out.append("columns: " + " ".join(f"{CODE[s]}={s}" for s in LAYER_STAGES))
     for n in (n for c in report.cases for n in c.routing_notes):
         out.append(f"routing: {n}")
-    for n in report.notes:
+    for n in (n for c in report.replay or [] for n in c.routing_notes):
+        out.append(f"routing ({report.replay_kind}): {n}")
+    for n in report.notes + [n for c in report.cases + (report.replay or []) for n in c.notes]:
         out.append(f"note: {n}")
     fd = report.first_divergence
     if fd is not None:
         out += detail_lines(fd)
     if report.replay is not None:
         out.append("")
-        out.append("replay (each layer fed the golden input of that layer): error introduced vs inherited")
-        out.append("layer | introduced (replay)           | inherited (free-running)")
+        out.append(f"{PER_LAYER_MODES[report.replay_kind]}: error introduced vs inherited")
+        many = len(report.replay) > 1
+        out.append(("case   " if many else "") + "layer | introduced (" + report.replay_kind + ")"
+                   + " " * max(0, 17 - len(report.replay_kind)) + " | inherited (free-running)")
         for case in report.replay:
+            free = next((c for c in report.cases if c.case == case.case), None)
             per: dict[int, list[StageResult]] = {}
             for r in case.results:
                 if r.layer is not None:
                     per.setdefault(r.layer, []).append(r)
-            for layer in sorted(per):
-                intro = next((r for r in per[layer] if not r.result.passed), None)
-                inh = [r for r in report.results if r.case == case.case and r.layer == layer and not r.result.passed]
-                out.append(f"L{layer:02d}   | {(intro.stage + ' ' + intro.verdict.name) if intro else 'none':<29} | "
-                           f"{(inh[0].stage + ' ' + inh[0].verdict.name) if inh else 'none'}")
+            layers = sorted(set(per) | {lay for lay, _ in (free.judged if free else {}) if lay is not None})
+            for layer in layers:
+                intro = next((r for r in per.get(layer, []) if not r.result.passed), None)
+                intro_text = ((intro.stage + " " + intro.verdict.name) if intro else "none") if layer in per \
+                    else "not judged"
+                out.append((f"{case.case:<7}" if many else "") + f"L{layer:02d}   | {intro_text:<29} | "
+                           f"{_inherited(free, layer)}")
         out.append(f"first layer that introduces a divergence: {_fmt_loc(report.first_introduced())}")
     out.append(f"first divergence: {_fmt_loc(fd)}")
-    out.append(f"verdict: {'pass' if report.passed else 'fail'}")
+    out.append(coverage_line(report))
+    verdict = report.verdict
+    if verdict == "inconclusive":
+        out.append(f"inconclusive: {report.inconclusive_reason()}")
+    out.append(f"verdict: {verdict}")
     return out
+
+
+def coverage_line(report: Report) -> str:
+    cov = report.coverage()
+    modes = ", ".join(f"{m}: {n}" for m, n in cov.by_mode.items())
+    pct = 100.0 * cov.judged / cov.held if cov.held else 100.0
+    text = f"judged: {cov.judged} of {cov.held} (layer, stage, token) cells ({pct:.4g}%; {modes})"
+    if cov.skipped_stages:
+        text += f"; {cov.skipped_stages} (layer, stage) the candidate lacks skipped (--allow-missing)"
+    return text
+
+
+def _inherited(free: CaseReport | None, layer: int) -> str:
+    """The free-running verdict of ``layer``: its first failure, 'none', or how much was not judged."""
+    if free is None:
+        return "not judged"
+    masks = [m for (lay, _), m in free.judged.items() if lay == layer]
+    bad = next((r for r in free.results if r.layer == layer and not r.result.passed), None)
+    if bad is not None:
+        return f"{bad.stage} {bad.verdict.name}"
+    if not masks or not any(m.any() for m in masks):
+        return "not judged (every token excused by a routing flip)" if masks else "not judged"
+    left = sum(int((~m).sum()) for m in masks)
+    return "none" if left == 0 else f"none ({left} cells not judged)"
 
 
 def detail_lines(r: StageResult) -> list[str]:
@@ -215,7 +250,10 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
         "td.first{outline:3px solid #000;outline-offset:-3px} .e{background:#f0f0f0} .u{background:#d9d9d9;color:#666}",
         ".key span{display:inline-block;padding:2px 6px;margin-right:4px;color:#fff}",
         "</style></head><body>",
-        f"<h2>{html.escape(title)}: {'pass' if report.passed else 'FAIL'}</h2>",
+        f"<h2>{html.escape(title)}: {html.escape(report.verdict.upper() if report.verdict != 'pass' else 'pass')}</h2>",
+        f"<p>{html.escape(coverage_line(report))}</p>",
+        (f"<p><b>inconclusive:</b> {html.escape(report.inconclusive_reason() or '')}</p>"
+         if report.verdict == "inconclusive" else ""),
         f"<p>golden <code>{html.escape(report.golden)}</code>, candidate <code>{html.escape(report.candidate)}</code>, "
         f"dtype {html.escape(report.dtype)}, {html.escape(report.mode)}</p>",
         f"<p><b>first divergence:</b> {html.escape(_fmt_loc(first))}</p>",
@@ -227,7 +265,7 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
     ]
     sections = [("free-running", report.cases)]
     if report.replay is not None:
-        sections.append(("replay: each layer fed its golden input (error introduced by the layer)", report.replay))
+        sections.append((PER_LAYER_MODES[report.replay_kind] + ": the error each layer introduces", report.replay))
     for label, cases in sections:
         for case in cases:
             parts.append(f"<h3>{html.escape(label)} — case {html.escape(case.case)}</h3><table><tr><th></th>")
@@ -245,8 +283,8 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
                 if stage in by.get(None, {}):
                     parts.append(f"<tr><td>{stage}</td>{_cell(by[None][stage], first)}</tr>")
             parts.append("</table>")
-            for n in case.routing_notes:
-                parts.append(f"<p>routing: {html.escape(n)}</p>")
+            for n in case.routing_notes + case.notes:
+                parts.append(f"<p>{html.escape(n)}</p>")
     for n in report.notes:
         parts.append(f"<p>note: {html.escape(n)}</p>")
     parts.append("</body></html>")

@@ -47,15 +47,16 @@ from .errors import ToleranceError
 from .stages import INTEGER_STAGES, canonical
 
 DTYPES: tuple[str, ...] = ("float64", "float32", "bfloat16", "float16")
-KEYS: tuple[str, ...] = ("atol", "rtol", "max_frac_outside")
+KEYS: tuple[str, ...] = ("atol", "rtol", "max_frac_outside", "row_rel_l2", "expert_scale")
+INF_KEYS = frozenset({"row_rel_l2", "expert_scale"})   # keys where inf means "rule off"
 DEFAULT = "default"
 
 
-def _number(name: str, value: object) -> float:
+def _number(name: str, value: object, *, allow_inf: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ToleranceError(f"{name}={value!r} must be a number")
     value = float(value)
-    if not math.isfinite(value):
+    if not math.isfinite(value) and not (allow_inf and value == math.inf):
         raise ToleranceError(f"{name}={value!r} must be finite")
     return value
 
@@ -63,30 +64,63 @@ def _number(name: str, value: object) -> float:
 @dataclass(frozen=True)
 class Tolerance:
     """Elementwise rule ``|c - g| <= atol + rtol * |g|``, allowed to fail on a
-    fraction ``max_frac_outside`` of the elements."""
+    fraction ``max_frac_outside`` of the elements; and, where ``row_rel_l2`` is
+    finite, a bound on every row's relative L2 error (a row is one vector along
+    the last axis: a token's hidden state, one head, one expert's output).
+
+    The elementwise rule must admit the tails of low-precision rounding; the row
+    rule sees what averages out of that noise but not out of a bug (one expert
+    scaled by 2 % moves every element of its rows by 2 %), so it is what makes
+    bfloat16 sensitive to small systematic errors.  ``inf`` switches it off.
+
+    ``expert_scale`` (``expert_out`` and ``moe_out`` only) bounds each expert's
+    estimated relative scale error: the least-squares factor by which the
+    candidate's per-expert contributions differ from the golden's over every
+    token routed to that expert.  Rounding noise averages out of that estimate
+    over a whole hidden vector and many tokens; one expert's output scaled by
+    2 % does not.
+
+    Both rules apply only where each stage is judged from its own inputs
+    (stage-local replay, local re-reference), never free-running, where the
+    error carried through many layers is not one operation's.
+    """
 
     atol: float
     rtol: float
     max_frac_outside: float = 0.0
+    row_rel_l2: float = math.inf
+    expert_scale: float = math.inf
 
     def __post_init__(self) -> None:
         atol = _number("atol", self.atol)
         rtol = _number("rtol", self.rtol)
         max_frac_outside = _number("max_frac_outside", self.max_frac_outside)
+        row_rel_l2 = _number("row_rel_l2", self.row_rel_l2, allow_inf=True)
+        expert_scale = _number("expert_scale", self.expert_scale, allow_inf=True)
+        if expert_scale <= 0:
+            raise ToleranceError(f"{expert_scale=} must be > 0 (inf switches the expert rule off)")
         if atol < 0:
             raise ToleranceError(f"{atol=} must be >= 0")
         if rtol < 0:
             raise ToleranceError(f"{rtol=} must be >= 0")
         if not 0.0 <= max_frac_outside <= 1.0:
             raise ToleranceError(f"{max_frac_outside=} must be in [0, 1]")
+        if row_rel_l2 <= 0:
+            raise ToleranceError(f"{row_rel_l2=} must be > 0 (inf switches the row rule off)")
         object.__setattr__(self, "atol", atol)
         object.__setattr__(self, "rtol", rtol)
         object.__setattr__(self, "max_frac_outside", max_frac_outside)
+        object.__setattr__(self, "row_rel_l2", row_rel_l2)
+        object.__setattr__(self, "expert_scale", expert_scale)
 
     def __str__(self) -> str:
         text = f"atol={self.atol:g}, rtol={self.rtol:g}"
         if self.max_frac_outside:
             text += f", max_frac_outside={self.max_frac_outside:g}"
+        if math.isfinite(self.row_rel_l2):
+            text += f", row_rel_l2={self.row_rel_l2:g}"
+        if math.isfinite(self.expert_scale):
+            text += f", expert_scale={self.expert_scale:g}"
         return text
 
 
@@ -97,6 +131,8 @@ class DtypeDefaults(NamedTuple):
     tie_tol: float                              # golden router-logit units
     max_frac_outside: float                     # for every stage of this dtype
     stages: Mapping[str, tuple[float, float]]   # stage -> (atol, rtol); "default" for the rest
+    row_rel_l2: Mapping[str, float] = MappingProxyType({})   # stage -> row rule; absent: off
+    expert_scale: float = math.inf                           # expert_out and moe_out
 
 
 # THE default numbers (the only place they live), measured by `moesnap calibrate`
@@ -120,6 +156,7 @@ DEFAULT_TOLERANCES: Mapping[str, DtypeDefaults] = MappingProxyType({
     "float32": DtypeDefaults(
         tie_tol=0.00075,
         max_frac_outside=0.0,
+        expert_scale=0.002,
         stages={
             DEFAULT: (0.00075, 5e-05),
             "embed": (1e-06, 1e-06),
@@ -147,6 +184,9 @@ DEFAULT_TOLERANCES: Mapping[str, DtypeDefaults] = MappingProxyType({
     "float16": DtypeDefaults(
         tie_tol=0.046,
         max_frac_outside=0.001,
+        expert_scale=0.002,
+        row_rel_l2=MappingProxyType({DEFAULT: 0.0015, "embed": 0.0015, "topk_weights": 0.0015,
+                                     "expert_out": 0.003, "moe_out": 0.002}),
         stages={
             DEFAULT: (0.046, 0.0053),
             "embed": (0.002, 0.00091),
@@ -174,6 +214,9 @@ DEFAULT_TOLERANCES: Mapping[str, DtypeDefaults] = MappingProxyType({
     "bfloat16": DtypeDefaults(
         tie_tol=0.37,
         max_frac_outside=0.005,
+        expert_scale=0.01,
+        row_rel_l2=MappingProxyType({DEFAULT: 0.01, "embed": 0.01, "topk_weights": 0.01,
+                                     "expert_out": 0.02, "moe_out": 0.02}),
         stages={
             DEFAULT: (0.37, 0.056),
             "embed": (0.016, 0.0072),
@@ -250,7 +293,7 @@ def parse_override(text: str) -> Override:
             value = float(raw.strip())
         except ValueError:
             raise ToleranceError(f"{key}={raw.strip()!r} is not a number") from None
-        _number(key, value)
+        _number(key, value, allow_inf=key in INF_KEYS)
     except ToleranceError as err:
         raise ToleranceError(f"bad tolerance override {text!r}: {err}") from None
     return Override(dtype_name, stage_name, key, value)
@@ -295,7 +338,8 @@ class Tolerances:
         """The built-in table :data:`DEFAULT_TOLERANCES`."""
         stages = {
             dtype: {
-                stage: Tolerance(atol, rtol, d.max_frac_outside)
+                stage: Tolerance(atol, rtol, d.max_frac_outside, d.row_rel_l2.get(stage, d.row_rel_l2.get(DEFAULT, math.inf)),
+                                 d.expert_scale if stage in ("expert_out", "moe_out") else math.inf)
                 for stage, (atol, rtol) in d.stages.items()
             }
             for dtype, d in DEFAULT_TOLERANCES.items()
@@ -409,7 +453,7 @@ def _pyproject_overrides(section: dict) -> Iterable[Override]:
         for key, value in bare.items():
             if key not in KEYS:
                 raise ToleranceError(f"{where}: unknown key {key!r}; expected a stage table or one of {', '.join(KEYS)}")
-            yield Override(dtype, None, key, _number(f"{dtype}.{key}", value))
+            yield Override(dtype, None, key, _number(f"{dtype}.{key}", value, allow_inf=key in INF_KEYS))
         stage_tables = sorted(
             ((s, e) for s, e in table.items() if isinstance(e, dict)), key=lambda se: se[0] != DEFAULT
         )
@@ -421,4 +465,4 @@ def _pyproject_overrides(section: dict) -> Iterable[Override]:
             for key, value in entry.items():
                 if key not in KEYS:
                     raise ToleranceError(f"{where} {stage}: unknown key {key!r}; expected one of {', '.join(KEYS)}")
-                yield Override(dtype, stage_name, key, _number(f"{dtype}:{stage}.{key}", value))
+                yield Override(dtype, stage_name, key, _number(f"{dtype}:{stage}.{key}", value, allow_inf=key in INF_KEYS))

@@ -47,6 +47,7 @@ def parse_tokens(text: str) -> list[int]:
 def model_provenance(model: GGUFModel) -> dict:
     return {
         "file": model.path.name,
+        "path": str(model.path.resolve()),
         "size": model.path.stat().st_size,
         "sha256": file_sha256(model.path),
         "config": model.config.to_dict(),
