@@ -182,11 +182,16 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 @dataclass(frozen=True)
 class RouterReplay:
     """The golden routing a candidate follows at near ties: ``ids [L, T, k]``, router
-    ``logits [L, T, E]`` (numpy, any layer count) and the tie width in logit units."""
+    ``logits [L, T, E]`` (numpy, any layer count) and the tie width in logit units, one for
+    every layer or one per layer (``[L]``)."""
 
     ids: np.ndarray
     logits: np.ndarray
-    tie_tol: float
+    tie_tol: float | np.ndarray
+
+    def tie_tol_at(self, i: int) -> float:
+        t = np.asarray(self.tie_tol, dtype=np.float64)
+        return float(t) if t.ndim == 0 else float(t[min(i, t.size - 1)])
 
     def layer(self, i: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray] | None:
         if i >= len(self.ids) or i >= len(self.logits):
@@ -421,7 +426,8 @@ class CandidateModel:
         if not tokens:
             return pw, pid
         own = pid[tokens].cpu().numpy()
-        follow = [t for t, ids in zip(tokens, own) if tie_gap(guide[1][t], ids) <= self._guide.tie_tol]
+        tie_tol = self._guide.tie_tol_at(i)
+        follow = [t for t, ids in zip(tokens, own) if tie_gap(guide[1][t], ids) <= tie_tol]
         if not follow:
             return pw, pid
         for t in follow:

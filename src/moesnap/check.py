@@ -63,6 +63,17 @@ def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: GGUFMod
             raise GoldenError(f"{where}/{name}: golden has {c.n_layer} layers, {model.path.name} has {model.config.n_layer}")
 
 
+def drift_notes(tols: Tolerances, dtype: str, n_layer: int, per_layer: str | None) -> list[str]:
+    """Say how much the free-running tolerances widened, and what judged each stage's own error."""
+    f = tols.drift(dtype, n_layer - 1)
+    if f <= 1.0:
+        return []
+    return [f"free-running tolerances widen with depth in {dtype} (the rounding every layer carries): "
+            f"x{f:.2g} at layer {n_layer - 1}; "
+            + (f"each stage's own error is judged by {per_layer} at one operation's tolerance"
+               if per_layer else "nothing judged each stage's own error at one operation's tolerance")]
+
+
 def _followed_attr(followed) -> list:
     return [[int(layer), int(t), [int(e) for e in ids]] for layer, t, ids in followed]
 
@@ -100,7 +111,9 @@ def run_check(model: GGUFModel, goldens: Sequence[tuple[str, Case]], *, device: 
     mode = "free-running, router replay" if router_replay else "free-running"
     for name, golden in goldens:
         ids, logits = golden.layers.get("topk_ids"), golden.layers.get("router_logits")
-        guide = RouterReplay(ids, logits, tols.tie_tol(dname)) if ids is not None and logits is not None else None
+        guide = None
+        if ids is not None and logits is not None:
+            guide = RouterReplay(ids, logits, np.array([tols.tie_tol_at(dname, i) for i in range(len(ids))]))
         rec = ArrayRecorder()
         bar = LayerProgress(f"check {name}", enabled=show_progress)
         cand.forward(golden.tokens, rec, progress=bar, router_replay=guide if router_replay else None)
@@ -121,6 +134,7 @@ def run_check(model: GGUFModel, goldens: Sequence[tuple[str, Case]], *, device: 
                          f"would prove nothing; choose another expert or token")
     notes = [f"injected fault: {inj}" for inj in injections]
     notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}")
+    notes += drift_notes(tols, dname, model.config.n_layer, "stage-local replay" if replay else None)
     n_followed = sum(len(n) for c in cases for n in [[x for x in c.routing_notes if "followed" in x]])
     if router_replay and n_followed:
         notes.append("router replay: where the candidate picked other experts at a near tie it continued with the "

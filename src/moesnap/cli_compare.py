@@ -185,6 +185,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
                                 propagate=False, mode="local")
             rep.notes.extend(f"{name}: {n}" for n in lnotes)
             local.append(rep)
+    from .check import drift_notes
+
+    notes += drift_notes(tols, dtype or "float32", max(g.n_layer for _, g, _ in pairs),
+                         "local re-reference" if local else None)
     hint = None
     if model is None:
         hint = (f"moesnap compare {a.golden} {a.candidate} --model MODEL.gguf (the golden's model file: the "

@@ -75,21 +75,65 @@ def read_floor(paths: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+def judged(rec: dict, report: Path, want: tuple[int, set[str]] | None = None) -> dict:
+    """Add the report's verdict, coverage and first divergence to ``rec``; with ``want`` (layer, stages)
+    fail the session unless the first divergence is there."""
+    try:
+        rep = json.loads(report.read_text())
+    except (OSError, ValueError):
+        raise SystemExit(f"{rec['name']}: no readable report {report}") from None
+    cov = rep.get("coverage", {})
+    rec.update(verdict=rep["verdict"], first_divergence=rep["first_divergence"],
+               cells=f"{cov.get('cells_judged')}/{cov.get('cells_held')}", judged_by_mode=cov.get("judged_by_mode"))
+    print(f"[{rec['name']}] verdict {rep['verdict']}, judged {rec['cells']} cells, first divergence "
+          f"{rep['first_divergence']}", flush=True)
+    if rep["verdict"] == "pass" and cov.get("cells_judged") != cov.get("cells_held"):
+        raise SystemExit(f"{rec['name']}: a pass that did not judge every cell")
+    if want is not None:
+        fd = rep["first_divergence"] or {}
+        if fd.get("layer") != want[0] or fd.get("stage") not in want[1]:
+            raise SystemExit(f"{rec['name']}: expected the fault named at layer {want[0]} / {sorted(want[1])}, "
+                             f"got {fd}")
+    return rec
+
+
+def _routed_expert(store: Path | str, suite: str, layer: int) -> int:
+    """An expert that case0 of the newest version of ``suite`` routes a token to at ``layer``."""
+    from .store import open_store
+
+    v = open_store(str(store)).open_version(suite, None)
+    return int(v.read_case(v.case_names()[0]).layers["topk_ids"][layer][0][0])
+
+
+def _faults(model: Path, store: Path | str, suite: str, layer: int, q6k_layer: int, device: str, out: Path,
+            log: list[dict], tag: str) -> None:
+    expert = _routed_expert(store, suite, layer)
+    for dtype in ("float32", "bfloat16"):
+        for spec, stages in ((f"nan:layer={layer},expert={expert}", {"expert_out"}),
+                             (f"qtype:layer={q6k_layer},tensor=ffn_down_exps,as=q4_k", {"expert_out"}),
+                             (f"scale:layer={layer},stage=attn_out,factor=1.02", {"attn_out"})):
+            kind = spec.split(":")[0]
+            js = out / f"{tag}_inject_{kind}_{dtype}.json"
+            rec = run_step(f"{tag} inject {kind} {dtype}", ["-q", "check", str(model), "--suite", suite, "--store",
+                                                          str(store), "--device", device, "--dtype", dtype,
+                                                          "--inject", spec, "--force", "--json", str(js)],
+                           log, expect=(1,))
+            judged(rec, js, (q6k_layer if kind == "qtype" else layer, stages))
+
+
 def check_gpu(out: Path, store: str, device: str, log: list[dict]) -> list[dict]:
     for dtype in ("float32", "bfloat16"):
-        run_step(f"check tiny {dtype}", ["-q", "check", str(TINY), "--suite", "tiny", "--store", store,
-                                         "--device", device, "--dtype", dtype, "--replay",
-                                         "--force", "--json", str(out / f"check_tiny_{dtype}.json"),
-                                         "--html", str(out / f"check_tiny_{dtype}.html")], log, expect=(0, 1))
-    for spec in ("nan:layer=2,expert=3", "qtype:layer=2,tensor=ffn_down_exps,as=q4_k",
-                 "scale:layer=2,stage=attn_out,factor=1.05"):
-        tag = spec.split(":")[0]
-        run_step(f"inject {tag}", ["-q", "check", str(TINY), "--suite", "tiny", "--store", store, "--device", device,
-                                   "--inject", spec, "--force", "--json", str(out / f"inject_{tag}.json")], log, expect=(1,))
+        js = out / f"check_tiny_{dtype}.json"
+        rec = run_step(f"check tiny {dtype}", ["-q", "check", str(TINY), "--suite", "tiny", "--store", store,
+                                               "--device", device, "--dtype", dtype, "--replay",
+                                               "--force", "--json", str(js),
+                                               "--html", str(out / f"check_tiny_{dtype}.html")], log, expect=(0,))
+        judged(rec, js)
+    _faults(TINY, store, "tiny", 1, 2, device, out, log, "tiny")
     return log
 
 
-def heavy(out: Path, work: Path, layers: int, device: str, log: list[dict]) -> list[dict]:
+def heavy(out: Path, work: Path, layers: int, device: str, log: list[dict], faults: bool = True) -> list[dict]:
     model = work / f"qwen3-30b-a3b-{layers}l.gguf"
     store = work / "goldens"
     if not model.exists():
@@ -100,12 +144,18 @@ def heavy(out: Path, work: Path, layers: int, device: str, log: list[dict]) -> l
     floor = read_floor([model, store])
     log.append({"name": "I/O floor (read model + goldens)", "wall_s": round(floor, 2)})
     print(f"[I/O floor] {floor:.2f} s to read {model.stat().st_size / 2**30:.1f} GiB model + goldens", flush=True)
-    for dtype, extra in (("float32", []), ("bfloat16", []), ("bfloat16", ["--replay"])):
-        tag = dtype + ("_replay" if extra else "")
-        run_step(f"check {device} {tag}", ["-q", "check", str(model), "--suite", "heavy", "--store", str(store),
-                                           "--device", device, "--dtype", dtype, *extra,
-                                           "--force", "--json", str(out / f"heavy_{tag}.json"),
-                                           "--html", str(out / f"heavy_{tag}.html")], log, expect=(0, 1))
+    # bfloat16: router replay free-running (every token judged in every layer) plus stage-local replay (the
+    # default in low precision); then free-running alone, for its time and to see the drift it carries
+    for dtype, extra in (("float32", []), ("bfloat16", []), ("bfloat16", ["--no-replay"])):
+        tag = dtype + ("_free" if extra else "")
+        js = out / f"heavy_{tag}.json"
+        rec = run_step(f"check {device} {tag}", ["-q", "check", str(model), "--suite", "heavy", "--store", str(store),
+                                                 "--device", device, "--dtype", dtype, *extra,
+                                                 "--force", "--json", str(js)], log, expect=(0, 1))
+        judged(rec, js)
+    if faults:
+        mid = layers // 2
+        _faults(model, store, "heavy", mid, mid - mid % 2, device, out, log, "heavy")   # even layers hold Q6_K
     return log
 
 
@@ -120,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--store", default=str(ROOT / "goldens"))
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only for a dry run of the session")
+    p.add_argument("--no-faults", action="store_true", help="heavy: skip the planted faults")
     a = p.parse_args(argv)
     import torch
 
@@ -140,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             work = Path(a.work or tempfile.mkdtemp(prefix="moesnap-heavy-"))
             work.mkdir(parents=True, exist_ok=True)
-            heavy(out, work, a.layers, a.device, log)
+            heavy(out, work, a.layers, a.device, log, faults=not a.no_faults)
     finally:
         summary.write_text(json.dumps(log, indent=1))
     print(json.dumps(log, indent=1))

@@ -134,8 +134,7 @@ def test_clean_passes(world, dtype):
         assert free.verdict in ("pass", "inconclusive"), _where(free)
 
 
-@pytest.mark.parametrize("seed,prompt_seed,lengths", [(21, 1, (24, 48)), (31, 2, (36,)),
-                                                      pytest.param(41, 3, (48, 28, 40), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("seed,prompt_seed,lengths", [(21, 1, (24, 48)), (31, 2, (36,)), (41, 3, (48, 28, 40))])
 def test_no_false_alarm(tmp_path, seed, prompt_seed, lengths):
     """Other random models and prompts: a clean transformers run passes in both dtypes."""
     w = World(tmp_path, seed=seed, prompt_seed=prompt_seed, lengths=lengths)
@@ -147,15 +146,7 @@ def test_no_false_alarm(tmp_path, seed, prompt_seed, lengths):
 # ---------------------------------------------------------------- planted bugs
 
 
-def _cases():
-    for bug in BUGS:
-        for dtype in DTYPES:
-            exp = bug.expect(dtype)
-            marks = [pytest.mark.xfail(strict=True, reason=exp.why)] if exp.gap else []
-            yield pytest.param(bug, dtype, id=f"{dtype}-{bug.name}", marks=marks)
-
-
-@pytest.mark.parametrize("bug,dtype", list(_cases()))
+@pytest.mark.parametrize("bug,dtype", [pytest.param(b, d, id=f"{d}-{b.name}") for b in BUGS for d in DTYPES])
 def test_planted_bug_is_named(world, plant, bug, dtype):
     exp = bug.expect(dtype)
     model = world.model(dtype)
@@ -179,17 +170,20 @@ def test_planted_bug_is_named(world, plant, bug, dtype):
         assert free.verdict != "fail" or free.named() == want, f"{bug.name} free-running: {_where(free)}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype,factors", [("float32", (1.001, 1.003, 1.01, 1.03)),
-                                           ("bfloat16", (1.03, 1.1, 1.3, 2.0))])
+                                           ("bfloat16", (1.005, 1.01, 1.02, 1.05, 1.3))])
 def test_expert_scale_sweep(world, plant, figures, dtype, factors):
-    """One expert's output scaled: once a factor is caught every larger one is, always at moe_out."""
+    """One expert's output scaled: once a factor is caught every larger one is, and the local
+    re-reference says layer 3 / moe_out introduced it (free-running, a small bfloat16 error may be
+    first outside tolerance a layer later, where it has grown)."""
     caught = []
     for f in factors:
         model = world.model(dtype)
         expert_scale(f)(model, plant)
         (out,) = world.judge(model)
-        assert out.verdict != "fail" or out.named() == (BUG_LAYER, "moe_out"), _where(out)
+        intro = out.introduced
+        assert out.verdict != "fail" or (intro and (intro["layer"], intro["stage"])) == (BUG_LAYER, "moe_out"), \
+            _where(out)
         caught.append(out.verdict == "fail")
     assert caught == sorted(caught), f"{dtype}: caught {dict(zip(factors, caught))} is not monotonic"
     assert caught[-1], f"{dtype}: x{factors[-1]} of one expert went unnoticed"
