@@ -99,7 +99,7 @@ def test_without_router_replay_a_flip_leaves_the_check_inconclusive(capsys, tiny
     assert all(set(r["excluded_tokens"]) >= {4, 5, 6} for r in later if len(r["excluded_tokens"]))
     cov = rep["coverage"]
     assert 0 < cov["cells_judged"] < cov["cells_held"] and cov["unjudged"]
-    assert "--replay" in rep["inconclusive"] and "verdict: inconclusive" in out
+    assert "router replay" in rep["inconclusive"] and "verdict: inconclusive" in out
     assert "~" in out and "inconclusive:" in out
 
 

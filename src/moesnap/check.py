@@ -141,4 +141,4 @@ def run_check(model: GGUFModel, goldens: Sequence[tuple[str, Case]], *, device: 
                      "golden's (routing notes), so every token was judged in every layer")
     return Report(cases=cases, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})", dtype=dname,
                   mode=mode + (" + replay" if replay else ""), replay=replays, notes=notes,
-                  hint=None if router_replay else "moesnap check … --replay (or leave router replay on)")
+                  hint=None if router_replay else "leave router replay on (drop --no-router-replay)")
