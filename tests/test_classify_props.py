@@ -409,3 +409,50 @@ def test_aligned_weights_agree_where_expert_sets_agree(case):
         assert list(ga[t]) == sorted(gw[t])
         if set(case.golden_ids[t]) == set(case.candidate_ids[t]):
             assert list(ga[t]) == list(ca[t])
+
+
+# ---------------------------------------------------------------- the row rule
+
+
+@given(x=ms.arrays(dtype=st.sampled_from(ms.FLOAT_DTYPES)), tol=ms.tolerances(allow_row=True))
+def test_row_rule_reflexive(x, tol):
+    r = classify(x, x.copy(), tol)
+    assert r.verdict is Verdict.MATCH and r.metrics.max_row_rel_l2 == 0.0 and r.metrics.n_bad_rows == 0
+
+
+@given(pair=ms.array_pairs(allow_nan=True, allow_infinity=True, dtype=st.sampled_from(ms.FLOAT_DTYPES)),
+       tol=ms.tolerances(allow_row=True), data=st.data())
+def test_row_rule_only_adds_divergence(pair, tol, data):
+    """The row rule never turns a failure into a pass, never touches a NaN verdict, and where it
+    fails a stage that the elementwise rule passed, it names the bad rows' tokens."""
+    g, c = pair
+    ex = data.draw(excludes(g.shape))
+    plain = classify(g, c, Tolerance(tol.atol, tol.rtol, tol.max_frac_outside), exclude_tokens=ex)
+    rowed = classify(g, c, tol, exclude_tokens=ex)
+    if plain.verdict is not Verdict.MATCH:
+        assert rowed.verdict is plain.verdict
+        return
+    assert rowed.verdict in (Verdict.MATCH, Verdict.DIVERGE)
+    if rowed.verdict is Verdict.DIVERGE:
+        event("row rule fired")
+        m = rowed.metrics
+        assert m.n_bad_rows >= 1 and m.max_row_rel_l2 > tol.row_rel_l2
+        assert m.first_bad_token is not None and m.first_bad_token not in ex
+
+
+@given(pair=ms.array_pairs(dtype=st.sampled_from(ms.FLOAT_DTYPES)), tol=ms.tolerances(allow_row=True),
+       k=st.integers(-20, 20))
+def test_row_rule_power_of_two_equivariant(pair, tol, k):
+    g, c = pair
+    g64, c64 = g.astype(np.float64), c.astype(np.float64)
+    both = np.concatenate([g64.ravel(), c64.ravel()])
+    nz = np.abs(both[both != 0])
+    with np.errstate(over="ignore"):
+        assume(nz.size == 0 or (np.isfinite(np.ldexp(nz.max(), k)) and np.ldexp(nz.min(), k) >= 2.0 ** -1000
+                                and nz.max() < 2.0 ** 1000))
+    a = classify(g64, c64, Tolerance(tol.atol, tol.rtol, tol.max_frac_outside, tol.row_rel_l2 if tol.atol == 0 else math.inf))
+    b = classify(np.ldexp(g64, k), np.ldexp(c64, k),
+                 Tolerance(0.0 if tol.atol == 0 else math.ldexp(tol.atol, k), tol.rtol, tol.max_frac_outside,
+                           tol.row_rel_l2 if tol.atol == 0 else math.inf))
+    assert a.verdict is b.verdict
+    assert same_float(a.metrics.max_row_rel_l2, b.metrics.max_row_rel_l2, rel=1e-12) if a.metrics else True

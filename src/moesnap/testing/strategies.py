@@ -6,6 +6,8 @@ default to False so that non-finite values appear only where a test asks.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import hypothesis.extra.numpy as hnp
@@ -136,15 +138,19 @@ def tolerances(
     max_atol: float = 1.0,
     max_rtol: float = 1.0,
     allow_frac: bool = True,
+    allow_row: bool = False,
 ) -> Tolerance:
-    """Valid :class:`Tolerance` values, zero and round numbers included."""
+    """Valid :class:`Tolerance` values, zero and round numbers included; with ``allow_row`` the
+    row rule (``row_rel_l2``) is drawn too, off (inf) or in (0, 1]."""
 
     def magnitude(top: float) -> st.SearchStrategy[float]:
         return st.one_of(st.just(0.0), st.sampled_from([1e-6, 1e-4, 1e-3, 1e-2, 0.1]).filter(
             lambda v: v <= top), st.floats(0.0, top))
 
     frac = st.one_of(st.just(0.0), st.floats(0.0, 1.0)) if allow_frac else st.just(0.0)
-    return Tolerance(draw(magnitude(max_atol)), draw(magnitude(max_rtol)), draw(frac))
+    row = draw(st.one_of(st.just(math.inf), st.sampled_from([1e-3, 1e-2, 0.1]),
+                         st.floats(1e-6, 1.0))) if allow_row else math.inf
+    return Tolerance(draw(magnitude(max_atol)), draw(magnitude(max_rtol)), draw(frac), row)
 
 
 @dataclass(frozen=True)
