@@ -369,3 +369,25 @@ def test_cuda_upload_keeps_bytes_on_the_device(model, tokens):
     assert all(t.device.type == "cuda" and t.dtype == torch.uint8 for t in cm._bytes.values())
     cm.forward(tokens[:4])
     assert len(cm._bytes) == n_tensors  # nothing uploaded twice
+
+
+@pytest.mark.parametrize("tie_tol, follows", [(1e9, True), (0.0, False)])
+def test_router_replay_follows_the_golden_only_within_the_tie_width(model, tokens, ref, tie_tol, follows):
+    from moesnap.candidate import RouterReplay
+    from moesnap.classify import tie_gap
+    from moesnap.inject import RouteFlip
+
+    golden = ref.stacked()
+    guide = RouterReplay(golden["topk_ids"], golden["router_logits"], tie_tol, tie_gap)
+    cand = CandidateModel(model, injections=[RouteFlip(layer=1, token=3)])   # token 3 picks its (k+1)-th expert
+    rec = ArrayRecorder()
+    cand.forward(tokens, rec, router_replay=guide)
+    got = rec.stacked()["topk_ids"][1][3]
+    if follows:   # continued with the golden's experts; its own choice is listed
+        assert set(got.tolist()) == set(golden["topk_ids"][1][3].tolist())
+        assert [(f[0], f[1]) for f in cand.followed] == [(1, 3)]
+        assert set(cand.followed[0][2]) != set(got.tolist())
+        assert cand.unfired() == [RouteFlip(layer=1, token=3)]
+    else:         # a flip beyond the tie width is kept: it is a divergence to report
+        assert set(got.tolist()) != set(golden["topk_ids"][1][3].tolist())
+        assert cand.followed == [] and cand.unfired() == []

@@ -47,8 +47,8 @@ one tensor, one expert's output, one stage's value and one token's routing.
 **Router replay** (:class:`RouterReplay`, what ``moesnap check`` does by default):
 in low precision the candidate legitimately picks other experts where two
 golden router logits nearly tie.  Given the golden routing, a token whose
-expert set differs from the golden's within ``tie_tol`` (the rule of
-:func:`moesnap.classify.tie_gap`) continues with the golden's experts,
+expert set differs from the golden's within ``tie_tol`` (the judge's rule,
+passed in as :attr:`RouterReplay.gap`) continues with the golden's experts,
 weighted by the candidate's own router probabilities for them and
 renormalised, so that it stays comparable in every later stage and layer.
 ``topk_ids`` records the experts used; :attr:`CandidateModel.followed` lists
@@ -69,7 +69,6 @@ import torch
 from torch.nn import functional as F
 
 from . import quants_torch
-from .classify import tie_gap
 from .config import Qwen3MoeConfig
 from .errors import UsageError
 from .inject import LAYER_TENSORS, Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, validate_injection
@@ -182,12 +181,15 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 @dataclass(frozen=True)
 class RouterReplay:
     """The golden routing a candidate follows at near ties: ``ids [L, T, k]``, router
-    ``logits [L, T, E]`` (numpy, any layer count) and the tie width in logit units, one for
-    every layer or one per layer (``[L]``)."""
+    ``logits [L, T, E]`` (numpy, any layer count), the tie width in logit units (one for every
+    layer or one per layer, ``[L]``) and ``gap(logits_row, ids)``, the judge's near-tie gap of
+    choosing ``ids`` under golden logits (:func:`moesnap.classify.tie_gap`; passed in, so that the
+    model does not depend on the judge)."""
 
     ids: np.ndarray
     logits: np.ndarray
     tie_tol: float | np.ndarray
+    gap: Callable[[np.ndarray, np.ndarray], float]
 
     def tie_tol_at(self, i: int) -> float:
         t = np.asarray(self.tie_tol, dtype=np.float64)
@@ -427,7 +429,7 @@ class CandidateModel:
             return pw, pid
         own = pid[tokens].cpu().numpy()
         tie_tol = self._guide.tie_tol_at(i)
-        follow = [t for t, ids in zip(tokens, own) if tie_gap(guide[1][t], ids) <= tie_tol]
+        follow = [t for t, ids in zip(tokens, own) if self._guide.gap(guide[1][t], ids) <= tie_tol]
         if not follow:
             return pw, pid
         for t in follow:

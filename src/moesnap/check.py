@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .case import Case, from_recorder
+from .classify import tie_gap
 from .compare import CaseReport, Report, compare_cases
 from .errors import GoldenError, UsageError
 from .inject import Injection
@@ -113,7 +114,7 @@ def run_check(model: GGUFModel, goldens: Sequence[tuple[str, Case]], *, device: 
         ids, logits = golden.layers.get("topk_ids"), golden.layers.get("router_logits")
         guide = None
         if ids is not None and logits is not None:
-            guide = RouterReplay(ids, logits, np.array([tols.tie_tol_at(dname, i) for i in range(len(ids))]))
+            guide = RouterReplay(ids, logits, np.array([tols.tie_tol_at(dname, i) for i in range(len(ids))]), tie_gap)
         rec = ArrayRecorder()
         bar = LayerProgress(f"check {name}", enabled=show_progress)
         cand.forward(golden.tokens, rec, progress=bar, router_replay=guide if router_replay else None)
