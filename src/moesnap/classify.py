@@ -714,8 +714,11 @@ def expert_scale_errors(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray,
     ``eps_e ~= f``; rounding noise, uncorrelated with ``a``, averages out over ``H`` elements and
     the tokens.  Returns ``(expert, eps, se, pairs, first token)`` for every expert with a non-zero
     contribution, where ``se`` is the standard error ``eps`` would have if the residual were noise
-    in a random direction (``sqrt(sum |r|^2 |a|^2 / H) / sum |a|^2``): an expert that gets only a
-    few low-weight tokens has a large ``se`` and must not be judged on ``eps`` alone.  Non-finite
+    of random sign in every element, of the magnitudes it has (``sqrt(sum r_i^2 a_i^2) / sum |a|^2``):
+    an expert that gets only a few low-weight tokens has a large ``se`` and must not be judged on
+    ``eps`` alone, and neither must one whose contribution and residual both sit in a few outlier
+    elements (rounding error grows with magnitude: a formula that assumed the noise spread evenly
+    over ``H`` elements underestimated ``se`` 45-fold there and raised false alarms).  Non-finite
     pairs and excluded tokens are left out."""
     ids = np.asarray(ids)
     T, k = ids.shape
@@ -729,15 +732,14 @@ def expert_scale_errors(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray,
         rb = np.broadcast_to(r, a.shape)
         dots = np.einsum("tkh,tkh->tk", rb, a)                                 # [T, k]
         sq = np.einsum("tkh,tkh->tk", a, a)                                    # [T, k]
-        rsq = np.einsum("tkh,tkh->tk", rb, rb)                                 # [T, k]
-    keep &= np.isfinite(dots) & np.isfinite(sq) & np.isfinite(rsq)
-    width = max(1, a.shape[-1])
+        var = np.einsum("tkh,tkh->tk", rb * rb, a * a)                         # [T, k]
+    keep &= np.isfinite(dots) & np.isfinite(sq) & np.isfinite(var)
     out = []
     for e in np.unique(ids[keep]).tolist():
         sel = keep & (ids == e)
         den = float(sq[sel].sum())
         if den > 0:
-            se = math.sqrt(float((rsq[sel] * sq[sel]).sum()) / width) / den
+            se = math.sqrt(float(var[sel].sum())) / den
             out.append((int(e), float(dots[sel].sum()) / den, se, int(sel.sum()),
                         int(np.flatnonzero(sel.any(axis=1))[0])))
     return out
