@@ -705,8 +705,15 @@ def tie_gap(logits_row: np.ndarray, chosen: np.ndarray) -> float:
     return float(row[~mask].max() - row[mask].min())
 
 
+#: (token, slot) pairs whose contribution is below this share of the token's total are left out of
+#: the expert-scale estimate: a 90 % error of a 0.1 % contribution is below what the total's own
+#: rounding shows (a near-tie slot at layer 26 of the 48-layer H200 run did just that)
+MIN_SHARE = 0.05
+
+
 def expert_scale_errors(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray,
-                        exclude_tokens: Collection[int] = ()) -> list[tuple[int, float, float, int, int]]:
+                        exclude_tokens: Collection[int] = (), total: np.ndarray | None = None
+                        ) -> list[tuple[int, float, float, int, int]]:
     """Per expert, the least-squares relative scale of the candidate's error along the golden's
     contribution of that expert: ``eps_e = sum <r, a> / sum |a|^2`` over the (token, slot) pairs
     routed to ``e`` (``a = contrib[t, j]``, ``r = resid[t, j]`` or ``resid[t]`` when ``resid`` is
@@ -718,7 +725,9 @@ def expert_scale_errors(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray,
     an expert that gets only a few low-weight tokens has a large ``se`` and must not be judged on
     ``eps`` alone, and neither must one whose contribution and residual both sit in a few outlier
     elements (rounding error grows with magnitude: a formula that assumed the noise spread evenly
-    over ``H`` elements underestimated ``se`` 45-fold there and raised false alarms).  Non-finite
+    over ``H`` elements underestimated ``se`` 45-fold there and raised false alarms).  With
+    ``total`` (``[T, H]``, what the contributions sum to) pairs below :data:`MIN_SHARE` of their
+    token's total are left out.  Non-finite
     pairs and excluded tokens are left out."""
     ids = np.asarray(ids)
     T, k = ids.shape
@@ -734,6 +743,11 @@ def expert_scale_errors(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray,
         sq = np.einsum("tkh,tkh->tk", a, a)                                    # [T, k]
         var = np.einsum("tkh,tkh->tk", rb * rb, a * a)                         # [T, k]
     keep &= np.isfinite(dots) & np.isfinite(sq) & np.isfinite(var)
+    if total is not None:   # ``resid`` is ``[T, H]``: each pair against the norm of its token's total
+        tot = np.asarray(total, dtype=np.float64).reshape(T, -1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            tsq = np.einsum("th,th->t", tot, tot)[:, None]
+        keep &= sq >= (MIN_SHARE ** 2) * tsq
     out = []
     for e in np.unique(ids[keep]).tolist():
         sel = keep & (ids == e)

@@ -304,17 +304,18 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
 
 
 def _expert_inputs(golden: Case, layer: int, stage: str):
-    """(ids [T, k], golden contribution of each (token, slot) [T, k, H]) for the expert rule, in the
-    slot order the judged arrays have (``expert_out`` is compared in ascending id order)."""
+    """(ids [T, k], golden contribution of each (token, slot) [T, k, H], what they sum to or None)
+    for the expert rule, in the slot order the judged arrays have (``expert_out`` is compared in
+    ascending id order)."""
     ids, eo, w = (golden.stage(s, layer) for s in ("topk_ids", "expert_out", "topk_weights"))
     if ids is None or eo is None or ids.ndim != 2 or eo.shape[:2] != ids.shape:
         return None
     if stage == "expert_out":
         order = np.argsort(ids, axis=1)
-        return np.take_along_axis(ids, order, 1), np.take_along_axis(eo, order[..., None], 1)
+        return np.take_along_axis(ids, order, 1), np.take_along_axis(eo, order[..., None], 1), None
     if w is None or w.shape != ids.shape:
         return None
-    return ids, eo.astype(np.float64) * w.astype(np.float64)[..., None]
+    return ids, eo.astype(np.float64) * w.astype(np.float64)[..., None], golden.stage("moe_out", layer)
 
 
 #: an expert's scale error counts only beyond this many standard errors of rounding noise
@@ -326,11 +327,11 @@ def _classify_stage(g, c, tol, exclude, experts) -> Result:
     res = classify(g, c, tol, exclude_tokens=exclude)
     if experts is None or res.verdict != Verdict.MATCH or g is None or c is None or g.shape != c.shape:
         return res
-    ids, contrib = experts
-    if contrib.shape[0] != c.shape[0]:
+    ids, contrib, total = experts
+    if contrib.shape[0] != c.shape[0] or (total is not None and total.shape != c.shape):
         return res
     resid = c.astype(np.float64) - g.astype(np.float64)
-    errs = expert_scale_errors(ids, contrib, resid, exclude)
+    errs = expert_scale_errors(ids, contrib, resid, exclude, total)
     bad = [e for e in errs if abs(e[1]) > tol.expert_scale and abs(e[1]) > EXPERT_Z * e[2]]
     if not bad:
         return res
