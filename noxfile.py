@@ -37,7 +37,7 @@ def crosscheck(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff: pyflakes, pycodestyle errors and bugbear over the code, tests and benchmarks."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py", *session.posargs)
+    session.run("ruff", "check", "src", "tests", "benchmarks", "tools", "noxfile.py", *session.posargs)
 
 
 @nox.session(default=False)
@@ -58,14 +58,14 @@ def _cuda(session: nox.Session) -> None:
 def check_gpu(session: nox.Session) -> None:
     """The bundled goldens against the CUDA candidate, float32 and bfloat16, plus planted faults (current env)."""
     _cuda(session)
-    session.run("python", "-m", "moesnap.sessions", "check_gpu", *session.posargs)
+    session.run("python", "tools/gpu_sessions.py", "check_gpu", *session.posargs)
 
 
 @nox.session(default=False, venv_backend="none")
 def heavy(session: nox.Session) -> None:
     """Full-size qwen3-30b-a3b (48 layers): goldens on the CPU, check on CUDA in float32 and bfloat16 (current env)."""
     _cuda(session)
-    session.run("python", "-m", "moesnap.sessions", "heavy", *session.posargs)
+    session.run("python", "tools/gpu_sessions.py", "heavy", *session.posargs)
 
 
 # The committed goldens of the bundled tiny model (goldens/tiny): two prompts and a token-id case.

@@ -1,9 +1,9 @@
 """Time the candidate forward against the reference forward on the same tokens.
 
 Models: the bundled tiny model, and a full-width 2-layer ``qwen3-30b-a3b``
-file made with :mod:`moesnap.synth` (hidden 2048, 128 experts, top-8, vocab
+file made with :mod:`moesnap.model.synth` (hidden 2048, 128 experts, top-8, vocab
 151936; ~1.2 GB, made once into ``--model-dir`` and reused).  Every forward
-records every stage into an :class:`~moesnap.recorder.ArrayRecorder`, as
+records every stage into an :class:`~moesnap.model.recorder.ArrayRecorder`, as
 ``trace`` and ``check`` do; the ``bare`` column is the same forward with no
 recorder.  Times are medians of ``--repeat`` runs after one warm-up run
 (the full-width CPU rows, tens of seconds each on 2 cores, run
@@ -49,11 +49,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from moesnap.candidate import CandidateModel, grouped_mm_works
-from moesnap.recorder import ArrayRecorder, NullRecorder
-from moesnap.reference import run_reference
-from moesnap.synth import make_model, preset, tiny_path
-from moesnap.weights import GGUFModel
+from moesnap.model.candidate import CandidateModel, grouped_mm_works
+from moesnap.model.recorder import ArrayRecorder, NullRecorder
+from moesnap.model.reference import run_reference
+from moesnap.model.synth import make_model, preset, tiny_path
+from moesnap.model.weights import GGUFModel
 
 
 def full_model(model_dir: Path) -> Path:

@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
-from moesnap.case import Case
-from moesnap.compare import compare_cases
-from moesnap.tolerances import Tolerances
+from moesnap.store.case import Case
+from moesnap.judge.compare import compare_cases
+from moesnap.judge.tolerances import Tolerances
 
 T, H, HQ, HKV, D, E, K, V, L = 128, 2048, 32, 4, 128, 128, 8, 151936, 2
 

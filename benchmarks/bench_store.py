@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moesnap.case import Case, checksum
+from moesnap.store.case import Case, checksum
 from moesnap.stages import LAYER_STAGES
 from moesnap.store import LocalGoldenStore
 
@@ -79,7 +79,7 @@ def zarr_read(case: Case, d: Path) -> int:
 
 
 def checksums(case: Case) -> None:
-    """What write_case spends on checksums: moesnap.case.checksum (CRC-32C, no copy) per array."""
+    """What write_case spends on checksums: moesnap.store.case.checksum (CRC-32C, no copy) per array."""
     for a in case.arrays().values():
         checksum(a)
 

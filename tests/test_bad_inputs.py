@@ -29,7 +29,7 @@ from typing import Callable
 import pytest
 
 from ggufgen import absurd_header, write_gguf
-from moesnap.cli import main
+from moesnap.cli.main import main
 from test_goldens import tree_digest
 
 REPO_GOLDENS = Path(__file__).resolve().parent.parent / "goldens"
@@ -630,7 +630,7 @@ def test_trace_force_replaces_a_case_group_and_nothing_else(tmp_path, tiny_path)
 
 
 def load_tokens(path: Path) -> list[int]:
-    from moesnap.case import load_case
+    from moesnap.store.case import load_case
 
     return load_case(path).tokens.tolist()
 
@@ -710,7 +710,7 @@ if __name__ == "__main__":   # python tests/test_bad_inputs.py: the catalogue as
     import os
     import tempfile
 
-    from moesnap.synth import tiny_path as _tiny
+    from moesnap.model.synth import tiny_path as _tiny
 
     os.environ["MOESNAP_NO_PROGRESS"] = "1"
     with tempfile.TemporaryDirectory() as d:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from moesnap.calibrate import MARGIN
-from moesnap.cli import main
-from moesnap.tolerances import Tolerances
+from moesnap.run.calibrate import MARGIN
+from moesnap.cli.main import main
+from moesnap.judge.tolerances import Tolerances
 
 
 def test_calibrate_reports_spread_and_suggestions(capsys, tiny_path, tmp_path):

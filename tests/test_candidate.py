@@ -27,14 +27,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from moesnap import quants_torch
-from moesnap.candidate import EXPERT_PATHS, CandidateModel, default_expert_path, grouped_mm_works
+from moesnap.gguf import quants_torch
+from moesnap.model.candidate import EXPERT_PATHS, CandidateModel, default_expert_path, grouped_mm_works
 from moesnap.errors import UsageError
-from moesnap.recorder import ArrayRecorder, NullRecorder
-from moesnap.reference import run_reference
+from moesnap.model.recorder import ArrayRecorder, NullRecorder
+from moesnap.model.reference import run_reference
 from moesnap.stages import INTEGER_STAGES, LAYER_STAGES, POST_ROUTING_STAGES
-from moesnap.synth import tiny_path
-from moesnap.weights import GGUFModel
+from moesnap.model.synth import tiny_path
+from moesnap.model.weights import GGUFModel
 
 N_TOKENS = 32
 FP32_ATOL = 1e-4          # max abs error, every float stage and the logits
@@ -259,7 +259,7 @@ def test_grouped_mm_probe_on_cpu(model):
 
 
 def test_without_grouped_mm_the_loop_is_chosen(model, monkeypatch):
-    from moesnap import candidate
+    from moesnap.model import candidate
 
     monkeypatch.delattr(torch, "_grouped_mm", raising=False)
     monkeypatch.setattr(candidate, "_GROUPED_MM_PROBES", {})
@@ -373,9 +373,9 @@ def test_cuda_upload_keeps_bytes_on_the_device(model, tokens):
 
 @pytest.mark.parametrize("tie_tol, follows", [(1e9, True), (0.0, False)])
 def test_router_replay_follows_the_golden_only_within_the_tie_width(model, tokens, ref, tie_tol, follows):
-    from moesnap.candidate import RouterReplay
-    from moesnap.classify import tie_gap
-    from moesnap.inject import RouteFlip
+    from moesnap.model.candidate import RouterReplay
+    from moesnap.judge.classify import tie_gap
+    from moesnap.model.inject import RouteFlip
 
     golden = ref.stacked()
     guide = RouterReplay(golden["topk_ids"], golden["router_logits"], tie_tol, tie_gap)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import zarr
 
-from moesnap.cli import main
-from moesnap.weights import GGUFModel
+from moesnap.cli.main import main
+from moesnap.model.weights import GGUFModel
 
 PROMPT = "The quick brown fox"
 

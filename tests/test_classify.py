@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from moesnap.classify import (
+from moesnap.judge.classify import (
     MAX_BAD_TOKENS,
     Verdict,
     align_topk_weights,
@@ -17,7 +17,7 @@ from moesnap.classify import (
 )
 from moesnap.errors import MoesnapError, ToleranceError
 from moesnap.stages import INTEGER_STAGES, LAYER_STAGES, MODEL_STAGES
-from moesnap.tolerances import Tolerance, Tolerances
+from moesnap.judge.tolerances import Tolerance, Tolerances
 
 F32 = Tolerances.defaults().for_stage("moe_out", "float32")
 EXACT = Tolerance(0.0, 0.0)

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-import moesnap.classify as C
-from moesnap.tolerances import Tolerance
+import moesnap.judge.classify as C
+from moesnap.judge.tolerances import Tolerance
 
 EXACT_FIELDS = ("n", "n_outside", "worst_index", "bad_tokens", "n_bad_tokens", "first_bad_token", "max_abs",
                 "max_rel", "nan_golden", "nan_candidate", "inf_golden", "inf_candidate")

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from hypothesis import assume, event, given
 
-from moesnap.classify import MAX_BAD_TOKENS, Verdict, align_topk_weights, classify, classify_routing
+from moesnap.judge.classify import MAX_BAD_TOKENS, Verdict, align_topk_weights, classify, classify_routing
 from moesnap.testing import strategies as ms
-from moesnap.tolerances import Tolerance
+from moesnap.judge.tolerances import Tolerance
 
 NAN_VERDICTS = {Verdict.NAN_GOLDEN, Verdict.NAN_CANDIDATE, Verdict.NAN_BOTH}
 SWAPPED = {Verdict.NAN_GOLDEN: Verdict.NAN_CANDIDATE, Verdict.NAN_CANDIDATE: Verdict.NAN_GOLDEN}

@@ -7,12 +7,12 @@ import copy
 import numpy as np
 import pytest
 
-from moesnap.case import Case
-from moesnap.classify import Verdict
-from moesnap.compare import compare_cases
-from moesnap.recorder import ArrayRecorder
-from moesnap.reference import run_reference
-from moesnap.tolerances import Tolerances
+from moesnap.store.case import Case
+from moesnap.judge.classify import Verdict
+from moesnap.judge.compare import compare_cases
+from moesnap.model.recorder import ArrayRecorder
+from moesnap.model.reference import run_reference
+from moesnap.judge.tolerances import Tolerances
 
 TOKENS = [5, 9, 200, 17, 3, 3, 64, 100]
 

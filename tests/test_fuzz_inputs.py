@@ -35,13 +35,13 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from moesnap.case import load_case
-from moesnap.cli import main
+from moesnap.store.case import load_case
+from moesnap.cli.main import main
 from moesnap.errors import MoesnapError
-from moesnap.recorder import ArrayRecorder
-from moesnap.reference import run_reference
-from moesnap.synth import tiny_path
-from moesnap.weights import GGUFModel
+from moesnap.model.recorder import ArrayRecorder
+from moesnap.model.reference import run_reference
+from moesnap.model.synth import tiny_path
+from moesnap.model.weights import GGUFModel
 
 REPO_GOLDENS = Path(__file__).resolve().parent.parent / "goldens"
 TINY = tiny_path().read_bytes()
@@ -247,10 +247,10 @@ def test_gguf_dimension_cannot_make_numpy_allocate_gigabytes(tmp_path):
             files.append(str(p))
     code = (
         "import resource, sys, torch\n"
-        "from moesnap.weights import GGUFModel\n"
+        "from moesnap.model.weights import GGUFModel\n"
         "from moesnap.errors import MoesnapError\n"
-        "from moesnap.reference import run_reference\n"
-        "from moesnap.recorder import ArrayRecorder\n"
+        "from moesnap.model.reference import run_reference\n"
+        "from moesnap.model.recorder import ArrayRecorder\n"
         "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
         "for f in sys.argv[1:]:\n"
         "    try:\n"
@@ -336,7 +336,7 @@ def _edit(path: Path, edit) -> None:
 @settings(max_examples=N, **FUZZ)
 @given(data=st.data())
 def test_fuzz_case_zarr_json(golden_case, tmp_path_factory, data):
-    """moesnap.case.load_case (what compare reads) on a case group with one mutated zarr.json."""
+    """moesnap.store.case.load_case (what compare reads) on a case group with one mutated zarr.json."""
     src, files = golden_case
     edit = data.draw(zarr_json_edit(files), label="edit")
     base = tmp_path_factory.mktemp("case")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moesnap.cli import main
+from moesnap.cli.main import main
 from moesnap.errors import GoldenError
 from moesnap.stages import LAYER_STAGES
 from moesnap.store import LocalGoldenStore, check_model_matches
@@ -35,7 +35,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def run_cli(*args, env=None, **kw) -> subprocess.Popen:
-    code = "import sys; from moesnap.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from moesnap.cli.main import main; sys.exit(main(sys.argv[1:]))"
     full_env = {**os.environ, "MOESNAP_NO_PROGRESS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from moesnap.candidate import CandidateModel
+from moesnap.model.candidate import CandidateModel
 from moesnap.errors import UsageError
-from moesnap.inject import (
+from moesnap.model.inject import (
     Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, SCALABLE_STAGES, parse_inject,
 )
-from moesnap.recorder import ArrayRecorder
+from moesnap.model.recorder import ArrayRecorder
 from moesnap.stages import LAYER_STAGES, stage_order
-from moesnap.synth import tiny_path
-from moesnap.weights import GGUFModel
+from moesnap.model.synth import tiny_path
+from moesnap.model.weights import GGUFModel
 
 QT = gguf.GGMLQuantizationType
 N_TOKENS = 16
@@ -259,10 +259,10 @@ def test_injection_in_replay_hits_only_its_layer(model, tokens, clean):
 
 
 def test_qtype_injection_that_changes_nothing_is_refused(tiny_path):
-    from moesnap.candidate import CandidateModel
+    from moesnap.model.candidate import CandidateModel
     from moesnap.errors import UsageError
-    from moesnap.inject import parse_inject
-    from moesnap.weights import GGUFModel
+    from moesnap.model.inject import parse_inject
+    from moesnap.model.weights import GGUFModel
 
     model = GGUFModel.open(tiny_path)
     layer = next(i for i in range(model.config.n_layer) if model.qtypes()[f"blk.{i}.ffn_down_exps"] == "Q4_K")

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import zarr
 
-from moesnap.case import Case, load_case
-from moesnap.classify import Verdict, classify, expert_scale_errors
-from moesnap.cli import main
-from moesnap.compare import compare_cases
-from moesnap.tolerances import Tolerance, Tolerances
+from moesnap.store.case import Case, load_case
+from moesnap.judge.classify import Verdict, classify, expert_scale_errors
+from moesnap.cli.main import main
+from moesnap.judge.compare import compare_cases
+from moesnap.judge.tolerances import Tolerance, Tolerances
 
 # 32 tokens of the tiny model whose bfloat16 routing flips near ties at layers 1 and 3
 FLIPPY = ",".join(str(t) for t in np.random.default_rng(4).integers(0, 272, 32))
@@ -152,7 +152,7 @@ def test_a_flip_nobody_followed_leaves_later_layers_unjudged_and_says_so():
                         allow_missing=True)
     held, judged = rep.cells()
     assert rep.passed and judged < held
-    from moesnap.compare import Report
+    from moesnap.judge.compare import Report
 
     report = Report(cases=[rep], golden="g", candidate="c", dtype="float32", hint="moesnap compare ... --model M")
     assert report.verdict == "inconclusive" and not report.passed

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from moesnap.cli import main
+from moesnap.cli.main import main
 from ggufgen import absurd_header, write_gguf
 
 

@@ -1,4 +1,4 @@
-"""moesnap.quants_torch: on-device dequantization, bit-exact against gguf-py."""
+"""moesnap.gguf.quants_torch: on-device dequantization, bit-exact against gguf-py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moesnap import quants_torch as qt
+from moesnap.gguf import quants_torch as qt
 from moesnap.errors import ModelFileError
 
 T = gguf.GGMLQuantizationType

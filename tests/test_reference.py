@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from moesnap.recorder import ArrayRecorder, NullRecorder
-from moesnap.reference import run_reference
+from moesnap.model.recorder import ArrayRecorder, NullRecorder
+from moesnap.model.reference import run_reference
 from moesnap.stages import LAYER_STAGES
-from moesnap.weights import GGUFModel
+from moesnap.model.weights import GGUFModel
 
 TOKENS = [3, 77, 104, 105, 200, 42, 9]
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moesnap.case import Case, checksum
+from moesnap.store.case import Case, checksum
 from moesnap.errors import GoldenError, UsageError
 from moesnap.store import (
     CLAIM,
@@ -397,9 +397,10 @@ def test_s3fs_is_imported_only_for_s3_roots(tmp_path):
     code = (
         "import sys\n"
         "from moesnap.store import open_store\n"
-        "from moesnap import goldens, cli_goldens\n"
+        "from moesnap.run import goldens\n"
+        "from moesnap.cli import goldens as cli_goldens\n"
         f"open_store({str(tmp_path)!r}).versions('x')\n"
-        "from moesnap.cli import main\n"
+        "from moesnap.cli.main import main\n"
         f"assert main(['goldens', 'list', '--store', {str(tmp_path)!r}]) == 0\n"
         "assert 's3fs' not in sys.modules and 'botocore' not in sys.modules, 'eager import'\n"
     )

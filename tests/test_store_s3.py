@@ -24,7 +24,7 @@ pytest.importorskip("s3fs", reason="the test extra installs s3fs")
 moto_server = pytest.importorskip("moto.server", reason="the test extra installs moto[server]")
 boto3 = pytest.importorskip("boto3")
 
-from moesnap.cli import main  # noqa: E402
+from moesnap.cli.main import main  # noqa: E402
 from moesnap.store import MARKER, RemoteGoldenStore  # noqa: E402
 
 from test_goldens import _wait_for, run_cli  # noqa: E402

@@ -11,9 +11,9 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from gguf.quants import Q4_K, dequantize
 
-from moesnap import synth
+from moesnap.model import synth
 from moesnap.errors import UsageError
-from moesnap.synth import PRESETS, SynthSpec, make_model, preset, random_blocks, tiny_path
+from moesnap.model.synth import PRESETS, SynthSpec, make_model, preset, random_blocks, tiny_path
 
 MB = 1 << 20
 REGEN = "moesnap model make src/moesnap/data/tiny.gguf --preset tiny --force"

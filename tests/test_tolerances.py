@@ -7,10 +7,10 @@ import textwrap
 
 import pytest
 
-from moesnap.classify import Verdict, classify
+from moesnap.judge.classify import Verdict, classify
 from moesnap.errors import MoesnapError, ToleranceError
 from moesnap.stages import ALL_STAGES, INTEGER_STAGES
-from moesnap.tolerances import (
+from moesnap.judge.tolerances import (
     DEFAULT_TOLERANCES,
     DTYPES,
     Override,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from moesnap.case import load_case
-from moesnap.cli import main
+from moesnap.store.case import load_case
+from moesnap.cli.main import main
 from moesnap.stages import LAYER_STAGES
 
 

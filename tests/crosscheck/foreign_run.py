@@ -6,7 +6,7 @@ Q6_K ``ffn_down_exps`` in odd layers), writes goldens for a few prompts with
 ``moesnap goldens generate``, loads the same weights into transformers
 (:func:`.hf_model.load_hf_from_gguf`), and judges any (possibly patched) copy
 of that model: each prompt is captured with
-:func:`moesnap.capture.transformers_case`, written as a case group, and
+:func:`moesnap.run.capture.transformers_case`, written as a case group, and
 checked with ``moesnap compare --allow-missing --json`` -- with ``--model``
 (local re-reference: every layer judged from the engine's own input) or
 ``--no-local`` (free-running only).
@@ -38,7 +38,7 @@ def planted_spec(seed: int = 11):
     """8 layers, 16 experts, top-4, hidden 128 (4 q heads, 2 kv heads, head_dim 32), expert FFN 256,
     the tiny preset's quant types; ``ffn_down_exps`` is Q4_K in even layers and Q6_K in odd ones."""
     from gguf import GGMLQuantizationType as QT
-    from moesnap.synth import preset
+    from moesnap.model.synth import preset
 
     tiny = preset("tiny")
     qtypes = {**tiny.qtypes, "ffn_down_exps": QT.Q4_K}
@@ -55,7 +55,7 @@ def prompts(seed: int, lengths: Sequence[int] = (32, 40), vocab: int = 272) -> l
 
 def cli(*argv: str) -> tuple[int, str]:
     """Run ``moesnap ARGV`` in this process; (exit code, stdout + stderr)."""
-    from moesnap.cli import main
+    from moesnap.cli.main import main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -105,7 +105,7 @@ class World:
     def __init__(self, root: Path, *, seed: int = 11, prompt_seed: int = 0, lengths: Sequence[int] = (32, 40),
                  suite: str = "planted") -> None:
         from moesnap.store import open_store
-        from moesnap.synth import make_model
+        from moesnap.model.synth import make_model
 
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -136,10 +136,10 @@ class World:
         return copy.deepcopy(self.base).to(TORCH_DTYPES[dtype])
 
     def capture(self, model) -> Path:
-        """Every prompt through ``model`` (:func:`moesnap.capture.transformers_case`), written as a
+        """Every prompt through ``model`` (:func:`moesnap.run.capture.transformers_case`), written as a
         directory of case groups named like the golden's cases."""
-        from moesnap.capture import transformers_case
-        from moesnap.trace import write_output
+        from moesnap.run.capture import transformers_case
+        from moesnap.run.trace import write_output
 
         self._n += 1
         cand = self.root / f"cand-{self._n:04d}"

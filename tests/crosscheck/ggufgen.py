@@ -1,6 +1,6 @@
 """A small, independent writer of random-weight Qwen3-MoE GGUF files.
 
-It shares no code with ``moesnap.synth``: it writes straight through
+It shares no code with ``moesnap.model.synth``: it writes straight through
 ``gguf.GGUFWriter`` with keys from gguf-py's constants, so the harnesses can
 be checked against each other (transformers vs llama.cpp) on a file moesnap
 did not write, and moesnap's loader can be checked on a file it did not write.

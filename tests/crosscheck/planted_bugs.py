@@ -13,7 +13,7 @@ at ``moe_out``).
 Where a bug cannot be seen in some dtype, its expectation says so
 (``Expect(None, why)``) instead of leaving it out.
 
-Nothing here imports moesnap except :func:`moesnap.quants_torch.decode_as` for
+Nothing here imports moesnap except :func:`moesnap.gguf.quants_torch.decode_as` for
 the "Q6_K bytes read as Q4_K" bug (the same wrong decoding the candidate's
 ``--inject qtype`` uses).
 """
@@ -256,7 +256,7 @@ def q6k_read_as_q4k(model, p: Plant) -> None:
     """The layer's ``ffn_down_exps`` (Q6_K in the file) decoded with the Q4_K routine, row stride kept."""
     from gguf import GGMLQuantizationType as QT, GGUFReader
 
-    from moesnap.quants_torch import decode_as
+    from moesnap.gguf.quants_torch import decode_as
 
     if p.gguf is None:
         raise ValueError("q6k_read_as_q4k needs the GGUF file")

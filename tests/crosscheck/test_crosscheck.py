@@ -2,7 +2,7 @@
 
 Three independent implementations of Qwen3-MoE read the same GGUF file:
 
-* moesnap's reference (:func:`moesnap.reference.run_reference`),
+* moesnap's reference (:func:`moesnap.model.reference.run_reference`),
 * transformers' ``Qwen3MoeForCausalLM`` loaded by :mod:`.hf_model` (gguf-py
   dequantization, no moesnap code),
 * llama.cpp through llama-cpp-python (:mod:`.llama_dump`, own loader, own
@@ -52,7 +52,7 @@ def _need_llama():
 
 def _specs() -> dict[str, object]:
     from gguf import GGMLQuantizationType as QT
-    from moesnap.synth import QTYPE_KINDS, preset
+    from moesnap.model.synth import QTYPE_KINDS, preset
 
     tiny = preset("tiny")
     f32 = {k: QT.F32 for k in QTYPE_KINDS}
@@ -94,7 +94,7 @@ class Runs:
         return [1] + rng.integers(3, V, N_TOKENS - 1).tolist()
 
     def path(self, name):
-        from moesnap.synth import make_model
+        from moesnap.model.synth import make_model
 
         p = self.root / f"{name}.gguf"
         if not p.exists():
@@ -120,8 +120,8 @@ class Runs:
 
     def ref(self, name) -> dict[str, np.ndarray]:
         def run():
-            from moesnap.recorder import ArrayRecorder
-            from moesnap.reference import run_reference
+            from moesnap.model.recorder import ArrayRecorder
+            from moesnap.model.reference import run_reference
 
             rec = ArrayRecorder()
             logits = run_reference(self.path(name), self.tokens(name), recorder=rec)
@@ -398,7 +398,7 @@ def test_llama_cpp_loads_synth_file_as_written(runs):
     try:
         out = llama_forward(path, runs.tokens("gqa-top2-d32-rope1e4"), stages=False)
     except LlamaCrash as e:
-        pytest.fail(f"llama.cpp cannot load {path.name} as moesnap.synth wrote it: {str(e).splitlines()[0]}")
+        pytest.fail(f"llama.cpp cannot load {path.name} as moesnap.model.synth wrote it: {str(e).splitlines()[0]}")
     assert np.isfinite(out["logits"]).all()
 
 
@@ -407,7 +407,7 @@ def test_reference_on_independently_written_file(tmp_path, figures):
     names ``blk.N.attn_q.weight`` as in real GGUFs): the reference must load it and match both engines."""
     _need_transformers()
     _need_llama()
-    from moesnap.reference import run_reference
+    from moesnap.model.reference import run_reference
 
     from .ggufgen import GenSpec, write_gguf
     from .hf_model import hf_forward, load_hf_from_gguf

@@ -14,7 +14,7 @@ import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import numpy as np
 
-from ..tolerances import Tolerance
+from ..judge.tolerances import Tolerance
 
 FLOAT_DTYPES: tuple[str, ...] = ("float16", "float32", "float64")
 INT_DTYPES: tuple[str, ...] = ("int8", "int32", "int64", "uint8")

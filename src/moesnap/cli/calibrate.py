@@ -1,0 +1,68 @@
+"""`moesnap calibrate MODEL`: the per-stage float noise floor and the tolerances it suggests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from ..errors import UsageError
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from ..run.calibrate import MARGIN, measure, suggested, toml_block
+    from ..gguf.tokenizer import encode
+    from ..run.trace import parse_dtype, parse_tokens
+    from ..util import LayerProgress, check_output_file, write_text_atomic
+    from ..model.weights import GGUFModel
+
+    if a.json is not None:
+        check_output_file(a.json, force=a.force, option="--json")
+    margin = a.margin if a.margin is not None else MARGIN
+    if not (margin > 0 and math.isfinite(margin)):
+        raise UsageError(f"--margin {margin} must be a finite number > 0")
+    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    if not dtypes:
+        raise UsageError(f"--dtypes {a.dtypes!r}: name at least one of float32, bfloat16, float16")
+    for d in dtypes:
+        parse_dtype(d, allowed=("float32", "bfloat16", "float16"))
+    model = GGUFModel.open(a.model)
+    token_lists = [parse_tokens(t) for t in a.tokens] + [encode(model.file, p) for p in a.prompt]
+    if not token_lists:
+        token_lists = [encode(model.file, "The quick brown fox jumps over the lazy dog. 0123456789")]
+    for t in token_lists:
+        model.check_tokens(t)
+    out: dict = {"model": model.path.name, "margin": margin, "tokens": token_lists, "dtypes": {}}
+    for d in dtypes:
+        bar = LayerProgress(f"calibrate {d}")
+        spread, flips = measure(model, token_lists, parse_dtype(d), progress=bar)
+        bar.close()
+        sugg = suggested(spread, margin)
+        print(f"{d} vs float64 on {model.path.name} ({sum(map(len, token_lists))} tokens, "
+              f"{flips} routing flips left out):")
+        print(f"  {'stage':<14} {'max_abs':>10} {'rel_p99':>10} {'max_rel_l2':>11}")
+        for stage, sp in spread.items():
+            if sp.n:
+                print(f"  {stage:<14} {sp.max_abs:10.3g} {sp.rel_p99:10.3g} {sp.max_rel_l2:11.3g}")
+        print(f"suggested (x{margin:g}):")
+        for line in toml_block(d, sugg):
+            print("  " + line)
+        out["dtypes"][d] = {"flips": flips,
+                            "spread": {s: vars(sp) for s, sp in spread.items() if sp.n},
+                            "suggested": {s: {"atol": t[0], "rtol": t[1]} for s, t in sugg.items()}}
+    if a.json:
+        write_text_atomic(a.json, json.dumps(out, indent=1))
+        print(f"wrote {a.json}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure the per-stage float noise floor (dtype vs float64 reference)")
+    p.add_argument("model")
+    p.add_argument("--tokens", action="append", default=[], help="comma-separated token ids (repeatable)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--dtypes", default="float32,bfloat16,float16")
+    p.add_argument("--margin", type=float, help="multiplier on the measured spread (default 10)")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.set_defaults(func=cmd_calibrate)

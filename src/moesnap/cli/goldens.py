@@ -1,0 +1,146 @@
+"""`moesnap goldens generate|list|show|diff|prune`: the versioned golden store from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from ..errors import UsageError
+
+
+class _Input(argparse.Action):
+    """--tokens / --prompt, repeatable, kept in the order given (one case each)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest, None) or [])
+        items.append((self.const, values))
+        setattr(namespace, self.dest, items)
+
+
+def _store(a: argparse.Namespace):
+    from ..store import open_store
+
+    return open_store(a.store)
+
+
+def _progress(a: argparse.Namespace) -> bool:
+    return not getattr(a, "quiet", False)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from ..run.goldens import generate
+    from ..util import published_version_above
+
+    inside = published_version_above(a.store) if a.store and "://" not in a.store else None
+    if inside is not None:
+        raise UsageError(f"--store {a.store}: inside the published golden version {inside}; refusing to write there")
+
+    parts = ["moesnap", "goldens", "generate", a.model, "--suite", a.suite]
+    if a.store:
+        parts += ["--store", a.store]
+    for kind, value in a.inputs or []:
+        parts += [f"--{kind}", value]
+    parts += ["--dtype", a.dtype]
+    command = " ".join(shlex.quote(x) for x in parts)
+    with _store(a) as st:
+        v = generate(a.model, a.suite, store=st, inputs=a.inputs or [], dtype=a.dtype,
+                     show_progress=_progress(a), command=command)
+    print(v.ref)
+    return 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from ..run.goldens import describe, list_suites
+
+    with _store(a) as st:
+        infos = list_suites(st)
+    if not infos:
+        print(f"no suites in {a.store or 'goldens'}")
+    for info in infos:
+        print(f"{info.suite}  {' '.join(info.versions)}  newest {info.newest.version}: {describe(info.newest.meta)}")
+    return 0
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    from ..run.goldens import show_lines
+
+    with _store(a) as st:
+        lines = show_lines(st.resolve(a.ref), verify=not a.no_verify, show_progress=_progress(a))
+    for line in lines:
+        print(line)
+    return 0
+
+
+def cmd_diff(a: argparse.Namespace) -> int:
+    from ..run.goldens import diff, diff_lines, write_json
+    from ..store import DEFAULT_ROOT
+    from ..util import check_output_file
+
+    if a.json is not None:
+        check_output_file(a.json, force=a.force, option="--json", store=a.store or DEFAULT_ROOT)
+    with _store(a) as st:
+        rep = diff(st.resolve(a.a), st.resolve(a.b), show_progress=_progress(a))
+    for line in diff_lines(rep):
+        print(line)
+    if a.json:
+        write_json(rep.to_dict(), a.json)
+        print(f"wrote {a.json}")
+    return 1 if rep.any_changed else 0
+
+
+def cmd_prune(a: argparse.Namespace) -> int:
+    from ..run.goldens import prune
+
+    if a.keep < 1:
+        raise UsageError(f"--keep {a.keep}: must be ≥ 1 (the newest version is never deleted)")
+    if a.stale_after is not None and a.stale_after < 0:
+        raise UsageError(f"--stale-after {a.stale_after}: must be ≥ 0")
+    with _store(a) as st:
+        res = prune(st, a.suite, a.keep, stale_after=a.stale_after)
+    print(f"{a.suite}: deleted {', '.join(res.deleted) or 'nothing'}; kept {', '.join(res.kept) or 'nothing'}"
+          + (f"; removed unpublished {', '.join(res.cleaned)}" if res.cleaned else ""))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("goldens", help="versioned golden snapshots: generate, list, show, diff, prune")
+    gsub = g.add_subparsers(dest="goldens_command", required=True, parser_class=type(g))
+    store_help = "golden store root: a directory (default goldens/) or s3://bucket/prefix"
+
+    p = gsub.add_parser("generate", help="run the reference forward and publish a new immutable version")
+    p.add_argument("model", help="the GGUF model file")
+    p.add_argument("--suite", required=True, help="suite name (letters, digits, '.', '_', '-')")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--tokens", dest="inputs", action=_Input, const="tokens", metavar="IDS",
+                   help="comma-separated token ids: one case (repeatable)")
+    p.add_argument("--prompt", dest="inputs", action=_Input, const="prompt", metavar="TEXT",
+                   help="text, encoded byte by byte: one case (repeatable)")
+    p.add_argument("--dtype", default="float32", help="reference arithmetic: float32 (default) or float64")
+    p.set_defaults(func=cmd_generate)
+
+    p = gsub.add_parser("list", help="suites and their published versions")
+    p.add_argument("--store", help=store_help)
+    p.set_defaults(func=cmd_list)
+
+    p = gsub.add_parser("show", help="provenance, cases and stages of a version (verifies its checksums)")
+    p.add_argument("ref", metavar="NAME[@vNNNN]")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--no-verify", action="store_true", help="do not read the arrays to verify their checksums")
+    p.set_defaults(func=cmd_show)
+
+    p = gsub.add_parser("diff", help="which stages changed between two versions, judged by the classifier "
+                                     "(exit 0 identical, 1 changed)")
+    p.add_argument("a", metavar="NAME@vA")
+    p.add_argument("b", metavar="NAME@vB")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--json", metavar="PATH", help="write the diff as JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.set_defaults(func=cmd_diff)
+
+    p = gsub.add_parser("prune", help="delete old versions (never the newest) and dead unpublished leftovers")
+    p.add_argument("suite", metavar="NAME")
+    p.add_argument("--keep", type=int, required=True, help="how many of the newest versions to keep (≥ 1)")
+    p.add_argument("--store", help=store_help)
+    p.add_argument("--stale-after", type=float, metavar="SECONDS",
+                   help="remote stores: an unpublished version with no write for this long is dead (default 1 day)")
+    p.set_defaults(func=cmd_prune)

@@ -1,0 +1,140 @@
+"""The command line: parse, call library functions, print, exit 0/1/2.
+
+Exit codes: 0 every stage passes, 1 something diverged or went non-finite,
+2 bad input or usage (one line on stderr, no traceback), 3 an internal error
+(one line naming the command and its input; set MOESNAP_DEBUG=1 for the
+traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Sequence
+
+from ..errors import MoesnapError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 via UsageError
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# -- commands -----------------------------------------------------------------
+
+def cmd_model_make(a: argparse.Namespace) -> int:
+    from ..model.synth import make_model, preset
+
+    spec = preset(a.preset, layers=a.layers, seed=a.seed)
+    path = make_model(a.out, spec, force=a.force, progress=not a.quiet)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, preset {a.preset}, {spec.n_layer} layers)")
+    return 0
+
+
+def _tokens_from(a: argparse.Namespace, model) -> tuple[list[int], str | None]:
+    from ..gguf.tokenizer import encode
+    from ..run.trace import parse_tokens
+
+    if (a.tokens is None) == (a.prompt is None):
+        raise UsageError("give exactly one of --tokens or --prompt")
+    if a.tokens is not None:
+        return parse_tokens(a.tokens), None
+    return encode(model.file, a.prompt), a.prompt
+
+
+def cmd_trace(a: argparse.Namespace) -> int:
+    from ..run.trace import check_output, parse_device, parse_dtype, run_case, summary, write_output
+    from ..model.weights import GGUFModel
+
+    dtype = parse_dtype(a.dtype)
+    device = parse_device(a.device)
+    check_output(a.out, force=a.force)
+    model = GGUFModel.open(a.model)
+    tokens, prompt = _tokens_from(a, model)
+    case = run_case(model, tokens, dtype=dtype, device=device, candidate=a.candidate, prompt=prompt,
+                    show_progress=not a.quiet)
+    write_output(case, a.out, force=a.force)
+    for line in summary(case):
+        print(line)
+    print(f"wrote {a.out}")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="moesnap", description="Find where a GPU forward of a Qwen3-MoE model goes wrong.")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    model = sub.add_parser("model", help="synthetic model files")
+    msub = model.add_subparsers(dest="model_command", required=True, parser_class=_Parser)
+    mk = msub.add_parser("make", help="write a synthetic qwen3moe GGUF")
+    mk.add_argument("out")
+    mk.add_argument("--preset", required=True, help="tiny | qwen3-30b-a3b")
+    mk.add_argument("--layers", type=int)
+    mk.add_argument("--seed", type=int)
+    mk.add_argument("--force", action="store_true", help="overwrite an existing file")
+    mk.set_defaults(func=cmd_model_make)
+
+    tr = sub.add_parser("trace", help="run a forward over one prompt and write every stage to a Zarr group")
+    tr.add_argument("model")
+    tr.add_argument("--tokens", help="comma-separated token ids")
+    tr.add_argument("--prompt", help="text, encoded byte by byte with the model's vocabulary")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--dtype", default="float32")
+    tr.add_argument("--candidate", action="store_true", help="trace the candidate (device) forward")
+    tr.add_argument("--force", action="store_true", help="replace an existing output")
+    tr.set_defaults(func=cmd_trace)
+
+    from . import calibrate, check, compare, goldens
+
+    for command in (compare, calibrate, check, goldens):
+        command.register(sub)
+    return p
+
+
+MAX_MESSAGE = 600   # characters: a hostile file's 1 MB tensor name or metadata array stays one short line
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one short line: a file name holding a newline or an ANSI escape cannot split the
+    error over lines or repaint the terminal, and a value read from a file cannot flood it."""
+    from ..util import printable
+
+    text = printable(text)
+    if len(text) > MAX_MESSAGE:
+        half = MAX_MESSAGE // 2 - 10
+        text = f"{text[:half]} … ({len(text) - 2 * half} characters left out) … {text[-half:]}"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "quiet", False):
+            os.environ["MOESNAP_NO_PROGRESS"] = "1"
+        return int(args.func(args) or 0)
+    except MoesnapError as e:
+        print(f"moesnap: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moesnap: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug of ours: say where, keep it to one line
+        if os.environ.get("MOESNAP_DEBUG"):
+            traceback.print_exc()
+        cmd = " ".join(argv[:3])
+        print(_one_line(f"moesnap: internal error in `moesnap {cmd}`: {type(e).__name__}: {e} ")
+              + "(set MOESNAP_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

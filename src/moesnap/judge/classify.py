@@ -1,0 +1,901 @@
+"""The classifier: is a candidate array the golden one up to float noise?
+
+Pure numpy; it knows nothing of stores, models or torch.  It is the judge of
+the whole tool, so every decision is written down here.
+
+Inputs
+    numpy arrays only (bfloat16 arrives as float32 arrays holding bfloat16
+    values).  Real floating, integer and bool dtypes are accepted; any other
+    dtype (complex, object, str, void) raises :class:`MoesnapError`.  ``None``
+    on either side is ``MISSING``; different shapes are ``SHAPE_MISMATCH``
+    (the detail names both shapes); neither carries metrics.
+
+Arithmetic
+    Every metric is computed in float64.  Conversion of float16, bfloat16
+    (via float32) and float32 to float64 is exact, so inputs that hold the
+    same values give identical results whatever their dtype (up to the last
+    bit of the summed metrics for arrays above :data:`CHUNK` elements, which
+    float16/float32 inputs sum in parallel chunks, in another order).  ``|c - g|`` is
+    the correctly rounded float64 difference; it gives the tolerance test,
+    ``max_abs`` and the worst element (+inf only for float64 inputs whose
+    difference exceeds the float64 range: rightly outside).  Sums of squares
+    are taken after dividing each vector by a power of two just above its
+    largest magnitude (exact), so 1e38 (or 1e300 in float64) cannot overflow
+    and subnormals cannot underflow into a wrong cosine; the metrics are
+    therefore exactly equivariant under scaling both sides by a power of two.
+    Where ``|c - g|`` overflowed, norms and ratios use the difference of the
+    sides at one joint scale: ``rel_l2`` of [1e308, -1e308] against its
+    negation is 2.  Only a metric whose true value is beyond float64 is +inf.
+
+Non-finite dominance
+    NaN and Inf are counted apart (``nan_*``, ``inf_*``), over *all*
+    elements: a routing flip never excuses a non-finite value, so excluded
+    tokens are counted too.  Any NaN/Inf in the candidate only is
+    ``NAN_CANDIDATE``, in the golden only ``NAN_GOLDEN``, in both ``NAN_BOTH``
+    (also when they sit at the same positions: a non-finite golden is itself
+    a fault), whatever the other values are.  The other metrics are still
+    computed, on the elements finite on both sides.
+
+The elementwise rule
+    An element is *outside* when it is non-finite on either side, or when
+    ``|c - g| > atol + rtol * |g|`` (float64, so ``-0.0 == 0.0``).  The verdict
+    is ``MATCH`` iff ``frac_outside <= max_frac_outside``, else ``DIVERGE``,
+    where ``frac_outside = n_outside / n`` is the correctly rounded float64
+    that the report shows (so a max_frac_outside of 1/3 admits 1 of 3).
+    ``n`` counts the judged elements (those not in excluded tokens).
+    Integer/bool arrays on both sides are compared exactly (tolerance
+    ignored): ``MATCH`` iff every judged element is equal; their float
+    metrics come from float64 copies (approximate beyond 2**53).  An integer
+    array against a float array takes the float rule.
+
+Metrics (on the judged elements finite on both sides, ``m`` of them)
+    ``cosine`` = g.c / (|g| |c|), clamped to [-1, 1]; 1.0 when both are all
+    zero (or exactly equal), 0.0 when exactly one side is all zero.
+    ``rel_l2`` = |c - g| / |g| and ``nmse`` = rel_l2**2 (llama.cpp's NMSE);
+    both 0 when c == g and +inf when g is all zero but c is not.
+    ``max_abs``, ``mean_abs`` of |c - g|; ``max_rel`` = max |c - g| / |g|,
+    where an element with g == 0 counts 0 if c == 0 else +inf.
+    ``frac_outside`` = n_outside / n.
+    When nothing is judged (``n == 0``: an empty array, or every token
+    excluded) the verdict is ``MATCH`` (unless non-finite values dominate),
+    cosine is 1.0 and the errors are 0.  When elements are judged but none is
+    finite on both sides, the float metrics are NaN (``null`` in JSON).
+
+Locations
+    ``worst_index`` is the first (C order) element non-finite on either side,
+    else the judged element with the largest ``|c - g|`` (first on ties), or
+    None when no judged element differs.  Along ``token_axis`` (default 0;
+    None, or a 0-d array, means no token axis) a token is *bad* when it holds
+    an element that is non-finite on either side (excluded or not) or a judged
+    element outside the tolerance: ``first_bad_token`` is the smallest,
+    ``bad_tokens`` the first :data:`MAX_BAD_TOKENS` in order, ``n_bad_tokens``
+    their number.  Without a token axis they are None, () and 0.
+
+Routing
+    :func:`classify_routing` compares top-k expert ids as *sets* per token
+    (its docstring gives the near-tie rule); :func:`align_topk_weights` puts
+    per-expert arrays in expert-id order to compare them consistently.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..errors import MoesnapError, ToleranceError
+from .tolerances import Tolerance
+
+MAX_BAD_TOKENS = 64
+_SMALL_FLOATS = (np.dtype(np.float16), np.dtype(np.float32))
+_DETAIL_FLIPS = 8
+
+
+class Verdict(enum.Enum):
+    """What a comparison concluded; the names are the JSON strings."""
+
+    MATCH = "MATCH"
+    DIVERGE = "DIVERGE"
+    NAN_CANDIDATE = "NAN_CANDIDATE"
+    NAN_GOLDEN = "NAN_GOLDEN"
+    NAN_BOTH = "NAN_BOTH"
+    MISSING = "MISSING"
+    SHAPE_MISMATCH = "SHAPE_MISMATCH"
+    ROUTING_TIE = "ROUTING_TIE"
+
+    @property
+    def passed(self) -> bool:
+        return self in (Verdict.MATCH, Verdict.ROUTING_TIE)
+
+
+def _json_float(x: float) -> float | str | None:
+    """NaN -> None, +-inf -> "inf"/"-inf", else a plain float."""
+    if math.isnan(x):
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return float(x)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    n: int
+    cosine: float
+    rel_l2: float
+    nmse: float
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    frac_outside: float
+    n_outside: int
+    nan_golden: int
+    nan_candidate: int
+    inf_golden: int
+    inf_candidate: int
+    worst_index: tuple[int, ...] | None
+    first_bad_token: int | None
+    bad_tokens: tuple[int, ...]
+    n_bad_tokens: int
+    max_row_rel_l2: float = 0.0      # largest relative L2 error of a judged row (see Tolerance.row_rel_l2)
+    n_bad_rows: int = 0              # rows beyond row_rel_l2
+
+    def to_dict(self) -> dict:
+        """JSON-safe: floats NaN -> None, +-inf -> "inf"/"-inf"; plain ints."""
+        def plain(value):
+            if isinstance(value, float):
+                return _json_float(value)
+            if isinstance(value, tuple):
+                return [int(v) for v in value]
+            return None if value is None else int(value)
+
+        return {name: plain(getattr(self, name)) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Result:
+    verdict: Verdict
+    metrics: Metrics | None
+    detail: str = ""
+    flipped_tokens: tuple[int, ...] = ()
+    excluded_tokens: tuple[int, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+    def to_dict(self) -> dict:
+        return {
+            "verdict": self.verdict.name,
+            "metrics": self.metrics.to_dict() if self.metrics is not None else None,
+            "detail": self.detail,
+            "flipped_tokens": [int(t) for t in self.flipped_tokens],
+            "excluded_tokens": [int(t) for t in self.excluded_tokens],
+        }
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def _pow2_above(m: float) -> int:
+    """Exponent e with m < 2**e (m finite > 0)."""
+    return math.frexp(m)[1]
+
+
+def _times_pow2(x: np.ndarray, k: int) -> np.ndarray:
+    """x * 2**k, rounded once (a plain multiply while 2**k is a float64)."""
+    if -1074 <= k <= 1023:
+        return x * math.ldexp(1.0, k)
+    return np.ldexp(x, k)
+
+
+def _absmax(x: np.ndarray) -> float:
+    return max(float(x.max()), -float(x.min())) if x.size else 0.0
+
+
+def _normalised(x: np.ndarray, xmax: float) -> tuple[np.ndarray, float, int]:
+    """(x / 2**e, sum((x / 2**e)**2), e) with 2**e just above xmax = max|x| > 0.
+
+    The sum lies in [0.25, n]: no overflow, and an element whose square
+    underflows is below 2**-1022 of the largest square, so negligible."""
+    e = _pow2_above(xmax)
+    xn = _times_pow2(x, -e)
+    return xn, float(np.dot(xn, xn)), e
+
+
+def _float_metrics(gs: np.ndarray, cs: np.ndarray, d: np.ndarray, abs_g: np.ndarray
+                   ) -> tuple[float, float, float, float, float, float]:
+    """(cosine, rel_l2, nmse, max_abs, mean_abs, max_rel) of finite, non-empty
+    gs, cs with d = |cs - gs| and abs_g = |gs|."""
+    gmax, cmax = float(abs_g.max()), _absmax(cs)
+    max_abs = float(d.max())
+    if gmax == 0.0 and cmax == 0.0:
+        return 1.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    if gmax == 0.0:                          # g all zero, c not: d == |c|
+        return 0.0, math.inf, math.inf, max_abs, _scaled_mean(d, max_abs), math.inf
+    g_n, sg, eg = _normalised(gs, gmax)
+    if cmax == 0.0:
+        cosine = 0.0
+    elif max_abs == 0.0:
+        cosine = 1.0
+    else:
+        c_n, sc, _ = _normalised(cs, cmax)
+        cosine = min(1.0, max(-1.0, float(np.dot(g_n, c_n)) / math.sqrt(sg * sc)))
+    rel = d / abs_g
+    if max_abs == 0.0:
+        sd, ed, mean_abs = 0.0, 0, 0.0
+    elif math.isfinite(max_abs):
+        _, sd, ed = _normalised(d, max_abs)
+        mean_abs = _scaled_mean(d, max_abs)
+    else:
+        # |c - g| overflowed float64 somewhere: take the difference at one
+        # joint power-of-two scale, where it is at most 2.
+        e = _pow2_above(max(gmax, cmax))
+        g_s = _times_pow2(gs, -e)
+        ds = np.abs(_times_pow2(cs, -e) - g_s)
+        sd, ed = float(np.dot(ds, ds)), e
+        mean_abs = float(np.ldexp(np.mean(ds), e))
+        over = np.isinf(d)
+        rel[over] = ds[over] / np.abs(g_s[over])
+    if sd == 0.0:
+        rel_l2 = nmse = 0.0
+    else:
+        rel_l2 = float(np.ldexp(math.sqrt(sd) / math.sqrt(sg), ed - eg))
+        nmse = float(np.ldexp(sd / sg, 2 * (ed - eg)))
+    max_rel = float(np.fmax.reduce(rel))     # fmax skips the NaN of 0/0 (c == g == 0)
+    return cosine, rel_l2, nmse, max_abs, mean_abs, 0.0 if math.isnan(max_rel) else max_rel
+
+
+def _scaled_mean(x: np.ndarray, xmax: float) -> float:
+    """Mean of non-negative x (max xmax, finite) without overflow in the sum."""
+    if xmax == 0.0:
+        return 0.0
+    e = _pow2_above(xmax)
+    return float(np.ldexp(np.mean(_times_pow2(x, -e)), e))
+
+
+# ---------------------------------------------------------------- classify
+
+
+def _check_array(name: str, a: object) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype.kind not in "biuf":
+        raise MoesnapError(
+            f"cannot compare {name} of dtype {a.dtype}: only real floating, integer and bool arrays"
+        )
+    return a
+
+
+def _token_axis(token_axis: int | None, ndim: int) -> int | None:
+    if token_axis is None or ndim == 0:
+        return None
+    if not -ndim <= token_axis < ndim:
+        raise ValueError(f"{token_axis=} is out of range for {ndim}-d arrays")
+    return token_axis % ndim
+
+
+def _excluded(exclude_tokens: Collection[int], axis: int | None, shape: tuple[int, ...]) -> tuple[int, ...]:
+    excluded = tuple(sorted({int(t) for t in exclude_tokens}))
+    if not excluded:
+        return ()
+    if axis is None:
+        raise ValueError(f"exclude_tokens={excluded} needs a token axis")
+    bad = [t for t in excluded if not 0 <= t < shape[axis]]
+    if bad:
+        raise ValueError(f"exclude_tokens {bad} out of range for {shape[axis]} tokens")
+    return excluded
+
+
+def _tokens_of(mask: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np.ndarray:
+    """Sorted token indices along ``axis`` holding a True element of flat ``mask``."""
+    if axis is None:
+        return np.zeros(0, dtype=np.int64)
+    other = tuple(i for i in range(len(shape)) if i != axis)
+    return np.flatnonzero(mask.reshape(shape).any(axis=other))
+
+
+# ---------------------------------------------------------------- large arrays
+
+#: arrays above this many elements take the chunked path when it applies
+CHUNK = 1 << 17
+_CHUNK_POOL = None
+
+
+def _chunk_pool():
+    global _CHUNK_POOL
+    if _CHUNK_POOL is None:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        _CHUNK_POOL = ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1)),
+                                         thread_name_prefix="moesnap-chunk")
+    return _CHUNK_POOL
+
+
+def _chunk_stats(g32: np.ndarray, c32: np.ndarray, start: int, tol: Tolerance, keep: np.ndarray | None,
+                 inner: int, n_tok: int):
+    """Partial statistics of one chunk of flat float16/float32 arrays, in float64; None if non-finite."""
+    g = g32.astype(np.float64)
+    c = c32.astype(np.float64)
+    if not (np.isfinite(g).all() and np.isfinite(c).all()):
+        return None
+    idx = None
+    if keep is not None:
+        tok = (np.arange(start, start + g.size) // inner) % n_tok
+        sel = keep[tok]
+        idx = np.flatnonzero(sel)
+        g, c = g[sel], c[sel]
+    if g.size == 0:
+        return (0, 0, np.zeros(0, np.int64), 0.0, 0.0, 0.0, -1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    d = np.abs(c - g)
+    abs_g = np.abs(g)
+    thr = abs_g * tol.rtol
+    thr += tol.atol
+    out = np.flatnonzero(d > thr)
+    if idx is not None:
+        out = idx[out]
+    k = int(np.argmax(d))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        max_rel = float(np.fmax.reduce(d / abs_g))
+    pos_k = k if idx is None else int(idx[k])
+    return (g.size, out.size, out + start, float(abs_g.max()), float(np.abs(c).max()), float(d[k]), start + pos_k,
+            float(np.dot(g, g)), float(np.dot(c, c)), float(np.dot(g, c)), float(np.dot(d, d)), float(d.sum()),
+            0.0 if math.isnan(max_rel) else max_rel)
+
+
+def _classify_chunked(golden: np.ndarray, candidate: np.ndarray, tol: Tolerance, axis: int | None,
+                      excluded: tuple[int, ...]) -> Result | None:
+    """The common case of a large all-finite float16/float32 pair, in parallel chunks.
+
+    Squares of float32 values neither overflow nor underflow in float64, so
+    no power-of-two scaling is needed; results equal the general path's up to
+    the order of summation.  Returns None (caller takes the general path) as
+    soon as a chunk holds a non-finite value.
+    """
+    shape = golden.shape
+    g = golden.reshape(-1)
+    c = candidate.reshape(-1)
+    keep = None
+    inner, n_tok = 1, 1
+    if excluded:
+        keep = np.ones(shape[axis], dtype=bool)
+        keep[list(excluded)] = False
+        inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+        n_tok = shape[axis]
+    starts = range(0, g.size, CHUNK)
+    parts = list(_chunk_pool().map(
+        lambda s: _chunk_stats(g[s:s + CHUNK], c[s:s + CHUNK], s, tol, keep, inner, n_tok), starts))
+    if any(p is None for p in parts):
+        return None
+    m = sum(p[0] for p in parts)
+    n_outside = sum(p[1] for p in parts)
+    gmax = max(p[3] for p in parts)
+    cmax = max(p[4] for p in parts)
+    max_abs = max(p[5] for p in parts)
+    worst_flat = next((p[6] for p in parts if p[0] and p[5] == max_abs), -1)
+    sgg, scc, sgc, sdd, sd = (math.fsum(p[i] for p in parts) for i in (7, 8, 9, 10, 11))
+    max_rel = max(p[12] for p in parts)
+    if m == 0:
+        cosine, rel_l2, nmse, mean_abs, max_rel = 1.0, 0.0, 0.0, 0.0, 0.0
+    elif gmax == 0.0 and cmax == 0.0:
+        cosine, rel_l2, nmse, mean_abs, max_rel = 1.0, 0.0, 0.0, 0.0, 0.0
+    elif gmax == 0.0:
+        cosine, rel_l2, nmse, mean_abs, max_rel = 0.0, math.inf, math.inf, sd / m, math.inf
+    else:
+        if cmax == 0.0:
+            cosine = 0.0
+        elif max_abs == 0.0:
+            cosine = 1.0
+        else:
+            cosine = min(1.0, max(-1.0, sgc / math.sqrt(sgg * scc)))
+        rel_l2 = math.sqrt(sdd) / math.sqrt(sgg) if sdd else 0.0
+        nmse = sdd / sgg if sdd else 0.0
+        mean_abs = sd / m
+    bad_tok = np.zeros(0, dtype=np.int64)
+    if n_outside and axis is not None:
+        outs = np.concatenate([p[2] for p in parts if p[1]])
+        inner_t = int(np.prod(shape[axis + 1:], dtype=np.int64))
+        bad_tok = np.unique((outs // inner_t) % shape[axis])
+    worst = None
+    if m and max_abs > 0 and worst_flat >= 0:
+        worst = tuple(int(i) for i in np.unravel_index(worst_flat, shape))
+    n = m
+    metrics = Metrics(
+        n=n, cosine=cosine, rel_l2=rel_l2, nmse=nmse, max_abs=max_abs, mean_abs=mean_abs,
+        max_rel=max_rel, frac_outside=n_outside / n if n else 0.0, n_outside=n_outside,
+        nan_golden=0, nan_candidate=0, inf_golden=0, inf_candidate=0, worst_index=worst,
+        first_bad_token=int(bad_tok[0]) if bad_tok.size else None,
+        bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]), n_bad_tokens=int(bad_tok.size),
+    )
+    verdict, detail = _judge(metrics, tol, False, golden, candidate, shape, excluded, axis)
+    return Result(verdict, metrics, detail, excluded_tokens=excluded)
+
+
+def classify(
+    golden: np.ndarray | None,
+    candidate: np.ndarray | None,
+    tol: Tolerance,
+    *,
+    token_axis: int | None = 0,
+    exclude_tokens: Collection[int] = (),
+) -> Result:
+    """Judge ``candidate`` against ``golden`` under ``tol`` (see the module docstring).
+
+    ``exclude_tokens`` are indices along ``token_axis`` left out of the
+    tolerance judgement (tokens whose routing flipped at a near tie); they are
+    reported back in ``Result.excluded_tokens``.  Out-of-range indices, or
+    indices without a token axis, are a caller bug (ValueError).
+    """
+    res = _classify_elements(golden, candidate, tol, token_axis=token_axis, exclude_tokens=exclude_tokens)
+    if res.metrics is None or not math.isfinite(tol.row_rel_l2) or res.verdict not in (Verdict.MATCH, Verdict.DIVERGE):
+        return res
+    if golden.dtype.kind in "biu" and candidate.dtype.kind in "biu":
+        return res
+    return _row_rule(res, golden, candidate, tol, _token_axis(token_axis, golden.ndim))
+
+
+#: a row's error is taken relative to at least this fraction of the median row norm, so that rows
+#: that are nearly zero (where any rounding is a large relative error) do not decide alone
+ROW_NORM_FLOOR = 0.25
+
+
+def _row_rule(res: Result, golden: np.ndarray, candidate: np.ndarray, tol: Tolerance, axis: int | None) -> Result:
+    """Apply ``tol.row_rel_l2`` to every judged, finite row (a vector along the last axis).
+
+    rel(row) = ||c - g|| / max(||g||, ROW_NORM_FLOOR * median row norm), in float64 at a
+    power-of-two scale per row (no overflow).  Arrays with fewer than two axes, or whose
+    token axis is the last one, have no rows.
+    """
+    shape = golden.shape
+    if golden.ndim < 2 or axis == golden.ndim - 1 or golden.size == 0:
+        return res
+    width = shape[-1]
+    g = golden.astype(np.float64, copy=False).reshape(-1, width)
+    c = candidate.astype(np.float64, copy=False).reshape(-1, width)
+    keep = np.isfinite(g).all(axis=1) & np.isfinite(c).all(axis=1)
+    row_tok = None
+    if axis is not None:
+        row_tok = np.unravel_index(np.arange(g.shape[0]), shape[:-1])[axis]
+        if res.excluded_tokens:
+            keep &= ~np.isin(row_tok, np.asarray(res.excluded_tokens))
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        return res
+    g, c = g[rows], c[rows]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        top = np.maximum(np.abs(g).max(axis=1), np.abs(c).max(axis=1))
+        e = np.frexp(np.where(top > 0, top, 1.0))[1]
+        gs, cs = np.ldexp(g, -e[:, None]), np.ldexp(c, -e[:, None])
+        dn = np.sqrt(np.einsum("ij,ij->i", cs - gs, cs - gs))
+        gn = np.sqrt(np.einsum("ij,ij->i", gs, gs))
+        true_gn = np.ldexp(gn, e)
+        floor = ROW_NORM_FLOOR * float(np.median(true_gn))
+        den = np.maximum(gn, np.ldexp(np.full_like(gn, floor), -e))
+        rel = np.where(dn == 0, 0.0, dn / den)
+    rel = np.where(np.isnan(rel), np.inf, rel)
+    worst = int(np.argmax(rel))
+    max_rel = float(rel[worst])
+    bad = rel > tol.row_rel_l2
+    m = res.metrics
+    if not bad.any():
+        return Result(res.verdict, replace(m, max_row_rel_l2=max_rel), res.detail, res.flipped_tokens,
+                      res.excluded_tokens)
+    n_bad_rows = int(bad.sum())
+    bad_tok = np.unique(np.concatenate([np.asarray(m.bad_tokens, dtype=np.int64),
+                                        row_tok[rows[bad]] if row_tok is not None else np.zeros(0, np.int64)]))
+    n_bad_tokens = max(m.n_bad_tokens, int(bad_tok.size))
+    worst_row = tuple(int(i) for i in np.unravel_index(int(rows[worst]), shape[:-1]))
+    metrics = replace(m, max_row_rel_l2=max_rel, n_bad_rows=n_bad_rows,
+                      first_bad_token=int(bad_tok[0]) if bad_tok.size else m.first_bad_token,
+                      bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]), n_bad_tokens=n_bad_tokens)
+    detail = (f"{n_bad_rows} of {rows.size} rows with relative L2 error above row_rel_l2={tol.row_rel_l2:g} "
+              f"(worst {_fmt(max_rel)} at row {worst_row})")
+    if res.verdict == Verdict.DIVERGE:
+        detail = f"{res.detail}; {detail}"
+    else:
+        detail = f"{detail}; elementwise: {res.detail}"
+    return Result(Verdict.DIVERGE, metrics, detail, res.flipped_tokens, res.excluded_tokens)
+
+
+def _classify_elements(
+    golden: np.ndarray | None,
+    candidate: np.ndarray | None,
+    tol: Tolerance,
+    *,
+    token_axis: int | None = 0,
+    exclude_tokens: Collection[int] = (),
+) -> Result:
+    if golden is None or candidate is None:
+        side = "golden and candidate" if golden is None and candidate is None else (
+            "golden" if golden is None else "candidate")
+        return Result(Verdict.MISSING, None, f"{side} missing")
+    golden = _check_array("golden", golden)
+    candidate = _check_array("candidate", candidate)
+    if golden.shape != candidate.shape:
+        detail = f"golden shape {golden.shape} != candidate shape {candidate.shape}"
+        return Result(Verdict.SHAPE_MISMATCH, None, detail)
+    shape = golden.shape
+    axis = _token_axis(token_axis, golden.ndim)
+    excluded = _excluded(exclude_tokens, axis, shape)
+    exact = golden.dtype.kind in "biu" and candidate.dtype.kind in "biu"
+    if (golden.size > CHUNK and golden.dtype in _SMALL_FLOATS and candidate.dtype in _SMALL_FLOATS):
+        fast = _classify_chunked(golden, candidate, tol, axis, excluded)
+        if fast is not None:
+            return fast
+
+    g = golden.astype(np.float64, copy=False).reshape(-1)
+    c = candidate.astype(np.float64, copy=False).reshape(-1)
+    finite = np.isfinite(g)
+    finite &= np.isfinite(c)
+    if finite.all():
+        nonfinite = None
+        counts = (0, 0, 0, 0)
+    else:
+        nonfinite = ~finite
+        counts = tuple(int(f(a).sum()) for a in (g, c) for f in (np.isnan, np.isinf))
+
+    if excluded:
+        keep = np.ones(shape[axis], dtype=bool)
+        keep[list(excluded)] = False
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        judged = np.broadcast_to(keep.reshape(view), shape).reshape(-1)
+        n = int(judged.sum())
+        sel = judged if nonfinite is None else judged & finite
+    else:
+        judged = None
+        n = g.size
+        sel = None if nonfinite is None else finite
+    gs, cs = (g, c) if sel is None else (g[sel], c[sel])
+    m = gs.size
+    n_nonfinite_judged = 0
+    if nonfinite is not None:
+        n_nonfinite_judged = int(nonfinite.sum() if judged is None else (nonfinite & judged).sum())
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        d = cs - gs
+        np.abs(d, out=d)        # correctly rounded; +inf only past the float64 range
+        abs_g = np.abs(gs)
+        if exact:
+            gi, ci = golden.reshape(-1), candidate.reshape(-1)
+            outside = gi != ci if sel is None else gi[sel] != ci[sel]
+        else:
+            thr = abs_g * tol.rtol
+            thr += tol.atol
+            outside = d > thr
+        n_outside = int(outside.sum()) + n_nonfinite_judged
+        if m:
+            cosine, rel_l2, nmse, max_abs, mean_abs, max_rel = _float_metrics(gs, cs, d, abs_g)
+        else:
+            value = 1.0 if n == 0 else math.nan
+            zero = 0.0 if n == 0 else math.nan
+            cosine, rel_l2, nmse, max_abs, mean_abs, max_rel = value, zero, zero, zero, zero, zero
+
+    if n_outside == 0 and nonfinite is None:
+        bad_tok = np.zeros(0, dtype=np.int64)
+    else:
+        bad = np.zeros(g.size, dtype=bool) if nonfinite is None else nonfinite.copy()
+        if sel is None:
+            bad |= outside
+        else:
+            bad[sel] = outside
+        bad_tok = _tokens_of(bad, shape, axis)
+
+    worst: tuple[int, ...] | None = None
+    if nonfinite is not None:
+        worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(nonfinite)), shape))
+    elif m and max_abs > 0:
+        k = int(np.argmax(d))
+        flat = k if sel is None else int(np.flatnonzero(sel)[k])
+        worst = tuple(int(i) for i in np.unravel_index(flat, shape))
+
+    nan_golden, inf_golden, nan_candidate, inf_candidate = counts
+    metrics = Metrics(
+        n=n, cosine=cosine, rel_l2=rel_l2, nmse=nmse, max_abs=max_abs, mean_abs=mean_abs,
+        max_rel=max_rel, frac_outside=n_outside / n if n else 0.0, n_outside=n_outside,
+        nan_golden=nan_golden, nan_candidate=nan_candidate,
+        inf_golden=inf_golden, inf_candidate=inf_candidate,
+        worst_index=worst,
+        first_bad_token=int(bad_tok[0]) if bad_tok.size else None,
+        bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]),
+        n_bad_tokens=int(bad_tok.size),
+    )
+    verdict, detail = _judge(metrics, tol, exact, golden, candidate, shape, excluded, axis)
+    return Result(verdict, metrics, detail, excluded_tokens=excluded)
+
+
+def _judge(mt: Metrics, tol: Tolerance, exact: bool, golden: np.ndarray, candidate: np.ndarray,
+           shape: tuple[int, ...], excluded: tuple[int, ...], axis: int | None) -> tuple[Verdict, str]:
+    where = ""
+    if mt.worst_index is not None:
+        idx = mt.worst_index
+        where = (f"; worst at {idx}: golden={_fmt(float(golden[idx]))}, "
+                 f"candidate={_fmt(float(candidate[idx]))}")
+        if mt.first_bad_token is not None:
+            where += f"; first bad token {mt.first_bad_token} of {mt.n_bad_tokens} bad"
+    g_bad = mt.nan_golden + mt.inf_golden
+    c_bad = mt.nan_candidate + mt.inf_candidate
+    if g_bad or c_bad:
+        verdict = (Verdict.NAN_BOTH if g_bad and c_bad
+                   else Verdict.NAN_GOLDEN if g_bad else Verdict.NAN_CANDIDATE)
+        parts = [f"{side}: {nan} NaN, {inf} Inf" if nan or inf else f"{side} finite"
+                 for side, nan, inf in (("golden", mt.nan_golden, mt.inf_golden),
+                                        ("candidate", mt.nan_candidate, mt.inf_candidate))]
+        return verdict, "; ".join(parts) + where
+    note = f"; {len(excluded)} of {shape[axis]} tokens excluded (routing flips)" if excluded else ""
+    if mt.n == 0:
+        return Verdict.MATCH, f"nothing judged: {'all tokens excluded' if excluded else 'empty arrays'}"
+    rule = "exact equality" if exact else f"|c-g| <= atol + rtol*|g| ({tol})"
+    ok = mt.n_outside == 0 if exact else mt.frac_outside <= tol.max_frac_outside
+    stats = f"max_abs={_fmt(mt.max_abs)}, max_rel={_fmt(mt.max_rel)}, cosine={_fmt(mt.cosine)}"
+    if mt.n_outside == 0:
+        return Verdict.MATCH, f"all {mt.n} elements within {rule}; {stats}{note}"
+    counted = f"{mt.n_outside} of {mt.n} elements ({100.0 * mt.frac_outside:.3g}%) outside {rule}"
+    if ok:
+        allowed = f"{100.0 * tol.max_frac_outside:.3g}%"
+        return Verdict.MATCH, f"{counted}, within the allowed {allowed}; {stats}{where}{note}"
+    return Verdict.DIVERGE, f"{counted}; {stats}{where}{note}"
+
+
+# ---------------------------------------------------------------- routing
+
+
+@dataclass(frozen=True)
+class Flip:
+    """One token whose expert set differs between golden and candidate."""
+
+    token: int
+    golden_only: tuple[int, ...]
+    candidate_only: tuple[int, ...]
+    gap: float    # see classify_routing; +inf for invalid ids, NaN for non-finite logits
+    tie: bool
+
+    def to_dict(self) -> dict:
+        return {"token": self.token, "golden_only": list(self.golden_only),
+                "candidate_only": list(self.candidate_only), "gap": _json_float(self.gap),
+                "tie": self.tie}
+
+
+@dataclass(frozen=True)
+class RoutingResult:
+    verdict: Verdict
+    flipped_tokens: tuple[int, ...]
+    tie_tokens: tuple[int, ...]
+    diverged_tokens: tuple[int, ...]
+    detail: str
+    max_gap: float
+    flips: tuple[Flip, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+    def as_result(self, metrics: Metrics | None = None) -> Result:
+        """This routing judgement as a stage :class:`Result` (for ``topk_ids``)."""
+        return Result(self.verdict, metrics, self.detail, flipped_tokens=self.flipped_tokens)
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict.name, "flipped_tokens": list(self.flipped_tokens),
+                "tie_tokens": list(self.tie_tokens), "diverged_tokens": list(self.diverged_tokens),
+                "detail": self.detail, "max_gap": _json_float(self.max_gap),
+                "flips": [f.to_dict() for f in self.flips]}
+
+
+def tie_gap(logits_row: np.ndarray, chosen: np.ndarray) -> float:
+    """The near-tie gap of choosing experts ``chosen`` under router logits ``logits_row`` [E]:
+    ``max(l[e] for e not chosen) - min(l[e] for e chosen)`` (<= 0 when ``chosen`` is a top-k of
+    the row; see :func:`classify_routing`).  +inf for invalid or repeated ids, NaN for non-finite
+    logits."""
+    row = np.asarray(logits_row, dtype=np.float64)
+    ids = np.asarray(chosen)
+    n = row.shape[0]
+    if ids.size == 0 or not _valid_rows(ids.reshape(1, -1), n)[0] or ids.size >= n:
+        return math.inf if ids.size and not _valid_rows(ids.reshape(1, -1), n)[0] else 0.0
+    if not np.isfinite(row).all():
+        return math.nan
+    mask = np.zeros(n, dtype=bool)
+    mask[ids.astype(np.int64)] = True
+    return float(row[~mask].max() - row[mask].min())
+
+
+#: (token, slot) pairs whose contribution is below this share of the token's total are left out of
+#: the expert-scale estimate: a 90 % error of a 0.1 % contribution is below what the total's own
+#: rounding shows (a near-tie slot at layer 26 of the 48-layer H200 run did just that)
+MIN_SHARE = 0.05
+
+
+def expert_scale_errors(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray,
+                        exclude_tokens: Collection[int] = (), total: np.ndarray | None = None
+                        ) -> list[tuple[int, float, float, int, int]]:
+    """Per expert, the least-squares relative scale of the candidate's error along the golden's
+    contribution of that expert: ``eps_e = sum <r, a> / sum |a|^2`` over the (token, slot) pairs
+    routed to ``e`` (``a = contrib[t, j]``, ``r = resid[t, j]`` or ``resid[t]`` when ``resid`` is
+    ``[T, H]``).  A candidate whose expert ``e`` computes ``(1 + f) x`` the right output gives
+    ``eps_e ~= f``; rounding noise, uncorrelated with ``a``, averages out over ``H`` elements and
+    the tokens.  Returns ``(expert, eps, se, pairs, first token)`` for every expert with a non-zero
+    contribution, where ``se`` is the standard error ``eps`` would have if the residual were noise
+    of random sign in every element, of the magnitudes it has (``sqrt(sum r_i^2 a_i^2) / sum |a|^2``):
+    an expert that gets only a few low-weight tokens has a large ``se`` and must not be judged on
+    ``eps`` alone, and neither must one whose contribution and residual both sit in a few outlier
+    elements (rounding error grows with magnitude: a formula that assumed the noise spread evenly
+    over ``H`` elements underestimated ``se`` 45-fold there and raised false alarms).  With
+    ``total`` (``[T, H]``, what the contributions sum to) pairs below :data:`MIN_SHARE` of their
+    token's total are left out.  Non-finite
+    pairs and excluded tokens are left out."""
+    ids = np.asarray(ids)
+    T, k = ids.shape
+    a = np.asarray(contrib, dtype=np.float64).reshape(T, k, -1)
+    r = np.asarray(resid, dtype=np.float64)
+    r = r.reshape(T, 1, -1) if r.ndim == 2 else r.reshape(T, k, -1)
+    keep = np.ones((T, k), dtype=bool)
+    if exclude_tokens:
+        keep[np.asarray(sorted(exclude_tokens), dtype=np.int64)] = False
+    with np.errstate(over="ignore", invalid="ignore"):
+        rb = np.broadcast_to(r, a.shape)
+        dots = np.einsum("tkh,tkh->tk", rb, a)                                 # [T, k]
+        sq = np.einsum("tkh,tkh->tk", a, a)                                    # [T, k]
+        var = np.einsum("tkh,tkh->tk", rb * rb, a * a)                         # [T, k]
+    keep &= np.isfinite(dots) & np.isfinite(sq) & np.isfinite(var)
+    if total is not None:   # ``resid`` is ``[T, H]``: each pair against the norm of its token's total
+        tot = np.asarray(total, dtype=np.float64).reshape(T, -1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            tsq = np.einsum("th,th->t", tot, tot)[:, None]
+        keep &= sq >= (MIN_SHARE ** 2) * tsq
+    out = []
+    for e in np.unique(ids[keep]).tolist():
+        sel = keep & (ids == e)
+        den = float(sq[sel].sum())
+        if den > 0:
+            se = math.sqrt(float(var[sel].sum())) / den
+            out.append((int(e), float(dots[sel].sum()) / den, se, int(sel.sum()),
+                        int(np.flatnonzero(sel.any(axis=1))[0])))
+    return out
+
+
+def _routing_fail(verdict: Verdict, detail: str) -> RoutingResult:
+    return RoutingResult(verdict, (), (), (), detail, math.nan)
+
+
+def _valid_rows(ids: np.ndarray, n_experts: int) -> np.ndarray:
+    """Per token: every id an integer in [0, E) and no id repeated."""
+    if ids.dtype.kind in "iu":
+        valid = ((ids >= 0) & (ids < n_experts)).all(axis=1)
+    elif ids.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            valid = (np.isfinite(ids) & (ids == np.floor(ids)) & (ids >= 0) & (ids < n_experts)).all(axis=1)
+    else:
+        return np.zeros(ids.shape[0], dtype=bool)
+    srt = np.sort(ids, axis=1)
+    return valid & (np.diff(srt, axis=1) != 0).all(axis=1)
+
+
+def classify_routing(
+    golden_ids: np.ndarray | None,
+    candidate_ids: np.ndarray | None,
+    golden_router_logits: np.ndarray | None,
+    tie_tol: float,
+) -> RoutingResult:
+    """Compare top-k expert ids ``[T, k]`` as sets per token.
+
+    A token whose set differs is a *flip*.  For a flip with candidate set C
+    and golden router logits l (softmax is monotone, so logits order experts
+    as the probabilities do) its **gap** is::
+
+        gap = max(l[e] for e not in C) - min(l[e] for e in C)
+
+    and the flip is a tolerated **tie** iff ``gap <= tie_tol``: exactly when C
+    is a top-k choice of *some* logits within ``tie_tol / 2`` of the golden's
+    in every component (raise C by tie_tol/2, lower the rest).  When the
+    golden ids G are the golden's own top-k, the max is taken on G \\ C and
+    the min on C \\ G: every expert the candidate picked instead lies within
+    tie_tol below the golden's k-th largest logit (the selection threshold)
+    *and* every expert it dropped within tie_tol above it, which rejects
+    dropping a clear winner for an expert just under the threshold.  Equal
+    logits are ties even at ``tie_tol == 0``.
+
+    Any non-tie flip gives ``DIVERGE``, only tie flips ``ROUTING_TIE``, none
+    ``MATCH``.  A row with an id outside [0, E), a non-integer or a repeated
+    id on either side is a non-tie flip (gap +inf), and so is a flip whose
+    golden logits are not finite (gap NaN).  ``None`` input is ``MISSING``;
+    ids not ``[T, k]`` alike, or logits not ``[T, E]`` with ``k <= E``, are
+    ``SHAPE_MISMATCH``.  Bad data never raises; a negative or non-finite
+    ``tie_tol`` raises ToleranceError.  ``max_gap`` is the largest gap over
+    flips (0.0 without flips, NaN if one is NaN).
+    """
+    if not (isinstance(tie_tol, (int, float)) and math.isfinite(tie_tol) and tie_tol >= 0):
+        raise ToleranceError(f"{tie_tol=} must be a finite number >= 0")
+    named = {"golden_ids": golden_ids, "candidate_ids": candidate_ids,
+             "golden_router_logits": golden_router_logits}
+    missing = [name for name, a in named.items() if a is None]
+    if missing:
+        return _routing_fail(Verdict.MISSING, f"{', '.join(missing)} missing")
+    gi, ci, logits = (np.asarray(a) for a in named.values())
+    if gi.ndim != 2:
+        return _routing_fail(Verdict.SHAPE_MISMATCH, f"golden_ids shape {gi.shape} is not [T, k]")
+    if gi.shape != ci.shape:
+        return _routing_fail(Verdict.SHAPE_MISMATCH,
+                             f"golden_ids shape {gi.shape} != candidate_ids shape {ci.shape}")
+    n_tokens, k = gi.shape
+    if logits.ndim != 2 or logits.shape[0] != n_tokens or logits.shape[1] < k:
+        return _routing_fail(Verdict.SHAPE_MISMATCH,
+                             f"golden_router_logits shape {logits.shape} is not [T={n_tokens}, E>={k}]")
+    if logits.dtype.kind not in "biuf":
+        return _routing_fail(Verdict.DIVERGE, f"golden_router_logits dtype {logits.dtype} is not real")
+    n_experts = logits.shape[1]
+    vg, vc = _valid_rows(gi, n_experts), _valid_rows(ci, n_experts)
+    flipped = ~(vg & vc)
+    both = vg & vc
+    if both.any() and k:
+        same = (np.sort(gi[both], axis=1) == np.sort(ci[both], axis=1)).all(axis=1)
+        flipped[np.flatnonzero(both)[~same]] = True
+
+    flips: list[Flip] = []
+    for t in np.flatnonzero(flipped):
+        t = int(t)
+        g_set = {int(e) for e in gi[t] if _is_int(e)}
+        c_set = {int(e) for e in ci[t] if _is_int(e)}
+        golden_only = tuple(sorted(g_set - c_set))
+        candidate_only = tuple(sorted(c_set - g_set))
+        if not (vg[t] and vc[t]):
+            flips.append(Flip(t, golden_only, candidate_only, math.inf, False))
+            continue
+        gap = tie_gap(logits[t], ci[t])
+        flips.append(Flip(t, golden_only, candidate_only, gap, gap <= tie_tol))
+
+    tie_tokens = tuple(f.token for f in flips if f.tie)
+    diverged = tuple(f.token for f in flips if not f.tie)
+    gaps = [f.gap for f in flips]
+    max_gap = 0.0 if not gaps else (math.nan if any(math.isnan(x) for x in gaps) else max(gaps))
+    verdict = (Verdict.DIVERGE if diverged else Verdict.ROUTING_TIE if tie_tokens else Verdict.MATCH)
+    if not flips:
+        detail = f"all {n_tokens} tokens pick the same {k} experts"
+    else:
+        shown = "; ".join(
+            f"token {f.token}: golden-only {list(f.golden_only)}, candidate-only "
+            f"{list(f.candidate_only)}, gap {_fmt(f.gap)} ({'tie' if f.tie else 'not a tie'})"
+            for f in flips[:_DETAIL_FLIPS])
+        more = f"; ... {len(flips) - _DETAIL_FLIPS} more" if len(flips) > _DETAIL_FLIPS else ""
+        detail = (f"{len(flips)} of {n_tokens} tokens flipped ({len(tie_tokens)} near ties "
+                  f"within tie_tol={tie_tol:g}, {len(diverged)} not): {shown}{more}")
+    return RoutingResult(verdict, tuple(f.token for f in flips), tie_tokens, diverged, detail,
+                         max_gap, tuple(flips))
+
+
+def _is_int(e: object) -> bool:
+    try:
+        return math.isfinite(float(e)) and float(e) == int(float(e))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _sort_by_ids(ids: np.ndarray | None, values: np.ndarray | None) -> np.ndarray | None:
+    if ids is None or values is None:
+        return values
+    ids, values = np.asarray(ids), np.asarray(values)
+    if ids.ndim != 2 or values.shape[:2] != ids.shape or ids.dtype.kind not in "biuf":
+        return values
+    order = np.argsort(ids, axis=1, kind="stable")
+    order = order.reshape(order.shape + (1,) * (values.ndim - 2))
+    return np.take_along_axis(values, order, axis=1)
+
+
+def align_topk_weights(
+    golden_ids: np.ndarray | None,
+    golden_w: np.ndarray | None,
+    cand_ids: np.ndarray | None,
+    cand_w: np.ndarray | None,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Reorder each side's per-expert values ``[T, k, ...]`` (``topk_weights``,
+    ``expert_out``) by ascending expert id, so that position j holds the same
+    expert on both sides wherever the expert sets agree.  A side whose ids
+    cannot index its values (None, shapes not ``[T, k]`` / ``[T, k, ...]``,
+    non-numeric ids) is returned as given: classify_routing and classify
+    report the shape problem."""
+    return _sort_by_ids(golden_ids, golden_w), _sort_by_ids(cand_ids, cand_w)

@@ -1,0 +1,508 @@
+"""Walk two cases stage by stage, in computation order, and judge each stage.
+
+The runner knows nothing of stores or forwards (STYLE.md §5): it takes two
+:class:`~moesnap.store.case.Case` objects and a :class:`~moesnap.judge.tolerances.Tolerances`
+and returns a :class:`CaseReport`.
+
+Order: ``tokens``, ``embed``, then each layer's stages in
+:data:`moesnap.stages.LAYER_STAGES` order, then ``final_norm`` and ``logits``.
+
+Routing: ``topk_ids`` are judged by :func:`~moesnap.judge.classify.classify_routing`.
+A tolerated flip (``ROUTING_TIE``) of token ``t`` at layer ``L`` means the
+candidate legitimately computed a different function for ``t`` from there on,
+so stages of layer ``L`` after routing are judged without ``t``, and every stage
+of later layers (and ``final_norm``, ``logits``) without tokens ``>= t``
+(causal attention carries the difference forward).  Each result lists the
+tokens it left out.  Per-expert stages (``topk_weights``, ``expert_out``) are
+put in expert-id order on both sides before they are compared.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import numpy as np
+
+from ..store.case import Case
+from .classify import Result, Verdict, align_topk_weights, classify, classify_routing, expert_scale_errors
+from ..errors import GoldenError, MoesnapError
+from ..stages import LAYER_STAGES, MODEL_STAGES, POST_ROUTING_STAGES
+from .tolerances import Tolerances
+
+
+#: what the second, per-layer mode of a report is called, by kind
+PER_LAYER_MODES = {
+    "replay": "stage-local replay (each stage fed the golden values of its inputs)",
+    "local": "local re-reference (the reference recomputes each stage from the engine's own inputs)",
+}
+
+
+@dataclass(frozen=True)
+class StageResult:
+    case: str
+    layer: int | None
+    stage: str
+    result: Result
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.result.verdict
+
+    @property
+    def token(self) -> int | None:
+        m = self.result.metrics
+        if m is not None and m.first_bad_token is not None:
+            return int(m.first_bad_token)
+        if self.result.flipped_tokens and not self.result.passed:
+            return int(self.result.flipped_tokens[0])
+        return None
+
+    def to_dict(self) -> dict:
+        d = {"case": self.case, "layer": self.layer, "stage": self.stage}
+        d.update(self.result.to_dict())
+        return d
+
+
+@dataclass
+class CaseReport:
+    """One case judged in one mode.
+
+    ``judged`` maps each (layer, stage) the candidate holds to a boolean mask
+    over tokens: True where a token was judged (or its stage failed outright:
+    missing, wrong shape).  ``skipped`` lists stages the candidate lacks that
+    ``allow_missing`` let pass unjudged.
+    """
+
+    case: str
+    dtype: str
+    results: list[StageResult] = field(default_factory=list)
+    routing_notes: list[str] = field(default_factory=list)
+    mode: str = "free-running"
+    n_tokens: int = 0
+    judged: dict[tuple[int | None, str], np.ndarray] = field(default_factory=dict)
+    skipped: list[tuple[int | None, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.result.passed for r in self.results)
+
+    @property
+    def first_divergence(self) -> StageResult | None:
+        return next((r for r in self.results if not r.result.passed), None)
+
+    def cells(self) -> tuple[int, int]:
+        """(cells held, cells judged) over (layer, stage, token)."""
+        held = self.n_tokens * len(self.judged)
+        return held, int(sum(int(m.sum()) for m in self.judged.values()))
+
+
+def _pick(case: Case, stage: str, layer: int | None) -> np.ndarray | None:
+    return case.stage(stage, layer)
+
+
+def check_same_tokens(golden: Case, candidate: Case, *, where: str) -> None:
+    g, c = np.asarray(golden.tokens), np.asarray(candidate.tokens)
+    if g.shape != c.shape or not np.array_equal(g, c):
+        raise GoldenError(
+            f"{where}: the candidate ran other tokens than the golden "
+            f"(golden {g.tolist()[:8]}{'...' if g.size > 8 else ''}, candidate {c.tolist()[:8]}{'...' if c.size > 8 else ''})"
+        )
+
+
+def followed_routes(case: Case, *, where: str) -> dict[int, dict[int, np.ndarray]]:
+    """``attrs["router_followed"]`` as {layer: {token: own expert ids}}: where a case's
+    ``topk_ids`` (and the stages after them) used other experts than its own router chose,
+    because it followed the other side at a near tie (router replay, local re-reference)."""
+    raw = case.attrs.get("router_followed") if isinstance(case.attrs, dict) else None
+    if raw is None:
+        return {}
+    out: dict[int, dict[int, np.ndarray]] = {}
+    ok = isinstance(raw, list)
+    for item in raw if ok else ():
+        if not (isinstance(item, list) and len(item) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                    for v in item[:2])
+                and isinstance(item[2], list) and all(isinstance(e, int) and not isinstance(e, bool) for e in item[2])):
+            ok = False
+            break
+        out.setdefault(item[0], {})[item[1]] = np.asarray(item[2], dtype=np.int64)
+    if not ok:
+        raise GoldenError(f"{where}: attribute 'router_followed' is not a list of [layer, token, [expert ids]]")
+    return out
+
+
+def _own_ids(used: np.ndarray | None, followed: dict[int, np.ndarray]) -> np.ndarray | None:
+    """The ids a router chose itself: ``used`` with the followed tokens' own choice put back."""
+    if used is None or not followed or used.ndim != 2:
+        return used
+    own = np.array(used, copy=True)
+    for t, ids in followed.items():
+        if 0 <= t < own.shape[0] and ids.shape == own[t].shape:
+            own[t] = ids
+    return own
+
+
+_POOL = ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1)), thread_name_prefix="moesnap-classify")
+
+
+def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: str = "case",
+                  allow_missing: bool = False, layers: Iterable[int] | None = None,
+                  propagate: bool = True, mode: str = "free-running") -> CaseReport:
+    """Judge every stage of ``candidate`` against ``golden``.
+
+    ``allow_missing``: stages the candidate does not have at all (an engine
+    that dumps only a few stages) are skipped instead of reported ``MISSING``,
+    and listed in :attr:`CaseReport.skipped`.
+    ``propagate=False`` (replay and local re-reference, where every layer gets
+    an input of its own): a near-tie flip excuses its token in the rest of its
+    own layer only.  A flip that one side followed (``router_followed``: both
+    sides then used the same experts) excuses nothing.
+    ``layers``: judge only these layers (and no whole-model stage but those
+    the candidate holds).
+    Stages are classified concurrently (numpy releases the GIL); results keep
+    computation order.
+    """
+    check_same_tokens(golden, candidate, where=name)
+    T = int(golden.tokens.shape[0])
+    rep = CaseReport(case=name, dtype=dtype, mode=mode, n_tokens=T)
+    pending: list = []  # StageResult or (name, layer, stage, Future)
+    n_layer = golden.n_layer
+    if candidate.n_layer > n_layer:
+        extra = sorted(s for s, a in candidate.layers.items() if a.shape[0] > n_layer)
+        raise GoldenError(f"{name}: the candidate holds {candidate.n_layer} layers of {', '.join(extra[:4])}, "
+                          f"the golden {n_layer}: judge it against goldens of the same model")
+    per_layer = mode in PER_LAYER_MODES   # each stage judged from its own inputs: the row rule applies
+    g_follow = followed_routes(golden, where=f"{name} (golden)")
+    c_follow = followed_routes(candidate, where=f"{name} (candidate)")
+
+    def has(stage: str, layer: int | None) -> bool:
+        if layer is None:
+            return stage in candidate.model or stage == "tokens"
+        a = candidate.layers.get(stage)
+        return a is not None and layer < a.shape[0]
+
+    def cover(stage: str, layer: int | None, exclude=()) -> None:
+        if stage == "tokens":
+            return
+        mask = np.ones(T, dtype=bool)
+        if exclude:
+            mask[np.asarray([t for t in exclude if 0 <= t < T], dtype=np.int64)] = False
+        rep.judged[(layer, stage)] = mask
+
+    def judge(stage: str, layer: int | None, g, c, exclude=()) -> None:
+        if c is None and allow_missing and not has(stage, layer):
+            rep.skipped.append((layer, stage))
+            return
+        cover(stage, layer, exclude)
+        if per_layer:
+            tol = tols.for_stage(stage, dtype)
+        else:   # the error carried through the layers before: wider with depth in low precision
+            tol = tols.carried(stage, dtype, n_layer if layer is None and stage != "embed" else (layer or 0))
+        experts = None
+        if math.isfinite(tol.expert_scale) and stage in ("expert_out", "moe_out") and layer is not None:
+            experts = _expert_inputs(golden, layer, stage)
+        fut = _POOL.submit(_classify_stage, g, c, tol, exclude, experts)
+        pending.append((name, layer, stage, fut))
+
+    def judge_routing(layer: int, g, c, earlier: tuple[int, ...]) -> tuple[int, ...]:
+        """Judge each side's own expert choice as sets; return the tokens newly flipped at a near tie
+        whose two sides went on with different experts."""
+        logits = golden.stage("router_logits", layer)
+        g_own = _own_ids(g, g_follow.get(layer, {}))
+        c_own = _own_ids(c, c_follow.get(layer, {}))
+        if g is None or c is None or logits is None:
+            judge("topk_ids", layer, g_own, c_own, earlier)
+            return ()
+        cover("topk_ids", layer, earlier)
+        if earlier and g_own.shape == c_own.shape and g_own.ndim == 2:
+            # tokens already excused by an earlier flip may route differently: do not judge them again
+            c_own = c_own.copy()
+            idx = np.asarray(earlier)
+            c_own[idx[idx < c_own.shape[0]]] = g_own[idx[idx < g_own.shape[0]]]
+        try:
+            rres = classify_routing(g_own, c_own, logits,
+                                    tols.tie_tol(dtype) if per_layer else tols.tie_tol_at(dtype, layer))
+            metrics = None
+            if g_own.shape == c_own.shape:  # exact set comparison of the sorted ids (ties aside), for the metrics
+                metrics = classify(np.sort(g_own, -1), np.sort(c_own, -1), tols.for_stage("topk_ids", dtype),
+                                   exclude_tokens=sorted(set(earlier) | set(rres.tie_tokens))).metrics
+        except MoesnapError as e:
+            raise type(e)(f"{_where(name, layer, 'topk_ids')}: {e}") from None
+        res = rres.as_result(metrics)
+        new: tuple[int, ...] = ()
+        if rres.verdict == Verdict.ROUTING_TIE:
+            ties = [t for t in rres.flipped_tokens if inherited is None or t < inherited]
+            same_used = [t for t in ties if g.shape == c.shape and set(g[t].tolist()) == set(c[t].tolist())]
+            new = tuple(t for t in ties if t not in same_used)
+            if same_used:
+                rep.routing_notes.append(
+                    f"layer {layer}: tokens {same_used} picked other experts at a near tie; one side followed "
+                    f"the other's experts, so every later stage and layer still judges them")
+            if new:
+                rep.routing_notes.append(
+                    f"layer {layer}: tokens {list(new)} picked other experts at a near tie; "
+                    f"later stages of layer {layer} are judged without them"
+                    + (f", later layers without tokens >= {min(new)}" if propagate else ""))
+        res = Result(res.verdict, res.metrics, res.detail, res.flipped_tokens, earlier)
+        pending.append(StageResult(name, layer, "topk_ids", res))
+        return new
+
+    whole_model = layers is None
+
+    def model_stage(stage: str) -> bool:   # with ``layers``: only what both sides hold
+        return whole_model or (has(stage, None) and golden.stage(stage) is not None)
+
+    if model_stage("embed"):
+        judge("embed", None, _pick(golden, "embed", None), _pick(candidate, "embed", None))
+    inherited: int | None = None  # first token left out because an earlier layer flipped it
+    for layer in (range(n_layer) if layers is None else layers):
+        earlier = tuple(range(inherited, T)) if inherited is not None else ()
+        flipped_here: tuple[int, ...] = ()
+        for stage in LAYER_STAGES:
+            g, c = _pick(golden, stage, layer), _pick(candidate, stage, layer)
+            if stage == "topk_ids":
+                if c is None and allow_missing and not has(stage, layer):
+                    rep.skipped.append((layer, stage))
+                    continue
+                flipped_here = judge_routing(layer, g, c, earlier)
+                continue
+            exclude = earlier
+            if stage in POST_ROUTING_STAGES and flipped_here:
+                exclude = tuple(sorted(set(earlier) | set(flipped_here)))
+            if stage in ("topk_weights", "expert_out"):
+                gi, ci = golden.stage("topk_ids", layer), candidate.stage("topk_ids", layer)
+                if ci is None and stage == "topk_weights" and g is not None and c is not None:
+                    # a dump without ids: compare the k weights of each token as a sorted multiset
+                    g, c = -np.sort(-g, axis=-1), -np.sort(-c, axis=-1)
+                else:
+                    g, c = align_topk_weights(gi, g, ci, c)
+            judge(stage, layer, g, c, exclude)
+        if flipped_here and propagate:
+            first = min(flipped_here)
+            inherited = first if inherited is None else min(inherited, first)
+            if inherited == 0 and layer + 1 < n_layer:
+                rep.routing_notes.append(
+                    f"from layer {layer + 1} on every token is excused by a near-tie flip, so the free-running "
+                    f"comparison judges nothing further")
+    tail = tuple(range(inherited, T)) if inherited is not None else ()
+    for stage in ("final_norm", "logits"):
+        if model_stage(stage):
+            judge(stage, None, _pick(golden, stage, None), _pick(candidate, stage, None), tail)
+    for item in pending:
+        if isinstance(item, StageResult):
+            rep.results.append(item)
+            continue
+        try:
+            rep.results.append(StageResult(item[0], item[1], item[2], item[3].result()))
+        except MoesnapError as e:   # say which stage held the array it could not judge
+            raise type(e)(f"{_where(item[0], item[1], item[2])}: {e}") from None
+    return rep
+
+
+def _expert_inputs(golden: Case, layer: int, stage: str):
+    """(ids [T, k], golden contribution of each (token, slot) [T, k, H], what they sum to or None)
+    for the expert rule, in the slot order the judged arrays have (``expert_out`` is compared in
+    ascending id order)."""
+    ids, eo, w = (golden.stage(s, layer) for s in ("topk_ids", "expert_out", "topk_weights"))
+    if ids is None or eo is None or ids.ndim != 2 or eo.shape[:2] != ids.shape:
+        return None
+    if stage == "expert_out":
+        order = np.argsort(ids, axis=1)
+        return np.take_along_axis(ids, order, 1), np.take_along_axis(eo, order[..., None], 1), None
+    if w is None or w.shape != ids.shape:
+        return None
+    return ids, eo.astype(np.float64) * w.astype(np.float64)[..., None], golden.stage("moe_out", layer)
+
+
+#: an expert's scale error counts only beyond this many standard errors of rounding noise
+EXPERT_Z = 6.0
+
+
+def _classify_stage(g, c, tol, exclude, experts) -> Result:
+    """classify, then (``experts`` given, the stage passed) the expert-scale rule of ``tol``."""
+    res = classify(g, c, tol, exclude_tokens=exclude)
+    if experts is None or res.verdict != Verdict.MATCH or g is None or c is None or g.shape != c.shape:
+        return res
+    ids, contrib, total = experts
+    if contrib.shape[0] != c.shape[0] or (total is not None and total.shape != c.shape):
+        return res
+    resid = c.astype(np.float64) - g.astype(np.float64)
+    errs = expert_scale_errors(ids, contrib, resid, exclude, total)
+    bad = [e for e in errs if abs(e[1]) > tol.expert_scale and abs(e[1]) > EXPERT_Z * e[2]]
+    if not bad:
+        return res
+    worst = max(bad, key=lambda e: abs(e[1]))
+    first = min(e[4] for e in bad)
+    detail = (f"expert {worst[0]}: its output is off by {100 * worst[1]:+.3g}% (±{100 * worst[2]:.2g}% noise) over "
+              f"{worst[3]} routed (token, slot) pairs (expert_scale={tol.expert_scale:g}); "
+              + (f"{len(bad)} experts beyond it; " if len(bad) > 1 else "") + res.detail)
+    m = res.metrics
+    bad_tokens = sorted(set(m.bad_tokens) | {first})
+    metrics = replace(m, first_bad_token=min(bad_tokens), bad_tokens=tuple(bad_tokens[:64]),
+                      n_bad_tokens=max(m.n_bad_tokens, len(bad_tokens)))
+    return Result(Verdict.DIVERGE, metrics, detail, res.flipped_tokens, res.excluded_tokens)
+
+
+def _position(r: StageResult, case_order: dict[str, int]) -> tuple:
+    """Where ``r`` sits in computation order: case, then embed, layers by stage, final_norm, logits."""
+    if r.layer is None:
+        layer = -1 if r.stage in ("embed", "tokens") else 1 << 30
+        idx = ("tokens", "embed", "final_norm", "logits").index(r.stage) if r.stage in MODEL_STAGES else 0
+    else:
+        layer, idx = r.layer, LAYER_STAGES.index(r.stage) if r.stage in LAYER_STAGES else 0
+    return (case_order.get(r.case, 1 << 30), layer, idx)
+
+
+def _where(case: str, layer: int | None, stage: str) -> str:
+    return f"{case}/{stage}" if layer is None else f"{case}/layers/{stage} (layer {layer})"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a report judged, in (layer, stage, token) cells of what the candidate holds."""
+
+    held: int                       # cells the candidate holds (stages it lacks under --allow-missing excluded)
+    judged: int                     # cells judged by at least one mode
+    by_mode: dict[str, int]         # cells judged by each mode
+    skipped_stages: int             # (case, layer, stage) the candidate lacks, skipped under --allow-missing
+    unjudged: tuple[tuple[str, int | None, str, int], ...]   # first few (case, layer, stage, n tokens) left
+
+    @property
+    def complete(self) -> bool:
+        return self.judged >= self.held
+
+    def to_dict(self) -> dict:
+        return {"cells_held": self.held, "cells_judged": self.judged, "judged_by_mode": dict(self.by_mode),
+                "stages_skipped": self.skipped_stages,
+                "unjudged": [{"case": c, "layer": lay, "stage": s, "tokens": n} for c, lay, s, n in self.unjudged]}
+
+
+@dataclass
+class Report:
+    """Results over every case of a golden version (or one case).
+
+    ``cases`` is the free-running comparison (the candidate's own run, against
+    the golden); ``replay`` (optional) a per-layer mode that tells the error a
+    layer introduces from the one it inherits: ``replay_kind`` ``"replay"``
+    (moesnap's candidate fed each layer's golden input) or ``"local"`` (another
+    engine's layers recomputed by the reference from that engine's own inputs).
+
+    The verdict is ``fail`` when any stage of any mode fails, ``inconclusive``
+    when nothing failed but some (layer, stage, token) the candidate holds was
+    judged by no mode, and ``pass`` only when every one was.
+    """
+
+    cases: list[CaseReport]
+    golden: str
+    candidate: str
+    dtype: str
+    mode: str = "free-running"
+    replay: list[CaseReport] | None = None
+    notes: list[str] = field(default_factory=list)
+    replay_kind: str = "replay"
+    #: what to run to judge what this report could not (for an inconclusive verdict)
+    hint: str | None = None
+
+    @property
+    def results(self) -> list[StageResult]:
+        return [r for c in self.cases for r in c.results]
+
+    @property
+    def failed(self) -> bool:
+        ok = all(c.passed for c in self.cases)
+        return not (ok and (self.replay is None or all(c.passed for c in self.replay)))
+
+    def coverage(self) -> Coverage:
+        modes = [(c.mode, c) for c in self.cases] + [(c.mode, c) for c in (self.replay or [])]
+        by_mode: dict[str, int] = {}
+        union: dict[tuple[str, int | None, str], np.ndarray] = {}
+        n_tok: dict[str, int] = {}
+        skipped: set[tuple[str, int | None, str]] = set()
+        for mode, c in modes:
+            by_mode[mode] = by_mode.get(mode, 0) + c.cells()[1]
+            n_tok[c.case] = c.n_tokens
+            for key, mask in c.judged.items():
+                k = (c.case, *key)
+                union[k] = mask.copy() if k not in union else (union[k] | mask)
+        for c in self.cases:   # what free-running skipped as absent is what the candidate lacks
+            skipped |= {(c.case, *key) for key in c.skipped}
+        held = sum(n_tok[k[0]] for k in union)
+        judged = sum(int(m.sum()) for m in union.values())
+        left = [(k[0], k[1], k[2], int((~m).sum())) for k, m in union.items() if not m.all()]
+        left.sort(key=lambda x: (x[0], -1 if x[1] is None else x[1], x[2]))
+        return Coverage(held, judged, by_mode, len(skipped - set(union)), tuple(left[:12]))
+
+    @property
+    def verdict(self) -> str:
+        """``pass``, ``fail`` or ``inconclusive`` (see the class docstring)."""
+        if self.failed:
+            return "fail"
+        return "pass" if self.coverage().complete else "inconclusive"
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def first_divergence(self) -> StageResult | None:
+        """The first failing stage in computation order over both modes.  Free-running shows where an
+        error is first *seen* (it may be a later effect of an error too small to see where it was made,
+        at the tolerance that drift needs); the per-layer mode shows where it is *made*.  The earlier of
+        the two wins, the per-layer one on a tie."""
+        free = next((c.first_divergence for c in self.cases if c.first_divergence is not None), None)
+        intro = self.first_introduced()
+        if free is None or intro is None:
+            return free if intro is None else intro
+        order = {c.case: i for i, c in enumerate(self.cases)}
+        return intro if _position(intro, order) <= _position(free, order) else free
+
+    def first_introduced(self) -> StageResult | None:
+        """With a per-layer mode: the first layer/stage whose own computation diverges."""
+        if self.replay is None:
+            return None
+        return next((c.first_divergence for c in self.replay if c.first_divergence is not None), None)
+
+    def inconclusive_reason(self) -> str | None:
+        cov = self.coverage()
+        if cov.complete:
+            return None
+        where = ", ".join(f"{c}/{'L%d ' % lay if lay is not None else ''}{s} ({n} tokens)" for c, lay, s, n in cov.unjudged[:4])
+        text = (f"{cov.held - cov.judged} of {cov.held} (layer, stage, token) cells were judged by no mode "
+                f"(first: {where})")
+        return text + (f"; to judge them: {self.hint}" if self.hint else "")
+
+    def to_dict(self) -> dict:
+        fd = self.first_divergence
+
+        def loc(r: StageResult | None):
+            if r is None:
+                return None
+            return {"case": r.case, "layer": r.layer, "stage": r.stage, "token": r.token, "verdict": r.verdict.name}
+
+        verdict = self.verdict
+        d = {
+            "verdict": verdict,
+            "first_divergence": loc(fd),
+            "golden": self.golden,
+            "candidate": self.candidate,
+            "dtype": self.dtype,
+            "mode": self.mode,
+            "coverage": self.coverage().to_dict(),
+            "inconclusive": self.inconclusive_reason() if verdict == "inconclusive" else None,
+            "results": [r.to_dict() for r in self.results],
+            "routing_notes": [n for c in self.cases for n in c.routing_notes],
+            "notes": list(self.notes) + [n for c in self.cases + (self.replay or []) for n in c.notes],
+        }
+        if self.replay is not None:
+            block = {
+                "kind": self.replay_kind,
+                "first_introduced": loc(self.first_introduced()),
+                "results": [r.to_dict() for c in self.replay for r in c.results],
+                "routing_notes": [n for c in self.replay for n in c.routing_notes],
+            }
+            d["replay" if self.replay_kind == "replay" else "local"] = block
+        return d

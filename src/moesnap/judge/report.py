@@ -1,0 +1,291 @@
+"""Reports: the compact layer x stage table, the JSON report and the HTML heat map."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from .classify import Verdict
+from .compare import PER_LAYER_MODES, CaseReport, Report, StageResult
+from ..errors import UsageError
+from ..stages import LAYER_STAGES
+from ..util import write_text_atomic
+
+SYMBOL = {
+    Verdict.MATCH: ".", Verdict.ROUTING_TIE: "~", Verdict.DIVERGE: "D", Verdict.NAN_CANDIDATE: "N",
+    Verdict.NAN_GOLDEN: "G", Verdict.NAN_BOTH: "B", Verdict.MISSING: "M", Verdict.SHAPE_MISMATCH: "S",
+}
+# two-letter column codes, in LAYER_STAGES order
+CODE = {
+    "attn_norm": "an", "q": "q", "k": "k", "v": "v", "q_norm": "qn", "k_norm": "kn", "q_rope": "qr",
+    "k_rope": "kr", "attn": "at", "attn_out": "ao", "attn_resid": "ar", "ffn_norm": "fn",
+    "router_logits": "rl", "topk_ids": "id", "topk_weights": "tw", "expert_out": "eo", "moe_out": "mo",
+    "layer_out": "lo",
+}
+LEGEND = (". MATCH  ~ ROUTING_TIE  D DIVERGE  N NAN_CANDIDATE  G NAN_GOLDEN  B NAN_BOTH  "
+          "M MISSING  S SHAPE_MISMATCH  - not judged (every token excused by a routing flip)")
+
+
+def _digits(r: StageResult) -> float | None:
+    """-log10(1 - cosine): digits of agreement (None where undefined)."""
+    m = r.result.metrics
+    if m is None or m.cosine != m.cosine:
+        return None
+    gap = 1.0 - m.cosine
+    return 16.0 if gap <= 1e-16 else -math.log10(gap)
+
+
+def _fmt_loc(r: StageResult | None) -> str:
+    if r is None:
+        return "none"
+    where = f"layer {r.layer} / {r.stage}" if r.layer is not None else r.stage
+    tok = f" / token {r.token}" if r.token is not None else ""
+    return f"{where}{tok}: {r.verdict.name}"
+
+
+def table(case: CaseReport, *, title: str | None = None) -> list[str]:
+    """One row per layer: a symbol per stage, the row's worst cosine and first failing stage."""
+    by_layer: dict[int | None, dict[str, StageResult]] = {}
+    for r in case.results:
+        by_layer.setdefault(r.layer, {})[r.stage] = r
+    head = "      " + "".join(f"{CODE[s]:>3}" for s in LAYER_STAGES) + " | max 1-cos | first failing"
+    lines = [title or f"case {case.case} ({case.dtype})", head]
+    for stage in ("embed",):
+        if stage in by_layer.get(None, {}):
+            r = by_layer[None][stage]
+            lines.append(f"{stage:<6}{SYMBOL[r.verdict]:>3}" + " " * (3 * len(LAYER_STAGES) - 3) + f" | {_cos(r)} |"
+                         + ("" if r.result.passed else f" {r.verdict.name}"))
+    for layer in sorted(k for k in by_layer if k is not None):
+        row = by_layer[layer]
+        cells = "".join(f"{_sym(row[s]) if s in row else ' ':>3}" for s in LAYER_STAGES)
+        rs = list(row.values())
+        judged = [r for r in rs if r.result.metrics is not None and r.result.metrics.n > 0 and r.stage != "topk_ids"
+                  and r.result.metrics.cosine == r.result.metrics.cosine]
+        worst = max((1.0 - r.result.metrics.cosine for r in judged), default=float("nan"))
+        bad = next((r for s in LAYER_STAGES if (r := row.get(s)) is not None and not r.result.passed), None)
+        tail = f" {bad.stage} {bad.verdict.name}" if bad else ""
+        shown = f"{worst:<9.2e}" if judged else f"{'-':<9}"
+        lines.append(f"L{layer:02d}   {cells} | {shown} |{tail}")
+    for stage in ("final_norm", "logits"):
+        if stage in by_layer.get(None, {}):
+            r = by_layer[None][stage]
+            lines.append(f"{stage.replace('final_norm', 'fnorm'):<6}{_sym(r):>3}" + " " * (3 * len(LAYER_STAGES) - 3)
+                         + f" | {_cos(r)} |" + ("" if r.result.passed else f" {r.verdict.name}"))
+    return lines
+
+
+def _sym(r: StageResult) -> str:
+    return "-" if _unjudged(r) else SYMBOL[r.verdict]
+
+
+def _cos(r: StageResult) -> str:
+    if _unjudged(r):
+        return f"{'-':<9}"
+    m = r.result.metrics
+    return f"{1.0 - m.cosine:<9.2e}" if m is not None and m.cosine == m.cosine else f"{'-':<9}"
+
+
+def text(report: Report) -> list[str]:
+    out: list[str] = []
+    for case in report.cases:
+        out += table(case)
+        out.append("")
+    out.append(LEGEND)
+    out.append("columns: " + " ".join(f"{CODE[s]}={s}" for s in LAYER_STAGES))
+    for n in (n for c in report.cases for n in c.routing_notes):
+        out.append(f"routing: {n}")
+    for n in (n for c in report.replay or [] for n in c.routing_notes):
+        out.append(f"routing ({report.replay_kind}): {n}")
+    for n in report.notes + [n for c in report.cases + (report.replay or []) for n in c.notes]:
+        out.append(f"note: {n}")
+    fd = report.first_divergence
+    if fd is not None:
+        out += detail_lines(fd)
+    if report.replay is not None:
+        out.append("")
+        out.append(f"{PER_LAYER_MODES[report.replay_kind]}: error introduced vs inherited")
+        many = len(report.replay) > 1
+        out.append(("case   " if many else "") + "layer | introduced (" + report.replay_kind + ")"
+                   + " " * max(0, 17 - len(report.replay_kind)) + " | inherited (free-running)")
+        for case in report.replay:
+            free = next((c for c in report.cases if c.case == case.case), None)
+            per: dict[int, list[StageResult]] = {}
+            for r in case.results:
+                if r.layer is not None:
+                    per.setdefault(r.layer, []).append(r)
+            layers = sorted(set(per) | {lay for lay, _ in (free.judged if free else {}) if lay is not None})
+            for layer in layers:
+                intro = next((r for r in per.get(layer, []) if not r.result.passed), None)
+                intro_text = ((intro.stage + " " + intro.verdict.name) if intro else "none") if layer in per \
+                    else "not judged"
+                out.append((f"{case.case:<7}" if many else "") + f"L{layer:02d}   | {intro_text:<29} | "
+                           f"{_inherited(free, layer)}")
+        out.append(f"first layer that introduces a divergence: {_fmt_loc(report.first_introduced())}")
+    out.append(f"first divergence: {_fmt_loc(fd)}")
+    out.append(coverage_line(report))
+    verdict = report.verdict
+    if verdict == "inconclusive":
+        out.append(f"inconclusive: {report.inconclusive_reason()}")
+    out.append(f"verdict: {verdict}")
+    return out
+
+
+def coverage_line(report: Report) -> str:
+    cov = report.coverage()
+    modes = ", ".join(f"{m}: {n}" for m, n in cov.by_mode.items())
+    pct = 100.0 * cov.judged / cov.held if cov.held else 100.0
+    text = f"judged: {cov.judged} of {cov.held} (layer, stage, token) cells ({pct:.4g}%; {modes})"
+    if cov.skipped_stages:
+        text += f"; {cov.skipped_stages} (layer, stage) the candidate lacks skipped (--allow-missing)"
+    return text
+
+
+def _inherited(free: CaseReport | None, layer: int) -> str:
+    """The free-running verdict of ``layer``: its first failure, 'none', or how much was not judged."""
+    if free is None:
+        return "not judged"
+    masks = [m for (lay, _), m in free.judged.items() if lay == layer]
+    bad = next((r for r in free.results if r.layer == layer and not r.result.passed), None)
+    if bad is not None:
+        return f"{bad.stage} {bad.verdict.name}"
+    if not masks or not any(m.any() for m in masks):
+        return "not judged (every token excused by a routing flip)" if masks else "not judged"
+    left = sum(int((~m).sum()) for m in masks)
+    return "none" if left == 0 else f"none ({left} cells not judged)"
+
+
+def detail_lines(r: StageResult) -> list[str]:
+    """ndarrays_regression-style detail of one failing stage."""
+    m = r.result.metrics
+    lines = [f"first failing stage: {_fmt_loc(r)}"]
+    if r.result.detail:
+        lines.append(f"  {r.result.detail}")
+    if m is not None:
+        lines.append(f"  elements outside tolerance: {m.n_outside} of {m.n} ({100 * m.frac_outside:.3g}%)"
+                     f"; bad tokens: {m.n_bad_tokens} (first {list(m.bad_tokens[:8])})")
+        lines.append(f"  cosine {m.cosine:.9g}  rel_l2 {m.rel_l2:.3g}  nmse {m.nmse:.3g}  max_abs {m.max_abs:.3g}  "
+                     f"mean_abs {m.mean_abs:.3g}  max_rel {m.max_rel:.3g}  worst index {m.worst_index}")
+        lines.append(f"  NaN golden/candidate {m.nan_golden}/{m.nan_candidate}  Inf golden/candidate "
+                     f"{m.inf_golden}/{m.inf_candidate}")
+    return lines
+
+
+def write_json(report: Report, path: str | Path, extra: dict | None = None) -> None:
+    d = report.to_dict()
+    if extra:
+        d.update(extra)
+    _atomic_write(Path(path), json.dumps(d, indent=1, allow_nan=False, ensure_ascii=False))
+
+
+def _atomic_write(path: Path, content: str) -> None:
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory")
+    if not path.parent.exists():
+        raise UsageError(f"{path.parent}: directory does not exist")
+    write_text_atomic(path, content)   # a non-UTF-8 file name in the text is written escaped
+
+
+_COLOR = {
+    Verdict.DIVERGE: "#d7301f", Verdict.NAN_CANDIDATE: "#7a0177", Verdict.NAN_GOLDEN: "#2c7fb8",
+    Verdict.NAN_BOTH: "#54278f", Verdict.MISSING: "#969696", Verdict.SHAPE_MISMATCH: "#252525",
+}
+
+
+def _pass_color(r: StageResult) -> str:
+    d = _digits(r)
+    if d is None:
+        return "#c7e9c0"
+    # 2 digits of agreement (cos 0.99) pale yellow .. 8+ digits deep green
+    t = max(0.0, min(1.0, (d - 2.0) / 6.0))
+    lo, hi = (255, 255, 204), (0, 104, 55)
+    c = tuple(round(a + (b - a) * t) for a, b in zip(lo, hi))
+    return "#%02x%02x%02x" % c
+
+
+def _unjudged(r: StageResult) -> bool:
+    """True when routing exclusions left no element of the stage to judge."""
+    m = r.result.metrics
+    return m is not None and m.n == 0 and bool(r.result.excluded_tokens)
+
+
+def _cell(r: StageResult | None, first: StageResult | None) -> str:
+    if r is None:
+        return "<td class=e></td>"
+    if _unjudged(r):
+        tip = f"{r.stage} layer {r.layer}: not judged: every token was excused by an earlier near-tie routing flip"
+        return f"<td class=u title='{html.escape(tip, quote=True)}'>–</td>"
+    color = _pass_color(r) if r.result.passed else _COLOR.get(r.verdict, "#d7301f")
+    if r.verdict == Verdict.ROUTING_TIE:
+        color = "#fdae61"
+    m = r.result.metrics
+    tip = [f"{r.stage} layer {r.layer}: {r.verdict.name}"]
+    if m is not None:
+        tip.append(f"cosine {m.cosine:.9g}  rel_l2 {m.rel_l2:.3g}  max_abs {m.max_abs:.3g}  max_rel {m.max_rel:.3g}")
+        tip.append(f"outside {m.n_outside}/{m.n}  NaN g/c {m.nan_golden}/{m.nan_candidate}  "
+                   f"Inf g/c {m.inf_golden}/{m.inf_candidate}  first bad token {m.first_bad_token}")
+    if r.result.flipped_tokens:
+        tip.append(f"flipped tokens {list(r.result.flipped_tokens)}")
+    if r.result.excluded_tokens:
+        tip.append(f"judged without tokens {list(r.result.excluded_tokens)[:16]}")
+    if r.result.detail:
+        tip.append(r.result.detail)
+    mark = " first" if first is not None and r is first else ""
+    d = _digits(r)
+    label = SYMBOL[r.verdict] if not r.result.passed or r.verdict == Verdict.ROUTING_TIE else \
+        (f"{d:.0f}" if d is not None else "")
+    return (f"<td class='c{mark}' style='background:{color}' title='{html.escape(chr(10).join(tip), quote=True)}'>"
+            f"{html.escape(label)}</td>")
+
+
+def write_html(report: Report, path: str | Path, *, title: str = "moesnap check") -> None:
+    first = report.first_divergence
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>",
+        "body{font:13px system-ui,sans-serif;margin:16px} table{border-collapse:collapse}",
+        "td,th{border:1px solid #fff;padding:2px 4px;text-align:center;min-width:22px}",
+        "th{font-weight:normal;writing-mode:vertical-rl;transform:rotate(180deg);height:90px}",
+        "td.first{outline:3px solid #000;outline-offset:-3px} .e{background:#f0f0f0} .u{background:#d9d9d9;color:#666}",
+        ".key span{display:inline-block;padding:2px 6px;margin-right:4px;color:#fff}",
+        "</style></head><body>",
+        f"<h2>{html.escape(title)}: {html.escape(report.verdict.upper() if report.verdict != 'pass' else 'pass')}</h2>",
+        f"<p>{html.escape(coverage_line(report))}</p>",
+        (f"<p><b>inconclusive:</b> {html.escape(report.inconclusive_reason() or '')}</p>"
+         if report.verdict == "inconclusive" else ""),
+        f"<p>golden <code>{html.escape(report.golden)}</code>, candidate <code>{html.escape(report.candidate)}</code>, "
+        f"dtype {html.escape(report.dtype)}, {html.escape(report.mode)}</p>",
+        f"<p><b>first divergence:</b> {html.escape(_fmt_loc(first))}</p>",
+        "<p>cells: digits of agreement −log10(1 − cosine) where the stage passes (green = more); "
+        "a letter where it fails; hover a cell for its metrics. The first divergence is outlined.</p>",
+        "<p class=key>" + "".join(f"<span style='background:{c}'>{SYMBOL[v]} {v.name}</span>" for v, c in _COLOR.items())
+        + "<span style='background:#fdae61;color:#000'>~ ROUTING_TIE</span>"
+        + "<span style='background:#d9d9d9;color:#000'>– not judged (tokens excused)</span></p>",
+    ]
+    sections = [("free-running", report.cases)]
+    if report.replay is not None:
+        sections.append((PER_LAYER_MODES[report.replay_kind] + ": the error each layer introduces", report.replay))
+    for label, cases in sections:
+        for case in cases:
+            parts.append(f"<h3>{html.escape(label)} — case {html.escape(case.case)}</h3><table><tr><th></th>")
+            parts += [f"<th>{html.escape(s)}</th>" for s in LAYER_STAGES] + ["</tr>"]
+            by: dict[int | None, dict[str, StageResult]] = {}
+            for r in case.results:
+                by.setdefault(r.layer, {})[r.stage] = r
+            for stage in ("embed",):
+                if stage in by.get(None, {}):
+                    parts.append(f"<tr><td>{stage}</td>{_cell(by[None][stage], first)}</tr>")
+            for layer in sorted(k for k in by if k is not None):
+                parts.append(f"<tr><td>L{layer}</td>" + "".join(_cell(by[layer].get(s), first) for s in LAYER_STAGES)
+                             + "</tr>")
+            for stage in ("final_norm", "logits"):
+                if stage in by.get(None, {}):
+                    parts.append(f"<tr><td>{stage}</td>{_cell(by[None][stage], first)}</tr>")
+            parts.append("</table>")
+            for n in case.routing_notes + case.notes:
+                parts.append(f"<p>{html.escape(n)}</p>")
+    for n in report.notes:
+        parts.append(f"<p>note: {html.escape(n)}</p>")
+    parts.append("</body></html>")
+    _atomic_write(Path(path), "\n".join(parts))

@@ -1,0 +1,230 @@
+"""The reference forward of Qwen3-MoE: plain PyTorch on the CPU, written to be read.
+
+Everything else in moesnap is judged against this file.  It follows HF
+transformers' ``modeling_qwen3_moe.py``: RMSNorm, q/k/v projections without
+bias, per-head RMSNorm on q and k over ``head_dim`` *before* NeoX RoPE,
+causal grouped-query attention, o projection, residual; RMSNorm, router
+logits, softmax over all experts in float32 (float64 when the whole forward
+is float64), top-k, renormalised top-k weights, SwiGLU experts, weighted sum,
+residual; final RMSNorm and the lm head.
+
+Every stage is handed to an explicit recorder (``rec.save(stage, layer, x)``).
+Weights are dequantized lazily by :class:`~moesnap.model.weights.GGUFModel`: one
+layer at a time, only the experts the router selected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import Qwen3MoeConfig
+from .recorder import NullRecorder, Recorder
+from .weights import GGUFModel, LayerWeights
+
+LM_HEAD_CHUNK = 16384  # vocab rows dequantized at a time for the lm head
+# Threads that dequantize experts ahead of the (serial) expert maths; results arrive in order.
+DEQUANT_THREADS = max(1, min(16, os.cpu_count() or 1))
+_POOL = ThreadPoolExecutor(max_workers=DEQUANT_THREADS, thread_name_prefix="moesnap-dequant")
+
+
+def _prefetch(fn, items: list, depth: int = 2 * DEQUANT_THREADS):
+    """``map(fn, items)`` computed on the pool, at most ``depth`` results ahead (bounds memory)."""
+    pending = [_POOL.submit(fn, it) for it in items[:depth]]
+    for i in range(len(items)):
+        result = pending[i].result()
+        pending[i] = None
+        if i + depth < len(items):
+            pending.append(_POOL.submit(fn, items[i + depth]))
+        yield result
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(var + self.eps) * self.weight
+
+
+def rope_cos_sin(cfg: Qwen3MoeConfig, n_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX rotary tables for positions 0..T-1, computed in float64."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # [D/2]
+    angles = torch.outer(torch.arange(n_tokens, dtype=torch.float64), inv_freq)        # [T, D/2]
+    angles = torch.cat([angles, angles], dim=-1)                                         # [T, D]
+    return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]      # [T, 1, D]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def causal_attention(cfg: Qwen3MoeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal grouped-query attention of roped ``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]`` -> ``[T, Hq*D]``."""
+    T = q.shape[0]
+    group = cfg.n_head // cfg.n_head_kv
+    k = k.repeat_interleave(group, dim=1)                    # [T, Hq, D]
+    v = v.repeat_interleave(group, dim=1)                    # [T, Hq, D]
+    scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(cfg.head_dim)  # [Hq, T, T]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)                    # [Hq, T, T]
+    return torch.einsum("hts,shd->thd", probs, v).reshape(T, cfg.q_dim)  # [T, Hq*D]
+
+
+def expert_outputs(cfg: Qwen3MoeConfig, w: LayerWeights, x: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Each selected expert's unweighted SwiGLU output ``[T, k, H]`` for ``x [T, H]`` and ``topk_ids [T, k]``."""
+    T, k = topk_ids.shape
+    expert_out = x.new_zeros(T, k, cfg.hidden)                     # [T, k, H]
+    selected = torch.unique(topk_ids).tolist()
+    # Dequantizing is the slow part: do it on a few threads (numpy releases the GIL); the maths below is serial.
+    for e, (gate, up, down) in zip(selected, _prefetch(w.experts.expert, selected)):
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)         # tokens routed to e
+        xe = x[tok]                                                # [n, H]
+        h = F.silu(xe @ gate.T) * (xe @ up.T)                      # [n, F]
+        expert_out[tok, slot] = h @ down.T                         # [n, H]
+    return expert_out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights) -> None:
+        super().__init__()
+        self.cfg, self.w = cfg, w
+        self.q_norm = RMSNorm(w.q_norm, cfg.rms_eps)
+        self.k_norm = RMSNorm(w.k_norm, cfg.rms_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, rec: Recorder) -> torch.Tensor:
+        cfg, w = self.cfg, self.w
+        T = x.shape[0]
+        q = (x @ w.wq.T).view(T, cfg.n_head, cfg.head_dim)      # [T, Hq, D]
+        k = (x @ w.wk.T).view(T, cfg.n_head_kv, cfg.head_dim)   # [T, Hkv, D]
+        v = (x @ w.wv.T).view(T, cfg.n_head_kv, cfg.head_dim)   # [T, Hkv, D]
+        rec.save("q", layer, q)
+        rec.save("k", layer, k)
+        rec.save("v", layer, v)
+        q, k = self.q_norm(q), self.k_norm(k)
+        rec.save("q_norm", layer, q)
+        rec.save("k_norm", layer, k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        rec.save("q_rope", layer, q)
+        rec.save("k_rope", layer, k)
+
+        attn = causal_attention(cfg, q, k, v)                   # [T, Hq*D]
+        rec.save("attn", layer, attn)
+        out = attn @ w.wo.T                                      # [T, H]
+        rec.save("attn_out", layer, out)
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights) -> None:
+        super().__init__()
+        self.cfg, self.w = cfg, w
+
+    def forward(self, x: torch.Tensor, layer: int, rec: Recorder) -> torch.Tensor:
+        cfg, w = self.cfg, self.w
+        k = cfg.n_expert_used
+        router_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        logits = x.to(router_dtype) @ w.router.to(router_dtype).T      # [T, E]
+        rec.save("router_logits", layer, logits)
+        probs = torch.softmax(logits, dim=-1)                          # [T, E]
+        topk_w, topk_ids = torch.topk(probs, k, dim=-1)                # [T, k], [T, k]
+        topk_w = (topk_w / topk_w.sum(-1, keepdim=True)).to(x.dtype)   # renormalised
+        rec.save("topk_ids", layer, topk_ids)
+        rec.save("topk_weights", layer, topk_w)
+
+        expert_out = expert_outputs(cfg, w, x, topk_ids)               # [T, k, H]
+        rec.save("expert_out", layer, expert_out)
+        out = (expert_out * topk_w[..., None]).sum(dim=1)              # [T, H]
+        rec.save("moe_out", layer, out)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(w.attn_norm, cfg.rms_eps)
+        self.attention = Attention(cfg, w)
+        self.ffn_norm = RMSNorm(w.ffn_norm, cfg.rms_eps)
+        self.moe = MoE(cfg, w)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, rec: Recorder) -> torch.Tensor:
+        h = self.attn_norm(x)
+        rec.save("attn_norm", layer, h)
+        h = x + self.attention(h, cos, sin, layer, rec)
+        rec.save("attn_resid", layer, h)
+        m = self.ffn_norm(h)
+        rec.save("ffn_norm", layer, m)
+        out = h + self.moe(m, layer, rec)
+        rec.save("layer_out", layer, out)
+        return out
+
+
+class Transformer(nn.Module):
+    """The whole model; builds one :class:`Block` at a time from lazily loaded weights."""
+
+    def __init__(self, model: GGUFModel, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.model, self.cfg, self.dtype = model, model.config, dtype
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, rec: Recorder | None = None,
+                layer_inputs: dict[int, torch.Tensor] | None = None, progress=None) -> torch.Tensor:
+        """Logits ``[T, V]`` for ``tokens`` ``[T]``.
+
+        ``layer_inputs`` (replay) maps a layer index to the hidden state that
+        layer should receive instead of the previous layer's output.
+        """
+        rec = rec or NullRecorder()
+        cfg, dtype = self.cfg, self.dtype
+        self.model.check_tokens(tokens.numpy())
+        rec.save("tokens", None, tokens)
+        x = self.model.rows("token_embd", tokens.numpy(), dtype)       # [T, H]
+        rec.save("embed", None, x)
+        cos, sin = rope_cos_sin(cfg, tokens.shape[0], dtype)
+        for i in range(cfg.n_layer):
+            if layer_inputs is not None and i in layer_inputs:
+                x = layer_inputs[i].to(dtype)
+            block = Block(cfg, self.model.layer(i, dtype))
+            x = block(x, cos, sin, i, rec)
+            del block
+            self.model.release_layer(i)
+            if progress is not None:
+                progress(i + 1, cfg.n_layer)
+        x = self.final_norm(x)
+        rec.save("final_norm", None, x)
+        logits = self.lm_head(x)
+        rec.save("logits", None, logits)
+        return logits
+
+    @torch.no_grad()
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return RMSNorm(self.model.dense("output_norm", self.dtype), self.cfg.rms_eps)(x.to(self.dtype))
+
+    @torch.no_grad()
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, H]`` -> logits ``[T, V]``, the vocabulary dequantized in chunks."""
+        x = x.to(self.dtype)
+        return torch.cat([x @ w.T for w in self.model.row_chunks("output", LM_HEAD_CHUNK, self.dtype)], dim=-1)
+
+
+def run_reference(path: str | Path | GGUFModel, tokens: Sequence[int] | np.ndarray | torch.Tensor, *,
+                  dtype: torch.dtype = torch.float32, recorder: Recorder | None = None,
+                  progress=None) -> torch.Tensor:
+    """Open ``path`` (or use an open model) and return the logits ``[T, V]`` for ``tokens``."""
+    model = path if isinstance(path, GGUFModel) else GGUFModel.open(path)
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    return Transformer(model, dtype)(ids, recorder, progress=progress)

@@ -1,0 +1,564 @@
+"""Synthetic Qwen3-MoE GGUF files: random weights, real layout, real quant types.
+
+A :class:`SynthSpec` says what to build (shapes, quant type per tensor kind,
+seed); :func:`make_model` streams it into a GGUF file that gguf-py, moesnap's
+loaders and llama.cpp all read like a converted Qwen3-MoE checkpoint:
+
+* architecture ``qwen3moe``, every hyper-parameter under the keys of
+  ``gguf.constants.Keys``, tensor names from ``gguf.constants.TENSOR_NAMES``
+  plus ``.weight`` as in real files (``blk.0.ffn_down_exps.weight``);
+* a byte-level ``llama`` (SentencePiece) vocabulary: ids 0-2 are ``<unk>``,
+  ``<s>``, ``</s>``; ids 3-258 are the bytes ``<0x00>``..``<0xFF>``; the rest
+  are filler tokens ``tok_259``...;
+* quantized tensors hold *valid random blocks* (:func:`random_blocks`) whose
+  dequantized values have the standard deviation a trained layer would have
+  (projections ``1/sqrt(fan_in)``, embeddings 1, norms ``N(1, 0.1)``, router
+  ``4/sqrt(hidden)`` so top-k choices do not nearly tie).
+
+Each tensor draws from its own generator seeded by ``(seed, crc32(name))``
+(the name without ``.weight``), so the same spec gives a byte-identical file,
+and layer ``i`` of a 1-layer file equals layer ``i`` of a 48-layer file.
+Files are written tensor by tensor to a temporary file next to the target and
+renamed into place, so a crash never leaves a half-written model and memory
+stays at one tensor.
+
+The bundled ``data/tiny.gguf`` is ``make_model(..., preset("tiny"))``;
+regenerate it with
+``moesnap model make src/moesnap/data/tiny.gguf --preset tiny --force``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, TokenType
+from gguf.quants import quantize
+
+from moesnap.errors import UsageError
+
+QT = GGMLQuantizationType
+ARCH = "qwen3moe"
+assert MODEL_ARCH.QWEN3MOE  # the architecture this module writes
+
+#: tensor kinds whose quant type a spec chooses (norms and router are always F32)
+QTYPE_KINDS: tuple[str, ...] = (
+    "token_embd",
+    "output",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate_exps",
+    "ffn_up_exps",
+    "ffn_down_exps",
+)
+
+#: real files (convert_hf_to_gguf) and llama.cpp name every weight "<TENSOR_NAMES entry>.weight"
+WEIGHT_SUFFIX = ".weight"
+
+#: byte-level vocabulary layout
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+N_SPECIAL = 3
+BYTE_TOKEN_OFFSET = N_SPECIAL  # token id of byte b is b + 3
+MIN_VOCAB = N_SPECIAL + 256
+
+# types random_blocks builds by quantizing float data with gguf-py
+_QUANTIZED_BY_GGUF = frozenset({QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0})
+# K-quants gguf-py cannot quantize: random bits with chosen fp16 scales
+_K_QUANTS = frozenset({QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+SUPPORTED_QTYPES = _QUANTIZED_BY_GGUF | _K_QUANTS
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """What to build: the model's shape, quant types and seed.
+
+    ``qtypes`` maps each of :data:`QTYPE_KINDS` to a quant type; the norms
+    and the router (``ffn_gate_inp``) are always F32.  When
+    ``down_exps_alternate`` is set, ``ffn_down_exps`` uses it in odd layers
+    (real Q4_K_M files mix Q4_K and Q6_K there).
+    """
+
+    n_layer: int
+    hidden: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_expert: int
+    n_expert_used: int
+    expert_ff: int
+    vocab_size: int
+    dense_ff: int  # qwen3moe.feed_forward_length: unused by MoE layers, carried by real files
+    rope_base: float = 1_000_000.0
+    rms_eps: float = 1e-6
+    context_length: int = 4096
+    qtypes: Mapping[str, GGMLQuantizationType] = field(default_factory=dict)
+    down_exps_alternate: GGMLQuantizationType | None = None
+    seed: int = 0
+    name: str = "moesnap-synthetic"
+
+    def __post_init__(self) -> None:
+        try:
+            qtypes = {str(k): QT(v) for k, v in dict(self.qtypes).items()}
+            alt = None if self.down_exps_alternate is None else QT(self.down_exps_alternate)
+        except ValueError as exc:
+            raise UsageError(f"synthetic model spec: {exc}") from None
+        object.__setattr__(self, "qtypes", qtypes)
+        object.__setattr__(self, "down_exps_alternate", alt)
+        _validate(self)
+
+    def with_(self, **changes) -> SynthSpec:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def qtype(self, kind: str, layer: int | None = None) -> GGMLQuantizationType:
+        """The quant type of tensor kind ``kind`` (in ``layer`` for block tensors)."""
+        if kind in _F32_KINDS:
+            return QT.F32
+        if kind == "ffn_down_exps" and self.down_exps_alternate is not None and layer is not None and layer % 2 == 1:
+            return self.down_exps_alternate
+        return self.qtypes[kind]
+
+    def tensors(self) -> list[SynthTensor]:
+        """Every tensor of the file, in file order, with its numpy shape and type."""
+        H, D, V = self.hidden, self.head_dim, self.vocab_size
+        E, F = self.n_expert, self.expert_ff
+        q_dim, kv_dim = self.n_head * D, self.n_head_kv * D
+        shapes: dict[str, tuple[int, ...]] = {
+            "attn_norm": (H,),
+            "attn_q": (q_dim, H),
+            "attn_k": (kv_dim, H),
+            "attn_v": (kv_dim, H),
+            "attn_q_norm": (D,),
+            "attn_k_norm": (D,),
+            "attn_output": (H, q_dim),
+            "ffn_norm": (H,),
+            "ffn_gate_inp": (E, H),
+            "ffn_gate_exps": (E, F, H),
+            "ffn_up_exps": (E, F, H),
+            "ffn_down_exps": (E, H, F),
+        }
+        out = [_tensor("token_embd", None, (V, H), self)]
+        for i in range(self.n_layer):
+            out += [_tensor(kind, i, shape, self) for kind, shape in shapes.items()]
+        out += [_tensor("output_norm", None, (H,), self), _tensor("output", None, (V, H), self)]
+        return out
+
+
+class SynthTensor(NamedTuple):
+    name: str  # GGUF tensor name, e.g. "blk.3.ffn_down_exps.weight"
+    kind: str  # name without the "blk.N." prefix
+    layer: int | None
+    shape: tuple[int, ...]  # numpy (row-major) shape; ggml's ne is this reversed
+    qtype: GGMLQuantizationType
+
+    @property
+    def byte_shape(self) -> tuple[int, ...]:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return (*self.shape[:-1], self.shape[-1] // block * size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.byte_shape))
+
+
+_F32_KINDS = frozenset({"attn_norm", "attn_q_norm", "attn_k_norm", "ffn_norm", "output_norm", "ffn_gate_inp"})
+_MODEL_TENSOR = {
+    "token_embd": MODEL_TENSOR.TOKEN_EMBD,
+    "output_norm": MODEL_TENSOR.OUTPUT_NORM,
+    "output": MODEL_TENSOR.OUTPUT,
+    "attn_norm": MODEL_TENSOR.ATTN_NORM,
+    "attn_q": MODEL_TENSOR.ATTN_Q,
+    "attn_k": MODEL_TENSOR.ATTN_K,
+    "attn_v": MODEL_TENSOR.ATTN_V,
+    "attn_q_norm": MODEL_TENSOR.ATTN_Q_NORM,
+    "attn_k_norm": MODEL_TENSOR.ATTN_K_NORM,
+    "attn_output": MODEL_TENSOR.ATTN_OUT,
+    "ffn_norm": MODEL_TENSOR.FFN_NORM,
+    "ffn_gate_inp": MODEL_TENSOR.FFN_GATE_INP,
+    "ffn_gate_exps": MODEL_TENSOR.FFN_GATE_EXP,
+    "ffn_up_exps": MODEL_TENSOR.FFN_UP_EXP,
+    "ffn_down_exps": MODEL_TENSOR.FFN_DOWN_EXP,
+}
+
+
+def _tensor(kind: str, layer: int | None, shape: tuple[int, ...], spec: SynthSpec) -> SynthTensor:
+    name = TENSOR_NAMES[_MODEL_TENSOR[kind]].format(bid=layer) + WEIGHT_SUFFIX
+    return SynthTensor(name, kind, layer, shape, spec.qtype(kind, layer))
+
+
+def _validate(spec: SynthSpec) -> None:
+    def bad(msg: str) -> UsageError:
+        return UsageError(f"synthetic model spec {spec.name!r}: {msg}")
+
+    for f in ("n_layer", "hidden", "n_head", "n_head_kv", "head_dim", "n_expert", "n_expert_used",
+              "expert_ff", "vocab_size", "dense_ff", "context_length"):
+        value = getattr(spec, f)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise bad(f"{f}={value!r} must be an integer ≥ 1")
+    if not (spec.rope_base > 0 and spec.rms_eps > 0):
+        raise bad(f"rope_base={spec.rope_base!r} and rms_eps={spec.rms_eps!r} must be > 0")
+    if spec.n_head % spec.n_head_kv:
+        raise bad(f"n_head={spec.n_head} is not a multiple of n_head_kv={spec.n_head_kv}")
+    if spec.n_expert_used > spec.n_expert:
+        raise bad(f"n_expert_used={spec.n_expert_used} exceeds n_expert={spec.n_expert}")
+    if spec.vocab_size < MIN_VOCAB:
+        raise bad(f"vocab_size={spec.vocab_size} is below {MIN_VOCAB} (3 special + 256 byte tokens)")
+    if not isinstance(spec.seed, (int, np.integer)) or spec.seed < 0:
+        raise bad(f"seed={spec.seed!r} must be an integer ≥ 0")
+    missing = [k for k in QTYPE_KINDS if k not in spec.qtypes]
+    unknown = sorted(set(spec.qtypes) - set(QTYPE_KINDS))
+    if missing or unknown:
+        raise bad(f"qtypes missing {missing}, unknown {unknown}; expected keys {list(QTYPE_KINDS)}")
+    for kind, qt in [*spec.qtypes.items(), ("down_exps_alternate", spec.down_exps_alternate)]:
+        if qt is not None and qt not in SUPPORTED_QTYPES:
+            raise bad(f"{kind}: {qt.name} is not supported; choose one of {sorted(t.name for t in SUPPORTED_QTYPES)}")
+    # every layer has the same shapes (types alternate): two layers stand for all of them, and
+    # --layers 1000000000000 does not build a plan of 12 trillion tensors
+    sample = spec if spec.n_layer <= 2 else dataclasses.replace(spec, n_layer=2)
+    for t in sample.tensors():
+        block = GGML_QUANT_SIZES[t.qtype][0]
+        if t.shape[-1] % block:
+            raise bad(f"{t.name}: row length {t.shape[-1]} is not a multiple of the {t.qtype.name} block size {block}")
+
+
+# ---------------------------------------------------------------- random blocks
+
+# Distribution of the quantized integers (uniform random bits) and the
+# per-sub-block scale ranges chosen below give, per type, the variance of one
+# dequantized value in units of d**2 (fp16 super-block scale); a per-block
+# jitter u ~ U(0.75, 1.25) on d makes blocks differ like real ones.
+_JITTER = (0.75, 1.25)
+_E_U2 = 1.0 + (_JITTER[1] - _JITTER[0]) ** 2 / 12.0
+
+
+def _mean_sq(lo: int, hi: int) -> float:
+    """E[s**2] for s uniform on the integers lo..hi."""
+    s = np.arange(lo, hi + 1, dtype=np.float64)
+    return float(np.mean(s * s))
+
+
+def _uniform_var(n_levels: int) -> float:
+    return (n_levels**2 - 1) / 12.0
+
+
+def _fp16(x: np.ndarray) -> np.ndarray:
+    """fp16 bytes of x, shape (n, 2)."""
+    return x.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def _block_d(rng: np.random.Generator, n_blocks: int, d_base: float) -> np.ndarray:
+    d = (d_base * rng.uniform(*_JITTER, n_blocks)).astype(np.float16)
+    return np.maximum(d, np.float16(2.0**-24))  # never zero (smallest fp16 subnormal)
+
+
+def _pack_k4_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Pack 8 six-bit scales and 8 six-bit mins per block into Q4_K/Q5_K's 12 bytes."""
+    out = np.empty((sc.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    return out
+
+
+def _pack_q3k_scales(u: np.ndarray) -> np.ndarray:
+    """Pack 16 six-bit (biased by 32) scales per block into Q3_K's 12 bytes."""
+    lo, hi = u & 0x0F, u >> 4
+    out = np.empty((u.shape[0], 12), dtype=np.uint8)
+    out[:, 0:8] = lo[:, :8] | (lo[:, 8:] << 4)
+    out[:, 8:12] = hi[:, 0:4] | (hi[:, 4:8] << 2) | (hi[:, 8:12] << 4) | (hi[:, 12:16] << 6)
+    return out
+
+
+def _asym_k(rng, n_blocks, scale, type_size, var_q, mean_q, n_sub, d_off):
+    """Q4_K / Q5_K: x = d*sc*q - dmin*m, with dmin*m ≈ d*sc*mean_q so blocks are zero-mean."""
+    blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+    sc = rng.integers(32, 64, (n_blocks, n_sub), dtype=np.uint8)
+    dmin_ratio = 2 ** int(np.ceil(np.log2(mean_q)))  # power of two: dmin = d * ratio exactly in fp16
+    m = np.rint(sc.astype(np.float64) * (mean_q / dmin_ratio)).astype(np.uint8)
+    d = _block_d(rng, n_blocks, scale / np.sqrt(_E_U2 * _mean_sq(32, 63) * var_q))
+    dmin = (d.astype(np.float32) * dmin_ratio).astype(np.float16)
+    blocks[:, d_off : d_off + 2] = _fp16(d)
+    blocks[:, d_off + 2 : d_off + 4] = _fp16(dmin)
+    blocks[:, d_off + 4 : d_off + 16] = _pack_k4_scales(sc, m)
+    return blocks
+
+
+def _signed_scales(rng, shape, lo, hi) -> np.ndarray:
+    """Integers with magnitude lo..hi and random sign."""
+    mag = rng.integers(lo, hi + 1, shape, dtype=np.int16)
+    sign = rng.integers(0, 2, shape, dtype=np.int16) * 2 - 1
+    return mag * sign
+
+
+def _kquant_blocks(qtype: GGMLQuantizationType, n_blocks: int, rng: np.random.Generator, scale: float) -> np.ndarray:
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    if qtype == QT.Q4_K:  # d(2) dmin(2) scales(12) qs(128); q in 0..15
+        return _asym_k(rng, n_blocks, scale, type_size, _uniform_var(16), 7.5, 8, 0)
+    if qtype == QT.Q5_K:  # d(2) dmin(2) scales(12) qh(32) qs(128); q in 0..31
+        return _asym_k(rng, n_blocks, scale, type_size, _uniform_var(32), 15.5, 8, 0)
+    if qtype == QT.Q6_K:  # ql(128) qh(64) scales(16 x int8) d(2); x = d*s*(q-32), q in 0..63
+        blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+        s = _signed_scales(rng, (n_blocks, 16), 64, 127)
+        e_q2 = _uniform_var(64) + 0.25  # E[(q-32)**2]
+        d = _block_d(rng, n_blocks, scale / np.sqrt(_E_U2 * _mean_sq(64, 127) * e_q2))
+        blocks[:, 192:208] = s.astype(np.int8).view(np.uint8)
+        blocks[:, 208:210] = _fp16(d)
+        return blocks
+    if qtype == QT.Q3_K:  # hmask(32) qs(64) scales(12) d(2); x = d*(u-32)*q, q in -4..3
+        blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+        s = _signed_scales(rng, (n_blocks, 16), 16, 31)
+        e_q2 = 5.5  # mean of q**2 over -4..3
+        d = _block_d(rng, n_blocks, scale / np.sqrt(_E_U2 * _mean_sq(16, 31) * e_q2))
+        blocks[:, 96:108] = _pack_q3k_scales((s + 32).astype(np.uint8))
+        blocks[:, 108:110] = _fp16(d)
+        return blocks
+    if qtype == QT.Q2_K:  # scales(16: min<<4 | scale) qs(64) d(2) dmin(2); x = d*sc*q - dmin*m, q in 0..3
+        blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+        sc = rng.integers(8, 16, (n_blocks, 16), dtype=np.uint8)
+        m = np.rint(sc * 0.75).astype(np.uint8)  # dmin = 2d: dmin*m ≈ d*sc*1.5
+        d = _block_d(rng, n_blocks, scale / np.sqrt(_E_U2 * _mean_sq(8, 15) * _uniform_var(4)))
+        blocks[:, 0:16] = sc | (m << 4)
+        blocks[:, 80:82] = _fp16(d)
+        blocks[:, 82:84] = _fp16((d.astype(np.float32) * 2).astype(np.float16))
+        return blocks
+    raise AssertionError(qtype)
+
+
+def random_blocks(
+    qtype: GGMLQuantizationType, n_rows: int, row_len: int, rng: np.random.Generator, *, scale: float
+) -> np.ndarray:
+    """Valid random ``qtype`` data for an ``[n_rows, row_len]`` matrix, as raw bytes.
+
+    Returns uint8 ``[n_rows, row_len // block_size * type_size]``; dequantized
+    (``gguf.quants.dequantize``) the values are finite, mean ≈ 0, std ≈ ``scale``.
+    Types gguf-py can quantize are made by quantizing normal noise; K-quants
+    are random bits with fp16 super-block scales (and mins) set so that every
+    sub-block is zero-mean with the requested spread.
+    """
+    qtype = QT(qtype)
+    if qtype not in SUPPORTED_QTYPES:
+        raise UsageError(f"random_blocks: {qtype.name} is not supported; choose one of "
+                         f"{sorted(t.name for t in SUPPORTED_QTYPES)}")
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if n_rows < 0 or row_len < 1 or row_len % block:
+        raise UsageError(f"random_blocks: row_len={row_len} must be a positive multiple of the "
+                         f"{qtype.name} block size {block} (n_rows={n_rows})")
+    if not (np.isfinite(scale) and scale > 0):
+        raise UsageError(f"random_blocks: scale={scale!r} must be finite and > 0")
+    row_bytes = row_len // block * type_size
+    if qtype in _K_QUANTS:
+        blocks = _kquant_blocks(qtype, n_rows * (row_len // block), rng, float(scale))
+        return blocks.reshape(n_rows, row_bytes)
+    x = rng.standard_normal((n_rows, row_len), dtype=np.float32)
+    x *= np.float32(scale)
+    q = quantize(x, qtype)
+    return np.ascontiguousarray(q).view(np.uint8).reshape(n_rows, row_bytes)
+
+
+# ---------------------------------------------------------------- presets
+
+
+def _tiny() -> SynthSpec:
+    return SynthSpec(
+        n_layer=4, hidden=64, n_head=4, n_head_kv=2, head_dim=32,  # q width 128 != hidden
+        n_expert=8, n_expert_used=2, expert_ff=256, vocab_size=272, dense_ff=192,
+        rope_base=1_000_000.0, rms_eps=1e-6, context_length=4096,
+        qtypes={
+            "token_embd": QT.F32, "output": QT.Q8_0,
+            "attn_q": QT.Q8_0, "attn_k": QT.Q8_0, "attn_v": QT.Q8_0, "attn_output": QT.Q8_0,
+            "ffn_gate_exps": QT.Q8_0, "ffn_up_exps": QT.Q8_0, "ffn_down_exps": QT.Q6_K,
+        },
+        down_exps_alternate=QT.Q4_K,  # layers 0, 2: Q6_K; layers 1, 3: Q4_K
+        seed=0, name="moesnap-tiny",
+    )
+
+
+def _qwen3_30b_a3b() -> SynthSpec:
+    # Shapes of Qwen3-30B-A3B / Qwen3-Coder-30B-A3B (rope 1e7 and 262144 context as the
+    # 2507 and Coder releases; Coder's GGUF says feed_forward_length 5472, the others 6144);
+    # quant mix of a Q4_K_M file: Q4_K almost everywhere, Q6_K for attn_v, output and
+    # half of ffn_down_exps.
+    return SynthSpec(
+        n_layer=48, hidden=2048, n_head=32, n_head_kv=4, head_dim=128,
+        n_expert=128, n_expert_used=8, expert_ff=768, vocab_size=151936, dense_ff=6144,
+        rope_base=10_000_000.0, rms_eps=1e-6, context_length=262144,
+        qtypes={
+            "token_embd": QT.Q4_K, "output": QT.Q6_K,
+            "attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K, "attn_output": QT.Q4_K,
+            "ffn_gate_exps": QT.Q4_K, "ffn_up_exps": QT.Q4_K, "ffn_down_exps": QT.Q6_K,
+        },
+        down_exps_alternate=QT.Q4_K,
+        seed=0, name="moesnap-qwen3-30b-a3b",
+    )
+
+
+PRESETS: dict[str, SynthSpec] = {"tiny": _tiny(), "qwen3-30b-a3b": _qwen3_30b_a3b()}
+
+
+def preset(name: str, *, layers: int | None = None, seed: int | None = None) -> SynthSpec:
+    """The named preset, optionally with another layer count or seed."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    spec = PRESETS[name]
+    if layers is not None:
+        if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or layers < 1:
+            raise UsageError(f"layers={layers!r} must be an integer ≥ 1")
+        spec = spec.with_(n_layer=int(layers))
+    if seed is not None:
+        spec = spec.with_(seed=seed)
+    return spec
+
+
+def tiny_path() -> Path:
+    """The bundled tiny model (``preset("tiny")``), used by tests and goldens."""
+    return Path(__file__).resolve().parents[1] / "data" / "tiny.gguf"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def vocabulary(vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and token types of the byte-level vocabulary."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    tokens += [f"tok_{i}" for i in range(MIN_VOCAB, vocab_size)]
+    types += [TokenType.NORMAL] * (vocab_size - MIN_VOCAB)
+    scores = [0.0] * MIN_VOCAB + [-float(i) for i in range(vocab_size - MIN_VOCAB)]
+    return tokens, scores, [int(t) for t in types]
+
+
+def _add_metadata(w: GGUFWriter, spec: SynthSpec) -> None:
+    w.add_name(spec.name)
+    w.add_block_count(spec.n_layer)
+    w.add_context_length(spec.context_length)
+    w.add_embedding_length(spec.hidden)
+    w.add_feed_forward_length(spec.dense_ff)
+    w.add_expert_feed_forward_length(spec.expert_ff)
+    w.add_expert_count(spec.n_expert)
+    w.add_expert_used_count(spec.n_expert_used)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_key_length(spec.head_dim)
+    w.add_value_length(spec.head_dim)
+    w.add_layer_norm_rms_eps(spec.rms_eps)
+    w.add_rope_freq_base(spec.rope_base)
+    w.add_quantization_version(2)
+    tokens, scores, types = vocabulary(spec.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(UNK_ID)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+
+def _scale(t: SynthTensor, spec: SynthSpec) -> float:
+    """Standard deviation of a projection's values: 1/sqrt(fan_in); embeddings 1."""
+    if t.kind == "token_embd":
+        return 1.0
+    return 1.0 / np.sqrt(t.shape[-1])
+
+
+def tensor_data(t: SynthTensor, spec: SynthSpec) -> np.ndarray:
+    """The bytes of tensor ``t``, uint8 of shape ``t.byte_shape`` (deterministic)."""
+    rng = np.random.default_rng([int(spec.seed), zlib.crc32(t.name.removesuffix(WEIGHT_SUFFIX).encode())])
+    if t.kind in _F32_KINDS:
+        x = rng.standard_normal(t.shape, dtype=np.float32)
+        if t.kind == "ffn_gate_inp":  # router: spread so top-k choices do not nearly tie
+            x *= np.float32(4.0 / np.sqrt(spec.hidden))
+        else:  # norm weights ~ N(1, 0.1)
+            x = np.float32(1.0) + np.float32(0.1) * x
+        return x.view(np.uint8).reshape(t.byte_shape)
+    n_rows = int(np.prod(t.shape[:-1]))
+    data = random_blocks(t.qtype, n_rows, t.shape[-1], rng, scale=_scale(t, spec))
+    return data.reshape(t.byte_shape)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def estimated_size(spec: SynthSpec) -> int:
+    """Bytes of tensor data ``spec`` makes, without building its plan (layers alternate types)."""
+    two = spec.with_(n_layer=2).tensors()
+    size = {k: sum(t.nbytes for t in two if t.layer == k) for k in (None, 0, 1)}
+    n = int(spec.n_layer)
+    return size[None] + size[0] * ((n + 1) // 2) + size[1] * (n // 2)
+
+
+def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = False, progress: bool = False) -> Path:
+    """Write the synthetic model ``spec`` to ``out`` (atomically) and return its path.
+
+    Tensors are generated and written one at a time, so memory stays at the
+    largest tensor.  An existing ``out`` is only replaced with ``force``.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out}: exists (use --force to overwrite)")
+    if out.is_dir():
+        raise UsageError(f"{out}: is a directory")
+    parent = out.parent
+    if not parent.is_dir():
+        raise UsageError(f"{out}: directory {parent} does not exist")
+    from ..util import published_version_above
+
+    inside = published_version_above(out)
+    if inside is not None:
+        raise UsageError(f"{out}: inside the published golden version {inside}; refusing to write there")
+    need, free = estimated_size(spec), shutil.disk_usage(parent).free
+    if need > free:   # checked before the tensor plan is built: --layers 100000000 would not fit in memory either
+        raise UsageError(f"{out}: {spec.n_layer} layers need {_size(need)}, only {_size(free)} free in {parent}")
+
+    plan = spec.tensors()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    writer = GGUFWriter(tmp, ARCH)
+    t0 = time.perf_counter()
+    try:
+        _add_metadata(writer, spec)
+        for t in plan:
+            writer.add_tensor_info(t.name, t.byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        written = 0
+        for i, t in enumerate(plan):
+            writer.write_tensor_data(tensor_data(t, spec))
+            written += t.nbytes
+            last_of_layer = t.layer is not None and (i + 1 == len(plan) or plan[i + 1].layer != t.layer)
+            if progress and last_of_layer:
+                print(f"moesnap: {out.name}: layer {t.layer + 1}/{spec.n_layer} "
+                      f"({_size(written)}, {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        assert writer.fout is not None
+        writer.flush()
+        os.fsync(writer.fout[0].fileno())
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException as e:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):   # disk full, permissions: one line naming the file
+            raise UsageError(f"{out}: cannot write ({e.strerror or e})") from None
+        raise
+    if progress:
+        print(f"moesnap: wrote {out} ({_size(out.stat().st_size)}, {time.perf_counter() - t0:.1f} s)",
+              file=sys.stderr, flush=True)
+    return out

@@ -1,0 +1,145 @@
+"""The check: run the candidate forward on each golden case's tokens and judge every stage.
+
+By default the candidate runs with **router replay**: where it picks other
+experts than the golden at a near tie it continues with the golden's experts
+(:class:`moesnap.model.candidate.RouterReplay`), so every token stays judged in every
+later layer however early a bfloat16 router flips.  ``router_replay=False``
+runs it entirely free; a flip then excuses its token from there on and the
+report may be ``inconclusive``.
+
+A planted fault that changed nothing (a NaN expert no token routed to, a
+routing flip within the near-tie width) is refused: a self-test that cannot
+fire proves nothing.
+
+``replay`` (the default for bfloat16 and float16): each layer of the candidate is also run on the *golden* input
+of that layer (the golden ``embed`` for layer 0, the golden ``layer_out`` of
+the layer before otherwise).  A stage that diverges in replay is an error the
+layer **introduces**; one that diverges only when running free is an error it
+**inherits** from the layers before.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..store.case import Case, from_recorder
+from ..judge.classify import tie_gap
+from ..judge.compare import CaseReport, Report, compare_cases
+from ..errors import GoldenError, UsageError
+from ..model.inject import Injection
+from ..model.recorder import ArrayRecorder
+from ..judge.tolerances import Tolerances
+from ..util import LayerProgress, file_sha256
+from ..model.weights import GGUFModel
+
+
+def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: GGUFModel, *, where: str,
+                               meta: dict | None = None) -> None:
+    """Refuse goldens made from another model file, or whose tokens the model cannot run."""
+    sha = None
+    for source in [meta or {}] + [c.attrs for _, c in cases]:
+        m = source.get("model") if isinstance(source, dict) else None
+        if isinstance(m, dict) and m.get("sha256"):
+            sha = m["sha256"]
+            break
+    if sha is not None:
+        mine = file_sha256(model.path)
+        if sha != mine:
+            raise GoldenError(f"{where}: golden was made from another model file "
+                              f"(sha256 {sha[:12]}…, {model.path.name} is {mine[:12]}…)")
+    for name, c in cases:
+        ids = c.attrs.get("token_ids")
+        if ids is not None and (not isinstance(ids, list)
+                                or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+            raise GoldenError(f"{where}/{name}: attribute 'token_ids' is not a list of integers")
+        if ids is not None and ids != c.tokens.tolist():
+            raise GoldenError(f"{where}/{name}: tokens array differs from the recorded token ids")
+        bad = c.tokens[(c.tokens < 0) | (c.tokens >= model.config.vocab_size)]
+        if bad.size:
+            raise GoldenError(f"{where}/{name}: token id {int(bad[0])} is outside the vocabulary of {model.path.name}")
+        if c.n_layer and c.n_layer != model.config.n_layer:
+            raise GoldenError(f"{where}/{name}: golden has {c.n_layer} layers, {model.path.name} has {model.config.n_layer}")
+
+
+def drift_notes(tols: Tolerances, dtype: str, n_layer: int, per_layer: str | None) -> list[str]:
+    """Say how much the free-running tolerances widened, and what judged each stage's own error."""
+    f = tols.drift(dtype, n_layer - 1)
+    if f <= 1.0:
+        return []
+    return [f"free-running tolerances widen with depth in {dtype} (the rounding every layer carries): "
+            f"x{f:.2g} at layer {n_layer - 1}; "
+            + (f"each stage's own error is judged by {per_layer} at one operation's tolerance"
+               if per_layer else "nothing judged each stage's own error at one operation's tolerance")]
+
+
+def _followed_attr(followed) -> list:
+    return [[int(layer), int(t), [int(e) for e in ids]] for layer, t, ids in followed]
+
+
+def _replay_case(cand, golden: Case, progress=None) -> Case:
+    """Stage-local replay: each layer run on the golden input of that layer, and each of its stages
+    computed from the golden's value of the stage before it; model-level stages are not replayed."""
+    rec = ArrayRecorder()
+    n = golden.n_layer
+    followed: list = []
+    for i in range(n):
+        x = golden.model["embed"] if i == 0 else golden.layers["layer_out"][i - 1]
+        force = {stage: a[i] for stage, a in golden.layers.items() if i < a.shape[0]}
+        cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec, force=force)
+        followed += cand.followed
+        if progress is not None:
+            progress(i + 1, n)
+    return Case(tokens=golden.tokens, model={}, layers=rec.stacked(),
+                attrs={"replay": True, "router_followed": _followed_attr(followed)})
+
+
+def run_check(model: GGUFModel, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32, replay: bool | None = None, injections: Sequence[Injection] = (),
+              tols: Tolerances | None = None, golden_ref: str = "golden", show_progress: bool = True,
+              router_replay: bool = True) -> Report:
+    from ..model.candidate import CandidateModel, RouterReplay
+
+    tols = tols or Tolerances.defaults()
+    dname = str(dtype).removeprefix("torch.")
+    if replay is None:   # low precision: free-running tolerances must admit drift; replay judges each stage
+        replay = dtype in (torch.bfloat16, torch.float16)
+    cand = CandidateModel(model, device=device, dtype=dtype, injections=injections)
+    cases: list[CaseReport] = []
+    replays: list[CaseReport] | None = [] if replay else None
+    mode = "free-running, router replay" if router_replay else "free-running"
+    for name, golden in goldens:
+        ids, logits = golden.layers.get("topk_ids"), golden.layers.get("router_logits")
+        guide = None
+        if ids is not None and logits is not None:
+            guide = RouterReplay(ids, logits, np.array([tols.tie_tol_at(dname, i) for i in range(len(ids))]), tie_gap)
+        rec = ArrayRecorder()
+        bar = LayerProgress(f"check {name}", enabled=show_progress)
+        cand.forward(golden.tokens, rec, progress=bar, router_replay=guide if router_replay else None)
+        bar.close()
+        free = from_recorder(rec, {"dtype": dname, "router_followed": _followed_attr(cand.followed)})
+        cases.append(compare_cases(golden, free, tols, dtype=dname, name=name, mode=mode))
+        if replays is not None:
+            bar = LayerProgress(f"replay {name}", enabled=show_progress)
+            rcase = _replay_case(cand, golden, progress=bar)
+            bar.close()
+            replays.append(compare_cases(golden, rcase, tols, dtype=dname, name=name, allow_missing=True,
+                                         propagate=False, mode="replay"))
+    unfired = cand.unfired()
+    if unfired:
+        why = ("no token of any case routes to that expert there" if unfired[0].kind == "nan" else
+               "the flip falls within the near-tie width, so router replay takes the golden's experts back")
+        raise UsageError(f"--inject {unfired[0]}: the planted fault cannot fire ({why}), so this self-test "
+                         f"would prove nothing; choose another expert or token")
+    notes = [f"injected fault: {inj}" for inj in injections]
+    notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}")
+    notes += drift_notes(tols, dname, model.config.n_layer, "stage-local replay" if replay else None)
+    n_followed = sum(len(n) for c in cases for n in [[x for x in c.routing_notes if "followed" in x]])
+    if router_replay and n_followed:
+        notes.append("router replay: where the candidate picked other experts at a near tie it continued with the "
+                     "golden's (routing notes), so every token was judged in every layer")
+    return Report(cases=cases, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})", dtype=dname,
+                  mode=mode + (" + replay" if replay else ""), replay=replays, notes=notes,
+                  hint=None if router_replay else "leave router replay on (drop --no-router-replay)")

@@ -1,0 +1,221 @@
+"""Local re-reference: judge each layer of another engine's dump on that engine's own input.
+
+A free-running comparison judges what the engine *carries*: once a bfloat16
+engine picks other experts at a near tie, causal attention spreads the
+difference and the later layers cannot be held to the golden any more.  Here
+the reference instead recomputes every layer ``L`` from the engine's own input
+to it (its ``layer_out`` of ``L - 1``, or its ``embed`` for layer 0) and the
+engine's layer-``L`` stages are judged against that: the error each layer
+**introduces**, with every token judged in every layer.
+
+It goes further, stage by stage: each stage is recomputed from the engine's
+own value of the stage before it, where the dump holds that stage (``q`` from
+its ``attn_norm``, ``attn`` from its ``q_rope``/``k_rope``/``v``, ``moe_out``
+from its ``topk_weights`` and ``expert_out``, ``layer_out`` from its
+``attn_resid`` and ``moe_out``...), and from the reference's own value where
+the dump lacks it (transformers' hooks see no ``q_rope`` or ``expert_out``).
+So every judged difference is the error of one operation in the engine's
+precision, not the sum of a layer's, and a bug is named at the stage that
+makes it, with bfloat16 tolerances for one operation's rounding.
+
+Where the engine chose other experts than the reference's own router at a near
+tie (``tie_gap`` of the engine's set under the reference's router logits within
+``tie_tol``), the reference follows the engine's experts, records its own
+choice in ``router_followed`` and the comparison reports ``ROUTING_TIE``; a
+wider gap keeps the reference's experts and is a divergence.  ``final_norm`` is
+recomputed from the engine's last ``layer_out`` and ``logits`` from its
+``final_norm``.  A layer whose input the dump lacks is not recomputed; the
+caller says so (it is judged free-running only).
+
+Memory: one layer's weights at a time (the reference's lazy loader); the
+recomputed stages take what one golden case takes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..store.case import Case
+from ..judge.classify import tie_gap
+from ..model.config import Qwen3MoeConfig
+from ..errors import GoldenError
+from ..model.recorder import ArrayRecorder
+from ..model.reference import RMSNorm, Transformer, causal_attention, expert_outputs, rope_cos_sin, rotate_half
+from ..stages import LAYER_STAGES
+from ..model.weights import GGUFModel, LayerWeights
+
+Progress = Callable[[int, int], None]
+
+
+def _input_of(candidate: Case, layer: int) -> tuple[np.ndarray | None, str]:
+    if layer == 0:
+        return candidate.model.get("embed"), "embed"
+    return candidate.stage("layer_out", layer - 1), f"layer_out of layer {layer - 1}"
+
+
+class _Engine:
+    """The engine's own values of one layer's stages, as float32 tensors where usable."""
+
+    def __init__(self, candidate: Case, layer: int) -> None:
+        self.case, self.layer = candidate, layer
+
+    def get(self, stage: str, like: torch.Tensor) -> torch.Tensor | None:
+        a = self.case.stage(stage, self.layer)
+        if a is None or a.dtype.kind != "f" or tuple(a.shape) != tuple(like.shape) or not np.isfinite(a).all():
+            return None
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    def or_own(self, stage: str, own: torch.Tensor) -> torch.Tensor:
+        """The engine's value of ``stage`` where it has a usable one, else the reference's."""
+        mine = self.get(stage, own)
+        return own if mine is None else mine
+
+    def ids(self, T: int, k: int, n_expert: int) -> np.ndarray | None:
+        a = self.case.stage("topk_ids", self.layer)
+        if a is None or a.dtype.kind not in "iu" or a.shape != (T, k):
+            return None
+        return a.astype(np.int64)
+
+
+def _follow(own_ids: torch.Tensor, logits: torch.Tensor, cand: np.ndarray | None, n_expert: int,
+            tie_tol: float, layer: int, followed: list) -> torch.Tensor:
+    """Take the engine's expert set where it differs from the reference's own at a near tie."""
+    if cand is None:
+        return own_ids
+    own = own_ids.numpy()
+    differ = np.flatnonzero((np.sort(own, axis=1) != np.sort(cand, axis=1)).any(axis=1))
+    out = own_ids.clone()
+    lg = logits.numpy()
+    for t in differ.tolist():
+        row = cand[t]
+        if len(set(row.tolist())) != row.size or row.min() < 0 or row.max() >= n_expert:
+            continue
+        if tie_gap(lg[t], row) <= tie_tol:
+            followed.append([layer, t, [int(e) for e in own[t]]])
+            out[t] = torch.from_numpy(row)
+    return out
+
+
+def _by_ids(values: torch.Tensor | None, ids_from: np.ndarray | None, ids_to: torch.Tensor) -> torch.Tensor | None:
+    """The engine's per-expert ``values [T, k, ...]`` put in the slot order of ``ids_to``, where every
+    token's two id sets agree; None otherwise."""
+    if values is None or ids_from is None:
+        return None
+    to = ids_to.numpy()
+    if not (np.sort(ids_from, axis=1) == np.sort(to, axis=1)).all():
+        return None
+    pos = np.argsort(ids_from, axis=1)[np.arange(to.shape[0])[:, None], np.argsort(np.argsort(to, axis=1), axis=1)]
+    idx = torch.from_numpy(pos)
+    if values.dim() == 3:
+        idx = idx[..., None].expand(-1, -1, values.shape[-1])
+    return values.gather(1, idx)
+
+
+@torch.no_grad()
+def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.Tensor, cos, sin,
+           rec: ArrayRecorder, tie_tol: float, followed: list) -> None:
+    """Every stage of layer ``i`` from the engine's own value of the stage before it (module docstring)."""
+    T, D = x.shape[0], cfg.head_dim
+    own = RMSNorm(w.attn_norm, cfg.rms_eps)(x)                                  # [T, H]
+    rec.save("attn_norm", i, own)
+    a = eng.or_own("attn_norm", own)
+    q = (a @ w.wq.T).view(T, cfg.n_head, D)                                      # [T, Hq, D]
+    k = (a @ w.wk.T).view(T, cfg.n_head_kv, D)                                   # [T, Hkv, D]
+    v = (a @ w.wv.T).view(T, cfg.n_head_kv, D)                                   # [T, Hkv, D]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        rec.save(name, i, t)
+    q, k, v = eng.or_own("q", q), eng.or_own("k", k), eng.or_own("v", v)
+    qn, kn = RMSNorm(w.q_norm, cfg.rms_eps)(q), RMSNorm(w.k_norm, cfg.rms_eps)(k)
+    rec.save("q_norm", i, qn)
+    rec.save("k_norm", i, kn)
+    qn, kn = eng.or_own("q_norm", qn), eng.or_own("k_norm", kn)
+    qr, kr = qn * cos + rotate_half(qn) * sin, kn * cos + rotate_half(kn) * sin  # [T, H*, D]
+    rec.save("q_rope", i, qr)
+    rec.save("k_rope", i, kr)
+    qr, kr = eng.or_own("q_rope", qr), eng.or_own("k_rope", kr)
+    attn = causal_attention(cfg, qr, kr, v)                                      # [T, Hq*D]
+    rec.save("attn", i, attn)
+    attn_out = eng.or_own("attn", attn) @ w.wo.T                                 # [T, H]
+    rec.save("attn_out", i, attn_out)
+    resid = x + eng.or_own("attn_out", attn_out)                                 # [T, H]
+    rec.save("attn_resid", i, resid)
+    resid = eng.or_own("attn_resid", resid)
+    fn = RMSNorm(w.ffn_norm, cfg.rms_eps)(resid)
+    rec.save("ffn_norm", i, fn)
+    fn = eng.or_own("ffn_norm", fn)
+    logits = fn @ w.router.T                                                     # [T, E] float32
+    rec.save("router_logits", i, logits)
+    logits = eng.or_own("router_logits", logits)
+    probs = torch.softmax(logits, dim=-1)                                        # [T, E]
+    _, ids = torch.topk(probs, cfg.n_expert_used, dim=-1)                        # [T, k]
+    cand_ids = eng.ids(T, cfg.n_expert_used, cfg.n_expert)
+    ids = _follow(ids, logits, cand_ids, cfg.n_expert, tie_tol, i, followed)
+    tw, order = probs.gather(-1, ids).sort(dim=-1, descending=True)
+    ids = ids.gather(-1, order)
+    tw = tw / tw.sum(-1, keepdim=True)                                           # renormalised [T, k]
+    rec.save("topk_ids", i, ids)
+    rec.save("topk_weights", i, tw)
+    eo = expert_outputs(cfg, w, fn, ids)                                         # [T, k, H]
+    rec.save("expert_out", i, eo)
+    tw_e = _by_ids(eng.get("topk_weights", tw), cand_ids, ids)
+    eo_e = _by_ids(eng.get("expert_out", eo), cand_ids, ids)
+    moe = ((eo if eo_e is None else eo_e) * (tw if tw_e is None else tw_e)[..., None]).sum(dim=1)  # [T, H]
+    rec.save("moe_out", i, moe)
+    rec.save("layer_out", i, resid + eng.or_own("moe_out", moe))
+
+
+def local_reference(model: GGUFModel, candidate: Case, *, tie_tol: float,
+                    progress: Progress | None = None) -> tuple[Case, list[int], list[str]]:
+    """(the reference recomputed from ``candidate``'s own values, the layers recomputed, notes).
+
+    Layers the dump gives no input for are left out of the list (their arrays
+    hold zeros and must not be judged).
+    """
+    cfg = model.config
+    T = int(candidate.tokens.shape[0])
+    n_layer = min(cfg.n_layer, candidate.n_layer) if candidate.layers else cfg.n_layer
+    ref = Transformer(model, torch.float32)
+    cos, sin = rope_cos_sin(cfg, T, torch.float32)
+    rec = ArrayRecorder()
+    followed: list = []
+    done: list[int] = []
+    notes: list[str] = []
+    for i in range(n_layer):
+        x, what = _input_of(candidate, i)
+        if x is None:
+            notes.append(f"layer {i}: the dump has no {what}, so the layer is judged free-running only")
+        else:
+            if x.ndim != 2 or x.shape != (T, cfg.hidden) or x.dtype.kind != "f":
+                raise GoldenError(f"candidate {what}: expected a float array [{T}, {cfg.hidden}], "
+                                  f"got {x.dtype} {list(x.shape)}")
+            w = model.layer(i, torch.float32)
+            _layer(cfg, w, _Engine(candidate, i), i, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+                   cos, sin, rec, tie_tol, followed)
+            del w
+            model.release_layer(i)
+            done.append(i)
+        if progress is not None:
+            progress(i + 1, n_layer)
+    layers: dict[str, np.ndarray] = {}
+    for stage in LAYER_STAGES:
+        per = rec.layers.get(stage)
+        if not per:
+            continue
+        first = next(iter(per.values()))
+        full = np.zeros((n_layer, *first.shape), dtype=first.dtype)
+        for i, a in per.items():
+            full[i] = a
+        layers[stage] = full
+    model_stages: dict[str, np.ndarray] = {}
+    x_last = candidate.stage("layer_out", cfg.n_layer - 1)
+    if x_last is not None and x_last.shape == (T, cfg.hidden) and x_last.dtype.kind == "f":
+        model_stages["final_norm"] = ref.final_norm(torch.from_numpy(np.ascontiguousarray(x_last, np.float32))).numpy()
+    fn = candidate.model.get("final_norm")
+    if fn is not None and fn.shape == (T, cfg.hidden) and fn.dtype.kind == "f":
+        model_stages["logits"] = ref.lm_head(torch.from_numpy(np.ascontiguousarray(fn, np.float32))).numpy()
+    local = Case(tokens=candidate.tokens, model=model_stages, layers=layers,
+                 attrs={"producer": "moesnap-local-reference", "router_followed": followed})
+    return local, done, notes

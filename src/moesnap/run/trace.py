@@ -1,0 +1,151 @@
+"""Run a forward (reference or candidate) over one prompt and capture every stage."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..store.case import Case, from_recorder, save_case
+from ..errors import UsageError
+from ..model.recorder import ArrayRecorder
+from ..util import LayerProgress, file_sha256, published_version_above, versions
+from ..model.weights import GGUFModel
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str, *, allowed: Sequence[str] = tuple(DTYPES)) -> torch.dtype:
+    if name not in allowed:
+        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(allowed)}")
+    return DTYPES[name]
+
+
+def parse_device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"unknown device {name!r}; choose cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def parse_tokens(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise UsageError(f"--tokens {text!r}: expected comma-separated integers like 1,2,3") from None
+    if not ids:
+        raise UsageError("--tokens: empty token list")
+    return ids
+
+
+def model_provenance(model: GGUFModel) -> dict:
+    return {
+        "file": model.path.name,
+        "path": str(model.path.resolve()),
+        "size": model.path.stat().st_size,
+        "sha256": file_sha256(model.path),
+        "config": model.config.to_dict(),
+        "quant_types": model.qtypes(),
+    }
+
+
+def run_case(model: GGUFModel, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu", candidate: bool = False, prompt: str | None = None,
+             show_progress: bool = True) -> Case:
+    """Run the reference (CPU) or the candidate forward and capture every stage."""
+    model.check_tokens(np.asarray(tokens))
+    rec = ArrayRecorder(keep_dtype=(dtype == torch.float64))
+    bar = LayerProgress("candidate" if candidate else "reference", enabled=show_progress)
+    try:
+        if candidate:
+            from ..model.candidate import CandidateModel
+
+            CandidateModel(model, device=device, dtype=dtype).forward(tokens, rec, progress=bar)
+        else:
+            if torch.device(device).type != "cpu":
+                raise UsageError("the reference forward runs on the CPU; add --candidate to trace the device forward")
+            from ..model.reference import run_reference
+
+            run_reference(model, tokens, dtype=dtype, recorder=rec, progress=bar)
+    finally:
+        bar.close()
+    attrs = {
+        "producer": "moesnap-candidate" if candidate else "moesnap-reference",
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "prompt": prompt,
+        "token_ids": [int(t) for t in tokens],
+        "model": model_provenance(model),
+        "versions": versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return from_recorder(rec, attrs)
+
+
+def check_output(out: str | Path, *, force: bool = False) -> Path:
+    """Refuse an output path for a case group before the forward runs: a missing parent, a
+    place inside a published golden version, or one that exists (``force`` replaces only
+    a case group, never another directory, a file, a golden version or store)."""
+    if not str(out):
+        raise UsageError("--out: empty path")
+    out = Path(out)
+    exists = out.exists() or out.is_symlink()
+    if exists and not force:
+        raise UsageError(f"{out}: exists (use --force to overwrite)")
+    if not out.parent.exists():
+        raise UsageError(f"{out.parent}: output directory does not exist")
+    inside = published_version_above(out)
+    if inside is not None:
+        raise UsageError(f"{out}: inside the published golden version {inside}; refusing to write there")
+    if exists:
+        if out.is_symlink() or not out.is_dir():
+            raise UsageError(f"{out}: exists and is not a directory")
+        if not ((out / "zarr.json").is_file() and (out / "tokens" / "zarr.json").is_file()):
+            raise UsageError(f"{out}: exists and is not a case group; --force only replaces a case group")
+    return out
+
+
+def write_output(case: Case, out: str | Path, *, force: bool = False) -> None:
+    """Write the case group at ``out``; replace an existing one only with ``force`` (atomically)."""
+    out = check_output(out, force=force)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        save_case(tmp, case)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summary(case: Case) -> list[str]:
+    """Per-layer lines: hidden-state RMS, experts used, and the closest router tie."""
+    lines = [f"tokens: {len(case.tokens)}  layers: {case.n_layer}  "
+             f"logits: {list(case.model['logits'].shape)}  producer: {case.attrs.get('producer')}"]
+    lines.append("layer | layer_out rms | experts used | min top-k margin (router logit)")
+    lo, ids, rl = case.layers.get("layer_out"), case.layers.get("topk_ids"), case.layers.get("router_logits")
+    for i in range(case.n_layer):
+        rms = float(np.sqrt(np.mean(np.square(lo[i].astype(np.float64))))) if lo is not None else float("nan")
+        used = len(np.unique(ids[i])) if ids is not None else 0
+        k = ids.shape[-1] if ids is not None else 0
+        margin = float("nan")
+        if rl is not None and k < rl.shape[-1]:
+            srt = np.sort(rl[i].astype(np.float64), axis=-1)[:, ::-1]
+            margin = float(np.min(srt[:, k - 1] - srt[:, k]))
+        lines.append(f"L{i:02d}   | {rms:13.5g} | {used:12d} | {margin:.3g}")
+    logits = case.model["logits"]
+    lines.append(f"logits: finite={bool(np.isfinite(logits).all())}  argmax(last)={int(np.argmax(logits[-1]))}")
+    return lines

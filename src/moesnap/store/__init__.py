@@ -1,0 +1,36 @@
+"""The golden store: versioned, immutable, checksummed goldens, and the case layout every engine writes.
+
+Owns ``case`` (the :class:`~moesnap.store.case.Case` value and its Zarr v3 group I/O), ``base``
+(the :class:`GoldenStore` interface, names, provenance checks), ``memory`` (a store in a dict),
+``zarr`` (local directory and ``s3://`` stores) and ``open`` (:func:`open_store`).
+May import: :mod:`moesnap.errors`, :mod:`moesnap.stages`, :mod:`moesnap.util`; never the model,
+the judge, the use cases or the command line.
+"""
+
+from .base import (
+    CLAIM,
+    DEFAULT_ROOT,
+    DEFAULT_STALE_AFTER,
+    MARKER,
+    GoldenStore,
+    GoldenVersion,
+    Leftover,
+    PruneResult,
+    VersionWriter,
+    check_model_matches,
+    parse_ref,
+    validate_case_name,
+    validate_suite,
+    validate_version,
+    version_name,
+    version_number,
+)
+from .memory import MemoryGoldenStore
+from .open import open_store
+from .zarr import LocalGoldenStore, RemoteGoldenStore, ZarrGoldenStore
+
+__all__ = [
+    "CLAIM", "DEFAULT_ROOT", "DEFAULT_STALE_AFTER", "MARKER", "GoldenStore", "GoldenVersion", "Leftover", "PruneResult", "VersionWriter",
+    "check_model_matches", "parse_ref", "validate_case_name", "validate_suite", "validate_version", "version_name",
+    "version_number", "MemoryGoldenStore", "open_store", "LocalGoldenStore", "RemoteGoldenStore", "ZarrGoldenStore",
+]

@@ -1,0 +1,415 @@
+"""The golden store: versioned, immutable, checksummed goldens.
+
+::
+
+    <root>/<suite>/<version>/              one Zarr v3 group per version (v0001, v0002, ...)
+    <root>/<suite>/<version>/zarr.json     attributes: provenance, cases, a checksum per array
+    <root>/<suite>/<version>/published.json   the publish marker, written last
+    <root>/<suite>/<version>/<case>/...    one case group (the layout of :mod:`moesnap.store.case`)
+
+A root is a local directory (default ``goldens/``) or ``s3://bucket/prefix``
+(through zarr's own :class:`~zarr.storage.FsspecStore` and s3fs; the endpoint
+comes from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, credentials from the
+usual AWS variables).  :class:`MemoryGoldenStore` keeps versions in a dict, for
+tests and for callers that want no disk.  This module holds the interface
+(:class:`GoldenStore`, :class:`VersionWriter`, :class:`GoldenVersion`) and the names; the
+memory store is in :mod:`moesnap.store.memory`, the Zarr stores in :mod:`moesnap.store.zarr`
+(``LocalGoldenStore``, ``RemoteGoldenStore``), and :func:`moesnap.store.open_store` picks one.
+
+Publishing is atomic and never overwrites (readers only ever see versions
+that carry the marker):
+
+* **local**: a version is written into ``<suite>/.staging-<id>/`` whose
+  directory the writer holds an exclusive ``flock`` on; the marker goes in
+  last; then, under a ``flock`` on the suite directory, the next free name is
+  claimed by ``os.rename`` (a name that exists in any form is skipped, and a
+  rename onto a non-empty directory fails, so two writers never share one).
+  A killed writer leaves only a ``.staging-*`` directory that nobody lists;
+  ``prune`` removes it once its lock is free.  No ``fsync``: this covers
+  crashed processes, not power loss.
+* **S3**: object stores cannot rename, so a version name is claimed up front
+  by a conditional put (``If-None-Match: *``) of ``<version>/claim.json``;
+  the arrays, the group metadata and then the marker (also conditional) are
+  written under that name.  A version without the marker is invisible; a
+  killed writer leaves an unmarked prefix that ``prune`` removes once nothing
+  in it has been written for ``stale_after`` seconds.  Deleting removes the
+  marker first.
+
+Reading verifies every array against the CRC-32C recorded at write time (the
+case group's own and the version's must agree), and a missing array is an
+error: :class:`~moesnap.errors.GoldenError` naming the array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .case import Case, checksum_matches
+from ..errors import GoldenError, UsageError
+
+SCHEMA = 1                      # version of the store layout and its provenance attributes
+MARKER = "published.json"       # written last; readers ignore versions without it
+CLAIM = "claim.json"            # object stores: the conditional put that reserves a version name
+DEFAULT_ROOT = "goldens"
+DEFAULT_STALE_AFTER = 24 * 3600  # seconds without a write before an unpublished remote version counts as dead
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_CASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+_VERSION = re.compile(r"v(\d{4,9})")
+
+
+# ---------------------------------------------------------------- names
+
+
+def validate_suite(name: object) -> str:
+    """Return ``name`` if it is a safe suite name, else raise :class:`UsageError` saying why."""
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"suite name {name!r} is empty")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise UsageError(f"suite name {name!r} contains control characters")
+    if name.startswith(("/", "\\")) or os.path.isabs(name):
+        raise UsageError(f"suite name {name!r} is an absolute path")
+    if ".." in name:
+        raise UsageError(f"suite name {name!r} contains '..'")
+    if "/" in name or "\\" in name:
+        raise UsageError(f"suite name {name!r} contains a path separator")
+    if not _NAME.fullmatch(name):
+        raise UsageError(f"suite name {name!r}: use up to 100 letters, digits, '.', '_' or '-', "
+                         f"starting with a letter or digit")
+    return name
+
+
+def validate_case_name(name: object) -> str:
+    if not isinstance(name, str) or not _CASE.fullmatch(name):
+        raise UsageError(f"case name {name!r}: use up to 100 letters, digits, '_' or '-', "
+                         f"starting with a letter or digit")
+    return name
+
+
+def version_name(n: int) -> str:
+    return f"v{n:04d}"
+
+
+def version_number(name: str) -> int | None:
+    m = _VERSION.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def validate_version(name: object) -> str:
+    if not isinstance(name, str) or version_number(name) is None:
+        raise UsageError(f"version {name!r}: expected v followed by 4 or more digits, like v0001")
+    return name
+
+
+def parse_ref(spec: str) -> tuple[str, str | None]:
+    """``NAME`` -> (NAME, None) meaning the newest version; ``NAME@v0003`` -> (NAME, "v0003")."""
+    if not isinstance(spec, str):
+        raise UsageError(f"golden reference {spec!r}: expected NAME or NAME@vNNNN")
+    suite, at, version = spec.partition("@")
+    validate_suite(suite)
+    if not at:
+        return suite, None
+    return suite, validate_version(version)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_clean(obj: Any) -> Any:
+    """A deep copy that only holds JSON types (what zarr attributes can keep)."""
+    try:
+        return json.loads(json.dumps(obj, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise GoldenError(f"provenance is not JSON-serialisable ({e})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _test_delay(var: str) -> float:
+    """Test hook: seconds to sleep between writes/reads (widens the window for kill tests)."""
+    try:
+        return max(0.0, float(os.environ.get(var, "0") or 0))
+    except ValueError:
+        return 0.0
+
+
+# ---------------------------------------------------------------- the interface
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something unpublished in a suite: a writer's staging area (alive or dead) or trash."""
+
+    name: str
+    age_s: float | None      # seconds since its last write, if known
+    alive: bool | None       # True: a writer holds it; False: dead; None: unknown (judge by age)
+
+    def stale(self, stale_after: float) -> bool:
+        if self.alive is not None:
+            return not self.alive
+        return self.age_s is not None and self.age_s >= stale_after
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    deleted: tuple[str, ...]
+    kept: tuple[str, ...]
+    cleaned: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GoldenVersion:
+    """One published version: its provenance and access to its cases."""
+
+    store: "GoldenStore" = field(repr=False)
+    suite: str
+    version: str
+    meta: Mapping[str, Any] = field(repr=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.suite}@{self.version}"
+
+    @property
+    def where(self) -> str:
+        return self.store.where(self.suite, self.version)
+
+    def case_names(self) -> list[str]:
+        return [c["name"] for c in self.meta.get("cases", [])]
+
+    def case_info(self, name: str) -> Mapping[str, Any]:
+        for c in self.meta.get("cases", []):
+            if c.get("name") == name:
+                return c
+        raise GoldenError(f"{self.ref}: no case {name!r} (cases: {', '.join(self.case_names()) or 'none'})")
+
+    def read_case(self, name: str, *, verify: bool = True) -> Case:
+        """Read one case; with ``verify``, every array is checked against the recorded sha256."""
+        self.case_info(name)
+        validate_case_name(name)
+        where = f"{self.where}/{name}"
+        case = self.store._read_case(self.suite, self.version, name, verify=verify)
+        if verify:
+            expect = {k[len(name) + 1:]: v for k, v in (self.meta.get("checksums") or {}).items()
+                      if k.startswith(name + "/")}
+            have = case.attrs.get("checksums") or {}
+            if expect != have:
+                arrays = case.arrays()
+                for path, digest in expect.items():
+                    if path not in arrays:
+                        raise GoldenError(f"{where}/{path}: array is missing")
+                    if not checksum_matches(arrays[path], digest):
+                        raise GoldenError(f"{where}/{path}: checksum mismatch (corrupt or modified array)")
+                raise GoldenError(f"{where}: the case's checksums differ from the version's provenance (modified)")
+        return case
+
+
+class VersionWriter(ABC):
+    """Writes one new version; nothing is visible until :meth:`commit` returns.
+
+    Use as a context manager: leaving the block without a commit (or with an
+    exception) aborts and removes what was written.
+    """
+
+    def __init__(self, store: "GoldenStore", suite: str) -> None:
+        self.store, self.suite = store, suite
+        self._cases: list[dict[str, Any]] = []
+        self._checksums: dict[str, str] = {}
+        self._done = False
+
+    def add_case(self, name: str, case: Case) -> None:
+        validate_case_name(name)
+        if self._done:
+            raise GoldenError(f"{self.suite}: writer already committed or aborted")
+        if any(c["name"] == name for c in self._cases):
+            raise UsageError(f"case name {name!r} given twice")
+        sums = self._write_case(name, case)
+        self._cases.append({
+            "name": name,
+            "prompt": case.attrs.get("prompt"),
+            "token_ids": [int(t) for t in np.asarray(case.tokens).tolist()],
+            "arrays": {p: {"shape": list(a.shape), "dtype": str(a.dtype)} for p, a in case.arrays().items()},
+        })
+        self._checksums.update({f"{name}/{p}": s for p, s in sums.items()})
+
+    def commit(self, meta: Mapping[str, Any] | None = None) -> GoldenVersion:
+        """Publish atomically under the next free version name and return it."""
+        if self._done:
+            raise GoldenError(f"{self.suite}: writer already committed or aborted")
+        if not self._cases:
+            raise UsageError(f"{self.suite}: a version needs at least one case")
+        full = _json_clean({**dict(meta or {}), "schema": SCHEMA, "cases": self._cases,
+                            "checksums": self._checksums})
+        version = self._publish(full)
+        self._done = True
+        return GoldenVersion(self.store, self.suite, version, full)
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._discard()
+
+    def __enter__(self) -> "VersionWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._done:
+            with contextlib.suppress(Exception):
+                self.abort()
+
+    @abstractmethod
+    def _write_case(self, name: str, case: Case) -> dict[str, str]:
+        """Write the case's arrays; return {array path: sha256}."""
+
+    @abstractmethod
+    def _publish(self, meta: dict[str, Any]) -> str:
+        """Make the version visible under a fresh name; return that name."""
+
+    @abstractmethod
+    def _discard(self) -> None:
+        """Remove what was written (best effort)."""
+
+
+class GoldenStore(ABC):
+    """A root of suites of immutable versions.  Implementations: Zarr (local, S3) and memory."""
+
+    url: str
+
+    # -- what an implementation provides
+    @abstractmethod
+    def suites(self) -> list[str]:
+        """Suites with at least one published version, sorted."""
+
+    @abstractmethod
+    def versions(self, suite: str) -> list[str]:
+        """Published versions of ``suite``, oldest first ([] for an unknown suite)."""
+
+    @abstractmethod
+    def begin(self, suite: str) -> VersionWriter:
+        """Start writing a new version of ``suite``."""
+
+    @abstractmethod
+    def _read_meta(self, suite: str, version: str) -> dict[str, Any]:
+        """The attributes of a published version."""
+
+    @abstractmethod
+    def _read_case(self, suite: str, version: str, case: str, *, verify: bool) -> Case:
+        """One case, checked against its own checksums when ``verify``."""
+
+    @abstractmethod
+    def _delete(self, suite: str, version: str) -> None:
+        """Unpublish and remove one version (atomically invisible first)."""
+
+    @abstractmethod
+    def leftovers(self, suite: str) -> list[Leftover]:
+        """Unpublished things in ``suite``: writers' staging areas, dead or alive, and trash."""
+
+    @abstractmethod
+    def _remove_leftover(self, suite: str, leftover: Leftover) -> bool:
+        """Remove a leftover judged dead; False when it turned out to be alive or gone."""
+
+    # -- what every store shares
+    def close(self) -> None:
+        """Release connections (remote stores); the store stays readable by reopening."""
+
+    def __enter__(self) -> "GoldenStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def where(self, suite: str, version: str | None = None) -> str:
+        base = f"{self.url.rstrip('/')}/{suite}"
+        return f"{base}/{version}" if version else base
+
+    def open_version(self, suite: str, version: str | None = None) -> GoldenVersion:
+        """A published version (the newest when ``version`` is None)."""
+        validate_suite(suite)
+        known = self.versions(suite)
+        if not known:
+            have = self.suites()
+            raise GoldenError(f"{self.where(suite)}: unknown suite {suite!r} "
+                              f"(suites in {self.url}: {', '.join(have) or 'none'})")
+        if version is None:
+            version = known[-1]
+        validate_version(version)
+        if version not in known:
+            raise GoldenError(f"{self.where(suite)}: unknown version {version!r} "
+                              f"(published: {', '.join(known)})")
+        return GoldenVersion(self, suite, version, self._read_meta(suite, version))
+
+    def resolve(self, spec: str) -> GoldenVersion:
+        """``NAME`` or ``NAME@vNNNN`` -> that version."""
+        return self.open_version(*parse_ref(spec))
+
+    def publish(self, suite: str, cases: Mapping[str, Case], meta: Mapping[str, Any] | None = None) -> GoldenVersion:
+        """Write ``cases`` as one new version (a convenience around :meth:`begin`)."""
+        with self.begin(suite) as w:
+            for name, case in cases.items():
+                w.add_case(name, case)
+            return w.commit(meta)
+
+    def delete_version(self, suite: str, version: str) -> None:
+        """Delete one version; the newest version of a suite is never deleted."""
+        known = self.versions(validate_suite(suite))
+        validate_version(version)
+        if version not in known:
+            raise GoldenError(f"{self.where(suite)}: unknown version {version!r}")
+        if version == known[-1]:
+            raise GoldenError(f"{self.where(suite, version)}: refusing to delete the newest version")
+        self._delete(suite, version)
+
+    def prune(self, suite: str, keep: int, *, stale_after: float = DEFAULT_STALE_AFTER) -> PruneResult:
+        """Keep the newest ``keep`` (at least 1) versions; remove dead leftovers."""
+        validate_suite(suite)
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise UsageError(f"keep={keep!r} must be an integer ≥ 1 (the newest version is never deleted)")
+        if stale_after < 0:
+            raise UsageError(f"stale_after={stale_after!r} must be ≥ 0")
+        known = self.versions(suite)
+        if not known and not self.leftovers(suite):
+            raise GoldenError(f"{self.where(suite)}: unknown suite {suite!r}")
+        doomed, kept = known[:-keep], known[-keep:]
+        for v in doomed:
+            self._delete(suite, v)
+        cleaned = [lo.name for lo in self.leftovers(suite)
+                   if lo.stale(stale_after) and self._remove_leftover(suite, lo)]
+        return PruneResult(tuple(doomed), tuple(kept), tuple(cleaned))
+
+
+# ---------------------------------------------------------------- in memory
+
+
+def check_model_matches(version_meta: Mapping[str, Any], model: Any, *, where: str = "golden") -> None:
+    """Refuse a golden made from another model file (compares sha256).
+
+    ``model`` is a path or anything with a ``.path`` (a :class:`~moesnap.model.weights.GGUFModel`).
+    """
+    from ..util import file_sha256
+
+    path = Path(getattr(model, "path", model))
+    recorded = (version_meta.get("model") or {}) if isinstance(version_meta, Mapping) else {}
+    want = recorded.get("sha256") if isinstance(recorded, Mapping) else None
+    if not want:
+        raise GoldenError(f"{where}: provenance records no model sha256")
+    try:
+        have = file_sha256(path)
+    except OSError as e:
+        raise GoldenError(f"{path}: cannot read the model file ({_one_line(e)})") from None
+    if have != want:
+        raise GoldenError(f"{where}: golden was made from another model file "
+                          f"({recorded.get('file')!r} sha256 {want[:12]}…, {path.name} is {have[:12]}…)")

@@ -1,0 +1,261 @@
+"""One case (one prompt) as a Zarr v3 group: the layout every engine can write.
+
+::
+
+    <case>/tokens           [T] int32
+    <case>/embed            [T, H]
+    <case>/final_norm       [T, H]
+    <case>/logits           [T, V]
+    <case>/layers/<stage>   [L, ...]   one chunk per layer
+
+The group's attributes are optional for a candidate written by another
+engine; moesnap writes ``schema``, ``checksums`` (CRC-32C of each array's
+little-endian C-order bytes) and provenance.  Foreign stage names listed in
+:data:`moesnap.stages.ALIASES` are accepted on read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import zarr
+import zarr.errors
+
+from ..errors import GoldenError
+from ..stages import LAYER_STAGES, MODEL_STAGES, canonical
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Case:
+    tokens: np.ndarray                                     # [T] int32
+    model: dict[str, np.ndarray] = field(default_factory=dict)   # embed, final_norm, logits
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # stage -> [L, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()      # arrays of the group that name no stage (read_case skipped them)
+
+    @property
+    def n_layer(self) -> int:
+        return max((a.shape[0] for a in self.layers.values()), default=0)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array keyed by its path inside the case group."""
+        out = {"tokens": self.tokens}
+        out.update(self.model)
+        out.update({f"layers/{s}": a for s, a in self.layers.items()})
+        return out
+
+    def stage(self, stage: str, layer: int | None = None) -> np.ndarray | None:
+        if layer is None:
+            return self.tokens if stage == "tokens" else self.model.get(stage)
+        a = self.layers.get(stage)
+        if a is None or layer >= a.shape[0]:
+            return None
+        return a[layer]
+
+
+def _le_bytes(a: np.ndarray) -> np.ndarray:
+    """The array's little-endian C-order bytes as a read-only uint8 view (no copy when possible)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    b = a.reshape(-1).view(np.uint8)
+    b = b.view()
+    b.setflags(write=False)
+    return b
+
+
+def checksum(a: np.ndarray) -> str:
+    """``crc32c:xxxxxxxx`` of the array's little-endian C-order bytes.
+
+    CRC-32C (Castagnoli) is what zarr's ``crc32c`` codec and tensorstore use;
+    google-crc32c (a zarr dependency) computes it in hardware at several GB/s,
+    where sha256 ran at ~0.5-0.9 GB/s and dominated writing and reading a golden.
+    It detects corruption (bit flips, truncation, zeroed chunks), not tampering.
+    """
+    import google_crc32c
+
+    return f"crc32c:{google_crc32c.value(_le_bytes(a)):08x}"
+
+
+def checksum_matches(a: np.ndarray, digest: str) -> bool:
+    """Whether ``a`` has checksum ``digest`` (``crc32c:…``, or a bare sha256 hex digest as in schema 1 goldens)."""
+    if isinstance(digest, str) and digest.startswith("crc32c:"):
+        return checksum(a) == digest
+    return hashlib.sha256(_le_bytes(a)).hexdigest() == digest
+
+
+def from_recorder(rec, attrs: dict[str, Any] | None = None) -> Case:
+    """Build a Case from an :class:`~moesnap.model.recorder.ArrayRecorder`."""
+    model = {k: v for k, v in rec.model.items() if k != "tokens"}
+    return Case(tokens=rec.model["tokens"].astype(np.int32), model=model,
+                layers=rec.stacked(), attrs=dict(attrs or {}))
+
+
+def write_case(group: zarr.Group, case: Case) -> dict[str, str]:
+    """Write ``case`` into an empty group; return the checksum of every array."""
+    sums: dict[str, str] = {}
+    for path, arr in case.arrays().items():
+        arr = np.ascontiguousarray(arr)
+        chunks = (1, *arr.shape[1:]) if path.startswith("layers/") and arr.ndim >= 1 else arr.shape
+        chunks = tuple(max(1, c) for c in chunks)
+        group.create_array(path, data=arr, chunks=chunks, compressors=None)
+        sums[path] = checksum(arr)
+    group.attrs.update({**case.attrs, "schema": SCHEMA_VERSION, "checksums": sums})
+    return sums
+
+
+def save_case(path: str | Path, case: Case) -> dict[str, str]:
+    """Write ``case`` as a new Zarr v3 group at ``path`` (which must not exist)."""
+    p = Path(path)
+    if p.exists():
+        raise GoldenError(f"{p}: exists (use --force to overwrite)")
+    return write_case(zarr.open_group(str(p), mode="w-", zarr_format=3), case)
+
+
+def _walk(group: zarr.Group) -> Iterable[tuple[str, Any]]:
+    for name, member in group.members(max_depth=None):
+        if isinstance(member, zarr.Array):
+            yield name, member
+
+
+def open_case_group(path: str | Path) -> zarr.Group:
+    p = Path(path)
+    if not p.exists():
+        raise GoldenError(f"{p}: no such case group")
+    try:
+        g = zarr.open_group(str(p), mode="r")
+    except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError, TypeError, KeyError) as e:
+        raise GoldenError(f"{p}: not a Zarr v3 group ({type(e).__name__})") from None
+    except Exception as e:
+        raise GoldenError(f"{p}: not a readable Zarr group ({type(e).__name__}: {e})") from None
+    return g
+
+
+#: arrays are read whole; what they declare may exceed what they store only by this factor
+#: (compression, chunks left out as fill value), beyond a floor that is always allowed
+MAX_EXPANSION = 64
+ALWAYS_ALLOWED_BYTES = 64 << 20
+ALWAYS_ALLOWED_CHUNKS = 4096
+
+
+def _check_sizes(members: list[tuple[str, Any]], where: str) -> None:
+    """Refuse a group whose arrays declare far more than they store: a corrupt or hostile
+    ``zarr.json`` claiming a shape of 2^40 would be allocated and filled, and a tokens array
+    of 2^24 ids in 883k one-token chunks would be read chunk by chunk for minutes."""
+    sizes = []
+    for path, arr in members:
+        try:
+            n = int(arr.nbytes)
+            have, stored = _stored(arr)
+            outer = arr.shards or arr.chunks
+            chunks = int(np.prod([-(-int(a) // max(1, int(c))) for a, c in zip(arr.shape, outer)], dtype=np.float64))
+            chunk_bytes = int(np.prod(outer, dtype=np.float64)) * arr.dtype.itemsize
+        except Exception as e:
+            raise GoldenError(f"{where}/{path}: unreadable array ({type(e).__name__}: {e})") from None
+        if chunk_bytes > max(ALWAYS_ALLOWED_BYTES, MAX_EXPANSION * stored):
+            raise GoldenError(f"{where}/{path}: declares chunks of {list(arr.metadata.chunk_grid.chunk_shape)} "
+                              f"({chunk_bytes / 2**30:.3g} GiB each), far more than it stores; corrupt zarr.json?")
+        sizes.append((n - stored, n, stored, chunks, have, path, arr))
+    declared = sum(x[1] for x in sizes)
+    stored = sum(x[2] for x in sizes)
+    if declared > max(ALWAYS_ALLOWED_BYTES, MAX_EXPANSION * stored):
+        _, n, _, _, _, path, arr = max(sizes, key=lambda x: x[0])
+        raise GoldenError(f"{where}/{path}: declares shape {list(arr.shape)} {arr.dtype} ({n / 2**30:.3g} GiB), "
+                          f"far more than the group stores ({stored} bytes); corrupt zarr.json?")
+    if sum(x[3] for x in sizes) > max(ALWAYS_ALLOWED_CHUNKS, MAX_EXPANSION * sum(x[4] for x in sizes)):
+        _, _, _, chunks, have, path, arr = max(sizes, key=lambda x: x[3] - x[4])
+        raise GoldenError(f"{where}/{path}: declares shape {list(arr.shape)} in {chunks} chunks but stores {have}; "
+                          f"corrupt zarr.json?")
+
+
+def _stored(arr) -> tuple[int, int]:
+    """(chunk or shard objects, bytes) stored under the array, by listing its own prefix only
+    (zarr's nchunks_initialized enumerates every declared chunk key: 10^12 of them never return)."""
+    from zarr.core.sync import sync
+
+    sp = arr.store_path
+
+    async def count() -> tuple[int, int]:
+        keys = [k async for k in sp.store.list_prefix(f"{sp.path}/" if sp.path else "")]
+        sizes = [await sp.store.getsize(k) for k in keys]
+        return sum(1 for k in keys if not k.endswith("zarr.json")), sum(sizes)
+
+    return sync(count())
+
+
+def read_case(group: zarr.Group, *, where: str, verify: bool = True) -> Case:
+    """Read every array of a case group, mapping foreign stage names onto ours.
+
+    ``where`` names the group in error messages.  With ``verify`` each array
+    that has a recorded checksum is checked against it.
+    """
+    try:
+        attrs = dict(group.attrs)
+    except Exception as e:
+        raise GoldenError(f"{where}: unreadable group attributes ({e})") from None
+    sums = attrs.get("checksums") or {}
+    if not isinstance(sums, dict):
+        raise GoldenError(f"{where}: attribute 'checksums' is not a mapping")
+    tokens = None
+    model: dict[str, np.ndarray] = {}
+    layers: dict[str, np.ndarray] = {}
+    ignored: list[str] = []
+    try:
+        members = list(_walk(group))
+    except Exception as e:
+        raise GoldenError(f"{where}: unreadable group ({type(e).__name__}: {e})") from None
+    _check_sizes(members, where)
+    for path, arr in members:
+        try:
+            data = np.asarray(arr[...])
+        except Exception as e:
+            raise GoldenError(f"{where}/{path}: unreadable array ({type(e).__name__}: {e})") from None
+        expect = sums.get(path)
+        if verify and expect is not None and not checksum_matches(data, expect):
+            raise GoldenError(f"{where}/{path}: checksum mismatch (corrupt or modified array)")
+        parts = path.split("/")
+        if len(parts) == 2 and parts[0] == "layers":
+            name = canonical(parts[1])
+            if name in LAYER_STAGES:
+                layers[name] = data
+            else:
+                ignored.append(path)
+        elif len(parts) == 1:
+            name = canonical(parts[0])
+            if name == "tokens":
+                tokens = _token_ids(data, f"{where}/{path}")
+            elif name in MODEL_STAGES:
+                model[name] = data
+            else:
+                ignored.append(path)
+        else:
+            ignored.append(path)
+    if verify:
+        present = {p for p, _ in members}
+        for path in sums:
+            if path not in present:
+                raise GoldenError(f"{where}/{path}: array is missing")
+    if tokens is None:
+        raise GoldenError(f"{where}: no 'tokens' array")
+    return Case(tokens=tokens, model=model, layers=layers, attrs=attrs, ignored=tuple(ignored))
+
+
+def _token_ids(data: np.ndarray, where: str) -> np.ndarray:
+    """The tokens array as int32; a float, boolean, multi-dimensional or out-of-range array is refused
+    (a cast would truncate 87.5 to 87 or wrap 2^40 to 0 and compare the wrong prompt)."""
+    if data.dtype.kind not in "iu" or data.ndim != 1:
+        raise GoldenError(f"{where}: expected a 1-D integer array of token ids, got {data.dtype} {list(data.shape)}")
+    if data.size and (int(data.min()) < np.iinfo(np.int32).min or int(data.max()) > np.iinfo(np.int32).max):
+        raise GoldenError(f"{where}: token id {int(data.max()) if int(data.max()) > 0 else int(data.min())} "
+                          f"is out of the int32 range")
+    return data.astype(np.int32)
+
+
+def load_case(path: str | Path, *, verify: bool = True) -> Case:
+    return read_case(open_case_group(path), where=str(path), verify=verify)
