@@ -44,7 +44,7 @@ def lint(session: nox.Session) -> None:
 def props(session: nox.Session) -> None:
     """The hypothesis property suites at the nightly profile (>= 10,000 examples each)."""
     _install(session)
-    session.run("pytest", "-q", "-k", "prop or fuzz", *session.posargs,
+    session.run("pytest", "-q", "-m", "props or fuzz", *session.posargs,
                 env={"HYPOTHESIS_PROFILE": "nightly", "MOESNAP_NO_PROGRESS": "1"})
 
 

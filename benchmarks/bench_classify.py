@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from moesnap.store.case import Case
+from moesnap.case import Case
 from moesnap.judge.compare import compare_cases
 from moesnap.judge.tolerances import Tolerances
 

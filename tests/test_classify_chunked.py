@@ -62,6 +62,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from moesnap.testing.strategies import array_pairs, tolerances  # noqa: E402
 
+pytestmark = pytest.mark.props
+
 
 @settings(max_examples=200)
 @given(pair=array_pairs(dtype=st.sampled_from([np.float16, np.float32]), allow_nan=True, allow_infinity=True),

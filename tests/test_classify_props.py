@@ -21,6 +21,8 @@ from moesnap.judge.classify import MAX_BAD_TOKENS, Verdict, align_topk_weights, 
 from moesnap.testing import strategies as ms
 from moesnap.judge.tolerances import Tolerance
 
+pytestmark = pytest.mark.props
+
 NAN_VERDICTS = {Verdict.NAN_GOLDEN, Verdict.NAN_CANDIDATE, Verdict.NAN_BOTH}
 SWAPPED = {Verdict.NAN_GOLDEN: Verdict.NAN_CANDIDATE, Verdict.NAN_CANDIDATE: Verdict.NAN_GOLDEN}
 ROUND = st.sampled_from([0.0, 1e-6, 1e-3, 0.25, 1.0])   # round numbers, safe to scale

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from moesnap.store.case import Case
+from moesnap.case import Case
 from moesnap.judge.classify import Verdict
 from moesnap.judge.compare import compare_cases
 from moesnap.model.recorder import ArrayRecorder

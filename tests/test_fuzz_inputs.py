@@ -43,6 +43,8 @@ from moesnap.model.reference import run_reference
 from moesnap.model.synth import tiny_path
 from moesnap.model.weights import GGUFModel
 
+pytestmark = pytest.mark.fuzz
+
 REPO_GOLDENS = Path(__file__).resolve().parent.parent / "goldens"
 TINY = tiny_path().read_bytes()
 

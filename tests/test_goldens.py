@@ -19,7 +19,9 @@ import pytest
 from moesnap.cli.main import main
 from moesnap.errors import GoldenError
 from moesnap.stages import LAYER_STAGES
-from moesnap.store import LocalGoldenStore, check_model_matches
+from moesnap.model.weights import GGUFModel
+from moesnap.run.check import check_golden_matches_model
+from moesnap.store import LocalGoldenStore
 
 PROMPTS = ["The quick brown fox", "def main():\n    return 0"]
 
@@ -79,7 +81,7 @@ def test_generate_prints_the_version_and_records_provenance(root, tiny_path, cap
     assert len(m["checksums"]) == 2 * (4 + len(LAYER_STAGES))
     case = v.read_case("case1")
     assert case.model["logits"].dtype == np.float64 and case.layers["moe_out"].shape[:2] == (4, 2)
-    check_model_matches(m, tiny_path)
+    check_golden_matches_model([], GGUFModel.open(tiny_path), where="t", meta=m)
 
 
 def test_generate_shows_progress(root, tiny_path, capsys, monkeypatch):
@@ -304,6 +306,6 @@ def test_golden_from_another_model_file(root, tiny_path, tmp_path):
     data[-100] ^= 0xFF                       # a weight byte, far from the header
     other.write_bytes(bytes(data))
     meta = LocalGoldenStore(root).open_version("tiny").meta
-    check_model_matches(meta, tiny_path)
-    with pytest.raises(GoldenError, match=r"another model file \('tiny.gguf' sha256 .*tiny-edited.gguf is "):
-        check_model_matches(meta, other)
+    check_golden_matches_model([], GGUFModel.open(tiny_path), where="tiny", meta=meta)
+    with pytest.raises(GoldenError, match=r"another model file \(sha256 .*tiny-edited.gguf is "):
+        check_golden_matches_model([], GGUFModel.open(other), where="tiny", meta=meta)

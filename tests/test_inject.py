@@ -15,9 +15,11 @@ from moesnap.model.inject import (
     Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, SCALABLE_STAGES, parse_inject,
 )
 from moesnap.model.recorder import ArrayRecorder
-from moesnap.stages import LAYER_STAGES, stage_order
 from moesnap.model.synth import tiny_path
 from moesnap.model.weights import GGUFModel
+from moesnap.stages import LAYER_STAGES
+
+stage_order = LAYER_STAGES.index
 
 QT = gguf.GGMLQuantizationType
 N_TOKENS = 16

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import zarr
 
-from moesnap.store.case import Case, load_case
+from moesnap.case import Case
+from moesnap.store.case import load_case
 from moesnap.judge.classify import Verdict, classify, expert_scale_errors
 from moesnap.cli.main import main
 from moesnap.judge.compare import compare_cases

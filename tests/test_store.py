@@ -27,7 +27,6 @@ from moesnap.store import (
     GoldenStore,
     LocalGoldenStore,
     MemoryGoldenStore,
-    check_model_matches,
     open_store,
     parse_ref,
     validate_suite,
@@ -376,21 +375,6 @@ def test_parse_ref():
     for bad in ("tiny@", "tiny@3", "tiny@v1", "@v0001", "../x@v0001", "a/b", "tiny@v0001@v0002"):
         with pytest.raises(UsageError):
             parse_ref(bad)
-
-
-def test_check_model_matches(tmp_path):
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"model bytes")
-    other = tmp_path / "other.gguf"
-    other.write_bytes(b"other bytes")
-    from moesnap.util import file_sha256
-
-    meta = {"model": {"file": "m.gguf", "sha256": file_sha256(model)}}
-    check_model_matches(meta, model)
-    with pytest.raises(GoldenError, match="another model file"):
-        check_model_matches(meta, other)
-    with pytest.raises(GoldenError, match="no model sha256"):
-        check_model_matches({}, model)
 
 
 def test_s3fs_is_imported_only_for_s3_roots(tmp_path):

@@ -78,7 +78,3 @@ def canonical(name: str) -> str | None:
         return name
     return ALIASES.get(name)
 
-
-def stage_order(stage: str) -> int:
-    """Index of a layer stage in computation order (for sorting results)."""
-    return LAYER_STAGES.index(stage)

@@ -27,7 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ..store.case import Case
+from ..case import Case
 from .classify import Result, Verdict, align_topk_weights, classify, classify_routing, expert_scale_errors
 from ..errors import GoldenError, MoesnapError
 from ..stages import LAYER_STAGES, MODEL_STAGES, POST_ROUTING_STAGES

@@ -1,9 +1,8 @@
 """Explicit capture of intermediate stages.
 
 A forward pass takes a recorder and calls ``rec.save(stage, layer, x)``.
-:class:`NullRecorder` does nothing and reports ``active = False`` so that a
-forward can skip work (e.g. materialising per-expert outputs) that only
-exists for recording.
+:class:`NullRecorder` does nothing; a forward records only values it computes
+anyway, so a null recorder changes nothing but the copies.
 """
 
 from __future__ import annotations
@@ -17,15 +16,11 @@ from ..stages import ALL_STAGES, LAYER_STAGES, MODEL_STAGES
 
 
 class Recorder(Protocol):
-    active: bool
-
     def save(self, stage: str, layer: int | None, x: torch.Tensor) -> None: ...
 
 
 class NullRecorder:
-    """Records nothing; costs one attribute lookup per stage."""
-
-    active = False
+    """Records nothing; costs one call per stage."""
 
     def save(self, stage: str, layer: int | None, x: torch.Tensor) -> None:
         return None
@@ -38,8 +33,6 @@ class ArrayRecorder:
     ``keep_dtype`` is set, in which case the tensor's own dtype is kept
     (bfloat16 becomes float32, numpy has no bfloat16).
     """
-
-    active = True
 
     def __init__(self, *, keep_dtype: bool = False) -> None:
         self.keep_dtype = keep_dtype

@@ -71,7 +71,6 @@ WEIGHT_SUFFIX = ".weight"
 #: byte-level vocabulary layout
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 N_SPECIAL = 3
-BYTE_TOKEN_OFFSET = N_SPECIAL  # token id of byte b is b + 3
 MIN_VOCAB = N_SPECIAL + 256
 
 # types random_blocks builds by quantizing float data with gguf-py

@@ -23,7 +23,6 @@ from ..errors import ModelFileError
 from ..gguf.reader import GGUFFile, open_gguf
 
 # GGUF tensor name templates (gguf-py's TENSOR_NAMES for MODEL_ARCH.QWEN3MOE).
-GLOBAL_TENSORS = ("token_embd", "output_norm", "output")
 LAYER_TENSORS = (
     "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
     "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..store.case import Case, from_recorder
+from ..case import Case, from_recorder
 from ..errors import UsageError
 from ..model.recorder import ArrayRecorder
 from ..util import versions

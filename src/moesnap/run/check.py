@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..store.case import Case, from_recorder
+from ..case import Case, from_recorder
 from ..judge.classify import tie_gap
 from ..judge.compare import CaseReport, Report, compare_cases
 from ..errors import GoldenError, UsageError

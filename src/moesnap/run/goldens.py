@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import GoldenError, UsageError
-from ..store import GoldenStore, GoldenVersion, PruneResult, check_model_matches, validate_suite  # noqa: F401
+from ..store import GoldenStore, GoldenVersion, PruneResult, validate_suite
 from ..util import printable, progress, write_text_atomic
 
 #: dtypes a golden may be generated in (the reference forward's arithmetic)

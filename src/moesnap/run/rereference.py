@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..store.case import Case
+from ..case import Case
 from ..judge.classify import tie_gap
 from ..model.config import Qwen3MoeConfig
 from ..errors import GoldenError

@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..store.case import Case, from_recorder, save_case
+from ..case import Case, from_recorder
+from ..store.case import save_case
 from ..errors import UsageError
 from ..model.recorder import ArrayRecorder
 from ..util import LayerProgress, file_sha256, published_version_above, versions

@@ -1,7 +1,7 @@
 """The golden store: versioned, immutable, checksummed goldens, and the case layout every engine writes.
 
 Owns ``case`` (the :class:`~moesnap.store.case.Case` value and its Zarr v3 group I/O), ``base``
-(the :class:`GoldenStore` interface, names, provenance checks), ``memory`` (a store in a dict),
+(the :class:`GoldenStore` interface, names), ``memory`` (a store in a dict),
 ``zarr`` (local directory and ``s3://`` stores) and ``open`` (:func:`open_store`).
 May import: :mod:`moesnap.errors`, :mod:`moesnap.stages`, :mod:`moesnap.util`; never the model,
 the judge, the use cases or the command line.
@@ -17,7 +17,6 @@ from .base import (
     Leftover,
     PruneResult,
     VersionWriter,
-    check_model_matches,
     parse_ref,
     validate_case_name,
     validate_suite,
@@ -31,6 +30,6 @@ from .zarr import LocalGoldenStore, RemoteGoldenStore, ZarrGoldenStore
 
 __all__ = [
     "CLAIM", "DEFAULT_ROOT", "DEFAULT_STALE_AFTER", "MARKER", "GoldenStore", "GoldenVersion", "Leftover", "PruneResult", "VersionWriter",
-    "check_model_matches", "parse_ref", "validate_case_name", "validate_suite", "validate_version", "version_name",
+    "parse_ref", "validate_case_name", "validate_suite", "validate_version", "version_name",
     "version_number", "MemoryGoldenStore", "open_store", "LocalGoldenStore", "RemoteGoldenStore", "ZarrGoldenStore",
 ]

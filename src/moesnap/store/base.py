@@ -49,7 +49,6 @@ import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -392,24 +391,3 @@ class GoldenStore(ABC):
 
 
 # ---------------------------------------------------------------- in memory
-
-
-def check_model_matches(version_meta: Mapping[str, Any], model: Any, *, where: str = "golden") -> None:
-    """Refuse a golden made from another model file (compares sha256).
-
-    ``model`` is a path or anything with a ``.path`` (a :class:`~moesnap.model.weights.GGUFModel`).
-    """
-    from ..util import file_sha256
-
-    path = Path(getattr(model, "path", model))
-    recorded = (version_meta.get("model") or {}) if isinstance(version_meta, Mapping) else {}
-    want = recorded.get("sha256") if isinstance(recorded, Mapping) else None
-    if not want:
-        raise GoldenError(f"{where}: provenance records no model sha256")
-    try:
-        have = file_sha256(path)
-    except OSError as e:
-        raise GoldenError(f"{path}: cannot read the model file ({_one_line(e)})") from None
-    if have != want:
-        raise GoldenError(f"{where}: golden was made from another model file "
-                          f"({recorded.get('file')!r} sha256 {want[:12]}…, {path.name} is {have[:12]}…)")

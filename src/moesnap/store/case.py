@@ -17,7 +17,6 @@ little-endian C-order bytes) and provenance.  Foreign stage names listed in
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,38 +24,11 @@ import numpy as np
 import zarr
 import zarr.errors
 
+from ..case import Case, from_recorder  # noqa: F401  (the value, re-exported beside its I/O)
 from ..errors import GoldenError
 from ..stages import LAYER_STAGES, MODEL_STAGES, canonical
 
 SCHEMA_VERSION = 1
-
-
-@dataclass
-class Case:
-    tokens: np.ndarray                                     # [T] int32
-    model: dict[str, np.ndarray] = field(default_factory=dict)   # embed, final_norm, logits
-    layers: dict[str, np.ndarray] = field(default_factory=dict)  # stage -> [L, ...]
-    attrs: dict[str, Any] = field(default_factory=dict)
-    ignored: tuple[str, ...] = ()      # arrays of the group that name no stage (read_case skipped them)
-
-    @property
-    def n_layer(self) -> int:
-        return max((a.shape[0] for a in self.layers.values()), default=0)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Every array keyed by its path inside the case group."""
-        out = {"tokens": self.tokens}
-        out.update(self.model)
-        out.update({f"layers/{s}": a for s, a in self.layers.items()})
-        return out
-
-    def stage(self, stage: str, layer: int | None = None) -> np.ndarray | None:
-        if layer is None:
-            return self.tokens if stage == "tokens" else self.model.get(stage)
-        a = self.layers.get(stage)
-        if a is None or layer >= a.shape[0]:
-            return None
-        return a[layer]
 
 
 def _le_bytes(a: np.ndarray) -> np.ndarray:
@@ -88,13 +60,6 @@ def checksum_matches(a: np.ndarray, digest: str) -> bool:
     if isinstance(digest, str) and digest.startswith("crc32c:"):
         return checksum(a) == digest
     return hashlib.sha256(_le_bytes(a)).hexdigest() == digest
-
-
-def from_recorder(rec, attrs: dict[str, Any] | None = None) -> Case:
-    """Build a Case from an :class:`~moesnap.model.recorder.ArrayRecorder`."""
-    model = {k: v for k, v in rec.model.items() if k != "tokens"}
-    return Case(tokens=rec.model["tokens"].astype(np.int32), model=model,
-                layers=rec.stacked(), attrs=dict(attrs or {}))
 
 
 def write_case(group: zarr.Group, case: Case) -> dict[str, str]:

@@ -653,10 +653,6 @@ class RemoteGoldenStore(ZarrGoldenStore):
             except FileNotFoundError:
                 return []
 
-    def _exists(self, key: str) -> bool:
-        with self._errors(f"{self.url}/{key}"):
-            return bool(_sync(self._root.exists(key)))
-
     def _check(self) -> None:
         bucket = self.path.split("/", 1)[0]
         try:

@@ -1,0 +1,47 @@
+"""One case (one prompt) as a value: token ids, whole-model stages and per-layer stages stacked over layers.
+
+Pure numpy: the judge needs the value, not its storage (the Zarr v3 layout and its I/O are
+:mod:`moesnap.store.case`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Case:
+    tokens: np.ndarray                                     # [T] int32
+    model: dict[str, np.ndarray] = field(default_factory=dict)   # embed, final_norm, logits
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # stage -> [L, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()      # arrays of the group that name no stage (read_case skipped them)
+
+    @property
+    def n_layer(self) -> int:
+        return max((a.shape[0] for a in self.layers.values()), default=0)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array keyed by its path inside the case group."""
+        out = {"tokens": self.tokens}
+        out.update(self.model)
+        out.update({f"layers/{s}": a for s, a in self.layers.items()})
+        return out
+
+    def stage(self, stage: str, layer: int | None = None) -> np.ndarray | None:
+        if layer is None:
+            return self.tokens if stage == "tokens" else self.model.get(stage)
+        a = self.layers.get(stage)
+        if a is None or layer >= a.shape[0]:
+            return None
+        return a[layer]
+
+
+def from_recorder(rec, attrs: dict[str, Any] | None = None) -> Case:
+    """Build a Case from an :class:`~moesnap.model.recorder.ArrayRecorder`."""
+    model = {k: v for k, v in rec.model.items() if k != "tokens"}
+    return Case(tokens=rec.model["tokens"].astype(np.int32), model=model,
+                layers=rec.stacked(), attrs=dict(attrs or {}))
