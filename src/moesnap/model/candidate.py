@@ -71,7 +71,8 @@ from torch.nn import functional as F
 from ..gguf import quants_torch
 from .config import Qwen3MoeConfig
 from ..errors import UsageError
-from .inject import LAYER_TENSORS, Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, validate_injection
+from .inject import Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, validate_injection
+from .tensors import GLOBAL_TENSORS, LAYER_TENSORS
 from .recorder import NullRecorder, Recorder
 from .weights import GGUFModel
 
@@ -293,7 +294,7 @@ class CandidateModel:
     def upload(self) -> None:
         """Upload every tensor's bytes now (a no-op on the CPU, where they stay memory-mapped)."""
         if self.resident:
-            for name in ("token_embd", "output_norm", "output"):
+            for name in GLOBAL_TENSORS:
                 self._raw(name)
             for i in range(self.cfg.n_layer):
                 for t in LAYER_TENSORS:

@@ -14,6 +14,7 @@ from typing import Any
 
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys
 
+from .tensors import Dims
 from ..errors import ModelFileError
 from ..gguf.reader import GGUFFile
 
@@ -42,6 +43,12 @@ class Qwen3MoeConfig:
     @property
     def kv_dim(self) -> int:
         return self.n_head_kv * self.head_dim
+
+    @property
+    def dims(self) -> Dims:
+        """What tensor shapes depend on (:mod:`moesnap.model.tensors`)."""
+        return Dims(self.hidden, self.q_dim, self.kv_dim, self.head_dim, self.n_expert, self.expert_ff,
+                    self.vocab_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

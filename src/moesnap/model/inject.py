@@ -32,27 +32,12 @@ import gguf
 from .config import Qwen3MoeConfig
 from ..errors import UsageError
 from ..stages import INTEGER_STAGES, LAYER_STAGES
+from .tensors import LAYER_TENSORS
 
 __all__ = [
     "Injection", "NanExpert", "QtypeAs", "ScaleStage", "RouteFlip",
     "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection",
 ]
-
-#: per-layer GGUF tensors (``blk.L.<name>``) and the stage each one feeds first
-LAYER_TENSORS: dict[str, str] = {
-    "attn_norm": "attn_norm",
-    "attn_q": "q",
-    "attn_k": "k",
-    "attn_v": "v",
-    "attn_q_norm": "q_norm",
-    "attn_k_norm": "k_norm",
-    "attn_output": "attn_out",
-    "ffn_norm": "ffn_norm",
-    "ffn_gate_inp": "router_logits",
-    "ffn_gate_exps": "expert_out",
-    "ffn_up_exps": "expert_out",
-    "ffn_down_exps": "expert_out",
-}
 
 #: block types the decoder can be told to use (``as=``), by lower-case name
 DECODE_TYPES: dict[str, gguf.GGMLQuantizationType] = {

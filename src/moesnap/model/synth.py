@@ -43,10 +43,11 @@ from typing import NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
-from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, TokenType
+from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, TokenType
 from gguf.quants import quantize
 
-from moesnap.errors import UsageError
+from ..errors import UsageError
+from .tensors import F32_TENSORS, KINDS, LAYER_TENSORS, WEIGHT_SUFFIX, Dims
 
 QT = GGMLQuantizationType
 ARCH = "qwen3moe"
@@ -64,9 +65,8 @@ QTYPE_KINDS: tuple[str, ...] = (
     "ffn_up_exps",
     "ffn_down_exps",
 )
+assert set(QTYPE_KINDS) == set(KINDS) - F32_TENSORS
 
-#: real files (convert_hf_to_gguf) and llama.cpp name every weight "<TENSOR_NAMES entry>.weight"
-WEIGHT_SUFFIX = ".weight"
 
 #: byte-level vocabulary layout
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -124,35 +124,26 @@ class SynthSpec:
 
     def qtype(self, kind: str, layer: int | None = None) -> GGMLQuantizationType:
         """The quant type of tensor kind ``kind`` (in ``layer`` for block tensors)."""
-        if kind in _F32_KINDS:
+        if kind in F32_TENSORS:
             return QT.F32
         if kind == "ffn_down_exps" and self.down_exps_alternate is not None and layer is not None and layer % 2 == 1:
             return self.down_exps_alternate
         return self.qtypes[kind]
 
+    @property
+    def dims(self) -> Dims:
+        """What tensor shapes depend on (:mod:`moesnap.model.tensors`)."""
+        return Dims(self.hidden, self.n_head * self.head_dim, self.n_head_kv * self.head_dim, self.head_dim,
+                    self.n_expert, self.expert_ff, self.vocab_size)
+
     def tensors(self) -> list[SynthTensor]:
-        """Every tensor of the file, in file order, with its numpy shape and type."""
-        H, D, V = self.hidden, self.head_dim, self.vocab_size
-        E, F = self.n_expert, self.expert_ff
-        q_dim, kv_dim = self.n_head * D, self.n_head_kv * D
-        shapes: dict[str, tuple[int, ...]] = {
-            "attn_norm": (H,),
-            "attn_q": (q_dim, H),
-            "attn_k": (kv_dim, H),
-            "attn_v": (kv_dim, H),
-            "attn_q_norm": (D,),
-            "attn_k_norm": (D,),
-            "attn_output": (H, q_dim),
-            "ffn_norm": (H,),
-            "ffn_gate_inp": (E, H),
-            "ffn_gate_exps": (E, F, H),
-            "ffn_up_exps": (E, F, H),
-            "ffn_down_exps": (E, H, F),
-        }
-        out = [_tensor("token_embd", None, (V, H), self)]
+        """Every tensor of the file, in file order (embedding, layer by layer, head), with its numpy shape
+        and type."""
+        d = self.dims
+        out = [_tensor("token_embd", None, d, self)]
         for i in range(self.n_layer):
-            out += [_tensor(kind, i, shape, self) for kind, shape in shapes.items()]
-        out += [_tensor("output_norm", None, (H,), self), _tensor("output", None, (V, H), self)]
+            out += [_tensor(kind, i, d, self) for kind in LAYER_TENSORS]
+        out += [_tensor("output_norm", None, d, self), _tensor("output", None, d, self)]
         return out
 
 
@@ -173,29 +164,9 @@ class SynthTensor(NamedTuple):
         return int(np.prod(self.byte_shape))
 
 
-_F32_KINDS = frozenset({"attn_norm", "attn_q_norm", "attn_k_norm", "ffn_norm", "output_norm", "ffn_gate_inp"})
-_MODEL_TENSOR = {
-    "token_embd": MODEL_TENSOR.TOKEN_EMBD,
-    "output_norm": MODEL_TENSOR.OUTPUT_NORM,
-    "output": MODEL_TENSOR.OUTPUT,
-    "attn_norm": MODEL_TENSOR.ATTN_NORM,
-    "attn_q": MODEL_TENSOR.ATTN_Q,
-    "attn_k": MODEL_TENSOR.ATTN_K,
-    "attn_v": MODEL_TENSOR.ATTN_V,
-    "attn_q_norm": MODEL_TENSOR.ATTN_Q_NORM,
-    "attn_k_norm": MODEL_TENSOR.ATTN_K_NORM,
-    "attn_output": MODEL_TENSOR.ATTN_OUT,
-    "ffn_norm": MODEL_TENSOR.FFN_NORM,
-    "ffn_gate_inp": MODEL_TENSOR.FFN_GATE_INP,
-    "ffn_gate_exps": MODEL_TENSOR.FFN_GATE_EXP,
-    "ffn_up_exps": MODEL_TENSOR.FFN_UP_EXP,
-    "ffn_down_exps": MODEL_TENSOR.FFN_DOWN_EXP,
-}
-
-
-def _tensor(kind: str, layer: int | None, shape: tuple[int, ...], spec: SynthSpec) -> SynthTensor:
-    name = TENSOR_NAMES[_MODEL_TENSOR[kind]].format(bid=layer) + WEIGHT_SUFFIX
-    return SynthTensor(name, kind, layer, shape, spec.qtype(kind, layer))
+def _tensor(kind: str, layer: int | None, d: Dims, spec: SynthSpec) -> SynthTensor:
+    k = KINDS[kind]
+    return SynthTensor(k.gguf_name(layer) + WEIGHT_SUFFIX, kind, layer, k.shape(d), spec.qtype(kind, layer))
 
 
 def _validate(spec: SynthSpec) -> None:
@@ -477,7 +448,7 @@ def _scale(t: SynthTensor, spec: SynthSpec) -> float:
 def tensor_data(t: SynthTensor, spec: SynthSpec) -> np.ndarray:
     """The bytes of tensor ``t``, uint8 of shape ``t.byte_shape`` (deterministic)."""
     rng = np.random.default_rng([int(spec.seed), zlib.crc32(t.name.removesuffix(WEIGHT_SUFFIX).encode())])
-    if t.kind in _F32_KINDS:
+    if t.kind in F32_TENSORS:
         x = rng.standard_normal(t.shape, dtype=np.float32)
         if t.kind == "ffn_gate_inp":  # router: spread so top-k choices do not nearly tie
             x *= np.float32(4.0 / np.sqrt(spec.hidden))

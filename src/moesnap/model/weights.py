@@ -19,44 +19,9 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from .config import Qwen3MoeConfig
+from .tensors import EXPERT_TENSORS, LAYER_TENSORS, expected_shapes
 from ..errors import ModelFileError
 from ..gguf.reader import GGUFFile, open_gguf
-
-# GGUF tensor name templates (gguf-py's TENSOR_NAMES for MODEL_ARCH.QWEN3MOE).
-LAYER_TENSORS = (
-    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
-    "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
-)
-EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-
-
-def expected_shapes(cfg: Qwen3MoeConfig) -> dict[str, tuple[int, ...]]:
-    """Logical numpy shape of every tensor (ggml ne reversed)."""
-    H, D, E, F, V = cfg.hidden, cfg.head_dim, cfg.n_expert, cfg.expert_ff, cfg.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "token_embd": (V, H),
-        "output_norm": (H,),
-        "output": (V, H),
-    }
-    per_layer = {
-        "attn_norm": (H,),
-        "attn_q": (cfg.q_dim, H),
-        "attn_k": (cfg.kv_dim, H),
-        "attn_v": (cfg.kv_dim, H),
-        "attn_output": (H, cfg.q_dim),
-        "attn_q_norm": (D,),
-        "attn_k_norm": (D,),
-        "ffn_norm": (H,),
-        "ffn_gate_inp": (E, H),
-        "ffn_gate_exps": (E, F, H),
-        "ffn_up_exps": (E, F, H),
-        "ffn_down_exps": (E, H, F),
-    }
-    for i in range(cfg.n_layer):
-        for name, shape in per_layer.items():
-            shapes[f"blk.{i}.{name}"] = shape
-    return shapes
-
 
 # gguf-py's per-type classes; calling one on a whole matrix does the same maths as
 # quants.dequantize (which splits it into 16-row groups) in a few large numpy calls:
@@ -120,7 +85,7 @@ class GGUFModel:
         if self.config.n_layer > len(layers):
             raise ModelFileError(f"{gf.path}: metadata key 'qwen3moe.block_count' = {self.config.n_layer}, "
                                  f"but the file holds tensors of {len(layers)} layers")
-        for name, shape in expected_shapes(self.config).items():
+        for name, shape in expected_shapes(self.config.dims, self.config.n_layer).items():
             t = gf.tensor(name)
             got = tuple(int(d) for d in reversed(t.shape.tolist()))
             if got != shape:
