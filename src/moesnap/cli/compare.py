@@ -3,151 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
-from ..store.case import Case, load_case
-from ..judge.compare import Report, compare_cases
-from ..errors import GoldenError, UsageError
-from ..judge.tolerances import DTYPES
 from ._options import add_report_options, check_report_outputs, emit, load_tolerances
 
 
-def resolve_golden(spec: str, store: str | None) -> list[tuple[str, Case]]:
-    """A case group path, or NAME[@vNNNN] in a golden store: [(case name, Case)]."""
-    return resolve_golden_meta(spec, store)[1]
-
-
-def resolve_golden_meta(spec: str, store: str | None) -> tuple[dict, list[tuple[str, Case]]]:
-    """(version metadata, or the case's own attributes, [(case name, Case)])."""
-    p = Path(spec)
-    if p.exists() and "@" not in spec:
-        case = load_case(p)
-        return dict(case.attrs), [(p.name, case)]
-    if "@" not in spec and (os.sep in spec or "/" in spec or spec.endswith(".zarr")):
-        raise GoldenError(f"{p}: no such case group (nor a golden NAME[@vNNNN])")
-    from ..store import open_store, parse_ref
-
-    suite, version = parse_ref(spec)
-    st = open_store(store)
-    v = st.open_version(suite, version)
-    return dict(v.meta), [(name, v.read_case(name)) for name in v.case_names()]
-
-
-def provenance_model(meta: dict) -> Path | None:
-    """The model file a golden was made from, where it can still be found with the recorded sha256:
-    the recorded path, the bundled data directory, or the current directory."""
-    from ..util import file_sha256
-
-    m = meta.get("model") if isinstance(meta, dict) else None
-    if not isinstance(m, dict) or not isinstance(m.get("sha256"), str) or not isinstance(m.get("file"), str):
-        return None
-    name = Path(m["file"]).name
-    places = [Path(m["path"])] if isinstance(m.get("path"), str) else []
-    places += [Path(__file__).resolve().parents[1] / "data" / name, Path.cwd() / name]
-    for p in places:
-        try:
-            if p.is_file() and p.stat().st_size == m.get("size", p.stat().st_size) and file_sha256(p) == m["sha256"]:
-                return p
-        except OSError:
-            continue
-    return None
-
-
-def _candidate_cases(path: str, golden: list[tuple[str, Case]]) -> list[tuple[str, Case, Case]]:
-    p = Path(path)
-    if not p.exists():
-        raise GoldenError(f"{p}: no such candidate group")
-    if len(golden) == 1 and (p / "tokens").exists() or (p / "tokens" / "zarr.json").exists():
-        cand = load_case(p)
-        for name, g in golden:
-            if g.tokens.shape == cand.tokens.shape and (g.tokens == cand.tokens).all():
-                return [(name, g, cand)]
-        if len(golden) == 1:
-            return [(golden[0][0], golden[0][1], cand)]  # compare_cases reports the token mismatch
-        raise GoldenError(f"{p}: its tokens match none of the golden's cases ({', '.join(n for n, _ in golden)})")
-    pairs = []
-    for name, g in golden:
-        sub = p / name
-        if not sub.exists() and not (p / "zarr.json").is_file():
-            raise GoldenError(f"{p}: not a Zarr v3 group (no zarr.json), nor a directory of case groups "
-                              f"named like the golden's ({', '.join(n for n, _ in golden)})")
-        if not sub.exists():
-            raise GoldenError(f"{p}: has no case group {name!r} (the golden's cases: {', '.join(n for n, _ in golden)})")
-        pairs.append((name, g, load_case(sub)))
-    return pairs
-
-
-def _check_judgeable(name: str, cand: Case, where: str) -> None:
-    """A candidate holding no stage moesnap knows would be judged on nothing: refuse it, naming what it holds."""
-    if cand.model or cand.layers:
-        return
-    other = ", ".join(cand.ignored[:8]) + (" …" if len(cand.ignored) > 8 else "") if cand.ignored else "nothing but tokens"
-    raise GoldenError(f"{where}: case {name!r} holds no stage moesnap knows (it holds: {other}); stage names "
-                      f"and aliases: moesnap.stages")
-
-
 def cmd_compare(a: argparse.Namespace) -> int:
-    from ..util import LayerProgress
+    from ..run.compare import compare
 
     check_report_outputs(a, a.store)
-    tols = load_tolerances(a)
-    meta, golden = resolve_golden_meta(a.golden, a.store)
-    pairs = _candidate_cases(a.candidate, golden)
-    for name, _, c in pairs:
-        _check_judgeable(name, c, a.candidate)
-    model = None
-    notes: list[str] = []
-    if a.model and a.no_local:
-        raise UsageError("--model and --no-local contradict each other")
-    if a.model:
-        from ..run.check import check_golden_matches_model
-        from ..model.weights import GGUFModel
-
-        model = GGUFModel.open(a.model)
-        check_golden_matches_model([(n, g) for n, g, _ in pairs], model, where=a.golden, meta=meta)
-    elif not a.no_local:
-        found = provenance_model(meta)
-        if found is not None:
-            from ..model.weights import GGUFModel
-
-            model = GGUFModel.open(found)
-            notes.append(f"local re-reference with {found} (the golden's model file, same sha256)")
-    cases, local = [], []
-    dtype = a.dtype
-    for name, g, c in pairs:
-        d = dtype or str(c.attrs.get("dtype") or "float32")
-        if d not in DTYPES:
-            raise UsageError(f"unknown dtype {d!r}; choose one of {', '.join(DTYPES)}")
-        dtype = d
-        cases.append(compare_cases(g, c, tols, dtype=d, name=name, allow_missing=a.allow_missing))
-        if model is not None:
-            from ..run.rereference import local_reference
-
-            if c.n_layer > g.n_layer:   # compare_cases above has refused it already
-                continue
-            bar = LayerProgress(f"local {name}", enabled=not getattr(a, "quiet", False))
-            ref, done, lnotes = local_reference(model, c, tie_tol=tols.tie_tol(d), progress=bar)
-            bar.close()
-            if not done:
-                notes.append(f"{name}: local re-reference judged nothing: the dump holds no layer input "
-                             f"(embed, layer_out), so every layer is judged free-running only")
-                continue
-            rep = compare_cases(ref, c, tols, dtype=d, name=name, allow_missing=True, layers=done,
-                                propagate=False, mode="local")
-            rep.notes.extend(f"{name}: {n}" for n in lnotes)
-            local.append(rep)
-    from ..run.check import drift_notes
-
-    notes += drift_notes(tols, dtype or "float32", max(g.n_layer for _, g, _ in pairs),
-                         "local re-reference" if local else None)
-    hint = None
-    if model is None:
-        hint = (f"moesnap compare {a.golden} {a.candidate} --model MODEL.gguf (the golden's model file: the "
-                f"reference then judges every layer from the engine's own input)")
-    report = Report(cases=cases, golden=a.golden, candidate=a.candidate, dtype=dtype or "float32",
-                    mode="free-running" + (" + local re-reference" if model is not None else ""),
-                    replay=local or None, replay_kind="local", notes=notes, hint=hint)
+    report = compare(a.golden, a.candidate, store=a.store, tols=load_tolerances(a), model=a.model,
+                     local=not a.no_local, allow_missing=a.allow_missing, dtype=a.dtype,
+                     show_progress=not getattr(a, "quiet", False))
     return emit(report, a, "moesnap compare")
 
 

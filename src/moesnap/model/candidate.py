@@ -20,11 +20,7 @@ code: only the config, the stage names and the recorder.  What makes it a
   matmul per expert group (path ``"loop"``, the fallback).
   :func:`default_expert_path` takes the grouped GEMM wherever
   :func:`grouped_mm_works` finds it present and agreeing with the loop for
-  the (device, dtype, shapes): on the H200 (torch 2.11) that holds for
-  bfloat16, float32 and float16, and there it is 1.59x faster than the loop
-  for a recorded full-width 2-layer forward in bfloat16 (1.06x in float32;
-  the rest of the time is dequantization); the CPU build of torch 2.13 has
-  it too, about as fast as the loop (1.01-1.07x on 16 cores).  A build
+  the (device, dtype, shapes) (speed figures: BENCHMARKS.md).  A build
   without it, or where it fails or disagrees, gets the loop.
 * **Nothing only for recording.**  Every recorded stage is a value the
   forward needs anyway (q/k/v are views of the fused projection, expert_out

@@ -197,7 +197,7 @@ class GoldenVersion:
         raise GoldenError(f"{self.ref}: no case {name!r} (cases: {', '.join(self.case_names()) or 'none'})")
 
     def read_case(self, name: str, *, verify: bool = True) -> Case:
-        """Read one case; with ``verify``, every array is checked against the recorded sha256."""
+        """Read one case; with ``verify``, every array is checked against its recorded checksum."""
         self.case_info(name)
         validate_case_name(name)
         where = f"{self.where}/{name}"
@@ -272,7 +272,7 @@ class VersionWriter(ABC):
 
     @abstractmethod
     def _write_case(self, name: str, case: Case) -> dict[str, str]:
-        """Write the case's arrays; return {array path: sha256}."""
+        """Write the case's arrays; return {array path: checksum}."""
 
     @abstractmethod
     def _publish(self, meta: dict[str, Any]) -> str:

@@ -51,7 +51,7 @@ from .base import (
 class _PipelinedGroup:
     """A zarr group for :func:`~moesnap.store.case.write_case` whose ``create_array`` hands the
     write to a worker thread and returns at once, so that write_case's checksum of one
-    array (sha256 releases the GIL) runs while the previous array is written.  One worker:
+    array (CRC-32C releases the GIL) runs while the previous array is written.  One worker:
     arrays are written in order, one at a time.  ``attrs`` waits for every write first, and
     :meth:`wait` re-raises the first failure.  ``delay`` (MOESNAP_TEST_SLOW_WRITE) sleeps
     after each array to widen the window of the crash tests.
@@ -223,7 +223,7 @@ class ZarrGoldenStore(GoldenStore):
         return zarr.create_group(zstore, zarr_format=3, overwrite=False)
 
 
-_READ_THREADS = 4   # arrays read and hashed at once (zarr's reads and sha256 release the GIL)
+_READ_THREADS = 4   # arrays read and checked at once (zarr's reads and CRC-32C release the GIL)
 
 
 def _read_raw(arr, raw_dir: Path, path: str) -> np.ndarray | str | None:
@@ -269,7 +269,7 @@ def _read_raw(arr, raw_dir: Path, path: str) -> np.ndarray | str | None:
 def _read_case_parallel(group, *, where: str, verify: bool, raw_dir: Path | None = None,
                         expected: dict | None = None) -> Case:
     """:func:`moesnap.store.case.read_case` for goldens this module wrote (canonical names): the
-    arrays are read and their sha256 checked on a few threads at once (local chunk files
+    arrays are read and their checksums checked on a few threads at once (local chunk files
     straight into the result when :func:`_read_raw` can).  Same errors: an unreadable,
     corrupt or missing array is a GoldenError naming it."""
     from concurrent.futures import ThreadPoolExecutor
