@@ -9,7 +9,7 @@ import pytest
 
 from moesnap.store import LocalGoldenStore
 
-from test_store import small_case
+from moesnap.testing.store import small_case
 
 ts = pytest.importorskip("tensorstore", reason="the test extra installs tensorstore")
 

@@ -28,7 +28,7 @@ from moesnap.cli.main import main  # noqa: E402
 from moesnap.store import MARKER, RemoteGoldenStore  # noqa: E402
 
 from test_goldens import _wait_for, run_cli  # noqa: E402
-from test_store import StoreConformance, same_arrays, small_case  # noqa: E402
+from moesnap.testing.store import StoreConformance, same_arrays, small_case  # noqa: E402
 
 META = {"model": {"file": "m.gguf", "sha256": "ab" * 32}, "dtype": "float32"}
 
