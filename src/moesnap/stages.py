@@ -34,6 +34,13 @@ LAYER_STAGES: tuple[str, ...] = (
 
 INTEGER_STAGES: frozenset[str] = frozenset({"tokens", "topk_ids"})
 
+# The precisions a forward may compute in, by name (torch's and numpy's), the widest first.  Every
+# dtype table of moesnap is this one or a subset of it: goldens are float32/float64, the check's
+# candidate runs float32/bfloat16/float16, tolerances exist for all four.
+DTYPES: tuple[str, ...] = ("float64", "float32", "bfloat16", "float16")
+GOLDEN_DTYPES: tuple[str, ...] = ("float32", "float64")
+CHECK_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
 # Stages whose value depends on the routing decision of their layer.
 POST_ROUTING_STAGES: frozenset[str] = frozenset(
     {"topk_ids", "topk_weights", "expert_out", "moe_out", "layer_out"}

@@ -44,9 +44,8 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from ..errors import ToleranceError
-from ..stages import INTEGER_STAGES, canonical
+from ..stages import DTYPES, INTEGER_STAGES, canonical
 
-DTYPES: tuple[str, ...] = ("float64", "float32", "bfloat16", "float16")
 KEYS: tuple[str, ...] = ("atol", "rtol", "max_frac_outside", "row_rel_l2", "expert_scale")
 INF_KEYS = frozenset({"row_rel_l2", "expert_scale"})   # keys where inf means "rule off"
 DEFAULT = "default"

@@ -67,6 +67,7 @@ from torch.nn import functional as F
 from ..gguf import quants_torch
 from .config import Qwen3MoeConfig
 from ..errors import UsageError
+from ..stages import DTYPES as STAGE_DTYPES
 from .inject import Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, validate_injection
 from .tensors import GLOBAL_TENSORS, LAYER_TENSORS
 from .recorder import NullRecorder, Recorder
@@ -75,7 +76,7 @@ from .weights import GGUFModel
 Progress = Callable[[int, int], None]
 
 #: dtypes the candidate computes in
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+DTYPES = tuple(getattr(torch, name) for name in STAGE_DTYPES)
 #: ways to run the expert matmuls (see :func:`grouped_mm_works`)
 EXPERT_PATHS = ("grouped_mm", "loop")
 

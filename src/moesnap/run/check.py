@@ -161,9 +161,10 @@ def check(model: str | Path, suite: str, *, store: str | None = None, device: st
     """Run moesnap's candidate forward of ``model`` on every case of golden ``suite`` (``NAME[@vNNNN]``
     in ``store``) and judge it (:func:`run_check`); ``inject`` holds ``--inject`` specs."""
     from ..model.inject import parse_inject
+    from ..stages import CHECK_DTYPES
     from .trace import parse_device, parse_dtype
 
-    tdtype = parse_dtype(dtype, allowed=("float32", "bfloat16", "float16"))
+    tdtype = parse_dtype(dtype, allowed=CHECK_DTYPES)
     tdevice = parse_device(device)
     ggm = GGUFModel.open(model)
     injections = [parse_inject(s, ggm.config) for s in inject]

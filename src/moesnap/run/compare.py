@@ -9,7 +9,8 @@ from pathlib import Path
 from ..case import Case
 from ..errors import GoldenError, UsageError
 from ..judge.compare import Report, compare_cases
-from ..judge.tolerances import DTYPES, Tolerances
+from ..judge.tolerances import Tolerances
+from ..stages import DTYPES
 from ..store.case import load_case
 from ..util import LayerProgress
 

@@ -17,10 +17,10 @@ import numpy as np
 
 from ..errors import GoldenError, UsageError
 from ..store import GoldenStore, GoldenVersion, PruneResult, validate_suite
+from ..stages import GOLDEN_DTYPES
 from ..util import printable, progress, write_text_atomic
 
 #: dtypes a golden may be generated in (the reference forward's arithmetic)
-GOLDEN_DTYPES = ("float32", "float64")
 
 
 # ---------------------------------------------------------------- generate

@@ -17,8 +17,9 @@ from ..errors import UsageError
 from ..model.recorder import ArrayRecorder
 from ..util import LayerProgress, file_sha256, published_version_above, versions
 from ..model.weights import GGUFModel
+from ..stages import DTYPES as STAGE_DTYPES
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in STAGE_DTYPES}
 
 
 def parse_dtype(name: str, *, allowed: Sequence[str] = tuple(DTYPES)) -> torch.dtype:
