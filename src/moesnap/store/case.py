@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import zarr
@@ -154,11 +154,28 @@ def _stored(arr) -> tuple[int, int]:
     return sync(count())
 
 
-def read_case(group: zarr.Group, *, where: str, verify: bool = True) -> Case:
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+#: reads one array's data itself (local chunk files straight into the result): the data, None to let
+#: zarr read it, or a string saying what is wrong with it
+RawReader = Callable[[Any, str], "np.ndarray | str | None"]
+
+
+def read_case(group: zarr.Group, *, where: str, verify: bool = True, threads: int = 1,
+              raw: RawReader | None = None, expected: dict | None = None) -> Case:
     """Read every array of a case group, mapping foreign stage names onto ours.
 
     ``where`` names the group in error messages.  With ``verify`` each array
-    that has a recorded checksum is checked against it.
+    that has a recorded checksum is checked against it, and an array the
+    checksums name but the group lacks is an error.  ``threads`` arrays are
+    read and checked at once.  ``expected`` (a golden version's record of
+    each array's shape and dtype) is checked before an array is read, so a
+    tampered ``zarr.json`` cannot make us allocate what it claims; without it
+    the declared sizes are bounded by what the group stores.  Every problem is
+    a :class:`GoldenError` naming the array.
     """
     try:
         attrs = dict(group.attrs)
@@ -167,38 +184,58 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True) -> Case:
     sums = attrs.get("checksums") or {}
     if not isinstance(sums, dict):
         raise GoldenError(f"{where}: attribute 'checksums' is not a mapping")
+    try:
+        members = list(_walk(group))
+    except Exception as e:
+        raise GoldenError(f"{where}: unreadable group ({_one_line(e)})") from None
+    if expected is None:
+        _check_sizes(members, where)
+
+    def load(item) -> tuple[str, np.ndarray | None, str | None]:
+        path, arr = item
+        want = (expected or {}).get(path)
+        if isinstance(want, dict) and (list(arr.shape) != list(want.get("shape") or [])
+                                       or str(arr.dtype) != str(want.get("dtype"))):
+            return path, None, (f"declares shape {list(arr.shape)} {arr.dtype}, the version recorded "
+                                f"{want.get('shape')} {want.get('dtype')} (modified metadata)")
+        try:
+            data = raw(arr, path) if raw is not None else None
+            if isinstance(data, str):
+                return path, None, data
+            if data is None:
+                data = np.asarray(arr[...])
+        except Exception as e:
+            return path, None, f"unreadable array ({_one_line(e)})"
+        if verify and path in sums and not checksum_matches(data, sums[path]):
+            return path, None, "checksum mismatch (corrupt or modified array)"
+        return path, data, None
+
+    if threads > 1 and len(members) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moesnap-read") as pool:
+            loaded = list(pool.map(load, members))
+    else:
+        loaded = []
+        for item in members:
+            loaded.append(load(item))
+            if loaded[-1][2] is not None:
+                break
     tokens = None
     model: dict[str, np.ndarray] = {}
     layers: dict[str, np.ndarray] = {}
     ignored: list[str] = []
-    try:
-        members = list(_walk(group))
-    except Exception as e:
-        raise GoldenError(f"{where}: unreadable group ({type(e).__name__}: {e})") from None
-    _check_sizes(members, where)
-    for path, arr in members:
-        try:
-            data = np.asarray(arr[...])
-        except Exception as e:
-            raise GoldenError(f"{where}/{path}: unreadable array ({type(e).__name__}: {e})") from None
-        expect = sums.get(path)
-        if verify and expect is not None and not checksum_matches(data, expect):
-            raise GoldenError(f"{where}/{path}: checksum mismatch (corrupt or modified array)")
+    for path, data, problem in loaded:
+        if problem is not None:
+            raise GoldenError(f"{where}/{path}: {problem}")
         parts = path.split("/")
-        if len(parts) == 2 and parts[0] == "layers":
-            name = canonical(parts[1])
-            if name in LAYER_STAGES:
-                layers[name] = data
-            else:
-                ignored.append(path)
-        elif len(parts) == 1:
-            name = canonical(parts[0])
-            if name == "tokens":
-                tokens = _token_ids(data, f"{where}/{path}")
-            elif name in MODEL_STAGES:
-                model[name] = data
-            else:
-                ignored.append(path)
+        name = canonical(parts[-1]) if len(parts) == 1 or (len(parts) == 2 and parts[0] == "layers") else None
+        if len(parts) == 2 and name in LAYER_STAGES:
+            layers[name] = data
+        elif len(parts) == 1 and name == "tokens":
+            tokens = _token_ids(data, f"{where}/{path}")
+        elif len(parts) == 1 and name in MODEL_STAGES:
+            model[name] = data
         else:
             ignored.append(path)
     if verify:

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .case import Case, checksum_matches, write_case
+from .case import Case, read_case, write_case
 from ..errors import GoldenError, MoesnapError, UsageError
 from .base import (
     _NAME,
@@ -268,60 +268,10 @@ def _read_raw(arr, raw_dir: Path, path: str) -> np.ndarray | str | None:
 
 def _read_case_parallel(group, *, where: str, verify: bool, raw_dir: Path | None = None,
                         expected: dict | None = None) -> Case:
-    """:func:`moesnap.store.case.read_case` for goldens this module wrote (canonical names): the
-    arrays are read and their checksums checked on a few threads at once (local chunk files
-    straight into the result when :func:`_read_raw` can).  Same errors: an unreadable,
-    corrupt or missing array is a GoldenError naming it."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import zarr
-
-    try:
-        attrs = dict(group.attrs)
-        members = [(p, a) for p, a in group.members(max_depth=None) if isinstance(a, zarr.Array)]
-    except Exception as e:
-        raise GoldenError(f"{where}: unreadable group ({_one_line(e)})") from None
-    sums = attrs.get("checksums") or {}
-    if not isinstance(sums, dict):
-        raise GoldenError(f"{where}: attribute 'checksums' is not a mapping")
-
-    def load(item):
-        path, arr = item
-        want = (expected or {}).get(path)
-        if isinstance(want, dict) and (list(arr.shape) != list(want.get("shape") or [])
-                                       or str(arr.dtype) != str(want.get("dtype"))):
-            # checked before reading: a tampered zarr.json must not make us allocate what it claims
-            return path, None, (f"declares shape {list(arr.shape)} {arr.dtype}, the version recorded "
-                                f"{want.get('shape')} {want.get('dtype')} (modified metadata)")
-        try:
-            data = _read_raw(arr, raw_dir, path) if raw_dir is not None else None
-            if isinstance(data, str):
-                return path, None, data
-            if data is None:
-                data = np.asarray(arr[...])
-        except Exception as e:
-            return path, None, f"unreadable array ({_one_line(e)})"
-        if verify and path in sums and not checksum_matches(data, sums[path]):
-            return path, None, "checksum mismatch (corrupt or modified array)"
-        return path, data, None
-
-    with ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix="moesnap-read") as pool:
-        loaded = list(pool.map(load, members))
-    arrays: dict[str, np.ndarray] = {}
-    for path, data, problem in loaded:
-        if problem is not None:
-            raise GoldenError(f"{where}/{path}: {problem}")
-        arrays[path] = data
-    if verify:
-        for path in sums:
-            if path not in arrays:
-                raise GoldenError(f"{where}/{path}: array is missing")
-    if "tokens" not in arrays:
-        raise GoldenError(f"{where}: no 'tokens' array")
-    return Case(tokens=arrays.pop("tokens").astype(np.int32),
-                model={p: a for p, a in arrays.items() if "/" not in p},
-                layers={p[len("layers/"):]: a for p, a in arrays.items() if p.startswith("layers/")},
-                attrs=attrs)
+    """:func:`moesnap.store.case.read_case` on :data:`_READ_THREADS` threads, local chunk files read
+    straight into the result (:func:`_read_raw`) where ``raw_dir`` is given."""
+    raw = (lambda arr, path: _read_raw(arr, raw_dir, path)) if raw_dir is not None else None
+    return read_case(group, where=where, verify=verify, threads=_READ_THREADS, raw=raw, expected=expected)
 
 
 # ---------------------------------------------------------------- local directory
