@@ -166,6 +166,12 @@ def write_text_atomic(path: str | Path, content: str) -> None:
             tmp.unlink()
 
 
+def describe_error(e: BaseException) -> str:
+    """An exception as one line: its type and its message with all whitespace runs made single spaces."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def printable(text: str) -> str:
     """``text`` with control characters (and lone surrogates) as backslash escapes: text that
     came from input cannot split a line or send escape sequences to the terminal."""

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 MAX_MESSAGE = 600   # characters: a hostile file's 1 MB tensor name or metadata array stays one short line
 
 
-def _one_line(text: str) -> str:
+def _capped(text: str) -> str:
     """``text`` on one short line: a file name holding a newline or an ANSI escape cannot split the
     error over lines or repaint the terminal, and a value read from a file cannot flood it."""
     from ..util import printable
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ["MOESNAP_NO_PROGRESS"] = "1"
         return int(args.func(args) or 0)
     except MoesnapError as e:
-        print(f"moesnap: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"moesnap: error: {_capped(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moesnap: interrupted", file=sys.stderr)
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MOESNAP_DEBUG"):
             traceback.print_exc()
         cmd = " ".join(argv[:3])
-        print(_one_line(f"moesnap: internal error in `moesnap {cmd}`: {type(e).__name__}: {e} ")
+        print(_capped(f"moesnap: internal error in `moesnap {cmd}`: {type(e).__name__}: {e} ")
               + "(set MOESNAP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3
 

@@ -133,11 +133,6 @@ def _json_clean(obj: Any) -> Any:
         raise GoldenError(f"provenance is not JSON-serialisable ({e})") from None
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def _test_delay(var: str) -> float:
     """Test hook: seconds to sleep between writes/reads (widens the window for kill tests)."""
     try:

@@ -26,6 +26,7 @@ import zarr.errors
 
 from ..case import Case, from_recorder  # noqa: F401  (the value, re-exported beside its I/O)
 from ..errors import GoldenError
+from ..util import describe_error
 from ..stages import LAYER_STAGES, MODEL_STAGES, canonical
 
 SCHEMA_VERSION = 1
@@ -154,11 +155,6 @@ def _stored(arr) -> tuple[int, int]:
     return sync(count())
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 #: reads one array's data itself (local chunk files straight into the result): the data, None to let
 #: zarr read it, or a string saying what is wrong with it
 RawReader = Callable[[Any, str], "np.ndarray | str | None"]
@@ -187,7 +183,7 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True, threads: in
     try:
         members = list(_walk(group))
     except Exception as e:
-        raise GoldenError(f"{where}: unreadable group ({_one_line(e)})") from None
+        raise GoldenError(f"{where}: unreadable group ({describe_error(e)})") from None
     if expected is None:
         _check_sizes(members, where)
 
@@ -205,7 +201,7 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True, threads: in
             if data is None:
                 data = np.asarray(arr[...])
         except Exception as e:
-            return path, None, f"unreadable array ({_one_line(e)})"
+            return path, None, f"unreadable array ({describe_error(e)})"
         if verify and path in sums and not checksum_matches(data, sums[path]):
             return path, None, "checksum mismatch (corrupt or modified array)"
         return path, data, None

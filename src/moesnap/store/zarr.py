@@ -29,6 +29,7 @@ import numpy as np
 
 from .case import Case, read_case, write_case
 from ..errors import GoldenError, MoesnapError, UsageError
+from ..util import describe_error
 from .base import (
     _NAME,
     CLAIM,
@@ -38,7 +39,6 @@ from .base import (
     Leftover,
     VersionWriter,
     _now,
-    _one_line,
     _test_delay,
     validate_suite,
     version_name,
@@ -199,7 +199,7 @@ class ZarrGoldenStore(GoldenStore):
             except MoesnapError:
                 raise
             except Exception as e:
-                raise GoldenError(f"{where}: case group missing or unreadable ({_one_line(e)})") from None
+                raise GoldenError(f"{where}: case group missing or unreadable ({describe_error(e)})") from None
             expected: dict = {}
             for entry in self._read_meta(suite, version).get("cases") or []:
                 if isinstance(entry, dict) and entry.get("name") == case and isinstance(entry.get("arrays"), dict):
@@ -215,7 +215,7 @@ class ZarrGoldenStore(GoldenStore):
         except MoesnapError:
             raise
         except (OSError, TimeoutError, RuntimeError, ValueError, KeyError) as e:
-            raise GoldenError(f"{where}: storage error ({_one_line(e)})") from None
+            raise GoldenError(f"{where}: storage error ({describe_error(e)})") from None
 
     def _new_version_group(self, zstore):
         import zarr
@@ -309,7 +309,7 @@ class LocalGoldenStore(ZarrGoldenStore):
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise GoldenError(f"{self.root}: cannot create the store ({_one_line(e)})") from None
+            raise GoldenError(f"{self.root}: cannot create the store ({describe_error(e)})") from None
 
     def _zstore(self):
         from zarr.storage import LocalStore
@@ -325,7 +325,7 @@ class LocalGoldenStore(ZarrGoldenStore):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         except OSError as e:
-            raise GoldenError(f"{self.root / key}: {_one_line(e)}") from None
+            raise GoldenError(f"{self.root / key}: {describe_error(e)}") from None
 
     def suites(self) -> list[str]:
         self._check()
@@ -406,7 +406,7 @@ class LocalGoldenStore(ZarrGoldenStore):
         except FileNotFoundError:
             return False
         except OSError as e:
-            raise GoldenError(f"{src}: cannot remove ({_one_line(e)})") from None
+            raise GoldenError(f"{src}: cannot remove ({describe_error(e)})") from None
 
 
 class _LocalWriter(VersionWriter):
@@ -430,7 +430,7 @@ class _LocalWriter(VersionWriter):
             raise
         except Exception as e:
             self._close()
-            raise GoldenError(f"{self.suite_dir}: cannot start a new version ({_one_line(e)})") from None
+            raise GoldenError(f"{self.suite_dir}: cannot start a new version ({describe_error(e)})") from None
         self._delay = _test_delay("MOESNAP_TEST_SLOW_WRITE")
 
     def _close(self) -> None:
@@ -577,11 +577,11 @@ class RemoteGoldenStore(ZarrGoldenStore):
         except MoesnapError:
             raise
         except FileNotFoundError as e:
-            raise GoldenError(f"{where}: not found ({_one_line(e)})") from None
+            raise GoldenError(f"{where}: not found ({describe_error(e)})") from None
         except PermissionError as e:
-            raise GoldenError(f"{where}: access denied ({_one_line(e)})") from None
+            raise GoldenError(f"{where}: access denied ({describe_error(e)})") from None
         except Exception as e:  # botocore / aiohttp / asyncio faults: the server went away or refused
-            raise GoldenError(f"{where}: S3 storage error ({_one_line(e)})") from None
+            raise GoldenError(f"{where}: S3 storage error ({describe_error(e)})") from None
 
     def _key(self, key: str) -> str:
         return f"{self.path}/{key}" if key else self.path
@@ -610,9 +610,9 @@ class RemoteGoldenStore(ZarrGoldenStore):
         except FileNotFoundError:
             raise GoldenError(f"{self.url}: no such bucket {bucket!r}") from None
         except PermissionError as e:
-            raise GoldenError(f"{self.url}: access denied ({_one_line(e)})") from None
+            raise GoldenError(f"{self.url}: access denied ({describe_error(e)})") from None
         except Exception as e:   # unreachable endpoint, timeouts: say so, not "no such bucket"
-            raise GoldenError(f"{self.url}: S3 storage error ({_one_line(e)})") from None
+            raise GoldenError(f"{self.url}: S3 storage error ({describe_error(e)})") from None
 
     def suites(self) -> list[str]:
         self._check()
