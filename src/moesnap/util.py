@@ -61,7 +61,8 @@ class LayerProgress:
     """A callback ``(done, total)`` drawing a tqdm bar for layer-by-layer work."""
 
     def __init__(self, desc: str, enabled: bool = True) -> None:
-        self.desc, self.enabled, self.bar = desc, enabled and not os.environ.get("MOESNAP_NO_PROGRESS"), None
+        self.desc, self.enabled = desc, enabled and not os.environ.get("MOESNAP_NO_PROGRESS")
+        self.bar: Any = None   # a tqdm bar once the first layer is done
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:

@@ -32,7 +32,7 @@ class TensorKind(NamedTuple):
     stage it feeds first, and whether real files always store it as F32 (norms and router)."""
 
     tensor: MODEL_TENSOR
-    stage: str | None
+    stage: str
     f32: bool
 
     @property
