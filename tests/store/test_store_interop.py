@@ -13,7 +13,7 @@ from moesnap.testing.store import small_case
 
 ts = pytest.importorskip("tensorstore", reason="the test extra installs tensorstore")
 
-COMMITTED = Path(__file__).resolve().parents[1] / "goldens"
+COMMITTED = Path(__file__).resolve().parents[2] / "goldens"
 
 
 def _read_with_tensorstore(path: Path) -> np.ndarray:

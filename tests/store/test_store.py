@@ -1,5 +1,5 @@
 """The golden store: the shipped conformance class (:mod:`moesnap.testing.store`) run against every
-implementation, plus what is particular to each.  ``tests/test_store_s3.py`` runs the same class on S3.
+implementation, plus what is particular to each.  ``tests/store/test_store_s3.py`` runs the same class on S3.
 """
 
 from __future__ import annotations
