@@ -10,7 +10,7 @@ nox.options.reuse_existing_virtualenvs = True
 # CPU environments take the CPU build of torch that lies on local disk; a bare
 # `torch` would pull a multi-GB CUDA build.
 CPU = ["-c", "constraints-cpu.txt"]
-QUICK = "not slow and not heavy and not gpu and not crosscheck"
+QUICK = "not slow and not gpu and not crosscheck"
 
 
 def _install(session: nox.Session, extras: str = "test") -> None:

@@ -83,6 +83,7 @@ import enum
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -319,8 +320,26 @@ def _chunk_pool():
     return _CHUNK_POOL
 
 
+class _ChunkStats(NamedTuple):
+    """Partial statistics of one chunk, in float64, summed or maxed over chunks by the caller."""
+
+    n: int                  # judged elements
+    n_outside: int
+    outside: np.ndarray     # flat indices of the elements outside the tolerance
+    gmax: float             # max |g|
+    cmax: float             # max |c|
+    max_abs: float          # max |c - g|
+    worst_flat: int         # flat index of max_abs (-1: none)
+    sgg: float              # sum g*g
+    scc: float              # sum c*c
+    sgc: float              # sum g*c
+    sdd: float              # sum d*d
+    sd: float               # sum |d|
+    max_rel: float
+
+
 def _chunk_stats(g32: np.ndarray, c32: np.ndarray, start: int, tol: Tolerance, keep: np.ndarray | None,
-                 inner: int, n_tok: int):
+                 inner: int, n_tok: int) -> _ChunkStats | None:
     """Partial statistics of one chunk of flat float16/float32 arrays, in float64; None if non-finite."""
     g = g32.astype(np.float64)
     c = c32.astype(np.float64)
@@ -333,7 +352,7 @@ def _chunk_stats(g32: np.ndarray, c32: np.ndarray, start: int, tol: Tolerance, k
         idx = np.flatnonzero(sel)
         g, c = g[sel], c[sel]
     if g.size == 0:
-        return (0, 0, np.zeros(0, np.int64), 0.0, 0.0, 0.0, -1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return _ChunkStats(0, 0, np.zeros(0, np.int64), 0.0, 0.0, 0.0, -1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     d = np.abs(c - g)
     abs_g = np.abs(g)
     thr = abs_g * tol.rtol
@@ -345,7 +364,7 @@ def _chunk_stats(g32: np.ndarray, c32: np.ndarray, start: int, tol: Tolerance, k
     with np.errstate(divide="ignore", invalid="ignore"):
         max_rel = float(np.fmax.reduce(d / abs_g))
     pos_k = k if idx is None else int(idx[k])
-    return (g.size, out.size, out + start, float(abs_g.max()), float(np.abs(c).max()), float(d[k]), start + pos_k,
+    return _ChunkStats(g.size, out.size, out + start, float(abs_g.max()), float(np.abs(c).max()), float(d[k]), start + pos_k,
             float(np.dot(g, g)), float(np.dot(c, c)), float(np.dot(g, c)), float(np.dot(d, d)), float(d.sum()),
             0.0 if math.isnan(max_rel) else max_rel)
 
@@ -374,14 +393,14 @@ def _classify_chunked(golden: np.ndarray, candidate: np.ndarray, tol: Tolerance,
         lambda s: _chunk_stats(g[s:s + CHUNK], c[s:s + CHUNK], s, tol, keep, inner, n_tok), starts))
     if any(p is None for p in parts):
         return None
-    m = sum(p[0] for p in parts)
-    n_outside = sum(p[1] for p in parts)
-    gmax = max(p[3] for p in parts)
-    cmax = max(p[4] for p in parts)
-    max_abs = max(p[5] for p in parts)
-    worst_flat = next((p[6] for p in parts if p[0] and p[5] == max_abs), -1)
-    sgg, scc, sgc, sdd, sd = (math.fsum(p[i] for p in parts) for i in (7, 8, 9, 10, 11))
-    max_rel = max(p[12] for p in parts)
+    m = sum(p.n for p in parts)
+    n_outside = sum(p.n_outside for p in parts)
+    gmax = max(p.gmax for p in parts)
+    cmax = max(p.cmax for p in parts)
+    max_abs = max(p.max_abs for p in parts)
+    worst_flat = next((p.worst_flat for p in parts if p.n and p.max_abs == max_abs), -1)
+    sgg, scc, sgc, sdd, sd = (math.fsum(getattr(p, k) for p in parts) for k in ("sgg", "scc", "sgc", "sdd", "sd"))
+    max_rel = max(p.max_rel for p in parts)
     if m == 0:
         cosine, rel_l2, nmse, mean_abs, max_rel = 1.0, 0.0, 0.0, 0.0, 0.0
     elif gmax == 0.0 and cmax == 0.0:
@@ -400,7 +419,7 @@ def _classify_chunked(golden: np.ndarray, candidate: np.ndarray, tol: Tolerance,
         mean_abs = sd / m
     bad_tok = np.zeros(0, dtype=np.int64)
     if n_outside and axis is not None:
-        outs = np.concatenate([p[2] for p in parts if p[1]])
+        outs = np.concatenate([p.outside for p in parts if p.n_outside])
         inner_t = int(np.prod(shape[axis + 1:], dtype=np.int64))
         bad_tok = np.unique((outs // inner_t) % shape[axis])
     worst = None

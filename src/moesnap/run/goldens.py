@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import GoldenError, UsageError
+from ..judge.classify import Verdict
 from ..store import GoldenStore, GoldenVersion, PruneResult, validate_suite
 from ..stages import GOLDEN_DTYPES
 from ..util import printable, progress, write_text_atomic
@@ -155,13 +156,17 @@ class StageChange:
     layer: int | None
     stage: str
     identical: bool
-    verdict: str
+    verdict: Verdict
     metrics: dict | None
     detail: str = ""
 
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
     def to_dict(self) -> dict:
         return {"case": self.case, "layer": self.layer, "stage": self.stage, "identical": self.identical,
-                "verdict": self.verdict, "metrics": self.metrics, "detail": self.detail}
+                "verdict": self.verdict.name, "metrics": self.metrics, "detail": self.detail}
 
 
 @dataclass
@@ -186,7 +191,7 @@ class DiffReport:
             "verdict": "changed" if self.any_changed else "identical",
             "n_stages": len(self.stages),
             "n_changed": len(self.changed),
-            "n_beyond_tolerance": sum(1 for s in self.changed if s.verdict not in ("MATCH", "ROUTING_TIE")),
+            "n_beyond_tolerance": sum(1 for s in self.changed if not s.passed),
             "provenance": [{"key": k, "a": x, "b": y} for k, x, y in self.provenance],
             "case_notes": list(self.case_notes),
             "results": [s.to_dict() for s in self.stages],
@@ -239,7 +244,7 @@ def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool
         report = compare_cases(ca, cb, tols, dtype=dtype, name=name)
         for r in report.results:
             same = _bitwise_equal(ca.stage(r.stage, r.layer), cb.stage(r.stage, r.layer))
-            rep.stages.append(StageChange(name, r.layer, r.stage, same, r.verdict.name,
+            rep.stages.append(StageChange(name, r.layer, r.stage, same, r.verdict,
                                           r.result.metrics.to_dict() if r.result.metrics else None,
                                           r.result.detail))
     return rep
@@ -262,10 +267,10 @@ def diff_lines(rep: DiffReport) -> list[str]:
         for s in changed:
             where = "model" if s.layer is None else f"layer {s.layer}"
             m = s.metrics or {}
-            lines.append(f"    {where:>9} {s.stage:<14} {s.verdict:<14} max_abs {_num(m.get('max_abs'))}  "
+            lines.append(f"    {where:>9} {s.stage:<14} {s.verdict.name:<14} max_abs {_num(m.get('max_abs'))}  "
                          f"rel_l2 {_num(m.get('rel_l2'))}  cosine {_num(m.get('cosine'))}"
                          + (f"  ({s.detail})" if s.detail else ""))
-    n, beyond = len(rep.changed), sum(1 for s in rep.changed if s.verdict not in ("MATCH", "ROUTING_TIE"))
+    n, beyond = len(rep.changed), sum(1 for s in rep.changed if not s.passed)
     if rep.any_changed:
         lines.append(f"changed: {n} stage(s), {beyond} beyond tolerance" +
                      (f", {len(rep.case_notes)} case difference(s)" if rep.case_notes else ""))
