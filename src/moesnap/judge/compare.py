@@ -214,7 +214,7 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
         logits = golden.stage("router_logits", layer)
         g_own = _own_ids(g, g_follow.get(layer, {}))
         c_own = _own_ids(c, c_follow.get(layer, {}))
-        if g is None or c is None or logits is None:
+        if g is None or c is None or logits is None or g_own is None or c_own is None:
             judge("topk_ids", layer, g_own, c_own, earlier)
             return ()
         cover("topk_ids", layer, earlier)
@@ -341,6 +341,7 @@ def _classify_stage(g, c, tol, exclude, experts) -> Result:
               f"{worst[3]} routed (token, slot) pairs (expert_scale={tol.expert_scale:g}); "
               + (f"{len(bad)} experts beyond it; " if len(bad) > 1 else "") + res.detail)
     m = res.metrics
+    assert m is not None   # a MATCH always carries metrics
     bad_tokens = sorted(set(m.bad_tokens) | {first})
     metrics = replace(m, first_bad_token=min(bad_tokens), bad_tokens=tuple(bad_tokens[:64]),
                       n_bad_tokens=max(m.n_bad_tokens, len(bad_tokens)))

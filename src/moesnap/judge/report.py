@@ -61,10 +61,11 @@ def table(case: CaseReport, *, title: str | None = None) -> list[str]:
         row = by_layer[layer]
         cells = "".join(f"{_sym(row[s]) if s in row else ' ':>3}" for s in LAYER_STAGES)
         rs = list(row.values())
-        judged = [r for r in rs if r.result.metrics is not None and r.result.metrics.n > 0 and r.stage != "topk_ids"
-                  and r.result.metrics.cosine == r.result.metrics.cosine]
-        worst = max((1.0 - r.result.metrics.cosine for r in judged), default=float("nan"))
-        bad = next((r for s in LAYER_STAGES if (r := row.get(s)) is not None and not r.result.passed), None)
+        cosines = [m.cosine for r in rs if (m := r.result.metrics) is not None and m.n > 0 and r.stage != "topk_ids"
+                   and m.cosine == m.cosine]
+        worst = max((1.0 - c for c in cosines), default=float("nan"))
+        judged = bool(cosines)
+        bad = next((b for s in LAYER_STAGES if (b := row.get(s)) is not None and not b.result.passed), None)
         tail = f" {bad.stage} {bad.verdict.name}" if bad else ""
         shown = f"{worst:<9.2e}" if judged else f"{'-':<9}"
         lines.append(f"L{layer:02d}   {cells} | {shown} |{tail}")
@@ -214,8 +215,8 @@ def _cell(r: StageResult | None, first: StageResult | None) -> str:
     if r is None:
         return "<td class=e></td>"
     if _unjudged(r):
-        tip = f"{r.stage} layer {r.layer}: not judged: every token was excused by an earlier near-tie routing flip"
-        return f"<td class=u title='{html.escape(tip, quote=True)}'>–</td>"
+        why = f"{r.stage} layer {r.layer}: not judged: every token was excused by an earlier near-tie routing flip"
+        return f"<td class=u title='{html.escape(why, quote=True)}'>–</td>"
     color = _pass_color(r) if r.result.passed else _COLOR.get(r.verdict, "#d7301f")
     if r.verdict == Verdict.ROUTING_TIE:
         color = "#fdae61"
