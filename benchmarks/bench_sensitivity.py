@@ -3,7 +3,7 @@
 transformers' ``Qwen3MoeForCausalLM`` gets the weights of a synthetic GGUF
 (8 layers, 16 experts, top-4, hidden 128; ``tests/crosscheck/foreign_run.py``);
 one weight of layer 3 is scaled by a factor and the run is captured with
-:func:`moesnap.run.capture.transformers_case` and judged with ``moesnap compare
+:func:`moesnap.capture.transformers` and judged with ``moesnap compare
 --allow-missing --model MODEL`` (local re-reference: every layer judged from
 the engine's own input) against float32 goldens of two prompts (32 and 40
 tokens).  Targets:

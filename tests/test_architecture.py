@@ -26,7 +26,8 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"case", "errors", "stages", "util"},
     "judge": {"case", "errors", "stages", "util"},      # no store: the judge needs the value, not its I/O
     "testing": {"judge", "store", "case", "stages", "errors"},
-    "run": {"gguf", "model", "store", "judge", "case", "errors", "stages", "util", "moesnap"},
+    "capture": {"gguf", "model", "case", "errors", "stages", "util"},   # other engines' forwards and dumps
+    "run": {"capture", "gguf", "model", "store", "judge", "case", "errors", "stages", "util", "moesnap"},
     "cli": {"run", "gguf", "model", "store", "judge", "case", "errors", "stages", "util", "moesnap"},
     "__main__": {"cli"},
 }

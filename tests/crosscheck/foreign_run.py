@@ -6,7 +6,7 @@ Q6_K ``ffn_down_exps`` in odd layers), writes goldens for a few prompts with
 ``moesnap goldens generate``, loads the same weights into transformers
 (:func:`.hf_model.load_hf_from_gguf`), and judges any (possibly patched) copy
 of that model: each prompt is captured with
-:func:`moesnap.run.capture.transformers_case`, written as a case group, and
+:func:`moesnap.capture.transformers`, written as a case group, and
 checked with ``moesnap compare --allow-missing --json`` -- with ``--model``
 (local re-reference: every layer judged from the engine's own input) or
 ``--no-local`` (free-running only).
@@ -136,9 +136,9 @@ class World:
         return copy.deepcopy(self.base).to(TORCH_DTYPES[dtype])
 
     def capture(self, model) -> Path:
-        """Every prompt through ``model`` (:func:`moesnap.run.capture.transformers_case`), written as a
+        """Every prompt through ``model`` (:func:`moesnap.capture.transformers`), written as a
         directory of case groups named like the golden's cases."""
-        from moesnap.run.capture import transformers_case
+        from moesnap.capture.hf import transformers_case
         from moesnap.run.trace import write_output
 
         self._n += 1

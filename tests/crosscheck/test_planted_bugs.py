@@ -3,7 +3,7 @@
 transformers' ``Qwen3MoeForCausalLM`` gets the weights of a synthetic GGUF
 (:mod:`.hf_model`), one bug of :mod:`.planted_bugs` is planted in layer
 :data:`.foreign_run.BUG_LAYER`, every prompt is captured with
-:func:`moesnap.run.capture.transformers_case`, and ``moesnap compare
+:func:`moesnap.capture.transformers`, and ``moesnap compare
 --allow-missing`` must fail naming that layer and the bug's first visible
 stage, in float32 and in bfloat16:
 
@@ -58,7 +58,7 @@ def _where(outcome) -> str:
 
 def test_capture_float32_matches_golden(world):
     """Every captured stage equals the reference's at float32 rounding; the layout is moesnap's."""
-    from moesnap.run.capture import NOT_CAPTURED, transformers_case
+    from moesnap.capture.hf import NOT_CAPTURED, transformers_case
 
     name, golden = next(iter(world.cases.items()))
     case = transformers_case(world.base, golden.tokens.tolist(), attrs={"note": "x"})
@@ -82,7 +82,7 @@ def test_capture_float32_matches_golden(world):
 
 
 def test_capture_bfloat16_attrs_and_exact_conversion(world):
-    from moesnap.run.capture import transformers_case
+    from moesnap.capture.hf import transformers_case
 
     model = world.model("bfloat16")
     tokens = next(iter(world.cases.values())).tokens.tolist()
@@ -95,7 +95,7 @@ def test_capture_bfloat16_attrs_and_exact_conversion(world):
 
 
 def test_capture_refuses_bad_input(world, monkeypatch):
-    from moesnap.run.capture import transformers_case
+    from moesnap.capture.hf import transformers_case
 
     with pytest.raises(UsageError, match="not a Qwen3MoeForCausalLM"):
         transformers_case(torch.nn.Linear(2, 2), [1, 2])
@@ -108,7 +108,7 @@ def test_capture_refuses_bad_input(world, monkeypatch):
 
 def test_planted_forwards_are_transformers_by_default(world):
     """The attention and router copies the bugs patch compute exactly what transformers does."""
-    from moesnap.run.capture import transformers_case
+    from moesnap.capture.hf import transformers_case
 
     tokens = next(iter(world.cases.values())).tokens.tolist()
     clean = transformers_case(world.base, tokens)
