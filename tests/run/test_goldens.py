@@ -36,10 +36,17 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def run_cli(*args, env=None, **kw) -> subprocess.Popen:
-    code = "import sys; from moesnap.cli.main import main; sys.exit(main(sys.argv[1:]))"
+SLOW_CLI = Path(__file__).with_name("slow_cli.py")
+
+
+def run_cli(*args, env=None, write_delay=0.0, read_delay=0.0, **kw) -> subprocess.Popen:
+    """``moesnap ARGS`` in a subprocess; with a delay, over stores slowed by it (:mod:`slow_cli`)."""
+    if write_delay or read_delay:
+        cmd = [sys.executable, str(SLOW_CLI), str(write_delay), str(read_delay)]
+    else:
+        cmd = [sys.executable, "-c", "import sys; from moesnap.cli.main import main; sys.exit(main(sys.argv[1:]))"]
     full_env = {**os.environ, "MOESNAP_NO_PROGRESS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=full_env,
+    return subprocess.Popen([*cmd, *map(str, args)], env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -186,7 +193,7 @@ def _wait_for(predicate, timeout=90.0, proc=None):
 def test_sigkill_mid_write_publishes_nothing(root, tiny_path, capsys):
     before = tree_digest(root / "tiny" / "v0001")
     p = run_cli(*gen_args(tiny_path, root, "--tokens", "1,2,3,4", "--tokens", "5,6"),
-                env={"MOESNAP_TEST_SLOW_WRITE": "0.05"})
+                write_delay=0.05)
     suite = root / "tiny"
     _wait_for(lambda: any(suite.glob(".staging-*/case0/layers/*/c")), proc=p)
     os.kill(p.pid, signal.SIGKILL)
@@ -211,7 +218,7 @@ def test_sigkill_mid_write_publishes_nothing(root, tiny_path, capsys):
 
 def test_concurrent_generates_make_two_complete_versions(root, tiny_path):
     before = tree_digest(root / "tiny" / "v0001")
-    procs = {ids: run_cli(*gen_args(tiny_path, root, "--tokens", ids), env={"MOESNAP_TEST_SLOW_WRITE": "0.1"})
+    procs = {ids: run_cli(*gen_args(tiny_path, root, "--tokens", ids), write_delay=0.1)
              for ids in ("1,2,3", "4,5")}
     overlap = 0   # the most staging directories seen at once: the writes really were concurrent
     while any(p.poll() is None for p in procs.values()):

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ class TestMemoryStore(StoreConformance):
         del store._published[suite][version].cases[case][path]
 
     def crash(self, store, writer):
-        store.simulate_crash(writer)
+        pass   # the test drops the writer right after: the store holds it weakly, so it is dead
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -162,6 +163,18 @@ def test_parse_ref():
     for bad in ("tiny@", "tiny@3", "tiny@v1", "@v0001", "../x@v0001", "a/b", "tiny@v0001@v0002"):
         with pytest.raises(UsageError):
             parse_ref(bad)
+
+
+def test_delays_are_constructor_arguments_checked_at_the_edge(tmp_path):
+    """The pauses the crash tests use (tests/run/slow_cli.py) are 0 unless given, never negative."""
+    assert (LocalGoldenStore(tmp_path).write_delay, LocalGoldenStore(tmp_path).read_delay) == (0.0, 0.0)
+    for bad in ({"write_delay": -1.0}, {"read_delay": float("nan")}):
+        with pytest.raises(UsageError, match=f"{next(iter(bad))}=.* must be ≥ 0"):
+            LocalGoldenStore(tmp_path, **bad)
+    v = LocalGoldenStore(tmp_path, read_delay=0.3).publish("s", {"case0": small_case(0)}, META)
+    t0 = time.monotonic()
+    assert same_arrays(v.read_case("case0"), small_case(0))
+    assert time.monotonic() - t0 >= 0.3
 
 
 def test_s3fs_is_imported_only_for_s3_roots(tmp_path):

@@ -271,7 +271,7 @@ def s3_one(moto, tiny_path, s3):
 def test_sigkill_mid_write_on_s3(s3_one, s3, tiny_path, capsys):
     bucket, url = s3_one["bucket"], s3_one["url"]
     p = run_cli("-q", "goldens", "generate", tiny_path, "--suite", "tiny", "--store", url, "--tokens", "1,2,3,4",
-                env={"MOESNAP_TEST_SLOW_WRITE": "0.03"})
+                write_delay=0.03)
     _wait_for(lambda: any("/c/" in k for k in objects(s3, bucket, "goldens/tiny/v0002/case0/")), proc=p)
     os.kill(p.pid, signal.SIGKILL)
     p.communicate(timeout=30)
@@ -295,8 +295,8 @@ def test_server_gone_mid_write(s3_one, s3, moto, tiny_path):
     bucket, url = s3_one["bucket"], s3_one["url"]
     proxy = Proxy(moto["port"])
     p = run_cli("-q", "goldens", "generate", tiny_path, "--suite", "tiny", "--store", url, "--tokens", "1,2,3,4",
-                env={"MOESNAP_TEST_SLOW_WRITE": "0.03", "MOESNAP_S3_ATTEMPTS": "1",
-                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+                write_delay=0.03,
+                env={"MOESNAP_S3_ATTEMPTS": "1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
     _wait_for(lambda: any("/c/" in k for k in objects(s3, bucket, "goldens/tiny/v0002/case0/")), proc=p)
     t0 = time.monotonic()
     proxy.stop()
@@ -314,8 +314,7 @@ def test_server_gone_mid_read(s3_one, moto):
     url = s3_one["url"]
     proxy = Proxy(moto["port"])
     p = run_cli("-q", "goldens", "show", "tiny", "--store", url,
-                env={"MOESNAP_TEST_SLOW_READ": "1.5", "MOESNAP_S3_ATTEMPTS": "1",
-                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+                read_delay=1.5, env={"MOESNAP_S3_ATTEMPTS": "1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
     # the version's metadata came through; the reader now waits before reading case0's arrays
     _wait_for(lambda: any("/tiny/v0001/zarr.json" in r for r in proxy.requests), proc=p)
     time.sleep(0.3)

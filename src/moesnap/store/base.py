@@ -133,14 +133,6 @@ def _json_clean(obj: Any) -> Any:
         raise GoldenError(f"provenance is not JSON-serialisable ({e})") from None
 
 
-def _test_delay(var: str) -> float:
-    """Test hook: seconds to sleep between writes/reads (widens the window for kill tests)."""
-    try:
-        return max(0.0, float(os.environ.get(var, "0") or 0))
-    except ValueError:
-        return 0.0
-
-
 # ---------------------------------------------------------------- the interface
 
 
@@ -383,6 +375,3 @@ class GoldenStore(ABC):
         cleaned = [lo.name for lo in self.leftovers(suite)
                    if lo.stale(stale_after) and self._remove_leftover(suite, lo)]
         return PruneResult(tuple(doomed), tuple(kept), tuple(cleaned))
-
-
-# ---------------------------------------------------------------- in memory

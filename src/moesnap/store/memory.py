@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import threading
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +24,18 @@ class _MemVersion:
 
 
 class MemoryGoldenStore(GoldenStore):
-    """Versions in a dict: same rules as the Zarr store, no disk."""
+    """Versions in a dict: same rules as the Zarr store, no disk.
+
+    A writer is alive while something holds it (the store keeps only a weak reference); one
+    dropped without a commit or an abort is what a crashed process leaves: a dead leftover
+    that :meth:`~GoldenStore.prune` removes.
+    """
 
     def __init__(self, name: str = "memory") -> None:
         self.url = f"memory://{name}"
         self._lock = threading.Lock()
         self._published: dict[str, dict[str, _MemVersion]] = {}
-        self._writers: dict[str, dict[str, "_MemoryWriter"]] = {}
+        self._writers: dict[str, dict[str, weakref.ref[_MemoryWriter]]] = {}   # suite -> token -> writer
         self._claimed: dict[str, int] = {}
 
     def suites(self) -> list[str]:
@@ -45,7 +51,7 @@ class MemoryGoldenStore(GoldenStore):
         validate_suite(suite)
         w = _MemoryWriter(self, suite)
         with self._lock:
-            self._writers.setdefault(suite, {})[w.token] = w
+            self._writers.setdefault(suite, {})[w.token] = weakref.ref(w)
         return w
 
     def _get(self, suite: str, version: str) -> _MemVersion:
@@ -85,20 +91,15 @@ class MemoryGoldenStore(GoldenStore):
 
     def leftovers(self, suite: str) -> list[Leftover]:
         with self._lock:
-            return [Leftover(t, None, not w._dead) for t, w in self._writers.get(suite, {}).items()]
+            return [Leftover(t, None, ref() is not None) for t, ref in self._writers.get(suite, {}).items()]
 
     def _remove_leftover(self, suite: str, leftover: Leftover) -> bool:
         with self._lock:
-            w = self._writers.get(suite, {}).get(leftover.name)
-            if w is None or not w._dead:
+            ref = self._writers.get(suite, {}).get(leftover.name)
+            if ref is None or ref() is not None:
                 return False
             del self._writers[suite][leftover.name]
             return True
-
-    def simulate_crash(self, writer: VersionWriter) -> None:
-        """Test helper: the writer's process died (its staging stays until pruned)."""
-        assert isinstance(writer, _MemoryWriter)
-        writer._dead = writer._done = True
 
 
 class _MemoryWriter(VersionWriter):
@@ -107,7 +108,6 @@ class _MemoryWriter(VersionWriter):
         self.token = f".staging-{uuid.uuid4().hex[:12]}"
         self._arrays: dict[str, dict[str, np.ndarray]] = {}
         self._attrs: dict[str, dict[str, Any]] = {}
-        self._dead = False
 
     def _write_case(self, name: str, case: Case) -> dict[str, str]:
         arrays = {p: np.array(a, copy=True, order="C") for p, a in case.arrays().items()}
@@ -121,8 +121,6 @@ class _MemoryWriter(VersionWriter):
     def _publish(self, meta: dict[str, Any]) -> str:
         st: MemoryGoldenStore = self.store  # type: ignore[assignment]
         with st._lock:
-            if self._dead:
-                raise GoldenError(f"{self.suite}: writer died")
             vs = st._published.setdefault(self.suite, {})
             n = max([version_number(v) or 0 for v in vs] + [st._claimed.get(self.suite, 0)]) + 1
             name = version_name(n)
@@ -135,6 +133,3 @@ class _MemoryWriter(VersionWriter):
         st: MemoryGoldenStore = self.store  # type: ignore[assignment]
         with st._lock:
             st._writers.get(self.suite, {}).pop(self.token, None)
-
-
-# ---------------------------------------------------------------- opening

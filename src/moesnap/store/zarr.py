@@ -39,7 +39,6 @@ from .base import (
     Leftover,
     VersionWriter,
     _now,
-    _test_delay,
     validate_suite,
     version_name,
     version_number,
@@ -53,7 +52,7 @@ class _PipelinedGroup:
     write to a worker thread and returns at once, so that write_case's checksum of one
     array (CRC-32C releases the GIL) runs while the previous array is written.  One worker:
     arrays are written in order, one at a time.  ``attrs`` waits for every write first, and
-    :meth:`wait` re-raises the first failure.  ``delay`` (MOESNAP_TEST_SLOW_WRITE) sleeps
+    :meth:`wait` re-raises the first failure.  ``delay`` (the store's ``write_delay``) sleeps
     after each array to widen the window of the crash tests.
     """
 
@@ -146,7 +145,18 @@ def _write_case_pipelined(group, case: Case, delay: float = 0.0, raw_dir: Path |
 
 
 class ZarrGoldenStore(GoldenStore):
-    """Reading is the same for every zarr storage backend; writing differs (rename vs marker)."""
+    """Reading is the same for every zarr storage backend; writing differs (rename vs marker).
+
+    ``write_delay`` and ``read_delay`` (seconds, 0 in normal use) pause after each array written
+    (the S3 store then also uploads one object at a time) and before each case is read: they
+    widen the window in which the crash and concurrency tests kill a writer or a server.
+    """
+
+    def __init__(self, *, write_delay: float = 0.0, read_delay: float = 0.0) -> None:
+        for name, value in (("write_delay", write_delay), ("read_delay", read_delay)):
+            if not value >= 0:
+                raise UsageError(f"{name}={value!r} must be ≥ 0")
+        self.write_delay, self.read_delay = float(write_delay), float(read_delay)
 
     def _zstore(self):
         """A read-only zarr store at the root."""
@@ -190,9 +200,8 @@ class ZarrGoldenStore(GoldenStore):
         import zarr
 
         where = f"{self.where(suite, version)}/{case}"
-        delay = _test_delay("MOESNAP_TEST_SLOW_READ")
-        if delay:
-            time.sleep(delay)
+        if self.read_delay:
+            time.sleep(self.read_delay)
         with self._errors(where):
             try:
                 group = zarr.open_group(self._zstore(), path=f"{suite}/{version}/{case}", mode="r", zarr_format=3)
@@ -293,7 +302,8 @@ def _flocked(path: Path, *, blocking: bool = True) -> Iterator[bool]:
 
 
 class LocalGoldenStore(ZarrGoldenStore):
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, *, write_delay: float = 0.0, read_delay: float = 0.0) -> None:
+        super().__init__(write_delay=write_delay, read_delay=read_delay)
         self.root = Path(root)
         self.url = str(root)
         if self.root.exists() and not self.root.is_dir():
@@ -431,7 +441,7 @@ class _LocalWriter(VersionWriter):
         except Exception as e:
             self._close()
             raise GoldenError(f"{self.suite_dir}: cannot start a new version ({describe_error(e)})") from None
-        self._delay = _test_delay("MOESNAP_TEST_SLOW_WRITE")
+        self._delay = store.write_delay
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -547,7 +557,8 @@ def _close_fs(fs) -> None:
 class RemoteGoldenStore(ZarrGoldenStore):
     """``s3://bucket/prefix`` through zarr's FsspecStore (s3fs imported only here)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, write_delay: float = 0.0, read_delay: float = 0.0) -> None:
+        super().__init__(write_delay=write_delay, read_delay=read_delay)
         self.url = url.rstrip("/")
         scheme, _, rest = url.partition("://")
         if scheme != "s3":
@@ -688,7 +699,7 @@ class _RemoteWriter(VersionWriter):
             self.prefix = f"{suite}/{self.version}"
             self.zstore = FsspecStore(fs=store.fs, path=store._key(self.prefix))
             self.group = store._new_version_group(self.zstore)
-        self._delay = _test_delay("MOESNAP_TEST_SLOW_WRITE")
+        self._delay = store.write_delay
 
     def _write_case(self, name: str, case: Case) -> dict[str, str]:
         """Build the case group in memory, then upload its objects concurrently.
@@ -707,7 +718,7 @@ class _RemoteWriter(VersionWriter):
             sums = _write_case_pipelined(g, case)
             keys = sorted(_sync(_collect(mem.list())))
             proto = default_buffer_prototype()
-            step = 1 if self._delay else _UPLOAD_BATCH    # the test hook uploads one object at a time
+            step = 1 if self._delay else _UPLOAD_BATCH    # slowed for a crash test: one object at a time
             for i in range(0, len(keys), step):
                 batch = keys[i:i + step]
                 bufs = [_sync(mem.get(k, prototype=proto)) for k in batch]

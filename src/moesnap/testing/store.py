@@ -11,7 +11,7 @@ import pytest
 
 from ..case import Case
 from ..errors import GoldenError, UsageError
-from ..store import GoldenStore
+from ..store import GoldenStore, VersionWriter
 from ..store.case import checksum
 
 
@@ -55,8 +55,10 @@ class StoreConformance:
     def remove_array(self, store: GoldenStore, suite: str, version: str, case: str, path: str) -> None:
         raise NotImplementedError
 
-    def crash(self, store: GoldenStore, writer) -> None:
-        """The writer's process dies mid-write (its leftovers stay)."""
+    def crash(self, store: GoldenStore, writer: VersionWriter) -> None:
+        """The writer's process dies mid-write (its leftovers stay).  The test drops its last
+        reference to ``writer`` right after: for a store that lives in the process (memory),
+        that alone is the crash."""
         raise NotImplementedError
 
     stale_after = 24 * 3600.0   # what prune needs to judge a crashed writer dead
@@ -141,6 +143,7 @@ class StoreConformance:
         w = store.begin("s")
         w.add_case("case0", small_case(1))
         self.crash(store, w)
+        del w
         assert store.versions("s") == [v1.version]
         assert [lo.stale(self.stale_after) for lo in store.leftovers("s")] == [True]
         res = store.prune("s", keep=1, stale_after=self.stale_after)
