@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from gguf.quants import Q4_K, dequantize
 
 from moesnap.model import synth
 from moesnap.errors import UsageError
+from moesnap.gguf.reader import open_gguf
+from moesnap.model.config import Qwen3MoeConfig
 from moesnap.model.synth import PRESETS, SynthSpec, make_model, preset, random_blocks, tiny_path
 
 MB = 1 << 20
@@ -296,10 +299,25 @@ def test_one_layer_qwen3_30b_a3b_file(tmp_path):
     assert np.isfinite(x).all() and np.std(x) == pytest.approx(1 / np.sqrt(768), rel=0.05)
 
 
+def test_spec_is_built_around_the_config():
+    spec = preset("tiny")
+    assert isinstance(spec.config, Qwen3MoeConfig)
+    assert (spec.n_layer, spec.vocab_size) == (spec.config.n_layer, spec.config.vocab_size)  # read through
+    two = spec.with_(n_layer=2, seed=3)
+    assert (two.config, two.seed, two.qtypes) == (dataclasses.replace(spec.config, n_layer=2), 3, spec.qtypes)
+    with pytest.raises(AttributeError, match="no_such_field"):
+        spec.no_such_field  # noqa: B018
+    # what moesnap reads back from the file is the spec's config (GGUF keeps rms_eps as a float32)
+    stored = dataclasses.replace(spec.config, rms_eps=float(np.float32(spec.config.rms_eps)))
+    assert Qwen3MoeConfig.from_gguf(open_gguf(tiny_path())) == stored
+
+
 def test_spec_is_frozen_and_normalises_qtypes():
     spec = preset("tiny")
     with pytest.raises(AttributeError):
         spec.n_layer = 3  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        spec.config.n_layer = 3  # type: ignore[misc]
     same = spec.with_(qtypes={k: int(v) for k, v in spec.qtypes.items()})
     assert same == spec and all(isinstance(v, QT) for v in same.qtypes.values())
     assert isinstance(spec, SynthSpec)

@@ -1,7 +1,7 @@
 """Synthetic Qwen3-MoE GGUF files: random weights, real layout, real quant types.
 
-A :class:`SynthSpec` says what to build (shapes, quant type per tensor kind,
-seed); :func:`make_model` streams it into a GGUF file that gguf-py, moesnap's
+A :class:`SynthSpec` says what to build (a :class:`~moesnap.model.config.Qwen3MoeConfig`
+for the shapes, a quant type per tensor kind, a seed); :func:`make_model` streams it into a GGUF file that gguf-py, moesnap's
 loaders and llama.cpp all read like a converted Qwen3-MoE checkpoint:
 
 * architecture ``qwen3moe``, every hyper-parameter under the keys of
@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
@@ -47,6 +47,7 @@ from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, TokenType
 from gguf.quants import quantize
 
 from ..errors import UsageError
+from .config import Qwen3MoeConfig
 from .tensors import F32_TENSORS, KINDS, LAYER_TENSORS, WEIGHT_SUFFIX, Dims
 
 QT = GGMLQuantizationType
@@ -80,29 +81,24 @@ _K_QUANTS = frozenset({QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 SUPPORTED_QTYPES = _QUANTIZED_BY_GGUF | _K_QUANTS
 
 
+#: the config's fields (read through a spec: ``spec.n_layer`` is ``spec.config.n_layer``)
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Qwen3MoeConfig))
+
+
 @dataclass(frozen=True)
 class SynthSpec:
-    """What to build: the model's shape, quant types and seed.
+    """What to build: the model's config (the hyper-parameters moesnap reads back from the file),
+    what only the file carries, quant types and seed.
 
-    ``qtypes`` maps each of :data:`QTYPE_KINDS` to a quant type; the norms
-    and the router (``ffn_gate_inp``) are always F32.  When
-    ``down_exps_alternate`` is set, ``ffn_down_exps`` uses it in odd layers
-    (real Q4_K_M files mix Q4_K and Q6_K there).
+    The config's fields read through (``spec.n_layer``), and :meth:`with_` changes them
+    (``spec.with_(n_layer=2, seed=1)``).  ``qtypes`` maps each of :data:`QTYPE_KINDS` to a
+    quant type; the norms and the router (``ffn_gate_inp``) are always F32.  When
+    ``down_exps_alternate`` is set, ``ffn_down_exps`` uses it in odd layers (real Q4_K_M
+    files mix Q4_K and Q6_K there).
     """
 
-    n_layer: int
-    hidden: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_expert: int
-    n_expert_used: int
-    expert_ff: int
-    vocab_size: int
+    config: Qwen3MoeConfig
     dense_ff: int  # qwen3moe.feed_forward_length: unused by MoE layers, carried by real files
-    rope_base: float = 1_000_000.0
-    rms_eps: float = 1e-6
-    context_length: int = 4096
     qtypes: Mapping[str, GGMLQuantizationType] = field(default_factory=dict)
     down_exps_alternate: GGMLQuantizationType | None = None
     seed: int = 0
@@ -118,8 +114,16 @@ class SynthSpec:
         object.__setattr__(self, "down_exps_alternate", alt)
         _validate(self)
 
-    def with_(self, **changes) -> SynthSpec:
-        """A copy with some fields changed (``dataclasses.replace``)."""
+    def __getattr__(self, name: str) -> Any:
+        if name in _CONFIG_FIELDS:
+            return getattr(object.__getattribute__(self, "config"), name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def with_(self, **changes: Any) -> SynthSpec:
+        """A copy with some fields changed (``dataclasses.replace``); the config's fields change the config."""
+        model = {k: changes.pop(k) for k in list(changes) if k in _CONFIG_FIELDS}
+        if model:
+            changes["config"] = dataclasses.replace(changes.get("config", self.config), **model)
         return dataclasses.replace(self, **changes)
 
     def qtype(self, kind: str, layer: int | None = None) -> GGMLQuantizationType:
@@ -130,18 +134,12 @@ class SynthSpec:
             return self.down_exps_alternate
         return self.qtypes[kind]
 
-    @property
-    def dims(self) -> Dims:
-        """What tensor shapes depend on (:mod:`moesnap.model.tensors`)."""
-        return Dims(self.hidden, self.n_head * self.head_dim, self.n_head_kv * self.head_dim, self.head_dim,
-                    self.n_expert, self.expert_ff, self.vocab_size)
-
     def tensors(self) -> list[SynthTensor]:
         """Every tensor of the file, in file order (embedding, layer by layer, head), with its numpy shape
         and type."""
-        d = self.dims
+        d = self.config.dims
         out = [_tensor("token_embd", None, d, self)]
-        for i in range(self.n_layer):
+        for i in range(self.config.n_layer):
             out += [_tensor(kind, i, d, self) for kind in LAYER_TENSORS]
         out += [_tensor("output_norm", None, d, self), _tensor("output", None, d, self)]
         return out
@@ -173,19 +171,21 @@ def _validate(spec: SynthSpec) -> None:
     def bad(msg: str) -> UsageError:
         return UsageError(f"synthetic model spec {spec.name!r}: {msg}")
 
-    for f in ("n_layer", "hidden", "n_head", "n_head_kv", "head_dim", "n_expert", "n_expert_used",
-              "expert_ff", "vocab_size", "dense_ff", "context_length"):
-        value = getattr(spec, f)
+    c = spec.config
+    if not isinstance(c, Qwen3MoeConfig):
+        raise bad(f"config={c!r} must be a Qwen3MoeConfig")
+    counts = [(f.name, getattr(c, f.name)) for f in dataclasses.fields(c) if f.type in (int, "int")]
+    for name, value in [*counts, ("dense_ff", spec.dense_ff)]:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise bad(f"{f}={value!r} must be an integer ≥ 1")
-    if not (spec.rope_base > 0 and spec.rms_eps > 0):
-        raise bad(f"rope_base={spec.rope_base!r} and rms_eps={spec.rms_eps!r} must be > 0")
-    if spec.n_head % spec.n_head_kv:
-        raise bad(f"n_head={spec.n_head} is not a multiple of n_head_kv={spec.n_head_kv}")
-    if spec.n_expert_used > spec.n_expert:
-        raise bad(f"n_expert_used={spec.n_expert_used} exceeds n_expert={spec.n_expert}")
-    if spec.vocab_size < MIN_VOCAB:
-        raise bad(f"vocab_size={spec.vocab_size} is below {MIN_VOCAB} (3 special + 256 byte tokens)")
+            raise bad(f"{name}={value!r} must be an integer ≥ 1")
+    if not (c.rope_base > 0 and c.rms_eps > 0):
+        raise bad(f"rope_base={c.rope_base!r} and rms_eps={c.rms_eps!r} must be > 0")
+    if c.n_head % c.n_head_kv:
+        raise bad(f"n_head={c.n_head} is not a multiple of n_head_kv={c.n_head_kv}")
+    if c.n_expert_used > c.n_expert:
+        raise bad(f"n_expert_used={c.n_expert_used} exceeds n_expert={c.n_expert}")
+    if c.vocab_size < MIN_VOCAB:
+        raise bad(f"vocab_size={c.vocab_size} is below {MIN_VOCAB} (3 special + 256 byte tokens)")
     if not isinstance(spec.seed, (int, np.integer)) or spec.seed < 0:
         raise bad(f"seed={spec.seed!r} must be an integer ≥ 0")
     missing = [k for k in QTYPE_KINDS if k not in spec.qtypes]
@@ -197,7 +197,7 @@ def _validate(spec: SynthSpec) -> None:
             raise bad(f"{kind}: {qt.name} is not supported; choose one of {sorted(t.name for t in SUPPORTED_QTYPES)}")
     # every layer has the same shapes (types alternate): two layers stand for all of them, and
     # --layers 1000000000000 does not build a plan of 12 trillion tensors
-    sample = spec if spec.n_layer <= 2 else dataclasses.replace(spec, n_layer=2)
+    sample = spec if c.n_layer <= 2 else spec.with_(n_layer=2)
     for t in sample.tensors():
         block = GGML_QUANT_SIZES[t.qtype][0]
         if t.shape[-1] % block:
@@ -343,9 +343,10 @@ def random_blocks(
 
 def _tiny() -> SynthSpec:
     return SynthSpec(
-        n_layer=4, hidden=64, n_head=4, n_head_kv=2, head_dim=32,  # q width 128 != hidden
-        n_expert=8, n_expert_used=2, expert_ff=256, vocab_size=272, dense_ff=192,
-        rope_base=1_000_000.0, rms_eps=1e-6, context_length=4096,
+        Qwen3MoeConfig(n_layer=4, hidden=64, n_head=4, n_head_kv=2, head_dim=32,  # q width 128 != hidden
+                       n_expert=8, n_expert_used=2, expert_ff=256, vocab_size=272,
+                       rope_base=1_000_000.0, rms_eps=1e-6, context_length=4096),
+        dense_ff=192,
         qtypes={
             "token_embd": QT.F32, "output": QT.Q8_0,
             "attn_q": QT.Q8_0, "attn_k": QT.Q8_0, "attn_v": QT.Q8_0, "attn_output": QT.Q8_0,
@@ -362,9 +363,10 @@ def _qwen3_30b_a3b() -> SynthSpec:
     # quant mix of a Q4_K_M file: Q4_K almost everywhere, Q6_K for attn_v, output and
     # half of ffn_down_exps.
     return SynthSpec(
-        n_layer=48, hidden=2048, n_head=32, n_head_kv=4, head_dim=128,
-        n_expert=128, n_expert_used=8, expert_ff=768, vocab_size=151936, dense_ff=6144,
-        rope_base=10_000_000.0, rms_eps=1e-6, context_length=262144,
+        Qwen3MoeConfig(n_layer=48, hidden=2048, n_head=32, n_head_kv=4, head_dim=128,
+                       n_expert=128, n_expert_used=8, expert_ff=768, vocab_size=151936,
+                       rope_base=10_000_000.0, rms_eps=1e-6, context_length=262144),
+        dense_ff=6144,
         qtypes={
             "token_embd": QT.Q4_K, "output": QT.Q6_K,
             "attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K, "attn_output": QT.Q4_K,
@@ -411,22 +413,23 @@ def vocabulary(vocab_size: int) -> tuple[list[str], list[float], list[int]]:
 
 
 def _add_metadata(w: GGUFWriter, spec: SynthSpec) -> None:
+    c = spec.config
     w.add_name(spec.name)
-    w.add_block_count(spec.n_layer)
-    w.add_context_length(spec.context_length)
-    w.add_embedding_length(spec.hidden)
+    w.add_block_count(c.n_layer)
+    w.add_context_length(c.context_length)
+    w.add_embedding_length(c.hidden)
     w.add_feed_forward_length(spec.dense_ff)
-    w.add_expert_feed_forward_length(spec.expert_ff)
-    w.add_expert_count(spec.n_expert)
-    w.add_expert_used_count(spec.n_expert_used)
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
-    w.add_key_length(spec.head_dim)
-    w.add_value_length(spec.head_dim)
-    w.add_layer_norm_rms_eps(spec.rms_eps)
-    w.add_rope_freq_base(spec.rope_base)
+    w.add_expert_feed_forward_length(c.expert_ff)
+    w.add_expert_count(c.n_expert)
+    w.add_expert_used_count(c.n_expert_used)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_head_kv)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_eps)
+    w.add_rope_freq_base(c.rope_base)
     w.add_quantization_version(2)
-    tokens, scores, types = vocabulary(spec.vocab_size)
+    tokens, scores, types = vocabulary(c.vocab_size)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -451,7 +454,7 @@ def tensor_data(t: SynthTensor, spec: SynthSpec) -> np.ndarray:
     if t.kind in F32_TENSORS:
         x = rng.standard_normal(t.shape, dtype=np.float32)
         if t.kind == "ffn_gate_inp":  # router: spread so top-k choices do not nearly tie
-            x *= np.float32(4.0 / np.sqrt(spec.hidden))
+            x *= np.float32(4.0 / np.sqrt(spec.config.hidden))
         else:  # norm weights ~ N(1, 0.1)
             x = np.float32(1.0) + np.float32(0.1) * x
         return x.view(np.uint8).reshape(t.byte_shape)
@@ -468,7 +471,7 @@ def estimated_size(spec: SynthSpec) -> int:
     """Bytes of tensor data ``spec`` makes, without building its plan (layers alternate types)."""
     two = spec.with_(n_layer=2).tensors()
     size = {k: sum(t.nbytes for t in two if t.layer == k) for k in (None, 0, 1)}
-    n = int(spec.n_layer)
+    n = int(spec.config.n_layer)
     return size[None] + size[0] * ((n + 1) // 2) + size[1] * (n // 2)
 
 
@@ -493,7 +496,7 @@ def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = Fa
         raise UsageError(f"{out}: inside the published golden version {inside}; refusing to write there")
     need, free = estimated_size(spec), shutil.disk_usage(parent).free
     if need > free:   # checked before the tensor plan is built: --layers 100000000 would not fit in memory either
-        raise UsageError(f"{out}: {spec.n_layer} layers need {_size(need)}, only {_size(free)} free in {parent}")
+        raise UsageError(f"{out}: {spec.config.n_layer} layers need {_size(need)}, only {_size(free)} free in {parent}")
 
     plan = spec.tensors()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
@@ -512,9 +515,9 @@ def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = Fa
         for i, t in enumerate(plan):
             writer.write_tensor_data(tensor_data(t, spec))
             written += t.nbytes
-            last_of_layer = t.layer is not None and (i + 1 == len(plan) or plan[i + 1].layer != t.layer)
-            if progress and last_of_layer:
-                print(f"moesnap: {out.name}: layer {t.layer + 1}/{spec.n_layer} "
+            last_of_layer = i + 1 == len(plan) or plan[i + 1].layer != t.layer
+            if progress and t.layer is not None and last_of_layer:
+                print(f"moesnap: {out.name}: layer {t.layer + 1}/{spec.config.n_layer} "
                       f"({_size(written)}, {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
         assert writer.fout is not None
         writer.flush()
