@@ -5,7 +5,7 @@ Three independent implementations of Qwen3-MoE read the same GGUF file:
 * moesnap's reference (:func:`moesnap.model.reference.run_reference`),
 * transformers' ``Qwen3MoeForCausalLM`` loaded by :mod:`.hf_model` (gguf-py
   dequantization, no moesnap code),
-* llama.cpp through llama-cpp-python (:mod:`.llama_dump`, own loader, own
+* llama.cpp through llama-cpp-python (:mod:`moesnap.capture.llama`, own loader, own
   kernels, run in a child process).
 
 On all-F32 files every pair must agree to ``max |Δlogits| <= 1e-4`` with the
@@ -103,7 +103,7 @@ class Runs:
 
     def llama_path(self, name):
         """The file llama.cpp reads: the synth file itself once its tensors carry ``.weight`` names."""
-        from .llama_dump import copy_with_weight_suffix, has_weight_suffix
+        from moesnap.capture.llama import copy_with_weight_suffix, has_weight_suffix
 
         p = self.path(name)
         if has_weight_suffix(p):
@@ -142,9 +142,9 @@ class Runs:
 
     def llama(self, name) -> dict[str, np.ndarray]:
         def run():
-            from .llama_dump import llama_forward
+            from moesnap.capture.llama import llama_forward
 
-            return llama_forward(self.llama_path(name), self.tokens(name), stages=True)
+            return llama_forward(self.llama_path(name), self.tokens(name), stages=True, derive_attn_out=True)
 
         return self._get("llama", name, run)
 
@@ -392,7 +392,7 @@ def test_causal_flips():
 def test_llama_cpp_loads_synth_file_as_written(runs):
     """A moesnap synthetic file must load in llama.cpp as written (tensors named ``<name>.weight``)."""
     _need_llama()
-    from .llama_dump import LlamaCrash, llama_forward
+    from moesnap.capture.llama import LlamaCrash, llama_forward
 
     path = runs.path("gqa-top2-d32-rope1e4")
     try:
@@ -411,12 +411,12 @@ def test_reference_on_independently_written_file(tmp_path, figures):
 
     from .ggufgen import GenSpec, write_gguf
     from .hf_model import hf_forward, load_hf_from_gguf
-    from .llama_dump import llama_forward
+    from moesnap.capture.llama import llama_forward
 
     path = write_gguf(tmp_path / "ggufgen.gguf", GenSpec(n_layer=2, n_expert_used=2, seed=7))
     tokens = [1] + np.random.default_rng(7).integers(3, 300, N_TOKENS - 1).tolist()
     hf = hf_forward(load_hf_from_gguf(path), tokens)
-    ll = llama_forward(path, tokens, stages=True)
+    ll = llama_forward(path, tokens, stages=True, derive_attn_out=True)
     fails = _compare_f32("ggufgen", "hf-vs-llama", hf, ll, [s for s in PAIR_STAGES["hf"] if s in PAIR_STAGES["llama"]],
                          figures)
     assert not fails, "transformers vs llama.cpp on an independently written file:\n  " + "\n  ".join(fails)

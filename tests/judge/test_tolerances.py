@@ -248,3 +248,37 @@ def test_from_pyproject_then_cli_overrides(tmp_path):
     tols = Tolerances.from_pyproject(path).with_overrides(["float32:attn_out.atol=0.25"])
     assert tols.for_stage("attn_out", "float32").atol == 0.25
     assert tols.for_stage("q", "float32").atol == 0.5
+
+
+# -- profiles -------------------------------------------------------------------
+
+def test_ggml_profile_widens_free_running_float32_only_and_keeps_per_layer_tables():
+    from moesnap.judge.tolerances import GGML_CARRIED, profile_for
+
+    d, g = Tolerances.defaults(), Tolerances.for_profile("ggml")
+    assert g.profile == "ggml" and d.profile == "default"
+    # per-layer (local re-reference) tolerances: unchanged, since the reference rounds as ggml does
+    for stage in ("q", "moe_out", "logits"):
+        assert g.for_stage(stage, "float32") == d.for_stage(stage, "float32")
+    # free-running float32: the calibrated ggml table, widening with depth
+    q0 = g.carried("q", "float32", 0)
+    assert (q0.atol, q0.rtol) == GGML_CARRIED.stages["q"]
+    assert q0.atol > 100 * d.carried("q", "float32", 0).atol
+    assert g.carried("q", "float32", 8).atol == pytest.approx(q0.atol * 3)
+    assert g.tie_tol_at("float32", 0) == GGML_CARRIED.tie_tol and g.tie_tol("float32") == d.tie_tol("float32")
+    # other dtypes as by default; integer stages stay exact
+    assert g.carried("q", "bfloat16", 5) == d.carried("q", "bfloat16", 5)
+    assert g.carried("topk_ids", "float32", 3).atol == 0
+    assert profile_for("llama.cpp") == "ggml" and profile_for("transformers") == "default" and profile_for(None) == "default"
+
+
+def test_overrides_reach_the_ggml_free_running_table_too():
+    g = Tolerances.for_profile("ggml").with_overrides(["float32:q.atol=0.5", "float32:tie_tol=0.9"])
+    assert g.profile == "ggml"
+    assert g.carried("q", "float32", 0).atol == 0.5 and g.for_stage("q", "float32").atol == 0.5
+    assert g.tie_tol_at("float32", 0) == 0.9 and g.tie_tol("float32") == 0.9
+
+
+def test_unknown_profile_is_refused_by_name():
+    with pytest.raises(ToleranceError, match="unknown tolerance profile 'vllm'"):
+        Tolerances.for_profile("vllm")

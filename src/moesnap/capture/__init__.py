@@ -7,6 +7,12 @@ optional dependency import it only when called and refuse with one line
 (:class:`~moesnap.errors.UsageError`) when it is missing.
 
 - :func:`transformers` (``hf``): forward hooks on a transformers ``Qwen3MoeForCausalLM``.
+- :func:`import_sglang` (``sglang``): the ``.pt`` files of SGLang's tensor dumper.
+- :func:`import_aprt` (``aprt``): an aprender trace directory (``layer-<N>/<stage>.bin``).
+
+The two dump importers take the golden case of the same model and prompt (a flat dump holds neither
+token ids nor shapes); stages a dump holds for the last token only are marked so (``held_tokens``,
+:mod:`moesnap.capture._flat`) and judged on that token alone.
 
 May import: ``gguf``, ``model``, ``case``, ``errors``, ``stages``, ``util``.  Imported by
 ``run`` (trace ``--engine``, ``import``) and by users' own code.
@@ -14,6 +20,7 @@ May import: ``gguf``, ``model``, ``case``, ``errors``, ``stages``, ``util``.  Im
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 from ..case import Case
@@ -34,4 +41,32 @@ def transformers(model: Any, tokens: Sequence[int], *, attrs: dict[str, Any] | N
     return transformers_case(model, tokens, attrs=attrs)
 
 
-__all__ = ["transformers"]
+def import_sglang(path: str | Path, like: Case, *, forward_pass: int | None = None,
+                  attrs: dict[str, Any] | None = None) -> Case:
+    """The case one forward pass of an SGLang dump directory holds, shaped like golden case ``like``.
+
+    See :func:`moesnap.capture.sglang.sglang_case`.  Example::
+
+        import moesnap.capture
+        from moesnap.store.case import load_case
+        case = moesnap.capture.import_sglang("/tmp/dumper/dump_20250101_000000_000000",
+                                             load_case("goldens/tiny/v0001/case0"))
+    """
+    from ._flat import Like
+    from .sglang import sglang_case
+
+    return sglang_case(path, Like.of(like), forward_pass=forward_pass, attrs=attrs)
+
+
+def import_aprt(path: str | Path, like: Case, *, attrs: dict[str, Any] | None = None) -> Case:
+    """The case an aprender trace directory holds, shaped like golden case ``like``.
+
+    See :func:`moesnap.capture.aprt.aprt_case`.
+    """
+    from ._flat import Like
+    from .aprt import aprt_case
+
+    return aprt_case(path, Like.of(like), attrs=attrs)
+
+
+__all__ = ["transformers", "import_sglang", "import_aprt"]

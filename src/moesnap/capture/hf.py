@@ -76,6 +76,79 @@ def _decoder(model: nn.Module) -> nn.Module:
     return inner
 
 
+def model_from_gguf(model: Any, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    attn_implementation: str | None = None, experts_implementation: str | None = None) -> nn.Module:
+    """transformers' ``Qwen3MoeForCausalLM`` holding the weights of ``model`` (a
+    :class:`~moesnap.model.weights.GGUFModel`), built on ``device`` in ``dtype``.
+
+    The config comes from the GGUF's metadata through moesnap's own :class:`Qwen3MoeConfig`
+    (all layers sparse, top-k probabilities renormalised, untied lm head).  Each tensor's stored
+    bytes are dequantized on ``device`` (bit-exact with gguf-py in float32) one tensor at a time and
+    assigned to the meta-initialised model, so the host never holds more than one tensor's bytes.
+    ``attn_implementation`` / ``experts_implementation``: transformers' own choice when None (what a
+    user of transformers runs); ``"eager"`` for the plain loops.
+    """
+    try:
+        from transformers import Qwen3MoeConfig as HFConfig
+        from transformers import Qwen3MoeForCausalLM
+    except ImportError:
+        raise UsageError("transformers is not installed (pip install 'moesnap[transformers]')") from None
+    c = model.config
+    extra: dict[str, Any] = {}
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
+    if experts_implementation:
+        extra["experts_implementation"] = experts_implementation
+    cfg = HFConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden, intermediate_size=c.expert_ff * c.n_expert_used,
+        moe_intermediate_size=c.expert_ff, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_head_kv, head_dim=c.head_dim, num_experts=c.n_expert,
+        num_experts_per_tok=c.n_expert_used, rms_norm_eps=c.rms_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_base},
+        max_position_embeddings=c.context_length, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
+        dtype=dtype, **extra,
+    )
+    with torch.device("meta"):
+        hf = Qwen3MoeForCausalLM(cfg)
+
+    def w(name: str) -> torch.Tensor:
+        return model.on_device(name, device, dtype)
+
+    def assign(sd: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
+        if unexpected:
+            raise UsageError(f"transformers capture: unexpected parameters {unexpected[:3]}")
+
+    assign({"model.embed_tokens.weight": w("token_embd"), "model.norm.weight": w("output_norm"),
+            "lm_head.weight": w("output")})
+    for i in range(c.n_layer):
+        g, m = f"blk.{i}.", f"model.layers.{i}."
+        gate_up = torch.cat([w(g + "ffn_gate_exps"), w(g + "ffn_up_exps")], dim=1)   # [E, 2F, H] gate first
+        assign({
+            m + "input_layernorm.weight": w(g + "attn_norm"),
+            m + "self_attn.q_proj.weight": w(g + "attn_q"),
+            m + "self_attn.k_proj.weight": w(g + "attn_k"),
+            m + "self_attn.v_proj.weight": w(g + "attn_v"),
+            m + "self_attn.o_proj.weight": w(g + "attn_output"),
+            m + "self_attn.q_norm.weight": w(g + "attn_q_norm"),
+            m + "self_attn.k_norm.weight": w(g + "attn_k_norm"),
+            m + "post_attention_layernorm.weight": w(g + "ffn_norm"),
+            m + "mlp.gate.weight": w(g + "ffn_gate_inp"),                  # [E, H]
+            m + "mlp.experts.gate_up_proj": gate_up,
+            m + "mlp.experts.down_proj": w(g + "ffn_down_exps"),           # [E, H, F]
+        })
+        del gate_up
+        model.release_layer(i)
+    still_meta = [n for n, p in hf.named_parameters() if p.is_meta]
+    if still_meta:
+        raise UsageError(f"transformers capture: parameters not loaded from the GGUF: {still_meta[:3]}")
+    # rotary inv_freq buffers are non-persistent and were created on meta: rebuild them on the device
+    with torch.device(device):
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
+    return hf.eval()
+
+
 def transformers_case(model: nn.Module, tokens: Sequence[int], *, attrs: dict[str, Any] | None = None) -> Case:
     """Run ``tokens`` through a transformers ``Qwen3MoeForCausalLM`` and capture every visible stage.
 

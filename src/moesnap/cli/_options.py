@@ -13,6 +13,9 @@ from ..judge.tolerances import Tolerances
 def add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write the JSON report here")
     p.add_argument("--html", metavar="PATH", help="write the HTML heat map here")
+    p.add_argument("--profile", choices=("auto", "default", "ggml"), default="auto",
+                   help="tolerance profile: ggml for engines that round matmul inputs to 8 bits (llama.cpp); "
+                        "auto (default): ggml where the candidate's 'engine' attribute names a ggml engine")
     p.add_argument("--tol", action="append", default=[], metavar="[DTYPE:][STAGE.]KEY=VALUE",
                    help="tolerance override, e.g. moe_out.atol=1e-3 (repeatable)")
     p.add_argument("--config", metavar="PYPROJECT", help="read [tool.moesnap] from this file "
@@ -33,8 +36,9 @@ def check_report_outputs(a: argparse.Namespace, store: str | None = None) -> Non
         raise UsageError(f"--json and --html are the same file {paths[0][1]}")
 
 
-def load_tolerances(a: argparse.Namespace) -> Tolerances:
-    tols = Tolerances.defaults()
+def load_tolerances(a: argparse.Namespace, profile: str = "default") -> Tolerances:
+    """The ``profile``'s built-in tables, then ``[tool.moesnap]`` of the config file, then ``--tol``."""
+    tols = Tolerances.for_profile(profile)
     cfg = Path(a.config) if a.config else Path("pyproject.toml")
     if a.config and not cfg.is_file():
         raise UsageError(f"{cfg}: no such file")

@@ -15,6 +15,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from ..run.trace import parse_dtype, parse_tokens
     from ..util import LayerProgress, check_output_file, write_text_atomic
     from ..model.weights import GGUFModel
+    from ..model.ggml import ActivationQuant, identity
 
     if a.json is not None:
         check_output_file(a.json, force=a.force, option="--json")
@@ -32,13 +33,20 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         token_lists = [encode(model.file, "The quick brown fox jumps over the lazy dog. 0123456789")]
     for t in token_lists:
         model.check_tokens(t)
-    out: dict = {"model": model.path.name, "margin": margin, "tokens": token_lists, "dtypes": {}}
+    out: dict = {"model": model.path.name, "margin": margin, "profile": a.profile, "tokens": token_lists,
+                 "dtypes": {}}
     for d in dtypes:
         bar = LayerProgress(f"calibrate {d}")
-        spread, flips = measure(model, token_lists, parse_dtype(d), progress=bar)
+        aq = identity
+        if a.profile == "ggml":
+            if d != "float32":
+                raise UsageError("--profile ggml calibrates float32 activations (what ggml computes in)")
+            aq = ActivationQuant(model.qtypes())
+        spread, flips = measure(model, token_lists, parse_dtype(d), progress=bar, aq=aq)
         bar.close()
         sugg = suggested(spread, margin)
-        print(f"{d} vs float64 on {model.path.name} ({sum(map(len, token_lists))} tokens, "
+        what = d + (" with ggml's activation rounding" if a.profile == "ggml" else "")
+        print(f"{what} vs float64 on {model.path.name} ({sum(map(len, token_lists))} tokens, "
               f"{flips} routing flips left out):")
         print(f"  {'stage':<14} {'max_abs':>10} {'rel_p99':>10} {'max_rel_l2':>11}")
         for stage, sp in spread.items():
@@ -63,6 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--dtypes", default="float32,bfloat16,float16")
     p.add_argument("--margin", type=float, help="multiplier on the measured spread (default 10)")
+    p.add_argument("--profile", choices=("default", "ggml"), default="default",
+                   help="ggml: round every matmul input as ggml does (Q8_0/Q8_K activations) before measuring")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_calibrate)

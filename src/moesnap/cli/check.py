@@ -16,7 +16,7 @@ def cmd_check(a: argparse.Namespace) -> int:
     check_report_outputs(a, a.store)
     report = check(a.model, a.suite, store=a.store, device=a.device, dtype=a.dtype,
                    replay=True if a.replay else False if a.no_replay else None, inject=a.inject,
-                   tols=load_tolerances(a), router_replay=not a.no_router_replay,
+                   tols=load_tolerances(a, "default" if a.profile == "auto" else a.profile), router_replay=not a.no_router_replay,
                    show_progress=not getattr(a, "quiet", False))
     return emit(report, a, f"moesnap check {report.golden}")
 

@@ -11,7 +11,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from ..run.compare import compare
 
     check_report_outputs(a, a.store)
-    report = compare(a.golden, a.candidate, store=a.store, tols=load_tolerances(a), model=a.model,
+    report = compare(a.golden, a.candidate, store=a.store, tols=lambda profile: load_tolerances(a, profile),
+                     profile=None if a.profile == "auto" else a.profile, model=a.model,
                      local=not a.no_local, allow_missing=a.allow_missing, dtype=a.dtype,
                      show_progress=not getattr(a, "quiet", False))
     return emit(report, a, "moesnap compare")

@@ -54,7 +54,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
     model = GGUFModel.open(a.model)
     tokens, prompt = _tokens_from(a, model)
     case = run_case(model, tokens, dtype=dtype, device=device, candidate=a.candidate, prompt=prompt,
-                    show_progress=not a.quiet)
+                    show_progress=not a.quiet, engine=a.engine)
     write_output(case, a.out, force=a.force)
     for line in summary(case):
         print(line)
@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True)
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--dtype", default="float32")
-    tr.add_argument("--candidate", action="store_true", help="trace the candidate (device) forward")
+    tr.add_argument("--candidate", action="store_true", help="trace moesnap's candidate (device) forward")
+    tr.add_argument("--engine", default="moesnap", metavar="ENGINE",
+                    help="moesnap (default: the reference, or the candidate with --candidate), transformers "
+                         "(its Qwen3MoeForCausalLM on --device in --dtype), llama.cpp (CPU, float32 activations)")
     tr.add_argument("--force", action="store_true", help="replace an existing output")
     tr.set_defaults(func=cmd_trace)
 

@@ -55,7 +55,6 @@ decision (``ROUTING_TIE``).  A wider flip is kept: it is a divergence.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -71,7 +70,7 @@ from ..stages import DTYPES as STAGE_DTYPES
 from .inject import Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, validate_injection
 from .tensors import GLOBAL_TENSORS, LAYER_TENSORS
 from .recorder import NullRecorder, Recorder
-from .weights import GGUFModel
+from .weights import GGUFModel, file_bytes
 
 Progress = Callable[[int, int], None]
 
@@ -85,17 +84,6 @@ _GROUPED_MM_PROBES: dict[tuple[str, torch.dtype, int, int], bool] = {}
 
 
 # --------------------------------------------------------------------------- device helpers
-
-
-def _file_bytes(arr: np.ndarray) -> torch.Tensor:
-    """A GGUF tensor's stored data as ``uint8 [..., bytes_per_row]``, zero-copy."""
-    a = np.asarray(arr)
-    if a.dtype != np.uint8:
-        a = a.view(np.uint8)  # F32/F16/BF16 rows as their raw bytes
-    with warnings.catch_warnings():
-        # the memory map is read-only; nothing here ever writes through it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -281,7 +269,7 @@ class CandidateModel:
         cached = self._bytes.get(name)
         if cached is not None:
             return qtype, cached
-        t = _file_bytes(data)
+        t = file_bytes(data)
         if self.resident:
             t = t.to(self.device)
             self._bytes[name] = t

@@ -19,7 +19,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import Qwen3MoeConfig
+from .ggml import identity
 from .recorder import NullRecorder, Recorder
 from .weights import GGUFModel, LayerWeights
 
@@ -84,33 +85,40 @@ def causal_attention(cfg: Qwen3MoeConfig, q: torch.Tensor, k: torch.Tensor, v: t
     return torch.einsum("hts,shd->thd", probs, v).reshape(T, cfg.q_dim)  # [T, Hq*D]
 
 
-def expert_outputs(cfg: Qwen3MoeConfig, w: LayerWeights, x: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+#: ``aq(x, tensor_name)``: the activation a matmul with weight ``tensor_name`` sees
+#: (:mod:`moesnap.model.ggml`: ggml's rounding; :func:`~moesnap.model.ggml.identity` for the reference)
+ActQuant = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def expert_outputs(cfg: Qwen3MoeConfig, w: LayerWeights, x: torch.Tensor, topk_ids: torch.Tensor,
+                   aq: ActQuant = identity) -> torch.Tensor:
     """Each selected expert's unweighted SwiGLU output ``[T, k, H]`` for ``x [T, H]`` and ``topk_ids [T, k]``."""
     T, k = topk_ids.shape
+    p = f"blk.{w.index}."
+    xg, xu = aq(x, p + "ffn_gate_exps"), aq(x, p + "ffn_up_exps")
     expert_out = x.new_zeros(T, k, cfg.hidden)                     # [T, k, H]
     selected = torch.unique(topk_ids).tolist()
     # Dequantizing is the slow part: do it on a few threads (numpy releases the GIL); the maths below is serial.
     for e, (gate, up, down) in zip(selected, _prefetch(w.experts.expert, selected)):
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)         # tokens routed to e
-        xe = x[tok]                                                # [n, H]
-        h = F.silu(xe @ gate.T) * (xe @ up.T)                      # [n, F]
-        expert_out[tok, slot] = h @ down.T                         # [n, H]
+        h = F.silu(xg[tok] @ gate.T) * (xu[tok] @ up.T)            # [n, F]
+        expert_out[tok, slot] = aq(h, p + "ffn_down_exps") @ down.T   # [n, H]
     return expert_out
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights) -> None:
+    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
         super().__init__()
-        self.cfg, self.w = cfg, w
+        self.cfg, self.w, self.aq = cfg, w, aq
         self.q_norm = RMSNorm(w.q_norm, cfg.rms_eps)
         self.k_norm = RMSNorm(w.k_norm, cfg.rms_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, rec: Recorder) -> torch.Tensor:
         cfg, w = self.cfg, self.w
-        T = x.shape[0]
-        q = (x @ w.wq.T).view(T, cfg.n_head, cfg.head_dim)      # [T, Hq, D]
-        k = (x @ w.wk.T).view(T, cfg.n_head_kv, cfg.head_dim)   # [T, Hkv, D]
-        v = (x @ w.wv.T).view(T, cfg.n_head_kv, cfg.head_dim)   # [T, Hkv, D]
+        T, aq, p = x.shape[0], self.aq, f"blk.{layer}."
+        q = (aq(x, p + "attn_q") @ w.wq.T).view(T, cfg.n_head, cfg.head_dim)      # [T, Hq, D]
+        k = (aq(x, p + "attn_k") @ w.wk.T).view(T, cfg.n_head_kv, cfg.head_dim)   # [T, Hkv, D]
+        v = (aq(x, p + "attn_v") @ w.wv.T).view(T, cfg.n_head_kv, cfg.head_dim)   # [T, Hkv, D]
         rec.save("q", layer, q)
         rec.save("k", layer, k)
         rec.save("v", layer, v)
@@ -124,21 +132,21 @@ class Attention(nn.Module):
 
         attn = causal_attention(cfg, q, k, v)                   # [T, Hq*D]
         rec.save("attn", layer, attn)
-        out = attn @ w.wo.T                                      # [T, H]
+        out = aq(attn, p + "attn_output") @ w.wo.T              # [T, H]
         rec.save("attn_out", layer, out)
         return out
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights) -> None:
+    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
         super().__init__()
-        self.cfg, self.w = cfg, w
+        self.cfg, self.w, self.aq = cfg, w, aq
 
     def forward(self, x: torch.Tensor, layer: int, rec: Recorder) -> torch.Tensor:
         cfg, w = self.cfg, self.w
         k = cfg.n_expert_used
         router_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        logits = x.to(router_dtype) @ w.router.to(router_dtype).T      # [T, E]
+        logits = self.aq(x, f"blk.{layer}.ffn_gate_inp").to(router_dtype) @ w.router.to(router_dtype).T  # [T, E]
         rec.save("router_logits", layer, logits)
         probs = torch.softmax(logits, dim=-1)                          # [T, E]
         topk_w, topk_ids = torch.topk(probs, k, dim=-1)                # [T, k], [T, k]
@@ -146,7 +154,7 @@ class MoE(nn.Module):
         rec.save("topk_ids", layer, topk_ids)
         rec.save("topk_weights", layer, topk_w)
 
-        expert_out = expert_outputs(cfg, w, x, topk_ids)               # [T, k, H]
+        expert_out = expert_outputs(cfg, w, x, topk_ids, self.aq)      # [T, k, H]
         rec.save("expert_out", layer, expert_out)
         out = (expert_out * topk_w[..., None]).sum(dim=1)              # [T, H]
         rec.save("moe_out", layer, out)
@@ -154,12 +162,12 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights) -> None:
+    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(w.attn_norm, cfg.rms_eps)
-        self.attention = Attention(cfg, w)
+        self.attention = Attention(cfg, w, aq)
         self.ffn_norm = RMSNorm(w.ffn_norm, cfg.rms_eps)
-        self.moe = MoE(cfg, w)
+        self.moe = MoE(cfg, w, aq)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, rec: Recorder) -> torch.Tensor:
         h = self.attn_norm(x)
@@ -174,11 +182,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The whole model; builds one :class:`Block` at a time from lazily loaded weights."""
+    """The whole model; builds one :class:`Block` at a time from lazily loaded weights.
 
-    def __init__(self, model: GGUFModel, dtype: torch.dtype = torch.float32) -> None:
+    ``aq`` rounds each matmul's input (:data:`ActQuant`); the reference leaves it as is.
+    """
+
+    def __init__(self, model: GGUFModel, dtype: torch.dtype = torch.float32, aq: ActQuant = identity) -> None:
         super().__init__()
-        self.model, self.cfg, self.dtype = model, model.config, dtype
+        self.model, self.cfg, self.dtype, self.aq = model, model.config, dtype, aq
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, rec: Recorder | None = None,
@@ -198,7 +209,7 @@ class Transformer(nn.Module):
         for i in range(cfg.n_layer):
             if layer_inputs is not None and i in layer_inputs:
                 x = layer_inputs[i].to(dtype)
-            block = Block(cfg, self.model.layer(i, dtype))
+            block = Block(cfg, self.model.layer(i, dtype), self.aq)
             x = block(x, cos, sin, i, rec)
             del block
             self.model.release_layer(i)
@@ -217,14 +228,17 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, H]`` -> logits ``[T, V]``, the vocabulary dequantized in chunks."""
-        x = x.to(self.dtype)
+        x = self.aq(x.to(self.dtype), "output")
         return torch.cat([x @ w.T for w in self.model.row_chunks("output", LM_HEAD_CHUNK, self.dtype)], dim=-1)
 
 
 def run_reference(path: str | Path | GGUFModel, tokens: Sequence[int] | np.ndarray | torch.Tensor, *,
                   dtype: torch.dtype = torch.float32, recorder: Recorder | None = None,
-                  progress=None) -> torch.Tensor:
-    """Open ``path`` (or use an open model) and return the logits ``[T, V]`` for ``tokens``."""
+                  progress=None, aq: ActQuant = identity) -> torch.Tensor:
+    """Open ``path`` (or use an open model) and return the logits ``[T, V]`` for ``tokens``.
+
+    ``aq``: round each matmul's input (``ActivationQuant(model.qtypes())`` computes what a correct
+    ggml engine computes); the reference itself leaves activations as they are."""
     model = path if isinstance(path, GGUFModel) else GGUFModel.open(path)
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-    return Transformer(model, dtype)(ids, recorder, progress=progress)
+    return Transformer(model, dtype, aq)(ids, recorder, progress=progress)

@@ -10,6 +10,8 @@ rows.  Peak memory therefore does not grow with depth.
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,6 +59,17 @@ class LayerWeights:
     ffn_norm: torch.Tensor      # [H]
     router: torch.Tensor        # [E, H]
     experts: "ExpertBank"
+
+
+def file_bytes(arr: np.ndarray) -> torch.Tensor:
+    """A GGUF tensor's stored data as ``uint8 [..., bytes_per_row]``, zero-copy."""
+    a = np.asarray(arr)
+    if a.dtype != np.uint8:
+        a = a.view(np.uint8)  # F32/F16/BF16 rows as their raw bytes
+    with warnings.catch_warnings():
+        # the memory map is read-only; nothing here ever writes through it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 class ExpertBank:
@@ -111,6 +124,16 @@ class GGUFModel:
         arr = _dequantize(self.file, name, t.tensor_type, t.data)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         return torch.from_numpy(arr.reshape(shape)).to(dtype)
+
+    def on_device(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``name`` in its logical shape, its stored bytes dequantized on ``device``
+        (bit-exact with :meth:`dense` in float32; other dtypes are the float32 values rounded)."""
+        from ..gguf import quants_torch
+
+        t = self.file.tensor(name)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        data = file_bytes(t.data).to(device)
+        return quants_torch.dequantize(data, t.tensor_type, out_dtype=dtype).reshape(shape)
 
     def rows(self, name: str, rows: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Selected rows of a 2-D tensor (the embedding for a prompt's tokens)."""

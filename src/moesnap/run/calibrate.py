@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ..model.recorder import ArrayRecorder
-from ..model.reference import run_reference
+from ..model.ggml import identity
+from ..model.reference import ActQuant, run_reference
 from ..stages import INTEGER_STAGES, LAYER_STAGES, POST_ROUTING_STAGES
 from ..model.weights import GGUFModel
 
@@ -57,13 +58,16 @@ class StageSpread:
 
 
 def measure(model: GGUFModel, token_lists: list[list[int]], dtype: torch.dtype,
-            progress=None) -> tuple[dict[str, StageSpread], int]:
-    """Per-stage spread of the reference in ``dtype`` against float64; also the number of routing flips."""
+            progress=None, aq: ActQuant = identity) -> tuple[dict[str, StageSpread], int]:
+    """Per-stage spread of the reference in ``dtype`` against float64; also the number of routing flips.
+
+    ``aq`` rounds each matmul input of the ``dtype`` run (``ActivationQuant``: what a correct ggml
+    engine computes, for the ``ggml`` profile); the float64 run never rounds."""
     spread = {s: StageSpread() for s in ("embed", *LAYER_STAGES, "final_norm", "logits") if s not in INTEGER_STAGES}
     flips = 0
     for tokens in token_lists:
         lo, hi = ArrayRecorder(), ArrayRecorder(keep_dtype=True)
-        run_reference(model, tokens, dtype=dtype, recorder=lo, progress=progress)
+        run_reference(model, tokens, dtype=dtype, recorder=lo, progress=progress, aq=aq)
         run_reference(model, tokens, dtype=torch.float64, recorder=hi, progress=progress)
         L_lo, L_hi = lo.stacked(), hi.stacked()
         T = len(tokens)

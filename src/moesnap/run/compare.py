@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from ..case import Case
 from ..errors import GoldenError, UsageError
 from ..judge.compare import Report, compare_cases
-from ..judge.tolerances import Tolerances
+from ..judge.tolerances import PROFILES, Tolerances, profile_for
 from ..stages import DTYPES
 from ..store.case import load_case
 from ..util import LayerProgress
@@ -89,7 +90,8 @@ def _check_judgeable(name: str, cand: Case, where: str) -> None:
                       f"and aliases: moesnap.stages")
 
 
-def compare(golden: str, candidate: str, *, store: str | None = None, tols: Tolerances | None = None,
+def compare(golden: str, candidate: str, *, store: str | None = None,
+            tols: Tolerances | Callable[[str], Tolerances] | None = None, profile: str | None = None,
             model: str | Path | None = None, local: bool = True, allow_missing: bool = False,
             dtype: str | None = None, show_progress: bool = True) -> Report:
     """Judge the dump at ``candidate`` (a case group, or a group of case groups named like the golden's)
@@ -99,19 +101,36 @@ def compare(golden: str, candidate: str, *, store: str | None = None, tols: Tole
     without it, and with ``local``, the model file the golden's provenance records is used where it
     is found with the same sha256.  ``dtype``: the candidate's, for tolerances (default: its
     ``dtype`` attribute, else float32).
+
+    ``profile`` (:data:`~moesnap.judge.tolerances.PROFILES`; default: from the candidate's ``engine``
+    attribute, ``ggml`` for llama.cpp): under ``ggml`` the local re-reference rounds every matmul input
+    as ggml does (:mod:`moesnap.model.ggml`).  ``tols``: the tolerances, or a function of the profile
+    that builds them (the command line's config file and overrides); default: the profile's tables.
     """
+    from ..model.ggml import ActivationQuant, identity
     from ..model.weights import GGUFModel
     from .check import check_golden_matches_model, drift_notes
     from .rereference import local_reference
 
-    tols = tols or Tolerances.defaults()
     meta, gold = resolve_golden_meta(golden, store)
     pairs = _candidate_cases(candidate, gold)
     for name, _, c in pairs:
         _check_judgeable(name, c, candidate)
+    engine = pairs[0][2].attrs.get("engine")
+    chosen = profile or profile_for(engine)
+    if chosen not in PROFILES:
+        raise UsageError(f"unknown tolerance profile {chosen!r}; choose one of {', '.join(PROFILES)}")
+    if tols is None:
+        tols = Tolerances.for_profile(chosen)
+    elif callable(tols):
+        tols = tols(chosen)
     if model is not None and not local:
         raise UsageError("--model and --no-local contradict each other")
     notes: list[str] = []
+    if chosen == "ggml":
+        why = "" if profile else f" (the candidate's engine is {engine})"
+        notes.append(f"tolerance profile ggml{why}: free-running tolerances admit 8-bit activation rounding "
+                     f"carried through the layers; the local re-reference rounds every matmul input as ggml does")
     ggm = None
     if model is not None:
         ggm = GGUFModel.open(model)
@@ -131,7 +150,8 @@ def compare(golden: str, candidate: str, *, store: str | None = None, tols: Tole
         if ggm is None or c.n_layer > g.n_layer:   # (compare_cases has refused the latter already)
             continue
         bar = LayerProgress(f"local {name}", enabled=show_progress)
-        ref, done, lnotes = local_reference(ggm, c, tie_tol=tols.tie_tol(d), progress=bar)
+        aq = ActivationQuant(ggm.qtypes()) if chosen == "ggml" else identity
+        ref, done, lnotes = local_reference(ggm, c, tie_tol=tols.tie_tol(d), progress=bar, aq=aq)
         bar.close()
         if not done:
             notes.append(f"{name}: local re-reference judged nothing: the dump holds no layer input "

@@ -43,7 +43,9 @@ from ..judge.classify import tie_gap
 from ..model.config import Qwen3MoeConfig
 from ..errors import GoldenError
 from ..model.recorder import ArrayRecorder
-from ..model.reference import RMSNorm, Transformer, causal_attention, expert_outputs, rope_cos_sin, rotate_half
+from ..model.ggml import identity
+from ..model.reference import (ActQuant, RMSNorm, Transformer, causal_attention, expert_outputs, rope_cos_sin,
+                               rotate_half)
 from ..stages import LAYER_STAGES
 from ..model.weights import GGUFModel, LayerWeights
 
@@ -116,15 +118,15 @@ def _by_ids(values: torch.Tensor | None, ids_from: np.ndarray | None, ids_to: to
 
 @torch.no_grad()
 def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.Tensor, cos, sin,
-           rec: ArrayRecorder, tie_tol: float, followed: list) -> None:
+           rec: ArrayRecorder, tie_tol: float, followed: list, aq: ActQuant = identity) -> None:
     """Every stage of layer ``i`` from the engine's own value of the stage before it (module docstring)."""
-    T, D = x.shape[0], cfg.head_dim
+    T, D, p = x.shape[0], cfg.head_dim, f"blk.{i}."
     own = RMSNorm(w.attn_norm, cfg.rms_eps)(x)                                  # [T, H]
     rec.save("attn_norm", i, own)
     a = eng.or_own("attn_norm", own)
-    q = (a @ w.wq.T).view(T, cfg.n_head, D)                                      # [T, Hq, D]
-    k = (a @ w.wk.T).view(T, cfg.n_head_kv, D)                                   # [T, Hkv, D]
-    v = (a @ w.wv.T).view(T, cfg.n_head_kv, D)                                   # [T, Hkv, D]
+    q = (aq(a, p + "attn_q") @ w.wq.T).view(T, cfg.n_head, D)                    # [T, Hq, D]
+    k = (aq(a, p + "attn_k") @ w.wk.T).view(T, cfg.n_head_kv, D)                 # [T, Hkv, D]
+    v = (aq(a, p + "attn_v") @ w.wv.T).view(T, cfg.n_head_kv, D)                 # [T, Hkv, D]
     for name, t in (("q", q), ("k", k), ("v", v)):
         rec.save(name, i, t)
     q, k, v = eng.or_own("q", q), eng.or_own("k", k), eng.or_own("v", v)
@@ -138,7 +140,7 @@ def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.
     qr, kr = eng.or_own("q_rope", qr), eng.or_own("k_rope", kr)
     attn = causal_attention(cfg, qr, kr, v)                                      # [T, Hq*D]
     rec.save("attn", i, attn)
-    attn_out = eng.or_own("attn", attn) @ w.wo.T                                 # [T, H]
+    attn_out = aq(eng.or_own("attn", attn), p + "attn_output") @ w.wo.T          # [T, H]
     rec.save("attn_out", i, attn_out)
     resid = x + eng.or_own("attn_out", attn_out)                                 # [T, H]
     rec.save("attn_resid", i, resid)
@@ -146,7 +148,7 @@ def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.
     fn = RMSNorm(w.ffn_norm, cfg.rms_eps)(resid)
     rec.save("ffn_norm", i, fn)
     fn = eng.or_own("ffn_norm", fn)
-    logits = fn @ w.router.T                                                     # [T, E] float32
+    logits = aq(fn, p + "ffn_gate_inp") @ w.router.T                             # [T, E] float32
     rec.save("router_logits", i, logits)
     logits = eng.or_own("router_logits", logits)
     probs = torch.softmax(logits, dim=-1)                                        # [T, E]
@@ -158,7 +160,7 @@ def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.
     tw = tw / tw.sum(-1, keepdim=True)                                           # renormalised [T, k]
     rec.save("topk_ids", i, ids)
     rec.save("topk_weights", i, tw)
-    eo = expert_outputs(cfg, w, fn, ids)                                         # [T, k, H]
+    eo = expert_outputs(cfg, w, fn, ids, aq)                                     # [T, k, H]
     rec.save("expert_out", i, eo)
     tw_e = _by_ids(eng.get("topk_weights", tw), cand_ids, ids)
     eo_e = _by_ids(eng.get("expert_out", eo), cand_ids, ids)
@@ -168,8 +170,11 @@ def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.
 
 
 def local_reference(model: GGUFModel, candidate: Case, *, tie_tol: float,
-                    progress: Progress | None = None) -> tuple[Case, list[int], list[str]]:
+                    progress: Progress | None = None, aq: ActQuant = identity) -> tuple[Case, list[int], list[str]]:
     """(the reference recomputed from ``candidate``'s own values, the layers recomputed, notes).
+
+    ``aq`` rounds each matmul's input as the engine does (``ActivationQuant`` for a ggml engine:
+    the local reference then computes what a correct ggml engine computes from the same inputs).
 
     Layers the dump gives no input for are left out of the list (their arrays
     hold zeros and must not be judged).
@@ -177,7 +182,7 @@ def local_reference(model: GGUFModel, candidate: Case, *, tie_tol: float,
     cfg = model.config
     T = int(candidate.tokens.shape[0])
     n_layer = min(cfg.n_layer, candidate.n_layer) if candidate.layers else cfg.n_layer
-    ref = Transformer(model, torch.float32)
+    ref = Transformer(model, torch.float32, aq)
     cos, sin = rope_cos_sin(cfg, T, torch.float32)
     rec = ArrayRecorder()
     followed: list = []
@@ -193,7 +198,7 @@ def local_reference(model: GGUFModel, candidate: Case, *, tie_tol: float,
                                   f"got {x.dtype} {list(x.shape)}")
             w = model.layer(i, torch.float32)
             _layer(cfg, w, _Engine(candidate, i), i, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-                   cos, sin, rec, tie_tol, followed)
+                   cos, sin, rec, tie_tol, followed, aq)
             del w
             model.release_layer(i)
             done.append(i)

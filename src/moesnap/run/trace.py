@@ -57,37 +57,80 @@ def model_provenance(model: GGUFModel) -> dict:
     }
 
 
+#: engines ``trace --engine`` runs: moesnap's own forwards, and other engines as candidates
+ENGINES: tuple[str, ...] = ("moesnap", "transformers", "llama.cpp")
+
+
 def run_case(model: GGUFModel, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", candidate: bool = False, prompt: str | None = None,
-             show_progress: bool = True) -> Case:
-    """Run the reference (CPU) or the candidate forward and capture every stage."""
+             show_progress: bool = True, engine: str = "moesnap") -> Case:
+    """Run one forward over ``tokens`` and capture every stage it exposes.
+
+    ``engine="moesnap"``: the reference (CPU) or, with ``candidate``, moesnap's device forward.
+    ``"transformers"``: transformers' ``Qwen3MoeForCausalLM`` built from the same weights, on
+    ``device`` in ``dtype`` (:mod:`moesnap.capture.hf`).  ``"llama.cpp"``: llama.cpp's own forward of
+    the GGUF (CPU, float32 activations; :mod:`moesnap.capture.llama`).  Stages an engine does not
+    expose are absent from the case.
+    """
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     model.check_tokens(np.asarray(tokens))
-    rec = ArrayRecorder(keep_dtype=(dtype == torch.float64))
-    bar = LayerProgress("candidate" if candidate else "reference", enabled=show_progress)
-    try:
+    if engine == "moesnap":
+        rec = ArrayRecorder(keep_dtype=(dtype == torch.float64))
+        bar = LayerProgress("candidate" if candidate else "reference", enabled=show_progress)
+        try:
+            if candidate:
+                from ..model.candidate import CandidateModel
+
+                CandidateModel(model, device=device, dtype=dtype).forward(tokens, rec, progress=bar)
+            else:
+                if torch.device(device).type != "cpu":
+                    raise UsageError("the reference forward runs on the CPU; add --candidate to trace the device forward")
+                from ..model.reference import run_reference
+
+                run_reference(model, tokens, dtype=dtype, recorder=rec, progress=bar)
+        finally:
+            bar.close()
+        case = from_recorder(rec)
+        producer = "moesnap-candidate" if candidate else "moesnap-reference"
+    else:
         if candidate:
-            from ..model.candidate import CandidateModel
-
-            CandidateModel(model, device=device, dtype=dtype).forward(tokens, rec, progress=bar)
-        else:
-            if torch.device(device).type != "cpu":
-                raise UsageError("the reference forward runs on the CPU; add --candidate to trace the device forward")
-            from ..model.reference import run_reference
-
-            run_reference(model, tokens, dtype=dtype, recorder=rec, progress=bar)
-    finally:
-        bar.close()
-    attrs = {
-        "producer": "moesnap-candidate" if candidate else "moesnap-reference",
+            raise UsageError(f"--candidate traces moesnap's own device forward; --engine {engine} is a candidate already")
+        case = _engine_case(engine, model, tokens, dtype=dtype, device=device)
+        producer = case.attrs["producer"]
+    case.attrs.update({
+        "producer": producer,
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "prompt": prompt,
         "token_ids": [int(t) for t in tokens],
         "model": model_provenance(model),
-        "versions": versions(),
+        "versions": {**case.attrs.get("versions", {}), **versions()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    return from_recorder(rec, attrs)
+    })
+    return case
+
+
+def _engine_case(engine: str, model: GGUFModel, tokens: Sequence[int], *, dtype: torch.dtype,
+                 device: torch.device | str) -> Case:
+    if engine == "llama.cpp":
+        if torch.device(device).type != "cpu" or dtype != torch.float32:
+            raise UsageError("--engine llama.cpp runs llama-cpp-python's CPU build with float32 activations; "
+                             "leave --device cpu and --dtype float32")
+        from ..capture.llama import llama_case
+
+        return llama_case(model.path, tokens)
+    from ..capture.hf import model_from_gguf, transformers_case
+
+    if dtype == torch.float64:
+        raise UsageError("--engine transformers runs in float32, bfloat16 or float16")
+    hf = model_from_gguf(model, device=device, dtype=dtype)
+    try:
+        return transformers_case(hf, tokens)
+    finally:
+        del hf
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def check_output(out: str | Path, *, force: bool = False) -> Path:

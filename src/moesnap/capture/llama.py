@@ -1,24 +1,30 @@
-"""Logits and intermediate tensors of llama.cpp (through llama-cpp-python) for one prompt.
+"""llama.cpp as a candidate engine: its own forward of a GGUF, every stage its graph names.
 
-Independent of moesnap: llama.cpp loads the GGUF itself and runs its own
-qwen3moe graph.  Two passes:
-
-1. the high-level ``llama_cpp.Llama`` with ``logits_all=True``, an F32 KV
-   cache and flash attention off, for the logits of every token;
-2. the low-level API with a ``cb_eval`` callback that copies every named,
-   contiguous F32/I32 graph tensor (``ggml_backend_tensor_get``) -- a ctypes
-   mirror of ``struct ggml_tensor`` from the vendored ``ggml.h`` of the
-   pinned llama-cpp-python (0.3.36) gives its type, shape, strides and name.
+llama.cpp (through llama-cpp-python's low-level API) loads the GGUF itself and
+runs its own qwen3moe graph; a ``cb_eval`` callback copies every named,
+contiguous F32/I32 graph tensor (``ggml_backend_tensor_get``) -- a ctypes
+mirror of ``struct ggml_tensor`` from the vendored ``ggml.h`` of the pinned
+llama-cpp-python (0.3.36) gives its type, shape, strides and name.  Tensors
+that are not contiguous F32/I32 are not copied (nothing is read through a
+stride we do not understand).  A high-level ``llama_cpp.Llama`` pass with
+``logits_all=True`` gives the logits of every token.
 
 The tokens go in one batch with ``n_batch == n_ubatch >= len(tokens)`` so
 every graph tensor covers all tokens (a batch larger than ``n_batch`` aborts
-the process).  Because a llama.cpp abort kills the interpreter,
-:func:`llama_forward` runs the work in a child process (this file run as a
-script) and reads its ``.npz``.
+the process), with an F32 KV cache and flash attention off.  Because a
+llama.cpp abort kills the interpreter, :func:`llama_forward` runs the work in
+a child process (``python -m moesnap.capture.llama``) and reads its ``.npz``.
 
-llama.cpp tensor names for qwen3moe and the moesnap stages they map onto
-are in :data:`STAGE_MAP`; the ggml shape ``ne = [ne0, ne1, ...]`` is
-reversed into numpy order.
+llama.cpp tensor names for qwen3moe and the moesnap stages they map onto are
+in :data:`STAGE_MAP`; the ggml shape ``ne = [ne0, ne1, ...]`` is reversed
+into numpy order.  The o-projection output is unnamed in llama.cpp's graph,
+so :func:`llama_case` leaves ``attn_out`` out (``derive_attn_out=True`` of
+:func:`map_stages`, used by the cross-check, derives it as ``ffn_inp - input``).
+
+ggml quantizes activations inside quantized matmuls (to Q8_0 or Q8_K, the
+weight type's ``vec_dot_type``): a correct llama.cpp differs from a float32
+reference by that rounding.  Cases captured here carry ``engine="llama.cpp"``,
+which selects the ``ggml`` tolerance profile (:mod:`moesnap.judge.tolerances`).
 """
 
 from __future__ import annotations
@@ -31,8 +37,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
+import torch
+
+from ..case import Case, from_recorder
+from ..errors import UsageError
+from ..model.recorder import ArrayRecorder
+from ..util import versions
 
 # --- ctypes mirror of struct ggml_tensor (ggml/include/ggml.h, llama-cpp-python 0.3.36) ---
 GGML_MAX_DIMS = 4
@@ -230,8 +243,12 @@ def _split(name: str) -> tuple[str, int | None]:
     return name, None
 
 
-def map_stages(captured: list[tuple[str, np.ndarray]], T: int, n_expert_used: int, head_dim: int) -> dict[str, np.ndarray]:
-    """moesnap stages ``[L, T, ...]`` (and model stages ``[T, ...]``) from the captured llama.cpp tensors."""
+def map_stages(captured: list[tuple[str, np.ndarray]], T: int, n_expert_used: int, head_dim: int, *,
+               derive_attn_out: bool = False) -> dict[str, np.ndarray]:
+    """moesnap stages ``[L, T, ...]`` (and model stages ``[T, ...]``) from the captured llama.cpp tensors.
+
+    ``derive_attn_out``: add ``attn_out = ffn_inp - <layer input>`` (not a tensor llama.cpp computes:
+    the cross-check uses it; a candidate case leaves the stage out)."""
     occ: dict[tuple[str, int], list[np.ndarray]] = {}
     model: dict[str, np.ndarray] = {}
     for name, arr in captured:
@@ -261,7 +278,7 @@ def map_stages(captured: list[tuple[str, np.ndarray]], T: int, n_expert_used: in
                 a = a[:, :n_expert_used]
             per.setdefault(stage, {})[il] = a
     out = {s: np.stack([v[i] for i in sorted(v)]) for s, v in per.items()}
-    if "attn_resid" in out and "layer_out" in out and "embed" in model:
+    if derive_attn_out and "attn_resid" in out and "layer_out" in out and "embed" in model:
         inputs = np.concatenate([model["embed"][None], out["layer_out"][:-1]])
         out["attn_out"] = out["attn_resid"] - inputs  # derived: the o-projection output is unnamed
     out.update(model)
@@ -269,7 +286,7 @@ def map_stages(captured: list[tuple[str, np.ndarray]], T: int, n_expert_used: in
 
 
 def forward_in_process(path: str, tokens: list[int], *, stages: bool = True,
-                       n_threads: int | None = None) -> dict[str, np.ndarray]:
+                       n_threads: int | None = None, derive_attn_out: bool = False) -> dict[str, np.ndarray]:
     """Run both passes in this process (a llama.cpp abort kills the interpreter)."""
     n_threads = n_threads or min(os.cpu_count() or 1, 4)
     _capture_log()
@@ -282,7 +299,8 @@ def forward_in_process(path: str, tokens: list[int], *, stages: bool = True,
         fields = GGUFReader(path).fields
         n_expert_used = int(fields["qwen3moe.expert_used_count"].contents())
         head_dim = int(fields["qwen3moe.attention.key_length"].contents())
-        for stage, arr in map_stages(captured, len(tokens), n_expert_used, head_dim).items():
+        for stage, arr in map_stages(captured, len(tokens), n_expert_used, head_dim,
+                                     derive_attn_out=derive_attn_out).items():
             if stage != "logits":
                 res[stage] = arr
         names: dict[str, list] = {}
@@ -328,7 +346,7 @@ def copy_with_weight_suffix(src: str | Path, dst: str | Path) -> Path:
 
 
 def llama_forward(path: str | Path, tokens, *, stages: bool = True, timeout: float = 300,
-                  n_threads: int | None = None) -> dict[str, np.ndarray]:
+                  n_threads: int | None = None, derive_attn_out: bool = False) -> dict[str, np.ndarray]:
     """llama.cpp's logits ``[T, V]`` and (``stages=True``) moesnap-named stages, computed in a child process.
 
     Keys: ``logits`` (high-level API), ``logits_lowlevel`` (the cb_eval pass),
@@ -338,10 +356,12 @@ def llama_forward(path: str | Path, tokens, *, stages: bool = True, timeout: flo
     tokens = [int(t) for t in tokens]
     with tempfile.TemporaryDirectory(prefix="llama_dump_") as d:
         out = Path(d) / "dump.npz"
-        cmd = [sys.executable, str(Path(__file__).resolve()), str(path), "--out", str(out),
+        cmd = [sys.executable, "-m", "moesnap.capture.llama", str(path), "--out", str(out),
                "--tokens", ",".join(map(str, tokens))]
         if not stages:
             cmd.append("--no-stages")
+        if derive_attn_out:
+            cmd.append("--derive-attn-out")
         if n_threads:
             cmd += ["--threads", str(n_threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -353,6 +373,58 @@ def llama_forward(path: str | Path, tokens, *, stages: bool = True, timeout: flo
             return {k: z[k] for k in z.files}
 
 
+#: stages llama.cpp's qwen3moe graph does not name (the o-projection output)
+NOT_CAPTURED: tuple[str, ...] = ("attn_out",)
+
+
+def llama_case(path: str | Path, tokens: Sequence[int], *, n_threads: int | None = None,
+               timeout: float = 600, attrs: dict[str, Any] | None = None) -> Case:
+    """Run ``tokens`` through llama.cpp on the GGUF at ``path`` and capture every stage its graph names.
+
+    A file whose tensors lack llama.cpp's ``.weight`` suffix (moesnap's synthetic files) is copied
+    once, byte for byte in its data, with the names llama.cpp expects.  Returns a
+    :class:`~moesnap.case.Case` (float32 values, ``topk_ids`` int32) whose ``attrs`` say
+    ``engine="llama.cpp"``, ``dtype="float32"`` (its activations; weights stay as stored) and the
+    versions, updated with ``attrs``.  Raises :class:`UsageError` when llama-cpp-python is not
+    installed, :class:`LlamaCrash` when llama.cpp fails.
+    """
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UsageError("llama-cpp-python is not installed (pip install 'moesnap[llama]'; it builds "
+                         "from source, ~5 min)") from None
+    ids = [int(t) for t in tokens]
+    if not ids:
+        raise UsageError("llama.cpp capture: empty token list")
+    with tempfile.TemporaryDirectory(prefix="moesnap-llama-") as d:
+        model_path = Path(path)
+        if not has_weight_suffix(model_path):
+            model_path = copy_with_weight_suffix(model_path, Path(d) / model_path.name)
+        res = llama_forward(model_path, ids, stages=True, timeout=timeout, n_threads=n_threads)
+    rec = ArrayRecorder()
+    for stage, arr in res.items():
+        if stage.startswith("_") or stage == "logits_lowlevel":
+            continue
+        if stage in ("embed", "final_norm", "logits"):
+            rec.save(stage, None, torch.from_numpy(np.ascontiguousarray(arr)))
+        else:
+            for layer in range(arr.shape[0]):
+                rec.save(stage, layer, torch.from_numpy(np.ascontiguousarray(arr[layer])))
+    rec.save("tokens", None, torch.as_tensor(np.asarray(ids, dtype=np.int64)))
+    meta: dict[str, Any] = {
+        "producer": "llama.cpp",
+        "engine": "llama.cpp",
+        "dtype": "float32",
+        "device": "cpu",
+        "llama_cpp_version": llama_cpp.__version__,
+        "versions": {**versions(), "llama_cpp_python": llama_cpp.__version__},
+        "token_ids": ids,
+        "not_captured": list(NOT_CAPTURED),
+    }
+    meta.update(attrs or {})
+    return from_recorder(rec, meta)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -361,10 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-stages", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--print-names", action="store_true")
+    ap.add_argument("--derive-attn-out", action="store_true")
     a = ap.parse_args(argv)
     tokens = [int(t) for t in a.tokens.split(",") if t]
     try:
-        res = forward_in_process(a.model, tokens, stages=not a.no_stages, n_threads=a.threads)
+        res = forward_in_process(a.model, tokens, stages=not a.no_stages, n_threads=a.threads,
+                                 derive_attn_out=a.derive_attn_out)
     except BaseException:
         sys.stderr.write("".join(LOG[-40:]))
         raise

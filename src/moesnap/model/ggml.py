@@ -1,0 +1,90 @@
+"""ggml's activation quantization, emulated: what a correct llama.cpp does to the input of a matmul.
+
+ggml's CPU backend multiplies a quantized weight by an activation only after converting the
+activation to the weight type's ``vec_dot_type``: Q8_0 blocks of 32 for Q4_0/Q5_0/Q8_0 weights,
+Q8_1 for Q4_1/Q5_1, Q8_K blocks of 256 for the k-quants (Q2_K..Q6_K) and the i-quants, float16
+for F16 weights and bfloat16 for BF16; F32 weights (norms, the router) see the activation as it
+is.  So a correct llama.cpp differs from a float32 reference by about one 8-bit rounding of every
+matmul input (~0.5 % relative L2 per output row), and that difference accumulates over layers.
+
+:class:`ActivationQuant` returns ``x`` rounded the way ggml rounds it (values, not blocks: each
+block's integer quants times its scale), so the reference can compute what a correct ggml engine
+computes, up to float summation order.  The rounding follows ggml's x86 ``quantize_row_q8_0``
+(``d = amax / 127`` stored as float16, ``q = round(x * 127 / amax)``, ties to even) and
+``quantize_row_q8_K_ref`` (``iscale = -127 / max`` for the element of largest magnitude,
+``q = min(127, round(iscale * x))``, ``d = 1 / iscale`` in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: weight type -> the activation format ggml converts to before the dot product (None: as is)
+VEC_DOT_TYPE: dict[str, str | None] = {
+    "F32": None, "F16": "F16", "BF16": "BF16",
+    "Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "IQ4_NL": "Q8_0",
+    "Q4_1": "Q8_1", "Q5_1": "Q8_1",
+    "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K",
+    "IQ2_XXS": "Q8_K", "IQ2_XS": "Q8_K", "IQ2_S": "Q8_K", "IQ3_XXS": "Q8_K", "IQ3_S": "Q8_K",
+    "IQ1_S": "Q8_K", "IQ1_M": "Q8_K", "IQ4_XS": "Q8_K",
+}
+
+
+def q8_0(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., n]`` (n a multiple of 32) rounded to Q8_0 (also Q8_1's values), in float32."""
+    b = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    d = (amax / 127).to(torch.float16).float()
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(b * inv) * d).reshape(x.shape)
+
+
+def q8_k(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., n]`` (n a multiple of 256) rounded to Q8_K, in float32."""
+    b = x.float().reshape(*x.shape[:-1], -1, 256)
+    mx = b.gather(-1, b.abs().argmax(-1, keepdim=True))           # signed value of largest magnitude
+    nz = mx != 0
+    iscale = torch.where(nz, -127 / torch.where(nz, mx, torch.ones_like(mx)), torch.zeros_like(mx))
+    d = torch.where(nz, 1 / torch.where(nz, iscale, torch.ones_like(iscale)), torch.zeros_like(iscale))
+    return (torch.round(iscale * b).clamp(max=127) * d).reshape(x.shape)
+
+
+_ROUND = {"Q8_0": (q8_0, 32), "Q8_1": (q8_0, 32), "Q8_K": (q8_k, 256)}
+
+
+def round_activation(x: torch.Tensor, weight_type: str) -> torch.Tensor:
+    """``x`` as ggml hands it to a matmul with a ``weight_type`` weight (same dtype as ``x``).
+
+    Unknown weight types and rows that are not a whole number of blocks are returned unchanged
+    (ggml would refuse such a matmul; nothing here invents a rounding).
+    """
+    fmt = VEC_DOT_TYPE.get(weight_type)
+    if fmt is None:
+        return x
+    if fmt == "F16":
+        return x.to(torch.float16).to(x.dtype)
+    if fmt == "BF16":
+        return x.to(torch.bfloat16).to(x.dtype)
+    fn, block = _ROUND[fmt]
+    if x.shape[-1] % block:
+        return x
+    return fn(x).to(x.dtype)
+
+
+class ActivationQuant:
+    """Round a matmul's input as ggml does for the weight it meets: ``aq(x, "blk.3.attn_q")``.
+
+    ``qtypes`` maps bare tensor names to their stored type names
+    (:meth:`~moesnap.model.weights.GGUFModel.qtypes`).
+    """
+
+    def __init__(self, qtypes: dict[str, str]) -> None:
+        self.qtypes = dict(qtypes)
+
+    def __call__(self, x: torch.Tensor, tensor: str) -> torch.Tensor:
+        return round_activation(x, self.qtypes.get(tensor.removesuffix(".weight"), "F32"))
+
+
+def identity(x: torch.Tensor, tensor: str) -> torch.Tensor:  # noqa: ARG001
+    """No activation rounding (moesnap's reference, transformers, a float engine)."""
+    return x

@@ -1,0 +1,89 @@
+"""ggml's activation rounding (moesnap.model.ggml): the values a correct llama.cpp feeds its matmuls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+from moesnap.model.ggml import VEC_DOT_TYPE, ActivationQuant, q8_0, q8_k, round_activation
+
+
+def _x(rows: int, n: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((rows, n)) * 3).astype(np.float32)
+
+
+def test_q8_0_equals_gguf_py_quantize_then_dequantize():
+    x = _x(9, 512)
+    x[0, :32] = 0.0                                   # an all-zero block stays zero
+    want = quants.dequantize(quants.quantize(x, Q.Q8_0), Q.Q8_0)
+    got = q8_0(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_q8_k_rounds_each_block_of_256_to_127_steps_of_its_largest_magnitude():
+    x = _x(4, 768, seed=1)
+    x[1, 256:512] = 0.0
+    got = q8_k(torch.from_numpy(x)).numpy().reshape(4, 3, 256)
+    b = x.reshape(4, 3, 256)
+    big = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)       # signed largest magnitude
+    d = np.where(big != 0, 1 / (-127 / np.where(big != 0, big, 1)), 0)
+    q = got / np.where(d != 0, d, 1)
+    assert np.allclose(q, np.round(q), atol=1e-3), "not on the block's grid"
+    assert (np.abs(got - b) <= np.abs(d) / 2 * (1 + 1e-5) + 1e-7).all(), "rounded further than half a step"
+    np.testing.assert_allclose(np.take_along_axis(got, np.abs(b).argmax(-1)[..., None], -1), big, rtol=1e-6)
+    assert (got[1, 1] == 0).all()
+    assert not np.array_equal(got, b)
+
+
+@pytest.mark.parametrize("qtype, fmt", [("Q8_0", "Q8_0"), ("Q4_K", "Q8_K"), ("Q6_K", "Q8_K"), ("Q4_0", "Q8_0"),
+                                        ("Q5_1", "Q8_1"), ("F16", "F16"), ("BF16", "BF16"), ("F32", None)])
+def test_each_weight_type_meets_its_vec_dot_type(qtype, fmt):
+    assert VEC_DOT_TYPE[qtype] == fmt
+    x = torch.from_numpy(_x(3, 512, seed=2))
+    y = round_activation(x, qtype)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if fmt is None:
+        assert y is x
+    elif fmt == "F16":
+        assert torch.equal(y, x.half().float())
+    elif fmt == "BF16":
+        assert torch.equal(y, x.bfloat16().float())
+    else:
+        assert not torch.equal(y, x)
+        rel = float((y - x).norm() / x.norm())
+        assert 1e-4 < rel < 2e-2, rel                       # one 8-bit rounding: ~0.3-0.6 %
+
+
+def test_rows_that_are_not_whole_blocks_and_unknown_types_are_left_alone():
+    x = torch.from_numpy(_x(2, 100))
+    assert round_activation(x, "Q8_0") is x
+    assert round_activation(torch.from_numpy(_x(2, 512)), "NOT_A_TYPE").equal(torch.from_numpy(_x(2, 512)))
+
+
+def test_activation_quant_looks_up_the_weight_it_meets():
+    aq = ActivationQuant({"blk.0.attn_q": "Q8_0", "blk.0.ffn_gate_inp": "F32", "blk.0.ffn_down_exps": "Q6_K"})
+    x = torch.from_numpy(_x(2, 256))
+    assert aq(x, "blk.0.ffn_gate_inp") is x
+    assert torch.equal(aq(x, "blk.0.attn_q.weight"), q8_0(x))
+    assert torch.equal(aq(x, "blk.0.ffn_down_exps"), q8_k(x))
+    assert aq(x, "blk.9.attn_q") is x                    # a tensor the table does not know: F32
+
+
+def test_the_reference_with_ggml_rounding_differs_from_the_plain_reference_by_8_bit_noise():
+    from moesnap.model.recorder import ArrayRecorder
+    from moesnap.model.reference import run_reference
+    from moesnap.model.synth import tiny_path
+    from moesnap.model.weights import GGUFModel
+
+    m = GGUFModel.open(tiny_path())
+    tokens = [1, 40, 41, 42, 43, 44, 45, 46]
+    plain, rounded = ArrayRecorder(), ArrayRecorder()
+    run_reference(m, tokens, recorder=plain)
+    run_reference(m, tokens, recorder=rounded, aq=ActivationQuant(m.qtypes()))
+    a, b = plain.stacked(), rounded.stacked()
+    assert np.array_equal(a["attn_norm"][0], b["attn_norm"][0])          # no matmul before it
+    q_rel = np.linalg.norm(a["q"][0] - b["q"][0]) / np.linalg.norm(a["q"][0])
+    assert 1e-3 < q_rel < 2e-2, q_rel
