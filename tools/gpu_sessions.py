@@ -136,7 +136,8 @@ def check_gpu(out: Path, store: str, device: str, log: list[dict]) -> list[dict]
     return log
 
 
-def heavy(out: Path, work: Path, layers: int, device: str, log: list[dict], faults: bool = True) -> list[dict]:
+def heavy(out: Path, work: Path, layers: int, device: str, log: list[dict], faults: bool = True,
+          engines: bool = True) -> list[dict]:
     model = work / f"qwen3-30b-a3b-{layers}l.gguf"
     store = work / "goldens"
     if not model.exists():
@@ -159,7 +160,29 @@ def heavy(out: Path, work: Path, layers: int, device: str, log: list[dict], faul
     if faults:
         mid = layers // 2
         _faults(model, store, "heavy", mid, mid - mid % 2, device, out, log, "heavy")   # even layers hold Q6_K
+    if engines:
+        transformers_engine(model, store, device, work, out, log)
     return log
+
+
+def transformers_engine(model: Path, store: Path, device: str, work: Path, out: Path, log: list[dict]) -> None:
+    """transformers' Qwen3MoeForCausalLM in bfloat16 on the device, traced and judged against the goldens
+    (free-running with router replay off -- it is another engine -- and layer by layer by local re-reference)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        print("[transformers engine] skipped: transformers is not installed", flush=True)
+        log.append({"name": "transformers engine", "skipped": "transformers not installed"})
+        return
+    cand = work / "transformers-bf16.zarr"
+    run_step("trace transformers bfloat16", ["-q", "trace", str(model), "--prompt", PROMPT_128, "--engine",
+                                             "transformers", "--device", device, "--dtype", "bfloat16",
+                                             "--out", str(cand), "--force"], log)
+    js = out / "heavy_transformers_bfloat16.json"
+    rec = run_step("compare transformers bfloat16", ["-q", "compare", "heavy", str(cand), "--store", str(store),
+                                                     "--allow-missing", "--model", str(model), "--force",
+                                                     "--json", str(js)], log, expect=(0, 1))
+    judged(rec, js)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=str(ROOT / "goldens"))
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only for a dry run of the session")
     p.add_argument("--no-faults", action="store_true", help="heavy: skip the planted faults")
+    p.add_argument("--no-engines", action="store_true", help="heavy: skip transformers as a candidate engine")
     a = p.parse_args(argv)
     import torch
 
@@ -194,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             work = Path(a.work or tempfile.mkdtemp(prefix="moesnap-heavy-"))
             work.mkdir(parents=True, exist_ok=True)
-            heavy(out, work, a.layers, a.device, log, faults=not a.no_faults)
+            heavy(out, work, a.layers, a.device, log, faults=not a.no_faults, engines=not a.no_engines)
     finally:
         summary.write_text(json.dumps(log, indent=1))
     print(json.dumps(log, indent=1))
