@@ -33,19 +33,33 @@ def crosscheck(session: nox.Session) -> None:
                 env={"MOESNAP_NO_PROGRESS": "1"})
 
 
-# Modules the type checker holds to account so far; the rest of the package is on the way (issue 10).
-TYPED = ["src/moesnap/case.py", "src/moesnap/stages.py", "src/moesnap/errors.py", "src/moesnap/util.py",
-         "src/moesnap/judge/tolerances.py", "src/moesnap/store/base.py", "src/moesnap/store/open.py",
-         "src/moesnap/model/tensors.py", "src/moesnap/model/config.py", "src/moesnap/model/recorder.py",
-         "src/moesnap/judge/compare.py", "src/moesnap/judge/report.py", "src/moesnap/run/rereference.py"]
+# Modules the type checker holds to account.  Left to do (each needs a small fix first):
+# cli/_options.py, model/candidate.py, model/reference.py, capture/hf.py, capture/llama.py, and the
+# modules not yet committed (model/ggml.py, capture/{_flat,aprt,sglang}.py, run/importing.py, cli/importing.py).
+TYPED = [f"src/moesnap/{m}" for m in (
+    "__init__.py", "__main__.py", "case.py", "errors.py", "stages.py", "util.py",
+    "gguf/__init__.py", "gguf/reader.py", "gguf/tokenizer.py", "gguf/quants_torch.py",
+    "model/__init__.py", "model/config.py", "model/tensors.py", "model/recorder.py", "model/weights.py",
+    "model/inject.py", "model/synth.py",
+    "store/__init__.py", "store/base.py", "store/case.py", "store/memory.py", "store/zarr.py", "store/open.py",
+    "judge/__init__.py", "judge/tolerances.py", "judge/classify.py", "judge/compare.py", "judge/report.py",
+    "run/__init__.py", "run/trace.py", "run/goldens.py", "run/check.py", "run/compare.py", "run/calibrate.py",
+    "run/rereference.py",
+    "capture/__init__.py",
+    "cli/__init__.py", "cli/main.py", "cli/goldens.py", "cli/check.py", "cli/compare.py", "cli/calibrate.py",
+    "testing/__init__.py", "testing/store.py", "testing/strategies.py",
+)]
+# The public modules, held to --strict (judge/tolerances.py and judge/compare.py are to join them).
+STRICT = [f"src/moesnap/{m}" for m in ("case.py", "errors.py", "stages.py", "store/base.py", "store/open.py")]
 
 
 @nox.session(default=False)
 def lint(session: nox.Session) -> None:
-    """ruff (pyflakes, pycodestyle errors, bugbear) over everything; mypy over the typed modules."""
+    """ruff (pyflakes, pycodestyle errors, bugbear) over everything; mypy over the typed modules, --strict on the public ones."""
     session.install("ruff>=0.5", "mypy>=1.10")
     session.run("ruff", "check", "src", "tests", "benchmarks", "tools", "noxfile.py", *session.posargs)
     session.run("mypy", "--ignore-missing-imports", "--follow-imports=silent", *TYPED)
+    session.run("mypy", "--strict", "--ignore-missing-imports", "--follow-imports=silent", *STRICT)
 
 
 @nox.session(default=False)

@@ -7,7 +7,7 @@ Pure numpy: the judge needs the value, not its storage (the Zarr v3 layout and i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -37,10 +37,20 @@ class Case:
         a = self.layers.get(stage)
         if a is None or layer >= a.shape[0]:
             return None
-        return a[layer]
+        one: np.ndarray = a[layer]
+        return one
 
 
-def from_recorder(rec, attrs: dict[str, Any] | None = None) -> Case:
+class Recorded(Protocol):
+    """What :func:`from_recorder` reads: an :class:`~moesnap.model.recorder.ArrayRecorder` after a forward."""
+
+    @property
+    def model(self) -> Mapping[str, np.ndarray]: ...
+
+    def stacked(self) -> dict[str, np.ndarray]: ...
+
+
+def from_recorder(rec: Recorded, attrs: dict[str, Any] | None = None) -> Case:
     """Build a Case from an :class:`~moesnap.model.recorder.ArrayRecorder`."""
     model = {k: v for k, v in rec.model.items() if k != "tokens"}
     return Case(tokens=rec.model["tokens"].astype(np.int32), model=model,

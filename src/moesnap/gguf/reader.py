@@ -166,7 +166,7 @@ class GGUFFile:
 
 def _parse(path: Path, mm: np.memmap) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
     size = mm.shape[0]
-    cur = _Cursor(path, memoryview(mm), size)
+    cur = _Cursor(path, mm.data, size)
     if bytes(cur.take(4, "magic")) != GGUF_MAGIC:
         raise ModelFileError(f"{path}: not a GGUF file (bad magic)")
     version = cur.u32("version")

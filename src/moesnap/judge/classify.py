@@ -83,7 +83,7 @@ import enum
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -381,10 +381,11 @@ def _classify_chunked(golden: np.ndarray, candidate: np.ndarray, tol: Tolerance,
     shape = golden.shape
     g = golden.reshape(-1)
     c = candidate.reshape(-1)
-    keep = None
+    keep: np.ndarray | None = None
     inner, n_tok = 1, 1
     if excluded:
-        keep = np.ones(shape[axis], dtype=bool)
+        assert axis is not None   # _excluded refuses token indices without a token axis
+        keep = np.ones(shape[axis], dtype=np.bool_)
         keep[list(excluded)] = False
         inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
         n_tok = shape[axis]
@@ -455,6 +456,7 @@ def classify(
     res = _classify_elements(golden, candidate, tol, token_axis=token_axis, exclude_tokens=exclude_tokens)
     if res.metrics is None or not math.isfinite(tol.row_rel_l2) or res.verdict not in (Verdict.MATCH, Verdict.DIVERGE):
         return res
+    assert golden is not None and candidate is not None   # metrics come from two arrays
     if golden.dtype.kind in "biu" and candidate.dtype.kind in "biu":
         return res
     return _row_rule(res, golden, candidate, tol, _token_axis(token_axis, golden.ndim))
@@ -503,6 +505,7 @@ def _row_rule(res: Result, golden: np.ndarray, candidate: np.ndarray, tol: Toler
     max_rel = float(rel[worst])
     bad = rel > tol.row_rel_l2
     m = res.metrics
+    assert m is not None   # classify applies the row rule to judged arrays only
     if not bad.any():
         return Result(res.verdict, replace(m, max_row_rel_l2=max_rel), res.detail, res.flipped_tokens,
                       res.excluded_tokens)
@@ -553,6 +556,7 @@ def _classify_elements(
     c = candidate.astype(np.float64, copy=False).reshape(-1)
     finite = np.isfinite(g)
     finite &= np.isfinite(c)
+    counts: tuple[int, ...]
     if finite.all():
         nonfinite = None
         counts = (0, 0, 0, 0)
@@ -560,8 +564,11 @@ def _classify_elements(
         nonfinite = ~finite
         counts = tuple(int(f(a).sum()) for a in (g, c) for f in (np.isnan, np.isinf))
 
+    judged: np.ndarray | None
+    sel: np.ndarray | None
     if excluded:
-        keep = np.ones(shape[axis], dtype=bool)
+        assert axis is not None   # _excluded refuses token indices without a token axis
+        keep = np.ones(shape[axis], dtype=np.bool_)
         keep[list(excluded)] = False
         view = [1] * len(shape)
         view[axis] = shape[axis]
@@ -648,7 +655,7 @@ def _judge(mt: Metrics, tol: Tolerance, exact: bool, golden: np.ndarray, candida
                  for side, nan, inf in (("golden", mt.nan_golden, mt.inf_golden),
                                         ("candidate", mt.nan_candidate, mt.inf_candidate))]
         return verdict, "; ".join(parts) + where
-    note = f"; {len(excluded)} of {shape[axis]} tokens excluded (routing flips)" if excluded else ""
+    note = f"; {len(excluded)} of {shape[axis]} tokens excluded (routing flips)" if excluded and axis is not None else ""
     if mt.n == 0:
         return Verdict.MATCH, f"nothing judged: {'all tokens excluded' if excluded else 'empty arrays'}"
     rule = "exact equality" if exact else f"|c-g| <= atol + rtol*|g| ({tol})"
@@ -856,8 +863,7 @@ def classify_routing(
         flipped[np.flatnonzero(both)[~same]] = True
 
     flips: list[Flip] = []
-    for t in np.flatnonzero(flipped):
-        t = int(t)
+    for t in np.flatnonzero(flipped).tolist():
         g_set = {int(e) for e in gi[t] if _is_int(e)}
         c_set = {int(e) for e in ci[t] if _is_int(e)}
         golden_only = tuple(sorted(g_set - c_set))
@@ -887,7 +893,7 @@ def classify_routing(
                          max_gap, tuple(flips))
 
 
-def _is_int(e: object) -> bool:
+def _is_int(e: Any) -> bool:
     try:
         return math.isfinite(float(e)) and float(e) == int(float(e))
     except (TypeError, ValueError, OverflowError):

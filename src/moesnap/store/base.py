@@ -49,11 +49,12 @@ import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .case import Case, checksum_matches
+from ..case import Case
+from .case import checksum_matches
 from ..errors import GoldenError, UsageError
 
 SCHEMA = 1                      # version of the store layout and its provenance attributes
@@ -102,6 +103,11 @@ def version_name(n: int) -> str:
 def version_number(name: str) -> int | None:
     m = _VERSION.fullmatch(name)
     return int(m.group(1)) if m else None
+
+
+def sort_versions(names: Iterable[str]) -> list[str]:
+    """Version names, oldest first (by number: ``v10000`` after ``v9999``)."""
+    return sorted(names, key=lambda v: version_number(v) or 0)
 
 
 def validate_version(name: object) -> str:
@@ -178,6 +184,7 @@ class GoldenVersion:
         return [c["name"] for c in self.meta.get("cases", [])]
 
     def case_info(self, name: str) -> Mapping[str, Any]:
+        c: Mapping[str, Any]
         for c in self.meta.get("cases", []):
             if c.get("name") == name:
                 return c
@@ -252,7 +259,7 @@ class VersionWriter(ABC):
     def __enter__(self) -> "VersionWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if not self._done:
             with contextlib.suppress(Exception):
                 self.abort()
@@ -315,7 +322,7 @@ class GoldenStore(ABC):
     def __enter__(self) -> "GoldenStore":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def where(self, suite: str, version: str | None = None) -> str:

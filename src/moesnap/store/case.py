@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import zarr
@@ -60,10 +60,20 @@ def checksum_matches(a: np.ndarray, digest: str) -> bool:
     """Whether ``a`` has checksum ``digest`` (``crc32c:…``, or a bare sha256 hex digest as in schema 1 goldens)."""
     if isinstance(digest, str) and digest.startswith("crc32c:"):
         return checksum(a) == digest
-    return hashlib.sha256(_le_bytes(a)).hexdigest() == digest
+    return hashlib.sha256(_le_bytes(a).data).hexdigest() == digest
 
 
-def write_case(group: zarr.Group, case: Case) -> dict[str, str]:
+class CaseSink(Protocol):
+    """What :func:`write_case` writes into: a :class:`zarr.Group`, or one that passes its calls on
+    (the Zarr store's pipelined group)."""
+
+    def create_array(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    @property
+    def attrs(self) -> Any: ...
+
+
+def write_case(group: CaseSink, case: Case) -> dict[str, str]:
     """Write ``case`` into an empty group; return the checksum of every array."""
     sums: dict[str, str] = {}
     for path, arr in case.arrays().items():
@@ -224,6 +234,7 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True, threads: in
     for path, data, problem in loaded:
         if problem is not None:
             raise GoldenError(f"{where}/{path}: {problem}")
+        assert data is not None   # load gives an array or a problem
         parts = path.split("/")
         name = canonical(parts[-1]) if len(parts) == 1 or (len(parts) == 2 and parts[0] == "layers") else None
         if len(parts) == 2 and name in LAYER_STAGES:

@@ -12,7 +12,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import GoldenError
-from .base import GoldenStore, Leftover, VersionWriter, _json_clean, validate_suite, version_name, version_number
+from .base import (
+    GoldenStore,
+    Leftover,
+    VersionWriter,
+    _json_clean,
+    sort_versions,
+    validate_suite,
+    version_name,
+    version_number,
+)
 from .case import Case, checksum, checksum_matches
 
 
@@ -45,7 +54,7 @@ class MemoryGoldenStore(GoldenStore):
     def versions(self, suite: str) -> list[str]:
         validate_suite(suite)
         with self._lock:
-            return sorted(self._published.get(suite, {}), key=version_number)
+            return sort_versions(self._published.get(suite, {}))
 
     def begin(self, suite: str) -> VersionWriter:
         validate_suite(suite)

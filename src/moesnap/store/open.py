@@ -9,7 +9,7 @@ from .base import DEFAULT_ROOT, GoldenStore
 from .zarr import LocalGoldenStore, RemoteGoldenStore
 
 
-def open_store(root: str | os.PathLike | None = None) -> GoldenStore:
+def open_store(root: str | os.PathLike[str] | None = None) -> GoldenStore:
     """A store at ``root``: a directory (default ``goldens/``) or ``s3://bucket/prefix``."""
     if root is None:
         root = DEFAULT_ROOT

@@ -39,6 +39,7 @@ from .base import (
     Leftover,
     VersionWriter,
     _now,
+    sort_versions,
     validate_suite,
     version_name,
     version_number,
@@ -66,7 +67,7 @@ class _PipelinedGroup:
     def create_array(self, *args, **kwargs) -> None:
         data, chunks = kwargs.get("data"), kwargs.get("chunks")
         if (self._raw_dir is not None and len(args) == 1 and set(kwargs) == {"data", "chunks", "compressors"}
-                and kwargs["compressors"] is None and _raw_items(data, chunks) is not None):
+                and kwargs["compressors"] is None and chunks is not None and _raw_items(data, chunks) is not None):
             job = self._pool.submit(self._create_raw, args[0], np.ascontiguousarray(data), tuple(chunks))
         else:
             job = self._pool.submit(self._group.create_array, *args, **kwargs)
@@ -78,13 +79,15 @@ class _PipelinedGroup:
     def _create_raw(self, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
         """zarr writes the metadata; the chunk files (uncompressed: the chunk's little-endian
         C-order bytes) are written straight from the array, as zarr's bytes codec would."""
+        items = _raw_items(data, chunks)
+        assert self._raw_dir is not None and items is not None   # create_array checked both
         self._group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=None)
         base = self._raw_dir / name / "c"
-        for key, sl in _raw_items(data, chunks):
+        for key, sl in items:
             path = base.joinpath(*key)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:
-                f.write(memoryview(data[sl]).cast("B"))
+                f.write(data[sl].data.cast("B"))
 
     def wait(self) -> None:
         pending, self._pending = self._pending, []
@@ -268,7 +271,7 @@ def _read_raw(arr, raw_dir: Path, path: str) -> np.ndarray | str | None:
             view[...] = m.fill_value
             continue
         with f:
-            n = f.readinto(memoryview(view).cast("B"))
+            n = f.readinto(view.data.cast("B"))
             extra = f.read(1)
         if n != view.nbytes or extra:
             return f"chunk c/{'/'.join(key)} has the wrong size (corrupt or truncated)"
@@ -356,7 +359,7 @@ class LocalGoldenStore(ZarrGoldenStore):
         self._check()
         d = self.root / suite
         names = [v for v in self._version_dirs(suite) if (d / v / MARKER).is_file() and (d / v / "zarr.json").is_file()]
-        return sorted(names, key=version_number)
+        return sort_versions(names)
 
     def begin(self, suite: str) -> VersionWriter:
         validate_suite(suite)
@@ -635,7 +638,7 @@ class RemoteGoldenStore(ZarrGoldenStore):
     def versions(self, suite: str) -> list[str]:
         validate_suite(suite)
         names = [v for v in self._version_names(suite) if self._get_bytes(f"{suite}/{v}/{MARKER}") is not None]
-        return sorted(names, key=version_number)
+        return sort_versions(names)
 
     def begin(self, suite: str) -> VersionWriter:
         validate_suite(suite)

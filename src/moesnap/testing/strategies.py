@@ -123,7 +123,7 @@ def array_pairs(
                 noise = draw(hnp.arrays(np.float64, shp, elements=st.floats(-1e-3, 1e-3)))
                 candidate = (golden.astype(np.float64) * (1.0 + noise)).astype(dt)
         candidate = np.where(np.isfinite(candidate), candidate, golden)
-    specials = [0.0, -0.0] if dt.kind == "f" else [0]
+    specials: list[float] = [0.0, -0.0] if dt.kind == "f" else [0]
     if dt.kind == "f":
         specials += [np.nan] * allow_nan + [np.inf, -np.inf] * allow_infinity
     golden = _sprinkle(draw, golden, specials if draw(st.booleans()) else [])
@@ -204,7 +204,7 @@ def routing_cases(
     for t in range(n_tokens):
         row = logits[t].astype(np.float64)
         ranked = _top_k(row, n_experts, np.arange(n_experts))
-        golden[t] = draw(st.permutations(ranked[:k]))
+        golden[t] = draw(st.permutations(list(ranked[:k])))
         how = draw(st.sampled_from(modes))
         if how == "same" or (how == "swap" and k == n_experts):
             chosen = golden[t]
