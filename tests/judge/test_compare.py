@@ -77,3 +77,41 @@ def test_topk_weights_compare_by_expert_id_not_slot(golden):
     cand.layers["expert_out"] = cand.layers["expert_out"][:, :, ::-1].copy()
     rep = compare_cases(golden, cand, Tolerances.defaults(), dtype="float32")
     assert rep.passed, [(r.layer, r.stage, r.verdict) for r in rep.results if not r.result.passed]
+
+
+def _held(golden: Case, held: list, scale: dict | None = None) -> Case:
+    """A candidate holding moe_out, layer_out and logits only, with the rows ``held`` says it lacks set to NaN."""
+    layers = {s: golden.layers[s].copy() for s in ("moe_out", "layer_out")}
+    model = {"logits": golden.model["logits"].copy()}
+    for stage, layer, rows in held:
+        a = model[stage] if layer is None else layers[stage][layer]
+        a[np.setdiff1d(np.arange(len(TOKENS)), rows)] = np.nan
+    for (stage, layer, token), f in (scale or {}).items():
+        layers[stage][layer, token] *= f
+    return Case(tokens=golden.tokens, model=model, layers=layers, attrs={"held_tokens": held})
+
+
+def test_held_tokens_are_judged_alone_and_counted_alone(golden):
+    """An imported dump holding the last token only (attribute held_tokens): those rows are judged, only they
+    count as held, a layer held by no row is absent; the NaN rows stand for nothing."""
+    T, last = len(TOKENS), len(TOKENS) - 1
+    held = [["logits", None, [last]], ["moe_out", 1, [last]], ["layer_out", 2, []]]
+    tols = Tolerances.defaults()
+    rep = compare_cases(golden, _held(golden, held), tols, dtype="float32", allow_missing=True)
+    assert rep.passed, [r.result.detail for r in rep.results if not r.result.passed]
+    assert (2, "layer_out") in rep.skipped and not any(r.layer == 2 and r.stage == "layer_out" for r in rep.results)
+    held_cells, judged = rep.cells()
+    n_full = len([k for k in rep.judged if k not in rep.held])        # stages holding every token
+    assert held_cells == judged == n_full * T + 2
+    assert by(rep, 1, "moe_out").result.metrics.n == golden.layers["moe_out"].shape[-1]
+    assert any("moe_out at layers [1]: last token only" in n for n in rep.notes)
+    bad = _held(golden, held, {("moe_out", 1, last): 1.05})
+    rep = compare_cases(golden, bad, tols, dtype="float32", allow_missing=True)
+    assert by(rep, 1, "moe_out").verdict == Verdict.DIVERGE and by(rep, 1, "moe_out").token == last
+    rep = compare_cases(golden, _held(golden, held), tols, dtype="float32")            # no --allow-missing
+    assert by(rep, 2, "layer_out").verdict == Verdict.MISSING
+    rep = compare_cases(golden, _held(golden, held), tols, dtype="float32", allow_missing=True, mode="local",
+                        propagate=False)
+    # a per-layer mode recomputed layer 3 from layer 2's layer_out, which the candidate lacks: not judged there
+    assert not any(r.layer == 3 for r in rep.results) and any(r.layer == 2 for r in rep.results)
+    assert any("layers [3] are not judged in local mode" in n for n in rep.notes)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Iterable
@@ -73,8 +74,10 @@ class CaseReport:
 
     ``judged`` maps each (layer, stage) the candidate holds to a boolean mask
     over tokens: True where a token was judged (or its stage failed outright:
-    missing, wrong shape).  ``skipped`` lists stages the candidate lacks that
-    ``allow_missing`` let pass unjudged.
+    missing, wrong shape).  ``held`` maps the (layer, stage) whose array holds
+    only some tokens' rows (an imported dump: attribute ``held_tokens``) to the
+    mask of those; every other one holds every token.  ``skipped`` lists stages
+    the candidate lacks that ``allow_missing`` let pass unjudged.
     """
 
     case: str
@@ -86,6 +89,7 @@ class CaseReport:
     judged: dict[tuple[int | None, str], np.ndarray] = field(default_factory=dict)
     skipped: list[tuple[int | None, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    held: dict[tuple[int | None, str], np.ndarray] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -97,7 +101,7 @@ class CaseReport:
 
     def cells(self) -> tuple[int, int]:
         """(cells held, cells judged) over (layer, stage, token)."""
-        held = self.n_tokens * len(self.judged)
+        held = sum(int(self.held[k].sum()) if k in self.held else self.n_tokens for k in self.judged)
         return held, int(sum(int(m.sum()) for m in self.judged.values()))
 
 
@@ -135,6 +139,75 @@ def followed_routes(case: Case, *, where: str) -> dict[int, dict[int, np.ndarray
     return out
 
 
+def held_tokens(case: Case, *, where: str) -> dict[tuple[int | None, str], np.ndarray]:
+    """``attrs["held_tokens"]`` as {(layer, stage): token indices}: the (layer, stage) whose array holds
+    only these tokens' rows (an imported dump that kept the last token alone, or lacks a layer: see
+    :mod:`moesnap.capture._flat`); its other rows hold no values of the engine and are judged by no mode."""
+    raw = case.attrs.get("held_tokens") if isinstance(case.attrs, dict) else None
+    if raw is None:
+        return {}
+    T = int(case.tokens.shape[0])
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    out: dict[tuple[int | None, str], np.ndarray] = {}
+    for item in raw if isinstance(raw, list) else [None]:
+        ok = (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+              and (item[1] is None if item[0] in MODEL_STAGES else item[0] in LAYER_STAGES and is_int(item[1])
+                   and item[1] >= 0)
+              and isinstance(item[2], list) and all(is_int(t) and 0 <= t < T for t in item[2]))
+        if not ok or item is None:
+            raise GoldenError(f"{where}: attribute 'held_tokens' is not a list of [stage, layer or null, "
+                              f"[token indices below {T}]]")
+        out[(item[1], item[0])] = np.unique(np.asarray(item[2], dtype=np.int64))
+    return out
+
+
+def _golden_rows(golden: Case, candidate: Case, held: dict[tuple[int | None, str], np.ndarray]) -> Case:
+    """``candidate`` with the rows it does not hold set to the golden's: rows every judgement excludes
+    (classify counts a NaN even in an excluded row), never counted as held or judged."""
+    if not held:
+        return candidate
+    model, layers = dict(candidate.model), dict(candidate.layers)
+    copied: set[tuple[bool, str]] = set()
+    for (layer, stage), keep in held.items():
+        src = model if layer is None else layers
+        a, g = src.get(stage), golden.stage(stage, layer)
+        if a is None or g is None or (layer is not None and layer >= a.shape[0]):
+            continue
+        if (layer is None, stage) not in copied:
+            src[stage] = a = np.array(a, copy=True)
+            copied.add((layer is None, stage))
+        c = a if layer is None else a[layer]
+        if g.shape != c.shape:
+            continue               # judged as of the wrong shape
+        rows = np.setdiff1d(np.arange(c.shape[0]), keep)
+        c[rows] = g[rows]
+    return Case(tokens=candidate.tokens, model=model, layers=layers, attrs=candidate.attrs, ignored=candidate.ignored)
+
+
+def _held_notes(name: str, held: dict[tuple[int | None, str], np.ndarray], T: int) -> list[str]:
+    """One line per stage the candidate holds only in part: which tokens, at which layers."""
+    by: dict[tuple[str, tuple[int, ...]], list[int | None]] = {}
+    for (layer, stage), keep in held.items():
+        by.setdefault((stage, tuple(int(t) for t in keep)), []).append(layer)
+    out = []
+    for (stage, rows), lays in sorted(by.items(), key=lambda x: _stage_order(x[0][0])):
+        at = "" if lays == [None] else f" at layers {sorted(lay for lay in lays if lay is not None)}"
+        if not rows:
+            out.append(f"{name}: {stage}{at}: not in the dump")
+        elif rows == (T - 1,):
+            out.append(f"{name}: {stage}{at}: last token only (token {T - 1}): only it is judged")
+        else:
+            out.append(f"{name}: {stage}{at}: tokens {list(rows)} only: only they are judged")
+    return out
+
+
+def _stage_order(stage: str) -> int:
+    return (MODEL_STAGES + LAYER_STAGES).index(stage) if stage in MODEL_STAGES + LAYER_STAGES else 1 << 30
+
+
 def _own_ids(used: np.ndarray | None, followed: dict[int, np.ndarray]) -> np.ndarray | None:
     """The ids a router chose itself: ``used`` with the followed tokens' own choice put back."""
     if used is None or not followed or used.ndim != 2:
@@ -163,6 +236,14 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     sides then used the same experts) excuses nothing.
     ``layers``: judge only these layers (and no whole-model stage but those
     the candidate holds).
+    A candidate whose attribute ``held_tokens`` says an array holds only some
+    tokens' rows (:func:`held_tokens`) is judged on those rows alone, and only
+    they count as held; a (layer, stage) holding none is absent (skipped under
+    ``allow_missing``).  In a per-layer mode each layer was recomputed from the
+    candidate's own input to it (``embed``, the ``layer_out`` before;
+    ``final_norm`` from the last ``layer_out``, ``logits`` from ``final_norm``):
+    where that input holds only some tokens, the layer (stage) is not judged in
+    that mode.
     Stages are classified concurrently (numpy releases the GIL); results keep
     computation order.
     """
@@ -178,6 +259,13 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     per_layer = mode in PER_LAYER_MODES   # each stage judged from its own inputs: the row rule applies
     g_follow = followed_routes(golden, where=f"{name} (golden)")
     c_follow = followed_routes(candidate, where=f"{name} (candidate)")
+    held = held_tokens(candidate, where=f"{name} (candidate)")
+    candidate = _golden_rows(golden, candidate, held)
+    for key, keep in held.items():
+        rep.held[key] = np.zeros(T, dtype=bool)
+        rep.held[key][keep] = True
+    if held and not per_layer:
+        rep.notes.extend(_held_notes(name, held, T))
 
     def has(stage: str, layer: int | None) -> bool:
         if layer is None:
@@ -185,18 +273,33 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
         a = candidate.layers.get(stage)
         return a is not None and layer < a.shape[0]
 
+    def holds(stage: str, layer: int | None) -> bool:
+        """The candidate holds a row of ``stage`` at ``layer``."""
+        return has(stage, layer) and ((layer, stage) not in rep.held or bool(rep.held[(layer, stage)].any()))
+
+    def partial(stage: str, layer: int | None) -> bool:
+        return (layer, stage) in held and not rep.held[(layer, stage)].all()
+
+    def not_held(stage: str, layer: int | None) -> tuple[int, ...]:
+        mask = rep.held.get((layer, stage))
+        return () if mask is None else tuple(int(t) for t in np.flatnonzero(~mask))
+
     def cover(stage: str, layer: int | None, exclude=()) -> None:
         if stage == "tokens":
             return
-        mask = np.ones(T, dtype=bool)
+        mask = np.ones(T, dtype=bool) if (layer, stage) not in rep.held else rep.held[(layer, stage)].copy()
         if exclude:
             mask[np.asarray([t for t in exclude if 0 <= t < T], dtype=np.int64)] = False
         rep.judged[(layer, stage)] = mask
 
     def judge(stage: str, layer: int | None, g, c, exclude=()) -> None:
-        if c is None and allow_missing and not has(stage, layer):
-            rep.skipped.append((layer, stage))
-            return
+        if not holds(stage, layer):
+            if allow_missing:
+                rep.skipped.append((layer, stage))
+                return
+            c = None
+        absent = not_held(stage, layer)
+        exclude = tuple(sorted(set(exclude) | set(absent)))
         cover(stage, layer, exclude)
         if per_layer:
             tol = tols.for_stage(stage, dtype)
@@ -205,7 +308,7 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
         experts = None
         if math.isfinite(tol.expert_scale) and stage in ("expert_out", "moe_out") and layer is not None:
             experts = _expert_inputs(golden, layer, stage)
-        fut = _POOL.submit(_classify_stage, g, c, tol, exclude, experts)
+        fut = _POOL.submit(_classify_stage, g, c, tol, exclude, experts, len(absent))
         pending.append((name, layer, stage, fut))
 
     def judge_routing(layer: int, g, c, earlier: tuple[int, ...]) -> tuple[int, ...]:
@@ -254,21 +357,35 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     whole_model = layers is None
 
     def model_stage(stage: str) -> bool:   # with ``layers``: only what both sides hold
+        source = {"final_norm": ("layer_out", candidate.n_layer - 1), "logits": ("final_norm", None)}.get(stage)
+        if per_layer and source is not None and partial(*source):
+            rep.notes.append(f"{name}: {stage} is not judged in {mode} mode: its input ({source[0]}) is in the "
+                             f"dump for some tokens only")
+            return False
         return whole_model or (has(stage, None) and golden.stage(stage) is not None)
 
     if model_stage("embed"):
         judge("embed", None, _pick(golden, "embed", None), _pick(candidate, "embed", None))
     inherited: int | None = None  # first token left out because an earlier layer flipped it
-    for layer in (range(n_layer) if layers is None else layers):
+    order = list(range(n_layer) if layers is None else layers)
+    if per_layer and held:   # a layer recomputed from an input the candidate holds only in part: not judged
+        gone = [lay for lay in order if partial(*(("embed", None) if lay == 0 else ("layer_out", lay - 1)))]
+        order = [lay for lay in order if lay not in gone]
+        if gone:
+            rep.notes.append(f"{name}: layers {gone} are not judged in {mode} mode: their input (embed, the "
+                             f"layer_out before) is in the dump for some tokens only")
+    for layer in order:
         earlier = tuple(range(inherited, T)) if inherited is not None else ()
         flipped_here: tuple[int, ...] = ()
         for stage in LAYER_STAGES:
             g, c = _pick(golden, stage, layer), _pick(candidate, stage, layer)
             if stage == "topk_ids":
-                if c is None and allow_missing and not has(stage, layer):
-                    rep.skipped.append((layer, stage))
-                    continue
-                flipped_here = judge_routing(layer, g, c, earlier)
+                if not holds(stage, layer):
+                    if allow_missing:
+                        rep.skipped.append((layer, stage))
+                        continue
+                    c = None
+                flipped_here = judge_routing(layer, g, c, tuple(sorted(set(earlier) | set(not_held(stage, layer)))))
                 continue
             exclude = earlier
             if stage in POST_ROUTING_STAGES and flipped_here:
@@ -322,9 +439,10 @@ def _expert_inputs(golden: Case, layer: int, stage: str):
 EXPERT_Z = 6.0
 
 
-def _classify_stage(g, c, tol, exclude, experts) -> Result:
-    """classify, then (``experts`` given, the stage passed) the expert-scale rule of ``tol``."""
-    res = classify(g, c, tol, exclude_tokens=exclude)
+def _classify_stage(g, c, tol, exclude, experts, absent: int = 0) -> Result:
+    """classify, then (``experts`` given, the stage passed) the expert-scale rule of ``tol``.  ``absent``:
+    how many of the ``exclude`` tokens are left out because the candidate does not hold them."""
+    res = _say_absent(classify(g, c, tol, exclude_tokens=exclude), absent)
     if experts is None or res.verdict != Verdict.MATCH or g is None or c is None or g.shape != c.shape:
         return res
     ids, contrib, total = experts
@@ -346,6 +464,19 @@ def _classify_stage(g, c, tol, exclude, experts) -> Result:
     metrics = replace(m, first_bad_token=min(bad_tokens), bad_tokens=tuple(bad_tokens[:64]),
                       n_bad_tokens=max(m.n_bad_tokens, len(bad_tokens)))
     return Result(Verdict.DIVERGE, metrics, detail, res.flipped_tokens, res.excluded_tokens)
+
+
+def _say_absent(res: Result, absent: int) -> Result:
+    """``res`` whose detail says which excluded tokens the candidate does not hold (classify calls every
+    excluded token a routing flip's)."""
+    n = len(res.excluded_tokens)
+    if not absent or res.metrics is None:
+        return res
+    m = re.search(rf"; {n} of (\d+) tokens excluded \(routing flips\)", res.detail)
+    if m is None:
+        return res
+    said = f"; {absent} of {m[1]} tokens not in the dump" + (f", {n - absent} excluded (routing flips)" if n > absent else "")
+    return replace(res, detail=res.detail[:m.start()] + said + res.detail[m.end():])
 
 
 def _position(r: StageResult, case_order: dict[str, int]) -> tuple:
@@ -371,6 +502,8 @@ class Coverage:
     by_mode: dict[str, int]         # cells judged by each mode
     skipped_stages: int             # (case, layer, stage) the candidate lacks, skipped under --allow-missing
     unjudged: tuple[tuple[str, int | None, str, int], ...]   # first few (case, layer, stage, n tokens) left
+    #: (case, stage, layers, tokens held, of n tokens) where the candidate holds only some tokens' rows
+    partial: tuple[tuple[str, str, tuple[int | None, ...], tuple[int, ...], int], ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -379,7 +512,9 @@ class Coverage:
     def to_dict(self) -> dict:
         return {"cells_held": self.held, "cells_judged": self.judged, "judged_by_mode": dict(self.by_mode),
                 "stages_skipped": self.skipped_stages,
-                "unjudged": [{"case": c, "layer": lay, "stage": s, "tokens": n} for c, lay, s, n in self.unjudged]}
+                "unjudged": [{"case": c, "layer": lay, "stage": s, "tokens": n} for c, lay, s, n in self.unjudged],
+                "partial": [{"case": c, "stage": s, "layers": list(lays), "tokens_held": list(keep),
+                             "last_token_only": keep == (n - 1,)} for c, s, lays, keep, n in self.partial]}
 
 
 @dataclass
@@ -431,11 +566,19 @@ class Report:
                 union[k] = mask.copy() if k not in union else (union[k] | mask)
         for c in self.cases:   # what free-running skipped as absent is what the candidate lacks
             skipped |= {(c.case, *key) for key in c.skipped}
-        held = sum(n_tok[k[0]] for k in union)
-        judged = sum(int(m.sum()) for m in union.values())
-        left = [(k[0], k[1], k[2], int((~m).sum())) for k, m in union.items() if not m.all()]
+        held_rows = {(c.case, *key): m for _, c in modes for key, m in c.held.items()}
+        rows = {k: held_rows[k] if k in held_rows else np.ones(n_tok[k[0]], dtype=bool) for k in union}
+        held = sum(int(rows[k].sum()) for k in union)
+        judged = sum(int((m & rows[k]).sum()) for k, m in union.items())
+        left = [(k[0], k[1], k[2], int((rows[k] & ~m).sum())) for k, m in union.items() if (rows[k] & ~m).any()]
         left.sort(key=lambda x: (x[0], -1 if x[1] is None else x[1], x[2]))
-        return Coverage(held, judged, by_mode, len(skipped - set(union)), tuple(left[:12]))
+        part: dict[tuple[str, str, tuple[int, ...]], list[int | None]] = {}
+        for (case, layer, stage), m in held_rows.items():
+            if m.any() and not m.all() and (case, layer, stage) in union:
+                part.setdefault((case, stage, tuple(int(t) for t in np.flatnonzero(m))), []).append(layer)
+        partial = tuple((case, stage, tuple(sorted(lays, key=lambda x: -1 if x is None else x)), keep, n_tok[case])
+                        for (case, stage, keep), lays in sorted(part.items()))
+        return Coverage(held, judged, by_mode, len(skipped - set(union)), tuple(left[:12]), partial)
 
     @property
     def verdict(self) -> str:

@@ -140,6 +140,10 @@ def coverage_line(report: Report) -> str:
     text = f"judged: {cov.judged} of {cov.held} (layer, stage, token) cells ({pct:.4g}%; {modes})"
     if cov.skipped_stages:
         text += f"; {cov.skipped_stages} (layer, stage) the candidate lacks skipped (--allow-missing)"
+    for case, stage, lays, keep, n in cov.partial:   # an imported dump holding some tokens' rows only
+        where = "" if lays == (None,) else f" at layers {', '.join(str(lay) for lay in lays)}"
+        rows = "last token only" if keep == (n - 1,) else f"tokens {list(keep)} only"
+        text += f"; {case}/{stage}{where}: {rows}"
     return text
 
 
@@ -147,13 +151,14 @@ def _inherited(free: CaseReport | None, layer: int) -> str:
     """The free-running verdict of ``layer``: its first failure, 'none', or how much was not judged."""
     if free is None:
         return "not judged"
-    masks = [m for (lay, _), m in free.judged.items() if lay == layer]
+    keys = [key for key in free.judged if key[0] == layer]
+    masks = [free.judged[key] for key in keys]
     bad = next((r for r in free.results if r.layer == layer and not r.result.passed), None)
     if bad is not None:
         return f"{bad.stage} {bad.verdict.name}"
     if not masks or not any(m.any() for m in masks):
         return "not judged (every token excused by a routing flip)" if masks else "not judged"
-    left = sum(int((~m).sum()) for m in masks)
+    left = sum(int((free.held[k] & ~m if k in free.held else ~m).sum()) for k, m in zip(keys, masks))  # of held rows
     return "none" if left == 0 else f"none ({left} cells not judged)"
 
 
