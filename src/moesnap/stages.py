@@ -76,6 +76,36 @@ ALIASES: dict[str, str] = {
     "mlp.gate": "router_logits",
     "mlp": "moe_out",
     "norm": "final_norm",
+    # SGLang's dumper (python/sglang/srt/debug_utils/dumper.py), module outputs of its Qwen3-MoE as
+    # the non-intrusive hooks name them, with "non_intrusive__" and "model.layers.<N>." taken off by
+    # capture/sglang.py; "output.<i>" is the i-th tensor a module returns.  RMSNorm with a residual
+    # returns (normed, residual sum); topk returns (topk_weights, topk_ids, router_logits).  Three
+    # names capture/sglang.py maps itself, as they are no one stage of their own layer:
+    # "input_layernorm.output.1" and "norm.output.1" (the previous layer's layer_out) and
+    # "self_attn.qkv_proj.output" (q, k and v fused).
+    "embed_tokens.output": "embed",
+    "input_layernorm.output": "attn_norm",
+    "input_layernorm.output.0": "attn_norm",
+    "self_attn.q_norm.output": "q_norm",
+    "self_attn.k_norm.output": "k_norm",
+    "self_attn.rotary_emb.output.0": "q_rope",
+    "self_attn.rotary_emb.output.1": "k_rope",
+    "self_attn.attn.output": "attn",
+    "self_attn.o_proj.output": "attn_out",
+    "self_attn.output": "attn_out",
+    "post_attention_layernorm.output.0": "ffn_norm",
+    "post_attention_layernorm.output.1": "attn_resid",
+    "mlp.gate.output": "router_logits",
+    "mlp.topk.output.0": "topk_weights",
+    "mlp.topk.output.1": "topk_ids",
+    "mlp.topk.output.2": "router_logits",
+    "mlp.experts.output": "moe_out",
+    "mlp.output": "moe_out",
+    "norm.output": "final_norm",
+    "norm.output.0": "final_norm",
+    "output.next_token_logits": "logits",             # the last token's only, in a prefill pass
+    "logits_processor.output.next_token_logits": "logits",
+    "next_token_logits": "logits",
 }
 
 

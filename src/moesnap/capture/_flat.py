@@ -1,0 +1,168 @@
+"""Flat dumps (one file per stage and layer) into a :class:`~moesnap.case.Case` shaped like a golden's.
+
+A flat dump directory (SGLang's dumper, aprender's trace) names each tensor and holds its values, but
+not the prompt's token ids nor each stage's shape: a golden case of the same model and prompt gives
+both (:class:`Like`).  An adapter reads its files and hands each tensor to a :class:`Collector`,
+which checks it against the golden's shape and builds the case:
+
+* a tensor holds every token's rows, or the last token's alone (an engine that keeps only the row it
+  samples from): its element count says which, and any other count is refused, naming the file;
+* a per-layer stage the dump holds at some layers only is stored for layers ``0 .. last held``;
+* rows the dump does not hold are NaN (-1 for ``topk_ids``), never the golden's values, and attribute
+  ``held_tokens`` lists ``[stage, layer or None, [token indices]]`` for every (stage, layer) whose
+  array holds fewer than every token's rows.  The judge (:func:`moesnap.judge.compare.compare_cases`)
+  judges those rows only and counts only them as held, so nothing the dump lacks can pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..case import Case
+from ..errors import GoldenError
+from ..stages import INTEGER_STAGES, LAYER_STAGES, MODEL_STAGES
+
+#: the case attribute naming the rows an imported array holds (read by moesnap.judge.compare)
+HELD_TOKENS = "held_tokens"
+
+
+@dataclass(frozen=True)
+class Like:
+    """What a flat dump lacks and a golden case gives: the token ids, the layer count, and the shape
+    of one token's row of each stage."""
+
+    tokens: np.ndarray                      # [T] int32
+    n_layer: int
+    shapes: dict[str, tuple[int, ...]]      # stage -> one token's row shape
+
+    @classmethod
+    def of(cls, case: Case) -> Like:
+        shapes = {s: tuple(int(d) for d in a.shape[1:]) for s, a in case.model.items()}
+        shapes.update({s: tuple(int(d) for d in a.shape[2:]) for s, a in case.layers.items()})
+        return cls(tokens=np.asarray(case.tokens, dtype=np.int32), n_layer=case.n_layer, shapes=shapes)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def row_size(self, stage: str) -> int:
+        return int(np.prod(self.shapes[stage], dtype=np.int64))
+
+    def rows(self, stage: str, n: int, source: str) -> int:
+        """How many token rows ``n`` elements of ``stage`` are: every token's, or 1 (the last token's)."""
+        if stage not in self.shapes:
+            raise GoldenError(f"{source}: the golden holds no {stage} to take its shape from")
+        per, T = self.row_size(stage), self.n_tokens
+        if n == T * per:
+            return T
+        if n == per:
+            return 1
+        raise GoldenError(f"{source}: {n} values of {stage}, whose row is {list(self.shapes[stage])} ({per} values): "
+                          f"neither every token's ({T} x {per} = {T * per}) nor the last token's ({per}); "
+                          f"a dump of another model or prompt than the golden's?")
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f"))
+
+
+class Collector:
+    """Tensors of one dump, checked against ``like`` as they come, then stacked into a Case."""
+
+    def __init__(self, like: Like) -> None:
+        self.like = like
+        self.values: dict[tuple[str, int | None], tuple[np.ndarray, str]] = {}   # (stage, layer) -> rows, source
+
+    def has(self, stage: str, layer: int | None) -> bool:
+        return (stage, layer) in self.values
+
+    def get(self, stage: str, layer: int | None) -> tuple[np.ndarray, str] | None:
+        return self.values.get((stage, layer))
+
+    def rows(self, stage: str, values: np.ndarray, source: str) -> np.ndarray:
+        """``values`` (any shape) as ``[T or 1, *row shape]``, checked; integer stages as int32."""
+        flat = np.asarray(values).reshape(-1)
+        n = self.like.rows(stage, int(flat.size), source)
+        if stage in INTEGER_STAGES:
+            if flat.dtype.kind == "f":
+                if not np.isfinite(flat).all() or not (flat == np.round(flat)).all():
+                    raise GoldenError(f"{source}: {stage} holds values that are not whole numbers")
+            elif flat.dtype.kind not in "iu":
+                raise GoldenError(f"{source}: {stage} holds {flat.dtype} values, not integers")
+            if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(np.int32).max):
+                raise GoldenError(f"{source}: {stage} holds {flat.min() if flat.min() < 0 else flat.max()}, "
+                                  f"not an expert id")
+            flat = flat.astype(np.int32)
+        elif flat.dtype.kind not in "fiu":
+            raise GoldenError(f"{source}: {stage} holds {flat.dtype} values, not real numbers")
+        elif flat.dtype != np.float64:
+            flat = flat.astype(np.float32)
+        return flat.reshape(n, *self.like.shapes[stage])
+
+    def add(self, stage: str, layer: int | None, values: np.ndarray, source: str) -> None:
+        """Take ``values`` of ``stage`` at ``layer`` (None: a whole-model stage) from file ``source``.
+        The same (stage, layer) from a second file must hold the same values."""
+        if stage in LAYER_STAGES:
+            if layer is None:
+                raise GoldenError(f"{source}: {stage} is a per-layer stage, but the file gives no layer")
+            if not 0 <= layer < self.like.n_layer:
+                raise GoldenError(f"{source}: layer {layer} is beyond the golden's {self.like.n_layer} layers "
+                                  f"(0..{self.like.n_layer - 1}): a dump of another model?")
+        elif stage in MODEL_STAGES and stage != "tokens":
+            if layer is not None:
+                raise GoldenError(f"{source}: {stage} is a whole-model stage, but the file gives layer {layer}")
+        else:
+            raise GoldenError(f"{source}: {stage!r} is not a stage moesnap judges")
+        rows = self.rows(stage, values, source)
+        old = self.values.get((stage, layer))
+        if old is not None:
+            if not _equal(old[0], rows):
+                where = f"{stage}" + (f" of layer {layer}" if layer is not None else "")
+                raise GoldenError(f"{source}: holds other values of {where} than {old[1]}: which did the engine use?")
+            return
+        self.values[(stage, layer)] = (rows, source)
+
+    def case(self, attrs: dict[str, Any] | None = None) -> Case:
+        """The collected tensors as a case (module docstring); an empty dump is refused by the caller."""
+        T = self.like.n_tokens
+        held: list[list] = []
+        model: dict[str, np.ndarray] = {}
+        layers: dict[str, np.ndarray] = {}
+        last = [T - 1]
+        for stage in MODEL_STAGES:
+            got = self.values.get((stage, None))
+            if got is None:
+                continue
+            rows = got[0]
+            out = np.full((T, *rows.shape[1:]), _fill(rows), dtype=rows.dtype)
+            out[T - rows.shape[0]:] = rows
+            model[stage] = out
+            if rows.shape[0] < T:
+                held.append([stage, None, last])
+        for stage in LAYER_STAGES:
+            got_layers = sorted(lay for (s, lay) in self.values if s == stage and lay is not None)
+            if not got_layers:
+                continue
+            first = self.values[(stage, got_layers[0])][0]
+            dtype = np.result_type(*(self.values[(stage, lay)][0].dtype for lay in got_layers))
+            out = np.full((got_layers[-1] + 1, T, *first.shape[1:]), _fill(first), dtype=dtype)
+            for lay in range(got_layers[-1] + 1):
+                got = self.values.get((stage, lay))
+                if got is None:
+                    held.append([stage, lay, []])
+                    continue
+                out[lay, T - got[0].shape[0]:] = got[0]
+                if got[0].shape[0] < T:
+                    held.append([stage, lay, last])
+            layers[stage] = out
+        a = dict(attrs or {})
+        if held:
+            a[HELD_TOKENS] = held
+        return Case(tokens=self.like.tokens.copy(), model=model, layers=layers, attrs=a)
+
+
+def _fill(a: np.ndarray) -> float | int:
+    return -1 if a.dtype.kind in "iu" else np.nan
