@@ -203,10 +203,11 @@ class Row:
     needles: tuple[str, ...]
     damage: Callable[[Path], None] | None = None          # applied to a private copy of the store
     candidate: Callable[[Path], None] | None = None       # applied to {bad_cand}, a copy of golden case0
+    dump: Callable[[Path, Path], None] | None = None      # writes {dump}, a flat dump directory, from golden case0
 
 
-def row(*argv: str, needles: str | tuple[str, ...], damage=None, candidate=None) -> Row:
-    return Row(tuple(argv), (needles,) if isinstance(needles, str) else tuple(needles), damage, candidate)
+def row(*argv: str, needles: str | tuple[str, ...], damage=None, candidate=None, dump=None) -> Row:
+    return Row(tuple(argv), (needles,) if isinstance(needles, str) else tuple(needles), damage, candidate, dump)
 
 
 def _replace_array(case: Path, path: str, make) -> None:
@@ -218,6 +219,65 @@ def _replace_array(case: Path, path: str, make) -> None:
     del g[path]
     g.create_array(path, data=make(old))
     g.attrs.put({k: v for k, v in g.attrs.asdict().items() if k != "checksums"})   # engines write none
+
+
+def _aprt(d: Path, case0: Path, edit: Callable[[str, bytes], bytes] = lambda name, b: b) -> None:
+    """An aprender trace of golden case0 (moe_ffn_out of every layer); ``edit(relative path, bytes)`` spoils one."""
+    import struct
+
+    from moesnap.store.case import load_case
+
+    moe = load_case(case0).layers["moe_out"]
+    for layer in range(moe.shape[0]):
+        (d / f"layer-{layer}").mkdir(parents=True)
+        data = moe[layer].astype("<f4").tobytes()
+        name = f"layer-{layer}/moe_ffn_out.bin"
+        (d / name).write_bytes(edit(name, b"APRT" + struct.pack("<II", layer, moe[layer].size) + data))
+
+
+def _aprt_plus(d: Path, case0: Path, name: str, layer: int) -> None:
+    """The trace of :func:`_aprt` and one more file ``name``: 64 zeros at ``layer`` (one token's row)."""
+    _aprt(d, case0)
+    (d / name).parent.mkdir(exist_ok=True)
+    (d / name).write_bytes(b"APRT" + layer.to_bytes(4, "little") + (64).to_bytes(4, "little") + bytes(256))
+
+
+def _sglang(d: Path, case0: Path, *, steps=(0,), ranks=(0,), extra: Callable[[Path], None] | None = None) -> None:
+    """SGLang dumper files of golden case0 (input_ids and moe_out of every layer) for these steps and ranks;
+    rank r > 0 holds moe_out halved (a tensor-parallel partial sum)."""
+    import torch
+
+    from moesnap.store.case import load_case
+
+    g = load_case(case0)
+    d.mkdir()
+    for step in steps:
+        for rank in ranks:
+            torch.save({"value": torch.from_numpy(g.tokens.astype("i8"))},
+                       d / f"step={step}___rank={rank}___dump_index=0___name=input_ids.pt")
+            for layer in range(g.n_layer):
+                torch.save({"value": torch.from_numpy(g.layers["moe_out"][layer] / (1 + rank))},
+                           d / f"step={step}___rank={rank}___dump_index={layer + 1}___name=moe_out___layer_id={layer}.pt")
+    if extra is not None:
+        extra(d)
+
+
+class _Payload:
+    """Unpickled with pickle, it would create {tmp}/pwned (the row then fails: a file appeared)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _hostile(d: Path) -> None:
+    import torch
+
+    torch.save({"value": _Payload(d.parent / "pwned")}, d / "step=0___rank=0___dump_index=9___name=moe_out___layer_id=0.pt")
 
 
 SHOW, DIFF, CHECK = ("goldens", "show"), ("goldens", "diff"), ("check", "{model}", "--suite")
@@ -422,6 +482,66 @@ ROWS.update({
                                                    "--force", needles="inside the published golden version"),
     "compare: --html to a directory": row("compare", "tiny", "{cand}", *S, "--html", "{tmp}", needles="is a directory"),
 
+    # ------------------------------------------------ import
+    "import: unknown format": row("import", "--format", "gguf", "{tmp}", "--like", "tiny", *S, "--out", "{tmp}/o.zarr",
+                                  needles="invalid choice: 'gguf'"),
+    "import: dump directory missing": row("import", "--format", "aprt", "{tmp}/nodump", "--like", "tiny", *S, "--case",
+                                          "case0", "--out", "{tmp}/o.zarr", needles=("{tmp}/nodump", "no such directory")),
+    "import: --out exists": row("import", "--format", "aprt", "{dump}", "--like", "tiny", *S, "--case", "case0",
+                                "--out", "{tmp}/plain", needles=("{tmp}/plain", "exists (use --force"), dump=_aprt),
+    "import: --force over a plain directory": row("import", "--format", "aprt", "{dump}", "--like", "tiny", *S, "--case",
+                                                  "case0", "--out", "{tmp}/plain", "--force",
+                                                  needles=("{tmp}/plain", "not a case group"), dump=_aprt),
+    "import: --out inside a published golden": row("import", "--format", "aprt", "{dump}", "--like", "tiny", *S, "--case",
+                                                   "case0", "--out", "{store}/" + V + "/case9",
+                                                   needles="inside the published golden version", dump=_aprt),
+    "import: unknown golden suite": row("import", "--format", "aprt", "{dump}", "--like", "nosuch", *S,
+                                        "--out", "{tmp}/o.zarr", needles="unknown suite 'nosuch'", dump=_aprt),
+    "import: golden of three cases, no --case": row("import", "--format", "aprt", "{dump}", "--like", "tiny", *S,
+                                                    "--out", "{tmp}/o.zarr", needles=("3 cases", "--case"), dump=_aprt),
+    "import: unknown --case": row("import", "--format", "aprt", "{dump}", "--like", "tiny", *S, "--case", "case7",
+                                  "--out", "{tmp}/o.zarr", needles="--case 'case7'", dump=_aprt),
+    "import: aprt bad magic": row("import", "--format", "aprt", "{dump}", "--like", "{store}/" + V + "/case0",
+                                  "--out", "{tmp}/o.zarr", needles=("{dump}/layer-2/moe_ffn_out.bin", "bad magic"),
+                                  dump=lambda d, c: _aprt(d, c, lambda n, b: b"NOPE" + b[4:] if "layer-2" in n else b)),
+    "import: aprt truncated": row("import", "--format", "aprt", "{dump}", "--like", "{store}/" + V + "/case0",
+                                  "--out", "{tmp}/o.zarr", needles=("{dump}/layer-1/moe_ffn_out.bin", "truncated"),
+                                  dump=lambda d, c: _aprt(d, c, lambda n, b: b[:-3] if "layer-1" in n else b)),
+    "import: aprt header layer disagrees": row(
+        "import", "--format", "aprt", "{dump}", "--like", "{store}/" + V + "/case0", "--out", "{tmp}/o.zarr",
+        needles=("{dump}/layer-3/moe_ffn_out.bin", "header layer 0, but its directory is layer-3"),
+        dump=lambda d, c: _aprt(d, c, lambda n, b: b[:4] + b"\0\0\0\0" + b[8:] if "layer-3" in n else b)),
+    "import: aprt count of another prompt": row(
+        "import", "--format", "aprt", "{dump}", "--like", "{store}/" + V + "/case2", "--out", "{tmp}/o.zarr",
+        needles=("{dump}/layer-0/moe_ffn_out.bin", "neither every token's (8 x 64 = 512)"), dump=_aprt),
+    "import: aprt unknown stage": row("import", "--format", "aprt", "{dump}", "--like", "{store}/" + V + "/case0",
+                                      "--out", "{tmp}/o.zarr", needles=("{dump}/layer-0/ffn_gate.bin", "unknown stage"),
+                                      dump=lambda d, c: _aprt_plus(d, c, "layer-0/ffn_gate.bin", 0)),
+    "import: aprt layer beyond the golden": row(
+        "import", "--format", "aprt", "{dump}", "--like", "{store}/" + V + "/case0", "--out", "{tmp}/o.zarr",
+        needles=("{dump}/layer-4/moe_ffn_out.bin", "beyond the golden's 4 layers"),
+        dump=lambda d, c: _aprt_plus(d, c, "layer-4/moe_ffn_out.bin", 4)),
+    "import: sglang hostile pickle": row("import", "--format", "sglang", "{dump}", "--like", "{store}/" + V + "/case0",
+                                         "--out", "{tmp}/o.zarr", needles=("{dump}/step=0___rank=0___dump_index=9",
+                                                                           "weights_only", "never runs code"),
+                                         dump=lambda d, c: _sglang(d, c, extra=_hostile)),
+    "import: sglang not a dumper file name": row(
+        "import", "--format", "sglang", "{dump}", "--like", "{store}/" + V + "/case0", "--out", "{tmp}/o.zarr",
+        needles=("{dump}/moe_out.pt", "not an SGLang dumper file name"),
+        dump=lambda d, c: _sglang(d, c, extra=lambda d: (d / "moe_out.pt").write_bytes(b""))),
+    "import: sglang two forward passes": row("import", "--format", "sglang", "{dump}", "--like", "{store}/" + V + "/case0",
+                                             "--out", "{tmp}/o.zarr", needles=("2 forward passes", "--pass N"),
+                                             dump=lambda d, c: _sglang(d, c, steps=(0, 1))),
+    "import: sglang rank 1 differs": row("import", "--format", "sglang", "{dump}", "--like", "{store}/" + V + "/case0",
+                                         "--out", "{tmp}/o.zarr", needles=("{dump}/step=0___rank=1___", "tensor-parallel",
+                                                                           "not supported yet"),
+                                         dump=lambda d, c: _sglang(d, c, ranks=(0, 1))),
+    "import: sglang other tokens": row("import", "--format", "sglang", "{dump}", "--like", "{store}/" + V + "/case1",
+                                       "--out", "{tmp}/o.zarr", needles=("name=input_ids.pt", "the pass ran tokens"),
+                                       dump=_sglang),
+    "import: --pass on an aprt dump": row("import", "--format", "aprt", "{dump}", "--like", "{store}/" + V + "/case0",
+                                          "--pass", "1", "--out", "{tmp}/o.zarr", needles="--pass", dump=_aprt),
+
     # ------------------------------------------------ calibrate
     "calibrate: unknown dtype": row("calibrate", "{model}", "--tokens", "1", "--dtypes", "float64", needles="unknown dtype 'float64'"),
     "calibrate: no dtypes": row("calibrate", "{model}", "--tokens", "1", "--dtypes", ",", needles="--dtypes ','"),
@@ -483,6 +603,9 @@ def _prepare(name: str, r: Row, tmp: Path, shared_store: Path, cand: Path, tiny:
         shutil.copytree(shared_store / V / "case0", huge)
         _json_edit(huge / "logits" / "zarr.json", lambda d: d.update(shape=[2**40, 272]))
         ctx["huge_cand"] = str(huge)
+    if r.dump is not None:
+        ctx["dump"] = str(tmp / "dump")
+        r.dump(tmp / "dump", shared_store / V / "case0")
     if r.candidate is not None:
         bad_cand = tmp / "bad_cand.zarr"
         shutil.copytree(shared_store / V / "case0", bad_cand)
@@ -546,7 +669,8 @@ def test_cuda_without_a_gpu(tmp_path, tiny_path):
 def test_the_catalogue_covers_every_command():
     firsts = {(r.argv[0], r.argv[1] if r.argv[0] in ("goldens", "model") else None) for r in ROWS.values()}
     assert {("model", "make"), ("trace", None), ("goldens", "generate"), ("goldens", "list"), ("goldens", "show"),
-            ("goldens", "diff"), ("goldens", "prune"), ("check", None), ("compare", None), ("calibrate", None)} <= firsts
+            ("goldens", "diff"), ("goldens", "prune"), ("check", None), ("compare", None), ("calibrate", None),
+            ("import", None)} <= firsts
 
 
 def test_repository_goldens_untouched():

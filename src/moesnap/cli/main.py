@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--force", action="store_true", help="replace an existing output")
     tr.set_defaults(func=cmd_trace)
 
-    from . import calibrate, check, compare, goldens
+    from . import calibrate, check, compare, goldens, importing
 
-    for command in (compare, calibrate, check, goldens):
+    for command in (compare, calibrate, check, goldens, importing):
         command.register(sub)
     return p
 

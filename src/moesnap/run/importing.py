@@ -1,0 +1,95 @@
+"""Import another engine's flat dump directory as a candidate case group that ``moesnap compare`` judges.
+
+A flat dump (SGLang's dumper, aprender's trace) holds values and names but neither the prompt's token
+ids nor each stage's shape: the golden it is to be judged against gives both (``like``: a case group
+path, or ``NAME[@vNNNN]`` in a golden store, resolved as ``moesnap compare`` resolves its golden).  The
+adapter (:mod:`moesnap.capture.sglang`, :mod:`moesnap.capture.aprt`) reads the directory into a case;
+the case group is written atomically at ``out``, which is refused before anything is read if it
+exists (without ``force``, which replaces only a case group) or lies inside a published golden.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import capture
+from ..case import Case
+from ..errors import UsageError
+from .compare import resolve_golden_meta
+from .trace import check_output, write_output
+
+FORMATS: tuple[str, ...] = ("sglang", "aprt")
+
+
+def _golden_case(golden: list[tuple[str, Case]], like: str, case: str | None, fmt: str, dump: str | Path,
+                 forward_pass: int | None) -> tuple[str, Case]:
+    """The golden case the dump ran: ``case`` by name, the only one, or (SGLang) the one whose tokens
+    the dump's ``input_ids`` hold."""
+    names = [n for n, _ in golden]
+    if case is not None:
+        found = [(n, c) for n, c in golden if n == case]
+        if not found:
+            raise UsageError(f"--case {case!r}: {like} holds no such case (it holds: {', '.join(names)})")
+        return found[0]
+    if len(golden) == 1:
+        return golden[0]
+    if fmt == "sglang":
+        from ..capture.sglang import dumped_tokens
+
+        tokens = dumped_tokens(dump, forward_pass)
+        if tokens is not None:
+            for n, c in golden:
+                if c.tokens.shape == tokens.shape and (c.tokens == tokens).all():
+                    return n, c
+            raise UsageError(f"{dump}: its input_ids match none of {like}'s cases ({', '.join(names)})")
+    raise UsageError(f"{like} holds {len(golden)} cases ({', '.join(names)}): choose the one the dump ran "
+                     f"with --case NAME")
+
+
+def import_dump(fmt: str, dump: str | Path, *, like: str, out: str | Path, store: str | None = None,
+                case: str | None = None, forward_pass: int | None = None, force: bool = False) -> tuple[Case, str]:
+    """Read the ``fmt`` dump at ``dump`` into a case shaped like ``like``'s and write it at ``out``;
+    return (the case, the golden case's name)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown dump format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if forward_pass is not None and fmt != "sglang":
+        raise UsageError(f"--pass: only an SGLang dump holds several forward passes (an {fmt} dump holds one)")
+    check_output(out, force=force)
+    _, golden = resolve_golden_meta(like, store)
+    name, g = _golden_case(golden, like, case, fmt, dump, forward_pass)
+    attrs = {"imported": {"format": fmt, "like": like, "case": name}}
+    if fmt == "sglang":
+        cand = capture.import_sglang(dump, g, forward_pass=forward_pass, attrs=attrs)
+    else:
+        cand = capture.import_aprt(dump, g, attrs=attrs)
+    write_output(cand, out, force=force)
+    return cand, name
+
+
+def describe(case: Case) -> list[str]:
+    """One line per stage the imported case holds: its layers and, where partial, what it lacks."""
+    held: dict[tuple[str, int | None], list[int]] = {}
+    for item in case.attrs.get("held_tokens") or []:
+        held[(item[0], item[1])] = list(item[2])
+    T = int(case.tokens.shape[0])
+    out = []
+    for stage in case.model:
+        out.append(f"{stage}: {'last token only' if (stage, None) in held else f'{T} tokens'}")
+    for stage, a in case.layers.items():
+        lays = [lay for lay in range(a.shape[0]) if held.get((stage, lay), [0]) != []]
+        last = [lay for lay in lays if (stage, lay) in held]
+        text = f"{stage}: layers {_ranges(lays)}"
+        if last:
+            text += f" (last token only{'' if last == lays else ' at layers ' + _ranges(last)})"
+        out.append(text)
+    return out
+
+
+def _ranges(xs: list[int]) -> str:
+    parts: list[str] = []
+    for x in xs:
+        if parts and parts[-1].split("-")[-1] == str(x - 1):
+            parts[-1] = parts[-1].split("-")[0] + f"-{x}"
+        else:
+            parts.append(str(x))
+    return ", ".join(parts)
