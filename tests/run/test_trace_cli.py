@@ -50,3 +50,40 @@ def test_corrupted_case_is_detected(tmp_path, tiny_path, capsys):
 
     with pytest.raises(GoldenError, match="layers/moe_out: checksum mismatch"):
         load_case(out)
+
+
+# -- other engines (trace --engine): what is refused before anything runs ------------------------
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--engine", "vllm"], "unknown engine 'vllm'; choose one of moesnap, transformers, llama.cpp"),
+    (["--engine", "llama.cpp", "--dtype", "bfloat16"], "--engine llama.cpp runs llama-cpp-python's CPU build"),
+    (["--engine", "transformers", "--candidate"], "--engine transformers is a candidate already"),
+    (["--engine", "transformers", "--dtype", "float64"], "--engine transformers runs in float32, bfloat16 or float16"),
+])
+def test_engine_misuse_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, tiny_path, argv, says):
+    out = tmp_path / "c.zarr"
+    code = main(["-q", "trace", str(tiny_path), "--tokens", "1,2,3", "--out", str(out), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed here")
+def test_engine_transformers_without_transformers_says_how_to_install(capsys, tmp_path, tiny_path):
+    code = main(["-q", "trace", str(tiny_path), "--tokens", "1,2,3", "--engine", "transformers",
+                 "--out", str(tmp_path / "c.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'moesnap[transformers]'" in err, err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="llama-cpp-python is installed here")
+def test_engine_llama_cpp_without_llama_cpp_python_says_how_to_install(capsys, tmp_path, tiny_path):
+    code = main(["-q", "trace", str(tiny_path), "--tokens", "1,2,3", "--engine", "llama.cpp",
+                 "--out", str(tmp_path / "c.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'moesnap[llama]'" in err, err
