@@ -73,17 +73,12 @@ def test_engine_misuse_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, t
     assert not out.exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed here")
-def test_engine_transformers_without_transformers_says_how_to_install(capsys, tmp_path, tiny_path):
-    code = main(["-q", "trace", str(tiny_path), "--tokens", "1,2,3", "--engine", "transformers",
+@pytest.mark.parametrize("engine, module, extra", [("transformers", "transformers", "transformers"),
+                                                   ("llama.cpp", "llama_cpp", "llama")])
+def test_engine_without_its_package_says_how_to_install(capsys, tmp_path, tiny_path, engine, module, extra):
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+    code = main(["-q", "trace", str(tiny_path), "--tokens", "1,2,3", "--engine", engine,
                  "--out", str(tmp_path / "c.zarr")])
     err = capsys.readouterr().err
-    assert code == 2 and "pip install 'moesnap[transformers]'" in err, err
-
-
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="llama-cpp-python is installed here")
-def test_engine_llama_cpp_without_llama_cpp_python_says_how_to_install(capsys, tmp_path, tiny_path):
-    code = main(["-q", "trace", str(tiny_path), "--tokens", "1,2,3", "--engine", "llama.cpp",
-                 "--out", str(tmp_path / "c.zarr")])
-    err = capsys.readouterr().err
-    assert code == 2 and "pip install 'moesnap[llama]'" in err, err
+    assert code == 2 and f"pip install 'moesnap[{extra}]'" in err, err
