@@ -99,7 +99,9 @@ def model_from_gguf(model: Any, *, device: torch.device | str = "cpu", dtype: to
         extra["attn_implementation"] = attn_implementation
     if experts_implementation:
         extra["experts_implementation"] = experts_implementation
-    cfg = HFConfig(
+    # head_dim is no declared field of Qwen3MoeConfig: the class takes it through **kwargs (PreTrainedConfig
+    # sets it; the attention reads config.head_dim), which its dataclass typing does not show
+    cfg = HFConfig(  # type: ignore[call-arg]
         vocab_size=c.vocab_size, hidden_size=c.hidden, intermediate_size=c.expert_ff * c.n_expert_used,
         moe_intermediate_size=c.expert_ff, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
         num_key_value_heads=c.n_head_kv, head_dim=c.head_dim, num_experts=c.n_expert,
@@ -165,7 +167,8 @@ def transformers_case(model: nn.Module, tokens: Sequence[int], *, attrs: dict[st
     except ImportError:
         raise UsageError("transformers is not installed (pip install -c constraints-cpu.txt "
                          "-r requirements-crosscheck.txt)") from None
-    inner = _decoder(model)
+    # transformers' submodules are reached by attribute name, which nn.Module.__getattr__ types as Tensor | Module
+    inner: Any = _decoder(model)
     param = next(model.parameters())
     dtype = _DTYPE_NAMES.get(param.dtype)
     if dtype is None:
@@ -202,10 +205,11 @@ def transformers_case(model: nn.Module, tokens: Sequence[int], *, attrs: dict[st
     hooks = [inner.embed_tokens.register_forward_hook(out_hook("embed", None, (T, -1))),
              inner.norm.register_forward_hook(out_hook("final_norm", None, (T, -1)))]
     try:
+        hf_config: Any = model.config
         for i, layer in enumerate(inner.layers):
             att, mlp = layer.self_attn, layer.mlp
             D = int(att.head_dim)
-            k = int(getattr(mlp.gate, "top_k", model.config.num_experts_per_tok))
+            k = int(getattr(mlp.gate, "top_k", hf_config.num_experts_per_tok))
             hooks += [
                 layer.input_layernorm.register_forward_hook(out_hook("attn_norm", i, (T, -1))),
                 att.q_proj.register_forward_hook(out_hook("q", i, (T, -1, D))),           # [T, Hq, D]

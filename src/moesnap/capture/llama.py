@@ -268,6 +268,7 @@ def map_stages(captured: list[tuple[str, np.ndarray]], T: int, n_expert_used: in
         for stage, arr in picks:
             if arr.size % T:
                 continue
+            a: np.ndarray
             if stage in HEAD_STAGES:
                 a = arr.reshape(T, -1, head_dim)
             elif stage == "expert_out":
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.print_names and "_names" in res:
         for name, shapes in json.loads(str(res["_names"])).items():
             print(name, shapes)
-    np.savez(a.out, **res)
+    np.savez(a.out, **res)  # type: ignore[arg-type]  # mypy matches **res against allow_pickle: bool; no key is so named
     return 0
 
 

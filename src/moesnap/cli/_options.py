@@ -28,8 +28,8 @@ def check_report_outputs(a: argparse.Namespace, store: str | None = None) -> Non
     from ..store import DEFAULT_ROOT
     from ..util import check_output_file
 
-    paths = [(opt, getattr(a, opt[2:], None)) for opt in ("--json", "--html")]
-    paths = [(opt, v) for opt, v in paths if v is not None]
+    given = [(opt, getattr(a, opt[2:], None)) for opt in ("--json", "--html")]
+    paths: list[tuple[str, str]] = [(opt, v) for opt, v in given if v is not None]
     for opt, v in paths:
         check_output_file(v, force=a.force, option=opt, store=store or DEFAULT_ROOT)
     if len(paths) == 2 and Path(paths[0][1]).absolute() == Path(paths[1][1]).absolute():

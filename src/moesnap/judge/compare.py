@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from ..case import Case
 from .classify import Result, Verdict, align_topk_weights, classify, classify_routing, expert_scale_errors
 from ..errors import GoldenError, MoesnapError
 from ..stages import LAYER_STAGES, MODEL_STAGES, POST_ROUTING_STAGES
-from .tolerances import Tolerances
+from .tolerances import Tolerance, Tolerances
 
 
 #: what the second, per-layer mode of a report is called, by kind
@@ -62,8 +62,8 @@ class StageResult:
             return int(self.result.flipped_tokens[0])
         return None
 
-    def to_dict(self) -> dict:
-        d = {"case": self.case, "layer": self.layer, "stage": self.stage}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"case": self.case, "layer": self.layer, "stage": self.stage}
         d.update(self.result.to_dict())
         return d
 
@@ -148,7 +148,7 @@ def held_tokens(case: Case, *, where: str) -> dict[tuple[int | None, str], np.nd
         return {}
     T = int(case.tokens.shape[0])
 
-    def is_int(v) -> bool:
+    def is_int(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
     out: dict[tuple[int | None, str], np.ndarray] = {}
@@ -219,6 +219,11 @@ def _own_ids(used: np.ndarray | None, followed: dict[int, np.ndarray]) -> np.nda
     return own
 
 
+#: a stage judged at once (routing) or one whose classification runs on the pool: (case, layer, stage, future)
+_Pending = StageResult | tuple[str, int | None, str, Future[Result]]
+#: the expert rule's golden side: (ids [T, k], contribution of each (token, slot) [T, k, H], their sum or None)
+_ExpertInputs = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
 _POOL = ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1)), thread_name_prefix="moesnap-classify")
 
 
@@ -250,7 +255,7 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     check_same_tokens(golden, candidate, where=name)
     T = int(golden.tokens.shape[0])
     rep = CaseReport(case=name, dtype=dtype, mode=mode, n_tokens=T)
-    pending: list = []  # StageResult or (name, layer, stage, Future)
+    pending: list[_Pending] = []
     n_layer = golden.n_layer
     if candidate.n_layer > n_layer:
         extra = sorted(s for s, a in candidate.layers.items() if a.shape[0] > n_layer)
@@ -284,7 +289,7 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
         mask = rep.held.get((layer, stage))
         return () if mask is None else tuple(int(t) for t in np.flatnonzero(~mask))
 
-    def cover(stage: str, layer: int | None, exclude=()) -> None:
+    def cover(stage: str, layer: int | None, exclude: tuple[int, ...] = ()) -> None:
         if stage == "tokens":
             return
         mask = np.ones(T, dtype=bool) if (layer, stage) not in rep.held else rep.held[(layer, stage)].copy()
@@ -292,7 +297,8 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
             mask[np.asarray([t for t in exclude if 0 <= t < T], dtype=np.int64)] = False
         rep.judged[(layer, stage)] = mask
 
-    def judge(stage: str, layer: int | None, g, c, exclude=()) -> None:
+    def judge(stage: str, layer: int | None, g: np.ndarray | None, c: np.ndarray | None,
+              exclude: tuple[int, ...] = ()) -> None:
         if not holds(stage, layer):
             if allow_missing:
                 rep.skipped.append((layer, stage))
@@ -311,7 +317,8 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
         fut = _POOL.submit(_classify_stage, g, c, tol, exclude, experts, len(absent))
         pending.append((name, layer, stage, fut))
 
-    def judge_routing(layer: int, g, c, earlier: tuple[int, ...]) -> tuple[int, ...]:
+    def judge_routing(layer: int, g: np.ndarray | None, c: np.ndarray | None,
+                      earlier: tuple[int, ...]) -> tuple[int, ...]:
         """Judge each side's own expert choice as sets; return the tokens newly flipped at a near tie
         whose two sides went on with different experts."""
         logits = golden.stage("router_logits", layer)
@@ -420,7 +427,7 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     return rep
 
 
-def _expert_inputs(golden: Case, layer: int, stage: str):
+def _expert_inputs(golden: Case, layer: int, stage: str) -> _ExpertInputs | None:
     """(ids [T, k], golden contribution of each (token, slot) [T, k, H], what they sum to or None)
     for the expert rule, in the slot order the judged arrays have (``expert_out`` is compared in
     ascending id order)."""
@@ -439,7 +446,8 @@ def _expert_inputs(golden: Case, layer: int, stage: str):
 EXPERT_Z = 6.0
 
 
-def _classify_stage(g, c, tol, exclude, experts, absent: int = 0) -> Result:
+def _classify_stage(g: np.ndarray | None, c: np.ndarray | None, tol: Tolerance, exclude: tuple[int, ...],
+                    experts: _ExpertInputs | None, absent: int = 0) -> Result:
     """classify, then (``experts`` given, the stage passed) the expert-scale rule of ``tol``.  ``absent``:
     how many of the ``exclude`` tokens are left out because the candidate does not hold them."""
     res = _say_absent(classify(g, c, tol, exclude_tokens=exclude), absent)
@@ -479,7 +487,7 @@ def _say_absent(res: Result, absent: int) -> Result:
     return replace(res, detail=res.detail[:m.start()] + said + res.detail[m.end():])
 
 
-def _position(r: StageResult, case_order: dict[str, int]) -> tuple:
+def _position(r: StageResult, case_order: dict[str, int]) -> tuple[int, int, int]:
     """Where ``r`` sits in computation order: case, then embed, layers by stage, final_norm, logits."""
     if r.layer is None:
         layer = -1 if r.stage in ("embed", "tokens") else 1 << 30
@@ -509,7 +517,7 @@ class Coverage:
     def complete(self) -> bool:
         return self.judged >= self.held
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"cells_held": self.held, "cells_judged": self.judged, "judged_by_mode": dict(self.by_mode),
                 "stages_skipped": self.skipped_stages,
                 "unjudged": [{"case": c, "layer": lay, "stage": s, "tokens": n} for c, lay, s, n in self.unjudged],
@@ -619,16 +627,16 @@ class Report:
                 f"(first: {where})")
         return text + (f"; to judge them: {self.hint}" if self.hint else "")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         fd = self.first_divergence
 
-        def loc(r: StageResult | None):
+        def loc(r: StageResult | None) -> dict[str, Any] | None:
             if r is None:
                 return None
             return {"case": r.case, "layer": r.layer, "stage": r.stage, "token": r.token, "verdict": r.verdict.name}
 
         verdict = self.verdict
-        d = {
+        d: dict[str, Any] = {
             "verdict": verdict,
             "first_divergence": loc(fd),
             "golden": self.golden,

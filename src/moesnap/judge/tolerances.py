@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import ToleranceError
 from ..stages import DTYPES, INTEGER_STAGES, canonical
@@ -563,7 +563,7 @@ def _value_text(spec: str, value: object) -> str:
     return repr(float(value)) if not isinstance(value, str) else value
 
 
-def _pyproject_overrides(section: dict) -> Iterable[Override]:
+def _pyproject_overrides(section: dict[str, Any]) -> Iterable[Override]:
     tie = section.get("tie_tol")
     if tie is not None:
         if isinstance(tie, dict):

@@ -385,8 +385,8 @@ class CandidateModel:
         if flips:
             # planted routing flip: the token takes its (k+1)-th ranked expert instead of its k-th
             pw, pid = torch.topk(probs, k + 1, dim=-1)                         # [T, k+1]
-            t = torch.tensor(flips, device=pw.device)
-            pw[t, k - 1], pid[t, k - 1] = pw[t, k], pid[t, k]
+            rows = torch.tensor(flips, device=pw.device)
+            pw[rows, k - 1], pid[rows, k - 1] = pw[rows, k], pid[rows, k]
             pw, pid = pw[:, :k], pid[:, :k]
         else:
             pw, pid = torch.topk(probs, k, dim=-1)                              # [T, k], descending
@@ -405,8 +405,9 @@ class CandidateModel:
     def _replay_router(self, i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Router replay: tokens whose expert set differs from the golden's at a near tie take the golden's."""
-        guide = self._guide.layer(i, pid.shape[0]) if self._guide is not None else None
-        if guide is None or guide[0].shape[1] != pid.shape[1]:
+        replay = self._guide
+        guide = replay.layer(i, pid.shape[0]) if replay is not None else None
+        if replay is None or guide is None or guide[0].shape[1] != pid.shape[1]:
             return pw, pid
         g_ids = torch.as_tensor(guide[0].astype(np.int64), device=pid.device)           # [T, k]
         differ = (pid.sort(dim=-1).values != g_ids.sort(dim=-1).values).any(dim=-1)     # [T]
@@ -414,8 +415,8 @@ class CandidateModel:
         if not tokens:
             return pw, pid
         own = pid[tokens].cpu().numpy()
-        tie_tol = self._guide.tie_tol_at(i)
-        follow = [t for t, ids in zip(tokens, own) if self._guide.gap(guide[1][t], ids) <= tie_tol]
+        tie_tol = replay.tie_tol_at(i)
+        follow = [t for t, ids in zip(tokens, own) if replay.gap(guide[1][t], ids) <= tie_tol]
         if not follow:
             return pw, pid
         for t in follow:
@@ -432,6 +433,7 @@ class CandidateModel:
         """Stage-local replay: every token continues with the golden's experts, in the golden's slot order,
         weighted by this router's probabilities for them; tokens whose own set differs are listed in
         :attr:`followed` (the comparison judges the own choice)."""
+        assert self._force is not None, "called only while a forced topk_ids is set"
         g = np.asarray(self._force["topk_ids"])
         if g.shape != tuple(pid.shape):
             return pw, pid

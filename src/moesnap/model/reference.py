@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -37,12 +38,15 @@ DEQUANT_THREADS = max(1, min(16, os.cpu_count() or 1))
 _POOL = ThreadPoolExecutor(max_workers=DEQUANT_THREADS, thread_name_prefix="moesnap-dequant")
 
 
-def _prefetch(fn, items: list, depth: int = 2 * DEQUANT_THREADS):
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _prefetch(fn: Callable[[_T], _R], items: Sequence[_T], depth: int = 2 * DEQUANT_THREADS) -> Iterator[_R]:
     """``map(fn, items)`` computed on the pool, at most ``depth`` results ahead (bounds memory)."""
-    pending = [_POOL.submit(fn, it) for it in items[:depth]]
+    pending = deque(_POOL.submit(fn, it) for it in items[:depth])
     for i in range(len(items)):
-        result = pending[i].result()
-        pending[i] = None
+        result = pending.popleft().result()   # the future is dropped once read
         if i + depth < len(items):
             pending.append(_POOL.submit(fn, items[i + depth]))
         yield result
