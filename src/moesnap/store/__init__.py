@@ -2,7 +2,8 @@
 
 Owns ``case`` (the :class:`~moesnap.store.case.Case` value and its Zarr v3 group I/O), ``base``
 (the :class:`GoldenStore` interface, names), ``memory`` (a store in a dict),
-``zarr`` (local directory and ``s3://`` stores) and ``open`` (:func:`open_store`).
+``zarr`` (what the Zarr stores share: reading a version, writing a case), ``local`` (a
+directory), ``s3`` (``s3://`` through s3fs) and ``open`` (:func:`open_store`).
 May import: :mod:`moesnap.errors`, :mod:`moesnap.stages`, :mod:`moesnap.util`; never the model,
 the judge, the use cases or the command line.
 """
@@ -25,8 +26,10 @@ from .base import (
     version_number,
 )
 from .memory import MemoryGoldenStore
+from .local import LocalGoldenStore
 from .open import open_store
-from .zarr import LocalGoldenStore, RemoteGoldenStore, ZarrGoldenStore
+from .s3 import RemoteGoldenStore
+from .zarr import ZarrGoldenStore
 
 __all__ = [
     "CLAIM", "DEFAULT_ROOT", "DEFAULT_STALE_AFTER", "MARKER", "GoldenStore", "GoldenVersion", "Leftover", "PruneResult", "VersionWriter",

@@ -13,8 +13,9 @@ comes from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, credentials from the
 usual AWS variables).  :class:`MemoryGoldenStore` keeps versions in a dict, for
 tests and for callers that want no disk.  This module holds the interface
 (:class:`GoldenStore`, :class:`VersionWriter`, :class:`GoldenVersion`) and the names; the
-memory store is in :mod:`moesnap.store.memory`, the Zarr stores in :mod:`moesnap.store.zarr`
-(``LocalGoldenStore``, ``RemoteGoldenStore``), and :func:`moesnap.store.open_store` picks one.
+memory store is in :mod:`moesnap.store.memory`, the Zarr stores in :mod:`moesnap.store.local`
+(``LocalGoldenStore``) and :mod:`moesnap.store.s3` (``RemoteGoldenStore``) over the shared part in
+:mod:`moesnap.store.zarr`, and :func:`moesnap.store.open_store` picks one.
 
 Publishing is atomic and never overwrites (readers only ever see versions
 that carry the marker):
@@ -89,6 +90,11 @@ def validate_suite(name: object) -> str:
     return name
 
 
+def is_suite_name(name: str) -> bool:
+    """Whether a directory or prefix named ``name`` may be a suite (listing skips any other)."""
+    return bool(_NAME.fullmatch(name)) and ".." not in name
+
+
 def validate_case_name(name: object) -> str:
     if not isinstance(name, str) or not _CASE.fullmatch(name):
         raise UsageError(f"case name {name!r}: use up to 100 letters, digits, '_' or '-', "
@@ -127,7 +133,8 @@ def parse_ref(spec: str) -> tuple[str, str | None]:
     return suite, validate_version(version)
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The time now in UTC, ISO 8601 to the second (publish and claim stamps)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 

@@ -6,7 +6,8 @@ import os
 
 from ..errors import UsageError
 from .base import DEFAULT_ROOT, GoldenStore
-from .zarr import LocalGoldenStore, RemoteGoldenStore
+from .local import LocalGoldenStore
+from .s3 import RemoteGoldenStore
 
 
 def open_store(root: str | os.PathLike[str] | None = None) -> GoldenStore:
