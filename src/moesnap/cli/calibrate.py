@@ -14,7 +14,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from ..gguf.tokenizer import encode
     from ..run.trace import parse_dtype, parse_tokens
     from ..util import LayerProgress, check_output_file, write_text_atomic
-    from ..model.weights import GGUFModel
+    from ..model.load import open_model
     from ..model.ggml import ActivationQuant, identity
 
     if a.json is not None:
@@ -27,7 +27,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         raise UsageError(f"--dtypes {a.dtypes!r}: name at least one of float32, bfloat16, float16")
     for d in dtypes:
         parse_dtype(d, allowed=("float32", "bfloat16", "float16"))
-    model = GGUFModel.open(a.model)
+    model = open_model(a.model)
     token_lists = [parse_tokens(t) for t in a.tokens] + [encode(model.file, p) for p in a.prompt]
     if not token_lists:
         token_lists = [encode(model.file, "The quick brown fox jumps over the lazy dog. 0123456789")]

@@ -46,12 +46,12 @@ def _tokens_from(a: argparse.Namespace, model) -> tuple[list[int], str | None]:
 
 def cmd_trace(a: argparse.Namespace) -> int:
     from ..run.trace import check_output, parse_device, parse_dtype, run_case, summary, write_output
-    from ..model.weights import GGUFModel
+    from ..model.load import open_model
 
     dtype = parse_dtype(a.dtype)
     device = parse_device(a.device)
     check_output(a.out, force=a.force)
-    model = GGUFModel.open(a.model)
+    model = open_model(a.model)
     tokens, prompt = _tokens_from(a, model)
     case = run_case(model, tokens, dtype=dtype, device=device, candidate=a.candidate, prompt=prompt,
                     show_progress=not a.quiet, engine=a.engine)

@@ -70,7 +70,7 @@ from ..stages import DTYPES as STAGE_DTYPES
 from .inject import Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, validate_injection
 from .tensors import GLOBAL_TENSORS, LAYER_TENSORS
 from .recorder import NullRecorder, Recorder
-from .weights import GGUFModel, file_bytes
+from .weights import ModelWeights, file_bytes
 
 Progress = Callable[[int, int], None]
 
@@ -213,7 +213,7 @@ class CandidateModel:
     layer on a GPU).
     """
 
-    def __init__(self, model: GGUFModel, *, device: torch.device | str = "cpu",
+    def __init__(self, model: ModelWeights, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, injections: Sequence[Injection] = (),
                  expert_path: str | None = None, expert_values: int | None = None) -> None:
         if dtype not in DTYPES:
@@ -231,7 +231,7 @@ class CandidateModel:
             validate_injection(inj, cfg)
         self._qtype_as = {(j.layer, j.tensor): j.as_qtype for j in self.injections if isinstance(j, QtypeAs)}
         for (layer, tensor), as_qtype in self._qtype_as.items():
-            true_qtype = model.file.tensor(f"blk.{layer}.{tensor}").tensor_type
+            true_qtype = model.tensor_type(f"blk.{layer}.{tensor}")
             if true_qtype == as_qtype:
                 raise UsageError(f"--inject qtype:layer={layer},tensor={tensor},as={as_qtype.name.lower()}: "
                                  f"that tensor already is {true_qtype.name}, so nothing would change")
@@ -273,7 +273,7 @@ class CandidateModel:
         if self.resident:
             t = t.to(self.device)
             self._bytes[name] = t
-            self.model.file.release(self.model.file.tensor(name))  # the host copy is no longer needed
+            self.model.release_tensor(name)  # the host copy is no longer needed
         return qtype, t
 
     def upload(self) -> None:

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from .config import Qwen3MoeConfig
 from .ggml import identity
 from .recorder import NullRecorder, Recorder
-from .weights import GGUFModel, LayerWeights
+from .weights import GGUFModel, LayerWeights, ModelWeights
 
 LM_HEAD_CHUNK = 16384  # vocab rows dequantized at a time for the lm head
 # Threads that dequantize experts ahead of the (serial) expert maths; results arrive in order.
@@ -191,7 +191,7 @@ class Transformer(nn.Module):
     ``aq`` rounds each matmul's input (:data:`ActQuant`); the reference leaves it as is.
     """
 
-    def __init__(self, model: GGUFModel, dtype: torch.dtype = torch.float32, aq: ActQuant = identity) -> None:
+    def __init__(self, model: ModelWeights, dtype: torch.dtype = torch.float32, aq: ActQuant = identity) -> None:
         super().__init__()
         self.model, self.cfg, self.dtype, self.aq = model, model.config, dtype, aq
 
@@ -236,13 +236,13 @@ class Transformer(nn.Module):
         return torch.cat([x @ w.T for w in self.model.row_chunks("output", LM_HEAD_CHUNK, self.dtype)], dim=-1)
 
 
-def run_reference(path: str | Path | GGUFModel, tokens: Sequence[int] | np.ndarray | torch.Tensor, *,
+def run_reference(path: str | Path | ModelWeights, tokens: Sequence[int] | np.ndarray | torch.Tensor, *,
                   dtype: torch.dtype = torch.float32, recorder: Recorder | None = None,
                   progress=None, aq: ActQuant = identity) -> torch.Tensor:
     """Open ``path`` (or use an open model) and return the logits ``[T, V]`` for ``tokens``.
 
     ``aq``: round each matmul's input (``ActivationQuant(model.qtypes())`` computes what a correct
     ggml engine computes); the reference itself leaves activations as they are."""
-    model = path if isinstance(path, GGUFModel) else GGUFModel.open(path)
+    model = path if isinstance(path, ModelWeights) else GGUFModel.open(path)
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     return Transformer(model, dtype, aq)(ids, recorder, progress=progress)

@@ -75,7 +75,7 @@ def file_bytes(arr: np.ndarray) -> torch.Tensor:
 class ExpertBank:
     """One layer's experts, dequantized one expert at a time on request."""
 
-    def __init__(self, model: "GGUFModel", layer: int, dtype: torch.dtype) -> None:
+    def __init__(self, model: "ModelWeights", layer: int, dtype: torch.dtype) -> None:
         self.model, self.layer, self.dtype = model, layer, dtype
 
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,74 +85,63 @@ class ExpertBank:
                 torch.from_numpy(down).to(self.dtype))
 
 
-class GGUFModel:
-    """A validated Qwen3-MoE GGUF: config, tensor types, and lazy weight access."""
+class ModelWeights:
+    """What the forwards need of a model file: its config, each tensor's type, shape and stored data,
+    and lazy dequantization.  :class:`GGUFModel` (a GGUF file) and
+    :class:`~moesnap.model.checkpoint.CheckpointModel` (an HF checkpoint directory) implement it; the
+    reference, the candidate and the local re-reference see only this interface.  Tensors are named
+    as in GGUF (``blk.3.attn_q``, ``token_embd``), shapes are numpy (logical) shapes."""
 
-    def __init__(self, gf: GGUFFile) -> None:
-        self.file = gf
-        self.path: Path = gf.path
-        self.config = Qwen3MoeConfig.from_gguf(gf)
-        # the layer count comes from metadata and every check below loops over it: bound it by the
-        # tensors first (block_count = 2^32-1 built 50 billion expected shapes and never returned)
-        layers = {int(n.split(".")[1]) for n in gf.tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
-        if self.config.n_layer > len(layers):
-            raise ModelFileError(f"{gf.path}: metadata key 'qwen3moe.block_count' = {self.config.n_layer}, "
-                                 f"but the file holds tensors of {len(layers)} layers")
-        for name, shape in expected_shapes(self.config.dims, self.config.n_layer).items():
-            t = gf.tensor(name)
-            got = tuple(int(d) for d in reversed(t.shape.tolist()))
-            if got != shape:
-                raise ModelFileError(f"{gf.path}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+    path: Path
+    config: Qwen3MoeConfig
+    kind: str = "model"
 
-    @classmethod
-    def open(cls, path: str | Path) -> "GGUFModel":
-        return cls(open_gguf(path))
-
-    # -- inspection ---------------------------------------------------------
+    # -- per format -----------------------------------------------------------
     def qtypes(self) -> dict[str, str]:
-        """Quant type name of every tensor, e.g. {'blk.0.ffn_down_exps': 'Q6_K'}."""
-        return {name.removesuffix(".weight"): t.tensor_type.name for name, t in self.file.tensors.items()}
+        """Stored type name of every tensor, e.g. {'blk.0.ffn_down_exps': 'Q6_K'}."""
+        raise NotImplementedError
+
+    def tensor_type(self, name: str) -> GGMLQuantizationType:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
 
     def raw(self, name: str) -> tuple[GGMLQuantizationType, np.ndarray]:
         """(type, data as stored): uint8 blocks for quantized types, typed array otherwise."""
-        t = self.file.tensor(name)
-        return t.tensor_type, t.data
+        raise NotImplementedError
 
-    # -- dequantization ------------------------------------------------------
+    def release_tensor(self, name: str) -> None:
+        """Drop the tensor's mapped pages from this process (they stay in the page cache)."""
+
     def dense(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        t = self.file.tensor(name)
-        arr = _dequantize(self.file, name, t.tensor_type, t.data)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        return torch.from_numpy(arr.reshape(shape)).to(dtype)
+        raise NotImplementedError
 
+    def rows(self, name: str, rows: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Selected rows of a 2-D tensor (the embedding for a prompt's tokens)."""
+        raise NotImplementedError
+
+    def row_chunks(self, name: str, chunk: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """A 2-D tensor dequantized ``chunk`` rows at a time (the lm head)."""
+        raise NotImplementedError
+
+    def expert_matrix(self, layer: int, tensor: str, e: int) -> np.ndarray:
+        """Expert ``e``'s matrix of ``blk.<layer>.<tensor>`` as float32."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the model's bytes in provenance: ``file``, ``path``, ``size``, ``sha256``."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------
     def on_device(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """Tensor ``name`` in its logical shape, its stored bytes dequantized on ``device``
         (bit-exact with :meth:`dense` in float32; other dtypes are the float32 values rounded)."""
         from ..gguf import quants_torch
 
-        t = self.file.tensor(name)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        data = file_bytes(t.data).to(device)
-        return quants_torch.dequantize(data, t.tensor_type, out_dtype=dtype).reshape(shape)
-
-    def rows(self, name: str, rows: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Selected rows of a 2-D tensor (the embedding for a prompt's tokens)."""
-        t = self.file.tensor(name)
-        data = np.asarray(t.data)[np.asarray(rows, dtype=np.int64)]
-        return torch.from_numpy(_dequantize(self.file, name, t.tensor_type, data)).to(dtype)
-
-    def row_chunks(self, name: str, chunk: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """A 2-D tensor dequantized ``chunk`` rows at a time (the lm head)."""
-        t = self.file.tensor(name)
-        n = int(t.shape[-1])
-        for start in range(0, n, chunk):
-            data = t.data[start:start + chunk]
-            yield torch.from_numpy(_dequantize(self.file, name, t.tensor_type, data)).to(dtype)
-
-    def expert_matrix(self, layer: int, tensor: str, e: int) -> np.ndarray:
-        name = f"blk.{layer}.{tensor}"
-        t = self.file.tensor(name)
-        return _dequantize(self.file, name, t.tensor_type, t.data[e])
+        qtype, data = self.raw(name)
+        out = quants_torch.dequantize(file_bytes(data).to(device), qtype, out_dtype=dtype)
+        return out.reshape(self.shape(name))
 
     def layer(self, i: int, dtype: torch.dtype = torch.float32) -> LayerWeights:
         p = f"blk.{i}."
@@ -173,7 +162,7 @@ class GGUFModel:
     def release_layer(self, i: int) -> None:
         """Drop layer ``i``'s mapped pages from this process, so resident memory does not grow with depth."""
         for name in LAYER_TENSORS:
-            self.file.release(self.file.tensor(f"blk.{i}.{name}"))
+            self.release_tensor(f"blk.{i}.{name}")
 
     def check_tokens(self, tokens: Any) -> None:
         ids = np.asarray(tokens)
@@ -187,3 +176,80 @@ class GGUFModel:
             raise ModelFileError(
                 f"{self.path}: token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})"
             )
+
+
+class GGUFModel(ModelWeights):
+    """A validated Qwen3-MoE GGUF: config, tensor types, and lazy weight access."""
+
+    kind = "gguf"
+
+    def __init__(self, gf: GGUFFile) -> None:
+        self.file = gf
+        self.path = gf.path
+        self.config = Qwen3MoeConfig.from_gguf(gf)
+        # the layer count comes from metadata and every check below loops over it: bound it by the
+        # tensors first (block_count = 2^32-1 built 50 billion expected shapes and never returned)
+        layers = {int(n.split(".")[1]) for n in gf.tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+        if self.config.n_layer > len(layers):
+            raise ModelFileError(f"{gf.path}: metadata key 'qwen3moe.block_count' = {self.config.n_layer}, "
+                                 f"but the file holds tensors of {len(layers)} layers")
+        for name, shape in expected_shapes(self.config.dims, self.config.n_layer).items():
+            t = gf.tensor(name)
+            got = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if got != shape:
+                raise ModelFileError(f"{gf.path}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+
+    @classmethod
+    def open(cls, path: str | Path) -> "GGUFModel":
+        return cls(open_gguf(path))
+
+    def fingerprint(self) -> dict[str, Any]:
+        from ..util import file_sha256
+
+        return {"file": self.path.name, "path": str(self.path.resolve()), "size": self.path.stat().st_size,
+                "sha256": file_sha256(self.path)}
+
+    def tensor_type(self, name: str) -> GGMLQuantizationType:
+        return self.file.tensor(name).tensor_type
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self.file.tensor(name).shape.tolist()))
+
+    def release_tensor(self, name: str) -> None:
+        self.file.release(self.file.tensor(name))
+
+    # -- inspection ---------------------------------------------------------
+    def qtypes(self) -> dict[str, str]:
+        """Quant type name of every tensor, e.g. {'blk.0.ffn_down_exps': 'Q6_K'}."""
+        return {name.removesuffix(".weight"): t.tensor_type.name for name, t in self.file.tensors.items()}
+
+    def raw(self, name: str) -> tuple[GGMLQuantizationType, np.ndarray]:
+        """(type, data as stored): uint8 blocks for quantized types, typed array otherwise."""
+        t = self.file.tensor(name)
+        return t.tensor_type, t.data
+
+    # -- dequantization ------------------------------------------------------
+    def dense(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        t = self.file.tensor(name)
+        arr = _dequantize(self.file, name, t.tensor_type, t.data)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        return torch.from_numpy(arr.reshape(shape)).to(dtype)
+
+    def rows(self, name: str, rows: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Selected rows of a 2-D tensor (the embedding for a prompt's tokens)."""
+        t = self.file.tensor(name)
+        data = np.asarray(t.data)[np.asarray(rows, dtype=np.int64)]
+        return torch.from_numpy(_dequantize(self.file, name, t.tensor_type, data)).to(dtype)
+
+    def row_chunks(self, name: str, chunk: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """A 2-D tensor dequantized ``chunk`` rows at a time (the lm head)."""
+        t = self.file.tensor(name)
+        n = int(t.shape[-1])
+        for start in range(0, n, chunk):
+            data = t.data[start:start + chunk]
+            yield torch.from_numpy(_dequantize(self.file, name, t.tensor_type, data)).to(dtype)
+
+    def expert_matrix(self, layer: int, tensor: str, e: int) -> np.ndarray:
+        name = f"blk.{layer}.{tensor}"
+        t = self.file.tensor(name)
+        return _dequantize(self.file, name, t.tensor_type, t.data[e])

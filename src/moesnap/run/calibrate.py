@@ -29,7 +29,7 @@ from ..model.recorder import ArrayRecorder
 from ..model.ggml import identity
 from ..model.reference import ActQuant, run_reference
 from ..stages import INTEGER_STAGES, LAYER_STAGES, POST_ROUTING_STAGES
-from ..model.weights import GGUFModel
+from ..model.weights import ModelWeights
 
 MARGIN = 10.0
 
@@ -57,7 +57,7 @@ class StageSpread:
         self.n += g64.size
 
 
-def measure(model: GGUFModel, token_lists: list[list[int]], dtype: torch.dtype,
+def measure(model: ModelWeights, token_lists: list[list[int]], dtype: torch.dtype,
             progress=None, aq: ActQuant = identity) -> tuple[dict[str, StageSpread], int]:
     """Per-stage spread of the reference in ``dtype`` against float64; also the number of routing flips.
 

@@ -33,11 +33,12 @@ from ..errors import GoldenError, UsageError
 from ..model.inject import Injection
 from ..model.recorder import ArrayRecorder
 from ..judge.tolerances import Tolerances
-from ..util import LayerProgress, file_sha256
-from ..model.weights import GGUFModel
+from ..util import LayerProgress
+from ..model.load import open_model
+from ..model.weights import ModelWeights
 
 
-def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: GGUFModel, *, where: str,
+def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: ModelWeights, *, where: str,
                                meta: dict | None = None) -> None:
     """Refuse goldens made from another model file, or whose tokens the model cannot run."""
     sha = None
@@ -47,7 +48,7 @@ def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: GGUFMod
             sha = m["sha256"]
             break
     if sha is not None:
-        mine = file_sha256(model.path)
+        mine = model.fingerprint()["sha256"]
         if sha != mine:
             raise GoldenError(f"{where}: golden was made from another model file "
                               f"(sha256 {sha[:12]}…, {model.path.name} is {mine[:12]}…)")
@@ -97,7 +98,7 @@ def _replay_case(cand, golden: Case, progress=None) -> Case:
                 attrs={"replay": True, "router_followed": _followed_attr(followed)})
 
 
-def run_check(model: GGUFModel, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str = "cpu",
+def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32, replay: bool | None = None, injections: Sequence[Injection] = (),
               tols: Tolerances | None = None, golden_ref: str = "golden", show_progress: bool = True,
               router_replay: bool = True) -> Report:
@@ -166,7 +167,7 @@ def check(model: str | Path, suite: str, *, store: str | None = None, device: st
 
     tdtype = parse_dtype(dtype, allowed=CHECK_DTYPES)
     tdevice = parse_device(device)
-    ggm = GGUFModel.open(model)
+    ggm = open_model(model)
     injections = [parse_inject(s, ggm.config) for s in inject]
     ref, meta, goldens = load_goldens(suite, store)
     check_golden_matches_model(goldens, ggm, where=ref, meta=meta)

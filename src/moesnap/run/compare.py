@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..case import Case
-from ..errors import GoldenError, UsageError
+from ..errors import GoldenError, MoesnapError, UsageError
 from ..judge.compare import Report, compare_cases
 from ..judge.tolerances import PROFILES, Tolerances, profile_for
 from ..stages import DTYPES
@@ -50,9 +50,14 @@ def provenance_model(meta: dict) -> Path | None:
     places += [Path(__file__).resolve().parents[1] / "data" / name, Path.cwd() / name]
     for p in places:
         try:
-            if p.is_file() and p.stat().st_size == m.get("size", p.stat().st_size) and file_sha256(p) == m["sha256"]:
+            if p.is_dir() and m.get("format") == "hf-checkpoint":
+                from ..model.checkpoint import CheckpointModel
+
+                if CheckpointModel(p).fingerprint()["sha256"] == m["sha256"]:
+                    return p
+            elif p.is_file() and p.stat().st_size == m.get("size", p.stat().st_size) and file_sha256(p) == m["sha256"]:
                 return p
-        except OSError:
+        except (OSError, MoesnapError):
             continue
     return None
 
@@ -108,7 +113,7 @@ def compare(golden: str, candidate: str, *, store: str | None = None,
     that builds them (the command line's config file and overrides); default: the profile's tables.
     """
     from ..model.ggml import ActivationQuant, identity
-    from ..model.weights import GGUFModel
+    from ..model.load import open_model
     from .check import check_golden_matches_model, drift_notes
     from .rereference import local_reference
 
@@ -133,12 +138,12 @@ def compare(golden: str, candidate: str, *, store: str | None = None,
                      f"carried through the layers; the local re-reference rounds every matmul input as ggml does")
     ggm = None
     if model is not None:
-        ggm = GGUFModel.open(model)
+        ggm = open_model(model)
         check_golden_matches_model([(n, g) for n, g, _ in pairs], ggm, where=golden, meta=meta)
     elif local:
         found = provenance_model(meta)
         if found is not None:
-            ggm = GGUFModel.open(found)
+            ggm = open_model(found)
             notes.append(f"local re-reference with {found} (the golden's model file, same sha256)")
     cases, per_layer = [], []
     for name, g, c in pairs:

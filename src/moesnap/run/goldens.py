@@ -38,14 +38,14 @@ def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: 
     from .trace import DTYPES, model_provenance, parse_tokens, run_case
     from ..gguf.tokenizer import encode
     from ..util import versions
-    from ..model.weights import GGUFModel
+    from ..model.load import open_model
 
     validate_suite(suite)
     if dtype not in GOLDEN_DTYPES:
         raise UsageError(f"unknown golden dtype {dtype!r}; choose one of {', '.join(GOLDEN_DTYPES)}")
     if not inputs:
         raise UsageError("give at least one --tokens or --prompt")
-    model = GGUFModel.open(model_path)
+    model = open_model(model_path)
     cases: list[tuple[str, list[int], str | None]] = []
     for i, (kind, value) in enumerate(inputs):
         if kind == "tokens":

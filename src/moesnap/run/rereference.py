@@ -47,7 +47,7 @@ from ..model.ggml import identity
 from ..model.reference import (ActQuant, RMSNorm, Transformer, causal_attention, expert_outputs, rope_cos_sin,
                                rotate_half)
 from ..stages import LAYER_STAGES
-from ..model.weights import GGUFModel, LayerWeights
+from ..model.weights import LayerWeights, ModelWeights
 
 Progress = Callable[[int, int], None]
 
@@ -169,7 +169,7 @@ def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.
     rec.save("layer_out", i, resid + eng.or_own("moe_out", moe))
 
 
-def local_reference(model: GGUFModel, candidate: Case, *, tie_tol: float,
+def local_reference(model: ModelWeights, candidate: Case, *, tie_tol: float,
                     progress: Progress | None = None, aq: ActQuant = identity) -> tuple[Case, list[int], list[str]]:
     """(the reference recomputed from ``candidate``'s own values, the layers recomputed, notes).
 

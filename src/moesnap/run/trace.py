@@ -15,8 +15,8 @@ from ..case import Case, from_recorder
 from ..store.case import save_case
 from ..errors import UsageError
 from ..model.recorder import ArrayRecorder
-from ..util import LayerProgress, file_sha256, published_version_above, versions
-from ..model.weights import GGUFModel
+from ..util import LayerProgress, published_version_above, versions
+from ..model.weights import ModelWeights
 from ..stages import DTYPES as STAGE_DTYPES
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in STAGE_DTYPES}
@@ -46,22 +46,15 @@ def parse_tokens(text: str) -> list[int]:
     return ids
 
 
-def model_provenance(model: GGUFModel) -> dict:
-    return {
-        "file": model.path.name,
-        "path": str(model.path.resolve()),
-        "size": model.path.stat().st_size,
-        "sha256": file_sha256(model.path),
-        "config": model.config.to_dict(),
-        "quant_types": model.qtypes(),
-    }
+def model_provenance(model: ModelWeights) -> dict:
+    return {**model.fingerprint(), "config": model.config.to_dict(), "quant_types": model.qtypes()}
 
 
 #: engines ``trace --engine`` runs: moesnap's own forwards, and other engines as candidates
 ENGINES: tuple[str, ...] = ("moesnap", "transformers", "llama.cpp")
 
 
-def run_case(model: GGUFModel, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
+def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", candidate: bool = False, prompt: str | None = None,
              show_progress: bool = True, engine: str = "moesnap") -> Case:
     """Run one forward over ``tokens`` and capture every stage it exposes.
@@ -111,7 +104,7 @@ def run_case(model: GGUFModel, tokens: Sequence[int], *, dtype: torch.dtype = to
     return case
 
 
-def _engine_case(engine: str, model: GGUFModel, tokens: Sequence[int], *, dtype: torch.dtype,
+def _engine_case(engine: str, model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype,
                  device: torch.device | str) -> Case:
     if engine == "llama.cpp":
         if torch.device(device).type != "cpu" or dtype != torch.float32:
