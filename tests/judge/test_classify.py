@@ -8,13 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from moesnap.judge.classify import (
-    MAX_BAD_TOKENS,
-    Verdict,
-    align_topk_weights,
-    classify,
-    classify_routing,
-)
+from moesnap.judge.classify import MAX_BAD_TOKENS, Verdict, classify
+from moesnap.judge.routing import align_topk_weights, classify_routing
 from moesnap.errors import MoesnapError, ToleranceError
 from moesnap.stages import INTEGER_STAGES, LAYER_STAGES, MODEL_STAGES
 from moesnap.judge.tolerances import Tolerance, Tolerances

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from hypothesis import assume, event, given
 
-from moesnap.judge.classify import MAX_BAD_TOKENS, Verdict, align_topk_weights, classify, classify_routing
+from moesnap.judge.classify import MAX_BAD_TOKENS, Verdict, classify
+from moesnap.judge.routing import align_topk_weights, classify_routing
 from moesnap.testing import strategies as ms
 from moesnap.judge.tolerances import Tolerance
 

@@ -374,7 +374,7 @@ def test_cuda_upload_keeps_bytes_on_the_device(model, tokens):
 @pytest.mark.parametrize("tie_tol, follows", [(1e9, True), (0.0, False)])
 def test_router_replay_follows_the_golden_only_within_the_tie_width(model, tokens, ref, tie_tol, follows):
     from moesnap.model.candidate import RouterReplay
-    from moesnap.judge.classify import tie_gap
+    from moesnap.judge.routing import tie_gap
     from moesnap.model.inject import RouteFlip
 
     golden = ref.stacked()

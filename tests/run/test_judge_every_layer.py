@@ -18,7 +18,8 @@ import zarr
 
 from moesnap.case import Case
 from moesnap.store.case import load_case
-from moesnap.judge.classify import Verdict, classify, expert_scale_errors
+from moesnap.judge.classify import Verdict, classify
+from moesnap.judge.routing import expert_scale_errors
 from moesnap.cli.main import main
 from moesnap.judge.compare import compare_cases
 from moesnap.judge.tolerances import Tolerance, Tolerances

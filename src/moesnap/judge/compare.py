@@ -7,7 +7,7 @@ and returns a :class:`CaseReport`.
 Order: ``tokens``, ``embed``, then each layer's stages in
 :data:`moesnap.stages.LAYER_STAGES` order, then ``final_norm`` and ``logits``.
 
-Routing: ``topk_ids`` are judged by :func:`~moesnap.judge.classify.classify_routing`.
+Routing: ``topk_ids`` are judged by :func:`~moesnap.judge.routing.classify_routing`.
 A tolerated flip (``ROUTING_TIE``) of token ``t`` at layer ``L`` means the
 candidate legitimately computed a different function for ``t`` from there on,
 so stages of layer ``L`` after routing are judged without ``t``, and every stage
@@ -29,7 +29,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..case import Case
-from .classify import Result, Verdict, align_topk_weights, classify, classify_routing, expert_scale_errors
+from .classify import Result, Verdict, classify
+from .routing import align_topk_weights, classify_routing, expert_scale_errors
 from ..errors import GoldenError, MoesnapError
 from ..stages import LAYER_STAGES, MODEL_STAGES, POST_ROUTING_STAGES
 from .tolerances import Tolerance, Tolerances

@@ -169,7 +169,7 @@ class RouterReplay:
     """The golden routing a candidate follows at near ties: ``ids [L, T, k]``, router
     ``logits [L, T, E]`` (numpy, any layer count), the tie width in logit units (one for every
     layer or one per layer, ``[L]``) and ``gap(logits_row, ids)``, the judge's near-tie gap of
-    choosing ``ids`` under golden logits (:func:`moesnap.judge.classify.tie_gap`; passed in, so that the
+    choosing ``ids`` under golden logits (:func:`moesnap.judge.routing.tie_gap`; passed in, so that the
     model does not depend on the judge)."""
 
     ids: np.ndarray

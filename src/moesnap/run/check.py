@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..case import Case, from_recorder
-from ..judge.classify import tie_gap
+from ..judge.routing import tie_gap
 from ..judge.compare import CaseReport, Report, compare_cases
 from ..errors import GoldenError, UsageError
 from ..model.inject import Injection

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..case import Case
-from ..judge.classify import tie_gap
+from ..judge.routing import tie_gap
 from ..model.config import Qwen3MoeConfig
 from ..errors import GoldenError
 from ..model.recorder import ArrayRecorder
