@@ -16,19 +16,20 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "moesnap"
 
 # layer -> layers it may import (a module may always import its own layer)
 ALLOWED: dict[str, set[str]] = {
-    "moesnap": set(),                                   # the package face: __version__
+    "moesnap": {"run", "model", "judge", "case", "store", "errors", "_version"},   # the public API, lazily
+    "_version": set(),
     "errors": set(),
     "stages": set(),
     "case": set(),                                      # the Case value: numpy only
-    "util": {"moesnap", "errors"},
+    "util": {"_version", "errors"},
     "gguf": {"errors"},
-    "model": {"gguf", "errors", "stages", "util"},
+    "model": {"gguf", "case", "errors", "stages", "util"},
     "store": {"case", "errors", "stages", "util"},
     "judge": {"case", "errors", "stages", "util"},      # no store: the judge needs the value, not its I/O
     "testing": {"judge", "store", "case", "stages", "errors"},
     "capture": {"gguf", "model", "case", "errors", "stages", "util"},   # other engines' forwards and dumps
-    "run": {"capture", "gguf", "model", "store", "judge", "case", "errors", "stages", "util", "moesnap"},
-    "cli": {"run", "gguf", "model", "store", "judge", "case", "errors", "stages", "util", "moesnap"},
+    "run": {"capture", "gguf", "model", "store", "judge", "case", "errors", "stages", "util", "_version"},
+    "cli": {"run", "gguf", "model", "store", "judge", "case", "errors", "stages", "util", "_version"},
     "__main__": {"cli"},
 }
 MAX_FLOORS = 7

@@ -87,7 +87,7 @@ def versions() -> dict[str, Any]:
     import torch
     import zarr
 
-    from . import __version__
+    from ._version import __version__
 
     try:
         from importlib.metadata import version

@@ -613,6 +613,27 @@ class Report:
         order = {c.case: i for i, c in enumerate(self.cases)}
         return intro if _position(intro, order) <= _position(free, order) else free
 
+    def summary(self) -> str:
+        """A few lines: the verdict, what was judged, and where it first went wrong.
+
+        >>> print(report.summary())    # doctest: +SKIP
+        fail: golden tiny@v0001, candidate moesnap-candidate (float32)
+        first divergence: case0 / layer 2 / moe_out / token 0: DIVERGE
+        judged 3825 of 3825 (layer, stage, token) cells
+        """
+        cov = self.coverage()
+        lines = [f"{self.verdict}: golden {self.golden}, candidate {self.candidate} ({self.dtype})"]
+        fd = self.first_divergence
+        if fd is not None:
+            where = f"layer {fd.layer}" if fd.layer is not None else "model"
+            lines.append(f"first divergence: {fd.case} / {where} / {fd.stage}"
+                         + (f" / token {fd.token}" if fd.token is not None else "") + f": {fd.verdict.name}")
+        lines.append(f"judged {cov.judged} of {cov.held} (layer, stage, token) cells")
+        reason = self.inconclusive_reason()
+        if reason:
+            lines.append(reason)
+        return "\n".join(lines)
+
     def first_introduced(self) -> StageResult | None:
         """With a per-layer mode: the first layer/stage whose own computation diverges."""
         if self.replay is None:

@@ -7,12 +7,15 @@ anyway, so a null recorder changes nothing but the copies.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from ..stages import ALL_STAGES, LAYER_STAGES, MODEL_STAGES
+
+if TYPE_CHECKING:
+    from ..case import Case
 
 
 class Recorder(Protocol):
@@ -59,6 +62,14 @@ class ArrayRecorder:
             if stage not in LAYER_STAGES:
                 raise ValueError(f"stage {stage!r} is whole-model; layer must be None")
             self.layers.setdefault(stage, {})[layer] = arr
+
+    def case(self, attrs: dict[str, Any] | None = None) -> "Case":
+        """What was saved as a :class:`~moesnap.case.Case` (the ``tokens`` stage must have been saved)."""
+        from ..case import from_recorder
+
+        if "tokens" not in self.model:
+            raise ValueError("save the token ids first: rec.save('tokens', None, torch.tensor(ids))")
+        return from_recorder(self, attrs)
 
     def stacked(self) -> dict[str, np.ndarray]:
         """Per-layer stages stacked on a leading layer axis, in layer order."""

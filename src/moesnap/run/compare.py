@@ -62,7 +62,14 @@ def provenance_model(meta: dict) -> Path | None:
     return None
 
 
-def _candidate_cases(path: str, golden: list[tuple[str, Case]]) -> list[tuple[str, Case, Case]]:
+def _candidate_cases(path: str | Path | Case, golden: list[tuple[str, Case]]) -> list[tuple[str, Case, Case]]:
+    if isinstance(path, Case):   # a case in memory (the Python API): the golden case with its tokens
+        for name, g in golden:
+            if g.tokens.shape == path.tokens.shape and (g.tokens == path.tokens).all():
+                return [(name, g, path)]
+        if len(golden) == 1:
+            return [(golden[0][0], golden[0][1], path)]
+        raise GoldenError(f"the candidate's tokens match none of the golden's cases ({', '.join(n for n, _ in golden)})")
     p = Path(path)
     if not p.exists():
         raise GoldenError(f"{p}: no such candidate group")
@@ -95,12 +102,18 @@ def _check_judgeable(name: str, cand: Case, where: str) -> None:
                       f"and aliases: moesnap.stages")
 
 
-def compare(golden: str, candidate: str, *, store: str | None = None,
+def compare(golden: str, candidate: str | Path | Case, *, store: str | None = None,
             tols: Tolerances | Callable[[str], Tolerances] | None = None, profile: str | None = None,
             model: str | Path | None = None, local: bool = True, allow_missing: bool = False,
             dtype: str | None = None, show_progress: bool = True) -> Report:
-    """Judge the dump at ``candidate`` (a case group, or a group of case groups named like the golden's)
-    against ``golden`` (``NAME[@vNNNN]`` in ``store``, or a case group path).
+    """Judge the dump at ``candidate`` (a case group, a group of case groups named like the golden's, or a
+    :class:`~moesnap.case.Case` in memory) against ``golden`` (``NAME[@vNNNN]`` in ``store``, or a case
+    group path).
+
+    >>> import moesnap                                          # doctest: +SKIP
+    >>> report = moesnap.compare("tiny", "my_engine.zarr", store="goldens", allow_missing=True)
+    >>> report.passed, report.first_divergence
+    (True, None)
 
     ``model``: the golden's model file, for local re-reference (:mod:`moesnap.run.rereference`);
     without it, and with ``local``, the model file the golden's provenance records is used where it
@@ -119,8 +132,10 @@ def compare(golden: str, candidate: str, *, store: str | None = None,
 
     meta, gold = resolve_golden_meta(golden, store)
     pairs = _candidate_cases(candidate, gold)
+    where = (str(candidate.attrs.get("producer") or candidate.attrs.get("engine") or "a case in memory")
+             if isinstance(candidate, Case) else str(candidate))
     for name, _, c in pairs:
-        _check_judgeable(name, c, candidate)
+        _check_judgeable(name, c, where)
     engine = pairs[0][2].attrs.get("engine")
     chosen = profile or profile_for(engine)
     if chosen not in PROFILES:
@@ -170,8 +185,8 @@ def compare(golden: str, candidate: str, *, store: str | None = None,
                          "local re-reference" if per_layer else None)
     hint = None
     if ggm is None:
-        hint = (f"moesnap compare {golden} {candidate} --model MODEL.gguf (the golden's model file: the "
+        hint = (f"moesnap compare {golden} {where} --model MODEL.gguf (the golden's model file: the "
                 f"reference then judges every layer from the engine's own input)")
-    return Report(cases=cases, golden=golden, candidate=candidate, dtype=dtype or "float32",
+    return Report(cases=cases, golden=golden, candidate=where, dtype=dtype or "float32",
                   mode="free-running" + (" + local re-reference" if ggm is not None else ""),
                   replay=per_layer or None, replay_kind="local", notes=notes, hint=hint)

@@ -310,3 +310,31 @@ def write_json(obj: dict, path: str | Path) -> None:
     except ValueError as e:
         raise GoldenError(f"{p}: cannot write the report ({e})") from None
     write_text_atomic(p, text)
+
+
+def generate_suite(model: str | Path, suite: str, cases: Sequence[Sequence[int] | str], *,
+                   store: str | Path | GoldenStore | None = None, dtype: str = "float32",
+                   show_progress: bool = False) -> str:
+    """Publish a new version of golden ``suite`` from ``model``: one case per entry of ``cases`` (a
+    list of token ids, or a prompt string tokenized with the model's own tokenizer).  ``store``: a
+    directory, ``s3://bucket/prefix``, an open store, or None for ``goldens/``.  Returns
+    ``"suite@vNNNN"``, the reference to check against.
+
+    >>> import moesnap, tempfile                                             # doctest: +SKIP
+    >>> moesnap.generate("model.gguf", "smoke", [[1, 2, 3], "Hello"], store=tempfile.mkdtemp())
+    'smoke@v0001'
+    """
+    from ..store import open_store
+
+    st = store if isinstance(store, GoldenStore) else open_store(None if store is None else str(store))
+    inputs: list[tuple[str, str]] = []
+    for c in cases:
+        if isinstance(c, str):
+            inputs.append(("prompt", c))
+        else:
+            ids = [int(t) for t in c]
+            if not ids:
+                raise UsageError("an empty list of token ids")
+            inputs.append(("tokens", ",".join(map(str, ids))))
+    v = generate(model, suite, store=st, inputs=inputs, dtype=dtype, show_progress=show_progress)
+    return f"{suite}@{v.version}"

@@ -104,6 +104,34 @@ def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype =
     return case
 
 
+def trace(model: str | Path | ModelWeights, tokens: Sequence[int], *, dtype: str = "float32",
+          device: str = "cpu", engine: str = "moesnap", candidate: bool = False,
+          out: str | Path | None = None, force: bool = False, show_progress: bool = False) -> Case:
+    """Run one forward of ``model`` (a GGUF file, an HF checkpoint directory, or an open model) over
+    ``tokens`` and return every stage it exposes as a :class:`~moesnap.case.Case`; with ``out``, also
+    write it there as a case group (replacing one only with ``force``).
+
+    ``engine``: ``"moesnap"`` (the reference on the CPU, or moesnap's candidate with ``candidate=True``),
+    ``"transformers"`` or ``"llama.cpp"`` (:data:`ENGINES`).
+
+    >>> import moesnap
+    >>> from moesnap.model.synth import tiny_path
+    >>> case = moesnap.trace(tiny_path(), [1, 2, 3])
+    >>> case.layers["moe_out"].shape        # [layers, tokens, hidden]
+    (4, 3, 64)
+    """
+    from ..model.load import open_model
+
+    m = model if isinstance(model, ModelWeights) else open_model(model)
+    if out is not None:
+        check_output(out, force=force)
+    case = run_case(m, tokens, dtype=parse_dtype(dtype), device=parse_device(device), candidate=candidate,
+                    engine=engine, show_progress=show_progress)
+    if out is not None:
+        write_output(case, out, force=force)
+    return case
+
+
 def _engine_case(engine: str, model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype,
                  device: torch.device | str) -> Case:
     if engine == "llama.cpp":
