@@ -9,9 +9,13 @@ import math
 from ..errors import UsageError
 
 
+#: what calibrate measures on when given neither --tokens nor --prompt
+DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. 0123456789"
+
+
 def cmd_calibrate(a: argparse.Namespace) -> int:
     from ..run.calibrate import MARGIN, measure, suggested, toml_block
-    from ..gguf.tokenizer import encode
+    from ..run.prompts import check_choice, encode_prompt, prompt_tokenizer
     from ..run.trace import parse_dtype, parse_tokens
     from ..util import LayerProgress, check_output_file, write_text_atomic
     from ..model.load import open_model
@@ -28,13 +32,15 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     for d in dtypes:
         parse_dtype(d, allowed=("float32", "bfloat16", "float16"))
     model = open_model(a.model)
-    token_lists = [parse_tokens(t) for t in a.tokens] + [encode(model.file, p) for p in a.prompt]
-    if not token_lists:
-        token_lists = [encode(model.file, "The quick brown fox jumps over the lazy dog. 0123456789")]
+    check_choice(a.tokenizer)
+    prompts = a.prompt or ([] if a.tokens else [DEFAULT_PROMPT])
+    tok = prompt_tokenizer(model, a.tokenizer) if prompts else None
+    encoded = [encode_prompt(tok, p, model=model) for p in prompts] if tok is not None else []
+    token_lists = [parse_tokens(t) for t in a.tokens] + [e.ids for e in encoded]
     for t in token_lists:
         model.check_tokens(t)
     out: dict = {"model": model.path.name, "margin": margin, "profile": a.profile, "tokens": token_lists,
-                 "dtypes": {}}
+                 "tokenizer": tok.provenance if tok is not None else None, "dtypes": {}}
     for d in dtypes:
         bar = LayerProgress(f"calibrate {d}")
         aq = identity
@@ -65,10 +71,14 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..run.prompts import TOKENIZER_HELP
+
     p = sub.add_parser("calibrate", help="measure the per-stage float noise floor (dtype vs float64 reference)")
     p.add_argument("model")
     p.add_argument("--tokens", action="append", default=[], help="comma-separated token ids (repeatable)")
-    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="prompt text, encoded with the model's own tokenizer (repeatable; see --tokenizer)")
+    p.add_argument("--tokenizer", default="auto", metavar="auto|model|bytes", help=TOKENIZER_HELP)
     p.add_argument("--dtypes", default="float32,bfloat16,float16")
     p.add_argument("--margin", type=float, help="multiplier on the measured spread (default 10)")
     p.add_argument("--profile", choices=("default", "ggml"), default="default",

@@ -41,10 +41,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     for kind, value in a.inputs or []:
         parts += [f"--{kind}", value]
     parts += ["--dtype", a.dtype]
+    if a.tokenizer != "auto":
+        parts += ["--tokenizer", a.tokenizer]
     command = " ".join(shlex.quote(x) for x in parts)
     with _store(a) as st:
         v = generate(a.model, a.suite, store=st, inputs=a.inputs or [], dtype=a.dtype,
-                     show_progress=_progress(a), command=command)
+                     show_progress=_progress(a), command=command, tokenizer=a.tokenizer)
     print(v.ref)
     return 0
 
@@ -103,6 +105,8 @@ def cmd_prune(a: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..run.prompts import TOKENIZER_HELP
+
     g = sub.add_parser("goldens", help="versioned golden snapshots: generate, list, show, diff, prune")
     gsub = g.add_subparsers(dest="goldens_command", required=True, parser_class=type(g))
     store_help = "golden store root: a directory (default goldens/) or s3://bucket/prefix"
@@ -114,7 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", dest="inputs", action=_Input, const="tokens", metavar="IDS",
                    help="comma-separated token ids: one case (repeatable)")
     p.add_argument("--prompt", dest="inputs", action=_Input, const="prompt", metavar="TEXT",
-                   help="text, encoded byte by byte: one case (repeatable)")
+                   help="text, encoded with the model's own tokenizer (see --tokenizer): one case (repeatable)")
+    p.add_argument("--tokenizer", default="auto", metavar="auto|model|bytes", help=TOKENIZER_HELP)
     p.add_argument("--dtype", default="float32", help="reference arithmetic: float32 (default) or float64")
     p.set_defaults(func=cmd_generate)
 

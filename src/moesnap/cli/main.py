@@ -33,15 +33,18 @@ def cmd_model_make(a: argparse.Namespace) -> int:
     return 0
 
 
-def _tokens_from(a: argparse.Namespace, model) -> tuple[list[int], str | None]:
-    from ..gguf.tokenizer import encode
+def _tokens_from(a: argparse.Namespace, model) -> tuple[list[int], str | None, dict | None]:
+    """The token ids, the prompt they came from and what tokenized it (None, None for --tokens)."""
+    from ..run.prompts import check_choice, encode_prompt, prompt_tokenizer
     from ..run.trace import parse_tokens
 
+    check_choice(a.tokenizer)
     if (a.tokens is None) == (a.prompt is None):
         raise UsageError("give exactly one of --tokens or --prompt")
     if a.tokens is not None:
-        return parse_tokens(a.tokens), None
-    return encode(model.file, a.prompt), a.prompt
+        return parse_tokens(a.tokens), None, None
+    enc = encode_prompt(prompt_tokenizer(model, a.tokenizer), a.prompt, model=model)
+    return enc.ids, a.prompt, enc.tokenizer
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
@@ -52,9 +55,11 @@ def cmd_trace(a: argparse.Namespace) -> int:
     device = parse_device(a.device)
     check_output(a.out, force=a.force)
     model = open_model(a.model)
-    tokens, prompt = _tokens_from(a, model)
+    tokens, prompt, tokenizer = _tokens_from(a, model)
     case = run_case(model, tokens, dtype=dtype, device=device, candidate=a.candidate, prompt=prompt,
                     show_progress=not a.quiet, engine=a.engine)
+    if tokenizer is not None:
+        case.attrs["tokenizer"] = tokenizer
     write_output(case, a.out, force=a.force)
     for line in summary(case):
         print(line)
@@ -64,7 +69,10 @@ def cmd_trace(a: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
+    from ..run.prompts import TOKENIZER_HELP
+
     p = _Parser(prog="moesnap", description="Find where a GPU forward of a Qwen3-MoE model goes wrong.")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -82,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("trace", help="run a forward over one prompt and write every stage to a Zarr group")
     tr.add_argument("model")
     tr.add_argument("--tokens", help="comma-separated token ids")
-    tr.add_argument("--prompt", help="text, encoded byte by byte with the model's vocabulary")
+    tr.add_argument("--prompt", help="text, encoded with the model's own tokenizer (see --tokenizer)")
+    tr.add_argument("--tokenizer", default="auto", metavar="auto|model|bytes", help=TOKENIZER_HELP)
     tr.add_argument("--out", required=True)
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--dtype", default="float32")

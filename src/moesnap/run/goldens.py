@@ -28,15 +28,18 @@ from ..util import printable, progress, write_text_atomic
 
 
 def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: Sequence[tuple[str, str]],
-             dtype: str = "float32", show_progress: bool = True, command: str | None = None) -> GoldenVersion:
+             dtype: str = "float32", show_progress: bool = True, command: str | None = None,
+             tokenizer: str = "auto") -> GoldenVersion:
     """Run the reference forward over each input and publish the cases as one new version.
 
     ``inputs`` are ``("tokens", "1,2,3")`` or ``("prompt", text)`` pairs; case
-    ``i`` is named ``case{i}``.  Every input is validated before anything is
+    ``i`` is named ``case{i}``.  A prompt goes through the tokenizer ``tokenizer``
+    picks (:func:`moesnap.run.prompts.prompt_tokenizer`), recorded as the case's
+    ``tokenizer`` attribute.  Every input is validated before anything is
     written; the version becomes visible only once every case is stored.
     """
+    from .prompts import check_choice, encode_prompt, prompt_tokenizer
     from .trace import DTYPES, model_provenance, parse_tokens, run_case
-    from ..gguf.tokenizer import encode
     from ..util import versions
     from ..model.load import open_model
 
@@ -45,17 +48,21 @@ def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: 
         raise UsageError(f"unknown golden dtype {dtype!r}; choose one of {', '.join(GOLDEN_DTYPES)}")
     if not inputs:
         raise UsageError("give at least one --tokens or --prompt")
+    check_choice(tokenizer)
     model = open_model(model_path)
-    cases: list[tuple[str, list[int], str | None]] = []
+    tok = None
+    cases: list[tuple[str, list[int], str | None, dict[str, Any] | None]] = []
     for i, (kind, value) in enumerate(inputs):
         if kind == "tokens":
-            ids, prompt = parse_tokens(value), None
+            ids, prompt, made_by = parse_tokens(value), None, None
         elif kind == "prompt":
-            ids, prompt = encode(model.file, value), value
+            tok = tok or prompt_tokenizer(model, tokenizer)
+            enc = encode_prompt(tok, value, model=model)
+            ids, prompt, made_by = enc.ids, value, enc.tokenizer
         else:
             raise UsageError(f"input kind {kind!r}: expected 'tokens' or 'prompt'")
         model.check_tokens(np.asarray(ids))
-        cases.append((f"case{i}", ids, prompt))
+        cases.append((f"case{i}", ids, prompt, made_by))
     meta: dict[str, Any] = {
         "suite": suite,
         "model": model_provenance(model),
@@ -65,9 +72,14 @@ def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
     }
+    made = {name: made_by for name, _, _, made_by in cases if made_by is not None}
+    if made:
+        meta["tokenizers"] = made
     with store.begin(suite) as writer:
-        for name, ids, prompt in progress(cases, desc=f"{suite}: cases", enabled=show_progress):
+        for name, ids, prompt, made_by in progress(cases, desc=f"{suite}: cases", enabled=show_progress):
             case = run_case(model, ids, dtype=DTYPES[dtype], prompt=prompt, show_progress=show_progress)
+            if made_by is not None:
+                case.attrs["tokenizer"] = made_by
             writer.add_case(name, case)
         return writer.commit(meta)
 
@@ -96,6 +108,15 @@ def describe(meta: Mapping[str, Any]) -> str:
     model = meta.get("model") or {}
     return printable(f"{model.get('file', '?')} ({str(model.get('sha256', '?'))[:12]}), {meta.get('dtype', '?')}, "
             f"{len(meta.get('cases') or [])} case(s), {meta.get('created', '?')}")
+
+
+def describe_tokenizer(made_by: Any) -> str:
+    """A recorded tokenizer in a few words: ``bytes``, ``gguf-bpe qwen2``, ``tokenizer.json 1a2b3c4d5e6f``."""
+    if not isinstance(made_by, Mapping):
+        return printable(str(made_by))
+    kind = made_by.get("kind", "?")
+    detail = made_by.get("pre") if kind == "gguf-bpe" else str(made_by.get("sha256", ""))[:12] or None
+    return printable(f"{kind} {detail}" if detail else str(kind))
 
 
 def show_lines(v: GoldenVersion, *, verify: bool = True, show_progress: bool = True) -> list[str]:
@@ -127,7 +148,9 @@ def show_lines(v: GoldenVersion, *, verify: bool = True, show_progress: bool = T
         prompt = info.get("prompt")
         shown = json.dumps(prompt, ensure_ascii=False) if prompt is not None else "(token ids)"
         head = ", ".join(map(str, ids[:12])) + (", …" if len(ids) > 12 else "")
-        lines.append(f"  case {name}: {len(ids)} tokens  prompt {shown}  ids [{head}]")
+        made_by = (m.get("tokenizers") or {}).get(name)
+        lines.append(f"  case {name}: {len(ids)} tokens  prompt {shown}  ids [{head}]"
+                     + (f"  tokenizer {describe_tokenizer(made_by)}" if made_by else ""))
         if verify:
             v.read_case(name, verify=True)
         arrays = info.get("arrays") or {}
@@ -314,9 +337,10 @@ def write_json(obj: dict, path: str | Path) -> None:
 
 def generate_suite(model: str | Path, suite: str, cases: Sequence[Sequence[int] | str], *,
                    store: str | Path | GoldenStore | None = None, dtype: str = "float32",
-                   show_progress: bool = False) -> str:
+                   show_progress: bool = False, tokenizer: str = "auto") -> str:
     """Publish a new version of golden ``suite`` from ``model``: one case per entry of ``cases`` (a
-    list of token ids, or a prompt string tokenized with the model's own tokenizer).  ``store``: a
+    list of token ids, or a prompt string tokenized with the model's own tokenizer; ``tokenizer``
+    ``"auto"``, ``"model"`` or ``"bytes"`` as ``--tokenizer`` picks).  ``store``: a
     directory, ``s3://bucket/prefix``, an open store, or None for ``goldens/``.  Returns
     ``"suite@vNNNN"``, the reference to check against.
 
@@ -336,5 +360,6 @@ def generate_suite(model: str | Path, suite: str, cases: Sequence[Sequence[int] 
             if not ids:
                 raise UsageError("an empty list of token ids")
             inputs.append(("tokens", ",".join(map(str, ids))))
-    v = generate(model, suite, store=st, inputs=inputs, dtype=dtype, show_progress=show_progress)
+    v = generate(model, suite, store=st, inputs=inputs, dtype=dtype, show_progress=show_progress,
+                 tokenizer=tokenizer)
     return f"{suite}@{v.version}"
