@@ -126,6 +126,38 @@ def _array_key(path: Path) -> Path:
         gguf.GGUFWriter = real
 
 
+def _bpe_model(path: Path, **kw) -> Path:
+    """A model whose vocabulary is a small byte-level BPE (tests/vocabgen.py), ``kw`` spoiling it."""
+    from vocabgen import model_with_vocab, small_bpe
+
+    tokens, merges = small_bpe()
+    return model_with_vocab(path, kw.pop("tokens", tokens), kw.pop("merges", merges), **kw)
+
+
+def _checkpoint(tmp: Path, tokenizer_json: bytes | None) -> Path:
+    """A checkpoint directory (tests/ckptgen.py) with ``tokenizer_json`` as its tokenizer.json (None: none)."""
+    from ckptgen import write_checkpoint
+    from moesnap.model.weights import GGUFModel
+
+    ckpt = write_checkpoint(tmp / "ckpt", GGUFModel.open(write_gguf(tmp / "ckpt.gguf")))
+    if tokenizer_json is not None:
+        (ckpt / "tokenizer.json").write_bytes(tokenizer_json)
+    return ckpt
+
+
+#: models whose tokenizer metadata --prompt refuses: placeholder -> make(tmp)
+BAD_VOCABS: dict[str, Callable[[Path], Path]] = {
+    "vocab_unknown_pre": lambda t: _bpe_model(t / "nope-pre.gguf", pre="nope"),
+    "vocab_bad_merge": lambda t: _bpe_model(t / "bad-merge.gguf", merges=["Ġ t", "Ġtqq"]),
+    "vocab_int_merges": lambda t: _bpe_model(t / "int-merges.gguf", merges=None, raw_merges=[1, 2, 3]),
+    "vocab_no_merges": lambda t: _bpe_model(t / "no-merges.gguf", merges=None),
+    "vocab_twice": lambda t: _bpe_model(t / "twice.gguf", tokens=["a", "b", "a"], merges=[]),
+    "vocab_t5": lambda t: _bpe_model(t / "t5.gguf", model="t5"),
+    "ckpt_bad_tokenizer": lambda t: _checkpoint(t, b'{"model": {"type": "BPE", "vocab": '),
+    "ckpt_no_tokenizer": lambda t: _checkpoint(t, None),
+}
+
+
 #: every command that opens a model, with the rest of its arguments
 MODEL_COMMANDS = {
     "trace": ["trace", "{model}", "--tokens", "1,2,3", "--out", "{tmp}/out.zarr"],
@@ -319,6 +351,38 @@ ROWS.update({
     "trace: non-UTF-8 prompt": row("trace", "{model}", "--prompt", "ab\udcff", "--out", "{tmp}/o.zarr", needles="--prompt: not UTF-8"),
     "trace: --prompt with a vocabulary of arrays": row("trace", "{nested_vocab}", "--prompt", "hi", "--out", "{tmp}/o.zarr",
                                                       needles=("{nested_vocab}", "'tokenizer.ggml.tokens' is not an array of strings")),
+    "trace: --prompt with an unknown pre-tokenizer": row(
+        "trace", "{vocab_unknown_pre}", "--prompt", "hi", "--out", "{tmp}/o.zarr",
+        needles=("{vocab_unknown_pre}", "pre-tokenizer tokenizer.ggml.pre = 'nope' is not one moesnap knows")),
+    "trace: --prompt with a merge that is not two tokens": row(
+        "trace", "{vocab_bad_merge}", "--prompt", "hi", "--out", "{tmp}/o.zarr",
+        needles=("{vocab_bad_merge}", "'tokenizer.ggml.merges'[1] = 'Ġtqq' is not two tokens")),
+    "trace: --prompt with merges of integers": row(
+        "trace", "{vocab_int_merges}", "--prompt", "hi", "--out", "{tmp}/o.zarr",
+        needles=("{vocab_int_merges}", "'tokenizer.ggml.merges' is not an array of strings")),
+    "trace: --prompt with a BPE vocabulary without merges": row(
+        "trace", "{vocab_no_merges}", "--prompt", "hi", "--out", "{tmp}/o.zarr",
+        needles=("{vocab_no_merges}", "BPE vocabulary without 'tokenizer.ggml.merges'")),
+    "trace: --prompt with a token twice in the vocabulary": row(
+        "trace", "{vocab_twice}", "--prompt", "hi", "--out", "{tmp}/o.zarr",
+        needles=("{vocab_twice}", "holds 'a' twice (ids 0 and 2)")),
+    "trace: --prompt with an unknown tokenizer model": row(
+        "trace", "{vocab_t5}", "--prompt", "hi", "--out", "{tmp}/o.zarr",
+        needles=("{vocab_t5}", "tokenizer.ggml.model = 't5' is not supported")),
+    "trace: --tokenizer model on the synthetic byte vocabulary": row(
+        "trace", "{model}", "--prompt", "hi", "--tokenizer", "model", "--out", "{tmp}/o.zarr",
+        needles=("{model}", "'llama' (SentencePiece) is not supported", "--tokenizer bytes")),
+    "trace: --prompt with a checkpoint whose tokenizer.json does not parse": row(
+        "trace", "{ckpt_bad_tokenizer}", "--prompt", "hi", "--out", "{tmp}/o.zarr",
+        needles=("{ckpt_bad_tokenizer}/tokenizer.json: not a tokenizer.json HF tokenizers can read",)),
+    "trace: --prompt with a checkpoint without tokenizer.json": row(
+        "trace", "{ckpt_no_tokenizer}", "--prompt", "hi", "--out", "{tmp}/o.zarr",
+        needles=("{ckpt_no_tokenizer}: no tokenizer.json to encode --prompt with",)),
+    "generate: --prompt with a checkpoint whose tokenizer.json does not parse": row(
+        "goldens", "generate", "{ckpt_bad_tokenizer}", "--suite", "new", *S, "--prompt", "hi",
+        needles=("{ckpt_bad_tokenizer}/tokenizer.json", "not a tokenizer.json")),
+    "trace: unknown --tokenizer": row("trace", "{model}", "--prompt", "hi", "--tokenizer", "spm", "--out", "{tmp}/o.zarr",
+                                      needles="--tokenizer 'spm': choose one of auto, model, bytes"),
     "trace: tokens and prompt": row("trace", "{model}", "--tokens", "1", "--prompt", "x", "--out", "{tmp}/o.zarr", needles="exactly one"),
     "trace: unknown dtype": row("trace", "{model}", "--tokens", "1", "--dtype", "float8", "--out", "{tmp}/o.zarr", needles="unknown dtype 'float8'"),
     "trace: unknown device": row("trace", "{model}", "--tokens", "1", "--device", "tpu", "--out", "{tmp}/o.zarr", needles="unknown device 'tpu'"),
@@ -344,6 +408,11 @@ ROWS.update({
     "generate: suite with newline": row("goldens", "generate", "{model}", "--suite", "a\nb", *S, "--tokens", "1",
                                         needles="control characters"),
     "generate: empty suite": row("goldens", "generate", "{model}", "--suite", "", *S, "--tokens", "1", needles="is empty"),
+    "generate: --prompt with an unknown pre-tokenizer": row(
+        "goldens", "generate", "{vocab_unknown_pre}", "--suite", "new", *S, "--tokens", "1", "--prompt", "hi",
+        needles=("{vocab_unknown_pre}", "'nope' is not one moesnap knows")),
+    "generate: unknown --tokenizer": row("goldens", "generate", "{model}", "--suite", "new", *S, "--prompt", "hi",
+                                         "--tokenizer", "spm", needles="--tokenizer 'spm'"),
     "generate: no inputs": row("goldens", "generate", "{model}", "--suite", "tiny", *S, needles="at least one --tokens or --prompt"),
     "generate: unknown dtype": row("goldens", "generate", "{model}", "--suite", "tiny", *S, "--tokens", "1", "--dtype", "bfloat16",
                                    needles="unknown golden dtype 'bfloat16'"),
@@ -549,6 +618,11 @@ ROWS.update({
     "calibrate: margin inf": row("calibrate", "{model}", "--tokens", "1", "--margin", "inf", needles="--margin inf"),
     "calibrate: margin nan": row("calibrate", "{model}", "--tokens", "1", "--margin", "nan", needles="--margin nan"),
     "calibrate: token out of vocab": row("calibrate", "{model}", "--tokens", "1,99999", needles="token id 99999"),
+    "calibrate: --prompt with a merge that is not two tokens": row(
+        "calibrate", "{vocab_bad_merge}", "--prompt", "hi", "--dtypes", "float32",
+        needles=("{vocab_bad_merge}", "is not two tokens")),
+    "calibrate: --tokenizer model on the synthetic byte vocabulary": row(
+        "calibrate", "{model}", "--tokenizer", "model", "--dtypes", "float32", needles=("{model}", "'llama' (SentencePiece)")),
     "calibrate: empty prompt": row("calibrate", "{model}", "--prompt", "", needles="empty prompt"),
     "calibrate: --json to a directory": row("calibrate", "{model}", "--tokens", "1", "--json", "{tmp}", needles="is a directory"),
     "calibrate: --json missing parent": row("calibrate", "{model}", "--tokens", "1", "--json", "{tmp}/no/c.json",
@@ -613,6 +687,9 @@ def _prepare(name: str, r: Row, tmp: Path, shared_store: Path, cand: Path, tiny:
         ctx["bad_cand"] = str(bad_cand)
     if "{nested_vocab}" in used:
         ctx["nested_vocab"] = str(_nested_vocabulary(tmp / "nested.gguf"))
+    for key, make in BAD_VOCABS.items():
+        if "{" + key + "}" in used:
+            ctx[key] = str(make(tmp))
     if "{tiny_copy}" in used:
         ctx["tiny_copy"] = str(_copy_of_tiny(tmp, tiny, "tiny-copy.gguf", lambda d: d))
     if "{other_model}" in used:
