@@ -8,7 +8,9 @@
   llama.cpp loads with ``vocab_only=True`` (architecture ``qwen3moe``, no tensors);
 * :func:`real_vocab` unpacks one of llama.cpp's real vocabularies kept under ``tests/data/vocab``
   (``models/ggml-vocab-*.gguf`` of llama.cpp, MIT; xz-compressed) and :func:`retarget` rewrites
-  one with other metadata (another ``tokenizer.ggml.pre``).
+  one with other metadata (another ``tokenizer.ggml.pre``);
+* :func:`model_with_vocab` writes a small qwen3moe model file with a given vocabulary;
+* :func:`sample_texts` is what the crosschecks encode both ways.
 """
 
 from __future__ import annotations
@@ -217,3 +219,21 @@ def model_with_vocab(path: Path, tokens: Sequence[str], merges: Sequence[str] | 
         return write_gguf(path, vocab=len(full))
     finally:
         gguf.GGUFWriter = real
+
+
+#: what random test strings are drawn from: every kind of text a pre-tokenizer cuts differently
+ALPHABET = (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") * 3 + list("0123456789") * 3 + [" "] * 12
+            + list("\n\r\t'\".,;:!?-_()[]{}<>/\\|@#$%^&*+=~`") + ["'s", "'S", "'ll", "'LL", "'re", "'ve", "'d", "'M"]
+            + list("éèàüößçñÅØæ") + list("привет") + list("中文字符测试日本語") + list("한국어") + ["\u0301", "\u0308"]
+            + ["\u00a0", "\u3000", "\u2009", "\u200b", "\u0085", "\u2028"]
+            + ["😀", "👍🏽", "🚀", "✅", "€", "£", "©", "™", "…", "—", "«", "»"] + ["١٢٣", "४५६", "Ⅻ", "½", "²"])
+CHAT = "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi <think>x</think> 123<|im_end|>\n"
+
+
+def sample_texts(seed: int = 0, n: int = 1500) -> list[str]:
+    """llama.cpp's tokenizer test texts, ``n`` random strings of :data:`ALPHABET`, 300 corpus lines and
+    prompts with special tokens: what the crosschecks encode both ways."""
+    inp = (DATA / "ggml-vocab-test.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    rng = random.Random(seed)
+    rand = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 80))) for _ in range(n)]
+    return [t for t in inp if t] + rand + corpus(300, seed=seed + 1) + [CHAT, "<|endoftext|>Hello<|endoftext|>"]
