@@ -36,14 +36,16 @@ def crosscheck(session: nox.Session) -> None:
 # Modules the type checker holds to account: every module of the package (a new one joins as it lands).
 TYPED = [f"src/moesnap/{m}" for m in (
     "__init__.py", "__main__.py", "case.py", "errors.py", "stages.py", "util.py",
-    "gguf/__init__.py", "gguf/reader.py", "gguf/tokenizer.py", "gguf/quants_torch.py",
+    "gguf/__init__.py", "gguf/reader.py", "gguf/tokenizer.py", "gguf/hf_tokenizer.py", "gguf/pretokenizers.py",
+    "gguf/quants_torch.py",
     "model/__init__.py", "model/config.py", "model/tensors.py", "model/recorder.py", "model/weights.py",
     "model/inject.py", "model/synth.py", "model/ggml.py", "model/candidate.py", "model/reference.py",
+    "model/checkpoint.py", "model/load.py", "_version.py",
     "store/__init__.py", "store/base.py", "store/case.py", "store/memory.py", "store/zarr.py", "store/local.py",
     "store/s3.py", "store/open.py",
     "judge/__init__.py", "judge/tolerances.py", "judge/classify.py", "judge/routing.py", "judge/compare.py", "judge/report.py",
     "run/__init__.py", "run/trace.py", "run/goldens.py", "run/check.py", "run/compare.py", "run/calibrate.py",
-    "run/rereference.py", "run/importing.py",
+    "run/rereference.py", "run/importing.py", "run/prompts.py",
     "capture/__init__.py", "capture/_flat.py", "capture/hf.py", "capture/llama.py", "capture/sglang.py",
     "capture/aprt.py",
     "cli/__init__.py", "cli/main.py", "cli/goldens.py", "cli/check.py", "cli/compare.py", "cli/calibrate.py",
