@@ -632,6 +632,10 @@ ROWS.update({
     # ------------------------------------------------ usage
     "usage: unknown command": row("frobnicate", needles="invalid choice: 'frobnicate'"),
     "usage: unknown option": row("goldens", "list", "--stoer", "x", needles="unrecognized arguments: --stoer"),
+    "usage: missing arguments": row("check", needles=("check: the following arguments are required: model, --suite",
+                                                      "(see `moesnap check --help`)")),
+    "usage: not an integer": row("model", "make", "{tmp}/m.gguf", "--preset", "tiny", "--layers", "two",
+                                 needles="model make: argument --layers: invalid int value: 'two'"),
 })
 
 
@@ -716,6 +720,7 @@ def run_row(name: str, tmp: Path, shared_store: Path, cand: Path, tiny: Path) ->
     assert code == 2, (code, out, err)
     assert out == "", out
     assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("moesnap: error: "), err
+    assert not err.removeprefix("moesnap: error: ").startswith(("moesnap", "error")), err     # one prefix, never two
     assert "Traceback" not in err and len(err) < 700, err
     for needle in r.needles:
         assert needle.format(**ctx) in err, (needle.format(**ctx), err)

@@ -74,15 +74,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..run.prompts import TOKENIZER_HELP
 
     p = sub.add_parser("calibrate", help="measure the per-stage float noise floor (dtype vs float64 reference)")
-    p.add_argument("model")
+    p.add_argument("model", help="the model: a GGUF file or a checkpoint directory")
     p.add_argument("--tokens", action="append", default=[], help="comma-separated token ids (repeatable)")
     p.add_argument("--prompt", action="append", default=[],
                    help="prompt text, encoded with the model's own tokenizer (repeatable; see --tokenizer)")
     p.add_argument("--tokenizer", default="auto", metavar="auto|model|bytes", help=TOKENIZER_HELP)
-    p.add_argument("--dtypes", default="float32,bfloat16,float16")
+    p.add_argument("--dtypes", default="float32,bfloat16,float16", metavar="DTYPE,...",
+                   help="the dtypes to measure against float64, comma-separated (default float32,bfloat16,float16)")
     p.add_argument("--margin", type=float, help="multiplier on the measured spread (default 10)")
     p.add_argument("--profile", choices=("default", "ggml"), default="default",
                    help="ggml: round every matmul input as ggml does (Q8_0/Q8_K activations) before measuring")
-    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--json", metavar="PATH", help="write the measurements and suggested tolerances as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_calibrate)

@@ -23,11 +23,11 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="run the candidate forward and check every stage against the goldens")
-    p.add_argument("model")
+    p.add_argument("model", help="the model the goldens were made from: a GGUF file or a checkpoint directory")
     p.add_argument("--suite", required=True, help="NAME or NAME@vNNNN (default: newest version)")
     p.add_argument("--store", help="golden store root: a directory (default goldens/) or s3://bucket/prefix")
-    p.add_argument("--device", default="cpu", help="cuda or cpu (default cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu", help="where the candidate runs: cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", default="float32", help="the candidate's activations: float32 (default), bfloat16, float16")
     p.add_argument("--replay", action="store_true",
                    help="also run each layer, stage by stage, on the golden's inputs: error introduced vs "
                         "inherited (always on for bfloat16 and float16)")

@@ -12,14 +12,22 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from ..errors import MoesnapError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 via UsageError
-        raise UsageError(f"{self.prog}: {message}")
+    """argparse's errors as a :class:`UsageError` (one line, exit 2), printed once under main's
+    ``moesnap: error:`` prefix: the message names the subcommand, never the program again."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix(PROG).strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see `{self.prog} --help`)")
+
+
+PROG = "moesnap"
+QUIET_HELP = "no progress bars or status lines on stderr (also MOESNAP_NO_PROGRESS=1)"
 
 
 # -- commands -----------------------------------------------------------------
@@ -71,30 +79,36 @@ def cmd_trace(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .._version import __version__
     from ..run.prompts import TOKENIZER_HELP
 
-    p = _Parser(prog="moesnap", description="Find where a GPU forward of a Qwen3-MoE model goes wrong.")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = _Parser(prog=PROG, description="Find where a GPU forward of a Qwen3-MoE model goes wrong.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}",
+                   help="print moesnap's version and exit")
+    p.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                           help="what to do (`moesnap COMMAND --help` for its options)")
 
     model = sub.add_parser("model", help="synthetic model files")
-    msub = model.add_subparsers(dest="model_command", required=True, parser_class=_Parser)
+    msub = model.add_subparsers(dest="model_command", required=True, parser_class=_Parser, metavar="COMMAND",
+                                help="make: write a synthetic model file")
     mk = msub.add_parser("make", help="write a synthetic qwen3moe GGUF")
-    mk.add_argument("out")
-    mk.add_argument("--preset", required=True, help="tiny | qwen3-30b-a3b")
-    mk.add_argument("--layers", type=int)
-    mk.add_argument("--seed", type=int)
+    mk.add_argument("out", help="the GGUF file to write")
+    mk.add_argument("--preset", required=True, help="tiny | qwen3-30b-a3b (the real model's shapes and quant types)")
+    mk.add_argument("--layers", type=int, metavar="N", help="number of layers (default: the preset's)")
+    mk.add_argument("--seed", type=int, metavar="S", help="random seed of the weights (default: the preset's)")
     mk.add_argument("--force", action="store_true", help="overwrite an existing file")
     mk.set_defaults(func=cmd_model_make)
 
     tr = sub.add_parser("trace", help="run a forward over one prompt and write every stage to a Zarr group")
-    tr.add_argument("model")
-    tr.add_argument("--tokens", help="comma-separated token ids")
-    tr.add_argument("--prompt", help="text, encoded with the model's own tokenizer (see --tokenizer)")
+    tr.add_argument("model", help="the model: a GGUF file, or a checkpoint directory (config.json + *.safetensors)")
+    tr.add_argument("--tokens", metavar="IDS", help="comma-separated token ids")
+    tr.add_argument("--prompt", metavar="TEXT", help="text, encoded with the model's own tokenizer (see --tokenizer)")
     tr.add_argument("--tokenizer", default="auto", metavar="auto|model|bytes", help=TOKENIZER_HELP)
-    tr.add_argument("--out", required=True)
-    tr.add_argument("--device", default="cpu")
-    tr.add_argument("--dtype", default="float32")
+    tr.add_argument("--out", required=True, metavar="OUT.zarr", help="the case group to write (Zarr v3)")
+    tr.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    tr.add_argument("--dtype", default="float32",
+                    help="activations: float32 (default), float64 (reference only), bfloat16, float16")
     tr.add_argument("--candidate", action="store_true", help="trace moesnap's candidate (device) forward")
     tr.add_argument("--engine", default="moesnap", metavar="ENGINE",
                     help="moesnap (default: the reference, or the candidate with --candidate), transformers "
@@ -106,7 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in (compare, calibrate, check, goldens, importing):
         command.register(sub)
+    for child in subcommands(p):      # -q after the subcommand too: `moesnap check ... -q`
+        child.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     return p
+
+
+def subcommands(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``p`` (``check``, ``goldens``, ``goldens list``, ...), depth first."""
+    found: list[argparse.ArgumentParser] = []
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):     # an alias maps to the same parser
+                found += [child, *subcommands(child)]
+    return found
 
 
 MAX_MESSAGE = 600   # characters: a hostile file's 1 MB tensor name or metadata array stays one short line
@@ -124,15 +150,25 @@ def _capped(text: str) -> str:
     return text
 
 
+def _unprefixed(message: str) -> str:
+    """``message`` without a leading ``moesnap: error:`` / ``moesnap:`` of its own: main prints the prefix once."""
+    for prefix in (f"{PROG}: error: ", f"{PROG}: "):
+        message = message.removeprefix(prefix)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:     # --help, --version: argparse printed them and exits 0
+            return e.code if isinstance(e.code, int) else 0
         if getattr(args, "quiet", False):
             os.environ["MOESNAP_NO_PROGRESS"] = "1"
         return int(args.func(args) or 0)
     except MoesnapError as e:
-        print(f"moesnap: error: {_capped(str(e))}", file=sys.stderr)
+        print(f"{PROG}: error: {_capped(_unprefixed(str(e)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moesnap: interrupted", file=sys.stderr)

@@ -1,0 +1,129 @@
+"""The command line's habits (issue 13, item 4): --version, -q anywhere, help on every argument,
+one error prefix."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+import moesnap
+from moesnap.cli.main import build_parser, main, subcommands
+
+GOLDENS = Path(__file__).resolve().parents[2] / "goldens"     # the committed store: read, never written
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """``moesnap ARGV`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def with_progress(monkeypatch):
+    """Progress as a user at a terminal has it (the light suite sets MOESNAP_NO_PROGRESS); main's -q
+    sets it again, so it is restored after each test."""
+    monkeypatch.delenv("MOESNAP_NO_PROGRESS", raising=False)
+
+
+def check_argv(tiny_path, *extra: str) -> list[str]:
+    return ["check", str(tiny_path), "--suite", "tiny", "--store", str(GOLDENS), *extra]
+
+
+# ---------------------------------------------------------------- --version
+
+
+def test_version_prints_the_package_version():
+    code, out, err = run(["--version"])
+    assert (code, out, err) == (0, f"moesnap {moesnap.__version__}\n", "")
+
+
+# ---------------------------------------------------------------- -q after the subcommand
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_before_or_after_the_subcommand_silences_progress(where, tiny_path, with_progress):
+    argv = check_argv(tiny_path)
+    code, out, err = run(["-q", *argv] if where == "before" else [*argv, "-q"])
+    assert code == 0, err
+    assert err == "" and "verdict: pass" in out
+
+
+def test_quiet_is_accepted_by_every_command():
+    parser = build_parser()
+    for child in subcommands(parser):
+        assert any("-q" in a.option_strings for a in child._actions), child.prog
+    args = parser.parse_args(["goldens", "list", "--quiet"])
+    assert args.quiet is True
+    assert parser.parse_args(["goldens", "list"]).quiet is False     # the top level's default survives
+
+
+# ---------------------------------------------------------------- help on every argument
+
+
+def _every_parser() -> list[argparse.ArgumentParser]:
+    parser = build_parser()
+    return [parser, *subcommands(parser)]
+
+
+OTHERS = {"moesnap goldens", "moesnap goldens show", "moesnap goldens diff", "moesnap goldens prune"}
+
+
+@pytest.mark.parametrize("prog", [p.prog for p in _every_parser()])
+def test_every_option_and_positional_has_help(prog):
+    parser = next(p for p in _every_parser() if p.prog == prog)
+    bare = [a.option_strings[0] if a.option_strings else a.dest for a in parser._actions
+            if not a.help or a.help == argparse.SUPPRESS]
+    if bare and prog in OTHERS:
+        pytest.xfail(f"cli/goldens.py (owned elsewhere) has no help yet on {', '.join(bare)}")
+    assert not bare, f"`{prog}`: no help text on {', '.join(bare)}"
+
+
+def test_every_subcommand_has_help_in_its_parents_listing():
+    for parser in _every_parser():
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                listed = {c.dest for c in action._choices_actions}
+                assert listed == set(action.choices), parser.prog
+
+
+# ---------------------------------------------------------------- one error prefix
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["check"], "check: the following arguments are required: model, --suite"),
+    (["goldens", "prune", "x", "--keep", "many"], "goldens prune: argument --keep: invalid int value: 'many'"),
+    (["compare", "a", "b", "--profile", "loud"], "compare: argument --profile: invalid choice: 'loud'"),
+    (["goldens", "list", "--stoer", "x"], "unrecognized arguments: --stoer"),
+    (["check", "nowhere.gguf", "--suite", "tiny"], "nowhere.gguf: no such file"),
+])
+def test_errors_carry_one_prefix(argv, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(["-q", *argv])
+    assert (code, out) == (2, "")
+    assert err.startswith("moesnap: error: ") and err.count("\n") == 1, err
+    assert err.count("moesnap:") == 1 and err.count("error:") == 1, err
+    assert needle in err, err
+
+
+def test_usage_errors_point_at_the_commands_help():
+    code, _, err = run(["-q", "model", "make", "x.gguf"])
+    assert code == 2 and "(see `moesnap model make --help`)" in err, err
+
+
+def test_a_message_that_already_has_the_prefix_gets_no_second(monkeypatch):
+    from moesnap.errors import UsageError
+
+    def boom(a):
+        raise UsageError("moesnap: error: said twice")
+
+    monkeypatch.setattr(sys.modules["moesnap.cli.main"], "cmd_model_make", boom)   # the module, not main()
+    code, _, err = run(["-q", "model", "make", "x.gguf", "--preset", "tiny"])
+    assert (code, err) == (2, "moesnap: error: said twice\n")
