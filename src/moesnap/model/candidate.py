@@ -263,9 +263,14 @@ class CandidateModel:
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- raw bytes and dequantization ----------------------------------------
+    def _stored(self, name: str) -> tuple[gguf.GGMLQuantizationType, np.ndarray]:
+        """(stored type, the file's data) of the tensor this forward holds (the expert-parallel
+        candidate holds a slice of each expert tensor)."""
+        return self.model.raw(name)
+
     def _raw(self, name: str) -> tuple[gguf.GGMLQuantizationType, torch.Tensor]:
         """(stored type, stored bytes ``uint8 [..., bytes_per_row]`` on the device)."""
-        qtype, data = self.model.raw(name)
+        qtype, data = self._stored(name)
         cached = self._bytes.get(name)
         if cached is not None:
             return qtype, cached
@@ -451,17 +456,23 @@ class CandidateModel:
         return [j for j in self.injections if isinstance(j, (NanExpert, RouteFlip)) and j not in self.fired]
 
     def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Unweighted outputs ``[T, k, H]`` of each token's selected experts, run grouped by expert."""
-        cfg = self.cfg
+        """Unweighted outputs ``[T, k, H]`` of each token's selected experts, run grouped by expert
+        (the expert-parallel candidate overrides this: its experts are spread over ranks)."""
         T, k = ids.shape
-        flat = ids.reshape(-1)                                       # [T*k]
-        order = torch.argsort(flat, stable=True)                     # pairs sorted by expert
-        counts = torch.bincount(flat, minlength=cfg.n_expert)        # [E]
+        token = torch.arange(T * k, device=ids.device) // k                    # [T*k] token of each pair
+        return self._expert_pairs(i, x, token, ids.reshape(-1)).view(T, k, self.cfg.hidden)
+
+    def _expert_pairs(self, i: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Expert ``experts[j]``'s unweighted output on ``x[rows[j]]`` for every pair ``j``: ``[n, H]``,
+        in pair order, computed grouped by expert (only the experts that occur are dequantized)."""
+        cfg = self.cfg
+        order = torch.argsort(experts, stable=True)                  # pairs sorted by expert
+        counts = torch.bincount(experts, minlength=cfg.n_expert)     # [E]
         used = torch.nonzero(counts).squeeze(1)                      # experts with tokens
         n_used = counts.index_select(0, used).tolist()               # host: group sizes
         used_host = used.tolist()
-        rows = x.index_select(0, order // k)                         # [T*k, H] grouped by expert
-        out = torch.empty_like(rows)                                 # [T*k, H]
+        a_all = x.index_select(0, rows.index_select(0, order))       # [n, H] grouped by expert
+        out = torch.empty_like(a_all)                                # [n, H]
         per_expert = 3 * cfg.expert_ff * cfg.hidden
         batch = max(1, self.expert_values // per_expert)
         r0 = 0
@@ -470,11 +481,11 @@ class CandidateModel:
             gate, up, down = self._experts_weights(i, used_host[g0:g0 + batch])  # [G, F, H] x2, [G, H, F]
             r1 = r0 + sum(sizes)
             bounds = np.cumsum([0, *sizes]).tolist()
-            a = rows[r0:r1]                                            # [n, H]
+            a = a_all[r0:r1]                                           # [n_g, H]
             if self.expert_path == "grouped_mm":
                 offs = torch.tensor(bounds[1:], dtype=torch.int32, device=self.device)
-                h = F.silu(_grouped(a, gate, offs)) * _grouped(a, up, offs)    # [n, F]
-                out[r0:r1] = _grouped(h, down, offs)                   # [n, H]
+                h = F.silu(_grouped(a, gate, offs)) * _grouped(a, up, offs)    # [n_g, F]
+                out[r0:r1] = _grouped(h, down, offs)                   # [n_g, H]
             else:
                 h = F.silu(_looped(a, gate, bounds)) * _looped(a, up, bounds)
                 out[r0:r1] = _looped(h, down, bounds)
@@ -483,9 +494,9 @@ class CandidateModel:
                     out[r0 + bounds[g]:r0 + bounds[g + 1]] = float("nan")
                     self.fired.add(NanExpert(layer=i, expert=e))
             r0 = r1
-        expert_out = torch.empty_like(out)
-        expert_out[order] = out                                      # back to (token, slot) order
-        return expert_out.view(T, k, cfg.hidden)
+        pairs = torch.empty_like(out)
+        pairs[order] = out                                           # back to pair order
+        return pairs
 
     def _moe(self, i: int, x: torch.Tensor, w: _Dense, rec: Recorder) -> torch.Tensor:
         ids, weights = self._route(i, x, w, rec)
