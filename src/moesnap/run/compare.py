@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from ..capture.shards import unshard
 from ..case import Case
 from ..errors import GoldenError, MoesnapError, UsageError
 from ..judge.compare import Report, compare_cases
@@ -63,6 +64,7 @@ def provenance_model(meta: dict) -> Path | None:
 
 
 def _candidate_cases(path: str | Path | Case, golden: list[tuple[str, Case]]) -> list[tuple[str, Case, Case]]:
+    path = unshard(path, load_case)   # DIR/sharding.json + DIR/rank<N>/: one case, reassembled (capture/shards.py)
     if isinstance(path, Case):   # a case in memory (the Python API): the golden case with its tokens
         for name, g in golden:
             if g.tokens.shape == path.tokens.shape and (g.tokens == path.tokens).all():
