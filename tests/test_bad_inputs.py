@@ -636,6 +636,7 @@ ROWS.update({
                                                       "(see `moesnap check --help`)")),
     "usage: not an integer": row("model", "make", "{tmp}/m.gguf", "--preset", "tiny", "--layers", "two",
                                  needles="model make: argument --layers: invalid int value: 'two'"),
+    "usage: --html to stdout": row(*CHECK, "tiny", *S, "--html", "-", needles="--html -: the HTML report goes to a file"),
 })
 
 

@@ -1,11 +1,13 @@
-"""The command line's habits (issue 13, item 4): --version, -q anywhere, help on every argument,
-one error prefix."""
+"""The command line's habits (issue 13, item 4): --version, -q anywhere, --json -, help on every
+argument, one error prefix, a note on tolerances from pyproject.toml."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import moesnap
 from moesnap.cli.main import build_parser, main, subcommands
 
 GOLDENS = Path(__file__).resolve().parents[2] / "goldens"     # the committed store: read, never written
+CASE0 = GOLDENS / "tiny" / "v0001" / "case0"
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:
@@ -62,6 +65,41 @@ def test_quiet_is_accepted_by_every_command():
     args = parser.parse_args(["goldens", "list", "--quiet"])
     assert args.quiet is True
     assert parser.parse_args(["goldens", "list"]).quiet is False     # the top level's default survives
+
+
+# ---------------------------------------------------------------- --json -
+
+
+def test_compare_json_to_stdout_is_only_json(tmp_path):
+    cand = tmp_path / "cand.zarr"
+    shutil.copytree(CASE0, cand)
+    code, out, err = run(["-q", "compare", str(CASE0), str(cand), "--json", "-"])
+    assert code == 0, err
+    rep = json.loads(out)                                   # stdout parses whole: `| jq` works
+    assert rep["verdict"] == "pass"
+    assert "verdict: pass" in err and "first divergence" in err    # the table went to stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cand.zarr"]   # no file named '-'
+
+
+def test_check_json_to_stdout_with_html_beside_it(tiny_path, tmp_path):
+    page = tmp_path / "r.html"
+    code, out, err = run(["-q", *check_argv(tiny_path, "--json", "-", "--html", str(page))])
+    assert code == 0, err
+    assert json.loads(out)["verdict"] == "pass"
+    assert f"wrote {page}" in err and page.read_text(encoding="utf-8").startswith("<!doctype html>")
+
+
+def test_calibrate_json_to_stdout(tiny_path):
+    code, out, err = run(["-q", "calibrate", str(tiny_path), "--tokens", "1,2", "--dtypes", "float32", "--json", "-"])
+    assert code == 0, err
+    assert set(json.loads(out)["dtypes"]) == {"float32"}
+    assert "suggested" in err
+
+
+def test_html_to_stdout_is_refused(tiny_path):
+    code, out, err = run(["-q", *check_argv(tiny_path, "--html", "-")])
+    assert (code, out) == (2, "")
+    assert err.startswith("moesnap: error: --html -:")
 
 
 # ---------------------------------------------------------------- help on every argument
@@ -127,3 +165,48 @@ def test_a_message_that_already_has_the_prefix_gets_no_second(monkeypatch):
     monkeypatch.setattr(sys.modules["moesnap.cli.main"], "cmd_model_make", boom)   # the module, not main()
     code, _, err = run(["-q", "model", "make", "x.gguf", "--preset", "tiny"])
     assert (code, err) == (2, "moesnap: error: said twice\n")
+
+
+# ---------------------------------------------------------------- tolerances from pyproject.toml
+
+
+PYPROJECT = """\
+[project]
+name = "mine"
+[tool.moesnap.tolerance.float32]
+moe_out = {atol = 1e-3, rtol = 1e-3}
+[tool.moesnap]
+tie_tol = {bfloat16 = 0.5}
+"""
+
+
+def test_a_note_says_which_pyproject_set_the_tolerances(tiny_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT)
+    code, out, err = run(["-q", *check_argv(tiny_path, "--json", "r.json")])
+    assert code == 0, err
+    note = (f"note: tolerances: [tool.moesnap] of {tmp_path / 'pyproject.toml'} applied over the built-in ones "
+            "(3 settings: bfloat16:tie_tol, float32:moe_out.atol, float32:moe_out.rtol)")
+    assert note in out.splitlines()
+    assert note.removeprefix("note: ") in json.loads((tmp_path / "r.json").read_text())["notes"]
+
+
+def test_the_note_names_a_config_file_given_with_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "elsewhere.toml"
+    cfg.write_text("[tool.moesnap.tolerance.float32.default]\natol = 1e-4\n")
+    cand = tmp_path / "cand.zarr"
+    shutil.copytree(CASE0, cand)
+    code, out, err = run(["-q", "compare", str(CASE0), str(cand), "--config", str(cfg), "--tol", "moe_out.rtol=1e-3"])
+    assert code == 0, err
+    assert (f"note: tolerances: [tool.moesnap] of {cfg} applied over the built-in ones (1 setting: "
+            "float32:default.atol); --tol over both") in out
+
+
+def test_no_note_without_a_pyproject_or_without_tolerances_in_it(tiny_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(["-q", *check_argv(tiny_path)])
+    assert code == 0 and "tolerances:" not in out
+    (tmp_path / "pyproject.toml").write_text('[tool.moesnap]\nsnapshot_store = "snaps"\n')
+    code, out, _ = run(["-q", *check_argv(tiny_path)])
+    assert code == 0 and "no tolerance settings" in out

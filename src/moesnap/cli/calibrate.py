@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 from ..errors import UsageError
+from ._options import STDOUT
 
 
 #: what calibrate measures on when given neither --tokens nor --prompt
@@ -21,8 +23,13 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from ..model.load import open_model
     from ..model.ggml import ActivationQuant, identity
 
-    if a.json is not None:
+    if a.json is not None and a.json != STDOUT:
         check_output_file(a.json, force=a.force, option="--json")
+    human = sys.stderr if a.json == STDOUT else sys.stdout      # --json -: stdout holds the JSON alone
+
+    def say(line: str) -> None:
+        print(line, file=human)
+
     margin = a.margin if a.margin is not None else MARGIN
     if not (margin > 0 and math.isfinite(margin)):
         raise UsageError(f"--margin {margin} must be a finite number > 0")
@@ -52,21 +59,23 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         bar.close()
         sugg = suggested(spread, margin)
         what = d + (" with ggml's activation rounding" if a.profile == "ggml" else "")
-        print(f"{what} vs float64 on {model.path.name} ({sum(map(len, token_lists))} tokens, "
-              f"{flips} routing flips left out):")
-        print(f"  {'stage':<14} {'max_abs':>10} {'rel_p99':>10} {'max_rel_l2':>11}")
+        say(f"{what} vs float64 on {model.path.name} ({sum(map(len, token_lists))} tokens, "
+            f"{flips} routing flips left out):")
+        say(f"  {'stage':<14} {'max_abs':>10} {'rel_p99':>10} {'max_rel_l2':>11}")
         for stage, sp in spread.items():
             if sp.n:
-                print(f"  {stage:<14} {sp.max_abs:10.3g} {sp.rel_p99:10.3g} {sp.max_rel_l2:11.3g}")
-        print(f"suggested (x{margin:g}):")
+                say(f"  {stage:<14} {sp.max_abs:10.3g} {sp.rel_p99:10.3g} {sp.max_rel_l2:11.3g}")
+        say(f"suggested (x{margin:g}):")
         for line in toml_block(d, sugg):
-            print("  " + line)
+            say("  " + line)
         out["dtypes"][d] = {"flips": flips,
                             "spread": {s: vars(sp) for s, sp in spread.items() if sp.n},
                             "suggested": {s: {"atol": t[0], "rtol": t[1]} for s, t in sugg.items()}}
-    if a.json:
+    if a.json == STDOUT:
+        sys.stdout.write(json.dumps(out, indent=1) + "\n")
+    elif a.json:
         write_text_atomic(a.json, json.dumps(out, indent=1))
-        print(f"wrote {a.json}")
+        say(f"wrote {a.json}")
     return 0
 
 
@@ -84,6 +93,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--margin", type=float, help="multiplier on the measured spread (default 10)")
     p.add_argument("--profile", choices=("default", "ggml"), default="default",
                    help="ggml: round every matmul input as ggml does (Q8_0/Q8_K activations) before measuring")
-    p.add_argument("--json", metavar="PATH", help="write the measurements and suggested tolerances as JSON here")
+    p.add_argument("--json", metavar="PATH", help="write the measurements and suggested tolerances as JSON here (- for stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_calibrate)
