@@ -56,9 +56,25 @@ Metrics (on the judged elements finite on both sides, ``m`` of them)
     ``max_abs``, ``mean_abs`` of |c - g|; ``max_rel`` = max |c - g| / |g|,
     where an element with g == 0 counts 0 if c == 0 else +inf.
     ``frac_outside`` = n_outside / n.
+    ``closeness``: how near the elementwise rule is to failing, as error ÷
+    tolerance: ``r = |c - g| / (atol + rtol * |g|)`` per element (0 where
+    both are 0, +inf where only the bound is 0; for exact comparisons 0 or
+    +inf), and ``closeness`` is the ``(a + 1)``-th largest ``r``, where ``a``
+    is the number of outside elements ``max_frac_outside`` admits (the
+    largest ``a`` with ``a / n <= max_frac_outside``; exact comparisons admit
+    none), each non-finite judged element taking one of those places first
+    (+inf when they alone exceed ``a``; 0.0 when fewer finite elements are
+    judged).  So ``closeness > 1`` exactly when the elementwise rule fails,
+    and a passing stage shows how much of its tolerance the deciding element
+    uses (``max_frac_outside = 0``: the largest ``r``).
+    ``token_closeness`` (along the token axis, else ``()``): per token, the
+    largest ``r`` of its judged elements finite on both sides, +inf where the
+    token holds a non-finite element (excluded or not), 0.0 for an excluded
+    token otherwise.  Left out of :meth:`Metrics.to_dict` (one number per
+    token; the HTML report draws it).
     When nothing is judged (``n == 0``: an empty array, or every token
     excluded) the verdict is ``MATCH`` (unless non-finite values dominate),
-    cosine is 1.0 and the errors are 0.  When elements are judged but none is
+    cosine is 1.0 and the errors (and ``closeness``) are 0.  When elements are judged but none is
     finite on both sides, the float metrics are NaN (``null`` in JSON).
 
 Locations
@@ -121,6 +137,15 @@ def fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
+def bad_tokens_text(m: "Metrics") -> str:
+    """``3 bad tokens, the first is token 5`` / ``1 bad token: token 5`` / ``no bad token``."""
+    if m.first_bad_token is None:
+        return "no bad token"
+    if m.n_bad_tokens == 1:
+        return f"1 bad token: token {m.first_bad_token}"
+    return f"{m.n_bad_tokens} bad tokens, the first is token {m.first_bad_token}"
+
+
 @dataclass(frozen=True)
 class Metrics:
     n: int
@@ -142,9 +167,12 @@ class Metrics:
     n_bad_tokens: int
     max_row_rel_l2: float = 0.0      # largest relative L2 error of a judged row (see Tolerance.row_rel_l2)
     n_bad_rows: int = 0              # rows beyond row_rel_l2
+    closeness: float = 0.0           # error ÷ tolerance of the element deciding the elementwise rule (> 1: fails)
+    token_closeness: tuple[float, ...] = ()   # per token, its largest element error ÷ tolerance
 
     def to_dict(self) -> dict:
-        """JSON-safe: floats NaN -> None, +-inf -> "inf"/"-inf"; plain ints."""
+        """JSON-safe: floats NaN -> None, +-inf -> "inf"/"-inf"; plain ints.  ``token_closeness``
+        (one number per token) is left out."""
         def plain(value):
             if isinstance(value, float):
                 return json_float(value)
@@ -152,7 +180,7 @@ class Metrics:
                 return [int(v) for v in value]
             return None if value is None else int(value)
 
-        return {name: plain(getattr(self, name)) for name in self.__dataclass_fields__}
+        return {name: plain(getattr(self, name)) for name in self.__dataclass_fields__ if name != "token_closeness"}
 
 
 @dataclass(frozen=True)
@@ -257,6 +285,60 @@ def _scaled_mean(x: np.ndarray, xmax: float) -> float:
     return float(np.ldexp(np.mean(_times_pow2(x, -e)), e))
 
 
+# ---------------------------------------------------------------- closeness
+
+
+def _admitted(n: int, max_frac_outside: float) -> int:
+    """The most outside elements of ``n`` the rule admits: the largest ``a`` with ``a / n <=
+    max_frac_outside`` in float64, as :func:`_judge` compares ``frac_outside``."""
+    if n == 0:
+        return 0
+    a = min(n, int(math.floor(max_frac_outside * n)))
+    while a < n and (a + 1) / n <= max_frac_outside:
+        a += 1
+    while a > 0 and a / n > max_frac_outside:
+        a -= 1
+    return a
+
+
+def _ratios(d: np.ndarray, thr: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """Per element ``d / thr`` (error ÷ tolerance), 0 where both are 0; above 1 exactly where
+    ``outside`` (``d > thr``: correctly rounded division is monotone, and ``d > thr > 0`` gives a
+    quotient of at least 1 + 2**-52)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        r = d / thr
+    bad = np.isnan(r)          # 0/0, inf/inf
+    if bad.any():
+        r[bad] = np.where(outside[bad], math.inf, 0.0)
+    return r
+
+
+def _deciding(top: np.ndarray, k: int) -> float:
+    """The ``k``-th largest of ``top`` (``k >= 1``; 0.0 when it has fewer values)."""
+    if k > top.size:
+        return 0.0
+    if k == 1:
+        return float(top.max())
+    return float(np.partition(top, top.size - k)[top.size - k])
+
+
+def _largest(r: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` largest values of ``r`` (all of them when it has fewer), in no order."""
+    if k >= r.size:
+        return r
+    if k == 1:
+        return np.asarray([r.max()])
+    return np.partition(r, r.size - k)[r.size - k:]
+
+
+def _closeness(r: np.ndarray, n: int, n_nonfinite: int, max_frac_outside: float) -> float:
+    """``closeness`` (module docstring) from the ratios ``r`` of the judged finite elements."""
+    if n == 0:
+        return 0.0
+    k = _admitted(n, max_frac_outside) + 1 - n_nonfinite
+    return math.inf if k <= 0 else _deciding(r, k)
+
+
 # ---------------------------------------------------------------- classify
 
 
@@ -332,37 +414,65 @@ class _ChunkStats(NamedTuple):
     sdd: float              # sum d*d
     sd: float               # sum |d|
     max_rel: float
+    top: np.ndarray         # the largest error ÷ tolerance ratios (as many as closeness needs)
+    run_tok: np.ndarray     # token of each run of consecutive elements of one token
+    run_max: np.ndarray     # largest ratio of each run (0 for excluded tokens)
+
+
+_NONE = np.zeros(0, np.int64)
 
 
 def _chunk_stats(g32: np.ndarray, c32: np.ndarray, start: int, tol: Tolerance, keep: np.ndarray | None,
-                 inner: int, n_tok: int) -> _ChunkStats | None:
+                 inner: int, n_tok: int, k_top: int, per_token: bool) -> _ChunkStats | None:
     """Partial statistics of one chunk of flat float16/float32 arrays, in float64; None if non-finite."""
     g = g32.astype(np.float64)
     c = c32.astype(np.float64)
     if not (np.isfinite(g).all() and np.isfinite(c).all()):
         return None
+    size = g.size
     idx = None
     if keep is not None:
-        tok = (np.arange(start, start + g.size) // inner) % n_tok
+        tok = (np.arange(start, start + size) // inner) % n_tok
         sel = keep[tok]
         idx = np.flatnonzero(sel)
         g, c = g[sel], c[sel]
+    run_tok, run_max = _NONE, np.zeros(0)
     if g.size == 0:
-        return _ChunkStats(0, 0, np.zeros(0, np.int64), 0.0, 0.0, 0.0, -1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        if per_token:   # every token of the chunk excluded: their runs are 0
+            starts = _run_starts(start, size, inner)
+            run_tok, run_max = ((start + starts) // inner) % n_tok, np.zeros(starts.size)
+        return _ChunkStats(0, 0, _NONE, 0.0, 0.0, 0.0, -1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, np.zeros(0),
+                           run_tok, run_max)
     d = np.abs(c - g)
     abs_g = np.abs(g)
     thr = abs_g * tol.rtol
     thr += tol.atol
-    out = np.flatnonzero(d > thr)
+    outside = d > thr
+    ratio = _ratios(d, thr, outside)
+    out = np.flatnonzero(outside)
     if idx is not None:
         out = idx[out]
+    if per_token:
+        full = ratio if idx is None else np.zeros(size)
+        if idx is not None:
+            full[idx] = ratio
+        starts = _run_starts(start, size, inner)
+        run_tok, run_max = ((start + starts) // inner) % n_tok, np.maximum.reduceat(full, starts)
     k = int(np.argmax(d))
     with np.errstate(divide="ignore", invalid="ignore"):
         max_rel = float(np.fmax.reduce(d / abs_g))
     pos_k = k if idx is None else int(idx[k])
     return _ChunkStats(g.size, out.size, out + start, float(abs_g.max()), float(np.abs(c).max()), float(d[k]), start + pos_k,
             float(np.dot(g, g)), float(np.dot(c, c)), float(np.dot(g, c)), float(np.dot(d, d)), float(d.sum()),
-            0.0 if math.isnan(max_rel) else max_rel)
+            0.0 if math.isnan(max_rel) else max_rel, _largest(ratio, k_top), run_tok, run_max)
+
+
+def _run_starts(start: int, size: int, inner: int) -> np.ndarray:
+    """Offsets in the chunk ``[start, start + size)`` where a run of one token's elements begins
+    (flat index a multiple of ``inner``), 0 first."""
+    first = -(-start // inner) * inner - start
+    starts = np.arange(first, size, inner, dtype=np.int64)
+    return starts if first == 0 else np.concatenate([[0], starts])
 
 
 def _classify_chunked(golden: np.ndarray, candidate: np.ndarray, tol: Tolerance, axis: int | None,
@@ -379,18 +489,31 @@ def _classify_chunked(golden: np.ndarray, candidate: np.ndarray, tol: Tolerance,
     c = candidate.reshape(-1)
     keep: np.ndarray | None = None
     inner, n_tok = 1, 1
+    if axis is not None:
+        inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+        n_tok = shape[axis]
     if excluded:
         assert axis is not None   # _excluded refuses token indices without a token axis
         keep = np.ones(shape[axis], dtype=np.bool_)
         keep[list(excluded)] = False
-        inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
-        n_tok = shape[axis]
+    n_judged = g.size if keep is None else int(keep.sum()) * (g.size // max(1, n_tok))
+    k_top = _admitted(n_judged, tol.max_frac_outside) + 1
+    per_token = axis is not None and inner > 0
     starts = range(0, g.size, CHUNK)
     parts = list(_chunk_pool().map(
-        lambda s: _chunk_stats(g[s:s + CHUNK], c[s:s + CHUNK], s, tol, keep, inner, n_tok), starts))
+        lambda s: _chunk_stats(g[s:s + CHUNK], c[s:s + CHUNK], s, tol, keep, inner, n_tok, k_top, per_token),
+        starts))
     if any(p is None for p in parts):
         return None
     m = sum(p.n for p in parts)
+    assert m == n_judged
+    closeness = _closeness(np.concatenate([p.top for p in parts]), m, 0, tol.max_frac_outside)
+    token_close: tuple[float, ...] = ()
+    if axis is not None:
+        per = np.zeros(n_tok)
+        if per_token:
+            np.maximum.at(per, np.concatenate([p.run_tok for p in parts]), np.concatenate([p.run_max for p in parts]))
+        token_close = tuple(per.tolist())
     n_outside = sum(p.n_outside for p in parts)
     gmax = max(p.gmax for p in parts)
     cmax = max(p.cmax for p in parts)
@@ -429,6 +552,7 @@ def _classify_chunked(golden: np.ndarray, candidate: np.ndarray, tol: Tolerance,
         nan_golden=0, nan_candidate=0, inf_golden=0, inf_candidate=0, worst_index=worst,
         first_bad_token=int(bad_tok[0]) if bad_tok.size else None,
         bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]), n_bad_tokens=int(bad_tok.size),
+        closeness=closeness, token_closeness=token_close,
     )
     verdict, detail = _judge(metrics, tol, False, golden, candidate, shape, excluded, axis)
     return Result(verdict, metrics, detail, excluded_tokens=excluded)
@@ -588,11 +712,14 @@ def _classify_elements(
         if exact:
             gi, ci = golden.reshape(-1), candidate.reshape(-1)
             outside = gi != ci if sel is None else gi[sel] != ci[sel]
+            ratio = np.where(outside, math.inf, 0.0)
         else:
             thr = abs_g * tol.rtol
             thr += tol.atol
             outside = d > thr
+            ratio = _ratios(d, thr, outside)
         n_outside = int(outside.sum()) + n_nonfinite_judged
+        closeness = _closeness(ratio, n, n_nonfinite_judged, 0.0 if exact else tol.max_frac_outside)
         if m:
             cosine, rel_l2, nmse, max_abs, mean_abs, max_rel = _float_metrics(gs, cs, d, abs_g)
         else:
@@ -609,6 +736,17 @@ def _classify_elements(
         else:
             bad[sel] = outside
         bad_tok = _tokens_of(bad, shape, axis)
+
+    token_close: tuple[float, ...] = ()
+    if axis is not None:
+        full = ratio if sel is None else np.zeros(g.size)
+        if sel is not None:
+            full[sel] = ratio
+        width = int(np.prod(shape, dtype=np.int64)) // shape[axis] if shape[axis] else 0
+        per = np.moveaxis(full.reshape(shape), axis, 0).reshape(shape[axis], width).max(axis=1, initial=0.0)
+        if nonfinite is not None:
+            per[_tokens_of(nonfinite, shape, axis)] = math.inf
+        token_close = tuple(per.tolist())
 
     worst: tuple[int, ...] | None = None
     if nonfinite is not None:
@@ -627,7 +765,7 @@ def _classify_elements(
         worst_index=worst,
         first_bad_token=int(bad_tok[0]) if bad_tok.size else None,
         bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]),
-        n_bad_tokens=int(bad_tok.size),
+        n_bad_tokens=int(bad_tok.size), closeness=closeness, token_closeness=token_close,
     )
     verdict, detail = _judge(metrics, tol, exact, golden, candidate, shape, excluded, axis)
     return Result(verdict, metrics, detail, excluded_tokens=excluded)
@@ -641,7 +779,7 @@ def _judge(mt: Metrics, tol: Tolerance, exact: bool, golden: np.ndarray, candida
         where = (f"; worst at {idx}: golden={fmt(float(golden[idx]))}, "
                  f"candidate={fmt(float(candidate[idx]))}")
         if mt.first_bad_token is not None:
-            where += f"; first bad token {mt.first_bad_token} of {mt.n_bad_tokens} bad"
+            where += "; " + bad_tokens_text(mt)
     g_bad = mt.nan_golden + mt.inf_golden
     c_bad = mt.nan_candidate + mt.inf_candidate
     if g_bad or c_bad:
