@@ -5,7 +5,8 @@
     <root>/<suite>/<version>/              one Zarr v3 group per version (v0001, v0002, ...)
     <root>/<suite>/<version>/zarr.json     attributes: provenance, cases, a checksum per array
     <root>/<suite>/<version>/published.json   the publish marker, written last
-    <root>/<suite>/<version>/<case>/...    one case group (the layout of :mod:`moesnap.store.case`)
+    <root>/<suite>/<version>/<case>/...    one case group (the layout of :mod:`moesnap.store.case`, or
+                                           named arrays: :mod:`moesnap.store.arrays`)
 
 A root is a local directory (default ``goldens/``) or ``s3://bucket/prefix``
 (through zarr's own :class:`~zarr.storage.FsspecStore` and s3fs; the endpoint
@@ -55,7 +56,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from ..case import Case
-from .case import checksum_matches
+from .arrays import LAYOUT, NamedArrays
+from .case import GroupValue, checksum_matches
 from ..errors import GoldenError, UsageError
 
 SCHEMA = 1                      # version of the store layout and its provenance attributes
@@ -199,7 +201,9 @@ class GoldenVersion:
 
     def read_case(self, name: str, *, verify: bool = True) -> Case:
         """Read one case; with ``verify``, every array is checked against its recorded checksum."""
-        self.case_info(name)
+        if self.case_info(name).get("layout") == LAYOUT:
+            raise GoldenError(f"{self.where}/{name}: a group of named arrays (layout {LAYOUT!r}, as "
+                              f"moesnap_snapshot keeps), not a forward's case")
         validate_case_name(name)
         where = f"{self.where}/{name}"
         case = self.store._read_case(self.suite, self.version, name, verify=verify)
@@ -217,6 +221,29 @@ class GoldenVersion:
                 raise GoldenError(f"{where}: the case's checksums differ from the version's provenance (modified)")
         return case
 
+    def read_arrays(self, name: str, *, verify: bool = True) -> dict[str, np.ndarray]:
+        """Every array of one case group, keyed by its path in the group, whatever the layout
+        (``arrays/<name>`` for :meth:`VersionWriter.add_arrays`'s groups, ``layers/<stage>`` …
+        for a forward's case).  With ``verify``, every array is checked against the checksum this
+        version recorded, and an array the version does not record is an error too.
+        """
+        self.case_info(name)
+        validate_case_name(name)
+        where = f"{self.where}/{name}"
+        arrays = self.store._read_arrays(self.suite, self.version, name, verify=verify)
+        if verify:
+            expect = {k[len(name) + 1:]: v for k, v in (self.meta.get("checksums") or {}).items()
+                      if k.startswith(name + "/")}
+            for path, digest in expect.items():
+                if path not in arrays:
+                    raise GoldenError(f"{where}/{path}: array is missing")
+                if not checksum_matches(arrays[path], digest):
+                    raise GoldenError(f"{where}/{path}: checksum mismatch (corrupt or modified array)")
+            extra = sorted(set(arrays) - set(expect))
+            if extra:
+                raise GoldenError(f"{where}/{extra[0]}: array not recorded in the version (added after publishing)")
+        return arrays
+
 
 class VersionWriter(ABC):
     """Writes one new version; nothing is visible until :meth:`commit` returns.
@@ -232,17 +259,26 @@ class VersionWriter(ABC):
         self._done = False
 
     def add_case(self, name: str, case: Case) -> None:
+        self._add(name, case, {"prompt": case.attrs.get("prompt"),
+                               "token_ids": [int(t) for t in np.asarray(case.tokens).tolist()]})
+
+    def add_arrays(self, name: str, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None) -> None:
+        """Add a case group of arrays of any names (the layout of :mod:`moesnap.store.arrays`);
+        ``attrs`` (JSON values) become the group's attributes.  Read it back with
+        :meth:`GoldenVersion.read_arrays`."""
+        self._add(name, NamedArrays.of(arrays, attrs), {"layout": LAYOUT})
+
+    def _add(self, name: str, value: GroupValue, info: dict[str, Any]) -> None:
         validate_case_name(name)
         if self._done:
             raise GoldenError(f"{self.suite}: writer already committed or aborted")
         if any(c["name"] == name for c in self._cases):
             raise UsageError(f"case name {name!r} given twice")
-        sums = self._write_case(name, case)
+        sums = self._write_case(name, value)
         self._cases.append({
             "name": name,
-            "prompt": case.attrs.get("prompt"),
-            "token_ids": [int(t) for t in np.asarray(case.tokens).tolist()],
-            "arrays": {p: {"shape": list(a.shape), "dtype": str(a.dtype)} for p, a in case.arrays().items()},
+            **info,
+            "arrays": {p: {"shape": list(a.shape), "dtype": str(a.dtype)} for p, a in value.arrays().items()},
         })
         self._checksums.update({f"{name}/{p}": s for p, s in sums.items()})
 
@@ -272,8 +308,8 @@ class VersionWriter(ABC):
                 self.abort()
 
     @abstractmethod
-    def _write_case(self, name: str, case: Case) -> dict[str, str]:
-        """Write the case's arrays; return {array path: checksum}."""
+    def _write_case(self, name: str, case: GroupValue) -> dict[str, str]:
+        """Write the case's arrays (a :class:`Case` or named arrays); return {array path: checksum}."""
 
     @abstractmethod
     def _publish(self, meta: dict[str, Any]) -> str:
@@ -309,6 +345,10 @@ class GoldenStore(ABC):
     @abstractmethod
     def _read_case(self, suite: str, version: str, case: str, *, verify: bool) -> Case:
         """One case, checked against its own checksums when ``verify``."""
+
+    @abstractmethod
+    def _read_arrays(self, suite: str, version: str, case: str, *, verify: bool) -> dict[str, np.ndarray]:
+        """Every array of one case group by its path, checked against the group's own checksums when ``verify``."""
 
     @abstractmethod
     def _delete(self, suite: str, version: str) -> None:

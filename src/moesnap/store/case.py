@@ -28,6 +28,7 @@ from ..case import Case, from_recorder  # noqa: F401  (the value, re-exported be
 from ..errors import GoldenError
 from ..util import describe_error
 from ..stages import LAYER_STAGES, MODEL_STAGES, canonical
+from .arrays import LAYOUT
 
 SCHEMA_VERSION = 1
 
@@ -73,13 +74,22 @@ class CaseSink(Protocol):
     def attrs(self) -> Any: ...
 
 
-def write_case(group: CaseSink, case: Case) -> dict[str, str]:
+class GroupValue(Protocol):
+    """What :func:`write_case` writes: a :class:`Case`, or named arrays (:class:`~moesnap.store.arrays.NamedArrays`)."""
+
+    @property
+    def attrs(self) -> dict[str, Any]: ...
+
+    def arrays(self) -> dict[str, np.ndarray]: ...
+
+
+def write_case(group: CaseSink, case: GroupValue) -> dict[str, str]:
     """Write ``case`` into an empty group; return the checksum of every array."""
     sums: dict[str, str] = {}
     for path, arr in case.arrays().items():
-        arr = np.ascontiguousarray(arr)
-        chunks = (1, *arr.shape[1:]) if path.startswith("layers/") and arr.ndim >= 1 else arr.shape
-        chunks = tuple(max(1, c) for c in chunks)
+        arr = np.ascontiguousarray(arr).reshape(np.shape(arr))     # a 0-d array stays 0-d
+        whole: tuple[int, ...] = (1, *arr.shape[1:]) if path.startswith("layers/") and arr.ndim >= 1 else arr.shape
+        chunks = tuple(max(1, c) for c in whole)
         group.create_array(path, data=arr, chunks=chunks, compressors=None)
         sums[path] = checksum(arr)
     group.attrs.update({**case.attrs, "schema": SCHEMA_VERSION, "checksums": sums})
@@ -170,9 +180,10 @@ def _stored(arr) -> tuple[int, int]:
 RawReader = Callable[[Any, str], "np.ndarray | str | None"]
 
 
-def read_case(group: zarr.Group, *, where: str, verify: bool = True, threads: int = 1,
-              raw: RawReader | None = None, expected: dict | None = None) -> Case:
-    """Read every array of a case group, mapping foreign stage names onto ours.
+def read_arrays(group: zarr.Group, *, where: str, verify: bool = True, threads: int = 1,
+                raw: RawReader | None = None, expected: dict | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The group's attributes and every array in it, keyed by its path inside the group, whatever
+    the names.
 
     ``where`` names the group in error messages.  With ``verify`` each array
     that has a recorded checksum is checked against it, and an array the
@@ -227,14 +238,32 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True, threads: in
             loaded.append(load(item))
             if loaded[-1][2] is not None:
                 break
-    tokens = None
-    model: dict[str, np.ndarray] = {}
-    layers: dict[str, np.ndarray] = {}
-    ignored: list[str] = []
+    arrays: dict[str, np.ndarray] = {}
     for path, data, problem in loaded:
         if problem is not None:
             raise GoldenError(f"{where}/{path}: {problem}")
         assert data is not None   # load gives an array or a problem
+        arrays[path] = data
+    if verify:
+        for path in sums:
+            if path not in arrays:
+                raise GoldenError(f"{where}/{path}: array is missing")
+    return attrs, arrays
+
+
+def read_case(group: zarr.Group, *, where: str, verify: bool = True, threads: int = 1,
+              raw: RawReader | None = None, expected: dict | None = None) -> Case:
+    """Read every array of a case group (the checks of :func:`read_arrays`), mapping foreign stage
+    names onto ours."""
+    attrs, arrays = read_arrays(group, where=where, verify=verify, threads=threads, raw=raw, expected=expected)
+    if attrs.get("layout") == LAYOUT:
+        raise GoldenError(f"{where}: a group of named arrays (layout {LAYOUT!r}, as moesnap_snapshot keeps), "
+                          f"not a forward's case")
+    tokens = None
+    model: dict[str, np.ndarray] = {}
+    layers: dict[str, np.ndarray] = {}
+    ignored: list[str] = []
+    for path, data in arrays.items():
         parts = path.split("/")
         name = canonical(parts[-1]) if len(parts) == 1 or (len(parts) == 2 and parts[0] == "layers") else None
         if len(parts) == 2 and name in LAYER_STAGES:
@@ -245,11 +274,6 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True, threads: in
             model[name] = data
         else:
             ignored.append(path)
-    if verify:
-        present = {p for p, _ in members}
-        for path in sums:
-            if path not in present:
-                raise GoldenError(f"{where}/{path}: array is missing")
     if tokens is None:
         raise GoldenError(f"{where}: no 'tokens' array")
     return Case(tokens=tokens, model=model, layers=layers, attrs=attrs, ignored=tuple(ignored))

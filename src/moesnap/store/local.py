@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from .case import Case
+from .case import GroupValue
 from ..errors import GoldenError, MoesnapError
 from ..util import describe_error
 from .base import (
@@ -198,7 +198,7 @@ class _LocalWriter(VersionWriter):
             os.close(self._fd)
             self._fd = None
 
-    def _write_case(self, name: str, case: Case) -> dict[str, str]:
+    def _write_case(self, name: str, case: GroupValue) -> dict[str, str]:
         with self.store._errors(f"{self.dir}/{name}"):  # type: ignore[attr-defined]
             return write_case_pipelined(self.group.create_group(name), case, self._delay, raw_dir=self.dir / name)
 

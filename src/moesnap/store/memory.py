@@ -22,7 +22,7 @@ from .base import (
     version_name,
     version_number,
 )
-from .case import Case, checksum, checksum_matches
+from .case import Case, GroupValue, checksum, checksum_matches
 
 
 @dataclass
@@ -73,7 +73,8 @@ class MemoryGoldenStore(GoldenStore):
     def _read_meta(self, suite: str, version: str) -> dict[str, Any]:
         return copy.deepcopy(self._get(suite, version).meta)
 
-    def _read_case(self, suite: str, version: str, case: str, *, verify: bool) -> Case:
+    def _group(self, suite: str, version: str, case: str, *, verify: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Copies of one case group's arrays, checked against its checksums when ``verify``, and its attributes."""
         v = self._get(suite, version)
         where = f"{self.where(suite, version)}/{case}"
         if case not in v.cases:
@@ -86,9 +87,15 @@ class MemoryGoldenStore(GoldenStore):
                     raise GoldenError(f"{where}/{path}: array is missing")
                 if not checksum_matches(arrays[path], digest):
                     raise GoldenError(f"{where}/{path}: checksum mismatch (corrupt or modified array)")
-        if "tokens" not in arrays:
-            raise GoldenError(f"{where}: no 'tokens' array")
-        out = {p: a.copy() for p, a in arrays.items()}
+        return {p: a.copy() for p, a in arrays.items()}, attrs
+
+    def _read_arrays(self, suite: str, version: str, case: str, *, verify: bool) -> dict[str, np.ndarray]:
+        return self._group(suite, version, case, verify=verify)[0]
+
+    def _read_case(self, suite: str, version: str, case: str, *, verify: bool) -> Case:
+        out, attrs = self._group(suite, version, case, verify=verify)
+        if "tokens" not in out:
+            raise GoldenError(f"{self.where(suite, version)}/{case}: no 'tokens' array")
         return Case(tokens=out.pop("tokens").astype(np.int32),
                     model={p: a for p, a in out.items() if not p.startswith("layers/")},
                     layers={p[len("layers/"):]: a for p, a in out.items() if p.startswith("layers/")},
@@ -118,7 +125,7 @@ class _MemoryWriter(VersionWriter):
         self._arrays: dict[str, dict[str, np.ndarray]] = {}
         self._attrs: dict[str, dict[str, Any]] = {}
 
-    def _write_case(self, name: str, case: Case) -> dict[str, str]:
+    def _write_case(self, name: str, case: GroupValue) -> dict[str, str]:
         arrays = {p: np.array(a, copy=True, order="C") for p, a in case.arrays().items()}
         for a in arrays.values():
             a.setflags(write=False)

@@ -17,7 +17,7 @@ import uuid
 import weakref
 from typing import Any, Iterator
 
-from .case import Case
+from .case import GroupValue
 from ..errors import GoldenError, MoesnapError, UsageError
 from ..util import describe_error
 from .base import (
@@ -243,7 +243,7 @@ class _RemoteWriter(VersionWriter):
             self.group = store._new_version_group(self.zstore)
         self._delay = store.write_delay
 
-    def _write_case(self, name: str, case: Case) -> dict[str, str]:
+    def _write_case(self, name: str, case: GroupValue) -> dict[str, str]:
         """Build the case group in memory, then upload its objects concurrently.
 
         Object stores answer each request slowly; zarr writing straight to S3

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .case import Case, read_case, write_case
+from .case import Case, GroupValue, read_arrays, read_case, write_case
 from ..errors import GoldenError, MoesnapError, UsageError
 from ..util import describe_error
 from .base import MARKER, SCHEMA, GoldenStore
@@ -111,7 +111,7 @@ def _raw_items(a: Any, chunks: Any) -> list[tuple[tuple[str, ...], tuple[slice, 
     return None
 
 
-def write_case_pipelined(group, case: Case, delay: float = 0.0, raw_dir: Path | None = None) -> dict[str, str]:
+def write_case_pipelined(group, case: GroupValue, delay: float = 0.0, raw_dir: Path | None = None) -> dict[str, str]:
     """:func:`~moesnap.store.case.write_case` into ``group`` through a :class:`_PipelinedGroup`
     (``delay``: the store's ``write_delay``; ``raw_dir``: the case group's local directory, whose
     chunk files are then written directly).  Returns the checksum of every array."""
@@ -183,25 +183,38 @@ class ZarrGoldenStore(GoldenStore):
             raise GoldenError(f"{where}: golden schema {meta.get('schema')!r}, this moesnap reads {SCHEMA}")
         return meta
 
-    def _read_case(self, suite: str, version: str, case: str, *, verify: bool) -> Case:
+    def _open_case(self, suite: str, version: str, case: str, where: str):
+        """The case group and the shape and dtype this version recorded of each of its arrays."""
         import zarr
 
-        where = f"{self.where(suite, version)}/{case}"
         if self.read_delay:
             time.sleep(self.read_delay)
+        try:
+            group = zarr.open_group(self._zstore(), path=f"{suite}/{version}/{case}", mode="r", zarr_format=3)
+        except MoesnapError:
+            raise
+        except Exception as e:
+            raise GoldenError(f"{where}: case group missing or unreadable ({describe_error(e)})") from None
+        expected: dict = {}
+        for entry in self._read_meta(suite, version).get("cases") or []:
+            if isinstance(entry, dict) and entry.get("name") == case and isinstance(entry.get("arrays"), dict):
+                expected = entry["arrays"]
+        return group, expected
+
+    def _read_case(self, suite: str, version: str, case: str, *, verify: bool) -> Case:
+        where = f"{self.where(suite, version)}/{case}"
         with self._errors(where):
-            try:
-                group = zarr.open_group(self._zstore(), path=f"{suite}/{version}/{case}", mode="r", zarr_format=3)
-            except MoesnapError:
-                raise
-            except Exception as e:
-                raise GoldenError(f"{where}: case group missing or unreadable ({describe_error(e)})") from None
-            expected: dict = {}
-            for entry in self._read_meta(suite, version).get("cases") or []:
-                if isinstance(entry, dict) and entry.get("name") == case and isinstance(entry.get("arrays"), dict):
-                    expected = entry["arrays"]
+            group, expected = self._open_case(suite, version, case, where)
             return _read_case_parallel(group, where=where, verify=verify,
                                        raw_dir=self._raw_case_dir(suite, version, case), expected=expected)
+
+    def _read_arrays(self, suite: str, version: str, case: str, *, verify: bool) -> dict[str, np.ndarray]:
+        where = f"{self.where(suite, version)}/{case}"
+        with self._errors(where):
+            group, expected = self._open_case(suite, version, case, where)
+            raw_dir = self._raw_case_dir(suite, version, case)
+            raw = (lambda arr, path: _read_raw(arr, raw_dir, path)) if raw_dir is not None else None
+            return read_arrays(group, where=where, verify=verify, threads=_READ_THREADS, raw=raw, expected=expected)[1]
 
     @contextlib.contextmanager
     def _errors(self, where: str) -> Iterator[None]:

@@ -38,6 +38,16 @@ def same_arrays(a: Case, b: Case) -> bool:
     return x.keys() == y.keys() and all(x[p].dtype == y[p].dtype and np.array_equal(x[p], y[p]) for p in x)
 
 
+def named_arrays() -> dict[str, np.ndarray]:
+    """Arrays of any names, dtypes and shapes (a scalar, an empty one, a NaN), nested names included."""
+    rng = np.random.default_rng(7)
+    nan = rng.standard_normal((2, 3)).astype(np.float64)
+    nan[1, 2] = np.nan
+    return {"hidden": rng.standard_normal((4, 8), dtype=np.float32), "layer0.attn-out": nan,
+            "block/ids": np.arange(5, dtype=np.int64), "block/mask": np.array([True, False, True]),
+            "scalar": np.array(2.5, dtype=np.float16), "empty": np.zeros((0, 3), dtype=np.float32)}
+
+
 META = {"model": {"file": "m.gguf", "sha256": "ab" * 32, "size": 1}, "dtype": "float32", "note": "ünïcode"}
 
 
@@ -182,6 +192,53 @@ class StoreConformance:
             for bad in ("", "../x", "a/b", ".hidden", "x\n"):
                 with pytest.raises(UsageError, match="case name"):
                     w.add_case(bad, small_case(1))
+        assert store.versions("s") == []
+
+    # -- named arrays (the generic layout: moesnap.store.arrays)
+    def test_named_arrays_read_back_exactly(self, store):
+        arrays = named_arrays()
+        with store.begin("s") as w:
+            w.add_case("case0", small_case(0))
+            w.add_arrays("check0", arrays, {"dtype": "float32"})
+            v = w.commit(META)
+        arrays["hidden"][...] = 0       # the writer took copies
+        got = store.open_version("s", v.version)
+        assert got.case_names() == ["case0", "check0"]
+        assert got.case_info("check0")["layout"] == "arrays"
+        back = got.read_arrays("check0")
+        want = named_arrays()
+        assert set(back) == {f"arrays/{n}" for n in want}
+        for n, a in want.items():
+            assert back[f"arrays/{n}"].dtype == a.dtype and back[f"arrays/{n}"].shape == a.shape
+            assert np.array_equal(back[f"arrays/{n}"], a, equal_nan=a.dtype.kind == "f")
+        assert set(got.meta["checksums"]) >= {f"check0/arrays/{n}" for n in want}
+        assert same_arrays(got.read_case("case0"), small_case(0))      # beside a forward's case
+        assert "arrays/layers/moe_out" not in got.read_arrays("case0")
+        with pytest.raises(GoldenError, match="named arrays"):
+            got.read_case("check0")
+
+    def test_named_arrays_are_verified(self, store):
+        for suite in ("flipped", "removed"):
+            with store.begin(suite) as w:
+                w.add_arrays("check0", named_arrays())
+                w.commit(META)
+        self.flip_bit(store, "flipped", "v0001", "check0", "arrays/hidden")
+        with pytest.raises(GoldenError, match=r"check0/arrays/hidden: checksum mismatch"):
+            store.open_version("flipped").read_arrays("check0")
+        bad = store.open_version("flipped").read_arrays("check0", verify=False)    # reads what is there
+        assert not np.array_equal(bad["arrays/hidden"], named_arrays()["hidden"])
+        self.remove_array(store, "removed", "v0001", "check0", "arrays/block/ids")
+        with pytest.raises(GoldenError, match=r"check0/arrays/block/ids: array is missing"):
+            store.open_version("removed").read_arrays("check0")
+
+    def test_named_array_names_are_checked(self, store):
+        with store.begin("s") as w:
+            for bad in ({"": np.zeros(1)}, {"../x": np.zeros(1)}, {"a//b": np.zeros(1)}, {".h": np.zeros(1)},
+                        {"a": np.zeros(1), "a/b": np.zeros(1)}, {"zarr.json": np.zeros(1)}, {}):
+                with pytest.raises(UsageError):
+                    w.add_arrays("check0", bad)
+            with pytest.raises(UsageError, match="cannot be stored"):
+                w.add_arrays("check0", {"z": np.zeros(2, dtype=np.complex64)})
         assert store.versions("s") == []
 
     # -- deleting
