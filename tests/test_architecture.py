@@ -31,6 +31,8 @@ ALLOWED: dict[str, set[str]] = {
     "run": {"capture", "gguf", "model", "store", "judge", "case", "errors", "stages", "util", "_version"},
     "cli": {"run", "gguf", "model", "store", "judge", "case", "errors", "stages", "util", "_version"},
     "__main__": {"cli"},
+    # the moesnap_snapshot fixture: a use-case layer for pytest (loaded through the pytest11 entry point)
+    "pytest_plugin": {"run", "model", "judge", "store", "case", "errors", "stages", "util", "_version"},
 }
 MAX_FLOORS = 7
 
