@@ -17,15 +17,14 @@ import torch
 
 import moesnap
 from moesnap.errors import UsageError
-from moesnap.judge.routing import tie_gap
-from moesnap.judge.tolerances import Tolerances
-from moesnap.model.candidate import CandidateModel, RouterReplay
+from moesnap.model.candidate import CandidateModel
 from moesnap.model.expert_parallel import (ExpertParallelCandidate, expert_range, free_port, run_ep, run_ep_cases,
                                            token_range)
 from moesnap.model.recorder import ArrayRecorder
 from moesnap.model.synth import tiny_path
 from moesnap.model.weights import GGUFModel
 from moesnap.run.compare import resolve_golden
+from moesnap.run.expert_parallel import check_ep
 from moesnap.stages import INTEGER_STAGES
 
 GOLDENS = os.path.join(os.path.dirname(__file__), "..", "..", "goldens")
@@ -89,20 +88,38 @@ def test_ep_passes_against_the_committed_goldens(ep, golden):
         assert report.passed, (mode, name, report.summary())
 
 
-@pytest.mark.parametrize("mode", ["alltoall", "allreduce"])
-def test_a_nan_expert_on_rank_1_is_named_at_its_layer_and_expert(mode, golden):
-    name, g = golden[0]
-    layer = 1
+def _rank1_expert(g, layer: int) -> int:
+    """An expert rank 1 owns (4-7) that some token of golden case ``g`` routes to at ``layer``."""
     ids = g.layers["topk_ids"][layer]
-    expert = int(ids[ids >= 4][0])                        # an expert rank 1 owns that a token routes to
-    case = run_ep(tiny_path(), g.tokens.tolist(), N, injections=[f"nan:layer={layer},expert={expert}"], mode=mode)
+    return int(ids[ids >= 4][0])
+
+
+def test_a_nan_expert_on_rank_1_is_named_at_its_layer_and_expert(golden):
+    name, g = golden[0]
+    layer, expert = 1, _rank1_expert(g, 1)
+    case = run_ep(tiny_path(), g.tokens.tolist(), N, injections=[f"nan:layer={layer},expert={expert}"])
     assert case is not None
     report = moesnap.compare("tiny", case, store=GOLDENS, local=False, show_progress=False)
     fd = report.first_divergence
     assert fd is not None and (fd.layer, fd.stage, fd.verdict.name) == (layer, "expert_out", "NAN_CANDIDATE")
+    ids = g.layers["topk_ids"][layer]
     bad = np.isnan(case.layers["expert_out"][layer]).any(axis=-1)     # [T, k]
     assert set(ids[bad].tolist()) == {expert} and bad.sum() == (ids == expert).sum()
     assert not np.isnan(case.layers["expert_out"][:layer]).any()
+
+
+def test_check_ep_names_a_nan_expert_its_layer_and_its_rank(golden):
+    # the run layer's check: every golden case on 2 ranks (allreduce), judged with local re-reference
+    layer = 2
+    expert = _rank1_expert(golden[0][1], layer)
+    report = check_ep(tiny_path(), "tiny", store=GOLDENS, mode="allreduce", inject=[f"nan:layer={layer},expert={expert}"],
+                      show_progress=False)
+    assert report is not None and report.verdict == "fail"
+    fd = report.first_divergence
+    assert fd is not None and (fd.layer, fd.stage, fd.verdict.name) == (layer, "expert_out", "NAN_CANDIDATE")
+    named = [n for n in report.notes if f"layer {layer} / expert_out: NaN/Inf" in n]
+    assert named and all(n.endswith(f"routed to expert {expert} of rank 1") for n in named), report.notes
+    assert any(n.startswith("expert parallel: 2 ranks (allreduce, gloo") for n in report.notes), report.notes
 
 
 def test_refused_before_any_rank_starts():
@@ -146,25 +163,17 @@ def test_as_one_torchrun_rank_in_this_process(monkeypatch, golden):
         run_ep(tiny_path(), g.tokens.tolist(), 2)
 
 
-def _router_replay(g, dtype: str) -> RouterReplay:
-    tols = Tolerances.defaults()
-    n = g.layers["topk_ids"].shape[0]
-    return RouterReplay(g.layers["topk_ids"], g.layers["router_logits"],
-                        np.array([tols.tie_tol_at(dtype, i) for i in range(n)]), tie_gap)
-
-
 @pytest.mark.parametrize("backend, device", [
     pytest.param("gloo", "cpu", marks=pytest.mark.slow),
     pytest.param("nccl", "cuda", marks=needs_2_gpus),
 ])
 @pytest.mark.parametrize("mode", ["alltoall", "allreduce"])
-def test_bfloat16_with_router_replay_passes_every_layer(backend, device, mode, golden):
-    cases = run_ep_cases(tiny_path(), [g.tokens.tolist() for _, g in golden], N, backend, device, "bfloat16",
-                         mode=mode, router_replay=[_router_replay(g, "bfloat16") for _, g in golden])
-    assert cases is not None
-    for (name, _), case in zip(golden, cases):
-        report = moesnap.compare("tiny", case, store=GOLDENS, show_progress=False)    # + local re-reference
-        assert report.passed, (name, report.summary())
+def test_bfloat16_check_with_router_replay_judges_every_cell(backend, device, mode):
+    report = check_ep(tiny_path(), "tiny", store=GOLDENS, backend=backend, device=device, dtype="bfloat16", mode=mode,
+                      show_progress=False)
+    assert report is not None and report.passed, report.summary()
+    cov = report.coverage()
+    assert cov.judged == cov.held > 0 and report.replay is not None       # local re-reference judged every layer
 
 
 @pytest.mark.parametrize("mode", [pytest.param(m, marks=needs_2_gpus) for m in ("alltoall", "allreduce")])
@@ -177,8 +186,7 @@ def test_nccl_float32_agrees_with_one_gpu_and_names_a_nan_expert(mode, golden):
         assert moesnap.compare("tiny", case, store=GOLDENS, show_progress=False).passed
         assert all(p is not None and p > 0 for p in case.attrs["expert_parallel"]["peak_bytes"])
     _, g = golden[0]
-    ids = g.layers["topk_ids"][2]
-    expert = int(ids[ids >= 4][0])
+    expert = _rank1_expert(g, 2)
     case = run_ep(tiny_path(), g.tokens.tolist(), N, "nccl", "cuda", injections=[f"nan:layer=2,expert={expert}"],
                   mode=mode)
     assert case is not None

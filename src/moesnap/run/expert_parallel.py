@@ -1,0 +1,91 @@
+"""The check with the expert-parallel candidate: every golden case of a suite run on N ranks
+(:mod:`moesnap.model.expert_parallel`), then judged as ``moesnap compare`` judges a dump.
+
+The ranks run with router replay as ``moesnap check`` does (near-tie flips continue with the golden's
+experts), free-running; each layer is then also judged by local re-reference (the reference recomputes
+it from the candidate's own inputs), which plays the part of ``check``'s stage-local replay.  The report
+notes what each rank held and cost (time, peak GPU memory, bytes sent per layer) and, where
+``expert_out`` went non-finite, which experts, and so which ranks, produced it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..case import Case
+from ..judge.compare import Report
+from ..judge.routing import tie_gap
+from ..judge.tolerances import Tolerances
+from ..model.candidate import RouterReplay
+from ..model.expert_parallel import run_ep_cases
+from ..model.load import open_model
+from ..store.case import save_case
+from .check import check_golden_matches_model, load_goldens
+from .compare import compare
+
+
+def nonfinite_experts(case: Case, ranges: Sequence[Sequence[int]]) -> list[str]:
+    """One line per layer whose experts turned a finite input (``ffn_norm``) into NaN/Inf in ``expert_out``:
+    the experts of those (token, slot) pairs and the ranks that own them."""
+    eo, ids, x = (case.layers.get(s) for s in ("expert_out", "topk_ids", "ffn_norm"))
+    if eo is None or ids is None or x is None:
+        return []
+    lines = []
+    for layer in range(min(len(eo), len(ids), len(x))):
+        fed = np.broadcast_to(np.isfinite(x[layer]).all(axis=-1)[:, None], ids[layer].shape)   # [T, k] finite input
+        bad = ~np.isfinite(eo[layer]).all(axis=-1) & fed
+        if bad.any():
+            experts = sorted({int(e) for e in ids[layer][bad]})
+            whole = all(bad[fed & (ids[layer] == e)].all() for e in experts)
+            ranks = sorted({r for e in experts for r, (lo, hi) in enumerate(ranges) if lo <= e < hi})
+            lines.append(f"layer {layer} / expert_out: NaN/Inf in {int(bad.sum())} (token, slot) pairs, all routed to "
+                         f"expert {', '.join(map(str, experts))} of rank {', '.join(map(str, ranks))}"
+                         + ("" if whole else " (not in every pair routed there)"))
+    return lines
+
+
+def _figures(ep: dict[str, Any]) -> str:
+    sent = np.asarray(ep["bytes_sent_per_layer"], dtype=np.float64)             # [ranks, layers]
+    peak = [p for p in ep["peak_bytes"] if p is not None]
+    return (f"expert parallel: {ep['ranks']} ranks ({ep['mode']}, {ep['backend']}, experts via {ep['expert_path']}), "
+            f"experts {', '.join(f'[{lo}, {hi})' for lo, hi in ep['experts'])}; forward "
+            f"{max(ep['forward_s']):.3g} s (slowest rank)"
+            + (f", peak GPU memory {', '.join(f'{p / 2**30:.3g}' for p in peak)} GiB per rank" if peak else "")
+            + f"; sent per layer per rank: mean {sent.mean() / 2**20:.3g} MiB, max {sent.max() / 2**20:.3g} MiB")
+
+
+def check_ep(model: str | Path, suite: str, *, store: str | None = None, n_ranks: int = 2, backend: str = "gloo",
+             device: str = "cpu", dtype: str = "float32", mode: str = "alltoall", inject: Sequence[str] = (),
+             router_replay: bool = True, local: bool = True, tols: Tolerances | None = None,
+             show_progress: bool = True) -> Report | None:
+    """Run the expert-parallel candidate of ``model`` on every case of ``suite`` (``NAME[@vNNNN]`` in
+    ``store``) with ``n_ranks`` ranks (spawned here, or this process's rank under torchrun) and judge it.
+    Under torchrun the ranks other than 0 return None.  ``inject``: ``--inject`` specs."""
+    ref, meta, goldens = load_goldens(suite, store)
+    check_golden_matches_model(goldens, open_model(model), where=ref, meta=meta)
+    tols = tols or Tolerances.defaults()
+    guides: list[RouterReplay | None] = [None] * len(goldens)
+    if router_replay:
+        guides = [RouterReplay(g.layers["topk_ids"], g.layers["router_logits"],
+                               np.array([tols.tie_tol_at(dtype, i) for i in range(g.n_layer)]), tie_gap)
+                  if "topk_ids" in g.layers and "router_logits" in g.layers else None for _, g in goldens]
+    cases = run_ep_cases(model, [g.tokens.tolist() for _, g in goldens], n_ranks, backend,
+                         "cuda" if device.startswith("cuda") else device, dtype, list(inject), mode=mode,
+                         router_replay=guides)
+    if cases is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="moesnap-ep-") as d:
+        for (name, _), case in zip(goldens, cases):
+            save_case(Path(d) / name, case)
+        report = compare(ref, d, store=store, tols=tols, model=model if local else None, local=local,
+                         show_progress=show_progress)
+    ep = cases[0].attrs["expert_parallel"]
+    report.candidate = cases[0].attrs.get("producer", report.candidate)
+    report.notes += [f"injected fault: {spec}" for spec in inject] + [_figures(ep)]
+    report.notes += [f"{name}: {line}" for (name, _), case in zip(goldens, cases)
+                     for line in nonfinite_experts(case, ep["experts"])]
+    return report
