@@ -48,7 +48,7 @@ TYPED = [f"src/moesnap/{m}" for m in (
     "run/rereference.py", "run/importing.py", "run/prompts.py",
     "capture/__init__.py", "capture/_flat.py", "capture/hf.py", "capture/llama.py", "capture/sglang.py",
     "capture/aprt.py",
-    "model/expert_parallel.py", "capture/shards.py",
+    "model/expert_parallel.py", "capture/shards.py", "run/expert_parallel.py",
     "cli/__init__.py", "cli/main.py", "cli/goldens.py", "cli/check.py", "cli/compare.py", "cli/calibrate.py",
     "cli/_options.py", "cli/importing.py",
     "testing/__init__.py", "testing/store.py", "testing/strategies.py", "store/arrays.py", "pytest_plugin.py",
