@@ -18,23 +18,42 @@ def _cache_dir() -> Path:
     return Path(base) / "moesnap"
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, cached by (real path, size, mtime) so a 17 GB model is hashed once."""
+#: sha256 digests this process has computed or read, by cache key (a read-only cache still hashes once)
+_SHA256_SEEN: dict[str, str] = {}
+
+
+def file_sha256(path: str | Path, *, progress: bool = False) -> str:
+    """sha256 of a file, cached by (real path, size, mtime) so a 17 GB model is hashed once;
+    ``progress``: a byte bar on stderr while a large file is hashed (see :func:`progress_enabled`)."""
     p = Path(path).resolve()
     st = p.stat()
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    if key in _SHA256_SEEN:
+        return _SHA256_SEEN[key]
     cache = _cache_dir() / "sha256.json"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
-    if isinstance(known, dict) and key in known:
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        _SHA256_SEEN[key] = known[key]
         return known[key]
     h = hashlib.sha256()
+    bar = None
+    if progress_enabled(progress) and st.st_size >= 256 << 20:
+        from tqdm import tqdm
+
+        bar = tqdm(total=st.st_size, desc=f"sha256 {p.name}", unit="B", unit_scale=True, unit_divisor=1024,
+                   file=sys.stderr, leave=False, dynamic_ncols=True)
     with open(p, "rb") as f:
         while chunk := f.read(16 << 20):
             h.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     digest = h.hexdigest()
+    _SHA256_SEEN[key] = digest
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         if not isinstance(known, dict):
@@ -48,9 +67,32 @@ def file_sha256(path: str | Path) -> str:
     return digest
 
 
+# -- progress -------------------------------------------------------------------
+# Everything here draws on stderr, and only when asked (``enabled``) and MOESNAP_NO_PROGRESS is unset:
+# `moesnap -q` sets it, so does the test suite.
+
+def progress_enabled(enabled: bool = True) -> bool:
+    """Whether to draw progress: ``enabled`` and MOESNAP_NO_PROGRESS unset."""
+    return enabled and not os.environ.get("MOESNAP_NO_PROGRESS")
+
+
+def status(message: str, *, enabled: bool = True) -> None:
+    """One line on stderr, ``moesnap: MESSAGE``, saying what a command is about to do: a command that
+    may take more than a few seconds says so before its first slow step, not after it."""
+    if progress_enabled(enabled):
+        print(f"moesnap: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def loading_torch(*, enabled: bool = True) -> None:
+    """The first line of a command about to import torch, when it is not imported yet: that alone
+    takes seconds on a cold start (4 s for a CUDA build), before the command can say anything else."""
+    if "torch" not in sys.modules:
+        status("loading torch", enabled=enabled)
+
+
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True) -> Iterable[T]:
     """tqdm on stderr (quiet when disabled or when MOESNAP_NO_PROGRESS is set)."""
-    if not enabled or os.environ.get("MOESNAP_NO_PROGRESS"):
+    if not progress_enabled(enabled):
         return iterable
     from tqdm import tqdm
 
@@ -58,19 +100,25 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
 
 
 class LayerProgress:
-    """A callback ``(done, total)`` drawing a tqdm bar for layer-by-layer work."""
+    """A callback ``(done, total)`` drawing a tqdm bar for layer-by-layer work; :meth:`start` draws it
+    at 0 before the first layer (which may take long: it uploads that layer's weights)."""
 
     def __init__(self, desc: str, enabled: bool = True) -> None:
-        self.desc, self.enabled = desc, enabled and not os.environ.get("MOESNAP_NO_PROGRESS")
-        self.bar: Any = None   # a tqdm bar once the first layer is done
+        self.desc, self.enabled = desc, progress_enabled(enabled)
+        self.bar: Any = None   # a tqdm bar once started or the first layer is done
+
+    def start(self, total: int) -> LayerProgress:
+        """Draw the bar at 0 of ``total`` now."""
+        if self.enabled and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, file=sys.stderr, leave=False, unit="layer", dynamic_ncols=True)
+        return self
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
             return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=self.desc, file=sys.stderr, leave=False, unit="layer", dynamic_ncols=True)
+        self.start(total)
         self.bar.update(done - self.bar.n)
         if done >= total:
             self.close()

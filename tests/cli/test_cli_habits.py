@@ -1,5 +1,6 @@
 """The command line's habits (issue 13, item 4): --version, -q anywhere, --json -, help on every
-argument, one error prefix, a note on tolerances from pyproject.toml."""
+argument, one error prefix, a note on tolerances from pyproject.toml, progress before the slow
+steps."""
 
 from __future__ import annotations
 
@@ -210,3 +211,70 @@ def test_no_note_without_a_pyproject_or_without_tolerances_in_it(tiny_path, tmp_
     (tmp_path / "pyproject.toml").write_text('[tool.moesnap]\nsnapshot_store = "snaps"\n')
     code, out, _ = run(["-q", *check_argv(tiny_path)])
     assert code == 0 and "no tolerance settings" in out
+
+
+# ---------------------------------------------------------------- progress before the slow steps
+
+
+def test_check_speaks_before_each_slow_step(tiny_path, monkeypatch, with_progress):
+    """What stderr held when each slow step began: a 2-layer full-width model spends its first seconds
+    opening the model, reading the goldens and uploading the first layer."""
+    import moesnap.run.check as run_check
+    from moesnap.model.candidate import CandidateModel
+
+    err = io.StringIO()
+    seen: dict[str, str] = {}
+
+    def spy(name, fn):
+        def wrapper(*args, **kwargs):
+            seen.setdefault(name, err.getvalue())
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(run_check, "open_model", spy("open", run_check.open_model))
+    monkeypatch.setattr(run_check, "load_goldens", spy("goldens", run_check.load_goldens))
+    monkeypatch.setattr(CandidateModel, "forward", spy("forward", CandidateModel.forward))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(check_argv(tiny_path)) == 0
+    assert seen["open"].endswith(f"moesnap: opening {tiny_path}\n")
+    assert seen["goldens"].endswith(f"moesnap: reading golden tiny from {GOLDENS}\n")
+    assert "moesnap: running the candidate on cpu in float32: 3 cases x 4 layers\n" in seen["forward"]
+    assert seen["forward"].rstrip().endswith("0/4 [00:00<?, ?layer/s]")      # the bar, drawn at 0
+    assert "check case0" in seen["forward"]
+
+
+def test_a_command_says_it_is_loading_torch_before_importing_it(monkeypatch, with_progress):
+    """On a GPU machine `import torch` alone takes 4 s of a check's first seconds: say so first."""
+    from moesnap import util
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        util.loading_torch()                      # imported already (this process): nothing to say
+        monkeypatch.delitem(sys.modules, "torch")
+        util.loading_torch()
+        util.loading_torch(enabled=False)
+    assert err.getvalue() == "moesnap: loading torch\n"
+
+
+def test_no_progress_with_the_environment_variable(tiny_path, monkeypatch):
+    monkeypatch.setenv("MOESNAP_NO_PROGRESS", "1")
+    code, _, err = run(check_argv(tiny_path))
+    assert code == 0 and err == ""
+
+
+def test_a_large_model_file_is_hashed_with_a_bar_once(tmp_path, monkeypatch, with_progress):
+    from moesnap import util
+
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(300 << 20)                     # sparse: 300 MiB of zeros, no disk used
+    monkeypatch.setenv("MOESNAP_CACHE", str(tmp_path / "cache"))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        first = util.file_sha256(big, progress=True)
+    assert "sha256 big.bin" in err.getvalue()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert util.file_sha256(big, progress=True) == first
+    assert err.getvalue() == ""                   # known now: no second pass over the bytes

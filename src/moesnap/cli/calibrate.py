@@ -16,10 +16,13 @@ DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. 0123456789"
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
+    from ..util import loading_torch
+
+    loading_torch()
     from ..run.calibrate import MARGIN, measure, suggested, toml_block
     from ..run.prompts import check_choice, encode_prompt, prompt_tokenizer
     from ..run.trace import parse_dtype, parse_tokens
-    from ..util import LayerProgress, check_output_file, write_text_atomic
+    from ..util import LayerProgress, check_output_file, status, write_text_atomic
     from ..model.load import open_model
     from ..model.ggml import ActivationQuant, identity
 
@@ -38,6 +41,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         raise UsageError(f"--dtypes {a.dtypes!r}: name at least one of float32, bfloat16, float16")
     for d in dtypes:
         parse_dtype(d, allowed=("float32", "bfloat16", "float16"))
+    status(f"opening {a.model}")
     model = open_model(a.model)
     check_choice(a.tokenizer)
     prompts = a.prompt or ([] if a.tokens else [DEFAULT_PROMPT])
@@ -49,7 +53,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     out: dict = {"model": model.path.name, "margin": margin, "profile": a.profile, "tokens": token_lists,
                  "tokenizer": tok.provenance if tok is not None else None, "dtypes": {}}
     for d in dtypes:
-        bar = LayerProgress(f"calibrate {d}")
+        bar = LayerProgress(f"calibrate {d}").start(model.config.n_layer)
         aq = identity
         if a.profile == "ggml":
             if d != "float32":

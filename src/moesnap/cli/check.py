@@ -9,6 +9,9 @@ from ._options import add_report_options, check_report_outputs, emit, load_toler
 
 def cmd_check(a: argparse.Namespace) -> int:
     from ..errors import UsageError
+    from ..util import loading_torch
+
+    loading_torch()
     from ..run.check import check
 
     if a.replay and a.no_replay:

@@ -9,8 +9,10 @@ from ._options import add_report_options, check_report_outputs, emit, load_toler
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from ..run.compare import compare
+    from ..util import status
 
     check_report_outputs(a, a.store)
+    status(f"reading golden {a.golden} and candidate {a.candidate}")
     report = compare(a.golden, a.candidate, store=a.store, tols=lambda profile: load_tolerances(a, profile),
                      profile=None if a.profile == "auto" else a.profile, model=a.model,
                      local=not a.no_local, allow_missing=a.allow_missing, dtype=a.dtype,

@@ -9,6 +9,9 @@ from ..errors import UsageError
 
 
 def cmd_import(a: argparse.Namespace) -> int:
+    from ..util import loading_torch
+
+    loading_torch()
     from ..run.importing import describe, import_dump
 
     if a.forward_pass is not None and a.forward_pass < 0:

@@ -56,12 +56,16 @@ def _tokens_from(a: argparse.Namespace, model) -> tuple[list[int], str | None, d
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
+    from ..util import loading_torch, status
+
+    loading_torch()
     from ..run.trace import check_output, parse_device, parse_dtype, run_case, summary, write_output
     from ..model.load import open_model
 
     dtype = parse_dtype(a.dtype)
     device = parse_device(a.device)
     check_output(a.out, force=a.force)
+    status(f"opening {a.model}")
     model = open_model(a.model)
     tokens, prompt, tokenizer = _tokens_from(a, model)
     case = run_case(model, tokens, dtype=dtype, device=device, candidate=a.candidate, prompt=prompt,

@@ -33,14 +33,15 @@ from ..errors import GoldenError, UsageError
 from ..model.inject import Injection
 from ..model.recorder import ArrayRecorder
 from ..judge.tolerances import Tolerances
-from ..util import LayerProgress
+from ..util import LayerProgress, file_sha256, status
 from ..model.load import open_model
 from ..model.weights import ModelWeights
 
 
 def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: ModelWeights, *, where: str,
-                               meta: dict | None = None) -> None:
-    """Refuse goldens made from another model file, or whose tokens the model cannot run."""
+                               meta: dict | None = None, show_progress: bool = False) -> None:
+    """Refuse goldens made from another model file, or whose tokens the model cannot run
+    (``show_progress``: a bar while a large model file is hashed the first time)."""
     sha = None
     for source in [meta or {}] + [c.attrs for _, c in cases]:
         m = source.get("model") if isinstance(source, dict) else None
@@ -48,6 +49,8 @@ def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: ModelWe
             sha = m["sha256"]
             break
     if sha is not None:
+        if model.path.is_file():     # the first sha256 of a large file takes a while; later runs read the cache
+            file_sha256(model.path, progress=show_progress)
         mine = model.fingerprint()["sha256"]
         if sha != mine:
             raise GoldenError(f"{where}: golden was made from another model file "
@@ -108,6 +111,8 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
     dname = str(dtype).removeprefix("torch.")
     if replay is None:   # low precision: free-running tolerances must admit drift; replay judges each stage
         replay = dtype in (torch.bfloat16, torch.float16)
+    status(f"running the candidate on {device} in {dname}: {len(goldens)} case{'s' if len(goldens) != 1 else ''}"
+           f" x {model.config.n_layer} layers" + (", then stage-local replay" if replay else ""), enabled=show_progress)
     cand = CandidateModel(model, device=device, dtype=dtype, injections=injections)
     cases: list[CaseReport] = []
     replays: list[CaseReport] | None = [] if replay else None
@@ -118,13 +123,13 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
         if ids is not None and logits is not None:
             guide = RouterReplay(ids, logits, np.array([tols.tie_tol_at(dname, i) for i in range(len(ids))]), tie_gap)
         rec = ArrayRecorder()
-        bar = LayerProgress(f"check {name}", enabled=show_progress)
+        bar = LayerProgress(f"check {name}", enabled=show_progress).start(model.config.n_layer)
         cand.forward(golden.tokens, rec, progress=bar, router_replay=guide if router_replay else None)
         bar.close()
         free = from_recorder(rec, {"dtype": dname, "router_followed": _followed_attr(cand.followed)})
         cases.append(compare_cases(golden, free, tols, dtype=dname, name=name, mode=mode))
         if replays is not None:
-            bar = LayerProgress(f"replay {name}", enabled=show_progress)
+            bar = LayerProgress(f"replay {name}", enabled=show_progress).start(golden.n_layer)
             rcase = _replay_case(cand, golden, progress=bar)
             bar.close()
             replays.append(compare_cases(golden, rcase, tols, dtype=dname, name=name, allow_missing=True,
@@ -167,10 +172,12 @@ def check(model: str | Path, suite: str, *, store: str | None = None, device: st
 
     tdtype = parse_dtype(dtype, allowed=CHECK_DTYPES)
     tdevice = parse_device(device)
+    status(f"opening {model}", enabled=show_progress)
     ggm = open_model(model)
     injections = [parse_inject(s, ggm.config) for s in inject]
+    status(f"reading golden {suite} from {store or 'goldens/'}", enabled=show_progress)
     ref, meta, goldens = load_goldens(suite, store)
-    check_golden_matches_model(goldens, ggm, where=ref, meta=meta)
+    check_golden_matches_model(goldens, ggm, where=ref, meta=meta, show_progress=show_progress)
     report = run_check(ggm, goldens, device=tdevice, dtype=tdtype, replay=replay, injections=injections,
                        tols=tols, golden_ref=ref, show_progress=show_progress, router_replay=router_replay)
     if not report.passed and isinstance(meta.get("command"), str):

@@ -15,7 +15,7 @@ from ..case import Case, from_recorder
 from ..store.case import save_case
 from ..errors import UsageError
 from ..model.recorder import ArrayRecorder
-from ..util import LayerProgress, published_version_above, versions
+from ..util import LayerProgress, file_sha256, published_version_above, status, versions
 from ..model.weights import ModelWeights
 from ..stages import DTYPES as STAGE_DTYPES
 
@@ -70,7 +70,10 @@ def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype =
     model.check_tokens(np.asarray(tokens))
     if engine == "moesnap":
         rec = ArrayRecorder(keep_dtype=(dtype == torch.float64))
-        bar = LayerProgress("candidate" if candidate else "reference", enabled=show_progress)
+        status(f"running {'the candidate on ' + str(device) if candidate else 'the reference'} in "
+               f"{str(dtype).removeprefix('torch.')}: {len(tokens)} tokens x {model.config.n_layer} layers",
+               enabled=show_progress)
+        bar = LayerProgress("candidate" if candidate else "reference", enabled=show_progress).start(model.config.n_layer)
         try:
             if candidate:
                 from ..model.candidate import CandidateModel
@@ -89,8 +92,12 @@ def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype =
     else:
         if candidate:
             raise UsageError(f"--candidate traces moesnap's own device forward; --engine {engine} is a candidate already")
+        status(f"running {engine}'s forward of {model.path.name} on {device} in {str(dtype).removeprefix('torch.')}: "
+               f"{len(tokens)} tokens", enabled=show_progress)
         case = _engine_case(engine, model, tokens, dtype=dtype, device=device)
         producer = case.attrs["producer"]
+    if model.path.is_file():    # the provenance's sha256: a bar the first time a large file is hashed
+        file_sha256(model.path, progress=show_progress)
     case.attrs.update({
         "producer": producer,
         "dtype": str(dtype).removeprefix("torch."),
