@@ -511,7 +511,14 @@ for _spec, _needle in {
     "scale:layer=0,stage=moe_out,factor=nan": "must be finite", "scale:layer=0,stage=moe_out,factor=1e400": "must be finite",
     "route:layer=0,token=-1": "token=-1", "route:layer=0,token=99999": "token=99999 is out of range",
 }.items():
-    ROWS[f"check: --inject {_spec!r}"] = row(*CHECK, "tiny", *S, "--inject", _spec, needles=("--inject", _needle))
+    ROWS[f"check: --inject {_spec!r}"] = row(*CHECK, "tiny", *S, "--inject", _spec, needles=(f"--inject {_spec!r}: ", _needle))
+
+# --inject: what only the model file or the golden's prompts can refuse, quoting the spec as given
+for _spec, _needle in {
+    " QTYPE : layer=0 , tensor=ffn_down_exps , as=q6_k": "blk.0.ffn_down_exps already is Q6_K, so nothing would change",
+    "route: layer=0, token=99": "token=99 is out of range: the shortest of the 3 prompts has",
+}.items():
+    ROWS[f"check: --inject {_spec!r}"] = row(*CHECK, "tiny", *S, "--inject", _spec, needles=(f"--inject {_spec!r}: ", _needle))
 
 ROWS.update({
     # ------------------------------------------------ compare

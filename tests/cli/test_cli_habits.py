@@ -1,6 +1,6 @@
 """The command line's habits (issue 13, item 4): --version, -q anywhere, --json -, help on every
 argument, one error prefix, a note on tolerances from pyproject.toml, progress before the slow
-steps."""
+steps, --inject errors that quote the spec."""
 
 from __future__ import annotations
 
@@ -278,3 +278,21 @@ def test_a_large_model_file_is_hashed_with_a_bar_once(tmp_path, monkeypatch, wit
     with contextlib.redirect_stderr(err):
         assert util.file_sha256(big, progress=True) == first
     assert err.getvalue() == ""                   # known now: no second pass over the bytes
+
+
+# ---------------------------------------------------------------- --inject quotes the spec
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("", "expected KIND:KEY=VALUE"),
+    ("  NaN : layer=9 , expert=0 ", "layer=9 is out of range"),
+    ("nan:layer=0,expert=0,colour=red", "unknown key 'colour'"),
+    ("scale:layer=0,stage=moe_out,factor=inf", "must be finite"),
+    (" qtype : layer=0 , tensor=ffn_down_exps , as=Q6_K ", "already is Q6_K"),       # needs the model file
+    ("ROUTE:layer=0, token=99", "token=99 is out of range: the shortest of the 3 prompts has"),  # the prompts
+])
+def test_inject_errors_quote_the_spec_as_given(spec, needle, tiny_path):
+    code, out, err = run(["-q", *check_argv(tiny_path, "--inject", "nan:layer=1,expert=0", "--inject", spec)])
+    assert (code, out) == (2, "")
+    assert err.startswith(f"moesnap: error: --inject {spec!r}: "), err
+    assert needle in err and err.count("\n") == 1, err

@@ -19,13 +19,16 @@ what a check must report.  The spec syntax is ``KIND:KEY=VALUE,...``:
 
 :func:`parse_inject` checks everything it can against the model's config and
 raises :class:`~moesnap.errors.UsageError` with one line naming the bad value;
-a ``token`` beyond the prompt is reported when the forward starts.
+:func:`check_injections` what needs the model file and the prompts (a ``qtype`` fault
+on a tensor already of that type, a ``token`` beyond a prompt).  Every message quotes
+the spec as the user gave it (:attr:`Injection.option`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Protocol, Sequence
 
 import gguf
 
@@ -36,7 +39,7 @@ from .tensors import LAYER_TENSORS
 
 __all__ = [
     "Injection", "NanExpert", "QtypeAs", "ScaleStage", "RouteFlip",
-    "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection",
+    "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection", "check_injections",
 ]
 
 #: block types the decoder can be told to use (``as=``), by lower-case name
@@ -53,9 +56,11 @@ SCALABLE_STAGES: tuple[str, ...] = tuple(s for s in LAYER_STAGES if s not in INT
 
 @dataclass(frozen=True)
 class Injection:
-    """Base of all planted faults: the layer it hits."""
+    """Base of all planted faults: the layer it hits; ``given``, the spec as the user wrote it
+    (:func:`parse_inject` keeps it; it takes no part in equality)."""
 
     layer: int
+    given: str | None = field(default=None, compare=False, repr=False, kw_only=True)
 
     @property
     def kind(self) -> str:
@@ -70,6 +75,13 @@ class Injection:
     def spec(self) -> str:
         """The fault as ``--inject`` syntax (round-trips through :func:`parse_inject`)."""
         raise NotImplementedError
+
+    @property
+    def option(self) -> str:
+        """``--inject 'SPEC'`` as the user gave it (the canonical spec for a fault built in code): what
+        every message about this fault starts with."""
+        spec = self.given if self.given is not None else self.spec
+        return f"--inject {spec!r}"
 
     def __str__(self) -> str:
         return self.spec
@@ -188,10 +200,32 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
 
 def parse_inject(spec: str, cfg: Qwen3MoeConfig) -> Injection:
     """Parse one ``--inject`` spec (syntax in the module docstring) and check it against ``cfg``."""
+    if not isinstance(spec, str):
+        raise UsageError(f"--inject {spec!r}: a spec is a string, KIND:KEY=VALUE,... (e.g. {EXAMPLE})")
     try:
-        return _parse(spec, cfg)
+        return replace(_parse(spec, cfg), given=spec)
     except UsageError as err:
         raise UsageError(f"--inject {spec!r}: {err}") from None
+
+
+class _TensorTypes(Protocol):
+    def tensor_type(self, name: str) -> gguf.GGMLQuantizationType: ...
+
+
+def check_injections(injections: Sequence[Injection], model: _TensorTypes, n_tokens: Sequence[int]) -> None:
+    """Refuse, before any forward runs, a fault that needs what :func:`parse_inject` cannot see: a
+    ``qtype`` fault on a tensor the ``model`` file already stores in that type (nothing would change),
+    a ``route`` fault on a token beyond one of the prompts (``n_tokens``: each prompt's length)."""
+    for inj in injections:
+        if isinstance(inj, QtypeAs):
+            stored = model.tensor_type(f"blk.{inj.layer}.{inj.tensor}")
+            if stored == inj.as_qtype:
+                raise UsageError(f"{inj.option}: blk.{inj.layer}.{inj.tensor} already is {stored.name}, "
+                                 "so nothing would change; choose another type or tensor")
+        if isinstance(inj, RouteFlip) and n_tokens and inj.token >= min(n_tokens):
+            raise UsageError(f"{inj.option}: token={inj.token} is out of range: "
+                             + (f"the prompt has {n_tokens[0]} tokens" if len(set(n_tokens)) == 1 else
+                                f"the shortest of the {len(n_tokens)} prompts has {min(n_tokens)} tokens"))
 
 
 def _parse(spec: str, cfg: Qwen3MoeConfig) -> Injection:

@@ -30,7 +30,7 @@ from ..case import Case, from_recorder
 from ..judge.routing import tie_gap
 from ..judge.compare import CaseReport, Report, compare_cases
 from ..errors import GoldenError, UsageError
-from ..model.inject import Injection
+from ..model.inject import Injection, check_injections
 from ..model.recorder import ArrayRecorder
 from ..judge.tolerances import Tolerances
 from ..util import LayerProgress, file_sha256, status
@@ -111,6 +111,7 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
     dname = str(dtype).removeprefix("torch.")
     if replay is None:   # low precision: free-running tolerances must admit drift; replay judges each stage
         replay = dtype in (torch.bfloat16, torch.float16)
+    check_injections(injections, model, [len(golden.tokens) for _, golden in goldens])
     status(f"running the candidate on {device} in {dname}: {len(goldens)} case{'s' if len(goldens) != 1 else ''}"
            f" x {model.config.n_layer} layers" + (", then stage-local replay" if replay else ""), enabled=show_progress)
     cand = CandidateModel(model, device=device, dtype=dtype, injections=injections)
@@ -138,7 +139,7 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
     if unfired:
         why = ("no token of any case routes to that expert there" if unfired[0].kind == "nan" else
                "the flip falls within the near-tie width, so router replay takes the golden's experts back")
-        raise UsageError(f"--inject {unfired[0]}: the planted fault cannot fire ({why}), so this self-test "
+        raise UsageError(f"{unfired[0].option}: the planted fault cannot fire ({why}), so this self-test "
                          f"would prove nothing; choose another expert or token")
     notes = [f"injected fault: {inj}" for inj in injections]
     notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}")
