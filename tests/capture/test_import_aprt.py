@@ -57,7 +57,7 @@ def test_a_five_percent_scale_error_in_one_layer_is_named(tmp_path, golden):
     code, text, rep = _compare(tmp_path / "cand.zarr", tmp_path / "r.json")
     assert code == 1 and rep["verdict"] == "fail"
     assert rep["first_divergence"]["layer"] == 2 and rep["first_divergence"]["stage"] == "moe_out", text
-    assert "first divergence: layer 2 / moe_out" in text
+    assert f"first divergence: {rep['first_divergence']['case']} / layer 2 / moe_out" in text
     failed = {(r["layer"], r["stage"]) for r in rep["results"] if r["verdict"] != "MATCH"}
     assert failed == {(2, "moe_out")}
 

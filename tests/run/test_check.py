@@ -67,7 +67,7 @@ def test_planted_fault_is_named(capsys, tiny_path, store, tmp_path, spec, layer,
     assert code == 1, out + err
     fd = rep["first_divergence"]
     assert fd["layer"] == layer and fd["stage"] in stages and fd["verdict"] in verdicts, fd
-    assert f"first divergence: layer {layer} / {fd['stage']}" in out
+    assert f"first divergence: {fd['case']} / layer {layer} / {fd['stage']}" in out
     if replay:
         intro = rep["replay"]["first_introduced"]
         assert intro["layer"] == layer and intro["stage"] in stages, intro
@@ -164,7 +164,7 @@ def test_compare_another_engines_dump_with_aliases(capsys, tiny_path, tmp_path):
     code = main(["compare", str(gold), str(cand), "--allow-missing", "--json", str(js)])
     out = capsys.readouterr().out
     assert code == 1
-    assert "first divergence: layer 2 / moe_out / token 1: NAN_CANDIDATE" in out
+    assert "first divergence: g.zarr / layer 2 / moe_out / token 1: NAN_CANDIDATE (1 NaN in the candidate)" in out
     rep = json.loads(js.read_text())
     assert {r["stage"] for r in rep["results"]} == {"topk_weights", "moe_out", "logits"}
     # without --allow-missing the stages the dump lacks are MISSING

@@ -253,7 +253,7 @@ def test_replay_table_says_not_judged_where_free_running_judged_nothing(capsys, 
     assert code == 1 and rep["verdict"] == "inconclusive", out
     assert [u["stage"] for u in rep["coverage"]["unjudged"]] == ["final_norm", "logits"]
     assert "router replay" in rep["inconclusive"]
-    rows = [ln for ln in out.splitlines() if ln.startswith("L02   |")]
+    rows = [ln for ln in out.splitlines() if ln.startswith("case0  L02   |")]
     assert rows and all("not judged" in ln for ln in rows), out
     assert not any(ln.rstrip().endswith("| none") for ln in rows)
 

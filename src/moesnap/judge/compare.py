@@ -29,8 +29,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..case import Case
-from .classify import Result, Verdict, classify
-from .routing import align_topk_weights, classify_routing, expert_scale_errors
+from .classify import Metrics, Result, Verdict, bad_tokens_text, classify, json_float
+from .routing import RoutingResult, align_topk_weights, classify_routing, expert_scale_errors
 from ..errors import GoldenError, MoesnapError
 from ..stages import LAYER_STAGES, MODEL_STAGES, POST_ROUTING_STAGES
 from .tolerances import Tolerance, Tolerances
@@ -44,15 +44,134 @@ PER_LAYER_MODES = {
 
 
 @dataclass(frozen=True)
+class Margin:
+    """How one stage stands against one rule of its tolerance: ``ratio`` is error ÷ limit, above 1
+    where the rule fails (+inf for what no tolerance admits: NaN/Inf, a missing array, a wrong shape);
+    ``text`` says it in a few words with the numbers (``frac_outside 0.8% > max_frac_outside 0.5%``)."""
+
+    rule: str      # non-finite | missing | shape | elementwise | exact | row_rel_l2 | expert_scale | tie_tol
+    ratio: float
+    text: str
+
+    @property
+    def failed(self) -> bool:
+        return self.ratio > 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "ratio": json_float(self.ratio), "text": self.text}
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.2g}%"
+
+
+def _non_finite_text(m: Metrics) -> str:
+    def side(nan: int, inf: int, where: str) -> str:
+        return " + ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n) + f" in the {where}"
+
+    parts = [side(nan, inf, where) for nan, inf, where in ((m.nan_candidate, m.inf_candidate, "candidate"),
+                                                          (m.nan_golden, m.inf_golden, "golden")) if nan or inf]
+    return ", ".join(parts)
+
+
+def margins(res: Result, tol: Tolerance | None, *, exact: bool = False,
+            expert: tuple[int, float, float] | None = None) -> tuple[Margin, ...]:
+    """Every rule ``res`` was judged by, as :class:`Margin` values, in the order the rules decide: what
+    no tolerance admits, the elementwise rule, the row rule, the expert rule (``expert``: the worst
+    expert's id, scale error and the limit it is held to).  ``tol`` None: the verdict's margin alone."""
+    v, m = res.verdict, res.metrics
+    if v == Verdict.MISSING:
+        return (Margin("missing", math.inf, res.detail or "missing"),)
+    if v == Verdict.SHAPE_MISMATCH:
+        return (Margin("shape", math.inf, res.detail or "shapes differ"),)
+    if m is None:
+        return ()
+    out: list[Margin] = []
+    if m.nan_golden or m.nan_candidate or m.inf_golden or m.inf_candidate:
+        out.append(Margin("non-finite", math.inf, _non_finite_text(m)))
+    if tol is None:
+        return tuple(out)
+    if exact:
+        out.append(Margin("exact", m.closeness, f"{m.n_outside} of {m.n} values differ (compared exactly)"
+                          if m.n_outside else "every value equal (compared exactly)"))
+    elif m.closeness > 1.0 and tol.max_frac_outside > 0.0:
+        out.append(Margin("elementwise", m.closeness, f"frac_outside {_pct(m.frac_outside)} > max_frac_outside "
+                          f"{_pct(tol.max_frac_outside)} (atol={tol.atol:g}, rtol={tol.rtol:g})"))
+    elif m.closeness > 1.0:
+        out.append(Margin("elementwise", m.closeness, f"{m.n_outside} of {m.n} elements beyond atol+rtol·|g| "
+                          f"(atol={tol.atol:g}, rtol={tol.rtol:g}; the worst {m.closeness:.3g}x)"))
+    else:
+        out.append(Margin("elementwise", m.closeness, f"|c-g| at {m.closeness:.2g} of atol+rtol·|g| "
+                          f"(atol={tol.atol:g}, rtol={tol.rtol:g}"
+                          + (f", {_pct(m.frac_outside)} outside of {_pct(tol.max_frac_outside)} allowed"
+                             if m.n_outside else "") + ")"))
+    if math.isfinite(tol.row_rel_l2) and not exact:
+        r = m.max_row_rel_l2 / tol.row_rel_l2
+        out.append(Margin("row_rel_l2", r, f"row_rel_l2 {m.max_row_rel_l2:.3g} > limit {tol.row_rel_l2:g} "
+                          f"in {m.n_bad_rows} row{'s' if m.n_bad_rows != 1 else ''}" if r > 1.0 else
+                          f"row_rel_l2 {m.max_row_rel_l2:.2g} of limit {tol.row_rel_l2:g}"))
+    if expert is not None:
+        e, eps, limit = expert
+        r = abs(eps) / limit if limit > 0 else (math.inf if eps else 0.0)
+        out.append(Margin("expert_scale", r, f"expert {e} off by {100 * eps:+.3g}% "
+                          + (">" if r > 1.0 else "of") + f" limit {_pct(limit)}"))
+    return tuple(out)
+
+
+def routing_margins(rres: RoutingResult, tie_tol: float, metrics: Metrics | None) -> tuple[Margin, ...]:
+    """``topk_ids``'s margins: the widest flip's gap against ``tie_tol`` (no flip: 0)."""
+    if rres.verdict in (Verdict.MISSING, Verdict.SHAPE_MISMATCH):
+        return margins(rres.as_result(metrics), None)
+    gap = rres.max_gap
+    r = math.inf if math.isnan(gap) else gap / tie_tol if tie_tol > 0 else (math.inf if gap > 0 else 0.0)
+    if not rres.flipped_tokens:
+        return (Margin("tie_tol", 0.0, "every token picks the golden's experts"),)
+    if rres.verdict == Verdict.DIVERGE:
+        n = len(rres.diverged_tokens)
+        return (Margin("tie_tol", max(r, math.nextafter(1.0, 2.0)),
+                       f"{n} token{'s' if n != 1 else ''} picked other experts beyond tie_tol {tie_tol:g} "
+                       f"(widest gap {gap:.3g}; token {rres.diverged_tokens[0]} first)"),)
+    n = len(rres.tie_tokens)
+    return (Margin("tie_tol", min(r, 1.0), f"{n} near-tie flip{'s' if n != 1 else ''}, widest gap {gap:.3g} "
+                   f"of tie_tol {tie_tol:g}"),)
+
+
+@dataclass(frozen=True)
 class StageResult:
     case: str
     layer: int | None
     stage: str
     result: Result
+    #: the rules it was judged by, error ÷ limit (see :func:`margins`)
+    margins: tuple[Margin, ...] = ()
 
     @property
     def verdict(self) -> Verdict:
         return self.result.verdict
+
+    @property
+    def worst(self) -> Margin | None:
+        """The margin that failed (the first in rule order), else the closest approach to failing."""
+        if not self.margins:
+            return None
+        if not self.result.passed:
+            return next((m for m in self.margins if m.failed), max(self.margins, key=lambda m: m.ratio))
+        return max(self.margins, key=lambda m: m.ratio)
+
+    def location(self) -> str:
+        """``case0 / layer 2 / moe_out / token 1: DIVERGE`` (``logits`` for a whole-model stage)."""
+        where = f"layer {self.layer} / {self.stage}" if self.layer is not None else self.stage
+        tok = f" / token {self.token}" if self.token is not None else ""
+        return f"{self.case} / {where}{tok}: {self.verdict.name}"
+
+    def explain(self) -> str:
+        """:meth:`location`, with what failed in parentheses where something did."""
+        w = self.worst
+        return self.location() + (f" ({w.text})" if w is not None and not self.result.passed else "")
+
+    def bad_tokens_text(self) -> str:
+        m = self.result.metrics
+        return bad_tokens_text(m) if m is not None else "no bad token"
 
     @property
     def token(self) -> int | None:
@@ -66,6 +185,9 @@ class StageResult:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"case": self.case, "layer": self.layer, "stage": self.stage}
         d.update(self.result.to_dict())
+        d["margins"] = [m.to_dict() for m in self.margins]
+        w = self.worst
+        d["worst"] = None if w is None else w.to_dict()
         return d
 
 
@@ -221,7 +343,7 @@ def _own_ids(used: np.ndarray | None, followed: dict[int, np.ndarray]) -> np.nda
 
 
 #: a stage judged at once (routing) or one whose classification runs on the pool: (case, layer, stage, future)
-_Pending = StageResult | tuple[str, int | None, str, Future[Result]]
+_Pending = StageResult | tuple[str, int | None, str, Future[tuple[Result, tuple[Margin, ...]]]]
 #: the expert rule's golden side: (ids [T, k], contribution of each (token, slot) [T, k, H], their sum or None)
 _ExpertInputs = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
@@ -359,7 +481,8 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
                     f"later stages of layer {layer} are judged without them"
                     + (f", later layers without tokens >= {min(new)}" if propagate else ""))
         res = Result(res.verdict, res.metrics, res.detail, res.flipped_tokens, earlier)
-        pending.append(StageResult(name, layer, "topk_ids", res))
+        tie = tols.tie_tol(dtype) if per_layer else tols.tie_tol_at(dtype, layer)
+        pending.append(StageResult(name, layer, "topk_ids", res, routing_margins(rres, tie, metrics)))
         return new
 
     whole_model = layers is None
@@ -422,7 +545,8 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
             rep.results.append(item)
             continue
         try:
-            rep.results.append(StageResult(item[0], item[1], item[2], item[3].result()))
+            res, ms = item[3].result()
+            rep.results.append(StageResult(item[0], item[1], item[2], res, ms))
         except MoesnapError as e:   # say which stage held the array it could not judge
             raise type(e)(f"{_where(item[0], item[1], item[2])}: {e}") from None
     return rep
@@ -448,20 +572,25 @@ EXPERT_Z = 6.0
 
 
 def _classify_stage(g: np.ndarray | None, c: np.ndarray | None, tol: Tolerance, exclude: tuple[int, ...],
-                    experts: _ExpertInputs | None, absent: int = 0) -> Result:
-    """classify, then (``experts`` given, the stage passed) the expert-scale rule of ``tol``.  ``absent``:
-    how many of the ``exclude`` tokens are left out because the candidate does not hold them."""
+                    experts: _ExpertInputs | None, absent: int = 0) -> tuple[Result, tuple[Margin, ...]]:
+    """classify, then (``experts`` given, the stage passed) the expert-scale rule of ``tol``; with the
+    result, its margins.  ``absent``: how many of the ``exclude`` tokens are left out because the
+    candidate does not hold them."""
     res = _say_absent(classify(g, c, tol, exclude_tokens=exclude), absent)
+    exact = g is not None and c is not None and g.dtype.kind in "biu" and c.dtype.kind in "biu"
     if experts is None or res.verdict != Verdict.MATCH or g is None or c is None or g.shape != c.shape:
-        return res
+        return res, margins(res, tol, exact=exact)
     ids, contrib, total = experts
     if contrib.shape[0] != c.shape[0] or (total is not None and total.shape != c.shape):
-        return res
+        return res, margins(res, tol, exact=exact)
     resid = c.astype(np.float64) - g.astype(np.float64)
     errs = expert_scale_errors(ids, contrib, resid, exclude, total)
+    # an expert's error counts beyond expert_scale and beyond EXPERT_Z standard errors of noise
+    near = max(errs, key=lambda e: abs(e[1]) / max(tol.expert_scale, EXPERT_Z * e[2]), default=None)
+    expert = None if near is None else (near[0], near[1], max(tol.expert_scale, EXPERT_Z * near[2]))
     bad = [e for e in errs if abs(e[1]) > tol.expert_scale and abs(e[1]) > EXPERT_Z * e[2]]
     if not bad:
-        return res
+        return res, margins(res, tol, expert=expert)
     worst = max(bad, key=lambda e: abs(e[1]))
     first = min(e[4] for e in bad)
     detail = (f"expert {worst[0]}: its output is off by {100 * worst[1]:+.3g}% (±{100 * worst[2]:.2g}% noise) over "
@@ -472,7 +601,9 @@ def _classify_stage(g: np.ndarray | None, c: np.ndarray | None, tol: Tolerance, 
     bad_tokens = sorted(set(m.bad_tokens) | {first})
     metrics = replace(m, first_bad_token=min(bad_tokens), bad_tokens=tuple(bad_tokens[:64]),
                       n_bad_tokens=max(m.n_bad_tokens, len(bad_tokens)))
-    return Result(Verdict.DIVERGE, metrics, detail, res.flipped_tokens, res.excluded_tokens)
+    out = Result(Verdict.DIVERGE, metrics, detail, res.flipped_tokens, res.excluded_tokens)
+    worst_limit = max(tol.expert_scale, EXPERT_Z * worst[2])
+    return out, margins(out, tol, expert=(worst[0], worst[1], worst_limit))
 
 
 def _say_absent(res: Result, absent: int) -> Result:
@@ -538,7 +669,10 @@ class Report:
 
     The verdict is ``fail`` when any stage of any mode fails, ``inconclusive``
     when nothing failed but some (layer, stage, token) the candidate holds was
-    judged by no mode, and ``pass`` only when every one was.
+    judged by no mode, or some case of the golden (``golden_cases``) was not
+    judged at all (the candidate holds no case for it), and ``pass`` only when
+    every cell of every golden case was judged.  ``ignored`` lists, per case,
+    the candidate's arrays that name no stage moesnap knows (not judged).
     """
 
     cases: list[CaseReport]
@@ -551,6 +685,41 @@ class Report:
     replay_kind: str = "replay"
     #: what to run to judge what this report could not (for an inconclusive verdict)
     hint: str | None = None
+    #: every case of the golden, judged or not (empty: those judged are all it has)
+    golden_cases: tuple[str, ...] = ()
+    #: per case, the candidate's arrays that name no stage (read, not judged)
+    ignored: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: what to do to judge the golden cases not judged
+    case_hint: str | None = None
+
+    @property
+    def cases_judged(self) -> list[str]:
+        return [c.case for c in self.cases]
+
+    @property
+    def cases_not_judged(self) -> list[str]:
+        """The golden's cases the candidate held nothing for."""
+        judged = set(self.cases_judged)
+        return [n for n in self.golden_cases if n not in judged]
+
+    def cases_line(self) -> str | None:
+        """``judged 1 of 3 golden cases (case0); not judged: case1, case2 (…)``, or None when every one was."""
+        left = self.cases_not_judged
+        if not left:
+            return None
+        return (f"judged {len(self.cases)} of {len(self.golden_cases)} golden cases "
+                f"({', '.join(self.cases_judged) or 'none'}); not judged: {', '.join(left)} "
+                f"(the candidate holds no case for {'it' if len(left) == 1 else 'them'})")
+
+    def ignored_lines(self) -> list[str]:
+        """One line per case whose candidate held arrays naming no stage."""
+        out = []
+        for case, names in self.ignored.items():
+            if names:
+                shown = ", ".join(names[:12]) + (f", … ({len(names) - 12} more)" if len(names) > 12 else "")
+                out.append(f"{case}: {len(names)} candidate array{'s' if len(names) != 1 else ''} name no stage "
+                           f"moesnap knows, not judged: {shown} (stage names and aliases: moesnap.stages)")
+        return out
 
     @property
     def results(self) -> list[StageResult]:
@@ -594,7 +763,7 @@ class Report:
         """``pass``, ``fail`` or ``inconclusive`` (see the class docstring)."""
         if self.failed:
             return "fail"
-        return "pass" if self.coverage().complete else "inconclusive"
+        return "pass" if self.coverage().complete and not self.cases_not_judged else "inconclusive"
 
     @property
     def passed(self) -> bool:
@@ -618,16 +787,14 @@ class Report:
 
         >>> print(report.summary())    # doctest: +SKIP
         fail: golden tiny@v0001, candidate moesnap-candidate (float32)
-        first divergence: case0 / layer 2 / moe_out / token 0: DIVERGE
+        first divergence: case0 / layer 2 / moe_out / token 0: DIVERGE (frac_outside 41% > max_frac_outside 0%)
         judged 3825 of 3825 (layer, stage, token) cells
         """
         cov = self.coverage()
         lines = [f"{self.verdict}: golden {self.golden}, candidate {self.candidate} ({self.dtype})"]
         fd = self.first_divergence
         if fd is not None:
-            where = f"layer {fd.layer}" if fd.layer is not None else "model"
-            lines.append(f"first divergence: {fd.case} / {where} / {fd.stage}"
-                         + (f" / token {fd.token}" if fd.token is not None else "") + f": {fd.verdict.name}")
+            lines.append(f"first divergence: {fd.explain()}")
         lines.append(f"judged {cov.judged} of {cov.held} (layer, stage, token) cells")
         reason = self.inconclusive_reason()
         if reason:
@@ -641,13 +808,19 @@ class Report:
         return next((c.first_divergence for c in self.replay if c.first_divergence is not None), None)
 
     def inconclusive_reason(self) -> str | None:
+        """What was not judged, and how to judge it (None when everything was)."""
         cov = self.coverage()
-        if cov.complete:
-            return None
-        where = ", ".join(f"{c}/{'L%d ' % lay if lay is not None else ''}{s} ({n} tokens)" for c, lay, s, n in cov.unjudged[:4])
-        text = (f"{cov.held - cov.judged} of {cov.held} (layer, stage, token) cells were judged by no mode "
-                f"(first: {where})")
-        return text + (f"; to judge them: {self.hint}" if self.hint else "")
+        parts = []
+        if not cov.complete:
+            where = ", ".join(f"{c}/{'L%d ' % lay if lay is not None else ''}{s} ({n} tokens)"
+                              for c, lay, s, n in cov.unjudged[:4])
+            text = (f"{cov.held - cov.judged} of {cov.held} (layer, stage, token) cells were judged by no mode "
+                    f"(first: {where})")
+            parts.append(text + (f"; to judge them: {self.hint}" if self.hint else ""))
+        cases = self.cases_line()
+        if cases:
+            parts.append(cases + (f"; {self.case_hint}" if self.case_hint else ""))
+        return "; ".join(parts) or None
 
     def to_dict(self) -> dict[str, Any]:
         fd = self.first_divergence
@@ -655,7 +828,9 @@ class Report:
         def loc(r: StageResult | None) -> dict[str, Any] | None:
             if r is None:
                 return None
-            return {"case": r.case, "layer": r.layer, "stage": r.stage, "token": r.token, "verdict": r.verdict.name}
+            w = r.worst
+            return {"case": r.case, "layer": r.layer, "stage": r.stage, "token": r.token, "verdict": r.verdict.name,
+                    "failed": None if w is None else w.to_dict()}
 
         verdict = self.verdict
         d: dict[str, Any] = {
@@ -666,6 +841,9 @@ class Report:
             "dtype": self.dtype,
             "mode": self.mode,
             "coverage": self.coverage().to_dict(),
+            "cases": {"golden": list(self.golden_cases or self.cases_judged), "judged": self.cases_judged,
+                      "not_judged": self.cases_not_judged},
+            "ignored": {case: list(names) for case, names in self.ignored.items() if names},
             "inconclusive": self.inconclusive_reason() if verdict == "inconclusive" else None,
             "results": [r.to_dict() for r in self.results],
             "routing_notes": [n for c in self.cases for n in c.routing_notes],

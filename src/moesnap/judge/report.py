@@ -38,54 +38,64 @@ def _digits(r: StageResult) -> float | None:
 
 
 def _fmt_loc(r: StageResult | None) -> str:
-    if r is None:
-        return "none"
-    where = f"layer {r.layer} / {r.stage}" if r.layer is not None else r.stage
-    tok = f" / token {r.token}" if r.token is not None else ""
-    return f"{where}{tok}: {r.verdict.name}"
+    return "none" if r is None else r.explain()
+
+
+def ratio_text(x: float) -> str:
+    """An error ÷ tolerance ratio in two significant digits: ``0.31``, ``0.0042``, ``1.2e-07``, ``0``."""
+    if x == 0.0:
+        return "0"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.2g}"
+
+
+#: the last column of the table
+WORST_HEAD = "worst: error ÷ tolerance (stage, rule), or what failed"
+
+
+def row_worst(rs: list[StageResult]) -> str:
+    """The table's last column for a row: the first failing stage (in computation order) and what
+    failed, else the closest approach to failing over its judged stages, as error ÷ tolerance."""
+    order = {s: i for i, s in enumerate(("embed",) + LAYER_STAGES + ("final_norm", "logits"))}
+    rs = sorted(rs, key=lambda r: order.get(r.stage, 1 << 20))
+    bad = next((r for r in rs if not r.result.passed), None)
+    if bad is not None:
+        w = bad.worst
+        return f"{bad.stage} {bad.verdict.name}" + (f": {w.text}" if w is not None else "")
+    near = [(w, r) for r in rs if not _unjudged(r) and (w := r.worst) is not None]
+    if not near:
+        return "-"
+    w, r = max(near, key=lambda x: x[0].ratio)
+    return f"{ratio_text(w.ratio):<7} {r.stage} ({w.rule})"
 
 
 def table(case: CaseReport, *, title: str | None = None) -> list[str]:
-    """One row per layer: a symbol per stage, the row's worst cosine and first failing stage."""
+    """One row per layer: a symbol per stage, then the row's first failure and what failed, or (a
+    passing row) how close it came to failing: the largest error ÷ tolerance of its stages."""
     by_layer: dict[int | None, dict[str, StageResult]] = {}
     for r in case.results:
         by_layer.setdefault(r.layer, {})[r.stage] = r
-    head = "      " + "".join(f"{CODE[s]:>3}" for s in LAYER_STAGES) + " | max 1-cos | first failing"
+    head = "      " + "".join(f"{CODE[s]:>3}" for s in LAYER_STAGES) + " | " + WORST_HEAD
     lines = [title or f"case {case.case} ({case.dtype})", head]
+    blank = " " * (3 * len(LAYER_STAGES) - 3)
     for stage in ("embed",):
         if stage in by_layer.get(None, {}):
             r = by_layer[None][stage]
-            lines.append(f"{stage:<6}{SYMBOL[r.verdict]:>3}" + " " * (3 * len(LAYER_STAGES) - 3) + f" | {_cos(r)} |"
-                         + ("" if r.result.passed else f" {r.verdict.name}"))
+            lines.append(f"{stage:<6}{_sym(r):>3}{blank} | {row_worst([r])}")
     for layer in sorted(k for k in by_layer if k is not None):
         row = by_layer[layer]
         cells = "".join(f"{_sym(row[s]) if s in row else ' ':>3}" for s in LAYER_STAGES)
-        rs = list(row.values())
-        cosines = [m.cosine for r in rs if (m := r.result.metrics) is not None and m.n > 0 and r.stage != "topk_ids"
-                   and m.cosine == m.cosine]
-        worst = max((1.0 - c for c in cosines), default=float("nan"))
-        judged = bool(cosines)
-        bad = next((b for s in LAYER_STAGES if (b := row.get(s)) is not None and not b.result.passed), None)
-        tail = f" {bad.stage} {bad.verdict.name}" if bad else ""
-        shown = f"{worst:<9.2e}" if judged else f"{'-':<9}"
-        lines.append(f"L{layer:02d}   {cells} | {shown} |{tail}")
+        lines.append(f"L{layer:02d}   {cells} | {row_worst(list(row.values()))}")
     for stage in ("final_norm", "logits"):
         if stage in by_layer.get(None, {}):
             r = by_layer[None][stage]
-            lines.append(f"{stage.replace('final_norm', 'fnorm'):<6}{_sym(r):>3}" + " " * (3 * len(LAYER_STAGES) - 3)
-                         + f" | {_cos(r)} |" + ("" if r.result.passed else f" {r.verdict.name}"))
+            lines.append(f"{stage.replace('final_norm', 'fnorm'):<6}{_sym(r):>3}{blank} | {row_worst([r])}")
     return lines
 
 
 def _sym(r: StageResult) -> str:
     return "-" if _unjudged(r) else SYMBOL[r.verdict]
-
-
-def _cos(r: StageResult) -> str:
-    if _unjudged(r):
-        return f"{'-':<9}"
-    m = r.result.metrics
-    return f"{1.0 - m.cosine:<9.2e}" if m is not None and m.cosine == m.cosine else f"{'-':<9}"
 
 
 def text(report: Report) -> list[str]:
@@ -101,15 +111,16 @@ def text(report: Report) -> list[str]:
         out.append(f"routing ({report.replay_kind}): {n}")
     for n in report.notes + [n for c in report.cases + (report.replay or []) for n in c.notes]:
         out.append(f"note: {n}")
+    for n in report.ignored_lines():
+        out.append(f"ignored: {n}")
     fd = report.first_divergence
     if fd is not None:
         out += detail_lines(fd)
     if report.replay is not None:
         out.append("")
         out.append(f"{PER_LAYER_MODES[report.replay_kind]}: error introduced vs inherited")
-        many = len(report.replay) > 1
-        out.append(("case   " if many else "") + "layer | introduced (" + report.replay_kind + ")"
-                   + " " * max(0, 17 - len(report.replay_kind)) + " | inherited (free-running)")
+        width = max([4] + [len(c.case) for c in report.replay])
+        out.append(f"{'case':<{width}}  layer | {'introduced (' + report.replay_kind + ')':<29} | inherited (free-running)")
         for case in report.replay:
             free = next((c for c in report.cases if c.case == case.case), None)
             per: dict[int, list[StageResult]] = {}
@@ -121,14 +132,16 @@ def text(report: Report) -> list[str]:
                 intro = next((r for r in per.get(layer, []) if not r.result.passed), None)
                 intro_text = ((intro.stage + " " + intro.verdict.name) if intro else "none") if layer in per \
                     else "not judged"
-                out.append((f"{case.case:<7}" if many else "") + f"L{layer:02d}   | {intro_text:<29} | "
-                           f"{_inherited(free, layer)}")
+                out.append(f"{case.case:<{width}}  L{layer:02d}   | {intro_text:<29} | {_inherited(free, layer)}")
         out.append(f"first layer that introduces a divergence: {_fmt_loc(report.first_introduced())}")
     out.append(f"first divergence: {_fmt_loc(fd)}")
     out.append(coverage_line(report))
     verdict = report.verdict
+    cases = report.cases_line()
     if verdict == "inconclusive":
         out.append(f"inconclusive: {report.inconclusive_reason()}")
+    elif cases:
+        out.append(f"cases: {cases}")
     out.append(f"verdict: {verdict}")
     return out
 
@@ -165,12 +178,17 @@ def _inherited(free: CaseReport | None, layer: int) -> str:
 def detail_lines(r: StageResult) -> list[str]:
     """ndarrays_regression-style detail of one failing stage."""
     m = r.result.metrics
-    lines = [f"first failing stage: {_fmt_loc(r)}"]
+    lines = [f"first failing stage: {r.location()}"]
+    w = r.worst
+    if w is not None:
+        lines.append(f"  failed ({w.rule} rule): {w.text}")
     if r.result.detail:
         lines.append(f"  {r.result.detail}")
     if m is not None:
-        lines.append(f"  elements outside tolerance: {m.n_outside} of {m.n} ({100 * m.frac_outside:.3g}%)"
-                     f"; bad tokens: {m.n_bad_tokens} (first {list(m.bad_tokens[:8])})")
+        shown = ", ".join(map(str, m.bad_tokens[:8])) + (", …" if m.n_bad_tokens > 8 else "")
+        lines.append(f"  elements outside tolerance: {m.n_outside} of {m.n} ({100 * m.frac_outside:.3g}%); "
+                     + (f"{m.n_bad_tokens} bad token{'s' if m.n_bad_tokens != 1 else ''}: {shown}"
+                        if m.n_bad_tokens else "no bad token"))
         lines.append(f"  cosine {m.cosine:.9g}  rel_l2 {m.rel_l2:.3g}  nmse {m.nmse:.3g}  max_abs {m.max_abs:.3g}  "
                      f"mean_abs {m.mean_abs:.3g}  max_rel {m.max_rel:.3g}  worst index {m.worst_index}")
         lines.append(f"  NaN golden/candidate {m.nan_golden}/{m.nan_candidate}  Inf golden/candidate "
