@@ -4,12 +4,16 @@ Each mode runs the committed goldens' three prompts in one launch of 2 processes
 (torch 2.13, gloo, one thread per rank and in the single-device run): every stage of both modes is
 bit-identical to the single-device candidate; the bound below is that candidate's own float32 agreement
 with the reference, tightened 10x.  A NaN planted in an expert rank 1 owns is named at its layer /
-``expert_out`` and is NaN exactly where ``topk_ids`` names that expert.
-"""
+``expert_out``, is NaN exactly where ``topk_ids`` names that expert, and ``check_ep``'s notes name the
+expert and its rank.  The torchrun path runs in this process as a world of one rank (light) and as 2
+ranks under ``torch.distributed.run`` (slow); bfloat16 with router replay judges every cell (slow on
+gloo, ``gpu`` on NCCL)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,6 +34,7 @@ from moesnap.stages import INTEGER_STAGES
 GOLDENS = os.path.join(os.path.dirname(__file__), "..", "..", "goldens")
 ATOL = 1e-5           # test_candidate's float32 bound vs the reference is 1e-4
 N = 2
+ONE_TOKEN = [7]
 needs_2_gpus = [pytest.mark.gpu,
                 pytest.mark.skipif(torch.cuda.device_count() < N, reason=f"skipped: needs {N} CUDA devices")]
 
@@ -41,9 +46,9 @@ def golden():
 
 @pytest.fixture(scope="module", params=["alltoall", "allreduce"])
 def ep(request, golden):
-    """(mode, the EP cases of every golden prompt) from one launch of 2 gloo ranks."""
-    cases = run_ep_cases(tiny_path(), [g.tokens.tolist() for _, g in golden], N, mode=request.param)
-    assert cases is not None
+    """(mode, the EP cases of every golden prompt, then of ONE_TOKEN) from one launch of 2 gloo ranks."""
+    cases = run_ep_cases(tiny_path(), [g.tokens.tolist() for _, g in golden] + [ONE_TOKEN], N, mode=request.param)
+    assert cases is not None and len(cases) == len(golden) + 1
     return request.param, cases
 
 
@@ -79,6 +84,8 @@ def test_ep_agrees_with_the_single_device_candidate(ep, golden):
         meta = case.attrs["expert_parallel"]
         assert meta["experts"] == [[0, 4], [4, 8]] and meta["mode"] == mode
         assert all(len(per) == g.n_layer and min(per) > 0 for per in meta["bytes_sent_per_layer"])
+    # one token: rank 1 holds no token slice and dispatches nothing (empty splits)
+    assert max(_worst(cases[-1], _single(ONE_TOKEN)).values()) <= ATOL
 
 
 def test_ep_passes_against_the_committed_goldens(ep, golden):
@@ -161,6 +168,20 @@ def test_as_one_torchrun_rank_in_this_process(monkeypatch, golden):
         run_ep(tiny_path(), g.tokens.tolist(), 1, injections=[f"nan:layer=0,expert={unused[0]}"])
     with pytest.raises(UsageError, match="WORLD_SIZE=1"):
         run_ep(tiny_path(), g.tokens.tolist(), 2)
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_judges_and_rank_1_returns_none(tmp_path):
+    script = tmp_path / "ep.py"
+    script.write_text(
+        "import os\n"
+        "from moesnap.run.expert_parallel import check_ep\n"
+        f"r = check_ep({str(tiny_path())!r}, 'tiny', store={GOLDENS!r}, show_progress=False)\n"
+        "print('rank', os.environ['RANK'], None if r is None else r.verdict, flush=True)\n")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(N), str(script)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "rank 0 pass" in out.stdout and "rank 1 None" in out.stdout, out.stdout
 
 
 @pytest.mark.parametrize("backend, device", [
