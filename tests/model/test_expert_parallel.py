@@ -139,6 +139,8 @@ def test_refused_before_any_rank_starts():
         run_ep(tiny_path(), toks, N, backend="nccl", device_type="cpu")
     with pytest.raises(UsageError, match="layer=9"):
         run_ep(tiny_path(), toks, N, injections=["nan:layer=9,expert=0"])
+    with pytest.raises(UsageError, match="--inject 'route:layer=1,token=5': token=5 is out of range"):
+        run_ep(tiny_path(), toks, N, injections=["route:layer=1,token=5"])
     with pytest.raises(moesnap.MoesnapError, match="outside the vocabulary"):
         run_ep(tiny_path(), [1, 10_000], N)
     with pytest.raises(UsageError, match="torch.distributed"):
@@ -164,7 +166,7 @@ def test_as_one_torchrun_rank_in_this_process(monkeypatch, golden):
     assert max(_worst(case, _single(g.tokens.tolist())).values()) <= ATOL
     unused = sorted(set(range(8)) - set(g.layers["topk_ids"][0].ravel().tolist()))
     assert unused, "the 8-token case leaves some expert of layer 0 unused"
-    with pytest.raises(UsageError, match=f"nan:layer=0,expert={unused[0]}.*cannot fire"):
+    with pytest.raises(UsageError, match=f"--inject 'nan:layer=0,expert={unused[0]}': the planted fault cannot fire"):
         run_ep(tiny_path(), g.tokens.tolist(), 1, injections=[f"nan:layer=0,expert={unused[0]}"])
     with pytest.raises(UsageError, match="WORLD_SIZE=1"):
         run_ep(tiny_path(), g.tokens.tolist(), 2)

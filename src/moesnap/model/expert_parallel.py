@@ -52,7 +52,7 @@ from ..case import Case, from_recorder
 from ..errors import MoesnapError, UsageError
 from ..stages import CHECK_DTYPES
 from .candidate import CandidateModel, RouterReplay
-from .inject import Injection, NanExpert, RouteFlip, parse_inject
+from .inject import Injection, NanExpert, RouteFlip, check_injections, parse_inject
 from .recorder import ArrayRecorder, NullRecorder, Recorder
 from .tensors import EXPERT_TENSORS
 from .weights import ModelWeights
@@ -228,7 +228,9 @@ def _validate(job: _Job, model: ModelWeights) -> list[Injection]:
         model.check_tokens(np.asarray(ids, dtype=np.int64))
     if len(job.router_replay) != len(job.cases):
         raise UsageError(f"{len(job.router_replay)} router replays for {len(job.cases)} token sequences")
-    return [parse_inject(j, model.config) if isinstance(j, str) else j for j in job.injections]
+    injections = [parse_inject(j, model.config) if isinstance(j, str) else j for j in job.injections]
+    check_injections(injections, model, [len(ids) for ids in job.cases])
+    return injections
 
 
 def _rank_main(job: _Job) -> list[Case] | None:
@@ -277,7 +279,7 @@ def _rank_main(job: _Job) -> list[Case] | None:
                                                  "router_followed": followed, **job.attrs}))
         unfired = cand.unfired()
         if unfired:
-            raise UsageError(f"--inject {unfired[0]}: the planted fault cannot fire (no token routes to that expert "
+            raise UsageError(f"{unfired[0].option}: the planted fault cannot fire (no token routes to that expert "
                              f"there, or router replay undid the flip), so this self-test would prove nothing")
         stats = {"upload_s": upload_s, "forward_s": seconds, "traffic": traffic,
                  "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
