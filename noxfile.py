@@ -89,6 +89,15 @@ def check_gpu(session: nox.Session) -> None:
 
 
 @nox.session(default=False, venv_backend="none")
+def check_multi_gpu(session: nox.Session) -> None:
+    """The expert-parallel candidate on every GPU of the host (NCCL), full-width goldens (current env)."""
+    out = session.run("python", "-c", "import torch; print(torch.cuda.device_count())", silent=True)
+    if int(str(out).strip() or 0) < 2:
+        session.skip("skipped: needs 2 CUDA devices")
+    session.run("python", "tools/gpu_sessions.py", "multi_gpu", "--layers", "8", *session.posargs)
+
+
+@nox.session(default=False, venv_backend="none")
 def heavy(session: nox.Session) -> None:
     """Full-size qwen3-30b-a3b (48 layers): goldens on the CPU, check on CUDA in float32 and bfloat16 (current env)."""
     _cuda(session)

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from moesnap.model.synth import tiny_path
 
 TINY = tiny_path()
@@ -185,12 +187,54 @@ def transformers_engine(model: Path, store: Path, device: str, work: Path, out: 
     judged(rec, js)
 
 
+def multi_gpu(out: Path, work: Path, layers: int, log: list[dict], n_ranks: int = 2) -> list[dict]:
+    """The expert-parallel candidate on ``n_ranks`` GPUs (NCCL) against full-width goldens: float32 and
+    bfloat16, both dispatch modes, and a NaN planted in an expert of the last rank."""
+    from moesnap.judge.report import write_json
+    from moesnap.run.expert_parallel import check_ep
+
+    model = work / f"qwen3-30b-a3b-{layers}l.gguf"
+    store = work / "goldens"
+    if not model.exists():
+        run_step("make model", ["-q", "model", "make", str(model), "--preset", "qwen3-30b-a3b", "--layers", str(layers)], log)
+    run_step("generate goldens (CPU)", ["-q", "goldens", "generate", str(model), "--suite", "ep", "--store", str(store),
+                                        "--prompt", PROMPT_128], log)
+    from moesnap.store import open_store
+
+    v = open_store(str(store)).open_version("ep", None)
+    ids = v.read_case(v.case_names()[0]).layers["topk_ids"][layers // 2]
+    last_rank = int(max(e for e in np.unique(ids) if e >= 128 - 128 // n_ranks))   # an expert the last rank owns, routed to
+    runs = [("float32", "alltoall", []), ("bfloat16", "alltoall", []), ("float32", "allreduce", []),
+            ("bfloat16", "alltoall", [f"nan:layer={layers // 2},expert={last_rank}"])]
+    for dtype, mode, inject in runs:
+        name = f"ep{n_ranks} {dtype} {mode}" + (" nan" if inject else "")
+        t0 = time.perf_counter()
+        rep = check_ep(str(model), "ep", store=str(store), n_ranks=n_ranks, backend="nccl", device="cuda", dtype=dtype,
+                       mode=mode, inject=inject, show_progress=False)
+        wall = time.perf_counter() - t0
+        assert rep is not None
+        js = out / (name.replace(" ", "_") + ".json")
+        write_json(rep, js)
+        cov = rep.coverage()
+        fd = rep.first_divergence
+        rec = {"name": name, "wall_s": round(wall, 2), "verdict": rep.verdict, "cells": f"{cov.judged}/{cov.held}",
+               "first_divergence": None if fd is None else [fd.case, fd.layer, fd.stage, fd.verdict.name],
+               "notes": [n for n in rep.notes if "expert parallel" in n or "routed to expert" in n]}
+        log.append(rec)
+        print(json.dumps(rec), flush=True)
+        if rep.verdict == "pass" and cov.judged != cov.held:
+            raise SystemExit(f"{name}: a pass that did not judge every cell")
+        if inject and (fd is None or fd.layer != layers // 2 or fd.stage != "expert_out"):
+            raise SystemExit(f"{name}: the planted NaN was not named at layer {layers // 2} / expert_out: {fd}")
+    return log
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_step":
         return _step(argv[1], argv[3:])
     p = argparse.ArgumentParser(prog="python tools/gpu_sessions.py")
-    p.add_argument("session", choices=("check_gpu", "heavy"))
+    p.add_argument("session", choices=("check_gpu", "heavy", "multi_gpu"))
     p.add_argument("--out", default="out", help="reports and the timing summary go here")
     p.add_argument("--work", default=None, help="where the full-size model and its goldens are made (heavy)")
     p.add_argument("--layers", type=int, default=48)
@@ -215,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.session == "check_gpu":
             check_gpu(out, a.store, a.device, log)
+        elif a.session == "multi_gpu":
+            if torch.cuda.device_count() < 2:
+                print("skipped: needs 2 CUDA devices")
+                return 0
+            work = Path(a.work or tempfile.mkdtemp(prefix="moesnap-ep-"))
+            work.mkdir(parents=True, exist_ok=True)
+            multi_gpu(out, work, a.layers, log, n_ranks=torch.cuda.device_count())
         else:
             work = Path(a.work or tempfile.mkdtemp(prefix="moesnap-heavy-"))
             work.mkdir(parents=True, exist_ok=True)
