@@ -208,9 +208,11 @@ def test_no_note_without_a_pyproject_or_without_tolerances_in_it(tiny_path, tmp_
     monkeypatch.chdir(tmp_path)
     code, out, _ = run(["-q", *check_argv(tiny_path)])
     assert code == 0 and "tolerances:" not in out
-    (tmp_path / "pyproject.toml").write_text('[tool.moesnap]\nsnapshot_store = "snaps"\n')
+    (tmp_path / "pyproject.toml").write_text('[tool.moesnap]\nsnapshot_store = "snaps"\n')   # the pytest plugin's
     code, out, _ = run(["-q", *check_argv(tiny_path)])
-    assert code == 0 and "no tolerance settings" in out
+    assert code == 0 and "tolerances:" not in out
+    code, out, _ = run(["-q", *check_argv(tiny_path, "--config", "pyproject.toml")])   # asked for: say it did nothing
+    assert code == 0 and "note: tolerances: " + str(tmp_path / "pyproject.toml") + " has no tolerance settings" in out
 
 
 # ---------------------------------------------------------------- progress before the slow steps

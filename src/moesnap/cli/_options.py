@@ -66,14 +66,16 @@ def load_tolerances(a: argparse.Namespace, profile: str = "default") -> Toleranc
 
 
 def config_note(a: argparse.Namespace) -> str | None:
-    """What the report says about tolerances taken from a config file (None when none applied)."""
+    """What the report says about tolerances taken from a config file: None when none applied, unless
+    --config named a file without any (a [tool.moesnap] holding only, say, the pytest plugin's
+    snapshot_store says nothing)."""
     cfg = config_file(a)
     if cfg is None:
         return None
     settings = _settings(cfg)
     where = cfg.absolute()
     if not settings:
-        return f"tolerances: {where} has no tolerance settings in [tool.moesnap]; the built-in ones apply"
+        return None if not a.config else f"tolerances: {where} has no tolerance settings in [tool.moesnap]; the built-in ones apply"
     shown = ", ".join(settings[:8]) + (f", … ({len(settings) - 8} more)" if len(settings) > 8 else "")
     return (f"tolerances: [tool.moesnap] of {where} applied over the built-in ones "
             f"({len(settings)} setting{'s' if len(settings) != 1 else ''}: {shown})"
