@@ -17,11 +17,37 @@ def cmd_check(a: argparse.Namespace) -> int:
     if a.replay and a.no_replay:
         raise UsageError("--replay and --no-replay contradict each other")
     check_report_outputs(a, a.store)
+    tols = load_tolerances(a, "default" if a.profile == "auto" else a.profile)
+    if a.gpus is not None:
+        return _check_expert_parallel(a, tols)
     report = check(a.model, a.suite, store=a.store, device=a.device, dtype=a.dtype,
                    replay=True if a.replay else False if a.no_replay else None, inject=a.inject,
-                   tols=load_tolerances(a, "default" if a.profile == "auto" else a.profile), router_replay=not a.no_router_replay,
+                   tols=tols, router_replay=not a.no_router_replay,
                    show_progress=not getattr(a, "quiet", False))
     return emit(report, a, f"moesnap check {report.golden}")
+
+
+def _check_expert_parallel(a: argparse.Namespace, tols) -> int:
+    """``--gpus N``: the expert-parallel candidate on N ranks (NCCL on CUDA, gloo on the CPU), started here."""
+    from ..errors import UsageError
+    from ..run.expert_parallel import check_ep
+
+    if a.gpus < 2:
+        raise UsageError(f"--gpus {a.gpus}: expert parallelism needs at least 2 ranks (leave --gpus out for one device)")
+    if a.replay:
+        raise UsageError("--replay is not available with --gpus (each layer is judged by local re-reference)")
+    cuda = a.device.startswith("cuda")
+    if cuda:
+        import torch
+
+        if torch.cuda.device_count() < a.gpus:
+            raise UsageError(f"--gpus {a.gpus}: this host has {torch.cuda.device_count()} CUDA device(s)")
+    report = check_ep(a.model, a.suite, store=a.store, n_ranks=a.gpus, backend="nccl" if cuda else "gloo",
+                      device=a.device, dtype=a.dtype, mode=a.ep_mode, inject=a.inject,
+                      router_replay=not a.no_router_replay, tols=tols, show_progress=not getattr(a, "quiet", False))
+    if report is None:   # a torchrun rank other than 0
+        return 0
+    return emit(report, a, f"moesnap check --gpus {a.gpus} {report.golden}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,5 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-router-replay", action="store_true",
                    help="let the candidate keep its own experts at near ties (a flipped token then goes unjudged "
                         "in later layers, and the verdict may be inconclusive)")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="expert parallel: N ranks, each holding 1/N of every layer's experts, started here (NCCL "
+                        "with --device cuda, gloo on the CPU); or one rank of a torchrun launch")
+    p.add_argument("--ep-mode", choices=("alltoall", "allreduce"), default="alltoall",
+                   help="with --gpus: all-to-all dispatch and combine (default), or every rank runs its experts "
+                        "for all tokens and an all-reduce sums them")
     add_report_options(p)
     p.set_defaults(func=cmd_check)

@@ -377,7 +377,27 @@ def _qwen3_30b_a3b() -> SynthSpec:
     )
 
 
-PRESETS: dict[str, SynthSpec] = {"tiny": _tiny(), "qwen3-30b-a3b": _qwen3_30b_a3b()}
+def _qwen3_235b_a22b() -> SynthSpec:
+    # Shapes of Qwen3-235B-A22B (94 layers, hidden 4096, 128 experts of 1536, top-8, 64 query / 4
+    # key-value heads of 128, rope 1e6 and a 40960 context as released; feed_forward_length 12288),
+    # with the Q4_K_M quant mix of the 30B preset: ~133 GB at 94 layers, ~1.4 GB per layer.
+    return SynthSpec(
+        Qwen3MoeConfig(n_layer=94, hidden=4096, n_head=64, n_head_kv=4, head_dim=128,
+                       n_expert=128, n_expert_used=8, expert_ff=1536, vocab_size=151936,
+                       rope_base=1_000_000.0, rms_eps=1e-6, context_length=40960),
+        dense_ff=12288,
+        qtypes={
+            "token_embd": QT.Q4_K, "output": QT.Q6_K,
+            "attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K, "attn_output": QT.Q4_K,
+            "ffn_gate_exps": QT.Q4_K, "ffn_up_exps": QT.Q4_K, "ffn_down_exps": QT.Q6_K,
+        },
+        down_exps_alternate=QT.Q4_K,
+        seed=0, name="moesnap-qwen3-235b-a22b",
+    )
+
+
+PRESETS: dict[str, SynthSpec] = {"tiny": _tiny(), "qwen3-30b-a3b": _qwen3_30b_a3b(),
+                                 "qwen3-235b-a22b": _qwen3_235b_a22b()}
 
 
 def preset(name: str, *, layers: int | None = None, seed: int | None = None) -> SynthSpec:
