@@ -670,9 +670,13 @@ class Report:
     The verdict is ``fail`` when any stage of any mode fails, ``inconclusive``
     when nothing failed but some (layer, stage, token) the candidate holds was
     judged by no mode, or some case of the golden (``golden_cases``) was not
-    judged at all (the candidate holds no case for it), and ``pass`` only when
-    every cell of every golden case was judged.  ``ignored`` lists, per case,
-    the candidate's arrays that name no stage moesnap knows (not judged).
+    judged at all (the candidate, a set of cases, lacks it), and ``pass`` only
+    when every cell of every golden case was judged.  A candidate that is one
+    case (``single_case``: a case group, or a case in memory, matched to the
+    golden case of its tokens) is judged as that case: its verdict is that
+    case's, and the report names the golden's other cases as not judged.
+    ``ignored`` lists, per case, the candidate's arrays that name no stage
+    moesnap knows (not judged).
     """
 
     cases: list[CaseReport]
@@ -691,6 +695,8 @@ class Report:
     ignored: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: what to do to judge the golden cases not judged
     case_hint: str | None = None
+    #: the candidate is one case, judged as that case (see the class docstring)
+    single_case: bool = False
 
     @property
     def cases_judged(self) -> list[str]:
@@ -707,9 +713,18 @@ class Report:
         left = self.cases_not_judged
         if not left:
             return None
-        return (f"judged {len(self.cases)} of {len(self.golden_cases)} golden cases "
-                f"({', '.join(self.cases_judged) or 'none'}); not judged: {', '.join(left)} "
-                f"(the candidate holds no case for {'it' if len(left) == 1 else 'them'})")
+        which = ", ".join(self.cases_judged) or "none"
+        if self.single_case and len(self.cases) == 1:
+            which += ", the one with the candidate's tokens"
+        return (f"judged {len(self.cases)} of {len(self.golden_cases)} golden cases ({which}); not judged: "
+                f"{', '.join(left)} (the candidate holds no case for {'it' if len(left) == 1 else 'them'})")
+
+    def verdict_line(self) -> str:
+        """``verdict: pass``, saying which case a one-case candidate's verdict is about."""
+        scope = (f" (golden case {self.cases[0].case} only: {len(self.cases_not_judged)} of the golden's "
+                 f"{len(self.golden_cases)} cases not judged)"
+                 if self.single_case and self.cases_not_judged and len(self.cases) == 1 else "")
+        return f"verdict: {self.verdict}{scope}"
 
     def ignored_lines(self) -> list[str]:
         """One line per case whose candidate held arrays naming no stage."""
@@ -763,7 +778,8 @@ class Report:
         """``pass``, ``fail`` or ``inconclusive`` (see the class docstring)."""
         if self.failed:
             return "fail"
-        return "pass" if self.coverage().complete and not self.cases_not_judged else "inconclusive"
+        every_case = self.single_case or not self.cases_not_judged
+        return "pass" if self.coverage().complete and every_case else "inconclusive"
 
     @property
     def passed(self) -> bool:
@@ -799,6 +815,9 @@ class Report:
         reason = self.inconclusive_reason()
         if reason:
             lines.append(reason)
+        cases = self.cases_line()
+        if cases and (self.single_case or reason is None):
+            lines.append(cases)
         return "\n".join(lines)
 
     def first_introduced(self) -> StageResult | None:
@@ -818,7 +837,7 @@ class Report:
                     f"(first: {where})")
             parts.append(text + (f"; to judge them: {self.hint}" if self.hint else ""))
         cases = self.cases_line()
-        if cases:
+        if cases and not self.single_case:
             parts.append(cases + (f"; {self.case_hint}" if self.case_hint else ""))
         return "; ".join(parts) or None
 
@@ -842,7 +861,7 @@ class Report:
             "mode": self.mode,
             "coverage": self.coverage().to_dict(),
             "cases": {"golden": list(self.golden_cases or self.cases_judged), "judged": self.cases_judged,
-                      "not_judged": self.cases_not_judged},
+                      "not_judged": self.cases_not_judged, "single_case": self.single_case},
             "ignored": {case: list(names) for case, names in self.ignored.items() if names},
             "inconclusive": self.inconclusive_reason() if verdict == "inconclusive" else None,
             "results": [r.to_dict() for r in self.results],

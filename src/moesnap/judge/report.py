@@ -138,11 +138,12 @@ def text(report: Report) -> list[str]:
     out.append(coverage_line(report))
     verdict = report.verdict
     cases = report.cases_line()
-    if verdict == "inconclusive":
-        out.append(f"inconclusive: {report.inconclusive_reason()}")
-    elif cases:
+    reason = report.inconclusive_reason() if verdict == "inconclusive" else None
+    if cases and (reason is None or cases not in reason):
         out.append(f"cases: {cases}")
-    out.append(f"verdict: {verdict}")
+    if reason:
+        out.append(f"inconclusive: {reason}")
+    out.append(report.verdict_line())
     return out
 
 

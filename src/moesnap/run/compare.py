@@ -63,36 +63,66 @@ def provenance_model(meta: dict) -> Path | None:
     return None
 
 
-def _candidate_cases(path: str | Path | Case, golden: list[tuple[str, Case]]) -> list[tuple[str, Case, Case]]:
+def _candidate_cases(path: str | Path | Case, golden: list[tuple[str, Case]]
+                     ) -> tuple[list[tuple[str, Case, Case]], list[str], bool]:
+    """The (golden case name, golden case, candidate case) pairs to judge, notes on what of the
+    candidate matched no golden case, and whether the candidate is one case (a case group, sharded or
+    not, or a case in memory) rather than a directory of them.  A golden case the candidate holds
+    nothing for is left out of the pairs (the report names it: ``Report.cases_not_judged``); none at
+    all is an error."""
     path = unshard(path, load_case)   # DIR/sharding.json + DIR/rank<N>/: one case, reassembled (capture/shards.py)
+    names = [n for n, _ in golden]
     if isinstance(path, Case):   # a case in memory (the Python API): the golden case with its tokens
         for name, g in golden:
             if g.tokens.shape == path.tokens.shape and (g.tokens == path.tokens).all():
-                return [(name, g, path)]
+                return [(name, g, path)], [], True
         if len(golden) == 1:
-            return [(golden[0][0], golden[0][1], path)]
-        raise GoldenError(f"the candidate's tokens match none of the golden's cases ({', '.join(n for n, _ in golden)})")
+            return [(golden[0][0], golden[0][1], path)], [], True
+        raise GoldenError(f"the candidate's tokens match none of the golden's cases ({', '.join(names)})")
     p = Path(path)
     if not p.exists():
         raise GoldenError(f"{p}: no such candidate group")
-    if len(golden) == 1 and (p / "tokens").exists() or (p / "tokens" / "zarr.json").exists():
+    if len(golden) == 1 and (p / "tokens").exists() or is_case_group(p):
         cand = load_case(p)
         for name, g in golden:
             if g.tokens.shape == cand.tokens.shape and (g.tokens == cand.tokens).all():
-                return [(name, g, cand)]
+                return [(name, g, cand)], [], True
         if len(golden) == 1:
-            return [(golden[0][0], golden[0][1], cand)]  # compare_cases reports the token mismatch
-        raise GoldenError(f"{p}: its tokens match none of the golden's cases ({', '.join(n for n, _ in golden)})")
-    pairs = []
-    for name, g in golden:
-        sub = p / name
-        if not sub.exists() and not (p / "zarr.json").is_file():
+            return [(golden[0][0], golden[0][1], cand)], [], True  # compare_cases reports the token mismatch
+        raise GoldenError(f"{p}: its tokens match none of the golden's cases ({', '.join(names)})")
+    pairs = [(name, g, load_case(p / name)) for name, g in golden if (p / name).exists()]
+    if not pairs:
+        if not (p / "zarr.json").is_file():
             raise GoldenError(f"{p}: not a Zarr v3 group (no zarr.json), nor a directory of case groups "
-                              f"named like the golden's ({', '.join(n for n, _ in golden)})")
-        if not sub.exists():
-            raise GoldenError(f"{p}: has no case group {name!r} (the golden's cases: {', '.join(n for n, _ in golden)})")
-        pairs.append((name, g, load_case(sub)))
-    return pairs
+                              f"named like the golden's ({', '.join(names)})")
+        raise GoldenError(f"{p}: holds no case group named like the golden's ({', '.join(names)})")
+    other = sorted(q.name for q in p.iterdir() if q.name not in names and (q / "tokens").exists())
+    notes = [f"{p}: case group{'s' if len(other) != 1 else ''} {', '.join(other)} named like no case of the golden "
+             f"({', '.join(names)}): not judged"] if other else []
+    return pairs, notes, False
+
+
+def is_case_group(path: Path) -> bool:
+    """``path`` is one case group (it holds ``tokens``), not a directory of them."""
+    return (path / "tokens" / "zarr.json").exists()
+
+
+def _pick_case(golden: list[tuple[str, Case]], case: str | None, spec: str) -> list[tuple[str, Case]]:
+    """The golden's cases, or only ``case``."""
+    if case is None:
+        return golden
+    found = [(n, c) for n, c in golden if n == case]
+    if not found:
+        raise UsageError(f"--case {case!r}: {spec} holds no such case (it holds: {', '.join(n for n, _ in golden)})")
+    return found
+
+
+def _case_hint(left: list[str]) -> str | None:
+    """How to judge the golden cases a directory of case groups lacks."""
+    if not left:
+        return None
+    return (f"to judge {'it' if len(left) == 1 else 'them'}, run the engine on {'its' if len(left) == 1 else 'their'} "
+            f"tokens too and add a case group named like {'it' if len(left) == 1 else 'each'}")
 
 
 def _check_judgeable(name: str, cand: Case, where: str) -> None:
@@ -107,7 +137,7 @@ def _check_judgeable(name: str, cand: Case, where: str) -> None:
 def compare(golden: str, candidate: str | Path | Case, *, store: str | None = None,
             tols: Tolerances | Callable[[str], Tolerances] | None = None, profile: str | None = None,
             model: str | Path | None = None, local: bool = True, allow_missing: bool = False,
-            dtype: str | None = None, show_progress: bool = True) -> Report:
+            dtype: str | None = None, show_progress: bool = True, case: str | None = None) -> Report:
     """Judge the dump at ``candidate`` (a case group, a group of case groups named like the golden's, or a
     :class:`~moesnap.case.Case` in memory) against ``golden`` (``NAME[@vNNNN]`` in ``store``, or a case
     group path).
@@ -116,6 +146,13 @@ def compare(golden: str, candidate: str | Path | Case, *, store: str | None = No
     >>> report = moesnap.compare("tiny", "my_engine.zarr", store="goldens", allow_missing=True)
     >>> report.passed, report.first_divergence
     (True, None)
+
+    One case (a case group, a :class:`~moesnap.case.Case`) is judged against the golden case with its
+    tokens, and the report names the golden's other cases as not judged (``Report.cases_not_judged``;
+    the verdict is that case's).  A directory of case groups stands for the whole golden: a golden case
+    it lacks is named, and the verdict is then ``inconclusive`` at best, never a ``pass`` of the suite.
+    ``case`` judges that one golden case alone.  Arrays of the candidate that name no stage are listed
+    (``Report.ignored``), not judged.
 
     ``model``: the golden's model file, for local re-reference (:mod:`moesnap.run.rereference`);
     without it, and with ``local``, the model file the golden's provenance records is used where it
@@ -133,7 +170,8 @@ def compare(golden: str, candidate: str | Path | Case, *, store: str | None = No
     from .rereference import local_reference
 
     meta, gold = resolve_golden_meta(golden, store)
-    pairs = _candidate_cases(candidate, gold)
+    gold = _pick_case(gold, case, golden)
+    pairs, case_notes, single = _candidate_cases(candidate, gold)
     where = (str(candidate.attrs.get("producer") or candidate.attrs.get("engine") or "a case in memory")
              if isinstance(candidate, Case) else str(candidate))
     for name, _, c in pairs:
@@ -148,7 +186,9 @@ def compare(golden: str, candidate: str | Path | Case, *, store: str | None = No
         tols = tols(chosen)
     if model is not None and not local:
         raise UsageError("--model and --no-local contradict each other")
-    notes: list[str] = []
+    notes: list[str] = list(case_notes)
+    if case is not None:
+        notes.append(f"judging golden case {case} alone (--case)")
     if chosen == "ggml":
         why = "" if profile else f" (the candidate's engine is {engine})"
         notes.append(f"tolerance profile ggml{why}: free-running tolerances admit 8-bit activation rounding "
@@ -189,6 +229,10 @@ def compare(golden: str, candidate: str | Path | Case, *, store: str | None = No
     if ggm is None:
         hint = (f"moesnap compare {golden} {where} --model MODEL.gguf (the golden's model file: the "
                 f"reference then judges every layer from the engine's own input)")
+    judged = [name for name, _, _ in pairs]
+    left = [name for name, _ in gold if name not in judged]
     return Report(cases=cases, golden=golden, candidate=where, dtype=dtype or "float32",
                   mode="free-running" + (" + local re-reference" if ggm is not None else ""),
-                  replay=per_layer or None, replay_kind="local", notes=notes, hint=hint)
+                  replay=per_layer or None, replay_kind="local", notes=notes, hint=hint,
+                  golden_cases=tuple(name for name, _ in gold), ignored={n: c.ignored for n, _, c in pairs},
+                  case_hint=None if single else _case_hint(left), single_case=single)
