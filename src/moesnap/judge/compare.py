@@ -808,7 +808,8 @@ class Report:
         judged 3825 of 3825 (layer, stage, token) cells
         """
         cov = self.coverage()
-        lines = [f"{self.verdict}: golden {self.golden}, candidate {self.candidate} ({self.dtype})"]
+        cand = self.candidate if self.dtype in self.candidate else f"{self.candidate} ({self.dtype})"
+        lines = [f"{self.verdict}: golden {self.golden}, candidate {cand}"]
         fd = self.first_divergence
         if fd is not None:
             lines.append(f"first divergence: {fd.explain()}")
