@@ -27,6 +27,7 @@ the spec as the user gave it (:attr:`Injection.option`).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
@@ -55,7 +56,7 @@ SCALABLE_STAGES: tuple[str, ...] = tuple(s for s in LAYER_STAGES if s not in INT
 
 
 @dataclass(frozen=True)
-class Injection:
+class Injection(ABC):
     """Base of all planted faults: the layer it hits; ``given``, the spec as the user wrote it
     (:func:`parse_inject` keeps it; it takes no part in equality)."""
 
@@ -63,18 +64,19 @@ class Injection:
     given: str | None = field(default=None, compare=False, repr=False, kw_only=True)
 
     @property
+    @abstractmethod
     def kind(self) -> str:
-        raise NotImplementedError
+        """The fault's name in ``--inject`` syntax (``nan``, ``qtype``, ``scale``, ``route``)."""
 
     @property
+    @abstractmethod
     def target_stage(self) -> str:
         """The first stage (in computation order) whose value the fault changes."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def spec(self) -> str:
         """The fault as ``--inject`` syntax (round-trips through :func:`parse_inject`)."""
-        raise NotImplementedError
 
     @property
     def option(self) -> str:

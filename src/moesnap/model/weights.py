@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -85,7 +86,7 @@ class ExpertBank:
                 torch.from_numpy(down).to(self.dtype))
 
 
-class ModelWeights:
+class ModelWeights(ABC):
     """What the forwards need of a model file: its config, each tensor's type, shape and stored data,
     and lazy dequantization.  :class:`GGUFModel` (a GGUF file) and
     :class:`~moesnap.model.checkpoint.CheckpointModel` (an HF checkpoint directory) implement it; the
@@ -97,41 +98,44 @@ class ModelWeights:
     kind: str = "model"
 
     # -- per format -----------------------------------------------------------
+    @abstractmethod
     def qtypes(self) -> dict[str, str]:
         """Stored type name of every tensor, e.g. {'blk.0.ffn_down_exps': 'Q6_K'}."""
-        raise NotImplementedError
 
+    @abstractmethod
     def tensor_type(self, name: str) -> GGMLQuantizationType:
-        raise NotImplementedError
+        """The stored type of tensor ``name``."""
 
+    @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The logical (numpy) shape of tensor ``name``."""
 
+    @abstractmethod
     def raw(self, name: str) -> tuple[GGMLQuantizationType, np.ndarray]:
         """(type, data as stored): uint8 blocks for quantized types, typed array otherwise."""
-        raise NotImplementedError
 
-    def release_tensor(self, name: str) -> None:
+    def release_tensor(self, name: str) -> None:  # noqa: B027 -- optional: formats without mapped pages keep it
         """Drop the tensor's mapped pages from this process (they stay in the page cache)."""
 
+    @abstractmethod
     def dense(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raise NotImplementedError
+        """Tensor ``name`` dequantized on the host, in ``dtype``."""
 
+    @abstractmethod
     def rows(self, name: str, rows: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Selected rows of a 2-D tensor (the embedding for a prompt's tokens)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def row_chunks(self, name: str, chunk: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
         """A 2-D tensor dequantized ``chunk`` rows at a time (the lm head)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def expert_matrix(self, layer: int, tensor: str, e: int) -> np.ndarray:
         """Expert ``e``'s matrix of ``blk.<layer>.<tensor>`` as float32."""
-        raise NotImplementedError
 
+    @abstractmethod
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the model's bytes in provenance: ``file``, ``path``, ``size``, ``sha256``."""
-        raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------
     def on_device(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:

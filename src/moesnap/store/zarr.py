@@ -145,9 +145,9 @@ class ZarrGoldenStore(GoldenStore):
                 raise UsageError(f"{name}={value!r} must be ≥ 0")
         self.write_delay, self.read_delay = float(write_delay), float(read_delay)
 
+    @abstractmethod
     def _zstore(self):
         """A read-only zarr store at the root."""
-        raise NotImplementedError
 
     def _raw_case_dir(self, suite: str, version: str, case: str) -> Path | None:
         """A local directory whose chunk files may be read directly (None: go through zarr)."""

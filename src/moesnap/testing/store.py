@@ -56,20 +56,20 @@ class StoreConformance:
 
     @pytest.fixture
     def store(self) -> GoldenStore:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__}: a conformance subclass defines the `store` fixture")
 
     # what a test cannot do through the interface
     def flip_bit(self, store: GoldenStore, suite: str, version: str, case: str, path: str) -> None:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__}: a conformance subclass defines flip_bit for its store")
 
     def remove_array(self, store: GoldenStore, suite: str, version: str, case: str, path: str) -> None:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__}: a conformance subclass defines remove_array for its store")
 
     def crash(self, store: GoldenStore, writer: VersionWriter) -> None:
         """The writer's process dies mid-write (its leftovers stay).  The test drops its last
         reference to ``writer`` right after: for a store that lives in the process (memory),
         that alone is the crash."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__}: a conformance subclass defines crash for its store")
 
     stale_after = 24 * 3600.0   # what prune needs to judge a crashed writer dead
 
