@@ -120,7 +120,7 @@ def test_diff_identical_changed_and_json(root, tiny_path, tmp_path, capsys):
     capsys.readouterr()
     assert main(["-q", "goldens", "diff", "tiny@v0001", "tiny@v0002", "--store", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "identical: all" in out and "changed" not in out
+    assert "identical: all 225 stages bit for bit" in out and "\nchanged:" not in out
     report = tmp_path / "diff.json"
     assert main(["-q", "goldens", "diff", "tiny@v0001", "tiny", "--store", str(root), "--json", str(report)]) == 1
     out = capsys.readouterr().out
@@ -128,12 +128,13 @@ def test_diff_identical_changed_and_json(root, tiny_path, tmp_path, capsys):
     d = json.loads(report.read_text())
     assert d["a"] == "tiny@v0001" and d["b"] == "tiny@v0003" and d["verdict"] == "changed"
     changed = [r for r in d["results"] if not r["identical"]]
-    assert changed and d["n_changed"] == len(changed)
+    assert changed and d["n_changed"] == len([r for r in changed if r["changed"]])
     # float64 against float32 is float noise: the classifier calls every changed stage MATCH
     assert {r["verdict"] for r in changed} == {"MATCH"}, {(r["stage"], r["verdict"]) for r in changed}
     assert all(r["metrics"]["max_abs"] < 1e-3 for r in changed)
-    # embed only changed dtype (a float32 table read exactly); everything computed after it moved
+    # embed only changed dtype (a float32 table read exactly): not a change; everything computed after it moved
     assert {r["stage"] for r in changed if r["metrics"]["max_abs"] == 0} == {"embed"}
+    assert {r["stage"] for r in changed if not r["changed"]} == {"embed"} and d["n_dtype_only"] == 3
 
 
 def test_diff_names_a_planted_change(root, capsys):

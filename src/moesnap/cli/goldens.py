@@ -82,7 +82,7 @@ def cmd_diff(a: argparse.Namespace) -> int:
         check_output_file(a.json, force=a.force, option="--json", store=a.store or DEFAULT_ROOT)
     with _store(a) as st:
         rep = diff(st.resolve(a.a), st.resolve(a.b), show_progress=_progress(a))
-    for line in diff_lines(rep):
+    for line in diff_lines(rep, details=a.details):
         print(line)
     if a.json:
         write_json(rep.to_dict(), a.json)
@@ -108,7 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..run.prompts import TOKENIZER_HELP
 
     g = sub.add_parser("goldens", help="versioned golden snapshots: generate, list, show, diff, prune")
-    gsub = g.add_subparsers(dest="goldens_command", required=True, parser_class=type(g))
+    gsub = g.add_subparsers(dest="goldens_command", required=True, parser_class=type(g), metavar="COMMAND",
+                            help="generate | list | show | diff | prune")
     store_help = "golden store root: a directory (default goldens/) or s3://bucket/prefix"
 
     p = gsub.add_parser("generate", help="run the reference forward and publish a new immutable version")
@@ -127,23 +128,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", help=store_help)
     p.set_defaults(func=cmd_list)
 
-    p = gsub.add_parser("show", help="provenance, cases and stages of a version (verifies its checksums)")
-    p.add_argument("ref", metavar="NAME[@vNNNN]")
+    p = gsub.add_parser("show", help="provenance, tensor types by layer, cases and stages of a version "
+                                     "(verifies its checksums)",
+                        epilog="example (from the repository root, on the bundled goldens of the bundled "
+                               "model): moesnap goldens show tiny; its 'inject:' line is a --inject qtype "
+                               "spec for moesnap check that fires on that model")
+    p.add_argument("ref", metavar="NAME[@vNNNN]", help="a suite (its newest version) or one version of it")
     p.add_argument("--store", help=store_help)
     p.add_argument("--no-verify", action="store_true", help="do not read the arrays to verify their checksums")
     p.set_defaults(func=cmd_show)
 
     p = gsub.add_parser("diff", help="which stages changed between two versions, judged by the classifier "
                                      "(exit 0 identical, 1 changed)")
-    p.add_argument("a", metavar="NAME@vA")
-    p.add_argument("b", metavar="NAME@vB")
+    p.add_argument("a", metavar="NAME@vA", help="the older version (the golden side of the comparison)")
+    p.add_argument("b", metavar="NAME@vB", help="the newer version (NAME alone: the newest)")
     p.add_argument("--store", help=store_help)
-    p.add_argument("--json", metavar="PATH", help="write the diff as JSON here")
+    p.add_argument("--details", action="store_true",
+                   help="every provenance key that differs and one line per changed stage (default: a summary per case)")
+    p.add_argument("--json", metavar="PATH", help="write the diff as JSON here (every stage, whatever --details)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_diff)
 
     p = gsub.add_parser("prune", help="delete old versions (never the newest) and dead unpublished leftovers")
-    p.add_argument("suite", metavar="NAME")
+    p.add_argument("suite", metavar="NAME", help="the suite whose old versions to delete")
     p.add_argument("--keep", type=int, required=True, help="how many of the newest versions to keep (≥ 1)")
     p.add_argument("--store", help=store_help)
     p.add_argument("--stale-after", type=float, metavar="SECONDS",

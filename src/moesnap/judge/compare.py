@@ -98,9 +98,9 @@ def margins(res: Result, tol: Tolerance | None, *, exact: bool = False,
         out.append(Margin("elementwise", m.closeness, f"frac_outside {_pct(m.frac_outside)} > max_frac_outside "
                           f"{_pct(tol.max_frac_outside)} (atol={tol.atol:g}, rtol={tol.rtol:g})"))
     elif m.closeness > 1.0:
-        worst = "NaN/Inf among them" if out and math.isinf(m.closeness) else f"the worst {m.closeness:.3g}x"
-        out.append(Margin("elementwise", m.closeness, f"{m.n_outside} of {m.n} elements beyond atol+rtol·|g| "
-                          f"(atol={tol.atol:g}, rtol={tol.rtol:g}; {worst})"))
+        worst = "NaN/Inf among them" if out and math.isinf(m.closeness) else f"the worst {m.closeness:.3g}×"
+        out.append(Margin("elementwise", m.closeness, f"{m.n_outside} of {m.n} elements beyond atol+rtol·|g|, "
+                          f"{worst} (atol={tol.atol:g}, rtol={tol.rtol:g})"))
     else:
         out.append(Margin("elementwise", m.closeness, f"|c-g| at {m.closeness:.2g} of atol+rtol·|g| "
                           f"(atol={tol.atol:g}, rtol={tol.rtol:g}"

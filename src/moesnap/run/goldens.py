@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import GoldenError, UsageError
 from ..judge.classify import Verdict
+from ..judge.compare import Margin
 from ..store import GoldenStore, GoldenVersion, PruneResult, validate_suite
 from ..stages import GOLDEN_DTYPES
 from ..util import printable, progress, write_text_atomic
@@ -141,6 +142,7 @@ def show_lines(v: GoldenVersion, *, verify: bool = True, show_progress: bool = T
     ]
     if m.get("command"):
         lines.append(f"  command:  {m['command']}")
+    lines += tensor_type_lines(qtypes, suite=v.ref, model=_model_file(model))
     names = v.case_names()
     for name in progress(names, desc=f"{v.ref}: verify", enabled=verify and show_progress):
         info = v.case_info(name)
@@ -164,6 +166,81 @@ def show_lines(v: GoldenVersion, *, verify: bool = True, show_progress: bool = T
     return [printable(line) for line in lines]   # provenance is input: no control characters to the terminal
 
 
+def tensor_type_lines(qtypes: Mapping[str, Any], *, suite: str = "NAME", model: str = "MODEL") -> list[str]:
+    """Each tensor's type, layer by layer (what ``--inject qtype:layer=L,tensor=NAME,as=TYPE`` can target):
+    the whole-model tensors, the layer tensors of one type in every layer, then a row per run of layers
+    that agree, and a ``--inject`` example that would fire (a tensor read as another type than its own,
+    Q6_K read as Q4_K where there is one: the seed engine's real bug)."""
+    whole: dict[str, str] = {}
+    layers: dict[int, dict[str, str]] = {}
+    for name, q in qtypes.items():
+        name = name.removesuffix(".weight")
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+            layers.setdefault(int(parts[1]), {})[parts[2]] = str(q)
+        else:
+            whole[name] = str(q)
+    if not whole and not layers:
+        return []
+    out = ["  tensors:  " + ", ".join(f"{n} {q}" for n, q in whole.items())] if whole else []
+    if not layers:
+        return out
+    names = list(dict.fromkeys(n for lay in sorted(layers) for n in layers[lay]))
+    fixed = [n for n in names if len({layers[lay].get(n) for lay in layers}) == 1]
+    varying = [n for n in names if n not in fixed]
+    by_type: dict[str, list[str]] = {}
+    for n in fixed:
+        by_type.setdefault(layers[min(layers)][n], []).append(n)
+    for i, (q, ns) in enumerate(by_type.items()):
+        out.append(("  layers:   " if i == 0 else " " * 12) + f"{q} in every layer: {', '.join(ns)}")
+    if varying:
+        width = {n: max(len(n), *(len(layers[lay].get(n, "-")) for lay in layers)) for n in varying}
+        out.append(("  layers:   " if not by_type else " " * 12) + "layer  " + "  ".join(f"{n:<{width[n]}}" for n in varying))
+        order = sorted(layers)
+        i = 0
+        while i < len(order):
+            j = i
+            row = [layers[order[i]].get(n, "-") for n in varying]
+            while j + 1 < len(order) and [layers[order[j + 1]].get(n, "-") for n in varying] == row:
+                j += 1
+            span = str(order[i]) if i == j else f"{order[i]}-{order[j]}"
+            out.append(" " * 12 + f"{span:<6} " + "  ".join(f"{q:<{width[n]}}" for n, q in zip(varying, row)).rstrip())
+            i = j + 1
+    target = _inject_example(layers)
+    if target is not None:
+        layer, tensor, own, other = target
+        out.append(f"  inject:   e.g. moesnap check {model} --suite {suite} --inject "
+                   f"qtype:layer={layer},tensor={tensor},as={other.lower()}  ({own} read as {other})")
+    return out
+
+
+def _model_file(meta: Mapping[str, Any]) -> str:
+    """Where a golden's model file is for a command line: the bundled copy when it is one (same name and
+    size; relative to the current directory where it lies below it), else its recorded name."""
+    name = str(meta.get("file") or "MODEL")
+    bundled = Path(__file__).resolve().parents[1] / "data" / Path(name).name
+    try:
+        if bundled.is_file() and bundled.stat().st_size == meta.get("size"):
+            return str(bundled.relative_to(Path.cwd().resolve()) if bundled.is_relative_to(Path.cwd().resolve())
+                       else bundled)
+    except OSError:
+        pass
+    return name
+
+
+def _inject_example(layers: Mapping[int, Mapping[str, str]]) -> tuple[int, str, str, str] | None:
+    """(layer, tensor, its type, another type) for a ``--inject qtype`` that would fire: a Q6_K tensor read
+    as Q4_K where there is one, else a quantized expert tensor read as Q4_K (Q8_0 if it is Q4_K)."""
+    for want in ("Q6_K", None):
+        for lay in sorted(layers):
+            for tensor in ("ffn_down_exps", "ffn_up_exps", "ffn_gate_exps"):
+                q = layers[lay].get(tensor)
+                if q is None or q.upper() in ("F32", "F16", "BF16") or want is not None and q.upper() != want:
+                    continue
+                return lay, tensor, q, "Q8_0" if q.upper() == "Q4_K" else "Q4_K"
+    return None
+
+
 def _shape(info: Mapping[str, Any], skip: int = 0) -> str:
     shape = list(info.get("shape") or [])[skip:]
     dt = str(info.get("dtype", ""))
@@ -175,6 +252,9 @@ def _shape(info: Mapping[str, Any], skip: int = 0) -> str:
 
 @dataclass(frozen=True)
 class StageChange:
+    """One stage of one case in two versions: ``identical`` bit for bit; ``same_values`` the same shape
+    and values (NaN where NaN), perhaps stored in another dtype; ``changed`` when the values differ."""
+
     case: str
     layer: int | None
     stage: str
@@ -182,14 +262,24 @@ class StageChange:
     verdict: Verdict
     metrics: dict | None
     detail: str = ""
+    same_values: bool = False
+    #: the rule closest to failing, or the one that failed (``moesnap.judge.compare.Margin``)
+    worst: Margin | None = None
+    dtypes: tuple[str, str] = ("", "")
 
     @property
     def passed(self) -> bool:
         return self.verdict.passed
 
+    @property
+    def changed(self) -> bool:
+        return not (self.identical or self.same_values)
+
     def to_dict(self) -> dict:
         return {"case": self.case, "layer": self.layer, "stage": self.stage, "identical": self.identical,
-                "verdict": self.verdict.name, "metrics": self.metrics, "detail": self.detail}
+                "changed": self.changed, "dtypes": list(self.dtypes),
+                "verdict": self.verdict.name, "metrics": self.metrics, "detail": self.detail,
+                "worst": None if self.worst is None else self.worst.to_dict()}
 
 
 @dataclass
@@ -202,7 +292,8 @@ class DiffReport:
 
     @property
     def changed(self) -> list[StageChange]:
-        return [s for s in self.stages if not s.identical]
+        """The stages whose values changed (a stage stored in another dtype with the same values has not)."""
+        return [s for s in self.stages if s.changed]
 
     @property
     def any_changed(self) -> bool:
@@ -214,6 +305,7 @@ class DiffReport:
             "verdict": "changed" if self.any_changed else "identical",
             "n_stages": len(self.stages),
             "n_changed": len(self.changed),
+            "n_dtype_only": sum(1 for s in self.stages if s.same_values and not s.identical),
             "n_beyond_tolerance": sum(1 for s in self.changed if not s.passed),
             "provenance": [{"key": k, "a": x, "b": y} for k, x, y in self.provenance],
             "case_notes": list(self.case_notes),
@@ -235,6 +327,17 @@ def _bitwise_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return a.shape == b.shape and a.dtype == b.dtype and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+def _same_values(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """The same shape and values, whatever the dtypes (NaN where NaN)."""
+    if a is None or b is None:
+        return a is None and b is None
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind in "biu" and b.dtype.kind in "biu":
+        return bool(np.array_equal(a, b))
+    return bool(np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True))
 
 
 def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool = True) -> DiffReport:
@@ -266,45 +369,84 @@ def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool
             continue
         report = compare_cases(ca, cb, tols, dtype=dtype, name=name)
         for r in report.results:
-            same = _bitwise_equal(ca.stage(r.stage, r.layer), cb.stage(r.stage, r.layer))
+            a, b = ca.stage(r.stage, r.layer), cb.stage(r.stage, r.layer)
+            same = _bitwise_equal(a, b)
+            stored = (str(a.dtype) if a is not None else "-", str(b.dtype) if b is not None else "-")
             rep.stages.append(StageChange(name, r.layer, r.stage, same, r.verdict,
                                           r.result.metrics.to_dict() if r.result.metrics else None,
-                                          r.result.detail))
+                                          r.result.detail, same or _same_values(a, b), r.worst, stored))
     return rep
 
 
-def diff_lines(rep: DiffReport) -> list[str]:
+def diff_lines(rep: DiffReport, *, details: bool = False) -> list[str]:
+    """A compact summary: provenance that changed, one line per case (how many stages changed, whether
+    any beyond tolerance, the first such or the largest change), a total.  ``details``: every
+    provenance key and one line per changed stage."""
     lines = [f"{rep.a} -> {rep.b}"]
-    for k, x, y in rep.provenance:
-        lines.append(f"  provenance {k}: {_short(x)} -> {_short(y)}")
+    if details:
+        lines.extend(f"  provenance {k}: {_short(x)} -> {_short(y)}" for k, x, y in rep.provenance)
+    elif len(rep.provenance) <= 2 and all(len(_short(x) + _short(y)) <= 40 for _, x, y in rep.provenance):
+        lines.extend(f"  provenance {k}: {_short(x)} -> {_short(y)}" for k, x, y in rep.provenance)
+    elif rep.provenance:
+        keys = [k for k, _, _ in rep.provenance]
+        lines.append(f"  provenance: {len(keys)} keys differ: {', '.join(keys[:6])}"
+                     + (", …" if len(keys) > 6 else "") + " (values: --details)")
     lines.extend(f"  {n}" for n in rep.case_notes)
     by_case: dict[str, list[StageChange]] = {}
     for s in rep.stages:
         by_case.setdefault(s.case, []).append(s)
     for case, stages in by_case.items():
-        changed = [s for s in stages if not s.identical]
+        changed = [s for s in stages if s.changed]
+        dtype_only = sum(1 for s in stages if s.same_values and not s.identical)
+        other = f"; {dtype_only} other in dtype only" if dtype_only else ""
         if not changed:
-            lines.append(f"  case {case}: all {len(stages)} stages identical")
+            lines.append(f"  case {case}: all {len(stages)} stages unchanged{other}")
             continue
-        lines.append(f"  case {case}: {len(changed)} of {len(stages)} stages changed")
-        for s in changed:
-            where = "model" if s.layer is None else f"layer {s.layer}"
-            m = s.metrics or {}
-            lines.append(f"    {where:>9} {s.stage:<14} {s.verdict.name:<14} max_abs {_num(m.get('max_abs'))}  "
-                         f"rel_l2 {_num(m.get('rel_l2'))}  cosine {_num(m.get('cosine'))}"
-                         + (f"  ({s.detail})" if s.detail else ""))
-    n, beyond = len(rep.changed), sum(1 for s in rep.changed if not s.passed)
+        beyond = [s for s in changed if not s.passed]
+        if beyond:
+            head = f"{len(beyond)} beyond tolerance, the first: {_stage_text(beyond[0], why=True)}"
+        else:
+            big = max(changed, key=lambda s: s.worst.ratio if s.worst is not None else 0.0)
+            where = ("" if big.layer is None else f"layer {big.layer} ") + big.stage
+            head = (f"none beyond tolerance (closest: {where}, {_num(big.worst.ratio)} of it)" if big.worst is not None
+                    else "none beyond tolerance")
+        lines.append(f"  case {case}: {len(changed)} of {len(stages)} stages changed, {head}{other}")
+        if details:
+            for s in changed + [s for s in stages if s.same_values and not s.identical]:
+                lines.append("    " + _stage_text(s, why=not s.passed, metrics=True))
+    n, beyond_n = len(rep.changed), sum(1 for s in rep.changed if not s.passed)
     if rep.any_changed:
-        lines.append(f"changed: {n} stage(s), {beyond} beyond tolerance" +
-                     (f", {len(rep.case_notes)} case difference(s)" if rep.case_notes else ""))
+        lines.append(f"changed: {n} stage(s), {beyond_n} beyond tolerance" +
+                     (f", {len(rep.case_notes)} case difference(s)" if rep.case_notes else "")
+                     + ("" if details or not rep.changed else " (each stage: --details)"))
     else:
-        lines.append(f"identical: all {len(rep.stages)} stages bit for bit")
+        same = sum(1 for s in rep.stages if s.identical)
+        lines.append(f"identical: all {len(rep.stages)} stages bit for bit" if same == len(rep.stages) else
+                     f"unchanged: all {len(rep.stages)} stages hold the same values ({same} bit for bit)")
     return [printable(line) for line in lines]
 
 
-def _short(x: Any) -> str:
+def _stage_text(s: StageChange, *, why: bool, metrics: bool = False) -> str:
+    """``layer 2 moe_out DIVERGE (frac_outside …)``; with ``metrics`` the size of the change."""
+    where = "" if s.layer is None else f"layer {s.layer} "
+    if s.same_values and not s.identical:
+        return f"{where}{s.stage}: same values, dtype {s.dtypes[0]} -> {s.dtypes[1]}"
+    text = f"{where}{s.stage} {s.verdict.name}"
+    w = s.worst
+    if metrics:
+        m = s.metrics or {}
+        text = (f"{where:>9}{s.stage:<14} {s.verdict.name:<14} max_abs {_num(m.get('max_abs'))}  "
+                f"rel_l2 {_num(m.get('rel_l2'))}  cosine {_num(m.get('cosine'))}")
+        if w is not None and s.passed:
+            text += f"  {_num(w.ratio)} of tolerance"
+    if w is not None and (why or not s.passed):
+        text += f" ({w.text})" if not s.passed else ("" if metrics else f" ({_num(w.ratio)} of tolerance, {w.rule})")
+    return text
+
+
+def _short(x: Any, width: int = 80) -> str:
     text = json.dumps(x, ensure_ascii=False) if not isinstance(x, str) else x
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _num(x: Any) -> str:
