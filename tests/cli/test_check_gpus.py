@@ -43,3 +43,13 @@ def test_the_235b_preset_has_the_released_models_shapes():
     assert (c.n_layer, c.hidden, c.n_head, c.n_head_kv, c.head_dim) == (3, 4096, 64, 4, 128)
     assert (c.n_expert, c.n_expert_used, c.expert_ff, c.vocab_size) == (128, 8, 1536, 151936)
     assert preset("qwen3-235b-a22b").config.n_layer == 94
+
+
+def test_compare_case_judges_one_named_golden_case(capsys, tmp_path):
+    out = tmp_path / "c.zarr"
+    assert main(["-q", "trace", str(tiny_path()), "--tokens", "1,2,3,259,260,271,42,7", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "compare", "tiny", str(out), "--store", GOLDENS, "--case", "case2"]) == 0
+    assert "verdict: pass" in capsys.readouterr().out
+    assert main(["-q", "compare", "tiny", str(out), "--store", GOLDENS, "--case", "case9"]) == 2
+    assert "tiny holds no such case" in capsys.readouterr().err

@@ -16,7 +16,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     report = compare(a.golden, a.candidate, store=a.store, tols=lambda profile: load_tolerances(a, profile),
                      profile=None if a.profile == "auto" else a.profile, model=a.model,
                      local=not a.no_local, allow_missing=a.allow_missing, dtype=a.dtype,
-                     show_progress=not getattr(a, "quiet", False))
+                     show_progress=not getattr(a, "quiet", False), case=a.case)
     return emit(report, a, "moesnap compare")
 
 
@@ -33,5 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "input and judge the error each layer introduces (default: the model file the golden "
                         "records, where it is found with the same sha256)")
     p.add_argument("--no-local", action="store_true", help="judge free-running only, even where the model is found")
+    p.add_argument("--case", metavar="NAME",
+                   help="judge the candidate against this one golden case (default: the case with the candidate's "
+                        "tokens, or every case for a directory of case groups)")
     add_report_options(p)
     p.set_defaults(func=cmd_compare)
