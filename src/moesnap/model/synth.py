@@ -357,6 +357,15 @@ def _tiny() -> SynthSpec:
     )
 
 
+# the quant mix of a Q4_K_M file: Q4_K almost everywhere, Q6_K for attn_v, output and half of
+# ffn_down_exps (the other half Q4_K: ``down_exps_alternate``)
+Q4_K_M: dict[str, QT] = {
+    "token_embd": QT.Q4_K, "output": QT.Q6_K,
+    "attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K, "attn_output": QT.Q4_K,
+    "ffn_gate_exps": QT.Q4_K, "ffn_up_exps": QT.Q4_K, "ffn_down_exps": QT.Q6_K,
+}
+
+
 def _qwen3_30b_a3b() -> SynthSpec:
     # Shapes of Qwen3-30B-A3B / Qwen3-Coder-30B-A3B (rope 1e7 and 262144 context as the
     # 2507 and Coder releases; Coder's GGUF says feed_forward_length 5472, the others 6144);
@@ -367,12 +376,7 @@ def _qwen3_30b_a3b() -> SynthSpec:
                        n_expert=128, n_expert_used=8, expert_ff=768, vocab_size=151936,
                        rope_base=10_000_000.0, rms_eps=1e-6, context_length=262144),
         dense_ff=6144,
-        qtypes={
-            "token_embd": QT.Q4_K, "output": QT.Q6_K,
-            "attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K, "attn_output": QT.Q4_K,
-            "ffn_gate_exps": QT.Q4_K, "ffn_up_exps": QT.Q4_K, "ffn_down_exps": QT.Q6_K,
-        },
-        down_exps_alternate=QT.Q4_K,
+        qtypes=dict(Q4_K_M), down_exps_alternate=QT.Q4_K,
         seed=0, name="moesnap-qwen3-30b-a3b",
     )
 
@@ -386,12 +390,7 @@ def _qwen3_235b_a22b() -> SynthSpec:
                        n_expert=128, n_expert_used=8, expert_ff=1536, vocab_size=151936,
                        rope_base=1_000_000.0, rms_eps=1e-6, context_length=40960),
         dense_ff=12288,
-        qtypes={
-            "token_embd": QT.Q4_K, "output": QT.Q6_K,
-            "attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K, "attn_output": QT.Q4_K,
-            "ffn_gate_exps": QT.Q4_K, "ffn_up_exps": QT.Q4_K, "ffn_down_exps": QT.Q6_K,
-        },
-        down_exps_alternate=QT.Q4_K,
+        qtypes=dict(Q4_K_M), down_exps_alternate=QT.Q4_K,
         seed=0, name="moesnap-qwen3-235b-a22b",
     )
 
