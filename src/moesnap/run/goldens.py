@@ -105,7 +105,10 @@ def list_suites(store: GoldenStore) -> list[SuiteInfo]:
 
 
 def describe(meta: Mapping[str, Any]) -> str:
-    """One line: model file, dtype, case count, creation time."""
+    """One line: model file, dtype, case count, creation time (for a pytest snapshot: its test)."""
+    if meta.get("kind") == "moesnap_snapshot":
+        return printable(f"pytest snapshot of {meta.get('test', '?')}, {len(meta.get('cases') or [])} check(s), "
+                         f"{meta.get('created', '?')}")
     model = meta.get("model") or {}
     return printable(f"{model.get('file', '?')} ({str(model.get('sha256', '?'))[:12]}), {meta.get('dtype', '?')}, "
             f"{len(meta.get('cases') or [])} case(s), {meta.get('created', '?')}")
@@ -120,8 +123,27 @@ def describe_tokenizer(made_by: Any) -> str:
     return printable(f"{kind} {detail}" if detail else str(kind))
 
 
+def _snapshot_lines(v: GoldenVersion, *, verify: bool) -> list[str]:
+    """``goldens show`` of a pytest snapshot suite: its test, and each check's named arrays."""
+    m = v.meta
+    lines = [f"{v.ref}  ({v.where})", f"  pytest snapshot of {m.get('test', '?')}   created {m.get('created')}",
+             f"  regenerate: {m.get('command', '?')}"]
+    for name in v.case_names():
+        info = v.case_info(name)
+        if verify:
+            v.read_arrays(name, verify=True)
+        arrays = info.get("arrays") or {}
+        lines.append(f"  {name}: " + "  ".join(
+            f"{p.removeprefix('arrays/')} {a.get('dtype')} {list(a.get('shape') or [])}" for p, a in arrays.items()))
+    if verify:
+        lines.append(f"  checksums: {len(m.get('checksums') or {})} arrays, all verified")
+    return [printable(line) for line in lines]
+
+
 def show_lines(v: GoldenVersion, *, verify: bool = True, show_progress: bool = True) -> list[str]:
     """Provenance summary, cases (prompt, tokens) and stages with shapes; reads every array when ``verify``."""
+    if v.meta.get("kind") == "moesnap_snapshot":
+        return _snapshot_lines(v, verify=verify)
     m = v.meta
     model = m.get("model") or {}
     cfg = model.get("config") or {}
