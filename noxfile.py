@@ -62,7 +62,7 @@ STRICT = [f"src/moesnap/{m}" for m in ("case.py", "errors.py", "stages.py", "sto
 def lint(session: nox.Session) -> None:
     """ruff (pyflakes, pycodestyle errors, bugbear) over everything; mypy over the typed modules, --strict on the public ones."""
     # pytest for its types: pytest.fail is NoReturn (the plugin narrows on it); the rest is --ignore-missing-imports
-    session.install("ruff>=0.5", "mypy>=1.10", "pytest>=8")
+    session.install("ruff==0.17.6", "mypy==2.4.1", "pytest>=8")  # pinned: a new release must not turn CI red unseen
     session.run("ruff", "check", "src", "tests", "benchmarks", "tools", "noxfile.py", *session.posargs)
     session.run("mypy", "--ignore-missing-imports", "--follow-imports=silent", *TYPED)
     session.run("mypy", "--strict", "--ignore-missing-imports", "--follow-imports=silent", *STRICT)

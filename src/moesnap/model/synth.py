@@ -359,7 +359,7 @@ def _tiny() -> SynthSpec:
 
 # the quant mix of a Q4_K_M file: Q4_K almost everywhere, Q6_K for attn_v, output and half of
 # ffn_down_exps (the other half Q4_K: ``down_exps_alternate``)
-Q4_K_M: dict[str, QT] = {
+Q4_K_M: dict[str, GGMLQuantizationType] = {
     "token_embd": QT.Q4_K, "output": QT.Q6_K,
     "attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K, "attn_output": QT.Q4_K,
     "ffn_gate_exps": QT.Q4_K, "ffn_up_exps": QT.Q4_K, "ffn_down_exps": QT.Q6_K,
