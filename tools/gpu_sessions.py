@@ -36,9 +36,19 @@ def _step(out_json: str, argv: list[str]) -> int:
 
     from moesnap.cli import main
 
+    prof_dir = os.environ.get("MOESNAP_SESSION_PROFILE")
+    prof = None
+    if prof_dir:   # cProfile of the whole command (main thread), for tools/profile_report.py
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
     rc = main(argv)
     wall = time.perf_counter() - t0
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(str(Path(prof_dir) / (Path(out_json).stem + ".prof")))
     cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     Path(out_json).write_text(json.dumps({
         "argv": argv, "rc": rc, "wall_s": round(wall, 2),
@@ -49,7 +59,8 @@ def _step(out_json: str, argv: list[str]) -> int:
 
 
 def run_step(name: str, argv: list[str], log: list[dict], expect: tuple[int, ...] = (0,)) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    with tempfile.NamedTemporaryFile(prefix=f"step_{slug}_", suffix=".json", delete=False) as f:
         path = f.name
     print(f"\n$ moesnap {' '.join(argv)}", flush=True)
     proc = subprocess.run([sys.executable, __file__, "_step", path, "--", *argv])
@@ -242,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only for a dry run of the session")
     p.add_argument("--no-faults", action="store_true", help="heavy: skip the planted faults")
     p.add_argument("--no-engines", action="store_true", help="heavy: skip transformers as a candidate engine")
+    p.add_argument("--profile", action="store_true", help="cProfile every step into OUT/profiles/*.prof")
     a = p.parse_args(argv)
     import torch
 
@@ -251,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MOESNAP_NO_PROGRESS", "1")
+    if a.profile:
+        (out / "profiles").mkdir(exist_ok=True)
+        os.environ["MOESNAP_SESSION_PROFILE"] = str((out / "profiles").resolve())
     name = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
     print(f"device: {name}, torch {torch.__version__}, {os.cpu_count()} CPU cores", flush=True)
     log: list[dict] = [{"name": "machine", "device": name, "torch": torch.__version__, "cpus": os.cpu_count()}]
