@@ -138,14 +138,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-verify", action="store_true", help="do not read the arrays to verify their checksums")
     p.set_defaults(func=cmd_show)
 
-    p = gsub.add_parser("diff", help="which stages changed between two versions, judged by the classifier "
-                                     "(exit 0 identical, 1 changed)")
+    p = gsub.add_parser("diff", help="which stages (of a pytest snapshot suite: which arrays) changed between "
+                                     "two versions, judged by the classifier (exit 0 identical, 1 changed)")
     p.add_argument("a", metavar="NAME@vA", help="the older version (the golden side of the comparison)")
     p.add_argument("b", metavar="NAME@vB", help="the newer version (NAME alone: the newest)")
     p.add_argument("--store", help=store_help)
     p.add_argument("--details", action="store_true",
-                   help="every provenance key that differs and one line per changed stage (default: a summary per case)")
-    p.add_argument("--json", metavar="PATH", help="write the diff as JSON here (every stage, whatever --details)")
+                   help="every provenance key that differs and one line per changed stage, or per array of a "
+                        "snapshot suite's check (default: a summary per case or check)")
+    p.add_argument("--json", metavar="PATH",
+                   help="write the diff as JSON here (every stage or array, whatever --details)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_diff)
 

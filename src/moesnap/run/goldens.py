@@ -22,7 +22,8 @@ from ..store import GoldenStore, GoldenVersion, PruneResult, validate_suite
 from ..stages import GOLDEN_DTYPES
 from ..util import printable, progress, write_text_atomic
 
-#: dtypes a golden may be generated in (the reference forward's arithmetic)
+#: the provenance ``kind`` of a pytest snapshot suite (the ``moesnap_snapshot`` fixture's named arrays)
+SNAPSHOT_KIND = "moesnap_snapshot"
 
 
 # ---------------------------------------------------------------- generate
@@ -106,7 +107,7 @@ def list_suites(store: GoldenStore) -> list[SuiteInfo]:
 
 def describe(meta: Mapping[str, Any]) -> str:
     """One line: model file, dtype, case count, creation time (for a pytest snapshot: its test)."""
-    if meta.get("kind") == "moesnap_snapshot":
+    if meta.get("kind") == SNAPSHOT_KIND:
         return printable(f"pytest snapshot of {meta.get('test', '?')}, {len(meta.get('cases') or [])} check(s), "
                          f"{meta.get('created', '?')}")
     model = meta.get("model") or {}
@@ -142,7 +143,7 @@ def _snapshot_lines(v: GoldenVersion, *, verify: bool) -> list[str]:
 
 def show_lines(v: GoldenVersion, *, verify: bool = True, show_progress: bool = True) -> list[str]:
     """Provenance summary, cases (prompt, tokens) and stages with shapes; reads every array when ``verify``."""
-    if v.meta.get("kind") == "moesnap_snapshot":
+    if is_snapshot(v):
         return _snapshot_lines(v, verify=verify)
     m = v.meta
     model = m.get("model") or {}
@@ -288,6 +289,8 @@ class StageChange:
     #: the rule closest to failing, or the one that failed (``moesnap.judge.compare.Margin``)
     worst: Margin | None = None
     dtypes: tuple[str, str] = ("", "")
+    #: each side's shape; None on the side that does not hold the array
+    shapes: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = ((), ())
 
     @property
     def passed(self) -> bool:
@@ -297,20 +300,42 @@ class StageChange:
     def changed(self) -> bool:
         return not (self.identical or self.same_values)
 
+    @property
+    def added(self) -> bool:
+        """Only the newer version holds it."""
+        return self.shapes[0] is None and self.shapes[1] is not None
+
+    @property
+    def removed(self) -> bool:
+        """Only the older version holds it."""
+        return self.shapes[1] is None and self.shapes[0] is not None
+
+    @property
+    def beyond(self) -> bool:
+        """Held by both versions, changed beyond its tolerance."""
+        return self.changed and not self.passed and not (self.added or self.removed)
+
     def to_dict(self) -> dict:
         return {"case": self.case, "layer": self.layer, "stage": self.stage, "identical": self.identical,
                 "changed": self.changed, "dtypes": list(self.dtypes),
+                "shapes": [None if s is None else list(s) for s in self.shapes],
+                "added": self.added, "removed": self.removed,
                 "verdict": self.verdict.name, "metrics": self.metrics, "detail": self.detail,
                 "worst": None if self.worst is None else self.worst.to_dict()}
 
 
 @dataclass
 class DiffReport:
+    """Two versions compared.  ``kind`` ``forward``: a forward's cases, stage by stage;
+    ``moesnap_snapshot``: a pytest snapshot suite, each check's named arrays (a :class:`StageChange`
+    each, its ``case`` the check, its ``stage`` the array's name, ``layer`` None)."""
+
     a: str
     b: str
     provenance: list[tuple[str, Any, Any]] = field(default_factory=list)
     stages: list[StageChange] = field(default_factory=list)
     case_notes: list[str] = field(default_factory=list)
+    kind: str = "forward"
 
     @property
     def changed(self) -> list[StageChange]:
@@ -323,12 +348,14 @@ class DiffReport:
 
     def to_dict(self) -> dict:
         return {
-            "a": self.a, "b": self.b,
+            "a": self.a, "b": self.b, "kind": self.kind,
             "verdict": "changed" if self.any_changed else "identical",
             "n_stages": len(self.stages),
             "n_changed": len(self.changed),
             "n_dtype_only": sum(1 for s in self.stages if s.same_values and not s.identical),
-            "n_beyond_tolerance": sum(1 for s in self.changed if not s.passed),
+            "n_beyond_tolerance": sum(1 for s in self.stages if s.beyond),
+            "n_added": sum(1 for s in self.stages if s.added),
+            "n_removed": sum(1 for s in self.stages if s.removed),
             "provenance": [{"key": k, "a": x, "b": y} for k, x, y in self.provenance],
             "case_notes": list(self.case_notes),
             "results": [s.to_dict() for s in self.stages],
@@ -362,19 +389,46 @@ def _same_values(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return bool(np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True))
 
 
-def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool = True) -> DiffReport:
-    """Which stages of ``vb`` differ from ``va`` (the golden side), and by how much (the classifier)."""
-    from ..judge.compare import compare_cases
-    from ..judge.tolerances import Tolerances
+def _shape_of(a: np.ndarray | None) -> tuple[int, ...] | None:
+    return None if a is None else tuple(int(n) for n in a.shape)
 
-    tols = tols or Tolerances.defaults()
-    rep = DiffReport(va.ref, vb.ref)
+
+def _provenance(va: GoldenVersion, vb: GoldenVersion) -> list[tuple[str, Any, Any]]:
+    """Every provenance key whose value differs (not checksums, cases, creation time, command)."""
     skip = ("checksums", "cases", "created", "command")
     fa = _flatten({k: v for k, v in va.meta.items() if k not in skip})
     fb = _flatten({k: v for k, v in vb.meta.items() if k not in skip})
-    for k in sorted(set(fa) | set(fb)):
-        if fa.get(k) != fb.get(k):
-            rep.provenance.append((k, fa.get(k), fb.get(k)))
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def is_snapshot(v: GoldenVersion) -> bool:
+    """A pytest snapshot suite (the ``moesnap_snapshot`` fixture's named arrays), not a forward's cases."""
+    return v.meta.get("kind") == SNAPSHOT_KIND
+
+
+def _named_arrays(v: GoldenVersion) -> bool:
+    """A snapshot suite's version, or one whose every case group holds named arrays (``add_arrays``)."""
+    from ..store.arrays import LAYOUT
+
+    cases = v.meta.get("cases") or []
+    return is_snapshot(v) or bool(cases) and all(c.get("layout") == LAYOUT for c in cases)
+
+
+def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool = True) -> DiffReport:
+    """Which stages of ``vb`` differ from ``va`` (the golden side), and by how much (the classifier);
+    for two versions of a pytest snapshot suite, which arrays of each check (:func:`diff_snapshots`)."""
+    from ..judge.compare import compare_cases
+    from ..judge.tolerances import Tolerances
+
+    if _named_arrays(va) != _named_arrays(vb):
+        snap, other = (va, vb) if _named_arrays(va) else (vb, va)
+        raise UsageError(f"{snap.ref} is a pytest snapshot suite (named arrays) and {other.ref} a golden of a "
+                         f"forward's cases: goldens diff compares two versions of one kind")
+    tols = tols or Tolerances.defaults()
+    if _named_arrays(va):
+        return diff_snapshots(va, vb, tols=tols, show_progress=show_progress)
+    rep = DiffReport(va.ref, vb.ref)
+    rep.provenance = _provenance(va, vb)
     dtypes = {str(va.meta.get("dtype") or "float32"), str(vb.meta.get("dtype") or "float32")}
     dtype = "float32" if "float32" in dtypes or len(dtypes) > 1 else dtypes.pop()
     names_a, names_b = va.case_names(), vb.case_names()
@@ -396,23 +450,77 @@ def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool
             stored = (str(a.dtype) if a is not None else "-", str(b.dtype) if b is not None else "-")
             rep.stages.append(StageChange(name, r.layer, r.stage, same, r.verdict,
                                           r.result.metrics.to_dict() if r.result.metrics else None,
-                                          r.result.detail, same or _same_values(a, b), r.worst, stored))
+                                          r.result.detail, same or _same_values(a, b), r.worst, stored,
+                                          (_shape_of(a), _shape_of(b))))
     return rep
+
+
+def _array_tolerance(tols, name: str, a: np.ndarray | None, b: np.ndarray | None):
+    """The default tolerance of a snapshot array, as the fixture picks it: an array named like a
+    moesnap stage (``logits``, ``layers/moe_out``) takes that stage's, any other its dtype's
+    ``default``; the dtype's table when both sides are stored in that dtype, else float32's (the
+    dtype a check declared is not recorded in the version's provenance)."""
+    from ..judge.tolerances import DEFAULT
+    from ..stages import DTYPES, canonical
+
+    kinds = {str(x.dtype) for x in (a, b) if x is not None}
+    dtype = next(iter(kinds)) if len(kinds) == 1 and next(iter(kinds)) in DTYPES else "float32"
+    stage = canonical(name.rsplit("/", 1)[-1])
+    return tols.for_stage(stage, dtype) if stage is not None else tols.stages[dtype][DEFAULT]
+
+
+def diff_snapshots(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool = True) -> DiffReport:
+    """Two versions of a pytest snapshot suite: for each check both hold, every array of either
+    (sorted by name): added, removed, bit for bit identical, the same values in another dtype, or
+    changed, judged by the classifier at the default tolerances (no token axis, as the fixture
+    judges).  Checks only one version holds are ``case_notes``."""
+    from ..judge.classify import classify
+    from ..judge.compare import StageResult, margins
+    from ..judge.tolerances import Tolerances
+    from ..store.arrays import strip_prefix
+
+    tols = tols or Tolerances.defaults()
+    rep = DiffReport(va.ref, vb.ref, kind=SNAPSHOT_KIND)
+    rep.provenance = _provenance(va, vb)
+    names_a, names_b = va.case_names(), vb.case_names()
+    for name in sorted(set(names_a) - set(names_b)):
+        rep.case_notes.append(f"check {name}: only in {va.ref}")
+    for name in sorted(set(names_b) - set(names_a)):
+        rep.case_notes.append(f"check {name}: only in {vb.ref}")
+    common = [n for n in names_a if n in names_b]
+    for name in progress(common, desc="diff", enabled=show_progress):
+        ga, gb = strip_prefix(va.read_arrays(name)), strip_prefix(vb.read_arrays(name))
+        for array in sorted(set(ga) | set(gb)):
+            a, b = ga.get(array), gb.get(array)
+            tol = _array_tolerance(tols, array, a, b)
+            res = classify(a, b, tol, token_axis=None)
+            exact = a is not None and b is not None and a.dtype.kind in "biu" and b.dtype.kind in "biu"
+            worst = StageResult(name, None, array, res, margins(res, tol, exact=exact)).worst
+            same = _bitwise_equal(a, b)
+            stored = (str(a.dtype) if a is not None else "-", str(b.dtype) if b is not None else "-")
+            rep.stages.append(StageChange(name, None, array, same, res.verdict,
+                                          res.metrics.to_dict() if res.metrics else None, res.detail,
+                                          same or _same_values(a, b), worst, stored, (_shape_of(a), _shape_of(b))))
+    return rep
+
+
+def _provenance_lines(rep: DiffReport, *, details: bool) -> list[str]:
+    if details or (len(rep.provenance) <= 2 and all(len(_short(x) + _short(y)) <= 40 for _, x, y in rep.provenance)):
+        return [f"  provenance {k}: {_short(x)} -> {_short(y)}" for k, x, y in rep.provenance]
+    if not rep.provenance:
+        return []
+    keys = [k for k, _, _ in rep.provenance]
+    return [f"  provenance: {len(keys)} keys differ: {', '.join(keys[:6])}" + (", …" if len(keys) > 6 else "")
+            + " (values: --details)"]
 
 
 def diff_lines(rep: DiffReport, *, details: bool = False) -> list[str]:
     """A compact summary: provenance that changed, one line per case (how many stages changed, whether
     any beyond tolerance, the first such or the largest change), a total.  ``details``: every
-    provenance key and one line per changed stage."""
-    lines = [f"{rep.a} -> {rep.b}"]
-    if details:
-        lines.extend(f"  provenance {k}: {_short(x)} -> {_short(y)}" for k, x, y in rep.provenance)
-    elif len(rep.provenance) <= 2 and all(len(_short(x) + _short(y)) <= 40 for _, x, y in rep.provenance):
-        lines.extend(f"  provenance {k}: {_short(x)} -> {_short(y)}" for k, x, y in rep.provenance)
-    elif rep.provenance:
-        keys = [k for k, _, _ in rep.provenance]
-        lines.append(f"  provenance: {len(keys)} keys differ: {', '.join(keys[:6])}"
-                     + (", …" if len(keys) > 6 else "") + " (values: --details)")
+    provenance key and one line per changed stage.  A snapshot suite: :func:`snapshot_diff_lines`."""
+    if rep.kind == SNAPSHOT_KIND:
+        return snapshot_diff_lines(rep, details=details)
+    lines = [f"{rep.a} -> {rep.b}", *_provenance_lines(rep, details=details)]
     lines.extend(f"  {n}" for n in rep.case_notes)
     by_case: dict[str, list[StageChange]] = {}
     for s in rep.stages:
@@ -446,6 +554,118 @@ def diff_lines(rep: DiffReport, *, details: bool = False) -> list[str]:
         lines.append(f"identical: all {len(rep.stages)} stages bit for bit" if same == len(rep.stages) else
                      f"unchanged: all {len(rep.stages)} stages hold the same values ({same} bit for bit)")
     return [printable(line) for line in lines]
+
+
+#: changed arrays a check's summary names (the rest: --details)
+SUMMARY_ARRAYS = 4
+
+
+def snapshot_diff_lines(rep: DiffReport, *, details: bool = False) -> list[str]:
+    """A pytest snapshot suite's diff: provenance that changed, then per check the arrays added and
+    removed and each changed array (beyond tolerance first, up to :data:`SUMMARY_ARRAYS`) with its
+    dtype, shape, largest abs and relative difference and whether beyond tolerance; a total.
+    ``details``: every provenance key and one line per array of each check, unchanged ones too."""
+    lines = [f"{rep.a} -> {rep.b}", *_provenance_lines(rep, details=details)]
+    lines.extend(f"  {n}" for n in rep.case_notes)
+    by_check: dict[str, list[StageChange]] = {}
+    for s in rep.stages:
+        by_check.setdefault(s.case, []).append(s)
+    for check, arrays in by_check.items():
+        added = [s for s in arrays if s.added]
+        removed = [s for s in arrays if s.removed]
+        changed = [s for s in arrays if s.changed and not (s.added or s.removed)]
+        dtype_only = [s for s in arrays if s.same_values and not s.identical]
+        beyond = [s for s in changed if s.beyond]
+        parts = []
+        if changed:
+            parts.append(f"{len(changed)} of {len(arrays)} arrays changed, "
+                         + (f"{len(beyond)} beyond tolerance" if beyond else "none beyond tolerance"))
+        for what, group in (("added", added), ("removed", removed)):
+            if group:
+                parts.append(f"{what}: " + ", ".join(_array_text(s) for s in group[:6])
+                             + (f", … {len(group) - 6} more" if len(group) > 6 else ""))
+        if dtype_only:
+            parts.append(f"{len(dtype_only)} in another dtype only")
+        if not (changed or added or removed):
+            parts.insert(0, f"all {len(arrays)} arrays unchanged")
+        lines.append(f"  check {check}: " + "; ".join(parts))
+        if details:
+            width = max(len(s.stage) for s in arrays)
+            lines.extend(f"    {s.stage:<{width}}  {_array_detail(s)}" for s in arrays)
+            continue
+        shown = sorted(changed, key=lambda s: (not s.beyond, -(s.worst.ratio if s.worst is not None else 0.0)))
+        lines.extend(f"    {_array_text(s)}: {_array_change(s)}" for s in shown[:SUMMARY_ARRAYS])
+        if len(shown) > SUMMARY_ARRAYS:
+            lines.append(f"    … {len(shown) - SUMMARY_ARRAYS} more changed (each array: --details)")
+    both = [s for s in rep.stages if not (s.added or s.removed)]
+    changed_n = sum(1 for s in both if s.changed)
+    beyond_n = sum(1 for s in both if s.beyond)
+    added_n = sum(1 for s in rep.stages if s.added)
+    removed_n = sum(1 for s in rep.stages if s.removed)
+    if rep.any_changed:
+        lines.append(f"changed: {changed_n} array(s), {beyond_n} beyond tolerance"
+                     + (f", {added_n} added" if added_n else "") + (f", {removed_n} removed" if removed_n else "")
+                     + (f", {len(rep.case_notes)} check difference(s)" if rep.case_notes else "")
+                     + ("" if details or not changed_n else " (each array: --details)"))
+    else:
+        same = sum(1 for s in rep.stages if s.identical)
+        lines.append(f"identical: all {len(rep.stages)} arrays bit for bit" if same == len(rep.stages) else
+                     f"unchanged: all {len(rep.stages)} arrays hold the same values ({same} bit for bit)")
+    return [printable(line) for line in lines]
+
+
+def _dims(shape: tuple[int, ...] | None) -> str:
+    return "-" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _array_text(s: StageChange) -> str:
+    """``hidden float32 [3, 4]``; what changed between the sides, ``->``: ``ids int32 -> int64 [5]``."""
+    (da, db), (sa, sb) = s.dtypes, s.shapes
+    if s.added:
+        return f"{s.stage} {db} {_dims(sb)}"
+    if s.removed:
+        return f"{s.stage} {da} {_dims(sa)}"
+    dtype = da if da == db else f"{da} -> {db}"
+    shape = _dims(sa) if sa == sb else f"{_dims(sa)} -> {_dims(sb)}"
+    return f"{s.stage} {dtype} {shape}"
+
+
+def _array_change(s: StageChange) -> str:
+    """How much a changed array moved: ``max_abs 0.5, max_rel 0.1, beyond tolerance (what failed)``."""
+    m = s.metrics or {}
+    size = ""
+    if m and s.verdict != Verdict.SHAPE_MISMATCH:
+        finite = " (finite elements)" if any(m.get(k) for k in ("nan_golden", "nan_candidate", "inf_golden",
+                                                                  "inf_candidate")) else ""
+        size = f"max_abs {_num(m.get('max_abs'))}, max_rel {_num(m.get('max_rel'))}{finite}, "
+    w = s.worst
+    if s.beyond:
+        return f"{size}beyond tolerance ({w.text if w is not None else s.verdict.name})"
+    return size + "within tolerance" + (f" ({_num(w.ratio)} of it)" if w is not None else "")
+
+
+def _array_detail(s: StageChange) -> str:
+    """One array of a check under ``--details``: its state, dtype and shape, and for a changed one
+    the verdict, metrics and the rule that failed or came closest."""
+    head = _array_text(s).removeprefix(s.stage + " ")
+    state = ("added" if s.added else "removed" if s.removed else "identical" if s.identical
+             else "dtype only" if s.same_values else "changed")
+    text = f"{state:<10}  {head}"
+    if state != "changed":
+        return text
+    text += f"  {s.verdict.name}"
+    m = s.metrics or {}
+    if m:
+        text += (f"  max_abs {_num(m.get('max_abs'))}  max_rel {_num(m.get('max_rel'))}  "
+                 f"mean_abs {_num(m.get('mean_abs'))}  rel_l2 {_num(m.get('rel_l2'))}  cosine {_num(m.get('cosine'))}")
+        if m.get("n_outside"):
+            text += f"  {m['n_outside']} of {m.get('n')} outside"
+        if m.get("worst_index") is not None:
+            text += f"  worst at {tuple(m['worst_index'])}"
+    w = s.worst
+    if w is not None:
+        text += f"  ({w.text})" if s.beyond else f"  ({_num(w.ratio)} of tolerance, {w.rule})"
+    return text
 
 
 def _stage_text(s: StageChange, *, why: bool, metrics: bool = False) -> str:
