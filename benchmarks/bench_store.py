@@ -5,7 +5,7 @@ The arrays have the real shapes (T=128 tokens, H=2048, E=128 experts, top-8,
 random values; the model is not run.  The baseline writes the same arrays with
 ``np.save`` and reads them with ``np.load`` in the same run, into the same
 temporary directory's file system.  Ratios are baseline time / store time
-(higher is better; the goal is >= 0.8).  The store's figures include what it
+(higher is better; the goal is >= 0.9).  The store's figures include what it
 owes its guarantees: a checksum (CRC-32C) per array on write and a verification on read,
 the publish marker and the atomic rename.
 
@@ -15,6 +15,7 @@ the publish marker and the atomic rename.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -93,6 +94,12 @@ def store_read(root: Path, version: str, verify: bool = True) -> int:
     return sum(a.nbytes for a in v.read_case("case0", verify=verify).arrays().values())
 
 
+def _settle() -> None:
+    """Flush dirty pages before a timed write, so that neither side pays for the other's writeback
+    (the kernel throttles a writer once enough dirty pages pile up)."""
+    os.sync()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
@@ -107,15 +114,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i in range(a.repeat):   # interleaved, so drift hits both sides alike
             d = base / f"np{i}"
-            t0 = time.perf_counter(); numpy_write(case, d); times["np_write"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); numpy_read(case, d); times["np_read"].append(time.perf_counter() - t0)
             root = base / f"store{i}"
-            t0 = time.perf_counter(); version = store_write(case, root); times["store_write"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); got = store_read(root, version); times["store_read"].append(time.perf_counter() - t0)
-            assert got == nbytes
+
+            def np_side() -> None:
+                _settle()
+                t0 = time.perf_counter(); numpy_write(case, d); times["np_write"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter(); numpy_read(case, d); times["np_read"].append(time.perf_counter() - t0)
+
+            def store_side() -> str:
+                _settle()
+                t0 = time.perf_counter(); version = store_write(case, root); times["store_write"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter(); got = store_read(root, version); times["store_read"].append(time.perf_counter() - t0)
+                assert got == nbytes
+                return version
+
+            if i % 2:      # alternate which side goes first: the page cache's state favours neither
+                version = store_side(); np_side()
+            else:
+                np_side(); version = store_side()
             t0 = time.perf_counter(); store_read(root, version, verify=False)
             times["store_read_noverify"].append(time.perf_counter() - t0)
             z = base / f"zarr{i}"
+            _settle()
             t0 = time.perf_counter(); zarr_write(case, z); times["zarr_write"].append(time.perf_counter() - t0)
             t0 = time.perf_counter(); zarr_read(case, z); times["zarr_read"].append(time.perf_counter() - t0)
             t0 = time.perf_counter(); checksums(case); times["checksums"].append(time.perf_counter() - t0)
@@ -132,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
 
     nw, nr = med["np_write"], med["np_read"]
     print(line("write: numpy np.save (baseline)", nw, nw))
-    print(line("write: golden store", med["store_write"], nw) + "   (goal >= 0.8x)")
+    print(line("write: golden store", med["store_write"], nw) + "   (goal >= 0.9x)")
     print(line("       its checksums alone (crc32c)", med["checksums"], nw))
     print(line("       plain zarr-python, no hashing", med["zarr_write"], nw))
     print(line("read:  numpy np.load (baseline)", nr, nr))
-    print(line("read:  golden store, verified", med["store_read"], nr) + "   (goal >= 0.8x)")
+    print(line("read:  golden store, verified", med["store_read"], nr) + "   (goal >= 0.9x)")
     print(line("       golden store, --no-verify", med["store_read_noverify"], nr))
     print(line("       plain zarr-python, no hashing", med["zarr_read"], nr))
     return 0

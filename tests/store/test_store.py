@@ -213,6 +213,66 @@ def test_local_chunks_are_byte_identical_to_zarrs_own(tmp_path):
     assert all(a_files[k] == b_files[k] for k in a_files), [k for k in a_files if a_files[k] != b_files[k]]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int32", "int64", "uint8", "int8", "bool"])
+def test_direct_metadata_and_reads_match_zarr_for_every_dtype(tmp_path, dtype, monkeypatch):
+    """The local store writes each array's zarr.json itself and reads a case group's metadata
+    without zarr's store: both must be what zarr writes and reads, for every dtype a snapshot holds."""
+    import zarr
+
+    from moesnap.store import zarr as zs
+    from moesnap.store.arrays import NamedArrays
+
+    rng = np.random.default_rng(3)
+    values = {"a": (rng.standard_normal((3, 5, 2)) * 50).astype(dtype), "layers/b": (rng.standard_normal((4, 6)) * 9).astype(dtype),
+              "c/d": (rng.standard_normal((7,)) * 3).astype(dtype)}
+    with LocalGoldenStore(tmp_path / "store").begin("s") as w:
+        w.add_arrays("case0", values)
+        w.commit(META)
+    ours = tmp_path / "store" / "s" / "v0001" / "case0"
+    theirs = zarr.open_group(str(tmp_path / "zarr"), mode="w-", zarr_format=3)
+    for path in NamedArrays.of(values).arrays():
+        mine = json.loads((ours / path / "zarr.json").read_bytes())
+        a = NamedArrays.of(values).arrays()[path]
+        chunks = tuple(mine["chunk_grid"]["configuration"]["chunk_shape"])
+        theirs.create_array(path, shape=a.shape, dtype=a.dtype, chunks=chunks, compressors=None)
+        assert (ours / path / "zarr.json").read_bytes() == (tmp_path / "zarr" / path / "zarr.json").read_bytes()
+    fast = LocalGoldenStore(tmp_path / "store").open_version("s").read_arrays("case0")
+    assert zs._LocalGroup.open(ours) is not None        # the direct reader took it
+    monkeypatch.setattr(zs._LocalGroup, "open", classmethod(lambda cls, d: None))   # now zarr reads it
+    slow = LocalGoldenStore(tmp_path / "store").open_version("s").read_arrays("case0")
+    assert fast.keys() == slow.keys() and len(fast) == 3
+    for k in fast:
+        assert fast[k].dtype == slow[k].dtype and np.array_equal(fast[k], slow[k])
+
+
+def test_chunks_in_pieces_checksummed_as_they_pass(tmp_path, monkeypatch):
+    """Chunk files are written and read in ``PIECE``-byte pieces, each checksummed as it passes:
+    the checksums recorded equal ``checksum`` of each array, the bytes read back are the same, a
+    flipped byte is a checksum mismatch and a truncated file is still caught."""
+    from moesnap.store import zarr as zs
+
+    monkeypatch.setattr(zs, "PIECE", 1024)
+    case = small_case(5, n_layer=2, n_tok=64)
+    st = LocalGoldenStore(tmp_path)
+    v = st.publish("s", {"case0": case}, META)
+    got = st.open_version("s").read_case("case0")
+    assert same_arrays(got, case)
+    from moesnap.store.case import checksum
+
+    sums = json.loads((tmp_path / "s" / v.version / "case0" / "zarr.json").read_text())["attributes"]["checksums"]
+    assert sums == {path: checksum(a) for path, a in case.arrays().items()}
+    logits = tmp_path / "s" / v.version / "case0" / "logits" / "c" / "0" / "0"
+    assert logits.stat().st_size > 2 * 1024   # 64 tokens x 16 x float32
+    raw = bytearray(logits.read_bytes())
+    raw[1500] ^= 0x10                      # in the second piece
+    logits.write_bytes(bytes(raw))
+    with pytest.raises(GoldenError, match=r"case0/logits: checksum mismatch"):
+        st.open_version("s").read_case("case0")
+    logits.write_bytes(logits.read_bytes()[:-8])
+    with pytest.raises(GoldenError, match=r"case0/logits: chunk c/0/0 has the wrong size"):
+        st.open_version("s").read_case("case0")
+
+
 def test_truncated_chunk_is_caught(tmp_path):
     st = LocalGoldenStore(tmp_path)
     v = st.publish("s", {"case0": small_case(0)}, META)
