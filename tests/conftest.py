@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+# tests/run's helpers (test_goldens.run_cli, tree_digest, ...) are imported by tests in other folders:
+# on the path whatever the order or subset of collection
+sys.path.insert(0, str(Path(__file__).resolve().parent / "run"))
 
 settings.register_profile("default", max_examples=100, deadline=None)
 settings.register_profile(
