@@ -85,3 +85,17 @@ def test_prop_chunked_path_agrees_with_general_path(pair, tol):
     for f in SUM_FIELDS:
         x, y = getattr(a.metrics, f), getattr(b.metrics, f)
         assert x == y or math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-300) or (math.isnan(x) and math.isnan(y)), (f, x, y)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 20_000), k=st.integers(1, 400), seed=st.integers(0, 2**32 - 1),
+       ties=st.booleans())
+def test_largest_equals_a_full_partition(n, k, seed, ties):
+    """The k largest values after the block-maxima cut are exactly those of a full partition
+    (ties and repeated values included), as a new array."""
+    rng = np.random.default_rng(seed)
+    r = rng.integers(0, 5, n).astype(np.float64) if ties else rng.exponential(size=n)
+    got = C._largest(r, k)
+    want = r if k >= n else np.partition(r, n - k)[n - k:]
+    assert np.array_equal(np.sort(got), np.sort(want))
+    assert not np.shares_memory(got, r)

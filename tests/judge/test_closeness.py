@@ -123,6 +123,28 @@ def test_chunked_closeness_equals_general(monkeypatch, seed):
         assert (a.metrics.closeness > 1) == (a.verdict is Verdict.DIVERGE)
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("sample_every", [2, 32, 100_000])
+def test_two_pass_closeness_equals_general(monkeypatch, seed, sample_every):
+    """With many elements admitted outside (k in the thousands at full size) the chunked path finds the
+    deciding ratio in two passes from a sample: exactly the general path's value, also when the sample
+    misleads (every 100000th ratio: one per chunk, the cut too high, the fallback pass keeps all)."""
+    rng = np.random.default_rng(100 + seed)
+    shape = [(64, 300), (32, 8, 100), (100, 77), (40, 2, 90), (128, 64), (50, 400)][seed]
+    g = rng.standard_normal(shape).astype(np.float32)
+    c = (g.astype(np.float64) * (1 + [1e-5, 1e-4, 3e-4, 1e-3][seed % 4] * rng.standard_normal(shape))).astype(np.float32)
+    if seed == 5:
+        c[7] = g[7] * 1.5          # one token far off: the largest ratios all in one place
+    tol = Tolerance(0.0 if seed == 4 else 1e-5, 1e-4, [0.01, 0.2, 0.05][seed % 3])   # atol 0: 0/0 ratios
+    monkeypatch.setattr(C, "_ONE_PASS_K", 1)
+    monkeypatch.setattr(C, "_SAMPLE", sample_every)
+    for axis, ex in ((0, ()), (0, (3, 7)), (1, ())):
+        a, b = both(monkeypatch, g, c, tol, exclude_tokens=ex, token_axis=axis)
+        assert a.verdict == b.verdict
+        assert a.metrics.closeness == b.metrics.closeness
+        assert a.metrics.token_closeness == b.metrics.token_closeness
+
+
 @pytest.mark.parametrize("bad, text", [
     ([5, 7, 9], "3 bad tokens, the first is token 5"),
     ([4], "1 bad token: token 4"),
@@ -133,3 +155,18 @@ def test_the_detail_says_how_many_tokens_are_bad_and_which_first(bad, text):
     c[bad, 1] = 2.0
     r = classify(g, c, Tolerance(1e-3, 0))
     assert text in r.detail and "of 3 bad" not in r.detail
+
+
+def test_kth_largest_falls_back_when_the_sample_misleads():
+    """A sample whose cut keeps fewer than k ratios (here: one huge value) takes the second pass over
+    every ratio; the answer is still the exact k-th largest."""
+    rng = np.random.default_rng(9)
+    g = rng.standard_normal(5000).astype(np.float32)
+    c = (g * (1 + 1e-3 * rng.standard_normal(5000))).astype(np.float32)
+    tol = Tolerance(1e-5, 1e-4)
+    d = np.abs(c.astype(np.float64) - g.astype(np.float64))
+    r = d / (np.abs(g.astype(np.float64)) * 1e-4 + 1e-5)
+    for k in (1, 50, 4999):
+        want = np.sort(r)[-k]
+        got = C._kth_largest(g, c, range(0, 5000, C.CHUNK), tol, None, 1, 1, k, np.array([1e300]))
+        assert got == want
