@@ -102,14 +102,50 @@ class _Cursor:
             if it in _SCALARS:
                 dt = _SCALARS[it]
                 return np.frombuffer(self.take(n * dt.itemsize, f"array {key!r}"), dtype=dt)
+            if it == GGUFValueType.STRING:
+                return self.strings(n, key)
             return [self.value(it, key) for _ in range(n)]
         dt = _SCALARS[t]
         return np.frombuffer(self.take(dt.itemsize, f"value of {key!r}"), dtype=dt)[0].item()
+
+    def strings(self, n: int, key: str) -> _StrArray:
+        """An array of ``n`` strings, only stepped over: its items are split out when first read
+        (a 152k-word vocabulary was most of parsing a header, and a check never reads it)."""
+        buf, end, start = self.buf, self.size, self.pos
+        pos = start
+        for _ in range(n):
+            if pos + 8 > end:
+                self.pos = pos
+                raise self.fail(f"length of value of {key!r}")
+            length = int.from_bytes(buf[pos:pos + 8], "little")
+            pos += 8
+            if length > end - pos:
+                raise ModelFileError(f"{self.path}: value of {key!r} claims {length} bytes, more than the file holds")
+            pos += length
+        self.pos = pos
+        return _StrArray(buf[start:pos], n)
+
+
+class _StrArray:
+    """A GGUF array of strings as its raw bytes (``n`` items of a u64 length and the bytes each)."""
+
+    def __init__(self, raw: memoryview, n: int) -> None:
+        self.raw, self.n = raw, n
+
+    def decoded(self) -> list[str]:
+        out, raw, pos = [], self.raw, 0
+        for _ in range(self.n):
+            length = int.from_bytes(raw[pos:pos + 8], "little")
+            out.append(bytes(raw[pos + 8:pos + 8 + length]).decode("utf-8"))
+            pos += 8 + length
+        return out
 
 
 def _plain(v: Any) -> Any:
     if isinstance(v, _Str):
         return bytes(v).decode("utf-8")
+    if isinstance(v, _StrArray):
+        return v.decoded()
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, list):

@@ -1,0 +1,123 @@
+"""The rows of the performance table (issue 14) that need a whole model: one run, every figure a ratio.
+
+A model is made with a preset (default: the qwen3-30b-a3b shape, full width), goldens of one 128-token
+prompt are generated on the CPU, and then, each as a real ``moesnap`` command in its own process (so
+fixed costs such as importing torch count, as a user pays them):
+
+* the **I/O floor**: reading every byte of the model file and the golden version once;
+* ``check`` in float32 (router replay), in bfloat16 with router replay alone (``--no-replay``), and in
+  bfloat16 with stage-local replay as well (the default there), each as a ratio to the I/O floor;
+* ``trace --candidate`` (a dump) and ``compare DUMP --model`` (local re-reference of every layer), the
+  compare as a ratio to golden generation;
+* golden generation itself: wall time and peak resident memory (``ru_maxrss`` of its process), per layer
+  and, when ``--layers`` is not 48, extrapolated to 48 layers (linear in depth: one layer at a time).
+
+On a CUDA machine the candidate runs on the GPU (``--device cuda``, the default there; 48 layers by
+default); elsewhere on the CPU with 2 layers, where the forward, not I/O, dominates and the ratios say
+so.  Goals (issue 14, on the H200 host): check float32 <= 1.2x floor, bfloat16 router replay <= 1.3x,
+with stage-local replay <= 1.5x, compare with local re-reference <= 2x generation, generation of 48
+layers <= 45 s and <= 6 GiB.
+
+    python benchmarks/bench_check.py [--preset qwen3-30b-a3b] [--layers N] [--device cpu|cuda] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT_128 = ("def route(tokens, experts):\n    # pick the top-k experts for every token, renormalise, and run them\n"
+              "    return [e(t) for t in tokens for e in experts]\n")[:128]
+
+
+def run(argv: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak resident GiB, exit code) of ``python -m moesnap ARGV`` in a child process."""
+    env = {**os.environ, "MOESNAP_NO_PROGRESS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "moesnap", "-q", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if rc not in (0, 1):
+        raise SystemExit(f"moesnap {' '.join(argv)} exited {rc}:\n{err[-2000:]}")
+    return wall, usage.ru_maxrss / 2**20, rc
+
+
+def read_floor(paths: list[Path]) -> float:
+    """Seconds to read every byte of ``paths`` once."""
+    t0 = time.perf_counter()
+    for p in paths:
+        for q in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
+            with open(q, "rb") as f:
+                while f.read(64 << 20):
+                    pass
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="qwen3-30b-a3b")
+    ap.add_argument("--layers", type=int, default=None, help="default: 48 on CUDA, 2 on the CPU")
+    ap.add_argument("--device", default=None, help="cuda when available, else cpu")
+    ap.add_argument("--work", default=None, help="where the model and goldens go (default: a temporary directory)")
+    a = ap.parse_args(argv)
+    import torch
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    layers = a.layers or (48 if device.startswith("cuda") else 2)
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench_check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / f"{a.preset}-{layers}l.gguf"
+    store = work / "goldens"
+    dump = work / "dump.zarr"
+    try:
+        if not model.exists():
+            run(["model", "make", str(model), "--preset", a.preset, "--layers", str(layers)])
+        shutil.rmtree(store, ignore_errors=True)
+        gen, gen_rss, _ = run(["goldens", "generate", str(model), "--suite", "bench", "--store", str(store),
+                               "--prompt", PROMPT_128])
+        read_floor([model, store])           # the page cache as a check finds it after generation
+        floor = read_floor([model, store])
+        rows = []
+        for label, extra in (("check float32 (router replay)", ["--dtype", "float32"]),
+                             ("check bfloat16, router replay", ["--dtype", "bfloat16", "--no-replay"]),
+                             ("check bfloat16, + stage-local replay", ["--dtype", "bfloat16"])):
+            wall, rss, rc = run(["check", str(model), "--suite", "bench", "--store", str(store), "--device", device,
+                                 *extra, "--force", "--json", str(work / "report.json")])
+            rows.append((label, wall, rss, rc))
+        tr, _, _ = run(["trace", str(model), "--prompt", PROMPT_128, "--candidate", "--device", device,
+                        "--out", str(dump), "--force"])
+        cmp_wall, cmp_rss, cmp_rc = run(["compare", "bench", str(dump), "--store", str(store), "--model", str(model),
+                                         "--force", "--json", str(work / "compare.json")])
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+    cpus = os.cpu_count()
+    print(f"bench_check: {a.preset} x {layers} layers, 128 tokens, candidate on {device}, {cpus} CPUs, "
+          f"torch {torch.__version__}")
+    print(f"  I/O floor (read model + goldens once)        {floor:8.2f} s")
+    goals = {"check float32 (router replay)": 1.2, "check bfloat16, router replay": 1.3,
+             "check bfloat16, + stage-local replay": 1.5}
+    for label, wall, rss, rc in rows:
+        verdict = "pass" if rc == 0 else "FAIL"
+        print(f"  {label:<44} {wall:8.2f} s  {wall / floor:6.2f}x floor (goal <= {goals[label]}x)  "
+              f"peak {rss:5.2f} GiB  {verdict}")
+    print(f"  golden generation (CPU)                      {gen:8.2f} s  {gen / layers:6.2f} s/layer  "
+          f"peak {gen_rss:5.2f} GiB" + ("" if layers == 48 else f"  (48 layers at this rate: {gen / layers * 48:.0f} s)")
+          + "  (goal: 48 layers <= 45 s, <= 6 GiB)")
+    print(f"  trace --candidate (the dump)                 {tr:8.2f} s")
+    print(f"  compare DUMP --model (local re-reference)    {cmp_wall:8.2f} s  {cmp_wall / gen:6.2f}x generation "
+          f"(goal <= 2x)  peak {cmp_rss:5.2f} GiB  {'pass' if cmp_rc == 0 else 'FAIL'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
