@@ -26,7 +26,7 @@ import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gguf
 import numpy as np
@@ -338,11 +338,8 @@ class CheckpointModel(ModelWeights):
         t = self._stored(name)[0]
         return self._float(self._view(t)[np.asarray(rows, dtype=np.int64)], t.dtype).to(dtype)
 
-    def row_chunks(self, name: str, chunk: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        t = self._stored(name)[0]
-        view = self._view(t)
-        for start in range(0, view.shape[0], chunk):
-            yield self._float(view[start:start + chunk], t.dtype).to(dtype)
+    def n_rows(self, name: str) -> int:
+        return int(self._view(self._stored(name)[0]).shape[0])
 
     def expert_matrix(self, layer: int, tensor: str, e: int) -> np.ndarray:
         t = self._stored(f"blk.{layer}.{tensor}")[e]

@@ -15,7 +15,7 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,8 +126,8 @@ class ModelWeights(ABC):
         """Selected rows of a 2-D tensor (the embedding for a prompt's tokens)."""
 
     @abstractmethod
-    def row_chunks(self, name: str, chunk: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """A 2-D tensor dequantized ``chunk`` rows at a time (the lm head)."""
+    def n_rows(self, name: str) -> int:
+        """How many rows the 2-D tensor ``name`` has (the lm head reads them in blocks with :meth:`rows`)."""
 
     @abstractmethod
     def expert_matrix(self, layer: int, tensor: str, e: int) -> np.ndarray:
@@ -245,13 +245,8 @@ class GGUFModel(ModelWeights):
         data = np.asarray(t.data)[np.asarray(rows, dtype=np.int64)]
         return torch.from_numpy(_dequantize(self.file, name, t.tensor_type, data)).to(dtype)
 
-    def row_chunks(self, name: str, chunk: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """A 2-D tensor dequantized ``chunk`` rows at a time (the lm head)."""
-        t = self.file.tensor(name)
-        n = int(t.shape[-1])
-        for start in range(0, n, chunk):
-            data = t.data[start:start + chunk]
-            yield torch.from_numpy(_dequantize(self.file, name, t.tensor_type, data)).to(dtype)
+    def n_rows(self, name: str) -> int:
+        return int(self.file.tensor(name).shape[-1])
 
     def expert_matrix(self, layer: int, tensor: str, e: int) -> np.ndarray:
         name = f"blk.{layer}.{tensor}"
