@@ -102,11 +102,17 @@ def expert_outputs(cfg: Qwen3MoeConfig, w: LayerWeights, x: torch.Tensor, topk_i
     xg, xu = aq(x, p + "ffn_gate_exps"), aq(x, p + "ffn_up_exps")
     expert_out = x.new_zeros(T, k, cfg.hidden)                     # [T, k, H]
     selected = torch.unique(topk_ids).tolist()
-    # Dequantizing is the slow part: do it on a few threads (numpy releases the GIL); the maths below is serial.
-    for e, (gate, up, down) in zip(selected, _prefetch(w.experts.expert, selected)):
+
+    def run(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gate, up, down = w.experts.expert(e)
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)         # tokens routed to e
         h = F.silu(xg[tok] @ gate.T) * (xu[tok] @ up.T)            # [n, F]
-        expert_out[tok, slot] = aq(h, p + "ffn_down_exps") @ down.T   # [n, H]
+        return tok, slot, aq(h, p + "ffn_down_exps") @ down.T      # [n, H]
+
+    # each expert dequantized and run on the pool's threads (numpy and torch release the GIL); every
+    # (token, slot) belongs to one expert, so the order the results are written in changes no value
+    for tok, slot, out in _prefetch(run, selected):
+        expert_out[tok, slot] = out
     return expert_out
 
 
