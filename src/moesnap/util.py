@@ -99,16 +99,39 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
     return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
+def memory_gib() -> tuple[float, float | None]:
+    """(peak, current) resident memory of this process in GiB; current is None where /proc is absent."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB on Linux
+    try:
+        with open("/proc/self/statm") as f:
+            current: float | None = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        current = None
+    return round(peak, 3), None if current is None else round(current, 3)
+
+
 class LayerProgress:
     """A callback ``(done, total)`` drawing a tqdm bar for layer-by-layer work; :meth:`start` draws it
-    at 0 before the first layer (which may take long: it uploads that layer's weights)."""
+    at 0 before the first layer (which may take long: it uploads that layer's weights).
+
+    Whether drawn or not, it clocks each layer: :meth:`timing` gives each layer's seconds and the
+    process's peak and current resident memory when the layer ended (a forward that streams one layer
+    at a time shows a flat current memory)."""
 
     def __init__(self, desc: str, enabled: bool = True) -> None:
         self.desc, self.enabled = desc, progress_enabled(enabled)
         self.bar: Any = None   # a tqdm bar once started or the first layer is done
+        self._t0: float | None = None
+        self._marks: list[tuple[int, float, float, float | None]] = []   # (layers done, time, peak, current)
 
     def start(self, total: int) -> LayerProgress:
-        """Draw the bar at 0 of ``total`` now."""
+        """Draw the bar at 0 of ``total`` now (and start the clock)."""
+        import time
+
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
         if self.enabled and self.bar is None:
             from tqdm import tqdm
 
@@ -116,12 +139,27 @@ class LayerProgress:
         return self
 
     def __call__(self, done: int, total: int) -> None:
+        import time
+
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        self._marks.append((done, time.perf_counter(), *memory_gib()))
         if not self.enabled:
             return
         self.start(total)
         self.bar.update(done - self.bar.n)
         if done >= total:
             self.close()
+
+    def timing(self) -> list[dict[str, Any]]:
+        """One entry per layer clocked: ``layer``, ``seconds``, ``peak_rss_gib``, ``rss_gib``."""
+        out, last = [], self._t0
+        for done, t, peak, current in self._marks:
+            if last is None:
+                last = t
+            out.append({"layer": done - 1, "seconds": round(t - last, 4), "peak_rss_gib": peak, "rss_gib": current})
+            last = t
+        return out
 
     def close(self) -> None:
         if self.bar is not None:

@@ -317,3 +317,33 @@ def test_golden_from_another_model_file(root, tiny_path, tmp_path):
     check_golden_matches_model([], GGUFModel.open(tiny_path), where="tiny", meta=meta)
     with pytest.raises(GoldenError, match=r"another model file \(sha256 .*tiny-edited.gguf is "):
         check_golden_matches_model([], GGUFModel.open(other), where="tiny", meta=meta)
+
+
+def test_generation_clocks_each_layer_and_show_says_it(tiny_path, tmp_path, capsys):
+    """Every layer's time and the memory after it are recorded in the version's provenance (issue 15:
+    generation per layer, streaming one layer at a time); `goldens show` prints a line per case;
+    `goldens diff` does not count how long generation took as a change."""
+    root = tmp_path / "goldens"
+    for _ in range(2):
+        assert main(gen_args(tiny_path, root, "--tokens", "5,6,7", "--tokens", "1,2")) == 0
+    m = LocalGoldenStore(root).open_version("tiny").meta
+    assert set(m["layer_timing"]) == {"case0", "case1"}
+    for rows in m["layer_timing"].values():
+        assert [r["layer"] for r in rows] == [0, 1, 2, 3]
+        assert all(r["seconds"] >= 0 and r["peak_rss_gib"] > 0 for r in rows)
+        assert all(r["rss_gib"] is None or 0 < r["rss_gib"] <= r["peak_rss_gib"] + 1e-3 for r in rows)
+    capsys.readouterr()
+    assert main(["goldens", "show", "tiny", "--store", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("    generated: 4 layers in ") == 2 and "s/layer (slowest: layer " in out and "peak memory" in out
+    assert main(["goldens", "diff", "tiny@v0001", "tiny@v0002", "--store", str(root)]) == 0
+    assert "layer_timing" not in capsys.readouterr().out
+
+
+def test_timing_summary_of_nothing_and_of_a_flat_run():
+    from moesnap.run.goldens import timing_summary
+
+    assert timing_summary([]) == "no per-layer timing recorded"
+    rows = [{"layer": i, "seconds": s, "peak_rss_gib": 4.0, "rss_gib": 3.5} for i, s in enumerate([1.0, 3.0, 2.0])]
+    assert timing_summary(rows) == ("3 layers in 6 s, 2 s/layer (slowest: layer 1, 3 s); peak memory 4.00 GiB, "
+                                    "resident 3.50 GiB after layer 0, 3.50 GiB after layer 2")

@@ -20,7 +20,7 @@ from ..judge.classify import Verdict
 from ..judge.compare import Margin
 from ..store import GoldenStore, GoldenVersion, PruneResult, validate_suite
 from ..stages import GOLDEN_DTYPES
-from ..util import printable, progress, write_text_atomic
+from ..util import printable, progress, status, write_text_atomic
 
 #: the provenance ``kind`` of a pytest snapshot suite (the ``moesnap_snapshot`` fixture's named arrays)
 SNAPSHOT_KIND = "moesnap_snapshot"
@@ -77,13 +77,36 @@ def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: 
     made = {name: made_by for name, _, _, made_by in cases if made_by is not None}
     if made:
         meta["tokenizers"] = made
+    timing: dict[str, Any] = {}
     with store.begin(suite) as writer:
         for name, ids, prompt, made_by in progress(cases, desc=f"{suite}: cases", enabled=show_progress):
             case = run_case(model, ids, dtype=DTYPES[dtype], prompt=prompt, show_progress=show_progress)
             if made_by is not None:
                 case.attrs["tokenizer"] = made_by
+            timing[name] = case.attrs.get("layer_timing") or []
+            status(f"{name}: {timing_summary(timing[name])}", enabled=show_progress)
             writer.add_case(name, case)
+        meta["layer_timing"] = timing
         return writer.commit(meta)
+
+
+def timing_summary(entries: Sequence[Mapping[str, Any]]) -> str:
+    """One line from a forward's per-layer clock (:meth:`moesnap.util.LayerProgress.timing`): time per
+    layer, the slowest layer, peak memory and whether resident memory grew from the first layer to the last."""
+    rows = [e for e in entries if isinstance(e, Mapping) and isinstance(e.get("seconds"), (int, float))]
+    if not rows:
+        return "no per-layer timing recorded"
+    total = sum(float(e["seconds"]) for e in rows)
+    slow = max(rows, key=lambda e: float(e["seconds"]))
+    text = (f"{len(rows)} layer{'s' if len(rows) != 1 else ''} in {total:.3g} s, {total / len(rows):.3g} s/layer "
+            f"(slowest: layer {slow.get('layer')}, {float(slow['seconds']):.3g} s)")
+    peak = rows[-1].get("peak_rss_gib")
+    if isinstance(peak, (int, float)):
+        text += f"; peak memory {peak:.2f} GiB"
+    first, last = rows[0].get("rss_gib"), rows[-1].get("rss_gib")
+    if isinstance(first, (int, float)) and isinstance(last, (int, float)):
+        text += f", resident {first:.2f} GiB after layer {rows[0].get('layer')}, {last:.2f} GiB after layer {rows[-1].get('layer')}"
+    return text
 
 
 # ---------------------------------------------------------------- list / show
@@ -176,6 +199,9 @@ def show_lines(v: GoldenVersion, *, verify: bool = True, show_progress: bool = T
         made_by = (m.get("tokenizers") or {}).get(name)
         lines.append(f"  case {name}: {len(ids)} tokens  prompt {shown}  ids [{head}]"
                      + (f"  tokenizer {describe_tokenizer(made_by)}" if made_by else ""))
+        clock = (m.get("layer_timing") or {}).get(name) if isinstance(m.get("layer_timing"), Mapping) else None
+        if isinstance(clock, list) and clock:
+            lines.append(f"    generated: {timing_summary(clock)}")
         if verify:
             v.read_case(name, verify=True)
         arrays = info.get("arrays") or {}
@@ -395,7 +421,7 @@ def _shape_of(a: np.ndarray | None) -> tuple[int, ...] | None:
 
 def _provenance(va: GoldenVersion, vb: GoldenVersion) -> list[tuple[str, Any, Any]]:
     """Every provenance key whose value differs (not checksums, cases, creation time, command)."""
-    skip = ("checksums", "cases", "created", "command")
+    skip = ("checksums", "cases", "created", "command", "layer_timing")   # how long it took is not what it holds
     fa = _flatten({k: v for k, v in va.meta.items() if k not in skip})
     fb = _flatten({k: v for k, v in vb.meta.items() if k not in skip})
     return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]

@@ -88,6 +88,7 @@ def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype =
         finally:
             bar.close()
         case = from_recorder(rec)
+        case.attrs["layer_timing"] = bar.timing()
         producer = "moesnap-candidate" if candidate else "moesnap-reference"
     else:
         if candidate:
