@@ -198,18 +198,25 @@ def transformers_engine(model: Path, store: Path, device: str, work: Path, out: 
     judged(rec, js)
 
 
-def multi_gpu(out: Path, work: Path, layers: int, log: list[dict], n_ranks: int = 2) -> list[dict]:
+def multi_gpu(out: Path, work: Path, layers: int, log: list[dict], n_ranks: int = 2,
+              preset: str = "qwen3-30b-a3b", single: bool = True) -> list[dict]:
     """The expert-parallel candidate on ``n_ranks`` GPUs (NCCL) against full-width goldens: float32 and
-    bfloat16, both dispatch modes, and a NaN planted in an expert of the last rank."""
+    bfloat16, both dispatch modes, and a NaN planted in an expert of the last rank; then (``single``)
+    the one-GPU candidate on the same file and goldens, for figures side by side from one run.
+    The goldens' per-layer generation time and memory are in the summary (``goldens show``)."""
     from moesnap.judge.report import write_json
     from moesnap.run.expert_parallel import check_ep
 
-    model = work / f"qwen3-30b-a3b-{layers}l.gguf"
+    model = work / f"{preset}-{layers}l.gguf"
     store = work / "goldens"
     if not model.exists():
-        run_step("make model", ["-q", "model", "make", str(model), "--preset", "qwen3-30b-a3b", "--layers", str(layers)], log)
+        run_step("make model", ["-q", "model", "make", str(model), "--preset", preset, "--layers", str(layers)], log)
     run_step("generate goldens (CPU)", ["-q", "goldens", "generate", str(model), "--suite", "ep", "--store", str(store),
                                         "--prompt", PROMPT_128], log)
+    from moesnap.store import open_store as _open
+
+    timing = (_open(str(store)).open_version("ep", None).meta.get("layer_timing") or {}).get("case0") or []
+    log.append({"name": "generation per layer", "layers": timing})
     from moesnap.store import open_store
 
     v = open_store(str(store)).open_version("ep", None)
@@ -237,6 +244,13 @@ def multi_gpu(out: Path, work: Path, layers: int, log: list[dict], n_ranks: int 
             raise SystemExit(f"{name}: a pass that did not judge every cell")
         if inject and (fd is None or fd.layer != layers // 2 or fd.stage != "expert_out"):
             raise SystemExit(f"{name}: the planted NaN was not named at layer {layers // 2} / expert_out: {fd}")
+    if single:
+        for dtype in ("float32", "bfloat16"):
+            js = out / f"single_{dtype}.json"
+            rec = run_step(f"one GPU {dtype}", ["-q", "check", str(model), "--suite", "ep", "--store", str(store),
+                                                "--device", "cuda", "--dtype", dtype, "--force", "--json", str(js)],
+                           log, expect=(0, 1))
+            judged(rec, js)
     return log
 
 
@@ -254,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-faults", action="store_true", help="heavy: skip the planted faults")
     p.add_argument("--no-engines", action="store_true", help="heavy: skip transformers as a candidate engine")
     p.add_argument("--profile", action="store_true", help="cProfile every step into OUT/profiles/*.prof")
+    p.add_argument("--preset", default="qwen3-30b-a3b", help="multi_gpu: the model's shape (qwen3-235b-a22b: 94 "
+                   "layers of hidden 4096, ~1.4 GB a layer at Q4_K_M; pick --layers to fit the disk)")
+    p.add_argument("--no-single", action="store_true", help="multi_gpu: skip the one-GPU checks of the same file")
     a = p.parse_args(argv)
     import torch
 
@@ -280,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             work = Path(a.work or tempfile.mkdtemp(prefix="moesnap-ep-"))
             work.mkdir(parents=True, exist_ok=True)
-            multi_gpu(out, work, a.layers, log, n_ranks=torch.cuda.device_count())
+            multi_gpu(out, work, a.layers, log, n_ranks=torch.cuda.device_count(), preset=a.preset,
+                      single=not a.no_single)
         else:
             work = Path(a.work or tempfile.mkdtemp(prefix="moesnap-heavy-"))
             work.mkdir(parents=True, exist_ok=True)
