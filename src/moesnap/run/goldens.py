@@ -457,12 +457,7 @@ def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool
     rep.provenance = _provenance(va, vb)
     dtypes = {str(va.meta.get("dtype") or "float32"), str(vb.meta.get("dtype") or "float32")}
     dtype = "float32" if "float32" in dtypes or len(dtypes) > 1 else dtypes.pop()
-    names_a, names_b = va.case_names(), vb.case_names()
-    for name in sorted(set(names_a) - set(names_b)):
-        rep.case_notes.append(f"case {name}: only in {va.ref}")
-    for name in sorted(set(names_b) - set(names_a)):
-        rep.case_notes.append(f"case {name}: only in {vb.ref}")
-    common = [n for n in names_a if n in names_b]
+    common = _common_cases(rep, va, vb, "case")
     for name in progress(common, desc="diff", enabled=show_progress):
         ca, cb = va.read_case(name), vb.read_case(name)
         if ca.tokens.shape != cb.tokens.shape or not np.array_equal(ca.tokens, cb.tokens):
@@ -479,6 +474,17 @@ def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool
                                           r.result.detail, same or _same_values(a, b), r.worst, stored,
                                           (_shape_of(a), _shape_of(b))))
     return rep
+
+
+def _common_cases(rep: DiffReport, va: GoldenVersion, vb: GoldenVersion, word: str) -> list[str]:
+    """The case (``word``: case or check) names both versions hold, in ``va``'s order; a note in ``rep`` for
+    each that only one holds."""
+    names_a, names_b = va.case_names(), vb.case_names()
+    for name in sorted(set(names_a) - set(names_b)):
+        rep.case_notes.append(f"{word} {name}: only in {va.ref}")
+    for name in sorted(set(names_b) - set(names_a)):
+        rep.case_notes.append(f"{word} {name}: only in {vb.ref}")
+    return [n for n in names_a if n in names_b]
 
 
 def _array_tolerance(tols, name: str, a: np.ndarray | None, b: np.ndarray | None):
@@ -508,12 +514,7 @@ def diff_snapshots(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_prog
     tols = tols or Tolerances.defaults()
     rep = DiffReport(va.ref, vb.ref, kind=SNAPSHOT_KIND)
     rep.provenance = _provenance(va, vb)
-    names_a, names_b = va.case_names(), vb.case_names()
-    for name in sorted(set(names_a) - set(names_b)):
-        rep.case_notes.append(f"check {name}: only in {va.ref}")
-    for name in sorted(set(names_b) - set(names_a)):
-        rep.case_notes.append(f"check {name}: only in {vb.ref}")
-    common = [n for n in names_a if n in names_b]
+    common = _common_cases(rep, va, vb, "check")
     for name in progress(common, desc="diff", enabled=show_progress):
         ga, gb = strip_prefix(va.read_arrays(name)), strip_prefix(vb.read_arrays(name))
         for array in sorted(set(ga) | set(gb)):
@@ -540,17 +541,24 @@ def _provenance_lines(rep: DiffReport, *, details: bool) -> list[str]:
             + " (values: --details)"]
 
 
+def _head_and_groups(rep: DiffReport, details: bool) -> tuple[list[str], dict[str, list[StageChange]]]:
+    """A diff's first lines (the versions, the provenance that changed, the case notes) and its stage
+    changes grouped by case (or check)."""
+    lines = [f"{rep.a} -> {rep.b}", *_provenance_lines(rep, details=details)]
+    lines.extend(f"  {n}" for n in rep.case_notes)
+    groups: dict[str, list[StageChange]] = {}
+    for s in rep.stages:
+        groups.setdefault(s.case, []).append(s)
+    return lines, groups
+
+
 def diff_lines(rep: DiffReport, *, details: bool = False) -> list[str]:
     """A compact summary: provenance that changed, one line per case (how many stages changed, whether
     any beyond tolerance, the first such or the largest change), a total.  ``details``: every
     provenance key and one line per changed stage.  A snapshot suite: :func:`snapshot_diff_lines`."""
     if rep.kind == SNAPSHOT_KIND:
         return snapshot_diff_lines(rep, details=details)
-    lines = [f"{rep.a} -> {rep.b}", *_provenance_lines(rep, details=details)]
-    lines.extend(f"  {n}" for n in rep.case_notes)
-    by_case: dict[str, list[StageChange]] = {}
-    for s in rep.stages:
-        by_case.setdefault(s.case, []).append(s)
+    lines, by_case = _head_and_groups(rep, details)
     for case, stages in by_case.items():
         changed = [s for s in stages if s.changed]
         dtype_only = sum(1 for s in stages if s.same_values and not s.identical)
@@ -591,11 +599,7 @@ def snapshot_diff_lines(rep: DiffReport, *, details: bool = False) -> list[str]:
     removed and each changed array (beyond tolerance first, up to :data:`SUMMARY_ARRAYS`) with its
     dtype, shape, largest abs and relative difference and whether beyond tolerance; a total.
     ``details``: every provenance key and one line per array of each check, unchanged ones too."""
-    lines = [f"{rep.a} -> {rep.b}", *_provenance_lines(rep, details=details)]
-    lines.extend(f"  {n}" for n in rep.case_notes)
-    by_check: dict[str, list[StageChange]] = {}
-    for s in rep.stages:
-        by_check.setdefault(s.case, []).append(s)
+    lines, by_check = _head_and_groups(rep, details)
     for check, arrays in by_check.items():
         added = [s for s in arrays if s.added]
         removed = [s for s in arrays if s.removed]
