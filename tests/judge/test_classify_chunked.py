@@ -15,12 +15,7 @@ EXACT_FIELDS = ("n", "n_outside", "worst_index", "bad_tokens", "n_bad_tokens", "
 SUM_FIELDS = ("cosine", "rel_l2", "nmse", "mean_abs")
 
 
-def both(monkeypatch, g, c, tol, **kw):
-    monkeypatch.setattr(C, "CHUNK", 1 << 40)
-    general = C.classify(g, c, tol, **kw)
-    monkeypatch.setattr(C, "CHUNK", 1 << 11)
-    chunked = C.classify(g, c, tol, **kw)
-    return general, chunked
+from judge_helpers import both  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -98,12 +98,7 @@ def test_token_closeness_is_not_in_json():
     assert m.to_dict()["closeness"] == 0.0
 
 
-def both(monkeypatch, g, c, tol, **kw):
-    monkeypatch.setattr(C, "CHUNK", 1 << 40)
-    general = C.classify(g, c, tol, **kw)
-    monkeypatch.setattr(C, "CHUNK", 1 << 11)
-    chunked = C.classify(g, c, tol, **kw)
-    return general, chunked
+from judge_helpers import both  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", range(8))

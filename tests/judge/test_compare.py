@@ -5,24 +5,13 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytest
 
 from moesnap.case import Case
 from moesnap.judge.classify import Verdict
 from moesnap.judge.compare import compare_cases
-from moesnap.model.recorder import ArrayRecorder
-from moesnap.model.reference import run_reference
 from moesnap.judge.tolerances import Tolerances
 
-TOKENS = [5, 9, 200, 17, 3, 3, 64, 100]
-
-
-@pytest.fixture(scope="module")
-def golden(tiny_path):
-    rec = ArrayRecorder()
-    run_reference(tiny_path, TOKENS, recorder=rec)
-    return Case(tokens=np.asarray(TOKENS, np.int32), model={k: v for k, v in rec.model.items() if k != "tokens"},
-                layers=rec.stacked())
+from judge_helpers import TOKENS  # noqa: E402  (the `golden` fixture: tests/judge/conftest.py)
 
 
 def swap_to(case: Case, layer: int, token: int, rank: int) -> float:

@@ -9,22 +9,10 @@ import re
 import numpy as np
 import pytest
 
-from moesnap.case import Case
 from moesnap.judge.compare import Report, compare_cases
 from moesnap.judge.report import WORST_HEAD, detail_lines, text
 from moesnap.judge.tolerances import Tolerances
-from moesnap.model.recorder import ArrayRecorder
-from moesnap.model.reference import run_reference
 
-TOKENS = [5, 9, 200, 17, 3, 3, 64, 100]
-
-
-@pytest.fixture(scope="module")
-def golden(tiny_path):
-    rec = ArrayRecorder()
-    run_reference(tiny_path, TOKENS, recorder=rec)
-    return Case(tokens=np.asarray(TOKENS, np.int32), model={k: v for k, v in rec.model.items() if k != "tokens"},
-                layers=rec.stacked())
 
 
 def report_of(golden, cand, tols=None, *, replay=False, name="prompt0"):
