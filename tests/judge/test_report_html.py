@@ -12,7 +12,7 @@ import numpy as np
 
 from moesnap.case import Case
 from moesnap.judge.compare import Report, compare_cases
-from moesnap.judge.report import PASS_BINS, _classes, contrast, text_color, write_html
+from moesnap.judge.html import PASS_BINS, _classes, contrast, text_color, write_html
 from moesnap.judge.tolerances import Tolerances
 from moesnap.model.recorder import ArrayRecorder
 from moesnap.model.reference import run_reference
