@@ -62,7 +62,8 @@ def ref(model, tokens) -> ArrayRecorder:
 
 def run_candidate(model, tokens, device="cpu", dtype=torch.float32, **kw) -> tuple[ArrayRecorder, torch.Tensor]:
     rec = ArrayRecorder()
-    logits = CandidateModel(model, device=device, dtype=dtype, **kw).forward(tokens, rec)
+    logits, followed = CandidateModel(model, device=device, dtype=dtype, **kw).forward(tokens, rec)
+    assert followed == ()     # no router replay: nothing followed
     return rec, logits
 
 
@@ -180,7 +181,7 @@ def test_half_precision_agrees_loosely(model, tokens, ref, dtype):
 
 
 def test_returned_logits_are_the_recorded_ones(model, tokens, cand32):
-    logits = CandidateModel(model).forward(tokens)  # no recorder at all
+    logits = CandidateModel(model).forward(tokens).logits  # no recorder at all
     np.testing.assert_array_equal(logits.numpy(), cand32.model["logits"])
 
 
@@ -188,12 +189,12 @@ def test_recording_changes_nothing(model, tokens):
     cm = CandidateModel(model)
     a = cm.forward(tokens, NullRecorder())
     b = cm.forward(tokens, ArrayRecorder())
-    assert torch.equal(a, b)
+    assert torch.equal(a.logits, b.logits)
 
 
 def test_tokens_as_tensor_or_array(model, tokens, cand32):
     for form in (torch.tensor(tokens), np.asarray(tokens, dtype=np.int32)):
-        np.testing.assert_array_equal(CandidateModel(model).forward(form).numpy(), cand32.model["logits"])
+        np.testing.assert_array_equal(CandidateModel(model).forward(form).logits.numpy(), cand32.model["logits"])
 
 
 def test_progress_reports_every_layer(model, tokens):
@@ -262,9 +263,21 @@ def test_without_grouped_mm_the_loop_is_chosen(model, monkeypatch):
     from moesnap.model import candidate
 
     monkeypatch.delattr(torch, "_grouped_mm", raising=False)
-    monkeypatch.setattr(candidate, "_GROUPED_MM_PROBES", {})
     assert not grouped_mm_works("cpu", torch.float32, 64, 256)
     assert CandidateModel(model).expert_path == "loop"
+    monkeypatch.undo()                     # the probe is keyed by the function: the real one is found again
+    assert grouped_mm_works("cpu", torch.float32, 64, 256) == hasattr(candidate.torch, "_grouped_mm")
+
+
+def test_probes_are_decided_once_and_kept_by_the_model(model, monkeypatch):
+    """No process-wide flag is flipped by a call: each model holds what its probes found."""
+    from moesnap.model import candidate
+
+    cm = CandidateModel(model)
+    assert cm.gqa == candidate.sdpa_takes_enable_gqa()
+    assert not any(name.startswith("_GQA") or name.startswith("_GROUPED_MM_PROBES") for name in vars(candidate))
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    assert CandidateModel(model).expert_path == "loop" and cm.expert_path in EXPERT_PATHS
 
 
 def test_unknown_expert_path_and_dtype(model):
@@ -289,8 +302,9 @@ def test_replay_with_golden_inputs(model, tokens, ref):
         assert err <= 2e-5, (i, err)
         # the single-layer entry point gives exactly the same layer
         one = ArrayRecorder()
-        out = cm.forward_layer(i, golden_in[i], one)
+        out, followed = cm.forward_layer(i, golden_in[i], one)
         np.testing.assert_array_equal(out.numpy(), rec.layers["layer_out"][i])
+        assert followed == ()
         assert set(one.layers) == set(LAYER_STAGES) and not one.model
 
 
@@ -379,15 +393,20 @@ def test_router_replay_follows_the_golden_only_within_the_tie_width(model, token
 
     golden = ref.stacked()
     guide = RouterReplay(golden["topk_ids"], golden["router_logits"], tie_tol, tie_gap)
-    cand = CandidateModel(model, injections=[RouteFlip(layer=1, token=3)])   # token 3 picks its (k+1)-th expert
+    cand = CandidateModel(model)
+    faults = cand.faults([RouteFlip(layer=1, token=3)])   # token 3 picks its (k+1)-th expert
     rec = ArrayRecorder()
-    cand.forward(tokens, rec, router_replay=guide)
+    _, followed = cand.forward(tokens, rec, router_replay=guide, faults=faults)
     got = rec.stacked()["topk_ids"][1][3]
     if follows:   # continued with the golden's experts; its own choice is listed
         assert set(got.tolist()) == set(golden["topk_ids"][1][3].tolist())
-        assert [(f[0], f[1]) for f in cand.followed] == [(1, 3)]
-        assert set(cand.followed[0][2]) != set(got.tolist())
-        assert cand.unfired() == [RouteFlip(layer=1, token=3)]
+        assert [(f.layer, f.token) for f in followed] == [(1, 3)]
+        assert set(followed[0].own) != set(got.tolist())
+        assert faults.unfired() == [RouteFlip(layer=1, token=3)]
     else:         # a flip beyond the tie width is kept: it is a divergence to report
         assert set(got.tolist()) != set(golden["topk_ids"][1][3].tolist())
-        assert cand.followed == [] and cand.unfired() == []
+        assert followed == () and faults.unfired() == []
+    # the same model, asked again without replay or faults, is the plain forward: nothing was left set
+    again = ArrayRecorder()
+    assert cand.forward(tokens, again).followed == ()
+    np.testing.assert_array_equal(again.stacked()["topk_ids"], golden["topk_ids"])

@@ -12,7 +12,7 @@ import torch
 from moesnap.model.candidate import CandidateModel
 from moesnap.errors import UsageError
 from moesnap.model.inject import (
-    Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, SCALABLE_STAGES, parse_inject,
+    Faults, Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, SCALABLE_STAGES, parse_inject,
 )
 from moesnap.model.recorder import ArrayRecorder
 from moesnap.model.synth import tiny_path
@@ -49,8 +49,8 @@ def clean(model, tokens) -> ArrayRecorder:
 
 def run(model, tokens, *specs: str) -> ArrayRecorder:
     rec = ArrayRecorder()
-    injections = [parse_inject(s, model.config) for s in specs]
-    CandidateModel(model, injections=injections).forward(tokens, rec)
+    cand = CandidateModel(model)
+    cand.forward(tokens, rec, faults=cand.faults([parse_inject(s, model.config) for s in specs]))
     return rec
 
 
@@ -144,16 +144,18 @@ def test_route_needs_an_unselected_expert(cfg):
 
 
 def test_route_token_beyond_the_prompt(model, tokens):
-    cm = CandidateModel(model, injections=[RouteFlip(layer=0, token=N_TOKENS)])
+    cm = CandidateModel(model)
     with pytest.raises(UsageError, match=f"token={N_TOKENS} is out of range: the prompt has {N_TOKENS} tokens"):
-        cm.forward(tokens)
+        cm.forward(tokens, faults=cm.faults([RouteFlip(layer=0, token=N_TOKENS)]))
 
 
 def test_model_validates_injections_built_directly(model):
     with pytest.raises(UsageError, match="expert=12 is out of range"):
-        CandidateModel(model, injections=[NanExpert(layer=0, expert=12)])
+        Faults([NanExpert(layer=0, expert=12)], model)
     with pytest.raises(UsageError, match="stage='embed'"):
-        CandidateModel(model, injections=[ScaleStage(layer=0, stage="embed", factor=2.0)])
+        CandidateModel(model).faults([ScaleStage(layer=0, stage="embed", factor=2.0)])
+    with pytest.raises(UsageError, match="need the model"):
+        Faults([NanExpert(layer=0, expert=1)])
 
 
 # --------------------------------------------------------------------------- effects
@@ -177,7 +179,7 @@ def test_nan_expert(model, tokens, clean, layer):
 def test_nan_expert_without_tokens_changes_nothing(model, tokens):
     short = tokens[:2]                                                   # 2 tokens: at most 4 experts used
     rec = ArrayRecorder()
-    clean_logits = CandidateModel(model).forward(short, rec)
+    clean_logits = CandidateModel(model).forward(short, rec).logits
     unused = sorted(set(range(model.config.n_expert)) - set(rec.layers["topk_ids"][1].ravel().tolist()))
     hit = run(model, short, f"nan:layer=1,expert={unused[0]}")
     np.testing.assert_array_equal(hit.model["logits"], clean_logits.numpy())
@@ -253,8 +255,9 @@ def test_injection_in_replay_hits_only_its_layer(model, tokens, clean):
     inputs = {0: torch.from_numpy(clean.model["embed"])}
     inputs.update({i: torch.from_numpy(clean.layers["layer_out"][i - 1]) for i in range(1, L)})
     rec = ArrayRecorder()
-    CandidateModel(model, injections=[parse_inject("scale:layer=1,stage=attn_out,factor=3", model.config)]
-                   ).forward(tokens, rec, layer_inputs=inputs)
+    cand = CandidateModel(model)
+    cand.forward(tokens, rec, layer_inputs=inputs,
+                 faults=cand.faults([parse_inject("scale:layer=1,stage=attn_out,factor=3", model.config)]))
     for i in (0, 2, 3):
         np.testing.assert_array_equal(rec.layers["layer_out"][i], clean.layers["layer_out"][i])
     assert not np.array_equal(rec.layers["layer_out"][1], clean.layers["layer_out"][1])
@@ -270,4 +273,4 @@ def test_qtype_injection_that_changes_nothing_is_refused(tiny_path):
     layer = next(i for i in range(model.config.n_layer) if model.qtypes()[f"blk.{i}.ffn_down_exps"] == "Q4_K")
     inj = parse_inject(f"qtype:layer={layer},tensor=ffn_down_exps,as=q4_k", model.config)
     with pytest.raises(UsageError, match="already is Q4_K"):
-        CandidateModel(model, injections=[inj])
+        CandidateModel(model).faults([inj])

@@ -37,8 +37,14 @@ code: only the config, the stage names and the recorder.  What makes it a
   softmax run in float32, and the weighted sum of expert outputs accumulates
   in float32.
 
-Fault injection (:mod:`moesnap.model.inject`) hooks in at four points: the decode of
-one tensor, one expert's output, one stage's value and one token's routing.
+**The forward is only the forward** (gpt-fast's ``MOEFeedForward``): no modes, no state kept
+between calls.  What one call needs comes in as arguments (the recorder, a
+:class:`~moesnap.model.inject.Faults` of planted faults, router replay, stage-local replay's forced
+values) and what it finds comes back in its return value (:class:`Output`, :class:`LayerOutput`).
+Planted faults act only through the :class:`~moesnap.model.inject.Faults` methods the forward calls at
+fixed points (decoding a tensor, passing a stage on, the top-k choice, an expert's rows), which also
+record whether each fault fired.  Whether ``scaled_dot_product_attention`` takes ``enable_gqa`` and
+which expert path runs are decided once per model, from cached probes.
 
 **Router replay** (:class:`RouterReplay`, what ``moesnap check`` does by default):
 in low precision the candidate legitimately picks other experts where two
@@ -47,16 +53,17 @@ expert set differs from the golden's within ``tie_tol`` (the judge's rule,
 passed in as :attr:`RouterReplay.gap`) continues with the golden's experts,
 weighted by the candidate's own router probabilities for them and
 renormalised, so that it stays comparable in every later stage and layer.
-``topk_ids`` records the experts used; :attr:`CandidateModel.followed` lists
+``topk_ids`` records the experts used; :attr:`Output.followed` lists
 each (layer, token, own choice), which the comparison judges as the routing
 decision (``ROUTING_TIE``).  A wider flip is kept: it is a divergence.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import gguf
 import numpy as np
@@ -67,7 +74,7 @@ from ..gguf import quants_torch
 from .config import Qwen3MoeConfig
 from ..errors import UsageError
 from ..stages import DTYPES as STAGE_DTYPES
-from .inject import Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, validate_injection
+from .inject import NO_FAULTS, Faults
 from .tensors import GLOBAL_TENSORS, LAYER_TENSORS
 from .recorder import NullRecorder, Recorder
 from .weights import ModelWeights, file_bytes
@@ -78,9 +85,6 @@ Progress = Callable[[int, int], None]
 DTYPES = tuple(getattr(torch, name) for name in STAGE_DTYPES)
 #: ways to run the expert matmuls (see :func:`grouped_mm_works`)
 EXPERT_PATHS = ("grouped_mm", "loop")
-
-_GQA_FLAG: bool | None = None  # does scaled_dot_product_attention take enable_gqa?
-_GROUPED_MM_PROBES: dict[tuple[str, torch.dtype, int, int], bool] = {}
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -104,6 +108,27 @@ def _looped(a: torch.Tensor, w: torch.Tensor, bounds: Sequence[int]) -> torch.Te
     return out
 
 
+@functools.cache
+def _grouped_mm_probe(device: str, dtype: torch.dtype, k: int, m: int, fn: Any) -> bool:
+    """One probe of ``fn`` (``torch._grouped_mm`` as it is now: keyed by it, so a build or a test without
+    it is probed afresh) against one matmul per group."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    sizes = [3, 17, 1, 40]
+    n = sum(sizes)
+    a = (torch.randn(n + 5, k, generator=gen) / math.sqrt(k)).to(device, dtype)[5:]
+    w = torch.randn(len(sizes), m, k, generator=gen).to(device, dtype)
+    bounds = np.cumsum([0, *sizes]).tolist()
+    offs = torch.tensor(bounds[1:], dtype=torch.int32, device=device)
+    try:
+        got = fn(a, w.transpose(-2, -1), offs=offs).to(torch.float64)
+        want = _looped(a, w, bounds).to(torch.float64)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    return bool(torch.isfinite(got).all()) and got.shape == want.shape and \
+        bool(((got - want).abs() <= tol * (1 + want.abs())).all())
+
+
 def grouped_mm_works(device: torch.device | str, dtype: torch.dtype, k: int, m: int) -> bool:
     """Whether ``torch._grouped_mm`` runs on ``device`` in ``dtype`` for ``[N, k] x [G, m, k]^T``
     and agrees with one matmul per group.
@@ -113,29 +138,8 @@ def grouped_mm_works(device: torch.device | str, dtype: torch.dtype, k: int, m: 
     passing: torch 2.13 CPU and torch 2.11 on the H200, each in float32,
     bfloat16 and float16.
     """
-    device = torch.device(device)
-    key = (str(device), dtype, k, m)
-    if key in _GROUPED_MM_PROBES:
-        return _GROUPED_MM_PROBES[key]
-    ok = False
-    if hasattr(torch, "_grouped_mm"):
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        sizes = [3, 17, 1, 40]
-        n = sum(sizes)
-        a = (torch.randn(n + 5, k, generator=gen) / math.sqrt(k)).to(device, dtype)[5:]
-        w = torch.randn(len(sizes), m, k, generator=gen).to(device, dtype)
-        bounds = np.cumsum([0, *sizes]).tolist()
-        offs = torch.tensor(bounds[1:], dtype=torch.int32, device=device)
-        try:
-            got = _grouped(a, w, offs).to(torch.float64)
-            want = _looped(a, w, bounds).to(torch.float64)
-            tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
-            ok = bool(torch.isfinite(got).all()) and got.shape == want.shape and \
-                bool(((got - want).abs() <= tol * (1 + want.abs())).all())
-        except (RuntimeError, NotImplementedError, TypeError, ValueError):
-            ok = False
-    _GROUPED_MM_PROBES[key] = ok
-    return ok
+    fn = getattr(torch, "_grouped_mm", None)
+    return fn is not None and _grouped_mm_probe(str(torch.device(device)), dtype, k, m, fn)
 
 
 def default_expert_path(device: torch.device | str, dtype: torch.dtype, cfg: Qwen3MoeConfig) -> str:
@@ -144,20 +148,27 @@ def default_expert_path(device: torch.device | str, dtype: torch.dtype, cfg: Qwe
     return "grouped_mm" if ok else "loop"
 
 
-def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal GQA attention; ``q [Hq, T, D]``, ``k``/``v`` ``[Hkv, T, D]`` -> ``[Hq, T, D]``."""
-    global _GQA_FLAG
+@functools.cache
+def sdpa_takes_enable_gqa() -> bool:
+    """Whether this torch's ``scaled_dot_product_attention`` takes ``enable_gqa`` (torch >= 2.5)."""
+    q, kv = torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2)
+    try:
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    except TypeError:
+        return False
+    return True
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+    """Causal GQA attention; ``q [Hq, T, D]``, ``k``/``v`` ``[Hkv, T, D]`` -> ``[Hq, T, D]``; ``gqa``: the
+    kernel repeats key/value heads itself (``enable_gqa``)."""
     q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, heads, T, D]
-    if _GQA_FLAG is not False and q.shape[1] != k.shape[1]:
-        try:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            _GQA_FLAG = True
-            return out.squeeze(0)
-        except TypeError:  # torch < 2.5 has no enable_gqa
-            _GQA_FLAG = False
+    if q.shape[1] == k.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(0)
+    if gqa:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).squeeze(0)
     rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(0)
 
 
@@ -189,6 +200,59 @@ class RouterReplay:
             return None
         return ids, logits
 
+    def rows(self, positions: Sequence[int] | np.ndarray) -> RouterReplay:
+        """The same guide for a forward over the golden's rows at ``positions`` only (a decode step, a
+        chunk of a prompt)."""
+        idx = np.asarray(positions, dtype=np.int64)
+        return RouterReplay(np.asarray(self.ids)[:, idx], np.asarray(self.logits)[:, idx], self.tie_tol, self.gap)
+
+
+class Followed(NamedTuple):
+    """Where a forward continued with the golden's experts instead of its own: the layer, the row of the
+    forward (the token index of its case) and the experts the candidate itself chose."""
+
+    layer: int
+    token: int
+    own: list[int]
+
+
+class Output(NamedTuple):
+    """What :meth:`CandidateModel.forward` returns: the logits ``[T, V]`` (compute dtype) and where it
+    followed the golden's experts."""
+
+    logits: torch.Tensor
+    followed: tuple[Followed, ...]
+
+
+class LayerOutput(NamedTuple):
+    """What :meth:`CandidateModel.forward_layer` returns: the layer's output ``[T, H]`` and where it
+    followed the golden's experts."""
+
+    out: torch.Tensor
+    followed: tuple[Followed, ...]
+
+
+@dataclass
+class _Call:
+    """What one forward call was given, and the experts it followed: made by the public entry
+    points, handed down explicitly, never kept on the model."""
+
+    rec: Recorder
+    faults: Faults
+    guide: RouterReplay | None = None
+    force: Mapping[str, np.ndarray] | None = None
+    followed: list[Followed] = field(default_factory=list)
+
+    def emit(self, stage: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """A stage's value: passed through the planted faults, recorded, and passed on (the golden's
+        value instead, where stage-local replay forces this stage)."""
+        x = self.faults.stage(layer, stage, x)
+        self.rec.save(stage, layer, x)
+        forced = self.force.get(stage) if self.force is not None and stage != "topk_ids" else None
+        if forced is not None and tuple(forced.shape) == tuple(x.shape):
+            return torch.as_tensor(np.ascontiguousarray(forced)).to(x.device, x.dtype)
+        return x
+
 
 @dataclass
 class _Dense:
@@ -203,6 +267,10 @@ class _Dense:
     router: torch.Tensor     # [E, H] in the router dtype
 
 
+def _token_ids(tokens: Any) -> np.ndarray:
+    return np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens).astype(np.int64).reshape(-1)
+
+
 class CandidateModel:
     """The candidate forward over an open :class:`~moesnap.model.weights.GGUFModel`.
 
@@ -210,12 +278,13 @@ class CandidateModel:
     :func:`default_expert_path` chooses.
     ``expert_values`` bounds how many expert weight values are dequantized at
     once (default: 2**26 on the CPU, 2**31 elsewhere, i.e. a whole full-width
-    layer on a GPU).
+    layer on a GPU).  Planted faults are not part of the model: each forward takes them
+    (``faults=``, a :class:`~moesnap.model.inject.Faults`).
     """
 
     def __init__(self, model: ModelWeights, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, injections: Sequence[Injection] = (),
-                 expert_path: str | None = None, expert_values: int | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, expert_path: str | None = None,
+                 expert_values: int | None = None) -> None:
         if dtype not in DTYPES:
             raise UsageError(f"dtype {dtype} is not supported by the candidate forward; "
                              f"choose one of {', '.join(str(d).removeprefix('torch.') for d in DTYPES)}")
@@ -225,42 +294,22 @@ class CandidateModel:
         self.model, self.cfg, self.dtype = model, model.config, dtype
         self.opmath = _opmath(dtype)
         self.router_dtype = self.opmath
-        cfg = self.cfg
-        self.injections = tuple(injections)
-        for inj in self.injections:
-            validate_injection(inj, cfg)
-        self._qtype_as = {(j.layer, j.tensor): j.as_qtype for j in self.injections if isinstance(j, QtypeAs)}
-        for (layer, tensor), as_qtype in self._qtype_as.items():
-            true_qtype = model.tensor_type(f"blk.{layer}.{tensor}")
-            if true_qtype == as_qtype:
-                raise UsageError(f"--inject qtype:layer={layer},tensor={tensor},as={as_qtype.name.lower()}: "
-                                 f"that tensor already is {true_qtype.name}, so nothing would change")
-        self._scales: dict[tuple[int, str], float] = {}
-        for j in self.injections:
-            if isinstance(j, ScaleStage):
-                self._scales[(j.layer, j.stage)] = self._scales.get((j.layer, j.stage), 1.0) * j.factor
-        self._nan = {(j.layer, j.expert) for j in self.injections if isinstance(j, NanExpert)}
-        self._flips: dict[int, list[int]] = {}
-        for j in self.injections:
-            if isinstance(j, RouteFlip):
-                self._flips.setdefault(j.layer, []).append(j.token)
-        #: (layer, token, own expert ids) where the last forward followed the golden's experts
-        self.followed: list[tuple[int, int, list[int]]] = []
-        #: planted faults that changed something in any forward so far (see :meth:`unfired`)
-        self.fired: set[Injection] = set()
-        self._guide: RouterReplay | None = None
-        self._force: dict[str, np.ndarray] | None = None
-
         if expert_path is None:
-            expert_path = default_expert_path(self.device, dtype, cfg)
+            expert_path = default_expert_path(self.device, dtype, self.cfg)
         if expert_path not in EXPERT_PATHS:
             raise UsageError(f"expert_path={expert_path!r}; choose one of {', '.join(EXPERT_PATHS)}")
         self.expert_path = expert_path
+        #: whether attention passes ``enable_gqa`` (else key/value heads are repeated first)
+        self.gqa = sdpa_takes_enable_gqa()
         on_cpu = self.device.type == "cpu"
         self.expert_values = expert_values or (1 << 26 if on_cpu else 1 << 31)
         self.resident = not on_cpu          # keep uploaded bytes for the model's lifetime
         self._bytes: dict[str, torch.Tensor] = {}
-        self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def faults(self, injections: Sequence[Any] = ()) -> Faults:
+        """The :class:`~moesnap.model.inject.Faults` of ``injections`` for this model (validated)."""
+        return Faults(tuple(injections), self.model)
 
     # -- raw bytes and dequantization ----------------------------------------
     def _stored(self, name: str) -> tuple[gguf.GGMLQuantizationType, np.ndarray]:
@@ -290,35 +339,30 @@ class CandidateModel:
                 for t in LAYER_TENSORS:
                     self._raw(f"blk.{i}.{t}")
 
-    def _decode(self, name: str, data: torch.Tensor, qtype, layer: int | None, dtype: torch.dtype) -> torch.Tensor:
-        tensor = name.split(".")[-1]
-        as_qtype = self._qtype_as.get((layer, tensor)) if layer is not None else None
-        if as_qtype is not None:
-            return quants_torch.decode_as(data, qtype, as_qtype, out_dtype=dtype)
-        return quants_torch.dequantize(data, qtype, out_dtype=dtype)
-
-    def _weight(self, name: str, layer: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _weight(self, name: str, faults: Faults, layer: int | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         qtype, data = self._raw(name)
-        return self._decode(name, data.to(self.device), qtype, layer, dtype or self.dtype)
+        return faults.dequantize(data.to(self.device), qtype, layer, name.split(".")[-1], dtype or self.dtype)
 
-    def _dense(self, i: int) -> _Dense:
+    def _dense(self, i: int, faults: Faults) -> _Dense:
         p = f"blk.{i}."
         cfg = self.cfg
         wqkv = torch.empty(cfg.q_dim + 2 * cfg.kv_dim, cfg.hidden, dtype=self.dtype, device=self.device)
-        wqkv[:cfg.q_dim] = self._weight(p + "attn_q", i)
-        wqkv[cfg.q_dim:cfg.q_dim + cfg.kv_dim] = self._weight(p + "attn_k", i)
-        wqkv[cfg.q_dim + cfg.kv_dim:] = self._weight(p + "attn_v", i)
+        wqkv[:cfg.q_dim] = self._weight(p + "attn_q", faults, i)
+        wqkv[cfg.q_dim:cfg.q_dim + cfg.kv_dim] = self._weight(p + "attn_k", faults, i)
+        wqkv[cfg.q_dim + cfg.kv_dim:] = self._weight(p + "attn_v", faults, i)
         return _Dense(
-            attn_norm=self._weight(p + "attn_norm", i),
+            attn_norm=self._weight(p + "attn_norm", faults, i),
             wqkv=wqkv,
-            wo=self._weight(p + "attn_output", i),
-            q_norm=self._weight(p + "attn_q_norm", i),
-            k_norm=self._weight(p + "attn_k_norm", i),
-            ffn_norm=self._weight(p + "ffn_norm", i),
-            router=self._weight(p + "ffn_gate_inp", i, self.router_dtype),
+            wo=self._weight(p + "attn_output", faults, i),
+            q_norm=self._weight(p + "attn_q_norm", faults, i),
+            k_norm=self._weight(p + "attn_k_norm", faults, i),
+            ffn_norm=self._weight(p + "ffn_norm", faults, i),
+            router=self._weight(p + "ffn_gate_inp", faults, i, self.router_dtype),
         )
 
-    def _experts_weights(self, i: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _experts_weights(self, i: int, ids: list[int], faults: Faults
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gate ``[G, F, H]``, up ``[G, F, H]`` and down ``[G, H, F]`` of experts ``ids`` (ascending)."""
         p = f"blk.{i}."
         lo, hi = ids[0], ids[-1] + 1
@@ -327,33 +371,28 @@ class CandidateModel:
         for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
             qtype, data = self._raw(p + name)
             sel = data[lo:hi] if contiguous else data.index_select(0, torch.tensor(ids, device=data.device))
-            out.append(self._decode(p + name, sel.to(self.device), qtype, i, self.dtype))  # only these experts
+            out.append(faults.dequantize(sel.to(self.device), qtype, i, name, self.dtype))  # only these experts
         return out[0], out[1], out[2]
 
     # -- stages ---------------------------------------------------------------
-    def _emit(self, stage: str, layer: int, x: torch.Tensor, rec: Recorder) -> torch.Tensor:
-        """Apply a planted scale error (if any) to a stage's value, record it and pass it on
-        (the golden's value instead, when stage-local replay forces this stage)."""
-        f = self._scales.get((layer, stage))
-        if f is not None:
-            x = x * f
-        rec.save(stage, layer, x)
-        forced = self._force.get(stage) if self._force is not None and stage != "topk_ids" else None
-        if forced is not None and tuple(forced.shape) == tuple(x.shape):
-            return torch.as_tensor(np.ascontiguousarray(forced)).to(x.device, x.dtype)
-        return x
-
     def _rope(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[T, 1, D/2]`` in the rope dtype, from float64 angles."""
-        hit = self._rope_cache.get(n_tokens)
-        if hit is None:
+        """cos, sin ``[T, 1, D/2]`` of positions ``0..T-1`` in the rope dtype, from float64 angles."""
+        return self._rope_at(torch.arange(n_tokens))
+
+    def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[T, 1, D/2]`` of each row's absolute position (``positions [T]``, any device): rows
+        of one table that grows to the largest position asked, each row computed from its position alone
+        (float64 angles), so a row is the same whatever else is asked with it."""
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if self._rope_table is None or self._rope_table[0].shape[0] < need:
+            n = max(need, 2 * (self._rope_table[0].shape[0] if self._rope_table is not None else 0), 64)
             half = self.cfg.head_dim // 2
             inv = torch.pow(float(self.cfg.rope_base), -torch.arange(half, dtype=torch.float64) * 2.0 / self.cfg.head_dim)
-            ang = torch.arange(n_tokens, dtype=torch.float64)[:, None] * inv[None, :]  # [T, D/2]
-            hit = (ang.cos().to(self.device, self.opmath)[:, None, :],
-                   ang.sin().to(self.device, self.opmath)[:, None, :])
-            self._rope_cache[n_tokens] = hit
-        return hit
+            ang = torch.arange(n, dtype=torch.float64)[:, None] * inv[None, :]  # [n, D/2]
+            self._rope_table = (ang.cos().to(self.device, self.opmath), ang.sin().to(self.device, self.opmath))
+        cos, sin = self._rope_table
+        idx = positions.to(self.device)
+        return cos.index_select(0, idx)[:, None, :], sin.index_select(0, idx)[:, None, :]
 
     def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """NeoX rotation of the two halves of each head, in float32: ``[T, H*, D]``."""
@@ -365,52 +404,41 @@ class CandidateModel:
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_eps)
 
-    def _attention(self, i: int, x: torch.Tensor, w: _Dense, rec: Recorder) -> torch.Tensor:
+    def _attention(self, i: int, x: torch.Tensor, w: _Dense, c: _Call) -> torch.Tensor:
         cfg = self.cfg
         T, D = x.shape[0], cfg.head_dim
         qkv = x @ w.wqkv.T                                                      # [T, Hq*D + 2*Hkv*D]
-        q = self._emit("q", i, qkv[:, :cfg.q_dim].view(T, cfg.n_head, D), rec)  # [T, Hq, D]
-        k = self._emit("k", i, qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].view(T, cfg.n_head_kv, D), rec)
-        v = self._emit("v", i, qkv[:, cfg.q_dim + cfg.kv_dim:].view(T, cfg.n_head_kv, D), rec)
-        q = self._emit("q_norm", i, self._norm(q, w.q_norm), rec)
-        k = self._emit("k_norm", i, self._norm(k, w.k_norm), rec)
+        q = c.emit("q", i, qkv[:, :cfg.q_dim].view(T, cfg.n_head, D))           # [T, Hq, D]
+        k = c.emit("k", i, qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].view(T, cfg.n_head_kv, D))
+        v = c.emit("v", i, qkv[:, cfg.q_dim + cfg.kv_dim:].view(T, cfg.n_head_kv, D))
+        q = c.emit("q_norm", i, self._norm(q, w.q_norm))
+        k = c.emit("k_norm", i, self._norm(k, w.k_norm))
         cos, sin = self._rope(T)
-        q = self._emit("q_rope", i, self._apply_rope(q, cos, sin), rec)
-        k = self._emit("k_rope", i, self._apply_rope(k, cos, sin), rec)
-        o = _sdpa_causal(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))  # [Hq, T, D]
-        attn = self._emit("attn", i, o.transpose(0, 1).reshape(T, cfg.q_dim), rec)  # [T, Hq*D]
-        return self._emit("attn_out", i, attn @ w.wo.T, rec)                      # [T, H]
+        q = c.emit("q_rope", i, self._apply_rope(q, cos, sin))
+        k = c.emit("k_rope", i, self._apply_rope(k, cos, sin))
+        o = _sdpa_causal(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.gqa)  # [Hq, T, D]
+        attn = c.emit("attn", i, o.transpose(0, 1).reshape(T, cfg.q_dim))       # [T, Hq*D]
+        return c.emit("attn_out", i, attn @ w.wo.T)                             # [T, H]
 
-    def _route(self, i: int, x: torch.Tensor, w: _Dense, rec: Recorder) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(self, i: int, x: torch.Tensor, w: _Dense, c: _Call) -> tuple[torch.Tensor, torch.Tensor]:
         """(topk_ids ``[T, k]`` int64, topk_weights ``[T, k]`` in the compute dtype)."""
-        k = self.cfg.n_expert_used
-        logits = self._emit("router_logits", i, x.to(self.router_dtype) @ w.router.T, rec)  # [T, E]
+        logits = c.emit("router_logits", i, x.to(self.router_dtype) @ w.router.T)  # [T, E]
         probs = torch.softmax(logits, dim=-1)
-        flips = self._flips.get(i)
-        if flips:
-            # planted routing flip: the token takes its (k+1)-th ranked expert instead of its k-th
-            pw, pid = torch.topk(probs, k + 1, dim=-1)                         # [T, k+1]
-            rows = torch.tensor(flips, device=pw.device)
-            pw[rows, k - 1], pid[rows, k - 1] = pw[rows, k], pid[rows, k]
-            pw, pid = pw[:, :k], pid[:, :k]
-        else:
-            pw, pid = torch.topk(probs, k, dim=-1)                              # [T, k], descending
-        if self._force is not None and "topk_ids" in self._force:
-            pw, pid = self._forced_router(i, probs, pw, pid)
-        elif self._guide is not None:
-            pw, pid = self._replay_router(i, probs, pw, pid)
-        for t in flips or ():   # a flip fires when free-running keeps it (router replay undoes near ties)
-            if self._force is None and not any(f[0] == i and f[1] == t for f in self.followed):
-                self.fired.add(RouteFlip(layer=i, token=t))
+        pw, pid = c.faults.topk(i, probs, self.cfg.n_expert_used)                  # [T, k], descending
+        if c.force is not None and "topk_ids" in c.force:
+            pw, pid = self._forced_router(i, probs, pw, pid, c)
+        elif c.guide is not None:
+            pw, pid = self._replay_router(i, probs, pw, pid, c)
+        c.faults.routed(i, pid)
         weights = (pw / pw.sum(dim=-1, keepdim=True)).to(self.dtype)
-        ids = self._emit("topk_ids", i, pid, rec)
-        weights = self._emit("topk_weights", i, weights, rec)
+        ids = c.emit("topk_ids", i, pid)
+        weights = c.emit("topk_weights", i, weights)
         return ids, weights
 
-    def _replay_router(self, i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor
+    def _replay_router(self, i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor, c: _Call
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Router replay: tokens whose expert set differs from the golden's at a near tie take the golden's."""
-        replay = self._guide
+        replay = c.guide
         guide = replay.layer(i, pid.shape[0]) if replay is not None else None
         if replay is None or guide is None or guide[0].shape[1] != pid.shape[1]:
             return pw, pid
@@ -425,7 +453,7 @@ class CandidateModel:
         if not follow:
             return pw, pid
         for t in follow:
-            self.followed.append((i, t, [int(e) for e in own[tokens.index(t)]]))
+            c.followed.append(Followed(i, t, [int(e) for e in own[tokens.index(t)]]))
         idx = torch.tensor(follow, device=pid.device)
         pid, pw = pid.clone(), pw.clone()
         new_w, order = probs[idx].gather(-1, g_ids[idx]).sort(dim=-1, descending=True)
@@ -433,13 +461,13 @@ class CandidateModel:
         pw[idx] = new_w
         return pw, pid
 
-    def _forced_router(self, i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor
+    def _forced_router(self, i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor, c: _Call
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage-local replay: every token continues with the golden's experts, in the golden's slot order,
-        weighted by this router's probabilities for them; tokens whose own set differs are listed in
-        :attr:`followed` (the comparison judges the own choice)."""
-        assert self._force is not None, "called only while a forced topk_ids is set"
-        g = np.asarray(self._force["topk_ids"])
+        weighted by this router's probabilities for them; tokens whose own set differs are listed as
+        followed (the comparison judges the own choice)."""
+        assert c.force is not None, "called only while a forced topk_ids is given"
+        g = np.asarray(c.force["topk_ids"])
         if g.shape != tuple(pid.shape):
             return pw, pid
         g_ids = torch.as_tensor(g.astype(np.int64), device=pid.device)
@@ -447,22 +475,18 @@ class CandidateModel:
         tokens = torch.nonzero(differ).squeeze(1).tolist()
         if tokens:
             own = pid[tokens].cpu().numpy()
-            self.followed += [(i, t, [int(e) for e in ids]) for t, ids in zip(tokens, own)]
+            c.followed += [Followed(i, t, [int(e) for e in ids]) for t, ids in zip(tokens, own)]
         return probs.gather(-1, g_ids), g_ids
 
-    def unfired(self) -> list[Injection]:
-        """Planted faults that have changed nothing in any forward so far: an expert no token routed
-        to, or a routing flip that router replay undid because it fell within the near-tie width."""
-        return [j for j in self.injections if isinstance(j, (NanExpert, RouteFlip)) and j not in self.fired]
-
-    def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor, c: _Call) -> torch.Tensor:
         """Unweighted outputs ``[T, k, H]`` of each token's selected experts, run grouped by expert
         (the expert-parallel candidate overrides this: its experts are spread over ranks)."""
         T, k = ids.shape
         token = torch.arange(T * k, device=ids.device) // k                    # [T*k] token of each pair
-        return self._expert_pairs(i, x, token, ids.reshape(-1)).view(T, k, self.cfg.hidden)
+        return self._expert_pairs(i, x, token, ids.reshape(-1), c.faults).view(T, k, self.cfg.hidden)
 
-    def _expert_pairs(self, i: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def _expert_pairs(self, i: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
+                      faults: Faults) -> torch.Tensor:
         """Expert ``experts[j]``'s unweighted output on ``x[rows[j]]`` for every pair ``j``: ``[n, H]``,
         in pair order, computed grouped by expert (only the experts that occur are dequantized)."""
         cfg = self.cfg
@@ -478,7 +502,7 @@ class CandidateModel:
         r0 = 0
         for g0 in range(0, len(used_host), batch):
             sizes = n_used[g0:g0 + batch]
-            gate, up, down = self._experts_weights(i, used_host[g0:g0 + batch])  # [G, F, H] x2, [G, H, F]
+            gate, up, down = self._experts_weights(i, used_host[g0:g0 + batch], faults)  # [G, F, H] x2, [G, H, F]
             r1 = r0 + sum(sizes)
             bounds = np.cumsum([0, *sizes]).tolist()
             a = a_all[r0:r1]                                           # [n_g, H]
@@ -489,103 +513,96 @@ class CandidateModel:
             else:
                 h = F.silu(_looped(a, gate, bounds)) * _looped(a, up, bounds)
                 out[r0:r1] = _looped(h, down, bounds)
-            for g, e in enumerate(used_host[g0:g0 + batch]):
-                if (i, e) in self._nan:                                # planted fault: a NaN expert
-                    out[r0 + bounds[g]:r0 + bounds[g + 1]] = float("nan")
-                    self.fired.add(NanExpert(layer=i, expert=e))
+            faults.expert_rows(i, used_host[g0:g0 + batch], out[r0:r1], bounds)
             r0 = r1
         pairs = torch.empty_like(out)
         pairs[order] = out                                           # back to pair order
         return pairs
 
-    def _moe(self, i: int, x: torch.Tensor, w: _Dense, rec: Recorder) -> torch.Tensor:
-        ids, weights = self._route(i, x, w, rec)
-        eo = self._emit("expert_out", i, self._experts(i, x, ids), rec)       # [T, k, H]
+    def _moe(self, i: int, x: torch.Tensor, w: _Dense, c: _Call) -> torch.Tensor:
+        ids, weights = self._route(i, x, w, c)
+        eo = c.emit("expert_out", i, self._experts(i, x, ids, c))              # [T, k, H]
         mix = torch.bmm(weights.to(self.opmath).unsqueeze(1), eo.to(self.opmath))  # [T, 1, H]
-        return self._emit("moe_out", i, mix.squeeze(1).to(self.dtype), rec)       # [T, H]
+        return c.emit("moe_out", i, mix.squeeze(1).to(self.dtype))             # [T, H]
 
-    # -- public entry points --------------------------------------------------
-    @torch.inference_mode()
-    def forward_layer(self, i: int, x: torch.Tensor, rec: Recorder | None = None, *,
-                      router_replay: RouterReplay | None = None,
-                      force: dict[str, np.ndarray] | None = None) -> torch.Tensor:
-        """Run layer ``i`` on hidden state ``x [T, H]``; return its output ``[T, H]`` (replay uses this).
+    def _layer(self, i: int, x: torch.Tensor, c: _Call) -> torch.Tensor:
+        w = self._dense(i, c.faults)
+        h = c.emit("attn_norm", i, self._norm(x, w.attn_norm))
+        h = c.emit("attn_resid", i, x + self._attention(i, h, w, c))
+        m = c.emit("ffn_norm", i, self._norm(h, w.ffn_norm))
+        return c.emit("layer_out", i, h + self._moe(i, m, w, c))
 
-        With ``router_replay`` the layer follows the golden's experts at near ties (the module
-        docstring); :attr:`followed` then lists where, for this call only.
-        ``force`` (stage-local replay) maps stages of this layer to golden values: each stage is
-        recorded as computed and then replaced by the golden's value before the next operation uses
-        it, so every recorded stage holds the error of one operation alone; ``topk_ids`` makes the
-        layer run the golden's experts (:attr:`followed` lists the tokens whose own choice differed).
-        """
-        if router_replay is not None or force is not None:
-            self._guide, self._force, self.followed = router_replay, force, []
-            try:
-                return self.forward_layer(i, x, rec)
-            finally:
-                self._guide, self._force = None, None
-        rec = rec or NullRecorder()
+    def _layer_input(self, i: int, x: Any) -> torch.Tensor:
         if not 0 <= i < self.cfg.n_layer:
             raise UsageError(f"layer={i} is out of range: the model has {self.cfg.n_layer} layers")
         x = torch.as_tensor(x)
         if x.dim() != 2 or x.shape[1] != self.cfg.hidden or x.shape[0] == 0:
             raise UsageError(f"layer {i} input has shape {list(x.shape)}, expected [T, {self.cfg.hidden}]")
-        x = x.to(self.device, self.dtype)
-        self._check_tokens_for_injections(x.shape[0])
-        w = self._dense(i)
-        h = self._emit("attn_norm", i, self._norm(x, w.attn_norm), rec)
-        h = self._emit("attn_resid", i, x + self._attention(i, h, w, rec), rec)
-        m = self._emit("ffn_norm", i, self._norm(h, w.ffn_norm), rec)
-        return self._emit("layer_out", i, h + self._moe(i, m, w, rec), rec)
+        return x.to(self.device, self.dtype)
 
-    def _check_tokens_for_injections(self, n_tokens: int) -> None:
-        for toks in self._flips.values():
-            for t in toks:
-                if t >= n_tokens:
-                    raise UsageError(f"token={t} is out of range: the prompt has {n_tokens} tokens")
+    # -- public entry points --------------------------------------------------
+    @torch.inference_mode()
+    def forward_layer(self, i: int, x: torch.Tensor, rec: Recorder | None = None, *,
+                      router_replay: RouterReplay | None = None, force: Mapping[str, np.ndarray] | None = None,
+                      faults: Faults = NO_FAULTS) -> LayerOutput:
+        """Run layer ``i`` on hidden state ``x [T, H]`` (replay uses this).
+
+        With ``router_replay`` the layer follows the golden's experts at near ties (the module
+        docstring).  ``force`` (stage-local replay) maps stages of this layer to golden values: each
+        stage is recorded as computed and then replaced by the golden's value before the next operation
+        uses it, so every recorded stage holds the error of one operation alone; ``topk_ids`` makes the
+        layer run the golden's experts.  The returned :attr:`LayerOutput.followed` lists the tokens that
+        ran the golden's experts rather than their own.
+        """
+        x = self._layer_input(i, x)
+        faults.check_tokens(x.shape[0])
+        c = _Call(rec or NullRecorder(), faults, router_replay, force)
+        return LayerOutput(self._layer(i, x, c), tuple(c.followed))
 
     @torch.inference_mode()
-    def forward(self, tokens, rec: Recorder | None = None, *, progress: Progress | None = None,
-                layer_inputs: dict[int, torch.Tensor] | None = None,
-                router_replay: RouterReplay | None = None) -> torch.Tensor:
+    def forward(self, tokens: Any, rec: Recorder | None = None, *, progress: Progress | None = None,
+                layer_inputs: Mapping[int, torch.Tensor] | None = None,
+                router_replay: RouterReplay | None = None, faults: Faults = NO_FAULTS) -> Output:
         """Logits ``[T, V]`` (in the compute dtype) for ``tokens`` ``[T]``, every stage recorded.
 
         ``layer_inputs`` (replay) maps a layer index to the hidden state
         ``[T, H]`` that layer receives instead of its predecessor's output.
         ``router_replay``: follow the golden's experts at near ties (module
-        docstring); :attr:`followed` then lists where, for this forward.
+        docstring); the returned :attr:`Output.followed` lists where.
+        ``faults``: the planted faults to apply (:meth:`faults`).
         """
-        self._guide, self.followed = router_replay, []
-        try:
-            return self._forward(tokens, rec, progress=progress, layer_inputs=layer_inputs)
-        finally:
-            self._guide = None
-
-    def _forward(self, tokens, rec: Recorder | None, *, progress: Progress | None,
-                 layer_inputs: dict[int, torch.Tensor] | None) -> torch.Tensor:
         rec = rec or NullRecorder()
         cfg = self.cfg
         bad = sorted(set(layer_inputs or ()) - set(range(cfg.n_layer)))
         if bad:
             raise UsageError(f"layer_inputs: layer={bad[0]} is out of range: the model has {cfg.n_layer} layers")
-        ids = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens).astype(np.int64).reshape(-1)
+        ids = _token_ids(tokens)
         self.model.check_tokens(ids)
-        self._check_tokens_for_injections(len(ids))
+        faults.check_tokens(len(ids))
+        c = _Call(rec, faults, router_replay)
         tok = torch.from_numpy(ids).to(self.device)
         rec.save("tokens", None, tok)
-        qtype, emb = self._raw("token_embd")
-        x = quants_torch.dequantize(emb.index_select(0, tok.to(emb.device)).to(self.device), qtype,
-                                    out_dtype=self.dtype)                      # [T, H]
+        x = self._embed(tok)                                                   # [T, H]
         rec.save("embed", None, x)
         for i in range(cfg.n_layer):
             if layer_inputs is not None and i in layer_inputs:
                 x = torch.as_tensor(layer_inputs[i])
                 if x.dim() != 2 or x.shape[0] != len(ids):
                     raise UsageError(f"layer_inputs[{i}] has shape {list(x.shape)}, expected [{len(ids)}, {cfg.hidden}]")
-            x = self.forward_layer(i, x, rec)
+            x = self._layer(i, self._layer_input(i, x), c)
             if progress is not None:
                 progress(i + 1, cfg.n_layer)
-        x = self._norm(x, self._weight("output_norm"))
+        return Output(self._head(x, rec), tuple(c.followed))
+
+    def _embed(self, tok: torch.Tensor) -> torch.Tensor:
+        """The embedding rows ``[T, H]`` of token ids ``tok [T]`` (on the device), dequantized there."""
+        qtype, emb = self._raw("token_embd")
+        return quants_torch.dequantize(emb.index_select(0, tok.to(emb.device)).to(self.device), qtype,
+                                       out_dtype=self.dtype)
+
+    def _head(self, x: torch.Tensor, rec: Recorder) -> torch.Tensor:
+        """Final norm and lm head of the last layer's output ``x [T, H]``, both recorded."""
+        x = self._norm(x, self._weight("output_norm", NO_FAULTS))
         rec.save("final_norm", None, x)
         logits = self._lm_head(x)
         rec.save("logits", None, logits)

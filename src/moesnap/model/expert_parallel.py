@@ -51,8 +51,8 @@ from .. import errors
 from ..case import Case, from_recorder
 from ..errors import MoesnapError, UsageError
 from ..stages import CHECK_DTYPES
-from .candidate import CandidateModel, RouterReplay
-from .inject import Injection, NanExpert, RouteFlip, check_injections, parse_inject
+from .candidate import CandidateModel, RouterReplay, _Call
+from .inject import Faults, Injection, check_injections, parse_inject
 from .recorder import ArrayRecorder, NullRecorder, Recorder
 from .tensors import EXPERT_TENSORS
 from .weights import ModelWeights
@@ -107,34 +107,35 @@ class ExpertParallelCandidate(CandidateModel):
             return qtype, data[self.lo:self.hi]          # [E/N, ...]: this rank's experts only
         return qtype, data
 
-    def _experts_weights(self, i: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _experts_weights(self, i: int, ids: list[int], faults: Faults
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if ids and (ids[0] < self.lo or ids[-1] >= self.hi):
             bad = next(e for e in ids if not self.lo <= e < self.hi)
             raise RuntimeError(f"rank {self.rank} was given expert {bad} of layer {i}; it holds [{self.lo}, {self.hi})")
-        return super()._experts_weights(i, [e - self.lo for e in ids])
+        return super()._experts_weights(i, [e - self.lo for e in ids], faults)
 
     def _sent(self, i: int, what: str, n: int) -> None:
         per = self.traffic.setdefault(i, {})
         per[what] = per.get(what, 0) + int(n)
 
     # -- how the pairs reach them ---------------------------------------------------------------
-    def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor, c: _Call) -> torch.Tensor:
         if self.mode == "allreduce":
-            return self._experts_allreduce(i, x, ids)
-        return self._experts_alltoall(i, x, ids)
+            return self._experts_allreduce(i, x, ids, c.faults)
+        return self._experts_alltoall(i, x, ids, c.faults)
 
-    def _experts_allreduce(self, i: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _experts_allreduce(self, i: int, x: torch.Tensor, ids: torch.Tensor, faults: Faults) -> torch.Tensor:
         T, k = ids.shape
         H = self.cfg.hidden
         flat = ids.reshape(-1)                                                   # [T*k]
         mine = torch.nonzero((flat >= self.lo) & (flat < self.hi)).squeeze(1)    # pairs this rank's experts take
         out = x.new_zeros(T * k, H)                                              # [T*k, H]
-        out[mine] = self._expert_pairs(i, x, mine // k, flat.index_select(0, mine))
+        out[mine] = self._expert_pairs(i, x, mine // k, flat.index_select(0, mine), faults)
         dist.all_reduce(out, group=self.group)                                   # one rank non-zero per pair
         self._sent(i, "allreduce", out.numel() * out.element_size())
         return out.view(T, k, H)
 
-    def _experts_alltoall(self, i: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _experts_alltoall(self, i: int, x: torch.Tensor, ids: torch.Tensor, faults: Faults) -> torch.Tensor:
         T, k = ids.shape
         H, g = self.cfg.hidden, self.group
         t0, t1 = token_range(T, self.rank, self.world)
@@ -150,7 +151,7 @@ class ExpertParallelCandidate(CandidateModel):
         dist.all_to_all_single(got, rows, recv, send, group=g)                   # dispatch
         eids = flat.new_empty(sum(recv))                                         # [m]
         dist.all_to_all_single(eids, flat.index_select(0, order), recv, send, group=g)
-        done = self._expert_pairs(i, got, torch.arange(len(eids), device=eids.device), eids)  # [m, H]
+        done = self._expert_pairs(i, got, torch.arange(len(eids), device=eids.device), eids, faults)  # [m, H]
         back = x.new_empty(len(order), H)                                        # [n*k, H]
         dist.all_to_all_single(back, done, send, recv, group=g)                  # combine
         pairs = torch.empty_like(back)
@@ -171,12 +172,12 @@ class ExpertParallelCandidate(CandidateModel):
         spans = [token_range(n_tokens, r, self.world) for r in range(self.world)]
         return torch.cat([p[:hi - lo] for p, (lo, hi) in zip(parts, spans)])
 
-    def unfired(self) -> list[Injection]:
-        """As for the candidate, over every rank (collective): a NaN expert fires on its owner only."""
+    def unfired(self, faults: Faults) -> list[Injection]:
+        """:meth:`Faults.unfired <moesnap.model.inject.Faults.unfired>` over every rank (collective): a NaN
+        expert fires on the rank that owns it only."""
         fired: list[Any] = [None] * self.world
-        dist.all_gather_object(fired, self.fired, group=self.group)
-        everywhere = set().union(*fired)
-        return [j for j in self.injections if isinstance(j, (NanExpert, RouteFlip)) and j not in everywhere]
+        dist.all_gather_object(fired, faults.fired, group=self.group)
+        return faults.unfired(set().union(*fired))
 
 
 # --------------------------------------------------------------------------- launching the ranks
@@ -254,8 +255,9 @@ def _rank_main(job: _Job) -> list[Case] | None:
     if own:
         dist.init_process_group(job.backend, init_method="env://")
     try:
-        cand = ExpertParallelCandidate(model, device=device, dtype=job.dtype, injections=injections, mode=job.mode,
+        cand = ExpertParallelCandidate(model, device=device, dtype=job.dtype, mode=job.mode,
                                        expert_path=job.expert_path)
+        faults = Faults(injections, model)
         t0 = time.perf_counter()
         cand.upload()
         upload_s = time.perf_counter() - t0
@@ -268,16 +270,16 @@ def _rank_main(job: _Job) -> list[Case] | None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            cand.forward(list(ids), rec, router_replay=guide)
+            out = cand.forward(list(ids), rec, router_replay=guide, faults=faults)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - t0)
             traffic.append(cand.traffic)
             if isinstance(rec, ArrayRecorder):
-                followed = [[int(layer), int(t), [int(e) for e in own_ids]] for layer, t, own_ids in cand.followed]
+                followed = [[int(layer), int(t), [int(e) for e in own_ids]] for layer, t, own_ids in out.followed]
                 cases.append(from_recorder(rec, {"dtype": str(job.dtype).removeprefix("torch."),
                                                  "router_followed": followed, **job.attrs}))
-        unfired = cand.unfired()
+        unfired = cand.unfired(faults)
         if unfired:
             raise UsageError(f"{unfired[0].option}: the planted fault cannot fire (no token routes to that expert "
                              f"there, or router replay undid the flip), so this self-test would prove nothing")

@@ -13,9 +13,15 @@ what a check must report.  The spec syntax is ``KIND:KEY=VALUE,...``:
 ``scale:layer=L,stage=STAGE,factor=F``
     the value of per-layer stage ``STAGE`` is multiplied by ``F`` and the
     scaled value flows on downstream.
-``route:layer=L,token=T``
+```route:layer=L,token=T``
     token ``T`` takes its (k+1)-th ranked expert instead of its k-th; the
     renormalised weights are recomputed over the new set.
+
+The forward never branches on a fault: a :class:`Faults` value (built once from the injections and the
+model, passed to :meth:`~moesnap.model.candidate.CandidateModel.forward` as ``faults=``, like the
+recorder) owns each point where a fault can act (how a tensor is decoded, a stage's value, the top-k
+choice, the rows of an expert's output) and records which faults changed something
+(:meth:`Faults.unfired`).  :data:`NO_FAULTS` plants nothing.
 
 :func:`parse_inject` checks everything it can against the model's config and
 raises :class:`~moesnap.errors.UsageError` with one line naming the bad value;
@@ -29,9 +35,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import gguf
+import torch
+
+from ..gguf import quants_torch
 
 from .config import Qwen3MoeConfig
 from ..errors import UsageError
@@ -40,7 +49,7 @@ from .tensors import LAYER_TENSORS
 
 __all__ = [
     "Injection", "NanExpert", "QtypeAs", "ScaleStage", "RouteFlip",
-    "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection", "check_injections",
+    "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection", "check_injections", "Faults", "NO_FAULTS",
 ]
 
 #: block types the decoder can be told to use (``as=``), by lower-case name
@@ -282,3 +291,116 @@ def _parse(spec: str, cfg: Qwen3MoeConfig) -> Injection:
         inj = RouteFlip(layer=layer, token=_int("token", values["token"]))
     validate_injection(inj, cfg)
     return inj
+
+
+# --------------------------------------------------------------------------- applying them
+
+
+class _Model(_TensorTypes, Protocol):
+    @property
+    def config(self) -> Qwen3MoeConfig: ...
+
+
+class Faults:
+    """The planted faults of one run, applied where the candidate forward hands them a value.
+
+    Built once (``Faults(injections, model)``: each fault validated against the model's config, a
+    ``qtype`` fault on a tensor already of that type refused) and passed to every forward of the run
+    as an argument; the forward calls the methods below at fixed points and never asks which faults
+    there are.  :attr:`fired` collects the faults that changed a value in any forward so far.
+    """
+
+    def __init__(self, injections: Sequence[Injection] = (), model: _Model | None = None) -> None:
+        self.injections: tuple[Injection, ...] = tuple(injections)
+        if self.injections and model is None:
+            raise UsageError("planted faults need the model they are planted in")
+        if model is not None:
+            for inj in self.injections:
+                validate_injection(inj, model.config)
+            check_injections(self.injections, model, ())
+        self._qtype = {(j.layer, j.tensor): j.as_qtype for j in self.injections if isinstance(j, QtypeAs)}
+        self._scale: dict[tuple[int, str], float] = {}
+        for j in self.injections:
+            if isinstance(j, ScaleStage):
+                self._scale[(j.layer, j.stage)] = self._scale.get((j.layer, j.stage), 1.0) * j.factor
+        self._nan = {(j.layer, j.expert): j for j in self.injections if isinstance(j, NanExpert)}
+        self._flips: dict[int, list[RouteFlip]] = {}
+        for j in self.injections:
+            if isinstance(j, RouteFlip):
+                self._flips.setdefault(j.layer, []).append(j)
+        self._flipped_in: dict[tuple[int, int], int] = {}   # (layer, token) -> the expert a flip brought in
+        self._fired: set[Injection] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.injections)
+
+    @property
+    def fired(self) -> frozenset[Injection]:
+        """The faults that changed a value in some forward so far."""
+        return frozenset(self._fired)
+
+    def unfired(self, fired_elsewhere: Iterable[Injection] = ()) -> list[Injection]:
+        """The faults whose effect depends on the run and that changed nothing in any forward so far
+        (nor, for the expert-parallel ranks, in ``fired_elsewhere``): a NaN expert no token routed to, a
+        routing flip that router replay undid because it fell within the near-tie width."""
+        done = self._fired | set(fired_elsewhere)
+        return [j for j in self.injections if isinstance(j, (NanExpert, RouteFlip)) and j not in done]
+
+    # -- what a forward asks -------------------------------------------------------------------------
+    def check_tokens(self, n_tokens: int) -> None:
+        """Refuse a routing flip of a token beyond a forward of ``n_tokens`` rows."""
+        for flips in self._flips.values():
+            for j in flips:
+                if j.token >= n_tokens:
+                    raise UsageError(f"token={j.token} is out of range: the prompt has {n_tokens} tokens")
+
+    def dequantize(self, data: torch.Tensor, qtype: gguf.GGMLQuantizationType, layer: int | None, tensor: str,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``tensor`` of ``layer`` (None: a whole-model tensor) decoded from its stored bytes: by its
+        own type's routine, or by another's where a ``qtype`` fault says so."""
+        as_qtype = self._qtype.get((layer, tensor)) if layer is not None else None
+        if as_qtype is None:
+            return quants_torch.dequantize(data, qtype, out_dtype=dtype)
+        return quants_torch.decode_as(data, qtype, as_qtype, out_dtype=dtype)
+
+    def stage(self, layer: int, stage: str, x: torch.Tensor) -> torch.Tensor:
+        """A stage's value as the forward passes it on (scaled where a ``scale`` fault says so)."""
+        f = self._scale.get((layer, stage))
+        return x if f is None else x * f
+
+    def topk(self, layer: int, probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-``k`` (probabilities, expert ids) of each row of ``probs [T, E]``, descending; a
+        ``route`` fault's token takes its (k+1)-th ranked expert instead of its k-th."""
+        flips = self._flips.get(layer)
+        if not flips:
+            return torch.topk(probs, k, dim=-1)
+        pw, pid = torch.topk(probs, k + 1, dim=-1)                              # [T, k+1]
+        tokens = [j.token for j in flips]
+        rows = torch.tensor(tokens, device=pw.device)
+        pw[rows, k - 1], pid[rows, k - 1] = pw[rows, k], pid[rows, k]
+        for t, e in zip(tokens, pid[rows, k - 1].tolist()):
+            self._flipped_in[(layer, t)] = int(e)
+        return pw[:, :k], pid[:, :k]
+
+    def routed(self, layer: int, ids: torch.Tensor) -> None:
+        """The experts ``ids [T, k]`` the layer finally runs (after router replay): a flip fired where its
+        token still runs the expert it brought in (replay following the golden's experts undoes it)."""
+        for j in self._flips.get(layer, ()):
+            e = self._flipped_in.pop((layer, j.token), None)
+            if e is not None and e in ids[j.token].tolist():
+                self._fired.add(j)
+
+    def expert_rows(self, layer: int, experts: Sequence[int], out: torch.Tensor, bounds: Sequence[int]) -> None:
+        """``out [n, H]`` holds the rows of ``experts`` (global ids), expert ``g``'s in
+        ``out[bounds[g]:bounds[g+1]]``; a ``nan`` fault's expert outputs NaN for every row it got."""
+        if not self._nan:
+            return
+        for g, e in enumerate(experts):
+            j = self._nan.get((layer, e))
+            if j is not None and bounds[g + 1] > bounds[g]:
+                out[bounds[g]:bounds[g + 1]] = float("nan")
+                self._fired.add(j)
+
+
+#: plants nothing
+NO_FAULTS = Faults()

@@ -84,7 +84,7 @@ def _followed_attr(followed) -> list:
     return [[int(layer), int(t), [int(e) for e in ids]] for layer, t, ids in followed]
 
 
-def _replay_case(cand, golden: Case, progress=None) -> Case:
+def _replay_case(cand, golden: Case, faults, progress=None) -> Case:
     """Stage-local replay: each layer run on the golden input of that layer, and each of its stages
     computed from the golden's value of the stage before it; model-level stages are not replayed."""
     rec = ArrayRecorder()
@@ -93,8 +93,8 @@ def _replay_case(cand, golden: Case, progress=None) -> Case:
     for i in range(n):
         x = golden.model["embed"] if i == 0 else golden.layers["layer_out"][i - 1]
         force = {stage: a[i] for stage, a in golden.layers.items() if i < a.shape[0]}
-        cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec, force=force)
-        followed += cand.followed
+        followed += cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec, force=force,
+                                       faults=faults).followed
         if progress is not None:
             progress(i + 1, n)
     return Case(tokens=golden.tokens, model={}, layers=rec.stacked(),
@@ -114,7 +114,8 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
     check_injections(injections, model, [len(golden.tokens) for _, golden in goldens])
     status(f"running the candidate on {device} in {dname}: {len(goldens)} case{'s' if len(goldens) != 1 else ''}"
            f" x {model.config.n_layer} layers" + (", then stage-local replay" if replay else ""), enabled=show_progress)
-    cand = CandidateModel(model, device=device, dtype=dtype, injections=injections)
+    cand = CandidateModel(model, device=device, dtype=dtype)
+    faults = cand.faults(injections)
     cases: list[CaseReport] = []
     replays: list[CaseReport] | None = [] if replay else None
     mode = "free-running, router replay" if router_replay else "free-running"
@@ -125,17 +126,17 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
             guide = RouterReplay(ids, logits, np.array([tols.tie_tol_at(dname, i) for i in range(len(ids))]), tie_gap)
         rec = ArrayRecorder()
         bar = LayerProgress(f"check {name}", enabled=show_progress).start(model.config.n_layer)
-        cand.forward(golden.tokens, rec, progress=bar, router_replay=guide if router_replay else None)
+        out = cand.forward(golden.tokens, rec, progress=bar, router_replay=guide if router_replay else None, faults=faults)
         bar.close()
-        free = from_recorder(rec, {"dtype": dname, "router_followed": _followed_attr(cand.followed)})
+        free = from_recorder(rec, {"dtype": dname, "router_followed": _followed_attr(out.followed)})
         cases.append(compare_cases(golden, free, tols, dtype=dname, name=name, mode=mode))
         if replays is not None:
             bar = LayerProgress(f"replay {name}", enabled=show_progress).start(golden.n_layer)
-            rcase = _replay_case(cand, golden, progress=bar)
+            rcase = _replay_case(cand, golden, faults, progress=bar)
             bar.close()
             replays.append(compare_cases(golden, rcase, tols, dtype=dname, name=name, allow_missing=True,
                                          propagate=False, mode="replay"))
-    unfired = cand.unfired()
+    unfired = faults.unfired()
     if unfired:
         why = ("no token of any case routes to that expert there" if unfired[0].kind == "nan" else
                "the flip falls within the near-tie width, so router replay takes the golden's experts back")
