@@ -260,22 +260,20 @@ def test_grouped_mm_probe_on_cpu(model):
 
 
 def test_without_grouped_mm_the_loop_is_chosen(model, monkeypatch):
-    from moesnap.model import candidate
-
     monkeypatch.delattr(torch, "_grouped_mm", raising=False)
     assert not grouped_mm_works("cpu", torch.float32, 64, 256)
     assert CandidateModel(model).expert_path == "loop"
     monkeypatch.undo()                     # the probe is keyed by the function: the real one is found again
-    assert grouped_mm_works("cpu", torch.float32, 64, 256) == hasattr(candidate.torch, "_grouped_mm")
+    assert grouped_mm_works("cpu", torch.float32, 64, 256) == hasattr(torch, "_grouped_mm")
 
 
 def test_probes_are_decided_once_and_kept_by_the_model(model, monkeypatch):
     """No process-wide flag is flipped by a call: each model holds what its probes found."""
-    from moesnap.model import candidate
+    from moesnap.model import candidate, kernels
 
     cm = CandidateModel(model)
     assert cm.gqa == candidate.sdpa_takes_enable_gqa()
-    assert not any(name.startswith("_GQA") or name.startswith("_GROUPED_MM_PROBES") for name in vars(candidate))
+    assert not any(name.startswith(("_GQA", "_GROUPED_MM_PROBES")) for m in (candidate, kernels) for name in vars(m))
     monkeypatch.delattr(torch, "_grouped_mm", raising=False)
     assert CandidateModel(model).expert_path == "loop" and cm.expert_path in EXPERT_PATHS
 

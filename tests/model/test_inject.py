@@ -12,8 +12,9 @@ import torch
 from moesnap.model.candidate import CandidateModel
 from moesnap.errors import UsageError
 from moesnap.model.inject import (
-    Faults, Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, SCALABLE_STAGES, parse_inject,
+    Injection, NanExpert, QtypeAs, RouteFlip, ScaleStage, SCALABLE_STAGES, parse_inject,
 )
+from moesnap.model.faults import Faults
 from moesnap.model.recorder import ArrayRecorder
 from moesnap.model.synth import tiny_path
 from moesnap.model.weights import GGUFModel

@@ -60,8 +60,6 @@ decision (``ROUTING_TIE``).  A wider flip is kept: it is a divergence.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -71,10 +69,12 @@ import torch
 from torch.nn import functional as F
 
 from ..gguf import quants_torch
-from .config import Qwen3MoeConfig
 from ..errors import UsageError
 from ..stages import DTYPES as STAGE_DTYPES
-from .inject import NO_FAULTS, Faults
+from .faults import NO_FAULTS, Faults
+from .kernels import (EXPERT_PATHS, _grouped, _looped, _opmath, _sdpa_causal, default_expert_path,
+                      grouped_mm_works, sdpa_takes_enable_gqa)
+from .kvcache import Batch, KVCache, cached_attention
 from .tensors import GLOBAL_TENSORS, LAYER_TENSORS
 from .recorder import NullRecorder, Recorder
 from .weights import ModelWeights, file_bytes
@@ -83,93 +83,8 @@ Progress = Callable[[int, int], None]
 
 #: dtypes the candidate computes in
 DTYPES = tuple(getattr(torch, name) for name in STAGE_DTYPES)
-#: ways to run the expert matmuls (see :func:`grouped_mm_works`)
-EXPERT_PATHS = ("grouped_mm", "loop")
-
-
-# --------------------------------------------------------------------------- device helpers
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _grouped(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``a [N, K]`` rows grouped by ``offs`` (cumulative ends), times ``w [G, M, K]`` transposed -> ``[N, M]``."""
-    return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
-
-
-def _looped(a: torch.Tensor, w: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
-    """Same as :func:`_grouped`, one matmul per group; ``bounds`` = ``[0, end_0, end_1, ...]`` on the host."""
-    out = a.new_empty(a.shape[0], w.shape[1])
-    for g in range(w.shape[0]):
-        s, e = bounds[g], bounds[g + 1]
-        out[s:e] = a[s:e] @ w[g].T
-    return out
-
-
-@functools.cache
-def _grouped_mm_probe(device: str, dtype: torch.dtype, k: int, m: int, fn: Any) -> bool:
-    """One probe of ``fn`` (``torch._grouped_mm`` as it is now: keyed by it, so a build or a test without
-    it is probed afresh) against one matmul per group."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    sizes = [3, 17, 1, 40]
-    n = sum(sizes)
-    a = (torch.randn(n + 5, k, generator=gen) / math.sqrt(k)).to(device, dtype)[5:]
-    w = torch.randn(len(sizes), m, k, generator=gen).to(device, dtype)
-    bounds = np.cumsum([0, *sizes]).tolist()
-    offs = torch.tensor(bounds[1:], dtype=torch.int32, device=device)
-    try:
-        got = fn(a, w.transpose(-2, -1), offs=offs).to(torch.float64)
-        want = _looped(a, w, bounds).to(torch.float64)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return False
-    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
-    return bool(torch.isfinite(got).all()) and got.shape == want.shape and \
-        bool(((got - want).abs() <= tol * (1 + want.abs())).all())
-
-
-def grouped_mm_works(device: torch.device | str, dtype: torch.dtype, k: int, m: int) -> bool:
-    """Whether ``torch._grouped_mm`` runs on ``device`` in ``dtype`` for ``[N, k] x [G, m, k]^T``
-    and agrees with one matmul per group.
-
-    Probed once per (device, dtype, k, m) on random data with uneven groups and
-    a row slice that starts mid-buffer, as the expert path uses it.  Seen
-    passing: torch 2.13 CPU and torch 2.11 on the H200, each in float32,
-    bfloat16 and float16.
-    """
-    fn = getattr(torch, "_grouped_mm", None)
-    return fn is not None and _grouped_mm_probe(str(torch.device(device)), dtype, k, m, fn)
-
-
-def default_expert_path(device: torch.device | str, dtype: torch.dtype, cfg: Qwen3MoeConfig) -> str:
-    """``"grouped_mm"`` where it works for the model's expert shapes on ``device`` in ``dtype``, else ``"loop"``."""
-    ok = all(grouped_mm_works(device, dtype, k, m) for k, m in ((cfg.hidden, cfg.expert_ff), (cfg.expert_ff, cfg.hidden)))
-    return "grouped_mm" if ok else "loop"
-
-
-@functools.cache
-def sdpa_takes_enable_gqa() -> bool:
-    """Whether this torch's ``scaled_dot_product_attention`` takes ``enable_gqa`` (torch >= 2.5)."""
-    q, kv = torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2)
-    try:
-        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
-    except TypeError:
-        return False
-    return True
-
-
-def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
-    """Causal GQA attention; ``q [Hq, T, D]``, ``k``/``v`` ``[Hkv, T, D]`` -> ``[Hq, T, D]``; ``gqa``: the
-    kernel repeats key/value heads itself (``enable_gqa``)."""
-    q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, heads, T, D]
-    if q.shape[1] == k.shape[1]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(0)
-    if gqa:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).squeeze(0)
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(0)
+__all__ = ["CandidateModel", "RouterReplay", "Followed", "Output", "LayerOutput", "DTYPES", "EXPERT_PATHS",
+           "grouped_mm_works", "default_expert_path", "sdpa_takes_enable_gqa"]
 
 
 # --------------------------------------------------------------------------- the model
@@ -241,6 +156,8 @@ class _Call:
     faults: Faults
     guide: RouterReplay | None = None
     force: Mapping[str, np.ndarray] | None = None
+    batch: Batch | None = None          # rows attend through ``cache`` (else: causal over themselves)
+    cache: KVCache | None = None
     followed: list[Followed] = field(default_factory=list)
 
     def emit(self, stage: str, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -265,6 +182,17 @@ class _Dense:
     k_norm: torch.Tensor     # [D]
     ffn_norm: torch.Tensor   # [H]
     router: torch.Tensor     # [E, H] in the router dtype
+
+
+def _batch(batch: Batch | None, cache: KVCache | None, n_rows: int) -> Batch | None:
+    """``batch`` checked against the rows it must place and the cache it needs."""
+    if batch is None:
+        return None
+    if cache is None:
+        raise UsageError("rows placed in a KV cache (batch=) need the cache (cache=)")
+    if batch.n_rows != n_rows:
+        raise UsageError(f"the batch places {batch.n_rows} rows, the forward has {n_rows}")
+    return batch
 
 
 def _token_ids(tokens: Any) -> np.ndarray:
@@ -377,13 +305,12 @@ class CandidateModel:
     # -- stages ---------------------------------------------------------------
     def _rope(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[T, 1, D/2]`` of positions ``0..T-1`` in the rope dtype, from float64 angles."""
-        return self._rope_at(torch.arange(n_tokens))
+        return self._rope_at(torch.arange(n_tokens), n_tokens)
 
-    def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[T, 1, D/2]`` of each row's absolute position (``positions [T]``, any device): rows
-        of one table that grows to the largest position asked, each row computed from its position alone
+    def _rope_at(self, positions: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[T, 1, D/2]`` of each row's absolute position (``positions [T]``, every one below
+        ``need``): rows of one table that grows as needed, each row computed from its position alone
         (float64 angles), so a row is the same whatever else is asked with it."""
-        need = int(positions.max()) + 1 if positions.numel() else 0
         if self._rope_table is None or self._rope_table[0].shape[0] < need:
             n = max(need, 2 * (self._rope_table[0].shape[0] if self._rope_table is not None else 0), 64)
             half = self.cfg.head_dim // 2
@@ -413,18 +340,26 @@ class CandidateModel:
         v = c.emit("v", i, qkv[:, cfg.q_dim + cfg.kv_dim:].view(T, cfg.n_head_kv, D))
         q = c.emit("q_norm", i, self._norm(q, w.q_norm))
         k = c.emit("k_norm", i, self._norm(k, w.k_norm))
-        cos, sin = self._rope(T)
-        q = c.emit("q_rope", i, self._apply_rope(q, cos, sin))
-        k = c.emit("k_rope", i, self._apply_rope(k, cos, sin))
-        o = _sdpa_causal(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.gqa)  # [Hq, T, D]
-        attn = c.emit("attn", i, o.transpose(0, 1).reshape(T, cfg.q_dim))       # [T, Hq*D]
+        if c.batch is None or c.cache is None:                                  # causal over these rows
+            cos, sin = self._rope(T)
+            q = c.emit("q_rope", i, self._apply_rope(q, cos, sin))
+            k = c.emit("k_rope", i, self._apply_rope(k, cos, sin))
+            o = _sdpa_causal(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.gqa).transpose(0, 1)
+        else:                                                                   # through the KV cache
+            b = c.faults.layer(i, c.batch)
+            cos, sin = self._rope_at(b.rope_pos, b.max_pos + 1)
+            q = c.emit("q_rope", i, self._apply_rope(q, cos, sin))
+            k = c.emit("k_rope", i, self._apply_rope(k, cos, sin))
+            o = cached_attention(q, k, v, c.cache.k[i], c.cache.v[i], b, self.gqa)  # [T, Hq, D]
+        attn = c.emit("attn", i, o.reshape(T, cfg.q_dim))                       # [T, Hq*D]
         return c.emit("attn_out", i, attn @ w.wo.T)                             # [T, H]
 
     def _route(self, i: int, x: torch.Tensor, w: _Dense, c: _Call) -> tuple[torch.Tensor, torch.Tensor]:
         """(topk_ids ``[T, k]`` int64, topk_weights ``[T, k]`` in the compute dtype)."""
         logits = c.emit("router_logits", i, x.to(self.router_dtype) @ w.router.T)  # [T, E]
         probs = torch.softmax(logits, dim=-1)
-        pw, pid = c.faults.topk(i, probs, self.cfg.n_expert_used)                  # [T, k], descending
+        pos = c.batch.pos if c.batch is not None else None
+        pw, pid = c.faults.topk(i, probs, self.cfg.n_expert_used, pos)             # [T, k], descending
         if c.force is not None and "topk_ids" in c.force:
             pw, pid = self._forced_router(i, probs, pw, pid, c)
         elif c.guide is not None:
@@ -544,7 +479,8 @@ class CandidateModel:
     @torch.inference_mode()
     def forward_layer(self, i: int, x: torch.Tensor, rec: Recorder | None = None, *,
                       router_replay: RouterReplay | None = None, force: Mapping[str, np.ndarray] | None = None,
-                      faults: Faults = NO_FAULTS) -> LayerOutput:
+                      faults: Faults = NO_FAULTS, batch: Batch | None = None,
+                      cache: KVCache | None = None) -> LayerOutput:
         """Run layer ``i`` on hidden state ``x [T, H]`` (replay uses this).
 
         With ``router_replay`` the layer follows the golden's experts at near ties (the module
@@ -552,11 +488,13 @@ class CandidateModel:
         stage is recorded as computed and then replaced by the golden's value before the next operation
         uses it, so every recorded stage holds the error of one operation alone; ``topk_ids`` makes the
         layer run the golden's experts.  The returned :attr:`LayerOutput.followed` lists the tokens that
-        ran the golden's experts rather than their own.
+        ran the golden's experts rather than their own.  ``batch`` and ``cache``: the rows attend through
+        a KV cache (:meth:`forward_batch`) instead of causally over themselves.
         """
         x = self._layer_input(i, x)
-        faults.check_tokens(x.shape[0])
-        c = _Call(rec or NullRecorder(), faults, router_replay, force)
+        if batch is None:
+            faults.check_tokens(x.shape[0])
+        c = _Call(rec or NullRecorder(), faults, router_replay, force, _batch(batch, cache, x.shape[0]), cache)
         return LayerOutput(self._layer(i, x, c), tuple(c.followed))
 
     @torch.inference_mode()
@@ -592,6 +530,29 @@ class CandidateModel:
             x = self._layer(i, self._layer_input(i, x), c)
             if progress is not None:
                 progress(i + 1, cfg.n_layer)
+        return Output(self._head(x, rec), tuple(c.followed))
+
+    @torch.inference_mode()
+    def forward_batch(self, tokens: Any, batch: Batch, cache: KVCache, rec: Recorder | None = None, *,
+                      router_replay: RouterReplay | None = None, faults: Faults = NO_FAULTS) -> Output:
+        """One serving forward: the packed rows of ``batch`` (a prompt, a chunk of one, a decode step, or
+        several sequences' of them at once; :mod:`moesnap.model.kvcache`), ``tokens [T]`` at the
+        positions ``batch.pos``, each row attending its own sequence's keys in ``cache`` (this forward's
+        k/v rows written there first).  Every stage is recorded as :meth:`forward` records it, packed
+        ``[T, ...]`` in row order.  ``router_replay``: a guide over these ``T`` rows
+        (:meth:`RouterReplay.rows`).  Returns the logits ``[T, V]`` and where the golden's experts were
+        followed (``token``: the packed row)."""
+        rec = rec or NullRecorder()
+        tok = tokens if isinstance(tokens, torch.Tensor) and tokens.device == self.device else \
+            torch.from_numpy(_token_ids(tokens)).to(self.device)
+        if tok.shape[0] != batch.n_rows:
+            raise UsageError(f"{tok.shape[0]} tokens for a batch of {batch.n_rows} rows")
+        c = _Call(rec, faults, router_replay, None, _batch(faults.step(batch), cache, batch.n_rows), cache)
+        rec.save("tokens", None, tok)
+        x = self._embed(tok)                                                   # [T, H]
+        rec.save("embed", None, x)
+        for i in range(self.cfg.n_layer):
+            x = self._layer(i, x, c)
         return Output(self._head(x, rec), tuple(c.followed))
 
     def _embed(self, tok: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,8 @@ from ..case import Case, from_recorder
 from ..errors import MoesnapError, UsageError
 from ..stages import CHECK_DTYPES
 from .candidate import CandidateModel, RouterReplay, _Call
-from .inject import Faults, Injection, check_injections, parse_inject
+from .faults import Faults
+from .inject import Injection, check_injections, parse_inject
 from .recorder import ArrayRecorder, NullRecorder, Recorder
 from .tensors import EXPERT_TENSORS
 from .weights import ModelWeights

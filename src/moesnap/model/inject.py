@@ -17,11 +17,37 @@ what a check must report.  The spec syntax is ``KIND:KEY=VALUE,...``:
     token ``T`` takes its (k+1)-th ranked expert instead of its k-th; the
     renormalised weights are recomputed over the new set.
 
-The forward never branches on a fault: a :class:`Faults` value (built once from the injections and the
-model, passed to :meth:`~moesnap.model.candidate.CandidateModel.forward` as ``faults=``, like the
-recorder) owns each point where a fault can act (how a tensor is decoded, a stage's value, the top-k
-choice, the rows of an expert's output) and records which faults changed something
-(:meth:`Faults.unfired`).  :data:`NO_FAULTS` plants nothing.
+Serving faults (:class:`ServeFault`) act in **decode steps only** (a prompt, whole or in chunks, is
+clean), in a :class:`~moesnap.model.serve.Session`; decode step ``S`` counts from 0, the first token
+after the prompt:
+
+``rope_pos:step=S``
+    in decode step ``S`` RoPE rotates q and k by position ``p+1`` instead of ``p`` (every layer;
+    first shows in layer 0 ``q_rope``).
+``kv_slot:layer=L``
+    layer ``L`` writes each decode step's k/v row to the slot of position ``p-1`` (overwriting the
+    previous token's) instead of ``p``; first shows in layer ``L`` ``attn``.
+``kv_short:layer=L``
+    layer ``L``'s decode attention covers one cached slot too few (the sequence length passed to the
+    kernel is one short: the newest key is left out); layer ``L`` ``attn``.
+``block_table:seq=S,block=B``
+    the block table attention reads (paged cache) points sequence ``S``'s block ``B`` at another
+    sequence's block; the cache writes go to the right slots.  Layer 0 ``attn``, from the first decode
+    step whose keys reach block ``B``.
+``pad_attend`` / ``pad_attend:layer=L``
+    decode attention without its key-padding mask (every layer, or layer ``L`` only): a sequence
+    attends the slots past its own length up to the longest of the batch (all the cache's slots on
+    a CUDA graph's static buffers); ``attn``.
+``swap_rows`` / ``swap_rows:layer=L``
+    the attention output rows of the batch's first two sequences are exchanged (every layer, or
+    layer ``L`` only); ``attn``.
+``graph_stale:step=S``
+    the decode step on static buffers (:class:`~moesnap.model.serve.GraphDecoder`, CUDA graph) is
+    replayed at step ``S`` with the static token buffer not refreshed (it still holds step ``S-1``'s
+    token); first shows in ``embed``.
+
+The forward applies faults through :class:`moesnap.model.faults.Faults`.  :func:`check_serving`
+refuses, in one line, a serving fault that cannot fire in a planned run (:class:`ServePlan`).
 
 :func:`parse_inject` checks everything it can against the model's config and
 raises :class:`~moesnap.errors.UsageError` with one line naming the bad value;
@@ -35,12 +61,9 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Protocol, Sequence
+from typing import ClassVar, Protocol, Sequence
 
 import gguf
-import torch
-
-from ..gguf import quants_torch
 
 from .config import Qwen3MoeConfig
 from ..errors import UsageError
@@ -49,7 +72,8 @@ from .tensors import LAYER_TENSORS
 
 __all__ = [
     "Injection", "NanExpert", "QtypeAs", "ScaleStage", "RouteFlip",
-    "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection", "check_injections", "Faults", "NO_FAULTS",
+    "ServeFault", "RopePos", "KvSlot", "KvShort", "BlockTable", "PadAttend", "SwapRows", "GraphStale", "ServePlan",
+    "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection", "check_injections", "check_serving",
 ]
 
 #: block types the decoder can be told to use (``as=``), by lower-case name
@@ -86,6 +110,11 @@ class Injection(ABC):
     @abstractmethod
     def spec(self) -> str:
         """The fault as ``--inject`` syntax (round-trips through :func:`parse_inject`)."""
+
+    @property
+    def target_layer(self) -> int | None:
+        """The layer of :attr:`target_stage` (None for a whole-model stage)."""
+        return self.layer
 
     @property
     def option(self) -> str:
@@ -154,13 +183,124 @@ class RouteFlip(Injection):
         return f"route:layer={self.layer},token={self.token}"
 
 
-#: kind -> (class, keys in spec order)
+@dataclass(frozen=True)
+class ServeFault(Injection):
+    """A fault of serving (KV cache, batches, CUDA graphs): it acts in decode steps only.  ``layer`` is the
+    first layer it shows in; ``every_layer`` faults act in every layer."""
+
+    every_layer: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class RopePos(ServeFault):
+    step: int
+
+    kind = "rope_pos"
+    target_stage = "q_rope"
+    every_layer = True
+
+    @property
+    def spec(self) -> str:
+        return f"rope_pos:step={self.step}"
+
+
+@dataclass(frozen=True)
+class KvSlot(ServeFault):
+    kind = "kv_slot"
+    target_stage = "attn"
+
+    @property
+    def spec(self) -> str:
+        return f"kv_slot:layer={self.layer}"
+
+
+@dataclass(frozen=True)
+class KvShort(ServeFault):
+    kind = "kv_short"
+    target_stage = "attn"
+
+    @property
+    def spec(self) -> str:
+        return f"kv_short:layer={self.layer}"
+
+
+@dataclass(frozen=True)
+class BlockTable(ServeFault):
+    seq: int
+    block: int
+
+    kind = "block_table"
+    target_stage = "attn"
+    every_layer = True
+
+    @property
+    def spec(self) -> str:
+        return f"block_table:seq={self.seq},block={self.block}"
+
+
+@dataclass(frozen=True)
+class _AnyLayer(ServeFault):
+    """A fault of every layer (``only=False``, spec without ``layer=``) or of ``layer`` alone."""
+
+    only: bool = False
+
+    @property
+    def every_layer(self) -> bool:  # type: ignore[override]
+        return not self.only
+
+    def hits(self, layer: int) -> bool:
+        return not self.only or layer == self.layer
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind}:layer={self.layer}" if self.only else self.kind
+
+
+@dataclass(frozen=True)
+class PadAttend(_AnyLayer):
+    kind = "pad_attend"
+    target_stage = "attn"
+
+
+@dataclass(frozen=True)
+class SwapRows(_AnyLayer):
+    kind = "swap_rows"
+    target_stage = "attn"
+
+
+@dataclass(frozen=True)
+class GraphStale(ServeFault):
+    step: int
+
+    kind = "graph_stale"
+    target_stage = "embed"
+    every_layer = True
+
+    @property
+    def target_layer(self) -> int | None:
+        return None
+
+    @property
+    def spec(self) -> str:
+        return f"graph_stale:step={self.step}"
+
+
+#: kind -> (class, keys in spec order); keys in :data:`OPTIONAL` may be left out
 KINDS: dict[str, tuple[type[Injection], tuple[str, ...]]] = {
     "nan": (NanExpert, ("layer", "expert")),
     "qtype": (QtypeAs, ("layer", "tensor", "as")),
     "scale": (ScaleStage, ("layer", "stage", "factor")),
     "route": (RouteFlip, ("layer", "token")),
+    "rope_pos": (RopePos, ("step",)),
+    "kv_slot": (KvSlot, ("layer",)),
+    "kv_short": (KvShort, ("layer",)),
+    "block_table": (BlockTable, ("seq", "block")),
+    "pad_attend": (PadAttend, ("layer",)),
+    "swap_rows": (SwapRows, ("layer",)),
+    "graph_stale": (GraphStale, ("step",)),
 }
+#: kind -> the keys it may leave out (a fault of every layer)
+OPTIONAL: dict[str, frozenset[str]] = {"pad_attend": frozenset({"layer"}), "swap_rows": frozenset({"layer"})}
 EXAMPLE = "nan:layer=6,expert=3"
 
 
@@ -199,6 +339,16 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
             raise UsageError(f"stage={inj.stage!r} is not a per-layer stage; choose one of {', '.join(SCALABLE_STAGES)}")
         if isinstance(inj.factor, bool) or not isinstance(inj.factor, (int, float)):
             raise UsageError(f"factor={inj.factor!r} is not a number")
+    elif isinstance(inj, (RopePos, GraphStale)):
+        first = 1 if isinstance(inj, GraphStale) else 0
+        if isinstance(inj.step, bool) or not isinstance(inj.step, int) or inj.step < first:
+            why = " (step 0 has no earlier token to keep)" if first else ""
+            raise UsageError(f"step={inj.step!r} must be an integer >= {first}{why}")
+    elif isinstance(inj, BlockTable):
+        for key in ("seq", "block"):
+            value = getattr(inj, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageError(f"{key}={value!r} must be an integer >= 0")
     elif isinstance(inj, RouteFlip):
         if cfg.n_expert_used >= cfg.n_expert:
             raise UsageError(f"route:layer={inj.layer} needs an unselected expert to flip to, "
@@ -242,7 +392,7 @@ def check_injections(injections: Sequence[Injection], model: _TensorTypes, n_tok
 def _parse(spec: str, cfg: Qwen3MoeConfig) -> Injection:
     kind, sep, rest = spec.strip().partition(":")
     kind = kind.strip().lower()
-    if not sep:
+    if not sep and not (kind in KINDS and OPTIONAL.get(kind, frozenset()) >= set(KINDS[kind][1])):
         raise UsageError(f"expected KIND:KEY=VALUE,... (e.g. {EXAMPLE}); kinds: {', '.join(KINDS)}")
     if kind not in KINDS:
         raise UsageError(f"unknown fault kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -261,15 +411,23 @@ def _parse(spec: str, cfg: Qwen3MoeConfig) -> Injection:
         if key in values:
             raise UsageError(f"key {key!r} given twice")
         values[key] = value
-    missing = [k for k in keys if k not in values]
+    missing = [k for k in keys if k not in values and k not in OPTIONAL.get(kind, ())]
     if missing:
         raise UsageError(f"missing {', '.join(k + '=' for k in missing)} (expected {kind}:"
                          + ",".join(f"{k}=…" for k in keys) + ")")
 
-    layer = _int("layer", values["layer"])
+    layer = _int("layer", values.get("layer", "0"))
     _range("layer", layer, cfg.n_layer, "layers")
-    if cls is NanExpert:
-        inj: Injection = NanExpert(layer=layer, expert=_int("expert", values["expert"]))
+    if cls in (RopePos, GraphStale):
+        inj: Injection = cls(layer=0, step=_int("step", values["step"]))  # type: ignore[call-arg]
+    elif cls in (KvSlot, KvShort):
+        inj = cls(layer=layer)
+    elif cls is BlockTable:
+        inj = BlockTable(layer=0, seq=_int("seq", values["seq"]), block=_int("block", values["block"]))
+    elif cls in (PadAttend, SwapRows):
+        inj = cls(layer=layer, only="layer" in values)  # type: ignore[call-arg]
+    elif cls is NanExpert:
+        inj = NanExpert(layer=layer, expert=_int("expert", values["expert"]))
     elif cls is QtypeAs:
         tensor = values["tensor"].lower()
         if tensor not in LAYER_TENSORS:
@@ -293,114 +451,53 @@ def _parse(spec: str, cfg: Qwen3MoeConfig) -> Injection:
     return inj
 
 
-# --------------------------------------------------------------------------- applying them
+# --------------------------------------------------------------------------- serving runs
 
 
-class _Model(_TensorTypes, Protocol):
-    @property
-    def config(self) -> Qwen3MoeConfig: ...
+@dataclass(frozen=True)
+class ServePlan:
+    """A planned serving run: each sequence's prompt length, the decode steps after the prompts (every
+    sequence one token per step), a paged cache or a contiguous one, and whether the decode steps run on
+    static buffers (``graph``: :class:`~moesnap.model.serve.GraphDecoder`)."""
+
+    prompt_lens: tuple[int, ...]
+    decode: int
+    paged: bool = False
+    block_size: int = 16
+    graph: bool = False
 
 
-class Faults:
-    """The planted faults of one run, applied where the candidate forward hands them a value.
-
-    Built once (``Faults(injections, model)``: each fault validated against the model's config, a
-    ``qtype`` fault on a tensor already of that type refused) and passed to every forward of the run
-    as an argument; the forward calls the methods below at fixed points and never asks which faults
-    there are.  :attr:`fired` collects the faults that changed a value in any forward so far.
-    """
-
-    def __init__(self, injections: Sequence[Injection] = (), model: _Model | None = None) -> None:
-        self.injections: tuple[Injection, ...] = tuple(injections)
-        if self.injections and model is None:
-            raise UsageError("planted faults need the model they are planted in")
-        if model is not None:
-            for inj in self.injections:
-                validate_injection(inj, model.config)
-            check_injections(self.injections, model, ())
-        self._qtype = {(j.layer, j.tensor): j.as_qtype for j in self.injections if isinstance(j, QtypeAs)}
-        self._scale: dict[tuple[int, str], float] = {}
-        for j in self.injections:
-            if isinstance(j, ScaleStage):
-                self._scale[(j.layer, j.stage)] = self._scale.get((j.layer, j.stage), 1.0) * j.factor
-        self._nan = {(j.layer, j.expert): j for j in self.injections if isinstance(j, NanExpert)}
-        self._flips: dict[int, list[RouteFlip]] = {}
-        for j in self.injections:
-            if isinstance(j, RouteFlip):
-                self._flips.setdefault(j.layer, []).append(j)
-        self._flipped_in: dict[tuple[int, int], int] = {}   # (layer, token) -> the expert a flip brought in
-        self._fired: set[Injection] = set()
-
-    def __bool__(self) -> bool:
-        return bool(self.injections)
-
-    @property
-    def fired(self) -> frozenset[Injection]:
-        """The faults that changed a value in some forward so far."""
-        return frozenset(self._fired)
-
-    def unfired(self, fired_elsewhere: Iterable[Injection] = ()) -> list[Injection]:
-        """The faults whose effect depends on the run and that changed nothing in any forward so far
-        (nor, for the expert-parallel ranks, in ``fired_elsewhere``): a NaN expert no token routed to, a
-        routing flip that router replay undid because it fell within the near-tie width."""
-        done = self._fired | set(fired_elsewhere)
-        return [j for j in self.injections if isinstance(j, (NanExpert, RouteFlip)) and j not in done]
-
-    # -- what a forward asks -------------------------------------------------------------------------
-    def check_tokens(self, n_tokens: int) -> None:
-        """Refuse a routing flip of a token beyond a forward of ``n_tokens`` rows."""
-        for flips in self._flips.values():
-            for j in flips:
-                if j.token >= n_tokens:
-                    raise UsageError(f"token={j.token} is out of range: the prompt has {n_tokens} tokens")
-
-    def dequantize(self, data: torch.Tensor, qtype: gguf.GGMLQuantizationType, layer: int | None, tensor: str,
-                   dtype: torch.dtype) -> torch.Tensor:
-        """Tensor ``tensor`` of ``layer`` (None: a whole-model tensor) decoded from its stored bytes: by its
-        own type's routine, or by another's where a ``qtype`` fault says so."""
-        as_qtype = self._qtype.get((layer, tensor)) if layer is not None else None
-        if as_qtype is None:
-            return quants_torch.dequantize(data, qtype, out_dtype=dtype)
-        return quants_torch.decode_as(data, qtype, as_qtype, out_dtype=dtype)
-
-    def stage(self, layer: int, stage: str, x: torch.Tensor) -> torch.Tensor:
-        """A stage's value as the forward passes it on (scaled where a ``scale`` fault says so)."""
-        f = self._scale.get((layer, stage))
-        return x if f is None else x * f
-
-    def topk(self, layer: int, probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-``k`` (probabilities, expert ids) of each row of ``probs [T, E]``, descending; a
-        ``route`` fault's token takes its (k+1)-th ranked expert instead of its k-th."""
-        flips = self._flips.get(layer)
-        if not flips:
-            return torch.topk(probs, k, dim=-1)
-        pw, pid = torch.topk(probs, k + 1, dim=-1)                              # [T, k+1]
-        tokens = [j.token for j in flips]
-        rows = torch.tensor(tokens, device=pw.device)
-        pw[rows, k - 1], pid[rows, k - 1] = pw[rows, k], pid[rows, k]
-        for t, e in zip(tokens, pid[rows, k - 1].tolist()):
-            self._flipped_in[(layer, t)] = int(e)
-        return pw[:, :k], pid[:, :k]
-
-    def routed(self, layer: int, ids: torch.Tensor) -> None:
-        """The experts ``ids [T, k]`` the layer finally runs (after router replay): a flip fired where its
-        token still runs the expert it brought in (replay following the golden's experts undoes it)."""
-        for j in self._flips.get(layer, ()):
-            e = self._flipped_in.pop((layer, j.token), None)
-            if e is not None and e in ids[j.token].tolist():
-                self._fired.add(j)
-
-    def expert_rows(self, layer: int, experts: Sequence[int], out: torch.Tensor, bounds: Sequence[int]) -> None:
-        """``out [n, H]`` holds the rows of ``experts`` (global ids), expert ``g``'s in
-        ``out[bounds[g]:bounds[g+1]]``; a ``nan`` fault's expert outputs NaN for every row it got."""
-        if not self._nan:
-            return
-        for g, e in enumerate(experts):
-            j = self._nan.get((layer, e))
-            if j is not None and bounds[g + 1] > bounds[g]:
-                out[bounds[g]:bounds[g + 1]] = float("nan")
-                self._fired.add(j)
-
-
-#: plants nothing
-NO_FAULTS = Faults()
+def check_serving(injections: Sequence[Injection], plan: ServePlan) -> None:
+    """Refuse, in one line naming the spec, a planted fault that cannot fire in ``plan`` (a self-test
+    that cannot fire proves nothing)."""
+    n = len(plan.prompt_lens)
+    last = [p + plan.decode - 1 for p in plan.prompt_lens]   # each sequence's last decode position
+    for inj in injections:
+        why = None
+        if isinstance(inj, ServeFault) and plan.decode < 1:
+            why = "it acts in decode steps only, and the run has none (--decode N)"
+        elif plan.graph and isinstance(inj, (NanExpert, RouteFlip)):
+            why = "the decode steps run in a CUDA graph (static buffers), where it is not planted; run them eagerly"
+        elif isinstance(inj, RopePos) and inj.step >= plan.decode:
+            why = f"the run has {plan.decode} decode step{'s' if plan.decode != 1 else ''} (0..{plan.decode - 1})"
+        elif isinstance(inj, GraphStale) and not plan.graph:
+            why = "it needs the decode steps on a CUDA graph's static buffers (--cuda-graph)"
+        elif isinstance(inj, GraphStale) and inj.step >= plan.decode:
+            why = f"the run has {plan.decode} decode steps (0..{plan.decode - 1})"
+        elif isinstance(inj, BlockTable):
+            if not plan.paged:
+                why = "it needs a paged KV cache (--paged)"
+            elif n < 2:
+                why = "it needs a batch of at least 2 sequences (another sequence's block to point at)"
+            elif inj.seq >= n:
+                why = f"seq={inj.seq} is out of range: the batch has {n} sequences"
+            elif last[inj.seq] < inj.block * plan.block_size:
+                why = (f"sequence {inj.seq} never reaches block {inj.block} (its last decode position is "
+                       f"{last[inj.seq]}, blocks of {plan.block_size})")
+        elif isinstance(inj, PadAttend) and not plan.graph and len(set(plan.prompt_lens)) < 2:
+            why = ("no decode step has padding: it needs a batch of sequences of different lengths"
+                   if n > 1 else "a single sequence has no padding: it needs a batch of sequences of different lengths")
+        elif isinstance(inj, SwapRows) and n < 2:
+            why = "it needs a batch of at least 2 sequences"
+        if why is not None:
+            raise UsageError(f"{inj.option}: the planted fault cannot fire ({why})")

@@ -1,0 +1,370 @@
+"""The candidate serving: a prompt, then decode steps through a KV cache, as an engine runs them.
+
+A :class:`Session` holds a :class:`~moesnap.model.kvcache.KVCache` (contiguous or paged, blocks of 16)
+for one or more sequences and runs serving forwards on it (:meth:`CandidateModel.forward_batch
+<moesnap.model.candidate.CandidateModel.forward_batch>`):
+
+* :meth:`Session.prefill` -- one sequence's prompt, whole or in chunks that attend the cache;
+* :meth:`Session.prefill_batch` -- several sequences' prompts of different lengths in one forward
+  (packed rows; attention pads each sequence's queries and keys with masks: :mod:`~moesnap.model.kvcache`);
+* :meth:`Session.decode` -- one decode step: one token per sequence, each at its own absolute position.
+
+Each forward records every stage as the prefill of :meth:`~moesnap.model.candidate.CandidateModel.forward`
+does, and returns one :class:`Rows` per sequence: its rows' stages as a :class:`~moesnap.case.Case` (a
+decode step is a one-row case), their positions (``int32``), the decode step number, the logits and
+where the golden's experts were followed.  In exact arithmetic each row equals the row at the same
+position of one causal forward over the whole sequence, so the golden of a prompt plus its
+continuation is one reference forward over both, and a decode step is judged against its row.
+
+:class:`GraphDecoder` runs the decode step on static buffers and, on CUDA, captures it once in a
+``torch.cuda.CUDAGraph`` and replays it; the stages are copied into static device buffers by copies
+that are part of the capture (:class:`StaticRecorder`) and read out after each replay, so recording
+and graph-mode numerics coexist.  Elsewhere the same static step runs eagerly (``graph=False``).
+
+:func:`replay_rows` is stage-local replay for serving rows: each layer fed the golden's input rows,
+its cache holding the golden's ``k_rope``/``v`` of the positions before, every stage forced to the
+golden's, so each recorded stage holds one operation's error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..case import Case
+from ..errors import UsageError
+from .candidate import CandidateModel, Followed, RouterReplay, _Call, _Dense
+from .faults import NO_FAULTS, Faults
+from .inject import NanExpert, RouteFlip
+from .kvcache import BLOCK_SIZE, Batch, KVCache
+from .recorder import ArrayRecorder, NullRecorder, Recorder
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One sequence's rows of one serving forward."""
+
+    seq: int
+    step: int | None              # decode step (0: the first token after the prompt); None: a prompt or chunk
+    positions: np.ndarray         # [T] int32, the rows' absolute positions
+    case: Case                    # the rows' stages (tokens only when recording is off); attrs: positions, seq, step
+    logits: torch.Tensor          # [T, V] on the device, in the compute dtype
+    followed: tuple[Followed, ...]  # ``token``: the row of this case
+
+    def next_token(self) -> int:
+        """The greedy choice after the last row."""
+        return int(torch.argmax(self.logits[-1]).item())
+
+
+def _split(rec: ArrayRecorder | None, batch: Batch, tokens: np.ndarray, logits: torch.Tensor,
+           followed: Sequence[Followed], attrs: Mapping[str, Any]) -> list[Rows]:
+    """The packed rows of ``batch`` as one :class:`Rows` per sequence."""
+    out = []
+    pos = batch.pos.cpu().numpy().astype(np.int32)
+    for b, seq in enumerate(batch.seqs):
+        r = batch.rows_of(b)
+        sl = slice(r.start, r.stop)
+        model = {} if rec is None else {s: a[sl] for s, a in rec.model.items() if s != "tokens"}
+        layers = {} if rec is None else {s: a[:, sl] for s, a in rec.stacked().items()}
+        positions = pos[sl]
+        own = tuple(Followed(f.layer, f.token - r.start, f.own) for f in followed if f.token in r)
+        case = Case(tokens=tokens[sl].astype(np.int32), model=model, layers=layers,
+                    attrs={**attrs, "positions": positions.tolist(), "seq": seq, "step": batch.step,
+                           "router_followed": [[f.layer, f.token, list(f.own)] for f in own]})
+        out.append(Rows(seq, batch.step, positions, case, logits[sl], own))
+    return out
+
+
+class Session:
+    """Serving forwards of ``cand`` over a KV cache of ``n_seqs`` sequences of at most ``capacity`` tokens.
+
+    ``paged``: a paged cache with blocks of ``block_size`` (else contiguous).  ``faults``: the planted
+    faults of the run (:meth:`CandidateModel.faults`; serving faults act in decode steps).
+    ``router_replay``: one guide per sequence over the golden's whole sequence (prompt and
+    continuation; each forward follows it at its rows' positions), or None.  ``record``: keep every
+    stage (else only the logits).
+    """
+
+    def __init__(self, cand: CandidateModel, *, capacity: int, n_seqs: int = 1, paged: bool = False,
+                 block_size: int = BLOCK_SIZE, faults: Faults = NO_FAULTS,
+                 router_replay: RouterReplay | Sequence[RouterReplay | None] | None = None,
+                 record: bool = True) -> None:
+        self.cand, self.faults, self.record = cand, faults, record
+        self.cache = KVCache(cand.cfg, n_seqs=n_seqs, capacity=capacity, paged=paged, block_size=block_size,
+                             device=cand.device, dtype=cand.dtype)
+        guides = [router_replay] * n_seqs if router_replay is None or isinstance(router_replay, RouterReplay) \
+            else list(router_replay)
+        if len(guides) != n_seqs:
+            raise UsageError(f"{_count(len(guides), 'router replay')} for {_count(n_seqs, 'sequence')}")
+        self.guides: list[RouterReplay | None] = guides
+        #: decode steps run so far (the next one's number)
+        self.steps = 0
+        #: every token fed to each sequence so far
+        self.tokens: list[list[int]] = [[] for _ in range(n_seqs)]
+
+    @property
+    def n_seqs(self) -> int:
+        return self.cache.n_seqs
+
+    def _guide(self, batch: Batch) -> RouterReplay | None:
+        """Router replay over the packed rows of ``batch``: each sequence's guide at its rows' positions."""
+        parts = [self.guides[s] for s in batch.seqs]
+        if any(g is None for g in parts):
+            return None
+        pos = batch.pos.cpu().numpy()
+        rows = [g.rows(pos[batch.rows_of(b).start:batch.rows_of(b).stop]) for b, g in enumerate(parts) if g]
+        first = rows[0]
+        return RouterReplay(np.concatenate([r.ids for r in rows], axis=1),
+                            np.concatenate([r.logits for r in rows], axis=1), first.tie_tol, first.gap)
+
+    def run(self, rows: Sequence[tuple[int, Sequence[int]]], *, step: int | None = None) -> list[Rows]:
+        """One serving forward: for each ``(seq, tokens)`` of ``rows``, ``tokens`` appended to sequence
+        ``seq`` (one token after a cached prefix: a decode step, numbered ``step``)."""
+        ids = [np.asarray(t, dtype=np.int64).reshape(-1) for _, t in rows]
+        flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        self.cand.model.check_tokens(flat)
+        batch = self.cache.batch([(s, len(t)) for (s, _), t in zip(rows, ids)], step=step)
+        rec: Recorder = ArrayRecorder() if self.record else NullRecorder()
+        logits, followed = self.cand.forward_batch(flat, batch, self.cache, rec, router_replay=self._guide(batch),
+                                                   faults=self.faults)
+        for (s, _), t in zip(rows, ids):
+            self.tokens[s] += t.tolist()
+        return _split(rec if isinstance(rec, ArrayRecorder) else None, batch, flat, logits, followed,
+                      {"dtype": str(self.cand.dtype).removeprefix("torch.")})
+
+    def prefill(self, tokens: Sequence[int], *, seq: int = 0, chunk: int | None = None) -> list[Rows]:
+        """Sequence ``seq``'s prompt in one forward, or in forwards of ``chunk`` tokens each, every chunk
+        attending the ones before it through the cache: one :class:`Rows` per forward."""
+        ids = list(tokens)
+        if not ids:
+            raise UsageError("an empty prompt: nothing to prefill")
+        if chunk is not None and chunk < 1:
+            raise UsageError(f"chunk={chunk} must be >= 1 token")
+        size = chunk or len(ids)
+        return [r for s in range(0, len(ids), size) for r in self.run([(seq, ids[s:s + size])])]
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Rows]:
+        """Sequences ``0..len(prompts)-1``'s prompts (any lengths) in one forward: one :class:`Rows` each."""
+        if any(len(p) == 0 for p in prompts):
+            raise UsageError("an empty prompt in the batch: nothing to prefill")
+        return self.run([(s, list(p)) for s, p in enumerate(prompts)])
+
+    def decode(self, tokens: int | Sequence[int]) -> list[Rows]:
+        """One decode step: the next token of each sequence (``tokens[s]`` for sequence ``s``; an int for
+        a single sequence), each at its own position.  One :class:`Rows` (of one row) per sequence."""
+        toks = [int(tokens)] if isinstance(tokens, (int, np.integer)) else [int(t) for t in tokens]
+        if len(toks) != self.n_seqs:
+            raise UsageError(f"{_count(len(toks), 'token')} for a decode step of {_count(self.n_seqs, 'sequence')}")
+        empty = [s for s in range(self.n_seqs) if self.cache.lens[s] == 0]
+        if empty:
+            raise UsageError(f"sequence {empty[0]} has no prompt yet: prefill it before decoding")
+        out = self.run([(s, [t]) for s, t in enumerate(toks)], step=self.steps)
+        self.steps += 1
+        return out
+
+
+# --------------------------------------------------------------------------- static buffers, CUDA graphs
+
+
+class StaticRecorder:
+    """Copies each saved stage into a static buffer of its own (made at the stage's first save, in the
+    warm-up before a capture): a graph captured with it records from inside the graph, and
+    :meth:`read` hands the buffers' values after a replay to an ordinary recorder.  The token ids are
+    the host's (:meth:`GraphDecoder.decode` records the tokens it was asked to run)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, int | None], torch.Tensor] = {}
+
+    def save(self, stage: str, layer: int | None, x: torch.Tensor) -> None:
+        if stage == "tokens":
+            return
+        buf = self.buffers.get((stage, layer))
+        if buf is None:
+            buf = self.buffers[(stage, layer)] = torch.empty_like(x, memory_format=torch.contiguous_format)
+        buf.copy_(x)
+
+    def read(self, rec: Recorder) -> None:
+        """Hand a copy of every buffer to ``rec`` (a copy: the next replay overwrites the buffers)."""
+        for (stage, layer), buf in self.buffers.items():
+            rec.save(stage, layer, buf.clone())
+
+
+class _Resident(CandidateModel):
+    """The candidate with every weight dequantized on the device once (planted ``qtype`` faults baked
+    in) and experts gathered per (token, slot) pair: a forward with no host synchronisation and no
+    dequantization, which a CUDA graph can capture.  Holds every expert of every layer dequantized
+    (a 30B-A3B model in bfloat16: ~58 GB)."""
+
+    def __init__(self, cand: CandidateModel, faults: Faults) -> None:
+        super().__init__(cand.model, device=cand.device, dtype=cand.dtype, expert_path=cand.expert_path,
+                         expert_values=cand.expert_values)
+        self._bytes = cand._bytes                     # share what the candidate uploaded
+        self.layers = [CandidateModel._dense(self, i, faults) for i in range(self.cfg.n_layer)]
+        self.experts = [tuple(self._weight(f"blk.{i}.{n}", faults, i) for n in
+                              ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")) for i in range(self.cfg.n_layer)]
+        self.embedding = self._weight("token_embd", NO_FAULTS)                     # [V, H]
+        self.out_norm = self._weight("output_norm", NO_FAULTS)                     # [H]
+        self.out = self._weight("output", NO_FAULTS)                               # [V, H]
+
+    def _dense(self, i: int, faults: Faults) -> _Dense:
+        return self.layers[i]
+
+    def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor, c: _Call) -> torch.Tensor:
+        T, k = ids.shape
+        flat = ids.reshape(-1)                                                    # [T*k]
+        gate, up, down = self.experts[i]                                          # [E, F, H] x2, [E, H, F]
+        xr = x.repeat_interleave(k, dim=0).unsqueeze(-1)                          # [T*k, H, 1]
+        h = F.silu(torch.bmm(gate.index_select(0, flat), xr)) * torch.bmm(up.index_select(0, flat), xr)  # [T*k, F, 1]
+        return torch.bmm(down.index_select(0, flat), h).view(T, k, self.cfg.hidden)
+
+    def _embed(self, tok: torch.Tensor) -> torch.Tensor:
+        return self.embedding.index_select(0, tok)
+
+    def _head(self, x: torch.Tensor, rec: Recorder) -> torch.Tensor:
+        x = self._norm(x, self.out_norm)
+        rec.save("final_norm", None, x)
+        logits = x @ self.out.T
+        rec.save("logits", None, logits)
+        return logits
+
+
+class GraphDecoder:
+    """The decode steps of ``session`` on static buffers: token, positions, cache slots, block table and
+    lengths live in fixed device tensors that each step refreshes, the forward reads only those, and the
+    stages land in a :class:`StaticRecorder`'s buffers.  ``graph`` (default: on CUDA) captures the step
+    once in a ``torch.cuda.CUDAGraph`` (after an eager warm-up that makes every buffer) and replays it;
+    without it the same static step runs eagerly.  Attention covers every slot of the cache, the
+    padding masked.  Every sequence of the session must have its prompt cached; no router replay and no
+    ``nan``/``route`` faults (their decisions need the host).  ``record=False`` captures no copies.
+    """
+
+    def __init__(self, session: Session, *, graph: bool | None = None, record: bool = True) -> None:
+        cand, cache = session.cand, session.cache
+        self.graph = cand.device.type == "cuda" if graph is None else graph
+        if self.graph and cand.device.type != "cuda":
+            raise UsageError(f"a CUDA graph needs a CUDA device; the candidate runs on {cand.device}")
+        if any(g is not None for g in session.guides):
+            raise UsageError("router replay decides on the host, which a CUDA-graph decode step cannot; "
+                             "run the decode steps eagerly (Session.decode)")
+        bad = [j for j in session.faults.injections if isinstance(j, (NanExpert, RouteFlip))]
+        if bad:
+            raise UsageError(f"{bad[0].option}: not planted in a decode step on static buffers; run it eagerly")
+        if min(cache.lens) == 0:
+            raise UsageError("prefill every sequence of the session before its decode steps")
+        self.session, self.cache, self.faults = session, cache, session.faults
+        self.model = _Resident(cand, session.faults)
+        self.record = StaticRecorder() if record else None
+        B, dev, nb = cache.n_seqs, cand.device, cache.max_blocks
+        self.n_keys = nb * cache.block_size
+        self.model._rope_at(torch.zeros(1, dtype=torch.long), self.n_keys + 2)   # the whole table, before capture
+        with torch.inference_mode():
+            zeros = torch.zeros(B, dtype=torch.long, device=dev)
+            self.tok, self.pos, self.rope_pos, self.slot, self.lens = (zeros.clone() for _ in range(5))
+            self.write_table = torch.zeros(B, nb, dtype=torch.long, device=dev)
+            self.table = torch.zeros(B, nb, dtype=torch.long, device=dev)
+            rows = torch.arange(B, device=dev)
+        self.static = Batch(seqs=tuple(range(B)), counts=(1,) * B, lens=(self.n_keys,) * B, step=None, decode=True,
+                            block_size=cache.block_size, n_keys=self.n_keys, max_pos=self.n_keys + 1, pos=self.pos,
+                            rope_pos=self.rope_pos, row_seq=rows, write_slot=self.slot, write_table=self.write_table,
+                            table=self.table, seq_lens=self.lens, q_index=rows[:, None], q_pos=self.pos[:, None],
+                            out_index=rows, causal=False)
+        self._cuda_graph: Any = None
+        self._logits: torch.Tensor | None = None
+        self._last: list[int] | None = None
+
+    def _forward(self) -> torch.Tensor:
+        rec: Recorder = self.record if self.record is not None else NullRecorder()
+        return self.model.forward_batch(self.tok, self.static, self.cache, rec, faults=self.faults).logits
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()                                   # warm-up: allocates every buffer
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._logits = self._forward()
+        self._cuda_graph = g
+
+    @torch.inference_mode()
+    def decode(self, tokens: int | Sequence[int]) -> list[Rows]:
+        """One decode step of every sequence (as :meth:`Session.decode`), on the static buffers."""
+        s = self.session
+        toks = [int(tokens)] if isinstance(tokens, (int, np.integer)) else [int(t) for t in tokens]
+        if len(toks) != s.n_seqs:
+            raise UsageError(f"{_count(len(toks), 'token')} for a decode step of {_count(s.n_seqs, 'sequence')}")
+        s.cand.model.check_tokens(np.asarray(toks, dtype=np.int64))
+        step = s.steps
+        host = self.faults.step(self.cache.batch([(q, 1) for q in range(s.n_seqs)], step=step, n_keys=self.n_keys))
+        for buf, val in ((self.pos, host.pos), (self.rope_pos, host.rope_pos), (self.slot, host.write_slot),
+                         (self.write_table, host.write_table), (self.table, host.table), (self.lens, host.seq_lens)):
+            buf.copy_(val)
+        if self._last is None or self.faults.refresh(step, self._last, toks):
+            self.tok.copy_(torch.tensor(toks, dtype=torch.long))
+        if not self.graph:
+            logits = self._forward()
+        else:
+            if self._cuda_graph is None:
+                self._capture()
+            self._cuda_graph.replay()
+            assert self._logits is not None
+            logits = self._logits
+        self._last = toks
+        s.steps += 1
+        for q, t in enumerate(toks):
+            s.tokens[q].append(t)
+        rec = None
+        if self.record is not None:
+            rec = ArrayRecorder()
+            self.record.read(rec)
+        return _split(rec, host, np.asarray(toks, dtype=np.int64), logits.clone(), (),
+                      {"dtype": str(s.cand.dtype).removeprefix("torch."), "cuda_graph": self.graph})
+
+
+# --------------------------------------------------------------------------- stage-local replay
+
+
+def replay_rows(cand: CandidateModel, golden: Case, positions: Sequence[int], *, step: int | None = None,
+                faults: Faults = NO_FAULTS, paged: bool = False) -> tuple[Case, tuple[Followed, ...]]:
+    """Stage-local replay of a serving forward over the golden's rows at ``positions`` (consecutive: a
+    decode step is ``[p]``, a chunk its range): each layer fed the golden's input rows there, its cache
+    holding the golden's ``k_rope``/``v`` rows of the positions before, each stage forced to the golden's
+    value before the next operation uses it.  ``step``: the decode step these rows are (serving faults
+    act there).  Returns the recorded case of those rows (attrs ``replay``, ``positions``) and where
+    the golden's experts were followed."""
+    pos = [int(p) for p in positions]
+    if not pos or pos != list(range(pos[0], pos[0] + len(pos))):
+        raise UsageError(f"positions {pos} are not one consecutive run")
+    need = [s for s in ("k_rope", "v", "layer_out") if s not in golden.layers] + \
+        (["embed"] if "embed" not in golden.model else [])
+    if need:
+        raise UsageError(f"stage-local replay of serving rows needs the golden's {', '.join(need)}")
+    if pos[-1] >= len(golden.tokens):
+        raise UsageError(f"position {pos[-1]} is beyond the golden's {len(golden.tokens)} tokens")
+    p0, n, L = pos[0], len(pos), golden.n_layer
+    cache = KVCache(cand.cfg, n_seqs=1, capacity=p0 + n, paged=paged, device=cand.device, dtype=cand.dtype)
+    for i in range(L if p0 else 0):
+        cache.load(i, 0, torch.from_numpy(golden.layers["k_rope"][i][:p0]), torch.from_numpy(golden.layers["v"][i][:p0]))
+    batch = cache.batch([(0, n)], step=step)
+    batch = faults.step(batch)
+    rec, followed = ArrayRecorder(), []
+    rows = np.asarray(pos)
+    for i in range(L):
+        x = golden.model["embed"][rows] if i == 0 else golden.layers["layer_out"][i - 1][rows]
+        force = {s: a[i][rows] for s, a in golden.layers.items() if i < a.shape[0]}
+        out = cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec, force=force, faults=faults,
+                                 batch=batch, cache=cache)
+        followed += out.followed
+    case = Case(tokens=golden.tokens[rows].astype(np.int32), model={}, layers=rec.stacked(),
+                attrs={"replay": True, "positions": pos, "step": step,
+                       "router_followed": [[f.layer, f.token, list(f.own)] for f in followed]})
+    return case, tuple(followed)
