@@ -42,7 +42,7 @@ def test_clean_check_passes_and_writes_reports(capsys, tiny_path, store, tmp_pat
     cfg = GGUFModel.open(tiny_path).config
     assert len(rep["results"]) == 2 * (3 + 18 * cfg.n_layer)  # two cases, every stage of every layer
     page = html.read_text()
-    assert page.startswith("<!doctype html>") and "L3" in page and "title=" in page
+    assert page.startswith("<!doctype html>") and "L03" in page and "title=" in page
 
 
 def _q6k_layer(tiny_path) -> int:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .classify import Verdict
-from .compare import PER_LAYER_MODES, Report, StageResult
-from .report import SYMBOL, _atomic_write, _fmt_loc, _unjudged, coverage_line, ratio_text
+from .compare import PER_LAYER_MODES, StageResult
+from .report import SYMBOL, _atomic_write, _fmt_loc, _unjudged, coverage_line, ratio_text, row_label
 from ..stages import LAYER_STAGES
+
+if TYPE_CHECKING:
+    from .suite import Report
 
 #: passing cells, by how much of its tolerance the stage uses (error ÷ tolerance): upper bounds and colours
 #: of a sequential scale (ColorBrewer YlGnBu: pale = far from failing, dark = close to it)
@@ -27,6 +31,14 @@ FAIL_COLOR = {
 TIE_COLOR, UNJUDGED_COLOR, ABSENT_COLOR = "#fdae61", "#d9d9d9", "#f0f0f0"
 #: the per-token bar chart: at most this many bars (tokens are grouped, each bar the group's largest)
 MAX_BARS = 64
+#: a passing cell has a detail panel from this error ÷ tolerance up (a failing one always has one); the
+#: others keep their numbers in their tooltip (a passing 48-layer, 2-case check with replay: 1.0 MB, was 11.7)
+PANEL_AT = 0.5
+#: at most this many detail panels per table (mode x case), the first in the table's order (the first
+#: divergence's always): after a fault, every later stage of a free-running table fails, inherited
+MAX_PANELS = 64
+#: the table's rows, in computation order
+_ROWS = ("embed",) + LAYER_STAGES + ("final_norm", "logits")
 
 
 def _luminance(color: str) -> float:
@@ -80,8 +92,32 @@ def _num(x: float | int | None) -> str:
     return "inf" if math.isinf(x) else f"{x:.4g}"
 
 
-def _tip(r: StageResult) -> str:
-    """The cell's tooltip: where, the verdict, what failed or how close it came."""
+def _has_panel(r: StageResult) -> bool:
+    """Whether the cell gets a detail panel: it fails, is a routing near tie, or uses at least
+    :data:`PANEL_AT` of its tolerance."""
+    if _unjudged(r):
+        return False
+    if not r.result.passed or r.verdict == Verdict.ROUTING_TIE:
+        return True
+    return r.worst is not None and r.worst.ratio >= PANEL_AT
+
+
+def _order(r: StageResult) -> tuple[int, int]:
+    """Where ``r`` comes in its table: the row, then the column."""
+    row = -1 if r.stage == "embed" else (1 << 20) if r.layer is None else r.layer
+    return row, _ROWS.index(r.stage) if r.stage in _ROWS else len(_ROWS)
+
+
+def _panelled(results: list[StageResult], first: StageResult | None) -> tuple[list[StageResult], int]:
+    """The results of one table that get a detail panel (the first divergence and, in the table's
+    order, up to :data:`MAX_PANELS` that fail, tie or come near failing), and how many more would have."""
+    want = sorted((r for r in results if r is first or _has_panel(r)), key=lambda r: (r is not first, _order(r)))
+    return want[:MAX_PANELS], max(0, len(want) - MAX_PANELS)
+
+
+def _tip(r: StageResult, panel: bool) -> str:
+    """The cell's tooltip: where, the verdict, what failed or how close it came; without a panel, its
+    numbers too."""
     where = f"layer {r.layer} / {r.stage}" if r.layer is not None else r.stage
     if _unjudged(r):
         return f"{where}: not judged: every token was excused by an earlier near-tie routing flip"
@@ -91,7 +127,15 @@ def _tip(r: StageResult) -> str:
         text += f"\n{'failed' if not r.result.passed else 'closest to failing'} ({w.rule}): {w.text}"
         if r.result.passed:
             text += f"\nerror ÷ tolerance {ratio_text(w.ratio)}"
-    return text + "\nclick for the details"
+    if panel:
+        return text + "\nclick for the details"
+    m = r.result.metrics
+    if m is not None:
+        text += (f"\ncosine {_num(m.cosine)}, rel_l2 {_num(m.rel_l2)}, max_abs {_num(m.max_abs)}, "
+                 f"outside {m.n_outside} of {m.n}")
+    why = f"only the first {MAX_PANELS} of its table have one" if _has_panel(r) else \
+        f"error ÷ tolerance below {PANEL_AT:g}"
+    return text + f"\nno detail panel: {why}"
 
 
 def _bars(r: StageResult) -> str:
@@ -117,11 +161,12 @@ def _bars(r: StageResult) -> str:
         f = (math.log10(v) + 3.0) / 4.0 if math.isfinite(v) else 1.0
         return h - (h - top) * min(1.0, max(0.02, f))
 
-    parts = []
+    paths: dict[str, list[str]] = {}    # colour -> one subpath per bar (a path per colour: a tenth of the bytes)
     for i, (v, is_bad, ex) in enumerate(bars):
         color = "#bdbdbd" if ex else "#7a0177" if math.isinf(v) else "#d7301f" if is_bad or v > 1 else "#2c7fb8"
         yy = y(v) if not ex else h - 3
-        parts.append(f"<rect x='{i * w}' y='{yy:.1f}' width='{w - 1}' height='{h - yy:.1f}' fill='{color}'/>")
+        paths.setdefault(color, []).append(f"M{i * w} {yy:.1f}h{w - 1}V{h}h-{w - 1}z")
+    parts = [f"<path fill='{c}' d='{''.join(d)}'/>" for c, d in paths.items()]
     line = y(1.0)
     span = f"tokens 0–{T - 1}" + (f", {group} per bar (the largest)" if group > 1 else "")
     return (f"<figure><svg role='img' aria-label='per-token error ÷ tolerance' width='{width + 60}' height='{h + 14}' "
@@ -171,7 +216,8 @@ def _panel(r: StageResult, pid: str, is_first: bool) -> str:
     return "\n".join(out)
 
 
-def _cell(r: StageResult | None, pid: str, first: StageResult | None) -> str:
+def _cell(r: StageResult | None, pid: str | None, first: StageResult | None) -> str:
+    """A table cell: coloured, labelled, a tooltip; a link to its panel where ``pid`` names one."""
     if r is None:
         return "<td class=abs></td>"
     cls = _cell_class(r)
@@ -183,8 +229,9 @@ def _cell(r: StageResult | None, pid: str, first: StageResult | None) -> str:
         ratio = r.worst.ratio if r.worst is not None else 0.0
         label = f"{round(100 * ratio)}" if ratio >= 0.005 else ""
     mark = " first" if first is not None and r is first else ""
-    return (f"<td class='{cls}{mark}' title='{html.escape(_tip(r), quote=True)}'>"
-            f"<a href='#{pid}'>{html.escape(label) or '&nbsp;'}</a></td>")
+    shown = html.escape(label) or "&nbsp;"
+    return (f"<td class='{cls}{mark}' title='{html.escape(_tip(r, pid is not None), quote=True)}'>"
+            + (f"<a href='#{pid}'>{shown}</a></td>" if pid is not None else f"{shown}</td>"))
 
 
 def _css() -> str:
@@ -204,18 +251,23 @@ def _css() -> str:
 
 def write_html(report: Report, path: str | Path, *, title: str = "moesnap check") -> None:
     """The heat map: one table per mode and case, a cell per (layer, stage) coloured by how close it came
-    to failing (error ÷ tolerance, on a sequential scale) or by what failed; every cell opens a panel with
-    its rules, metrics, worst indices and per-token errors; the first divergence's is open.  One
-    self-contained file: no script, no external style sheet."""
+    to failing (error ÷ tolerance, on a sequential scale) or by what failed.  A cell that fails, ties or
+    comes near failing (:data:`PANEL_AT`) opens a panel with its rules, metrics, worst indices and
+    per-token errors (the first divergence's is open); every other cell keeps its numbers in its
+    tooltip.  One self-contained file: no script, no external style sheet."""
     e = html.escape
     first = report.first_divergence
     sections = [("free-running", report.cases)]
     if report.replay is not None:
         sections.append((PER_LAYER_MODES[report.replay_kind] + ": the error each layer introduces", report.replay))
-    ids: dict[int, str] = {}
+    ids: dict[int, str] = {}        # the cells with a detail panel: its id
+    panels: list[list[StageResult]] = []
+    unpanelled: dict[tuple[int, int], int] = {}  # (section, case) -> cells past MAX_PANELS
     for si, (_, cases) in enumerate(sections):
         for ci, case in enumerate(cases):
-            for r in case.results:
+            shown, unpanelled[si, ci] = _panelled(case.results, first)
+            panels.append(shown)
+            for r in shown:
                 ids[id(r)] = f"s{si}c{ci}-{'m' if r.layer is None else r.layer}-{r.stage}"
     verdict = report.verdict
     cases_line = report.cases_line()
@@ -234,8 +286,9 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
         f"dtype {e(report.dtype)}, {e(report.mode)}</p>",
         "<p>A passing cell's colour and number: how much of its tolerance the stage uses (error ÷ tolerance, in %: "
         "the element that decides the elementwise rule, the worst row, the worst expert, or the widest routing gap, "
-        "whichever is closest to its limit; blank below 0.5 %). A failing cell shows a letter. Click any cell for "
-        "its details; the first divergence is outlined and its details are open below.</p>",
+        "whichever is closest to its limit; blank below 0.5 %). A failing cell shows a letter. Hover a cell for "
+        f"its numbers; a cell that fails, ties or uses {100 * PANEL_AT:g} % of its tolerance or more opens its details "
+        "when clicked; the first divergence is outlined and its details are open below.</p>",
         "<p class=key>passing, by the share of its tolerance used: " + "".join(
             f"<span class={k}>{e(label)}</span>" for k, (_, label) in _classes().items() if k[0] == "p") + "</p>",
         "<p class=key>failing: " + "".join(
@@ -245,8 +298,8 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
         + "<span style='outline:3px solid #000;outline-offset:-3px'>first divergence</span></p>",
     ]
     parts += [f"<p>ignored: {e(n)}</p>" for n in report.ignored_lines()]
-    for label, cases in sections:
-        for case in cases:
+    for si, (label, cases) in enumerate(sections):
+        for ci, case in enumerate(cases):
             parts.append(f"<h3>{e(label)} — case {e(case.case)}</h3><table><tr><th></th>")
             parts += [f"<th>{e(s)}</th>" for s in LAYER_STAGES] + ["</tr>"]
             by: dict[int | None, dict[str, StageResult]] = {}
@@ -255,24 +308,25 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
             for stage in ("embed",):
                 if stage in by.get(None, {}):
                     r = by[None][stage]
-                    parts.append(f"<tr><td>{stage}</td>{_cell(r, ids[id(r)], first)}</tr>")
+                    parts.append(f"<tr><td>{row_label(None, stage)}</td>{_cell(r, ids.get(id(r)), first)}</tr>")
             for layer in sorted(k for k in by if k is not None):
                 row = by[layer]
-                parts.append(f"<tr><td>L{layer}</td>" + "".join(
-                    _cell(row.get(s), ids[id(row[s])] if s in row else "", first) for s in LAYER_STAGES) + "</tr>")
+                parts.append(f"<tr><td>{row_label(layer, '')}</td>" + "".join(
+                    _cell(row.get(s), ids.get(id(row[s])) if s in row else None, first) for s in LAYER_STAGES)
+                    + "</tr>")
             for stage in ("final_norm", "logits"):
                 if stage in by.get(None, {}):
                     r = by[None][stage]
-                    parts.append(f"<tr><td>{stage}</td>{_cell(r, ids[id(r)], first)}</tr>")
+                    parts.append(f"<tr><td>{row_label(None, stage)}</td>{_cell(r, ids.get(id(r)), first)}</tr>")
             parts.append("</table>")
+            if n := unpanelled[si, ci]:
+                parts.append(f"<p>no panel for {n} more failing, tied or near-failing {'cell' if n == 1 else 'cells'} "
+                             f"of this table (only the first {MAX_PANELS} have one): hover them for their numbers</p>")
             for n in case.routing_notes + case.notes:
                 parts.append(f"<p>{e(n)}</p>")
     for n in report.notes:
         parts.append(f"<p>note: {e(n)}</p>")
     parts.append("<h3>details</h3><div class=panels>")
-    for _, cases in sections:
-        for case in cases:
-            for r in case.results:
-                parts.append(_panel(r, ids[id(r)], r is first))
+    parts += [_panel(r, ids[id(r)], r is first) for shown in panels for r in shown]
     parts.append("</div></body></html>")
     _atomic_write(Path(path), "\n".join(p for p in parts if p))

@@ -208,6 +208,12 @@ def _unjudged(r: StageResult) -> bool:
     return m is not None and m.n == 0 and bool(r.result.excluded_tokens)
 
 
+def row_label(layer: int | None, stage: str) -> str:
+    """A row's name in the tables, text and HTML: ``L07`` for a layer, else the whole-model stage
+    (``embed``, ``fnorm`` for final_norm, ``logits``)."""
+    return f"L{layer:02d}" if layer is not None else {"final_norm": "fnorm"}.get(stage, stage)
+
+
 # ---------------------------------------------------------------- HTML: judge/html.py
 
 
