@@ -543,7 +543,7 @@ class CandidateModel:
         (:meth:`RouterReplay.rows`).  Returns the logits ``[T, V]`` and where the golden's experts were
         followed (``token``: the packed row)."""
         rec = rec or NullRecorder()
-        tok = tokens if isinstance(tokens, torch.Tensor) and tokens.device == self.device else \
+        tok = tokens.to(self.device) if isinstance(tokens, torch.Tensor) else \
             torch.from_numpy(_token_ids(tokens)).to(self.device)
         if tok.shape[0] != batch.n_rows:
             raise UsageError(f"{tok.shape[0]} tokens for a batch of {batch.n_rows} rows")

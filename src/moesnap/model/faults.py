@@ -192,9 +192,9 @@ class Faults:
                 batch = batch.with_(key_mask=False)
             elif isinstance(j, SwapRows) and j.hits(i) and len(batch.seqs) > 1:
                 a, b = batch.rows_of(0)[-1], batch.rows_of(1)[-1]
-                out = batch.out_index.clone()
-                out[[a, b]] = batch.out_index[[b, a]]
-                batch = batch.with_(out_index=out)
+                rows = torch.arange(batch.n_rows, device=batch.out_index.device)
+                swapped = torch.where(rows == a, b, torch.where(rows == b, a, rows))   # no host data: capturable
+                batch = batch.with_(out_index=batch.out_index.index_select(0, swapped))
         return batch
 
     def refresh(self, step: int, old: Sequence[int], new: Sequence[int]) -> bool:

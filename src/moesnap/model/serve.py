@@ -69,11 +69,12 @@ def _split(rec: ArrayRecorder | None, batch: Batch, tokens: np.ndarray, logits: 
     """The packed rows of ``batch`` as one :class:`Rows` per sequence."""
     out = []
     pos = batch.pos.cpu().numpy().astype(np.int32)
+    stacked = {} if rec is None else rec.stacked()
     for b, seq in enumerate(batch.seqs):
         r = batch.rows_of(b)
         sl = slice(r.start, r.stop)
         model = {} if rec is None else {s: a[sl] for s, a in rec.model.items() if s != "tokens"}
-        layers = {} if rec is None else {s: a[:, sl] for s, a in rec.stacked().items()}
+        layers = {s: a[:, sl] for s, a in stacked.items()}
         positions = pos[sl]
         own = tuple(Followed(f.layer, f.token - r.start, f.own) for f in followed if f.token in r)
         case = Case(tokens=tokens[sl].astype(np.int32), model=model, layers=layers,
@@ -221,7 +222,7 @@ class _Resident(CandidateModel):
         T, k = ids.shape
         flat = ids.reshape(-1)                                                    # [T*k]
         gate, up, down = self.experts[i]                                          # [E, F, H] x2, [E, H, F]
-        xr = x.repeat_interleave(k, dim=0).unsqueeze(-1)                          # [T*k, H, 1]
+        xr = x[:, None, :].expand(T, k, x.shape[1]).reshape(T * k, x.shape[1], 1)  # [T*k, H, 1]
         h = F.silu(torch.bmm(gate.index_select(0, flat), xr)) * torch.bmm(up.index_select(0, flat), xr)  # [T*k, F, 1]
         return torch.bmm(down.index_select(0, flat), h).view(T, k, self.cfg.hidden)
 
