@@ -31,7 +31,7 @@ from ._version import __version__
 if TYPE_CHECKING:
     from .case import Case
     from .errors import MoesnapError
-    from .judge.compare import Report
+    from .judge.report import Report
     from .judge.tolerances import Tolerances
     from .model.recorder import ArrayRecorder as Recorder
     from .run.check import check
@@ -48,7 +48,7 @@ _LAZY = {
     "trace": ("run.trace", "trace"),
     "generate": ("run.goldens", "generate_suite"),
     "Recorder": ("model.recorder", "ArrayRecorder"),
-    "Report": ("judge.compare", "Report"),
+    "Report": ("judge.report", "Report"),
     "Case": ("case", "Case"),
     "Tolerances": ("judge.tolerances", "Tolerances"),
     "MoesnapError": ("errors", "MoesnapError"),

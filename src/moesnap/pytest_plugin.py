@@ -26,8 +26,7 @@ import hashlib
 import os
 import re
 import shlex
-import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Mapping, Sequence
 
@@ -38,8 +37,9 @@ if TYPE_CHECKING:
 
     from .case import Case
     from .judge.classify import Result
-    from .judge.compare import Report
-    from .judge.tolerances import Tolerance, Tolerances
+    from .judge.policy import ConfigFile, Settings
+    from .judge.report import Report
+    from .judge.tolerances import Tolerance
     from .model.recorder import ArrayRecorder
     from .store import GoldenStore, GoldenVersion
 
@@ -66,17 +66,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 class _Settings:
     root: str                    # the store root (an absolute directory or an s3:// URL)
     regen: bool
-    pyproject: Path | None       # the rootdir's pyproject.toml, when there is one
-    _tols: Tolerances | None = field(default=None, repr=False)
+    config: ConfigFile | None    # [tool.moesnap] of the rootdir's pyproject.toml, parsed once
 
-    def tolerances(self) -> Tolerances:
-        """The built-in tables with ``[tool.moesnap]``'s overrides (read once per session)."""
-        from .judge.tolerances import Tolerances
+    def settings(self, dtype: str | None = None, tol: Mapping[str, float] | Sequence[str] | None = None) -> Settings:
+        """The tolerance request of a check: the rootdir's ``[tool.moesnap]``, then ``tol``."""
+        from .judge.policy import Settings
 
-        if self._tols is None:
-            self._tols = (Tolerances.from_pyproject(self.pyproject, base=Tolerances.for_profile("default"))
-                          if self.pyproject is not None else Tolerances.defaults())
-        return self._tols
+        return Settings(dtype=dtype, profile="auto", config=self.config, overrides=tol or ())
 
 
 _SETTINGS = pytest.StashKey[_Settings]()
@@ -89,17 +85,13 @@ def _settings(config: pytest.Config) -> _Settings:
         return config.stash[_SETTINGS]
     from .errors import UsageError
 
+    from .judge.policy import ConfigFile
+
     rootdir = Path(config.rootpath)
     candidate = rootdir / "pyproject.toml"
     pyproject = candidate if candidate.is_file() else None
-    section: dict[str, Any] = {}
-    if pyproject is not None:
-        try:
-            tool = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("tool", {})
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise UsageError(f"{pyproject}: cannot read ({e})") from None
-        found = tool.get("moesnap", {}) if isinstance(tool, dict) else {}
-        section = found if isinstance(found, dict) else {}
+    cfg = ConfigFile.read(pyproject) if pyproject is not None else None
+    section: Mapping[str, Any] = cfg.section if cfg is not None else {}
     option = config.getoption("moesnap_store")
     configured = section.get("snapshot_store")
     if option:
@@ -111,7 +103,7 @@ def _settings(config: pytest.Config) -> _Settings:
         root = configured if "://" in configured else str((rootdir / configured).resolve())
     else:
         root = str(rootdir / DEFAULT_STORE)
-    settings = _Settings(root, bool(config.getoption("moesnap_regen")), pyproject)
+    settings = _Settings(root, bool(config.getoption("moesnap_regen")), cfg)
     config.stash[_SETTINGS] = settings
     return settings
 
@@ -193,6 +185,7 @@ class MoesnapSnapshot:
         self._calls = 0
         self._names: set[str] = set()                             # case names checked so far
         self._regenerated: str | None = None                      # check_forward's regen message
+        self._policies: dict[str, Any] = {}                         # dtype -> the session's Policy
 
     @property
     def regen_command(self) -> str:
@@ -273,7 +266,7 @@ class MoesnapSnapshot:
             raise UsageError("moesnap_snapshot.check_forward: one call per test (one golden suite per test)")
         inputs = _inputs(suite)
         model_path = os.fspath(model)
-        tols = self._forward_tolerances(tol)
+        asked = self._settings.settings(dtype, tol)
         with _golden_errors(self.regen_command):
             if self.regen:
                 ref = generate_suite(model_path, self.suite, inputs, store=self.store_root)
@@ -286,12 +279,13 @@ class MoesnapSnapshot:
                 _same_inputs(version, inputs, self.regen_command)
                 ref = version.ref
         if callable(candidate) and not isinstance(candidate, (str, os.PathLike)):
-            report = self._run_candidate(ref, candidate, model_path, dtype, tols, allow_missing)
+            where: Any = self._run_candidate(ref, candidate)
         else:
             where = candidate if isinstance(candidate, Case) else os.fspath(candidate)
-            with _golden_errors(self.regen_command):
-                report = compare(ref, where, store=self.store_root, tols=tols, model=model_path,
-                                 allow_missing=allow_missing, dtype=dtype, show_progress=False)
+        producer = (getattr(candidate, "__qualname__", None) or type(candidate).__name__) if callable(candidate) else None
+        with _golden_errors(self.regen_command):
+            report = compare(ref, where, store=self.store_root, settings=asked, model=model_path,
+                             allow_missing=allow_missing, show_progress=False, candidate_name=producer)
         if not report.passed:
             lines = [f"moesnap_snapshot: the forward does not pass against {ref}", report.summary(), "",
                      *text(report)]
@@ -336,63 +330,49 @@ class MoesnapSnapshot:
         return version
 
     def _tolerance(self, name: str, dtype: str, overrides: Mapping[str, float]) -> Tolerance:
+        """The tolerance of array ``name`` at ``dtype``: a stage's own (``logits``, ``layers/moe_out``), else
+        the dtype's ``default``, from the session's policy; ``overrides`` replace keys for this check."""
         from .errors import UsageError
         from .judge.tolerances import DEFAULT
-        from .stages import DTYPES, canonical
+        from .stages import canonical
 
-        if dtype not in DTYPES:
-            raise UsageError(f"moesnap_snapshot: dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
         bad = sorted(set(overrides) - set(TOLERANCE_KEYS))
         if bad:
             raise UsageError(f"moesnap_snapshot: unknown tolerance {bad[0]!r}; expected one of {', '.join(TOLERANCE_KEYS)}")
-        tols = self._settings.tolerances()
+        from .judge.policy import DTYPES
+
+        if dtype not in DTYPES:
+            raise UsageError(f"moesnap_snapshot: dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
+        policy = self._policy(dtype)
         stage = canonical(name.rsplit("/", 1)[-1])
+        tols = policy.tolerances
         tol = tols.for_stage(stage, dtype) if stage is not None else tols.stages[dtype][DEFAULT]
         return replace(tol, **overrides) if overrides else tol
 
-    def _forward_tolerances(self, tol: Mapping[str, float] | Sequence[str] | None) -> Callable[[str], Tolerances]:
-        from .judge.tolerances import Tolerances
+    def _policy(self, dtype: str):
+        if dtype not in self._policies:
+            self._policies[dtype] = self._settings.settings(dtype).resolve()
+        return self._policies[dtype]
 
-        def build(profile: str) -> Tolerances:
-            tols = Tolerances.for_profile(profile)
-            if self._settings.pyproject is not None:
-                tols = Tolerances.from_pyproject(self._settings.pyproject, base=tols)
-            return tols.with_overrides(tol) if tol else tols
-
-        return build
-
-    def _run_candidate(self, ref: str, candidate: Callable[[list[int], ArrayRecorder], object], model: str,
-                       dtype: str, tols: Callable[[str], Tolerances], allow_missing: bool) -> Report:
-        """Run ``candidate`` on every golden case's tokens into a fresh recorder; judge each case as
-        ``moesnap.compare`` does; one report over them all."""
+    def _run_candidate(self, ref: str, candidate: Callable[[list[int], ArrayRecorder], object]) -> dict[str, Case]:
+        """Run ``candidate`` on every golden case's tokens, each into a fresh recorder: the cases it made,
+        by golden case name (judged together by ``moesnap.compare``)."""
         import torch
 
-        from .judge.compare import Report
         from .model.recorder import ArrayRecorder
-        from .run.compare import compare
 
         with _golden_errors(self.regen_command):
             version = self._store().resolve(ref)
         producer = getattr(candidate, "__qualname__", None) or type(candidate).__name__
-        reports = []
+        cases = {}
         for name in version.case_names():
             ids = [int(t) for t in version.case_info(name).get("token_ids") or []]
             rec = ArrayRecorder()
             candidate(list(ids), rec)
             if "tokens" not in rec.model:
                 rec.save("tokens", None, torch.tensor(ids, dtype=torch.int32))
-            case = rec.case({"producer": producer, "dtype": dtype})
-            with _golden_errors(self.regen_command):
-                reports.append(compare(ref, case, store=self.store_root, tols=tols, model=model,
-                                       allow_missing=allow_missing, dtype=dtype, show_progress=False))
-        if len(reports) == 1:
-            return reports[0]
-        notes = list(dict.fromkeys(n for r in reports for n in r.notes))
-        replay = [c for r in reports for c in (r.replay or [])]
-        first = reports[0]
-        return Report(cases=[c for r in reports for c in r.cases], golden=ref, candidate=producer, dtype=dtype,
-                      mode=first.mode, replay=replay if any(r.replay is not None for r in reports) else None,
-                      notes=notes, replay_kind=first.replay_kind, hint=first.hint)
+            cases[name] = rec.case({"producer": producer})
+        return cases
 
     def _finish(self) -> None:
         """After the test body (``--moesnap-regen``): publish the recorded arrays as one version, then fail."""
@@ -589,25 +569,10 @@ def _what(r: _Row) -> str:
                          f"(worst {fmt(m.max_row_rel_l2)})")
     else:
         parts.append("equal" if m.max_abs == 0 else f"max_abs={fmt(m.max_abs)}, max_rel={fmt(m.max_rel)}")
-    if not res.passed:
-        idx = _first_bad(r.golden, r.candidate, tol, exact)
-        if idx is not None:
-            parts.append(f"first bad index {idx}: golden {fmt(float(r.golden[idx]))}, "
-                         f"candidate {fmt(float(r.candidate[idx]))}")
+    idx = m.worst_index   # the classifier's: the first non-finite element, else the largest |c - g|
+    if not res.passed and idx is not None and len(idx) == r.golden.ndim:
+        parts.append(f"worst index {idx}: golden {fmt(float(r.golden[idx]))}, "
+                     f"candidate {fmt(float(r.candidate[idx]))}")
     if r.golden.dtype != r.candidate.dtype:
         parts.append(f"dtype: golden {r.golden.dtype}, candidate {r.candidate.dtype}")
     return "; ".join(parts)
-
-
-def _first_bad(golden: np.ndarray, candidate: np.ndarray, tol: Tolerance, exact: bool) -> tuple[int, ...] | None:
-    """The first element (C order) non-finite on either side or outside the elementwise rule."""
-    import numpy as np
-
-    g = golden.astype(np.float64).reshape(-1)
-    c = candidate.astype(np.float64).reshape(-1)
-    with np.errstate(invalid="ignore", over="ignore"):
-        bad = ~(np.isfinite(g) & np.isfinite(c))
-        bad |= (golden.reshape(-1) != candidate.reshape(-1)) if exact else np.abs(c - g) > tol.atol + tol.rtol * np.abs(g)
-    if not bad.any():
-        return None
-    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), golden.shape))

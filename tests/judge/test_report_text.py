@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from moesnap.judge.compare import Report, compare_cases
+from moesnap.judge.compare import compare_cases
+from moesnap.judge.report import Report
 from moesnap.judge.report import WORST_HEAD, detail_lines, text
 from moesnap.judge.tolerances import Tolerances
 

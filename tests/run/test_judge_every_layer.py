@@ -154,7 +154,7 @@ def test_a_flip_nobody_followed_leaves_later_layers_unjudged_and_says_so():
                         allow_missing=True)
     held, judged = rep.cells()
     assert rep.passed and judged < held
-    from moesnap.judge.compare import Report
+    from moesnap.judge.report import Report
 
     report = Report(cases=[rep], golden="g", candidate="c", dtype="float32", hint="moesnap compare ... --model M")
     assert report.verdict == "inconclusive" and not report.passed

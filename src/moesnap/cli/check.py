@@ -4,30 +4,34 @@ from __future__ import annotations
 
 import argparse
 
-from ._options import add_report_options, check_report_outputs, emit, load_tolerances
+from ..judge.policy import CHECK_DTYPES
+from ._options import add_report_options, check_report_outputs, dtype_arg, device_name, emit, inject_syntax, settings
 
 
 def cmd_check(a: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..util import loading_torch
 
+    # every usage error before torch loads (seconds on a cold start)
+    if a.replay and a.no_replay:
+        raise UsageError("--replay and --no-replay contradict each other")
+    for spec in a.inject:
+        inject_syntax(spec)
+    check_report_outputs(a, a.store)
+    asked = settings(a, dtype=a.dtype, allowed=CHECK_DTYPES)
     loading_torch()
     from ..run.check import check
 
-    if a.replay and a.no_replay:
-        raise UsageError("--replay and --no-replay contradict each other")
-    check_report_outputs(a, a.store)
-    tols = load_tolerances(a, "default" if a.profile == "auto" else a.profile)
     if a.gpus is not None:
-        return _check_expert_parallel(a, tols)
+        return _check_expert_parallel(a, asked)
     report = check(a.model, a.suite, store=a.store, device=a.device, dtype=a.dtype,
                    replay=True if a.replay else False if a.no_replay else None, inject=a.inject,
-                   tols=tols, router_replay=not a.no_router_replay,
+                   settings=asked, router_replay=not a.no_router_replay,
                    show_progress=not getattr(a, "quiet", False))
     return emit(report, a, f"moesnap check {report.golden}")
 
 
-def _check_expert_parallel(a: argparse.Namespace, tols) -> int:
+def _check_expert_parallel(a: argparse.Namespace, asked) -> int:
     """``--gpus N``: the expert-parallel candidate on N ranks (NCCL on CUDA, gloo on the CPU), started here."""
     from ..errors import UsageError
     from ..run.expert_parallel import check_ep
@@ -44,7 +48,7 @@ def _check_expert_parallel(a: argparse.Namespace, tols) -> int:
             raise UsageError(f"--gpus {a.gpus}: this host has {torch.cuda.device_count()} CUDA device(s)")
     report = check_ep(a.model, a.suite, store=a.store, n_ranks=a.gpus, backend="nccl" if cuda else "gloo",
                       device=a.device, dtype=a.dtype, mode=a.ep_mode, inject=a.inject,
-                      router_replay=not a.no_router_replay, tols=tols, show_progress=not getattr(a, "quiet", False))
+                      router_replay=not a.no_router_replay, settings=asked, show_progress=not getattr(a, "quiet", False))
     if report is None:   # a torchrun rank other than 0
         return 0
     return emit(report, a, f"moesnap check --gpus {a.gpus} {report.golden}")
@@ -55,8 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="the model the goldens were made from: a GGUF file or a checkpoint directory")
     p.add_argument("--suite", required=True, help="NAME or NAME@vNNNN (default: newest version)")
     p.add_argument("--store", help="golden store root: a directory (default goldens/) or s3://bucket/prefix")
-    p.add_argument("--device", default="cpu", help="where the candidate runs: cpu (default) or cuda[:N]")
-    p.add_argument("--dtype", default="float32", help="the candidate's activations: float32 (default), bfloat16, float16")
+    p.add_argument("--device", default="cpu", type=device_name, help="where the candidate runs: cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", default="float32", type=dtype_arg(CHECK_DTYPES), metavar="DTYPE",
+                   help="the candidate's activations: float32 (default), bfloat16, float16")
     p.add_argument("--replay", action="store_true",
                    help="also run each layer, stage by stage, on the golden's inputs: error introduced vs "
                         "inherited (always on for bfloat16 and float16)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._options import add_report_options, check_report_outputs, emit, load_tolerances
+from ..judge.policy import DTYPES
+from ._options import add_report_options, check_report_outputs, dtype_arg, emit, settings
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -12,10 +13,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from ..util import status
 
     check_report_outputs(a, a.store)
+    asked = settings(a, dtype=a.dtype)
     status(f"reading golden {a.golden} and candidate {a.candidate}")
-    report = compare(a.golden, a.candidate, store=a.store, tols=lambda profile: load_tolerances(a, profile),
-                     profile=None if a.profile == "auto" else a.profile, model=a.model,
-                     local=not a.no_local, allow_missing=a.allow_missing, dtype=a.dtype,
+    report = compare(a.golden, a.candidate, store=a.store, settings=asked, model=a.model,
+                     local=not a.no_local, allow_missing=a.allow_missing,
                      show_progress=not getattr(a, "quiet", False), case=a.case)
     return emit(report, a, "moesnap compare")
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("golden", help="NAME[@vNNNN] in the store, or a case group path")
     p.add_argument("candidate", help="a Zarr v3 group in the case layout (or a group of case groups)")
     p.add_argument("--store", help="golden store root (default goldens/)")
-    p.add_argument("--dtype", help="the candidate's dtype, for tolerances (default: its 'dtype' attribute, else float32)")
+    p.add_argument("--dtype", type=dtype_arg(DTYPES), metavar="DTYPE", help="the candidate's dtype, for tolerances (default: its 'dtype' attribute, else float32)")
     p.add_argument("--allow-missing", action="store_true",
                    help="skip stages the candidate does not have at all instead of failing them as MISSING")
     p.add_argument("--model", metavar="MODEL",

@@ -6,15 +6,11 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .classify import Verdict
 from .compare import PER_LAYER_MODES, StageResult
-from .report import SYMBOL, _atomic_write, _fmt_loc, _unjudged, coverage_line, ratio_text, row_label
+from .report import SYMBOL, Report, _atomic_write, _fmt_loc, _unjudged, coverage_line, ratio_text, row_label
 from ..stages import LAYER_STAGES
-
-if TYPE_CHECKING:
-    from .suite import Report
 
 #: passing cells, by how much of its tolerance the stage uses (error ÷ tolerance): upper bounds and colours
 #: of a sequential scale (ColorBrewer YlGnBu: pale = far from failing, dark = close to it)
@@ -322,10 +318,10 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
             if n := unpanelled[si, ci]:
                 parts.append(f"<p>no panel for {n} more failing, tied or near-failing {'cell' if n == 1 else 'cells'} "
                              f"of this table (only the first {MAX_PANELS} have one): hover them for their numbers</p>")
-            for n in case.routing_notes + case.notes:
-                parts.append(f"<p>{e(n)}</p>")
-    for n in report.notes:
-        parts.append(f"<p>note: {e(n)}</p>")
+            for line in case.routing_notes + case.notes:
+                parts.append(f"<p>{e(line)}</p>")
+    for line in report.notes:
+        parts.append(f"<p>note: {e(line)}</p>")
     parts.append("<h3>details</h3><div class=panels>")
     parts += [_panel(r, ids[id(r)], r is first) for shown in panels for r in shown]
     parts.append("</div></body></html>")

@@ -1,16 +1,26 @@
-"""Reports: the compact layer x stage table, the JSON report and the HTML heat map."""
+"""The report: a frozen value (:class:`Report`: what was judged, its verdict, its coverage, computed once)
+and every word it says — the compact layer x stage table, the summary, the JSON.  The HTML heat map is
+:mod:`moesnap.judge.html`; the judging that makes a report, :mod:`moesnap.judge.suite`."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from .classify import Verdict
-from .compare import PER_LAYER_MODES, CaseReport, Report, StageResult
+from .compare import PER_LAYER_MODES, CaseReport, StageResult
 from ..errors import UsageError
-from ..stages import LAYER_STAGES
+from ..stages import LAYER_STAGES, MODEL_STAGES
 from ..util import write_text_atomic
+
 
 SYMBOL = {
     Verdict.MATCH: ".", Verdict.ROUTING_TIE: "~", Verdict.DIVERGE: "D", Verdict.NAN_CANDIDATE: "N",
@@ -72,15 +82,15 @@ def table(case: CaseReport, *, title: str | None = None) -> list[str]:
     for stage in ("embed",):
         if stage in by_layer.get(None, {}):
             r = by_layer[None][stage]
-            lines.append(f"{stage:<6}{_sym(r):>3}{blank} | {row_worst([r])}")
+            lines.append(f"{row_label(None, stage):<6}{_sym(r):>3}{blank} | {row_worst([r])}")
     for layer in sorted(k for k in by_layer if k is not None):
         row = by_layer[layer]
         cells = "".join(f"{_sym(row[s]) if s in row else ' ':>3}" for s in LAYER_STAGES)
-        lines.append(f"L{layer:02d}   {cells} | {row_worst(list(row.values()))}")
+        lines.append(f"{row_label(layer, ''):<6}{cells} | {row_worst(list(row.values()))}")
     for stage in ("final_norm", "logits"):
         if stage in by_layer.get(None, {}):
             r = by_layer[None][stage]
-            lines.append(f"{stage.replace('final_norm', 'fnorm'):<6}{_sym(r):>3}{blank} | {row_worst([r])}")
+            lines.append(f"{row_label(None, stage):<6}{_sym(r):>3}{blank} | {row_worst([r])}")
     return lines
 
 
@@ -99,7 +109,7 @@ def text(report: Report) -> list[str]:
         out.append(f"routing: {n}")
     for n in (n for c in report.replay or [] for n in c.routing_notes):
         out.append(f"routing ({report.replay_kind}): {n}")
-    for n in report.notes + [n for c in report.cases + (report.replay or []) for n in c.notes]:
+    for n in [*report.notes, *(n for c in [*report.cases, *(report.replay or ())] for n in c.notes)]:
         out.append(f"note: {n}")
     for n in report.ignored_lines():
         out.append(f"ignored: {n}")
@@ -187,10 +197,20 @@ def detail_lines(r: StageResult) -> list[str]:
     return lines
 
 
-def write_json(report: Report, path: str | Path, extra: dict | None = None) -> None:
-    d = report.to_dict()
+#: ``--json -``: the JSON goes to stdout
+STDOUT = "-"
+
+
+def write_json(obj: Report | Mapping[str, Any], path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
+    """The one JSON writer of moesnap: a report (or any JSON object: ``goldens diff``) to ``path``,
+    atomically, or to stdout when ``path`` is ``-`` (ASCII there, so any terminal and jq read it)."""
+    d = dict(obj.to_dict() if hasattr(obj, "to_dict") else obj)
     if extra:
         d.update(extra)
+    if str(path) == STDOUT:
+        sys.stdout.write(json.dumps(d, indent=1, allow_nan=False) + "\n")
+        sys.stdout.flush()
+        return
     _atomic_write(Path(path), json.dumps(d, indent=1, allow_nan=False, ensure_ascii=False))
 
 
@@ -214,12 +234,283 @@ def row_label(layer: int | None, stage: str) -> str:
     return f"L{layer:02d}" if layer is not None else {"final_norm": "fnorm"}.get(stage, stage)
 
 
-# ---------------------------------------------------------------- HTML: judge/html.py
+# ---------------------------------------------------------------- the report: a value, its verdict and its words
 
 
-def __getattr__(name: str):
-    """``from moesnap.judge.report import write_html`` still works: the HTML lives in ``judge/html.py``."""
-    if name == "write_html":
-        from .html import write_html
-        return write_html
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _position(r: StageResult, case_order: dict[str, int]) -> tuple[int, int, int]:
+    """Where ``r`` sits in computation order: case, then embed, layers by stage, final_norm, logits."""
+    if r.layer is None:
+        layer = -1 if r.stage in ("embed", "tokens") else 1 << 30
+        idx = ("tokens", "embed", "final_norm", "logits").index(r.stage) if r.stage in MODEL_STAGES else 0
+    else:
+        layer, idx = r.layer, LAYER_STAGES.index(r.stage) if r.stage in LAYER_STAGES else 0
+    return (case_order.get(r.case, 1 << 30), layer, idx)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a report judged, in (layer, stage, token) cells of what the candidate holds."""
+
+    held: int                       # cells the candidate holds (stages it lacks under --allow-missing excluded)
+    judged: int                     # cells judged by at least one mode
+    by_mode: dict[str, int]         # cells judged by each mode
+    skipped_stages: int             # (case, layer, stage) the candidate lacks, skipped under --allow-missing
+    unjudged: tuple[tuple[str, int | None, str, int], ...]   # first few (case, layer, stage, n tokens) left
+    #: (case, stage, layers, tokens held, of n tokens) where the candidate holds only some tokens' rows
+    partial: tuple[tuple[str, str, tuple[int | None, ...], tuple[int, ...], int], ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return self.judged >= self.held
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cells_held": self.held, "cells_judged": self.judged, "judged_by_mode": dict(self.by_mode),
+                "stages_skipped": self.skipped_stages,
+                "unjudged": [{"case": c, "layer": lay, "stage": s, "tokens": n} for c, lay, s, n in self.unjudged],
+                "partial": [{"case": c, "stage": s, "layers": list(lays), "tokens_held": list(keep),
+                             "last_token_only": keep == (n - 1,)} for c, s, lays, keep, n in self.partial]}
+
+
+def coverage_of(cases: Sequence[CaseReport], replay: Sequence[CaseReport]) -> Coverage:
+    """What ``cases`` (free-running) and ``replay`` (a per-layer mode) judged together."""
+    modes = [(c.mode, c) for c in cases] + [(c.mode, c) for c in replay]
+    by_mode: dict[str, int] = {}
+    union: dict[tuple[str, int | None, str], np.ndarray] = {}
+    n_tok: dict[str, int] = {}
+    skipped: set[tuple[str, int | None, str]] = set()
+    for mode, c in modes:
+        by_mode[mode] = by_mode.get(mode, 0) + c.cells()[1]
+        n_tok[c.case] = c.n_tokens
+        for key, mask in c.judged.items():
+            k = (c.case, *key)
+            union[k] = mask.copy() if k not in union else (union[k] | mask)
+    for c in cases:   # what free-running skipped as absent is what the candidate lacks
+        skipped |= {(c.case, *key) for key in c.skipped}
+    held_rows = {(c.case, *key): m for _, c in modes for key, m in c.held.items()}
+    rows = {k: held_rows[k] if k in held_rows else np.ones(n_tok[k[0]], dtype=bool) for k in union}
+    held = sum(int(rows[k].sum()) for k in union)
+    judged = sum(int((m & rows[k]).sum()) for k, m in union.items())
+    left = [(k[0], k[1], k[2], int((rows[k] & ~m).sum())) for k, m in union.items() if (rows[k] & ~m).any()]
+    left.sort(key=lambda x: (x[0], -1 if x[1] is None else x[1], x[2]))
+    part: dict[tuple[str, str, tuple[int, ...]], list[int | None]] = {}
+    for (case, layer, stage), m in held_rows.items():
+        if m.any() and not m.all() and (case, layer, stage) in union:
+            part.setdefault((case, stage, tuple(int(t) for t in np.flatnonzero(m))), []).append(layer)
+    partial = tuple((case, stage, tuple(sorted(lays, key=lambda x: -1 if x is None else x)), keep, n_tok[case])
+                    for (case, stage, keep), lays in sorted(part.items()))
+    return Coverage(held, judged, by_mode, len(skipped - set(union)), tuple(left[:12]), partial)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Results over every case of a golden version (or one case): a value, made by :func:`judge_suite`.
+
+    ``cases`` is the free-running comparison (the candidate's own run, against
+    the golden); ``replay`` (optional) a per-layer mode that tells the error a
+    layer introduces from the one it inherits: ``replay_kind`` ``"replay"``
+    (moesnap's candidate fed each layer's golden input) or ``"local"`` (another
+    engine's layers recomputed by the reference from that engine's own inputs).
+
+    The verdict is ``fail`` when any stage of any mode fails, ``inconclusive``
+    when nothing failed but some (layer, stage, token) the candidate holds was
+    judged by no mode, or some case of the golden (``golden_cases``) was not
+    judged at all (the candidate, a set of cases, lacks it), and ``pass`` only
+    when every cell of every golden case was judged.  A candidate that is one
+    case (``single_case``: a case group, or a case in memory, matched to the
+    golden case of its tokens) is judged as that case: its verdict is that
+    case's, and the report names the golden's other cases as not judged.
+    ``ignored`` lists, per case, the candidate's arrays that name no stage
+    moesnap knows (not judged).
+    """
+
+    cases: tuple[CaseReport, ...]
+    golden: str
+    candidate: str
+    dtype: str
+    mode: str = "free-running"
+    replay: tuple[CaseReport, ...] | None = None
+    notes: tuple[str, ...] = ()
+    replay_kind: str = "replay"
+    #: what to run to judge what this report could not (for an inconclusive verdict)
+    hint: str | None = None
+    #: every case of the golden, judged or not (empty: those judged are all it has)
+    golden_cases: tuple[str, ...] = ()
+    #: per case, the candidate's arrays that name no stage (read, not judged)
+    ignored: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: what to do to judge the golden cases not judged
+    case_hint: str | None = None
+    #: the candidate is one case, judged as that case (see the class docstring)
+    single_case: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cases", tuple(self.cases))
+        object.__setattr__(self, "notes", tuple(self.notes))
+        if self.replay is not None:
+            object.__setattr__(self, "replay", tuple(self.replay))
+        object.__setattr__(self, "ignored", {k: tuple(v) for k, v in self.ignored.items()})
+
+    def with_notes(self, *lines: str) -> Report:
+        """This report with ``lines`` added to its notes (a new value)."""
+        return replace(self, notes=self.notes + tuple(lines))
+
+    @property
+    def cases_judged(self) -> list[str]:
+        return [c.case for c in self.cases]
+
+    @property
+    def cases_not_judged(self) -> list[str]:
+        """The golden's cases the candidate held nothing for."""
+        judged = set(self.cases_judged)
+        return [n for n in self.golden_cases if n not in judged]
+
+    @property
+    def results(self) -> list[StageResult]:
+        return [r for c in self.cases for r in c.results]
+
+    @property
+    def failed(self) -> bool:
+        ok = all(c.passed for c in self.cases)
+        return not (ok and (self.replay is None or all(c.passed for c in self.replay)))
+
+    @cached_property
+    def _coverage(self) -> Coverage:
+        return coverage_of(self.cases, self.replay or ())
+
+    def coverage(self) -> Coverage:
+        """What was judged (computed once)."""
+        return self._coverage
+
+    @property
+    def verdict(self) -> str:
+        """``pass``, ``fail`` or ``inconclusive`` (see the class docstring)."""
+        if self.failed:
+            return "fail"
+        every_case = self.single_case or not self.cases_not_judged
+        return "pass" if self.coverage().complete and every_case else "inconclusive"
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def first_divergence(self) -> StageResult | None:
+        """The first failing stage in computation order over both modes.  Free-running shows where an
+        error is first *seen* (it may be a later effect of an error too small to see where it was made,
+        at the tolerance that drift needs); the per-layer mode shows where it is *made*.  The earlier of
+        the two wins, the per-layer one on a tie."""
+        free = next((c.first_divergence for c in self.cases if c.first_divergence is not None), None)
+        intro = self.first_introduced()
+        if free is None or intro is None:
+            return free if intro is None else intro
+        order = {c.case: i for i, c in enumerate(self.cases)}
+        return intro if _position(intro, order) <= _position(free, order) else free
+
+    def first_introduced(self) -> StageResult | None:
+        """With a per-layer mode: the first layer/stage whose own computation diverges."""
+        if self.replay is None:
+            return None
+        return next((c.first_divergence for c in self.replay if c.first_divergence is not None), None)
+
+    # -- its words
+    def cases_line(self) -> str | None:
+        """``judged 1 of 3 golden cases (case0); not judged: case1, case2 (…)``, or None when every one was."""
+        left = self.cases_not_judged
+        if not left:
+            return None
+        which = ", ".join(self.cases_judged) or "none"
+        if self.single_case and len(self.cases) == 1:
+            which += ", the one with the candidate's tokens"
+        return (f"judged {len(self.cases)} of {len(self.golden_cases)} golden cases ({which}); not judged: "
+                f"{', '.join(left)} (the candidate holds no case for {'it' if len(left) == 1 else 'them'})")
+
+    def verdict_line(self) -> str:
+        """``verdict: pass``, saying which case a one-case candidate's verdict is about."""
+        scope = (f" (golden case {self.cases[0].case} only: {len(self.cases_not_judged)} of the golden's "
+                 f"{len(self.golden_cases)} cases not judged)"
+                 if self.single_case and self.cases_not_judged and len(self.cases) == 1 else "")
+        return f"verdict: {self.verdict}{scope}"
+
+    def ignored_lines(self) -> list[str]:
+        """One line per case whose candidate held arrays naming no stage."""
+        out = []
+        for case, names in self.ignored.items():
+            if names:
+                shown = ", ".join(names[:12]) + (f", … ({len(names) - 12} more)" if len(names) > 12 else "")
+                out.append(f"{case}: {len(names)} candidate array{'s' if len(names) != 1 else ''} name no stage "
+                           f"moesnap knows, not judged: {shown} (stage names and aliases: moesnap.stages)")
+        return out
+
+    def summary(self) -> str:
+        """A few lines: the verdict, what was judged, and where it first went wrong.
+
+        >>> print(report.summary())    # doctest: +SKIP
+        fail: golden tiny@v0001, candidate moesnap-candidate (float32)
+        first divergence: case0 / layer 2 / moe_out / token 0: DIVERGE (frac_outside 41% > max_frac_outside 0%)
+        judged 3825 of 3825 (layer, stage, token) cells
+        """
+        cov = self.coverage()
+        cand = self.candidate if self.dtype in self.candidate else f"{self.candidate} ({self.dtype})"
+        lines = [f"{self.verdict}: golden {self.golden}, candidate {cand}"]
+        fd = self.first_divergence
+        if fd is not None:
+            lines.append(f"first divergence: {fd.explain()}")
+        lines.append(f"judged {cov.judged} of {cov.held} (layer, stage, token) cells")
+        reason = self.inconclusive_reason()
+        if reason:
+            lines.append(reason)
+        cases = self.cases_line()
+        if cases and (self.single_case or reason is None):
+            lines.append(cases)
+        return "\n".join(lines)
+
+    def inconclusive_reason(self) -> str | None:
+        """What was not judged, and how to judge it (None when everything was)."""
+        cov = self.coverage()
+        parts = []
+        if not cov.complete:
+            where = ", ".join(f"{c}/{'L%d ' % lay if lay is not None else ''}{s} ({n} tokens)"
+                              for c, lay, s, n in cov.unjudged[:4])
+            text = (f"{cov.held - cov.judged} of {cov.held} (layer, stage, token) cells were judged by no mode "
+                    f"(first: {where})")
+            parts.append(text + (f"; to judge them: {self.hint}" if self.hint else ""))
+        cases = self.cases_line()
+        if cases and not self.single_case:
+            parts.append(cases + (f"; {self.case_hint}" if self.case_hint else ""))
+        return "; ".join(parts) or None
+
+    def to_dict(self) -> dict[str, Any]:
+        fd = self.first_divergence
+
+        def loc(r: StageResult | None) -> dict[str, Any] | None:
+            if r is None:
+                return None
+            w = r.worst
+            return {"case": r.case, "layer": r.layer, "stage": r.stage, "token": r.token, "verdict": r.verdict.name,
+                    "failed": None if w is None else w.to_dict()}
+
+        verdict = self.verdict
+        d: dict[str, Any] = {
+            "verdict": verdict,
+            "first_divergence": loc(fd),
+            "golden": self.golden,
+            "candidate": self.candidate,
+            "dtype": self.dtype,
+            "mode": self.mode,
+            "coverage": self.coverage().to_dict(),
+            "cases": {"golden": list(self.golden_cases or self.cases_judged), "judged": self.cases_judged,
+                      "not_judged": self.cases_not_judged, "single_case": self.single_case},
+            "ignored": {case: list(names) for case, names in self.ignored.items() if names},
+            "inconclusive": self.inconclusive_reason() if verdict == "inconclusive" else None,
+            "results": [r.to_dict() for r in self.results],
+            "routing_notes": [n for c in self.cases for n in c.routing_notes],
+            "notes": list(self.notes) + [n for c in [*self.cases, *(self.replay or ())] for n in c.notes],
+        }
+        if self.replay is not None:
+            block = {
+                "kind": self.replay_kind,
+                "first_introduced": loc(self.first_introduced()),
+                "results": [r.to_dict() for c in self.replay for r in c.results],
+                "routing_notes": [n for c in self.replay for n in c.routing_notes],
+            }
+            d["replay" if self.replay_kind == "replay" else "local"] = block
+        return d

@@ -529,32 +529,44 @@ class Tolerances:
 
     @classmethod
     def from_pyproject(cls, path: str | Path, *, base: Tolerances | None = None) -> Tolerances:
-        """``base`` (default: the built-in table) with ``[tool.moesnap]`` of ``path`` applied.
+        """``base`` (default: the built-in table) with ``[tool.moesnap]`` of ``path`` applied."""
+        return cls.from_section(read_section(path), base=base, where=str(path))
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any], *, base: Tolerances | None = None,
+                     where: str = "[tool.moesnap]") -> Tolerances:
+        """``base`` (default: the built-in table) with a parsed ``[tool.moesnap]`` table applied.
 
         Other keys of ``[tool.moesnap]`` belong to other parts of moesnap and are
         ignored here; inside ``tolerance`` and ``tie_tol`` every unknown dtype,
-        stage or key is an error naming it and the file.
+        stage or key is an error naming it and ``where`` (the file).
         """
-        path = Path(path)
         base = base if base is not None else cls.defaults()
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as err:
-            raise ToleranceError(f"{path}: cannot read: {err.strerror or err}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ToleranceError(f"{path}: not valid TOML: {err}") from None
-        tool = data.get("tool", {})
-        section = tool.get("moesnap", {}) if isinstance(tool, dict) else None   # 'tool = 5' is not a table either
-        if not isinstance(section, dict):
-            raise ToleranceError(f"{path}: [tool.moesnap] must be a table")
-        try:
-            items = list(_pyproject_overrides(section))
+            items = list(_pyproject_overrides(dict(section)))
         except ToleranceError as err:
-            raise ToleranceError(f"{path}: {err}") from None
+            raise ToleranceError(f"{where}: {err}") from None
         try:
             return base.with_overrides(items)
         except ToleranceError as err:
-            raise ToleranceError(f"{path}: {err}") from None
+            raise ToleranceError(f"{where}: {err}") from None
+
+
+def read_section(path: str | Path) -> dict[str, Any]:
+    """``[tool.moesnap]`` of the TOML file ``path`` (empty when it has none); the one TOML reader of
+    moesnap's settings.  A file that cannot be read or parsed is refused naming it."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ToleranceError(f"{path}: cannot read: {err.strerror or err}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ToleranceError(f"{path}: not valid TOML: {err}") from None
+    tool = data.get("tool", {})
+    section = tool.get("moesnap", {}) if isinstance(tool, dict) else None   # 'tool = 5' is not a table either
+    if not isinstance(section, dict):
+        raise ToleranceError(f"{path}: [tool.moesnap] must be a table")
+    return section
 
 
 def _value_text(spec: str, value: object) -> str:

@@ -20,6 +20,7 @@ layer **introduces**; one that diverges only when running free is an error it
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,8 +28,10 @@ import numpy as np
 import torch
 
 from ..case import Case, from_recorder
+from ..judge.policy import CHECK_DTYPES, Policy, Settings
 from ..judge.routing import tie_gap
-from ..judge.compare import CaseReport, Report, compare_cases
+from ..judge.report import Report
+from ..judge.suite import Pair, PerLayer, judge_suite
 from ..errors import GoldenError, UsageError
 from ..model.inject import Injection, check_injections
 from ..model.recorder import ArrayRecorder
@@ -69,17 +72,6 @@ def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: ModelWe
             raise GoldenError(f"{where}/{name}: golden has {c.n_layer} layers, {model.path.name} has {model.config.n_layer}")
 
 
-def drift_notes(tols: Tolerances, dtype: str, n_layer: int, per_layer: str | None) -> list[str]:
-    """Say how much the free-running tolerances widened, and what judged each stage's own error."""
-    f = tols.drift(dtype, n_layer - 1)
-    if f <= 1.0:
-        return []
-    return [f"free-running tolerances widen with depth in {dtype} (the rounding every layer carries): "
-            f"x{f:.2g} at layer {n_layer - 1}; "
-            + (f"each stage's own error is judged by {per_layer} at one operation's tolerance"
-               if per_layer else "nothing judged each stage's own error at one operation's tolerance")]
-
-
 def _followed_attr(followed) -> list:
     return [[int(layer), int(t), [int(e) for e in ids]] for layer, t, ids in followed]
 
@@ -101,14 +93,29 @@ def _replay_case(cand, golden: Case, faults, progress=None) -> Case:
                 attrs={"replay": True, "router_followed": _followed_attr(followed)})
 
 
-def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32, replay: bool | None = None, injections: Sequence[Injection] = (),
-              tols: Tolerances | None = None, golden_ref: str = "golden", show_progress: bool = True,
-              router_replay: bool = True) -> Report:
-    from ..model.candidate import CandidateModel, RouterReplay
+def router_guide(golden: Case, policy: Policy):
+    """Router replay for a candidate run on ``golden``'s tokens: its expert ids and router logits, and
+    the near-tie width free-running at each layer (None where the golden holds no routing)."""
+    from ..model.candidate import RouterReplay
 
-    tols = tols or Tolerances.defaults()
-    dname = str(dtype).removeprefix("torch.")
+    ids, logits = golden.layers.get("topk_ids"), golden.layers.get("router_logits")
+    if ids is None or logits is None:
+        return None
+    dname = policy.dtype or "float32"
+    return RouterReplay(ids, logits, np.array([policy.tolerances.tie_tol_at(dname, i) for i in range(len(ids))]),
+                        tie_gap)
+
+
+def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str = "cpu",
+              policy: Policy | None = None, replay: bool | None = None, injections: Sequence[Injection] = (),
+              golden_ref: str = "golden", show_progress: bool = True, router_replay: bool = True) -> Report:
+    """Run moesnap's candidate on every golden case (and, with ``replay``, each layer on the golden's
+    inputs) and judge it under ``policy`` (default: float32, the built-in tables)."""
+    from ..model.candidate import CandidateModel
+
+    policy = policy or Policy.default("float32")
+    dname = policy.dtype or "float32"
+    dtype = policy.torch_dtype
     if replay is None:   # low precision: free-running tolerances must admit drift; replay judges each stage
         replay = dtype in (torch.bfloat16, torch.float16)
     check_injections(injections, model, [len(golden.tokens) for _, golden in goldens])
@@ -116,42 +123,39 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
            f" x {model.config.n_layer} layers" + (", then stage-local replay" if replay else ""), enabled=show_progress)
     cand = CandidateModel(model, device=device, dtype=dtype)
     faults = cand.faults(injections)
-    cases: list[CaseReport] = []
-    replays: list[CaseReport] | None = [] if replay else None
     mode = "free-running, router replay" if router_replay else "free-running"
-    for name, golden in goldens:
-        ids, logits = golden.layers.get("topk_ids"), golden.layers.get("router_logits")
-        guide = None
-        if ids is not None and logits is not None:
-            guide = RouterReplay(ids, logits, np.array([tols.tie_tol_at(dname, i) for i in range(len(ids))]), tie_gap)
-        rec = ArrayRecorder()
-        bar = LayerProgress(f"check {name}", enabled=show_progress).start(model.config.n_layer)
-        out = cand.forward(golden.tokens, rec, progress=bar, router_replay=guide if router_replay else None, faults=faults)
-        bar.close()
-        free = from_recorder(rec, {"dtype": dname, "router_followed": _followed_attr(out.followed)})
-        cases.append(compare_cases(golden, free, tols, dtype=dname, name=name, mode=mode))
-        if replays is not None:
-            bar = LayerProgress(f"replay {name}", enabled=show_progress).start(golden.n_layer)
-            rcase = _replay_case(cand, golden, faults, progress=bar)
+
+    def pairs():
+        for name, golden in goldens:
+            guide = router_guide(golden, policy) if router_replay else None
+            rec = ArrayRecorder()
+            bar = LayerProgress(f"check {name}", enabled=show_progress).start(model.config.n_layer)
+            out = cand.forward(golden.tokens, rec, progress=bar, router_replay=guide, faults=faults)
             bar.close()
-            replays.append(compare_cases(golden, rcase, tols, dtype=dname, name=name, allow_missing=True,
-                                         propagate=False, mode="replay"))
+            free = from_recorder(rec, {"dtype": dname, "router_followed": _followed_attr(out.followed)})
+            per_layer = None
+            if replay:
+                bar = LayerProgress(f"replay {name}", enabled=show_progress).start(golden.n_layer)
+                per_layer = PerLayer(golden, _replay_case(cand, golden, faults, progress=bar))
+                bar.close()
+            yield Pair(name, golden, free, per_layer)
+
+    notes = [f"injected fault: {inj}" for inj in injections]
+    notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}")
+    report = judge_suite(pairs(), policy, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})",
+                         mode=mode, per_layer="replay" if replay else None, notes=notes,
+                         hint=None if router_replay else "leave router replay on (drop --no-router-replay)")
     unfired = faults.unfired()
     if unfired:
         why = ("no token of any case routes to that expert there" if unfired[0].kind == "nan" else
                "the flip falls within the near-tie width, so router replay takes the golden's experts back")
         raise UsageError(f"{unfired[0].option}: the planted fault cannot fire ({why}), so this self-test "
                          f"would prove nothing; choose another expert or token")
-    notes = [f"injected fault: {inj}" for inj in injections]
-    notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}")
-    notes += drift_notes(tols, dname, model.config.n_layer, "stage-local replay" if replay else None)
-    n_followed = sum(len(n) for c in cases for n in [[x for x in c.routing_notes if "followed" in x]])
-    if router_replay and n_followed:
-        notes.append("router replay: where the candidate picked other experts at a near tie it continued with the "
-                     "golden's (routing notes), so every token was judged in every layer")
-    return Report(cases=cases, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})", dtype=dname,
-                  mode=mode + (" + replay" if replay else ""), replay=replays, notes=notes,
-                  hint=None if router_replay else "leave router replay on (drop --no-router-replay)")
+    if router_replay and any("followed" in n for c in report.cases for n in c.routing_notes):
+        report = report.with_notes("router replay: where the candidate picked other experts at a near tie it "
+                                   "continued with the golden's (routing notes), so every token was judged in "
+                                   "every layer")
+    return report
 
 
 def load_goldens(spec: str, store: str | None):
@@ -165,14 +169,21 @@ def load_goldens(spec: str, store: str | None):
 
 def check(model: str | Path, suite: str, *, store: str | None = None, device: str = "cpu",
           dtype: str = "float32", replay: bool | None = None, inject: Sequence[str] = (),
-          tols: Tolerances | None = None, router_replay: bool = True, show_progress: bool = True) -> Report:
+          tols: Tolerances | None = None, router_replay: bool = True, show_progress: bool = True,
+          settings: Settings | None = None) -> Report:
     """Run moesnap's candidate forward of ``model`` on every case of golden ``suite`` (``NAME[@vNNNN]``
-    in ``store``) and judge it (:func:`run_check`); ``inject`` holds ``--inject`` specs."""
-    from ..model.inject import parse_inject
-    from ..stages import CHECK_DTYPES
-    from .trace import parse_device, parse_dtype
+    in ``store``) and judge it (:func:`run_check`); ``inject`` holds ``--inject`` specs.
 
-    tdtype = parse_dtype(dtype, allowed=CHECK_DTYPES)
+    Tolerances: ``settings`` (:class:`~moesnap.judge.policy.Settings`: profile, config file,
+    overrides; the command line's), else ``tols`` as given, else the built-in tables."""
+    from ..model.inject import parse_inject
+    from .trace import parse_device
+
+    # the candidate runs one of CHECK_DTYPES: a bad one is refused here, before the model is read
+    settings = replace(settings or Settings(profile="default"), dtype=dtype, allowed=CHECK_DTYPES)
+    policy = settings.resolve()
+    if tols is not None:
+        policy = replace(policy, tolerances=tols)
     tdevice = parse_device(device)
     status(f"opening {model}", enabled=show_progress)
     ggm = open_model(model)
@@ -180,9 +191,9 @@ def check(model: str | Path, suite: str, *, store: str | None = None, device: st
     status(f"reading golden {suite} from {store or 'goldens/'}", enabled=show_progress)
     ref, meta, goldens = load_goldens(suite, store)
     check_golden_matches_model(goldens, ggm, where=ref, meta=meta, show_progress=show_progress)
-    report = run_check(ggm, goldens, device=tdevice, dtype=tdtype, replay=replay, injections=injections,
-                       tols=tols, golden_ref=ref, show_progress=show_progress, router_replay=router_replay)
+    report = run_check(ggm, goldens, device=tdevice, policy=policy, replay=replay, injections=injections,
+                       golden_ref=ref, show_progress=show_progress, router_replay=router_replay)
     if not report.passed and isinstance(meta.get("command"), str):
         # like ndarrays_regression: say how the golden was made, in case it is the golden that is stale
-        report.notes.append(f"{ref} was generated by: {' '.join(meta['command'].split())}")
+        report = report.with_notes(f"{ref} was generated by: {' '.join(meta['command'].split())}")
     return report

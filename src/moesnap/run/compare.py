@@ -4,30 +4,33 @@ inputs (local re-reference) where the golden's model file is at hand."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from ..capture.shards import unshard
 from ..case import Case
 from ..errors import GoldenError, MoesnapError, UsageError
-from ..judge.compare import Report, compare_cases
-from ..judge.tolerances import PROFILES, Tolerances, profile_for
-from ..stages import DTYPES
+from ..judge.policy import Policy, Settings
+from ..judge.report import Report
+from ..judge.suite import Pair, PerLayer, judge_suite
+from ..judge.tolerances import Tolerances
 from ..store.case import load_case
 from ..util import LayerProgress
 
 
 def resolve_golden(spec: str, store: str | None) -> list[tuple[str, Case]]:
     """A case group path, or NAME[@vNNNN] in a golden store: [(case name, Case)]."""
-    return resolve_golden_meta(spec, store)[1]
+    return resolve_golden_meta(spec, store)[2]
 
 
-def resolve_golden_meta(spec: str, store: str | None) -> tuple[dict, list[tuple[str, Case]]]:
-    """(version metadata, or the case's own attributes, [(case name, Case)])."""
+def resolve_golden_meta(spec: str, store: str | None) -> tuple[str, dict, list[tuple[str, Case]]]:
+    """(what the golden is: ``NAME@vNNNN`` resolved, or the case group path; the version's metadata, or
+    the case's own attributes; [(case name, Case)])."""
     p = Path(spec)
     if p.exists() and "@" not in spec:
         case = load_case(p)
-        return dict(case.attrs), [(p.name, case)]
+        return spec, dict(case.attrs), [(p.name, case)]
     if "@" not in spec and (os.sep in spec or "/" in spec or spec.endswith(".zarr")):
         raise GoldenError(f"{p}: no such case group (nor a golden NAME[@vNNNN])")
     from ..store import open_store, parse_ref
@@ -35,7 +38,7 @@ def resolve_golden_meta(spec: str, store: str | None) -> tuple[dict, list[tuple[
     suite, version = parse_ref(spec)
     st = open_store(store)
     v = st.open_version(suite, version)
-    return dict(v.meta), [(name, v.read_case(name)) for name in v.case_names()]
+    return v.ref, dict(v.meta), [(name, v.read_case(name)) for name in v.case_names()]
 
 
 def provenance_model(meta: dict) -> Path | None:
@@ -63,15 +66,21 @@ def provenance_model(meta: dict) -> Path | None:
     return None
 
 
-def _candidate_cases(path: str | Path | Case, golden: list[tuple[str, Case]]
+def _candidate_cases(path: str | Path | Case | Mapping[str, Case], golden: list[tuple[str, Case]]
                      ) -> tuple[list[tuple[str, Case, Case]], list[str], bool]:
     """The (golden case name, golden case, candidate case) pairs to judge, notes on what of the
     candidate matched no golden case, and whether the candidate is one case (a case group, sharded or
     not, or a case in memory) rather than a directory of them.  A golden case the candidate holds
     nothing for is left out of the pairs (the report names it: ``Report.cases_not_judged``); none at
     all is an error."""
-    path = unshard(path, load_case)   # DIR/sharding.json + DIR/rank<N>/: one case, reassembled (capture/shards.py)
     names = [n for n, _ in golden]
+    if isinstance(path, Mapping):   # cases in memory, by golden case name (a producer's: the plugin, expert parallel)
+        by_name = dict(golden)
+        unknown = [n for n in path if n not in by_name]
+        if unknown:
+            raise GoldenError(f"candidate case {unknown[0]!r} is named like no case of the golden ({', '.join(names)})")
+        return [(n, by_name[n], path[n]) for n in names if n in path], [], False
+    path = unshard(path, load_case)   # DIR/sharding.json + DIR/rank<N>/: one case, reassembled (capture/shards.py)
     if isinstance(path, Case):   # a case in memory (the Python API): the golden case with its tokens
         for name, g in golden:
             if g.tokens.shape == path.tokens.shape and (g.tokens == path.tokens).all():
@@ -134,13 +143,15 @@ def _check_judgeable(name: str, cand: Case, where: str) -> None:
                       f"and aliases: moesnap.stages")
 
 
-def compare(golden: str, candidate: str | Path | Case, *, store: str | None = None,
-            tols: Tolerances | Callable[[str], Tolerances] | None = None, profile: str | None = None,
+def compare(golden: str, candidate: str | Path | Case | Mapping[str, Case], *, store: str | None = None,
+            tols: Tolerances | None = None, profile: str | None = None,
             model: str | Path | None = None, local: bool = True, allow_missing: bool = False,
-            dtype: str | None = None, show_progress: bool = True, case: str | None = None) -> Report:
-    """Judge the dump at ``candidate`` (a case group, a group of case groups named like the golden's, or a
-    :class:`~moesnap.case.Case` in memory) against ``golden`` (``NAME[@vNNNN]`` in ``store``, or a case
-    group path).
+            dtype: str | None = None, show_progress: bool = True, case: str | None = None,
+            settings: Settings | None = None, candidate_name: str | None = None,
+            notes: tuple[str, ...] = ()) -> Report:
+    """Judge the dump at ``candidate`` (a case group, a group of case groups named like the golden's, a
+    :class:`~moesnap.case.Case` in memory, or a mapping of golden case names to Cases) against
+    ``golden`` (``NAME[@vNNNN]`` in ``store``, or a case group path).
 
     >>> import moesnap                                          # doctest: +SKIP
     >>> report = moesnap.compare("tiny", "my_engine.zarr", store="goldens", allow_missing=True)
@@ -149,90 +160,98 @@ def compare(golden: str, candidate: str | Path | Case, *, store: str | None = No
 
     One case (a case group, a :class:`~moesnap.case.Case`) is judged against the golden case with its
     tokens, and the report names the golden's other cases as not judged (``Report.cases_not_judged``;
-    the verdict is that case's).  A directory of case groups stands for the whole golden: a golden case
-    it lacks is named, and the verdict is then ``inconclusive`` at best, never a ``pass`` of the suite.
-    ``case`` judges that one golden case alone.  Arrays of the candidate that name no stage are listed
-    (``Report.ignored``), not judged.
+    the verdict is that case's).  A directory of case groups (or a mapping) stands for the whole
+    golden: a golden case it lacks is named, and the verdict is then ``inconclusive`` at best, never a
+    ``pass`` of the suite.  ``case`` judges that one golden case alone.  Arrays of the candidate that
+    name no stage are listed (``Report.ignored``), not judged.
 
     ``model``: the golden's model file, for local re-reference (:mod:`moesnap.run.rereference`);
     without it, and with ``local``, the model file the golden's provenance records is used where it
-    is found with the same sha256.  ``dtype``: the candidate's, for tolerances (default: its
-    ``dtype`` attribute, else float32).
+    is found with the same sha256.  ``dtype``: the candidate's, for tolerances (default: each
+    candidate case's ``dtype`` attribute, else float32).
 
     ``profile`` (:data:`~moesnap.judge.tolerances.PROFILES`; default: from the candidate's ``engine``
     attribute, ``ggml`` for llama.cpp): under ``ggml`` the local re-reference rounds every matmul input
-    as ggml does (:mod:`moesnap.model.ggml`).  ``tols``: the tolerances, or a function of the profile
-    that builds them (the command line's config file and overrides); default: the profile's tables.
+    as ggml does (:mod:`moesnap.model.ggml`).  ``settings``: the whole tolerance request (profile,
+    config file, overrides; :class:`~moesnap.judge.policy.Settings`), the command line's; ``tols``:
+    tolerances as given (over the profile's tables).  ``candidate_name`` and ``notes``: what the report
+    calls the candidate, and what it adds about it.
     """
-    from ..model.ggml import ActivationQuant, identity
-    from ..model.load import open_model
-    from .check import check_golden_matches_model, drift_notes
-    from .rereference import local_reference
-
-    meta, gold = resolve_golden_meta(golden, store)
-    gold = _pick_case(gold, case, golden)
-    pairs, case_notes, single = _candidate_cases(candidate, gold)
-    where = (str(candidate.attrs.get("producer") or candidate.attrs.get("engine") or "a case in memory")
-             if isinstance(candidate, Case) else str(candidate))
-    for name, _, c in pairs:
-        _check_judgeable(name, c, where)
-    engine = pairs[0][2].attrs.get("engine")
-    chosen = profile or profile_for(engine)
-    if chosen not in PROFILES:
-        raise UsageError(f"unknown tolerance profile {chosen!r}; choose one of {', '.join(PROFILES)}")
-    if tols is None:
-        tols = Tolerances.for_profile(chosen)
-    elif callable(tols):
-        tols = tols(chosen)
     if model is not None and not local:
         raise UsageError("--model and --no-local contradict each other")
-    notes: list[str] = list(case_notes)
+    if settings is None:
+        settings = Settings(dtype=dtype, profile=profile or "auto")
+    else:
+        settings = replace(settings, dtype=dtype if dtype is not None else settings.dtype,
+                           profile=profile if profile is not None else settings.profile)
+    ref, meta, gold = resolve_golden_meta(golden, store)
+    gold = _pick_case(gold, case, golden)
+    return judge_dump(ref, meta, gold, candidate, settings, tols=tols, model=model, local=local,
+                      allow_missing=allow_missing, show_progress=show_progress, case=case,
+                      candidate_name=candidate_name, notes=notes)
+
+
+def judge_dump(ref: str, meta: dict, gold: list[tuple[str, Case]],
+               candidate: str | Path | Case | Mapping[str, Case], settings: Settings, *,
+               tols: Tolerances | None = None, model: str | Path | None = None, local: bool = True,
+               allow_missing: bool = False, show_progress: bool = True, case: str | None = None,
+               candidate_name: str | None = None, notes: tuple[str, ...] = ()) -> Report:
+    """:func:`compare` of a golden already read: ``ref`` (what it is), its metadata ``meta`` and its
+    cases ``gold``."""
+    from ..model.load import open_model
+    from .check import check_golden_matches_model
+
+    pairs, case_notes, single = _candidate_cases(candidate, gold)
+    where = candidate_name or (str(candidate.attrs.get("producer") or candidate.attrs.get("engine") or "a case in memory")
+                               if isinstance(candidate, Case) else "cases in memory" if isinstance(candidate, Mapping)
+                               else str(candidate))
+    for name, _, c in pairs:
+        _check_judgeable(name, c, where)
+    policy = settings.resolve(engine=pairs[0][2].attrs.get("engine"))
+    if tols is not None:
+        policy = replace(policy, tolerances=tols)
+    out_notes: list[str] = list(notes) + list(case_notes)
     if case is not None:
-        notes.append(f"judging golden case {case} alone (--case)")
-    if chosen == "ggml":
-        why = "" if profile else f" (the candidate's engine is {engine})"
-        notes.append(f"tolerance profile ggml{why}: free-running tolerances admit 8-bit activation rounding "
-                     f"carried through the layers; the local re-reference rounds every matmul input as ggml does")
+        out_notes.append(f"judging golden case {case} alone (--case)")
     ggm = None
     if model is not None:
         ggm = open_model(model)
-        check_golden_matches_model([(n, g) for n, g, _ in pairs], ggm, where=golden, meta=meta)
+        check_golden_matches_model([(n, g) for n, g, _ in pairs], ggm, where=ref, meta=meta)
     elif local:
         found = provenance_model(meta)
         if found is not None:
             ggm = open_model(found)
-            notes.append(f"local re-reference with {found} (the golden's model file, same sha256)")
-    cases, per_layer = [], []
-    for name, g, c in pairs:
-        d = dtype or str(c.attrs.get("dtype") or "float32")
-        if d not in DTYPES:
-            raise UsageError(f"unknown dtype {d!r}; choose one of {', '.join(DTYPES)}")
-        dtype = d
-        cases.append(compare_cases(g, c, tols, dtype=d, name=name, allow_missing=allow_missing))
-        if ggm is None or c.n_layer > g.n_layer:   # (compare_cases has refused the latter already)
-            continue
-        bar = LayerProgress(f"local {name}", enabled=show_progress)
-        aq = ActivationQuant(ggm.qtypes()) if chosen == "ggml" else identity
-        ref, done, lnotes = local_reference(ggm, c, tie_tol=tols.tie_tol(d), progress=bar, aq=aq)
-        bar.close()
-        if not done:
-            notes.append(f"{name}: local re-reference judged nothing: the dump holds no layer input "
-                         f"(embed, layer_out), so every layer is judged free-running only")
-            continue
-        rep = compare_cases(ref, c, tols, dtype=d, name=name, allow_missing=True, layers=done,
-                            propagate=False, mode="local")
-        rep.notes.extend(f"{name}: {n}" for n in lnotes)
-        per_layer.append(rep)
-    notes += drift_notes(tols, dtype or "float32", max(g.n_layer for _, g, _ in pairs),
-                         "local re-reference" if per_layer else None)
+            out_notes.append(f"local re-reference with {found} (the golden's model file, same sha256)")
     hint = None
     if ggm is None:
-        hint = (f"moesnap compare {golden} {where} --model MODEL.gguf (the golden's model file: the "
+        hint = (f"moesnap compare {ref} {where} --model MODEL.gguf (the golden's model file: the "
                 f"reference then judges every layer from the engine's own input)")
     judged = [name for name, _, _ in pairs]
     left = [name for name, _ in gold if name not in judged]
-    return Report(cases=cases, golden=golden, candidate=where, dtype=dtype or "float32",
-                  mode="free-running" + (" + local re-reference" if ggm is not None else ""),
-                  replay=per_layer or None, replay_kind="local", notes=notes, hint=hint,
-                  golden_cases=tuple(name for name, _ in gold), ignored={n: c.ignored for n, _, c in pairs},
-                  case_hint=None if single else _case_hint(left), single_case=single)
+    return judge_suite(_pairs(pairs, ggm, policy, show_progress), policy, golden=ref, candidate=where,
+                       per_layer="local" if ggm is not None else None, allow_missing=allow_missing,
+                       notes=out_notes, hint=hint, golden_cases=tuple(name for name, _ in gold),
+                       ignored={n: c.ignored for n, _, c in pairs},
+                       case_hint=None if single else _case_hint(left), single_case=single)
+
+
+def _pairs(pairs: list[tuple[str, Case, Case]], ggm, policy: Policy, show_progress: bool) -> Iterator[Pair]:
+    """The judge's pairs, each with its local re-reference (``ggm``: the golden's model) made as it is
+    judged."""
+    from ..model.ggml import ActivationQuant, identity
+    from .rereference import local_reference
+
+    for name, g, c in pairs:
+        if ggm is None or c.n_layer > g.n_layer:   # (the judge refuses the latter)
+            yield Pair(name, g, c)
+            continue
+        d = policy.dtype_of(c.attrs)
+        bar = LayerProgress(f"local {name}", enabled=show_progress)
+        aq = ActivationQuant(ggm.qtypes()) if policy.rounds_activations else identity
+        ref, done, lnotes = local_reference(ggm, c, tie_tol=policy.tolerances.tie_tol(d), progress=bar, aq=aq)
+        bar.close()
+        if not done:
+            yield Pair(name, g, c, notes=(f"{name}: local re-reference judged nothing: the dump holds no layer "
+                                          f"input (embed, layer_out), so every layer is judged free-running only",))
+            continue
+        yield Pair(name, g, c, PerLayer(ref, c, tuple(done), tuple(f"{name}: {n}" for n in lnotes)))

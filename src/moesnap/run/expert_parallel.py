@@ -10,22 +10,20 @@ notes what each rank held and cost (time, peak GPU memory, bytes sent per layer)
 
 from __future__ import annotations
 
-import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..case import Case
-from ..judge.compare import Report
-from ..judge.routing import tie_gap
+from ..judge.policy import CHECK_DTYPES, Settings
+from ..judge.report import Report
 from ..judge.tolerances import Tolerances
-from ..model.candidate import RouterReplay
 from ..model.expert_parallel import run_ep_cases
 from ..model.load import open_model
-from ..store.case import save_case
-from .check import check_golden_matches_model, load_goldens
-from .compare import compare
+from .check import check_golden_matches_model, load_goldens, router_guide
+from .compare import judge_dump
 
 
 def nonfinite_experts(case: Case, ranges: Sequence[Sequence[int]]) -> list[str]:
@@ -61,31 +59,28 @@ def _figures(ep: dict[str, Any]) -> str:
 def check_ep(model: str | Path, suite: str, *, store: str | None = None, n_ranks: int = 2, backend: str = "gloo",
              device: str = "cpu", dtype: str = "float32", mode: str = "alltoall", inject: Sequence[str] = (),
              router_replay: bool = True, local: bool = True, tols: Tolerances | None = None,
-             show_progress: bool = True) -> Report | None:
+             settings: Settings | None = None, show_progress: bool = True) -> Report | None:
     """Run the expert-parallel candidate of ``model`` on every case of ``suite`` (``NAME[@vNNNN]`` in
-    ``store``) with ``n_ranks`` ranks (spawned here, or this process's rank under torchrun) and judge it.
-    Under torchrun the ranks other than 0 return None.  ``inject``: ``--inject`` specs."""
+    ``store``) with ``n_ranks`` ranks (spawned here, or this process's rank under torchrun) and judge it
+    as ``compare`` judges a dump (its cases handed over in memory).  Under torchrun the ranks other than
+    0 return None.  ``inject``: ``--inject`` specs; ``settings``/``tols`` as for :func:`moesnap.run.check.check`."""
+    settings = replace(settings or Settings(profile="default"), dtype=dtype, allowed=CHECK_DTYPES)   # validated
+    policy = settings.resolve()
+    if tols is not None:
+        policy = replace(policy, tolerances=tols)
     ref, meta, goldens = load_goldens(suite, store)
     check_golden_matches_model(goldens, open_model(model), where=ref, meta=meta)
-    tols = tols or Tolerances.defaults()
-    guides: list[RouterReplay | None] = [None] * len(goldens)
-    if router_replay:
-        guides = [RouterReplay(g.layers["topk_ids"], g.layers["router_logits"],
-                               np.array([tols.tie_tol_at(dtype, i) for i in range(g.n_layer)]), tie_gap)
-                  if "topk_ids" in g.layers and "router_logits" in g.layers else None for _, g in goldens]
+    guides = [router_guide(g, policy) if router_replay else None for _, g in goldens]
     cases = run_ep_cases(model, [g.tokens.tolist() for _, g in goldens], n_ranks, backend,
                          "cuda" if device.startswith("cuda") else device, dtype, list(inject), mode=mode,
                          router_replay=guides)
     if cases is None:
         return None
-    with tempfile.TemporaryDirectory(prefix="moesnap-ep-") as d:
-        for (name, _), case in zip(goldens, cases):
-            save_case(Path(d) / name, case)
-        report = compare(ref, d, store=store, tols=tols, model=model if local else None, local=local,
-                         show_progress=show_progress)
     ep = cases[0].attrs["expert_parallel"]
-    report.candidate = cases[0].attrs.get("producer", report.candidate)
-    report.notes += [f"injected fault: {spec}" for spec in inject] + [_figures(ep)]
-    report.notes += [f"{name}: {line}" for (name, _), case in zip(goldens, cases)
-                     for line in nonfinite_experts(case, ep["experts"])]
-    return report
+    notes = [f"injected fault: {spec}" for spec in inject] + [_figures(ep)]
+    notes += [f"{name}: {line}" for (name, _), case in zip(goldens, cases)
+              for line in nonfinite_experts(case, ep["experts"])]
+    return judge_dump(ref, meta, goldens, {name: case for (name, _), case in zip(goldens, cases)}, settings,
+                      tols=policy.tolerances, model=model if local else None, local=local,
+                      show_progress=show_progress, candidate_name=str(cases[0].attrs.get("producer") or "expert parallel"),
+                      notes=tuple(notes))

@@ -55,7 +55,7 @@ def import_dump(fmt: str, dump: str | Path, *, like: str, out: str | Path, store
     if forward_pass is not None and fmt != "sglang":
         raise UsageError(f"--pass: only an SGLang dump holds several forward passes (an {fmt} dump holds one)")
     check_output(out, force=force)
-    _, golden = resolve_golden_meta(like, store)
+    _, _, golden = resolve_golden_meta(like, store)
     name, g = _golden_case(golden, like, case, fmt, dump, forward_pass)
     attrs = {"imported": {"format": fmt, "like": like, "case": name}}
     if fmt == "sglang":
