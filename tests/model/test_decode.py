@@ -8,7 +8,8 @@ float32), relative L2 error per stage over all rows and layers against the candi
 forward: prompt 20 + 12 decode steps 1.4e-6 (contiguous and paged alike; worst stage moe_out), chunked
 prefill 7.8e-7, a batch of 3 ragged sequences 2.1e-6, the static-buffer decode 2.0e-6; against the
 *reference* forward over prompt + continuation (the golden a decode check uses) 1.6e-6, with the same
-experts everywhere.  The bound below, 2e-5, leaves ~10x.
+experts everywhere.  The bound below, 2e-5, leaves ~10x.  Each planted serving fault first changes its
+(decode step, layer, stage), in float32 and bfloat16 alike, and nothing before it.
 """
 
 from __future__ import annotations
@@ -206,13 +207,18 @@ def first_change(clean: list[list[Rows]], hit: list[list[Rows]], seq: int) -> tu
                     np.testing.assert_array_equal(other_h.case.layers[s][i], other_c.case.layers[s][i])
             return h_rows[seq].step, layer, stage
         for other_c, other_h in zip(c_rows, h_rows):
-            np.testing.assert_array_equal(other_h.logits.cpu().numpy(), other_c.logits.cpu().numpy())
+            assert torch.equal(other_h.logits, other_c.logits), f"sequence {other_h.seq} changed before"
     raise AssertionError("the planted fault changed nothing")
 
 
 @pytest.fixture(scope="module")
-def clean_eager(cand, batch_seqs):
-    return run_batch(cand, batch_seqs)
+def clean_eager(model, batch_seqs):
+    """dtype -> (the candidate, its clean batch run)."""
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        c = CandidateModel(model, dtype=dtype)
+        runs[dtype] = c, run_batch(c, batch_seqs)
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -235,13 +241,15 @@ FAULTS = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("spec, seq, where", FAULTS, ids=[f[0] for f in FAULTS])
-def test_each_planted_fault_shows_at_its_step_layer_and_stage(model, cand, batch_seqs, clean_eager, spec, seq, where):
+def test_each_planted_fault_shows_at_its_step_layer_and_stage(model, batch_seqs, clean_eager, spec, seq, where, dtype):
     inj = parse_inject(spec, model.config)
     check_serving([inj], ServePlan(PROMPTS, STEPS, paged=True))
+    cand, clean = clean_eager[dtype]
     faults = cand.faults([inj])
     hit = run_batch(cand, batch_seqs, faults=faults)
-    assert first_change(clean_eager, hit, seq) == where
+    assert first_change(clean, hit, seq) == where
     assert (where[1], where[2]) == (inj.target_layer, inj.target_stage)
     assert faults.unfired() == []
 
