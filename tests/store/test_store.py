@@ -316,3 +316,66 @@ def test_fuzz_metadata_bytes_only_ever_give_golden_errors(fuzz_source, tmp_path_
     except GoldenError:
         return
     assert same_arrays(case, small_case(0))
+
+
+# ---------------------------------------------------------------- only what is expected is caught (issue 19)
+
+
+class _Bug(Exception):
+    """An error no storage fault makes: a bug, which must surface as it is."""
+
+
+class _Failed(Exception):
+    """What the code inside a writer's block raised."""
+
+
+def _fail() -> None:
+    raise _Failed("the block's own error")
+
+
+def test_a_bug_while_reading_a_case_directly_surfaces(tmp_path, monkeypatch):
+    """Reading a local case's zarr.json files directly falls back to zarr on what a damaged file
+    raises; anything else is not swallowed."""
+    import moesnap.store.zarr as zarr_store
+
+    LocalGoldenStore(tmp_path).publish("s", {"case0": small_case(0)}, META)
+    zarr_store._array_metadata.cache_clear()
+    monkeypatch.setattr(zarr_store, "_array_metadata", lambda raw: (_ for _ in ()).throw(_Bug("in our code")))
+    with pytest.raises(_Bug, match="in our code"):
+        LocalGoldenStore(tmp_path).open_version("s").read_case("case0")
+
+
+def test_leaving_a_writer_removes_what_it_wrote_and_says_what_it_could_not(tmp_path, monkeypatch):
+    from moesnap.store.local import _LocalWriter
+
+    st = LocalGoldenStore(tmp_path)
+    with pytest.raises(_Failed):                       # the block's own error, and nothing left behind
+        with st.begin("s") as w:
+            w.add_case("case0", small_case(0))
+            _fail()
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == []
+
+    def stuck(self):
+        raise GoldenError(f"{self.dir}: cannot remove the unpublished version (PermissionError)")
+
+    monkeypatch.setattr(_LocalWriter, "_discard", stuck)
+    with pytest.raises(_Failed):                       # a storage fault while unwinding: the block's error wins
+        with st.begin("s"):
+            _fail()
+    with pytest.raises(GoldenError, match="cannot remove the unpublished version"):
+        with st.begin("s"):                            # no error of its own: the fault is the error
+            pass
+    monkeypatch.setattr(_LocalWriter, "_discard", lambda self: (_ for _ in ()).throw(_Bug("in discard")))
+    with pytest.raises(_Bug, match="in discard"):      # a bug surfaces, whatever the block raised
+        with st.begin("s"):
+            _fail()
+
+
+def test_a_keyboard_interrupt_while_writing_leaves_nothing(tmp_path):
+    st = LocalGoldenStore(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with st.begin("s") as w:
+            w.add_case("case0", small_case(0))
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == []
+    assert st.versions("s") == []

@@ -328,3 +328,31 @@ def test_server_gone_mid_read(s3_one, moto):
                 env={"MOESNAP_S3_ATTEMPTS": "1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
     out, err = p.communicate(timeout=120)
     assert p.returncode == 2 and err.count("\n") == 1 and "S3 storage error" in err, err
+
+
+class _Bug(Exception):
+    """An error no storage fault makes: a bug, which must surface as it is."""
+
+
+def test_removing_the_claim_after_publishing(moto, bucket, monkeypatch):
+    """The claim inside a published version is removed on a best effort: a refusal from the server
+    leaves it (published all the same); a bug is not swallowed."""
+    from moesnap.store import CLAIM
+    from moesnap.testing.store import small_case
+
+    st = RemoteGoldenStore(f"s3://{bucket}/goldens")
+    real = st._root.delete
+
+    def refusing(error):
+        async def delete(key):
+            if key.endswith(CLAIM):
+                raise error
+            return await real(key)
+        return delete
+
+    monkeypatch.setattr(st._root, "delete", refusing(PermissionError("access denied")))
+    st.publish("s", {"case0": small_case(0)}, META)
+    assert st.versions("s") == ["v0001"] and st._get_bytes(f"s/v0001/{CLAIM}") is not None
+    monkeypatch.setattr(st._root, "delete", refusing(_Bug("in our code")))
+    with pytest.raises(_Bug, match="in our code"):
+        st.publish("s", {"case0": small_case(1)}, META)

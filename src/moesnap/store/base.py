@@ -49,9 +49,12 @@ import datetime as _dt
 import json
 import os
 import re
+import signal
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -146,6 +149,34 @@ def _json_clean(obj: Any) -> Any:
         return json.loads(json.dumps(obj, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise GoldenError(f"provenance is not JSON-serialisable ({e})") from None
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold off Ctrl-C (SIGINT) while the store does what must not be left half done: claim a staging
+    area, hand it to a writer, publish, remove.  A SIGINT that arrives meanwhile is delivered when
+    the block is done: the handler it would have met runs then (Python's default raises
+    KeyboardInterrupt there).  Off the main thread, and where SIGINT has no Python handler (ignored,
+    default, a C library's), there is nothing to hold."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    except ValueError:     # a subinterpreter: no signal handlers of its own
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            previous(*caught[0])
 
 
 # ---------------------------------------------------------------- the interface
@@ -249,7 +280,9 @@ class VersionWriter(ABC):
     """Writes one new version; nothing is visible until :meth:`commit` returns.
 
     Use as a context manager: leaving the block without a commit (or with an
-    exception) aborts and removes what was written.
+    exception, KeyboardInterrupt included) aborts and removes what was written.
+    Publishing and removing hold off Ctrl-C (:func:`interrupts_held`): an interrupt
+    leaves the version either published whole or gone.
     """
 
     def __init__(self, store: "GoldenStore", suite: str) -> None:
@@ -290,22 +323,32 @@ class VersionWriter(ABC):
             raise UsageError(f"{self.suite}: a version needs at least one case")
         full = _json_clean({**dict(meta or {}), "schema": SCHEMA, "cases": self._cases,
                             "checksums": self._checksums})
-        version = self._publish(full)
-        self._done = True
+        with interrupts_held():          # published and known to be, or neither
+            version = self._publish(full)
+            self._done = True
         return GoldenVersion(self.store, self.suite, version, full)
 
     def abort(self) -> None:
+        """Remove what was written (nothing is published)."""
         if not self._done:
             self._done = True
-            self._discard()
+            with interrupts_held():      # a staging area half removed is a leftover
+                self._discard()
 
     def __enter__(self) -> "VersionWriter":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if not self._done:
-            with contextlib.suppress(Exception):
-                self.abort()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._done:
+            return
+        try:
+            self.abort()
+        except (GoldenError, OSError):
+            if exc is None:
+                raise
+            # the block's own error is the one to report; what the abort could not remove is a
+            # leftover that prune removes once no writer holds it
 
     @abstractmethod
     def _write_case(self, name: str, case: GroupValue) -> dict[str, str]:
@@ -317,7 +360,7 @@ class VersionWriter(ABC):
 
     @abstractmethod
     def _discard(self) -> None:
-        """Remove what was written (best effort)."""
+        """Remove what was written; a storage fault is a GoldenError (or OSError)."""
 
 
 class GoldenStore(ABC):
@@ -398,10 +441,13 @@ class GoldenStore(ABC):
 
     def publish(self, suite: str, cases: Mapping[str, Case], meta: Mapping[str, Any] | None = None) -> GoldenVersion:
         """Write ``cases`` as one new version (a convenience around :meth:`begin`)."""
-        with self.begin(suite) as w:
+        with contextlib.ExitStack() as stack:
+            with interrupts_held():      # the staging area exists only with the writer that removes it
+                w = stack.enter_context(self.begin(suite))
             for name, case in cases.items():
                 w.add_case(name, case)
-            return w.commit(meta)
+            version = w.commit(meta)
+        return version
 
     def delete_version(self, suite: str, version: str) -> None:
         """Delete one version; the newest version of a suite is never deleted."""

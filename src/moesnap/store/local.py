@@ -26,6 +26,7 @@ from .base import (
     SCHEMA,
     Leftover,
     VersionWriter,
+    interrupts_held,
     is_suite_name,
     sort_versions,
     utc_now,
@@ -116,7 +117,7 @@ class LocalGoldenStore(ZarrGoldenStore):
     def _delete(self, suite: str, version: str) -> None:
         d = self.root / suite
         trash = d / f".trash-{uuid.uuid4().hex[:12]}"
-        with self._errors(self.where(suite, version)):
+        with self._errors(self.where(suite, version)), interrupts_held():
             os.rename(d / version, trash)      # invisible at once
             shutil.rmtree(trash)
 
@@ -152,16 +153,17 @@ class LocalGoldenStore(ZarrGoldenStore):
         src = d / leftover.name
         trash = d / f".trash-{uuid.uuid4().hex[:12]}"
         try:
-            if leftover.name.startswith(".trash-"):
-                shutil.rmtree(src)
-                return True
-            with _flocked(src, blocking=False) as got:
-                if not got:
-                    return False
-                # the writer is dead or already renamed this away: move by *name*, so a
-                # published version (the renamed inode) is never what we delete
-                os.rename(src, trash)
-            shutil.rmtree(trash)
+            with interrupts_held():    # not half removed
+                if leftover.name.startswith(".trash-"):
+                    shutil.rmtree(src)
+                    return True
+                with _flocked(src, blocking=False) as got:
+                    if not got:
+                        return False
+                    # the writer is dead or already renamed this away: move by *name*, so a
+                    # published version (the renamed inode) is never what we delete
+                    os.rename(src, trash)
+                shutil.rmtree(trash)
             return True
         except FileNotFoundError:
             return False
@@ -175,18 +177,24 @@ class _LocalWriter(VersionWriter):
         self.suite_dir = store.root / suite
         token = uuid.uuid4().hex[:12]
         self._fd: int | None = None
-        try:
-            self.suite_dir.mkdir(exist_ok=True)
-            init = self.suite_dir / f".init-{token}"
-            os.mkdir(init)
-            self._fd = os.open(init, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.dir = self.suite_dir / f".staging-{token}"
-            os.rename(init, self.dir)
-            from zarr.storage import LocalStore
+        from zarr.storage import LocalStore
 
-            self.group = store._new_version_group(LocalStore(self.dir))
+        try:
+            with interrupts_held():    # a staging area only with a writer that owns it
+                self.suite_dir.mkdir(exist_ok=True)
+                init = self.suite_dir / f".init-{token}"
+                os.mkdir(init)
+                self._fd = os.open(init, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.dir = self.suite_dir / f".staging-{token}"
+                os.rename(init, self.dir)
+                self.group = store._new_version_group(LocalStore(self.dir))
         except MoesnapError:
+            raise
+        except KeyboardInterrupt:          # held until the staging area was whole: no one will remove it but us
+            if hasattr(self, "group"):
+                self.abort()
+            self._close()
             raise
         except Exception as e:
             self._close()
@@ -200,7 +208,9 @@ class _LocalWriter(VersionWriter):
 
     def _write_case(self, name: str, case: GroupValue) -> dict[str, str]:
         with self.store._errors(f"{self.dir}/{name}"):  # type: ignore[attr-defined]
-            return write_case_pipelined(self.group.create_group(name), case, self._delay, raw_dir=self.dir / name)
+            with interrupts_held():    # zarr writes on its own thread: not on after the staging area is gone
+                group = self.group.create_group(name)
+            return write_case_pipelined(group, case, self._delay, raw_dir=self.dir / name)
 
     def _publish(self, meta: dict[str, Any]) -> str:
         st: LocalGoldenStore = self.store  # type: ignore[assignment]
@@ -230,10 +240,12 @@ class _LocalWriter(VersionWriter):
         return version_name(n)
 
     def _discard(self) -> None:
+        trash = self.suite_dir / f".trash-{uuid.uuid4().hex[:12]}"
         try:
-            trash = self.suite_dir / f".trash-{uuid.uuid4().hex[:12]}"
-            os.rename(self.dir, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(self.dir, trash)     # invisible at once, by name (never a published version)
+            shutil.rmtree(trash)
+        except OSError as e:
+            raise GoldenError(f"{self.dir}: cannot remove the unpublished version ({describe_error(e)})") from None
         finally:
             self._close()
 

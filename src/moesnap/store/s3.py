@@ -26,6 +26,7 @@ from .base import (
     SCHEMA,
     Leftover,
     VersionWriter,
+    interrupts_held,
     is_suite_name,
     sort_versions,
     utc_now,
@@ -81,6 +82,22 @@ async def _upload(store, items: list) -> None:
     for r in results:
         if isinstance(r, BaseException):
             raise r
+
+
+def _request_faults() -> tuple[type[BaseException], ...]:
+    """What a request to the server fails with when the server refuses or cannot be reached: the
+    OSError s3fs makes of the server's answer, timeouts, and botocore's and aiohttp's own errors
+    (an endpoint that does not answer, a dropped connection)."""
+    faults: list[type[BaseException]] = [OSError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import BotoCoreError
+
+        faults.append(BotoCoreError)
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientError
+
+        faults.append(ClientError)
+    return tuple(faults)
 
 
 def _close_fs(fs) -> None:
@@ -227,21 +244,29 @@ class _RemoteWriter(VersionWriter):
         claim = json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
                             "created": utc_now()}).encode()
         where = store.where(suite)
-        with store._errors(where):
-            n = max([version_number(v) or 0 for v in store._version_names(suite)], default=0) + 1
-            for _ in range(1000):
-                try:
-                    _sync(store.fs._pipe_file(store._key(f"{suite}/{version_name(n)}/{CLAIM}"), claim, mode="create"))
-                    break
-                except FileExistsError:
-                    n += 1
-            else:
-                raise GoldenError(f"{where}: no free version name")
-            self.version = version_name(n)
-            self.prefix = f"{suite}/{self.version}"
-            self.zstore = FsspecStore(fs=store.fs, path=store._key(self.prefix))
-            self.group = store._new_version_group(self.zstore)
         self._delay = store.write_delay
+        try:
+            # held: a claimed name only with a writer that owns it (an interrupt in between would
+            # leave the upload running on zarr's thread, or the claim to wait out stale_after)
+            with store._errors(where), interrupts_held():
+                n = max([version_number(v) or 0 for v in store._version_names(suite)], default=0) + 1
+                for _ in range(1000):
+                    try:
+                        _sync(store.fs._pipe_file(store._key(f"{suite}/{version_name(n)}/{CLAIM}"), claim,
+                                                  mode="create"))
+                        break
+                    except FileExistsError:
+                        n += 1
+                else:
+                    raise GoldenError(f"{where}: no free version name")
+                self.version = version_name(n)
+                self.prefix = f"{suite}/{self.version}"
+                self.zstore = FsspecStore(fs=store.fs, path=store._key(self.prefix))
+                self.group = store._new_version_group(self.zstore)
+        except KeyboardInterrupt:        # held until the claim was whole: no one will remove it but us
+            if hasattr(self, "group"):
+                self.abort()
+            raise
 
     def _write_case(self, name: str, case: GroupValue) -> dict[str, str]:
         """Build the case group in memory, then upload its objects concurrently.
@@ -264,7 +289,8 @@ class _RemoteWriter(VersionWriter):
             for i in range(0, len(keys), step):
                 batch = keys[i:i + step]
                 bufs = [_sync(mem.get(k, prototype=proto)) for k in batch]
-                _sync(_upload(self.zstore, [(f"{name}/{k}", b) for k, b in zip(batch, bufs)]))
+                with interrupts_held():   # no upload goes on after an abort removed the prefix
+                    _sync(_upload(self.zstore, [(f"{name}/{k}", b) for k, b in zip(batch, bufs)]))
                 if self._delay:
                     time.sleep(self._delay)
             return sums
@@ -281,10 +307,13 @@ class _RemoteWriter(VersionWriter):
             marker = {"schema": SCHEMA, "published": utc_now(), "meta_sha256": hashlib.sha256(raw).hexdigest()}
             _sync(st.fs._pipe_file(st._key(f"{self.prefix}/{MARKER}"),
                                    (json.dumps(marker, indent=2) + "\n").encode(), mode="create"))
-        with contextlib.suppress(Exception):
+        try:
             _sync(st._root.delete(f"{self.prefix}/{CLAIM}"))
+        except _request_faults():
+            pass   # published; a claim left inside a published version is never read again
         return self.version
 
     def _discard(self) -> None:
         st: RemoteGoldenStore = self.store  # type: ignore[assignment]
-        _sync(st._root.delete_dir(self.prefix))
+        with st._errors(st.where(self.suite, self.version)):
+            _sync(st._root.delete_dir(self.prefix))

@@ -26,7 +26,7 @@ import numpy as np
 from .case import Case, GroupValue, read_arrays, read_case, write_case
 from ..errors import GoldenError, MoesnapError, UsageError
 from ..util import describe_error
-from .base import MARKER, SCHEMA, GoldenStore
+from .base import MARKER, SCHEMA, GoldenStore, interrupts_held
 
 
 # ---------------------------------------------------------------- writing a case
@@ -114,18 +114,36 @@ class _PipelinedGroup:
                 f.cancel()
 
     @property
-    def attrs(self):
+    def attrs(self) -> "_HeldAttributes":
         self.wait()
-        return self._group.attrs
+        return _HeldAttributes(self._group.attrs)
 
     def close(self) -> None:
+        """Wait for every write (re-raising the first failure); however that ends, the worker has
+        stopped writing when this returns, so that an abort removes everything."""
         try:
             self.wait()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            with interrupts_held():
+                self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __getattr__(self, name: str):
         return getattr(self._group, name)
+
+
+class _HeldAttributes:
+    """A zarr group's attributes whose ``update`` holds off Ctrl-C: zarr writes them from its own
+    thread, which an interrupt in this one would leave writing into a staging area being removed."""
+
+    def __init__(self, attrs) -> None:
+        self._attrs = attrs
+
+    def update(self, values) -> None:
+        with interrupts_held():
+            self._attrs.update(values)
+
+    def __getattr__(self, name: str):
+        return getattr(self._attrs, name)
 
 
 def _raw_items(a: Any, chunks: Any) -> list[tuple[tuple[str, ...], tuple[slice, ...]]] | None:
@@ -357,7 +375,9 @@ class _LocalGroup:
             if not cls._walk(case_dir, case_dir, "", members):
                 return None
             return cls(attrs, sorted(members, key=lambda m: m[0]))
-        except Exception:   # anything unusual: zarr's reading says what is wrong
+        # a file that is missing, unreadable or not the JSON a plain group or array holds: zarr's
+        # reading says what is wrong with it (anything else is a bug of ours, and surfaces)
+        except (OSError, ValueError, TypeError, LookupError, AttributeError, ArithmeticError, RecursionError):
             return None
 
     @classmethod
