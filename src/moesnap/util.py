@@ -43,7 +43,7 @@ def file_sha256(path: str | Path, *, progress: bool = False) -> str:
     if progress_enabled(progress) and st.st_size >= 256 << 20:
         from tqdm import tqdm
 
-        bar = tqdm(total=st.st_size, desc=f"sha256 {p.name}", unit="B", unit_scale=True, unit_divisor=1024,
+        bar = tqdm(total=st.st_size, desc=f"sha256 {p.name}", unit="iB", unit_scale=True, unit_divisor=1024,   # MiB
                    file=sys.stderr, leave=False, dynamic_ncols=True)
     with open(p, "rb") as f:
         while chunk := f.read(16 << 20):
@@ -78,9 +78,29 @@ def progress_enabled(enabled: bool = True) -> bool:
 
 def status(message: str, *, enabled: bool = True) -> None:
     """One line on stderr, ``moesnap: MESSAGE``, saying what a command is about to do: a command that
-    may take more than a few seconds says so before its first slow step, not after it."""
-    if progress_enabled(enabled):
-        print(f"moesnap: {printable(message)}", file=sys.stderr, flush=True)
+    may take more than a few seconds says so before its first slow step, not after it.  Drawn above
+    the progress bars when some are on the screen (tqdm clears them, writes the line, draws them
+    again), never into a bar."""
+    if not progress_enabled(enabled):
+        return
+    line = f"moesnap: {printable(message)}"
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    if tqdm is not None and len(getattr(tqdm, "_instances", ())):
+        tqdm.write(line, file=sys.stderr)
+        sys.stderr.flush()
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 token``, ``3 tokens`` (``words``: the plural where it is not ``word + "s"``)."""
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+def mib(n_bytes: float) -> str:
+    """A size as moesnap prints every size: in MiB (``1.6 MiB``, ``0.0123 MiB``, ``16,213.5 MiB``)."""
+    value = n_bytes / 2**20
+    return f"{value:,.1f} MiB" if value >= 1 or value == 0 else f"{value:.3g} MiB"
 
 
 def loading_torch(*, enabled: bool = True) -> None:

@@ -91,22 +91,47 @@ def test_generate_prints_the_version_and_records_provenance(root, tiny_path, cap
     check_golden_matches_model([], GGUFModel.open(tiny_path), where="t", meta=m)
 
 
-def test_generate_shows_progress(root, tiny_path, capsys, monkeypatch):
+def test_generate_shows_progress_in_whole_lines(root, tiny_path, capsys, monkeypatch):
+    """Redirected to a file (not a terminal), the progress is whole lines: a status line between bars,
+    one bar at a time (its redraws on one line, cleared when done), no cursor movement, no blank line."""
     monkeypatch.delenv("MOESNAP_NO_PROGRESS", raising=False)
-    assert main(["goldens", "generate", str(tiny_path), "--suite", "p", "--store", str(root), "--tokens", "1,2"]) == 0
+    assert main(["goldens", "generate", str(tiny_path), "--suite", "p", "--store", str(root), "--tokens", "1,2",
+                 "--tokens", "7"]) == 0
     out, err = capsys.readouterr()
     assert out == "p@v0001\n"
-    assert "p: cases" in err and "reference" in err
+    assert "\x1b" not in err and err.endswith("\n"), err
+    lines = err.split("\n")[:-1]
+    for line in lines:
+        shown = line.split("\r")[-1]              # what is left of the line once the bars are cleared
+        assert shown.startswith("moesnap: ") and "%|" not in shown, (line, err)
+    shown = [line.split("\r")[-1] for line in lines]
+    assert shown[0] == "moesnap: p: case0 (1 of 2), 2 tokens" and "moesnap: p: case1 (2 of 2), 1 token" in shown
+    assert any("reference:" in line for line in lines)        # the forward's bar, on the status line's left
+    assert sum(s.startswith("moesnap: case") and " in " in s for s in shown) == 2   # each case's clock
+
+
+def test_a_status_line_goes_above_an_open_bar(capsys, monkeypatch):
+    from moesnap.util import progress, status
+
+    monkeypatch.delenv("MOESNAP_NO_PROGRESS", raising=False)
+    for i in progress(range(3), desc="work"):
+        if i == 1:
+            status("halfway")
+    err = capsys.readouterr().err
+    assert "moesnap: halfway\n" in err
+    before = err.split("moesnap: halfway")[0]
+    assert before.endswith("\r") and "work:" in before      # the bar was cleared first, not written over
 
 
 def test_list_and_show(root, capsys):
     assert main(["goldens", "list", "--store", str(root)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("tiny  v0001  newest v0001: tiny.gguf (") and "3 case(s)" in out
+    assert out.startswith("tiny  v0001  newest v0001: tiny.gguf (") and "3 cases" in out
     assert main(["-q", "goldens", "show", "tiny", "--store", str(root)]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("tiny@v0001")
-    for needle in ("sha256", "quants:", "torch", "case case0: 19 tokens", json.dumps(PROMPTS[1]),
+    for needle in ("sha256", "model:    tiny.gguf  1.6 MiB  sha256 ", "quants:", "torch", "case case0: 19 tokens",
+                   json.dumps(PROMPTS[1]),
                    "case case2: 5 tokens  prompt (token ids)  ids [1, 259, 3, 270, 42]",
                    "layers (4):", "topk_ids [19,2] int32", "expert_out [19,2,64]", "logits [19,272]",
                    "66 arrays, all verified"):
@@ -124,7 +149,8 @@ def test_diff_identical_changed_and_json(root, tiny_path, tmp_path, capsys):
     report = tmp_path / "diff.json"
     assert main(["-q", "goldens", "diff", "tiny@v0001", "tiny", "--store", str(root), "--json", str(report)]) == 1
     out = capsys.readouterr().out
-    assert "provenance dtype: float32 -> float64" in out and "beyond tolerance" in out
+    # the commands differ in --store (a copy of the store) and --dtype: too long to show, the keys are named
+    assert "provenance: 2 keys differ: command, dtype (values: --details)" in out and "beyond tolerance" in out
     d = json.loads(report.read_text())
     assert d["a"] == "tiny@v0001" and d["b"] == "tiny@v0003" and d["verdict"] == "changed"
     changed = [r for r in d["results"] if not r["identical"]]
@@ -347,3 +373,130 @@ def test_timing_summary_of_nothing_and_of_a_flat_run():
     rows = [{"layer": i, "seconds": s, "peak_rss_gib": 4.0, "rss_gib": 3.5} for i, s in enumerate([1.0, 3.0, 2.0])]
     assert timing_summary(rows) == ("3 layers in 6 s, 2 s/layer (slowest: layer 1, 3 s); peak memory 4.00 GiB, "
                                     "resident 3.50 GiB after layer 0, 3.50 GiB after layer 2")
+
+
+# ---------------------------------------------------------------- what a newcomer tripped over (issue 19)
+
+
+def test_diff_json_dash_writes_to_stdout(root, tiny_path, tmp_path, capsys, monkeypatch):
+    """`--json -` prints the JSON on stdout (the summary on stderr), as check and compare do: no file named -."""
+    monkeypatch.chdir(tmp_path)
+    assert main(gen_args(tiny_path, root, "--tokens", "9,9")) == 0
+    capsys.readouterr()
+    assert main(["-q", "goldens", "diff", "tiny@v0001", "tiny@v0002", "--store", str(root), "--json", "-"]) == 1
+    out, err = capsys.readouterr()
+    d = json.loads(out)
+    assert d["a"] == "tiny@v0001" and d["b"] == "tiny@v0002" and d["verdict"] == "changed"
+    assert err.startswith("tiny@v0001 -> tiny@v0002\n") and "wrote" not in err
+    assert not (tmp_path / "-").exists()
+
+
+def test_diff_of_a_changed_prompt_says_where_the_tokens_differ(root, tiny_path, capsys):
+    """One prompt changed: the note names the first differing position, both token ids and both
+    prompts; --details shows the ids from there and the prompts whole; the command is provenance."""
+    other = PROMPTS[1].replace("return 0", "return 1")
+    assert main(gen_args(tiny_path, root, "--prompt", PROMPTS[0], "--prompt", other, "--tokens", "1,259,3,270,42")) == 0
+    capsys.readouterr()
+    assert main(["-q", "goldens", "diff", "tiny@v0001", "tiny@v0002", "--store", str(root)]) == 1
+    out = capsys.readouterr().out
+    at = PROMPTS[1].index("0")
+    note = next(line for line in out.splitlines() if line.startswith("  case case1:"))
+    n = len(PROMPTS[1].encode())                                      # the byte vocabulary: a token a byte
+    assert note == (f"  case case1: other tokens in tiny@v0002: {n} tokens each, the first difference at position {at} "
+                    f"({3 + ord('0')} in tiny@v0001, {3 + ord('1')} in tiny@v0002); "
+                    f"prompt {json.dumps(PROMPTS[1])} -> {json.dumps(other)}; stages not compared"), note
+    assert "  provenance: 1 key differs: command (values: --details)" in out    # --store (a copy) and the prompt
+    assert main(["-q", "goldens", "diff", "tiny@v0001", "tiny@v0002", "--store", str(root), "--details"]) == 1
+    details = capsys.readouterr().out.splitlines()
+    assert details[1].startswith("  provenance command: … --store ") and "return 1" in details[1]
+    i = details.index(note)
+    assert details[i + 1].startswith(f"    ids in tiny@v0001 from position {at - 4}: […, ")
+    assert details[i + 1].endswith(f"{3 + ord('0')}]") and details[i + 2].endswith(f"{3 + ord('1')}]")
+    assert details[i + 3] == f"    prompt in tiny@v0001: {json.dumps(PROMPTS[1])}"
+    assert details[i + 4] == f"    prompt in tiny@v0002: {json.dumps(other)}"
+
+
+def test_diff_of_a_longer_case(tiny_path, tmp_path, capsys):
+    root = tmp_path / "goldens"
+    for ids in ("5,6,7", "5,6,7,8"):
+        assert main(gen_args(tiny_path, root, "--tokens", ids)) == 0
+    capsys.readouterr()
+    assert main(["-q", "goldens", "diff", "tiny@v0001", "tiny@v0002", "--store", str(root), "--json", "-"]) == 1
+    out, err = capsys.readouterr()
+    assert ("  case case0: other tokens in tiny@v0002: 3 -> 4 tokens, the first 3 tokens the same, then "
+            "tiny@v0002 goes on with 8; stages not compared") in err
+    assert "  provenance command: … --tokens 5,6,7 … -> … --tokens 5,6,7,8 …" in err     # the command is provenance
+    d = json.loads(out)
+    assert d["token_changes"] == [{"case": "case0", "first_difference": 3, "tokens": [[5, 6, 7], [5, 6, 7, 8]],
+                                   "prompts": [None, None]}]
+    assert {"key": "command", "a": d["provenance"][0]["a"], "b": d["provenance"][0]["b"]} in d["provenance"]
+
+
+def _bash_words(command: str) -> list[str]:
+    """The words bash makes of a command line (each printed NUL-terminated, read back as argv is)."""
+    r = subprocess.run(["bash", "-c", f"set -- {command}; for w; do printf '%s\\0' \"$w\"; done"],
+                       capture_output=True, check=True)
+    return [w.decode("utf-8", "surrogateescape") for w in r.stdout.split(b"\0")[:-1]]
+
+
+@pytest.mark.parametrize("prompt", [PROMPTS[1], "tab\there", "it's  two  spaces", "\x1b[31mred\u2028line é",
+                                    "back\\slash $HOME `x`"])
+def test_the_recorded_command_gives_back_the_same_prompt(prompt, tiny_path, tmp_path):
+    """The regenerate command quotes a prompt so that bash gives it back exactly: a newline, a tab,
+    an escape, runs of spaces (a note that joins the command's words with single spaces keeps them)."""
+    from moesnap.cli.goldens import shell_command
+
+    root = tmp_path / "goldens"
+    assert main(gen_args(tiny_path, root, "--prompt", prompt)) == 0
+    command = LocalGoldenStore(root).open_version("tiny").meta["command"]
+    assert "\n" not in command and command.isprintable()
+    for shown in (command, " ".join(command.split())):
+        words = _bash_words(shown)
+        assert words[words.index("--prompt") + 1] == prompt, shown
+    assert shell_command(["a b", "c"]) == "'a b' c"                      # plain text: shlex's quoting
+
+
+def test_the_check_note_regenerates_the_same_golden(published, tiny_path, capsys):
+    """A failing check names the command that generated its golden; pasted into bash it gives the same prompts."""
+    assert main(["-q", "check", str(tiny_path), "--suite", "tiny", "--store", str(published),
+                 "--inject", "scale:layer=1,stage=moe_out,factor=1.5"]) == 1
+    note = next(line for line in capsys.readouterr().out.splitlines() if "was generated by: " in line)
+    words = _bash_words(note.split("was generated by: ", 1)[1])
+    prompts = [words[i + 1] for i, w in enumerate(words) if w == "--prompt"]
+    assert prompts == PROMPTS and words[:3] == ["moesnap", "goldens", "generate"]
+
+
+def test_generate_help_names_both_kinds_of_model(capsys):
+    assert main(["goldens", "generate", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "a GGUF file, or a checkpoint directory (config.json + *.safetensors)" in out
+    assert "--tokens IDS" in out and "--prompt TEXT" in out and "the GGUF model file" not in out
+
+
+def test_one_of_each_is_singular(tiny_path, tmp_path, capsys):
+    root = tmp_path / "goldens"
+    assert main(gen_args(tiny_path, root, "--tokens", "7")) == 0
+    capsys.readouterr()
+    assert main(["-q", "goldens", "list", "--store", str(root)]) == 0
+    assert ", 1 case, " in capsys.readouterr().out
+    assert main(["-q", "goldens", "show", "tiny", "--store", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "case case0: 1 token  prompt" in out and "1 tokens" not in out
+
+
+def test_generate_suite_passes_token_lists_through(tiny_path, tmp_path, monkeypatch):
+    """The Python API hands token lists (numpy integers too) to generate as they are; a value that is
+    not an integer is a UsageError naming it."""
+    import moesnap.run.goldens as goldens
+    from moesnap.errors import UsageError
+
+    seen = []
+    real = goldens.generate
+    monkeypatch.setattr(goldens, "generate", lambda *a, **kw: seen.append(kw["inputs"]) or real(*a, **kw))
+    ref = goldens.generate_suite(tiny_path, "api", [np.array([5, 6, 7]), "Hi"], store=tmp_path / "g")
+    assert ref == "api@v0001" and seen == [[("tokens", [5, 6, 7]), ("prompt", "Hi")]]
+    assert LocalGoldenStore(tmp_path / "g").open_version("api").meta["cases"][0]["token_ids"] == [5, 6, 7]
+    for bad, message in (([1.5, 2], r"token ids \[1.5, 2\]: expected a list of integers"),
+                         ([], "an empty list of token ids")):
+        with pytest.raises(UsageError, match=message):
+            goldens.generate_suite(tiny_path, "api", [bad], store=tmp_path / "g")

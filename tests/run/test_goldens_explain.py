@@ -44,16 +44,17 @@ def test_diff_is_a_short_summary_per_case(capsys, root, tmp_path):
     code, lines = diff(capsys, root, "t@v0001", "t@v0002", "--json", str(tmp_path / "d.json"))
     assert code == 1
     lines = lines[:-1]                                      # "wrote …"
-    assert len(lines) == 1 + 1 + 3 + 1, lines               # versions, provenance, a line per case, the total
+    assert len(lines) == 1 + 2 + 3 + 1, lines               # versions, provenance, a line per case, the total
     assert max(map(len, lines)) <= 150, max(lines, key=len)
-    assert lines[1] == "  provenance dtype: float32 -> float64"
+    assert lines[1] == "  provenance command: … --dtype float32 -> … --dtype float64"   # where the commands differ
+    assert lines[2] == "  provenance dtype: float32 -> float64"
     n = 3 + 17 * 4               # stages per case that a float64 run moves: all 75 but the 4 topk_ids (integers)
-    for i, line in enumerate(lines[2:5]):
+    for i, line in enumerate(lines[3:6]):
         assert line.startswith(f"  case case{i}: ") and "none beyond tolerance (closest: " in line, line
         assert "1 other in dtype only" in line               # embed: a float32 table stored as float64
     d = json.loads((tmp_path / "d.json").read_text())
     assert d["n_changed"] == 3 * (n - 1) and d["n_dtype_only"] == 3
-    assert lines[-1] == f"changed: {3 * (n - 1)} stage(s), 0 beyond tolerance (each stage: --details)"
+    assert lines[-1] == f"changed: {3 * (n - 1)} stages, 0 beyond tolerance (each stage: --details)"
 
 
 def test_details_on_request(capsys, root):

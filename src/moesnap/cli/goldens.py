@@ -4,17 +4,58 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from typing import Sequence
 
 from ..errors import UsageError
 
 
-class _Input(argparse.Action):
-    """--tokens / --prompt, repeatable, kept in the order given (one case each)."""
+class _Input(argparse._AppendAction):
+    """--tokens / --prompt, repeatable, kept in the order given (one case each) as ``(kind, value)``."""
+
+    def __init__(self, *args, kind: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind = kind
 
     def __call__(self, parser, namespace, values, option_string=None):
         items = list(getattr(namespace, self.dest, None) or [])
-        items.append((self.const, values))
+        items.append((self.kind, values))
         setattr(namespace, self.dest, items)
+
+
+#: what bash's ``$'...'`` quoting writes as an escape of its own
+_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\a": "\\a", "\b": "\\b",
+            "\f": "\\f", "\v": "\\v"}
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one word a POSIX shell gives back exactly: ``shlex.quote`` where that is plain
+    printable text; else bash's ``$'...'`` (zsh and ksh read it too), with control characters and
+    other unprintable ones written as escapes (``\\n``; a character beyond ASCII as its UTF-8
+    bytes ``\\xe2\\x80\\xa8``, whatever the shell's locale) and the lone surrogates of a
+    non-UTF-8 argument as the byte they stand for; in a run of spaces each after the first is
+    ``\\x20``.  A prompt holding a newline inside ``'...'`` would not survive a paste whole, nor a
+    note that joins a command's words with single spaces; the escaped command, pasted, makes the
+    same golden."""
+    if all(ch.isprintable() for ch in text) and "  " not in text:
+        return shlex.quote(text)
+    out = []
+    for i, ch in enumerate(text):
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch == " " and i and text[i - 1] == " ":
+            out.append("\\x20")
+        elif ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:              # surrogateescape: a byte that was not UTF-8
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.extend(f"\\x{byte:02x}" for byte in ch.encode("utf-8", "surrogatepass"))
+    return "$'" + "".join(out) + "'"
+
+
+def shell_command(parts: Sequence[str]) -> str:
+    """A command line from its words, each quoted by :func:`shell_word`."""
+    return " ".join(shell_word(x) for x in parts)
 
 
 def _store(a: argparse.Namespace):
@@ -43,7 +84,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     parts += ["--dtype", a.dtype]
     if a.tokenizer != "auto":
         parts += ["--tokenizer", a.tokenizer]
-    command = " ".join(shlex.quote(x) for x in parts)
+    command = shell_command(parts)
     with _store(a) as st:
         v = generate(a.model, a.suite, store=st, inputs=a.inputs or [], dtype=a.dtype,
                      show_progress=_progress(a), command=command, tokenizer=a.tokenizer)
@@ -52,7 +93,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_list(a: argparse.Namespace) -> int:
-    from ..run.goldens import describe, list_suites
+    from ..run.goldens_show import describe, list_suites
 
     with _store(a) as st:
         infos = list_suites(st)
@@ -64,7 +105,7 @@ def cmd_list(a: argparse.Namespace) -> int:
 
 
 def cmd_show(a: argparse.Namespace) -> int:
-    from ..run.goldens import show_lines
+    from ..run.goldens_show import show_lines
 
     with _store(a) as st:
         lines = show_lines(st.resolve(a.ref), verify=not a.no_verify, show_progress=_progress(a))
@@ -74,18 +115,27 @@ def cmd_show(a: argparse.Namespace) -> int:
 
 
 def cmd_diff(a: argparse.Namespace) -> int:
-    from ..run.goldens import diff, diff_lines, write_json
+    import sys
+
+    from ..run.goldens_diff import STDOUT, diff, json_text, write_json
+    from ..run.goldens_diff_text import diff_lines
     from ..store import DEFAULT_ROOT
     from ..util import check_output_file
 
-    if a.json is not None:
+    to_stdout = a.json == STDOUT                # the JSON on stdout, the lines on stderr: `... --json - | jq`
+    if a.json is not None and not to_stdout:
         check_output_file(a.json, force=a.force, option="--json", store=a.store or DEFAULT_ROOT)
     with _store(a) as st:
         rep = diff(st.resolve(a.a), st.resolve(a.b), show_progress=_progress(a))
+    text = json_text(rep) if to_stdout else None    # a report JSON cannot hold is refused before anything is printed
+    human = sys.stderr if to_stdout else sys.stdout
     for line in diff_lines(rep, details=a.details):
-        print(line)
-    if a.json:
-        write_json(rep.to_dict(), a.json)
+        print(line, file=human)
+    if text is not None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    elif a.json:
+        write_json(rep, a.json)
         print(f"wrote {a.json}")
     return 1 if rep.any_changed else 0
 
@@ -113,12 +163,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     store_help = "golden store root: a directory (default goldens/) or s3://bucket/prefix"
 
     p = gsub.add_parser("generate", help="run the reference forward and publish a new immutable version")
-    p.add_argument("model", help="the GGUF model file")
+    p.add_argument("model", help="the model: a GGUF file, or a checkpoint directory (config.json + *.safetensors)")
     p.add_argument("--suite", required=True, help="suite name (letters, digits, '.', '_', '-')")
     p.add_argument("--store", help=store_help)
-    p.add_argument("--tokens", dest="inputs", action=_Input, const="tokens", metavar="IDS",
+    p.add_argument("--tokens", dest="inputs", action=_Input, kind="tokens", metavar="IDS",
                    help="comma-separated token ids: one case (repeatable)")
-    p.add_argument("--prompt", dest="inputs", action=_Input, const="prompt", metavar="TEXT",
+    p.add_argument("--prompt", dest="inputs", action=_Input, kind="prompt", metavar="TEXT",
                    help="text, encoded with the model's own tokenizer (see --tokenizer): one case (repeatable)")
     p.add_argument("--tokenizer", default="auto", metavar="auto|model|bytes", help=TOKENIZER_HELP)
     p.add_argument("--dtype", default="float32", help="reference arithmetic: float32 (default) or float64")
@@ -147,7 +197,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="every provenance key that differs and one line per changed stage, or per array of a "
                         "snapshot suite's check (default: a summary per case or check)")
     p.add_argument("--json", metavar="PATH",
-                   help="write the diff as JSON here (every stage or array, whatever --details)")
+                   help="write the diff as JSON here (every stage or array, whatever --details); - writes it to "
+                        "stdout (and the summary to stderr, so `... --json - | jq` works)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_diff)
 
