@@ -4,6 +4,8 @@
 store it opens built with ``write_delay=WRITE_DELAY, read_delay=READ_DELAY`` (seconds after each
 array written, before each case read), which widens the window in which a test kills the writer
 or the server.  Exits 3 if the command never opened a store (the double would then test nothing).
+main() runs as the process's entry point, as the ``moesnap`` script runs it (SIGINT handled for the
+whole process).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def run(argv: list[str]) -> int:
         return cls(text, write_delay=write_delay, read_delay=read_delay)
 
     moesnap.store.open_store = open_slow   # the command line and run/ import it from here when called
-    code = main(args)
+    sys.argv = ["moesnap", *args]
+    code = main()                          # without arguments: the process's entry point
     if not opened:
         print("slow_cli: the command opened no store", file=sys.stderr)
         return 3

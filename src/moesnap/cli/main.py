@@ -3,16 +3,19 @@
 Exit codes: 0 every stage passes, 1 something diverged or went non-finite,
 2 bad input or usage (one line on stderr, no traceback), 3 an internal error
 (one line naming the command and its input; set MOESNAP_DEBUG=1 for the
-traceback).
+traceback), 130 interrupted (Ctrl-C: ``moesnap: interrupted``, whatever the
+command had begun to write removed or, once published, whole).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import signal
 import sys
 import traceback
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 from ..errors import MoesnapError, UsageError
 
@@ -161,8 +164,87 @@ def _unprefixed(message: str) -> str:
     return message
 
 
+#: the exit code of a command stopped by Ctrl-C (SIGINT), as a shell reports it: 128 + 2
+INTERRUPTED = 130
+
+
+def _say_interrupted() -> None:
+    print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+
+
+class _Interrupts:
+    """SIGINT in the process whose entry point main() is (called without arguments: the console
+    script, ``python -m moesnap``).
+
+    While the command works, the first SIGINT raises KeyboardInterrupt where it lands (``with``
+    blocks unwind: a golden version being written is removed; the store holds it off while it
+    publishes or removes, :func:`moesnap.store.base.interrupts_held`), and main says ``moesnap:
+    interrupted`` and exits 130.  Any later one, and one that comes after the command is done while
+    the interpreter shuts down (joining worker threads, running torch's exit handlers, where a
+    KeyboardInterrupt would print ``Exception ignored in: <module 'threading'>`` and a traceback),
+    is only noted.  The last exit handler ends the process: stdout and stderr flushed, it exits
+    with the command's code, or says ``moesnap: interrupted`` (if nothing has yet) and exits 130
+    when a SIGINT came.  What it skips is the interpreter's own teardown (a second or more of
+    torch's C++ state on a small model), where SIGINT has no Python handler any more: the default
+    one would kill the process silently after its output was printed."""
+
+    def __init__(self) -> None:
+        self.working = True     # the command has not returned: SIGINT raises KeyboardInterrupt
+        self.noted = False      # a SIGINT came when it could not be raised
+        self.said = False       # "moesnap: interrupted" is on stderr
+        self.code: int | None = None   # what main returned
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._on_sigint)
+        atexit.register(self._at_exit)   # before torch and zarr register theirs: runs after them
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.working:
+            self.working = False
+            raise KeyboardInterrupt
+        self.noted = True
+
+    def _at_exit(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # the command is over: nothing left to interrupt
+        interrupted = self.noted or self.said
+        if self.code is None and not interrupted:
+            return    # main did not return (an exit from inside it): the interpreter ends as usual
+        try:
+            if interrupted and not self.said:
+                self.said = True
+                _say_interrupted()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+        except (OSError, ValueError):   # a closed pipe or stream: nothing more to say there
+            pass
+        # (interrupted: also what keeps Python from turning a KeyboardInterrupt that a C library's own
+        # run of Python code saw go by into a death by SIGINT after this handler)
+        os._exit(INTERRUPTED if interrupted else int(self.code or 0))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run ``moesnap ARGV`` and return its exit code.  Without ``argv`` (the process's own command
+    line) it is the process's entry point: it also handles SIGINT for all of the process, and ends
+    it at exit with that code (:class:`_Interrupts`)."""
+    if argv is not None:
+        return _main(list(argv))
+    guard = _Interrupts()
+    guard.install()
+    code = INTERRUPTED
+    try:
+        code = _main(sys.argv[1:], guard)
+    except KeyboardInterrupt:         # one that landed in _main's own error handling
+        guard.working = False
+        if not guard.said:
+            guard.said = True
+            _say_interrupted()
+    finally:
+        guard.working = False         # first: no SIGINT is raised from here on, only noted
+        guard.code = code
+    return code
+
+
+def _main(argv: list[str], guard: _Interrupts | None = None) -> int:
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -175,8 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {_capped(_unprefixed(str(e)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("moesnap: interrupted", file=sys.stderr)
-        return 130
+        if guard is not None:
+            guard.working, guard.said = False, True
+        _say_interrupted()
+        return INTERRUPTED
     except BrokenPipeError:
         return 0
     except Exception as e:  # a bug of ours: say where, keep it to one line
