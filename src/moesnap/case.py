@@ -19,10 +19,31 @@ class Case:
     layers: dict[str, np.ndarray] = field(default_factory=dict)  # stage -> [L, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()      # arrays of the group that name no stage (read_case skipped them)
+    #: what the engine computed after these rows, one serving forward each (decode steps, later chunks),
+    #: each a case over its own rows with ``attrs["positions"]`` (on disk: ``steps/<n>/`` inside the group)
+    steps: tuple[Case, ...] = ()
 
     @property
     def n_layer(self) -> int:
         return max((a.shape[0] for a in self.layers.values()), default=0)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """The absolute positions of this case's rows, ``[T] int32``: ``attrs["positions"]``, else 0..T-1."""
+        pos = self.attrs.get("positions") if isinstance(self.attrs, dict) else None
+        if pos is None:
+            return np.arange(self.tokens.shape[0], dtype=np.int32)
+        return np.asarray(pos, dtype=np.int32)
+
+    def rows(self, positions: np.ndarray | list[int]) -> Case:
+        """This case's rows at ``positions`` (of a case over positions 0..T-1): tokens, whole-model
+        stages and every layer's stage, as the case a candidate over those positions is judged against."""
+        idx = np.asarray(positions, dtype=np.int64)
+        model = {s: a[idx] for s, a in self.model.items()}
+        layers = {s: a[:, idx] for s, a in self.layers.items()}
+        attrs = {k: v for k, v in self.attrs.items() if k not in ("router_followed", "token_ids", "held_tokens")}
+        attrs["positions"] = [int(p) for p in idx]
+        return Case(tokens=self.tokens[idx], model=model, layers=layers, attrs=attrs)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every array keyed by its path inside the case group."""

@@ -64,7 +64,7 @@ def inject_syntax(spec: str) -> None:
     from ..model.inject import EXAMPLE, KINDS
 
     kind, sep, _ = spec.strip().partition(":")
-    if not sep:
+    if not sep and kind.strip().lower() not in KINDS:
         raise UsageError(f"--inject {spec!r}: expected KIND:KEY=VALUE,... (e.g. {EXAMPLE}); kinds: {', '.join(KINDS)}")
     if kind.strip().lower() not in KINDS:
         raise UsageError(f"--inject {spec!r}: unknown fault kind {kind.strip()!r}; choose one of {', '.join(KINDS)}")

@@ -23,11 +23,15 @@ def cmd_check(a: argparse.Namespace) -> int:
     from ..run.check import check
 
     if a.gpus is not None:
+        if a.decode is not None or a.paged or a.batch or a.chunk is not None or a.cuda_graph:
+            raise UsageError("--gpus: the expert-parallel check runs one prefill (no --decode, --paged, --batch, "
+                             "--chunk or --cuda-graph yet)")
         return _check_expert_parallel(a, asked)
     report = check(a.model, a.suite, store=a.store, device=a.device, dtype=a.dtype,
                    replay=True if a.replay else False if a.no_replay else None, inject=a.inject,
                    settings=asked, router_replay=not a.no_router_replay,
-                   show_progress=not getattr(a, "quiet", False))
+                   show_progress=not getattr(a, "quiet", False), decode=a.decode, paged=a.paged, batch=a.batch,
+                   chunk=a.chunk, cuda_graph=a.cuda_graph)
     return emit(report, a, f"moesnap check {report.golden}")
 
 
@@ -73,6 +77,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-router-replay", action="store_true",
                    help="let the candidate keep its own experts at near ties (a flipped token then goes unjudged "
                         "in later layers, and the verdict may be inconclusive)")
+    p.add_argument("--decode", type=int, metavar="N",
+                   help="serve each case: its prompt, then N decode steps through a KV cache, each judged against "
+                        "the golden's row at its position (the golden needs N tokens after the prompt: goldens "
+                        "generate --decode N)")
+    p.add_argument("--paged", action="store_true", help="a paged KV cache (blocks of 16 tokens, a block table)")
+    p.add_argument("--batch", action="store_true",
+                   help="every golden case one sequence of a ragged batch: one forward per prefill and per step")
+    p.add_argument("--chunk", type=int, metavar="N", help="prefill the prompt in forwards of N tokens (chunked prefill)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="the decode steps on static buffers, captured in a CUDA graph and replayed (with "
+                        "--device cuda; eager on the CPU), the stages recorded from inside the graph")
     p.add_argument("--gpus", type=int, metavar="N",
                    help="expert parallel: N ranks, each holding 1/N of every layer's experts, started here (NCCL "
                         "with --device cuda, gloo on the CPU); or one rank of a torchrun launch")

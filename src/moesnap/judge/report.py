@@ -17,6 +17,8 @@ import numpy as np
 
 from .classify import Verdict
 from .compare import PER_LAYER_MODES, CaseReport, StageResult
+from .distribution import NextToken
+from .distribution import summary as next_token_summary
 from ..errors import UsageError
 from ..stages import LAYER_STAGES, MODEL_STAGES
 from ..util import write_text_atomic
@@ -98,11 +100,42 @@ def _sym(r: StageResult) -> str:
     return "-" if _unjudged(r) else SYMBOL[r.verdict]
 
 
+def step_lines(report: Report) -> list[str]:
+    """Decode steps, one line each (its positions, its first failing stage in free-running and in the
+    per-layer mode, or pass), then the whole table of the first step that fails."""
+    steps = [c for c in report.cases if c.step is not None]
+    if not steps:
+        return []
+    per = {c.case: c for c in report.replay or () if c.step is not None}
+    width = max(len(c.case) for c in steps)
+    out = [f"decode steps: {len(steps)} (one line each: first failure free-running | "
+           f"{'introduced (' + report.replay_kind + ')' if per else 'no per-layer mode'})"]
+    for c in steps:
+        pos = ",".join(str(p) for p in (c.positions or ()))
+        free = c.first_divergence
+        intro = per[c.case].first_divergence if c.case in per else None
+        here = "pass" if free is None else f"{row_label(free.layer, free.stage)} {free.stage} {free.verdict.name}"
+        there = ("" if c.case not in per else " | " + ("pass" if intro is None else
+                 f"{row_label(intro.layer, intro.stage)} {intro.stage} {intro.verdict.name}"))
+        out.append(f"  {c.case:<{width}}  position {pos:<5} {here}{there}")
+    first = next((c for c in steps if not c.passed or (c.case in per and not per[c.case].passed)), None)
+    if first is not None:
+        out += ["", *table(first, title=f"first failing step: {first.case} (position "
+                                           f"{','.join(str(p) for p in first.positions or ())}, {first.dtype})")]
+        if first.case in per:
+            out += ["", *table(per[first.case], title=f"{first.case}, {report.replay_kind}")]
+    return out
+
+
 def text(report: Report) -> list[str]:
     out: list[str] = []
     for case in report.cases:
-        out += table(case)
-        out.append("")
+        if case.step is None:
+            out += table(case)
+            out.append("")
+    steps = step_lines(report)
+    if steps:
+        out += steps + [""]
     out.append(LEGEND)
     out.append("columns: " + " ".join(f"{CODE[s]}={s}" for s in LAYER_STAGES))
     for n in (n for c in report.cases for n in c.routing_notes):
@@ -122,6 +155,8 @@ def text(report: Report) -> list[str]:
         width = max([4] + [len(c.case) for c in report.replay])
         out.append(f"{'case':<{width}}  layer | {'introduced (' + report.replay_kind + ')':<29} | inherited (free-running)")
         for case in report.replay:
+            if case.step is not None:     # decode steps: their one line each above
+                continue
             free = next((c for c in report.cases if c.case == case.case), None)
             per: dict[int, list[StageResult]] = {}
             for r in case.results:
@@ -135,6 +170,9 @@ def text(report: Report) -> list[str]:
                 out.append(f"{case.case:<{width}}  L{layer:02d}   | {intro_text:<29} | {_inherited(free, layer)}")
         out.append(f"first layer that introduces a divergence: {_fmt_loc(report.first_introduced())}")
     out.append(f"first divergence: {_fmt_loc(fd)}")
+    nt = next_token_summary(report.next_tokens)
+    if nt:
+        out.append(nt)
     out.append(coverage_line(report))
     verdict = report.verdict
     cases = report.cases_line()
@@ -341,6 +379,10 @@ class Report:
     case_hint: str | None = None
     #: the candidate is one case, judged as that case (see the class docstring)
     single_case: bool = False
+    #: per row that holds logits: the next-token figures (:mod:`moesnap.judge.distribution`)
+    next_tokens: tuple[NextToken, ...] = ()
+    #: steps not judged, and why (the engine left the golden's sequence): the verdict is then inconclusive
+    unjudged_steps: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cases", tuple(self.cases))
@@ -355,7 +397,8 @@ class Report:
 
     @property
     def cases_judged(self) -> list[str]:
-        return [c.case for c in self.cases]
+        """The golden cases judged (a case's decode steps count as that case)."""
+        return list(dict.fromkeys(c.case.rsplit("/", 1)[0] if c.step is not None else c.case for c in self.cases))
 
     @property
     def cases_not_judged(self) -> list[str]:
@@ -369,6 +412,9 @@ class Report:
 
     @property
     def failed(self) -> bool:
+        """A stage failed in some mode, or a row's next-token choice flipped at a clear gap."""
+        if any(r.choice == "diverge" for r in self.next_tokens):
+            return True
         ok = all(c.passed for c in self.cases)
         return not (ok and (self.replay is None or all(c.passed for c in self.replay)))
 
@@ -386,7 +432,7 @@ class Report:
         if self.failed:
             return "fail"
         every_case = self.single_case or not self.cases_not_judged
-        return "pass" if self.coverage().complete and every_case else "inconclusive"
+        return "pass" if self.coverage().complete and every_case and not self.unjudged_steps else "inconclusive"
 
     @property
     def passed(self) -> bool:
@@ -476,16 +522,26 @@ class Report:
         cases = self.cases_line()
         if cases and not self.single_case:
             parts.append(cases + (f"; {self.case_hint}" if self.case_hint else ""))
+        if self.unjudged_steps:
+            n = len(self.unjudged_steps)
+            parts.append(f"{n} step{'s' if n != 1 else ''} not judged ({self.unjudged_steps[0]})")
         return "; ".join(parts) or None
 
     def to_dict(self) -> dict[str, Any]:
         fd = self.first_divergence
 
+        where = {c.case: c for c in [*self.cases, *(self.replay or ())]}
+
         def loc(r: StageResult | None) -> dict[str, Any] | None:
             if r is None:
                 return None
             w = r.worst
+            c = where.get(r.case)
+            pos = c.positions if c is not None else None
             return {"case": r.case, "layer": r.layer, "stage": r.stage, "token": r.token, "verdict": r.verdict.name,
+                    "step": c.step if c is not None else None,
+                    "position": (pos[r.token] if pos is not None and r.token is not None and r.token < len(pos)
+                                 else r.token),
                     "failed": None if w is None else w.to_dict()}
 
         verdict = self.verdict
@@ -502,6 +558,11 @@ class Report:
             "ignored": {case: list(names) for case, names in self.ignored.items() if names},
             "inconclusive": self.inconclusive_reason() if verdict == "inconclusive" else None,
             "results": [r.to_dict() for r in self.results],
+            "steps": [{"case": c.case, "step": c.step, "positions": list(c.positions or ()), "passed": c.passed}
+                      for c in self.cases if c.step is not None],
+            "unjudged_steps": list(self.unjudged_steps),
+            "next_token": {"summary": next_token_summary(self.next_tokens),
+                           "rows": [r.to_dict() for r in self.next_tokens]},
             "routing_notes": [n for c in self.cases for n in c.routing_notes],
             "notes": list(self.notes) + [n for c in [*self.cases, *(self.replay or ())] for n in c.notes],
         }

@@ -12,8 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..case import Case
+from ..errors import GoldenError
 from .compare import PER_LAYER_MODES, CaseReport, compare_cases
+from .distribution import NextToken, next_tokens
 from .policy import Policy
 from .report import Report
 
@@ -44,6 +48,9 @@ class Pair:
     candidate: Case
     per_layer: PerLayer | None = None
     notes: tuple[str, ...] = ()
+    #: the decode step these rows are (None: a prompt, a chunk of one, a whole forward); the candidate's
+    #: rows sit at ``candidate.positions`` of the golden sequence and are judged against its rows there
+    step: int | None = None
 
 
 def drift_notes(policy: Policy, dtype: str, n_layer: int, per_layer: str | None) -> list[str]:
@@ -75,19 +82,38 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
     per: list[CaseReport] = []
     case_notes: list[str] = []
     dtypes: list[str] = []
+    dist: list[NextToken] = []
+    left: dict[str, str] = {}          # sequence -> why its later steps are not judged
+    off_golden: list[str] = []
     n_layer = 0
     for p in pairs:
+        seq = p.name.rsplit("/", 1)[0] if p.step is not None else p.name
+        if seq in left:                # the engine left the golden's sequence: nothing after is the golden's
+            off_golden.append(p.name)
+            continue
         d = policy.dtype_of(p.candidate.attrs)
+        golden_rows, why = _golden_rows(p, dist)
+        if why is not None:
+            left[seq] = why
+            off_golden.append(p.name)
+            continue
         dtypes.append(d)
         n_layer = max(n_layer, p.golden.n_layer)
-        cases.append(compare_cases(p.golden, p.candidate, tols, dtype=d, name=p.name, allow_missing=allow_missing,
-                                   mode=mode))
+        rep = compare_cases(golden_rows, p.candidate, tols, dtype=d, name=p.name, allow_missing=allow_missing,
+                            mode=mode)
+        rep.step, rep.positions = p.step, _positions(p.candidate)
+        cases.append(rep)
+        # rows a routing flip excused at the logits are not the golden's function: no next-token figure
+        dist += next_tokens(p.golden, golden_rows, p.candidate, p.name, p.step, policy, d,
+                            judged=rep.judged.get((None, "logits")))
         case_notes += p.notes
         if p.per_layer is not None:
             pl = p.per_layer
-            rep = compare_cases(pl.golden, pl.candidate, tols, dtype=d, name=p.name, allow_missing=True,
+            pg = pl.golden if pl.golden.tokens.shape == pl.candidate.tokens.shape else pl.golden.rows(pl.candidate.positions)
+            rep = compare_cases(pg, pl.candidate, tols, dtype=d, name=p.name, allow_missing=True,
                                 layers=pl.layers, propagate=False, mode=per_layer or "replay")
             rep.notes.extend(pl.notes)
+            rep.step, rep.positions = p.step, _positions(pl.candidate)
             per.append(rep)
     dtype = _one_dtype(dtypes, policy)
     all_notes = list(notes) + case_notes + list(policy.notes)
@@ -95,10 +121,47 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
         kind = _PER_LAYER_NAMES.get(per_layer or "") if per else None
         all_notes += drift_notes(policy, dtype if len(set(dtypes)) == 1 else max(dtypes, key=_width), n_layer, kind)
     suffix = {"replay": " + replay", "local": " + local re-reference"}.get(per_layer or "", "") if per else ""
+    unjudged = tuple(f"{name}: {left[name.rsplit('/', 1)[0]] if name.rsplit('/', 1)[0] in left else left[name]}"
+                     for name in off_golden)
     return Report(cases=tuple(cases), golden=golden, candidate=candidate, dtype=dtype, mode=mode + suffix,
                   replay=tuple(per) if per_layer is not None and per else None, notes=tuple(all_notes),
                   replay_kind=per_layer or "replay", hint=hint, golden_cases=tuple(golden_cases),
-                  ignored={k: tuple(v) for k, v in (ignored or {}).items()}, case_hint=case_hint, single_case=single_case)
+                  ignored={k: tuple(v) for k, v in (ignored or {}).items()}, case_hint=case_hint, single_case=single_case,
+                  next_tokens=tuple(dist), unjudged_steps=unjudged)
+
+
+def _positions(c: Case) -> tuple[int, ...] | None:
+    return tuple(int(x) for x in c.attrs["positions"]) if "positions" in c.attrs else None
+
+
+def _golden_rows(p: Pair, dist: Sequence[NextToken]) -> tuple[Case, str | None]:
+    """The golden's rows at the candidate's positions, and None; or, where the candidate's tokens left
+    the golden's sequence because the engine decoded on its own choice, why the rest is not judged.
+    Positions beyond the golden, or tokens that differ otherwise, are refused naming the case and
+    position (a step judged against rows it did not compute would be a vacuous pass)."""
+    g, c = p.golden, p.candidate
+    if "positions" not in c.attrs:
+        return g, None
+    pos = c.positions
+    T = int(g.tokens.shape[0])
+    if pos.shape != c.tokens.shape:
+        raise GoldenError(f"{p.name}: {pos.size} positions for {c.tokens.size} tokens")
+    if pos.size and (int(pos.min()) < 0 or int(pos.max()) >= T):
+        bad = int(pos.max()) if int(pos.max()) >= T else int(pos.min())
+        raise GoldenError(f"{p.name}: position {bad} is outside the golden's {T} tokens (0..{T - 1}); generate "
+                          f"the golden with --decode N (or --continuation) to cover the steps")
+    diff = np.flatnonzero(g.tokens[pos] != c.tokens)
+    if diff.size:
+        at = int(pos[diff[0]])
+        own = next((d for d in reversed(dist) if d.case.rsplit("/", 1)[0] == p.name.rsplit("/", 1)[0]), None)
+        if own is not None and own.position == at - 1 and own.candidate_top1 == int(c.tokens[diff[0]]):
+            return g, (f"from position {at} on the engine decoded its own choice ({int(c.tokens[diff[0]])}, the "
+                       f"golden's token is {int(g.tokens[at])}): its steps are not the golden's sequence; to judge "
+                       f"them, feed the golden's tokens (--continuation with the golden's ids), or make a golden "
+                       f"with the engine's tokens as --continuation")
+        raise GoldenError(f"{p.name}: position {at} holds token {int(c.tokens[diff[0]])}, the golden's is "
+                          f"{int(g.tokens[at])}: these rows are not the golden's sequence")
+    return g.rows(pos), None
 
 
 def _width(dtype: str) -> int:

@@ -8,6 +8,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from ..capture.shards import unshard
 from ..case import Case
 from ..errors import GoldenError, MoesnapError, UsageError
@@ -83,7 +85,7 @@ def _candidate_cases(path: str | Path | Case | Mapping[str, Case], golden: list[
     path = unshard(path, load_case)   # DIR/sharding.json + DIR/rank<N>/: one case, reassembled (capture/shards.py)
     if isinstance(path, Case):   # a case in memory (the Python API): the golden case with its tokens
         for name, g in golden:
-            if g.tokens.shape == path.tokens.shape and (g.tokens == path.tokens).all():
+            if _fits(g, path):
                 return [(name, g, path)], [], True
         if len(golden) == 1:
             return [(golden[0][0], golden[0][1], path)], [], True
@@ -94,7 +96,7 @@ def _candidate_cases(path: str | Path | Case | Mapping[str, Case], golden: list[
     if len(golden) == 1 and (p / "tokens").exists() or is_case_group(p):
         cand = load_case(p)
         for name, g in golden:
-            if g.tokens.shape == cand.tokens.shape and (g.tokens == cand.tokens).all():
+            if _fits(g, cand):
                 return [(name, g, cand)], [], True
         if len(golden) == 1:
             return [(golden[0][0], golden[0][1], cand)], [], True  # compare_cases reports the token mismatch
@@ -109,6 +111,14 @@ def _candidate_cases(path: str | Path | Case | Mapping[str, Case], golden: list[
     notes = [f"{p}: case group{'s' if len(other) != 1 else ''} {', '.join(other)} named like no case of the golden "
              f"({', '.join(names)}): not judged"] if other else []
     return pairs, notes, False
+
+
+def _fits(g: Case, c: Case) -> bool:
+    """The candidate's rows are the golden's tokens at their positions (the whole sequence, or a prompt
+    whose decode steps follow)."""
+    pos = c.positions
+    return (pos.shape == c.tokens.shape and (pos.size == 0 or 0 <= int(pos.min()) and int(pos.max()) < g.tokens.size)
+            and bool((g.tokens[pos] == c.tokens).all()))
 
 
 def is_case_group(path: Path) -> bool:
@@ -237,21 +247,33 @@ def judge_dump(ref: str, meta: dict, gold: list[tuple[str, Case]],
 
 def _pairs(pairs: list[tuple[str, Case, Case]], ggm, policy: Policy, show_progress: bool) -> Iterator[Pair]:
     """The judge's pairs, each with its local re-reference (``ggm``: the golden's model) made as it is
-    judged."""
+    judged, then its steps."""
+    for name, g, c in pairs:
+        yield from _local(name, g, c, ggm, policy, show_progress)
+        for n, step in enumerate(c.steps):   # decode steps (or later chunks), each at its own positions
+            s = step.attrs.get("step")
+            number = s if isinstance(s, int) and not isinstance(s, bool) else n
+            yield Pair(f"{name}/step{number}", g, step, step=number,
+                       notes=(f"{name}/step{number}: judged free-running only (local re-reference of a decode "
+                              f"step is not built yet)",) if ggm is not None and n == 0 else ())
+
+
+def _local(name: str, g: Case, c: Case, ggm, policy: Policy, show_progress: bool) -> Iterator[Pair]:
+    """One case's pair, with its local re-reference where the model is at hand."""
     from ..model.ggml import ActivationQuant, identity
     from .rereference import local_reference
 
-    for name, g, c in pairs:
-        if ggm is None or c.n_layer > g.n_layer:   # (the judge refuses the latter)
-            yield Pair(name, g, c)
-            continue
-        d = policy.dtype_of(c.attrs)
-        bar = LayerProgress(f"local {name}", enabled=show_progress)
-        aq = ActivationQuant(ggm.qtypes()) if policy.rounds_activations else identity
-        ref, done, lnotes = local_reference(ggm, c, tie_tol=policy.tolerances.tie_tol(d), progress=bar, aq=aq)
-        bar.close()
-        if not done:
-            yield Pair(name, g, c, notes=(f"{name}: local re-reference judged nothing: the dump holds no layer "
-                                          f"input (embed, layer_out), so every layer is judged free-running only",))
-            continue
-        yield Pair(name, g, c, PerLayer(ref, c, tuple(done), tuple(f"{name}: {n}" for n in lnotes)))
+    prefix = bool((c.positions == np.arange(c.tokens.size)).all())    # rows 0..T-1: their own causal prefix
+    if ggm is None or c.n_layer > g.n_layer or not prefix:   # (the judge refuses the second)
+        yield Pair(name, g, c)
+        return
+    d = policy.dtype_of(c.attrs)
+    bar = LayerProgress(f"local {name}", enabled=show_progress)
+    aq = ActivationQuant(ggm.qtypes()) if policy.rounds_activations else identity
+    ref, done, lnotes = local_reference(ggm, c, tie_tol=policy.tolerances.tie_tol(d), progress=bar, aq=aq)
+    bar.close()
+    if not done:
+        yield Pair(name, g, c, notes=(f"{name}: local re-reference judged nothing: the dump holds no layer "
+                                      f"input (embed, layer_out), so every layer is judged free-running only",))
+        return
+    yield Pair(name, g, c, PerLayer(ref, c, tuple(done), tuple(f"{name}: {n}" for n in lnotes)))

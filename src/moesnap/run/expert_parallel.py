@@ -22,7 +22,8 @@ from ..judge.report import Report
 from ..judge.tolerances import Tolerances
 from ..model.expert_parallel import run_ep_cases
 from ..model.load import open_model
-from .check import check_golden_matches_model, load_goldens, router_guide
+from .check import check_golden_matches_model, load_goldens
+from .serving import router_guide
 from .compare import judge_dump
 
 

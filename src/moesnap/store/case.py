@@ -17,6 +17,7 @@ little-endian C-order bytes) and provenance.  Foreign stage names listed in
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
@@ -102,11 +103,24 @@ def write_case(group: CaseSink, case: GroupValue) -> dict[str, str]:
 
 
 def save_case(path: str | Path, case: Case) -> dict[str, str]:
-    """Write ``case`` as a new Zarr v3 group at ``path`` (which must not exist)."""
+    """Write ``case`` as a new Zarr v3 group at ``path`` (which must not exist); its steps (decode
+    steps, later chunks) as case groups ``steps/0``, ``steps/1``, … inside it."""
     p = Path(path)
     if p.exists():
         raise GoldenError(f"{p}: exists (use --force to overwrite)")
-    return write_case(zarr.open_group(str(p), mode="w-", zarr_format=3), case)
+    group = zarr.open_group(str(p), mode="w-", zarr_format=3)
+    sums = write_case(group, case)
+    if case.steps:
+        holder = group.create_group(STEPS)
+        for n, step in enumerate(case.steps):
+            if step.steps:
+                raise GoldenError(f"{p}/{STEPS}/{n}: a step holds steps of its own")
+            write_case(holder.create_group(str(n)), step)
+    return sums
+
+
+#: the subgroup of a case group that holds its steps, ``steps/<n>/`` (a case group each)
+STEPS = "steps"
 
 
 def _walk(group: zarr.Group) -> Iterable[tuple[str, Any]]:
@@ -189,7 +203,8 @@ RawReader = Callable[[Any, str], "np.ndarray | tuple[np.ndarray, str] | str | No
 
 
 def read_arrays(group: zarr.Group, *, where: str, verify: bool = True, threads: int = 1,
-                raw: RawReader | None = None, expected: dict | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                raw: RawReader | None = None, expected: dict | None = None,
+                skip_steps: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The group's attributes and every array in it, keyed by its path inside the group, whatever
     the names.
 
@@ -213,6 +228,8 @@ def read_arrays(group: zarr.Group, *, where: str, verify: bool = True, threads: 
         members = list(_walk(group))
     except Exception as e:
         raise GoldenError(f"{where}: unreadable group ({describe_error(e)})") from None
+    if skip_steps:   # a case's steps are case groups of their own (read by load_case)
+        members = [(path, arr) for path, arr in members if not path.startswith(f"{STEPS}/")]
     if expected is None:
         _check_sizes(members, where)
 
@@ -269,7 +286,8 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True, threads: in
               raw: RawReader | None = None, expected: dict | None = None) -> Case:
     """Read every array of a case group (the checks of :func:`read_arrays`), mapping foreign stage
     names onto ours."""
-    attrs, arrays = read_arrays(group, where=where, verify=verify, threads=threads, raw=raw, expected=expected)
+    attrs, arrays = read_arrays(group, where=where, verify=verify, threads=threads, raw=raw, expected=expected,
+                                skip_steps=True)
     if attrs.get("layout") == LAYOUT:
         raise GoldenError(f"{where}: a group of named arrays (layout {LAYOUT!r}, as moesnap_snapshot keeps), "
                           f"not a forward's case")
@@ -305,4 +323,14 @@ def _token_ids(data: np.ndarray, where: str) -> np.ndarray:
 
 
 def load_case(path: str | Path, *, verify: bool = True) -> Case:
-    return read_case(open_case_group(path), where=str(path), verify=verify)
+    """The case group at ``path``, with its steps (``steps/0``, ``steps/1``, …) in order."""
+    case = read_case(open_case_group(path), where=str(path), verify=verify)
+    holder = Path(path) / STEPS
+    if not holder.is_dir():
+        return case
+    names = sorted((q.name for q in holder.iterdir() if q.is_dir()), key=lambda n: (not n.isdigit(), len(n), n))
+    bad = [n for n in names if not n.isdigit()]
+    if bad or names != [str(i) for i in range(len(names))]:
+        raise GoldenError(f"{holder}: steps must be named 0, 1, 2, … without a gap (found {', '.join(names[:6])})")
+    steps = tuple(read_case(open_case_group(holder / n), where=str(holder / n), verify=verify) for n in names)
+    return replace(case, steps=steps)

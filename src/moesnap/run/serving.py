@@ -1,0 +1,146 @@
+"""The check beyond one prefill: moesnap's candidate serves each golden case as an engine would — its
+prompt (whole or in chunks), then ``decode`` steps through a KV cache (contiguous or paged, one
+sequence or all cases as a ragged batch, the steps eager or on a CUDA graph's static buffers) — and
+every forward is judged against the golden's rows at its positions.
+
+The golden of a sequence is one reference forward over prompt and continuation: in exact arithmetic a
+decode step computes the row at its position of that forward.  The steps are teacher-forced on the
+golden's tokens, so each is judged at the golden's sequence; the candidate's own next-token choice is
+judged through its logits (:mod:`moesnap.judge.distribution`).  The prompt is the golden case's
+recorded ``prompt_tokens`` (``goldens generate --decode N``), else its first ``T - decode`` tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..case import Case
+from ..errors import UsageError
+from ..judge.policy import Policy
+from ..judge.report import Report
+from ..judge.routing import tie_gap
+from ..judge.suite import Pair, PerLayer, judge_suite
+from ..model.inject import Injection, ServePlan, check_injections, check_serving
+from ..model.weights import ModelWeights
+from ..util import status
+
+
+def router_guide(golden: Case, policy: Policy):
+    """Router replay for a candidate run on ``golden``'s tokens: its expert ids and router logits, and
+    the near-tie width free-running at each layer (None where the golden holds no routing)."""
+    from ..model.candidate import RouterReplay
+
+    ids, logits = golden.layers.get("topk_ids"), golden.layers.get("router_logits")
+    if ids is None or logits is None:
+        return None
+    dname = policy.dtype or "float32"
+    return RouterReplay(ids, logits, np.array([policy.tolerances.tie_tol_at(dname, i) for i in range(len(ids))]),
+                        tie_gap)
+
+
+def prompt_length(name: str, golden: Case, decode: int) -> int:
+    """How many of ``golden``'s tokens are its prompt, for a run of ``decode`` steps after it."""
+    T = int(golden.tokens.shape[0])
+    recorded = golden.attrs.get("prompt_tokens")
+    P = int(recorded) if isinstance(recorded, int) and not isinstance(recorded, bool) else T - decode
+    if decode < 0:
+        raise UsageError(f"--decode {decode}: must be >= 0")
+    if P < 1 or P + decode > T:
+        have = T - P if isinstance(recorded, int) else T - 1
+        raise UsageError(f"--decode {decode}: golden case {name} holds {T} tokens"
+                         + (f" ({recorded} of them its prompt)" if isinstance(recorded, int) else "")
+                         + f", room for {max(0, have)} decode steps; generate the golden with --decode {decode} "
+                           f"(or a longer --continuation)")
+    return P
+
+
+def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str,
+                      policy: Policy, decode: int, replay: bool | None = None, injections: Sequence[Injection] = (),
+                      golden_ref: str = "golden", show_progress: bool = True, router_replay: bool = True,
+                      paged: bool = False, batch: bool = False, chunk: int | None = None,
+                      graph: bool = False) -> Report:
+    """Serve every golden case with moesnap's candidate (prefill, then ``decode`` steps) and judge each
+    forward's rows at their positions.  ``paged``: a paged KV cache (blocks of 16); ``batch``: every
+    case one sequence of a ragged batch (one forward per prefill and per step); ``chunk``: the prompt in
+    forwards of that many tokens; ``graph``: the decode steps on static buffers (a CUDA graph on CUDA,
+    eager elsewhere: without router replay, which decides on the host).  ``replay`` (default: on for
+    bfloat16/float16): each forward's rows also run stage by stage from the golden's values."""
+    from ..model.candidate import CandidateModel
+    from ..model.serve import GraphDecoder, Session, replay_rows
+
+    dname = policy.dtype or "float32"
+    if replay is None:
+        replay = dname in ("bfloat16", "float16")
+    if graph:
+        router_replay = False
+    prompts = [prompt_length(name, g, decode) for name, g in goldens]
+    plan = ServePlan(tuple(prompts) if batch else (prompts[0],) if len(prompts) == 1 else tuple(prompts), decode,
+                     paged=paged, graph=graph)
+    if batch or len(goldens) == 1:
+        check_serving(injections, plan)
+    else:   # one sequence at a time: each must let a fault fire in its own run (a batch fault needs --batch)
+        check_serving(injections, ServePlan(tuple(prompts[:1]), decode, paged=paged, graph=graph))
+    check_injections([i for i in injections if i.kind in ("nan", "qtype", "scale", "route")], model,
+                     [len(g.tokens) for _, g in goldens])
+    how = ", ".join(x for x in ("paged KV cache" if paged else "contiguous KV cache",
+                                "one ragged batch" if batch and len(goldens) > 1 else "",
+                                f"prefill in chunks of {chunk}" if chunk else "",
+                                "decode on static buffers" + (" (CUDA graph)" if str(device).startswith("cuda")
+                                                              else " (eager: no CUDA here)") if graph else "") if x)
+    status(f"serving {len(goldens)} case{'s' if len(goldens) != 1 else ''} on {device} in {dname}: prefill + "
+           f"{decode} decode step{'s' if decode != 1 else ''} ({how})", enabled=show_progress)
+    cand = CandidateModel(model, device=device, dtype=policy.torch_dtype)
+    faults = cand.faults(injections)
+    guides = [router_guide(g, policy) if router_replay else None for _, g in goldens]
+
+    def serve(group: list[int]) -> Iterator[Pair]:
+        names = [goldens[i][0] for i in group]
+        gold = [goldens[i][1] for i in group]
+        session = Session(cand, capacity=max(int(g.tokens.shape[0]) for g in gold), n_seqs=len(group), paged=paged,
+                          faults=faults, router_replay=[guides[i] for i in group])
+        toks = [g.tokens.tolist() for g in gold]
+        if len(group) == 1:
+            forwards = [session.prefill(toks[0][:prompts[group[0]]], chunk=chunk)]
+            forwards = [[r] for r in forwards[0]]
+        else:
+            forwards = [session.prefill_batch([t[:prompts[i]] for t, i in zip(toks, group)])]
+        for n_fwd, rows in enumerate(forwards):
+            for r in rows:
+                name = names[r.seq] if n_fwd == 0 else f"{names[r.seq]}/chunk{n_fwd}"
+                yield _pair(name, gold[r.seq], r.case, None)
+        decoder = GraphDecoder(session, graph=str(device).startswith("cuda")) if graph else session
+        for n in range(decode):
+            rows = decoder.decode([t[prompts[i] + n] for t, i in zip(toks, group)])
+            for r in rows:
+                yield _pair(f"{names[r.seq]}/step{n}", gold[r.seq], r.case, n)
+
+    def _pair(name: str, golden: Case, rows: Case, step: int | None) -> Pair:
+        per = None
+        if replay:
+            case, _ = replay_rows(cand, golden, rows.positions.tolist(), step=step, faults=faults, paged=paged)
+            per = PerLayer(golden.rows(rows.positions), case)
+        return Pair(name, golden, rows, per, step=step)
+
+    def pairs() -> Iterator[Pair]:
+        groups = [list(range(len(goldens)))] if batch else [[i] for i in range(len(goldens))]
+        for group in groups:
+            yield from serve(group)
+
+    notes = [f"injected fault: {inj}" for inj in injections]
+    notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}; served: {how}; the decode steps "
+                 f"fed the golden's tokens (teacher-forced), each judged against the golden's row at its position")
+    if graph:
+        notes.append("decode on static buffers: no router replay (it decides on the host); a near-tie flip excuses "
+                     "its token where it happens")
+    mode = "free-running, router replay" if router_replay else "free-running"
+    report = judge_suite(pairs(), policy, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})",
+                         mode=mode, per_layer="replay" if replay else None, notes=notes,
+                         golden_cases=tuple(n for n, _ in goldens))
+    unfired = faults.unfired()
+    if unfired:
+        raise UsageError(f"{unfired[0].option}: the planted fault did not fire in this run, so this self-test "
+                         f"would prove nothing; choose another layer, expert, step or token")
+    return report

@@ -1,0 +1,173 @@
+"""Beyond one prefill: moesnap's candidate served (prefill, decode steps through a KV cache, paged,
+a ragged batch, chunked prefill, static buffers) and judged at (step, layer, stage, token) against the
+committed goldens of the bundled tiny model; planted decode and batch faults named where they act;
+dumps of decode steps (the ``steps/<n>`` layout) compared, and refused where they do not fit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import moesnap
+from moesnap.errors import GoldenError
+from moesnap.model.synth import tiny_path
+from moesnap.store.case import load_case, save_case
+
+GOLDENS = str(Path(__file__).resolve().parents[2] / "goldens")
+STEPS = 4
+
+
+def check(**kw):
+    return moesnap.check(tiny_path(), "tiny", store=GOLDENS, show_progress=False, **kw)
+
+
+@pytest.mark.parametrize("kw", [{}, {"paged": True}, {"batch": True}, {"batch": True, "paged": True, "chunk": 3},
+                                {"cuda_graph": True}])
+def test_clean_serving_passes_with_every_step_judged(kw):
+    rep = check(decode=STEPS, **kw)
+    assert rep.verdict == "pass", rep.summary()
+    steps = [c for c in rep.cases if c.step is not None]
+    assert len(steps) == 3 * STEPS                                     # every case, every step
+    assert all(c.n_tokens == 1 and c.passed for c in steps)
+    cov = rep.coverage()
+    assert cov.complete and cov.judged == cov.held
+    # prompt rows plus step rows cover every golden token once: the same cells as one prefill
+    assert cov.held == check().coverage().held
+    assert {r.choice for r in rep.next_tokens} == {"match"}
+
+
+def test_bfloat16_serving_passes_with_replay_judging_every_step():
+    rep = check(decode=STEPS, dtype="bfloat16", batch=True, paged=True)
+    assert rep.verdict == "pass", rep.summary()
+    assert rep.replay is not None and sum(c.step is not None for c in rep.replay) == 3 * STEPS
+
+
+# spec, options, (case, layer, stage) where it must be named first
+FAULTS = [
+    ("rope_pos:step=2", {}, ("case0/step2", 0, "q_rope")),
+    ("kv_slot:layer=1", {}, ("case0/step0", 1, "attn")),
+    ("kv_short:layer=2", {}, ("case0/step0", 2, "attn")),
+    ("block_table:seq=0,block=0", {"batch": True, "paged": True}, ("case0/step0", 0, "attn")),
+    ("pad_attend", {"batch": True}, ("case0/step0", 0, "attn")),
+    ("swap_rows", {"batch": True}, ("case0/step0", 0, "attn")),
+    ("graph_stale:step=2", {"cuda_graph": True}, ("case0/step2", None, "embed")),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("spec, kw, where", FAULTS, ids=[f[0] for f in FAULTS])
+def test_each_planted_serving_fault_is_named_at_its_step_layer_and_stage(spec, kw, where, dtype):
+    rep = check(decode=STEPS, inject=[spec], dtype=dtype, **kw)
+    assert rep.verdict == "fail"
+    fd = rep.first_divergence
+    assert (fd.case, fd.layer, fd.stage) == where, fd.explain()
+    if dtype == "bfloat16" and where[1] is not None and not kw.get("batch"):
+        # stage-local replay (one sequence on the golden's cache): the step and layer that introduce it
+        intro = rep.first_introduced()
+        assert intro is not None and (intro.case, intro.layer) == where[:2], intro
+    loc = rep.to_dict()["first_divergence"]
+    step = int(where[0].split("step")[1])
+    assert loc["step"] == step and loc["position"] == 15 + step    # case0: a 19-token golden, 4 steps
+
+
+def test_a_fault_that_cannot_fire_is_refused():
+    with pytest.raises(moesnap.MoesnapError, match="paged KV cache"):
+        check(decode=STEPS, inject=["block_table:seq=0,block=0"], batch=True)
+    with pytest.raises(moesnap.MoesnapError, match="decode steps only"):
+        check(inject=["rope_pos:step=0"], paged=True)
+
+
+def test_more_steps_than_the_golden_holds_is_one_line_exit_2():
+    r = subprocess.run([sys.executable, "-m", "moesnap", "check", tiny_path(), "--suite", "tiny", "--store", GOLDENS,
+                        "--decode", "40", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--decode 40: golden case case0 holds 19 tokens" in r.stderr and "generate the golden with --decode" in r.stderr
+
+
+def test_the_text_has_one_line_per_step_and_the_table_of_the_first_failing_step():
+    from moesnap.judge.report import text
+
+    lines = text(check(decode=STEPS, inject=["rope_pos:step=2"]))
+    step_lines = [line for line in lines if line.lstrip().startswith("case") and "position" in line]
+    assert len(step_lines) == 3 * STEPS
+    assert any("case0/step2" in line and "q_rope DIVERGE" in line for line in step_lines)
+    assert any(line.startswith("first failing step: case0/step2 (position 17") for line in lines)
+
+
+# ---------------------------------------------------------------- dumps of decode steps
+
+
+def _dump(tmp_path: Path, mutate=None) -> Path:
+    """The candidate's prefill of case0 and its decode steps, in the steps/<n> layout."""
+    from moesnap.model.candidate import CandidateModel
+    from moesnap.model.load import open_model
+    from moesnap.model.serve import Session
+
+    golden = moesnap.compare  # noqa: F841  (the API under test below)
+    model = open_model(tiny_path())
+    from moesnap.store import open_store
+
+    g = open_store(GOLDENS).open_version("tiny").read_case("case0")
+    toks = g.tokens.tolist()
+    P = len(toks) - STEPS
+    session = Session(CandidateModel(model), capacity=len(toks))
+    prefill = session.prefill(toks[:P])[0].case
+    steps = [session.decode(toks[P + n])[0].case for n in range(STEPS)]
+    if mutate is not None:
+        steps = mutate(steps)
+    path = tmp_path / "dump.zarr"
+    save_case(path, replace(prefill, steps=tuple(steps)))
+    return path
+
+
+def test_a_dump_with_steps_round_trips_and_passes(tmp_path):
+    path = _dump(tmp_path)
+    back = load_case(path)
+    assert len(back.steps) == STEPS and [s.positions.tolist() for s in back.steps] == [[15], [16], [17], [18]]
+    rep = moesnap.compare("tiny", str(path), store=GOLDENS, show_progress=False)
+    assert rep.verdict == "pass", rep.summary()
+    assert sum(c.step is not None for c in rep.cases) == STEPS
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert [s["step"] for s in d["steps"]] == [0, 1, 2, 3] and d["next_token"]["rows"]
+
+
+def test_a_step_at_a_position_the_golden_lacks_is_refused_naming_it(tmp_path):
+    def shift(steps):
+        last = steps[-1]
+        return steps[:-1] + [replace(last, attrs={**last.attrs, "positions": [40]})]
+
+    with pytest.raises(GoldenError, match=r"case0/step3: position 40 is outside the golden's 19 tokens"):
+        moesnap.compare("tiny", str(_dump(tmp_path, shift)), store=GOLDENS, show_progress=False)
+
+
+def test_a_step_on_other_tokens_is_refused_naming_the_position(tmp_path):
+    def other(steps):
+        s = steps[1]
+        return [steps[0], replace(s, tokens=(s.tokens + 1).astype(np.int32)), *steps[2:]]
+
+    with pytest.raises(GoldenError, match=r"case0/step1: position 16 holds token"):
+        moesnap.compare("tiny", str(_dump(tmp_path, other)), store=GOLDENS, show_progress=False)
+
+
+def test_steps_after_the_engine_left_the_golden_sequence_are_inconclusive(tmp_path):
+    def own_choice(steps):   # step 1 fed the candidate's own argmax after step 0, which differs from the golden's
+        s0 = steps[0]
+        logits = np.array(s0.model["logits"], copy=True)
+        golden_next = int(steps[1].tokens[0])
+        chosen = (golden_next + 7) % logits.shape[-1]
+        logits[0, chosen] = logits[0].max() + 50.0
+        s0 = replace(s0, model={**s0.model, "logits": logits})
+        rest = [replace(s, tokens=np.array([chosen], dtype=np.int32)) if i == 0 else s
+                for i, s in enumerate(steps[1:])]
+        return [s0, *rest]
+
+    rep = moesnap.compare("tiny", str(_dump(tmp_path, own_choice)), store=GOLDENS, show_progress=False)
+    assert rep.verdict == "fail"                 # step 0's logits (and its clear flip) fail
+    assert len(rep.unjudged_steps) == STEPS - 1 and "decoded its own choice" in rep.unjudged_steps[0]
+    assert "--continuation" in rep.unjudged_steps[0]
