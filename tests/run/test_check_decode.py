@@ -171,3 +171,25 @@ def test_steps_after_the_engine_left_the_golden_sequence_are_inconclusive(tmp_pa
     assert rep.verdict == "fail"                 # step 0's logits (and its clear flip) fail
     assert len(rep.unjudged_steps) == STEPS - 1 and "decoded its own choice" in rep.unjudged_steps[0]
     assert "--continuation" in rep.unjudged_steps[0]
+
+
+def test_the_html_report_draws_the_next_token_figures_over_the_rows(tmp_path):
+    from moesnap.judge.html import write_html
+
+    rep = check(decode=STEPS, inject=["rope_pos:step=2"])
+    out = tmp_path / "r.html"
+    write_html(rep, out)
+    page = out.read_text(encoding="utf-8")
+    assert "next token, row by row" in page and "top-1 agreement" in page
+    assert page.count("KL ") >= len(rep.next_tokens)          # one bar (with its tooltip) per row
+    assert "case0/step2, position 17" in page
+
+
+def test_a_dump_of_another_model_file_says_so(tmp_path):
+    path = _dump(tmp_path)
+    case = load_case(path)
+    other = replace(case, attrs={**case.attrs, "model": {"file": "other.gguf", "sha256": "ab" * 32}})
+    p2 = tmp_path / "other.zarr"
+    save_case(p2, other)
+    rep = moesnap.compare("tiny", str(p2), store=GOLDENS, show_progress=False)
+    assert any("records another model file than the golden: other.gguf" in n for n in rep.notes)

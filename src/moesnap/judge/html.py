@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .classify import Verdict
 from .compare import PER_LAYER_MODES, StageResult
+from .distribution import summary as next_token_summary
 from .report import SYMBOL, Report, _atomic_write, _fmt_loc, _unjudged, coverage_line, ratio_text, row_label
 from ..stages import LAYER_STAGES
 
@@ -275,6 +276,7 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
         f"<h2>{e(title)}: {e(verdict.upper() if verdict != 'pass' else 'pass')}</h2>",
         f"<p><b>first divergence:</b> {first_link}</p>",
         f"<p>{e(coverage_line(report))}</p>",
+        _next_token_chart(report),
         f"<p>{e(cases_line)}</p>" if cases_line else "",
         (f"<p><b>inconclusive:</b> {e(report.inconclusive_reason() or '')}</p>" if verdict == "inconclusive" else ""),
         f"<p>{e(report.verdict_line())}</p>",
@@ -326,3 +328,38 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
     parts += [_panel(r, ids[id(r)], r is first) for shown in panels for r in shown]
     parts.append("</div></body></html>")
     _atomic_write(Path(path), "\n".join(p for p in parts if p))
+
+
+def _next_token_chart(report: Report) -> str:
+    """The next-token figures over the rows judged, in position order per case: KL(golden ‖ candidate)
+    on a log scale (one bar per row, red where the top-1 choice flipped at a clear gap, orange at a near
+    tie), with the summary line above.  Empty without logits."""
+    rows = report.next_tokens
+    text = next_token_summary(rows)
+    if not rows or text is None:
+        return ""
+    w, h, pad = 720, 120, 4
+    n = len(rows)
+    bw = max(1.0, (w - 2 * pad) / n)
+    kls = [r.kl if math.isfinite(r.kl) and r.kl > 0 else 0.0 for r in rows]
+    top = max(kls, default=0.0)
+    lo = min([k for k in kls if k > 0], default=1e-12)
+    span = max(1e-12, math.log10(max(top, lo * 10)) - math.log10(lo))
+
+    def height(k: float) -> float:
+        return 0.0 if k <= 0 else (h - 2 * pad) * (math.log10(k) - math.log10(lo) + 0.1 * span) / (1.1 * span)
+
+    bars = []
+    for i, (r, k) in enumerate(zip(rows, kls)):
+        color = "#d7191c" if r.choice == "diverge" else "#fdae61" if r.choice == "tie" else "#2c7bb6"
+        y = height(k)
+        tip = (f"{r.case}, position {r.position}: KL {r.kl:.3g}, top-1 golden {r.golden_top1} / candidate "
+               f"{r.candidate_top1} ({r.choice}), |d logprob| {r.dlogprob:.3g}")
+        bars.append(f"<rect x='{pad + i * bw:.1f}' y='{h - pad - y:.1f}' width='{max(bw - 0.5, 0.5):.1f}' "
+                    f"height='{max(y, 0.5):.1f}' fill='{color}'><title>{html.escape(tip)}</title></rect>")
+    return (f"<h3>next token, row by row</h3><p>{html.escape(text)}</p>"
+            f"<svg width='{w}' height='{h}' role='img' aria-label='KL per row, log scale'>"
+            f"<rect width='{w}' height='{h}' fill='#f7f7f7'/>{''.join(bars)}</svg>"
+            f"<p>bars: KL(golden ‖ candidate) per row on a log scale ({lo:.2g} to {top:.2g}), in position order "
+            f"per case and step; blue: same top-1 token, orange: a near tie of the golden's logits, red: a clear "
+            f"flip</p>")

@@ -113,6 +113,23 @@ def _candidate_cases(path: str | Path | Case | Mapping[str, Case], golden: list[
     return pairs, notes, False
 
 
+def _other_model(meta: dict, pairs: list[tuple[str, Case, Case]], where: str) -> list[str]:
+    """A line saying the candidate records another model file than the golden (every stage then
+    diverges, and that is why), else nothing."""
+    def sha(attrs: object) -> tuple[str, str] | None:
+        m = attrs.get("model") if isinstance(attrs, dict) else None
+        if isinstance(m, dict) and isinstance(m.get("sha256"), str):
+            return m["sha256"], str(m.get("file") or "?")
+        return None
+
+    mine = sha(meta)
+    theirs = next((s for _, _, c in pairs if (s := sha(c.attrs)) is not None), None)
+    if mine is None or theirs is None or mine[0] == theirs[0]:
+        return []
+    return [f"{where} records another model file than the golden: {theirs[1]} (sha256 {theirs[0][:12]}…) against "
+            f"{mine[1]} (sha256 {mine[0][:12]}…); a forward of another model diverges everywhere"]
+
+
 def _fits(g: Case, c: Case) -> bool:
     """The candidate's rows are the golden's tokens at their positions (the whole sequence, or a prompt
     whose decode steps follow)."""
@@ -215,12 +232,15 @@ def judge_dump(ref: str, meta: dict, gold: list[tuple[str, Case]],
     where = candidate_name or (str(candidate.attrs.get("producer") or candidate.attrs.get("engine") or "a case in memory")
                                if isinstance(candidate, Case) else "cases in memory" if isinstance(candidate, Mapping)
                                else str(candidate))
-    for name, _, c in pairs:
+    for name, g, c in pairs:
         _check_judgeable(name, c, where)
+        if c.n_layer > g.n_layer:
+            raise GoldenError(f"{where}: case {name!r} holds {c.n_layer} layers, the golden {ref} {g.n_layer}: judge "
+                              f"it against goldens of the same model")
     policy = settings.resolve(engine=pairs[0][2].attrs.get("engine"))
     if tols is not None:
         policy = replace(policy, tolerances=tols)
-    out_notes: list[str] = list(notes) + list(case_notes)
+    out_notes: list[str] = _other_model(meta, pairs, where) + list(notes) + list(case_notes)
     if case is not None:
         out_notes.append(f"judging golden case {case} alone (--case)")
     ggm = None
