@@ -90,7 +90,7 @@ def version_line(run: Run) -> bool:
 
 RUNS = [
     # the first case's forward under way (its staging area is there, nothing written in it yet)
-    Run("forward", lambda r: any(r.suite.glob(".staging-*")), published=False),
+    Run("forward", lambda r: any(r.suite.glob(".staging-*")), write_delay=0.01, published=False),
     # the first case's arrays being written (slowed: 10 ms after each array)
     Run("writing", lambda r: r.staged("case0/layers/*/c"), write_delay=0.01, published=False),
     # between the cases: the second case's group being written
@@ -98,8 +98,8 @@ RUNS = [
     # the last array of the last case written: publishing, held until whole
     Run("publishing", lambda r: r.staged("case1/logits/c"), write_delay=0.01),
     # the version line printed: the version stays, whole, while the interpreter joins a thread
-    Run("version line", version_line, published=True, linger=0.5),
-    Run("version line + 50 ms", version_line, after=0.05, published=True, linger=0.5),
+    Run("version line", version_line, published=True, linger=1.0),
+    Run("version line + 50 ms", version_line, after=0.05, published=True, linger=1.0),
 ]
 
 
@@ -196,10 +196,14 @@ def test_a_sigint_while_the_store_publishes_is_delivered_after_it():
     from moesnap.store.base import interrupts_held
 
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)          # the handler would have run here, between bytecodes
-            done.append("the block ran to its end")
-    assert done == ["the block ran to its end"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)    # Python's own: raises KeyboardInterrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)          # the handler would have run here, between bytecodes
+                done.append("the block ran to its end")
+        assert done == ["the block ran to its end"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
