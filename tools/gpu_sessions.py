@@ -101,8 +101,9 @@ def judged(rec: dict, report: Path, want: tuple[int, set[str]] | None = None) ->
     cov = rep.get("coverage", {})
     rec.update(verdict=rep["verdict"], first_divergence=rep["first_divergence"],
                cells=f"{cov.get('cells_judged')}/{cov.get('cells_held')}", judged_by_mode=cov.get("judged_by_mode"))
+    rec["next_token"] = (rep.get("next_token") or {}).get("summary")
     print(f"[{rec['name']}] verdict {rep['verdict']}, judged {rec['cells']} cells, first divergence "
-          f"{rep['first_divergence']}", flush=True)
+          f"{rep['first_divergence']}" + (f"; {rec['next_token']}" if rec["next_token"] else ""), flush=True)
     if rep["verdict"] == "pass" and cov.get("cells_judged") != cov.get("cells_held"):
         raise SystemExit(f"{rec['name']}: a pass that did not judge every cell")
     if want is not None:
@@ -169,6 +170,17 @@ def heavy(out: Path, work: Path, layers: int, device: str, log: list[dict], faul
         rec = run_step(f"check {device} {tag}", ["-q", "check", str(model), "--suite", "heavy", "--store", str(store),
                                                  "--device", device, "--dtype", dtype, *extra,
                                                  "--force", "--json", str(js)], log, expect=(0, 1))
+        judged(rec, js)
+    # beyond one prefill: the last 32 of the 128 golden tokens as decode steps through the KV cache (paged, and
+    # on a CUDA graph's static buffers), and a RoPE position off by one in decode step 5 only
+    for tag, extra, expect in (("decode32_bfloat16", ["--dtype", "bfloat16"], (0,)),
+                               ("decode32_paged_graph_bfloat16", ["--dtype", "bfloat16", "--paged", "--cuda-graph"], (0, 1)),
+                               ("decode32_rope_pos_float32", ["--inject", "rope_pos:step=5"], (1,)),
+                               ("decode32_rope_pos_bfloat16", ["--dtype", "bfloat16", "--inject", "rope_pos:step=5"], (1,))):
+        js = out / f"heavy_{tag}.json"
+        rec = run_step(f"check {device} {tag}", ["-q", "check", str(model), "--suite", "heavy", "--store", str(store),
+                                                 "--device", device, "--decode", "32", *extra, "--force",
+                                                 "--json", str(js)], log, expect=expect)
         judged(rec, js)
     if faults:
         mid = layers // 2

@@ -22,5 +22,5 @@ def test_a_candidate_with_more_layers_names_its_path_and_both_counts(tmp_path):
     deeper = replace(g, layers={s: np.concatenate([a, a[:2]]) for s, a in g.layers.items()}, attrs={})
     path = tmp_path / "deep.zarr"
     save_case(path, deeper)
-    with pytest.raises(GoldenError, match=rf"{path}: case 'case0' holds 6 layers, the golden tiny@v0001 4"):
+    with pytest.raises(GoldenError, match=rf"{path}: case 'case0' holds 6 layers, the golden 4 \(tiny@v0001\)"):
         moesnap.compare("tiny", str(path), store=GOLDENS, show_progress=False)

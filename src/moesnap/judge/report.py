@@ -138,10 +138,10 @@ def text(report: Report) -> list[str]:
         out += steps + [""]
     out.append(LEGEND)
     out.append("columns: " + " ".join(f"{CODE[s]}={s}" for s in LAYER_STAGES))
-    for n in (n for c in report.cases for n in c.routing_notes):
-        out.append(f"routing: {n}")
-    for n in (n for c in report.replay or [] for n in c.routing_notes):
-        out.append(f"routing ({report.replay_kind}): {n}")
+    for c, n in ((c, n) for c in report.cases for n in c.routing_notes):
+        out.append(f"routing: {c.case}: {n}")
+    for c, n in ((c, n) for c in report.replay or [] for n in c.routing_notes):
+        out.append(f"routing ({report.replay_kind}): {c.case}: {n}")
     for n in [*report.notes, *(n for c in [*report.cases, *(report.replay or ())] for n in c.notes)]:
         out.append(f"note: {n}")
     for n in report.ignored_lines():

@@ -235,8 +235,8 @@ def judge_dump(ref: str, meta: dict, gold: list[tuple[str, Case]],
     for name, g, c in pairs:
         _check_judgeable(name, c, where)
         if c.n_layer > g.n_layer:
-            raise GoldenError(f"{where}: case {name!r} holds {c.n_layer} layers, the golden {ref} {g.n_layer}: judge "
-                              f"it against goldens of the same model")
+            raise GoldenError(f"{where}: case {name!r} holds {c.n_layer} layers, the golden {g.n_layer} ({ref}): "
+                              f"judge it against goldens of the same model")
     policy = settings.resolve(engine=pairs[0][2].attrs.get("engine"))
     if tols is not None:
         policy = replace(policy, tolerances=tols)
