@@ -444,7 +444,7 @@ def _bash_words(command: str) -> list[str]:
 def test_the_recorded_command_gives_back_the_same_prompt(prompt, tiny_path, tmp_path):
     """The regenerate command quotes a prompt so that bash gives it back exactly: a newline, a tab,
     an escape, runs of spaces (a note that joins the command's words with single spaces keeps them)."""
-    from moesnap.cli.goldens import shell_command
+    from moesnap.run.goldens import shell_command
 
     root = tmp_path / "goldens"
     assert main(gen_args(tiny_path, root, "--prompt", prompt)) == 0
@@ -500,3 +500,16 @@ def test_generate_suite_passes_token_lists_through(tiny_path, tmp_path, monkeypa
                          ([], "an empty list of token ids")):
         with pytest.raises(UsageError, match=message):
             goldens.generate_suite(tiny_path, "api", [bad], store=tmp_path / "g")
+
+
+def test_show_gives_a_command_recorded_before_the_quoting_to_paste(capsys, monkeypatch):
+    """The bundled golden's command was recorded with a newline inside '...': goldens show re-quotes it,
+    and bash gives back the prompts it was made from."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    meta = LocalGoldenStore("goldens").open_version("tiny").meta
+    assert "\n" in meta["command"]                                   # as recorded (the bundled golden is unchanged)
+    assert main(["-q", "goldens", "show", "tiny", "--store", "goldens", "--no-verify"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  command:  "))
+    words = _bash_words(line.removeprefix("  command:  "))
+    prompts = [words[i + 1] for i, w in enumerate(words) if w == "--prompt"]
+    assert prompts == [c["prompt"] for c in meta["cases"] if c["prompt"] is not None] == PROMPTS

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-from typing import Sequence
 
 from ..errors import UsageError
 
@@ -22,42 +20,6 @@ class _Input(argparse._AppendAction):
         setattr(namespace, self.dest, items)
 
 
-#: what bash's ``$'...'`` quoting writes as an escape of its own
-_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\a": "\\a", "\b": "\\b",
-            "\f": "\\f", "\v": "\\v"}
-
-
-def shell_word(text: str) -> str:
-    """``text`` as one word a POSIX shell gives back exactly: ``shlex.quote`` where that is plain
-    printable text; else bash's ``$'...'`` (zsh and ksh read it too), with control characters and
-    other unprintable ones written as escapes (``\\n``; a character beyond ASCII as its UTF-8
-    bytes ``\\xe2\\x80\\xa8``, whatever the shell's locale) and the lone surrogates of a
-    non-UTF-8 argument as the byte they stand for; in a run of spaces each after the first is
-    ``\\x20``.  A prompt holding a newline inside ``'...'`` would not survive a paste whole, nor a
-    note that joins a command's words with single spaces; the escaped command, pasted, makes the
-    same golden."""
-    if all(ch.isprintable() for ch in text) and "  " not in text:
-        return shlex.quote(text)
-    out = []
-    for i, ch in enumerate(text):
-        if ch in _ESCAPES:
-            out.append(_ESCAPES[ch])
-        elif ch == " " and i and text[i - 1] == " ":
-            out.append("\\x20")
-        elif ch.isprintable():
-            out.append(ch)
-        elif 0xDC80 <= ord(ch) <= 0xDCFF:              # surrogateescape: a byte that was not UTF-8
-            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
-        else:
-            out.extend(f"\\x{byte:02x}" for byte in ch.encode("utf-8", "surrogatepass"))
-    return "$'" + "".join(out) + "'"
-
-
-def shell_command(parts: Sequence[str]) -> str:
-    """A command line from its words, each quoted by :func:`shell_word`."""
-    return " ".join(shell_word(x) for x in parts)
-
-
 def _store(a: argparse.Namespace):
     from ..store import open_store
 
@@ -69,7 +31,7 @@ def _progress(a: argparse.Namespace) -> bool:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from ..run.goldens import generate
+    from ..run.goldens import generate, shell_command
     from ..util import published_version_above
 
     inside = published_version_above(a.store) if a.store and "://" not in a.store else None

@@ -12,6 +12,7 @@ import contextlib
 import datetime as _dt
 import operator
 import platform
+import shlex
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,7 +22,7 @@ from ..errors import UsageError
 from ..store import GoldenStore, GoldenVersion, PruneResult, validate_suite
 from ..store.base import interrupts_held
 from ..stages import GOLDEN_DTYPES
-from ..util import plural, status
+from ..util import plural, printable, status
 
 #: the provenance ``kind`` of a pytest snapshot suite (the ``moesnap_snapshot`` fixture's named arrays)
 SNAPSHOT_KIND = "moesnap_snapshot"
@@ -166,6 +167,57 @@ def generate_suite(model: str | Path, suite: str, cases: Sequence[Sequence[int] 
     v = generate(model, suite, store=st, inputs=inputs, dtype=dtype, show_progress=show_progress,
                  tokenizer=tokenizer)
     return f"{suite}@{v.version}"
+
+
+# ---------------------------------------------------------------- the command that made a version
+
+
+#: what bash's ``$'...'`` quoting writes as an escape of its own
+_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\a": "\\a", "\b": "\\b",
+            "\f": "\\f", "\v": "\\v"}
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one word a POSIX shell gives back exactly: ``shlex.quote`` where that is plain
+    printable text; else bash's ``$'...'`` (zsh and ksh read it too), with control characters and
+    other unprintable ones written as escapes (``\\n``; a character beyond ASCII as its UTF-8
+    bytes ``\\xe2\\x80\\xa8``, whatever the shell's locale) and the lone surrogates of a
+    non-UTF-8 argument as the byte they stand for; in a run of spaces each after the first is
+    ``\\x20``.  A prompt holding a newline inside ``'...'`` would not survive a paste whole, nor a
+    note that joins a command's words with single spaces; the escaped command, pasted, makes the
+    same golden."""
+    if all(ch.isprintable() for ch in text) and "  " not in text:
+        return shlex.quote(text)
+    out = []
+    for i, ch in enumerate(text):
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch == " " and i and text[i - 1] == " ":
+            out.append("\\x20")
+        elif ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:              # surrogateescape: a byte that was not UTF-8
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.extend(f"\\x{byte:02x}" for byte in ch.encode("utf-8", "surrogatepass"))
+    return "$'" + "".join(out) + "'"
+
+
+def shell_command(parts: Sequence[str]) -> str:
+    """A command line from its words, each quoted by :func:`shell_word`."""
+    return " ".join(shell_word(x) for x in parts)
+
+
+def command_text(command: str) -> str:
+    """A recorded generating command as a line to paste: as recorded, or where it holds a control
+    character (a version recorded before commands were quoted as :func:`shell_word` quotes them: a
+    prompt's newline inside ``'...'``) re-quoted word by word, so that it still makes the same golden."""
+    if command.isprintable():
+        return command
+    try:
+        return shell_command(shlex.split(command))
+    except ValueError:       # not a command shlex.quote made: shown as it is, escaped
+        return printable(command)
 
 
 # ---------------------------------------------------------------- prune

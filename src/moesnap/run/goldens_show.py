@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from ..store import GoldenStore, GoldenVersion
 from ..util import mib, plural, printable, progress
-from .goldens import SNAPSHOT_KIND, is_snapshot, timing_summary
+from .goldens import SNAPSHOT_KIND, command_text, is_snapshot, timing_summary
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def _snapshot_lines(v: GoldenVersion, *, verify: bool) -> list[str]:
     """``goldens show`` of a pytest snapshot suite: its test, and each check's named arrays."""
     m = v.meta
     lines = [f"{v.ref}  ({v.where})", f"  pytest snapshot of {m.get('test', '?')}   created {m.get('created')}",
-             f"  regenerate: {m.get('command', '?')}"]
+             f"  regenerate: {command_text(str(m.get('command', '?')))}"]
     for name in v.case_names():
         info = v.case_info(name)
         if verify:
@@ -88,7 +88,7 @@ def show_lines(v: GoldenVersion, *, verify: bool = True, show_progress: bool = T
         f"  platform: {m.get('platform') or vers.get('platform')}",
     ]
     if m.get("command"):
-        lines.append(f"  command:  {m['command']}")
+        lines.append(f"  command:  {command_text(str(m['command']))}")
     lines += tensor_type_lines(qtypes, suite=v.ref, model=_model_file(model))
     names = v.case_names()
     for name in progress(names, desc=f"{v.ref}: verify", enabled=verify and show_progress):
