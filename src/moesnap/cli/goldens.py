@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
 from ..errors import UsageError
 
@@ -30,9 +31,25 @@ def _progress(a: argparse.Namespace) -> bool:
     return not getattr(a, "quiet", False)
 
 
+def _continuations(values: Sequence[str] | None) -> list[tuple[str, str]] | None:
+    """``--continuation`` values as :data:`moesnap.run.goldens.Continuation` pairs: comma-separated
+    integers are token ids, anything else is text (an empty one or a negative id refused)."""
+    from ..run.prompts import continuation_value
+
+    if values is None:
+        return None
+    return [("tokens" if isinstance(continuation_value(v), list) else "text", v) for v in values]
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
-    from ..run.goldens import generate, shell_command
+    from ..run.goldens import check_continuations, generate, shell_command
+    from ..run.prompts import check_decode
     from ..util import published_version_above
+
+    # usage errors before torch loads (generate checks them again, as the Python API's entry)
+    decode = None if a.decode is None else check_decode(a.decode)
+    continuation = _continuations(a.continuation)
+    check_continuations(a.inputs or [], decode, continuation)
 
     inside = published_version_above(a.store) if a.store and "://" not in a.store else None
     if inside is not None:
@@ -43,13 +60,18 @@ def cmd_generate(a: argparse.Namespace) -> int:
         parts += ["--store", a.store]
     for kind, value in a.inputs or []:
         parts += [f"--{kind}", value]
+    for value in a.continuation or []:
+        parts += ["--continuation", value]
+    if decode is not None:
+        parts += ["--decode", str(decode)]
     parts += ["--dtype", a.dtype]
     if a.tokenizer != "auto":
         parts += ["--tokenizer", a.tokenizer]
     command = shell_command(parts)
     with _store(a) as st:
         v = generate(a.model, a.suite, store=st, inputs=a.inputs or [], dtype=a.dtype,
-                     show_progress=_progress(a), command=command, tokenizer=a.tokenizer)
+                     show_progress=_progress(a), command=command, tokenizer=a.tokenizer, decode=decode,
+                     continuation=continuation)
     print(v.ref)
     return 0
 
@@ -70,10 +92,31 @@ def cmd_show(a: argparse.Namespace) -> int:
     from ..run.goldens_show import show_lines
 
     with _store(a) as st:
-        lines = show_lines(st.resolve(a.ref), verify=not a.no_verify, show_progress=_progress(a))
+        v = st.resolve(a.ref)
+        lines = with_continuations(show_lines(v, verify=not a.no_verify, show_progress=_progress(a)), v.meta)
     for line in lines:
         print(line)
     return 0
+
+
+def with_continuations(lines: list[str], meta: dict) -> list[str]:
+    """``goldens show``'s lines with a line under each case that has a continuation (the version's
+    ``continuations``): its prompt tokens and continuation tokens."""
+    from ..run.goldens import continuation_line
+    from ..util import printable
+
+    entries = meta.get("continuations")
+    if not isinstance(entries, dict) or not entries:
+        return lines
+    out = []
+    for line in lines:
+        out.append(line)
+        for name, entry in entries.items():
+            if line.startswith(f"  case {printable(str(name))}: "):
+                extra = continuation_line(entry)
+                if extra is not None:
+                    out.append(printable(extra))
+    return out
 
 
 def cmd_diff(a: argparse.Namespace) -> int:
@@ -117,7 +160,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..run.prompts import TOKENIZER_HELP
+    from ..run.prompts import CONTINUATION_HELP, TOKENIZER_HELP
 
     g = sub.add_parser("goldens", help="versioned golden snapshots: generate, list, show, diff, prune")
     gsub = g.add_subparsers(dest="goldens_command", required=True, parser_class=type(g), metavar="COMMAND",
@@ -132,6 +175,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated token ids: one case (repeatable)")
     p.add_argument("--prompt", dest="inputs", action=_Input, kind="prompt", metavar="TEXT",
                    help="text, encoded with the model's own tokenizer (see --tokenizer): one case (repeatable)")
+    p.add_argument("--decode", type=int, metavar="N",
+                   help="each case: its prompt followed by the reference's own greedy continuation of N tokens, "
+                        "one reference forward over both (its rows after the prompt are the golden of N decode "
+                        "steps: check --decode N); the case records prompt_tokens, continuation and decode")
+    p.add_argument("--continuation", action="append", metavar="IDS|TEXT",
+                   help=CONTINUATION_HELP + "; one per case, the k-th for the k-th --tokens/--prompt (repeatable); "
+                        "with --decode N each holds N tokens")
     p.add_argument("--tokenizer", default="auto", metavar="auto|model|bytes", help=TOKENIZER_HELP)
     p.add_argument("--dtype", default="float32", help="reference arithmetic: float32 (default) or float64")
     p.set_defaults(func=cmd_generate)

@@ -59,8 +59,18 @@ def _tokens_from(a: argparse.Namespace, model) -> tuple[list[int], str | None, d
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
+    from ..run.prompts import check_continuation_length, check_decode, continuation_value
     from ..util import loading_torch, status
 
+    # usage errors before torch loads (seconds on a cold start)
+    decode = None if a.decode is None else check_decode(a.decode)
+    given = None if a.continuation is None else continuation_value(a.continuation)
+    if decode == 0 and given is not None:
+        raise UsageError("--decode 0 with --continuation: the continuation is fed to decode steps; give --decode "
+                         "as its length, or leave --decode out")
+    if isinstance(given, list):
+        check_continuation_length(given, decode)
+    text = given if isinstance(given, str) else None
     loading_torch()
     from ..run.trace import check_output, parse_device, parse_dtype, run_case, summary, write_output
     from ..model.load import open_model
@@ -71,10 +81,17 @@ def cmd_trace(a: argparse.Namespace) -> int:
     status(f"opening {a.model}")
     model = open_model(a.model)
     tokens, prompt, tokenizer = _tokens_from(a, model)
+    if text is not None:
+        from ..run.prompts import encode_continuation, prompt_tokenizer
+
+        given = encode_continuation(prompt_tokenizer(model, a.tokenizer), text, model=model)
+        check_continuation_length(given, decode)
     case = run_case(model, tokens, dtype=dtype, device=device, candidate=a.candidate, prompt=prompt,
-                    show_progress=not a.quiet, engine=a.engine)
+                    show_progress=not a.quiet, engine=a.engine, decode=decode or 0, continuation=given)
     if tokenizer is not None:
         case.attrs["tokenizer"] = tokenizer
+    if text is not None:
+        case.attrs["continuation_text"] = text
     write_output(case, a.out, force=a.force)
     for line in summary(case):
         print(line)
@@ -87,7 +104,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .._version import __version__
-    from ..run.prompts import TOKENIZER_HELP
+    from ..run.prompts import CONTINUATION_HELP, TOKENIZER_HELP
 
     p = _Parser(prog=PROG, description="Find where a GPU forward of a Qwen3-MoE model goes wrong.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}",
@@ -120,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--engine", default="moesnap", metavar="ENGINE",
                     help="moesnap (default: the reference, or the candidate with --candidate), transformers "
                          "(its Qwen3MoeForCausalLM on --device in --dtype), llama.cpp (CPU, float32 activations)")
+    tr.add_argument("--decode", type=int, metavar="N",
+                    help="N decode steps after the prompt: the reference over prompt + continuation as one case, "
+                         "or the engine (--candidate, --engine) serving the prompt and then N single-token steps "
+                         "through its KV cache, each step a case group steps/<n>/ in OUT; fed --continuation, else "
+                         "greedy (each step the argmax after the one before)")
+    tr.add_argument("--continuation", metavar="IDS|TEXT", help=CONTINUATION_HELP + "; with --decode N it holds N tokens")
     tr.add_argument("--force", action="store_true", help="replace an existing output")
     tr.set_defaults(func=cmd_trace)
 
@@ -172,11 +195,26 @@ def _say_interrupted() -> None:
     print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
 
 
+#: seconds after which a SIGINT that came inside an import is sent again
+RETRY_S = 0.05
+
+
+def _importing(frame: Any) -> bool:
+    """Whether the main thread was inside an import when a signal came (its frame or a caller's is
+    importlib's)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _Interrupts:
     """SIGINT in the process whose entry point main() is (called without arguments: the console
     script, ``python -m moesnap``).
 
-    While the command works, the first SIGINT raises KeyboardInterrupt where it lands (``with``
+    While the command works, the first SIGINT raises KeyboardInterrupt where it lands, or once an
+    import under way is done (``with``
     blocks unwind: a golden version being written is removed; the store holds it off while it
     publishes or removes, :func:`moesnap.store.base.interrupts_held`), and main says ``moesnap:
     interrupted`` and exits 130.  Any later one, and one that comes after the command is done while
@@ -199,6 +237,13 @@ class _Interrupts:
         atexit.register(self._at_exit)   # before torch and zarr register theirs: runs after them
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.working and _importing(frame):
+            # not inside an import: torch's runs Python code from C++, where a KeyboardInterrupt ends
+            # the process in std::terminate (a core dump, no message); the signal comes again shortly
+            import threading
+
+            threading.Timer(RETRY_S, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
         if self.working:
             self.working = False
             raise KeyboardInterrupt
