@@ -65,6 +65,33 @@ class Like:
                           f"a dump of another model or prompt than the golden's?")
 
 
+@dataclass(frozen=True)
+class Parted:
+    """Two files naming one stage with other values: ``first`` (earlier in the forward) and ``second``
+    (later: what the case holds)."""
+
+    stage: str
+    layer: int | None
+    first: str
+    second: str
+    first_rows: np.ndarray
+    second_rows: np.ndarray
+
+    def where(self) -> dict[str, Any]:
+        """Where the two part: the first differing token, max |difference| and relative L2 of the difference."""
+        a, b = self.first_rows.astype(np.float64), self.second_rows.astype(np.float64)
+        if a.shape != b.shape:
+            return {"token": None, "max_abs": None, "rel_l2": None, "note": f"shapes {list(a.shape)} and {list(b.shape)}"}
+        d = np.abs(a - b).reshape(a.shape[0], -1)
+        d = np.where(np.isnan(d), np.inf, d)
+        bad = np.nonzero(d.max(axis=1) > 0)[0]
+        norm = float(np.sqrt(np.nansum(a * a)))
+        fin = np.isfinite(d)
+        diff = float(np.sqrt(np.sum(np.where(fin, d, 0) ** 2)))
+        return {"token": int(bad[0]) if bad.size else None, "max_abs": float(d.max()) if d.size else 0.0,
+                "rel_l2": diff / norm if norm > 0 else None}
+
+
 def _equal(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f"))
 
@@ -72,9 +99,11 @@ def _equal(a: np.ndarray, b: np.ndarray) -> bool:
 class Collector:
     """Tensors of one dump, checked against ``like`` as they come, then stacked into a Case."""
 
-    def __init__(self, like: Like) -> None:
+    def __init__(self, like: Like, *, keep_both: bool = False) -> None:
         self.like = like
         self.values: dict[tuple[str, int | None], tuple[np.ndarray, str]] = {}   # (stage, layer) -> rows, source
+        self.keep_both = keep_both              # two differing names of one stage: kept (Parted), not refused
+        self.parted: list[Parted] = []
 
     def has(self, stage: str, layer: int | None) -> bool:
         return (stage, layer) in self.values
@@ -120,8 +149,14 @@ class Collector:
         old = self.values.get((stage, layer))
         if old is not None:
             if not _equal(old[0], rows):
-                where = f"{stage}" + (f" of layer {layer}" if layer is not None else "")
-                raise GoldenError(f"{source}: holds other values of {where} than {old[1]}: which did the engine use?")
+                if not self.keep_both:
+                    where = f"{stage}" + (f" of layer {layer}" if layer is not None else "")
+                    raise GoldenError(f"{source}: holds other values of {where} than {old[1]}: which did the engine "
+                                      f"use?")
+                # two names of one stage that differ (a fault between them): the later in the forward is what
+                # the engine carried on; the earlier is kept beside it, and where they part is recorded
+                self.parted.append(Parted(stage, layer, old[1], source, old[0], rows))
+                self.values[(stage, layer)] = (rows, source)
             return
         self.values[(stage, layer)] = (rows, source)
 

@@ -32,7 +32,7 @@ which rebuilds tensors and plain containers only and refuses anything else, so n
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ import numpy as np
 from ..case import Case
 from ..errors import GoldenError, UsageError
 from ..stages import canonical
-from ._flat import Collector, Like
+from ._flat import Collector, Like, Parted
 
 #: tag keys that number the forward pass, by dumper release
 PASS_KEYS: tuple[str, ...] = ("forward_pass_id", "step", "curr_step")
@@ -98,33 +98,6 @@ def parse_name(path: Path) -> DumpFile:
     return DumpFile(path, tags)
 
 
-def scan(path: str | Path, forward_pass: int | None = None) -> list[DumpFile]:
-    """The dumper files of one forward pass in directory ``path`` (every ``*.pt`` file; others are
-    left alone), ordered by rank and dump index."""
-    d = Path(path)
-    if not d.is_dir():
-        raise GoldenError(f"{d}: no such directory" if not d.exists() else f"{d}: not a directory")
-    files = [parse_name(p) for p in sorted(d.iterdir()) if p.name.endswith(".pt") and not p.name.startswith(".")]
-    if not files:
-        raise GoldenError(f"{d}: holds no .pt file (SGLang's dumper writes into DIR/<exp_name>/: give that directory)")
-    passes: dict[int | None, DumpFile] = {}
-    for f in files:
-        passes.setdefault(f.forward_pass, f)
-    chosen: int | None
-    if forward_pass is not None:
-        if forward_pass not in passes:
-            raise UsageError(f"{d}: holds no forward pass {forward_pass} (it holds: "
-                             f"{', '.join(str(p) for p in passes)})")
-        chosen = forward_pass
-    elif len(passes) > 1:
-        shown = "; ".join(f"{'none' if p is None else p}: {f.path.name}" for p, f in list(passes.items())[:4])
-        raise UsageError(f"{d}: holds {len(passes)} forward passes ({shown}{' …' if len(passes) > 4 else ''}); "
-                         f"choose the prefill pass of the golden's prompt with --pass N")
-    else:
-        chosen = next(iter(passes))
-    return sorted((f for f in files if f.forward_pass == chosen), key=lambda f: (f.rank, f.dump_index, f.path.name))
-
-
 _BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
@@ -134,9 +107,9 @@ def _reason(e: Exception) -> str:
     return (lines[0] if lines else f"{type(e).__name__}: {str(e).strip()}")[:200]
 
 
-def load_tensor(path: Path) -> tuple[np.ndarray, str]:
-    """(the tensor a dumper file holds as numpy, its torch dtype name), read without running any code
-    the file may hold; bfloat16 and float16 become float32 (exactly)."""
+def load_file(path: Path) -> tuple[np.ndarray, str, dict]:
+    """(the tensor a dumper file holds as numpy, its torch dtype name, the file's ``meta`` or {}), read
+    without running any code the file may hold; bfloat16 and float16 become float32 (exactly)."""
     import torch
 
     try:
@@ -144,7 +117,9 @@ def load_tensor(path: Path) -> tuple[np.ndarray, str]:
     except Exception as e:
         raise GoldenError(f"{path}: refused: not plain tensor data (torch.load with weights_only=True: "
                           f"{_reason(e)}); moesnap never runs code from a dump") from None
+    meta: dict = {}
     if isinstance(obj, dict) and "value" in obj:
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
         obj = obj["value"]
     if not isinstance(obj, torch.Tensor):
         raise GoldenError(f"{path}: holds {type(obj).__name__}, not a tensor")
@@ -153,14 +128,64 @@ def load_tensor(path: Path) -> tuple[np.ndarray, str]:
         t = obj.detach()
         if t.dtype in (torch.bfloat16, torch.float16):
             t = t.float()
-        return t.numpy(), dtype
+        return t.numpy(), dtype, meta
     except Exception as e:
         raise GoldenError(f"{path}: a {dtype} tensor moesnap cannot read ({type(e).__name__})") from None
 
 
-def _place(f: DumpFile, like: Like) -> tuple[str, list[tuple[str, int | None]]]:
-    """(kind, [(stage, layer)]) of a file: kind ``stage``, ``qkv`` (q, k, v fused), or ``bookkeeping``."""
-    name = f.name.removeprefix("non_intrusive__")
+def load_tensor(path: Path) -> tuple[np.ndarray, str]:
+    """(the tensor a dumper file holds as numpy, its torch dtype name): :func:`load_file` without the meta."""
+    values, dtype, _ = load_file(path)
+    return values, dtype
+
+
+def list_files(path: str | Path) -> list[DumpFile]:
+    """Every dumper file in directory ``path`` (every ``*.pt`` file; others are left alone), by dump index."""
+    d = Path(path)
+    if not d.is_dir():
+        raise GoldenError(f"{d}: no such directory" if not d.exists() else f"{d}: not a directory")
+    files = [parse_name(p) for p in sorted(d.iterdir()) if p.name.endswith(".pt") and not p.name.startswith(".")]
+    if not files:
+        raise GoldenError(f"{d}: holds no .pt file (SGLang's dumper writes into DIR/<exp_name>/: give that directory)")
+    return sorted(files, key=lambda f: (f.rank, f.dump_index, f.path.name))
+
+
+def by_pass(files: list[DumpFile]) -> dict[int | None, list[DumpFile]]:
+    """The files of each forward pass, the passes in order of number (None first)."""
+    out: dict[int | None, list[DumpFile]] = {}
+    for f in files:
+        out.setdefault(f.forward_pass, []).append(f)
+    return dict(sorted(out.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
+
+
+def _first(files: list[DumpFile]) -> DumpFile:
+    return min(files, key=lambda f: (f.dump_index, f.rank, f.path.name))
+
+
+def _bare(name: str) -> str:
+    return name.removeprefix("non_intrusive__")
+
+
+# --------------------------------------------------------------------------- names
+
+
+#: SGLang's own names for stages: its Qwen3-MoE source-patch test (test_engine_dumper_comparator_e2e.py)
+SOURCE_PATCH: dict[str, str] = {
+    "attn_output": "attn_out",
+    "pre_mlp_residual": "attn_resid",
+    "mlp_output": "moe_out",
+    "attn_pre_o_proj": "attn",
+    "moe_router_logits": "router_logits",
+    "moe_expert_output": "moe_out",
+}
+
+
+def _place(f: DumpFile, like: Like, classic: bool) -> tuple[str, list[tuple[str, int | None]]]:
+    """(kind, [(stage, layer)]) of a file: kind ``stage``, ``qkv`` (q, k, v fused), ``bookkeeping`` or
+    ``ignored`` (a name that is no stage: a module's other inputs and outputs).  ``classic``: the dump's
+    layers pass the residual beside the hidden state (``input_layernorm.output.1``), so a layer's
+    ``inputs.1`` is not its input residual."""
+    name = _bare(f.name)
     if name in BOOKKEEPING or name == "tokens":
         return "bookkeeping", []
     m = _LAYER_NAME.fullmatch(name)
@@ -180,18 +205,178 @@ def _place(f: DumpFile, like: Like) -> tuple[str, list[tuple[str, int | None]]]:
         if not layer:
             raise GoldenError(f"{f.path}: an input_layernorm residual at layer {layer}, which has no layer before it")
         return "stage", [("layer_out", layer - 1)]
-    stage = canonical(rest)
-    if stage is None or stage == "tokens":
-        raise GoldenError(f"{f.path}: {f.name!r} names no stage moesnap knows (names and aliases: "
-                          f"moesnap.stages.ALIASES); dump only those, e.g. with the dumper's filter")
+    if (rest == "inputs.1" and m and not classic) or rest == "layer_input":   # the residual a layer starts from
+        if layer is None:
+            raise GoldenError(f"{f.path}: a layer's input, but the file gives no layer")
+        return "stage", [("embed", None) if layer == 0 else ("layer_out", layer - 1)]
+    if rest == "norm.inputs.0" and not m and not classic:    # the final norm's input: the last layer's layer_out
+        return "stage", [("layer_out", like.n_layer - 1)]
+    stage = SOURCE_PATCH.get(rest) or canonical(rest)
+    if stage is None or stage == "tokens" or (m and rest in ("inputs.1", "output")):
+        return "ignored", []
     return "stage", [(stage, layer)]
 
 
-def _check_prompt(f: DumpFile, values: np.ndarray, like: Like) -> None:
+def _ignored_name(name: str) -> str:
+    """A name with its layer number as N (one entry for every layer's)."""
+    return re.sub(r"layers\.\d+\.", "layers.N.", name)
+
+
+# --------------------------------------------------------------------------- passes
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass: its number, its files, and the token ids and positions it ran (rank 0's, when dumped)."""
+
+    number: int | None
+    files: list[DumpFile]
+    input_ids: np.ndarray | None
+    positions: np.ndarray | None
+
+    @property
+    def first(self) -> DumpFile:
+        return _first(self.files)
+
+    def describe(self) -> str:
+        return f"{'none' if self.number is None else self.number}: {self.first.path.name}"
+
+
+def _bookkeeping(files: list[DumpFile], field: str) -> np.ndarray | None:
+    for f in files:
+        if f.rank == 0 and _bare(f.name) == field:
+            return load_tensor(f.path)[0].reshape(-1)
+    return None
+
+
+def read_passes(path: str | Path) -> list[Pass]:
+    return [Pass(n, fs, _bookkeeping(fs, "input_ids"), _bookkeeping(fs, "positions"))
+            for n, fs in by_pass(list_files(path)).items()]
+
+
+def _shown(passes: list[Pass]) -> str:
+    return "; ".join(p.describe() for p in passes[:4]) + (" …" if len(passes) > 4 else "")
+
+
+def plan(path: str | Path, tokens: np.ndarray, forward_pass: int | None = None) -> tuple[Pass, list[tuple[Pass, int]], list[Pass]]:
+    """(the prefill pass of the golden's prompt, [(decode pass, its position)], the passes left out) of the
+    dump in ``path``, for golden tokens ``tokens``.  Passes are matched by the token ids and positions
+    they ran (a warm-up request or another prompt is left out, never taken for the user's), so every
+    pass of the user's request is imported at once; ``forward_pass`` imports that one pass alone."""
+    d = Path(path)
+    passes = read_passes(d)
+    if forward_pass is not None:
+        chosen = [p for p in passes if p.number == forward_pass]
+        if not chosen:
+            raise UsageError(f"{d}: holds no forward pass {forward_pass} (it holds: "
+                             f"{', '.join(str(p.number) for p in passes)})")
+        return chosen[0], [], [p for p in passes if p.number != forward_pass]
+    if len(passes) == 1:
+        return passes[0], [], []
+    if any(p.input_ids is None for p in passes):
+        raise UsageError(f"{d}: holds {len(passes)} forward passes ({_shown(passes)}) and not every one dumped "
+                         f"input_ids to match it by; choose the prefill pass of the golden's prompt with --pass N")
+    T = tokens.size
+
+    def prefill(p: Pass) -> bool:
+        n = p.input_ids.size
+        pos = p.positions if p.positions is not None else np.arange(n)
+        return 0 < n <= T and pos.size == n and bool((pos == np.arange(n)).all()) and \
+            bool((p.input_ids == tokens[:n]).all())
+
+    starts = [i for i, p in enumerate(passes) if prefill(p)]
+    if not starts:
+        raise GoldenError(f"{d}: none of its {len(passes)} forward passes ran the golden's prompt from position 0 "
+                          f"({_shown(passes)}): another prompt, or a cached prefix (run SGLang with "
+                          f"--disable-radix-cache)?")
+    if len(starts) > 1:
+        both = [passes[i] for i in starts]
+        raise UsageError(f"{d}: holds {len(both)} forward passes that ran the golden's prompt ({_shown(both)}); "
+                         f"choose the prefill pass of the golden's prompt with --pass N")
+    first = passes[starts[0]]
+    steps: list[tuple[Pass, int]] = []
+    at = first.input_ids.size
+    for p in passes[starts[0] + 1:]:
+        ids = p.input_ids
+        pos = p.positions
+        if pos is None:
+            f = p.first
+            raise GoldenError(f"{f.path}: pass {p.number} dumped input_ids but no positions: which row of the "
+                              f"request it decodes cannot be told")
+        if ids.size != 1 or pos.size != 1 or int(pos[0]) != at or at >= T or int(ids[0]) != int(tokens[at]):
+            break                       # another request, or a step past the golden's tokens
+        steps.append((p, at))
+        at += 1
+    used = {id(first), *(id(p) for p, _ in steps)}
+    return first, steps, [p for p in passes if id(p) not in used]
+
+
+def dumped_tokens(path: str | Path, forward_pass: int | None = None) -> np.ndarray | None:
+    """The token ids of the request the dump ran: its first pass from position 0 and the decode passes
+    after it (rank 0's ``input_ids``), or None where the dump holds none."""
+    passes = read_passes(path)
+    if forward_pass is not None:
+        passes = [p for p in passes if p.number == forward_pass]
+    first = next((p for p in passes if p.input_ids is not None and
+                  (p.positions is None or (p.positions.size and int(p.positions[0]) == 0))), None)
+    if first is None:
+        return None
+    out = list(first.input_ids)
+    for p in passes[passes.index(first) + 1:]:
+        if p.input_ids is None or p.positions is None or p.positions.size != 1 or int(p.positions[0]) != len(out):
+            break
+        out.append(p.input_ids[0])
+    return np.asarray(out, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- tensor parallel
+
+
+#: the stages SGLang shards over tensor-parallel ranks: attention heads (column-parallel qkv_proj)
+HEAD_STAGES: tuple[str, ...] = ("q", "k", "v", "q_norm", "k_norm", "q_rope", "k_rope", "attn")
+#: the stages a rank holds a partial sum of (row-parallel o_proj; the experts of its EP rank) where the
+#: ranks' values differ; identical on every rank, they were reduced before the dump
+PARTIAL_STAGES: tuple[str, ...] = ("attn_out", "moe_out")
+
+
+def parallel_info(files: list[DumpFile]) -> tuple[int, dict]:
+    """(the world size, rank 0's ``sglang_parallel_info``) from the dumper's meta; (ranks, {}) without it."""
+    ranks = sorted({f.rank for f in files})
+    for f in files:
+        if f.rank == 0 and _bare(f.name) not in BOOKKEEPING:
+            meta = load_file(f.path)[2]
+            info = meta.get("sglang_parallel_info")
+            if isinstance(info, dict):
+                return int(meta.get("world_size", len(ranks))), info
+            break
+    return len(ranks), {}
+
+
+def _like_rank(like: Like, tp: int, where: str) -> Like:
+    """What one of ``tp`` tensor-parallel ranks holds of each stage: its heads."""
+    shapes = dict(like.shapes)
+    for s in HEAD_STAGES:
+        if s not in shapes:
+            continue
+        heads = shapes[s][0] if s != "attn" else None
+        size = shapes[s][0]
+        if (heads if heads is not None else size) % tp:
+            raise GoldenError(f"{where}: tp_size={tp}, but {s} has {size} {'heads' if heads else 'values a token'}: "
+                              f"SGLang's layout for heads that do not split evenly (replicated kv heads) "
+                              f"cannot be placed")
+        shapes[s] = (size // tp, *shapes[s][1:])
+    return replace(like, shapes=shapes)
+
+
+# --------------------------------------------------------------------------- one pass
+
+
+def _check_prompt(f: DumpFile, values: np.ndarray, like: Like, start: int) -> None:
     v = values.reshape(-1)
-    want = like.tokens if f.name.removeprefix("non_intrusive__") != "positions" else np.arange(like.n_tokens)
+    pos = _bare(f.name) == "positions"
+    want = np.arange(start, start + like.n_tokens) if pos else like.tokens
     if v.shape != want.shape or not np.array_equal(v, want):
-        what = "positions" if f.name.endswith("positions") else "tokens"
+        what = "positions" if pos else "tokens"
         shown = v.tolist()[:8]
         raise GoldenError(f"{f.path}: the pass ran {what} {shown}{' …' if v.size > 8 else ''} ({v.size}), the golden's "
                           f"case {want.tolist()[:8]}{' …' if want.size > 8 else ''} ({want.size}): another prompt, a "
@@ -199,14 +384,6 @@ def _check_prompt(f: DumpFile, values: np.ndarray, like: Like) -> None:
 
 
 _NARROW = ("bfloat16", "float16", "float32", "float64")
-
-
-def dumped_tokens(path: str | Path, forward_pass: int | None = None) -> np.ndarray | None:
-    """The token ids the pass ran (its rank-0 ``input_ids``), or None where the dump holds none."""
-    for f in scan(path, forward_pass):
-        if f.rank == 0 and f.name.removeprefix("non_intrusive__") == "input_ids":
-            return load_tensor(f.path)[0].reshape(-1)
-    return None
 
 
 def _split_qkv(f: DumpFile, values: np.ndarray, places: list, like: Like) -> list:
@@ -221,48 +398,170 @@ def _split_qkv(f: DumpFile, values: np.ndarray, places: list, like: Like) -> lis
     return [(s, lay, p) for (s, lay), p in zip(places, parts)]
 
 
-def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None,
-                attrs: dict[str, Any] | None = None) -> Case:
-    """The case one forward pass of the SGLang dump in ``path`` holds (module docstring), shaped like
-    ``like``'s golden.  Every problem is a :class:`~moesnap.errors.MoesnapError` naming the file."""
-    files = scan(path, forward_pass)
-    col = Collector(like)
-    dtypes: set[str] = set()
-    checked_prompt = False
-    later: list[tuple[DumpFile, str, int | None, np.ndarray]] = []
+@dataclass
+class _Read:
+    """One rank's collected tensors of one pass."""
+
+    col: Collector
+    dtypes: set[str]
+    checked: bool
+    ignored: set[str]
+
+
+def _read_rank(files: list[DumpFile], like: Like, start: int, classic: bool) -> _Read:
+    col = Collector(like, keep_both=True)
+    r = _Read(col, set(), False, set())
     for f in files:
-        kind, places = _place(f, like)
+        kind, places = _place(f, like, classic)
+        if kind == "ignored":
+            r.ignored.add(_ignored_name(f.name))
+            continue
         if kind == "bookkeeping":
-            if f.rank == 0 and f.name.removeprefix("non_intrusive__") in ("input_ids", "positions", "tokens"):
-                _check_prompt(f, load_tensor(f.path)[0], like)
-                checked_prompt = True
+            if f.rank == 0 and _bare(f.name) in ("input_ids", "positions", "tokens"):
+                _check_prompt(f, load_tensor(f.path)[0], like, start)
+                r.checked = True
             continue
         values, dtype = load_tensor(f.path)
-        dtypes.add(dtype)
+        r.dtypes.add(dtype)
         pieces = [(s, lay, values) for s, lay in places] if kind == "stage" else _split_qkv(f, values, places, like)
         for stage, layer, v in pieces:
-            if f.rank == 0:
-                col.add(stage, layer, v, str(f.path))
-            else:
-                later.append((f, stage, layer, v))
-    for f, stage, layer, v in later:
-        got = col.get(stage, layer)
-        rows = col.rows(stage, v, str(f.path))
-        if got is None or got[0].shape != rows.shape or not np.array_equal(got[0], rows, equal_nan=rows.dtype.kind == "f"):
-            other = f"rank 0 ({got[1]})" if got is not None else "rank 0, which holds none"
-            raise GoldenError(f"{f.path}: rank {f.rank} holds another {f.name} than {other}: a tensor-parallel "
-                              f"shard or partial sum? moesnap imports replicated tensors only (resharding a "
-                              f"tensor-parallel dump is not supported yet): dump with --tp 1")
-    if not col.values:
-        raise GoldenError(f"{path}: holds no stage moesnap knows (only SGLang's bookkeeping fields)")
-    T = like.n_tokens
-    if T > 1 and not checked_prompt and all(v.shape[0] == 1 for v, _ in col.values.values()):
-        raise GoldenError(f"{path}: every tensor of the pass holds one token: a decode pass? moesnap judges the "
+            col.add(stage, layer, v, str(f.path))
+    return r
+
+
+def _replicas(d: Path, reads: dict[int, _Read]) -> None:
+    """Ranks above 0 of a dump without parallel info must hold rank 0's values."""
+    col = reads[0].col
+    for rank, r in reads.items():
+        if rank == 0:
+            continue
+        for (stage, layer), (v, src) in r.col.values.items():
+            got = col.get(stage, layer)
+            if got is None or got[0].shape != v.shape or not np.array_equal(got[0], v, equal_nan=v.dtype.kind == "f"):
+                other = f"rank 0 ({got[1]})" if got is not None else "rank 0, which holds none"
+                name = parse_name(Path(src)).name
+                raise GoldenError(f"{src}: rank {rank} holds another {name} than {other}: a tensor-parallel shard or "
+                                  f"partial sum, and the files carry no meta.sglang_parallel_info to place it by; "
+                                  f"resharding without it is not supported yet: dump with --tp 1")
+
+
+def _reassembled(d: Path, reads: dict[int, _Read], cases: dict[int, Case], tp: int, info: dict) -> Case:
+    from .shards import parse_sharding, reassemble
+
+    spec: dict[str, str] = {s: "t h[tp] d" for s in HEAD_STAGES if s != "attn"}
+    spec["attn"] = "t (h[tp] d)"
+    for s in PARTIAL_STAGES:
+        arrays = [c.layers.get(s) for c in cases.values()]
+        if any(a is None for a in arrays):
+            continue
+        same = all(a.shape == arrays[0].shape and np.array_equal(a, arrays[0], equal_nan=True) for a in arrays[1:])
+        if not same:
+            spec[s] = "t h[tp:partial]"
+    spec = {s: v for s, v in spec.items() if any(s in c.layers for c in cases.values())}
+    sharding = parse_sharding(spec, f"{d} (tp_size={tp})")
+    case = reassemble([cases[r] for r in range(tp)], sharding, where=f"{d} (tp_size={tp}, from sglang_parallel_info)")
+    case.attrs["sharding"] = {"ranks": tp, **spec, "sglang_parallel_info": info}
+    return case
+
+
+def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple[Case, set[str], list[Parted], set[str]]:
+    """The case one pass holds over ``like``'s rows (those at positions ``start``...), its ignored names, the
+    stages two of its names gave other values for, and its dtypes."""
+    world, info = parallel_info(p.files)
+    ranks = sorted({f.rank for f in p.files})
+    if ranks != list(range(len(ranks))):
+        missing = next(r for r in range(max(ranks) + 1) if r not in ranks)
+        raise GoldenError(f"{_first(p.files).path}: pass {p.number} holds ranks {ranks}: rank {missing} is missing")
+    if info and world != len(ranks):
+        raise GoldenError(f"{_first(p.files).path}: meta says world_size={world}, the pass holds files of "
+                          f"{len(ranks)} rank{'s' if len(ranks) != 1 else ''} ({ranks})")
+    tp = int(info.get("tp_size", 1)) if info else 1
+    if info and tp not in (1, len(ranks)):
+        raise GoldenError(f"{_first(p.files).path}: sglang_parallel_info says tp_size={tp} over {len(ranks)} ranks: "
+                          f"only tensor parallelism over every rank (no pipeline or data parallel) can be placed")
+    if info and int(info.get("moe_ep_size", 1)) not in (1, tp):
+        raise GoldenError(f"{_first(p.files).path}: sglang_parallel_info says moe_ep_size={info['moe_ep_size']} "
+                          f"with tp_size={tp}: only experts over every rank can be placed")
+    rank_like = _like_rank(like, tp, str(_first(p.files).path)) if tp > 1 else like
+    reads = {r: _read_rank([f for f in p.files if f.rank == r], rank_like, start, classic) for r in ranks}
+    r0 = reads[0]
+    if tp > 1:
+        cases = {r: x.col.case() for r, x in reads.items()}
+        case = _reassembled(d, reads, cases, tp, info)
+        parted = [x for r in reads.values() for x in r.col.parted]
+    else:
+        if len(ranks) > 1:
+            _replicas(d, reads)
+        case = r0.col.case()
+        parted = list(r0.col.parted)
+    ignored = set().union(*(x.ignored for x in reads.values()))
+    dtypes = set().union(*(x.dtypes for x in reads.values()))
+    one_row = bool(r0.col.values) and all(v.shape[0] == 1 for v, _ in r0.col.values.values())
+    flags = {"checked"} if r0.checked else set()
+    return case, ignored, parted, dtypes | flags | ({"one_row"} if one_row else set())
+
+
+def _parted_attrs(parted: list[Parted], step: int | None) -> list[dict[str, Any]]:
+    out = []
+    for x in parted:
+        w = x.where()
+        out.append({"stage": x.stage, "layer": x.layer, "step": step, "kept": parse_name(Path(x.second)).name,
+                    "other": parse_name(Path(x.first)).name, "kept_file": x.second, "other_file": x.first, **w})
+    return out
+
+
+def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None,
+                attrs: dict[str, Any] | None = None) -> Case:
+    """The case the SGLang dump in ``path`` holds (module docstring), shaped like ``like``'s golden: the
+    prefill pass of the golden's prompt and the decode passes after it (``steps``), or the one pass
+    ``forward_pass``.  Every problem is a :class:`~moesnap.errors.MoesnapError` naming the file."""
+    d = Path(path)
+    first, steps, left = plan(d, like.tokens, forward_pass)
+    classic = any(_bare(f.name).endswith("input_layernorm.output.1") for f in first.files)
+    n = like.n_tokens if first.input_ids is None else int(first.input_ids.size)
+    prompt_like = like if n == like.n_tokens else replace(like, tokens=like.tokens[:n])
+    case, ignored, parted, dtypes = _pass_case(d, first, prompt_like, 0, classic)
+    checked, one_row = "checked" in dtypes, "one_row" in dtypes
+    dtypes -= {"checked", "one_row"}
+    all_parted = _parted_attrs(parted, None)
+    step_cases = []
+    for number, (p, at) in enumerate(steps):
+        step_like = replace(like, tokens=like.tokens[at:at + 1])
+        sc, ign, prt, dts = _pass_case(d, p, step_like, at, classic)
+        if not (sc.model or sc.layers):
+            raise GoldenError(f"{p.first.path}: decode pass {p.number} holds no stage moesnap knows")
+        ignored |= ign
+        dtypes |= dts - {"checked", "one_row"}
+        all_parted += _parted_attrs(prt, number)
+        sc.attrs.update({"positions": [at], "step": number, "forward_pass": p.number})
+        step_cases.append(sc)
+    if not (case.model or case.layers):
+        names = sorted({_bare(f.name) for f in first.files})
+        if all(x in BOOKKEEPING for x in names):
+            raise GoldenError(f"{d}: holds no stage moesnap knows, only SGLang's bookkeeping fields "
+                              f"({', '.join(names)}): what the dumper's default DUMPER_NON_INTRUSIVE_MODE=core "
+                              f"writes; dump again with DUMPER_NON_INTRUSIVE_MODE=all")
+        shown = sorted(ignored)[:6]
+        raise GoldenError(f"{d}: holds no stage moesnap knows (it holds {', '.join(shown)}"
+                          f"{' …' if len(ignored) > 6 else ''}); stage names and aliases: moesnap.stages.ALIASES")
+    if prompt_like.n_tokens > 1 and not checked and one_row:
+        raise GoldenError(f"{d}: every tensor of the pass holds one token: a decode pass? moesnap judges the "
                           f"prefill pass of the golden's prompt (--pass N; dump input_ids too, to check it)")
-    a = {"producer": "sglang", "source": str(Path(path)), "forward_pass": files[0].forward_pass,
-         "ranks": sorted({f.rank for f in files})}
-    narrow = next((d for d in _NARROW if d in dtypes), None)     # the engine's precision: its narrowest float
+    a = {"producer": "sglang", "source": str(d), "forward_pass": first.number,
+         "ranks": sorted({f.rank for f in first.files})}
+    narrow = next((x for x in _NARROW if x in dtypes), None)     # the engine's precision: its narrowest float
     if narrow is not None:
         a["dtype"] = narrow
+        for sc in step_cases:
+            sc.attrs["dtype"] = narrow
+    if n < like.n_tokens:          # a prompt the golden's continuation follows: its rows 0..n-1
+        a["positions"] = list(range(n))
+    if ignored:
+        a["ignored_names"] = sorted(ignored)
+    if left:
+        a["passes_left_out"] = [p.describe() for p in left]
+    if all_parted:
+        a["parted"] = all_parted
+    a.update({k: v for k, v in case.attrs.items() if k not in a})
     a.update(attrs or {})
-    return col.case(a)
+    return replace(case, attrs=a, steps=tuple(step_cases), ignored=tuple(sorted(ignored)))
