@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import UsageError
-
 
 def cmd_import(a: argparse.Namespace) -> int:
+    from ..run.importing import check_dump, describe, import_dump
     from ..util import loading_torch
 
+    check_dump(a.format, a.dir, a.forward_pass)     # a missing DIR is said first, before torch loads
     loading_torch()
-    from ..run.importing import describe, import_dump
-
-    if a.forward_pass is not None and a.forward_pass < 0:
-        raise UsageError(f"--pass {a.forward_pass}: a forward pass number is not negative")
     case, name = import_dump(a.format, a.dir, like=a.like, out=a.out, store=a.store, case=a.case,
                              forward_pass=a.forward_pass, force=a.force)
     print(f"{a.format} dump {a.dir} as golden case {name} ({len(case.tokens)} tokens):")

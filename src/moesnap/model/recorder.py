@@ -7,19 +7,29 @@ anyway, so a null recorder changes nothing but the copies.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from ..stages import ALL_STAGES, LAYER_STAGES, MODEL_STAGES
+from ..stages import ALL_STAGES, LAYER_STAGES, MODEL_STAGES, canonical
 
 if TYPE_CHECKING:
     from ..case import Case
 
+_INT32 = np.iinfo(np.int32)
+
+
+def _short(x: Any, width: int = 60) -> str:
+    text = repr(x)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
 
 class Recorder(Protocol):
-    def save(self, stage: str, layer: int | None, x: torch.Tensor) -> None: ...
+    def save(self, stage: str, layer: int | None, x: torch.Tensor) -> None:
+        """Record stage ``stage`` of layer ``layer`` (None for a whole-model stage) with value ``x``
+        (see :meth:`ArrayRecorder.save`)."""
+        ...
 
 
 class NullRecorder:
@@ -50,17 +60,68 @@ class ArrayRecorder:
             return x.cpu().numpy()
         return x.to(torch.float32).cpu().numpy()
 
-    def save(self, stage: str, layer: int | None, x: torch.Tensor) -> None:
+    def _from_host(self, stage: str, x: Any) -> np.ndarray:
+        """A numpy array, a numpy scalar or a (nested) list or tuple of numbers as :meth:`_to_numpy`
+        stores a tensor: integers as int32, floats as float32 (float64 kept with ``keep_dtype``)."""
+        try:
+            a = np.asarray(x)
+        except ValueError:          # a ragged list
+            raise ValueError(f"stage {stage!r}: {_short(x)} is not a rectangular array of numbers") from None
+        if a.dtype.kind in "iu":
+            if a.size and (a.min() < _INT32.min or a.max() > _INT32.max):
+                raise ValueError(f"stage {stage!r}: integer values out of int32 range "
+                                 f"[{_INT32.min}, {_INT32.max}] (min {a.min()}, max {a.max()})")
+            return a.astype(np.int32)
+        if a.dtype.kind == "f":
+            return a.copy() if a.dtype == np.float64 and self.keep_dtype else a.astype(np.float32)
+        raise TypeError(f"stage {stage!r}: a {type(x).__name__} of {a.dtype} values; "
+                        f"expected integer or floating-point numbers")
+
+    def save(self, stage: str, layer: int | None, x: torch.Tensor | np.ndarray | Sequence[Any]) -> None:
+        """Record one stage's value, as a forward computes it.
+
+        ``stage`` is a name of :data:`moesnap.stages.ALL_STAGES`.  Whole-model stages take
+        ``layer=None``: ``tokens`` (the input ids, ``[T]``), ``embed`` and ``final_norm``
+        (``[T, H]``), ``logits`` (``[T, V]``).  Per-layer stages take the layer's index (0-based):
+        ``attn_norm``, ``attn_out``, ``attn_resid``, ``ffn_norm``, ``moe_out``, ``layer_out``
+        (``[T, H]``); ``q``, ``q_norm``, ``q_rope`` (``[T, Hq, D]``); ``k``, ``v``, ``k_norm``,
+        ``k_rope`` (``[T, Hkv, D]``); ``attn`` (``[T, Hq*D]``); ``router_logits`` (``[T, E]``);
+        ``topk_ids`` and ``topk_weights`` (``[T, k]``, by descending weight); ``expert_out``
+        (``[T, k, H]``): :mod:`moesnap.stages` lists them with their shapes.
+
+        ``x`` is a torch tensor (any device; detached and copied to the host), a numpy array or a
+        list of numbers (``rec.save("tokens", None, [1, 2, 3])``).  Integers are kept as int32,
+        floats as float32 (float64 too with ``keep_dtype``).  Saving a stage again replaces it.
+        An unknown stage, a layer where there is none (or none where one is needed) is a
+        :class:`ValueError`; a value of another type (a string, None, a dict, ...) a
+        :class:`TypeError` naming the stage and the type.
+        """
         if stage not in ALL_STAGES:
-            raise ValueError(f"unknown stage {stage!r}")
-        arr = self._to_numpy(x)
+            known = canonical(stage) if isinstance(stage, str) else None
+            hint = f" (moesnap calls it {known!r})" if known else f"; choose one of {', '.join(ALL_STAGES)}"
+            raise ValueError(f"unknown stage {stage!r}{hint}")
         if layer is None:
             if stage not in MODEL_STAGES:
                 raise ValueError(f"stage {stage!r} is per-layer; give a layer")
-            self.model[stage] = arr
         else:
             if stage not in LAYER_STAGES:
                 raise ValueError(f"stage {stage!r} is whole-model; layer must be None")
+            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+                raise TypeError(f"stage {stage!r}: layer {layer!r} is a {type(layer).__name__}; "
+                                "expected an integer (or None for a whole-model stage)")
+            layer = int(layer)
+            if layer < 0:
+                raise ValueError(f"stage {stage!r}: layer {layer} must be >= 0")
+        if isinstance(x, torch.Tensor):
+            arr = self._to_numpy(x)
+        elif isinstance(x, (np.ndarray, np.generic, list, tuple)):
+            arr = self._from_host(stage, x)
+        else:
+            raise TypeError(f"stage {stage!r}: cannot record a {type(x).__name__}; "
+                            "expected a torch.Tensor, a numpy array or a list of numbers")
+        if layer is None:
+            self.model[stage] = arr
+        else:
             self.layers.setdefault(stage, {})[layer] = arr
 
     def case(self, attrs: dict[str, Any] | None = None) -> "Case":
@@ -68,7 +129,7 @@ class ArrayRecorder:
         from ..case import from_recorder
 
         if "tokens" not in self.model:
-            raise ValueError("save the token ids first: rec.save('tokens', None, torch.tensor(ids))")
+            raise ValueError("save the token ids first: rec.save('tokens', None, ids)")
         return from_recorder(self, attrs)
 
     def stacked(self) -> dict[str, np.ndarray]:

@@ -6,17 +6,20 @@ path, or ``NAME[@vNNNN]`` in a golden store, resolved as ``moesnap compare`` res
 adapter (:mod:`moesnap.capture.sglang`, :mod:`moesnap.capture.aprt`) reads the directory into a case;
 the case group is written atomically at ``out``, which is refused before anything is read if it
 exists (without ``force``, which replaces only a case group) or lies inside a published golden.
+
+The dump directory, the format and the forward pass are checked first (:func:`check_dump`, which
+needs no torch: importing this module loads none), then the output, then the golden.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .. import capture
-from ..case import Case
 from ..errors import UsageError
-from .compare import resolve_golden_meta
-from .trace import check_output, write_output
+
+if TYPE_CHECKING:
+    from ..case import Case
 
 FORMATS: tuple[str, ...] = ("sglang", "aprt")
 
@@ -46,14 +49,35 @@ def _golden_case(golden: list[tuple[str, Case]], like: str, case: str | None, fm
                      f"with --case NAME")
 
 
+def check_dump(fmt: str, dump: str | Path, forward_pass: int | None = None) -> Path:
+    """Refuse, before torch loads or the golden is read, an unknown format, a forward pass that the
+    format has not or that is negative, and a dump directory that does not exist or is not one."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown dump format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    d = Path(dump)
+    if not str(dump):
+        raise UsageError("DIR: empty path (the dump directory to import)")
+    if not d.exists():
+        raise UsageError(f"{d}: no such directory (the {fmt} dump to import)")
+    if not d.is_dir():
+        raise UsageError(f"{d}: not a directory (--format {fmt} reads a dump directory)")
+    if forward_pass is not None:
+        if fmt != "sglang":
+            raise UsageError(f"--pass: only an SGLang dump holds several forward passes (an {fmt} dump holds one)")
+        if forward_pass < 0:
+            raise UsageError(f"--pass {forward_pass}: a forward pass number is not negative")
+    return d
+
+
 def import_dump(fmt: str, dump: str | Path, *, like: str, out: str | Path, store: str | None = None,
                 case: str | None = None, forward_pass: int | None = None, force: bool = False) -> tuple[Case, str]:
     """Read the ``fmt`` dump at ``dump`` into a case shaped like ``like``'s and write it at ``out``;
     return (the case, the golden case's name)."""
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown dump format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if forward_pass is not None and fmt != "sglang":
-        raise UsageError(f"--pass: only an SGLang dump holds several forward passes (an {fmt} dump holds one)")
+    from .. import capture
+    from .compare import resolve_golden_meta
+    from .trace import check_output, write_output
+
+    check_dump(fmt, dump, forward_pass)
     check_output(out, force=force)
     _, _, golden = resolve_golden_meta(like, store)
     name, g = _golden_case(golden, like, case, fmt, dump, forward_pass)
