@@ -207,3 +207,28 @@ def test_a_sigint_while_the_store_publishes_is_delivered_after_it():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_sigint_inside_an_import_comes_again_once_it_is_done(tmp_path):
+    """torch's import runs Python code from C++, where a KeyboardInterrupt ends the process in
+    std::terminate: the entry point's handler lets an import finish and raises the interrupt then."""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C in the middle of this import\n"
+        "time.sleep(0.2)\n"
+        "DONE = True\n")
+    code = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from moesnap.cli.main import _Interrupts\n"
+        "_Interrupts().install()\n"
+        "try:\n"
+        "    import slow_module\n"
+        "    print('imported', slow_module.DONE, flush=True)\n"
+        "    time.sleep(5)\n"
+        "    print('never interrupted', flush=True)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted after the import', flush=True)\n"
+        "    sys.exit(0)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout == "imported True\ninterrupted after the import\n" and r.stderr == "", (r.stdout, r.stderr)
