@@ -6,6 +6,10 @@ The Python API (the command line is a thin layer over the same functions)::
 
     # goldens: the reference forward of a model, every stage of every layer, versioned in a store
     ref = moesnap.generate("model.gguf", "mysuite", [[1, 2, 3], "Hello"], store="goldens")
+    # ... past the prompt: each case followed by the reference's greedy continuation of 8 tokens
+    # (or continuation=[[5, 6], " world"], one per case): the golden of 8 decode steps, served by
+    # moesnap.check(..., decode=8) (a prefill, then 8 steps through a KV cache)
+    ref = moesnap.generate("model.gguf", "served", [[1, 2, 3], "Hello"], store="goldens", decode=8)
 
     # moesnap's own candidate forward (CUDA or CPU) judged against them
     report = moesnap.check("model.gguf", "mysuite", store="goldens", device="cuda", dtype="bfloat16")
