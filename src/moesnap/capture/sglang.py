@@ -17,13 +17,23 @@ is left goes through :data:`moesnap.stages.ALIASES` (moesnap's own stage names w
 residual output of ``input_layernorm`` (layer ``N``) and of the final ``norm`` is the ``layer_out`` of
 the layer before, and ``self_attn.qkv_proj.output`` holds ``q``, ``k`` and ``v`` side by side.
 SGLang's bookkeeping fields (``input_ids``, ``positions``, ``seq_lens``, ``req_pool_indices``,
-``rids``) are no stages: ``input_ids`` and ``positions`` are checked against the golden's prompt (a
-pass that ran other tokens, or started after a cached prefix, is refused), the others are left out.
-Any other name is refused, naming the file: a stage moesnap cannot place is not guessed.
+``rids``) are no stages: ``input_ids`` and ``positions`` match each pass to the golden's tokens.  SGLang's
+source-patch names (:data:`SOURCE_PATCH`) are stages too, and so are the module inputs that are one
+(``model.layers.N.inputs.1`` / ``layer_input``: the residual a layer starts from, the previous layer's
+``layer_out`` or ``embed``; ``model.norm.inputs.0``: the last ``layer_out``).  Every other name (an
+unfiltered ``DUMPER_NON_INTRUSIVE_MODE=all`` dump holds ~36 patterns) is listed in ``ignored_names``,
+never refused; a dump of bookkeeping alone (the default ``core`` mode) is refused with the hint to dump
+with ``DUMPER_NON_INTRUSIVE_MODE=all``.  Two names of one stage that differ (a fault between
+``mlp.experts.output`` and ``mlp.output``) are both kept: the case holds the later in the forward (what
+the engine carried on), and ``parted`` records both names and where they part.
 
-One forward pass is imported: the only one, or the one chosen (``forward_pass``).  Files of rank 0 are
-imported; a rank above 0 must hold the same values (a replicated tensor), otherwise it is refused:
-resharding a tensor-parallel dump is not supported yet.
+Passes are matched by the ``input_ids`` and ``positions`` they ran: the pass that ran the golden's prompt
+(or a prefix of it) from position 0 is the case, the decode passes after it (one token each, at the next
+position, the golden's next token) its ``steps``; a warm-up or another request is left out
+(``passes_left_out``).  ``forward_pass`` imports that one pass alone.  Tensor-parallel ranks are
+reassembled from the dumper's ``meta.sglang_parallel_info`` through :mod:`moesnap.capture.shards` (heads
+column-parallel, ``o_proj`` and the experts partial sums where the ranks differ); without that meta a
+rank above 0 must hold rank 0's values.
 
 A ``.pt`` file is a pickle and may be hostile: it is read with ``torch.load(weights_only=True)``,
 which rebuilds tensors and plain containers only and refuses anything else, so no code in a dump runs.
