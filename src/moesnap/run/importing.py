@@ -42,7 +42,7 @@ def _golden_case(golden: list[tuple[str, Case]], like: str, case: str | None, fm
         tokens = dumped_tokens(dump, forward_pass)
         if tokens is not None:
             for n, c in golden:
-                if c.tokens.shape == tokens.shape and (c.tokens == tokens).all():
+                if tokens.size <= c.tokens.size and (c.tokens[:tokens.size] == tokens).all():  # prompt + steps
                     return n, c
             raise UsageError(f"{dump}: its input_ids match none of {like}'s cases ({', '.join(names)})")
     raise UsageError(f"{like} holds {len(golden)} cases ({', '.join(names)}): choose the one the dump ran "
@@ -106,6 +106,17 @@ def describe(case: Case) -> list[str]:
         if last:
             text += f" (last token only{'' if last == lays else ' at layers ' + _ranges(last)})"
         out.append(text)
+    for n, step in enumerate(case.steps):
+        out.append(f"decode step {step.attrs.get('step', n)}: position {[int(x) for x in step.positions]}, {len(step.layers)} "
+                   f"per-layer stages")
+    for x in case.attrs.get("parted") or []:
+        out.append(f"{x['stage']}{'' if x['layer'] is None else ' of layer ' + str(x['layer'])}: {x['other']} and "
+                   f"{x['kept']} part from token {x['token']} (rel L2 {x['rel_l2']:.3g}): the case holds {x['kept']}")
+    names = case.attrs.get("ignored_names") or []
+    if names:
+        out.append(f"ignored (no stage): {len(names)} names: {', '.join(names[:6])}{' …' if len(names) > 6 else ''}")
+    for x in case.attrs.get("passes_left_out") or []:
+        out.append(f"pass left out (not the golden's request): {x}")
     return out
 
 
