@@ -10,7 +10,7 @@ from pathlib import Path
 from .classify import Verdict
 from .compare import PER_LAYER_MODES, StageResult
 from .distribution import summary as next_token_summary
-from .report import SYMBOL, Report, _atomic_write, _fmt_loc, _unjudged, coverage_line, ratio_text, row_label
+from .report import SYMBOL, Report, _atomic_write, _fmt_loc, _unjudged, coverage_line, ratio_text, table_rows
 from ..stages import LAYER_STAGES
 
 #: passing cells, by how much of its tolerance the stage uses (error ÷ tolerance): upper bounds and colours
@@ -300,22 +300,10 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
         for ci, case in enumerate(cases):
             parts.append(f"<h3>{e(label)} — case {e(case.case)}</h3><table><tr><th></th>")
             parts += [f"<th>{e(s)}</th>" for s in LAYER_STAGES] + ["</tr>"]
-            by: dict[int | None, dict[str, StageResult]] = {}
-            for r in case.results:
-                by.setdefault(r.layer, {})[r.stage] = r
-            for stage in ("embed",):
-                if stage in by.get(None, {}):
-                    r = by[None][stage]
-                    parts.append(f"<tr><td>{row_label(None, stage)}</td>{_cell(r, ids.get(id(r)), first)}</tr>")
-            for layer in sorted(k for k in by if k is not None):
-                row = by[layer]
-                parts.append(f"<tr><td>{row_label(layer, '')}</td>" + "".join(
-                    _cell(row.get(s), ids.get(id(row[s])) if s in row else None, first) for s in LAYER_STAGES)
-                    + "</tr>")
-            for stage in ("final_norm", "logits"):
-                if stage in by.get(None, {}):
-                    r = by[None][stage]
-                    parts.append(f"<tr><td>{row_label(None, stage)}</td>{_cell(r, ids.get(id(r)), first)}</tr>")
+            for label, layer, row in table_rows(case):
+                cells = (LAYER_STAGES if layer is not None else tuple(row))
+                parts.append(f"<tr><td>{label}</td>" + "".join(
+                    _cell(row.get(st), ids.get(id(row[st])) if st in row else None, first) for st in cells) + "</tr>")
             parts.append("</table>")
             if n := unpanelled[si, ci]:
                 parts.append(f"<p>no panel for {n} more failing, tied or near-failing {'cell' if n == 1 else 'cells'} "

@@ -72,27 +72,33 @@ def row_worst(rs: list[StageResult]) -> str:
     return f"{ratio_text(w.ratio):<7} {r.stage} ({w.rule})"
 
 
+def table_rows(case: CaseReport) -> list[tuple[str, int | None, dict[str, StageResult]]]:
+    """A case's table rows in order — embed, each layer, final_norm, logits — as (label, layer, {stage:
+    result}); a whole-model row holds its one stage.  The text table and the HTML both draw these."""
+    by: dict[int | None, dict[str, StageResult]] = {}
+    for r in case.results:
+        by.setdefault(r.layer, {})[r.stage] = r
+    whole = by.get(None, {})
+    out: list[tuple[str, int | None, dict[str, StageResult]]] = [
+        (row_label(None, s), None, {s: whole[s]}) for s in ("embed",) if s in whole]
+    out += [(row_label(layer, ""), layer, by[layer]) for layer in sorted(k for k in by if k is not None)]
+    out += [(row_label(None, s), None, {s: whole[s]}) for s in ("final_norm", "logits") if s in whole]
+    return out
+
+
 def table(case: CaseReport, *, title: str | None = None) -> list[str]:
     """One row per layer: a symbol per stage, then the row's first failure and what failed, or (a
     passing row) how close it came to failing: the largest error ÷ tolerance of its stages."""
-    by_layer: dict[int | None, dict[str, StageResult]] = {}
-    for r in case.results:
-        by_layer.setdefault(r.layer, {})[r.stage] = r
     head = "      " + "".join(f"{CODE[s]:>3}" for s in LAYER_STAGES) + " | " + WORST_HEAD
     lines = [title or f"case {case.case} ({case.dtype})", head]
     blank = " " * (3 * len(LAYER_STAGES) - 3)
-    for stage in ("embed",):
-        if stage in by_layer.get(None, {}):
-            r = by_layer[None][stage]
-            lines.append(f"{row_label(None, stage):<6}{_sym(r):>3}{blank} | {row_worst([r])}")
-    for layer in sorted(k for k in by_layer if k is not None):
-        row = by_layer[layer]
-        cells = "".join(f"{_sym(row[s]) if s in row else ' ':>3}" for s in LAYER_STAGES)
-        lines.append(f"{row_label(layer, ''):<6}{cells} | {row_worst(list(row.values()))}")
-    for stage in ("final_norm", "logits"):
-        if stage in by_layer.get(None, {}):
-            r = by_layer[None][stage]
-            lines.append(f"{row_label(None, stage):<6}{_sym(r):>3}{blank} | {row_worst([r])}")
+    for label, layer, row in table_rows(case):
+        if layer is None:
+            (r,) = row.values()
+            lines.append(f"{label:<6}{_sym(r):>3}{blank} | {row_worst([r])}")
+        else:
+            cells = "".join(f"{_sym(row[s]) if s in row else ' ':>3}" for s in LAYER_STAGES)
+            lines.append(f"{label:<6}{cells} | {row_worst(list(row.values()))}")
     return lines
 
 
@@ -138,10 +144,10 @@ def text(report: Report) -> list[str]:
         out += steps + [""]
     out.append(LEGEND)
     out.append("columns: " + " ".join(f"{CODE[s]}={s}" for s in LAYER_STAGES))
-    for c, n in ((c, n) for c in report.cases for n in c.routing_notes):
-        out.append(f"routing: {c.case}: {n}")
-    for c, n in ((c, n) for c in report.replay or [] for n in c.routing_notes):
-        out.append(f"routing ({report.replay_kind}): {c.case}: {n}")
+    for case in report.cases:
+        out += [f"routing: {case.case}: {n}" for n in case.routing_notes]
+    for case in report.replay or ():
+        out += [f"routing ({report.replay_kind}): {case.case}: {n}" for n in case.routing_notes]
     for n in [*report.notes, *(n for c in [*report.cases, *(report.replay or ())] for n in c.notes)]:
         out.append(f"note: {n}")
     for n in report.ignored_lines():
