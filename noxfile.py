@@ -45,6 +45,7 @@ TYPED = [f"src/moesnap/{m}" for m in (
     "store/s3.py", "store/open.py",
     "judge/__init__.py", "judge/tolerances.py", "judge/classify.py", "judge/routing.py", "judge/compare.py", "judge/report.py",
     "judge/policy.py", "judge/suite.py", "judge/html.py", "judge/distribution.py", "run/serving.py",
+    "model/faults.py", "model/kvcache.py", "model/serve.py", "model/kernels.py",
     "run/__init__.py", "run/trace.py", "run/goldens.py", "run/check.py", "run/compare.py", "run/calibrate.py",
     "run/rereference.py", "run/importing.py", "run/prompts.py",
     "capture/__init__.py", "capture/_flat.py", "capture/hf.py", "capture/llama.py", "capture/sglang.py",
