@@ -111,7 +111,7 @@ def describe(case: Case) -> list[str]:
                    f"per-layer stages")
     for x in case.attrs.get("parted") or []:
         out.append(f"{x['stage']}{'' if x['layer'] is None else ' of layer ' + str(x['layer'])}: {x['other']} and "
-                   f"{x['kept']} part from token {x['token']} (rel L2 {x['rel_l2']:.3g}): the case holds {x['kept']}")
+                   f"{x['kept']} part from token {x['token']} (rel L2 {x['rel_l2'] if x['rel_l2'] is None else format(x['rel_l2'], '.3g')}): the case holds {x['kept']}")
     names = case.attrs.get("ignored_names") or []
     if names:
         out.append(f"ignored (no stage): {len(names)} names: {', '.join(names[:6])}{' …' if len(names) > 6 else ''}")
