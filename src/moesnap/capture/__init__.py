@@ -7,6 +7,14 @@ optional dependency import it only when called and refuse with one line
 (:class:`~moesnap.errors.UsageError`) when it is missing.
 
 - :func:`transformers` (``hf``): forward hooks on a transformers ``Qwen3MoeForCausalLM``.
+- :func:`llama_cpp` (``llama``): llama.cpp's own forward of a GGUF, its graph's named tensors.
+
+Both run the prompt, then with ``decode=N`` N decode steps through the engine's own KV cache, and
+return the prompt's case with one case per step in its ``steps`` (``attrs`` ``positions`` and
+``step``), judged against the golden's rows at those positions (the golden of prompt + continuation
+is one reference forward over both).  ``continuation=IDS`` feeds the steps the given tokens
+(teacher-forced, as ``check --decode`` does with the golden's); without it each step is fed the
+engine's own greedy choice.
 - :func:`import_sglang` (``sglang``): the ``.pt`` files of SGLang's tensor dumper.
 - :func:`import_aprt` (``aprt``): an aprender trace directory (``layer-<N>/<stage>.bin``).
 
@@ -20,25 +28,68 @@ May import: ``gguf``, ``model``, ``case``, ``errors``, ``stages``, ``util``.  Im
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from ..case import Case
+from ..errors import UsageError
 
 
-def transformers(model: Any, tokens: Sequence[int], *, attrs: dict[str, Any] | None = None) -> Case:
-    """Run ``tokens`` through a transformers ``Qwen3MoeForCausalLM`` and capture every visible stage.
+def transformers(model: Any, tokens: Sequence[int], *, decode: int = 0, continuation: Sequence[int] | None = None,
+                 attrs: dict[str, Any] | None = None) -> Case:
+    """Run ``tokens`` through a transformers ``Qwen3MoeForCausalLM`` and capture every visible stage;
+    with ``decode=N``, then N decode steps through transformers' own KV cache (``continuation``: the
+    tokens they are fed, teacher-forced; without it each step is fed the model's own greedy choice),
+    one case each in the returned case's ``steps``.
 
     See :func:`moesnap.capture.hf.transformers_case`.  Example::
 
         from transformers import AutoModelForCausalLM
         import moesnap.capture
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype="bfloat16").cuda()
-        case = moesnap.capture.transformers(model, [1, 2, 3])
+        case = moesnap.capture.transformers(model, [1, 2, 3], decode=4)
+        case.steps[0].positions                     # array([3], dtype=int32)
     """
     from .hf import transformers_case
 
-    return transformers_case(model, tokens, attrs=attrs)
+    return transformers_case(model, tokens, decode=decode, continuation=continuation, attrs=attrs)
+
+
+def llama_cpp(path: str | Path, tokens: Sequence[int], *, decode: int = 0, continuation: Sequence[int] | None = None,
+              attrs: dict[str, Any] | None = None) -> Case:
+    """Run ``tokens`` through llama.cpp's own forward of the GGUF at ``path`` and capture every stage its
+    graph names; with ``decode=N``, then N decode steps, one ``llama_decode`` per token through
+    llama.cpp's KV cache (``continuation`` as for :func:`transformers`).
+
+    See :func:`moesnap.capture.llama.llama_case`.
+    """
+    from .llama import llama_case
+
+    return llama_case(path, tokens, decode=decode, continuation=continuation, attrs=attrs)
+
+
+def decode_plan(decode: int, continuation: Sequence[int] | None, *, engine: str) -> tuple[int, list[int] | None]:
+    """How many decode steps follow the prompt, and the tokens they are fed (None: each step the
+    engine's own greedy choice).  ``continuation`` teacher-forces the steps: ``decode=N`` takes its
+    first N tokens, ``decode=0`` all of them.  Refused with one line (:class:`UsageError`) naming the
+    bad value."""
+    if isinstance(decode, bool) or not isinstance(decode, (int, np.integer)) or decode < 0:
+        raise UsageError(f"{engine} capture: decode={decode!r} must be a whole number of steps >= 0")
+    if continuation is None:
+        return int(decode), None
+    try:
+        ids = [operator.index(t) for t in continuation]
+    except TypeError:
+        raise UsageError(f"{engine} capture: continuation={continuation!r} must be token ids (whole numbers)") from None
+    if not ids:
+        raise UsageError(f"{engine} capture: the continuation is empty (leave it out to decode greedily)")
+    n = int(decode) or len(ids)
+    if n > len(ids):
+        raise UsageError(f"{engine} capture: decode={n} needs {n} continuation tokens; the continuation has {len(ids)}")
+    return n, ids[:n]
 
 
 def import_sglang(path: str | Path, like: Case, *, forward_pass: int | None = None,
@@ -69,4 +120,4 @@ def import_aprt(path: str | Path, like: Case, *, attrs: dict[str, Any] | None = 
     return aprt_case(path, Like.of(like), attrs=attrs)
 
 
-__all__ = ["transformers", "import_sglang", "import_aprt"]
+__all__ = ["transformers", "llama_cpp", "import_sglang", "import_aprt", "decode_plan"]

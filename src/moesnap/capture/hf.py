@@ -27,7 +27,9 @@ RoPE is a plain function and the experts are one fused module, so ``q_rope``,
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -151,17 +153,118 @@ def model_from_gguf(model: Any, *, device: torch.device | str = "cpu", dtype: to
     return hf.eval()
 
 
-def transformers_case(model: nn.Module, tokens: Sequence[int], *, attrs: dict[str, Any] | None = None) -> Case:
-    """Run ``tokens`` through a transformers ``Qwen3MoeForCausalLM`` and capture every visible stage.
+class _Stages:
+    """Forward hooks on the modules of every stage, recording into the forward under way.
 
-    One forward, batch 1, ``use_cache=False``, under ``torch.inference_mode``;
-    the model stays on its device and in its dtype (and is put in eval mode for
-    the call, then back).  Returns a :class:`Case` whose ``attrs`` hold
-    ``engine="transformers"``, ``dtype`` (of the model's parameters),
-    ``transformers_version`` and the other versions, the device and the token
-    ids, updated with ``attrs``.  Raises :class:`UsageError` when transformers
-    is missing or ``model`` is not an all-MoE Qwen3-MoE causal LM.
+    Registered once for all the forwards of one capture (the prefill, then each decode step);
+    :meth:`forward` runs one forward of ``T`` rows into a fresh recorder and checks that every hooked
+    module ran once."""
+
+    def __init__(self, model: nn.Module, inner: Any) -> None:
+        self.rec = ArrayRecorder()
+        self.T = 0
+        self.calls: Counter[tuple[str, int | None]] = Counter()
+        hooks = [inner.embed_tokens.register_forward_hook(self._out("embed", None, (-1,))),
+                 inner.norm.register_forward_hook(self._out("final_norm", None, (-1,)))]
+        self.hooks = hooks
+        try:
+            hf_config: Any = model.config
+            for i, layer in enumerate(inner.layers):
+                att, mlp = layer.self_attn, layer.mlp
+                D = int(att.head_dim)
+                k = int(getattr(mlp.gate, "top_k", hf_config.num_experts_per_tok))
+                hooks += [
+                    layer.input_layernorm.register_forward_hook(self._out("attn_norm", i, (-1,))),
+                    att.q_proj.register_forward_hook(self._out("q", i, (-1, D))),           # [T, Hq, D]
+                    att.k_proj.register_forward_hook(self._out("k", i, (-1, D))),           # [T, Hkv, D]
+                    att.v_proj.register_forward_hook(self._out("v", i, (-1, D))),           # [T, Hkv, D]
+                    att.q_norm.register_forward_hook(self._out("q_norm", i, (-1, D))),      # [B, T, Hq, D] in
+                    att.k_norm.register_forward_hook(self._out("k_norm", i, (-1, D))),
+                    att.o_proj.register_forward_pre_hook(self._in("attn", i), with_kwargs=True),  # [T, Hq*D]
+                    att.o_proj.register_forward_hook(self._out("attn_out", i, (-1,))),
+                    layer.post_attention_layernorm.register_forward_pre_hook(self._in("attn_resid", i),
+                                                                             with_kwargs=True),
+                    layer.post_attention_layernorm.register_forward_hook(self._out("ffn_norm", i, (-1,))),
+                    mlp.gate.register_forward_hook(self._gate(i, k)),
+                    mlp.register_forward_hook(self._out("moe_out", i, (-1,))),
+                    layer.register_forward_hook(self._out("layer_out", i, (-1,))),
+                ]
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def _save(self, stage: str, layer: int | None, x: torch.Tensor, tail: tuple[int, ...]) -> None:
+        self.calls[(stage, layer)] += 1
+        self.rec.save(stage, layer, x.detach().reshape(self.T, *tail))
+
+    def _out(self, stage: str, layer: int | None, tail: tuple[int, ...]) -> Callable:
+        return lambda mod, args, out: self._save(stage, layer, _tensor(out, f"{stage} (layer {layer})"), tail)
+
+    def _in(self, stage: str, layer: int) -> Callable:
+        return lambda mod, args, kwargs: self._save(stage, layer, _first_arg(args, kwargs, f"{stage} (layer {layer})"),
+                                                    (-1,))
+
+    def _gate(self, layer: int, k: int) -> Callable:
+        def hook(mod, args, out) -> None:
+            if not (isinstance(out, tuple) and len(out) == 3):
+                raise UsageError(f"transformers capture: layer {layer} mlp.gate did not return "
+                                 f"(router_logits, top_k_weights, top_k_index)")
+            logits, weights, index = out
+            self._save("router_logits", layer, logits, (-1,))     # [T, E]
+            self._save("topk_weights", layer, weights, (k,))       # [T, k] renormalised when norm_topk_prob
+            self._save("topk_ids", layer, index, (k,))             # [T, k] by descending weight (torch.topk)
+        return hook
+
+    def forward(self, run: Callable[[], Any], ids: np.ndarray, where: str) -> tuple[ArrayRecorder, torch.Tensor]:
+        """Run one forward (``run()``) over the rows ``ids``; its recorder (tokens and logits included)
+        and its logits ``[T, V]``."""
+        self.rec, self.T, self.calls = ArrayRecorder(), int(ids.size), Counter()
+        out = run()
+        twice = sorted(f"{s}" + ("" if layer is None else f" (layer {layer})")
+                       for (s, layer), n in self.calls.items() if n > 1)
+        if twice:
+            raise UsageError(f"transformers capture: modules ran more than once in one forward ({where}): "
+                             f"{', '.join(twice[:4])}")
+        logits = out.logits.detach().reshape(self.T, -1)                          # [T, V]
+        self.rec.save("tokens", None, torch.as_tensor(ids))
+        self.rec.save("logits", None, logits)
+        return self.rec, logits
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The keyword the causal LM's forward takes its KV cache by: ``cache`` (transformers 5.2x renamed
+    it) where the signature names it, else ``past_key_values`` (5.17 and earlier; deprecated later)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def transformers_case(model: nn.Module, tokens: Sequence[int], *, decode: int = 0,
+                      continuation: Sequence[int] | None = None, attrs: dict[str, Any] | None = None) -> Case:
+    """Run ``tokens`` through a transformers ``Qwen3MoeForCausalLM`` and capture every visible stage;
+    with ``decode``, then decode steps through transformers' own KV cache, each captured too.
+
+    ``decode=0`` (and no ``continuation``): one forward, batch 1, ``use_cache=False``.  ``decode=N``:
+    a prefill of ``tokens`` into a ``DynamicCache``, then ``N`` single-token forwards through the same
+    cache (transformers places each at the cache's length), the hooks recording every forward.  The
+    tokens the steps are fed: ``continuation`` (teacher-forced: step ``n`` is fed ``continuation[n]``;
+    ``decode=0`` with a continuation decodes all of it), else the model's own greedy choice (the
+    argmax of the previous forward's last logits).  Everything runs under ``torch.inference_mode``;
+    the model stays on its device and in its dtype (and is put in eval mode for the call, then back).
+
+    Returns the prompt's :class:`Case` whose ``attrs`` hold ``engine="transformers"``, ``dtype`` (of
+    the model's parameters), ``transformers_version`` and the other versions, the device and the token
+    ids (with steps: ``positions`` 0..T-1, ``decode``, ``decoded`` — ``"continuation"`` or
+    ``"greedy"`` — and the fed ``continuation``), updated with ``attrs``; its ``steps`` hold one case of one row per decode step
+    (``attrs`` ``positions=[len(tokens) + n]``, ``step=n``, ``engine``, ``dtype``).  Raises
+    :class:`UsageError` when transformers is missing, ``model`` is not an all-MoE Qwen3-MoE causal LM,
+    or a token or ``decode``/``continuation`` is out of range.
     """
+    from . import decode_plan
+
     try:
         import transformers
     except ImportError:
@@ -176,81 +279,57 @@ def transformers_case(model: nn.Module, tokens: Sequence[int], *, attrs: dict[st
     ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if ids.size == 0:
         raise UsageError("transformers capture: empty token list")
+    n_steps, fed = decode_plan(decode, continuation, engine="transformers")
+    vocab = int(inner.embed_tokens.num_embeddings)
+    for what, seq in (("token", ids.tolist()), ("continuation token", fed or [])):
+        bad = [int(t) for t in seq if not 0 <= int(t) < vocab]
+        if bad:
+            raise UsageError(f"transformers capture: {what} {bad[0]} is outside the vocabulary (0..{vocab - 1})")
     T = int(ids.size)
-    rec = ArrayRecorder()
-    calls: Counter[tuple[str, int | None]] = Counter()
-
-    def save(stage: str, layer: int | None, x: torch.Tensor, shape: tuple[int, ...]) -> None:
-        calls[(stage, layer)] += 1
-        rec.save(stage, layer, x.detach().reshape(shape))
-
-    def out_hook(stage: str, layer: int | None, shape: tuple[int, ...]) -> Callable:
-        return lambda mod, args, out: save(stage, layer, _tensor(out, f"{stage} (layer {layer})"), shape)
-
-    def in_hook(stage: str, layer: int, shape: tuple[int, ...]) -> Callable:
-        return lambda mod, args, kwargs: save(stage, layer, _first_arg(args, kwargs, f"{stage} (layer {layer})"),
-                                              shape)
-
-    def gate_hook(layer: int, k: int) -> Callable:
-        def hook(mod, args, out) -> None:
-            if not (isinstance(out, tuple) and len(out) == 3):
-                raise UsageError(f"transformers capture: layer {layer} mlp.gate did not return "
-                                 f"(router_logits, top_k_weights, top_k_index)")
-            logits, weights, index = out
-            save("router_logits", layer, logits, (T, -1))     # [T, E]
-            save("topk_weights", layer, weights, (T, k))       # [T, k] renormalised when norm_topk_prob
-            save("topk_ids", layer, index, (T, k))             # [T, k] by descending weight (torch.topk)
-        return hook
-
-    hooks = [inner.embed_tokens.register_forward_hook(out_hook("embed", None, (T, -1))),
-             inner.norm.register_forward_hook(out_hook("final_norm", None, (T, -1)))]
+    common: dict[str, Any] = {"producer": "transformers", "engine": "transformers", "dtype": dtype,
+                              "device": str(param.device)}
+    stages = _Stages(model, inner)
+    step_cases: list[Case] = []
     try:
-        hf_config: Any = model.config
-        for i, layer in enumerate(inner.layers):
-            att, mlp = layer.self_attn, layer.mlp
-            D = int(att.head_dim)
-            k = int(getattr(mlp.gate, "top_k", hf_config.num_experts_per_tok))
-            hooks += [
-                layer.input_layernorm.register_forward_hook(out_hook("attn_norm", i, (T, -1))),
-                att.q_proj.register_forward_hook(out_hook("q", i, (T, -1, D))),           # [T, Hq, D]
-                att.k_proj.register_forward_hook(out_hook("k", i, (T, -1, D))),           # [T, Hkv, D]
-                att.v_proj.register_forward_hook(out_hook("v", i, (T, -1, D))),           # [T, Hkv, D]
-                att.q_norm.register_forward_hook(out_hook("q_norm", i, (T, -1, D))),      # [B, T, Hq, D] in
-                att.k_norm.register_forward_hook(out_hook("k_norm", i, (T, -1, D))),
-                att.o_proj.register_forward_pre_hook(in_hook("attn", i, (T, -1)), with_kwargs=True),  # [T, Hq*D]
-                att.o_proj.register_forward_hook(out_hook("attn_out", i, (T, -1))),
-                layer.post_attention_layernorm.register_forward_pre_hook(in_hook("attn_resid", i, (T, -1)),
-                                                                         with_kwargs=True),
-                layer.post_attention_layernorm.register_forward_hook(out_hook("ffn_norm", i, (T, -1))),
-                mlp.gate.register_forward_hook(gate_hook(i, k)),
-                mlp.register_forward_hook(out_hook("moe_out", i, (T, -1))),
-                layer.register_forward_hook(out_hook("layer_out", i, (T, -1))),
-            ]
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
-                input_ids = torch.as_tensor(ids, device=param.device)[None, :]   # [1, T]
-                out = model(input_ids=input_ids, use_cache=False)
+                def run(rows: np.ndarray, cache: Any) -> Any:
+                    input_ids = torch.as_tensor(rows, device=param.device)[None, :]   # [1, T]
+                    if cache is None:
+                        return lambda: model(input_ids=input_ids, use_cache=False)
+                    return lambda: model(input_ids=input_ids, use_cache=True, **{keyword: cache})
+
+                cache = None
+                keyword = _cache_keyword(model)
+                if n_steps:
+                    from transformers import DynamicCache
+
+                    cache = DynamicCache(config=model.config)
+                rec, logits = stages.forward(run(ids, cache), ids, "the prompt")
+                for n in range(n_steps):
+                    tok = fed[n] if fed is not None else int(torch.argmax(logits[-1]).item())
+                    row = np.asarray([tok], dtype=np.int64)
+                    srec, logits = stages.forward(run(row, cache), row, f"decode step {n}")
+                    step_cases.append(from_recorder(srec, {**common, "positions": [T + n], "step": n,
+                                                           "token_ids": [tok]}))
+                if cache is not None and cache.get_seq_length() != T + n_steps:
+                    raise UsageError(f"transformers capture: the KV cache holds {cache.get_seq_length()} "
+                                     f"positions after {T} prompt tokens and {n_steps} decode steps")
         finally:
             model.train(was_training)
     finally:
-        for h in hooks:
-            h.remove()
-    twice = sorted(f"{s}" + ("" if layer is None else f" (layer {layer})") for (s, layer), n in calls.items() if n > 1)
-    if twice:
-        raise UsageError(f"transformers capture: modules ran more than once in one forward: {', '.join(twice[:4])}")
-    rec.save("tokens", None, torch.as_tensor(ids))
-    rec.save("logits", None, out.logits.detach().reshape(T, -1))                  # [T, V]
+        stages.remove()
     meta: dict[str, Any] = {
-        "producer": "transformers",
-        "engine": "transformers",
-        "dtype": dtype,
-        "device": str(param.device),
+        **common,
         "transformers_version": transformers.__version__,
         "versions": {**versions(), "transformers": transformers.__version__},
         "token_ids": [int(t) for t in ids],
         "not_captured": list(NOT_CAPTURED),
     }
+    if n_steps:   # the prompt's rows are positions 0..T-1 of a sequence the steps go on (a prefix of the golden's)
+        meta.update({"positions": list(range(T)), "decode": n_steps, "decoded": "greedy" if fed is None else "continuation",
+                     "continuation": [int(s.tokens[0]) for s in step_cases], "kv_cache": type(cache).__name__})
     meta.update(attrs or {})
-    return from_recorder(rec, meta)
+    return replace(from_recorder(rec, meta), steps=tuple(step_cases))

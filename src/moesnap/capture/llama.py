@@ -36,6 +36,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -164,12 +165,19 @@ def _highlevel_logits(path: str, tokens: list[int], n_threads: int) -> np.ndarra
     return logits
 
 
-def _lowlevel(path: str, tokens: list[int], n_threads: int) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
-    """Logits [T, V] and every captured (name, array) in graph order."""
+#: one decode step of :func:`_lowlevel`: the token it was fed, its logits ``[1, V]`` and its captured tensors
+Step = tuple[int, np.ndarray, list[tuple[str, np.ndarray]]]
+
+
+def _lowlevel(path: str, tokens: list[int], n_threads: int, *, decode: int = 0,
+              continuation: list[int] | None = None) -> tuple[np.ndarray, list[tuple[str, np.ndarray]], list[Step]]:
+    """Logits [T, V] and every captured (name, array) in graph order of the prompt's forward; then
+    ``decode`` steps, one ``llama_decode`` of one token each at the next position (llama.cpp's KV
+    cache holds the earlier ones), fed ``continuation[n]`` or else the argmax of the previous logits."""
     import llama_cpp as L
 
     ggml = _libggml_base()
-    captured: list[tuple[str, np.ndarray]] = []
+    sink: list[list[tuple[str, np.ndarray]]] = [[]]   # the forward under way's captures
     errors: list[str] = []
 
     def callback(t_ptr, ask, user_data):  # noqa: ARG001
@@ -183,7 +191,7 @@ def _lowlevel(path: str, tokens: list[int], n_threads: int) -> tuple[np.ndarray,
                 shape = tuple(int(t.ne[i]) for i in reversed(range(GGML_MAX_DIMS)))  # numpy order
                 arr = np.empty(shape, dtype=np.float32 if t.type == GGML_TYPE_F32 else np.int32)
                 ggml.ggml_backend_tensor_get(t_ptr, arr.ctypes.data, 0, arr.nbytes)
-                captured.append((name, arr))
+                sink[0].append((name, arr))
             return True
         except Exception as e:  # never let an exception cross into C
             errors.append(repr(e))
@@ -198,7 +206,7 @@ def _lowlevel(path: str, tokens: list[int], n_threads: int) -> tuple[np.ndarray,
     T = len(tokens)
     n = max(T, 8)
     cparams = L.llama_context_default_params()
-    cparams.n_ctx = max(n, 64)
+    cparams.n_ctx = max(n + decode, 64)
     cparams.n_batch = n
     cparams.n_ubatch = n
     cparams.n_threads = n_threads
@@ -213,27 +221,38 @@ def _lowlevel(path: str, tokens: list[int], n_threads: int) -> tuple[np.ndarray,
         raise LlamaCrash("llama_init_from_model failed")
     n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
     batch = L.llama_batch_init(T, 0, 1)
-    try:
-        captured.clear()  # warm-up graphs (if any) are not ours
-        for i, tok in enumerate(tokens):
+    steps: list[Step] = []
+
+    def run(rows: list[int], start: int) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+        sink[0] = []   # warm-up graphs (if any) and earlier forwards are not this one's
+        for i, tok in enumerate(rows):
             batch.token[i] = tok
-            batch.pos[i] = i
+            batch.pos[i] = start + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = 1
-        batch.n_tokens = T
+        batch.n_tokens = len(rows)
         rc = L.llama_decode(ctx, batch)
         if rc != 0:
-            raise LlamaCrash(f"llama_decode returned {rc}")
+            raise LlamaCrash(f"llama_decode returned {rc} (positions {start}..{start + len(rows) - 1})")
         logits = np.stack([np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
-                           for i in range(T)])
+                           for i in range(len(rows))])
+        return logits.astype(np.float32), sink[0]
+
+    try:
+        logits, captured = run(tokens, 0)
+        last = logits
+        for step in range(decode):
+            tok = continuation[step] if continuation is not None else int(np.argmax(last[-1]))
+            last, step_captured = run([tok], T + step)
+            steps.append((tok, last, step_captured))
     finally:
         L.llama_batch_free(batch)
         L.llama_free(ctx)
         L.llama_model_free(model)
     if errors:
         raise LlamaCrash(f"eval callback failed: {errors[:3]}")
-    return logits.astype(np.float32), captured
+    return logits, captured, steps
 
 
 def _split(name: str) -> tuple[str, int | None]:
@@ -287,13 +306,17 @@ def map_stages(captured: list[tuple[str, np.ndarray]], T: int, n_expert_used: in
 
 
 def forward_in_process(path: str, tokens: list[int], *, stages: bool = True,
-                       n_threads: int | None = None, derive_attn_out: bool = False) -> dict[str, np.ndarray]:
-    """Run both passes in this process (a llama.cpp abort kills the interpreter)."""
+                       n_threads: int | None = None, derive_attn_out: bool = False, decode: int = 0,
+                       continuation: list[int] | None = None) -> dict[str, np.ndarray]:
+    """Run both passes in this process (a llama.cpp abort kills the interpreter).
+
+    With ``decode``, the low-level pass goes on with that many decode steps; step ``n``'s arrays are
+    keyed ``step<n>.<stage>`` (``tokens`` [1], ``logits`` [1, V] and its stages, one row each)."""
     n_threads = n_threads or min(os.cpu_count() or 1, 4)
     _capture_log()
     res: dict[str, np.ndarray] = {"logits": _highlevel_logits(path, tokens, n_threads)}
     if stages:
-        ll_logits, captured = _lowlevel(path, tokens, n_threads)
+        ll_logits, captured, steps = _lowlevel(path, tokens, n_threads, decode=decode, continuation=continuation)
         res["logits_lowlevel"] = ll_logits
         from gguf import GGUFReader
 
@@ -304,10 +327,19 @@ def forward_in_process(path: str, tokens: list[int], *, stages: bool = True,
                                      derive_attn_out=derive_attn_out).items():
             if stage != "logits":
                 res[stage] = arr
+        for n, (tok, logits, step_captured) in enumerate(steps):
+            for stage, arr in map_stages(step_captured, 1, n_expert_used, head_dim,
+                                         derive_attn_out=derive_attn_out).items():
+                if stage != "logits":
+                    res[f"step{n}.{stage}"] = arr
+            res[f"step{n}.tokens"] = np.asarray([tok], dtype=np.int64)
+            res[f"step{n}.logits"] = logits
         names: dict[str, list] = {}
         for name, arr in captured:
             names.setdefault(name, []).append(list(arr.shape))
         res["_names"] = np.array(json.dumps(names))
+    elif decode:
+        raise ValueError("decode steps are captured by the low-level pass: stages=True")
     return res
 
 
@@ -347,12 +379,15 @@ def copy_with_weight_suffix(src: str | Path, dst: str | Path) -> Path:
 
 
 def llama_forward(path: str | Path, tokens, *, stages: bool = True, timeout: float = 300,
-                  n_threads: int | None = None, derive_attn_out: bool = False) -> dict[str, np.ndarray]:
+                  n_threads: int | None = None, derive_attn_out: bool = False, decode: int = 0,
+                  continuation: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """llama.cpp's logits ``[T, V]`` and (``stages=True``) moesnap-named stages, computed in a child process.
 
     Keys: ``logits`` (high-level API), ``logits_lowlevel`` (the cb_eval pass),
     the stages of :data:`STAGE_MAP` stacked ``[L, T, ...]``, ``final_norm``,
-    and ``_names`` (JSON: every captured tensor name -> its numpy shapes).
+    and ``_names`` (JSON: every captured tensor name -> its numpy shapes).  With ``decode`` (and
+    ``continuation``: the tokens fed, else greedy), each decode step's ``step<n>.<stage>`` (its
+    ``tokens``, ``logits`` and stages, one row each; :func:`forward_in_process`).
     """
     tokens = [int(t) for t in tokens]
     with tempfile.TemporaryDirectory(prefix="llama_dump_") as d:
@@ -365,6 +400,10 @@ def llama_forward(path: str | Path, tokens, *, stages: bool = True, timeout: flo
             cmd.append("--derive-attn-out")
         if n_threads:
             cmd += ["--threads", str(n_threads)]
+        if decode:
+            cmd += ["--decode", str(int(decode))]
+        if continuation is not None:
+            cmd += ["--continuation", ",".join(str(int(t)) for t in continuation)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():
             errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
@@ -378,17 +417,41 @@ def llama_forward(path: str | Path, tokens, *, stages: bool = True, timeout: flo
 NOT_CAPTURED: tuple[str, ...] = ("attn_out",)
 
 
-def llama_case(path: str | Path, tokens: Sequence[int], *, n_threads: int | None = None,
-               timeout: float = 600, attrs: dict[str, Any] | None = None) -> Case:
-    """Run ``tokens`` through llama.cpp on the GGUF at ``path`` and capture every stage its graph names.
+def _case(res: dict[str, np.ndarray], ids: list[int], meta: dict[str, Any]) -> Case:
+    """One forward's case from its arrays (``embed``, ``final_norm``, ``logits`` ``[T, ...]``; the
+    layer stages ``[L, T, ...]``)."""
+    rec = ArrayRecorder()
+    for stage, arr in res.items():
+        if stage in ("embed", "final_norm", "logits"):
+            rec.save(stage, None, torch.from_numpy(np.ascontiguousarray(arr)))
+        else:
+            for layer in range(arr.shape[0]):
+                rec.save(stage, layer, torch.from_numpy(np.ascontiguousarray(arr[layer])))
+    rec.save("tokens", None, torch.as_tensor(np.asarray(ids, dtype=np.int64)))
+    return from_recorder(rec, meta)
 
-    A file whose tensors lack llama.cpp's ``.weight`` suffix (moesnap's synthetic files) is copied
-    once, byte for byte in its data, with the names llama.cpp expects.  Returns a
-    :class:`~moesnap.case.Case` (float32 values, ``topk_ids`` int32) whose ``attrs`` say
-    ``engine="llama.cpp"``, ``dtype="float32"`` (its activations; weights stay as stored) and the
-    versions, updated with ``attrs``.  Raises :class:`UsageError` when llama-cpp-python is not
-    installed, :class:`LlamaCrash` when llama.cpp fails.
+
+def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
+               continuation: Sequence[int] | None = None, n_threads: int | None = None,
+               timeout: float = 600, attrs: dict[str, Any] | None = None) -> Case:
+    """Run ``tokens`` through llama.cpp on the GGUF at ``path`` and capture every stage its graph names;
+    with ``decode=N``, then N decode steps, one ``llama_decode`` of one token each through llama.cpp's
+    own KV cache (F32), each captured by the same ``cb_eval`` callback.
+
+    The steps are fed ``continuation`` (teacher-forced: step ``n`` gets ``continuation[n]``;
+    ``decode=0`` with a continuation decodes all of it), else llama.cpp's own greedy choice (the
+    argmax of the previous forward's last logits).  A file whose tensors lack llama.cpp's ``.weight``
+    suffix (moesnap's synthetic files) is copied once, byte for byte in its data, with the names
+    llama.cpp expects.  Returns the prompt's :class:`~moesnap.case.Case` (float32 values, ``topk_ids``
+    int32) whose ``attrs`` say ``engine="llama.cpp"``, ``dtype="float32"`` (its activations; weights
+    stay as stored) and the versions (with steps: ``positions`` 0..T-1, ``decode``, ``decoded`` and
+    the fed ``continuation``), updated with ``attrs``; its ``steps`` hold one case of one row per decode step
+    (``attrs`` ``positions=[len(tokens) + n]``, ``step=n``, ``engine``, ``dtype``).  Raises
+    :class:`UsageError` when llama-cpp-python is not installed or ``decode``/``continuation`` is out of
+    range, :class:`LlamaCrash` when llama.cpp fails.
     """
+    from . import decode_plan
+
     try:
         import llama_cpp
     except ImportError:
@@ -397,33 +460,32 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, n_threads: int | None
     ids = [int(t) for t in tokens]
     if not ids:
         raise UsageError("llama.cpp capture: empty token list")
+    n_steps, fed = decode_plan(decode, continuation, engine="llama.cpp")
     with tempfile.TemporaryDirectory(prefix="moesnap-llama-") as d:
         model_path = Path(path)
         if not has_weight_suffix(model_path):
             model_path = copy_with_weight_suffix(model_path, Path(d) / model_path.name)
-        res = llama_forward(model_path, ids, stages=True, timeout=timeout, n_threads=n_threads)
-    rec = ArrayRecorder()
-    for stage, arr in res.items():
-        if stage.startswith("_") or stage == "logits_lowlevel":
-            continue
-        if stage in ("embed", "final_norm", "logits"):
-            rec.save(stage, None, torch.from_numpy(np.ascontiguousarray(arr)))
-        else:
-            for layer in range(arr.shape[0]):
-                rec.save(stage, layer, torch.from_numpy(np.ascontiguousarray(arr[layer])))
-    rec.save("tokens", None, torch.as_tensor(np.asarray(ids, dtype=np.int64)))
+        res = llama_forward(model_path, ids, stages=True, timeout=timeout, n_threads=n_threads, decode=n_steps,
+                            continuation=fed)
+    common: dict[str, Any] = {"producer": "llama.cpp", "engine": "llama.cpp", "dtype": "float32", "device": "cpu"}
+    prompt = {k: v for k, v in res.items() if not k.startswith(("_", "step")) and k != "logits_lowlevel"}
+    steps = []
+    for n in range(n_steps):
+        own = {k.split(".", 1)[1]: v for k, v in res.items() if k.startswith(f"step{n}.")}
+        tok = [int(t) for t in own.pop("tokens")]
+        steps.append(_case(own, tok, {**common, "positions": [len(ids) + n], "step": n, "token_ids": tok}))
     meta: dict[str, Any] = {
-        "producer": "llama.cpp",
-        "engine": "llama.cpp",
-        "dtype": "float32",
-        "device": "cpu",
+        **common,
         "llama_cpp_version": llama_cpp.__version__,
         "versions": {**versions(), "llama_cpp_python": llama_cpp.__version__},
         "token_ids": ids,
         "not_captured": list(NOT_CAPTURED),
     }
+    if n_steps:   # the prompt's rows are positions 0..T-1 of a sequence the steps go on (a prefix of the golden's)
+        meta.update({"positions": list(range(len(ids))), "decode": n_steps, "decoded": "greedy" if fed is None else "continuation",
+                     "continuation": [int(s.tokens[0]) for s in steps], "kv_cache": "llama.cpp (F32)"})
     meta.update(attrs or {})
-    return from_recorder(rec, meta)
+    return replace(_case(prompt, ids, meta), steps=tuple(steps))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,11 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--print-names", action="store_true")
     ap.add_argument("--derive-attn-out", action="store_true")
+    ap.add_argument("--decode", type=int, default=0, help="decode steps after the prompt")
+    ap.add_argument("--continuation", default=None, help="comma-separated token ids the steps are fed (else greedy)")
     a = ap.parse_args(argv)
     tokens = [int(t) for t in a.tokens.split(",") if t]
+    continuation = None if a.continuation is None else [int(t) for t in a.continuation.split(",") if t]
     try:
         res = forward_in_process(a.model, tokens, stages=not a.no_stages, n_threads=a.threads,
-                                 derive_attn_out=a.derive_attn_out)
+                                 derive_attn_out=a.derive_attn_out, decode=a.decode, continuation=continuation)
     except BaseException:
         sys.stderr.write("".join(LOG[-40:]))
         raise
