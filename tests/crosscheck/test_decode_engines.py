@@ -139,7 +139,8 @@ def test_transformers_decode_float32_passes_with_every_cell_judged(golden, hf, f
     store, cont = golden
     case = moesnap.capture.transformers(hf, PROMPT, decode=STEPS, continuation=cont)
     assert case.tokens.tolist() == PROMPT and case.attrs["decode"] == STEPS
-    assert case.attrs["decoded"] == "continuation" and case.attrs["continuation"] == cont
+    assert case.attrs["continuation_source"] == "given" and case.attrs["continuation"] == cont
+    assert case.attrs["prompt_tokens"] == len(PROMPT) and case.positions.tolist() == list(range(len(PROMPT)))
     assert case.attrs["kv_cache"] == "DynamicCache"
     assert len(case.steps) == STEPS
     for n, s in enumerate(case.steps):
@@ -168,7 +169,7 @@ def test_transformers_decode_bfloat16_passes_with_every_cell_judged(golden, hf, 
 def test_transformers_greedy_steps_are_judged_on_the_engines_own_tokens(golden, hf, tmp_path):
     store, cont = golden
     case = moesnap.capture.transformers(hf, PROMPT, decode=STEPS)
-    assert case.attrs["decoded"] == "greedy"
+    assert case.attrs["continuation_source"] == "greedy"
     own = [int(s.tokens[0]) for s in case.steps]
     assert own == case.attrs["continuation"]
     assert own == [int(np.argmax(c.model["logits"][-1])) for c in (case, *case.steps[:-1])]
@@ -265,7 +266,7 @@ def llama_steps(golden):
 def test_llama_cpp_decode_passes_with_every_cell_judged(golden, llama_steps, figures):
     store, cont = golden
     case = llama_steps
-    assert case.attrs["engine"] == "llama.cpp" and case.attrs["decoded"] == "continuation"
+    assert case.attrs["engine"] == "llama.cpp" and case.attrs["continuation_source"] == "given"
     assert [s.tokens.tolist() for s in case.steps] == [[t] for t in cont]
     for n, s in enumerate(case.steps):
         assert s.positions.tolist() == [len(PROMPT) + n] and s.attrs["step"] == n
@@ -283,7 +284,7 @@ def test_llama_cpp_greedy_steps_follow_its_own_argmax(golden):
     store, cont = golden
     case = moesnap.capture.llama_cpp(tiny_path(), PROMPT, decode=3)
     own = [int(s.tokens[0]) for s in case.steps]
-    assert case.attrs["decoded"] == "greedy" and own == case.attrs["continuation"]
+    assert case.attrs["continuation_source"] == "greedy" and own == case.attrs["continuation"]
     assert own == [int(np.argmax(c.model["logits"][-1])) for c in (case, *case.steps[:-1])]
 
 
@@ -300,3 +301,17 @@ def test_a_fault_in_one_llama_cpp_step_is_named_at_that_step(golden, llama_steps
     assert rep.verdict == "fail"
     fd = rep.first_divergence
     assert (fd.case, fd.layer, fd.stage) == ("case0/step4", 2, "moe_out"), rep.summary()
+
+
+def test_trace_engine_transformers_with_decode_writes_steps_that_compare(golden, tmp_path):
+    """``moesnap.trace(..., engine="transformers", decode=N, continuation=IDS)`` (``trace --engine
+    transformers --decode N``): the steps/<n> layout on disk, judged from the path."""
+    _needs("transformers")
+    from moesnap.store.case import load_case
+
+    store, cont = golden
+    out = tmp_path / "hf.zarr"
+    moesnap.trace(tiny_path(), PROMPT, engine="transformers", decode=STEPS, continuation=cont, out=out)
+    back = load_case(out)
+    assert [s.positions.tolist() for s in back.steps] == [[len(PROMPT) + n] for n in range(STEPS)]
+    _assert_every_cell_judged(_compare(store, str(out)), back)

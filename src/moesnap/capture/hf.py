@@ -257,8 +257,9 @@ def transformers_case(model: nn.Module, tokens: Sequence[int], *, decode: int = 
 
     Returns the prompt's :class:`Case` whose ``attrs`` hold ``engine="transformers"``, ``dtype`` (of
     the model's parameters), ``transformers_version`` and the other versions, the device and the token
-    ids (with steps: ``positions`` 0..T-1, ``decode``, ``decoded`` — ``"continuation"`` or
-    ``"greedy"`` — and the fed ``continuation``), updated with ``attrs``; its ``steps`` hold one case of one row per decode step
+    ids (with steps, as ``trace --decode`` names them: ``positions`` 0..T-1, ``prompt_tokens``,
+    ``decode``, the fed ``continuation`` and ``continuation_source`` — ``"given"`` or ``"greedy"``),
+    updated with ``attrs``; its ``steps`` hold one case of one row per decode step
     (``attrs`` ``positions=[len(tokens) + n]``, ``step=n``, ``engine``, ``dtype``).  Raises
     :class:`UsageError` when transformers is missing, ``model`` is not an all-MoE Qwen3-MoE causal LM,
     or a token or ``decode``/``continuation`` is out of range.
@@ -329,7 +330,8 @@ def transformers_case(model: nn.Module, tokens: Sequence[int], *, decode: int = 
         "not_captured": list(NOT_CAPTURED),
     }
     if n_steps:   # the prompt's rows are positions 0..T-1 of a sequence the steps go on (a prefix of the golden's)
-        meta.update({"positions": list(range(T)), "decode": n_steps, "decoded": "greedy" if fed is None else "continuation",
+        meta.update({"positions": list(range(T)), "prompt_tokens": T, "decode": n_steps,
+                     "continuation_source": "greedy" if fed is None else "given",
                      "continuation": [int(s.tokens[0]) for s in step_cases], "kv_cache": type(cache).__name__})
     meta.update(attrs or {})
     return replace(from_recorder(rec, meta), steps=tuple(step_cases))

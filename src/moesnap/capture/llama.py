@@ -444,8 +444,8 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
     suffix (moesnap's synthetic files) is copied once, byte for byte in its data, with the names
     llama.cpp expects.  Returns the prompt's :class:`~moesnap.case.Case` (float32 values, ``topk_ids``
     int32) whose ``attrs`` say ``engine="llama.cpp"``, ``dtype="float32"`` (its activations; weights
-    stay as stored) and the versions (with steps: ``positions`` 0..T-1, ``decode``, ``decoded`` and
-    the fed ``continuation``), updated with ``attrs``; its ``steps`` hold one case of one row per decode step
+    stay as stored) and the versions (with steps: ``positions`` 0..T-1, ``prompt_tokens``, ``decode``,
+    the fed ``continuation`` and ``continuation_source``, ``"given"`` or ``"greedy"``), updated with ``attrs``; its ``steps`` hold one case of one row per decode step
     (``attrs`` ``positions=[len(tokens) + n]``, ``step=n``, ``engine``, ``dtype``).  Raises
     :class:`UsageError` when llama-cpp-python is not installed or ``decode``/``continuation`` is out of
     range, :class:`LlamaCrash` when llama.cpp fails.
@@ -482,7 +482,8 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
         "not_captured": list(NOT_CAPTURED),
     }
     if n_steps:   # the prompt's rows are positions 0..T-1 of a sequence the steps go on (a prefix of the golden's)
-        meta.update({"positions": list(range(len(ids))), "decode": n_steps, "decoded": "greedy" if fed is None else "continuation",
+        meta.update({"positions": list(range(len(ids))), "prompt_tokens": len(ids), "decode": n_steps,
+                     "continuation_source": "greedy" if fed is None else "given",
                      "continuation": [int(s.tokens[0]) for s in steps], "kv_cache": "llama.cpp (F32)"})
     meta.update(attrs or {})
     return replace(_case(prompt, ids, meta), steps=tuple(steps))
