@@ -224,3 +224,20 @@ def test_a_text_continuation_of_the_wrong_length_and_an_id_out_of_vocab_are_refu
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "100000" in err, err
     assert digest(root) == before and json.loads((root / "d" / "v0001" / "zarr.json").read_text())
+
+
+def test_a_model_the_candidate_cannot_run_is_continued_by_the_reference_alone(monkeypatch):
+    """The proposer falls back to the reference token by token; the golden is the same (float64 too)."""
+    import moesnap.model.candidate as candidate
+    from moesnap.errors import ModelFileError
+    from moesnap.run import trace
+
+    def refuse(*args, **kwargs):
+        raise ModelFileError("IQ2_XXS: the candidate does not decode this type")
+
+    monkeypatch.setattr(candidate.CandidateModel, "__init__", refuse)
+    assert trace.greedy_draft(open_model(tiny_path()), PROMPT, 3) == reference_greedy(PROMPT, 3)
+    case = trace.continued_reference(open_model(tiny_path()), PROMPT, decode=3, dtype=trace.torch.float64,
+                                     show_progress=False)
+    assert case.model["logits"].dtype == np.float64 and case.attrs["reference_forwards"] == 1
+    assert np.argmax(case.model["logits"][len(PROMPT) - 1:-1], axis=-1).tolist() == case.attrs["continuation"]

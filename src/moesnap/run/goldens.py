@@ -189,8 +189,9 @@ def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: 
             if after:
                 then, text = after[i - 1]
                 n = len(then) if then is not None else n_decode or 0
+                how = "given" if then is not None else "the reference's greedy choice"
                 status(f"{suite}: {name} ({i} of {len(cases)}), {plural(len(ids), 'token')} + a continuation of "
-                       f"{n} ({'given' if then is not None else 'the reference greedy'})", enabled=show_progress)
+                       f"{n} ({how})", enabled=show_progress)
                 case = continued_reference(model, ids, decode=n, continuation=then, dtype=DTYPES[dtype],
                                            prompt_text=prompt, show_progress=show_progress)
                 if text is not None:
