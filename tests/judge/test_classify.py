@@ -213,6 +213,34 @@ def test_everything_excluded_is_match_with_note():
     assert r.detail == "nothing judged: all tokens excluded"
 
 
+def test_absent_tokens_are_told_apart_from_routing_flips():
+    """``absent_tokens`` of the excluded tokens are excluded because the candidate does not hold them
+    (an imported dump): the detail says so, by both paths (general and chunked), whatever the verdict;
+    the judgement itself is that of the same exclusion."""
+    g = rng_array((8, 4))
+    c = g.copy()
+    c[0, 0] += 1.0
+    big_g, big_c = np.tile(g, (1, 1 << 15)), np.tile(c, (1, 1 << 15))   # past the chunked path's threshold
+    for a, b, verdict in ((g, g, Verdict.MATCH), (g, c, Verdict.DIVERGE), (big_g, big_c, Verdict.DIVERGE)):
+        flips = classify(a, b, F32, exclude_tokens=[1, 2, 5])
+        assert flips.verdict is verdict and flips.detail.endswith("; 3 of 8 tokens excluded (routing flips)")
+        some = classify(a, b, F32, exclude_tokens=[1, 2, 5], absent_tokens=2)
+        assert some.detail == flips.detail.replace("; 3 of 8 tokens excluded (routing flips)",
+                                                   "; 2 of 8 tokens not in the dump, 1 excluded (routing flips)")
+        every = classify(a, b, F32, exclude_tokens=[5, 1, 2], absent_tokens=3)
+        assert every.detail == flips.detail.replace("; 3 of 8 tokens excluded (routing flips)",
+                                                    "; 3 of 8 tokens not in the dump")
+        assert some.metrics == every.metrics == flips.metrics and some.excluded_tokens == (1, 2, 5)
+    # a row-rule failure keeps the elementwise detail, worded alike
+    rows = Tolerance(1.0, 0.0, row_rel_l2=1e-3)
+    r = classify(g, c, rows, exclude_tokens=[1, 2], absent_tokens=1)
+    assert r.verdict is Verdict.DIVERGE and "; 1 of 8 tokens not in the dump, 1 excluded (routing flips)" in r.detail
+    with pytest.raises(ValueError, match="absent_tokens=4"):
+        classify(g, g, F32, exclude_tokens=[1, 2, 5], absent_tokens=4)
+    with pytest.raises(ValueError, match="absent_tokens=-1"):
+        classify(g, g, F32, absent_tokens=-1)
+
+
 @pytest.mark.parametrize("kwargs", [
     {"exclude_tokens": [4]}, {"exclude_tokens": [-1]},
     {"token_axis": None, "exclude_tokens": [0]}, {"token_axis": 2}])

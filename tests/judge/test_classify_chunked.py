@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 
+import moesnap.judge.chunked as K
 import moesnap.judge.classify as C
+from moesnap.judge.ratios import largest
 from moesnap.judge.tolerances import Tolerance
 
 EXACT_FIELDS = ("n", "n_outside", "worst_index", "bad_tokens", "n_bad_tokens", "first_bad_token", "max_abs",
@@ -65,14 +67,14 @@ pytestmark = pytest.mark.props
        tol=tolerances())
 def test_prop_chunked_path_agrees_with_general_path(pair, tol):
     g, c = pair
-    saved = C.CHUNK
+    saved = K.CHUNK
     try:
-        C.CHUNK = 1 << 40
+        K.CHUNK = 1 << 40
         a = C.classify(g, c, tol)
-        C.CHUNK = 2
+        K.CHUNK = 2
         b = C.classify(g, c, tol)
     finally:
-        C.CHUNK = saved
+        K.CHUNK = saved
     assert a.verdict == b.verdict and a.detail.split(";")[0] == b.detail.split(";")[0]
     for f in EXACT_FIELDS:
         x, y = getattr(a.metrics, f), getattr(b.metrics, f)
@@ -90,7 +92,7 @@ def test_largest_equals_a_full_partition(n, k, seed, ties):
     (ties and repeated values included), as a new array."""
     rng = np.random.default_rng(seed)
     r = rng.integers(0, 5, n).astype(np.float64) if ties else rng.exponential(size=n)
-    got = C._largest(r, k)
+    got = largest(r, k)
     want = r if k >= n else np.partition(r, n - k)[n - k:]
     assert np.array_equal(np.sort(got), np.sort(want))
     assert not np.shares_memory(got, r)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 
+import moesnap.judge.chunked as K
 import moesnap.judge.classify as C
 from moesnap.judge.classify import Verdict, classify
 from moesnap.judge.tolerances import Tolerance
@@ -131,8 +132,8 @@ def test_two_pass_closeness_equals_general(monkeypatch, seed, sample_every):
     if seed == 5:
         c[7] = g[7] * 1.5          # one token far off: the largest ratios all in one place
     tol = Tolerance(0.0 if seed == 4 else 1e-5, 1e-4, [0.01, 0.2, 0.05][seed % 3])   # atol 0: 0/0 ratios
-    monkeypatch.setattr(C, "_ONE_PASS_K", 1)
-    monkeypatch.setattr(C, "_SAMPLE", sample_every)
+    monkeypatch.setattr(K, "_ONE_PASS_K", 1)
+    monkeypatch.setattr(K, "_SAMPLE", sample_every)
     for axis, ex in ((0, ()), (0, (3, 7)), (1, ())):
         a, b = both(monkeypatch, g, c, tol, exclude_tokens=ex, token_axis=axis)
         assert a.verdict == b.verdict
@@ -163,5 +164,5 @@ def test_kth_largest_falls_back_when_the_sample_misleads():
     r = d / (np.abs(g.astype(np.float64)) * 1e-4 + 1e-5)
     for k in (1, 50, 4999):
         want = np.sort(r)[-k]
-        got = C._kth_largest(g, c, range(0, 5000, C.CHUNK), tol, None, 1, 1, k, np.array([1e300]))
+        got = K._kth_largest(g, c, range(0, 5000, K.CHUNK), tol, None, 1, 1, k, np.array([1e300]))
         assert got == want

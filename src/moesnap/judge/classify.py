@@ -14,8 +14,8 @@ Arithmetic
     Every metric is computed in float64.  Conversion of float16, bfloat16
     (via float32) and float32 to float64 is exact, so inputs that hold the
     same values give identical results whatever their dtype (up to the last
-    bit of the summed metrics for arrays above :data:`CHUNK` elements, which
-    float16/float32 inputs sum in parallel chunks, in another order).  ``|c - g|`` is
+    bit of the summed metrics for arrays above :data:`~moesnap.judge.chunked.CHUNK` elements,
+    which float16/float32 inputs sum in parallel chunks, in another order: :mod:`moesnap.judge.chunked`).  ``|c - g|`` is
     the correctly rounded float64 difference; it gives the tolerance test,
     ``max_abs`` and the worst element (+inf only for float64 inputs whose
     difference exceeds the float64 range: rightly outside).  Sums of squares
@@ -87,123 +87,34 @@ Locations
     ``bad_tokens`` the first :data:`MAX_BAD_TOKENS` in order, ``n_bad_tokens``
     their number.  Without a token axis they are None, () and 0.
 
+The detail
+    One line of prose with the verdict: the rule, the counts, the worst
+    element and the bad tokens; where tokens were excluded, how many and why:
+    ``absent_tokens`` of them because the candidate does not hold them (an
+    imported dump: ``2 of 8 tokens not in the dump, 1 excluded (routing
+    flips)``), the rest for routing flips.
+
+The values it returns (:class:`Verdict`, :class:`Metrics`, :class:`Result`) live in
+:mod:`moesnap.judge.verdict`, the error ÷ tolerance ratios in :mod:`moesnap.judge.ratios`.
 Routing (which experts each token chose) is judged in :mod:`moesnap.judge.routing`.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-import threading
 from collections.abc import Collection
-from dataclasses import dataclass, replace
-from typing import NamedTuple
+from dataclasses import replace
 
 import numpy as np
 
 from ..errors import MoesnapError
+from .chunked import chunked_metrics
+from .ratios import closeness_of, ratios
 from .tolerances import Tolerance
+from .verdict import MAX_BAD_TOKENS, Metrics, Result, Verdict, bad_tokens_text, fmt, json_float
 
-MAX_BAD_TOKENS = 64
-_SMALL_FLOATS = (np.dtype(np.float16), np.dtype(np.float32))
-
-
-class Verdict(enum.Enum):
-    """What a comparison concluded; the names are the JSON strings."""
-
-    MATCH = "MATCH"
-    DIVERGE = "DIVERGE"
-    NAN_CANDIDATE = "NAN_CANDIDATE"
-    NAN_GOLDEN = "NAN_GOLDEN"
-    NAN_BOTH = "NAN_BOTH"
-    MISSING = "MISSING"
-    SHAPE_MISMATCH = "SHAPE_MISMATCH"
-    ROUTING_TIE = "ROUTING_TIE"
-
-    @property
-    def passed(self) -> bool:
-        return self in (Verdict.MATCH, Verdict.ROUTING_TIE)
-
-
-def json_float(x: float) -> float | str | None:
-    """NaN -> None, +-inf -> "inf"/"-inf", else a plain float."""
-    if math.isnan(x):
-        return None
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return float(x)
-
-
-def fmt(x: float) -> str:
-    return f"{x:.6g}"
-
-
-def bad_tokens_text(m: "Metrics") -> str:
-    """``3 bad tokens, the first is token 5`` / ``1 bad token: token 5`` / ``no bad token``."""
-    if m.first_bad_token is None:
-        return "no bad token"
-    if m.n_bad_tokens == 1:
-        return f"1 bad token: token {m.first_bad_token}"
-    return f"{m.n_bad_tokens} bad tokens, the first is token {m.first_bad_token}"
-
-
-@dataclass(frozen=True)
-class Metrics:
-    n: int
-    cosine: float
-    rel_l2: float
-    nmse: float
-    max_abs: float
-    mean_abs: float
-    max_rel: float
-    frac_outside: float
-    n_outside: int
-    nan_golden: int
-    nan_candidate: int
-    inf_golden: int
-    inf_candidate: int
-    worst_index: tuple[int, ...] | None
-    first_bad_token: int | None
-    bad_tokens: tuple[int, ...]
-    n_bad_tokens: int
-    max_row_rel_l2: float = 0.0      # largest relative L2 error of a judged row (see Tolerance.row_rel_l2)
-    n_bad_rows: int = 0              # rows beyond row_rel_l2
-    closeness: float = 0.0           # error ÷ tolerance of the element deciding the elementwise rule (> 1: fails)
-    token_closeness: tuple[float, ...] = ()   # per token, its largest element error ÷ tolerance
-
-    def to_dict(self) -> dict:
-        """JSON-safe: floats NaN -> None, +-inf -> "inf"/"-inf"; plain ints.  ``token_closeness``
-        (one number per token) is left out."""
-        def plain(value):
-            if isinstance(value, float):
-                return json_float(value)
-            if isinstance(value, tuple):
-                return [int(v) for v in value]
-            return None if value is None else int(value)
-
-        return {name: plain(getattr(self, name)) for name in self.__dataclass_fields__ if name != "token_closeness"}
-
-
-@dataclass(frozen=True)
-class Result:
-    verdict: Verdict
-    metrics: Metrics | None
-    detail: str = ""
-    flipped_tokens: tuple[int, ...] = ()
-    excluded_tokens: tuple[int, ...] = ()
-
-    @property
-    def passed(self) -> bool:
-        return self.verdict.passed
-
-    def to_dict(self) -> dict:
-        return {
-            "verdict": self.verdict.name,
-            "metrics": self.metrics.to_dict() if self.metrics is not None else None,
-            "detail": self.detail,
-            "flipped_tokens": [int(t) for t in self.flipped_tokens],
-            "excluded_tokens": [int(t) for t in self.excluded_tokens],
-        }
+__all__ = ["MAX_BAD_TOKENS", "ROW_NORM_FLOOR", "Metrics", "Result", "Verdict", "bad_tokens_text", "classify", "fmt",
+           "json_float"]
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -286,71 +197,6 @@ def _scaled_mean(x: np.ndarray, xmax: float) -> float:
     return float(np.ldexp(np.mean(_times_pow2(x, -e)), e))
 
 
-# ---------------------------------------------------------------- closeness
-
-
-def _admitted(n: int, max_frac_outside: float) -> int:
-    """The most outside elements of ``n`` the rule admits: the largest ``a`` with ``a / n <=
-    max_frac_outside`` in float64, as :func:`_judge` compares ``frac_outside``."""
-    if n == 0:
-        return 0
-    a = min(n, int(math.floor(max_frac_outside * n)))
-    while a < n and (a + 1) / n <= max_frac_outside:
-        a += 1
-    while a > 0 and a / n > max_frac_outside:
-        a -= 1
-    return a
-
-
-def _ratios(d: np.ndarray, thr: np.ndarray, outside: np.ndarray) -> np.ndarray:
-    """Per element ``d / thr`` (error ÷ tolerance), 0 where both are 0; above 1 exactly where
-    ``outside`` (``d > thr``: correctly rounded division is monotone, and ``d > thr > 0`` gives a
-    quotient of at least 1 + 2**-52)."""
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        r = d / thr
-    bad = np.isnan(r)          # 0/0, inf/inf
-    if bad.any():
-        r[bad] = np.where(outside[bad], math.inf, 0.0)
-    return r
-
-
-def _deciding(top: np.ndarray, k: int) -> float:
-    """The ``k``-th largest of ``top`` (``k >= 1``; 0.0 when it has fewer values)."""
-    if k > top.size:
-        return 0.0
-    if k == 1:
-        return float(top.max())
-    return float(np.partition(top, top.size - k)[top.size - k])
-
-
-def _largest(r: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` largest values of ``r`` (all of them when it has fewer), in no order, in a new array.
-
-    Partitioning a whole chunk costs more than everything else done to it; so the candidates are
-    cut first: the k largest values lie in blocks whose maxima are at least the k-th largest
-    block maximum ``m`` (k blocks hold k values >= m), so every one of them is >= ``m``.
-    """
-    if k >= r.size:
-        return r.copy()
-    if k == 1:
-        return np.asarray([r.max()])
-    block = min(256, r.size // (8 * k))   # at least 8k blocks, so few values pass the cut
-    if block >= 16:
-        maxima = np.maximum.reduceat(r, np.arange(0, r.size, block))
-        m = np.partition(maxima, maxima.size - k)[maxima.size - k]
-        cand = r[r >= m]
-        return cand if cand.size <= k else np.partition(cand, cand.size - k)[cand.size - k:]
-    return np.partition(r, r.size - k)[r.size - k:]
-
-
-def _closeness(r: np.ndarray, n: int, n_nonfinite: int, max_frac_outside: float) -> float:
-    """``closeness`` (module docstring) from the ratios ``r`` of the judged finite elements."""
-    if n == 0:
-        return 0.0
-    k = _admitted(n, max_frac_outside) + 1 - n_nonfinite
-    return math.inf if k <= 0 else _deciding(r, k)
-
-
 # ---------------------------------------------------------------- classify
 
 
@@ -392,267 +238,7 @@ def _tokens_of(mask: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np
     return np.flatnonzero(mask.reshape(shape).any(axis=other))
 
 
-# ---------------------------------------------------------------- large arrays
-
-#: arrays above this many elements take the chunked path when it applies
-CHUNK = 1 << 17
-_CHUNK_POOL = None
-
-
-def _chunk_pool():
-    global _CHUNK_POOL
-    if _CHUNK_POOL is None:
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
-        _CHUNK_POOL = ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1)),
-                                         thread_name_prefix="moesnap-chunk")
-    return _CHUNK_POOL
-
-
-class _ChunkStats(NamedTuple):
-    """Partial statistics of one chunk, in float64, summed or maxed over chunks by the caller."""
-
-    n: int                  # judged elements
-    n_outside: int
-    outside: np.ndarray     # flat indices of the elements outside the tolerance
-    gmax: float             # 0.0 when every |g| is 0 (else 1.0: only zero-ness is needed)
-    cmax: float             # likewise for c
-    max_abs: float          # max |c - g|
-    worst_flat: int         # flat index of max_abs (-1: none)
-    sgg: float              # sum g*g
-    scc: float              # sum c*c
-    sgc: float              # sum g*c
-    sdd: float              # sum d*d
-    sd: float               # sum |d|
-    max_rel: float
-    top: np.ndarray         # the largest error ÷ tolerance ratios (as many as closeness needs), or every
-                            # _SAMPLE-th ratio when closeness is found in two passes (_kth_largest)
-    run_tok: np.ndarray     # token of each run of consecutive elements of one token
-    run_max: np.ndarray     # largest ratio of each run (0 for excluded tokens)
-
-
-_NONE = np.zeros(0, np.int64)
-_SCRATCH = threading.local()
-
-
-def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's working buffers for a chunk of ``n`` elements (three float64, one bool),
-    reused from chunk to chunk: a fresh megabyte temporary is a fresh mapping whose every page
-    faults on first touch, which cost more than the arithmetic done in it."""
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None or bufs[0].size < n:
-        m = max(n, CHUNK)
-        bufs = (np.empty(m), np.empty(m), np.empty(m), np.empty(m, dtype=np.bool_))
-        _SCRATCH.bufs = bufs
-    return bufs[0][:n], bufs[1][:n], bufs[2][:n], bufs[3][:n]
-
-
-def _chunk_stats(g32: np.ndarray, c32: np.ndarray, start: int, tol: Tolerance, keep: np.ndarray | None,
-                 inner: int, n_tok: int, k_top: int, per_token: bool, sample: bool = False) -> _ChunkStats | None:
-    """Partial statistics of one chunk of flat float16/float32 arrays, in float64; None if non-finite.
-
-    Few passes, each over a chunk that stays in cache, buffers reused in place: the sums of
-    squares double as the finiteness test (a float32 value squared cannot overflow float64, so
-    they are finite exactly when every element is) and as the all-zero test (``gmax == 0``
-    exactly when ``sgg == 0``).
-    """
-    size = g32.size
-    g, c, tmp, flags = _scratch(size)
-    np.copyto(g, g32)
-    np.copyto(c, c32)
-    sgg, scc = float(np.dot(g, g)), float(np.dot(c, c))
-    if not (math.isfinite(sgg) and math.isfinite(scc)):
-        return None
-    idx = None
-    if keep is not None:
-        tok = (np.arange(start, start + size) // inner) % n_tok
-        sel = keep[tok]
-        idx = np.flatnonzero(sel)
-        g, c = g[sel], c[sel]
-        sgg, scc = float(np.dot(g, g)), float(np.dot(c, c))
-    run_tok, run_max = _NONE, np.zeros(0)
-    if g.size == 0:
-        if per_token:   # every token of the chunk excluded: their runs are 0
-            starts = _run_starts(start, size, inner)
-            run_tok, run_max = ((start + starts) // inner) % n_tok, np.zeros(starts.size)
-        return _ChunkStats(0, 0, _NONE, 0.0, 0.0, 0.0, -1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, np.zeros(0),
-                           run_tok, run_max)
-    sgc = float(np.dot(g, c))
-    d = np.subtract(c, g, out=c)          # c is not needed past its sums
-    np.abs(d, out=d)
-    abs_g = np.abs(g, out=g)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        max_rel = float(np.fmax.reduce(np.divide(d, abs_g, out=tmp[:d.size])))
-    thr = np.multiply(abs_g, tol.rtol, out=abs_g)
-    thr += tol.atol
-    outside = np.greater(d, thr, out=flags[:d.size])
-    if tol.atol > 0:     # thr > 0 everywhere: no 0/0 to mend
-        ratio = np.divide(d, thr, out=thr)
-    else:
-        ratio = _ratios(d, thr, outside)
-    out = np.flatnonzero(outside)
-    if idx is not None:
-        out = idx[out]
-    if per_token:
-        full = ratio if idx is None else np.zeros(size)
-        if idx is not None:
-            full[idx] = ratio
-        starts = _run_starts(start, size, inner)
-        run_tok, run_max = ((start + starts) // inner) % n_tok, np.maximum.reduceat(full, starts)
-    k = int(np.argmax(d))
-    pos_k = k if idx is None else int(idx[k])
-    return _ChunkStats(g.size, out.size, out + start, 0.0 if sgg == 0.0 else 1.0, 0.0 if scc == 0.0 else 1.0,
-                       float(d[k]), start + pos_k, sgg, scc, sgc, float(np.dot(d, d)), float(d.sum()),
-                       0.0 if math.isnan(max_rel) else max_rel,
-                       ratio[::_SAMPLE].copy() if sample else _largest(ratio, k_top), run_tok, run_max)
-
-
-#: above this many deciding ratios (k = admitted + 1: float32's rules admit none, so k is 1) closeness
-#: is found in two passes rather than by each chunk keeping its k largest
-_ONE_PASS_K = 1024
-_SAMPLE = 32
-
-
-def _kth_largest(g: np.ndarray, c: np.ndarray, starts: range, tol: Tolerance, keep: np.ndarray | None,
-                 inner: int, n_tok: int, k: int, sample: np.ndarray) -> float:
-    """The ``k``-th largest error ÷ tolerance ratio of the judged elements, exactly, when ``k`` is large
-    (a low-precision rule admitting 0.5 % of the logits' 19 million elements outside: k ~ 10^5, and each
-    chunk partitioning its ratios cost 5x the rest of classifying it).
-
-    ``sample`` holds every :data:`_SAMPLE`-th ratio of each chunk; its value ``t`` of rank about
-    2k / _SAMPLE lies below the k-th largest ratio of all but in freak cases.  A second pass keeps
-    the ratios >= t; when at least k of them pass, the k largest of all are among them and the
-    k-th is exact; otherwise the pass is repeated keeping every ratio.
-    """
-    rank = min(sample.size, 2 * k // _SAMPLE + 64)
-    t = float(np.partition(sample, sample.size - rank)[sample.size - rank])
-    for cut in (t, -math.inf):
-        cand = np.concatenate(list(_chunk_pool().map(
-            lambda s: _ratios_at_least(g[s:s + CHUNK], c[s:s + CHUNK], s, tol, keep, inner, n_tok, cut), starts)))
-        if cand.size >= k:
-            return float(np.partition(cand, cand.size - k)[cand.size - k])
-    return 0.0   # fewer than k judged elements (the caller does not ask then)
-
-
-def _ratios_at_least(g32: np.ndarray, c32: np.ndarray, start: int, tol: Tolerance, keep: np.ndarray | None,
-                     inner: int, n_tok: int, cut: float) -> np.ndarray:
-    """The judged elements' ratios ``>= cut`` of one chunk, computed with exactly the operations of
-    :func:`_chunk_stats` (so the same values)."""
-    size = g32.size
-    g, c, _, _ = _scratch(size)
-    np.copyto(g, g32)
-    np.copyto(c, c32)
-    if keep is not None:
-        sel = keep[(np.arange(start, start + size) // inner) % n_tok]
-        g, c = g[sel], c[sel]
-    d = np.subtract(c, g, out=c)
-    np.abs(d, out=d)
-    thr = np.abs(g, out=g)
-    np.multiply(thr, tol.rtol, out=thr)
-    thr += tol.atol
-    if tol.atol > 0:
-        ratio = np.divide(d, thr, out=thr)
-    else:
-        ratio = _ratios(d, thr, d > thr)
-    return ratio[ratio >= cut]
-
-
-def _run_starts(start: int, size: int, inner: int) -> np.ndarray:
-    """Offsets in the chunk ``[start, start + size)`` where a run of one token's elements begins
-    (flat index a multiple of ``inner``), 0 first."""
-    first = -(-start // inner) * inner - start
-    starts = np.arange(first, size, inner, dtype=np.int64)
-    return starts if first == 0 else np.concatenate([[0], starts])
-
-
-def _classify_chunked(golden: np.ndarray, candidate: np.ndarray, tol: Tolerance, axis: int | None,
-                      excluded: tuple[int, ...]) -> Result | None:
-    """The common case of a large all-finite float16/float32 pair, in parallel chunks.
-
-    Squares of float32 values neither overflow nor underflow in float64, so
-    no power-of-two scaling is needed; results equal the general path's up to
-    the order of summation.  Returns None (caller takes the general path) as
-    soon as a chunk holds a non-finite value.
-    """
-    shape = golden.shape
-    g = golden.reshape(-1)
-    c = candidate.reshape(-1)
-    keep: np.ndarray | None = None
-    inner, n_tok = 1, 1
-    if axis is not None:
-        inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
-        n_tok = shape[axis]
-    if excluded:
-        assert axis is not None   # _excluded refuses token indices without a token axis
-        keep = np.ones(shape[axis], dtype=np.bool_)
-        keep[list(excluded)] = False
-    n_judged = g.size if keep is None else int(keep.sum()) * (g.size // max(1, n_tok))
-    k_top = _admitted(n_judged, tol.max_frac_outside) + 1
-    per_token = axis is not None and inner > 0
-    starts = range(0, g.size, CHUNK)
-    two_pass = k_top > _ONE_PASS_K
-    parts = list(_chunk_pool().map(
-        lambda s: _chunk_stats(g[s:s + CHUNK], c[s:s + CHUNK], s, tol, keep, inner, n_tok, k_top, per_token,
-                               sample=two_pass),
-        starts))
-    if any(p is None for p in parts):
-        return None
-    m = sum(p.n for p in parts)
-    assert m == n_judged
-    if two_pass:
-        closeness = 0.0 if k_top > m else _kth_largest(g, c, starts, tol, keep, inner, n_tok, k_top,
-                                                       np.concatenate([p.top for p in parts]))
-    else:
-        closeness = _closeness(np.concatenate([p.top for p in parts]), m, 0, tol.max_frac_outside)
-    token_close: tuple[float, ...] = ()
-    if axis is not None:
-        per = np.zeros(n_tok)
-        if per_token:
-            np.maximum.at(per, np.concatenate([p.run_tok for p in parts]), np.concatenate([p.run_max for p in parts]))
-        token_close = tuple(per.tolist())
-    n_outside = sum(p.n_outside for p in parts)
-    gmax = max(p.gmax for p in parts)
-    cmax = max(p.cmax for p in parts)
-    max_abs = max(p.max_abs for p in parts)
-    worst_flat = next((p.worst_flat for p in parts if p.n and p.max_abs == max_abs), -1)
-    sgg, scc, sgc, sdd, sd = (math.fsum(getattr(p, k) for p in parts) for k in ("sgg", "scc", "sgc", "sdd", "sd"))
-    max_rel = max(p.max_rel for p in parts)
-    if m == 0:
-        cosine, rel_l2, nmse, mean_abs, max_rel = 1.0, 0.0, 0.0, 0.0, 0.0
-    elif gmax == 0.0 and cmax == 0.0:
-        cosine, rel_l2, nmse, mean_abs, max_rel = 1.0, 0.0, 0.0, 0.0, 0.0
-    elif gmax == 0.0:
-        cosine, rel_l2, nmse, mean_abs, max_rel = 0.0, math.inf, math.inf, sd / m, math.inf
-    else:
-        if cmax == 0.0:
-            cosine = 0.0
-        elif max_abs == 0.0:
-            cosine = 1.0
-        else:
-            cosine = min(1.0, max(-1.0, sgc / math.sqrt(sgg * scc)))
-        rel_l2 = math.sqrt(sdd) / math.sqrt(sgg) if sdd else 0.0
-        nmse = sdd / sgg if sdd else 0.0
-        mean_abs = sd / m
-    bad_tok = np.zeros(0, dtype=np.int64)
-    if n_outside and axis is not None:
-        outs = np.concatenate([p.outside for p in parts if p.n_outside])
-        inner_t = int(np.prod(shape[axis + 1:], dtype=np.int64))
-        bad_tok = np.unique((outs // inner_t) % shape[axis])
-    worst = None
-    if m and max_abs > 0 and worst_flat >= 0:
-        worst = tuple(int(i) for i in np.unravel_index(worst_flat, shape))
-    n = m
-    metrics = Metrics(
-        n=n, cosine=cosine, rel_l2=rel_l2, nmse=nmse, max_abs=max_abs, mean_abs=mean_abs,
-        max_rel=max_rel, frac_outside=n_outside / n if n else 0.0, n_outside=n_outside,
-        nan_golden=0, nan_candidate=0, inf_golden=0, inf_candidate=0, worst_index=worst,
-        first_bad_token=int(bad_tok[0]) if bad_tok.size else None,
-        bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]), n_bad_tokens=int(bad_tok.size),
-        closeness=closeness, token_closeness=token_close,
-    )
-    verdict, detail = _judge(metrics, tol, False, golden, candidate, shape, excluded, axis)
-    return Result(verdict, metrics, detail, excluded_tokens=excluded)
+# ---------------------------------------------------------------- classify
 
 
 def classify(
@@ -662,6 +248,7 @@ def classify(
     *,
     token_axis: int | None = 0,
     exclude_tokens: Collection[int] = (),
+    absent_tokens: int = 0,
 ) -> Result:
     """Judge ``candidate`` against ``golden`` under ``tol`` (see the module docstring).
 
@@ -669,14 +256,22 @@ def classify(
     tolerance judgement (tokens whose routing flipped at a near tie); they are
     reported back in ``Result.excluded_tokens``.  Out-of-range indices, or
     indices without a token axis, are a caller bug (ValueError).
+    ``absent_tokens``: how many of the excluded tokens are excluded because the
+    candidate does not hold them (an imported dump that kept some tokens' rows),
+    not for a routing flip; the detail says so.
     """
-    res = _classify_elements(golden, candidate, tol, token_axis=token_axis, exclude_tokens=exclude_tokens)
+    n_excluded = len({int(t) for t in exclude_tokens})
+    if not 0 <= absent_tokens <= n_excluded:
+        raise ValueError(f"{absent_tokens=} must be between 0 and the {n_excluded} excluded tokens")
+    res = _classify_elements(golden, candidate, tol, token_axis=token_axis, exclude_tokens=exclude_tokens,
+                             absent_tokens=absent_tokens)
     if res.metrics is None or not math.isfinite(tol.row_rel_l2) or res.verdict not in (Verdict.MATCH, Verdict.DIVERGE):
         return res
     assert golden is not None and candidate is not None   # metrics come from two arrays
     if golden.dtype.kind in "biu" and candidate.dtype.kind in "biu":
         return res
     return _row_rule(res, golden, candidate, tol, _token_axis(token_axis, golden.ndim))
+
 
 
 #: a row's error is taken relative to at least this fraction of the median row norm, so that rows
@@ -750,6 +345,7 @@ def _classify_elements(
     *,
     token_axis: int | None = 0,
     exclude_tokens: Collection[int] = (),
+    absent_tokens: int = 0,
 ) -> Result:
     if golden is None or candidate is None:
         side = "golden and candidate" if golden is None and candidate is None else (
@@ -764,11 +360,17 @@ def _classify_elements(
     axis = _token_axis(token_axis, golden.ndim)
     excluded = _excluded(exclude_tokens, axis, shape)
     exact = golden.dtype.kind in "biu" and candidate.dtype.kind in "biu"
-    if (golden.size > CHUNK and golden.dtype in _SMALL_FLOATS and candidate.dtype in _SMALL_FLOATS):
-        fast = _classify_chunked(golden, candidate, tol, axis, excluded)
-        if fast is not None:
-            return fast
+    metrics = chunked_metrics(golden, candidate, tol, axis, excluded)
+    if metrics is None:
+        metrics = _general_metrics(golden, candidate, tol, axis, excluded, exact)
+    verdict, detail = _judge(metrics, tol, exact, golden, candidate, shape, excluded, axis, absent_tokens)
+    return Result(verdict, metrics, detail, excluded_tokens=excluded)
 
+
+def _general_metrics(golden: np.ndarray, candidate: np.ndarray, tol: Tolerance, axis: int | None,
+                     excluded: tuple[int, ...], exact: bool) -> Metrics:
+    """The metrics of any pair of one shape (non-finite values, float64, integers), in one pass."""
+    shape = golden.shape
     g = golden.astype(np.float64, copy=False).reshape(-1)
     c = candidate.astype(np.float64, copy=False).reshape(-1)
     finite = np.isfinite(g)
@@ -814,9 +416,9 @@ def _classify_elements(
             thr = abs_g * tol.rtol
             thr += tol.atol
             outside = d > thr
-            ratio = _ratios(d, thr, outside)
+            ratio = ratios(d, thr, outside)
         n_outside = int(outside.sum()) + n_nonfinite_judged
-        closeness = _closeness(ratio, n, n_nonfinite_judged, 0.0 if exact else tol.max_frac_outside)
+        closeness = closeness_of(ratio, n, n_nonfinite_judged, 0.0 if exact else tol.max_frac_outside)
         if m:
             cosine, rel_l2, nmse, max_abs, mean_abs, max_rel = _float_metrics(gs, cs, d, abs_g)
         else:
@@ -854,7 +456,7 @@ def _classify_elements(
         worst = tuple(int(i) for i in np.unravel_index(flat, shape))
 
     nan_golden, inf_golden, nan_candidate, inf_candidate = counts
-    metrics = Metrics(
+    return Metrics(
         n=n, cosine=cosine, rel_l2=rel_l2, nmse=nmse, max_abs=max_abs, mean_abs=mean_abs,
         max_rel=max_rel, frac_outside=n_outside / n if n else 0.0, n_outside=n_outside,
         nan_golden=nan_golden, nan_candidate=nan_candidate,
@@ -864,12 +466,10 @@ def _classify_elements(
         bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]),
         n_bad_tokens=int(bad_tok.size), closeness=closeness, token_closeness=token_close,
     )
-    verdict, detail = _judge(metrics, tol, exact, golden, candidate, shape, excluded, axis)
-    return Result(verdict, metrics, detail, excluded_tokens=excluded)
 
 
 def _judge(mt: Metrics, tol: Tolerance, exact: bool, golden: np.ndarray, candidate: np.ndarray,
-           shape: tuple[int, ...], excluded: tuple[int, ...], axis: int | None) -> tuple[Verdict, str]:
+           shape: tuple[int, ...], excluded: tuple[int, ...], axis: int | None, absent: int) -> tuple[Verdict, str]:
     where = ""
     if mt.worst_index is not None:
         idx = mt.worst_index
@@ -886,7 +486,12 @@ def _judge(mt: Metrics, tol: Tolerance, exact: bool, golden: np.ndarray, candida
                  for side, nan, inf in (("golden", mt.nan_golden, mt.inf_golden),
                                         ("candidate", mt.nan_candidate, mt.inf_candidate))]
         return verdict, "; ".join(parts) + where
-    note = f"; {len(excluded)} of {shape[axis]} tokens excluded (routing flips)" if excluded and axis is not None else ""
+    note = ""
+    if excluded and axis is not None:
+        flips = len(excluded) - absent
+        note = (f"; {len(excluded)} of {shape[axis]} tokens excluded (routing flips)" if not absent else
+                f"; {absent} of {shape[axis]} tokens not in the dump" + (f", {flips} excluded (routing flips)"
+                                                                         if flips else ""))
     if mt.n == 0:
         return Verdict.MATCH, f"nothing judged: {'all tokens excluded' if excluded else 'empty arrays'}"
     rule = "exact equality" if exact else f"|c-g| <= atol + rtol*|g| ({tol})"

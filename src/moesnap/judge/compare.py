@@ -20,20 +20,20 @@ put in expert-id order on both sides before they are compared.
 from __future__ import annotations
 
 import math
-import os
-import re
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 import numpy as np
 
 from ..case import Case
-from .classify import Metrics, Result, Verdict, bad_tokens_text, classify, json_float
+from .classify import classify
+from .pool import submit_stage
 from .routing import RoutingResult, align_topk_weights, classify_routing, expert_scale_errors
 from ..errors import GoldenError, MoesnapError
 from ..stages import LAYER_STAGES, MODEL_STAGES, POST_ROUTING_STAGES
 from .tolerances import Tolerance, Tolerances
+from .verdict import Metrics, Result, Verdict, bad_tokens_text, json_float
 
 
 #: what the second, per-layer mode of a report is called, by kind
@@ -347,13 +347,11 @@ def _own_ids(used: np.ndarray | None, followed: dict[int, np.ndarray]) -> np.nda
     return own
 
 
-#: a stage judged at once (routing) or one whose classification runs on the pool: (case, layer, stage, future)
+#: a stage judged at once (routing) or one whose classification runs on the stage tier (judge/pool.py):
+#: (case, layer, stage, future)
 _Pending = StageResult | tuple[str, int | None, str, Future[tuple[Result, tuple[Margin, ...]]]]
 #: the expert rule's golden side: (ids [T, k], contribution of each (token, slot) [T, k, H], their sum or None)
 _ExpertInputs = tuple[np.ndarray, np.ndarray, np.ndarray | None]
-
-_POOL = ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1)), thread_name_prefix="moesnap-classify")
-
 
 def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: str = "case",
                   allow_missing: bool = False, layers: Iterable[int] | None = None,
@@ -442,7 +440,7 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
         experts = None
         if math.isfinite(tol.expert_scale) and stage in ("expert_out", "moe_out") and layer is not None:
             experts = _expert_inputs(golden, layer, stage)
-        fut = _POOL.submit(_classify_stage, g, c, tol, exclude, experts, len(absent))
+        fut = submit_stage(_classify_stage, g, c, tol, exclude, experts, len(absent))
         pending.append((name, layer, stage, fut))
 
     def judge_routing(layer: int, g: np.ndarray | None, c: np.ndarray | None,
@@ -581,7 +579,7 @@ def _classify_stage(g: np.ndarray | None, c: np.ndarray | None, tol: Tolerance, 
     """classify, then (``experts`` given, the stage passed) the expert-scale rule of ``tol``; with the
     result, its margins.  ``absent``: how many of the ``exclude`` tokens are left out because the
     candidate does not hold them."""
-    res = _say_absent(classify(g, c, tol, exclude_tokens=exclude), absent)
+    res = classify(g, c, tol, exclude_tokens=exclude, absent_tokens=absent)
     exact = g is not None and c is not None and g.dtype.kind in "biu" and c.dtype.kind in "biu"
     if experts is None or res.verdict != Verdict.MATCH or g is None or c is None or g.shape != c.shape:
         return res, margins(res, tol, exact=exact)
@@ -609,19 +607,6 @@ def _classify_stage(g: np.ndarray | None, c: np.ndarray | None, tol: Tolerance, 
     out = Result(Verdict.DIVERGE, metrics, detail, res.flipped_tokens, res.excluded_tokens)
     worst_limit = max(tol.expert_scale, EXPERT_Z * worst[2])
     return out, margins(out, tol, expert=(worst[0], worst[1], worst_limit))
-
-
-def _say_absent(res: Result, absent: int) -> Result:
-    """``res`` whose detail says which excluded tokens the candidate does not hold (classify calls every
-    excluded token a routing flip's)."""
-    n = len(res.excluded_tokens)
-    if not absent or res.metrics is None:
-        return res
-    m = re.search(rf"; {n} of (\d+) tokens excluded \(routing flips\)", res.detail)
-    if m is None:
-        return res
-    said = f"; {absent} of {m[1]} tokens not in the dump" + (f", {n - absent} excluded (routing flips)" if n > absent else "")
-    return replace(res, detail=res.detail[:m.start()] + said + res.detail[m.end():])
 
 
 def _where(case: str, layer: int | None, stage: str) -> str:

@@ -5,7 +5,7 @@ near-tie rule: a flip between experts whose golden router logits lie within ``ti
 ``ROUTING_TIE``, a wider one ``DIVERGE``); :func:`tie_gap` measures that distance;
 :func:`align_topk_weights` puts per-expert arrays in expert-id order to compare them consistently;
 :func:`expert_scale_errors` estimates each expert's relative scale error over the tokens routed to it.
-Pure numpy, like :mod:`moesnap.judge.classify`, whose verdicts and formatting it shares.
+Pure numpy, like :mod:`moesnap.judge.classify`, whose verdicts and formatting (:mod:`moesnap.judge.verdict`) it shares.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ToleranceError
-from .classify import Metrics, Result, Verdict, fmt, json_float
+from .verdict import Metrics, Result, Verdict, fmt, json_float
 
 _DETAIL_FLIPS = 8
 

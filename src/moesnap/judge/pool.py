@@ -1,0 +1,75 @@
+"""The judge's worker threads, owned here alone: created on first use, sized once.
+
+numpy releases the GIL, so the judge classifies on threads, in two tiers that never wait on
+themselves:
+
+- :func:`submit_stage`: one task per stage being judged (:func:`moesnap.judge.compare.compare_cases`).
+  A stage task may wait on the chunk tier.
+- :func:`map_chunks`: the slices of one large array (:mod:`moesnap.judge.chunked`).  Chunk work is a
+  leaf: it never submits work nor waits on any, so the chunk tier always drains and a stage task
+  waiting on it cannot deadlock.
+
+A thread of a tier that asks its own tier for work runs that work inline instead of queueing behind
+itself (``compare_cases`` called from a stage task, a chunk function that maps chunks): nothing ever
+blocks on the executor it runs on.  Both executors have :func:`workers` threads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+A = TypeVar("A")
+
+_LOCK = threading.Lock()
+_EXECUTORS: dict[str, ThreadPoolExecutor] = {}
+_TIER = threading.local()      # .name: the tier this thread works for ("stage", "chunk"), unset elsewhere
+_PREFIX = {"stage": "moesnap-classify", "chunk": "moesnap-chunk"}
+
+
+def workers() -> int:
+    """Threads per tier: the CPUs, at most 16."""
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def _join_tier(name: str) -> None:
+    _TIER.name = name
+
+
+def _executor(tier: str) -> ThreadPoolExecutor:
+    ex = _EXECUTORS.get(tier)
+    if ex is None:
+        with _LOCK:
+            ex = _EXECUTORS.get(tier)
+            if ex is None:
+                ex = _EXECUTORS[tier] = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix=_PREFIX[tier],
+                                                           initializer=_join_tier, initargs=(tier,))
+    return ex
+
+
+def _on(tier: str) -> bool:
+    return getattr(_TIER, "name", None) == tier
+
+
+def submit_stage(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+    """``fn(*args, **kwargs)`` on the stage tier; its outcome (value or exception) in the future."""
+    if not _on("stage"):
+        return _executor("stage").submit(fn, *args, **kwargs)
+    done: Future[T] = Future()
+    try:
+        done.set_result(fn(*args, **kwargs))
+    except BaseException as e:   # kept for .result(), as the executor would
+        done.set_exception(e)
+    return done
+
+
+def map_chunks(fn: Callable[[A], T], items: Iterable[A]) -> list[T]:
+    """``[fn(x) for x in items]``, on the chunk tier; ``fn`` must not wait on other work."""
+    if _on("chunk"):
+        return [fn(x) for x in items]
+    return list(_executor("chunk").map(fn, items))
