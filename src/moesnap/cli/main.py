@@ -68,8 +68,9 @@ def cmd_trace(a: argparse.Namespace) -> int:
     if decode == 0 and given is not None:
         raise UsageError("--decode 0 with --continuation: the continuation is fed to decode steps; give --decode "
                          "as its length, or leave --decode out")
-    if isinstance(given, list):
-        check_continuation_length(given, decode)
+    ids = given if isinstance(given, list) else None
+    if ids is not None:
+        check_continuation_length(ids, decode)
     text = given if isinstance(given, str) else None
     loading_torch()
     from ..run.trace import check_output, parse_device, parse_dtype, run_case, summary, write_output
@@ -84,10 +85,10 @@ def cmd_trace(a: argparse.Namespace) -> int:
     if text is not None:
         from ..run.prompts import encode_continuation, prompt_tokenizer
 
-        given = encode_continuation(prompt_tokenizer(model, a.tokenizer), text, model=model)
-        check_continuation_length(given, decode)
+        ids = encode_continuation(prompt_tokenizer(model, a.tokenizer), text, model=model)
+        check_continuation_length(ids, decode)
     case = run_case(model, tokens, dtype=dtype, device=device, candidate=a.candidate, prompt=prompt,
-                    show_progress=not a.quiet, engine=a.engine, decode=decode or 0, continuation=given)
+                    show_progress=not a.quiet, engine=a.engine, decode=decode or 0, continuation=ids)
     if tokenizer is not None:
         case.attrs["tokenizer"] = tokenizer
     if text is not None:
