@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = max((p.name for p in Path(store).iterdir() if p.name.startswith("gen_decode")), key=len)
     kw = dict(store=store, device=a.device, dtype=a.dtype, show_progress=False)
     graph = a.device.startswith("cuda")
+    verdicts: dict[str, str] = {}
     for r in range(a.repeat):
         order = ["check_prefill", "check_decode"] + (["check_graph"] if graph else [])
         for which in order if r % 2 == 0 else order[::-1]:
@@ -85,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                 rep = moesnap.check(model, ref, **kw, **extra)
 
             times[which].append(_time(run))
-            assert rep is not None and rep.verdict == "pass", rep.summary() if rep is not None else which
+            assert rep is not None
+            verdicts[which] = rep.verdict
+            # a CUDA graph decides routing on the device, without router replay: bfloat16 flips at near ties
+            # excuse their tokens, so that row may be inconclusive; every other row must pass
+            assert rep.verdict == "pass" or (which == "check_graph" and rep.verdict == "inconclusive"), rep.summary()
     med = {k: statistics.median(v) for k, v in times.items() if v}
     print(f"decode cost: {a.preset}, {a.layers} layers, P={a.prompt}, N={a.steps}, {a.device} {a.dtype}, "
           f"median of {a.repeat} alternating runs")
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{med['check_decode']:.2f} s   ratio {med['check_decode'] / med['check_prefill']:.2f}x (goal <= 2x)")
     if "check_graph" in med:
         print(f"  check --cuda-graph prefill P + {a.steps} steps on a CUDA graph {med['check_graph']:.2f} s   ratio "
-              f"{med['check_graph'] / med['check_prefill']:.2f}x")
+              f"{med['check_graph'] / med['check_prefill']:.2f}x ({verdicts['check_graph']})")
     return 0
 
 

@@ -347,7 +347,7 @@ ROWS.update({
     "trace: token not an integer": row("trace", "{model}", "--tokens", "1,x", "--out", "{tmp}/o.zarr", needles=("--tokens '1,x'", "integers")),
     "trace: more tokens than the context": row("trace", "{model}", "--tokens", ",".join(["5"] * 4097), "--out", "{tmp}/o.zarr",
                                                needles=("4097 tokens", "context of 4096")),
-    "trace: empty prompt": row("trace", "{model}", "--prompt", "", "--out", "{tmp}/o.zarr", needles="empty prompt"),
+    "trace: empty prompt": row("trace", "{model}", "--prompt", "", "--out", "{tmp}/o.zarr", needles="--prompt: empty"),
     "trace: non-UTF-8 prompt": row("trace", "{model}", "--prompt", "ab\udcff", "--out", "{tmp}/o.zarr", needles="--prompt: not UTF-8"),
     "trace: --prompt with a vocabulary of arrays": row("trace", "{nested_vocab}", "--prompt", "hi", "--out", "{tmp}/o.zarr",
                                                       needles=("{nested_vocab}", "'tokenizer.ggml.tokens' is not an array of strings")),
@@ -630,7 +630,7 @@ ROWS.update({
         needles=("{vocab_bad_merge}", "is not two tokens")),
     "calibrate: --tokenizer model on the synthetic byte vocabulary": row(
         "calibrate", "{model}", "--tokenizer", "model", "--dtypes", "float32", needles=("{model}", "'llama' (SentencePiece)")),
-    "calibrate: empty prompt": row("calibrate", "{model}", "--prompt", "", needles="empty prompt"),
+    "calibrate: empty prompt": row("calibrate", "{model}", "--prompt", "", needles="--prompt: empty"),
     "calibrate: --json to a directory": row("calibrate", "{model}", "--tokens", "1", "--json", "{tmp}", needles="is a directory"),
     "calibrate: --json missing parent": row("calibrate", "{model}", "--tokens", "1", "--json", "{tmp}/no/c.json",
                                             needles="does not exist"),

@@ -4,7 +4,7 @@
 set -u
 out=${1:?OUTDIR}; layers=${2:-8}
 mkdir -p "$out"
-pip install -q --no-deps .whl/*.whl >/dev/null 2>&1; pip install -q --no-deps -e . >/dev/null 2>&1
+python -m pip install -q --no-deps .whl/*.whl 2>&1 | grep -v WARNING | tail -3; python -c "import gguf, zarr; print(\"zarr\", zarr.__version__)"; export PYTHONPATH=$PWD/src
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 export MOESNAP_NO_PROGRESS=1
 timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -20 | tee "$out/pytest_gpu.txt"

@@ -271,7 +271,7 @@ class MoesnapSnapshot:
             if self.regen:
                 ref = generate_suite(model_path, self.suite, inputs, store=self.store_root)
                 self._regenerated = (f"moesnap_snapshot: wrote golden {ref} from {model_path} ({len(inputs)} "
-                                     f"case(s)) in {self.store_root}; the test fails so that the change is seen: "
+                                     f"{'case' if len(inputs) == 1 else 'cases'}) in {self.store_root}; the test fails so that the change is seen: "
                                      f"run it again without --moesnap-regen")
             else:
                 self._regenerated = ""

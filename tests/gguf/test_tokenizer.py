@@ -113,7 +113,7 @@ def test_unknown_choice():
 
 def test_empty_and_non_utf8_prompts(qwen):
     gf = open_gguf(qwen)
-    with pytest.raises(ModelFileError, match="qwen.gguf: empty prompt"):
+    with pytest.raises(UsageError, match="--prompt: empty; give some text"):
         encode(gf, "")
     with pytest.raises(UsageError, match="--prompt: not UTF-8"):
         encode(gf, "ab\udcff")

@@ -133,7 +133,7 @@ def test_a_checkpoint_directory_uses_its_tokenizer_json(bpe_model, tmp_path):
     assert prompt_tokenizer(ckpt, "model").provenance == enc.tokenizer
     with pytest.raises(UsageError, match="--tokenizer bytes encodes with a GGUF vocabulary's byte tokens"):
         prompt_tokenizer(ckpt, "bytes")
-    with pytest.raises(ModelFileError, match="empty prompt"):
+    with pytest.raises(UsageError, match="--prompt: empty"):
         encode_prompt(prompt_tokenizer(ckpt), "", model=ckpt)
 
 

@@ -19,6 +19,9 @@ def cmd_check(a: argparse.Namespace) -> int:
         inject_syntax(spec)
     check_report_outputs(a, a.store)
     asked = settings(a, dtype=a.dtype, allowed=CHECK_DTYPES)
+    from ..model.load import check_model_path
+
+    check_model_path(a.model)     # a missing or wrong MODEL is the one line on stderr, before any status line
     loading_torch()
     from ..run.check import check
 

@@ -162,7 +162,7 @@ def encode_with(tok: PromptTokenizer, text: str, *, where: str | Path) -> Encode
     """``text`` through ``tok``; an empty prompt, one that is not UTF-8 text or one that yields no
     token is refused (``where`` names the model in the message)."""
     if not text:
-        raise ModelFileError(f"{where}: empty prompt")
+        raise UsageError("--prompt: empty; give some text, or token ids with --tokens")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:   # a command line that was not UTF-8 (lone surrogates)
@@ -176,7 +176,7 @@ def encode_with(tok: PromptTokenizer, text: str, *, where: str | Path) -> Encode
 def encode(gf: GGUFFile, text: str, *, tokenizer: str = "auto") -> Encoded:
     """One prompt through the tokenizer ``tokenizer`` picks for this file."""
     if not text:
-        raise ModelFileError(f"{gf.path}: empty prompt")
+        raise UsageError("--prompt: empty; give some text, or token ids with --tokens")
     return encode_with(gguf_tokenizer(gf, tokenizer), text, where=gf.path)
 
 
