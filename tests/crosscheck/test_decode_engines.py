@@ -25,7 +25,10 @@ from moesnap.model.synth import tiny_path
 
 pytestmark = pytest.mark.crosscheck
 
-PROMPT = [1, 17, 42, 99, 7, 250, 3, 64, 128, 5, 77, 31]
+PROMPT = [1, 218, 164, 132, 71, 80, 13, 22, 7, 47, 208, 167]
+#: llama.cpp's 8-bit activation rounding flips a near tie of the golden's router (layer 3 at the 4th
+#: decode step: router logits 1.965 vs 1.910) after this prompt
+TIE_PROMPT = [1, 17, 42, 99, 7, 250, 3, 64, 128, 5, 77, 31]
 STEPS = 6
 SUITE = "decode"
 
@@ -35,18 +38,21 @@ def _needs(module: str):
                                               f"-r requirements-crosscheck.txt)")
 
 
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory):
-    """One reference forward over the prompt and the reference's own greedy continuation of STEPS
+def _golden(root, prompt: list[int]) -> tuple[str, list[int]]:
+    """One reference forward over ``prompt`` and the reference's own greedy continuation of STEPS
     tokens: (store, the continuation)."""
     from moesnap.store import open_store
 
-    store = tmp_path_factory.mktemp("decode-goldens")
-    ref = moesnap.generate(tiny_path(), SUITE, [PROMPT], store=str(store), decode=STEPS)
+    ref = moesnap.generate(tiny_path(), SUITE, [prompt], store=str(root), decode=STEPS)
     assert ref == f"{SUITE}@v0001"
-    tokens = open_store(str(store)).open_version(SUITE).read_case("case0").tokens.tolist()
-    assert tokens[:len(PROMPT)] == PROMPT and len(tokens) == len(PROMPT) + STEPS
-    return str(store), tokens[len(PROMPT):]
+    tokens = open_store(str(root)).open_version(SUITE).read_case("case0").tokens.tolist()
+    assert tokens[:len(prompt)] == prompt and len(tokens) == len(prompt) + STEPS
+    return str(root), tokens[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    return _golden(tmp_path_factory.mktemp("decode-goldens"), PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -288,30 +294,38 @@ def test_llama_cpp_greedy_steps_follow_its_own_argmax(golden):
     assert own == [int(np.argmax(c.model["logits"][-1])) for c in (case, *case.steps[:-1])]
 
 
-def test_a_fault_in_one_llama_cpp_step_is_named_at_that_step(golden, llama_steps):
-    from dataclasses import replace
-
-    store, _ = golden
-    steps = list(llama_steps.steps)
-    bad = steps[4]
-    moe = bad.layers["moe_out"].copy()
-    moe[2] *= 1.05
-    steps[4] = replace(bad, layers={**bad.layers, "moe_out": moe})
-    rep = _compare(store, replace(llama_steps, steps=tuple(steps)))
-    assert rep.verdict == "fail"
-    fd = rep.first_divergence
-    assert (fd.case, fd.layer, fd.stage) == ("case0/step4", 2, "moe_out"), rep.summary()
-
-
-def test_trace_engine_transformers_with_decode_writes_steps_that_compare(golden, tmp_path):
-    """``moesnap.trace(..., engine="transformers", decode=N, continuation=IDS)`` (``trace --engine
-    transformers --decode N``): the steps/<n> layout on disk, judged from the path."""
-    _needs("transformers")
-    from moesnap.store.case import load_case
-
+def test_a_decode_fault_planted_in_llama_cpp_is_named_at_its_step_layer_and_stage(golden):
+    """Position 4 removed from llama.cpp's own KV cache before decode step 2 (attention over one cached
+    slot too few): named at case0/step2, layer 0, attn; the prompt and the earlier steps pass."""
+    _needs("llama_cpp")
     store, cont = golden
-    out = tmp_path / "hf.zarr"
-    moesnap.trace(tiny_path(), PROMPT, engine="transformers", decode=STEPS, continuation=cont, out=out)
-    back = load_case(out)
-    assert [s.positions.tolist() for s in back.steps] == [[len(PROMPT) + n] for n in range(STEPS)]
-    _assert_every_cell_judged(_compare(store, str(out)), back)
+    case = moesnap.capture.llama_cpp(tiny_path(), PROMPT, decode=STEPS, continuation=cont, forget=(2, 4))
+    assert "removed from the KV cache before decode step 2" in case.attrs["planted"]
+    rep = _compare(store, case)
+    assert rep.verdict == "fail", rep.summary()
+    fd = rep.first_divergence
+    assert (fd.case, fd.layer, fd.stage) == ("case0/step2", 0, "attn"), rep.summary()
+    assert all(c.passed for c in rep.cases if c.step is None or c.step < 2)
+    with pytest.raises(UsageError, match="must name a decode step"):
+        moesnap.capture.llama_cpp(tiny_path(), PROMPT, decode=2, continuation=cont, forget=(2, 4))
+
+
+def test_a_near_tie_flipped_in_a_llama_cpp_step_is_inconclusive_never_a_pass(tmp_path):
+    """Where llama.cpp's rounding flips a near tie of the golden's router in a decode step, the cells
+    downstream of the flip at that step are not judged free-running: the verdict is ``inconclusive``
+    (not ``pass``, not ``fail``), and the flip is reported as a tie.  Decode steps of a foreign dump
+    are judged free-running only until local re-reference covers them; then every cell is judged."""
+    _needs("llama_cpp")
+    store, cont = _golden(tmp_path, TIE_PROMPT)
+    case = moesnap.capture.llama_cpp(tiny_path(), TIE_PROMPT, decode=STEPS, continuation=cont)
+    rep = _compare(store, case)
+    if not any("local re-reference of a decode step is not built yet" in n for n in rep.notes):
+        _assert_every_cell_judged(rep, case)
+        return
+    assert rep.verdict == "inconclusive", rep.summary()
+    assert rep.first_divergence is None
+    step3 = next(c for c in rep.cases if c.step == 3)
+    tie = [r for r in step3.results if r.stage == "topk_ids" and r.layer == 3]
+    assert tie and tie[0].verdict.name == "ROUTING_TIE", step3.results
+    cov = rep.coverage()
+    assert cov.judged < cov.held and {k[0] for k in cov.unjudged} == {"case0/step3"}, cov

@@ -59,16 +59,16 @@ def transformers(model: Any, tokens: Sequence[int], *, decode: int = 0, continua
 
 
 def llama_cpp(path: str | Path, tokens: Sequence[int], *, decode: int = 0, continuation: Sequence[int] | None = None,
-              attrs: dict[str, Any] | None = None) -> Case:
+              attrs: dict[str, Any] | None = None, forget: tuple[int, int] | None = None) -> Case:
     """Run ``tokens`` through llama.cpp's own forward of the GGUF at ``path`` and capture every stage its
     graph names; with ``decode=N``, then N decode steps, one ``llama_decode`` per token through
     llama.cpp's KV cache (``continuation`` as for :func:`transformers`).
 
-    See :func:`moesnap.capture.llama.llama_case`.
+    See :func:`moesnap.capture.llama.llama_case` (``forget``: a decode fault planted in llama.cpp's KV cache).
     """
     from .llama import llama_case
 
-    return llama_case(path, tokens, decode=decode, continuation=continuation, attrs=attrs)
+    return llama_case(path, tokens, decode=decode, continuation=continuation, attrs=attrs, forget=forget)
 
 
 def decode_plan(decode: int, continuation: Sequence[int] | None, *, engine: str) -> tuple[int, list[int] | None]:

@@ -170,10 +170,12 @@ Step = tuple[int, np.ndarray, list[tuple[str, np.ndarray]]]
 
 
 def _lowlevel(path: str, tokens: list[int], n_threads: int, *, decode: int = 0,
-              continuation: list[int] | None = None) -> tuple[np.ndarray, list[tuple[str, np.ndarray]], list[Step]]:
+              continuation: list[int] | None = None,
+              forget: tuple[int, int] | None = None) -> tuple[np.ndarray, list[tuple[str, np.ndarray]], list[Step]]:
     """Logits [T, V] and every captured (name, array) in graph order of the prompt's forward; then
     ``decode`` steps, one ``llama_decode`` of one token each at the next position (llama.cpp's KV
-    cache holds the earlier ones), fed ``continuation[n]`` or else the argmax of the previous logits."""
+    cache holds the earlier ones), fed ``continuation[n]`` or else the argmax of the previous logits.
+    ``forget=(n, p)``: a planted fault, position ``p`` removed from the KV cache before step ``n``."""
     import llama_cpp as L
 
     ggml = _libggml_base()
@@ -243,6 +245,9 @@ def _lowlevel(path: str, tokens: list[int], n_threads: int, *, decode: int = 0,
         logits, captured = run(tokens, 0)
         last = logits
         for step in range(decode):
+            if forget is not None and forget[0] == step:
+                if not L.llama_memory_seq_rm(L.llama_get_memory(ctx), 0, forget[1], forget[1] + 1):
+                    raise LlamaCrash(f"llama_memory_seq_rm could not remove position {forget[1]}")
             tok = continuation[step] if continuation is not None else int(np.argmax(last[-1]))
             last, step_captured = run([tok], T + step)
             steps.append((tok, last, step_captured))
@@ -307,7 +312,8 @@ def map_stages(captured: list[tuple[str, np.ndarray]], T: int, n_expert_used: in
 
 def forward_in_process(path: str, tokens: list[int], *, stages: bool = True,
                        n_threads: int | None = None, derive_attn_out: bool = False, decode: int = 0,
-                       continuation: list[int] | None = None) -> dict[str, np.ndarray]:
+                       continuation: list[int] | None = None,
+                       forget: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Run both passes in this process (a llama.cpp abort kills the interpreter).
 
     With ``decode``, the low-level pass goes on with that many decode steps; step ``n``'s arrays are
@@ -316,7 +322,8 @@ def forward_in_process(path: str, tokens: list[int], *, stages: bool = True,
     _capture_log()
     res: dict[str, np.ndarray] = {"logits": _highlevel_logits(path, tokens, n_threads)}
     if stages:
-        ll_logits, captured, steps = _lowlevel(path, tokens, n_threads, decode=decode, continuation=continuation)
+        ll_logits, captured, steps = _lowlevel(path, tokens, n_threads, decode=decode, continuation=continuation,
+                                               forget=forget)
         res["logits_lowlevel"] = ll_logits
         from gguf import GGUFReader
 
@@ -380,14 +387,16 @@ def copy_with_weight_suffix(src: str | Path, dst: str | Path) -> Path:
 
 def llama_forward(path: str | Path, tokens, *, stages: bool = True, timeout: float = 300,
                   n_threads: int | None = None, derive_attn_out: bool = False, decode: int = 0,
-                  continuation: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+                  continuation: Sequence[int] | None = None,
+                  forget: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """llama.cpp's logits ``[T, V]`` and (``stages=True``) moesnap-named stages, computed in a child process.
 
     Keys: ``logits`` (high-level API), ``logits_lowlevel`` (the cb_eval pass),
     the stages of :data:`STAGE_MAP` stacked ``[L, T, ...]``, ``final_norm``,
     and ``_names`` (JSON: every captured tensor name -> its numpy shapes).  With ``decode`` (and
     ``continuation``: the tokens fed, else greedy), each decode step's ``step<n>.<stage>`` (its
-    ``tokens``, ``logits`` and stages, one row each; :func:`forward_in_process`).
+    ``tokens``, ``logits`` and stages, one row each; :func:`forward_in_process`).  ``forget=(n, p)``:
+    a planted decode fault (:func:`llama_case`).
     """
     tokens = [int(t) for t in tokens]
     with tempfile.TemporaryDirectory(prefix="llama_dump_") as d:
@@ -404,6 +413,8 @@ def llama_forward(path: str | Path, tokens, *, stages: bool = True, timeout: flo
             cmd += ["--decode", str(int(decode))]
         if continuation is not None:
             cmd += ["--continuation", ",".join(str(int(t)) for t in continuation)]
+        if forget is not None:
+            cmd += ["--forget", f"{int(forget[0])},{int(forget[1])}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():
             errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
@@ -433,7 +444,8 @@ def _case(res: dict[str, np.ndarray], ids: list[int], meta: dict[str, Any]) -> C
 
 def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
                continuation: Sequence[int] | None = None, n_threads: int | None = None,
-               timeout: float = 600, attrs: dict[str, Any] | None = None) -> Case:
+               timeout: float = 600, attrs: dict[str, Any] | None = None,
+               forget: tuple[int, int] | None = None) -> Case:
     """Run ``tokens`` through llama.cpp on the GGUF at ``path`` and capture every stage its graph names;
     with ``decode=N``, then N decode steps, one ``llama_decode`` of one token each through llama.cpp's
     own KV cache (F32), each captured by the same ``cb_eval`` callback.
@@ -449,6 +461,10 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
     (``attrs`` ``positions=[len(tokens) + n]``, ``step=n``, ``engine``, ``dtype``).  Raises
     :class:`UsageError` when llama-cpp-python is not installed or ``decode``/``continuation`` is out of
     range, :class:`LlamaCrash` when llama.cpp fails.
+
+    ``forget=(n, p)`` plants a decode fault inside llama.cpp, to show a judge finds one: before decode
+    step ``n``, position ``p`` is removed from llama.cpp's KV cache (``llama_memory_seq_rm``), so step
+    ``n`` and later ones attend over one cached position too few (the case's ``attrs`` say so).
     """
     from . import decode_plan
 
@@ -461,12 +477,15 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
     if not ids:
         raise UsageError("llama.cpp capture: empty token list")
     n_steps, fed = decode_plan(decode, continuation, engine="llama.cpp")
+    if forget is not None and not (0 <= int(forget[0]) < n_steps and 0 <= int(forget[1]) < len(ids) + int(forget[0]) - 1):
+        raise UsageError(f"llama.cpp capture: forget={forget!r} must name a decode step (0..{n_steps - 1}) and a "
+                         f"position cached before it, not its last one")
     with tempfile.TemporaryDirectory(prefix="moesnap-llama-") as d:
         model_path = Path(path)
         if not has_weight_suffix(model_path):
             model_path = copy_with_weight_suffix(model_path, Path(d) / model_path.name)
         res = llama_forward(model_path, ids, stages=True, timeout=timeout, n_threads=n_threads, decode=n_steps,
-                            continuation=fed)
+                            continuation=fed, forget=forget)
     common: dict[str, Any] = {"producer": "llama.cpp", "engine": "llama.cpp", "dtype": "float32", "device": "cpu"}
     prompt = {k: v for k, v in res.items() if not k.startswith(("_", "step")) and k != "logits_lowlevel"}
     steps = []
@@ -485,6 +504,8 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
         meta.update({"positions": list(range(len(ids))), "prompt_tokens": len(ids), "decode": n_steps,
                      "continuation_source": "greedy" if fed is None else "given",
                      "continuation": [int(s.tokens[0]) for s in steps], "kv_cache": "llama.cpp (F32)"})
+    if forget is not None:
+        meta["planted"] = f"position {int(forget[1])} removed from the KV cache before decode step {int(forget[0])}"
     meta.update(attrs or {})
     return replace(_case(prompt, ids, meta), steps=tuple(steps))
 
@@ -500,12 +521,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--derive-attn-out", action="store_true")
     ap.add_argument("--decode", type=int, default=0, help="decode steps after the prompt")
     ap.add_argument("--continuation", default=None, help="comma-separated token ids the steps are fed (else greedy)")
+    ap.add_argument("--forget", default=None, help="STEP,POS: a planted fault, POS removed from the KV cache before STEP")
     a = ap.parse_args(argv)
     tokens = [int(t) for t in a.tokens.split(",") if t]
     continuation = None if a.continuation is None else [int(t) for t in a.continuation.split(",") if t]
     try:
         res = forward_in_process(a.model, tokens, stages=not a.no_stages, n_threads=a.threads,
-                                 derive_attn_out=a.derive_attn_out, decode=a.decode, continuation=continuation)
+                                 derive_attn_out=a.derive_attn_out, decode=a.decode, continuation=continuation,
+                                 forget=None if a.forget is None else (int(a.forget.split(",")[0]),
+                                                                       int(a.forget.split(",")[1])))
     except BaseException:
         sys.stderr.write("".join(LOG[-40:]))
         raise
