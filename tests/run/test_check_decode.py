@@ -193,3 +193,43 @@ def test_a_dump_of_another_model_file_says_so(tmp_path):
     save_case(p2, other)
     rep = moesnap.compare("tiny", str(p2), store=GOLDENS, show_progress=False)
     assert any("records another model file than the golden: other.gguf" in n for n in rep.notes)
+
+
+def test_a_users_own_decode_loop_through_recorder_steps_is_judged_at_each_step():
+    """moesnap.Recorder.step: the stages of a decode loop the user wrote (here moesnap's serving
+    session stands in for it), one step recorder per step, judged as decode steps."""
+    from moesnap.model.candidate import CandidateModel
+    from moesnap.model.load import open_model
+    from moesnap.model.serve import Session
+    from moesnap.store import open_store
+
+    g = open_store(GOLDENS).open_version("tiny").read_case("case0")
+    toks = g.tokens.tolist()
+    P = len(toks) - STEPS
+    session = Session(CandidateModel(open_model(tiny_path())), capacity=len(toks))
+    rec = moesnap.Recorder()
+    prompt = session.prefill(toks[:P])[0].case
+    for name, a in prompt.arrays().items():
+        if name.startswith("layers/"):
+            for layer in range(a.shape[0]):
+                rec.save(name[7:], layer, a[layer])
+        else:
+            rec.save(name, None, a)
+    for n in range(STEPS):
+        step = session.decode(toks[P + n])[0].case
+        srec = rec.step(P + n)
+        srec.save("tokens", None, step.tokens.tolist())
+        for stage in ("moe_out", "layer_out"):
+            for layer in range(step.n_layer):
+                srec.save(stage, layer, step.layers[stage][layer])
+        srec.save("logits", None, step.model["logits"])
+    case = rec.case()
+    assert [s.positions.tolist() for s in case.steps] == [[P + n] for n in range(STEPS)]
+    rep = moesnap.compare("tiny", case, store=GOLDENS, allow_missing=True, show_progress=False)
+    assert rep.verdict == "pass", rep.summary()
+    assert sum(c.step is not None for c in rep.cases) == STEPS
+    with pytest.raises(ValueError, match="decode step 0: save its token ids first"):
+        bad = moesnap.Recorder()
+        bad.save("tokens", None, [1, 2])
+        bad.step(2)
+        bad.case()

@@ -129,7 +129,8 @@ def load_file(path: Path) -> tuple[np.ndarray, str, dict]:
                           f"{_reason(e)}); moesnap never runs code from a dump") from None
     meta: dict = {}
     if isinstance(obj, dict) and "value" in obj:
-        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        found = obj.get("meta")
+        meta = found if isinstance(found, dict) else {}
         obj = obj["value"]
     if not isinstance(obj, torch.Tensor):
         raise GoldenError(f"{path}: holds {type(obj).__name__}, not a tensor")
@@ -289,6 +290,7 @@ def plan(path: str | Path, tokens: np.ndarray, forward_pass: int | None = None) 
     T = tokens.size
 
     def prefill(p: Pass) -> bool:
+        assert p.input_ids is not None   # every pass has them (refused above otherwise)
         n = p.input_ids.size
         pos = p.positions if p.positions is not None else np.arange(n)
         return 0 < n <= T and pos.size == n and bool((pos == np.arange(n)).all()) and \
@@ -305,9 +307,11 @@ def plan(path: str | Path, tokens: np.ndarray, forward_pass: int | None = None) 
                          f"choose the prefill pass of the golden's prompt with --pass N")
     first = passes[starts[0]]
     steps: list[tuple[Pass, int]] = []
+    assert first.input_ids is not None
     at = first.input_ids.size
     for p in passes[starts[0] + 1:]:
         ids = p.input_ids
+        assert ids is not None
         pos = p.positions
         if pos is None:
             f = p.first
@@ -329,7 +333,7 @@ def dumped_tokens(path: str | Path, forward_pass: int | None = None) -> np.ndarr
         passes = [p for p in passes if p.number == forward_pass]
     first = next((p for p in passes if p.input_ids is not None and
                   (p.positions is None or (p.positions.size and int(p.positions[0]) == 0))), None)
-    if first is None:
+    if first is None or first.input_ids is None:
         return None
     out = list(first.input_ids)
     for p in passes[passes.index(first) + 1:]:
@@ -461,8 +465,9 @@ def _reassembled(d: Path, reads: dict[int, _Read], cases: dict[int, Case], tp: i
     spec: dict[str, str] = {s: "t h[tp] d" for s in HEAD_STAGES if s != "attn"}
     spec["attn"] = "t (h[tp] d)"
     for s in PARTIAL_STAGES:
-        arrays = [c.layers.get(s) for c in cases.values()]
-        if any(a is None for a in arrays):
+        got = [c.layers.get(s) for c in cases.values()]
+        arrays = [a for a in got if a is not None]
+        if len(arrays) < len(got):
             continue
         same = all(a.shape == arrays[0].shape and np.array_equal(a, arrays[0], equal_nan=True) for a in arrays[1:])
         if not same:
@@ -557,7 +562,7 @@ def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None
     if prompt_like.n_tokens > 1 and not checked and one_row:
         raise GoldenError(f"{d}: every tensor of the pass holds one token: a decode pass? moesnap judges the "
                           f"prefill pass of the golden's prompt (--pass N; dump input_ids too, to check it)")
-    a = {"producer": "sglang", "source": str(d), "forward_pass": first.number,
+    a: dict[str, Any] = {"producer": "sglang", "source": str(d), "forward_pass": first.number,
          "ranks": sorted({f.rank for f in first.files})}
     narrow = next((x for x in _NARROW if x in dtypes), None)     # the engine's precision: its narrowest float
     if narrow is not None:

@@ -140,8 +140,8 @@ def _golden_rows(p: Pair, dist: Sequence[NextToken]) -> tuple[Case, str | None]:
     Positions beyond the golden, or tokens that differ otherwise, are refused naming the case and
     position (a step judged against rows it did not compute would be a vacuous pass)."""
     g, c = p.golden, p.candidate
-    if "positions" not in c.attrs:
-        return g, None
+    if "positions" not in c.attrs and c.tokens.shape == g.tokens.shape:
+        return g, None          # the whole sequence (the judge compares its tokens)
     pos = c.positions
     T = int(g.tokens.shape[0])
     if pos.shape != c.tokens.shape:

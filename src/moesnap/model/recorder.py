@@ -51,6 +51,8 @@ class ArrayRecorder:
         self.keep_dtype = keep_dtype
         self.model: dict[str, np.ndarray] = {}
         self.layers: dict[str, dict[int, np.ndarray]] = {}
+        #: the decode steps recorded after these rows (:meth:`step`), in order: (positions, recorder)
+        self.steps: list[tuple[list[int], ArrayRecorder]] = []
 
     def _to_numpy(self, x: torch.Tensor) -> np.ndarray:
         x = x.detach()
@@ -124,13 +126,46 @@ class ArrayRecorder:
         else:
             self.layers.setdefault(stage, {})[layer] = arr
 
+    def step(self, positions: int | Sequence[int]) -> ArrayRecorder:
+        """A recorder for one decode step of your own decode loop, whose rows sit at the absolute
+        ``positions`` of the sequence (one per row: a decode step of one sequence is one position)::
+
+            rec = moesnap.Recorder()
+            ...                                            # the prompt's stages into rec
+            for n, tok in enumerate(continuation):
+                srec = rec.step(len(prompt) + n)           # this step's stages into srec
+                srec.save("tokens", None, [tok]); srec.save("moe_out", 0, x)   # ...
+            case = rec.case()                              # the prompt's rows, with case.steps
+
+        :meth:`case` then returns the prompt's rows with one step case each (``attrs`` ``positions`` and
+        ``step``), judged against the golden's rows at those positions (``moesnap.compare``)."""
+        pos = [int(positions)] if isinstance(positions, (int, np.integer)) else [int(p) for p in positions]
+        if not pos or any(p < 0 for p in pos):
+            raise ValueError(f"positions={positions!r}: expected one or more positions >= 0")
+        child = ArrayRecorder(keep_dtype=self.keep_dtype)
+        self.steps.append((pos, child))
+        return child
+
     def case(self, attrs: dict[str, Any] | None = None) -> "Case":
-        """What was saved as a :class:`~moesnap.case.Case` (the ``tokens`` stage must have been saved)."""
+        """What was saved as a :class:`~moesnap.case.Case` (the ``tokens`` stage must have been saved),
+        with the decode steps recorded through :meth:`step` as its ``steps``."""
+        from dataclasses import replace
+
         from ..case import from_recorder
 
         if "tokens" not in self.model:
             raise ValueError("save the token ids first: rec.save('tokens', None, ids)")
-        return from_recorder(self, attrs)
+        case = from_recorder(self, attrs)
+        if not self.steps:
+            return case
+        steps = []
+        for n, (pos, child) in enumerate(self.steps):
+            if "tokens" not in child.model:
+                raise ValueError(f"decode step {n}: save its token ids first: srec.save('tokens', None, ids)")
+            if child.model["tokens"].shape != (len(pos),):
+                raise ValueError(f"decode step {n}: {child.model['tokens'].size} tokens for {len(pos)} positions")
+            steps.append(from_recorder(child, {**(attrs or {}), "positions": pos, "step": n}))
+        return replace(case, steps=tuple(steps))
 
     def stacked(self) -> dict[str, np.ndarray]:
         """Per-layer stages stacked on a leading layer axis, in layer order."""
