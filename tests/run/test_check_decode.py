@@ -133,6 +133,9 @@ def test_a_dump_with_steps_round_trips_and_passes(tmp_path):
     rep = moesnap.compare("tiny", str(path), store=GOLDENS, show_progress=False)
     assert rep.verdict == "pass", rep.summary()
     assert sum(c.step is not None for c in rep.cases) == STEPS
+    # the golden's model file is found by its sha256: every step is also re-referenced from the dump's own rows
+    assert rep.replay_kind == "local" and sum(c.step is not None for c in rep.replay) == STEPS
+    assert any("decode steps re-referenced with the prompt as one sequence" in n for n in rep.notes)
     d = json.loads(json.dumps(rep.to_dict()))
     assert [s["step"] for s in d["steps"]] == [0, 1, 2, 3] and d["next_token"]["rows"]
 
@@ -233,3 +236,16 @@ def test_a_users_own_decode_loop_through_recorder_steps_is_judged_at_each_step()
         bad.save("tokens", None, [1, 2])
         bad.step(2)
         bad.case()
+
+
+def test_local_re_reference_names_the_step_and_layer_that_introduce_a_fault_in_a_dump(tmp_path):
+    def scale(steps):   # the engine's moe_out of layer 2 off by 5 % in step 1, and carried on from there
+        s = steps[1]
+        layers = {k: np.array(v, copy=True) for k, v in s.layers.items()}
+        layers["moe_out"][2] *= 1.05
+        return [steps[0], replace(s, layers=layers), *steps[2:]]
+
+    rep = moesnap.compare("tiny", str(_dump(tmp_path, scale)), store=GOLDENS, show_progress=False)
+    intro = rep.first_introduced()
+    assert rep.verdict == "fail" and intro is not None
+    assert (intro.case, intro.layer, intro.stage) == ("case0/step1", 2, "moe_out"), intro.explain()

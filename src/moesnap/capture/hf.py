@@ -264,7 +264,7 @@ def transformers_case(model: nn.Module, tokens: Sequence[int], *, decode: int = 
     :class:`UsageError` when transformers is missing, ``model`` is not an all-MoE Qwen3-MoE causal LM,
     or a token or ``decode``/``continuation`` is out of range.
     """
-    from . import decode_plan
+    from ._decode import decode_plan
 
     try:
         import transformers

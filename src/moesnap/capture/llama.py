@@ -466,7 +466,7 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
     step ``n``, position ``p`` is removed from llama.cpp's KV cache (``llama_memory_seq_rm``), so step
     ``n`` and later ones attend over one cached position too few (the case's ``attrs`` say so).
     """
-    from . import decode_plan
+    from ._decode import decode_plan
 
     try:
         import llama_cpp

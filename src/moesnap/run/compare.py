@@ -269,13 +269,64 @@ def _pairs(pairs: list[tuple[str, Case, Case]], ggm, policy: Policy, show_progre
     """The judge's pairs, each with its local re-reference (``ggm``: the golden's model) made as it is
     judged, then its steps."""
     for name, g, c in pairs:
+        merged = _sequence(c) if ggm is not None and c.steps else None
+        if merged is not None:   # the prompt and its steps re-referenced as one sequence of the engine's own rows
+            yield from _local_steps(name, g, c, merged, ggm, policy, show_progress)
+            continue
         yield from _local(name, g, c, ggm, policy, show_progress)
         for n, step in enumerate(c.steps):   # decode steps (or later chunks), each at its own positions
-            s = step.attrs.get("step")
-            number = s if isinstance(s, int) and not isinstance(s, bool) else n
-            yield Pair(f"{name}/step{number}", g, step, step=number,
-                       notes=(f"{name}/step{number}: judged free-running only (local re-reference of a decode "
-                              f"step is not built yet)",) if ggm is not None and n == 0 else ())
+            yield Pair(f"{name}/step{_number(step, n)}", g, step, step=_number(step, n),
+                       notes=(f"{name}: its decode steps are judged free-running only (local re-reference needs "
+                              f"the prompt and every step at consecutive positions with the same stages)",)
+                       if ggm is not None and n == 0 else ())
+
+
+def _number(step: Case, n: int) -> int:
+    s = step.attrs.get("step")
+    return s if isinstance(s, int) and not isinstance(s, bool) else n
+
+
+def _sequence(c: Case) -> Case | None:
+    """The prompt's rows and every step's as one case over positions 0..T-1 (the engine's own values,
+    row by row), where they join up: consecutive positions, the same stages, no partial rows."""
+    parts = [c, *c.steps]
+    pos = np.concatenate([p.positions for p in parts])
+    if not (pos == np.arange(pos.size)).all() or any(p.attrs.get("held_tokens") for p in parts):
+        return None
+    model = {s for s in c.model if all(s in p.model for p in parts)}
+    layers = {s for s in c.layers if all(s in p.layers and p.layers[s].shape[0] == c.layers[s].shape[0]
+                                         for p in parts)}
+    return Case(tokens=np.concatenate([p.tokens for p in parts]).astype(np.int32),
+                model={s: np.concatenate([p.model[s] for p in parts]) for s in model},
+                layers={s: np.concatenate([p.layers[s] for p in parts], axis=1) for s in layers},
+                attrs={k: v for k, v in c.attrs.items() if k not in ("positions", "router_followed")})
+
+
+def _local_steps(name: str, g: Case, c: Case, merged: Case, ggm, policy: Policy, show_progress: bool) -> Iterator[Pair]:
+    """Local re-reference of a prompt and its decode steps: the reference recomputes every layer of every
+    row from the engine's own input to it, attending the engine's own earlier rows (so a step's keys and
+    values are those the engine's own earlier inputs give), then each forward is judged on its rows."""
+    from ..model.ggml import ActivationQuant, identity
+    from .rereference import local_reference
+
+    d = policy.dtype_of(c.attrs)
+    bar = LayerProgress(f"local {name}", enabled=show_progress)
+    aq = ActivationQuant(ggm.qtypes()) if policy.rounds_activations else identity
+    ref, done, lnotes = local_reference(ggm, merged, tie_tol=policy.tolerances.tie_tol(d), progress=bar, aq=aq)
+    bar.close()
+    note = (f"{name}: its {len(c.steps)} decode steps re-referenced with the prompt as one sequence of the engine's "
+            f"own rows (each step's attention over the keys and values of the engine's own earlier inputs)",)
+    if not done:
+        yield Pair(name, g, c, notes=(f"{name}: local re-reference judged nothing: the dump holds no layer input "
+                                      f"(embed, layer_out), so every layer is judged free-running only",))
+        for n, step in enumerate(c.steps):
+            yield Pair(f"{name}/step{_number(step, n)}", g, step, step=_number(step, n))
+        return
+    lines = tuple(f"{name}: {n}" for n in lnotes)
+    yield Pair(name, g, c, PerLayer(ref.rows(c.positions), c, tuple(done), lines), notes=note)
+    for n, step in enumerate(c.steps):
+        yield Pair(f"{name}/step{_number(step, n)}", g, step, PerLayer(ref.rows(step.positions), step, tuple(done)),
+                   step=_number(step, n))
 
 
 def _local(name: str, g: Case, c: Case, ggm, policy: Policy, show_progress: bool) -> Iterator[Pair]:
