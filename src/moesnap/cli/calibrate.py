@@ -16,8 +16,10 @@ DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. 0123456789"
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
+    from ..model.load import check_model_path
     from ..util import loading_torch
 
+    check_model_path(a.model)     # a missing or wrong MODEL: its one line, before any status line
     loading_torch()
     from ..run.calibrate import MARGIN, measure, suggested, toml_block
     from ..run.prompts import check_choice, encode_prompt, prompt_tokenizer
@@ -88,8 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("calibrate", help="measure the per-stage float noise floor (dtype vs float64 reference)")
     p.add_argument("model", help="the model: a GGUF file or a checkpoint directory")
-    p.add_argument("--tokens", action="append", default=[], help="comma-separated token ids (repeatable)")
-    p.add_argument("--prompt", action="append", default=[],
+    p.add_argument("--tokens", action="append", default=[], metavar="IDS", help="comma-separated token ids (repeatable)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="prompt text, encoded with the model's own tokenizer (repeatable; see --tokenizer)")
     p.add_argument("--tokenizer", default="auto", metavar="auto|model|bytes", help=TOKENIZER_HELP)
     p.add_argument("--dtypes", default="float32,bfloat16,float16", metavar="DTYPE,...",

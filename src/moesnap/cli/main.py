@@ -72,6 +72,9 @@ def cmd_trace(a: argparse.Namespace) -> int:
     if ids is not None:
         check_continuation_length(ids, decode)
     text = given if isinstance(given, str) else None
+    from ..model.load import check_model_path
+
+    check_model_path(a.model)     # a missing or wrong MODEL: its one line, before any status line
     loading_torch()
     from ..run.trace import check_output, parse_device, parse_dtype, run_case, summary, write_output
     from ..model.load import open_model

@@ -483,7 +483,9 @@ def tensor_data(t: SynthTensor, spec: SynthSpec) -> np.ndarray:
 
 
 def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+    from ..util import mib
+
+    return mib(n)
 
 
 def estimated_size(spec: SynthSpec) -> int:

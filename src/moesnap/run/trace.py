@@ -17,7 +17,7 @@ from ..case import Case, from_recorder
 from ..store.case import save_case
 from ..errors import UsageError
 from ..model.recorder import ArrayRecorder
-from ..util import LayerProgress, file_sha256, published_version_above, status, versions
+from ..util import LayerProgress, file_sha256, plural, published_version_above, status, versions
 from ..model.weights import ModelWeights
 from ..stages import DTYPES as STAGE_DTYPES
 
@@ -84,7 +84,7 @@ def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype =
     if engine == "moesnap":
         rec = ArrayRecorder(keep_dtype=(dtype == torch.float64))
         status(f"running {'the candidate on ' + str(device) if candidate else 'the reference'} in "
-               f"{str(dtype).removeprefix('torch.')}: {len(tokens)} tokens x {model.config.n_layer} layers",
+               f"{str(dtype).removeprefix('torch.')}: {plural(len(tokens), 'token')} x {plural(model.config.n_layer, 'layer')}",
                enabled=show_progress)
         bar = LayerProgress("candidate" if candidate else "reference", enabled=show_progress).start(model.config.n_layer)
         try:
