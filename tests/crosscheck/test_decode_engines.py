@@ -9,7 +9,10 @@ tiny model and judged by ``moesnap.compare`` against one reference forward over 
 * greedy (no continuation) the steps are the engine's own tokens: judged against a golden made with
   them as its continuation, and inconclusive (never a pass) against a golden that went elsewhere;
 * bugs planted in transformers' decode only -- RoPE one position ahead at one step, one layer's cached
-  keys corrupted between steps -- are named at ``case0/stepN``, their layer and ``attn``.
+  keys corrupted between steps -- and in llama.cpp's (a position removed from its KV cache) are named
+  at ``case0/stepN``, their layer and ``attn``;
+* a near tie of the golden's router that llama.cpp's 8-bit rounding flips in a decode step leaves
+  cells free-running cannot judge (``inconclusive``); local re-reference judges them.
 """
 
 from __future__ import annotations
@@ -310,22 +313,42 @@ def test_a_decode_fault_planted_in_llama_cpp_is_named_at_its_step_layer_and_stag
         moesnap.capture.llama_cpp(tiny_path(), PROMPT, decode=2, continuation=cont, forget=(2, 4))
 
 
-def test_a_near_tie_flipped_in_a_llama_cpp_step_is_inconclusive_never_a_pass(tmp_path):
-    """Where llama.cpp's rounding flips a near tie of the golden's router in a decode step, the cells
-    downstream of the flip at that step are not judged free-running: the verdict is ``inconclusive``
-    (not ``pass``, not ``fail``), and the flip is reported as a tie.  Decode steps of a foreign dump
-    are judged free-running only until local re-reference covers them; then every cell is judged."""
+@pytest.fixture(scope="module")
+def tie_run(tmp_path_factory):
+    """llama.cpp's decode steps after :data:`TIE_PROMPT`: (store, case)."""
     _needs("llama_cpp")
-    store, cont = _golden(tmp_path, TIE_PROMPT)
-    case = moesnap.capture.llama_cpp(tiny_path(), TIE_PROMPT, decode=STEPS, continuation=cont)
-    rep = _compare(store, case)
-    if not any("local re-reference of a decode step is not built yet" in n for n in rep.notes):
-        _assert_every_cell_judged(rep, case)
-        return
-    assert rep.verdict == "inconclusive", rep.summary()
-    assert rep.first_divergence is None
-    step3 = next(c for c in rep.cases if c.step == 3)
+    store, cont = _golden(tmp_path_factory.mktemp("tie-goldens"), TIE_PROMPT)
+    return store, moesnap.capture.llama_cpp(tiny_path(), TIE_PROMPT, decode=STEPS, continuation=cont)
+
+
+def test_a_near_tie_flipped_in_a_llama_cpp_step_is_inconclusive_free_running(tie_run):
+    """Where llama.cpp's rounding flips a near tie of the golden's router in a decode step, the cells
+    downstream of the flip at that step cannot be judged free-running: ``inconclusive`` (never ``pass``,
+    never ``fail``), the flip reported as a tie."""
+    store, case = tie_run
+    free = moesnap.compare(SUITE, case, store=store, allow_missing=True, show_progress=False, local=False)
+    assert free.verdict == "inconclusive" and free.first_divergence is None, free.summary()
+    step3 = next(c for c in free.cases if c.step == 3)
     tie = [r for r in step3.results if r.stage == "topk_ids" and r.layer == 3]
     assert tie and tie[0].verdict.name == "ROUTING_TIE", step3.results
-    cov = rep.coverage()
+    cov = free.coverage()
     assert cov.judged < cov.held and {k[0] for k in cov.unjudged} == {"case0/step3"}, cov
+
+
+def test_local_re_reference_judges_the_cells_a_decode_step_flip_left(tie_run):
+    """Local re-reference (the reference recomputing each layer of each step from llama.cpp's own input
+    and its own earlier rows) judges every cell, the flipped step's included, and passes that step."""
+    store, case = tie_run
+    local = _compare(store, case)      # the golden's model file is found through its provenance
+    cov = local.coverage()
+    assert cov.complete and cov.judged == cov.held == _cells(case), cov
+    replayed = {c.step: c for c in local.replay or () if c.step is not None}
+    assert sorted(replayed) == list(range(STEPS)) and replayed[3].passed, local.summary()
+
+
+@pytest.mark.xfail(strict=True, reason="judge: the ggml emulation of local re-reference differs from llama.cpp "
+                   "at layer 3, position 13, expert 6's output (rel 2.7e-3; the other expert and every other row "
+                   "bit-exact), a llama.cpp prefill over the same 18 tokens too: not a decode matter")
+def test_local_re_reference_passes_the_near_tie_run(tie_run):
+    store, case = tie_run
+    _assert_every_cell_judged(_compare(store, case), case)

@@ -3,7 +3,11 @@
 transformers is an engine like any other: :func:`transformers_case` runs one
 forward (batch 1, no KV cache) of a ``Qwen3MoeForCausalLM`` on any device and
 in any dtype and records every stage that forward hooks can see, without
-patching a forward function.  Where each stage is taken (``modeling_qwen3_moe.py``,
+patching a forward function.  With ``decode=N`` it serves the prompt as
+transformers does: a prefill into its ``DynamicCache``, then N single-token
+forwards through it (transformers places each at the cache's length), the same
+hooks recording every forward; each step is a one-row case at its position in
+the returned case's ``steps``.  Where each stage is taken (``modeling_qwen3_moe.py``,
 transformers 5.x; checked against 5.24)::
 
     model.embed_tokens            output            -> embed          [T, H]
@@ -296,23 +300,24 @@ def transformers_case(model: nn.Module, tokens: Sequence[int], *, decode: int = 
         model.eval()
         try:
             with torch.inference_mode():
-                def run(rows: np.ndarray, cache: Any) -> Any:
+                keyword = _cache_keyword(model)
+                cache: Any = None
+                if n_steps:
+                    from transformers import DynamicCache
+
+                    cache = DynamicCache(config=model.config)
+
+                def forward(rows: np.ndarray) -> Callable[[], Any]:
                     input_ids = torch.as_tensor(rows, device=param.device)[None, :]   # [1, T]
                     if cache is None:
                         return lambda: model(input_ids=input_ids, use_cache=False)
                     return lambda: model(input_ids=input_ids, use_cache=True, **{keyword: cache})
 
-                cache = None
-                keyword = _cache_keyword(model)
-                if n_steps:
-                    from transformers import DynamicCache
-
-                    cache = DynamicCache(config=model.config)
-                rec, logits = stages.forward(run(ids, cache), ids, "the prompt")
+                rec, logits = stages.forward(forward(ids), ids, "the prompt")
                 for n in range(n_steps):
                     tok = fed[n] if fed is not None else int(torch.argmax(logits[-1]).item())
                     row = np.asarray([tok], dtype=np.int64)
-                    srec, logits = stages.forward(run(row, cache), row, f"decode step {n}")
+                    srec, logits = stages.forward(forward(row), row, f"decode step {n}")
                     step_cases.append(from_recorder(srec, {**common, "positions": [T + n], "step": n,
                                                            "token_ids": [tok]}))
                 if cache is not None and cache.get_seq_length() != T + n_steps:

@@ -14,6 +14,10 @@ every graph tensor covers all tokens (a batch larger than ``n_batch`` aborts
 the process), with an F32 KV cache and flash attention off.  Because a
 llama.cpp abort kills the interpreter, :func:`llama_forward` runs the work in
 a child process (``python -m moesnap.capture.llama``) and reads its ``.npz``.
+With ``decode=N`` the low-level pass goes on after the prompt with N calls of
+``llama_decode``, one token each at the next position (llama.cpp's own KV cache
+holds the earlier ones); the callback captures each call's graph apart, and each
+step is a one-row case at its position in the returned case's ``steps``.
 
 llama.cpp tensor names for qwen3moe and the moesnap stages they map onto are
 in :data:`STAGE_MAP`; the ggml shape ``ne = [ne0, ne1, ...]`` is reversed
