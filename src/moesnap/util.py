@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -68,12 +70,26 @@ def file_sha256(path: str | Path, *, progress: bool = False) -> str:
 
 
 # -- progress -------------------------------------------------------------------
-# Everything here draws on stderr, and only when asked (``enabled``) and MOESNAP_NO_PROGRESS is unset:
-# `moesnap -q` sets it, so does the test suite.
+# Everything here draws on stderr, and only when asked (``enabled``), outside a command run with `-q`
+# (:func:`quiet`), and with MOESNAP_NO_PROGRESS unset (the user's own switch; the test suite sets it).
+
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("moesnap_quiet", default=False)
+
+
+@contextlib.contextmanager
+def quiet(on: bool = True) -> Iterator[None]:
+    """No progress or status lines inside (``moesnap -q``): scoped to the command, never left in the
+    environment of the process."""
+    token = _QUIET.set(on or _QUIET.get())
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
 
 def progress_enabled(enabled: bool = True) -> bool:
-    """Whether to draw progress: ``enabled`` and MOESNAP_NO_PROGRESS unset."""
-    return enabled and not os.environ.get("MOESNAP_NO_PROGRESS")
+    """Whether to draw progress: ``enabled``, not :func:`quiet`, and MOESNAP_NO_PROGRESS unset."""
+    return enabled and not _QUIET.get() and not os.environ.get("MOESNAP_NO_PROGRESS")
 
 
 def status(message: str, *, enabled: bool = True) -> None:

@@ -154,7 +154,7 @@ def test_a_step_on_other_tokens_is_refused_naming_the_position(tmp_path):
         s = steps[1]
         return [steps[0], replace(s, tokens=(s.tokens + 1).astype(np.int32)), *steps[2:]]
 
-    with pytest.raises(GoldenError, match=r"case0/step1: position 16 holds token"):
+    with pytest.raises(GoldenError, match=r"case0/step1: the candidate ran other tokens than the golden: position 16 holds token"):
         moesnap.compare("tiny", str(_dump(tmp_path, other)), store=GOLDENS, show_progress=False)
 
 

@@ -299,9 +299,10 @@ def _main(argv: list[str], guard: _Interrupts | None = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as e:     # --help, --version: argparse printed them and exits 0
             return e.code if isinstance(e.code, int) else 0
-        if getattr(args, "quiet", False):
-            os.environ["MOESNAP_NO_PROGRESS"] = "1"
-        return int(args.func(args) or 0)
+        from ..util import quiet
+
+        with quiet(bool(getattr(args, "quiet", False))):     # -q: this command's own switch, not the environment's
+            return int(args.func(args) or 0)
     except MoesnapError as e:
         print(f"{PROG}: error: {_capped(_unprefixed(str(e)))}", file=sys.stderr)
         return 2

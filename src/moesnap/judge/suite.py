@@ -159,8 +159,8 @@ def _golden_rows(p: Pair, dist: Sequence[NextToken]) -> tuple[Case, str | None]:
                        f"golden's token is {int(g.tokens[at])}): its steps are not the golden's sequence; to judge "
                        f"them, feed the golden's tokens (--continuation with the golden's ids), or make a golden "
                        f"with the engine's tokens as --continuation")
-        raise GoldenError(f"{p.name}: position {at} holds token {int(c.tokens[diff[0]])}, the golden's is "
-                          f"{int(g.tokens[at])}: these rows are not the golden's sequence")
+        raise GoldenError(f"{p.name}: the candidate ran other tokens than the golden: position {at} holds token "
+                          f"{int(c.tokens[diff[0]])}, the golden's is {int(g.tokens[at])}")
     return g.rows(pos), None
 
 

@@ -138,6 +138,17 @@ def _fits(g: Case, c: Case) -> bool:
             and bool((g.tokens[pos] == c.tokens).all()))
 
 
+def check_candidate_path(path: str | Path) -> None:
+    """Refuse, before anything is read, a candidate path that is no case group, no directory of case
+    groups and no per-rank dump (``sharding.json``)."""
+    p = Path(path)
+    if not p.exists():
+        raise GoldenError(f"{p}: no such candidate group")
+    if p.is_dir() and not (p / "zarr.json").is_file() and not (p / "sharding.json").is_file() \
+            and not any((q / "zarr.json").is_file() for q in p.iterdir() if q.is_dir()):
+        raise GoldenError(f"{p}: not a Zarr v3 group (no zarr.json), nor a directory of case groups")
+
+
 def is_case_group(path: Path) -> bool:
     """``path`` is one case group (it holds ``tokens``), not a directory of them."""
     return (path / "tokens" / "zarr.json").exists()
