@@ -317,7 +317,7 @@ def test_check_forward_regenerates_passes_and_names_a_planted_fault(pytester, mo
     assert "no golden for this test yet" in out(first) and "from " in out(first)
     regen = run(pytester, "--moesnap-regen")
     regen.assert_outcomes(failed=1)
-    assert "wrote golden test_fwd.test_forward@v0001 from" in out(regen) and "(2 case(s))" in out(regen)
+    assert "wrote golden test_fwd.test_forward@v0001 from" in out(regen) and "(2 cases)" in out(regen)
     run(pytester).assert_outcomes(passed=1)
 
     monkeypatch.setenv("DEMO_FAULT", "1")

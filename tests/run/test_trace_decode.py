@@ -84,7 +84,7 @@ def test_candidate_steps_on_other_tokens_than_the_golden_are_refused(golden, tmp
     out = tmp_path / "other.zarr"
     other = [(t + 1) % 272 for t in g.attrs["continuation"]]
     assert trace(out, "--candidate", "--continuation", ",".join(map(str, other))) == 0
-    with pytest.raises(moesnap.MoesnapError, match=f"case0/step0: position {P} holds token"):
+    with pytest.raises(moesnap.MoesnapError, match=f"case0/step0: the candidate ran other tokens than the golden: position {P} holds token"):
         moesnap.compare("g", str(out), store=root, show_progress=False)
 
 

@@ -10,14 +10,12 @@ from ._options import add_report_options, check_report_outputs, dtype_arg, emit,
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from ..run.compare import compare
-    from ..util import status
 
     from ..run.compare import check_candidate_path
 
     check_report_outputs(a, a.store)
     asked = settings(a, dtype=a.dtype)
-    check_candidate_path(a.candidate)      # its one line, before any status line
-    status(f"reading golden {a.golden} and candidate {a.candidate}")
+    check_candidate_path(a.candidate)
     report = compare(a.golden, a.candidate, store=a.store, settings=asked, model=a.model,
                      local=not a.no_local, allow_missing=a.allow_missing,
                      show_progress=not getattr(a, "quiet", False), case=a.case)
