@@ -81,3 +81,19 @@ def test_recorder_and_compare_judge_a_users_own_forward(suite):
 def test_recorder_case_needs_the_tokens():
     with pytest.raises(ValueError, match="save the token ids first"):
         moesnap.Recorder().case()
+
+
+def test_show_progress_is_the_same_switch_as_the_commands_quiet(monkeypatch, capsys):
+    # one channel: show_progress=False runs the call inside util.quiet (as -q runs a command), and
+    # nothing of it outlives the call
+    from moesnap.util import progress_enabled, quiet
+
+    monkeypatch.delenv("MOESNAP_NO_PROGRESS", raising=False)
+    moesnap.trace(tiny_path(), TOKENS, show_progress=False)
+    assert capsys.readouterr().err == ""
+    assert progress_enabled()                      # the call's quiet ended with it
+    moesnap.trace(tiny_path(), TOKENS, show_progress=True)
+    assert "moesnap: running the reference in float32: 6 tokens x 4 layers" in capsys.readouterr().err
+    with quiet():                                  # a command's -q wins over the keyword
+        moesnap.trace(tiny_path(), TOKENS, show_progress=True)
+    assert capsys.readouterr().err == ""

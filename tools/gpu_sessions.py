@@ -240,7 +240,7 @@ def multi_gpu(out: Path, work: Path, layers: int, log: list[dict], n_ranks: int 
         name = f"ep{n_ranks} {dtype} {mode}" + (" nan" if inject else "")
         t0 = time.perf_counter()
         rep = check_ep(str(model), "ep", store=str(store), n_ranks=n_ranks, backend="nccl", device="cuda", dtype=dtype,
-                       mode=mode, inject=inject, show_progress=False)
+                       mode=mode, inject=inject)
         wall = time.perf_counter() - t0
         assert rep is not None
         js = out / (name.replace(" ", "_") + ".json")

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, ParamSpec, TypeVar
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def _cache_dir() -> Path:
@@ -71,7 +74,8 @@ def file_sha256(path: str | Path, *, progress: bool = False) -> str:
 
 # -- progress -------------------------------------------------------------------
 # Everything here draws on stderr, and only when asked (``enabled``), outside a command run with `-q`
-# (:func:`quiet`), and with MOESNAP_NO_PROGRESS unset (the user's own switch; the test suite sets it).
+# or a Python API call with ``show_progress=False`` (both :func:`quiet`: the one channel), and with
+# MOESNAP_NO_PROGRESS unset (the user's own switch; the test suite sets it).
 
 _QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("moesnap_quiet", default=False)
 
@@ -85,6 +89,19 @@ def quiet(on: bool = True) -> Iterator[None]:
         yield
     finally:
         _QUIET.reset(token)
+
+
+def show_progress_switch(fn: Callable[P, T]) -> Callable[P, T]:
+    """The Python API's ``show_progress`` keyword as the one switch there is: ``show_progress=False``
+    runs the call inside :func:`quiet`, as ``-q`` runs a command; the function itself never reads it."""
+    default = inspect.signature(fn).parameters["show_progress"].default
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        with quiet(not kwargs.get("show_progress", default)):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def progress_enabled(enabled: bool = True) -> bool:
@@ -241,32 +258,6 @@ def published_version_above(path: str | Path) -> Path | None:
             if (d / "published.json").is_file():
                 return d
     return None
-
-
-def check_output_file(path: str | Path, *, force: bool = False, option: str = "output",
-                      store: str | os.PathLike | None = None) -> Path:
-    """Refuse an output file path before any work is done: a directory, a missing parent,
-    a place inside a published golden version or inside the local golden ``store``, or an
-    existing file without ``force``.  Raises :class:`~moesnap.errors.UsageError`."""
-    from .errors import UsageError
-
-    p = Path(path)
-    if not str(path):
-        raise UsageError(f"{option}: empty path")
-    if p.is_dir():
-        raise UsageError(f"{p}: is a directory ({option} needs a file path)")
-    if not p.parent.is_dir():
-        raise UsageError(f"{p.parent}: output directory does not exist ({option} {p})")
-    inside = published_version_above(p)
-    if inside is not None:
-        raise UsageError(f"{p}: inside the published golden version {inside}; refusing to write there ({option})")
-    if store is not None and "://" not in os.fspath(store) and Path(store).is_dir():
-        root = Path(os.path.realpath(store))
-        if Path(os.path.realpath(p)).is_relative_to(root):
-            raise UsageError(f"{p}: inside the golden store {store}; refusing to write there ({option})")
-    if (p.exists() or p.is_symlink()) and not force:
-        raise UsageError(f"{p}: exists (use --force to overwrite)")
-    return p
 
 
 def write_text_atomic(path: str | Path, content: str) -> None:

@@ -91,7 +91,7 @@ def test_ep_agrees_with_the_single_device_candidate(ep, golden):
 def test_ep_passes_against_the_committed_goldens(ep, golden):
     mode, cases = ep
     for (name, _), case in zip(golden, cases):
-        report = moesnap.compare("tiny", case, store=GOLDENS, local=False, show_progress=False)
+        report = moesnap.compare("tiny", case, store=GOLDENS, local=False)
         assert report.passed, (mode, name, report.summary())
 
 
@@ -106,7 +106,7 @@ def test_a_nan_expert_on_rank_1_is_named_at_its_layer_and_expert(golden):
     layer, expert = 1, _rank1_expert(g, 1)
     case = run_ep(tiny_path(), g.tokens.tolist(), N, injections=[f"nan:layer={layer},expert={expert}"])
     assert case is not None
-    report = moesnap.compare("tiny", case, store=GOLDENS, local=False, show_progress=False)
+    report = moesnap.compare("tiny", case, store=GOLDENS, local=False)
     fd = report.first_divergence
     assert fd is not None and (fd.layer, fd.stage, fd.verdict.name) == (layer, "expert_out", "NAN_CANDIDATE")
     ids = g.layers["topk_ids"][layer]
@@ -119,8 +119,7 @@ def test_check_ep_names_a_nan_expert_its_layer_and_its_rank(golden):
     # the run layer's check: every golden case on 2 ranks (allreduce), judged with local re-reference
     layer = 2
     expert = _rank1_expert(golden[0][1], layer)
-    report = check_ep(tiny_path(), "tiny", store=GOLDENS, mode="allreduce", inject=[f"nan:layer={layer},expert={expert}"],
-                      show_progress=False)
+    report = check_ep(tiny_path(), "tiny", store=GOLDENS, mode="allreduce", inject=[f"nan:layer={layer},expert={expert}"])
     assert report is not None and report.verdict == "fail"
     fd = report.first_divergence
     assert fd is not None and (fd.layer, fd.stage, fd.verdict.name) == (layer, "expert_out", "NAN_CANDIDATE")
@@ -178,7 +177,7 @@ def test_under_torchrun_rank_0_judges_and_rank_1_returns_none(tmp_path):
     script.write_text(
         "import os\n"
         "from moesnap.run.expert_parallel import check_ep\n"
-        f"r = check_ep({str(tiny_path())!r}, 'tiny', store={GOLDENS!r}, show_progress=False)\n"
+        f"r = check_ep({str(tiny_path())!r}, 'tiny', store={GOLDENS!r})\n"
         "print('rank', os.environ['RANK'], None if r is None else r.verdict, flush=True)\n")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(N), str(script)],
                          capture_output=True, text=True, timeout=300)
@@ -192,8 +191,7 @@ def test_under_torchrun_rank_0_judges_and_rank_1_returns_none(tmp_path):
 ])
 @pytest.mark.parametrize("mode", ["alltoall", "allreduce"])
 def test_bfloat16_check_with_router_replay_judges_every_cell(backend, device, mode):
-    report = check_ep(tiny_path(), "tiny", store=GOLDENS, backend=backend, device=device, dtype="bfloat16", mode=mode,
-                      show_progress=False)
+    report = check_ep(tiny_path(), "tiny", store=GOLDENS, backend=backend, device=device, dtype="bfloat16", mode=mode)
     assert report is not None and report.passed, report.summary()
     cov = report.coverage()
     assert cov.judged == cov.held > 0 and report.replay is not None       # local re-reference judged every layer
@@ -206,12 +204,12 @@ def test_nccl_float32_agrees_with_one_gpu_and_names_a_nan_expert(mode, golden):
     for (name, g), case in zip(golden, cases):
         worst = _worst(case, _single(g.tokens.tolist(), device="cuda"))
         assert max(worst.values()) <= 1e-4, (name, worst)
-        assert moesnap.compare("tiny", case, store=GOLDENS, show_progress=False).passed
+        assert moesnap.compare("tiny", case, store=GOLDENS).passed
         assert all(p is not None and p > 0 for p in case.attrs["expert_parallel"]["peak_bytes"])
     _, g = golden[0]
     expert = _rank1_expert(g, 2)
     case = run_ep(tiny_path(), g.tokens.tolist(), N, "nccl", "cuda", injections=[f"nan:layer=2,expert={expert}"],
                   mode=mode)
     assert case is not None
-    fd = moesnap.compare("tiny", case, store=GOLDENS, local=False, show_progress=False).first_divergence
+    fd = moesnap.compare("tiny", case, store=GOLDENS, local=False).first_divergence
     assert fd is not None and (fd.layer, fd.stage) == (2, "expert_out")

@@ -277,11 +277,17 @@ def test_make_model_needs_an_existing_directory(tmp_path):
         make_model(tmp_path / "nowhere" / "m.gguf", preset("tiny"))
 
 
-def test_make_model_progress_goes_to_stderr(tmp_path, capsys):
+def test_make_model_progress_goes_to_stderr_and_obeys_quiet(tmp_path, capsys, monkeypatch):
+    from moesnap.util import quiet
+
+    monkeypatch.delenv("MOESNAP_NO_PROGRESS", raising=False)
     make_model(tmp_path / "m.gguf", preset("tiny", layers=2), progress=True)
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "layer 1/2" in captured.err and "layer 2/2" in captured.err
+    with quiet():       # -q: the one switch, as for every other command
+        make_model(tmp_path / "m.gguf", preset("tiny", layers=2), progress=True, force=True)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow

@@ -124,7 +124,7 @@ def test_a_wrong_proposal_is_corrected_by_the_references_own_choice(monkeypatch,
         return out
 
     monkeypatch.setattr(trace, "greedy_draft", bad_first)
-    case = trace.continued_reference(open_model(tiny_path()), PROMPT, decode=N, show_progress=False)
+    case = trace.continued_reference(open_model(tiny_path()), PROMPT, decode=N)
     assert case.attrs["continuation"] == reference_greedy(PROMPT, N)
     assert case.attrs["reference_forwards"] == 2 and calls == [N, N - 3]
 
@@ -237,7 +237,6 @@ def test_a_model_the_candidate_cannot_run_is_continued_by_the_reference_alone(mo
 
     monkeypatch.setattr(candidate.CandidateModel, "__init__", refuse)
     assert trace.greedy_draft(open_model(tiny_path()), PROMPT, 3) == reference_greedy(PROMPT, 3)
-    case = trace.continued_reference(open_model(tiny_path()), PROMPT, decode=3, dtype=trace.torch.float64,
-                                     show_progress=False)
+    case = trace.continued_reference(open_model(tiny_path()), PROMPT, decode=3, dtype=trace.torch.float64)
     assert case.model["logits"].dtype == np.float64 and case.attrs["reference_forwards"] == 1
     assert np.argmax(case.model["logits"][len(PROMPT) - 1:-1], axis=-1).tolist() == case.attrs["continuation"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from ..errors import UsageError
 from ..judge.policy import PROFILE_CHOICES, Settings
 from ..judge.report import STDOUT
 from ..judge.report import Report
+from ..util import published_version_above
 
 
 def add_report_options(p: argparse.ArgumentParser) -> None:
@@ -27,9 +29,8 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
 
 
 def check_report_outputs(a: argparse.Namespace, store: str | None = None) -> None:
-    """Refuse bad --json / --html paths before any work (see :func:`moesnap.util.check_output_file`)."""
+    """Refuse bad --json / --html paths before any work (see :func:`check_output_file`)."""
     from ..store import DEFAULT_ROOT
-    from ..util import check_output_file
 
     if a.html == STDOUT:
         raise UsageError("--html -: the HTML report goes to a file (only --json - writes to stdout)")
@@ -39,6 +40,30 @@ def check_report_outputs(a: argparse.Namespace, store: str | None = None) -> Non
         check_output_file(v, force=a.force, option=opt, store=store or DEFAULT_ROOT)
     if len(paths) == 2 and Path(paths[0][1]).absolute() == Path(paths[1][1]).absolute():
         raise UsageError(f"--json and --html are the same file {paths[0][1]}")
+
+
+def check_output_file(path: str | Path, *, force: bool = False, option: str = "output",
+                      store: str | os.PathLike | None = None) -> Path:
+    """Refuse an output file path before any work is done: a directory, a missing parent,
+    a place inside a published golden version or inside the local golden ``store``, or an
+    existing file without ``force``.  Raises :class:`~moesnap.errors.UsageError`."""
+    p = Path(path)
+    if not str(path):
+        raise UsageError(f"{option}: empty path")
+    if p.is_dir():
+        raise UsageError(f"{p}: is a directory ({option} needs a file path)")
+    if not p.parent.is_dir():
+        raise UsageError(f"{p.parent}: output directory does not exist ({option} {p})")
+    inside = published_version_above(p)
+    if inside is not None:
+        raise UsageError(f"{p}: inside the published golden version {inside}; refusing to write there ({option})")
+    if store is not None and "://" not in os.fspath(store) and Path(store).is_dir():
+        root = Path(os.path.realpath(store))
+        if Path(os.path.realpath(p)).is_relative_to(root):
+            raise UsageError(f"{p}: inside the golden store {store}; refusing to write there ({option})")
+    if (p.exists() or p.is_symlink()) and not force:
+        raise UsageError(f"{p}: exists (use --force to overwrite)")
+    return p
 
 
 def device_name(text: str) -> str:

@@ -24,7 +24,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from ..run.calibrate import MARGIN, measure, suggested, toml_block
     from ..run.prompts import check_choice, encode_prompt, prompt_tokenizer
     from ..run.trace import parse_dtype, parse_tokens
-    from ..util import LayerProgress, check_output_file, status, write_text_atomic
+    from ..util import LayerProgress, status, write_text_atomic
+    from ._options import check_output_file
     from ..model.load import open_model
     from ..model.ggml import ActivationQuant, identity
 

@@ -17,8 +17,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     asked = settings(a, dtype=a.dtype)
     check_candidate_path(a.candidate)
     report = compare(a.golden, a.candidate, store=a.store, settings=asked, model=a.model,
-                     local=not a.no_local, allow_missing=a.allow_missing,
-                     show_progress=not getattr(a, "quiet", False), case=a.case)
+                     local=not a.no_local, allow_missing=a.allow_missing, case=a.case)
     return emit(report, a, "moesnap compare")
 
 

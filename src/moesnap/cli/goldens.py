@@ -27,10 +27,6 @@ def _store(a: argparse.Namespace):
     return open_store(a.store)
 
 
-def _progress(a: argparse.Namespace) -> bool:
-    return not getattr(a, "quiet", False)
-
-
 def _continuations(values: Sequence[str] | None) -> list[tuple[str, str]] | None:
     """``--continuation`` values as :data:`moesnap.run.goldens.Continuation` pairs: comma-separated
     integers are token ids, anything else is text (an empty one or a negative id refused)."""
@@ -70,7 +66,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     command = shell_command(parts)
     with _store(a) as st:
         v = generate(a.model, a.suite, store=st, inputs=a.inputs or [], dtype=a.dtype,
-                     show_progress=_progress(a), command=command, tokenizer=a.tokenizer, decode=decode,
+                     command=command, tokenizer=a.tokenizer, decode=decode,
                      continuation=continuation)
     print(v.ref)
     return 0
@@ -93,7 +89,7 @@ def cmd_show(a: argparse.Namespace) -> int:
 
     with _store(a) as st:
         v = st.resolve(a.ref)
-        lines = with_continuations(show_lines(v, verify=not a.no_verify, show_progress=_progress(a)), v.meta)
+        lines = with_continuations(show_lines(v, verify=not a.no_verify), v.meta)
     for line in lines:
         print(line)
     return 0
@@ -125,13 +121,13 @@ def cmd_diff(a: argparse.Namespace) -> int:
     from ..run.goldens_diff import STDOUT, diff, json_text, write_json
     from ..run.goldens_diff_text import diff_lines
     from ..store import DEFAULT_ROOT
-    from ..util import check_output_file
+    from ._options import check_output_file
 
     to_stdout = a.json == STDOUT                # the JSON on stdout, the lines on stderr: `... --json - | jq`
     if a.json is not None and not to_stdout:
         check_output_file(a.json, force=a.force, option="--json", store=a.store or DEFAULT_ROOT)
     with _store(a) as st:
-        rep = diff(st.resolve(a.a), st.resolve(a.b), show_progress=_progress(a))
+        rep = diff(st.resolve(a.a), st.resolve(a.b))
     text = json_text(rep) if to_stdout else None    # a report JSON cannot hold is refused before anything is printed
     human = sys.stderr if to_stdout else sys.stdout
     for line in diff_lines(rep, details=a.details):

@@ -39,7 +39,7 @@ def cmd_model_make(a: argparse.Namespace) -> int:
     from ..model.synth import make_model, preset
 
     spec = preset(a.preset, layers=a.layers, seed=a.seed)
-    path = make_model(a.out, spec, force=a.force, progress=not a.quiet)
+    path = make_model(a.out, spec, force=a.force, progress=True)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, preset {a.preset}, {spec.n_layer} layers)")
     return 0
 
@@ -76,7 +76,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
 
     check_model_path(a.model)     # a missing or wrong MODEL: its one line, before any status line
     loading_torch()
-    from ..run.trace import check_output, parse_device, parse_dtype, run_case, summary, write_output
+    from ..model.load import parse_device
+    from ..run.trace import check_output, parse_dtype, run_case, summary, write_output
     from ..model.load import open_model
 
     dtype = parse_dtype(a.dtype)
@@ -91,7 +92,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
         ids = encode_continuation(prompt_tokenizer(model, a.tokenizer), text, model=model)
         check_continuation_length(ids, decode)
     case = run_case(model, tokens, dtype=dtype, device=device, candidate=a.candidate, prompt=prompt,
-                    show_progress=not a.quiet, engine=a.engine, decode=decode or 0, continuation=ids)
+                    engine=a.engine, decode=decode or 0, continuation=ids)
     if tokenizer is not None:
         case.attrs["tokenizer"] = tokenizer
     if text is not None:

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from ..errors import ModelFileError
 
 if TYPE_CHECKING:
+    import torch
+
     from .weights import ModelWeights
 
 #: what MODEL may be, as the error messages say it
@@ -21,6 +23,19 @@ MODEL_FORMS = "a GGUF file or an HF checkpoint directory (config.json + *.safete
 #: the file that makes a directory a checkpoint (:data:`moesnap.model.checkpoint.CONFIG`; repeated
 #: here so that checking a path imports neither torch nor the checkpoint reader)
 CONFIG = "config.json"
+
+
+def parse_device(name: str) -> torch.device:
+    """Where a forward runs: ``cpu``, ``cuda`` or ``cuda:N`` (a CUDA device only where torch sees one)."""
+    import torch
+
+    from ..errors import UsageError
+
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"unknown device {name!r}; choose cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but no CUDA device is available")
+    return torch.device(name)
 
 
 def check_model_path(path: str | Path) -> Path:

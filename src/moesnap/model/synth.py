@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zlib
@@ -500,7 +499,8 @@ def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = Fa
     """Write the synthetic model ``spec`` to ``out`` (atomically) and return its path.
 
     Tensors are generated and written one at a time, so memory stays at the
-    largest tensor.  An existing ``out`` is only replaced with ``force``.
+    largest tensor.  An existing ``out`` is only replaced with ``force``.  ``progress``: a status line per
+    layer written (on stderr; not under ``-q`` / :func:`moesnap.util.quiet`).
     """
     out = Path(out)
     if out.exists() and not force:
@@ -510,7 +510,7 @@ def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = Fa
     parent = out.parent
     if not parent.is_dir():
         raise UsageError(f"{out}: directory {parent} does not exist")
-    from ..util import published_version_above
+    from ..util import published_version_above, status
 
     inside = published_version_above(out)
     if inside is not None:
@@ -537,9 +537,9 @@ def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = Fa
             writer.write_tensor_data(tensor_data(t, spec))
             written += t.nbytes
             last_of_layer = i + 1 == len(plan) or plan[i + 1].layer != t.layer
-            if progress and t.layer is not None and last_of_layer:
-                print(f"moesnap: {out.name}: layer {t.layer + 1}/{spec.config.n_layer} "
-                      f"({_size(written)}, {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+            if t.layer is not None and last_of_layer:
+                status(f"{out.name}: layer {t.layer + 1}/{spec.config.n_layer} "
+                       f"({_size(written)}, {time.perf_counter() - t0:.1f} s)", enabled=progress)
         assert writer.fout is not None
         writer.flush()
         os.fsync(writer.fout[0].fileno())
@@ -552,7 +552,5 @@ def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = Fa
         if isinstance(e, OSError):   # disk full, permissions: one line naming the file
             raise UsageError(f"{out}: cannot write ({e.strerror or e})") from None
         raise
-    if progress:
-        print(f"moesnap: wrote {out} ({_size(out.stat().st_size)}, {time.perf_counter() - t0:.1f} s)",
-              file=sys.stderr, flush=True)
+    status(f"wrote {out} ({_size(out.stat().st_size)}, {time.perf_counter() - t0:.1f} s)", enabled=progress)
     return out

@@ -20,11 +20,10 @@ layer **introduces**; one that diverges only when running free is an error it
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..case import Case, from_recorder
@@ -35,16 +34,18 @@ from .serving import router_guide, run_serving_check
 from ..errors import GoldenError, UsageError
 from ..model.inject import Injection, check_injections
 from ..model.recorder import ArrayRecorder
+from ..model.replay import followed_attr, replay_case
 from ..judge.tolerances import Tolerances
-from ..util import LayerProgress, file_sha256, status
+from ..util import LayerProgress, file_sha256, show_progress_switch, status
+from ..model.candidate import RouterReplay
 from ..model.load import open_model
 from ..model.weights import ModelWeights
 
 
 def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: ModelWeights, *, where: str,
-                               meta: dict | None = None, show_progress: bool = False) -> None:
-    """Refuse goldens made from another model file, or whose tokens the model cannot run
-    (``show_progress``: a bar while a large model file is hashed the first time)."""
+                               meta: dict | None = None) -> None:
+    """Refuse goldens made from another model file, or whose tokens the model cannot run (a bar while a
+    large model file is hashed the first time)."""
     sha = None
     for source in [meta or {}] + [c.attrs for _, c in cases]:
         m = source.get("model") if isinstance(source, dict) else None
@@ -53,7 +54,7 @@ def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: ModelWe
             break
     if sha is not None:
         if model.path.is_file():     # the first sha256 of a large file takes a while; later runs read the cache
-            file_sha256(model.path, progress=show_progress)
+            file_sha256(model.path, progress=True)
         mine = model.fingerprint()["sha256"]
         if sha != mine:
             raise GoldenError(f"{where}: golden was made from another model file "
@@ -72,58 +73,38 @@ def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: ModelWe
             raise GoldenError(f"{where}/{name}: golden has {c.n_layer} layers, {model.path.name} has {model.config.n_layer}")
 
 
-def _followed_attr(followed) -> list:
-    return [[int(layer), int(t), [int(e) for e in ids]] for layer, t, ids in followed]
-
-
-def _replay_case(cand, golden: Case, faults, progress=None) -> Case:
-    """Stage-local replay: each layer run on the golden input of that layer, and each of its stages
-    computed from the golden's value of the stage before it; model-level stages are not replayed."""
-    rec = ArrayRecorder()
-    n = golden.n_layer
-    followed: list = []
-    for i in range(n):
-        x = golden.model["embed"] if i == 0 else golden.layers["layer_out"][i - 1]
-        force = {stage: a[i] for stage, a in golden.layers.items() if i < a.shape[0]}
-        followed += cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec, force=force,
-                                       faults=faults).followed
-        if progress is not None:
-            progress(i + 1, n)
-    return Case(tokens=golden.tokens, model={}, layers=rec.stacked(),
-                attrs={"replay": True, "router_followed": _followed_attr(followed)})
-
-
 def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str = "cpu",
               policy: Policy | None = None, replay: bool | None = None, injections: Sequence[Injection] = (),
-              golden_ref: str = "golden", show_progress: bool = True, router_replay: bool = True) -> Report:
+              golden_ref: str = "golden", guides: Sequence[RouterReplay | None] | None = None) -> Report:
     """Run moesnap's candidate on every golden case (and, with ``replay``, each layer on the golden's
-    inputs) and judge it under ``policy`` (default: float32, the built-in tables)."""
+    inputs) and judge it under ``policy`` (default: float32, the built-in tables); ``guides``: router
+    replay, one per case (:func:`router_guides`), or None to let the candidate route freely."""
     from ..model.candidate import CandidateModel
 
     policy = policy or Policy.default("float32")
     dname = policy.dtype or "float32"
-    dtype = policy.torch_dtype
     if replay is None:   # low precision: free-running tolerances must admit drift; replay judges each stage
-        replay = dtype in (torch.bfloat16, torch.float16)
-    check_injections(injections, model, [len(golden.tokens) for _, golden in goldens])
+        replay = dname in ("bfloat16", "float16")
     status(f"running the candidate on {device} in {dname}: {len(goldens)} case{'s' if len(goldens) != 1 else ''}"
-           f" x {model.config.n_layer} layers" + (", then stage-local replay" if replay else ""), enabled=show_progress)
-    cand = CandidateModel(model, device=device, dtype=dtype)
+           f" x {model.config.n_layer} layers" + (", then stage-local replay" if replay else ""))
+    check_injections(injections, model, [len(golden.tokens) for _, golden in goldens])
+    cand = CandidateModel(model, device=device, dtype=policy.torch_dtype)
     faults = cand.faults(injections)
+    router_replay = guides is not None
     mode = "free-running, router replay" if router_replay else "free-running"
 
     def pairs():
-        for name, golden in goldens:
-            guide = router_guide(golden, policy) if router_replay else None
+        for (name, golden), guide in zip(goldens, guides or [None] * len(goldens)):
             rec = ArrayRecorder()
-            bar = LayerProgress(f"check {name}", enabled=show_progress).start(model.config.n_layer)
+            bar = LayerProgress(f"check {name}").start(golden.n_layer)
             out = cand.forward(golden.tokens, rec, progress=bar, router_replay=guide, faults=faults)
+            attrs = {"dtype": dname, "router_followed": followed_attr(out.followed)}
             bar.close()
-            free = from_recorder(rec, {"dtype": dname, "router_followed": _followed_attr(out.followed)})
+            free = from_recorder(rec, attrs)
             per_layer = None
             if replay:
-                bar = LayerProgress(f"replay {name}", enabled=show_progress).start(golden.n_layer)
-                per_layer = PerLayer(golden, _replay_case(cand, golden, faults, progress=bar))
+                bar = LayerProgress(f"replay {name}").start(golden.n_layer)
+                per_layer = PerLayer(golden, replay_case(cand, golden, faults, progress=bar))
                 bar.close()
             yield Pair(name, golden, free, per_layer)
 
@@ -154,6 +135,53 @@ def load_goldens(spec: str, store: str | None):
     return v.ref, v.meta, [(name, v.read_case(name)) for name in v.case_names()]
 
 
+@dataclass(frozen=True)
+class Opened:
+    """What every kind of check reads once, before it runs anything: the judging ``policy``, the model,
+    the device, the planted faults, and the golden (``ref``, its metadata, its cases), each refused in
+    one line where it is wrong."""
+    policy: Policy
+    model: ModelWeights
+    device: torch.device
+    injections: tuple[Injection, ...]
+    ref: str
+    meta: dict
+    goldens: tuple[tuple[str, Case], ...]
+    #: router replay, one per golden case (None: the candidate routes freely)
+    guides: tuple[RouterReplay | None, ...] | None
+
+
+def router_guides(goldens: Sequence[tuple[str, Case]], policy: Policy) -> tuple[RouterReplay | None, ...]:
+    """Router replay for every golden case (:func:`moesnap.run.serving.router_guide`): the one place the
+    guides of a check are made, whichever candidate then runs."""
+    return tuple(router_guide(golden, policy) for _, golden in goldens)
+
+
+def open_check(model: str | Path, suite: str, *, store: str | None, device: str, dtype: str,
+               inject: Sequence[str], settings: Settings | None, tols: Tolerances | None,
+               router_replay: bool = True) -> Opened:
+    """The policy (``settings``, else the built-in tables; ``tols`` over them), then the model, the
+    device and the faults, then the golden ``suite`` in ``store``, checked against the model, and
+    its router replay guides (with ``router_replay``)."""
+    from ..model.inject import parse_inject
+    from ..model.load import parse_device
+
+    # the candidate runs one of CHECK_DTYPES: a bad one is refused here, before the model is read
+    policy = replace(settings or Settings(profile="default"), dtype=dtype, allowed=CHECK_DTYPES).resolve()
+    if tols is not None:
+        policy = replace(policy, tolerances=tols)
+    where = parse_device(device)
+    status(f"opening {model}")
+    ggm = open_model(model)
+    injections = tuple(parse_inject(s, ggm.config) for s in inject)
+    status(f"reading golden {suite} from {store or 'goldens/'}")
+    ref, meta, goldens = load_goldens(suite, store)
+    check_golden_matches_model(goldens, ggm, where=ref, meta=meta)
+    return Opened(policy, ggm, where, injections, ref, meta, tuple(goldens),
+                  router_guides(goldens, policy) if router_replay else None)
+
+
+@show_progress_switch
 def check(model: str | Path, suite: str, *, store: str | None = None, device: str = "cpu",
           dtype: str = "float32", replay: bool | None = None, inject: Sequence[str] = (),
           tols: Tolerances | None = None, router_replay: bool = True, show_progress: bool = True,
@@ -168,34 +196,25 @@ def check(model: str | Path, suite: str, *, store: str | None = None, device: st
     Beyond one prefill (:mod:`moesnap.run.serving`): ``decode`` steps after each case's prompt through a
     KV cache (``paged``: blocks of 16), every case one sequence of a ragged ``batch``, the prompt in
     ``chunk``-token forwards, the decode steps on a CUDA graph's static buffers (``cuda_graph``)."""
-    from ..model.inject import parse_inject
-    from .trace import parse_device
-
-    # the candidate runs one of CHECK_DTYPES: a bad one is refused here, before the model is read
-    settings = replace(settings or Settings(profile="default"), dtype=dtype, allowed=CHECK_DTYPES)
-    policy = settings.resolve()
-    if tols is not None:
-        policy = replace(policy, tolerances=tols)
-    tdevice = parse_device(device)
-    status(f"opening {model}", enabled=show_progress)
-    ggm = open_model(model)
-    injections = [parse_inject(s, ggm.config) for s in inject]
-    status(f"reading golden {suite} from {store or 'goldens/'}", enabled=show_progress)
-    ref, meta, goldens = load_goldens(suite, store)
-    check_golden_matches_model(goldens, ggm, where=ref, meta=meta, show_progress=show_progress)
+    if chunk is not None and chunk < 1:
+        raise UsageError(f"--chunk {chunk}: must be >= 1 token")
+    o = open_check(model, suite, store=store, device=device, dtype=dtype, inject=inject, settings=settings, tols=tols,
+                   router_replay=router_replay)
     if decode is not None or paged or batch or chunk is not None or cuda_graph:
-        if chunk is not None and chunk < 1:
-            raise UsageError(f"--chunk {chunk}: must be >= 1 token")
-        report = run_serving_check(ggm, goldens, device=tdevice, policy=policy, decode=decode or 0, replay=replay,
-                                   injections=injections, golden_ref=ref, show_progress=show_progress,
-                                   router_replay=router_replay, paged=paged, batch=batch, chunk=chunk,
-                                   graph=cuda_graph)
+        report = run_serving_check(o.model, o.goldens, device=o.device, policy=o.policy, decode=decode or 0,
+                                   replay=replay, injections=o.injections, golden_ref=o.ref, guides=o.guides,
+                                   paged=paged, batch=batch, chunk=chunk, graph=cuda_graph)
     else:
-        report = run_check(ggm, goldens, device=tdevice, policy=policy, replay=replay, injections=injections,
-                           golden_ref=ref, show_progress=show_progress, router_replay=router_replay)
-    if not report.passed and isinstance(meta.get("command"), str):
-        # like ndarrays_regression: say how the golden was made, in case it is the golden that is stale
-        from .goldens import command_text
+        report = run_check(o.model, o.goldens, device=o.device, policy=o.policy, replay=replay,
+                           injections=o.injections, golden_ref=o.ref, guides=o.guides)
+    return with_golden_command(report, o)
 
-        report = report.with_notes(f"{ref} was generated by: {command_text(meta['command'])}")
-    return report
+
+def with_golden_command(report: Report, o: Opened) -> Report:
+    """A failing ``report`` says how its golden was made (as ``ndarrays_regression`` does), in case it
+    is the golden that is stale."""
+    if report.passed or not isinstance(o.meta.get("command"), str):
+        return report
+    from .goldens import command_text
+
+    return report.with_notes(f"{o.ref} was generated by: {command_text(o.meta['command'])}")

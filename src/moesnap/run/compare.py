@@ -18,7 +18,7 @@ from ..judge.report import Report
 from ..judge.suite import Pair, PerLayer, judge_suite
 from ..judge.tolerances import Tolerances
 from ..store.case import load_case
-from ..util import LayerProgress
+from ..util import LayerProgress, show_progress_switch
 
 
 def resolve_golden(spec: str, store: str | None) -> list[tuple[str, Case]]:
@@ -181,6 +181,7 @@ def _check_judgeable(name: str, cand: Case, where: str) -> None:
                       f"and aliases: moesnap.stages")
 
 
+@show_progress_switch
 def compare(golden: str, candidate: str | Path | Case | Mapping[str, Case], *, store: str | None = None,
             tols: Tolerances | None = None, profile: str | None = None,
             model: str | Path | None = None, local: bool = True, allow_missing: bool = False,
@@ -225,17 +226,18 @@ def compare(golden: str, candidate: str | Path | Case | Mapping[str, Case], *, s
     ref, meta, gold = resolve_golden_meta(golden, store)
     gold = _pick_case(gold, case, golden)
     return judge_dump(ref, meta, gold, candidate, settings, tols=tols, model=model, local=local,
-                      allow_missing=allow_missing, show_progress=show_progress, case=case,
+                      allow_missing=allow_missing, case=case,
                       candidate_name=candidate_name, notes=notes)
 
 
 def judge_dump(ref: str, meta: dict, gold: list[tuple[str, Case]],
-               candidate: str | Path | Case | Mapping[str, Case], settings: Settings, *,
+               candidate: str | Path | Case | Mapping[str, Case], settings: Settings | Policy, *,
                tols: Tolerances | None = None, model: str | Path | None = None, local: bool = True,
-               allow_missing: bool = False, show_progress: bool = True, case: str | None = None,
+               allow_missing: bool = False, case: str | None = None,
                candidate_name: str | None = None, notes: tuple[str, ...] = ()) -> Report:
     """:func:`compare` of a golden already read: ``ref`` (what it is), its metadata ``meta`` and its
-    cases ``gold``."""
+    cases ``gold``; ``settings`` is resolved here (its profile may follow the candidate's engine), a
+    :class:`~moesnap.judge.policy.Policy` is taken as it is."""
     from ..model.load import open_model
     from .check import check_golden_matches_model
 
@@ -248,7 +250,7 @@ def judge_dump(ref: str, meta: dict, gold: list[tuple[str, Case]],
         if c.n_layer > g.n_layer:
             raise GoldenError(f"{where}: case {name!r} holds {c.n_layer} layers, the golden {g.n_layer} ({ref}): "
                               f"judge it against goldens of the same model")
-    policy = settings.resolve(engine=pairs[0][2].attrs.get("engine"))
+    policy = settings if isinstance(settings, Policy) else settings.resolve(engine=pairs[0][2].attrs.get("engine"))
     if tols is not None:
         policy = replace(policy, tolerances=tols)
     out_notes: list[str] = _other_model(meta, pairs, where) + list(notes) + list(case_notes)
@@ -269,22 +271,22 @@ def judge_dump(ref: str, meta: dict, gold: list[tuple[str, Case]],
                 f"reference then judges every layer from the engine's own input)")
     judged = [name for name, _, _ in pairs]
     left = [name for name, _ in gold if name not in judged]
-    return judge_suite(_pairs(pairs, ggm, policy, show_progress), policy, golden=ref, candidate=where,
+    return judge_suite(_pairs(pairs, ggm, policy), policy, golden=ref, candidate=where,
                        per_layer="local" if ggm is not None else None, allow_missing=allow_missing,
                        notes=out_notes, hint=hint, golden_cases=tuple(name for name, _ in gold),
                        ignored={n: c.ignored for n, _, c in pairs},
                        case_hint=None if single else _case_hint(left), single_case=single)
 
 
-def _pairs(pairs: list[tuple[str, Case, Case]], ggm, policy: Policy, show_progress: bool) -> Iterator[Pair]:
+def _pairs(pairs: list[tuple[str, Case, Case]], ggm, policy: Policy) -> Iterator[Pair]:
     """The judge's pairs, each with its local re-reference (``ggm``: the golden's model) made as it is
     judged, then its steps."""
     for name, g, c in pairs:
         merged = _sequence(c) if ggm is not None and c.steps else None
         if merged is not None:   # the prompt and its steps re-referenced as one sequence of the engine's own rows
-            yield from _local_steps(name, g, c, merged, ggm, policy, show_progress)
+            yield from _local_steps(name, g, c, merged, ggm, policy)
             continue
-        yield from _local(name, g, c, ggm, policy, show_progress)
+        yield from _local(name, g, c, ggm, policy)
         for n, step in enumerate(c.steps):   # decode steps (or later chunks), each at its own positions
             yield Pair(f"{name}/step{_number(step, n)}", g, step, step=_number(step, n),
                        notes=(f"{name}: its decode steps are judged free-running only (local re-reference needs "
@@ -313,7 +315,7 @@ def _sequence(c: Case) -> Case | None:
                 attrs={k: v for k, v in c.attrs.items() if k not in ("positions", "router_followed")})
 
 
-def _local_steps(name: str, g: Case, c: Case, merged: Case, ggm, policy: Policy, show_progress: bool) -> Iterator[Pair]:
+def _local_steps(name: str, g: Case, c: Case, merged: Case, ggm, policy: Policy) -> Iterator[Pair]:
     """Local re-reference of a prompt and its decode steps: the reference recomputes every layer of every
     row from the engine's own input to it, attending the engine's own earlier rows (so a step's keys and
     values are those the engine's own earlier inputs give), then each forward is judged on its rows."""
@@ -321,7 +323,7 @@ def _local_steps(name: str, g: Case, c: Case, merged: Case, ggm, policy: Policy,
     from .rereference import local_reference
 
     d = policy.dtype_of(c.attrs)
-    bar = LayerProgress(f"local {name}", enabled=show_progress)
+    bar = LayerProgress(f"local {name}")
     aq = ActivationQuant(ggm.qtypes()) if policy.rounds_activations else identity
     ref, done, lnotes = local_reference(ggm, merged, tie_tol=policy.tolerances.tie_tol(d), progress=bar, aq=aq)
     bar.close()
@@ -340,7 +342,7 @@ def _local_steps(name: str, g: Case, c: Case, merged: Case, ggm, policy: Policy,
                    step=_number(step, n))
 
 
-def _local(name: str, g: Case, c: Case, ggm, policy: Policy, show_progress: bool) -> Iterator[Pair]:
+def _local(name: str, g: Case, c: Case, ggm, policy: Policy) -> Iterator[Pair]:
     """One case's pair, with its local re-reference where the model is at hand."""
     from ..model.ggml import ActivationQuant, identity
     from .rereference import local_reference
@@ -350,7 +352,7 @@ def _local(name: str, g: Case, c: Case, ggm, policy: Policy, show_progress: bool
         yield Pair(name, g, c)
         return
     d = policy.dtype_of(c.attrs)
-    bar = LayerProgress(f"local {name}", enabled=show_progress)
+    bar = LayerProgress(f"local {name}")
     aq = ActivationQuant(ggm.qtypes()) if policy.rounds_activations else identity
     ref, done, lnotes = local_reference(ggm, c, tie_tol=policy.tolerances.tie_tol(d), progress=bar, aq=aq)
     bar.close()

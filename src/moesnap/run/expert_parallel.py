@@ -10,20 +10,18 @@ notes what each rank held and cost (time, peak GPU memory, bytes sent per layer)
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..case import Case
-from ..judge.policy import CHECK_DTYPES, Settings
+from ..errors import UsageError
+from ..judge.policy import Settings
 from ..judge.report import Report
 from ..judge.tolerances import Tolerances
 from ..model.expert_parallel import run_ep_cases
-from ..model.load import open_model
-from .check import check_golden_matches_model, load_goldens
-from .serving import router_guide
+from .check import open_check, with_golden_command
 from .compare import judge_dump
 
 
@@ -60,28 +58,31 @@ def _figures(ep: dict[str, Any]) -> str:
 def check_ep(model: str | Path, suite: str, *, store: str | None = None, n_ranks: int = 2, backend: str = "gloo",
              device: str = "cpu", dtype: str = "float32", mode: str = "alltoall", inject: Sequence[str] = (),
              router_replay: bool = True, local: bool = True, tols: Tolerances | None = None,
-             settings: Settings | None = None, show_progress: bool = True) -> Report | None:
+             settings: Settings | None = None) -> Report | None:
     """Run the expert-parallel candidate of ``model`` on every case of ``suite`` (``NAME[@vNNNN]`` in
     ``store``) with ``n_ranks`` ranks (spawned here, or this process's rank under torchrun) and judge it
     as ``compare`` judges a dump (its cases handed over in memory).  Under torchrun the ranks other than
     0 return None.  ``inject``: ``--inject`` specs; ``settings``/``tols`` as for :func:`moesnap.run.check.check`."""
-    settings = replace(settings or Settings(profile="default"), dtype=dtype, allowed=CHECK_DTYPES)   # validated
-    policy = settings.resolve()
-    if tols is not None:
-        policy = replace(policy, tolerances=tols)
-    ref, meta, goldens = load_goldens(suite, store)
-    check_golden_matches_model(goldens, open_model(model), where=ref, meta=meta)
-    guides = [router_guide(g, policy) if router_replay else None for _, g in goldens]
-    cases = run_ep_cases(model, [g.tokens.tolist() for _, g in goldens], n_ranks, backend,
-                         "cuda" if device.startswith("cuda") else device, dtype, list(inject), mode=mode,
-                         router_replay=guides)
+    if n_ranks < 2:
+        raise UsageError(f"--gpus {n_ranks}: expert parallelism needs at least 2 ranks (leave --gpus out for one "
+                         f"device)")
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < n_ranks:
+            raise UsageError(f"--gpus {n_ranks}: this host has {torch.cuda.device_count()} CUDA device(s)")
+    o = open_check(model, suite, store=store, device=device, dtype=dtype, inject=inject, settings=settings, tols=tols,
+                   router_replay=router_replay)
+    cases = run_ep_cases(o.model.path, [g.tokens.tolist() for _, g in o.goldens], n_ranks, backend,
+                         o.device.type, dtype, o.injections, mode=mode, router_replay=o.guides)
     if cases is None:
         return None
     ep = cases[0].attrs["expert_parallel"]
-    notes = [f"injected fault: {spec}" for spec in inject] + [_figures(ep)]
-    notes += [f"{name}: {line}" for (name, _), case in zip(goldens, cases)
+    notes = [f"injected fault: {inj}" for inj in o.injections] + [_figures(ep)]
+    notes += [f"{name}: {line}" for (name, _), case in zip(o.goldens, cases)
               for line in nonfinite_experts(case, ep["experts"])]
-    return judge_dump(ref, meta, goldens, {name: case for (name, _), case in zip(goldens, cases)}, settings,
-                      tols=policy.tolerances, model=model if local else None, local=local,
-                      show_progress=show_progress, candidate_name=str(cases[0].attrs.get("producer") or "expert parallel"),
-                      notes=tuple(notes))
+    report = judge_dump(o.ref, o.meta, list(o.goldens), {name: case for (name, _), case in zip(o.goldens, cases)},
+                        o.policy, model=o.model.path if local else None,
+                        local=local, candidate_name=str(cases[0].attrs.get("producer") or "expert parallel"),
+                        notes=tuple(notes))
+    return with_golden_command(report, o)

@@ -23,7 +23,7 @@ from ..errors import UsageError
 from ..store import GoldenStore, GoldenVersion, PruneResult, validate_suite
 from ..store.base import interrupts_held
 from ..stages import GOLDEN_DTYPES
-from ..util import plural, printable, status
+from ..util import plural, printable, show_progress_switch, status
 
 #: the provenance ``kind`` of a pytest snapshot suite (the ``moesnap_snapshot`` fixture's named arrays)
 SNAPSHOT_KIND = "moesnap_snapshot"
@@ -97,7 +97,7 @@ def check_continuations(inputs: Sequence[Input], decode: int | None,
 
 
 def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: Sequence[Input],
-             dtype: str = "float32", show_progress: bool = True, command: str | None = None,
+             dtype: str = "float32", command: str | None = None,
              tokenizer: str = "auto", decode: int | None = None,
              continuation: Sequence[Continuation] | None = None) -> GoldenVersion:
     """Run the reference forward over each input and publish the cases as one new version.
@@ -191,20 +191,20 @@ def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: 
                 n = len(then) if then is not None else n_decode or 0
                 how = "given" if then is not None else "the reference's greedy choice"
                 status(f"{suite}: {name} ({i} of {len(cases)}), {plural(len(ids), 'token')} + a continuation of "
-                       f"{n} ({how})", enabled=show_progress)
+                       f"{n} ({how})")
                 case = continued_reference(model, ids, decode=n, continuation=then, dtype=DTYPES[dtype],
-                                           prompt_text=prompt, show_progress=show_progress)
+                                           prompt_text=prompt)
                 if text is not None:
                     case.attrs["continuation_text"] = text
                 continued[name] = {key: case.attrs[key] for key in (*CONTINUATION_ATTRS, "reference_forwards")
                                    if key in case.attrs}
             else:
-                status(f"{suite}: {name} ({i} of {len(cases)}), {plural(len(ids), 'token')}", enabled=show_progress)
-                case = run_case(model, ids, dtype=DTYPES[dtype], prompt=prompt, show_progress=show_progress)
+                status(f"{suite}: {name} ({i} of {len(cases)}), {plural(len(ids), 'token')}")
+                case = run_case(model, ids, dtype=DTYPES[dtype], prompt=prompt)
             if made_by is not None:
                 case.attrs["tokenizer"] = made_by
             timing[name] = case.attrs.get("layer_timing") or []
-            status(f"{name}: {timing_summary(timing[name])}", enabled=show_progress)
+            status(f"{name}: {timing_summary(timing[name])}")
             writer.add_case(name, case)
         meta["layer_timing"] = timing
         if continued:
@@ -253,6 +253,7 @@ def timing_summary(entries: Sequence[Mapping[str, Any]]) -> str:
     return text
 
 
+@show_progress_switch
 def generate_suite(model: str | Path, suite: str, cases: Sequence[Sequence[int] | str], *,
                    store: str | Path | GoldenStore | None = None, dtype: str = "float32",
                    show_progress: bool = False, tokenizer: str = "auto", decode: int | None = None,
@@ -278,7 +279,7 @@ def generate_suite(model: str | Path, suite: str, cases: Sequence[Sequence[int] 
 
     inputs: list[Input] = [("prompt", c) if isinstance(c, str) else ("tokens", token_ids(c)) for c in cases]
     st = store if isinstance(store, GoldenStore) else open_store(None if store is None else str(store))
-    v = generate(model, suite, store=st, inputs=inputs, dtype=dtype, show_progress=show_progress,
+    v = generate(model, suite, store=st, inputs=inputs, dtype=dtype,
                  tokenizer=tokenizer, decode=decode, continuation=per_case(continuation, len(inputs)))
     return f"{suite}@{v.version}"
 

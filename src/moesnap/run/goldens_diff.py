@@ -209,7 +209,7 @@ def _named_arrays(v: GoldenVersion) -> bool:
     return is_snapshot(v) or bool(cases) and all(c.get("layout") == LAYOUT for c in cases)
 
 
-def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool = True) -> DiffReport:
+def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None) -> DiffReport:
     """Which stages of ``vb`` differ from ``va`` (the golden side), and by how much (the classifier);
     for two versions of a pytest snapshot suite, which arrays of each check (:func:`diff_snapshots`)."""
     from ..judge.compare import compare_cases
@@ -221,13 +221,13 @@ def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool
                          f"forward's cases: goldens diff compares two versions of one kind")
     tols = tols or Tolerances.defaults()
     if _named_arrays(va):
-        return diff_snapshots(va, vb, tols=tols, show_progress=show_progress)
+        return diff_snapshots(va, vb, tols=tols)
     rep = DiffReport(va.ref, vb.ref)
     rep.provenance = _provenance(va, vb)
     dtypes = {str(va.meta.get("dtype") or "float32"), str(vb.meta.get("dtype") or "float32")}
     dtype = "float32" if "float32" in dtypes or len(dtypes) > 1 else dtypes.pop()
     common = _common_cases(rep, va, vb, "case")
-    for name in progress(common, desc="diff", enabled=show_progress):
+    for name in progress(common, desc="diff"):
         ca, cb = va.read_case(name), vb.read_case(name)
         if ca.tokens.shape != cb.tokens.shape or not np.array_equal(ca.tokens, cb.tokens):
             change = TokenChange(name, (_ids(ca.tokens), _ids(cb.tokens)),
@@ -272,7 +272,7 @@ def _array_tolerance(tols, name: str, a: np.ndarray | None, b: np.ndarray | None
     return tols.for_stage(stage, dtype) if stage is not None else tols.stages[dtype][DEFAULT]
 
 
-def diff_snapshots(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_progress: bool = True) -> DiffReport:
+def diff_snapshots(va: GoldenVersion, vb: GoldenVersion, *, tols=None) -> DiffReport:
     """Two versions of a pytest snapshot suite: for each check both hold, every array of either
     (sorted by name): added, removed, bit for bit identical, the same values in another dtype, or
     changed, judged by the classifier at the default tolerances (no token axis, as the fixture
@@ -286,7 +286,7 @@ def diff_snapshots(va: GoldenVersion, vb: GoldenVersion, *, tols=None, show_prog
     rep = DiffReport(va.ref, vb.ref, kind=SNAPSHOT_KIND)
     rep.provenance = _provenance(va, vb)
     common = _common_cases(rep, va, vb, "check")
-    for name in progress(common, desc="diff", enabled=show_progress):
+    for name in progress(common, desc="diff"):
         ga, gb = strip_prefix(va.read_arrays(name)), strip_prefix(vb.read_arrays(name))
         for array in sorted(set(ga) | set(gb)):
             a, b = ga.get(array), gb.get(array)

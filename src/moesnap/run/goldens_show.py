@@ -65,7 +65,7 @@ def _snapshot_lines(v: GoldenVersion, *, verify: bool) -> list[str]:
     return [printable(line) for line in lines]
 
 
-def show_lines(v: GoldenVersion, *, verify: bool = True, show_progress: bool = True) -> list[str]:
+def show_lines(v: GoldenVersion, *, verify: bool = True) -> list[str]:
     """Provenance summary, cases (prompt, tokens) and stages with shapes; reads every array when ``verify``."""
     if is_snapshot(v):
         return _snapshot_lines(v, verify=verify)
@@ -91,7 +91,7 @@ def show_lines(v: GoldenVersion, *, verify: bool = True, show_progress: bool = T
         lines.append(f"  command:  {command_text(str(m['command']))}")
     lines += tensor_type_lines(qtypes, suite=v.ref, model=_model_file(model))
     names = v.case_names()
-    for name in progress(names, desc=f"{v.ref}: verify", enabled=verify and show_progress):
+    for name in progress(names, desc=f"{v.ref}: verify", enabled=verify):
         info = v.case_info(name)
         ids = info.get("token_ids") or []
         prompt = info.get("prompt")

@@ -23,6 +23,7 @@ from ..judge.policy import Policy
 from ..judge.report import Report
 from ..judge.routing import tie_gap
 from ..judge.suite import Pair, PerLayer, judge_suite
+from ..model.candidate import RouterReplay
 from ..model.inject import Injection, ServePlan, check_injections, check_serving
 from ..model.weights import ModelWeights
 from ..util import status
@@ -59,7 +60,7 @@ def prompt_length(name: str, golden: Case, decode: int) -> int:
 
 def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str,
                       policy: Policy, decode: int, replay: bool | None = None, injections: Sequence[Injection] = (),
-                      golden_ref: str = "golden", show_progress: bool = True, router_replay: bool = True,
+                      golden_ref: str = "golden", guides: Sequence[RouterReplay | None] | None = None,
                       paged: bool = False, batch: bool = False, chunk: int | None = None,
                       graph: bool = False) -> Report:
     """Serve every golden case with moesnap's candidate (prefill, then ``decode`` steps) and judge each
@@ -67,7 +68,8 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
     case one sequence of a ragged batch (one forward per prefill and per step); ``chunk``: the prompt in
     forwards of that many tokens; ``graph``: the decode steps on static buffers (a CUDA graph on CUDA,
     eager elsewhere: without router replay, which decides on the host).  ``replay`` (default: on for
-    bfloat16/float16): each forward's rows also run stage by stage from the golden's values."""
+    bfloat16/float16): each forward's rows also run stage by stage from the golden's values.  ``guides``:
+    router replay, one per case, or None to let the candidate route freely."""
     from ..model.candidate import CandidateModel
     from ..model.serve import GraphDecoder, Session, replay_rows
 
@@ -75,7 +77,8 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
     if replay is None:
         replay = dname in ("bfloat16", "float16")
     if graph:
-        router_replay = False
+        guides = None
+    router_replay = guides is not None
     prompts = [prompt_length(name, g, decode) for name, g in goldens]
     plan = ServePlan(tuple(prompts) if batch else (prompts[0],) if len(prompts) == 1 else tuple(prompts), decode,
                      paged=paged, graph=graph)
@@ -91,16 +94,16 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
                                 "decode on static buffers" + (" (CUDA graph)" if str(device).startswith("cuda")
                                                               else " (eager: no CUDA here)") if graph else "") if x)
     status(f"serving {len(goldens)} case{'s' if len(goldens) != 1 else ''} on {device} in {dname}: prefill + "
-           f"{decode} decode step{'s' if decode != 1 else ''} ({how})", enabled=show_progress)
+           f"{decode} decode step{'s' if decode != 1 else ''} ({how})")
     cand = CandidateModel(model, device=device, dtype=policy.torch_dtype)
     faults = cand.faults(injections)
-    guides = [router_guide(g, policy) if router_replay else None for _, g in goldens]
+    per_case = list(guides) if guides is not None else [None] * len(goldens)
 
     def serve(group: list[int]) -> Iterator[Pair]:
         names = [goldens[i][0] for i in group]
         gold = [goldens[i][1] for i in group]
         session = Session(cand, capacity=max(int(g.tokens.shape[0]) for g in gold), n_seqs=len(group), paged=paged,
-                          faults=faults, router_replay=[guides[i] for i in group])
+                          faults=faults, router_replay=[per_case[i] for i in group])
         toks = [g.tokens.tolist() for g in gold]
         if len(group) == 1:
             forwards = [session.prefill(toks[0][:prompts[group[0]]], chunk=chunk)]

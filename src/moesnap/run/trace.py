@@ -17,7 +17,8 @@ from ..case import Case, from_recorder
 from ..store.case import save_case
 from ..errors import UsageError
 from ..model.recorder import ArrayRecorder
-from ..util import LayerProgress, file_sha256, plural, published_version_above, status, versions
+from ..util import LayerProgress, file_sha256, plural, published_version_above, show_progress_switch, status, versions
+from ..model.load import parse_device
 from ..model.weights import ModelWeights
 from ..stages import DTYPES as STAGE_DTYPES
 
@@ -28,14 +29,6 @@ def parse_dtype(name: str, *, allowed: Sequence[str] = tuple(DTYPES)) -> torch.d
     if name not in allowed:
         raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(allowed)}")
     return DTYPES[name]
-
-
-def parse_device(name: str) -> torch.device:
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"unknown device {name!r}; choose cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -58,7 +51,7 @@ ENGINES: tuple[str, ...] = ("moesnap", "transformers", "llama.cpp")
 
 def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", candidate: bool = False, prompt: str | None = None,
-             show_progress: bool = True, engine: str = "moesnap", decode: int = 0,
+             engine: str = "moesnap", decode: int = 0,
              continuation: Sequence[int] | None = None) -> Case:
     """Run one forward over ``tokens`` and capture every stage it exposes.
 
@@ -79,14 +72,12 @@ def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype =
         raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     model.check_tokens(np.asarray(tokens))
     if decode or continuation is not None:
-        return _run_decode(model, tokens, dtype=dtype, device=device, candidate=candidate, prompt=prompt,
-                           show_progress=show_progress, engine=engine, decode=decode, continuation=continuation)
+        return _run_decode(model, tokens, dtype=dtype, device=device, candidate=candidate, prompt=prompt, engine=engine, decode=decode, continuation=continuation)
     if engine == "moesnap":
         rec = ArrayRecorder(keep_dtype=(dtype == torch.float64))
         status(f"running {'the candidate on ' + str(device) if candidate else 'the reference'} in "
-               f"{str(dtype).removeprefix('torch.')}: {plural(len(tokens), 'token')} x {plural(model.config.n_layer, 'layer')}",
-               enabled=show_progress)
-        bar = LayerProgress("candidate" if candidate else "reference", enabled=show_progress).start(model.config.n_layer)
+               f"{str(dtype).removeprefix('torch.')}: {plural(len(tokens), 'token')} x {plural(model.config.n_layer, 'layer')}")
+        bar = LayerProgress("candidate" if candidate else "reference").start(model.config.n_layer)
         try:
             if candidate:
                 from ..model.candidate import CandidateModel
@@ -107,19 +98,18 @@ def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype =
         if candidate:
             raise UsageError(f"--candidate traces moesnap's own device forward; --engine {engine} is a candidate already")
         status(f"running {engine}'s forward of {model.path.name} on {device} in {str(dtype).removeprefix('torch.')}: "
-               f"{len(tokens)} tokens", enabled=show_progress)
+               f"{len(tokens)} tokens")
         case = _engine_case(engine, model, tokens, dtype=dtype, device=device)
         producer = case.attrs["producer"]
     return _with_provenance(case, model, producer=producer, dtype=dtype, device=device, prompt=prompt,
-                            tokens=tokens, show_progress=show_progress)
+                            tokens=tokens)
 
 
 def _with_provenance(case: Case, model: ModelWeights, *, producer: str, dtype: torch.dtype,
-                     device: torch.device | str, prompt: str | None, tokens: Sequence[int],
-                     show_progress: bool) -> Case:
+                     device: torch.device | str, prompt: str | None, tokens: Sequence[int]) -> Case:
     """``case`` with what made it: producer, dtype, device, prompt, token ids (its own rows'), model, versions."""
     if model.path.is_file():    # the provenance's sha256: a bar the first time a large file is hashed
-        file_sha256(model.path, progress=show_progress)
+        file_sha256(model.path, progress=True)
     case.attrs.update({
         "producer": producer,
         "dtype": str(dtype).removeprefix("torch."),
@@ -176,7 +166,7 @@ def greedy_draft(model: ModelWeights, tokens: Sequence[int], n: int) -> list[int
 
 def continued_reference(model: ModelWeights, prompt: Sequence[int], *, decode: int,
                         continuation: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
-                        prompt_text: str | None = None, show_progress: bool = True) -> Case:
+                        prompt_text: str | None = None) -> Case:
     """The golden of ``decode`` decode steps after ``prompt``: ONE reference forward over the prompt and
     its continuation (its rows at positions >= len(prompt) are what each decode step must produce),
     with attributes ``prompt_tokens``, ``continuation``, ``decode`` and ``continuation_source``.
@@ -194,22 +184,22 @@ def continued_reference(model: ModelWeights, prompt: Sequence[int], *, decode: i
     if continuation is not None:
         given = [int(t) for t in continuation]
         model.check_tokens(np.asarray(given))
-        case = run_case(model, ids + given, dtype=dtype, prompt=prompt_text, show_progress=show_progress)
+        case = run_case(model, ids + given, dtype=dtype, prompt=prompt_text)
         case.attrs["reference_forwards"] = 1
         return _decoded(case, ids, given, "given")
     status(f"proposing a greedy continuation of {decode} token{'' if decode == 1 else 's'} (the candidate, "
-           f"KV cache); the reference's forward verifies it", enabled=show_progress and decode > 0)
+           f"KV cache); the reference's forward verifies it", enabled=decode > 0)
     draft = greedy_draft(model, ids, decode)
     P = len(ids)
     for forwards in range(1, decode + 3):
-        case = run_case(model, ids + draft, dtype=dtype, prompt=prompt_text, show_progress=show_progress)
+        case = run_case(model, ids + draft, dtype=dtype, prompt=prompt_text)
         chosen = np.argmax(np.asarray(case.model["logits"])[P - 1:P - 1 + decode], axis=-1).astype(int).tolist()
         wrong = next((j for j, (a, b) in enumerate(zip(chosen, draft)) if a != b), None)
         if wrong is None:
             case.attrs["reference_forwards"] = forwards
             return _decoded(case, ids, draft, "greedy")
         status(f"the reference chooses {chosen[wrong]} at decode step {wrong} (proposed: {draft[wrong]}); "
-               f"proposing the rest again", enabled=show_progress)
+               f"proposing the rest again")
         kept = draft[:wrong] + [chosen[wrong]]
         draft = kept + greedy_draft(model, ids + kept, decode - len(kept))
     raise RuntimeError(f"the reference's greedy continuation of {decode} tokens did not settle in {decode + 2} "
@@ -218,7 +208,7 @@ def continued_reference(model: ModelWeights, prompt: Sequence[int], *, decode: i
 
 def serve_candidate(model: ModelWeights, prompt: Sequence[int], *, decode: int,
                     continuation: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu", show_progress: bool = True) -> Case:
+                    device: torch.device | str = "cpu") -> Case:
     """moesnap's candidate serving ``prompt`` as an engine does: one prefill forward (the returned
     case's own rows, positions 0..P-1), then ``decode`` steps through its KV cache
     (:class:`~moesnap.model.serve.Session`), each a one-row case at its position in ``Case.steps``
@@ -234,13 +224,13 @@ def serve_candidate(model: ModelWeights, prompt: Sequence[int], *, decode: int,
         model.check_tokens(np.asarray(given))
     status(f"serving with the candidate on {device} in {str(dtype).removeprefix('torch.')}: a prefill of "
            f"{len(ids)} tokens, then {decode} decode step{'' if decode == 1 else 's'} through a KV cache, fed "
-           + ("the given continuation" if given is not None else "its own greedy choices"), enabled=show_progress)
+           + ("the given continuation" if given is not None else "its own greedy choices"))
     session = Session(CandidateModel(model, device=device, dtype=dtype), capacity=len(ids) + decode)
     last = session.prefill(ids)[-1]
     prefill = last.case
     fed: list[int] = []
     steps: list[Case] = []
-    for n in progress(range(decode), desc="decode steps", enabled=show_progress):
+    for n in progress(range(decode), desc="decode steps"):
         token = given[n] if given is not None else last.next_token()
         last = session.decode(token)[0]
         steps.append(last.case)
@@ -249,6 +239,7 @@ def serve_candidate(model: ModelWeights, prompt: Sequence[int], *, decode: int,
     return _decoded(case, ids, fed, "given" if given is not None else "greedy")
 
 
+@show_progress_switch
 def trace(model: str | Path | ModelWeights, tokens: Sequence[int], *, dtype: str = "float32",
           device: str = "cpu", engine: str = "moesnap", candidate: bool = False,
           out: str | Path | None = None, force: bool = False, show_progress: bool = False, decode: int = 0,
@@ -281,14 +272,14 @@ def trace(model: str | Path | ModelWeights, tokens: Sequence[int], *, dtype: str
     if out is not None:
         check_output(out, force=force)
     case = run_case(m, tokens, dtype=parse_dtype(dtype), device=parse_device(device), candidate=candidate,
-                    engine=engine, show_progress=show_progress, decode=decode, continuation=continuation)
+                    engine=engine, decode=decode, continuation=continuation)
     if out is not None:
         write_output(case, out, force=force)
     return case
 
 
 def _run_decode(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype, device: torch.device | str,
-                candidate: bool, prompt: str | None, show_progress: bool, engine: str, decode: int,
+                candidate: bool, prompt: str | None, engine: str, decode: int,
                 continuation: Sequence[int] | None) -> Case:
     """:func:`run_case` beyond one prefill: prompt ``tokens``, then ``decode`` steps."""
     from .prompts import check_continuation_length, check_decode, continuation_value
@@ -304,20 +295,18 @@ def _run_decode(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtyp
     if engine == "moesnap" and not candidate:
         if torch.device(device).type != "cpu":
             raise UsageError("the reference forward runs on the CPU; add --candidate to trace the device forward")
-        return continued_reference(model, tokens, decode=n, continuation=given, dtype=dtype, prompt_text=prompt,
-                                   show_progress=show_progress)
+        return continued_reference(model, tokens, decode=n, continuation=given, dtype=dtype, prompt_text=prompt)
     if engine == "moesnap":
-        case = serve_candidate(model, tokens, decode=n, continuation=given, dtype=dtype, device=device,
-                               show_progress=show_progress)
+        case = serve_candidate(model, tokens, decode=n, continuation=given, dtype=dtype, device=device)
         return _with_provenance(case, model, producer="moesnap-candidate", dtype=dtype, device=device,
-                                prompt=prompt, tokens=tokens, show_progress=show_progress)
+                                prompt=prompt, tokens=tokens)
     if candidate:
         raise UsageError(f"--candidate traces moesnap's own device forward; --engine {engine} is a candidate already")
     status(f"running {engine} on {device} in {str(dtype).removeprefix('torch.')}: a prefill of {len(tokens)} "
-           f"tokens, then {n} decode step{'' if n == 1 else 's'} through its KV cache", enabled=show_progress)
+           f"tokens, then {n} decode step{'' if n == 1 else 's'} through its KV cache")
     case = _engine_case(engine, model, tokens, dtype=dtype, device=device, decode=n, continuation=given)
     case = _with_provenance(case, model, producer=case.attrs["producer"], dtype=dtype, device=device, prompt=prompt,
-                            tokens=tokens, show_progress=show_progress)
+                            tokens=tokens)
     fed = [int(t) for s in case.steps for t in np.asarray(s.tokens).reshape(-1)]
     return _decoded(case, tokens, fed, "given" if given is not None else "greedy")
 
