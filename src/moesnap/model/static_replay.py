@@ -47,12 +47,11 @@ def tie_gaps(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     B, E = logits.shape
     if chosen.shape[1] >= E:
         return torch.zeros(B, dtype=torch.float64, device=logits.device)
-    mask = torch.zeros(B, E, dtype=torch.bool, device=logits.device).scatter_(1, chosen, True)   # [B, E]
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=logits.device)
-    worst_in = torch.where(mask, logits, inf).amin(dim=-1)                                       # [B]
-    best_out = torch.where(mask, -inf, logits).amax(dim=-1)                                      # [B]
-    nan = torch.tensor(float("nan"), dtype=torch.float64, device=logits.device)
-    return torch.where(torch.isfinite(logits).all(dim=-1), best_out - worst_in, nan)
+    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, chosen, True)      # [B, E]
+    worst_in = logits.masked_fill(~mask, float("inf")).amin(dim=-1)                  # [B]
+    best_out = logits.masked_fill(mask, float("-inf")).amax(dim=-1)                  # [B]
+    # Python scalars only: a tensor made from one on the device would be a host copy, which a capture refuses
+    return (best_out - worst_in).masked_fill(~torch.isfinite(logits).all(dim=-1), float("nan"))
 
 
 class StaticReplay:
