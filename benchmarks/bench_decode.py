@@ -24,8 +24,9 @@ tiny (4 layers), P=32, 32 steps       bfloat16    50.1 ms    3.53 ms     0.76 ms
 "graph, on" includes reading the ~75-150 recorded stages back to the host after each replay (most of
 its cost over "off").  The eager step dequantizes every dense weight and the lm head each step; the
 graph's resident weights are dequantized once.  bfloat16 at full width flips experts at near ties
-between the decode step and the causal forward (both in bfloat16): a judge needs router replay there,
-which runs in the eager step only.
+between the decode step and the causal forward (both in bfloat16): a judge needs router replay there.
+The last row runs the graph with router replay decided inside it (the causal forward's routing as the
+guide, a wide tie width), which follows those flips: its rows keep the causal forward's experts.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from moesnap.model.candidate import CandidateModel
+from moesnap.judge.routing import tie_gap
+from moesnap.model.candidate import CandidateModel, RouterReplay
 from moesnap.model.recorder import ArrayRecorder
 from moesnap.model.serve import GraphDecoder, Rows, Session
 from moesnap.model.synth import make_model, preset, tiny_path
@@ -107,11 +109,16 @@ def main() -> None:
     cand.forward(seq, full)
     golden = {**full.model, **full.stacked()}
     out: list[dict] = []
-    ways: list[tuple[str, bool | None, bool]] = [("eager (KV cache)", None, True)]
-    ways += [("cuda graph, recording on", True, True), ("cuda graph, recording off", True, False)] if cuda else \
-        [("static buffers (eager), recording on", False, True), ("static buffers (eager), recording off", False, False)]
-    for name, graph, record in ways:
-        s = Session(cand, capacity=a.prompt + a.steps, paged=True, record=record)
+    # router replay of the causal forward's routing at a wide tie width: wherever the step picks other
+    # experts than the causal forward, it continues with the causal forward's (decided inside the graph)
+    guide = RouterReplay(golden["topk_ids"], golden["router_logits"], 1e9, tie_gap)
+    where = "cuda graph" if cuda else "static buffers (eager)"
+    ways: list[tuple[str, bool | None, bool, bool]] = [("eager (KV cache)", None, True, False)]
+    ways += [(f"{where}, recording on", cuda, True, False), (f"{where}, recording off", cuda, False, False),
+             (f"{where}, router replay, recording on", cuda, True, True)]
+    for name, graph, record, replay in ways:
+        s = Session(cand, capacity=a.prompt + a.steps, paged=True, record=record,
+                    router_replay=guide if replay else None)
         s.prefill(seq[:a.prompt])
         step: Callable[[int], list[Rows]] = s.decode
         if graph is not None:
@@ -119,13 +126,15 @@ def main() -> None:
             step = dec.decode
         rows, times = decode_steps(step, seq[a.prompt:], cuda)
         row = {"way": name, "first_step_ms": round(times[0] * 1e3, 3),
-               "median_step_ms": round(statistics.median(times[1:]) * 1e3, 3)}
+               "median_step_ms": round(statistics.median(times[1:]) * 1e3, 3),
+               "followed": sum(len(r.followed) for r in rows)}
         if record:
             err, same = worst(rows, golden)
             row.update(max_rel_l2=float(f"{err:.3g}"), same_experts=same)
         out.append(row)
-        print(f"{name:<40} first {row['first_step_ms']:>9.3f} ms  median {row['median_step_ms']:>8.3f} ms"
-              + (f"  max rel L2 vs causal {row['max_rel_l2']:.2g}, same experts {row['same_experts']}" if record else ""),
+        print(f"{name:<48} first {row['first_step_ms']:>9.3f} ms  median {row['median_step_ms']:>8.3f} ms"
+              + (f"  max rel L2 vs causal {row['max_rel_l2']:.2g}, same experts {row['same_experts']}" if record else "")
+              + (f", followed the causal forward's experts at {row['followed']} (layer, row)" if replay else ""),
               flush=True)
     info = {"preset": a.preset, "layers": model.config.n_layer, "prompt": a.prompt, "steps": a.steps,
             "dtype": a.dtype, "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}

@@ -48,6 +48,22 @@ def test_bfloat16_serving_passes_with_replay_judging_every_step():
     assert rep.replay is not None and sum(c.step is not None for c in rep.replay) == 3 * STEPS
 
 
+def test_bfloat16_on_static_buffers_follows_the_golden_at_near_ties_as_the_eager_steps_do():
+    """--cuda-graph (the static step, eager on the CPU) in bfloat16: router replay decided on the device
+    follows the golden's experts where the eager steps do -- on the tiny model case1's decode step 2 picks
+    other experts at a near tie at layer 3 -- so every cell is judged; without router replay that token is
+    excused and the check is inconclusive."""
+    reps = {graph: check(decode=STEPS, dtype="bfloat16", paged=True, cuda_graph=graph) for graph in (False, True)}
+    ties = {graph: [(c.case, r.layer) for c in rep.cases for r in c.results if r.verdict.name == "ROUTING_TIE"]
+            for graph, rep in reps.items()}
+    assert ties[True] == ties[False] and ("case1/step2", 3) in ties[True]
+    for rep in reps.values():
+        cov = rep.coverage()
+        assert rep.verdict == "pass" and cov.complete and cov.judged == cov.held, rep.summary()
+    free = check(decode=STEPS, dtype="bfloat16", paged=True, cuda_graph=True, router_replay=False)
+    assert free.verdict == "inconclusive" and free.coverage().judged < free.coverage().held
+
+
 # spec, options, (case, layer, stage) where it must be named first
 FAULTS = [
     ("rope_pos:step=2", {}, ("case0/step2", 0, "q_rope")),

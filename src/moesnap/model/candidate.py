@@ -77,6 +77,7 @@ from .kernels import (EXPERT_PATHS, _grouped, _looped, _opmath, _sdpa_causal, de
 from .kvcache import Batch, KVCache, cached_attention
 from .tensors import GLOBAL_TENSORS, LAYER_TENSORS
 from .recorder import NullRecorder, Recorder
+from .static_replay import StaticReplay
 from .weights import ModelWeights, file_bytes
 
 Progress = Callable[[int, int], None]
@@ -154,7 +155,7 @@ class _Call:
 
     rec: Recorder
     faults: Faults
-    guide: RouterReplay | None = None
+    guide: RouterReplay | StaticReplay | None = None   # StaticReplay: decided on the device
     force: Mapping[str, np.ndarray] | None = None
     batch: Batch | None = None          # rows attend through ``cache`` (else: causal over themselves)
     cache: KVCache | None = None
@@ -362,6 +363,8 @@ class CandidateModel:
         pw, pid = c.faults.topk(i, probs, self.cfg.n_expert_used, pos)             # [T, k], descending
         if c.force is not None and "topk_ids" in c.force:
             pw, pid = self._forced_router(i, probs, pw, pid, c)
+        elif isinstance(c.guide, StaticReplay):                                     # the same rule, no host
+            pw, pid = c.guide.follow(i, probs, pw, pid)
         elif c.guide is not None:
             pw, pid = self._replay_router(i, probs, pw, pid, c)
         c.faults.routed(i, pid)
@@ -374,6 +377,7 @@ class CandidateModel:
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Router replay: tokens whose expert set differs from the golden's at a near tie take the golden's."""
         replay = c.guide
+        assert not isinstance(replay, StaticReplay), "decided on the device by StaticReplay.follow"
         guide = replay.layer(i, pid.shape[0]) if replay is not None else None
         if replay is None or guide is None or guide[0].shape[1] != pid.shape[1]:
             return pw, pid
@@ -391,7 +395,7 @@ class CandidateModel:
             c.followed.append(Followed(i, t, [int(e) for e in own[tokens.index(t)]]))
         idx = torch.tensor(follow, device=pid.device)
         pid, pw = pid.clone(), pw.clone()
-        new_w, order = probs[idx].gather(-1, g_ids[idx]).sort(dim=-1, descending=True)
+        new_w, order = probs[idx].gather(-1, g_ids[idx]).sort(dim=-1, descending=True, stable=True)
         pid[idx] = g_ids[idx].gather(-1, order)
         pw[idx] = new_w
         return pw, pid
@@ -534,14 +538,15 @@ class CandidateModel:
 
     @torch.inference_mode()
     def forward_batch(self, tokens: Any, batch: Batch, cache: KVCache, rec: Recorder | None = None, *,
-                      router_replay: RouterReplay | None = None, faults: Faults = NO_FAULTS) -> Output:
+                      router_replay: RouterReplay | StaticReplay | None = None, faults: Faults = NO_FAULTS) -> Output:
         """One serving forward: the packed rows of ``batch`` (a prompt, a chunk of one, a decode step, or
         several sequences' of them at once; :mod:`moesnap.model.kvcache`), ``tokens [T]`` at the
         positions ``batch.pos``, each row attending its own sequence's keys in ``cache`` (this forward's
         k/v rows written there first).  Every stage is recorded as :meth:`forward` records it, packed
         ``[T, ...]`` in row order.  ``router_replay``: a guide over these ``T`` rows
-        (:meth:`RouterReplay.rows`).  Returns the logits ``[T, V]`` and where the golden's experts were
-        followed (``token``: the packed row)."""
+        (:meth:`RouterReplay.rows`), or a :class:`~moesnap.model.static_replay.StaticReplay` (decided on
+        the device; where it followed is read from it after the step).  Returns the logits ``[T, V]`` and
+        where the golden's experts were followed (``token``: the packed row)."""
         rec = rec or NullRecorder()
         tok = tokens.to(self.device) if isinstance(tokens, torch.Tensor) else \
             torch.from_numpy(_token_ids(tokens)).to(self.device)

@@ -20,6 +20,8 @@ continuation is one reference forward over both, and a decode step is judged aga
 ``torch.cuda.CUDAGraph`` and replays it; the stages are copied into static device buffers by copies
 that are part of the capture (:class:`StaticRecorder`) and read out after each replay, so recording
 and graph-mode numerics coexist.  Elsewhere the same static step runs eagerly (``graph=False``).
+Router replay there is decided on the device (:class:`~moesnap.model.static_replay.StaticReplay`: the
+golden's routing of each step in static buffers; which rows followed it is read back after the replay).
 
 :func:`replay_rows` is stage-local replay for serving rows: each layer fed the golden's input rows,
 its cache holding the golden's ``k_rope``/``v`` of the positions before, every stage forced to the
@@ -42,6 +44,7 @@ from .faults import NO_FAULTS, Faults
 from .inject import NanExpert, RouteFlip
 from .kvcache import BLOCK_SIZE, Batch, KVCache
 from .recorder import ArrayRecorder, NullRecorder, Recorder
+from .static_replay import StaticReplay
 
 
 def _count(n: int, word: str) -> str:
@@ -243,8 +246,11 @@ class GraphDecoder:
     stages land in a :class:`StaticRecorder`'s buffers.  ``graph`` (default: on CUDA) captures the step
     once in a ``torch.cuda.CUDAGraph`` (after an eager warm-up that makes every buffer) and replays it;
     without it the same static step runs eagerly.  Attention covers every slot of the cache, the
-    padding masked.  Every sequence of the session must have its prompt cached; no router replay and no
-    ``nan``/``route`` faults (their decisions need the host).  ``record=False`` captures no copies.
+    padding masked.  Every sequence of the session must have its prompt cached; no ``nan``/``route``
+    faults (their decisions need the host).  The session's router replay (a guide for every sequence)
+    is decided on the device (:class:`~moesnap.model.static_replay.StaticReplay`), each step's guide rows
+    filled before it runs, so the rows follow the golden's experts where :meth:`Session.decode` would,
+    with the same values and the same :attr:`Rows.followed`.  ``record=False`` captures no copies.
     """
 
     def __init__(self, session: Session, *, graph: bool | None = None, record: bool = True) -> None:
@@ -252,9 +258,6 @@ class GraphDecoder:
         self.graph = cand.device.type == "cuda" if graph is None else graph
         if self.graph and cand.device.type != "cuda":
             raise UsageError(f"a CUDA graph needs a CUDA device; the candidate runs on {cand.device}")
-        if any(g is not None for g in session.guides):
-            raise UsageError("router replay decides on the host, which a CUDA-graph decode step cannot; "
-                             "run the decode steps eagerly (Session.decode)")
         bad = [j for j in session.faults.injections if isinstance(j, (NanExpert, RouteFlip))]
         if bad:
             raise UsageError(f"{bad[0].option}: not planted in a decode step on static buffers; run it eagerly")
@@ -263,6 +266,11 @@ class GraphDecoder:
         self.session, self.cache, self.faults = session, cache, session.faults
         self.model = _Resident(cand, session.faults)
         self.record = StaticRecorder() if record else None
+        guides = [g for g in session.guides if g is not None]
+        #: router replay on the device: only where every sequence has a guide (as Session.decode)
+        self.replay = StaticReplay(guides, n_layer=cand.cfg.n_layer, n_expert=cand.cfg.n_expert,
+                                   k=cand.cfg.n_expert_used, device=cand.device) \
+            if guides and len(guides) == cache.n_seqs else None
         B, dev, nb = cache.n_seqs, cand.device, cache.max_blocks
         self.n_keys = nb * cache.block_size
         self.model._rope_at(torch.zeros(1, dtype=torch.long), self.n_keys + 2)   # the whole table, before capture
@@ -283,7 +291,8 @@ class GraphDecoder:
 
     def _forward(self) -> torch.Tensor:
         rec: Recorder = self.record if self.record is not None else NullRecorder()
-        return self.model.forward_batch(self.tok, self.static, self.cache, rec, faults=self.faults).logits
+        return self.model.forward_batch(self.tok, self.static, self.cache, rec, router_replay=self.replay,
+                                        faults=self.faults).logits
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
@@ -311,6 +320,8 @@ class GraphDecoder:
             buf.copy_(val)
         if self._last is None or self.faults.refresh(step, self._last, toks):
             self.tok.copy_(torch.tensor(toks, dtype=torch.long))
+        if self.replay is not None:
+            self.replay.fill(host.pos.tolist())
         if not self.graph:
             logits = self._forward()
         else:
@@ -327,7 +338,8 @@ class GraphDecoder:
         if self.record is not None:
             rec = ArrayRecorder()
             self.record.read(rec)
-        return _split(rec, host, np.asarray(toks, dtype=np.int64), logits.clone(), (),
+        followed: list[Followed] = [] if self.replay is None else [Followed(*f) for f in self.replay.read()]
+        return _split(rec, host, np.asarray(toks, dtype=np.int64), logits.clone(), followed,
                       {"dtype": str(s.cand.dtype).removeprefix("torch."), "cuda_graph": self.graph})
 
 
@@ -357,7 +369,7 @@ def replay_rows(cand: CandidateModel, golden: Case, positions: Sequence[int], *,
         cache.load(i, 0, torch.from_numpy(golden.layers["k_rope"][i][:p0]), torch.from_numpy(golden.layers["v"][i][:p0]))
     batch = cache.batch([(0, n)], step=step)
     batch = faults.step(batch)
-    rec, followed = ArrayRecorder(), []
+    rec, followed = ArrayRecorder(), list[Followed]()
     rows = np.asarray(pos)
     for i in range(L):
         x = golden.model["embed"][rows] if i == 0 else golden.layers["layer_out"][i - 1][rows]

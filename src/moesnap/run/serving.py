@@ -67,7 +67,7 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
     forward's rows at their positions.  ``paged``: a paged KV cache (blocks of 16); ``batch``: every
     case one sequence of a ragged batch (one forward per prefill and per step); ``chunk``: the prompt in
     forwards of that many tokens; ``graph``: the decode steps on static buffers (a CUDA graph on CUDA,
-    eager elsewhere: without router replay, which decides on the host).  ``replay`` (default: on for
+    eager elsewhere; router replay decided on the device there).  ``replay`` (default: on for
     bfloat16/float16): each forward's rows also run stage by stage from the golden's values.  ``guides``:
     router replay, one per case, or None to let the candidate route freely."""
     from ..model.candidate import CandidateModel
@@ -76,8 +76,6 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
     dname = policy.dtype or "float32"
     if replay is None:
         replay = dname in ("bfloat16", "float16")
-    if graph:
-        guides = None
     router_replay = guides is not None
     prompts = [prompt_length(name, g, decode) for name, g in goldens]
     plan = ServePlan(tuple(prompts) if batch else (prompts[0],) if len(prompts) == 1 else tuple(prompts), decode,
@@ -135,9 +133,9 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
     notes = [f"injected fault: {inj}" for inj in injections]
     notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}; served: {how}; the decode steps "
                  f"fed the golden's tokens (teacher-forced), each judged against the golden's row at its position")
-    if graph:
-        notes.append("decode on static buffers: no router replay (it decides on the host); a near-tie flip excuses "
-                     "its token where it happens")
+    if graph and router_replay:
+        notes.append("decode on static buffers: router replay decided on the device (the golden's routing of each "
+                     "step in static buffers, refilled before every replay)")
     mode = "free-running, router replay" if router_replay else "free-running"
     report = judge_suite(pairs(), policy, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})",
                          mode=mode, per_layer="replay" if replay else None, notes=notes,
