@@ -58,15 +58,29 @@ def test_committed_all_mode_dump_with_a_fault_inside_the_fused_moe(tmp_path):
     for name in ("non_intrusive__inputs.0", "non_intrusive__model.layers.N.output", "non_intrusive__model.output",
                  "non_intrusive__logits_processor.inputs.0", "non_intrusive__model.layers.N.mlp.experts.inputs.1.0"):
         assert name in ignored, name
-    parted = [p for p in case.attrs["parted"] if p["stage"] == "moe_out"]
-    assert [(p["layer"], p["other"], p["kept"]) for p in parted] == [
-        (2, "non_intrusive__model.layers.2.mlp.experts.output", "non_intrusive__model.layers.2.mlp.output")]
+    experts, mlp = "non_intrusive__model.layers.2.mlp.experts.output", "non_intrusive__model.layers.2.mlp.output"
+    parted = case.attrs["parted"]
+    assert [(p["stage"], p["layer"], p["other"], p["kept"], p["array"]) for p in parted] == [
+        ("moe_out", 2, experts, mlp, "parted/0")]                            # the only stage whose names part
     assert parted[0]["token"] == 0 and 0.04 < parted[0]["rel_l2"] < 0.06
+    # both values kept: the case's stage holds mlp.output (what the engine carried on), parted/0 mlp.experts.output
+    golden = load_case(CASE0).layers["moe_out"][2]
+    assert np.allclose(case.extra["parted/0"], golden, rtol=1e-5, atol=1e-6)
+    assert np.allclose(case.layers["moe_out"][2], golden * np.float32(1.05), rtol=1e-5, atol=1e-6)
     code, text, rep = _compare(out, tmp_path / "r.json")
     assert code == 1 and rep["verdict"] == "fail"
     fd = rep["first_divergence"]
-    assert (fd["layer"], fd["stage"]) == (2, "moe_out"), text
+    assert (fd["layer"], fd["stage"], fd.get("source")) == (2, "moe_out", None), text
     assert (rep["local"]["first_introduced"]["layer"], rep["local"]["first_introduced"]["stage"]) == (2, "moe_out")
+    # both judged, in both modes: the experts' output matches, the MoE block's output diverges
+    for results in (rep["results"], rep["local"]["results"]):
+        judged = [(r.get("source"), r["verdict"]) for r in results if (r["layer"], r["stage"]) == (2, "moe_out")]
+        assert judged == [(experts, "MATCH"), (None, "DIVERGE")], judged
+    where = (f"layer 2 / moe_out has two values in the dump: {experts} MATCH, {mlp} (the stage's own) DIVERGE; "
+             f"they part from token 0")
+    said = [n for n in rep["notes"] if where in n]
+    assert len(said) == 2 and all(f"the error arises between {experts} and {mlp}" in n for n in said), rep["notes"]
+    assert f"note: case0: {where}" in text and f"note: case0 (local re-reference): {where}" in text
     held = {(r["layer"], r["stage"]) for r in rep["results"] if r["verdict"] != "MISSING"}
     assert {(lay, "layer_out") for lay in range(4)} <= held                  # inputs.1 / norm.inputs.0 placed
 

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from ..case import Case
+from ..case import PARTED, Case
 from ..errors import GoldenError, UsageError
 from ..stages import canonical
 from ._flat import Collector, Like, Parted
@@ -459,7 +459,7 @@ def _replicas(d: Path, reads: dict[int, _Read]) -> None:
                                   f"resharding without it is not supported yet: dump with --tp 1")
 
 
-def _reassembled(d: Path, reads: dict[int, _Read], cases: dict[int, Case], tp: int, info: dict) -> Case:
+def _reassembled(d: Path, cases: dict[int, Case], tp: int, info: dict) -> Case:
     from .shards import parse_sharding, reassemble
 
     spec: dict[str, str] = {s: "t h[tp] d" for s in HEAD_STAGES if s != "attn"}
@@ -477,6 +477,40 @@ def _reassembled(d: Path, reads: dict[int, _Read], cases: dict[int, Case], tp: i
     case = reassemble([cases[r] for r in range(tp)], sharding, where=f"{d} (tp_size={tp}, from sglang_parallel_info)")
     case.attrs["sharding"] = {"ranks": tp, **spec, "sglang_parallel_info": info}
     return case
+
+
+def _parted_ranks(d: Path, reads: dict[int, _Read], case: Case, tp: int, info: dict) -> list[Parted]:
+    """The stages two names gave other values for on some rank, each side reassembled over the ranks as
+    the case is: every rank's earlier value (its kept one where its two names agree) against the case's."""
+    firsts: dict[tuple[str, int | None], Parted] = {}
+    for x in reads.values():
+        for prt in x.col.parted:
+            firsts.setdefault((prt.stage, prt.layer), prt)
+    if not firsts:
+        return []
+    sharded = [key for key in firsts if key[0] in HEAD_STAGES + PARTIAL_STAGES]
+    other: Case | None = None
+    if sharded:                 # heads and partial sums: reassembled as the case's are
+        others: dict[int, Case] = {}
+        for r, x in reads.items():
+            col = Collector(x.col.like)
+            mine = {(prt.stage, prt.layer): prt for prt in x.col.parted}
+            for key in sharded:
+                got = mine.get(key)
+                held = (got.first_rows, got.first) if got is not None else x.col.values.get(key)
+                if held is not None:
+                    col.values[key] = held
+            others[r] = col.case()
+        other = _reassembled(d, others, tp, info)
+    out = []
+    for (stage, layer), prt in firsts.items():
+        n = prt.second_rows.shape[0]              # the rows the dump holds: every token's, or the last one's
+        a = other.stage(stage, layer) if other is not None and (stage, layer) in sharded else prt.first_rows
+        b = case.stage(stage, layer)
+        if a is None or b is None:
+            continue
+        out.append(replace(prt, first_rows=np.asarray(a[a.shape[0] - n:]), second_rows=np.asarray(b[b.shape[0] - n:])))
+    return out
 
 
 def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple[Case, set[str], list[Parted], set[str]]:
@@ -501,9 +535,8 @@ def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple
     reads = {r: _read_rank([f for f in p.files if f.rank == r], rank_like, start, classic) for r in ranks}
     r0 = reads[0]
     if tp > 1:
-        cases = {r: x.col.case() for r, x in reads.items()}
-        case = _reassembled(d, reads, cases, tp, info)
-        parted = [x for r in reads.values() for x in r.col.parted]
+        case = _reassembled(d, {r: x.col.case() for r, x in reads.items()}, tp, info)
+        parted = _parted_ranks(d, reads, case, tp, info)
     else:
         if len(ranks) > 1:
             _replicas(d, reads)
@@ -516,13 +549,20 @@ def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple
     return case, ignored, parted, dtypes | flags | ({"one_row"} if one_row else set())
 
 
-def _parted_attrs(parted: list[Parted], step: int | None) -> list[dict[str, Any]]:
-    out = []
-    for x in parted:
-        w = x.where()
-        out.append({"stage": x.stage, "layer": x.layer, "step": step, "kept": parse_name(Path(x.second)).name,
-                    "other": parse_name(Path(x.first)).name, "kept_file": x.second, "other_file": x.first, **w})
-    return out
+def _with_parted(case: Case, parted: list[Parted]) -> Case:
+    """``case`` holding the earlier value of each stage two names gave other values for: array
+    ``parted/<i>`` (its rows: every token's, or the last token's), described by ``attrs["parted"][i]``."""
+    if not parted:
+        return case
+    entries: list[dict[str, Any]] = []
+    extra: dict[str, np.ndarray] = {}
+    for i, x in enumerate(parted):
+        path = f"{PARTED}/{i}"
+        extra[path] = np.asarray(x.first_rows)
+        entries.append({"stage": x.stage, "layer": x.layer, "array": path, "kept": parse_name(Path(x.second)).name,
+                        "other": parse_name(Path(x.first)).name, "kept_file": x.second, "other_file": x.first,
+                        **x.where()})
+    return replace(case, attrs={**case.attrs, "parted": entries}, extra={**case.extra, **extra})
 
 
 def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None,
@@ -538,7 +578,6 @@ def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None
     case, ignored, parted, dtypes = _pass_case(d, first, prompt_like, 0, classic)
     checked, one_row = "checked" in dtypes, "one_row" in dtypes
     dtypes -= {"checked", "one_row"}
-    all_parted = _parted_attrs(parted, None)
     step_cases = []
     for number, (p, at) in enumerate(steps):
         step_like = replace(like, tokens=like.tokens[at:at + 1])
@@ -547,9 +586,8 @@ def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None
             raise GoldenError(f"{p.first.path}: decode pass {p.number} holds no stage moesnap knows")
         ignored |= ign
         dtypes |= dts - {"checked", "one_row"}
-        all_parted += _parted_attrs(prt, number)
         sc.attrs.update({"positions": [at], "step": number, "forward_pass": p.number})
-        step_cases.append(sc)
+        step_cases.append(_with_parted(sc, prt))
     if not (case.model or case.layers):
         names = sorted({_bare(f.name) for f in first.files})
         if all(x in BOOKKEEPING for x in names):
@@ -575,8 +613,6 @@ def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None
         a["ignored_names"] = sorted(ignored)
     if left:
         a["passes_left_out"] = [p.describe() for p in left]
-    if all_parted:
-        a["parted"] = all_parted
     a.update({k: v for k, v in case.attrs.items() if k not in a})
     a.update(attrs or {})
-    return replace(case, attrs=a, steps=tuple(step_cases), ignored=tuple(sorted(ignored)))
+    return _with_parted(replace(case, attrs=a, steps=tuple(step_cases), ignored=tuple(sorted(ignored))), parted)
