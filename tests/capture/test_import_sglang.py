@@ -55,6 +55,10 @@ def test_round_trip_of_the_hooks_module_names(tmp_path, golden):
     assert cov["cells_held"] == cov["cells_judged"] == len(dumped) * L * T + 2 * T + 1   # + embed, final_norm, logits[-1]
     assert [(p["stage"], p["last_token_only"]) for p in cov["partial"]] == [("logits", True)]
     assert "case0/logits: last token only" in text
+    # what judges the stages the dump lacks (as a GPU dump of SGLang's fused q/k norm + RoPE lacks them)
+    assert f"note: case0: q_norm, k_norm, q_rope, k_rope not in the candidate at layers 0-{L - 1}" in text
+    assert any(n.startswith("case0: q_norm, k_norm, q_rope, k_rope not") and "judged through attn" in n
+               for n in rep["notes"]), rep["notes"]
 
 
 def test_round_trip_of_explicit_dump_calls_in_bfloat16(tmp_path, golden):

@@ -112,6 +112,7 @@ RUNS = {
     "bfloat16": ["--dtype", "bfloat16"],
     "tp2": ["--tp", "2", "--port", "29631"],
     "decode": ["--prompt", "17", "--decode", "2", "--warmup"],
+    "fused": ["--fault-qk", "1"],
 }
 
 
@@ -191,3 +192,24 @@ def test_the_tp_dump_files_carry_the_parallel_info(dumps):
     meta = torch.load(f, weights_only=True)["meta"]
     assert meta["world_size"] == 2 and meta["sglang_parallel_info"]["tp_rank"] == 1
     assert np.asarray(torch.load(f, weights_only=True)["value"]).shape == (19, (2 + 2) * 32)   # 2 q + 1 k + 1 v heads
+
+
+def test_fused_qk_norm_and_rope_are_judged_through_attn(tmp_path, dumps):
+    """SGLang on CUDA fuses q/k norm and RoPE into one kernel: no q_norm, k_norm, rotary_emb in the dump.
+    A 5 % error in that kernel's q norm (layer 1) is named at attn of layer 1, in both modes, and the
+    report says which stage judged the absent ones."""
+    out = tmp_path / "cand.zarr"
+    _import(dumps["fused"], out)
+    case = load_case(out)
+    assert not {"q_norm", "k_norm", "q_rope", "k_rope"} & set(case.layers) and {"q", "k", "v", "attn"} <= set(case.layers)
+    code, text, rep = _compare(out, tmp_path / "r.json")
+    assert code == 1 and rep["verdict"] == "fail"
+    fd, intro = rep["first_divergence"], rep["local"]["first_introduced"]
+    assert (fd["layer"], fd["stage"]) == (intro["layer"], intro["stage"]) == (1, "attn"), text
+    for results in (rep["results"], rep["local"]["results"]):
+        assert [r["verdict"] for r in results if r["stage"] == "attn" and r["layer"] in (0, 1)] == ["MATCH", "DIVERGE"]
+    assert rep["coverage"]["stages_skipped"] == 5 * 4                   # q/k norm, q/k rope, expert_out x 4 layers
+    said = {n.split(": ")[0]: n for n in rep["notes"] if "q_norm, k_norm, q_rope, k_rope not in the candidate at "
+            "layers 0-3" in n and "judged through attn of the same layer" in n}
+    assert set(said) == {"case0", "case0 (local re-reference)"}, rep["notes"]
+    assert "attn is recomputed from the engine's own q, k, v" in said["case0 (local re-reference)"]

@@ -512,9 +512,51 @@ def _case_report(w: _Walk, items: list[_Judged], notes: list[str], routing_notes
         if item.second is not None:
             pairs.append((item.second, results[-1]))
     mode = {"local": "local re-reference", "replay": "stage-local replay"}.get(w.mode, w.mode)
-    notes = notes + _parted_notes(w.name if not w.per_layer else f"{w.name} ({mode})", pairs, results)
+    label = w.name if not w.per_layer else f"{w.name} ({mode})"
+    notes = notes + _absent_notes(w, label, skipped) + _parted_notes(label, pairs, results)
     return CaseReport(case=w.name, dtype=w.dtype, results=results, routing_notes=routing_notes, mode=w.mode,
                       n_tokens=w.n_tokens, judged=judged, skipped=skipped, notes=notes, held=dict(w.held))
+
+
+#: stages an engine may fuse away (no value to dump), each with the stages after it that carry its error,
+#: nearest first: SGLang on CUDA fuses q/k norm (and RoPE) into one kernel; fused MoE kernels keep no
+#: per-expert output
+ABSORBED: dict[str, tuple[str, ...]] = {
+    "q_norm": ("q_rope", "attn"), "k_norm": ("k_rope", "attn"), "q_rope": ("attn",), "k_rope": ("attn",),
+    "expert_out": ("moe_out",),
+}
+#: what the local re-reference recomputes an absorbed stage's successor from (moesnap.run.rereference)
+_FROM = {"attn": "the engine's own q, k, v through the reference's q/k norm and RoPE",
+         "q_rope": "the engine's own q through the reference's q norm", "k_rope": "the engine's own k through "
+         "the reference's k norm", "moe_out": "the engine's own ffn_norm and routing through the reference's experts"}
+
+
+def _absent_notes(w: _Walk, label: str, skipped: list[tuple[int | None, str]]) -> list[str]:
+    """For the stages the candidate lacks (skipped under ``allow_missing``) that a later stage of the
+    same layer carries (:data:`ABSORBED`): which stage judges them, at which layers."""
+    by: dict[str, dict[str, list[int]]] = {}    # judging stage -> absent stage -> layers
+    for layer, stage in skipped:
+        if layer is None or stage not in ABSORBED:
+            continue
+        after = next((s for s in ABSORBED[stage] if w.holds(s, layer)), None)
+        if after is not None:
+            by.setdefault(after, {}).setdefault(stage, []).append(layer)
+    out = []
+    for after, absent in by.items():
+        layers = sorted({lay for lays in absent.values() for lay in lays})
+        names = ", ".join(s for s in ABSORBED if s in absent)
+        them = "them" if len(absent) > 1 else "it"
+        how = (f"{after} is recomputed from {_FROM[after]}, so {after} judges {them} with it" if w.per_layer
+               else f"{after} carries {'their' if len(absent) > 1 else 'its'} error")
+        why = ("a fused MoE kernel keeps no per-expert output" if after == "moe_out" else
+               "SGLang on CUDA fuses q/k norm and RoPE into one kernel; transformers applies RoPE where no hook sees it")
+        out.append(f"{label}: {names} not in the candidate at layers {_span(layers)} ({why}): judged through "
+                   f"{after} of the same layer ({how})")
+    return out
+
+
+def _span(xs: list[int]) -> str:
+    return f"{xs[0]}-{xs[-1]}" if len(xs) > 1 and xs == list(range(xs[0], xs[-1] + 1)) else ", ".join(map(str, xs))
 
 
 def _parted_notes(name: str, pairs: list[tuple[Second, StageResult]], results: list[StageResult]) -> list[str]:
