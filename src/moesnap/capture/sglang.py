@@ -284,9 +284,12 @@ def plan(path: str | Path, tokens: np.ndarray, forward_pass: int | None = None) 
         return chosen[0], [], [p for p in passes if p.number != forward_pass]
     if len(passes) == 1:
         return passes[0], [], []
-    if any(p.input_ids is None for p in passes):
-        raise UsageError(f"{d}: holds {len(passes)} forward passes ({_shown(passes)}) and not every one dumped "
-                         f"input_ids to match it by; choose the prefill pass of the golden's prompt with --pass N")
+    lacking = [p for p in passes if p.input_ids is None]
+    if lacking:
+        p = lacking[0]
+        raise UsageError(f"{p.first.path}: forward pass {p.number} dumped no input_ids, and the dump holds "
+                         f"{len(passes)} passes ({_shown(passes)}): which request each ran cannot be told; dump "
+                         f"input_ids with every pass, or choose the prefill pass of the golden's prompt with --pass N")
     T = tokens.size
 
     def prefill(p: Pass) -> bool:
@@ -479,6 +482,25 @@ def _reassembled(d: Path, cases: dict[int, Case], tp: int, info: dict) -> Case:
     return case
 
 
+def _same_names(reads: dict[int, _Read]) -> None:
+    """Every rank of a tensor-parallel pass dumped the same stages at the same layers; else the first
+    (stage, layer) one rank has and another lacks is refused, naming the file that has it."""
+    def order(key: tuple[str, int | None]) -> tuple[int, str]:
+        return (-1 if key[1] is None else key[1], key[0])
+
+    held0 = set(reads[0].col.values)
+    for r, x in reads.items():
+        held = set(x.col.values)
+        if held == held0:
+            continue
+        lacks = sorted(held0 - held, key=order)
+        key, has, other = (lacks[0], 0, r) if lacks else (sorted(held - held0, key=order)[0], r, 0)
+        src = reads[has].col.values[key][1]
+        what = key[0] + ("" if key[1] is None else f" of layer {key[1]}")
+        raise GoldenError(f"{src}: rank {has} dumped {parse_name(Path(src)).name} ({what}), rank {other} did not: "
+                          f"the ranks' dumps do not match (a rank's dump cut short, or filtered otherwise?)")
+
+
 def _parted_ranks(d: Path, reads: dict[int, _Read], case: Case, tp: int, info: dict) -> list[Parted]:
     """The stages two names gave other values for on some rank, each side reassembled over the ranks as
     the case is: every rank's earlier value (its kept one where its two names agree) against the case's."""
@@ -535,6 +557,7 @@ def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple
     reads = {r: _read_rank([f for f in p.files if f.rank == r], rank_like, start, classic) for r in ranks}
     r0 = reads[0]
     if tp > 1:
+        _same_names(reads)
         case = _reassembled(d, {r: x.col.case() for r, x in reads.items()}, tp, info)
         parted = _parted_ranks(d, reads, case, tp, info)
     else:
