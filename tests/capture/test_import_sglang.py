@@ -217,3 +217,19 @@ def test_dumps_holding_nothing_to_judge_are_refused(tmp_path, golden):
     _put("logits", torch.zeros(1, 272))(decode)
     assert_refused(_argv(decode, tmp_path / "o"), str(decode), "a decode pass?")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["core", "decode", "empty"]
+
+
+def test_a_malformed_parted_attribute_is_refused_naming_the_case(tmp_path, golden):
+    from dataclasses import replace
+
+    import moesnap
+    from moesnap.errors import GoldenError
+
+    case = moesnap.capture.import_sglang(write_sglang(tmp_path / "dump", golden), golden)
+    lacking = replace(case, attrs={**case.attrs, "parted": [{"stage": "moe_out", "layer": 2, "array": "parted/0"}]})
+    with pytest.raises(GoldenError, match=r"case0 \(candidate\): attribute 'parted' names array 'parted/0', which"):
+        moesnap.compare(str(CASE0), lacking, allow_missing=True, show_progress=False, local=False)
+    bad = replace(case, attrs={**case.attrs, "parted": [{"stage": "moe_out", "layer": None, "array": "parted/0"}]},
+                  extra={"parted/0": golden.layers["moe_out"][2]})
+    with pytest.raises(GoldenError, match="entry 0 is not"):
+        moesnap.compare(str(CASE0), bad, allow_missing=True, show_progress=False, local=False)

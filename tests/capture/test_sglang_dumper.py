@@ -113,6 +113,7 @@ RUNS = {
     "tp2": ["--tp", "2", "--port", "29631"],
     "decode": ["--prompt", "17", "--decode", "2", "--warmup"],
     "fused": ["--fault-qk", "1"],
+    "tp2_fault": ["--tp", "2", "--port", "29633", "--fault", "2"],
 }
 
 
@@ -215,3 +216,20 @@ def test_fused_qk_norm_and_rope_are_judged_through_attn(tmp_path, dumps):
             "layers 0-3" in n and "judged through attn of the same layer" in n}
     assert set(said) == {"case0", "case0 (local re-reference)"}, rep["notes"]
     assert "attn is recomputed from the engine's own q, k, v" in said["case0 (local re-reference)"]
+
+
+def test_a_tp_dumps_two_values_of_a_stage_are_each_reassembled_and_judged(tmp_path, dumps):
+    """TP = 2 with the 5 % error inside the fused MoE of layer 2: each rank's mlp.experts.output and
+    mlp.output (partial sums) part; each side is summed over the ranks, the experts' side matches."""
+    out = tmp_path / "cand.zarr"
+    _import(dumps["tp2_fault"], out)
+    case = load_case(out)
+    (parted,) = case.attrs["parted"]
+    assert (parted["stage"], parted["layer"], parted["array"]) == ("moe_out", 2, "parted/0")
+    assert "rank=0___" in parted["other_file"] and parted["other"].endswith("layers.2.mlp.experts.output")
+    assert 0.04 < parted["rel_l2"] < 0.06
+    assert np.allclose(case.extra["parted/0"], load_case(CASE0).layers["moe_out"][2], rtol=1e-5, atol=1e-5)
+    code, text, rep = _compare(out, tmp_path / "r.json")
+    assert code == 1 and (rep["first_divergence"]["layer"], rep["first_divergence"]["stage"]) == (2, "moe_out")
+    judged = [(r.get("source") is not None, r["verdict"]) for r in rep["results"] if (r["layer"], r["stage"]) == (2, "moe_out")]
+    assert judged == [(True, "MATCH"), (False, "DIVERGE")], text
