@@ -24,8 +24,9 @@ source-patch names (:data:`SOURCE_PATCH`) are stages too, and so are the module 
 unfiltered ``DUMPER_NON_INTRUSIVE_MODE=all`` dump holds ~36 patterns) is listed in ``ignored_names``,
 never refused; a dump of bookkeeping alone (the default ``core`` mode) is refused with the hint to dump
 with ``DUMPER_NON_INTRUSIVE_MODE=all``.  Two names of one stage that differ (a fault between
-``mlp.experts.output`` and ``mlp.output``) are both kept: the case holds the later in the forward (what
-the engine carried on), and ``parted`` records both names and where they part.
+``mlp.experts.output`` and ``mlp.output``) are both kept: the case's stage holds the later in the forward
+(what the engine carried on), array ``parted/<i>`` the earlier, and ``attrs["parted"][i]`` both names and
+where they part; the judge judges both (:mod:`moesnap.judge.compare`).
 
 Passes are matched by the ``input_ids`` and ``positions`` they ran: the pass that ran the golden's prompt
 (or a prefix of it) from position 0 is the case, the decode passes after it (one token each, at the next
