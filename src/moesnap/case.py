@@ -12,6 +12,10 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 
 
+#: the subgroup of a case group that holds an imported dump's second values of a stage (:attr:`Case.extra`)
+PARTED = "parted"
+
+
 @dataclass
 class Case:
     tokens: np.ndarray                                     # [T] int32
@@ -22,6 +26,10 @@ class Case:
     #: what the engine computed after these rows, one serving forward each (decode steps, later chunks),
     #: each a case over its own rows with ``attrs["positions"]`` (on disk: ``steps/<n>/`` inside the group)
     steps: tuple[Case, ...] = ()
+    #: arrays kept beside the stages, by their path inside the case group: an imported dump's second value
+    #: of a stage that two of its names gave other values for (``parted/<i>``, described by
+    #: ``attrs["parted"][i]``; judged by :mod:`moesnap.judge.compare`)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_layer(self) -> int:
@@ -50,6 +58,7 @@ class Case:
         out = {"tokens": self.tokens}
         out.update(self.model)
         out.update({f"layers/{s}": a for s, a in self.layers.items()})
+        out.update(self.extra)
         return out
 
     def stage(self, stage: str, layer: int | None = None) -> np.ndarray | None:

@@ -4,12 +4,15 @@ its own: the stubbed ``sglang`` modules never reach the test process, and tensor
 process per rank)::
 
     python tests/capture/sglang_tree.py OUT --mode all|core|patch [--dtype bfloat16] [--tp 2]
-        [--prompt 17] [--decode 2] [--warmup] [--fault LAYER]
+        [--prompt 17] [--decode 2] [--warmup] [--fault LAYER] [--fused-qk] [--fault-qk LAYER]
 
 writes the dump into ``OUT/exp``.  The prompt is the first ``--prompt`` tokens of the committed golden
 case0, each decode pass is fed the next golden token (teacher-forced), ``--warmup`` runs another request
 first (SGLang's HTTP server sends one at start), ``--fault L`` scales the fused MoE's result of layer L
-by 1.05 between ``mlp.experts`` and ``mlp``'s output (inside the fused MoE).
+by 1.05 between ``mlp.experts`` and ``mlp``'s output (inside the fused MoE).  ``--fused-qk`` applies q/k
+norm and RoPE in one step that calls no module (SGLang on CUDA in bfloat16 fuses them into one kernel:
+``q_norm``, ``k_norm``, ``rotary_emb`` are then absent from the dump); ``--fault-qk L`` (implies it) scales
+the normed q of layer L by 1.05 inside that step.
 
 The dumper's module is found in the installed ``sglang`` package (``pip install --no-deps
 sglang==0.5.23``: pure Python) or at ``$MOESNAP_SGLANG_DUMPER``; only what its imports need of SGLang is
@@ -102,6 +105,9 @@ class Parallel(NamedTuple):
 
 
 PARALLEL = [Parallel()]
+#: ``--fused-qk``: q/k norm and RoPE in one kernel (no module called, as SGLang on CUDA in bfloat16), and
+#: ``--fault-qk L``: that kernel's q norm off by 5 % at layer L
+FUSED_QK: dict[str, object] = {"on": False, "fault": None}
 
 
 def _module(name: str, **attrs) -> types.ModuleType:
@@ -239,9 +245,16 @@ class Qwen3MoeAttention(nn.Module):
     def forward(self, positions, hidden_states, forward_batch):
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)             # [T*heads, D]
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        q, k = self.rotary_emb(positions, q, k)
+        if FUSED_QK["on"]:      # one fused kernel: the modules' forwards called as functions, so no hook fires
+            q = self.q_norm._norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            if FUSED_QK["fault"] == self.attn.layer_id:
+                q = q * 1.05
+            k = self.k_norm._norm(k.reshape(-1, self.head_dim)).view(k.shape)
+            q, k = self.rotary_emb.forward(positions, q, k)
+        else:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)         # [T*heads, D]
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+            q, k = self.rotary_emb(positions, q, k)
         attn_output = self.attn(q, k, v, forward_batch)
         output, _ = self.o_proj(attn_output)
         return output
@@ -399,6 +412,7 @@ def serve(rank: int, args: argparse.Namespace) -> None:
     from moesnap.store.case import load_case
 
     dtype = getattr(torch, args.dtype)
+    FUSED_QK.update(on=args.fused_qk or args.fault_qk is not None, fault=args.fault_qk)
     model = Qwen3MoeForCausalLM(open_model(MODEL), dtype, args.fault, dumper if args.mode == "patch" else None)
     if args.mode != "patch":
         dumper.register_non_intrusive_dumper(model)
@@ -430,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode", type=int, default=0)
     p.add_argument("--warmup", action="store_true")
     p.add_argument("--fault", type=int, default=None)
+    p.add_argument("--fused-qk", action="store_true")
+    p.add_argument("--fault-qk", type=int, default=None)
     p.add_argument("--port", type=int, default=29611)
     args = p.parse_args(argv)
     found = dumper_path()

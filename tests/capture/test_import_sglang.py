@@ -55,6 +55,10 @@ def test_round_trip_of_the_hooks_module_names(tmp_path, golden):
     assert cov["cells_held"] == cov["cells_judged"] == len(dumped) * L * T + 2 * T + 1   # + embed, final_norm, logits[-1]
     assert [(p["stage"], p["last_token_only"]) for p in cov["partial"]] == [("logits", True)]
     assert "case0/logits: last token only" in text
+    # what judges the stages the dump lacks (as a GPU dump of SGLang's fused q/k norm + RoPE lacks them)
+    assert f"note: case0: q_norm, k_norm, q_rope, k_rope not in the candidate at layers 0-{L - 1}" in text
+    assert any(n.startswith("case0: q_norm, k_norm, q_rope, k_rope not") and "judged through attn" in n
+               for n in rep["notes"]), rep["notes"]
 
 
 def test_round_trip_of_explicit_dump_calls_in_bfloat16(tmp_path, golden):
@@ -213,3 +217,19 @@ def test_dumps_holding_nothing_to_judge_are_refused(tmp_path, golden):
     _put("logits", torch.zeros(1, 272))(decode)
     assert_refused(_argv(decode, tmp_path / "o"), str(decode), "a decode pass?")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["core", "decode", "empty"]
+
+
+def test_a_malformed_parted_attribute_is_refused_naming_the_case(tmp_path, golden):
+    from dataclasses import replace
+
+    import moesnap
+    from moesnap.errors import GoldenError
+
+    case = moesnap.capture.import_sglang(write_sglang(tmp_path / "dump", golden), golden)
+    lacking = replace(case, attrs={**case.attrs, "parted": [{"stage": "moe_out", "layer": 2, "array": "parted/0"}]})
+    with pytest.raises(GoldenError, match=r"case0 \(candidate\): attribute 'parted' names array 'parted/0', which"):
+        moesnap.compare(str(CASE0), lacking, allow_missing=True, show_progress=False, local=False)
+    bad = replace(case, attrs={**case.attrs, "parted": [{"stage": "moe_out", "layer": None, "array": "parted/0"}]},
+                  extra={"parted/0": golden.layers["moe_out"][2]})
+    with pytest.raises(GoldenError, match="entry 0 is not"):
+        moesnap.compare(str(CASE0), bad, allow_missing=True, show_progress=False, local=False)

@@ -58,15 +58,29 @@ def test_committed_all_mode_dump_with_a_fault_inside_the_fused_moe(tmp_path):
     for name in ("non_intrusive__inputs.0", "non_intrusive__model.layers.N.output", "non_intrusive__model.output",
                  "non_intrusive__logits_processor.inputs.0", "non_intrusive__model.layers.N.mlp.experts.inputs.1.0"):
         assert name in ignored, name
-    parted = [p for p in case.attrs["parted"] if p["stage"] == "moe_out"]
-    assert [(p["layer"], p["other"], p["kept"]) for p in parted] == [
-        (2, "non_intrusive__model.layers.2.mlp.experts.output", "non_intrusive__model.layers.2.mlp.output")]
+    experts, mlp = "non_intrusive__model.layers.2.mlp.experts.output", "non_intrusive__model.layers.2.mlp.output"
+    parted = case.attrs["parted"]
+    assert [(p["stage"], p["layer"], p["other"], p["kept"], p["array"]) for p in parted] == [
+        ("moe_out", 2, experts, mlp, "parted/0")]                            # the only stage whose names part
     assert parted[0]["token"] == 0 and 0.04 < parted[0]["rel_l2"] < 0.06
+    # both values kept: the case's stage holds mlp.output (what the engine carried on), parted/0 mlp.experts.output
+    golden = load_case(CASE0).layers["moe_out"][2]
+    assert np.allclose(case.extra["parted/0"], golden, rtol=1e-5, atol=1e-6)
+    assert np.allclose(case.layers["moe_out"][2], golden * np.float32(1.05), rtol=1e-5, atol=1e-6)
     code, text, rep = _compare(out, tmp_path / "r.json")
     assert code == 1 and rep["verdict"] == "fail"
     fd = rep["first_divergence"]
-    assert (fd["layer"], fd["stage"]) == (2, "moe_out"), text
+    assert (fd["layer"], fd["stage"], fd.get("source")) == (2, "moe_out", None), text
     assert (rep["local"]["first_introduced"]["layer"], rep["local"]["first_introduced"]["stage"]) == (2, "moe_out")
+    # both judged, in both modes: the experts' output matches, the MoE block's output diverges
+    for results in (rep["results"], rep["local"]["results"]):
+        judged = [(r.get("source"), r["verdict"]) for r in results if (r["layer"], r["stage"]) == (2, "moe_out")]
+        assert judged == [(experts, "MATCH"), (None, "DIVERGE")], judged
+    where = (f"layer 2 / moe_out has two values in the dump: {experts} MATCH, {mlp} (the stage's own) DIVERGE; "
+             f"they part from token 0")
+    said = [n for n in rep["notes"] if where in n]
+    assert len(said) == 2 and all(f"the error arises between {experts} and {mlp}" in n for n in said), rep["notes"]
+    assert f"note: case0: {where}" in text and f"note: case0 (local re-reference): {where}" in text
     held = {(r["layer"], r["stage"]) for r in rep["results"] if r["verdict"] != "MISSING"}
     assert {(lay, "layer_out") for lay in range(4)} <= held                  # inputs.1 / norm.inputs.0 placed
 
@@ -98,6 +112,8 @@ RUNS = {
     "bfloat16": ["--dtype", "bfloat16"],
     "tp2": ["--tp", "2", "--port", "29631"],
     "decode": ["--prompt", "17", "--decode", "2", "--warmup"],
+    "fused": ["--fault-qk", "1"],
+    "tp2_fault": ["--tp", "2", "--port", "29633", "--fault", "2"],
 }
 
 
@@ -153,8 +169,10 @@ def test_a_decode_pass_without_input_ids_is_refused_naming_the_file(tmp_path, du
     ids = next(p for p in dump.iterdir() if p.name.startswith("step=3___") and "name=input_ids" in p.name)
     ids.unlink()
     out = tmp_path / "o.zarr"
+    first = min((p for p in dump.iterdir() if p.name.startswith("step=3___")),
+                key=lambda p: int(p.name.split("dump_index=")[1].split("___")[0]))
     assert_refused(["import", "--format", "sglang", str(dump), "--like", str(CASE0), "--out", str(out)],
-                   str(dump), "not every one dumped input_ids")
+                   f"{first}: forward pass 3 dumped no input_ids", "--pass N")
     assert not out.exists()
 
 
@@ -168,8 +186,8 @@ def test_mismatched_ranks_are_refused(tmp_path, dumps):
             p.unlink()
     out = tmp_path / "o.zarr"
     err = assert_refused(["import", "--format", "sglang", str(dump), "--like", str(CASE0), "--out", str(out)],
-                         str(dump), "rank 1", "router_logits")
-    assert not out.exists(), err
+                         f"{dump}/step=0___rank=0___", "rank 1 did not", "the ranks' dumps do not match")
+    assert "layers.3." in err.split(": rank 0 dumped")[0] and not out.exists(), err
 
 
 def test_the_tp_dump_files_carry_the_parallel_info(dumps):
@@ -177,3 +195,41 @@ def test_the_tp_dump_files_carry_the_parallel_info(dumps):
     meta = torch.load(f, weights_only=True)["meta"]
     assert meta["world_size"] == 2 and meta["sglang_parallel_info"]["tp_rank"] == 1
     assert np.asarray(torch.load(f, weights_only=True)["value"]).shape == (19, (2 + 2) * 32)   # 2 q + 1 k + 1 v heads
+
+
+def test_fused_qk_norm_and_rope_are_judged_through_attn(tmp_path, dumps):
+    """SGLang on CUDA fuses q/k norm and RoPE into one kernel: no q_norm, k_norm, rotary_emb in the dump.
+    A 5 % error in that kernel's q norm (layer 1) is named at attn of layer 1, in both modes, and the
+    report says which stage judged the absent ones."""
+    out = tmp_path / "cand.zarr"
+    _import(dumps["fused"], out)
+    case = load_case(out)
+    assert not {"q_norm", "k_norm", "q_rope", "k_rope"} & set(case.layers) and {"q", "k", "v", "attn"} <= set(case.layers)
+    code, text, rep = _compare(out, tmp_path / "r.json")
+    assert code == 1 and rep["verdict"] == "fail"
+    fd, intro = rep["first_divergence"], rep["local"]["first_introduced"]
+    assert (fd["layer"], fd["stage"]) == (intro["layer"], intro["stage"]) == (1, "attn"), text
+    for results in (rep["results"], rep["local"]["results"]):
+        assert [r["verdict"] for r in results if r["stage"] == "attn" and r["layer"] in (0, 1)] == ["MATCH", "DIVERGE"]
+    assert rep["coverage"]["stages_skipped"] == 5 * 4                   # q/k norm, q/k rope, expert_out x 4 layers
+    said = {n.split(": ")[0]: n for n in rep["notes"] if "q_norm, k_norm, q_rope, k_rope not in the candidate at "
+            "layers 0-3" in n and "judged through attn of the same layer" in n}
+    assert set(said) == {"case0", "case0 (local re-reference)"}, rep["notes"]
+    assert "attn is recomputed from the engine's own q, k, v" in said["case0 (local re-reference)"]
+
+
+def test_a_tp_dumps_two_values_of_a_stage_are_each_reassembled_and_judged(tmp_path, dumps):
+    """TP = 2 with the 5 % error inside the fused MoE of layer 2: each rank's mlp.experts.output and
+    mlp.output (partial sums) part; each side is summed over the ranks, the experts' side matches."""
+    out = tmp_path / "cand.zarr"
+    _import(dumps["tp2_fault"], out)
+    case = load_case(out)
+    (parted,) = case.attrs["parted"]
+    assert (parted["stage"], parted["layer"], parted["array"]) == ("moe_out", 2, "parted/0")
+    assert "rank=0___" in parted["other_file"] and parted["other"].endswith("layers.2.mlp.experts.output")
+    assert 0.04 < parted["rel_l2"] < 0.06
+    assert np.allclose(case.extra["parted/0"], load_case(CASE0).layers["moe_out"][2], rtol=1e-5, atol=1e-5)
+    code, text, rep = _compare(out, tmp_path / "r.json")
+    assert code == 1 and (rep["first_divergence"]["layer"], rep["first_divergence"]["stage"]) == (2, "moe_out")
+    judged = [(r.get("source") is not None, r["verdict"]) for r in rep["results"] if (r["layer"], r["stage"]) == (2, "moe_out")]
+    assert judged == [(True, "MATCH"), (False, "DIVERGE")], text

@@ -24,8 +24,9 @@ source-patch names (:data:`SOURCE_PATCH`) are stages too, and so are the module 
 unfiltered ``DUMPER_NON_INTRUSIVE_MODE=all`` dump holds ~36 patterns) is listed in ``ignored_names``,
 never refused; a dump of bookkeeping alone (the default ``core`` mode) is refused with the hint to dump
 with ``DUMPER_NON_INTRUSIVE_MODE=all``.  Two names of one stage that differ (a fault between
-``mlp.experts.output`` and ``mlp.output``) are both kept: the case holds the later in the forward (what
-the engine carried on), and ``parted`` records both names and where they part.
+``mlp.experts.output`` and ``mlp.output``) are both kept: the case's stage holds the later in the forward
+(what the engine carried on), array ``parted/<i>`` the earlier, and ``attrs["parted"][i]`` both names and
+where they part; the judge judges both (:mod:`moesnap.judge.compare`).
 
 Passes are matched by the ``input_ids`` and ``positions`` they ran: the pass that ran the golden's prompt
 (or a prefix of it) from position 0 is the case, the decode passes after it (one token each, at the next
@@ -48,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from ..case import Case
+from ..case import PARTED, Case
 from ..errors import GoldenError, UsageError
 from ..stages import canonical
 from ._flat import Collector, Like, Parted
@@ -284,9 +285,12 @@ def plan(path: str | Path, tokens: np.ndarray, forward_pass: int | None = None) 
         return chosen[0], [], [p for p in passes if p.number != forward_pass]
     if len(passes) == 1:
         return passes[0], [], []
-    if any(p.input_ids is None for p in passes):
-        raise UsageError(f"{d}: holds {len(passes)} forward passes ({_shown(passes)}) and not every one dumped "
-                         f"input_ids to match it by; choose the prefill pass of the golden's prompt with --pass N")
+    lacking = [p for p in passes if p.input_ids is None]
+    if lacking:
+        p = lacking[0]
+        raise UsageError(f"{p.first.path}: forward pass {p.number} dumped no input_ids, and the dump holds "
+                         f"{len(passes)} passes ({_shown(passes)}): which request each ran cannot be told; dump "
+                         f"input_ids with every pass, or choose the prefill pass of the golden's prompt with --pass N")
     T = tokens.size
 
     def prefill(p: Pass) -> bool:
@@ -459,7 +463,7 @@ def _replicas(d: Path, reads: dict[int, _Read]) -> None:
                                   f"resharding without it is not supported yet: dump with --tp 1")
 
 
-def _reassembled(d: Path, reads: dict[int, _Read], cases: dict[int, Case], tp: int, info: dict) -> Case:
+def _reassembled(d: Path, cases: dict[int, Case], tp: int, info: dict) -> Case:
     from .shards import parse_sharding, reassemble
 
     spec: dict[str, str] = {s: "t h[tp] d" for s in HEAD_STAGES if s != "attn"}
@@ -477,6 +481,59 @@ def _reassembled(d: Path, reads: dict[int, _Read], cases: dict[int, Case], tp: i
     case = reassemble([cases[r] for r in range(tp)], sharding, where=f"{d} (tp_size={tp}, from sglang_parallel_info)")
     case.attrs["sharding"] = {"ranks": tp, **spec, "sglang_parallel_info": info}
     return case
+
+
+def _same_names(reads: dict[int, _Read]) -> None:
+    """Every rank of a tensor-parallel pass dumped the same stages at the same layers; else the first
+    (stage, layer) one rank has and another lacks is refused, naming the file that has it."""
+    def order(key: tuple[str, int | None]) -> tuple[int, str]:
+        return (-1 if key[1] is None else key[1], key[0])
+
+    held0 = set(reads[0].col.values)
+    for r, x in reads.items():
+        held = set(x.col.values)
+        if held == held0:
+            continue
+        lacks = sorted(held0 - held, key=order)
+        key, has, other = (lacks[0], 0, r) if lacks else (sorted(held - held0, key=order)[0], r, 0)
+        src = reads[has].col.values[key][1]
+        what = key[0] + ("" if key[1] is None else f" of layer {key[1]}")
+        raise GoldenError(f"{src}: rank {has} dumped {parse_name(Path(src)).name} ({what}), rank {other} did not: "
+                          f"the ranks' dumps do not match (a rank's dump cut short, or filtered otherwise?)")
+
+
+def _parted_ranks(d: Path, reads: dict[int, _Read], case: Case, tp: int, info: dict) -> list[Parted]:
+    """The stages two names gave other values for on some rank, each side reassembled over the ranks as
+    the case is: every rank's earlier value (its kept one where its two names agree) against the case's."""
+    firsts: dict[tuple[str, int | None], Parted] = {}
+    for x in reads.values():
+        for prt in x.col.parted:
+            firsts.setdefault((prt.stage, prt.layer), prt)
+    if not firsts:
+        return []
+    sharded = [key for key in firsts if key[0] in HEAD_STAGES + PARTIAL_STAGES]
+    other: Case | None = None
+    if sharded:                 # heads and partial sums: reassembled as the case's are
+        others: dict[int, Case] = {}
+        for r, x in reads.items():
+            col = Collector(x.col.like)
+            mine = {(prt.stage, prt.layer): prt for prt in x.col.parted}
+            for key in sharded:
+                got = mine.get(key)
+                held = (got.first_rows, got.first) if got is not None else x.col.values.get(key)
+                if held is not None:
+                    col.values[key] = held
+            others[r] = col.case()
+        other = _reassembled(d, others, tp, info)
+    out = []
+    for (stage, layer), prt in firsts.items():
+        n = prt.second_rows.shape[0]              # the rows the dump holds: every token's, or the last one's
+        a = other.stage(stage, layer) if other is not None and (stage, layer) in sharded else prt.first_rows
+        b = case.stage(stage, layer)
+        if a is None or b is None:
+            continue
+        out.append(replace(prt, first_rows=np.asarray(a[a.shape[0] - n:]), second_rows=np.asarray(b[b.shape[0] - n:])))
+    return out
 
 
 def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple[Case, set[str], list[Parted], set[str]]:
@@ -501,9 +558,9 @@ def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple
     reads = {r: _read_rank([f for f in p.files if f.rank == r], rank_like, start, classic) for r in ranks}
     r0 = reads[0]
     if tp > 1:
-        cases = {r: x.col.case() for r, x in reads.items()}
-        case = _reassembled(d, reads, cases, tp, info)
-        parted = [x for r in reads.values() for x in r.col.parted]
+        _same_names(reads)
+        case = _reassembled(d, {r: x.col.case() for r, x in reads.items()}, tp, info)
+        parted = _parted_ranks(d, reads, case, tp, info)
     else:
         if len(ranks) > 1:
             _replicas(d, reads)
@@ -516,13 +573,20 @@ def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple
     return case, ignored, parted, dtypes | flags | ({"one_row"} if one_row else set())
 
 
-def _parted_attrs(parted: list[Parted], step: int | None) -> list[dict[str, Any]]:
-    out = []
-    for x in parted:
-        w = x.where()
-        out.append({"stage": x.stage, "layer": x.layer, "step": step, "kept": parse_name(Path(x.second)).name,
-                    "other": parse_name(Path(x.first)).name, "kept_file": x.second, "other_file": x.first, **w})
-    return out
+def _with_parted(case: Case, parted: list[Parted]) -> Case:
+    """``case`` holding the earlier value of each stage two names gave other values for: array
+    ``parted/<i>`` (its rows: every token's, or the last token's), described by ``attrs["parted"][i]``."""
+    if not parted:
+        return case
+    entries: list[dict[str, Any]] = []
+    extra: dict[str, np.ndarray] = {}
+    for i, x in enumerate(parted):
+        path = f"{PARTED}/{i}"
+        extra[path] = np.asarray(x.first_rows)
+        entries.append({"stage": x.stage, "layer": x.layer, "array": path, "kept": parse_name(Path(x.second)).name,
+                        "other": parse_name(Path(x.first)).name, "kept_file": x.second, "other_file": x.first,
+                        **x.where()})
+    return replace(case, attrs={**case.attrs, "parted": entries}, extra={**case.extra, **extra})
 
 
 def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None,
@@ -538,7 +602,6 @@ def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None
     case, ignored, parted, dtypes = _pass_case(d, first, prompt_like, 0, classic)
     checked, one_row = "checked" in dtypes, "one_row" in dtypes
     dtypes -= {"checked", "one_row"}
-    all_parted = _parted_attrs(parted, None)
     step_cases = []
     for number, (p, at) in enumerate(steps):
         step_like = replace(like, tokens=like.tokens[at:at + 1])
@@ -547,9 +610,8 @@ def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None
             raise GoldenError(f"{p.first.path}: decode pass {p.number} holds no stage moesnap knows")
         ignored |= ign
         dtypes |= dts - {"checked", "one_row"}
-        all_parted += _parted_attrs(prt, number)
         sc.attrs.update({"positions": [at], "step": number, "forward_pass": p.number})
-        step_cases.append(sc)
+        step_cases.append(_with_parted(sc, prt))
     if not (case.model or case.layers):
         names = sorted({_bare(f.name) for f in first.files})
         if all(x in BOOKKEEPING for x in names):
@@ -575,8 +637,6 @@ def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None
         a["ignored_names"] = sorted(ignored)
     if left:
         a["passes_left_out"] = [p.describe() for p in left]
-    if all_parted:
-        a["parted"] = all_parted
     a.update({k: v for k, v in case.attrs.items() if k not in a})
     a.update(attrs or {})
-    return replace(case, attrs=a, steps=tuple(step_cases), ignored=tuple(sorted(ignored)))
+    return _with_parted(replace(case, attrs=a, steps=tuple(step_cases), ignored=tuple(sorted(ignored))), parted)

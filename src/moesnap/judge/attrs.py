@@ -1,12 +1,15 @@
 """What a candidate case says of its own rows, in its attributes, and what the judge makes of it.
 
 ``held_tokens`` (an imported dump that holds only some tokens' rows of a stage: :func:`held_tokens`,
-:func:`golden_rows`, :func:`held_notes`) and ``router_followed`` (a side that followed the other's
-experts at a near tie: :func:`followed_routes`, :func:`own_ids`).  A malformed attribute is a
-:class:`~moesnap.errors.GoldenError` naming the case.
+:func:`golden_rows`, :func:`held_notes`), ``router_followed`` (a side that followed the other's experts
+at a near tie: :func:`followed_routes`, :func:`own_ids`) and ``parted`` (an imported dump's second value
+of a stage: :func:`seconds`).  A malformed attribute is a :class:`~moesnap.errors.GoldenError` naming
+the case.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -81,7 +84,49 @@ def golden_rows(golden: Case, candidate: Case, held: dict[tuple[int | None, str]
             continue               # judged as of the wrong shape
         rows = np.setdiff1d(np.arange(c.shape[0]), keep)
         c[rows] = g[rows]
-    return Case(tokens=candidate.tokens, model=model, layers=layers, attrs=candidate.attrs, ignored=candidate.ignored)
+    return Case(tokens=candidate.tokens, model=model, layers=layers, attrs=candidate.attrs, ignored=candidate.ignored,
+                extra=candidate.extra)
+
+
+@dataclass(frozen=True)
+class Second:
+    """A second value of one stage in a candidate: an imported dump whose two names of the stage
+    (``mlp.experts.output`` and ``mlp.output``) gave other values (``attrs["parted"]``, array ``parted/<i>``)."""
+
+    stage: str
+    layer: int | None
+    name: str                   # the dump's name of this value (the earlier in the forward)
+    kept: str                   # the name of the value the case's stage holds
+    rows: np.ndarray            # [T or 1, ...]: every token's rows, or the last token's
+    token: int | None           # the first token where the two differ
+    rel_l2: float | None        # of their difference, relative to this value
+
+
+def seconds(case: Case, *, where: str) -> dict[tuple[int | None, str], list[Second]]:
+    """``attrs["parted"]`` with its arrays, as {(layer, stage): second values}; a malformed entry, or
+    one whose array the case lacks, is refused naming the case."""
+    raw = case.attrs.get("parted") if isinstance(case.attrs, dict) else None
+    if raw is None:
+        return {}
+    out: dict[tuple[int | None, str], list[Second]] = {}
+    for i, item in enumerate(raw if isinstance(raw, list) else [None]):
+        ok = (isinstance(item, dict) and isinstance(item.get("stage"), str) and isinstance(item.get("array"), str)
+              and (item.get("layer") is None if item["stage"] in MODEL_STAGES
+                   else item["stage"] in LAYER_STAGES and _is_int(item.get("layer")) and item["layer"] >= 0))
+        if not ok or item is None:
+            raise GoldenError(f"{where}: attribute 'parted' entry {i} is not {{stage, layer, array, ...}} of a stage")
+        rows = case.extra.get(item["array"])
+        if rows is None:
+            raise GoldenError(f"{where}: attribute 'parted' names array {item['array']!r}, which the case lacks")
+        token, rel = item.get("token"), item.get("rel_l2")
+        out.setdefault((item["layer"], item["stage"]), []).append(Second(
+            item["stage"], item["layer"], str(item.get("other") or item["array"]), str(item.get("kept") or item["stage"]),
+            np.asarray(rows), token if _is_int(token) else None, float(rel) if isinstance(rel, (int, float)) else None))
+    return out
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def held_notes(name: str, held: dict[tuple[int | None, str], np.ndarray], T: int) -> list[str]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,7 @@ import numpy as np
 from ..case import Case
 from ..errors import GoldenError, MoesnapError
 from ..stages import LAYER_STAGES, POST_ROUTING_STAGES
-from .attrs import followed_routes, golden_rows, held_notes, held_tokens, own_ids
+from .attrs import Second, followed_routes, golden_rows, held_notes, held_tokens, own_ids, seconds
 from .classify import classify
 from .experts import classify_stage, expert_inputs
 from .margins import Margin, margins, routing_margins
@@ -63,6 +63,9 @@ class StageResult:
     result: Result
     #: the rules it was judged by, error ÷ limit (see :func:`margins`)
     margins: tuple[Margin, ...] = ()
+    #: a second value of the stage (an imported dump's other name of it, ``attrs["parted"]``): its name;
+    #: None for the value the candidate's stage holds
+    source: str | None = None
 
     @property
     def verdict(self) -> Verdict:
@@ -80,6 +83,8 @@ class StageResult:
     def location(self) -> str:
         """``case0 / layer 2 / moe_out / token 1: DIVERGE`` (``logits`` for a whole-model stage)."""
         where = f"layer {self.layer} / {self.stage}" if self.layer is not None else self.stage
+        if self.source is not None:
+            where += f" ({self.source})"
         tok = f" / token {self.token}" if self.token is not None else ""
         return f"{self.case} / {where}{tok}: {self.verdict.name}"
 
@@ -103,6 +108,8 @@ class StageResult:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"case": self.case, "layer": self.layer, "stage": self.stage}
+        if self.source is not None:
+            d["source"] = self.source
         d.update(self.result.to_dict())
         d["margins"] = [m.to_dict() for m in self.margins]
         w = self.worst
@@ -188,6 +195,8 @@ class _Walk:
     #: each side's followed routes, {layer: {token: own expert ids}} (attrs.followed_routes)
     g_follow: Mapping[int, dict[int, np.ndarray]]
     c_follow: Mapping[int, dict[int, np.ndarray]]
+    #: the candidate's second values of a stage (attrs.seconds), judged beside the value its stage holds
+    seconds: Mapping[tuple[int | None, str], list[Second]] = field(default_factory=dict)
 
     def has(self, stage: str, layer: int | None) -> bool:
         if layer is None:
@@ -235,6 +244,7 @@ class _Judged:
     stage: str
     result: StageResult | _Classified | None
     judged: np.ndarray | None = None
+    second: Second | None = None         # a second value of the stage (attrs.seconds), not the stage's own
 
 
 def _walk(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: str, mode: str, propagate: bool,
@@ -256,7 +266,8 @@ def _walk(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: 
         masks[key][keep] = True
     return _Walk(name=name, golden=golden, candidate=golden_rows(golden, candidate, held), tols=tols, dtype=dtype,
                  mode=mode, per_layer=mode in PER_LAYER_MODES, propagate=propagate, allow_missing=allow_missing,
-                 n_tokens=T, n_layer=n_layer, held=masks, g_follow=g_follow, c_follow=c_follow)
+                 n_tokens=T, n_layer=n_layer, held=masks, g_follow=g_follow, c_follow=c_follow,
+                 seconds=seconds(candidate, where=f"{name} (candidate)"))
 
 
 def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: str = "case",
@@ -291,7 +302,8 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
         name, {key: np.flatnonzero(mask) for key, mask in w.held.items()}, w.n_tokens)
     model_stages, model_notes = _model_stages(w, whole_model=layers is None)
     order, layer_notes = _layer_order(w, layers)
-    items = [_judge_stage(w, "embed", None, w.golden.stage("embed"), w.candidate.stage("embed"))
+    items = [*_seconds(w, "embed", None, ()),
+             _judge_stage(w, "embed", None, w.golden.stage("embed"), w.candidate.stage("embed"))
              ] if "embed" in model_stages else []
     routing_notes: list[str] = []
     inherited: int | None = None  # first token left out because an earlier layer flipped it
@@ -307,8 +319,10 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
                     f"from layer {layer + 1} on every token is excused by a near-tie flip, so the free-running "
                     f"comparison judges nothing further")
     tail = tuple(range(inherited, w.n_tokens)) if inherited is not None else ()
-    items += [_judge_stage(w, stage, None, w.golden.stage(stage), w.candidate.stage(stage), tail)
-              for stage in ("final_norm", "logits") if stage in model_stages]
+    for stage in ("final_norm", "logits"):
+        if stage in model_stages:
+            items += _seconds(w, stage, None, tail)
+            items.append(_judge_stage(w, stage, None, w.golden.stage(stage), w.candidate.stage(stage), tail))
     return _case_report(w, items, notes + layer_notes + model_notes, routing_notes)
 
 
@@ -354,8 +368,9 @@ def _judge_layer(w: _Walk, layer: int, inherited: int | None) -> tuple[list[_Jud
                     out.append(_Judged(layer, stage, None))
                     continue
                 c = None
-            item, flipped, notes = _judge_routing(w, layer, g, c, tuple(sorted(set(earlier) | set(w.not_held(stage, layer)))),
-                                                  inherited)
+            before = tuple(sorted(set(earlier) | set(w.not_held(stage, layer))))
+            item, flipped, notes = _judge_routing(w, layer, g, c, before, inherited)
+            out += _seconds(w, stage, layer, earlier, inherited)
             out.append(item)
             continue
         exclude = earlier
@@ -368,8 +383,47 @@ def _judge_layer(w: _Walk, layer: int, inherited: int | None) -> tuple[list[_Jud
                 g, c = -np.sort(-g, axis=-1), -np.sort(-c, axis=-1)
             else:
                 g, c = align_topk_weights(gi, g, ci, c)
+        out += _seconds(w, stage, layer, exclude, inherited)
         out.append(_judge_stage(w, stage, layer, g, c, exclude))
     return out, flipped, notes
+
+
+def _seconds(w: _Walk, stage: str, layer: int | None, exclude: tuple[int, ...],
+             inherited: int | None = None) -> list[_Judged]:
+    """Each second value of ``stage`` at ``layer`` (an imported dump's other name of it) judged as the
+    stage's own value is, against the same golden rows and without the same tokens; a value of the last
+    token alone is judged on that token.  They come before the stage's own value: the earlier in the forward."""
+    out: list[_Judged] = []
+    T = w.n_tokens
+    g = w.golden.stage(stage, layer)
+    for sec in w.seconds.get((layer, stage), ()):
+        c, ex, absent = sec.rows, set(exclude), 0
+        if g is not None and c.shape[0] == 1 < T and c.shape[1:] == g.shape[1:]:
+            c = np.array(g, dtype=np.result_type(g.dtype, c.dtype), copy=True)   # rows it lacks: never judged
+            c[-1] = sec.rows[0]
+            ex |= set(range(T - 1))
+            absent = T - 1
+        if stage == "topk_ids" and layer is not None:
+            item = _judge_routing(w, layer, g, c, tuple(sorted(ex)), inherited)[0]
+            out.append(replace(item, second=sec))
+            continue
+        gs: np.ndarray | None = g
+        cs: np.ndarray | None = c
+        if stage in ("topk_weights", "expert_out") and layer is not None:
+            gi, ci = w.golden.stage("topk_ids", layer), w.candidate.stage("topk_ids", layer)
+            if ci is None and stage == "topk_weights" and g is not None:
+                gs, cs = -np.sort(-g, axis=-1), -np.sort(-c, axis=-1)
+            else:
+                gs, cs = align_topk_weights(gi, g, ci, c)
+        tol = w.tolerance(stage, layer)
+        experts = None
+        if math.isfinite(tol.expert_scale) and stage in ("expert_out", "moe_out") and layer is not None:
+            experts = expert_inputs(w.golden, layer, stage)
+        mask = np.ones(T, dtype=bool)
+        mask[[t for t in ex if 0 <= t < T]] = False
+        out.append(_Judged(layer, stage, submit_stage(classify_stage, gs, cs, tol, tuple(sorted(ex)), experts, absent),
+                           mask, second=sec))
+    return out
 
 
 def _judge_stage(w: _Walk, stage: str, layer: int | None, g: np.ndarray | None, c: np.ndarray | None,
@@ -439,22 +493,96 @@ def _case_report(w: _Walk, items: list[_Judged], notes: list[str], routing_notes
     results: list[StageResult] = []
     judged: dict[tuple[int | None, str], np.ndarray] = {}
     skipped: list[tuple[int | None, str]] = []
+    pairs: list[tuple[Second, StageResult]] = []
     for item in items:
         if item.result is None:
             skipped.append((item.layer, item.stage))
             continue
-        if item.judged is not None:
+        if item.judged is not None and item.second is None:    # a second value is no cell of its own
             judged[(item.layer, item.stage)] = item.judged
         if isinstance(item.result, StageResult):
-            results.append(item.result)
-            continue
-        try:
-            res, ms = item.result.result()
-        except MoesnapError as e:   # say which stage held the array it could not judge
-            raise type(e)(f"{_where(w.name, item.layer, item.stage)}: {e}") from None
-        results.append(StageResult(w.name, item.layer, item.stage, res, ms))
+            results.append(item.result if item.second is None else replace(item.result, source=item.second.name))
+        else:
+            try:
+                res, ms = item.result.result()
+            except MoesnapError as e:   # say which stage held the array it could not judge
+                raise type(e)(f"{_where(w.name, item.layer, item.stage)}: {e}") from None
+            results.append(StageResult(w.name, item.layer, item.stage, res, ms,
+                                       source=None if item.second is None else item.second.name))
+        if item.second is not None:
+            pairs.append((item.second, results[-1]))
+    mode = {"local": "local re-reference", "replay": "stage-local replay"}.get(w.mode, w.mode)
+    label = w.name if not w.per_layer else f"{w.name} ({mode})"
+    notes = notes + _absent_notes(w, label, skipped) + _parted_notes(label, pairs, results)
     return CaseReport(case=w.name, dtype=w.dtype, results=results, routing_notes=routing_notes, mode=w.mode,
                       n_tokens=w.n_tokens, judged=judged, skipped=skipped, notes=notes, held=dict(w.held))
+
+
+#: stages an engine may fuse away (no value to dump), each with the stages after it that carry its error,
+#: nearest first: SGLang on CUDA fuses q/k norm (and RoPE) into one kernel; fused MoE kernels keep no
+#: per-expert output
+ABSORBED: dict[str, tuple[str, ...]] = {
+    "q_norm": ("q_rope", "attn"), "k_norm": ("k_rope", "attn"), "q_rope": ("attn",), "k_rope": ("attn",),
+    "expert_out": ("moe_out",),
+}
+#: what the local re-reference recomputes an absorbed stage's successor from (moesnap.run.rereference)
+_FROM = {"attn": "the engine's own q, k, v through the reference's q/k norm and RoPE",
+         "q_rope": "the engine's own q through the reference's q norm", "k_rope": "the engine's own k through "
+         "the reference's k norm", "moe_out": "the engine's own ffn_norm and routing through the reference's experts"}
+
+
+def _absent_notes(w: _Walk, label: str, skipped: list[tuple[int | None, str]]) -> list[str]:
+    """For the stages the candidate lacks (skipped under ``allow_missing``) that a later stage of the
+    same layer carries (:data:`ABSORBED`): which stage judges them, at which layers."""
+    by: dict[str, dict[str, list[int]]] = {}    # judging stage -> absent stage -> layers
+    for layer, stage in skipped:
+        if layer is None or stage not in ABSORBED:
+            continue
+        after = next((s for s in ABSORBED[stage] if w.holds(s, layer)), None)
+        if after is not None:
+            by.setdefault(after, {}).setdefault(stage, []).append(layer)
+    out = []
+    for after, absent in by.items():
+        layers = sorted({lay for lays in absent.values() for lay in lays})
+        names = ", ".join(s for s in ABSORBED if s in absent)
+        them = "them" if len(absent) > 1 else "it"
+        how = (f"{after} is recomputed from {_FROM[after]}, so {after} judges {them} with it" if w.per_layer
+               else f"{after} carries {'their' if len(absent) > 1 else 'its'} error")
+        why = ("a fused MoE kernel keeps no per-expert output" if after == "moe_out" else
+               "SGLang on CUDA fuses q/k norm and RoPE into one kernel; transformers applies RoPE where no hook sees it")
+        out.append(f"{label}: {names} not in the candidate at layers {_span(layers)} ({why}): judged through "
+                   f"{after} of the same layer ({how})")
+    return out
+
+
+def _span(xs: list[int]) -> str:
+    return f"{xs[0]}-{xs[-1]}" if len(xs) > 1 and xs == list(range(xs[0], xs[-1] + 1)) else ", ".join(map(str, xs))
+
+
+def _parted_notes(name: str, pairs: list[tuple[Second, StageResult]], results: list[StageResult]) -> list[str]:
+    """Where a stage's two values part, and which of them the golden holds against."""
+    own = {(r.layer, r.stage): r for r in results if r.source is None}
+    out = []
+    for sec, r2 in pairs:
+        r1 = own.get((sec.layer, sec.stage))
+        at = (f"layer {sec.layer} / " if sec.layer is not None else "") + sec.stage
+        part = "" if sec.token is None else f"; they part from token {sec.token}" + (
+            "" if sec.rel_l2 is None else f" (rel L2 {sec.rel_l2:.3g} between them)")
+        if r1 is None:
+            out.append(f"{name}: {at}: {sec.name} {r2.verdict.name}; the stage's own value ({sec.kept}) was not "
+                       f"judged{part}")
+            continue
+        if r2.result.passed and not r1.result.passed:
+            why = f"the error arises between {sec.name} and {sec.kept}"
+        elif not r2.result.passed and not r1.result.passed:
+            why = f"the error arises at or before {sec.name}"
+        elif not r2.result.passed:
+            why = f"only the earlier value, {sec.name}, is off"
+        else:
+            why = "both within tolerance"
+        out.append(f"{name}: {at} has two values in the dump: {sec.name} {r2.verdict.name}, {sec.kept} (the "
+                   f"stage's own) {r1.verdict.name}{part}: {why}")
+    return out
 
 
 def _where(case: str, layer: int | None, stage: str) -> str:

@@ -265,7 +265,7 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
             shown, unpanelled[si, ci] = _panelled(case.results, first)
             panels.append(shown)
             for r in shown:
-                ids[id(r)] = f"s{si}c{ci}-{'m' if r.layer is None else r.layer}-{r.stage}"
+                ids[id(r)] = f"s{si}c{ci}-{'m' if r.layer is None else r.layer}-{r.stage}" + ("-2" if r.source else "")
     verdict = report.verdict
     cases_line = report.cases_line()
     first_link = (f"<a href='#{ids[id(first)]}'>{e(_fmt_loc(first))}</a>" if first is not None and id(first) in ids

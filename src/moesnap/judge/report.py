@@ -77,7 +77,10 @@ def table_rows(case: CaseReport) -> list[tuple[str, int | None, dict[str, StageR
     result}); a whole-model row holds its one stage.  The text table and the HTML both draw these."""
     by: dict[int | None, dict[str, StageResult]] = {}
     for r in case.results:
-        by.setdefault(r.layer, {})[r.stage] = r
+        row = by.setdefault(r.layer, {})
+        old = row.get(r.stage)           # a stage judged twice (a dump's two values of it): the failing one
+        if old is None or old.result.passed or not r.result.passed:
+            row[r.stage] = r
     whole = by.get(None, {})
     out: list[tuple[str, int | None, dict[str, StageResult]]] = [
         (row_label(None, s), None, {s: whole[s]}) for s in ("embed",) if s in whole]
@@ -544,7 +547,8 @@ class Report:
             w = r.worst
             c = where.get(r.case)
             pos = c.positions if c is not None else None
-            return {"case": r.case, "layer": r.layer, "stage": r.stage, "token": r.token, "verdict": r.verdict.name,
+            return {"case": r.case, "layer": r.layer, "stage": r.stage, **({"source": r.source} if r.source else {}),
+                    "token": r.token, "verdict": r.verdict.name,
                     "step": c.step if c is not None else None,
                     "position": (pos[r.token] if pos is not None and r.token is not None and r.token < len(pos)
                                  else r.token),

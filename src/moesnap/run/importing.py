@@ -109,9 +109,13 @@ def describe(case: Case) -> list[str]:
     for n, step in enumerate(case.steps):
         out.append(f"decode step {step.attrs.get('step', n)}: position {[int(x) for x in step.positions]}, {len(step.layers)} "
                    f"per-layer stages")
-    for x in case.attrs.get("parted") or []:
-        out.append(f"{x['stage']}{'' if x['layer'] is None else ' of layer ' + str(x['layer'])}: {x['other']} and "
-                   f"{x['kept']} part from token {x['token']} (rel L2 {x['rel_l2'] if x['rel_l2'] is None else format(x['rel_l2'], '.3g')}): the case holds {x['kept']}")
+    for n, part in enumerate([case, *case.steps]):
+        at = "" if part is case else f" (decode step {part.attrs.get('step', n - 1)})"
+        for x in part.attrs.get("parted") or []:
+            rel = "?" if x.get("rel_l2") is None else format(x["rel_l2"], ".3g")
+            out.append(f"{x['stage']}{'' if x['layer'] is None else ' of layer ' + str(x['layer'])}{at}: {x['other']} "
+                       f"and {x['kept']} part from token {x.get('token')} (rel L2 {rel}): both kept and judged "
+                       f"({x['array']} holds {x['other']})")
     names = case.attrs.get("ignored_names") or []
     if names:
         out.append(f"ignored (no stage): {len(names)} names: {', '.join(names[:6])}{' …' if len(names) > 6 else ''}")

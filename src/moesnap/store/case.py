@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from ..case import Case, from_recorder  # noqa: F401  (the value, re-exported beside its I/O)
+from ..case import PARTED, Case, from_recorder  # noqa: F401  (the value, re-exported beside its I/O)
 from ..errors import GoldenError
 from ..util import describe_error
 from ..stages import LAYER_STAGES, MODEL_STAGES, canonical
@@ -295,6 +295,7 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True, threads: in
     model: dict[str, np.ndarray] = {}
     layers: dict[str, np.ndarray] = {}
     ignored: list[str] = []
+    extra: dict[str, np.ndarray] = {}
     for path, data in arrays.items():
         parts = path.split("/")
         name = canonical(parts[-1]) if len(parts) == 1 or (len(parts) == 2 and parts[0] == "layers") else None
@@ -304,11 +305,13 @@ def read_case(group: zarr.Group, *, where: str, verify: bool = True, threads: in
             tokens = _token_ids(data, f"{where}/{path}")
         elif len(parts) == 1 and name in MODEL_STAGES:
             model[name] = data
+        elif len(parts) == 2 and parts[0] == PARTED:
+            extra[path] = data
         else:
             ignored.append(path)
     if tokens is None:
         raise GoldenError(f"{where}: no 'tokens' array")
-    return Case(tokens=tokens, model=model, layers=layers, attrs=attrs, ignored=tuple(ignored))
+    return Case(tokens=tokens, model=model, layers=layers, attrs=attrs, ignored=tuple(ignored), extra=extra)
 
 
 def _token_ids(data: np.ndarray, where: str) -> np.ndarray:
