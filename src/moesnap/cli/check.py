@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from ..judge.policy import CHECK_DTYPES
 from ._options import add_report_options, check_report_outputs, dtype_arg, device_name, emit, inject_syntax, settings
+
+if TYPE_CHECKING:
+    from ..judge.report import Report
 
 
 def cmd_check(a: argparse.Namespace) -> int:
@@ -29,28 +33,29 @@ def cmd_check(a: argparse.Namespace) -> int:
         if a.decode is not None or a.paged or a.batch or a.chunk is not None or a.cuda_graph:
             raise UsageError("--gpus: the expert-parallel check runs one prefill (no --decode, --paged, --batch, "
                              "--chunk or --cuda-graph yet)")
-        return _check_expert_parallel(a, asked)
-    report = check(a.model, a.suite, store=a.store, device=a.device, dtype=a.dtype,
-                   replay=True if a.replay else False if a.no_replay else None, inject=a.inject,
-                   settings=asked, router_replay=not a.no_router_replay,
-                   decode=a.decode, paged=a.paged, batch=a.batch,
-                   chunk=a.chunk, cuda_graph=a.cuda_graph)
-    return emit(report, a, f"moesnap check {report.golden}")
+        ep = _check_expert_parallel(a, asked)
+        if ep is None:   # a torchrun rank other than 0: rank 0 reports
+            return 0
+        report = ep
+    else:
+        report = check(a.model, a.suite, store=a.store, device=a.device, dtype=a.dtype,
+                       replay=True if a.replay else False if a.no_replay else None, inject=a.inject,
+                       settings=asked, router_replay=not a.no_router_replay, decode=a.decode, paged=a.paged,
+                       batch=a.batch, chunk=a.chunk, cuda_graph=a.cuda_graph)
+    return emit(report, a, f"moesnap check{'' if a.gpus is None else f' --gpus {a.gpus}'} {report.golden}")
 
 
-def _check_expert_parallel(a: argparse.Namespace, asked) -> int:
-    """``--gpus N``: the expert-parallel candidate on N ranks (NCCL on CUDA, gloo on the CPU), started here."""
+def _check_expert_parallel(a: argparse.Namespace, asked) -> Report | None:
+    """``--gpus N``: the expert-parallel candidate on N ranks (NCCL on CUDA, gloo on the CPU), started here;
+    None on a torchrun rank other than 0."""
     from ..errors import UsageError
     from ..run.expert_parallel import check_ep
 
     if a.replay:
         raise UsageError("--replay is not available with --gpus (each layer is judged by local re-reference)")
-    report = check_ep(a.model, a.suite, store=a.store, n_ranks=a.gpus, backend="nccl" if a.device.startswith("cuda")
-                      else "gloo", device=a.device, dtype=a.dtype, mode=a.ep_mode, inject=a.inject,
-                      router_replay=not a.no_router_replay, settings=asked)
-    if report is None:   # a torchrun rank other than 0
-        return 0
-    return emit(report, a, f"moesnap check --gpus {a.gpus} {report.golden}")
+    return check_ep(a.model, a.suite, store=a.store, n_ranks=a.gpus, backend="nccl" if a.device.startswith("cuda")
+                    else "gloo", device=a.device, dtype=a.dtype, mode=a.ep_mode, inject=a.inject,
+                    router_replay=not a.no_router_replay, settings=asked)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -85,10 +85,10 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
     dname = policy.dtype or "float32"
     if replay is None:   # low precision: free-running tolerances must admit drift; replay judges each stage
         replay = dname in ("bfloat16", "float16")
-    status(f"running the candidate on {device} in {dname}: {len(goldens)} case{'s' if len(goldens) != 1 else ''}"
-           f" x {model.config.n_layer} layers" + (", then stage-local replay" if replay else ""))
     check_injections(injections, model, [len(golden.tokens) for _, golden in goldens])
     cand = CandidateModel(model, device=device, dtype=policy.torch_dtype)
+    status(f"running the candidate on {device} in {dname}: {len(goldens)} case{'s' if len(goldens) != 1 else ''}"
+           f" x {model.config.n_layer} layers" + (", then stage-local replay" if replay else ""))
     faults = cand.faults(injections)
     router_replay = guides is not None
     mode = "free-running, router replay" if router_replay else "free-running"
