@@ -250,15 +250,21 @@ STDOUT = "-"
 
 def write_json(obj: Report | Mapping[str, Any], path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
     """The one JSON writer of moesnap: a report (or any JSON object: ``goldens diff``) to ``path``,
-    atomically, or to stdout when ``path`` is ``-`` (ASCII there, so any terminal and jq read it)."""
+    atomically, or to stdout when ``path`` is ``-`` (ASCII there, so any terminal and jq read it).
+    Compact, through the json module's C encoder: a 48-layer report of 32 decode steps is megabytes,
+    which an indented encoding writes about six times slower (``jq .`` indents it)."""
     d = dict(obj.to_dict() if hasattr(obj, "to_dict") else obj)
     if extra:
         d.update(extra)
     if str(path) == STDOUT:
-        sys.stdout.write(json.dumps(d, indent=1, allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps(d, allow_nan=False, separators=_COMPACT) + "\n")
         sys.stdout.flush()
         return
-    _atomic_write(Path(path), json.dumps(d, indent=1, allow_nan=False, ensure_ascii=False))
+    _atomic_write(Path(path), json.dumps(d, allow_nan=False, ensure_ascii=False, separators=_COMPACT) + "\n")
+
+
+#: JSON without spaces (the C encoder; an ``indent`` would select the pure-Python one)
+_COMPACT = (",", ":")
 
 
 def _atomic_write(path: Path, content: str) -> None:
