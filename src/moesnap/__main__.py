@@ -1,4 +1,6 @@
-from .cli.main import main
 import sys
 
-sys.exit(main())
+from .cli.main import main
+
+if __name__ == "__main__":      # not in a spawned worker process, which imports this module as __mp_main__
+    sys.exit(main())

@@ -174,7 +174,11 @@ def test_a_step_on_other_tokens_is_refused_naming_the_position(tmp_path):
         moesnap.compare("tiny", str(_dump(tmp_path, other)), store=GOLDENS, show_progress=False)
 
 
-def test_steps_after_the_engine_left_the_golden_sequence_are_inconclusive(tmp_path):
+@pytest.mark.parametrize("processes", ["0", "2"])
+def test_steps_after_the_engine_left_the_golden_sequence_are_inconclusive(tmp_path, monkeypatch, processes):
+    # with worker processes, the pending steps are taken before the engine's own choice is looked up
+    monkeypatch.setenv("MOESNAP_JUDGE_PROCESSES", processes)
+
     def own_choice(steps):   # step 1 fed the candidate's own argmax after step 0, which differs from the golden's
         s0 = steps[0]
         logits = np.array(s0.model["logits"], copy=True)
@@ -265,3 +269,38 @@ def test_local_re_reference_names_the_step_and_layer_that_introduce_a_fault_in_a
     intro = rep.first_introduced()
     assert rep.verdict == "fail" and intro is not None
     assert (intro.case, intro.layer, intro.stage) == ("case0/step1", 2, "moe_out"), intro.explain()
+
+
+def _same_judgement(a, b):
+    assert a.verdict == b.verdict and a.first_divergence == b.first_divergence
+    assert [(c.case, c.step, c.positions) for c in a.cases] == [(c.case, c.step, c.positions) for c in b.cases]
+    assert a.to_dict() == b.to_dict()
+
+
+def test_decode_steps_judged_in_worker_processes_give_the_same_report(monkeypatch, tmp_path):
+    # MOESNAP_JUDGE_PROCESSES (a host of 6 CPUs or more turns it on by itself): the steps' one-row
+    # cases judged in spawned workers while the candidate runs the next step, taken in pair order
+    kw = dict(decode=STEPS, dtype="bfloat16", inject=["rope_pos:step=2"])
+    monkeypatch.setenv("MOESNAP_JUDGE_PROCESSES", "0")
+    here = check(**kw)
+    monkeypatch.setenv("MOESNAP_JUDGE_PROCESSES", "2")
+    there = check(**kw)
+    assert here.verdict == "fail" and here.first_divergence.case == "case0/step2"
+    _same_judgement(here, there)
+
+
+def test_the_command_line_judges_steps_in_worker_processes(tmp_path):
+    # ``python -m moesnap`` under spawn: a worker imports the entry module without running the command
+    env = {**__import__("os").environ, "MOESNAP_JUDGE_PROCESSES": "2", "MOESNAP_NO_PROGRESS": "1"}
+    out = subprocess.run([sys.executable, "-m", "moesnap", "check", str(tiny_path()), "--suite", "tiny", "--store",
+                          GOLDENS, "--decode", "2", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("verdict: pass") == 1 and out.stderr == ""
+    assert json.loads((tmp_path / "r.json").read_text())["verdict"] == "pass"
+
+
+def test_a_bad_judge_process_count_is_one_line(monkeypatch):
+    monkeypatch.setenv("MOESNAP_JUDGE_PROCESSES", "many")
+    with pytest.raises(moesnap.MoesnapError, match="MOESNAP_JUDGE_PROCESSES='many': expected a number"):
+        check(decode=1)

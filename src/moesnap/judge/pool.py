@@ -12,14 +12,21 @@ themselves:
 A thread of a tier that asks its own tier for work runs that work inline instead of queueing behind
 itself (``compare_cases`` called from a stage task, a chunk function that maps chunks): nothing ever
 blocks on the executor it runs on.  Both executors have :func:`workers` threads.
+
+A third tier is processes (:func:`submit_case`): whole small cases (a decode step's one row, through
+every layer) are judged in worker processes.  Judging one row is mostly Python bytecode around small
+numpy calls, which holds the GIL, so threads cannot overlap it; processes can, and overlap it with
+the candidate's next forward too.  Used where :func:`case_processes` is above 1: a host of 6 CPUs
+or more, or ``MOESNAP_JUDGE_PROCESSES=N``; ``0`` turns it off.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -73,3 +80,32 @@ def map_chunks(fn: Callable[[A], T], items: Iterable[A]) -> list[T]:
     if _on("chunk"):
         return [fn(x) for x in items]
     return list(_executor("chunk").map(fn, items))
+
+
+_PROCESSES: list[ProcessPoolExecutor] = []
+
+
+def case_processes() -> int:
+    """Worker processes for whole small cases: ``MOESNAP_JUDGE_PROCESSES`` where set (0: none), else
+    half the CPUs, at most 8, on a host of 6 CPUs or more (none below: a process costs a second to
+    start, more than a few steps' judging on two cores)."""
+    from ..errors import UsageError
+
+    env = os.environ.get("MOESNAP_JUDGE_PROCESSES")
+    if env is not None and env.strip() != "":
+        if not env.strip().isdigit():
+            raise UsageError(f"MOESNAP_JUDGE_PROCESSES={env!r}: expected a number of processes (0: none)")
+        return int(env)
+    cpus = os.cpu_count() or 1
+    return min(8, cpus // 2) if cpus >= 6 else 0
+
+
+def submit_case(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+    """``fn(*args, **kwargs)`` in a worker process (started on first use, by ``spawn``: the workers
+    import the judge, never torch or CUDA); ``fn`` and its arguments must pickle."""
+    with _LOCK:
+        if not _PROCESSES:
+            _PROCESSES.append(ProcessPoolExecutor(max_workers=max(1, case_processes()),
+                                                  mp_context=multiprocessing.get_context("spawn")))
+        ex = _PROCESSES[0]
+    return ex.submit(fn, *args, **kwargs)

@@ -9,8 +9,10 @@ from the candidate's own inputs).  It returns a frozen :class:`~moesnap.judge.re
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +21,7 @@ from ..errors import GoldenError
 from .compare import PER_LAYER_MODES, CaseReport, compare_cases
 from .distribution import NextToken, next_tokens
 from .policy import Policy
+from .pool import case_processes, submit_case
 from .report import Report
 
 #: what a per-layer mode is called in the drift note, by kind
@@ -86,35 +89,59 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
     left: dict[str, str] = {}          # sequence -> why its later steps are not judged
     off_golden: list[str] = []
     n_layer = 0
+    # decode steps (one row each, GIL-bound to judge) go to worker processes where there are some, while
+    # the producer makes the next step; every result is taken in pair order (``settle``)
+    processes = case_processes() > 0
+    pending: list[tuple[Pair, Case, str, CaseReport | Future[CaseReport], CaseReport | Future[CaseReport] | None]] = []
+
+    def judge(p: Pair, golden_rows: Case, d: str) -> None:
+        pl = p.per_layer
+        run = submit_case if processes and p.step is not None else _now
+        free = run(compare_cases, golden_rows, p.candidate, tols, dtype=d, name=p.name, allow_missing=allow_missing,
+                   mode=mode)
+        per_rep = None
+        if pl is not None:
+            pg = pl.golden if pl.golden.tokens.shape == pl.candidate.tokens.shape else pl.golden.rows(pl.candidate.positions)
+            per_rep = run(compare_cases, pg, pl.candidate, tols, dtype=d, name=p.name, allow_missing=True,
+                          layers=pl.layers, propagate=False, mode=per_layer or "replay")
+        pending.append((p, golden_rows, d, free, per_rep))
+        if run is _now:     # judged already: taken now, so that a large case is not held to the end
+            settle()
+
+    def settle() -> list[NextToken]:
+        """Every pending judgement taken, in pair order; the next-token figures so far."""
+        for p, golden_rows, d, free, per_rep in pending:
+            rep = _result(free)
+            rep.step, rep.positions = p.step, _positions(p.candidate)
+            cases.append(rep)
+            # rows a routing flip excused at the logits are not the golden's function: no next-token figure
+            dist.extend(next_tokens(p.golden, golden_rows, p.candidate, p.name, p.step, policy, d,
+                                    judged=rep.judged.get((None, "logits"))))
+            case_notes.extend(p.notes)
+            if per_rep is not None:
+                assert p.per_layer is not None
+                prep = _result(per_rep)
+                prep.notes.extend(p.per_layer.notes)
+                prep.step, prep.positions = p.step, _positions(p.per_layer.candidate)
+                per.append(prep)
+        pending.clear()
+        return dist
+
     for p in pairs:
         seq = p.name.rsplit("/", 1)[0] if p.step is not None else p.name
         if seq in left:                # the engine left the golden's sequence: nothing after is the golden's
             off_golden.append(p.name)
             continue
         d = policy.dtype_of(p.candidate.attrs)
-        golden_rows, why = _golden_rows(p, dist)
+        golden_rows, why = _golden_rows(p, settle)
         if why is not None:
             left[seq] = why
             off_golden.append(p.name)
             continue
         dtypes.append(d)
         n_layer = max(n_layer, p.golden.n_layer)
-        rep = compare_cases(golden_rows, p.candidate, tols, dtype=d, name=p.name, allow_missing=allow_missing,
-                            mode=mode)
-        rep.step, rep.positions = p.step, _positions(p.candidate)
-        cases.append(rep)
-        # rows a routing flip excused at the logits are not the golden's function: no next-token figure
-        dist += next_tokens(p.golden, golden_rows, p.candidate, p.name, p.step, policy, d,
-                            judged=rep.judged.get((None, "logits")))
-        case_notes += p.notes
-        if p.per_layer is not None:
-            pl = p.per_layer
-            pg = pl.golden if pl.golden.tokens.shape == pl.candidate.tokens.shape else pl.golden.rows(pl.candidate.positions)
-            rep = compare_cases(pg, pl.candidate, tols, dtype=d, name=p.name, allow_missing=True,
-                                layers=pl.layers, propagate=False, mode=per_layer or "replay")
-            rep.notes.extend(pl.notes)
-            rep.step, rep.positions = p.step, _positions(pl.candidate)
-            per.append(rep)
+        judge(p, golden_rows, d)
+    settle()
     dtype = _one_dtype(dtypes, policy)
     all_notes = list(notes) + case_notes + list(policy.notes)
     if cases:
@@ -134,9 +161,18 @@ def _positions(c: Case) -> tuple[int, ...] | None:
     return tuple(int(x) for x in c.attrs["positions"]) if "positions" in c.attrs else None
 
 
-def _golden_rows(p: Pair, dist: Sequence[NextToken]) -> tuple[Case, str | None]:
+def _now(fn: Callable[..., CaseReport], /, *args: Any, **kwargs: Any) -> CaseReport:
+    return fn(*args, **kwargs)
+
+
+def _result(r: CaseReport | Future[CaseReport]) -> CaseReport:
+    return r.result() if isinstance(r, Future) else r
+
+
+def _golden_rows(p: Pair, settled: Callable[[], Sequence[NextToken]]) -> tuple[Case, str | None]:
     """The golden's rows at the candidate's positions, and None; or, where the candidate's tokens left
-    the golden's sequence because the engine decoded on its own choice, why the rest is not judged.
+    the golden's sequence because the engine decoded on its own choice, why the rest is not judged
+    (``settled``: the next-token figures of the pairs before, every pending judgement taken).
     Positions beyond the golden, or tokens that differ otherwise, are refused naming the case and
     position (a step judged against rows it did not compute would be a vacuous pass)."""
     g, c = p.golden, p.candidate
@@ -153,7 +189,7 @@ def _golden_rows(p: Pair, dist: Sequence[NextToken]) -> tuple[Case, str | None]:
     diff = np.flatnonzero(g.tokens[pos] != c.tokens)
     if diff.size:
         at = int(pos[diff[0]])
-        own = next((d for d in reversed(dist) if d.case.rsplit("/", 1)[0] == p.name.rsplit("/", 1)[0]), None)
+        own = next((d for d in reversed(settled()) if d.case.rsplit("/", 1)[0] == p.name.rsplit("/", 1)[0]), None)
         if own is not None and own.position == at - 1 and own.candidate_top1 == int(c.tokens[diff[0]]):
             return g, (f"from position {at} on the engine decoded its own choice ({int(c.tokens[diff[0]])}, the "
                        f"golden's token is {int(g.tokens[at])}): its steps are not the golden's sequence; to judge "

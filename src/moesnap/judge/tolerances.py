@@ -414,6 +414,13 @@ class Tolerances:
         object.__setattr__(self, "stages", MappingProxyType(stages))
         object.__setattr__(self, "tie_tols", MappingProxyType(tie_tols))
 
+    def __reduce__(self):
+        """Pickled as its constructor's arguments in plain dicts (a read-only mapping view does not
+        pickle): the judge hands tolerances to worker processes (:func:`moesnap.judge.pool.submit_case`)."""
+        return (Tolerances, ({d: dict(t) for d, t in self.stages.items()}, dict(self.tie_tols),
+                             {d: dict(t) for d, t in self.carried_stages.items()}, dict(self.carried_tie_tols),
+                             dict(self.drift_rates), self.profile))
+
     def __hash__(self) -> int:
         stages = tuple((d, tuple(sorted(t.items()))) for d, t in self.stages.items())
         carried = tuple((d, tuple(sorted(t.items()))) for d, t in self.carried_stages.items())
