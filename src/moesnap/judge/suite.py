@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..case import Case
 from ..errors import GoldenError
 from .compare import PER_LAYER_MODES, CaseReport, compare_cases
+from .device import judge_device
 from .distribution import NextToken, next_tokens
 from .policy import Policy
 from .report import Report
@@ -68,16 +70,19 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
                 mode: str = "free-running", per_layer: str | None = None, allow_missing: bool = False,
                 notes: Sequence[str] = (), hint: str | None = None, golden_cases: Sequence[str] = (),
                 ignored: Mapping[str, Sequence[str]] | None = None, case_hint: str | None = None,
-                single_case: bool = False) -> Report:
+                single_case: bool = False, device: Any = None, judge: str | None = None) -> Report:
     """Judge every pair (consumed one at a time: a producer may make them lazily) under ``policy``.
 
     ``mode``: the free-running mode's name; ``per_layer``: the kind of the pairs' per-layer
     judgements (``"replay"`` or ``"local"``; None: none).  ``allow_missing``: stages the candidate
-    lacks are skipped, not ``MISSING``.  The other keywords say what the report is about (see
-    :class:`Report`)."""
+    lacks are skipped, not ``MISSING``.  ``device``: the torch device the candidate ran on (None: no
+    torch forward); with ``judge`` (``auto``, ``cpu``, ``device``; None: ``$MOESNAP_JUDGE``) it decides
+    where the statistics are computed (:func:`moesnap.judge.device.judge_device`).  The other keywords
+    say what the report is about (see :class:`Report`)."""
     if per_layer is not None and per_layer not in PER_LAYER_MODES:
         raise ValueError(f"per_layer={per_layer!r}; expected one of {', '.join(PER_LAYER_MODES)}")
     tols = policy.tolerances
+    on = judge_device(device, judge)
     cases: list[CaseReport] = []
     per: list[CaseReport] = []
     case_notes: list[str] = []
@@ -100,7 +105,7 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
         dtypes.append(d)
         n_layer = max(n_layer, p.golden.n_layer)
         rep = compare_cases(golden_rows, p.candidate, tols, dtype=d, name=p.name, allow_missing=allow_missing,
-                            mode=mode)
+                            mode=mode, device=on)
         rep.step, rep.positions = p.step, _positions(p.candidate)
         cases.append(rep)
         # rows a routing flip excused at the logits are not the golden's function: no next-token figure
@@ -111,7 +116,7 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
             pl = p.per_layer
             pg = pl.golden if pl.golden.tokens.shape == pl.candidate.tokens.shape else pl.golden.rows(pl.candidate.positions)
             rep = compare_cases(pg, pl.candidate, tols, dtype=d, name=p.name, allow_missing=True,
-                                layers=pl.layers, propagate=False, mode=per_layer or "replay")
+                                layers=pl.layers, propagate=False, mode=per_layer or "replay", device=on)
             rep.notes.extend(pl.notes)
             rep.step, rep.positions = p.step, _positions(pl.candidate)
             per.append(rep)
