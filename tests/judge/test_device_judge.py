@@ -156,10 +156,12 @@ def test_non_finite_placement_is_found_alike():
     g[1, 2] = np.inf
     c[1, 2] = -np.inf
     c[2, 0] = np.inf
-    for exclude in ((), (3,), (1, 3), (0, 1, 2, 3)):
-        a, _ = both(g, c, Tolerance(0.0, 1e-6, 0.1), exclude_tokens=exclude)
-        assert a.verdict is Verdict.NAN_BOTH and a.metrics.worst_index == (1, 2)
-        assert a.metrics.token_closeness[1:] == (math.inf,) * 3
+    for budget in (1, 6, 12, 1 << 22):       # one token per slice, ..., one slice
+        with mock.patch.object(TS, "BUDGET", budget):
+            for exclude in ((), (3,), (1, 3), (0, 1, 2, 3)):
+                a, _ = both(g, c, Tolerance(0.0, 1e-6, 0.1), exclude_tokens=exclude)
+                assert a.verdict is Verdict.NAN_BOTH and a.metrics.worst_index == (1, 2)
+                assert a.metrics.token_closeness[1:] == (math.inf,) * 3
 
 
 def test_exact_ties_at_the_kth_ratio():
@@ -181,6 +183,20 @@ def test_all_zero_rows_and_sides():
     for g, c in ((z, z), (z, x), (x, z), (x, x * (1 + 2.0**-10))):
         both(g, c, tol)
         both(g, c, tol, exclude_tokens=(2,))
+
+
+@pytest.mark.parametrize("n_rows", [4, 5])
+def test_the_row_floor_takes_numpys_median(n_rows):
+    """Rows of norms 1, 2, 10, 100 (and 1000): the floor is a quarter of the median row norm (the mean of
+    the middle two for an even count), and it decides the small row's relative error."""
+    norms = [1.0, 2.0, 10.0, 100.0, 1000.0][:n_rows]
+    g = np.zeros((n_rows, 4), np.float32)
+    g[:, 0] = norms
+    c = g.copy()
+    c[0, 1] = 0.5                             # row 0: error 0.5 against max(1, floor)
+    a, _ = both(g, c, Tolerance(1.0, 0.0, 0.0, 0.1))
+    floor = 0.25 * float(np.median(norms))
+    assert a.metrics.max_row_rel_l2 == 0.5 / max(1.0, floor)
 
 
 def test_empty_stages_and_nothing_judged():
