@@ -37,6 +37,8 @@ from moesnap.judge.tolerances import Tolerance
 from moesnap.testing import strategies as ms
 
 ON = JudgeDevice("cpu", 0)
+#: the torch devices the two paths are held against each other on (CUDA where there is one: ``-m gpu``)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 GOLDENS = str(Path(__file__).resolve().parents[2] / "goldens")
 EXACT_FLOATS = ("max_abs", "max_rel", "frac_outside", "closeness")
 SUMMED = ("cosine", "rel_l2", "nmse", "mean_abs", "max_row_rel_l2")
@@ -78,9 +80,9 @@ def assert_same(a, b, where: str = "") -> None:
             assert x == y, (where, name, x, y)
 
 
-def both(g, c, tol, **kw):
+def both(g, c, tol, dev="cpu", **kw):
     a = classify(g, c, tol, **kw)
-    b = classify(g, c, tol, device=ON, **kw)
+    b = classify(g, c, tol, device=JudgeDevice(dev, 0), **kw)
     assert_same(a, b)
     return a, b
 
@@ -115,41 +117,45 @@ def test_auto_leaves_small_arrays_and_other_dtypes_to_numpy():
 # ---------------------------------------------------------------- hypothesis
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @given(pair=ms.array_pairs(allow_nan=True, allow_infinity=True,
                            dtype=st.sampled_from(ms.FLOAT_DTYPES + ms.INT_DTYPES)),
        tol=ms.tolerances(allow_row=True), data=st.data())
-def test_same_as_numpy_on_any_pair(pair, tol, data):
+def test_same_as_numpy_on_any_pair(pair, tol, data, dev):
     g, c = pair
     axis = data.draw(st.sampled_from([0, None, -1] + ([1] if g.ndim > 1 else [])))
     exclude = ()
     if axis is not None and g.shape[axis] > 0:
         exclude = tuple(data.draw(st.sets(st.integers(0, g.shape[axis] - 1), max_size=g.shape[axis])))
-    both(g, c, tol, token_axis=axis, exclude_tokens=exclude)
+    both(g, c, tol, token_axis=axis, exclude_tokens=exclude, dev=dev)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @given(pair=ms.array_pairs(dtype=st.sampled_from(["float16", "float32"]),
                            shape=ms.shapes(min_dims=2, max_dims=3, min_side=1)),
        tol=ms.tolerances(allow_row=True), budget=st.sampled_from([1, 5, 64]), data=st.data())
-def test_same_in_any_slicing(pair, tol, budget, data):
+def test_same_in_any_slicing(pair, tol, budget, data, dev):
     """Slices of a few elements (whole token rows, at least one) agree with one slice and with numpy."""
     g, c = pair
     exclude = tuple(data.draw(st.sets(st.integers(0, g.shape[0] - 1), max_size=g.shape[0] - 1)))
     with mock.patch.object(TS, "BUDGET", budget), mock.patch.object(TR, "BUDGET", budget):
-        both(g, c, tol, exclude_tokens=exclude)
+        both(g, c, tol, exclude_tokens=exclude, dev=dev)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @given(a=ms.shared_precision_arrays(shape=ms.shapes(min_dims=2, max_dims=3, min_side=1)),
        rtol=st.sampled_from([0.0, 2.0**-8, 2.0**-4]), frac=st.sampled_from([0.0, 0.1, 0.25, 0.5]))
-def test_same_with_ties_on_a_grid(a, rtol, frac):
+def test_same_with_ties_on_a_grid(a, rtol, frac, dev):
     """Values on a coarse grid tie often: equal ratios around the k-th largest, equal |c - g| maxima."""
     c = np.round(a * 4) / 4
-    both(a.astype(np.float32), c.astype(np.float32), Tolerance(2.0**-6, rtol, frac, 0.5))
+    both(a.astype(np.float32), c.astype(np.float32), Tolerance(2.0**-6, rtol, frac, 0.5), dev=dev)
 
 
 # ---------------------------------------------------------------- crafted edge cases
 
 
-def test_non_finite_placement_is_found_alike():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_non_finite_placement_is_found_alike(dev):
     g = np.arange(24, dtype=np.float32).reshape(4, 6)
     c = g.copy()
     c[3, 5] = np.nan            # in an excluded token: still counted, and the first in C order below
@@ -159,34 +165,37 @@ def test_non_finite_placement_is_found_alike():
     for budget in (1, 6, 12, 1 << 22):       # one token per slice, ..., one slice
         with mock.patch.object(TS, "BUDGET", budget):
             for exclude in ((), (3,), (1, 3), (0, 1, 2, 3)):
-                a, _ = both(g, c, Tolerance(0.0, 1e-6, 0.1), exclude_tokens=exclude)
+                a, _ = both(g, c, Tolerance(0.0, 1e-6, 0.1), exclude_tokens=exclude, dev=dev)
                 assert a.verdict is Verdict.NAN_BOTH and a.metrics.worst_index == (1, 2)
                 assert a.metrics.token_closeness[1:] == (math.inf,) * 3
 
 
-def test_exact_ties_at_the_kth_ratio():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_exact_ties_at_the_kth_ratio(dev):
     """Ratios equal around the deciding rank: the k-th largest is the tied value, whichever copy is picked."""
     g = np.ones((10, 10), np.float32)
     c = g.copy()
     c.reshape(-1)[::7] = 1.5         # 15 elements at ratio exactly 0.5 / (atol + rtol)
     c[9, 9] = 3.0
     for frac in (0.0, 0.05, 0.14, 0.15, 0.16, 0.5):
-        a, _ = both(g, c, Tolerance(0.25, 0.25, frac))
+        a, _ = both(g, c, Tolerance(0.25, 0.25, frac), dev=dev)
         assert a.metrics.closeness in (1.0, 4.0, 0.0)
 
 
-def test_all_zero_rows_and_sides():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_all_zero_rows_and_sides(dev):
     z = np.zeros((4, 8), np.float32)
     x = z.copy()
     x[2] = 1e-3                       # one row alone, the rest all zero: the median row norm is 0
     tol = Tolerance(1e-6, 1e-6, 0.0, 0.01)
     for g, c in ((z, z), (z, x), (x, z), (x, x * (1 + 2.0**-10))):
-        both(g, c, tol)
-        both(g, c, tol, exclude_tokens=(2,))
+        both(g, c, tol, dev=dev)
+        both(g, c, tol, exclude_tokens=(2,), dev=dev)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("n_rows", [4, 5])
-def test_the_row_floor_takes_numpys_median(n_rows):
+def test_the_row_floor_takes_numpys_median(n_rows, dev):
     """Rows of norms 1, 2, 10, 100 (and 1000): the floor is a quarter of the median row norm (the mean of
     the middle two for an even count), and it decides the small row's relative error."""
     norms = [1.0, 2.0, 10.0, 100.0, 1000.0][:n_rows]
@@ -194,46 +203,51 @@ def test_the_row_floor_takes_numpys_median(n_rows):
     g[:, 0] = norms
     c = g.copy()
     c[0, 1] = 0.5                             # row 0: error 0.5 against max(1, floor)
-    a, _ = both(g, c, Tolerance(1.0, 0.0, 0.0, 0.1))
+    a, _ = both(g, c, Tolerance(1.0, 0.0, 0.0, 0.1), dev=dev)
     floor = 0.25 * float(np.median(norms))
     assert a.metrics.max_row_rel_l2 == 0.5 / max(1.0, floor)
 
 
-def test_empty_stages_and_nothing_judged():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_empty_stages_and_nothing_judged(dev):
     tol = Tolerance(1e-6, 1e-6, 0.1, 0.1)
     for shape in ((0,), (0, 8), (5, 0), (3, 0, 2), ()):
         g = np.zeros(shape, np.float32)
-        both(g, g.copy(), tol, token_axis=0 if shape else None)
+        both(g, g.copy(), tol, token_axis=0 if shape else None, dev=dev)
     g = np.ones((3, 4), np.float32)
-    a, _ = both(g, g * 2, tol, exclude_tokens=(0, 1, 2))
+    a, _ = both(g, g * 2, tol, exclude_tokens=(0, 1, 2), dev=dev)
     assert a.metrics.n == 0 and "nothing judged" in a.detail
 
 
-def test_float64_extremes_overflow_and_subnormals():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_float64_extremes_overflow_and_subnormals(dev):
     tol = Tolerance(0.0, 1e-3)
-    both(np.array([1e308, -1e308, 3.0]), np.array([-1e308, 1e308, 3.0]), tol)     # |c-g| overflows: numpy
-    both(np.array([[1e-310, 2e-320], [5e-324, 0.0]]), np.array([[1.1e-310, 2e-320], [0.0, 5e-324]]), tol)
+    both(np.array([1e308, -1e308, 3.0]), np.array([-1e308, 1e308, 3.0]), tol, dev=dev)   # |c-g| overflows: numpy
+    tiny = np.array([[1e-310, 2e-320], [5e-324, 0.0]])
+    both(tiny, np.array([[1.1e-310, 2e-320], [0.0, 5e-324]]), tol, dev=dev)
     big = np.array([[1e300, 2e300, -3e300], [1e-300, 4e-300, 0.0]])
-    both(big, big * (1 + 1e-4), Tolerance(0.0, 1e-5, 0.0, 1e-6))
+    both(big, big * (1 + 1e-4), Tolerance(0.0, 1e-5, 0.0, 1e-6), dev=dev)
 
 
-def test_integer_and_bool_arrays():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_integer_and_bool_arrays(dev):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 128, (16, 8)).astype(np.int32)
     other = ids.copy()
     other[3, 1] += 1
-    both(ids, other, Tolerance(0.0, 0.0))
-    both(ids.astype(np.int64), other.astype(np.uint8), Tolerance(0.0, 0.0))
-    both(ids.astype(np.float32), other, Tolerance(0.5, 0.0))                 # an int against a float: float rule
-    both(ids > 64, other > 64, Tolerance(0.0, 0.0))
+    both(ids, other, Tolerance(0.0, 0.0), dev=dev)
+    both(ids.astype(np.int64), other.astype(np.uint8), Tolerance(0.0, 0.0), dev=dev)
+    both(ids.astype(np.float32), other, Tolerance(0.5, 0.0), dev=dev)       # an int against a float: float rule
+    both(ids > 64, other > 64, Tolerance(0.0, 0.0), dev=dev)
 
 
 # ---------------------------------------------------------------- the expert-scale rule
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("stage", ["expert_out", "moe_out"])
 @pytest.mark.parametrize("budget", [1 << 22, 200])
-def test_expert_scale_rule_alike(stage, budget):
+def test_expert_scale_rule_alike(stage, budget, dev):
     rng = np.random.default_rng(7)
     T, E, K, H = 24, 6, 3, 64
     ids = np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int32)
@@ -253,7 +267,7 @@ def test_expert_scale_rule_alike(stage, budget):
     with mock.patch.object(TR, "BUDGET", budget):
         for exclude in ((), (0, 5)):
             a, ma = classify_stage(g, c, tol, exclude, inputs)
-            b, mb = classify_stage(g, c, tol, exclude, inputs, device=ON)
+            b, mb = classify_stage(g, c, tol, exclude, inputs, device=JudgeDevice(dev, 0))
             assert_same(a, b, stage)
             assert a.verdict is Verdict.DIVERGE and "expert 2" in a.detail
             assert [(m.rule, m.text) for m in ma] == [(m.rule, m.text) for m in mb]
