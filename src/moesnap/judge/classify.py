@@ -1,7 +1,10 @@
 """The classifier: is a candidate array the golden one up to float noise?
 
-Pure numpy; it knows nothing of stores, models or torch.  It is the judge of
-the whole tool, so every decision is written down here.
+Numpy; it knows nothing of stores or models.  It is the judge of the whole
+tool, so every decision is written down here.  The same statistics are
+computed in torch on a device where :mod:`moesnap.judge.device` says so
+(``device=``: :mod:`moesnap.judge.torch_stats`, :mod:`moesnap.judge.torch_rows`),
+with the same verdicts and numbers (sums up to their last bits).
 
 Inputs
     numpy arrays only (bfloat16 arrives as float32 arrays holding bfloat16

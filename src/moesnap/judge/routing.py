@@ -5,7 +5,8 @@ near-tie rule: a flip between experts whose golden router logits lie within ``ti
 ``ROUTING_TIE``, a wider one ``DIVERGE``); :func:`tie_gap` measures that distance;
 :func:`align_topk_weights` puts per-expert arrays in expert-id order to compare them consistently;
 :func:`expert_scale_errors` estimates each expert's relative scale error over the tokens routed to it.
-Pure numpy, like :mod:`moesnap.judge.classify`, whose verdicts and formatting (:mod:`moesnap.judge.verdict`) it shares.
+Numpy, like :mod:`moesnap.judge.classify`, whose verdicts and formatting (:mod:`moesnap.judge.verdict`) it shares
+(the expert-scale sums also in torch: :func:`moesnap.judge.torch_rows.device_pair_sums`).
 """
 
 from __future__ import annotations
