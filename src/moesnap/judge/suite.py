@@ -125,6 +125,9 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
     if cases:
         kind = _PER_LAYER_NAMES.get(per_layer or "") if per else None
         all_notes += drift_notes(policy, dtype if len(set(dtypes)) == 1 else max(dtypes, key=_width), n_layer, kind)
+    if on is not None:
+        all_notes.append(f"judge: statistics computed by {on}" + (
+            f" (arrays of {on.min_elements:,} elements or more; numpy the rest)" if on.min_elements else ""))
     suffix = {"replay": " + replay", "local": " + local re-reference"}.get(per_layer or "", "") if per else ""
     unjudged = tuple(f"{name}: {left[name.rsplit('/', 1)[0]] if name.rsplit('/', 1)[0] in left else left[name]}"
                      for name in off_golden)
