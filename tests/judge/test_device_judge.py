@@ -107,6 +107,15 @@ def test_the_environment_chooses_the_path(monkeypatch):
         judge_device(None, "fast")
 
 
+def test_a_bad_choice_is_refused_in_one_line_with_exit_2(monkeypatch, capsys, tiny_path):
+    from moesnap.cli import main
+
+    monkeypatch.setenv(ENV, "gpu")
+    code = main(["-q", "check", str(tiny_path), "--suite", "tiny", "--store", GOLDENS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["moesnap: error: MOESNAP_JUDGE='gpu': expected one of auto, cpu, device"], err
+
+
 def test_auto_leaves_small_arrays_and_other_dtypes_to_numpy():
     on = JudgeDevice("cuda:0", DEVICE_MIN_ELEMENTS)
     small, big = np.zeros(16, np.float32), np.zeros(DEVICE_MIN_ELEMENTS, np.float32)
