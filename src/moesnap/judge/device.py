@@ -25,7 +25,10 @@ whose difference overflows float64 are judged by numpy whatever the choice.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +87,30 @@ def judge_device(candidate_device: Any = None, mode: str | None = None) -> Judge
 
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     return JudgeDevice(dev, 0)
+
+
+_STREAMS = threading.local()
+
+
+@contextlib.contextmanager
+def stream_on(device: Any) -> Iterator[None]:
+    """On a CUDA device, run the block on this thread's own stream (each judge thread's copies and kernels
+    then overlap the other threads'; reading a result back waits for this thread's work alone); elsewhere
+    nothing."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        yield
+        return
+    streams = getattr(_STREAMS, "by_device", None)
+    if streams is None:
+        streams = _STREAMS.by_device = {}
+    key = str(dev)
+    if key not in streams:
+        streams[key] = torch.cuda.Stream(device=dev)
+    with torch.cuda.stream(streams[key]):
+        yield
 
 
 def to_device(a: Any, device: Any, start: int = 0, stop: int | None = None) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .device import to_device
+from .device import stream_on, to_device
 from .torch_stats import BUDGET, times_pow2
 
 
@@ -36,6 +36,12 @@ def device_row_stats(golden: Any, candidate: Any, limit: float, axis: int | None
     """The row rule's figures for ``golden`` against ``candidate`` (rows along the last axis; ``axis``
     the token axis, not the last, or None), rows of ``excluded`` tokens and rows non-finite on either
     side left out; ``floor_share`` is :data:`moesnap.judge.classify.ROW_NORM_FLOOR`."""
+    with stream_on(device):
+        return _device_row_stats(golden, candidate, limit, axis, excluded, floor_share, device)
+
+
+def _device_row_stats(golden: Any, candidate: Any, limit: float, axis: int | None, excluded: tuple[int, ...],
+                      floor_share: float, device: Any) -> RowStats:
     dev = torch.device(device)
     shape = tuple(int(s) for s in golden.shape)
     width = shape[-1]
@@ -99,6 +105,14 @@ def device_pair_sums(ids: np.ndarray, expert_out: Any, weights: np.ndarray | Non
     (token, slot) is ``expert_out`` (``[T, k, H]``; with ``order`` ``[T, k]``, its slots taken in that
     order) times ``weights`` (``[T, k]``, or None: as it is), the residual ``candidate - golden``
     (``[T, H]`` or ``[T, k, H]``), both in float64."""
+    with stream_on(device):
+        return _device_pair_sums(ids, expert_out, weights, order, golden, candidate, total, exclude_tokens,
+                                 min_share, device)
+
+
+def _device_pair_sums(ids: np.ndarray, expert_out: Any, weights: np.ndarray | None, order: np.ndarray | None,
+                      golden: Any, candidate: Any, total: Any, exclude_tokens: Collection[int], min_share: float,
+                      device: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     dev = torch.device(device)
     f64 = torch.float64
     T, k = ids.shape

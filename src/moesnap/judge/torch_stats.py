@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .device import to_device
+from .device import stream_on, to_device
 from .ratios import admitted
 from .tolerances import Tolerance
 from .verdict import MAX_BAD_TOKENS, Metrics
 
-#: elements per slice on the device (about 10 float64 temporaries each)
-BUDGET = 1 << 22
+#: elements per slice on the device (about a dozen float64 temporaries each: ~200 MiB per judge thread)
+BUDGET = 1 << 21
 
 
 def pow2(k: torch.Tensor) -> torch.Tensor:
@@ -74,6 +74,12 @@ def device_metrics(golden: Any, candidate: Any, tol: Tolerance, axis: int | None
     tensors), computed on ``device``; None where the numpy path must judge (a float64 difference
     overflowed).  ``axis`` is the token axis (normalised, or None), ``excluded`` the tokens left out,
     ``exact`` whether both sides are integers (compared exactly)."""
+    with stream_on(device):
+        return _device_metrics(golden, candidate, tol, axis, excluded, exact, device)
+
+
+def _device_metrics(golden: Any, candidate: Any, tol: Tolerance, axis: int | None, excluded: tuple[int, ...],
+                    exact: bool, device: Any) -> Metrics | None:
     shape = tuple(int(s) for s in golden.shape)
     N = int(np.prod(shape, dtype=np.int64))
     per_token = axis is not None
