@@ -10,7 +10,9 @@ bfloat16 with stage-local replay), each judged both ways from one forward.
 What "the same" means (:func:`assert_same`): verdict, detail text, counts, indices, tokens, maxima and
 ``closeness`` are equal; the sums (cosine, rel_l2, nmse, mean_abs, the row rule's relative error) agree to
 1e-9 relative, being added in another order; a number printed with 6 significant digits may then differ
-in its last digit only where its value sits on a rounding boundary.
+in its last digit only where its value sits on a rounding boundary.  The one exception is a cosine near 0
+from cancelling terms (``g . c`` summing +-9e18 to 1e5): any two summation orders differ there by up to
+``n * 2**-52`` of the cosine's scale (1), so it is held to 1e-12 absolute, in the metrics and in the detail.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def _same_text(a: str, b: str) -> bool:
     na, nb = NUMBER.findall(a), NUMBER.findall(b)
     if NUMBER.sub("#", a) != NUMBER.sub("#", b) or len(na) != len(nb):
         return False
-    return all(x == y or _close(float(x), float(y), 2e-5) for x, y in zip(na, nb))
+    return all(x == y or _close(float(x), float(y), 2e-5) or abs(float(x) - float(y)) <= 1e-12
+               for x, y in zip(na, nb))
 
 
 def assert_same(a, b, where: str = "") -> None:
@@ -72,7 +75,9 @@ def assert_same(a, b, where: str = "") -> None:
     ma, mb = a.metrics, b.metrics
     for name in ma.__dataclass_fields__:
         x, y = getattr(ma, name), getattr(mb, name)
-        if name in SUMMED:
+        if name == "cosine":          # a sum of signed terms: cancellation bounds it absolutely
+            assert _close(x, y, 1e-9) or abs(x - y) <= 1e-12, (where, name, x, y)
+        elif name in SUMMED:
             assert _close(x, y, 1e-9), (where, name, x, y)
         elif name in EXACT_FLOATS:
             assert _close(x, y, 0.0), (where, name, x, y)

@@ -18,6 +18,7 @@ from .routing import MIN_SHARE, expert_scale_errors, per_expert
 from .tolerances import Tolerance
 from .verdict import Result, Verdict
 
+
 @dataclass(frozen=True)
 class ExpertInputs:
     """The expert rule's golden side, as read from the golden case (the arithmetic is left to the stage
