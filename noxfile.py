@@ -45,7 +45,7 @@ TYPED = [f"src/moesnap/{m}" for m in (
     "store/s3.py", "store/open.py",
     "judge/__init__.py", "judge/tolerances.py", "judge/classify.py", "judge/routing.py", "judge/compare.py", "judge/report.py",
     "judge/verdict.py", "judge/ratios.py", "judge/chunked.py", "judge/pool.py", "judge/margins.py", "judge/attrs.py",
-    "judge/experts.py",
+    "judge/experts.py", "judge/device.py", "judge/torch_stats.py", "judge/torch_rows.py",
     "judge/policy.py", "judge/suite.py", "judge/html.py", "judge/distribution.py", "run/serving.py",
     "model/faults.py", "model/kvcache.py", "model/serve.py", "model/kernels.py",
     "run/__init__.py", "run/trace.py", "run/goldens.py", "run/check.py", "run/compare.py", "run/calibrate.py",

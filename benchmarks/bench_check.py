@@ -18,12 +18,18 @@ so.  Goals (issue 14, on the H200 host): check float32 <= 1.2x floor, bfloat16 r
 with stage-local replay <= 1.5x, compare with local re-reference <= 2x generation, generation of 48
 layers <= 45 s and <= 6 GiB.
 
+``--judge cpu,device`` runs every check and compare row once per judge (``MOESNAP_JUDGE``: numpy on the
+host's cores, or torch on the candidate's device, :mod:`moesnap.judge.device`), in the same run, and says
+whether their verdicts agree stage by stage; ``--no-compare`` leaves out the trace and compare rows.
+
     python benchmarks/bench_check.py [--preset qwen3-30b-a3b] [--layers N] [--device cpu|cuda] [--work DIR]
+                                     [--judge cpu,device] [--no-compare]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -36,9 +42,12 @@ PROMPT_128 = ("def route(tokens, experts):\n    # pick the top-k experts for eve
               "    return [e(t) for t in tokens for e in experts]\n")[:128]
 
 
-def run(argv: list[str]) -> tuple[float, float, int]:
-    """(wall seconds, peak resident GiB, exit code) of ``python -m moesnap ARGV`` in a child process."""
+def run(argv: list[str], judge: str | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak resident GiB, exit code) of ``python -m moesnap ARGV`` in a child process
+    (``judge``: its ``MOESNAP_JUDGE``)."""
     env = {**os.environ, "MOESNAP_NO_PROGRESS": "1"}
+    if judge is not None:
+        env["MOESNAP_JUDGE"] = judge
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "moesnap", "-q", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -49,6 +58,16 @@ def run(argv: list[str]) -> tuple[float, float, int]:
     if rc not in (0, 1):
         raise SystemExit(f"moesnap {' '.join(argv)} exited {rc}:\n{err[-2000:]}")
     return wall, usage.ru_maxrss / 2**20, rc
+
+
+def stage_verdicts(report: Path) -> list[tuple]:
+    """(mode, case, layer, stage, verdict) of every stage result of a JSON report, in its order."""
+    d = json.loads(report.read_text())
+    replay = d.get("replay") if isinstance(d.get("replay"), dict) else {}
+    out = []
+    for mode, results in (("free", d.get("results") or []), ("replay", replay.get("results") or [])):
+        out += [(mode, r.get("case"), r.get("layer"), r.get("stage"), r.get("verdict")) for r in results]
+    return out
 
 
 def read_floor(paths: list[Path]) -> float:
@@ -68,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="default: 48 on CUDA, 2 on the CPU")
     ap.add_argument("--device", default=None, help="cuda when available, else cpu")
     ap.add_argument("--work", default=None, help="where the model and goldens go (default: a temporary directory)")
+    ap.add_argument("--judge", default=None, help="comma-separated MOESNAP_JUDGE values to time: cpu, device, auto "
+                                                  "(default: as the environment says)")
+    ap.add_argument("--no-compare", action="store_true", help="leave out the trace and compare rows")
     a = ap.parse_args(argv)
+    judges: list[str | None] = [j.strip() for j in a.judge.split(",") if j.strip()] if a.judge else [None]
+    if any(j not in ("cpu", "device", "auto") for j in judges):
+        raise SystemExit(f"--judge {a.judge!r}: expected cpu, device and/or auto")
     import torch
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,16 +112,27 @@ def main(argv: list[str] | None = None) -> int:
         read_floor([model, store])           # the page cache as a check finds it after generation
         floor = read_floor([model, store])
         rows = []
-        for label, extra in (("check float32 (router replay)", ["--dtype", "float32"]),
-                             ("check bfloat16, router replay", ["--dtype", "bfloat16", "--no-replay"]),
-                             ("check bfloat16, + stage-local replay", ["--dtype", "bfloat16"])):
-            wall, rss, rc = run(["check", str(model), "--suite", "bench", "--store", str(store), "--device", device,
-                                 *extra, "--force", "--json", str(work / "report.json")])
-            rows.append((label, wall, rss, rc))
-        tr, _, _ = run(["trace", str(model), "--prompt", PROMPT_128, "--candidate", "--device", device,
-                        "--out", str(dump), "--force"])
-        cmp_wall, cmp_rss, cmp_rc = run(["compare", "bench", str(dump), "--store", str(store), "--model", str(model),
-                                         "--force", "--json", str(work / "compare.json")])
+        verdicts: dict[str, list[list[tuple]]] = {}
+        for judge in judges:
+            tag = f" [judge {judge}]" if judge else ""
+            for label, extra in (("check float32 (router replay)", ["--dtype", "float32"]),
+                                 ("check bfloat16, router replay", ["--dtype", "bfloat16", "--no-replay"]),
+                                 ("check bfloat16, + stage-local replay", ["--dtype", "bfloat16"])):
+                report = work / "report.json"
+                wall, rss, rc = run(["check", str(model), "--suite", "bench", "--store", str(store), "--device",
+                                     device, *extra, "--force", "--json", str(report)], judge)
+                rows.append((label, tag, wall, rss, rc))
+                verdicts.setdefault(label, []).append(stage_verdicts(report))
+        cmp_rows = []
+        if not a.no_compare:
+            tr, _, _ = run(["trace", str(model), "--prompt", PROMPT_128, "--candidate", "--device", device,
+                            "--out", str(dump), "--force"])
+            for judge in judges:
+                report = work / "compare.json"
+                cmp_wall, cmp_rss, cmp_rc = run(["compare", "bench", str(dump), "--store", str(store), "--model",
+                                                 str(model), "--force", "--json", str(report)], judge)
+                cmp_rows.append((f" [judge {judge}]" if judge else "", cmp_wall, cmp_rss, cmp_rc))
+                verdicts.setdefault("compare", []).append(stage_verdicts(report))
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -106,15 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  I/O floor (read model + goldens once)        {floor:8.2f} s")
     goals = {"check float32 (router replay)": 1.2, "check bfloat16, router replay": 1.3,
              "check bfloat16, + stage-local replay": 1.5}
-    for label, wall, rss, rc in rows:
+    for label, tag, wall, rss, rc in rows:
         verdict = "pass" if rc == 0 else "FAIL"
-        print(f"  {label:<44} {wall:8.2f} s  {wall / floor:6.2f}x floor (goal <= {goals[label]}x)  "
+        print(f"  {label + tag:<60} {wall:8.2f} s  {wall / floor:6.2f}x floor (goal <= {goals[label]}x)  "
               f"peak {rss:5.2f} GiB  {verdict}")
     print(f"  golden generation (CPU)                      {gen:8.2f} s  {gen / layers:6.2f} s/layer (fixed costs "
           f"included)  peak {gen_rss:5.2f} GiB  (goal: 48 layers <= 45 s, <= 6 GiB on 16 cores)")
-    print(f"  trace --candidate (the dump)                 {tr:8.2f} s")
-    print(f"  compare DUMP --model (local re-reference)    {cmp_wall:8.2f} s  {cmp_wall / gen:6.2f}x generation "
-          f"(goal <= 2x)  peak {cmp_rss:5.2f} GiB  {'pass' if cmp_rc == 0 else 'FAIL'}")
+    if not a.no_compare:
+        print(f"  trace --candidate (the dump)                 {tr:8.2f} s")
+        for tag, cmp_wall, cmp_rss, cmp_rc in cmp_rows:
+            print(f"  {'compare DUMP --model (local re-reference)' + tag:<60} {cmp_wall:8.2f} s  "
+                  f"{cmp_wall / gen:6.2f}x generation (goal <= 2x)  peak {cmp_rss:5.2f} GiB  "
+                  f"{'pass' if cmp_rc == 0 else 'FAIL'}")
+    if len(judges) > 1:
+        for label, runs in verdicts.items():
+            same = all(r == runs[0] for r in runs[1:])
+            print(f"  verdicts of {label}: {'identical' if same else 'DIFFER'} across judges "
+                  f"({len(runs[0])} stage results)")
     return 0
 
 

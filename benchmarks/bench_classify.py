@@ -9,6 +9,7 @@ them.  Goal: compare_cases <= 2x the baseline.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from moesnap.case import Case
 from moesnap.judge.compare import compare_cases
+from moesnap.judge.device import JudgeDevice
 from moesnap.judge.tolerances import Tolerances
 
 T, H, HQ, HKV, D, E, K, V, L = 128, 2048, 32, 4, 128, 128, 8, 151936, 2
@@ -52,7 +54,25 @@ def best(fn, n: int = 3) -> float:
     return min(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    global T, L
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--judge", default="cpu", help="comma-separated: cpu (numpy), device (torch)")
+    ap.add_argument("--device", default=None, help="the device judge's torch device (default: cuda if any, else cpu)")
+    ap.add_argument("--tokens", type=int, default=T)
+    ap.add_argument("--layers", type=int, default=L)
+    a = ap.parse_args(argv)
+    T, L = a.tokens, a.layers
+    judges = [j.strip() for j in a.judge.split(",") if j.strip()]
+    bad = [j for j in judges if j not in ("cpu", "device")]
+    if bad:
+        raise SystemExit(f"--judge {a.judge!r}: expected cpu and/or device")
+    on: dict[str, JudgeDevice | None] = {"cpu": None}
+    if "device" in judges:
+        import torch
+
+        dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on["device"] = JudgeDevice(dev, 0)
     rng = np.random.default_rng(0)
     g = make_case(rng)
     c = perturbed(g, rng)
@@ -61,16 +81,18 @@ def main() -> None:
     tols = Tolerances.defaults()
     rep = compare_cases(g, c, tols, dtype="float32")
     assert rep.passed, [(r.layer, r.stage, r.verdict) for r in rep.results if not r.result.passed][:5]
-    read = best(lambda: [np.add.reduce(a, axis=None) for a in arrays])
-    print(f"bench_classify: {len(rep.results)} stages, {nbytes / 2**20:.0f} MiB (golden + candidate), "
-          f"{os.cpu_count()} CPUs")
+    read = best(lambda: [np.add.reduce(x, axis=None) for x in arrays])
+    print(f"bench_classify: {len(rep.results)} stages, {T} tokens x {L} layers, {nbytes / 2**20:.0f} MiB "
+          f"(golden + candidate), {os.cpu_count()} CPUs")
     print(f"  read the bytes once (baseline):       {read * 1e3:8.1f} ms  ({nbytes / read / 2**30:.2f} GiB/s)")
     # float32's rules admit no element outside; bfloat16's admit 0.1-0.5 %, so the deciding ratio is the
     # k-th largest of many (k ~ 10^5 for the logits) rather than the maximum
-    for dtype in ("float32", "bfloat16"):
-        judge = best(lambda: compare_cases(g, c, tols, dtype=dtype))
-        print(f"  classify every stage, {dtype:<9} tols: {judge * 1e3:8.1f} ms  ({nbytes / judge / 2**30:.2f} GiB/s)"
-              f"  {judge / read:6.2f}x read (goal <= 2x)")
+    for name in judges:
+        where = "numpy" if on[name] is None else str(on[name])
+        for dtype in ("float32", "bfloat16"):
+            judge = best(lambda: compare_cases(g, c, tols, dtype=dtype, device=on[name]))
+            print(f"  {where:<16} every stage, {dtype:<9} tols: {judge * 1e3:8.1f} ms  "
+                  f"({nbytes / judge / 2**30:.2f} GiB/s)  {judge / read:6.2f}x read (goal <= 2x)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The classifier: is a candidate array the golden one up to float noise?
 
-Pure numpy; it knows nothing of stores, models or torch.  It is the judge of
-the whole tool, so every decision is written down here.
+Numpy; it knows nothing of stores or models.  It is the judge of the whole
+tool, so every decision is written down here.  The same statistics are
+computed in torch on a device where :mod:`moesnap.judge.device` says so
+(``device=``: :mod:`moesnap.judge.torch_stats`, :mod:`moesnap.judge.torch_rows`),
+with the same verdicts and numbers (sums up to their last bits).
 
 Inputs
     numpy arrays only (bfloat16 arrives as float32 arrays holding bfloat16
@@ -109,6 +112,7 @@ import numpy as np
 
 from ..errors import MoesnapError
 from .chunked import chunked_metrics
+from .device import JudgeDevice
 from .ratios import closeness_of, ratios
 from .tolerances import Tolerance
 from .verdict import MAX_BAD_TOKENS, Metrics, Result, Verdict, bad_tokens_text, fmt, json_float
@@ -249,6 +253,7 @@ def classify(
     token_axis: int | None = 0,
     exclude_tokens: Collection[int] = (),
     absent_tokens: int = 0,
+    device: JudgeDevice | None = None,
 ) -> Result:
     """Judge ``candidate`` against ``golden`` under ``tol`` (see the module docstring).
 
@@ -259,18 +264,20 @@ def classify(
     ``absent_tokens``: how many of the excluded tokens are excluded because the
     candidate does not hold them (an imported dump that kept some tokens' rows),
     not for a routing flip; the detail says so.
+    ``device``: compute the statistics in torch there (:mod:`moesnap.judge.device`) where it takes the
+    pair; the verdict and the numbers the reports print are numpy's.
     """
     n_excluded = len({int(t) for t in exclude_tokens})
     if not 0 <= absent_tokens <= n_excluded:
         raise ValueError(f"{absent_tokens=} must be between 0 and the {n_excluded} excluded tokens")
     res = _classify_elements(golden, candidate, tol, token_axis=token_axis, exclude_tokens=exclude_tokens,
-                             absent_tokens=absent_tokens)
+                             absent_tokens=absent_tokens, device=device)
     if res.metrics is None or not math.isfinite(tol.row_rel_l2) or res.verdict not in (Verdict.MATCH, Verdict.DIVERGE):
         return res
     assert golden is not None and candidate is not None   # metrics come from two arrays
     if golden.dtype.kind in "biu" and candidate.dtype.kind in "biu":
         return res
-    return _row_rule(res, golden, candidate, tol, _token_axis(token_axis, golden.ndim))
+    return _row_rule(res, golden, candidate, tol, _token_axis(token_axis, golden.ndim), device)
 
 
 
@@ -279,16 +286,53 @@ def classify(
 ROW_NORM_FLOOR = 0.25
 
 
-def _row_rule(res: Result, golden: np.ndarray, candidate: np.ndarray, tol: Tolerance, axis: int | None) -> Result:
+def _row_rule(res: Result, golden: np.ndarray, candidate: np.ndarray, tol: Tolerance, axis: int | None,
+              device: JudgeDevice | None = None) -> Result:
     """Apply ``tol.row_rel_l2`` to every judged, finite row (a vector along the last axis).
 
     rel(row) = ||c - g|| / max(||g||, ROW_NORM_FLOOR * median row norm), in float64 at a
     power-of-two scale per row (no overflow).  Arrays with fewer than two axes, or whose
-    token axis is the last one, have no rows.
+    token axis is the last one, have no rows.  ``device``: the figures computed there
+    (:func:`moesnap.judge.torch_rows.device_row_stats`), else by numpy (:func:`row_stats`).
     """
     shape = golden.shape
     if golden.ndim < 2 or axis == golden.ndim - 1 or golden.size == 0:
         return res
+    if device is not None and device.takes(golden, candidate):
+        from .torch_rows import device_row_stats
+
+        stats = device_row_stats(golden, candidate, tol.row_rel_l2, axis, res.excluded_tokens, ROW_NORM_FLOOR,
+                                 device.device)
+    else:
+        stats = row_stats(golden, candidate, tol.row_rel_l2, axis, res.excluded_tokens)
+    n_rows, max_rel, worst_flat, n_bad_rows, bad_row_tok = stats
+    if n_rows == 0:
+        return res
+    m = res.metrics
+    assert m is not None   # classify applies the row rule to judged arrays only
+    if not n_bad_rows:
+        return Result(res.verdict, replace(m, max_row_rel_l2=max_rel), res.detail, res.flipped_tokens,
+                      res.excluded_tokens)
+    bad_tok = np.unique(np.concatenate([np.asarray(m.bad_tokens, dtype=np.int64), bad_row_tok]))
+    n_bad_tokens = max(m.n_bad_tokens, int(bad_tok.size))
+    worst_row = tuple(int(i) for i in np.unravel_index(worst_flat, shape[:-1]))
+    metrics = replace(m, max_row_rel_l2=max_rel, n_bad_rows=n_bad_rows,
+                      first_bad_token=int(bad_tok[0]) if bad_tok.size else m.first_bad_token,
+                      bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]), n_bad_tokens=n_bad_tokens)
+    detail = (f"{n_bad_rows} of {n_rows} rows with relative L2 error above row_rel_l2={tol.row_rel_l2:g} "
+              f"(worst {fmt(max_rel)} at row {worst_row})")
+    if res.verdict == Verdict.DIVERGE:
+        detail = f"{res.detail}; {detail}"
+    else:
+        detail = f"{detail}; elementwise: {res.detail}"
+    return Result(Verdict.DIVERGE, metrics, detail, res.flipped_tokens, res.excluded_tokens)
+
+
+def row_stats(golden: np.ndarray, candidate: np.ndarray, limit: float, axis: int | None,
+              excluded: tuple[int, ...]) -> tuple[int, float, int, int, np.ndarray]:
+    """The row rule's figures, by numpy: (judged rows, largest relative error, flat index over the rows
+    of the first row holding it, rows above ``limit``, the sorted tokens of those rows)."""
+    shape = golden.shape
     width = shape[-1]
     g = golden.astype(np.float64, copy=False).reshape(-1, width)
     c = candidate.astype(np.float64, copy=False).reshape(-1, width)
@@ -296,11 +340,11 @@ def _row_rule(res: Result, golden: np.ndarray, candidate: np.ndarray, tol: Toler
     row_tok = None
     if axis is not None:
         row_tok = np.unravel_index(np.arange(g.shape[0]), shape[:-1])[axis]
-        if res.excluded_tokens:
-            keep &= ~np.isin(row_tok, np.asarray(res.excluded_tokens))
+        if excluded:
+            keep &= ~np.isin(row_tok, np.asarray(excluded))
     rows = np.flatnonzero(keep)
     if rows.size == 0:
-        return res
+        return 0, 0.0, -1, 0, np.zeros(0, np.int64)
     g, c = g[rows], c[rows]
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
         top = np.maximum(np.abs(g).max(axis=1), np.abs(c).max(axis=1))
@@ -314,28 +358,9 @@ def _row_rule(res: Result, golden: np.ndarray, candidate: np.ndarray, tol: Toler
         rel = np.where(dn == 0, 0.0, dn / den)
     rel = np.where(np.isnan(rel), np.inf, rel)
     worst = int(np.argmax(rel))
-    max_rel = float(rel[worst])
-    bad = rel > tol.row_rel_l2
-    m = res.metrics
-    assert m is not None   # classify applies the row rule to judged arrays only
-    if not bad.any():
-        return Result(res.verdict, replace(m, max_row_rel_l2=max_rel), res.detail, res.flipped_tokens,
-                      res.excluded_tokens)
-    n_bad_rows = int(bad.sum())
-    bad_tok = np.unique(np.concatenate([np.asarray(m.bad_tokens, dtype=np.int64),
-                                        row_tok[rows[bad]] if row_tok is not None else np.zeros(0, np.int64)]))
-    n_bad_tokens = max(m.n_bad_tokens, int(bad_tok.size))
-    worst_row = tuple(int(i) for i in np.unravel_index(int(rows[worst]), shape[:-1]))
-    metrics = replace(m, max_row_rel_l2=max_rel, n_bad_rows=n_bad_rows,
-                      first_bad_token=int(bad_tok[0]) if bad_tok.size else m.first_bad_token,
-                      bad_tokens=tuple(int(t) for t in bad_tok[:MAX_BAD_TOKENS]), n_bad_tokens=n_bad_tokens)
-    detail = (f"{n_bad_rows} of {rows.size} rows with relative L2 error above row_rel_l2={tol.row_rel_l2:g} "
-              f"(worst {fmt(max_rel)} at row {worst_row})")
-    if res.verdict == Verdict.DIVERGE:
-        detail = f"{res.detail}; {detail}"
-    else:
-        detail = f"{detail}; elementwise: {res.detail}"
-    return Result(Verdict.DIVERGE, metrics, detail, res.flipped_tokens, res.excluded_tokens)
+    bad = rel > limit
+    bad_tok = np.unique(row_tok[rows[bad]]) if row_tok is not None else np.zeros(0, np.int64)
+    return int(rows.size), float(rel[worst]), int(rows[worst]), int(bad.sum()), bad_tok
 
 
 def _classify_elements(
@@ -346,6 +371,7 @@ def _classify_elements(
     token_axis: int | None = 0,
     exclude_tokens: Collection[int] = (),
     absent_tokens: int = 0,
+    device: JudgeDevice | None = None,
 ) -> Result:
     if golden is None or candidate is None:
         side = "golden and candidate" if golden is None and candidate is None else (
@@ -360,7 +386,13 @@ def _classify_elements(
     axis = _token_axis(token_axis, golden.ndim)
     excluded = _excluded(exclude_tokens, axis, shape)
     exact = golden.dtype.kind in "biu" and candidate.dtype.kind in "biu"
-    metrics = chunked_metrics(golden, candidate, tol, axis, excluded)
+    metrics = None
+    if device is not None and device.takes(golden, candidate):
+        from .torch_stats import device_metrics
+
+        metrics = device_metrics(golden, candidate, tol, axis, excluded, exact, device.device)
+    if metrics is None:
+        metrics = chunked_metrics(golden, candidate, tol, axis, excluded)
     if metrics is None:
         metrics = _general_metrics(golden, candidate, tol, axis, excluded, exact)
     verdict, detail = _judge(metrics, tol, exact, golden, candidate, shape, excluded, axis, absent_tokens)

@@ -38,6 +38,7 @@ from ..errors import GoldenError, MoesnapError
 from ..stages import LAYER_STAGES, POST_ROUTING_STAGES
 from .attrs import Second, followed_routes, golden_rows, held_notes, held_tokens, own_ids, seconds
 from .classify import classify
+from .device import JudgeDevice
 from .experts import classify_stage, expert_inputs
 from .margins import Margin, margins, routing_margins
 from .pool import submit_stage
@@ -197,6 +198,8 @@ class _Walk:
     c_follow: Mapping[int, dict[int, np.ndarray]]
     #: the candidate's second values of a stage (attrs.seconds), judged beside the value its stage holds
     seconds: Mapping[tuple[int | None, str], list[Second]] = field(default_factory=dict)
+    #: where the statistics are computed (:mod:`moesnap.judge.device`; None: numpy)
+    device: JudgeDevice | None = None
 
     def has(self, stage: str, layer: int | None) -> bool:
         if layer is None:
@@ -248,7 +251,7 @@ class _Judged:
 
 
 def _walk(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: str, mode: str, propagate: bool,
-          allow_missing: bool) -> _Walk:
+          allow_missing: bool, device: JudgeDevice | None = None) -> _Walk:
     """The walk of ``candidate`` against ``golden``: what its attributes say read (and refused where
     malformed), the rows it does not hold set to the golden's; a candidate of more layers refused."""
     n_layer = golden.n_layer
@@ -267,12 +270,12 @@ def _walk(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: 
     return _Walk(name=name, golden=golden, candidate=golden_rows(golden, candidate, held), tols=tols, dtype=dtype,
                  mode=mode, per_layer=mode in PER_LAYER_MODES, propagate=propagate, allow_missing=allow_missing,
                  n_tokens=T, n_layer=n_layer, held=masks, g_follow=g_follow, c_follow=c_follow,
-                 seconds=seconds(candidate, where=f"{name} (candidate)"))
+                 seconds=seconds(candidate, where=f"{name} (candidate)"), device=device)
 
 
 def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: str = "case",
                   allow_missing: bool = False, layers: Iterable[int] | None = None,
-                  propagate: bool = True, mode: str = "free-running") -> CaseReport:
+                  propagate: bool = True, mode: str = "free-running", device: JudgeDevice | None = None) -> CaseReport:
     """Judge every stage of ``candidate`` against ``golden``.
 
     ``allow_missing``: stages the candidate does not have at all (an engine
@@ -293,11 +296,12 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     where that input holds only some tokens, the layer (stage) is not judged in
     that mode.
     Stages are classified concurrently (numpy releases the GIL: :mod:`moesnap.judge.pool`); results
-    keep computation order.
+    keep computation order.  ``device``: their statistics computed in torch there
+    (:func:`moesnap.judge.device.judge_device`); None: by numpy.
     """
     check_same_tokens(golden, candidate, where=name)
     w = _walk(golden, candidate, tols, dtype=dtype, name=name, mode=mode, propagate=propagate,
-              allow_missing=allow_missing)
+              allow_missing=allow_missing, device=device)
     notes = [] if not w.held or w.per_layer else held_notes(
         name, {key: np.flatnonzero(mask) for key, mask in w.held.items()}, w.n_tokens)
     model_stages, model_notes = _model_stages(w, whole_model=layers is None)
@@ -441,7 +445,8 @@ def _judge_stage(w: _Walk, stage: str, layer: int | None, g: np.ndarray | None, 
     experts = None
     if math.isfinite(tol.expert_scale) and stage in ("expert_out", "moe_out") and layer is not None:
         experts = expert_inputs(w.golden, layer, stage)
-    return _Judged(layer, stage, submit_stage(classify_stage, g, c, tol, exclude, experts, len(absent)), mask)
+    return _Judged(layer, stage, submit_stage(classify_stage, g, c, tol, exclude, experts, len(absent), w.device),
+                   mask)
 
 
 def _judge_routing(w: _Walk, layer: int, g: np.ndarray | None, c: np.ndarray | None, earlier: tuple[int, ...],

@@ -5,7 +5,8 @@ near-tie rule: a flip between experts whose golden router logits lie within ``ti
 ``ROUTING_TIE``, a wider one ``DIVERGE``); :func:`tie_gap` measures that distance;
 :func:`align_topk_weights` puts per-expert arrays in expert-id order to compare them consistently;
 :func:`expert_scale_errors` estimates each expert's relative scale error over the tokens routed to it.
-Pure numpy, like :mod:`moesnap.judge.classify`, whose verdicts and formatting (:mod:`moesnap.judge.verdict`) it shares.
+Numpy, like :mod:`moesnap.judge.classify`, whose verdicts and formatting (:mod:`moesnap.judge.verdict`) it shares
+(the expert-scale sums also in torch: :func:`moesnap.judge.torch_rows.device_pair_sums`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,16 @@ def expert_scale_errors(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray,
     ``total`` (``[T, H]``, what the contributions sum to) pairs below :data:`MIN_SHARE` of their
     token's total are left out.  Non-finite
     pairs and excluded tokens are left out."""
+    dots, sq, var, keep = expert_pair_sums(ids, contrib, resid, exclude_tokens, total)
+    return per_expert(ids, dots, sq, var, keep)
+
+
+def expert_pair_sums(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray, exclude_tokens: Collection[int] = (),
+                     total: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The sums over ``H`` of :func:`expert_scale_errors`, per (token, slot) ``[T, k]``: ``<r, a>``,
+    ``|a|^2``, ``sum r_i^2 a_i^2``, and which pairs count (finite, not excluded, not below
+    :data:`MIN_SHARE` of their token's total).  The device judge computes the same
+    (:func:`moesnap.judge.torch_rows.device_pair_sums`)."""
     ids = np.asarray(ids)
     T, k = ids.shape
     a = np.asarray(contrib, dtype=np.float64).reshape(T, k, -1)
@@ -123,6 +134,13 @@ def expert_scale_errors(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray,
         with np.errstate(over="ignore", invalid="ignore"):
             tsq = np.einsum("th,th->t", tot, tot)[:, None]
         keep &= sq >= (MIN_SHARE ** 2) * tsq
+    return dots, sq, var, keep
+
+
+def per_expert(ids: np.ndarray, dots: np.ndarray, sq: np.ndarray, var: np.ndarray, keep: np.ndarray
+               ) -> list[tuple[int, float, float, int, int]]:
+    """:func:`expert_scale_errors`' answer from its per-pair sums (:func:`expert_pair_sums`)."""
+    ids = np.asarray(ids)
     out = []
     for e in np.unique(ids[keep]).tolist():
         sel = keep & (ids == e)

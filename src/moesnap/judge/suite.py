@@ -19,6 +19,7 @@ import numpy as np
 from ..case import Case
 from ..errors import GoldenError
 from .compare import PER_LAYER_MODES, CaseReport, compare_cases
+from .device import judge_device
 from .distribution import NextToken, next_tokens
 from .policy import Policy
 from .pool import case_processes, submit_case
@@ -71,16 +72,19 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
                 mode: str = "free-running", per_layer: str | None = None, allow_missing: bool = False,
                 notes: Sequence[str] = (), hint: str | None = None, golden_cases: Sequence[str] = (),
                 ignored: Mapping[str, Sequence[str]] | None = None, case_hint: str | None = None,
-                single_case: bool = False) -> Report:
+                single_case: bool = False, device: Any = None, judge: str | None = None) -> Report:
     """Judge every pair (consumed one at a time: a producer may make them lazily) under ``policy``.
 
     ``mode``: the free-running mode's name; ``per_layer``: the kind of the pairs' per-layer
     judgements (``"replay"`` or ``"local"``; None: none).  ``allow_missing``: stages the candidate
-    lacks are skipped, not ``MISSING``.  The other keywords say what the report is about (see
-    :class:`Report`)."""
+    lacks are skipped, not ``MISSING``.  ``device``: the torch device the candidate ran on (None: no
+    torch forward); with ``judge`` (``auto``, ``cpu``, ``device``; None: ``$MOESNAP_JUDGE``) it decides
+    where the statistics are computed (:func:`moesnap.judge.device.judge_device`).  The other keywords
+    say what the report is about (see :class:`Report`)."""
     if per_layer is not None and per_layer not in PER_LAYER_MODES:
         raise ValueError(f"per_layer={per_layer!r}; expected one of {', '.join(PER_LAYER_MODES)}")
     tols = policy.tolerances
+    on = judge_device(device, judge)
     cases: list[CaseReport] = []
     per: list[CaseReport] = []
     case_notes: list[str] = []
@@ -94,16 +98,17 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
     processes = case_processes() > 0
     pending: list[tuple[Pair, Case, str, CaseReport | Future[CaseReport], CaseReport | Future[CaseReport] | None]] = []
 
-    def judge(p: Pair, golden_rows: Case, d: str) -> None:
+    def start(p: Pair, golden_rows: Case, d: str) -> None:
         pl = p.per_layer
         run = submit_case if processes and p.step is not None else _now
+        where = None if run is submit_case else on      # a worker process judges with numpy
         free = run(compare_cases, golden_rows, p.candidate, tols, dtype=d, name=p.name, allow_missing=allow_missing,
-                   mode=mode)
+                   mode=mode, device=where)
         per_rep = None
         if pl is not None:
             pg = pl.golden if pl.golden.tokens.shape == pl.candidate.tokens.shape else pl.golden.rows(pl.candidate.positions)
             per_rep = run(compare_cases, pg, pl.candidate, tols, dtype=d, name=p.name, allow_missing=True,
-                          layers=pl.layers, propagate=False, mode=per_layer or "replay")
+                          layers=pl.layers, propagate=False, mode=per_layer or "replay", device=where)
         pending.append((p, golden_rows, d, free, per_rep))
         if run is _now:     # judged already: taken now, so that a large case is not held to the end
             settle()
@@ -140,13 +145,16 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
             continue
         dtypes.append(d)
         n_layer = max(n_layer, p.golden.n_layer)
-        judge(p, golden_rows, d)
+        start(p, golden_rows, d)
     settle()
     dtype = _one_dtype(dtypes, policy)
     all_notes = list(notes) + case_notes + list(policy.notes)
     if cases:
         kind = _PER_LAYER_NAMES.get(per_layer or "") if per else None
         all_notes += drift_notes(policy, dtype if len(set(dtypes)) == 1 else max(dtypes, key=_width), n_layer, kind)
+    if on is not None:
+        all_notes.append(f"judge: statistics computed by {on}" + (
+            f" (arrays of {on.min_elements:,} elements or more; numpy the rest)" if on.min_elements else ""))
     suffix = {"replay": " + replay", "local": " + local re-reference"}.get(per_layer or "", "") if per else ""
     unjudged = tuple(f"{name}: {left[name.rsplit('/', 1)[0]] if name.rsplit('/', 1)[0] in left else left[name]}"
                      for name in off_golden)

@@ -112,7 +112,7 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
     notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}")
     report = judge_suite(pairs(), policy, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})",
                          mode=mode, per_layer="replay" if replay else None, notes=notes,
-                         hint=None if router_replay else "leave router replay on (drop --no-router-replay)")
+                         hint=None if router_replay else "leave router replay on (drop --no-router-replay)", device=device)
     unfired = faults.unfired()
     if unfired:
         why = ("no token of any case routes to that expert there" if unfired[0].kind == "nan" else

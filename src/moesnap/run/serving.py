@@ -139,7 +139,7 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
     mode = "free-running, router replay" if router_replay else "free-running"
     report = judge_suite(pairs(), policy, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})",
                          mode=mode, per_layer="replay" if replay else None, notes=notes,
-                         golden_cases=tuple(n for n, _ in goldens))
+                         golden_cases=tuple(n for n, _ in goldens), device=device)
     unfired = faults.unfired()
     if unfired:
         raise UsageError(f"{unfired[0].option}: the planted fault did not fire in this run, so this self-test "
