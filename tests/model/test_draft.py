@@ -178,3 +178,13 @@ def test_a_bad_draft_device_is_refused_in_one_line_not_fallen_back_from(model, m
     with pytest.raises(UsageError) as err:
         trace.greedy_draft(model, PROMPT, 2)
     assert str(err.value) == message
+
+
+def test_on_the_cpu_the_file_pages_a_layer_read_are_released_after_it(model, monkeypatch):
+    """Resident memory stays the kept copies plus a layer's working set, as the reference's does."""
+    released: Counter[str] = Counter()
+    monkeypatch.setattr(type(model), "release_tensor", lambda self, name: released.update([name]))
+    propose(model, PROMPT, 3)                                  # a prefill and 2 steps: 3 forwards
+    L = model.config.n_layer
+    assert all(released[f"blk.{i}.ffn_down_exps"] == 3 and released[f"blk.{i}.attn_q"] == 3 for i in range(L))
+    assert released["output"] == 1

@@ -23,7 +23,9 @@ the same forward (the same dequantization and the same arithmetic, so the same c
 Experts stay dequantized per step (only the 8 each token routes to): keeping them would hold every
 expert of every layer in float32 (2.4 GB per layer at the 30B-A3B shape).  What is kept: float32
 copies of the dense weights and the output matrix, about ``4 * (n_layer * H * (2 * q_dim + 2 * kv_dim + E)
-+ V * H)`` bytes (:func:`kept_bytes`) (~4.9 GB for 48 layers of 30B-A3B, ~0.6 GB for 2), for one proposal only.
++ V * H)`` bytes (:func:`kept_bytes`; ~4.9 GB for 48 layers of 30B-A3B, ~0.6 GB for 2), for one proposal
+only.  On the CPU the file's pages a layer read leave the process after the layer (as the reference's do),
+so the proposal's resident memory is those copies plus one layer's working set.
 
 :func:`draft_device` picks where proposals run: a CUDA device where one is present and its free
 memory holds the model's stored bytes and those copies with room to spare (the decode steps
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from .candidate import CandidateModel, _Dense
+from .candidate import CandidateModel, _Call, _Dense
 from .faults import NO_FAULTS, Faults
 from .kvcache import KVCache
 from .recorder import NullRecorder, Recorder
@@ -79,10 +81,18 @@ class Drafter(CandidateModel):
             w = self._layers[i] = super()._dense(i, faults)
         return w
 
+    def _layer(self, i: int, x: torch.Tensor, c: _Call) -> torch.Tensor:
+        out = super()._layer(i, x, c)
+        if not self.resident:    # on the CPU: the file's pages this layer read leave the resident set, as the
+            self.model.release_layer(i)   # reference's do (they stay in the page cache; a step maps 8 experts again)
+        return out
+
     def _head(self, x: torch.Tensor, rec: Recorder) -> torch.Tensor:
         """The logits ``[1, V]`` of the last row of ``x [T, H]`` only (a proposal needs the next token)."""
         if self._head_weights is None:
             self._head_weights = (self._weight("output_norm", NO_FAULTS), self._weight("output", NO_FAULTS))
+            if not self.resident:
+                self.model.release_tensor("output")
         norm, out = self._head_weights
         return self._norm(x[-1:], norm) @ out.T                                # [1, V]
 
