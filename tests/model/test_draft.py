@@ -188,3 +188,15 @@ def test_on_the_cpu_the_file_pages_a_layer_read_are_released_after_it(model, mon
     L = model.config.n_layer
     assert all(released[f"blk.{i}.ffn_down_exps"] == 3 and released[f"blk.{i}.attn_q"] == 3 for i in range(L))
     assert released["output"] == 1
+
+
+def test_goldens_generate_refuses_a_misnamed_draft_device_in_one_line_writing_nothing(monkeypatch, tmp_path, capsys):
+    from moesnap.cli.main import main
+
+    monkeypatch.setenv(draft.DEVICE_VARIABLE, "tpu")
+    store = tmp_path / "store"
+    assert main(["-q", "goldens", "generate", str(tiny_path()), "--suite", "d", "--store", str(store),
+                 "--tokens", "1,2", "--decode", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == "moesnap: error: MOESNAP_DRAFT_DEVICE='tpu': expected cpu, cuda or cuda:N\n"
+    assert not store.exists()

@@ -196,8 +196,11 @@ def continued_reference(model: ModelWeights, prompt: Sequence[int], *, decode: i
         case = run_case(model, ids + given, dtype=dtype, prompt=prompt_text, show_progress=show_progress)
         case.attrs["reference_forwards"] = 1
         return _decoded(case, ids, given, "given")
-    status(f"proposing a greedy continuation of {decode} token{'' if decode == 1 else 's'} (the candidate, "
-           f"KV cache); the reference's forward verifies it", enabled=show_progress and decode > 0)
+    from ..model.draft import draft_device
+
+    status(f"proposing a greedy continuation of {decode} token{'' if decode == 1 else 's'} (the candidate on "
+           f"{draft_device(model) if decode > 0 else 'cpu'}, KV cache); the reference's forward verifies it",
+           enabled=show_progress and decode > 0)
     draft = greedy_draft(model, ids, decode)
     P = len(ids)
     for forwards in range(1, decode + 3):
