@@ -153,9 +153,11 @@ def test_the_draft_device_is_the_variables_else_a_cuda_device_it_fits_on_else_th
     monkeypatch.delenv(draft.DEVICE_VARIABLE, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert draft_device(model) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert draft_device(model) == torch.device("cpu")        # a small model: starting CUDA costs more
+    monkeypatch.setattr(draft, "CUDA_FROM_BYTES", stored_bytes(model))
     need = stored_bytes(model) + kept_bytes(model) + 4 * 2 * 3 * 8 * 256 * 64
     free = [0]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free[0], 10 * free[0]))
     free[0] = int(need / draft.CUDA_SHARE) + 1
     assert draft_device(model) == torch.device("cuda")

@@ -29,7 +29,7 @@ so the proposal's resident memory is those copies plus one layer's working set.
 
 :func:`draft_device` picks where proposals run: a CUDA device where one is present and its free
 memory holds the model's stored bytes and those copies with room to spare (the decode steps
-dequantize there at device speed), else the CPU.  ``MOESNAP_DRAFT_DEVICE`` (``cpu``, ``cuda``,
+dequantize there at device speed; a model of less than 256 MiB stays on the CPU), else the CPU.  ``MOESNAP_DRAFT_DEVICE`` (``cpu``, ``cuda``,
 ``cuda:N``) overrides the choice.
 """
 
@@ -55,6 +55,10 @@ DEVICE_VARIABLE = "MOESNAP_DRAFT_DEVICE"
 
 #: the part of a CUDA device's free memory a proposal may count on
 CUDA_SHARE = 0.8
+
+#: stored bytes from which a model's proposal goes to a CUDA device (below, starting CUDA costs more than
+#: the CPU's whole proposal: the bundled tiny model's takes ~0.05 s there)
+CUDA_FROM_BYTES = 256 << 20
 
 
 class Drafter(CandidateModel):
@@ -154,9 +158,10 @@ def kept_bytes(model: ModelWeights) -> int:
 
 
 def draft_device(model: ModelWeights) -> torch.device:
-    """Where proposals for ``model`` run (module docstring): ``$MOESNAP_DRAFT_DEVICE``, else the current
-    CUDA device when its free memory holds the model's stored bytes, the kept weights and a whole
-    layer's experts dequantized, within :data:`CUDA_SHARE` of it, else the CPU."""
+    """Where proposals for ``model`` run (module docstring): ``$MOESNAP_DRAFT_DEVICE``, else, for a model
+    of at least :data:`CUDA_FROM_BYTES` stored bytes, the current CUDA device when its free memory holds
+    those bytes, the kept weights and a whole layer's experts dequantized, within :data:`CUDA_SHARE` of
+    it, else the CPU."""
     name = os.environ.get(DEVICE_VARIABLE, "").strip()
     if name:
         if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
@@ -164,10 +169,11 @@ def draft_device(model: ModelWeights) -> torch.device:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError(f"{DEVICE_VARIABLE}={name!r}: no CUDA device is available")
         return torch.device(name)
-    if not torch.cuda.is_available():
+    stored = stored_bytes(model)
+    if stored < CUDA_FROM_BYTES or not torch.cuda.is_available():
         return torch.device("cpu")
     c = model.config
     experts = 4 * 2 * 3 * c.n_expert * c.expert_ff * c.hidden     # a layer's experts dequantized, twice over
     free, _ = torch.cuda.mem_get_info()
-    need = stored_bytes(model) + kept_bytes(model) + experts
+    need = stored + kept_bytes(model) + experts
     return torch.device("cuda") if need <= CUDA_SHARE * free else torch.device("cpu")
