@@ -202,3 +202,21 @@ def test_goldens_generate_refuses_a_misnamed_draft_device_in_one_line_writing_no
     err = capsys.readouterr().err
     assert err == "moesnap: error: MOESNAP_DRAFT_DEVICE='tpu': expected cpu, cuda or cuda:N\n"
     assert not store.exists()
+
+
+def test_a_proposal_runs_its_matmuls_in_float32_even_where_tf32_is_allowed(model, monkeypatch):
+    seen = []
+    real = Drafter.forward_batch
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Drafter, "forward_batch", spy)
+    before = torch.backends.cuda.matmul.allow_tf32      # a flag of torch's (no attribute to monkeypatch)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        propose(model, PROMPT, 2)
+        assert seen == [False, False] and torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

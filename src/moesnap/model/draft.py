@@ -131,11 +131,16 @@ def propose(model: ModelWeights | Drafter, tokens: Sequence[int], n: int, *, dev
         fed = ids[-1:]
     rec = NullRecorder()
     out: list[int] = []
-    while len(out) < n:
-        batch = cache.batch([(0, len(fed))])
-        logits = draft.forward_batch(np.asarray(fed, dtype=np.int64), batch, cache, rec).logits
-        out.append(int(torch.argmax(logits[-1]).item()))
-        fed = out[-1:]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False      # float32 matmuls on CUDA too, as the reference's
+    try:
+        while len(out) < n:
+            batch = cache.batch([(0, len(fed))])
+            logits = draft.forward_batch(np.asarray(fed, dtype=np.int64), batch, cache, rec).logits
+            out.append(int(torch.argmax(logits[-1]).item()))
+            fed = out[-1:]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return out
 
 
