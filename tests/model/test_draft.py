@@ -116,9 +116,9 @@ def test_a_cache_seeded_from_the_references_rows_runs_no_prefill_and_proposes_th
     assert seeded == propose(model, whole[:-1], 4) and rows[0] == len(whole) - 1
 
 
-def test_a_seed_of_the_wrong_shape_is_refused_in_one_line(model):
+def test_a_seed_of_the_wrong_shape_is_refused_not_fallen_back_from(model):
     stages = reference_stages(model, PROMPT[:3])
-    with pytest.raises(UsageError, match=r"seed k_rope/v of shape \[4, 3, 2, 32\]/\[4, 3, 2, 32\]: expected "
+    with pytest.raises(ValueError, match=r"seed k_rope/v of shape \[4, 3, 2, 32\]/\[4, 3, 2, 32\]: expected "
                                          r"\[4, >= 7, 2, 32\]"):
         propose(model, PROMPT, 2, seed={"k_rope": stages["k_rope"], "v": stages["v"]})
 
@@ -136,10 +136,21 @@ def test_a_corrected_proposal_starts_from_the_references_rows(model, monkeypatch
             out[1] = (out[1] + 1) % m.config.vocab_size
         return out
 
+    rows: list[int] = []
+    real_forward = Drafter.forward_batch
+
+    def spy(self, tokens, batch, *args, **kwargs):
+        rows.append(batch.n_rows)
+        return real_forward(self, tokens, batch, *args, **kwargs)
+
     monkeypatch.setattr(trace, "greedy_draft", bad_first)
+    monkeypatch.setattr(Drafter, "forward_batch", spy)
     case = trace.continued_reference(model, PROMPT, decode=N, show_progress=False)
     assert case.attrs["continuation"] == reference_greedy(model, PROMPT, N)
     assert case.attrs["reference_forwards"] == 2 and seeds == [False, True]
+    # the first proposal: a prefill and N-1 steps; the second (after position 1 was corrected): one-row
+    # steps only, the reference's rows in its cache
+    assert rows == [len(PROMPT)] + [1] * (N - 1) + [1] * (N - 2)
 
 
 def test_stored_bytes_are_the_files_tensor_bytes(model):

@@ -108,7 +108,9 @@ def propose(model: ModelWeights | Drafter, tokens: Sequence[int], n: int, *, dev
 
     ``seed``: ``k_rope`` and ``v`` ``[L, >= len(tokens) - 1, Hkv, D]`` of a forward over ``tokens``
     (and maybe more after them), e.g. a reference forward's recorded stages; the cache starts with its
-    rows ``0 .. len(tokens) - 2`` and the first step runs the last token alone (no prefill)."""
+    rows ``0 .. len(tokens) - 2`` and the first step runs the last token alone (no prefill).  A seed of
+    another shape is a caller's mistake (ValueError: not a model the candidate cannot run, which
+    :func:`~moesnap.run.trace.greedy_draft` answers by falling back to the reference)."""
     ids = [int(t) for t in tokens]
     if not ids:
         raise UsageError("an empty prompt: nothing to continue")
@@ -123,7 +125,7 @@ def propose(model: ModelWeights | Drafter, tokens: Sequence[int], n: int, *, dev
         want = (cfg.n_layer, cfg.n_head_kv, cfg.head_dim)
         if (k.ndim != 4 or v.shape != k.shape or (k.shape[0], *k.shape[2:]) != want
                 or k.shape[1] < len(ids) - 1):
-            raise UsageError(f"seed k_rope/v of shape {list(k.shape)}/{list(v.shape)}: expected "
+            raise ValueError(f"seed k_rope/v of shape {list(k.shape)}/{list(v.shape)}: expected "
                              f"[{cfg.n_layer}, >= {len(ids) - 1}, {cfg.n_head_kv}, {cfg.head_dim}]")
         for i in range(cfg.n_layer):
             cache.load(i, 0, torch.from_numpy(np.ascontiguousarray(k[i, :len(ids) - 1])),
