@@ -231,3 +231,20 @@ def test_a_proposal_runs_its_matmuls_in_float32_even_where_tf32_is_allowed(model
         assert seen == [False, False] and torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_cuda_proposal_out_of_memory_is_made_again_on_the_cpu(model, monkeypatch):
+    devices = []
+    real = draft.propose
+
+    def short_of_memory(m, tokens, n, *, device="cpu", seed=None):
+        devices.append(str(device))
+        if str(device) == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(m, tokens, n, device=device, seed=seed)
+
+    monkeypatch.setattr(draft, "draft_device", lambda m: torch.device("cuda"))
+    monkeypatch.setattr(draft, "propose", short_of_memory)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert trace.greedy_draft(model, PROMPT, 3) == reference_greedy(model, PROMPT, 3)
+    assert devices == ["cuda", "cpu"]

@@ -148,8 +148,9 @@ def greedy_draft(model: ModelWeights, tokens: Sequence[int], n: int, *,
                  seed: Mapping[str, np.ndarray] | None = None) -> list[int]:
     """``n`` tokens after ``tokens``, each the argmax of the one before: moesnap's candidate in float32
     through a KV cache (one prefill, then a step per token, nothing recorded; dense weights and the
-    output matrix dequantized once: :mod:`moesnap.model.draft`, on :func:`~moesnap.model.draft.draft_device`),
-    or, for a model the candidate cannot run, the reference over the growing sequence.  ``seed``: a
+    output matrix dequantized once: :mod:`moesnap.model.draft`, on :func:`~moesnap.model.draft.draft_device`;
+    on the CPU again if a CUDA device runs out of memory), or, for a model the candidate cannot run, the
+    reference over the growing sequence.  ``seed``: a
     forward's ``k_rope``/``v`` over ``tokens`` (:func:`~moesnap.model.draft.propose`; no prefill).  A
     proposal only: :func:`continued_reference` keeps what the reference's own logits choose."""
     from ..errors import MoesnapError
@@ -160,7 +161,13 @@ def greedy_draft(model: ModelWeights, tokens: Sequence[int], n: int, *,
         return []
     device = draft_device(model)           # a bad MOESNAP_DRAFT_DEVICE is refused, not fallen back from
     try:
-        return propose(model, ids, n, device=device, seed=seed)
+        try:
+            return propose(model, ids, n, device=device, seed=seed)
+        except torch.cuda.OutOfMemoryError:
+            if device.type != "cuda":
+                raise
+            torch.cuda.empty_cache()        # the device was busier than its free memory said: the CPU proposes
+            return propose(model, ids, n, device="cpu", seed=seed)
     except MoesnapError:     # a tensor type the candidate does not decode: the reference, token by token
         from ..model.reference import run_reference
 
