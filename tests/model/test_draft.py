@@ -248,3 +248,15 @@ def test_a_cuda_proposal_out_of_memory_is_made_again_on_the_cpu(model, monkeypat
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     assert trace.greedy_draft(model, PROMPT, 3) == reference_greedy(model, PROMPT, 3)
     assert devices == ["cuda", "cpu"]
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_draft_proposes_what_it_proposes_on_the_cpu_and_keeps_its_copies_there(model):
+    d = Drafter(model, device="cuda")
+    whole = PROMPT + reference_greedy(model, PROMPT, 2)
+    stages = reference_stages(model, whole)
+    assert propose(d, PROMPT, N) == propose(model, PROMPT, N) == reference_greedy(model, PROMPT, N)
+    assert all(t.device.type == "cuda" for w in d._layers.values() for t in vars(w).values())
+    assert sum(d.kept.values()) == kept_bytes(model)
+    seeded = propose(model, whole[:-1], 3, device="cuda", seed={"k_rope": stages["k_rope"], "v": stages["v"]})
+    assert seeded == propose(model, whole[:-1], 3)
