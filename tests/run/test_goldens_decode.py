@@ -116,9 +116,9 @@ def test_a_wrong_proposal_is_corrected_by_the_references_own_choice(monkeypatch,
     real = trace.greedy_draft
     calls = []
 
-    def bad_first(model, tokens, n):
+    def bad_first(model, tokens, n, **kw):
         calls.append(n)
-        out = real(model, tokens, n)
+        out = real(model, tokens, n, **kw)
         if len(calls) == 1 and n > 2:      # the first proposal goes wrong at its third token
             out[2] = (out[2] + 1) % model.config.vocab_size
         return out

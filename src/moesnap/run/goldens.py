@@ -139,6 +139,10 @@ def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: 
     check_choice(tokenizer)
     given: list[list[int] | str] = [token_ids(value) if kind == "tokens" else str(value) for kind, value in inputs]
     model = open_model(model_path)
+    if n_decode and given_after is None:     # where the greedy continuation is proposed: refused now if misnamed
+        from ..model.draft import draft_device
+
+        draft_device(model)
     tok = None
     cases: list[tuple[str, list[int], str | None, dict[str, Any] | None]] = []
     for i, value in enumerate(given):

@@ -8,7 +8,7 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -134,34 +134,40 @@ def _decoded(case: Case, prompt: Sequence[int], continuation: Sequence[int], sou
     return case
 
 
-def greedy_draft(model: ModelWeights, tokens: Sequence[int], n: int) -> list[int]:
-    """``n`` tokens after ``tokens``, each the argmax of the one before: moesnap's candidate on the CPU in
-    float32 through a KV cache (one prefill, then a step per token, nothing recorded), or, for a model
-    the candidate cannot run, the reference over the growing sequence.  A proposal only:
-    :func:`continued_reference` keeps what the reference's own logits choose."""
+def greedy_draft(model: ModelWeights, tokens: Sequence[int], n: int, *,
+                 seed: Mapping[str, np.ndarray] | None = None) -> list[int]:
+    """``n`` tokens after ``tokens``, each the argmax of the one before: moesnap's candidate in float32
+    through a KV cache (one prefill, then a step per token, nothing recorded; dense weights and the
+    output matrix dequantized once: :mod:`moesnap.model.draft`, on :func:`~moesnap.model.draft.draft_device`;
+    on the CPU again if a CUDA device runs out of memory), or, for a model the candidate cannot run, the
+    reference over the growing sequence.  ``seed``: a
+    forward's ``k_rope``/``v`` over ``tokens`` (:func:`~moesnap.model.draft.propose`; no prefill).  A
+    proposal only: :func:`continued_reference` keeps what the reference's own logits choose."""
     from ..errors import MoesnapError
+    from ..model.draft import draft_device, propose
 
     ids = [int(t) for t in tokens]
     if n <= 0:
         return []
+    device = draft_device(model)           # a bad MOESNAP_DRAFT_DEVICE is refused, not fallen back from
     try:
-        from ..model.candidate import CandidateModel
-        from ..model.serve import Session
-
-        session = Session(CandidateModel(model), capacity=len(ids) + n, record=False)
-        nxt = session.prefill(ids)[-1].next_token()
-        out = [nxt]
-        while len(out) < n:
-            nxt = session.decode(nxt)[0].next_token()
-            out.append(nxt)
-        return out
+        try:
+            return propose(model, ids, n, device=device, seed=seed)
+        except torch.cuda.OutOfMemoryError:
+            if device.type != "cuda":
+                raise
+            torch.cuda.empty_cache()        # the device was busier than its free memory said: the CPU proposes
+            return propose(model, ids, n, device="cpu", seed=seed)
     except MoesnapError:     # a tensor type the candidate does not decode: the reference, token by token
         from ..model.reference import run_reference
 
-        out = []
+        out: list[int] = []
         while len(out) < n:
             out.append(int(torch.argmax(run_reference(model, ids + out)[-1]).item()))
         return out
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()        # the proposal's weights leave the device before the reference runs
 
 
 def continued_reference(model: ModelWeights, prompt: Sequence[int], *, decode: int,
@@ -187,8 +193,11 @@ def continued_reference(model: ModelWeights, prompt: Sequence[int], *, decode: i
         case = run_case(model, ids + given, dtype=dtype, prompt=prompt_text)
         case.attrs["reference_forwards"] = 1
         return _decoded(case, ids, given, "given")
-    status(f"proposing a greedy continuation of {decode} token{'' if decode == 1 else 's'} (the candidate, "
-           f"KV cache); the reference's forward verifies it", enabled=decode > 0)
+    from ..model.draft import draft_device
+
+    status(f"proposing a greedy continuation of {decode} token{'' if decode == 1 else 's'} (the candidate on "
+           f"{draft_device(model) if decode > 0 else 'cpu'}, KV cache); the reference's forward verifies it",
+           enabled=decode > 0)
     draft = greedy_draft(model, ids, decode)
     P = len(ids)
     for forwards in range(1, decode + 3):
@@ -201,7 +210,8 @@ def continued_reference(model: ModelWeights, prompt: Sequence[int], *, decode: i
         status(f"the reference chooses {chosen[wrong]} at decode step {wrong} (proposed: {draft[wrong]}); "
                f"proposing the rest again")
         kept = draft[:wrong] + [chosen[wrong]]
-        draft = kept + greedy_draft(model, ids + kept, decode - len(kept))
+        # the reference's own k_rope/v rows of prompt + kept[:-1] seed the proposal's cache: no prefill
+        draft = kept + greedy_draft(model, ids + kept, decode - len(kept), seed=case.layers)
     raise RuntimeError(f"the reference's greedy continuation of {decode} tokens did not settle in {decode + 2} "
                        f"forwards")
 
