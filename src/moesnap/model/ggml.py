@@ -30,12 +30,28 @@ VEC_DOT_TYPE: dict[str, str | None] = {
 }
 
 
+def _div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """``a / b`` in float32 rounded once, as C's ``a / b`` is.
+
+    Not ``127 / t``: torch computes a number divided by a tensor as ``t.reciprocal() * 127``, two
+    roundings, one ulp away from the quotient for about a quarter of all values (and on CUDA a tensor
+    divided by a number as a product with its reciprocal).  One ulp in ggml's scale moves a product
+    that lies within an ulp of a half across it: that element's 8-bit quant changes by one.
+    """
+    like = a if isinstance(a, torch.Tensor) else b
+    assert isinstance(like, torch.Tensor), "one side is a tensor"
+    num = a if isinstance(a, torch.Tensor) else torch.full_like(like, a)
+    den = b if isinstance(b, torch.Tensor) else torch.full_like(like, b)
+    return num / den
+
+
 def q8_0(x: torch.Tensor) -> torch.Tensor:
     """``x [..., n]`` (n a multiple of 32) rounded to Q8_0 (also Q8_1's values), in float32."""
     b = x.float().reshape(*x.shape[:-1], -1, 32)
     amax = b.abs().amax(-1, keepdim=True)
-    d = (amax / 127).to(torch.float16).float()
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    nz = amax > 0
+    d = _div(amax, 127.0).to(torch.float16).float()
+    inv = torch.where(nz, _div(127.0, torch.where(nz, amax, torch.ones_like(amax))), torch.zeros_like(amax))
     return (torch.round(b * inv) * d).reshape(x.shape)
 
 
@@ -44,8 +60,8 @@ def q8_k(x: torch.Tensor) -> torch.Tensor:
     b = x.float().reshape(*x.shape[:-1], -1, 256)
     mx = b.gather(-1, b.abs().argmax(-1, keepdim=True))           # signed value of largest magnitude
     nz = mx != 0
-    iscale = torch.where(nz, -127 / torch.where(nz, mx, torch.ones_like(mx)), torch.zeros_like(mx))
-    d = torch.where(nz, 1 / torch.where(nz, iscale, torch.ones_like(iscale)), torch.zeros_like(iscale))
+    iscale = torch.where(nz, _div(-127.0, torch.where(nz, mx, torch.ones_like(mx))), torch.zeros_like(mx))
+    d = torch.where(nz, _div(1.0, torch.where(nz, iscale, torch.ones_like(iscale))), torch.zeros_like(iscale))
     return (torch.round(iscale * b).clamp(max=127) * d).reshape(x.shape)
 
 
