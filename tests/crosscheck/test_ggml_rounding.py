@@ -176,3 +176,77 @@ def test_the_row_that_failed_rounds_as_ggml_does(ggml_cpu, weight_type):
     d = np.float32(1.0) / (np.float32(-127.0) / x[0, 189])
     assert want[0, 42] == np.float32(-21.0) * d, "ggml's own quant of element 42 is -21"
     np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------- near halves in local re-reference
+
+#: a 64-token prompt (``[1]`` and 63 draws of ``default_rng(0).integers(3, 272)``) whose llama.cpp forward has
+#: layer 1, token 18, expert 3's down-projection input at a near half: element 187's product with the Q8_K
+#: scale is 3.4999983 in llama.cpp and 3.5000017 in the reference's batched float32 sums
+NEAR_HALF_LAYER, NEAR_HALF_TOKEN, NEAR_HALF_EXPERT = 1, 18, 3
+
+
+def _near_half_prompt() -> list[int]:
+    return [1] + np.random.default_rng(0).integers(3, 272, 63).tolist()
+
+
+@pytest.fixture(scope="module")
+def near_half_run(tmp_path_factory):
+    """(store, llama.cpp's case) for :func:`_near_half_prompt`."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install 'moesnap[llama]')")
+    import moesnap
+    import moesnap.capture
+    from moesnap.model.synth import tiny_path
+
+    store = str(tmp_path_factory.mktemp("near-half"))
+    assert moesnap.generate(tiny_path(), "nh", [_near_half_prompt()], store=store) == "nh@v0001"
+    return store, moesnap.capture.llama_cpp(tiny_path(), _near_half_prompt())
+
+
+def _compare(store, case):
+    import moesnap
+
+    return moesnap.compare("nh", case, store=store, allow_missing=True, show_progress=False)
+
+
+def test_local_re_reference_takes_llama_cpps_rounding_at_a_near_half(near_half_run):
+    """The reference's own float32 sums put one product of that row on the other side of a half (one quant
+    step: 4e-3 of the row, called a divergence before); local re-reference takes llama.cpp's rounding of
+    that element, says so in a note, and every cell passes."""
+    store, case = near_half_run
+    rep = _compare(store, case)
+    assert rep.verdict == "pass", rep.summary()
+    notes = [n for c in rep.replay or () for n in c.notes if "near half" in n]
+    assert len(notes) == 1 and f"layer {NEAR_HALF_LAYER}:" in notes[0], notes
+    assert f"token {NEAR_HALF_TOKEN} expert {NEAR_HALF_EXPERT} element 187" in notes[0], notes
+
+
+def test_one_quant_step_elsewhere_in_that_row_is_still_a_divergence(near_half_run):
+    """Only near-half elements may round either way: one quant step added at an element of the same row
+    that is not at a near half is named at that layer, ``expert_out``, that token."""
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from moesnap.model.ggml import ActivationQuant, near_halves, q8_k
+    from moesnap.model.load import open_model
+    from moesnap.model.synth import tiny_path
+
+    store, case = near_half_run
+    m = open_model(tiny_path())
+    aq, p = ActivationQuant(m.qtypes()), f"blk.{NEAR_HALF_LAYER}."
+    gate, up, down = m.layer(NEAR_HALF_LAYER, torch.float32).experts.expert(NEAR_HALF_EXPERT)
+    x = torch.from_numpy(case.layers["ffn_norm"][NEAR_HALF_LAYER][NEAR_HALF_TOKEN:NEAR_HALF_TOKEN + 1])
+    h = (F.silu(aq(x, p + "ffn_gate_exps") @ gate.T) * (aq(x, p + "ffn_up_exps") @ up.T))[0]
+    near, _ = near_halves(h, aq.type_of(p + "ffn_down_exps"))
+    assert 187 in near.tolist()
+    big = int(h.abs().argmax())
+    d = float(q8_k(h)[big]) / -127.0                                   # the block's scale: one quant step
+    j = next(j for j in range(256) if j not in near.tolist() and j != big)
+    slot = case.layers["topk_ids"][NEAR_HALF_LAYER][NEAR_HALF_TOKEN].tolist().index(NEAR_HALF_EXPERT)
+    eo = case.layers["expert_out"].copy()
+    eo[NEAR_HALF_LAYER, NEAR_HALF_TOKEN, slot] += (d * down[:, j]).numpy()
+    rep = _compare(store, replace(case, layers={**case.layers, "expert_out": eo}))
+    assert rep.verdict == "fail", rep.summary()
+    fd = rep.first_divergence
+    assert (fd.layer, fd.stage, fd.token) == (NEAR_HALF_LAYER, "expert_out", NEAR_HALF_TOKEN), rep.summary()

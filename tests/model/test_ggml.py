@@ -8,7 +8,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from moesnap.model.ggml import VEC_DOT_TYPE, ActivationQuant, q8_0, q8_k, round_activation
+from moesnap.model.ggml import VEC_DOT_TYPE, ActivationQuant, near_halves, q8_0, q8_k, round_activation
 
 
 def _x(rows: int, n: int, seed: int = 0) -> np.ndarray:
@@ -121,3 +121,26 @@ def test_q8_scales_are_one_float32_division_as_in_ggml():
     row[189], row[42] = np.array([0xC0180659, 0xBECDE44F], dtype=np.uint32).view(np.float32)
     d = np.float32(1.0) / (np.float32(-127.0) / row[189])
     assert q8_k(torch.from_numpy(row))[42].item() == np.float32(-21.0) * d
+
+
+@pytest.mark.parametrize("weight_type, block", [("Q4_K", 256), ("Q6_K", 256), ("Q8_0", 32), ("Q5_1", 32)])
+def test_near_halves_are_the_elements_float_noise_can_round_either_way(weight_type, block):
+    """Two elements placed 1e-5 and 3e-6 steps past a half are found, nearest first, with the change of
+    their rounded value had they rounded the other way; elements a quarter step from a half are not."""
+    k8 = VEC_DOT_TYPE[weight_type] == "Q8_K"
+    scales = (np.float32(-127.0 / 2.0), np.float32(127.0 / 2.5)) if k8 else (np.float32(127.0 / 2.0), np.float32(127.0 / 2.5))
+    steps = np.random.default_rng(4).integers(-100, 100, 2 * block) + 0.25   # a quarter step from any half
+    steps[7], steps[block + 9] = 10.5 + 1e-5, -20.5 - 3e-6
+    scale = np.repeat(scales, block)
+    x = (steps / scale).astype(np.float32)
+    x[5], x[block + 3] = 2.0, -2.5                                   # each block's largest magnitude
+    near, step = near_halves(torch.from_numpy(x), weight_type)
+    assert near.tolist() == [block + 9, 7]
+    for i, s in zip(near.tolist(), step.tolist()):
+        prod = float(np.float32(x[i]) * scale[i])
+        q = round(prod)
+        other = int(np.floor(prod)) if q > prod else int(np.ceil(prod))
+        assert abs(s - (other - q) / float(scale[i])) < 1e-3 / abs(float(scale[i])), (i, s, prod)
+    assert near_halves(torch.from_numpy(x), "F32")[0].numel() == 0
+    assert near_halves(torch.from_numpy(x), "F16")[0].numel() == 0
+    assert near_halves(torch.from_numpy(x[:block - 1]), weight_type)[0].numel() == 0

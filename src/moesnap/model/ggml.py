@@ -46,27 +46,70 @@ def _div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     return num / den
 
 
-def q8_0(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., n]`` (n a multiple of 32) rounded to Q8_0 (also Q8_1's values), in float32."""
-    b = x.float().reshape(*x.shape[:-1], -1, 32)
+def _grid_q8_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks ``b [..., 32]``: (each element's product with ggml's inverse scale, the block's scale)."""
     amax = b.abs().amax(-1, keepdim=True)
     nz = amax > 0
     d = _div(amax, 127.0).to(torch.float16).float()
     inv = torch.where(nz, _div(127.0, torch.where(nz, amax, torch.ones_like(amax))), torch.zeros_like(amax))
-    return (torch.round(b * inv) * d).reshape(x.shape)
+    return b * inv, d
 
 
-def q8_k(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., n]`` (n a multiple of 256) rounded to Q8_K, in float32."""
-    b = x.float().reshape(*x.shape[:-1], -1, 256)
+def _grid_q8_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks ``b [..., 256]``: (each element's product with ggml's ``iscale``, the block's scale)."""
     mx = b.gather(-1, b.abs().argmax(-1, keepdim=True))           # signed value of largest magnitude
     nz = mx != 0
     iscale = torch.where(nz, _div(-127.0, torch.where(nz, mx, torch.ones_like(mx))), torch.zeros_like(mx))
     d = torch.where(nz, _div(1.0, torch.where(nz, iscale, torch.ones_like(iscale))), torch.zeros_like(iscale))
-    return (torch.round(iscale * b).clamp(max=127) * d).reshape(x.shape)
+    return iscale * b, d
+
+
+#: activation format -> (elements per block, products and scale of blocks, the largest quant)
+_GRID = {"Q8_0": (32, _grid_q8_0, 127.0), "Q8_1": (32, _grid_q8_0, 127.0), "Q8_K": (256, _grid_q8_k, 127.0)}
+
+
+def _rounded(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    block, grid, top = _GRID[fmt]
+    prod, d = grid(x.float().reshape(*x.shape[:-1], -1, block))
+    return (torch.round(prod).clamp(max=top) * d).reshape(x.shape)
+
+
+def q8_0(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., n]`` (n a multiple of 32) rounded to Q8_0 (also Q8_1's values), in float32."""
+    return _rounded(x, "Q8_0")
+
+
+def q8_k(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., n]`` (n a multiple of 256) rounded to Q8_K, in float32."""
+    return _rounded(x, "Q8_K")
 
 
 _ROUND = {"Q8_0": (q8_0, 32), "Q8_1": (q8_0, 32), "Q8_K": (q8_k, 256)}
+
+#: how close (in quant steps) a product ``scale * x`` may come to a half and count as a near half: ggml's
+#: and the reference's float32 sums before an unexposed matmul input (an expert's SwiGLU) differ by
+#: ~2e-7 relative, which moved such products by 3e-6 and 1.4e-5 steps across a half on the tiny model
+NEAR_HALF = 1e-3
+
+
+def near_halves(x: torch.Tensor, weight_type: str, tol: float = NEAR_HALF) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ggml's 8-bit rounding of the row ``x [n]`` is decided by float noise: the elements whose
+    product with their block's scale lies within ``tol`` steps of a half, nearest first, and for each
+    the change of its rounded value had it rounded the other way (``[m]`` indices, ``[m]`` float32).
+    Empty for weight types whose activation is not 8-bit rounded and rows that are not whole blocks."""
+    fmt = VEC_DOT_TYPE.get(weight_type)
+    empty = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float32)
+    if fmt not in _GRID or x.dim() != 1 or x.shape[0] % _GRID[fmt][0]:
+        return empty
+    block, grid, top = _GRID[fmt]
+    prod, d = grid(x.float().reshape(-1, block))
+    gap = (prod - torch.floor(prod) - 0.5).abs()                     # steps from the nearest half
+    q = torch.round(prod).clamp(max=top)
+    other = torch.where(prod > q, q + 1, q - 1).clamp(max=top)
+    step = ((other - q) * d).reshape(-1)
+    near = ((gap.reshape(-1) < tol) & (step != 0)).nonzero().flatten()
+    near = near[gap.reshape(-1)[near].argsort()]
+    return near, step[near]
 
 
 def round_activation(x: torch.Tensor, weight_type: str) -> torch.Tensor:
@@ -99,7 +142,11 @@ class ActivationQuant:
         self.qtypes = dict(qtypes)
 
     def __call__(self, x: torch.Tensor, tensor: str) -> torch.Tensor:
-        return round_activation(x, self.qtypes.get(tensor.removesuffix(".weight"), "F32"))
+        return round_activation(x, self.type_of(tensor))
+
+    def type_of(self, tensor: str) -> str:
+        """The stored type of ``tensor`` (``F32`` for a tensor the table does not know)."""
+        return self.qtypes.get(tensor.removesuffix(".weight"), "F32")
 
 
 def identity(x: torch.Tensor, tensor: str) -> torch.Tensor:  # noqa: ARG001
