@@ -8,7 +8,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from moesnap.model.ggml import VEC_DOT_TYPE, ActivationQuant, q8_0, q8_k, round_activation
+from moesnap.model.ggml import VEC_DOT_TYPE, ActivationQuant, near_halves, q8_0, q8_k, round_activation
 
 
 def _x(rows: int, n: int, seed: int = 0) -> np.ndarray:
@@ -87,3 +87,60 @@ def test_the_reference_with_ggml_rounding_differs_from_the_plain_reference_by_8_
     assert np.array_equal(a["attn_norm"][0], b["attn_norm"][0])          # no matmul before it
     q_rel = np.linalg.norm(a["q"][0] - b["q"][0]) / np.linalg.norm(a["q"][0])
     assert 1e-3 < q_rel < 2e-2, q_rel
+
+
+def _near_half_blocks(rng: np.random.Generator, n_blocks: int, block: int, scale_of) -> np.ndarray:
+    """Blocks whose elements' products with ggml's scale lie within a few ulps of ``k + 1/2``."""
+    m = (rng.uniform(0.05, 40.0, n_blocks) * rng.choice([-1.0, 1.0], n_blocks)).astype(np.float32)
+    k = rng.integers(-126, 126, (n_blocks, block)) + 0.5
+    x = (k / scale_of(m).astype(np.float64)[:, None]).astype(np.float32)
+    x = x + (rng.integers(-3, 4, x.shape) * np.spacing(x)).astype(np.float32)
+    x = np.clip(x, -np.abs(m)[:, None] * 0.999, np.abs(m)[:, None] * 0.999).astype(np.float32)
+    x[np.arange(n_blocks), rng.integers(0, block, n_blocks)] = m
+    return x
+
+
+def test_q8_scales_are_one_float32_division_as_in_ggml():
+    """ggml divides in C: ``127.f / amax`` (Q8_0) and ``-127.f / max`` (Q8_K), each rounded once.  torch's
+    ``127 / t`` is ``t.reciprocal() * 127`` (rounded twice, one ulp off for a quarter of all values), which
+    moved the Q8_K quant of llama.cpp's layer-3 expert-6 input at position 13 of the near-tie run from -21
+    to -22.  Checked here against numpy's float32 arithmetic on products within ulps of a half."""
+    rng = np.random.default_rng(3)
+    x = _near_half_blocks(rng, 2000, 32, lambda m: np.float32(127.0) / np.abs(m))
+    amax = np.abs(x).max(-1, keepdims=True)
+    want = np.round(x * (np.float32(127.0) / amax)) * (amax / np.float32(127.0)).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(q8_0(torch.from_numpy(x.reshape(-1, 64))).numpy().reshape(x.shape), want)
+
+    x = _near_half_blocks(rng, 400, 256, lambda m: np.float32(-127.0) / m)
+    big = np.take_along_axis(x, np.abs(x).argmax(-1)[:, None], -1)
+    iscale = np.float32(-127.0) / big
+    want = np.minimum(np.round(iscale * x), 127) * (np.float32(1.0) / iscale)
+    np.testing.assert_array_equal(q8_k(torch.from_numpy(x.reshape(-1, 512))).numpy().reshape(x.shape), want)
+
+    row = np.zeros(256, dtype=np.float32)                    # the two elements that decided that row
+    row[189], row[42] = np.array([0xC0180659, 0xBECDE44F], dtype=np.uint32).view(np.float32)
+    d = np.float32(1.0) / (np.float32(-127.0) / row[189])
+    assert q8_k(torch.from_numpy(row))[42].item() == np.float32(-21.0) * d
+
+
+@pytest.mark.parametrize("weight_type, block", [("Q4_K", 256), ("Q6_K", 256), ("Q8_0", 32), ("Q5_1", 32)])
+def test_near_halves_are_the_elements_float_noise_can_round_either_way(weight_type, block):
+    """Two elements placed 1e-5 and 3e-6 steps past a half are found, nearest first, with the change of
+    their rounded value had they rounded the other way; elements a quarter step from a half are not."""
+    k8 = VEC_DOT_TYPE[weight_type] == "Q8_K"
+    scales = (np.float32(-127.0 / 2.0), np.float32(127.0 / 2.5)) if k8 else (np.float32(127.0 / 2.0), np.float32(127.0 / 2.5))
+    steps = np.random.default_rng(4).integers(-100, 100, 2 * block) + 0.25   # a quarter step from any half
+    steps[7], steps[block + 9] = 10.5 + 1e-5, -20.5 - 3e-6
+    scale = np.repeat(scales, block)
+    x = (steps / scale).astype(np.float32)
+    x[5], x[block + 3] = 2.0, -2.5                                   # each block's largest magnitude
+    near, step = near_halves(torch.from_numpy(x), weight_type)
+    assert near.tolist() == [block + 9, 7]
+    for i, s in zip(near.tolist(), step.tolist()):
+        prod = float(np.float32(x[i]) * scale[i])
+        q = round(prod)
+        other = int(np.floor(prod)) if q > prod else int(np.ceil(prod))
+        assert abs(s - (other - q) / float(scale[i])) < 1e-3 / abs(float(scale[i])), (i, s, prod)
+    assert near_halves(torch.from_numpy(x), "F32")[0].numel() == 0
+    assert near_halves(torch.from_numpy(x), "F16")[0].numel() == 0
+    assert near_halves(torch.from_numpy(x[:block - 1]), weight_type)[0].numel() == 0

@@ -27,6 +27,14 @@ recomputed from the engine's last ``layer_out`` and ``logits`` from its
 ``final_norm``.  A layer whose input the dump lacks is not recomputed; the
 caller says so (it is judged free-running only).
 
+For a ggml engine (``aq``: :class:`~moesnap.model.ggml.ActivationQuant`) every matmul input is
+rounded to 8 bits as ggml rounds it, and in llama.cpp's dump every such input but one is the
+engine's own stage, so those roundings agree bit for bit.  The one exception is an expert's down-projection input (the SwiGLU
+output, no stage): the reference computes it with its own float32 sums, and where a product
+``scale * x`` of it falls within that noise of a half the two round it to neighbouring quants (one
+step: ~4e-3 of the row).  There the reference takes the engine's rounding of those elements only
+(:func:`_follow_rounding`), and a note says which.
+
 Memory: one layer's weights at a time (the reference's lazy loader); the
 recomputed stages take what one golden case takes.
 """
@@ -37,13 +45,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..case import Case
 from ..judge.routing import tie_gap
 from ..model.config import Qwen3MoeConfig
 from ..errors import GoldenError
 from ..model.recorder import ArrayRecorder
-from ..model.ggml import identity
+from ..model.ggml import ActivationQuant, identity, near_halves
 from ..model.reference import (ActQuant, RMSNorm, Transformer, causal_attention, expert_outputs, rope_cos_sin,
                                rotate_half)
 from ..stages import LAYER_STAGES
@@ -116,9 +125,55 @@ def _by_ids(values: torch.Tensor | None, ids_from: np.ndarray | None, ids_to: to
     return values.gather(1, idx)
 
 
+#: an expert row whose relative L2 distance to the engine's is below this is float noise (~2e-7 measured
+#: against llama.cpp) and is left alone; one 8-bit quant step moves a row by ~1e-3
+ROW_NOISE = 1e-5
+
+
+@torch.no_grad()
+def _follow_rounding(w: LayerWeights, fn: torch.Tensor, ids: torch.Tensor, eo: torch.Tensor, eo_e: torch.Tensor,
+                     aq: ActivationQuant, layer: int, rounded: list | None) -> None:
+    """Take the engine's 8-bit rounding of an expert's down-projection input where it sits at a near half.
+
+    That input (the SwiGLU output) is no stage: the reference computes it from the engine's ``ffn_norm``
+    with its own float32 sums, ~2e-7 away from the engine's, and where a product ``scale * h`` lies within
+    that of a half the two round it to neighbouring quants (one step: ~1e-3 of the row).  For each row of
+    ``eo [T, k, H]`` that differs from the engine's ``eo_e`` by more than float noise and whose input has
+    elements within :data:`~moesnap.model.ggml.NEAR_HALF` steps of a half, the row is computed again alone
+    (its own sums may round those elements either way) and each such element is rounded the other way,
+    nearest first, where that brings the row closer to the engine's; the row so made replaces ``eo``'s (in
+    place) where it is the closer of the two, and its near-half elements are appended to ``rounded`` as
+    ``[layer, token, expert, element]``.  Only the rounding of near-half elements can move a row: any other
+    difference is left for the judge."""
+    p = f"blk.{w.index}."
+    down_type = aq.type_of(p + "ffn_down_exps")
+    diff = (eo - eo_e).norm(dim=-1) > ROW_NOISE * eo_e.norm(dim=-1)                # [T, k]
+    experts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for t, slot in diff.nonzero().tolist():
+        e = int(ids[t, slot])
+        if e not in experts:
+            experts[e] = w.experts.expert(e)
+        gate, up, down = experts[e]
+        x = fn[t:t + 1]
+        h = (F.silu(aq(x, p + "ffn_gate_exps") @ gate.T) * (aq(x, p + "ffn_up_exps") @ up.T))[0]   # [F]
+        near, steps = near_halves(h, down_type)
+        if near.numel() == 0:
+            continue                    # no rounding here is decided by noise: the difference is the judge's
+        y = aq(h, p + "ffn_down_exps") @ down.T         # [H] this row alone: its sums, its own roundings
+        for j, step in zip(near.tolist(), steps):
+            change = step * down[:, j]                                                             # [H]
+            if (eo_e[t, slot] - y - change).norm() < (eo_e[t, slot] - y).norm():
+                y = y + change
+        if (eo_e[t, slot] - y).norm() < (eo_e[t, slot] - eo[t, slot]).norm():
+            eo[t, slot] = y
+            if rounded is not None:
+                rounded.extend([layer, t, e, j] for j in near.tolist())
+
+
 @torch.no_grad()
 def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.Tensor, cos, sin,
-           rec: ArrayRecorder, tie_tol: float, followed: list, aq: ActQuant = identity) -> None:
+           rec: ArrayRecorder, tie_tol: float, followed: list, aq: ActQuant = identity,
+           rounded: list | None = None) -> None:
     """Every stage of layer ``i`` from the engine's own value of the stage before it (module docstring)."""
     T, D, p = x.shape[0], cfg.head_dim, f"blk.{i}."
     own = RMSNorm(w.attn_norm, cfg.rms_eps)(x)                                  # [T, H]
@@ -161,12 +216,22 @@ def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.
     rec.save("topk_ids", i, ids)
     rec.save("topk_weights", i, tw)
     eo = expert_outputs(cfg, w, fn, ids, aq)                                     # [T, k, H]
-    rec.save("expert_out", i, eo)
     tw_e = _by_ids(eng.get("topk_weights", tw), cand_ids, ids)
     eo_e = _by_ids(eng.get("expert_out", eo), cand_ids, ids)
+    if eo_e is not None and isinstance(aq, ActivationQuant):
+        _follow_rounding(w, fn, ids, eo, eo_e, aq, i, rounded)
+    rec.save("expert_out", i, eo)
     moe = ((eo if eo_e is None else eo_e) * (tw if tw_e is None else tw_e)[..., None]).sum(dim=1)  # [T, H]
     rec.save("moe_out", i, moe)
     rec.save("layer_out", i, resid + eng.or_own("moe_out", moe))
+
+
+def _rounding_note(rounded: list) -> str:
+    """One line on the expert rows that follow the engine's rounding at a near half."""
+    where = ", ".join(f"token {t} expert {e} element {j}" for _, t, e, j in rounded[:4])
+    more = f" and {len(rounded) - 4} more" if len(rounded) > 4 else ""
+    return (f"the engine's rounding taken for {len(rounded)} 8-bit quant{'s' if len(rounded) != 1 else ''} of an "
+            f"expert's down-projection input at a near half ({where}{more})")
 
 
 def local_reference(model: ModelWeights, candidate: Case, *, tie_tol: float,
@@ -197,8 +262,11 @@ def local_reference(model: ModelWeights, candidate: Case, *, tie_tol: float,
                 raise GoldenError(f"candidate {what}: expected a float array [{T}, {cfg.hidden}], "
                                   f"got {x.dtype} {list(x.shape)}")
             w = model.layer(i, torch.float32)
+            rounded: list = []
             _layer(cfg, w, _Engine(candidate, i), i, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-                   cos, sin, rec, tie_tol, followed, aq)
+                   cos, sin, rec, tie_tol, followed, aq, rounded)
+            if rounded:
+                notes.append(f"layer {i}: {_rounding_note(rounded)}")
             del w
             model.release_layer(i)
             done.append(i)
