@@ -414,7 +414,7 @@ class Tolerances:
         object.__setattr__(self, "stages", MappingProxyType(stages))
         object.__setattr__(self, "tie_tols", MappingProxyType(tie_tols))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Tolerances], tuple[Any, ...]]:
         """Pickled as its constructor's arguments in plain dicts (a read-only mapping view does not
         pickle): the judge hands tolerances to worker processes (:func:`moesnap.judge.pool.submit_case`)."""
         return (Tolerances, ({d: dict(t) for d, t in self.stages.items()}, dict(self.tie_tols),
