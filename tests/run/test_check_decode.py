@@ -300,6 +300,16 @@ def test_the_command_line_judges_steps_in_worker_processes(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["verdict"] == "pass"
 
 
+def test_a_bad_judge_process_count_is_one_line_before_any_work(monkeypatch, capsys):
+    from moesnap.cli.main import main
+
+    monkeypatch.setenv("MOESNAP_JUDGE_PROCESSES", "many")
+    monkeypatch.delenv("MOESNAP_NO_PROGRESS", raising=False)
+    assert main(["check", str(tiny_path()), "--suite", "tiny", "--store", GOLDENS, "--decode", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "moesnap: error: MOESNAP_JUDGE_PROCESSES='many': expected a number of processes (0: none)\n"
+
+
 def test_a_bad_judge_process_count_is_one_line(monkeypatch):
     monkeypatch.setenv("MOESNAP_JUDGE_PROCESSES", "many")
     with pytest.raises(moesnap.MoesnapError, match="MOESNAP_JUDGE_PROCESSES='many': expected a number"):

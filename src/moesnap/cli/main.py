@@ -300,8 +300,12 @@ def _main(argv: list[str], guard: _Interrupts | None = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as e:     # --help, --version: argparse printed them and exits 0
             return e.code if isinstance(e.code, int) else 0
+        from ..judge.device import judge_device
+        from ..judge.pool import case_processes
         from ..util import quiet
 
+        judge_device(None)      # MOESNAP_JUDGE and MOESNAP_JUDGE_PROCESSES: a bad one refused before any work
+        case_processes()
         with quiet(bool(getattr(args, "quiet", False))):     # -q: this command's own switch, not the environment's
             return int(args.func(args) or 0)
     except MoesnapError as e:
