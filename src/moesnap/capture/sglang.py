@@ -53,6 +53,7 @@ from ..case import PARTED, Case
 from ..errors import GoldenError, UsageError
 from ..stages import canonical
 from ._flat import Collector, Like, Parted
+from ._ptload import load_file, load_tensor
 
 #: tag keys that number the forward pass, by dumper release
 PASS_KEYS: tuple[str, ...] = ("forward_pass_id", "step", "curr_step")
@@ -109,48 +110,6 @@ def parse_name(path: Path) -> DumpFile:
     return DumpFile(path, tags)
 
 
-_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
-
-
-def _reason(e: Exception) -> str:
-    """The line of torch.load's error that says what it refused (it wraps it in advice to drop weights_only)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(_BOILERPLATE)]
-    return (lines[0] if lines else f"{type(e).__name__}: {str(e).strip()}")[:200]
-
-
-def load_file(path: Path) -> tuple[np.ndarray, str, dict]:
-    """(the tensor a dumper file holds as numpy, its torch dtype name, the file's ``meta`` or {}), read
-    without running any code the file may hold; bfloat16 and float16 become float32 (exactly)."""
-    import torch
-
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise GoldenError(f"{path}: refused: not plain tensor data (torch.load with weights_only=True: "
-                          f"{_reason(e)}); moesnap never runs code from a dump") from None
-    meta: dict = {}
-    if isinstance(obj, dict) and "value" in obj:
-        found = obj.get("meta")
-        meta = found if isinstance(found, dict) else {}
-        obj = obj["value"]
-    if not isinstance(obj, torch.Tensor):
-        raise GoldenError(f"{path}: holds {type(obj).__name__}, not a tensor")
-    dtype = str(obj.dtype).removeprefix("torch.")
-    try:
-        t = obj.detach()
-        if t.dtype in (torch.bfloat16, torch.float16):
-            t = t.float()
-        return t.numpy(), dtype, meta
-    except Exception as e:
-        raise GoldenError(f"{path}: a {dtype} tensor moesnap cannot read ({type(e).__name__})") from None
-
-
-def load_tensor(path: Path) -> tuple[np.ndarray, str]:
-    """(the tensor a dumper file holds as numpy, its torch dtype name): :func:`load_file` without the meta."""
-    values, dtype, _ = load_file(path)
-    return values, dtype
-
-
 def list_files(path: str | Path) -> list[DumpFile]:
     """Every dumper file in directory ``path`` (every ``*.pt`` file; others are left alone), by dump index."""
     d = Path(path)
@@ -189,6 +148,7 @@ SOURCE_PATCH: dict[str, str] = {
     "attn_pre_o_proj": "attn",
     "moe_router_logits": "router_logits",
     "moe_expert_output": "moe_out",
+    "logits_processor.output": "logits",   # vLLM's port: compute_logits's rows (the requests' last tokens)
 }
 
 
@@ -357,17 +317,22 @@ HEAD_STAGES: tuple[str, ...] = ("q", "k", "v", "q_norm", "k_norm", "q_rope", "k_
 PARTIAL_STAGES: tuple[str, ...] = ("attn_out", "moe_out")
 
 
-def parallel_info(files: list[DumpFile]) -> tuple[int, dict]:
-    """(the world size, rank 0's ``sglang_parallel_info``) from the dumper's meta; (ranks, {}) without it."""
+#: the meta key of each dumper's parallel info (SGLang's, vLLM's port), and its key of the experts' EP size
+PARALLEL_META: dict[str, str] = {"sglang_parallel_info": "moe_ep_size", "vllm_parallel_info": "ep_size"}
+
+
+def parallel_info(files: list[DumpFile]) -> tuple[int, dict, str]:
+    """(the world size, rank 0's parallel info, its meta key: ``sglang_parallel_info`` or vLLM's
+    ``vllm_parallel_info``) from the dumper's meta; (ranks, {}, "") without it."""
     ranks = sorted({f.rank for f in files})
     for f in files:
         if f.rank == 0 and _bare(f.name) not in BOOKKEEPING:
             meta = load_file(f.path)[2]
-            info = meta.get("sglang_parallel_info")
-            if isinstance(info, dict):
-                return int(meta.get("world_size", len(ranks))), info
+            for key in PARALLEL_META:
+                if isinstance(meta.get(key), dict):
+                    return int(meta.get("world_size", len(ranks))), meta[key], key
             break
-    return len(ranks), {}
+    return len(ranks), {}, ""
 
 
 def _like_rank(like: Like, tp: int, where: str) -> Like:
@@ -402,6 +367,8 @@ def _check_prompt(f: DumpFile, values: np.ndarray, like: Like, start: int) -> No
 
 
 _NARROW = ("bfloat16", "float16", "float32", "float64")
+#: one unit in the last place of each dtype, relative: the most a reduction's rounding moves a sum
+_ROUNDING = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float32": 2.0 ** -23, "float64": 2.0 ** -52}
 
 
 def _split_qkv(f: DumpFile, values: np.ndarray, places: list, like: Like) -> list:
@@ -459,11 +426,11 @@ def _replicas(d: Path, reads: dict[int, _Read]) -> None:
                 other = f"rank 0 ({got[1]})" if got is not None else "rank 0, which holds none"
                 name = parse_name(Path(src)).name
                 raise GoldenError(f"{src}: rank {rank} holds another {name} than {other}: a tensor-parallel shard or "
-                                  f"partial sum, and the files carry no meta.sglang_parallel_info to place it by; "
+                                  f"partial sum, and the files carry no meta.sglang_parallel_info (or vLLM's vllm_parallel_info) to place it by; "
                                   f"resharding without it is not supported yet: dump with --tp 1")
 
 
-def _reassembled(d: Path, cases: dict[int, Case], tp: int, info: dict) -> Case:
+def _reassembled(d: Path, cases: dict[int, Case], tp: int, info: dict, key: str) -> Case:
     from .shards import parse_sharding, reassemble
 
     spec: dict[str, str] = {s: "t h[tp] d" for s in HEAD_STAGES if s != "attn"}
@@ -478,8 +445,8 @@ def _reassembled(d: Path, cases: dict[int, Case], tp: int, info: dict) -> Case:
             spec[s] = "t h[tp:partial]"
     spec = {s: v for s, v in spec.items() if any(s in c.layers for c in cases.values())}
     sharding = parse_sharding(spec, f"{d} (tp_size={tp})")
-    case = reassemble([cases[r] for r in range(tp)], sharding, where=f"{d} (tp_size={tp}, from sglang_parallel_info)")
-    case.attrs["sharding"] = {"ranks": tp, **spec, "sglang_parallel_info": info}
+    case = reassemble([cases[r] for r in range(tp)], sharding, where=f"{d} (tp_size={tp}, from {key})")
+    case.attrs["sharding"] = {"ranks": tp, **spec, key: info}
     return case
 
 
@@ -502,9 +469,13 @@ def _same_names(reads: dict[int, _Read]) -> None:
                           f"the ranks' dumps do not match (a rank's dump cut short, or filtered otherwise?)")
 
 
-def _parted_ranks(d: Path, reads: dict[int, _Read], case: Case, tp: int, info: dict) -> list[Parted]:
+def _parted_ranks(d: Path, reads: dict[int, _Read], case: Case, tp: int, info: dict, meta_key: str,
+                  rtol: float) -> list[Parted]:
     """The stages two names gave other values for on some rank, each side reassembled over the ranks as
-    the case is: every rank's earlier value (its kept one where its two names agree) against the case's."""
+    the case is: every rank's earlier value (its kept one where its two names agree) against the case's.
+    A partial sum whose other name is the reduced sum (vLLM: ``mlp.experts.output`` on each rank,
+    ``mlp.output`` all-reduced inside the block) parts on every rank; summed over the ranks, it is left
+    out where it agrees with the reduced sum to ``rtol`` (the rounding of the engine's dtype)."""
     firsts: dict[tuple[str, int | None], Parted] = {}
     for x in reads.values():
         for prt in x.col.parted:
@@ -524,7 +495,7 @@ def _parted_ranks(d: Path, reads: dict[int, _Read], case: Case, tp: int, info: d
                 if held is not None:
                     col.values[key] = held
             others[r] = col.case()
-        other = _reassembled(d, others, tp, info)
+        other = _reassembled(d, others, tp, info, meta_key)
     out = []
     for (stage, layer), prt in firsts.items():
         n = prt.second_rows.shape[0]              # the rows the dump holds: every token's, or the last one's
@@ -532,6 +503,9 @@ def _parted_ranks(d: Path, reads: dict[int, _Read], case: Case, tp: int, info: d
         b = case.stage(stage, layer)
         if a is None or b is None:
             continue
+        if (stage, layer) in sharded and a.shape == b.shape and \
+                bool(np.all(np.abs(a - b) <= rtol * np.abs(b.astype(np.float64)))):
+            continue                             # the ranks' partial sums add up to the reduced one
         out.append(replace(prt, first_rows=np.asarray(a[a.shape[0] - n:]), second_rows=np.asarray(b[b.shape[0] - n:])))
     return out
 
@@ -539,7 +513,7 @@ def _parted_ranks(d: Path, reads: dict[int, _Read], case: Case, tp: int, info: d
 def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple[Case, set[str], list[Parted], set[str]]:
     """The case one pass holds over ``like``'s rows (those at positions ``start``...), its ignored names, the
     stages two of its names gave other values for, and its dtypes."""
-    world, info = parallel_info(p.files)
+    world, info, key = parallel_info(p.files)
     ranks = sorted({f.rank for f in p.files})
     if ranks != list(range(len(ranks))):
         missing = next(r for r in range(max(ranks) + 1) if r not in ranks)
@@ -549,18 +523,21 @@ def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple
                           f"{len(ranks)} rank{'s' if len(ranks) != 1 else ''} ({ranks})")
     tp = int(info.get("tp_size", 1)) if info else 1
     if info and tp not in (1, len(ranks)):
-        raise GoldenError(f"{_first(p.files).path}: sglang_parallel_info says tp_size={tp} over {len(ranks)} ranks: "
+        raise GoldenError(f"{_first(p.files).path}: {key} says tp_size={tp} over {len(ranks)} ranks: "
                           f"only tensor parallelism over every rank (no pipeline or data parallel) can be placed")
-    if info and int(info.get("moe_ep_size", 1)) not in (1, tp):
-        raise GoldenError(f"{_first(p.files).path}: sglang_parallel_info says moe_ep_size={info['moe_ep_size']} "
+    ep = PARALLEL_META.get(key, "")
+    if info and int(info.get(ep, 1)) not in (1, tp):
+        raise GoldenError(f"{_first(p.files).path}: {key} says {ep}={info[ep]} "
                           f"with tp_size={tp}: only experts over every rank can be placed")
     rank_like = _like_rank(like, tp, str(_first(p.files).path)) if tp > 1 else like
     reads = {r: _read_rank([f for f in p.files if f.rank == r], rank_like, start, classic) for r in ranks}
     r0 = reads[0]
     if tp > 1:
         _same_names(reads)
-        case = _reassembled(d, {r: x.col.case() for r, x in reads.items()}, tp, info)
-        parted = _parted_ranks(d, reads, case, tp, info)
+        case = _reassembled(d, {r: x.col.case() for r, x in reads.items()}, tp, info, key)
+        dtypes = set().union(*(x.dtypes for x in reads.values()))
+        parted = _parted_ranks(d, reads, case, tp, info, key, _ROUNDING[next((t for t in _NARROW if t in dtypes),
+                                                                              "float64")])
     else:
         if len(ranks) > 1:
             _replicas(d, reads)
@@ -624,7 +601,8 @@ def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None
     if prompt_like.n_tokens > 1 and not checked and one_row:
         raise GoldenError(f"{d}: every tensor of the pass holds one token: a decode pass? moesnap judges the "
                           f"prefill pass of the golden's prompt (--pass N; dump input_ids too, to check it)")
-    a: dict[str, Any] = {"producer": "sglang", "source": str(d), "forward_pass": first.number,
+    engine = "vllm" if parallel_info(first.files)[2] == "vllm_parallel_info" else "sglang"
+    a: dict[str, Any] = {"producer": engine, "source": str(d), "forward_pass": first.number,
          "ranks": sorted({f.rank for f in first.files})}
     narrow = next((x for x in _NARROW if x in dtypes), None)     # the engine's precision: its narrowest float
     if narrow is not None:

@@ -1,4 +1,4 @@
-"""`moesnap import --format sglang|aprt DIR --like GOLDEN --out CAND.zarr`: another engine's flat dump as a
+"""`moesnap import --format sglang|vllm|aprt DIR --like GOLDEN --out CAND.zarr`: another engine's flat dump as a
 candidate case group."""
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def cmd_import(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="turn another engine's flat dump directory into a candidate case group")
     p.add_argument("dir", help="the dump directory")
-    p.add_argument("--format", required=True, choices=("sglang", "aprt"),
-                   help="sglang: the .pt files of SGLang's dumper; aprt: an aprender trace (layer-<N>/<stage>.bin)")
+    p.add_argument("--format", required=True, choices=("sglang", "vllm", "aprt"),
+                   help="sglang: the .pt files of SGLang's dumper; vllm: those of vLLM's port of it (the same reader); aprt: an aprender trace (layer-<N>/<stage>.bin)")
     p.add_argument("--like", required=True, metavar="GOLDEN",
                    help="the golden the dump is to be judged against (NAME[@vNNNN] in the store, or a case group "
                         "path): it gives the token ids and shapes a flat dump lacks")
@@ -35,6 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", help="golden store root (default goldens/)")
     p.add_argument("--case", help="the golden's case the dump ran (where GOLDEN holds several)")
     p.add_argument("--pass", dest="forward_pass", type=int, metavar="N",
-                   help="sglang: the forward pass to import (forward_pass_id / step in the file names)")
+                   help="sglang, vllm: the forward pass to import (forward_pass_id / step in the file names)")
     p.add_argument("--force", action="store_true", help="replace an existing case group at --out")
     p.set_defaults(func=cmd_import)

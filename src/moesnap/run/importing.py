@@ -21,7 +21,9 @@ from ..errors import UsageError
 if TYPE_CHECKING:
     from ..case import Case
 
-FORMATS: tuple[str, ...] = ("sglang", "aprt")
+FORMATS: tuple[str, ...] = ("sglang", "vllm", "aprt")
+#: formats read by capture/sglang.py: vLLM's dumper is a port of SGLang's (same file names and files)
+DUMPERS: tuple[str, ...] = ("sglang", "vllm")
 
 
 def _golden_case(golden: list[tuple[str, Case]], like: str, case: str | None, fmt: str, dump: str | Path,
@@ -36,7 +38,7 @@ def _golden_case(golden: list[tuple[str, Case]], like: str, case: str | None, fm
         return found[0]
     if len(golden) == 1:
         return golden[0]
-    if fmt == "sglang":
+    if fmt in DUMPERS:
         from ..capture.sglang import dumped_tokens
 
         tokens = dumped_tokens(dump, forward_pass)
@@ -62,8 +64,8 @@ def check_dump(fmt: str, dump: str | Path, forward_pass: int | None = None) -> P
     if not d.is_dir():
         raise UsageError(f"{d}: not a directory (--format {fmt} reads a dump directory)")
     if forward_pass is not None:
-        if fmt != "sglang":
-            raise UsageError(f"--pass: only an SGLang dump holds several forward passes (an {fmt} dump holds one)")
+        if fmt not in DUMPERS:
+            raise UsageError(f"--pass: only an SGLang or vLLM dump holds several forward passes (an {fmt} dump holds one)")
         if forward_pass < 0:
             raise UsageError(f"--pass {forward_pass}: a forward pass number is not negative")
     return d
@@ -82,7 +84,7 @@ def import_dump(fmt: str, dump: str | Path, *, like: str, out: str | Path, store
     _, _, golden = resolve_golden_meta(like, store)
     name, g = _golden_case(golden, like, case, fmt, dump, forward_pass)
     attrs = {"imported": {"format": fmt, "like": like, "case": name}}
-    if fmt == "sglang":
+    if fmt in DUMPERS:
         cand = capture.import_sglang(dump, g, forward_pass=forward_pass, attrs=attrs)
     else:
         cand = capture.import_aprt(dump, g, attrs=attrs)
