@@ -32,7 +32,8 @@ Passes are matched by the ``input_ids`` and ``positions`` they ran: the pass tha
 (or a prefix of it) from position 0 is the case, the decode passes after it (one token each, at the next
 position, the golden's next token) its ``steps``; a warm-up or another request is left out
 (``passes_left_out``).  ``forward_pass`` imports that one pass alone.  Tensor-parallel ranks are
-reassembled from the dumper's ``meta.sglang_parallel_info`` through :mod:`moesnap.capture.shards` (heads
+reassembled from the dumper's ``meta.sglang_parallel_info`` (vLLM's port of the dumper, whose files are the
+same format: ``meta.vllm_parallel_info``; ``--format vllm``) through :mod:`moesnap.capture.shards` (heads
 column-parallel, ``o_proj`` and the experts partial sums where the ranks differ); without that meta a
 rank above 0 must hold rank 0's values.
 
