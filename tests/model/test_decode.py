@@ -101,6 +101,31 @@ def serve(cand: CandidateModel, tokens: list[int], *, paged: bool, chunk: int | 
 # --------------------------------------------------------------------------- one sequence
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_weights_give_the_same_bits_and_are_dequantized_once(model, seq, dtype, monkeypatch):
+    # keep_weights (a serving check's decode steps): each layer's dense weights and the output matrix's
+    # chunks dequantized at their first use, the same tensors and products after, so the same bits
+    plain, keeping = CandidateModel(model, dtype=dtype), CandidateModel(model, dtype=dtype)
+    keeping.keep_weights()
+    want = serve(plain, seq, paged=True)
+    calls: list[str] = []
+    dense = CandidateModel._dequantized_dense
+    monkeypatch.setattr(CandidateModel, "_dequantized_dense",
+                        lambda self, i, faults: calls.append(f"dense {i}") or dense(self, i, faults))
+    got = serve(keeping, seq, paged=True)
+    for a, b in zip(want, got):
+        for stage, x in {**a.case.model, **a.case.layers}.items():
+            y = b.case.model.get(stage, b.case.layers.get(stage))
+            np.testing.assert_array_equal(x, y, err_msg=f"step {a.step} {stage}")
+    assert sorted(calls) == [f"dense {i}" for i in range(model.config.n_layer)]      # once a layer, N + 1 forwards
+    assert any(k[0] == "output" for k in keeping._kept)
+    # another planted fault decodes the weights its own way: nothing kept for one serves the other
+    faults = keeping.faults([parse_inject("scale:layer=1,stage=attn_out,factor=1.05", model.config)])
+    s = Session(keeping, capacity=P + N, paged=True, faults=faults)
+    s.prefill(seq[:P])
+    assert calls.count("dense 1") == 2 and keeping._kept_faults is faults
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_prefill_then_decode_gives_the_rows_of_one_causal_forward(cand, seq, paged):
     rows = serve(cand, seq, paged=paged)

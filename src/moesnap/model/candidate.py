@@ -235,6 +235,29 @@ class CandidateModel:
         self.resident = not on_cpu          # keep uploaded bytes for the model's lifetime
         self._bytes: dict[str, torch.Tensor] = {}
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: with :meth:`keep_weights`: each layer's dense weights and the output matrix's chunks, dequantized
+        #: once for the faults they were decoded under (None: decoded at every forward)
+        self._kept: dict[Any, Any] | None = None
+        self._kept_faults: Faults | None = None
+
+    def keep_weights(self) -> None:
+        """Keep what a forward dequantizes besides the experts (each layer's dense weights, the output
+        matrix in the chunks it is multiplied by) from its first use on, for every later forward of the
+        same planted faults: a server's decode steps, one row each, would otherwise dequantize them again
+        at every step (the output matrix alone is 311 M values at the 30B-A3B shape).  The same tensors
+        and the same chunked products, so the same bits.  Costs their memory: about ``itemsize x (n_layer x
+        H x (2 q_dim + 2 kv_dim + E) + V x H)`` bytes (~2.5 GB in bfloat16 for 48 layers of 30B-A3B)."""
+        if self._kept is None:
+            self._kept = {}
+
+    def _keeping(self, faults: Faults) -> dict[Any, Any] | None:
+        """The kept weights for ``faults`` (those of another planted fault are dropped), or None."""
+        if self._kept is None:
+            return None
+        if faults is not self._kept_faults:
+            self._kept.clear()
+            self._kept_faults = faults
+        return self._kept
 
     def faults(self, injections: Sequence[Any] = ()) -> Faults:
         """The :class:`~moesnap.model.inject.Faults` of ``injections`` for this model (validated)."""
@@ -274,6 +297,15 @@ class CandidateModel:
         return faults.dequantize(data.to(self.device), qtype, layer, name.split(".")[-1], dtype or self.dtype)
 
     def _dense(self, i: int, faults: Faults) -> _Dense:
+        kept = self._keeping(faults)
+        if kept is not None:
+            w = kept.get(("dense", i))
+            if w is None:
+                w = kept[("dense", i)] = self._dequantized_dense(i, faults)
+            return w
+        return self._dequantized_dense(i, faults)
+
+    def _dequantized_dense(self, i: int, faults: Faults) -> _Dense:
         p = f"blk.{i}."
         cfg = self.cfg
         wqkv = torch.empty(cfg.q_dim + 2 * cfg.kv_dim, cfg.hidden, dtype=self.dtype, device=self.device)
@@ -580,7 +612,12 @@ class CandidateModel:
         V = data.shape[0]
         step = max(1, min(V, (self.expert_values // 4) // self.cfg.hidden))
         logits = torch.empty(x.shape[0], V, dtype=self.dtype, device=self.device)
+        kept = self._kept       # no planted fault decodes the output matrix
         for s in range(0, V, step):
-            wchunk = quants_torch.dequantize(data[s:s + step].to(self.device), qtype, out_dtype=self.dtype)
+            wchunk = None if kept is None else kept.get(("output", s))
+            if wchunk is None:
+                wchunk = quants_torch.dequantize(data[s:s + step].to(self.device), qtype, out_dtype=self.dtype)
+                if kept is not None:
+                    kept[("output", s)] = wchunk
             logits[:, s:s + step] = x @ wchunk.T
         return logits

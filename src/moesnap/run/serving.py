@@ -94,6 +94,8 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
     status(f"serving {len(goldens)} case{'s' if len(goldens) != 1 else ''} on {device} in {dname}: prefill + "
            f"{decode} decode step{'s' if decode != 1 else ''} ({how})")
     cand = CandidateModel(model, device=device, dtype=policy.torch_dtype)
+    if decode:
+        cand.keep_weights()     # every step would dequantize the dense weights and the output matrix again
     faults = cand.faults(injections)
     per_case = list(guides) if guides is not None else [None] * len(goldens)
 

@@ -235,7 +235,10 @@ def serve_candidate(model: ModelWeights, prompt: Sequence[int], *, decode: int,
     status(f"serving with the candidate on {device} in {str(dtype).removeprefix('torch.')}: a prefill of "
            f"{len(ids)} tokens, then {decode} decode step{'' if decode == 1 else 's'} through a KV cache, fed "
            + ("the given continuation" if given is not None else "its own greedy choices"))
-    session = Session(CandidateModel(model, device=device, dtype=dtype), capacity=len(ids) + decode)
+    cand = CandidateModel(model, device=device, dtype=dtype)
+    if decode:
+        cand.keep_weights()
+    session = Session(cand, capacity=len(ids) + decode)
     last = session.prefill(ids)[-1]
     prefill = last.case
     fed: list[int] = []
