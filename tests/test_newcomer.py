@@ -183,7 +183,7 @@ def test_import_of_a_missing_directory_says_so_first_and_alone(tmp_path):
 
 @pytest.mark.parametrize("make, extra, words", [
     (lambda d: (d / "dump").write_text("x"), (), "dump: not a directory (--format aprt reads a dump directory)"),
-    (lambda d: (d / "dump").mkdir(), ("--pass", "1"), "--pass: only an SGLang dump holds several forward passes"),
+    (lambda d: (d / "dump").mkdir(), ("--pass", "1"), "--pass: only an SGLang or vLLM dump holds several forward passes"),
     (lambda d: (d / "dump").mkdir(), ("--format", "sglang", "--pass", "-1"), "--pass -1: a forward pass number is not negative"),
 ])
 def test_import_refuses_a_bad_dump_before_torch_loads(tmp_path, make, extra, words):
