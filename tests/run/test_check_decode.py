@@ -314,3 +314,14 @@ def test_a_bad_judge_process_count_is_one_line(monkeypatch):
     monkeypatch.setenv("MOESNAP_JUDGE_PROCESSES", "many")
     with pytest.raises(moesnap.MoesnapError, match="MOESNAP_JUDGE_PROCESSES='many': expected a number"):
         check(decode=1)
+
+
+@pytest.mark.parametrize("spec, layer", [("pad_attend:layer=2", 2), ("swap_rows:layer=3", 3)])
+def test_a_batch_fault_is_named_where_stage_local_replay_sees_it_introduced(spec, layer):
+    # the replay of a batched forward is one batched forward too (the sequences packed, each on its golden
+    # prefix), so a fault between the sequences acts there and its layer is the one that introduces it
+    rep = check(decode=STEPS, dtype="bfloat16", batch=True, inject=[spec])
+    intro = rep.first_introduced()
+    assert rep.verdict == "fail" and intro is not None, rep.summary()
+    assert (intro.case, intro.layer, intro.stage) == ("case0/step0", layer, "attn")
+    assert (rep.first_divergence.case, rep.first_divergence.layer) == ("case0/step0", layer)

@@ -381,3 +381,55 @@ def replay_rows(cand: CandidateModel, golden: Case, positions: Sequence[int], *,
                 attrs={"replay": True, "positions": pos, "step": step,
                        "router_followed": [[f.layer, f.token, list(f.own)] for f in followed]})
     return case, tuple(followed)
+
+
+def replay_batch(cand: CandidateModel, goldens: Sequence[Case], positions: Sequence[Sequence[int]], *,
+                 step: int | None = None, faults: Faults = NO_FAULTS,
+                 paged: bool = False) -> list[tuple[Case, tuple[Followed, ...]]]:
+    """:func:`replay_rows` of one batched forward: sequence ``b`` is ``goldens[b]``'s rows at ``positions[b]``,
+    all of them packed into ONE forward over a cache that holds each sequence's golden prefix, so that a
+    fault acting between the sequences of a batch (``pad_attend``, ``swap_rows``) acts in the replay too and
+    is named where it is introduced.  Returns each sequence's recorded case and followed routes, in order."""
+    if len(goldens) != len(positions) or not goldens:
+        raise UsageError(f"{len(goldens)} goldens for {len(positions)} runs of positions")
+    if len(goldens) == 1:
+        return [replay_rows(cand, goldens[0], positions[0], step=step, faults=faults, paged=paged)]
+    runs = [[int(p) for p in pos] for pos in positions]
+    for g, pos in zip(goldens, runs):
+        if not pos or pos != list(range(pos[0], pos[0] + len(pos))):
+            raise UsageError(f"positions {pos} are not one consecutive run")
+        need = [s for s in ("k_rope", "v", "layer_out") if s not in g.layers] + (["embed"] if "embed" not in g.model
+                                                                                 else [])
+        if need:
+            raise UsageError(f"stage-local replay of serving rows needs the golden's {', '.join(need)}")
+        if pos[-1] >= len(g.tokens):
+            raise UsageError(f"position {pos[-1]} is beyond the golden's {len(g.tokens)} tokens")
+    L = min(g.n_layer for g in goldens)
+    cache = KVCache(cand.cfg, n_seqs=len(goldens), capacity=max(pos[-1] + 1 for pos in runs), paged=paged,
+                    device=cand.device, dtype=cand.dtype)
+    for b, (g, pos) in enumerate(zip(goldens, runs)):
+        for i in range(L if pos[0] else 0):
+            cache.load(i, b, torch.from_numpy(g.layers["k_rope"][i][:pos[0]]), torch.from_numpy(g.layers["v"][i][:pos[0]]))
+    batch = faults.step(cache.batch([(b, len(pos)) for b, pos in enumerate(runs)], step=step))
+    stages = [s for s in goldens[0].layers if all(s in g.layers for g in goldens)]
+    rec, followed = ArrayRecorder(), list[Followed]()
+    for i in range(L):
+        x = np.concatenate([g.model["embed"][pos] if i == 0 else g.layers["layer_out"][i - 1][pos]
+                            for g, pos in zip(goldens, runs)])                          # [T, H] packed
+        force = {s: np.concatenate([g.layers[s][i][pos] for g, pos in zip(goldens, runs)])
+                 for s in stages if all(i < g.layers[s].shape[0] for g in goldens)}
+        out = cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec, force=force, faults=faults,
+                                 batch=batch, cache=cache)
+        followed += out.followed
+    packed = rec.stacked()                                                                # [L, T, ...]
+    bounds = np.cumsum([0, *(len(pos) for pos in runs)])
+    result = []
+    for b, (g, pos) in enumerate(zip(goldens, runs)):
+        lo, hi = int(bounds[b]), int(bounds[b + 1])
+        mine = tuple(Followed(f.layer, f.token - lo, f.own) for f in followed if lo <= f.token < hi)
+        case = Case(tokens=g.tokens[np.asarray(pos)].astype(np.int32), model={},
+                    layers={s: a[:, lo:hi] for s, a in packed.items()},
+                    attrs={"replay": True, "positions": pos, "step": step,
+                           "router_followed": [[f.layer, f.token, list(f.own)] for f in mine]})
+        result.append((case, mine))
+    return result

@@ -71,7 +71,7 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
     bfloat16/float16): each forward's rows also run stage by stage from the golden's values.  ``guides``:
     router replay, one per case, or None to let the candidate route freely."""
     from ..model.candidate import CandidateModel
-    from ..model.serve import GraphDecoder, Session, replay_rows
+    from ..model.serve import GraphDecoder, Session, replay_batch
 
     dname = policy.dtype or "float32"
     if replay is None:
@@ -111,21 +111,23 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
         else:
             forwards = [session.prefill_batch([t[:prompts[i]] for t, i in zip(toks, group)])]
         for n_fwd, rows in enumerate(forwards):
-            for r in rows:
-                name = names[r.seq] if n_fwd == 0 else f"{names[r.seq]}/chunk{n_fwd}"
-                yield _pair(name, gold[r.seq], r.case, None)
+            yield from _pairs([names[r.seq] if n_fwd == 0 else f"{names[r.seq]}/chunk{n_fwd}" for r in rows],
+                              [gold[r.seq] for r in rows], [r.case for r in rows], None)
         decoder = GraphDecoder(session, graph=str(device).startswith("cuda")) if graph else session
         for n in range(decode):
             rows = decoder.decode([t[prompts[i] + n] for t, i in zip(toks, group)])
-            for r in rows:
-                yield _pair(f"{names[r.seq]}/step{n}", gold[r.seq], r.case, n)
+            yield from _pairs([f"{names[r.seq]}/step{n}" for r in rows], [gold[r.seq] for r in rows],
+                              [r.case for r in rows], n)
 
-    def _pair(name: str, golden: Case, rows: Case, step: int | None) -> Pair:
-        per = None
+    def _pairs(names: list[str], golden: list[Case], rows: list[Case], step: int | None) -> Iterator[Pair]:
+        """The pairs of one serving forward's sequences; its stage-local replay is ONE forward too (the
+        sequences of a batch packed together, so that a fault between them acts there as well)."""
+        replays: list[Case | None] = [None] * len(rows)
         if replay:
-            case, _ = replay_rows(cand, golden, rows.positions.tolist(), step=step, faults=faults, paged=paged)
-            per = PerLayer(golden.rows(rows.positions), case)
-        return Pair(name, golden, rows, per, step=step)
+            replays = [c for c, _ in replay_batch(cand, golden, [r.positions.tolist() for r in rows], step=step,
+                                                  faults=faults, paged=paged)]
+        for name, g, r, rep in zip(names, golden, rows, replays):
+            yield Pair(name, g, r, None if rep is None else PerLayer(g.rows(r.positions), rep), step=step)
 
     def pairs() -> Iterator[Pair]:
         groups = [list(range(len(goldens)))] if batch else [[i] for i in range(len(goldens))]
