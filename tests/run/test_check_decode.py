@@ -310,6 +310,22 @@ def test_a_bad_judge_process_count_is_one_line_before_any_work(monkeypatch, caps
     assert err == "moesnap: error: MOESNAP_JUDGE_PROCESSES='many': expected a number of processes (0: none)\n"
 
 
+def test_worker_processes_by_default_only_in_a_moesnap_command(monkeypatch):
+    # a script calling the API would have its own main code run again by every spawned worker
+    from moesnap.judge import pool
+
+    monkeypatch.delenv("MOESNAP_JUDGE_PROCESSES", raising=False)
+    monkeypatch.setattr(pool.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(pool, "_BY_DEFAULT", [False])
+    assert pool.case_processes() == 0
+    pool.processes_by_default()             # what the moesnap command does before it runs
+    assert pool.case_processes() == 8
+    monkeypatch.setattr(pool.os, "cpu_count", lambda: 2)
+    assert pool.case_processes() == 0
+    monkeypatch.setenv("MOESNAP_JUDGE_PROCESSES", "3")
+    assert pool.case_processes() == 3
+
+
 def test_a_bad_judge_process_count_is_one_line(monkeypatch):
     monkeypatch.setenv("MOESNAP_JUDGE_PROCESSES", "many")
     with pytest.raises(moesnap.MoesnapError, match="MOESNAP_JUDGE_PROCESSES='many': expected a number"):

@@ -301,11 +301,12 @@ def _main(argv: list[str], guard: _Interrupts | None = None) -> int:
         except SystemExit as e:     # --help, --version: argparse printed them and exits 0
             return e.code if isinstance(e.code, int) else 0
         from ..judge.device import judge_device
-        from ..judge.pool import case_processes
+        from ..judge.pool import case_processes, processes_by_default
         from ..util import quiet
 
         judge_device(None)      # MOESNAP_JUDGE and MOESNAP_JUDGE_PROCESSES: a bad one refused before any work
         case_processes()
+        processes_by_default()
         with quiet(bool(getattr(args, "quiet", False))):     # -q: this command's own switch, not the environment's
             return int(args.func(args) or 0)
     except MoesnapError as e:

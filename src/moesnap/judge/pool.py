@@ -16,8 +16,11 @@ blocks on the executor it runs on.  Both executors have :func:`workers` threads.
 A third tier is processes (:func:`submit_case`): whole small cases (a decode step's one row, through
 every layer) are judged in worker processes.  Judging one row is mostly Python bytecode around small
 numpy calls, which holds the GIL, so threads cannot overlap it; processes can, and overlap it with
-the candidate's next forward too.  Used where :func:`case_processes` is above 1: a host of 6 CPUs
-or more, or ``MOESNAP_JUDGE_PROCESSES=N``; ``0`` turns it off.
+the candidate's next forward too.  Used where :func:`case_processes` is above 0: ``MOESNAP_JUDGE_PROCESSES=N``
+(``0``: none), else, in a ``moesnap`` command (:func:`processes_by_default`), on a host of 6 CPUs or more.
+A worker process imports the main module of the program that started it (Python's ``spawn``), so a
+script calling the Python API gets workers only when it asks for them, and must then keep its own work
+under ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
@@ -83,12 +86,19 @@ def map_chunks(fn: Callable[[A], T], items: Iterable[A]) -> list[T]:
 
 
 _PROCESSES: list[ProcessPoolExecutor] = []
+_BY_DEFAULT: list[bool] = [False]
+
+
+def processes_by_default() -> None:
+    """Let :func:`case_processes` pick worker processes without ``MOESNAP_JUDGE_PROCESSES``: the ``moesnap``
+    command says so before it runs (its entry module starts nothing when a worker imports it)."""
+    _BY_DEFAULT[0] = True
 
 
 def case_processes() -> int:
-    """Worker processes for whole small cases: ``MOESNAP_JUDGE_PROCESSES`` where set (0: none), else
-    half the CPUs, at most 8, on a host of 6 CPUs or more (none below: a process costs a second to
-    start, more than a few steps' judging on two cores)."""
+    """Worker processes for whole small cases: ``MOESNAP_JUDGE_PROCESSES`` where set (0: none), else, in a
+    ``moesnap`` command, half the CPUs, at most 8, on a host of 6 CPUs or more (none below: a process costs
+    a second to start, more than a few steps' judging on two cores); else none."""
     from ..errors import UsageError
 
     env = os.environ.get("MOESNAP_JUDGE_PROCESSES")
@@ -97,7 +107,7 @@ def case_processes() -> int:
             raise UsageError(f"MOESNAP_JUDGE_PROCESSES={env!r}: expected a number of processes (0: none)")
         return int(env)
     cpus = os.cpu_count() or 1
-    return min(8, cpus // 2) if cpus >= 6 else 0
+    return min(8, cpus // 2) if _BY_DEFAULT[0] and cpus >= 6 else 0
 
 
 def submit_case(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
