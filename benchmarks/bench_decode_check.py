@@ -76,6 +76,7 @@ class _DraftClock:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from moesnap.judge.pool import case_processes, processes_by_default
     from moesnap.model.draft import DEVICE_VARIABLE, draft_device
     from moesnap.model.load import open_model
     from moesnap.store import open_store
@@ -86,17 +87,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32",
+                    help="float32, bfloat16 or both (comma-separated): the check rows for each, on one golden")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--cpu-draft", action="store_true", help="also generate with the proposal on the CPU")
     ap.add_argument("--skip-check", action="store_true", help="golden generation only")
+    ap.add_argument("--check-only", action="store_true",
+                    help="the check rows only: the --decode golden is generated once, untimed")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="worker processes judging decode steps (MOESNAP_JUDGE_PROCESSES); default: what a "
+                         "moesnap command picks on this host")
     ap.add_argument("--no-plain", action="store_true",
                     help="leave out the plain generation of the same P+N tokens (no proposal)")
     ap.add_argument("--no-graph", action="store_true",
                     help="leave out the --cuda-graph row (its static buffers hold every expert dequantized: "
                          "~58 GB at 48 layers in bfloat16)")
     a = ap.parse_args(argv)
+    dtypes = a.dtype.split(",")
+    if not set(dtypes) <= {"float32", "bfloat16", "float16"} or a.skip_check and a.check_only:
+        ap.error(f"--dtype {a.dtype!r}: float32, bfloat16, float16, comma-separated (and not --skip-check with "
+                 f"--check-only)")
+    if a.processes is not None:
+        os.environ["MOESNAP_JUDGE_PROCESSES"] = str(a.processes)
+    processes_by_default()          # as the moesnap command does: decode steps judged in worker processes
     layers = a.layers or (48 if a.device.startswith("cuda") else 2)
     work = a.work or Path(tempfile.mkdtemp(prefix="moesnap-bench-decode-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -116,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         gens["gen_plain"] = {}
     if a.cpu_draft and auto.type != "cpu":
         gens["gen_decode_cpu"] = {DEVICE_VARIABLE: "cpu"}
+    if a.check_only:
+        gens = {"gen_decode": {}}
     times: dict[str, list[float]] = {k: [] for k in (*gens, "check_prefill", "check_decode", "check_graph")}
     drafts: dict[str, list[float]] = {k: [] for k in gens}
     forwards: dict[str, set[int]] = {k: set() for k in gens}
     n = 0
     golden: str | None = None
-    for r in range(a.repeat):
+    for r in range(1 if a.check_only else a.repeat):
         for which in list(gens) if r % 2 == 0 else list(gens)[::-1]:
             n += 1
             env = gens[which]
@@ -151,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 shutil.rmtree(Path(store) / ref.split("@")[0])
     med = {k: statistics.median(v) for k, v in times.items() if v}
-    print(f"decode cost: {a.preset}, {opened.config.n_layer} layers, P={a.prompt}, N={a.steps}, {a.device} {a.dtype}, "
-          f"{torch.get_num_threads()} CPU threads, median of {a.repeat} alternating runs")
-    for which in [k for k in gens if k.startswith("gen_decode")]:
+    print(f"decode cost: {a.preset}, {opened.config.n_layer} layers, P={a.prompt}, N={a.steps}, {a.device}, "
+          f"{torch.get_num_threads()} CPU threads, {case_processes()} judge processes, median of {a.repeat} "
+          f"alternating runs")
+    for which in [k for k in gens if k.startswith("gen_decode") and not a.check_only]:
         where = "cpu" if which == "gen_decode_cpu" else str(auto)
         print(f"  golden generation  P alone {med['gen_prefill']:.2f} s   --decode {a.steps} {med[which]:.2f} s   "
               f"ratio {med[which] / med['gen_prefill']:.2f}x (goal <= 1.5x); of it the proposal on {where} "
@@ -163,9 +180,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{med['gen_plain'] / med['gen_prefill']:.2f}x)")
     if a.skip_check:
         return 0
-    kw = dict(store=store, device=a.device, dtype=a.dtype, show_progress=False)
     graph = a.device.startswith("cuda") and not a.no_graph
+    for dtype in dtypes:
+        _check_rows(model, golden, store, a, dtype, graph)
+    return 0
+
+
+def _check_rows(model: str, golden: str | None, store: str, a: argparse.Namespace, dtype: str, graph: bool) -> None:
+    """The check of ``golden`` as one prefill, with ``--decode N`` and with ``--cuda-graph``, in ``dtype``."""
+    kw = dict(store=store, device=a.device, dtype=dtype, show_progress=False)
+    times: dict[str, list[float]] = {"check_prefill": [], "check_decode": [], "check_graph": []}
     verdicts: dict[str, str] = {}
+    cells: dict[str, str] = {}
     for r in range(a.repeat):
         order = ["check_prefill", "check_decode"] + (["check_graph"] if graph else [])
         for which in order if r % 2 == 0 else order[::-1]:
@@ -180,15 +206,17 @@ def main(argv: list[str] | None = None) -> int:
             times[which].append(_time(run))
             assert rep is not None
             verdicts[which] = rep.verdict
+            cells[which] = next(x for x in rep.summary().splitlines() if x.startswith("judged"))
             # every row must pass (a CUDA graph's decode steps run router replay inside the graph)
             assert rep.verdict == "pass", rep.summary()
     med = {k: statistics.median(v) for k, v in times.items() if v}
-    print(f"  check              one prefill of P+N {med['check_prefill']:.2f} s   prefill P + {a.steps} decode steps "
+    print(f"  check {dtype:9s} one prefill of P+N {med['check_prefill']:.2f} s   prefill P + {a.steps} decode steps "
           f"{med['check_decode']:.2f} s   ratio {med['check_decode'] / med['check_prefill']:.2f}x (goal <= 2x)")
     if "check_graph" in med:
-        print(f"  check --cuda-graph prefill P + {a.steps} steps on a CUDA graph {med['check_graph']:.2f} s   ratio "
-              f"{med['check_graph'] / med['check_prefill']:.2f}x ({verdicts['check_graph']})")
-    return 0
+        print(f"  check {dtype:9s} --cuda-graph prefill P + {a.steps} steps on a CUDA graph {med['check_graph']:.2f} s   "
+              f"ratio {med['check_graph'] / med['check_prefill']:.2f}x ({verdicts['check_graph']})")
+    for which, line in cells.items():
+        print(f"    {which}: {line}")
 
 
 if __name__ == "__main__":
