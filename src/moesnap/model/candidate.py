@@ -464,8 +464,8 @@ class CandidateModel:
         order = torch.argsort(experts, stable=True)                  # pairs sorted by expert
         counts = torch.bincount(experts, minlength=cfg.n_expert)     # [E]
         used = torch.nonzero(counts).squeeze(1)                      # experts with tokens
-        n_used = counts.index_select(0, used).tolist()               # host: group sizes
-        used_host = used.tolist()
+        host = torch.cat((used, counts.index_select(0, used))).tolist()   # one wait for the device
+        used_host, n_used = host[:used.shape[0]], host[used.shape[0]:]    # experts, group sizes
         a_all = x.index_select(0, rows.index_select(0, order))       # [n, H] grouped by expert
         out = torch.empty_like(a_all)                                # [n, H]
         per_expert = 3 * cfg.expert_ff * cfg.hidden

@@ -39,28 +39,94 @@ class NullRecorder:
         return None
 
 
+#: a batched recorder copies what it holds to the host once this many values are waiting
+BATCH_VALUES = 1 << 24
+
+
 class ArrayRecorder:
     """Keeps every saved stage as a numpy array on the host.
 
     Float stages are stored as float32 (the golden dtype) unless
     ``keep_dtype`` is set, in which case the tensor's own dtype is kept
     (bfloat16 becomes float32, numpy has no bfloat16).
+
+    ``batched``: a saved tensor is converted where it lives and held there; everything held goes to the
+    host in one copy per dtype when :attr:`model` or :attr:`layers` is first read (or once
+    :data:`BATCH_VALUES` values wait).  A forward of one row (a decode step) saves ~18 small stages per
+    layer: copied one by one, each copy waits for the device, and its dispatch costs more than its
+    bytes.  The same values either way, bit for bit.
     """
 
-    def __init__(self, *, keep_dtype: bool = False) -> None:
+    def __init__(self, *, keep_dtype: bool = False, batched: bool = False) -> None:
         self.keep_dtype = keep_dtype
-        self.model: dict[str, np.ndarray] = {}
-        self.layers: dict[str, dict[int, np.ndarray]] = {}
+        self.batched = batched
+        self._model: dict[str, np.ndarray] = {}
+        self._layers: dict[str, dict[int, np.ndarray]] = {}
+        #: saved tensors not yet on the host (``batched``): (stage, layer, converted flat tensor, shape)
+        self._held: list[tuple[str, int | None, torch.Tensor, tuple[int, ...]]] = []
+        self._held_values = 0
         #: the decode steps recorded after these rows (:meth:`step`), in order: (positions, recorder)
         self.steps: list[tuple[list[int], ArrayRecorder]] = []
 
-    def _to_numpy(self, x: torch.Tensor) -> np.ndarray:
+    @property
+    def model(self) -> dict[str, np.ndarray]:
+        """Whole-model stages by name."""
+        self._to_host()
+        return self._model
+
+    @property
+    def layers(self) -> dict[str, dict[int, np.ndarray]]:
+        """Per-layer stages: ``{stage: {layer: array}}``."""
+        self._to_host()
+        return self._layers
+
+    def _converted(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the dtype it is stored in (int32, float32, or float64 with ``keep_dtype``)."""
         x = x.detach()
         if x.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            return x.to(torch.int32).cpu().numpy()
+            return x.to(torch.int32)
         if x.dtype == torch.float64 and self.keep_dtype:
-            return x.cpu().numpy()
-        return x.to(torch.float32).cpu().numpy()
+            return x
+        return x.to(torch.float32)
+
+    def _to_numpy(self, x: torch.Tensor) -> np.ndarray:
+        return self._converted(x).cpu().numpy()
+
+    def _hold(self, stage: str, layer: int | None, x: torch.Tensor) -> None:
+        y = self._converted(x)
+        if y.data_ptr() == x.data_ptr():      # not converted: a copy, so later in-place writes do not reach it
+            y = y.clone()
+        self._held.append((stage, layer, y.reshape(-1), tuple(y.shape)))
+        self._held_values += y.numel()
+        if self._held_values >= BATCH_VALUES:
+            self._to_host()
+
+    def _to_host(self) -> None:
+        """Every held tensor copied to the host: one concatenation and one copy per dtype."""
+        if not self._held:
+            return
+        held, self._held, self._held_values = self._held, [], 0
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for j, (_, _, flat, _) in enumerate(held):
+            by_dtype.setdefault(flat.dtype, []).append(j)
+        arrays: list[np.ndarray | None] = [None] * len(held)
+        for js in by_dtype.values():
+            flats = [held[j][2] for j in js]
+            host = (torch.cat(flats) if len(flats) > 1 else flats[0]).cpu().numpy()
+            at = 0
+            for j in js:
+                n = held[j][2].numel()
+                arrays[j] = host[at:at + n].reshape(held[j][3])
+                at += n
+        for (stage, layer, _, _), arr in zip(held, arrays):   # in save order: a later save replaces
+            assert arr is not None
+            self._store(stage, layer, arr)
+
+    def _store(self, stage: str, layer: int | None, arr: np.ndarray) -> None:
+        if layer is None:
+            self._model[stage] = arr
+        else:
+            self._layers.setdefault(stage, {})[layer] = arr
 
     def _from_host(self, stage: str, x: Any) -> np.ndarray:
         """A numpy array, a numpy scalar or a (nested) list or tuple of numbers as :meth:`_to_numpy`
@@ -115,16 +181,17 @@ class ArrayRecorder:
             if layer < 0:
                 raise ValueError(f"stage {stage!r}: layer {layer} must be >= 0")
         if isinstance(x, torch.Tensor):
+            if self.batched:
+                self._hold(stage, layer, x)
+                return
             arr = self._to_numpy(x)
         elif isinstance(x, (np.ndarray, np.generic, list, tuple)):
             arr = self._from_host(stage, x)
+            self._to_host()                  # what was held before comes first
         else:
             raise TypeError(f"stage {stage!r}: cannot record a {type(x).__name__}; "
                             "expected a torch.Tensor, a numpy array or a list of numbers")
-        if layer is None:
-            self.model[stage] = arr
-        else:
-            self.layers.setdefault(stage, {})[layer] = arr
+        self._store(stage, layer, arr)
 
     def step(self, positions: int | Sequence[int]) -> ArrayRecorder:
         """A recorder for one decode step of your own decode loop, whose rows sit at the absolute
@@ -142,7 +209,7 @@ class ArrayRecorder:
         pos = [int(positions)] if isinstance(positions, (int, np.integer)) else [int(p) for p in positions]
         if not pos or any(p < 0 for p in pos):
             raise ValueError(f"positions={positions!r}: expected one or more positions >= 0")
-        child = ArrayRecorder(keep_dtype=self.keep_dtype)
+        child = ArrayRecorder(keep_dtype=self.keep_dtype, batched=self.batched)
         self.steps.append((pos, child))
         return child
 

@@ -136,7 +136,7 @@ class Session:
         flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
         self.cand.model.check_tokens(flat)
         batch = self.cache.batch([(s, len(t)) for (s, _), t in zip(rows, ids)], step=step)
-        rec: Recorder = ArrayRecorder() if self.record else NullRecorder()
+        rec: Recorder = ArrayRecorder(batched=True) if self.record else NullRecorder()
         logits, followed = self.cand.forward_batch(flat, batch, self.cache, rec, router_replay=self._guide(batch),
                                                    faults=self.faults)
         for (s, _), t in zip(rows, ids):
@@ -369,7 +369,7 @@ def replay_rows(cand: CandidateModel, golden: Case, positions: Sequence[int], *,
         cache.load(i, 0, torch.from_numpy(golden.layers["k_rope"][i][:p0]), torch.from_numpy(golden.layers["v"][i][:p0]))
     batch = cache.batch([(0, n)], step=step)
     batch = faults.step(batch)
-    rec, followed = ArrayRecorder(), list[Followed]()
+    rec, followed = ArrayRecorder(batched=True), list[Followed]()
     rows = np.asarray(pos)
     for i in range(L):
         x = golden.model["embed"][rows] if i == 0 else golden.layers["layer_out"][i - 1][rows]
@@ -412,7 +412,7 @@ def replay_batch(cand: CandidateModel, goldens: Sequence[Case], positions: Seque
             cache.load(i, b, torch.from_numpy(g.layers["k_rope"][i][:pos[0]]), torch.from_numpy(g.layers["v"][i][:pos[0]]))
     batch = faults.step(cache.batch([(b, len(pos)) for b, pos in enumerate(runs)], step=step))
     stages = [s for s in goldens[0].layers if all(s in g.layers for g in goldens)]
-    rec, followed = ArrayRecorder(), list[Followed]()
+    rec, followed = ArrayRecorder(batched=True), list[Followed]()
     for i in range(L):
         x = np.concatenate([g.model["embed"][pos] if i == 0 else g.layers["layer_out"][i - 1][pos]
                             for g, pos in zip(goldens, runs)])                          # [T, H] packed
