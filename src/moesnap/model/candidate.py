@@ -156,7 +156,7 @@ class _Call:
     rec: Recorder
     faults: Faults
     guide: RouterReplay | StaticReplay | None = None   # StaticReplay: decided on the device
-    force: Mapping[str, np.ndarray] | None = None
+    force: Mapping[str, np.ndarray | torch.Tensor] | None = None
     batch: Batch | None = None          # rows attend through ``cache`` (else: causal over themselves)
     cache: KVCache | None = None
     followed: list[Followed] = field(default_factory=list)
@@ -168,7 +168,8 @@ class _Call:
         self.rec.save(stage, layer, x)
         forced = self.force.get(stage) if self.force is not None and stage != "topk_ids" else None
         if forced is not None and tuple(forced.shape) == tuple(x.shape):
-            return torch.as_tensor(np.ascontiguousarray(forced)).to(x.device, x.dtype)
+            t = forced if isinstance(forced, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(forced))
+            return t.to(x.device, x.dtype)
         return x
 
 
@@ -514,7 +515,7 @@ class CandidateModel:
     # -- public entry points --------------------------------------------------
     @torch.inference_mode()
     def forward_layer(self, i: int, x: torch.Tensor, rec: Recorder | None = None, *,
-                      router_replay: RouterReplay | None = None, force: Mapping[str, np.ndarray] | None = None,
+                      router_replay: RouterReplay | None = None, force: Mapping[str, np.ndarray | torch.Tensor] | None = None,
                       faults: Faults = NO_FAULTS, batch: Batch | None = None,
                       cache: KVCache | None = None) -> LayerOutput:
         """Run layer ``i`` on hidden state ``x [T, H]`` (replay uses this).

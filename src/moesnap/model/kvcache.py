@@ -29,7 +29,7 @@ the cache: a chunk of a prompt attends the chunks before it, a decode step the w
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -176,15 +176,25 @@ class KVCache:
     def load(self, layer: int, seq: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Put ``k``/``v [n, Hkv, D]`` (e.g. a golden's ``k_rope`` and ``v`` rows) at positions ``0..n-1``
         of sequence ``seq`` in ``layer`` (stage-local replay of a decode step attends a golden prefix)."""
-        n = k.shape[0]
+        self.load_layers(seq, {layer: (k, v)})
+
+    def load_layers(self, seq: int, kv: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """:meth:`load` of several layers (``{layer: (k, v)}``, the same ``n`` rows each): the slots
+        found once."""
+        if not kv:
+            return
+        n = next(iter(kv.values()))[0].shape[0]
         if self.lens[seq] < n:
             self._grow(seq, n - self.lens[seq])
             self.lens[seq] = n
         pos = torch.arange(n)
         table = self.table_rows([seq], -(-n // self.block_size))[0]
         slot = (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
-        self.k[layer].view(-1, *self.k[layer].shape[2:]).index_copy_(0, slot, k.to(self.device, self.dtype))
-        self.v[layer].view(-1, *self.v[layer].shape[2:]).index_copy_(0, slot, v.to(self.device, self.dtype))
+        for layer, (k, v) in kv.items():
+            if k.shape[0] != n or v.shape[0] != n:
+                raise UsageError(f"layer {layer}: {k.shape[0]} key and {v.shape[0]} value rows, expected {n}")
+            self.k[layer].view(-1, *self.k[layer].shape[2:]).index_copy_(0, slot, k.to(self.device, self.dtype))
+            self.v[layer].view(-1, *self.v[layer].shape[2:]).index_copy_(0, slot, v.to(self.device, self.dtype))
 
 
 def _gather(pool: torch.Tensor, table: torch.Tensor, n_keys: int) -> torch.Tensor:

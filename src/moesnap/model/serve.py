@@ -346,6 +346,32 @@ class GraphDecoder:
 # --------------------------------------------------------------------------- stage-local replay
 
 
+def _uploaded(device: torch.device, prefix: list[tuple[np.ndarray, np.ndarray]], inputs: list[np.ndarray],
+              forces: list[dict[str, np.ndarray]]
+              ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor], list[dict[str, Any]]]:
+    """The golden's values a stage-local replay feeds its forward (each layer's cached prefix, input rows and
+    forced stages), on ``device`` in one copy per dtype: copied stage by stage, each copy would wait for the
+    device.  Integer stages (``topk_ids``, read on the host) stay as they are; values keep their dtype."""
+    floats: list[np.ndarray] = [a for kv in prefix for a in kv] + list(inputs) + \
+        [a for f in forces for a in f.values() if a.dtype.kind == "f"]
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for j, a in enumerate(floats):
+        by_dtype.setdefault(a.dtype, []).append(j)
+    out: list[torch.Tensor | None] = [None] * len(floats)
+    for dt, js in by_dtype.items():
+        flat = np.concatenate([floats[j].reshape(-1) for j in js]) if js else np.zeros(0, dt)
+        dev = torch.from_numpy(flat).to(device)
+        at = 0
+        for j in js:
+            out[j] = dev[at:at + floats[j].size].view(floats[j].shape)
+            at += floats[j].size
+    it = iter(out)
+    pre = [(next(it), next(it)) for _ in prefix]
+    ins = [next(it) for _ in inputs]
+    frc = [{s: next(it) if a.dtype.kind == "f" else a for s, a in f.items()} for f in forces]
+    return pre, ins, frc  # type: ignore[return-value]
+
+
 def replay_rows(cand: CandidateModel, golden: Case, positions: Sequence[int], *, step: int | None = None,
                 faults: Faults = NO_FAULTS, paged: bool = False) -> tuple[Case, tuple[Followed, ...]]:
     """Stage-local replay of a serving forward over the golden's rows at ``positions`` (consecutive: a
@@ -365,17 +391,17 @@ def replay_rows(cand: CandidateModel, golden: Case, positions: Sequence[int], *,
         raise UsageError(f"position {pos[-1]} is beyond the golden's {len(golden.tokens)} tokens")
     p0, n, L = pos[0], len(pos), golden.n_layer
     cache = KVCache(cand.cfg, n_seqs=1, capacity=p0 + n, paged=paged, device=cand.device, dtype=cand.dtype)
-    for i in range(L if p0 else 0):
-        cache.load(i, 0, torch.from_numpy(golden.layers["k_rope"][i][:p0]), torch.from_numpy(golden.layers["v"][i][:p0]))
+    rows = np.asarray(pos)
+    prefix = [(golden.layers["k_rope"][i][:p0], golden.layers["v"][i][:p0]) for i in range(L if p0 else 0)]
+    inputs = [golden.model["embed"][rows] if i == 0 else golden.layers["layer_out"][i - 1][rows] for i in range(L)]
+    forces = [{s: a[i][rows] for s, a in golden.layers.items() if i < a.shape[0]} for i in range(L)]
+    prefix, inputs, forces = _uploaded(cand.device, prefix, inputs, forces)
+    cache.load_layers(0, dict(enumerate(prefix)))
     batch = cache.batch([(0, n)], step=step)
     batch = faults.step(batch)
     rec, followed = ArrayRecorder(batched=True), list[Followed]()
-    rows = np.asarray(pos)
     for i in range(L):
-        x = golden.model["embed"][rows] if i == 0 else golden.layers["layer_out"][i - 1][rows]
-        force = {s: a[i][rows] for s, a in golden.layers.items() if i < a.shape[0]}
-        out = cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec, force=force, faults=faults,
-                                 batch=batch, cache=cache)
+        out = cand.forward_layer(i, inputs[i], rec, force=forces[i], faults=faults, batch=batch, cache=cache)
         followed += out.followed
     case = Case(tokens=golden.tokens[rows].astype(np.int32), model={}, layers=rec.stacked(),
                 attrs={"replay": True, "positions": pos, "step": step,
@@ -408,18 +434,18 @@ def replay_batch(cand: CandidateModel, goldens: Sequence[Case], positions: Seque
     cache = KVCache(cand.cfg, n_seqs=len(goldens), capacity=max(pos[-1] + 1 for pos in runs), paged=paged,
                     device=cand.device, dtype=cand.dtype)
     for b, (g, pos) in enumerate(zip(goldens, runs)):
-        for i in range(L if pos[0] else 0):
-            cache.load(i, b, torch.from_numpy(g.layers["k_rope"][i][:pos[0]]), torch.from_numpy(g.layers["v"][i][:pos[0]]))
+        prefix = [(g.layers["k_rope"][i][:pos[0]], g.layers["v"][i][:pos[0]]) for i in range(L if pos[0] else 0)]
+        cache.load_layers(b, dict(enumerate(_uploaded(cand.device, prefix, [], [])[0])))
     batch = faults.step(cache.batch([(b, len(pos)) for b, pos in enumerate(runs)], step=step))
     stages = [s for s in goldens[0].layers if all(s in g.layers for g in goldens)]
     rec, followed = ArrayRecorder(batched=True), list[Followed]()
+    packed_in = [np.concatenate([g.model["embed"][pos] if i == 0 else g.layers["layer_out"][i - 1][pos]
+                                 for g, pos in zip(goldens, runs)]) for i in range(L)]     # [T, H] packed
+    packed_force = [{s: np.concatenate([g.layers[s][i][pos] for g, pos in zip(goldens, runs)])
+                     for s in stages if all(i < g.layers[s].shape[0] for g in goldens)} for i in range(L)]
+    _, inputs, forces = _uploaded(cand.device, [], packed_in, packed_force)
     for i in range(L):
-        x = np.concatenate([g.model["embed"][pos] if i == 0 else g.layers["layer_out"][i - 1][pos]
-                            for g, pos in zip(goldens, runs)])                          # [T, H] packed
-        force = {s: np.concatenate([g.layers[s][i][pos] for g, pos in zip(goldens, runs)])
-                 for s in stages if all(i < g.layers[s].shape[0] for g in goldens)}
-        out = cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec, force=force, faults=faults,
-                                 batch=batch, cache=cache)
+        out = cand.forward_layer(i, inputs[i], rec, force=forces[i], faults=faults, batch=batch, cache=cache)
         followed += out.followed
     packed = rec.stacked()                                                                # [L, T, ...]
     bounds = np.cumsum([0, *(len(pos) for pos in runs)])
