@@ -126,6 +126,31 @@ def test_kept_weights_give_the_same_bits_and_are_dequantized_once(model, seq, dt
     assert calls.count("dense 1") == 2 and keeping._kept_faults is faults
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_experts_give_the_same_bits_within_their_budget(model, seq, dtype, monkeypatch):
+    # keep_weights(expert_bytes=...): whole layers' experts dequantized once, the layers first used first,
+    # while they fit; a decode step takes its experts from them: the same bits as dequantizing each time
+    cfg = model.config
+    layer_bytes = 3 * cfg.n_expert * cfg.expert_ff * cfg.hidden * torch.empty(0, dtype=dtype).element_size()
+    plain, keeping = CandidateModel(model, dtype=dtype), CandidateModel(model, dtype=dtype)
+    keeping.keep_weights(expert_bytes=2 * layer_bytes + 1)          # room for two layers' experts
+    want = serve(plain, seq, paged=False)
+    calls: list[int] = []
+    whole = CandidateModel._experts_weights_all
+    monkeypatch.setattr(CandidateModel, "_experts_weights_all",
+                        lambda self, i, faults: calls.append(i) or whole(self, i, faults))
+    got = serve(keeping, seq, paged=False)
+    for a, b in zip(want, got):
+        for stage, x in {**a.case.model, **a.case.layers}.items():
+            y = b.case.model.get(stage, b.case.layers.get(stage))
+            np.testing.assert_array_equal(x, y, err_msg=f"step {a.step} {stage}")
+    assert calls == [0, 1], "layers 0 and 1 kept once each; the others do not fit and are dequantized per use"
+    assert sorted(k[1] for k in keeping._kept if k[0] == "experts") == [0, 1]
+    cpu = CandidateModel(model, dtype=dtype)
+    cpu.keep_weights()
+    assert cpu._expert_budget == 0, "on the CPU no experts are kept unless a budget is given"
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_prefill_then_decode_gives_the_rows_of_one_causal_forward(cand, seq, paged):
     rows = serve(cand, seq, paged=paged)
@@ -456,3 +481,20 @@ def test_cuda_graph_decode_records_from_inside_the_graph(model, batch_seqs, dtyp
         hit = run_batch(cand, batch_seqs, decoder="graph", faults=faults)
         assert first_change(graph, hit, 0) == (3, None, "embed") and faults.unfired() == []
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_weights_on_a_gpu_keep_experts_while_memory_lasts_with_the_same_bits(model, seq, dtype):
+    """On a GPU, keep_weights() keeps whole layers' experts while a quarter of the memory stays free (the
+    tiny model's all fit), and a served decode gives the bits of dequantizing at every step; the
+    batched recorder's device-side copies give the same arrays too."""
+    plain, keeping = CandidateModel(model, device="cuda", dtype=dtype), CandidateModel(model, device="cuda", dtype=dtype)
+    keeping.keep_weights()
+    assert keeping._expert_budget is None
+    want, got = serve(plain, seq, paged=True), serve(keeping, seq, paged=True)
+    assert sorted(k[1] for k in keeping._kept if k[0] == "experts") == list(range(model.config.n_layer))
+    for a, b in zip(want, got):
+        for stage, x in {**a.case.model, **a.case.layers}.items():
+            y = b.case.model.get(stage, b.case.layers.get(stage))
+            np.testing.assert_array_equal(x, y, err_msg=f"step {a.step} {stage}")

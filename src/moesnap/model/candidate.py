@@ -240,16 +240,27 @@ class CandidateModel:
         #: once for the faults they were decoded under (None: decoded at every forward)
         self._kept: dict[Any, Any] | None = None
         self._kept_faults: Faults | None = None
+        #: bytes of whole layers' experts :meth:`keep_weights` may keep dequantized (None: while the GPU has a
+        #: quarter of its memory free after them), and those kept so far
+        self._expert_budget: int | None = 0
+        self._expert_kept = 0
 
-    def keep_weights(self) -> None:
+    def keep_weights(self, expert_bytes: int | None = None) -> None:
         """Keep what a forward dequantizes besides the experts (each layer's dense weights, the output
         matrix in the chunks it is multiplied by) from its first use on, for every later forward of the
         same planted faults: a server's decode steps, one row each, would otherwise dequantize them again
         at every step (the output matrix alone is 311 M values at the 30B-A3B shape).  The same tensors
         and the same chunked products, so the same bits.  Costs their memory: about ``itemsize x (n_layer x
-        H x (2 q_dim + 2 kv_dim + E) + V x H)`` bytes (~2.5 GB in bfloat16 for 48 layers of 30B-A3B)."""
+        H x (2 q_dim + 2 kv_dim + E) + V x H)`` bytes (~2.5 GB in bfloat16 for 48 layers of 30B-A3B).
+
+        Experts too, a whole layer's at a time, the layers first used first, while they fit in
+        ``expert_bytes`` (default: on a GPU, while a quarter of its memory stays free after them, asked at
+        each layer; on the CPU, none): a decode step would otherwise dequantize its experts at every layer again (three calls of
+        dozens of small kernels each, twice with stage-local replay).  The same dequantized values, the
+        selected experts taken from them: the same bits."""
         if self._kept is None:
             self._kept = {}
+        self._expert_budget = expert_bytes if expert_bytes is not None else None if self.device.type == "cuda" else 0
 
     def _keeping(self, faults: Faults) -> dict[Any, Any] | None:
         """The kept weights for ``faults`` (those of another planted fault are dropped), or None."""
@@ -258,6 +269,7 @@ class CandidateModel:
         if faults is not self._kept_faults:
             self._kept.clear()
             self._kept_faults = faults
+            self._expert_kept = 0
         return self._kept
 
     def faults(self, injections: Sequence[Any] = ()) -> Faults:
@@ -326,6 +338,10 @@ class CandidateModel:
     def _experts_weights(self, i: int, ids: list[int], faults: Faults
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gate ``[G, F, H]``, up ``[G, F, H]`` and down ``[G, H, F]`` of experts ``ids`` (ascending)."""
+        whole = self._kept_experts(i, faults)
+        if whole is not None:
+            idx = torch.tensor(ids, device=self.device)
+            return whole[0].index_select(0, idx), whole[1].index_select(0, idx), whole[2].index_select(0, idx)
         p = f"blk.{i}."
         lo, hi = ids[0], ids[-1] + 1
         contiguous = hi - lo == len(ids)  # common with many tokens: a slice, no gather
@@ -334,6 +350,34 @@ class CandidateModel:
             qtype, data = self._raw(p + name)
             sel = data[lo:hi] if contiguous else data.index_select(0, torch.tensor(ids, device=data.device))
             out.append(faults.dequantize(sel.to(self.device), qtype, i, name, self.dtype))  # only these experts
+        return out[0], out[1], out[2]
+
+    def _kept_experts(self, i: int, faults: Faults) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Every expert of layer ``i`` dequantized (kept by :meth:`keep_weights` while the budget lasts), or
+        None."""
+        kept = self._keeping(faults)
+        if kept is None or self._expert_budget == 0:
+            return None
+        whole = kept.get(("experts", i))
+        if whole is None:
+            cfg = self.cfg
+            size = 3 * cfg.n_expert * cfg.expert_ff * cfg.hidden * torch.empty(0, dtype=self.dtype).element_size()
+            if self._expert_budget is None:
+                free, total = torch.cuda.mem_get_info(self.device)
+                if free - size < total // 4:
+                    return None
+            elif self._expert_kept + size > self._expert_budget:
+                return None
+            whole = kept[("experts", i)] = self._experts_weights_all(i, faults)
+            self._expert_kept += size
+        return whole
+
+    def _experts_weights_all(self, i: int, faults: Faults) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = f"blk.{i}."
+        out = []
+        for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            qtype, data = self._raw(p + name)
+            out.append(faults.dequantize(data.to(self.device), qtype, i, name, self.dtype))
         return out[0], out[1], out[2]
 
     # -- stages ---------------------------------------------------------------
