@@ -73,7 +73,8 @@ class Drafter(CandidateModel):
     @property
     def kept(self) -> dict[str, int]:
         """Bytes of dequantized weights kept so far: ``dense`` (every layer run so far), ``output``."""
-        dense = sum(t.numel() * t.element_size() for w in self._layers.values() for t in vars(w).values())
+        dense = sum(t.numel() * t.element_size() for w in self._layers.values() for t in vars(w).values()
+                    if t is not None)
         out = sum(t.numel() * t.element_size() for t in self._head_weights or ())
         return {"dense": dense, "output": out}
 
