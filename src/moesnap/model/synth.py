@@ -46,7 +46,7 @@ from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, TokenType
 from gguf.quants import quantize
 
 from ..errors import UsageError
-from .config import Qwen3MoeConfig
+from .config import SHAPE_FIELDS, Qwen3MoeConfig
 from .tensors import F32_TENSORS, KINDS, LAYER_TENSORS, WEIGHT_SUFFIX, Dims
 
 QT = GGMLQuantizationType
@@ -173,7 +173,7 @@ def _validate(spec: SynthSpec) -> None:
     c = spec.config
     if not isinstance(c, Qwen3MoeConfig):
         raise bad(f"config={c!r} must be a Qwen3MoeConfig")
-    counts = [(f.name, getattr(c, f.name)) for f in dataclasses.fields(c) if f.type in (int, "int")]
+    counts = [(n, getattr(c, n)) for n in SHAPE_FIELDS if n not in ("rope_base", "rms_eps")]
     for name, value in [*counts, ("dense_ff", spec.dense_ff)]:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise bad(f"{name}={value!r} must be an integer ≥ 1")

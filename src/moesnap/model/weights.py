@@ -22,7 +22,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from .config import Qwen3MoeConfig
-from .tensors import EXPERT_TENSORS, LAYER_TENSORS, expected_shapes
+from .tensors import EXPERT_TENSORS, table
 from ..errors import ModelFileError
 from ..gguf.reader import GGUFFile, open_gguf
 
@@ -165,7 +165,7 @@ class ModelWeights(ABC):
 
     def release_layer(self, i: int) -> None:
         """Drop layer ``i``'s mapped pages from this process, so resident memory does not grow with depth."""
-        for name in LAYER_TENSORS:
+        for name in table(self.config.arch).layer_tensors:
             self.release_tensor(f"blk.{i}.{name}")
 
     def check_tokens(self, tokens: Any) -> None:
@@ -195,9 +195,9 @@ class GGUFModel(ModelWeights):
         # tensors first (block_count = 2^32-1 built 50 billion expected shapes and never returned)
         layers = {int(n.split(".")[1]) for n in gf.tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
         if self.config.n_layer > len(layers):
-            raise ModelFileError(f"{gf.path}: metadata key 'qwen3moe.block_count' = {self.config.n_layer}, "
+            raise ModelFileError(f"{gf.path}: metadata key '{self.config.arch}.block_count' = {self.config.n_layer}, "
                                  f"but the file holds tensors of {len(layers)} layers")
-        for name, shape in expected_shapes(self.config.dims, self.config.n_layer).items():
+        for name, shape in table(self.config.arch).expected_shapes(self.config.dims, self.config.n_layer).items():
             t = gf.tensor(name)
             got = tuple(int(d) for d in reversed(t.shape.tolist()))
             if got != shape:
