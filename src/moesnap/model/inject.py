@@ -80,7 +80,7 @@ import gguf
 from .config import Qwen3MoeConfig
 from ..errors import UsageError
 from ..stages import INTEGER_STAGES, LAYER_STAGES
-from .tensors import LAYER_TENSORS, TABLES
+from .tensors import LAYER_TENSORS, TABLES, table
 
 __all__ = [
     "Injection", "NanExpert", "QtypeAs", "ScaleStage", "RouteFlip",
@@ -160,7 +160,7 @@ class QtypeAs(Injection):
 
     @property
     def target_stage(self) -> str:
-        return LAYER_TENSORS[self.tensor]
+        return _tensor_stage(self.tensor) or LAYER_TENSORS[self.tensor]
 
     @property
     def spec(self) -> str:
@@ -388,8 +388,9 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
     if isinstance(inj, NanExpert):
         _range("expert", inj.expert, cfg.n_expert, "experts")
     elif isinstance(inj, QtypeAs):
-        if inj.tensor not in LAYER_TENSORS:
-            raise UsageError(f"tensor={inj.tensor!r} is not a layer tensor; choose one of {', '.join(LAYER_TENSORS)}")
+        if inj.tensor not in table(cfg.arch).layer_tensors:
+            raise UsageError(f"tensor={inj.tensor!r} is not a layer tensor; choose one of "
+                             f"{', '.join(table(cfg.arch).layer_tensors)}")
         if inj.as_qtype not in DECODE_TYPES.values():
             raise UsageError(f"as={inj.as_qtype!r} is not a supported quant type; "
                              f"choose one of {', '.join(DECODE_TYPES)}")
@@ -402,8 +403,9 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
         if isinstance(inj.factor, bool) or not isinstance(inj.factor, (int, float)):
             raise UsageError(f"factor={inj.factor!r} is not a number")
     elif isinstance(inj, MxfpScale):
-        if _tensor_stage(inj.tensor) is None:
-            raise UsageError(f"tensor={inj.tensor!r} is not a layer tensor of any family moesnap knows")
+        if inj.tensor not in table(cfg.arch).layer_tensors:
+            raise UsageError(f"tensor={inj.tensor!r} is not a layer tensor; choose one of "
+                             f"{', '.join(table(cfg.arch).layer_tensors)}")
         if isinstance(inj.shift, bool) or not isinstance(inj.shift, int) or inj.shift == 0:
             raise UsageError(f"shift={inj.shift!r} must be a non-zero integer (exponent steps)")
     elif isinstance(inj, SinkOff):
@@ -531,8 +533,9 @@ def _parse(spec: str, cfg: Qwen3MoeConfig) -> Injection:
         inj = NanExpert(layer=layer, expert=_int("expert", values["expert"]))
     elif cls is QtypeAs:
         tensor = values["tensor"].lower()
-        if tensor not in LAYER_TENSORS:
-            raise UsageError(f"tensor={values['tensor']!r} is not a layer tensor; choose one of {', '.join(LAYER_TENSORS)}")
+        if tensor not in table(cfg.arch).layer_tensors:
+            raise UsageError(f"tensor={values['tensor']!r} is not a layer tensor; choose one of "
+                             f"{', '.join(table(cfg.arch).layer_tensors)}")
         qname = values["as"].lower()
         if qname not in DECODE_TYPES:
             raise UsageError(f"as={values['as']!r} is not a supported quant type; choose one of {', '.join(DECODE_TYPES)}")
