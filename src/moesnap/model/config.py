@@ -147,9 +147,9 @@ def _from_gguf(gf: GGUFFile, arch: str) -> ModelConfig:
 
     def pos_float(template: str, default: float | None = None) -> float:
         k = key(template)
-        v = gf.get(k)
-        if v is None and default is not None:
+        if default is not None and not gf.has(k):
             return default
+        v = gf.get(k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ModelFileError(f"{gf.path}: metadata key {k!r} = {reprlib.repr(v)} must be a positive finite number")
         return float(v)
