@@ -287,11 +287,11 @@ class CandidateModel:
     def _experts_biases(self, i: int, ids: list[int], faults: Faults
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The biases of gate ``[G, F]``, up ``[G, F]`` and down ``[G, H]`` of experts ``ids`` (global ids: the
-        biases are small and every rank holds them whole), or None for a family without them."""
+        biases are small and every rank holds them whole), in float32, or None for a family without them."""
         if not self.cfg.expert_bias:
             return None
         idx = torch.tensor(ids, device=self.device)
-        g, u, d = (self._weight(f"blk.{i}.{n}.bias", faults, i).index_select(0, idx)
+        g, u, d = (self._weight(f"blk.{i}.{n}.bias", faults, i, self.opmath).index_select(0, idx)
                    for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
         return g, u, d
 
@@ -471,11 +471,14 @@ class CandidateModel:
             else:
                 mm = partial(_looped, bounds=bounds)
             g, u = mm(a, gate), mm(a, up)                              # [n_g, F]
-            if bias is not None:                                       # each row takes its expert's bias
+            if bias is None:
+                out[r0:r1] = mm(self._act(g, u), down)                 # [n_g, H]
+            else:   # the biases and the activation in float32, as a fused kernel's epilogue applies them
                 grp = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(self.device)
-                g, u = g + bias[0].index_select(0, grp), u + bias[1].index_select(0, grp)
-            d = mm(self._act(g, u), down)                              # [n_g, H]
-            out[r0:r1] = d if bias is None else d + bias[2].index_select(0, grp)
+                g = g.to(self.opmath) + bias[0].index_select(0, grp)
+                u = u.to(self.opmath) + bias[1].index_select(0, grp)
+                d = mm(self._act(g, u).to(self.dtype), down)
+                out[r0:r1] = d.to(self.opmath) + bias[2].index_select(0, grp)
             faults.expert_rows(i, used_host[g0:g0 + batch], out[r0:r1], bounds)
             r0 = r1
         pairs = torch.empty_like(out)

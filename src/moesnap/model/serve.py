@@ -229,11 +229,13 @@ class _Resident(CandidateModel):
         xr = x[:, None, :].expand(T, k, x.shape[1]).reshape(T * k, x.shape[1], 1)  # [T*k, H, 1]
         g, u = torch.bmm(gate.index_select(0, flat), xr), torch.bmm(up.index_select(0, flat), xr)  # [T*k, F, 1]
         bias = self.expert_biases[i]                                              # [E, F] x2, [E, H]
-        if bias is not None:
-            g, u = g + bias[0].index_select(0, flat)[..., None], u + bias[1].index_select(0, flat)[..., None]
-        d = torch.bmm(down.index_select(0, flat), self._act(g, u))                # [T*k, H, 1]
-        if bias is not None:
-            d = d + bias[2].index_select(0, flat)[..., None]
+        if bias is None:
+            d = torch.bmm(down.index_select(0, flat), self._act(g, u))            # [T*k, H, 1]
+        else:   # biases and activation in float32, as the candidate's grouped path
+            g = g.to(self.opmath) + bias[0].index_select(0, flat)[..., None]
+            u = u.to(self.opmath) + bias[1].index_select(0, flat)[..., None]
+            d = torch.bmm(down.index_select(0, flat), self._act(g, u).to(self.dtype))
+            d = (d.to(self.opmath) + bias[2].index_select(0, flat)[..., None]).to(self.dtype)
         return d.view(T, k, self.cfg.hidden)
 
     def _embed(self, tok: torch.Tensor) -> torch.Tensor:
