@@ -124,3 +124,26 @@ def test_the_cli_refuses_a_sink_fault_on_a_model_without_sinks(capsys):
     code = main(["check", str(tiny_path()), "--suite", "tiny", "--inject", "sink_off:layer=1"])
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
     assert code == 2 and len(err) == 1 and "no attention sinks" in err[0], err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, opts", [
+    ("float32", {}),
+    ("bfloat16", {}),
+    ("float32", {"decode": DECODE, "paged": True, "cuda_graph": True}),
+    ("bfloat16", {"decode": DECODE, "paged": True, "batch": True, "cuda_graph": True}),
+])
+def test_cuda_check_judges_every_cell(suite, dtype, opts):
+    path, store = suite
+    report = moesnap.check(path, "d" if opts else "p", store=store, device="cuda", dtype=dtype,
+                           show_progress=False, **opts)
+    assert_all_judged_pass(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec, layer, stage", FAULTS, ids=[f[0] for f in FAULTS])
+def test_cuda_planted_faults_are_named(suite, spec, layer, stage):
+    path, store = suite
+    report = moesnap.check(path, "p", store=store, device="cuda", inject=[spec], show_progress=False)
+    fd = report.first_divergence
+    assert report.verdict == "fail" and fd is not None and (fd.layer, fd.stage) == (layer, stage), report.summary()

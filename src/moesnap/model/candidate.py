@@ -1,4 +1,10 @@
-"""The candidate forward of Qwen3-MoE: a second, GPU-minded implementation.
+"""The candidate forward of the MoE families moesnap knows: a second, GPU-minded implementation.
+
+Families differ in data, read from the config once: gpt-oss adds biases to q/k/v/o, the router and
+the experts (the experts' biases and clamped SwiGLU in float32, as a fused kernel's epilogue), attention
+sinks and a sliding window on its sliding layers (one more key of zeros whose additive bias is the
+head's sink, and a mask; :mod:`moesnap.model.kernels`), YaRN RoPE tables, and picks its experts by the
+top k of its logits with a softmax over those k; Qwen3-MoE's q/k norm runs where the config has it.
 
 It computes the same model as :mod:`moesnap.model.reference` but shares none of its
 code: only the config, the stage names and the recorder.  What makes it a

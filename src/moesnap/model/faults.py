@@ -129,7 +129,8 @@ class Faults:
 
     def topk(self, layer: int, probs: torch.Tensor, k: int, positions: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-``k`` (probabilities, expert ids) of each row of ``probs [T, E]``, descending; a
+        """The top-``k`` (scores, expert ids) of each row of ``probs [T, E]`` (the router's probabilities, or its
+        logits for a family that picks by them), descending; a
         ``route`` fault's token takes its (k+1)-th ranked expert instead of its k-th.  ``positions [T]``:
         the rows' positions in their sequences (a serving forward: the fault's token is a position, and
         a forward without it is left as it is); None: row ``t`` is token ``t``."""
