@@ -127,3 +127,51 @@ def _without_sinks(model):
         w.sinks = None
         return w
     return layer
+
+
+# ---------------------------------------------------------------- llama.cpp (logits)
+
+LLAMA_ATOL = 1e-4   # all-F32 file, F32 KV cache: measured ~7e-6
+
+
+@pytest.fixture(scope="module")
+def llama_runs(tmp_path_factory):
+    """llama.cpp's and the reference's logits on the all-F32 gpt-oss-tiny, YaRN factor 1 and 32."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install -r requirements-crosscheck.txt)")
+    from gguf import GGMLQuantizationType as QT
+    from moesnap.capture.llama import llama_forward
+    from moesnap.model.reference import run_reference
+    from moesnap.model.synth import QTYPE_KINDS, make_model, preset
+    from moesnap.model.weights import GGUFModel
+
+    root = tmp_path_factory.mktemp("gptoss-llama")
+    tokens = [1] + np.random.default_rng(SEED).integers(3, 272, 13).tolist()
+    out = {}
+    for factor in (1.0, 32.0):
+        spec = preset("gpt-oss-tiny").with_(qtypes={k: QT.F32 for k in QTYPE_KINDS}, rope_factor=factor)
+        path = make_model(root / f"f{int(factor)}.gguf", spec)
+        model = GGUFModel.open(path)
+        ref = run_reference(model, tokens).numpy()
+        model.config = dataclasses.replace(model.config, rope_yarn_truncate=True)   # llama.cpp's YaRN
+        truncated = run_reference(model, tokens).numpy()
+        out[factor] = (llama_forward(path, tokens, stages=False)["logits"], ref, truncated)
+    return out
+
+
+def test_llama_cpp_logits_match_without_yarn(llama_runs, figures):
+    llama, ref, _ = llama_runs[1.0]
+    err = float(np.abs(llama - ref).max())
+    figures("gpt-oss tiny-f32 yarn 1", "ref-vs-llama", "max |dlogits|", err)
+    assert err <= LLAMA_ATOL, f"seed {SEED}"
+
+
+def test_llama_cpp_truncates_yarns_correction_range(llama_runs, figures):
+    """llama.cpp rounds YaRN's correction range to whole dimensions (ggml_rope_yarn_corr_dims: floor and
+    ceil); gpt-oss's config.json says ``truncate: false`` and transformers and the reference follow it.
+    llama.cpp matches the reference computed its way, and differs from the golden at factor 32."""
+    llama, ref, truncated = llama_runs[32.0]
+    same, golden = float(np.abs(llama - truncated).max()), float(np.abs(llama - ref).max())
+    figures("gpt-oss tiny-f32 yarn 32", "ref-vs-llama", "max |dlogits| truncated", same)
+    figures("gpt-oss tiny-f32 yarn 32", "ref-vs-llama", "max |dlogits| golden", golden)
+    assert same <= LLAMA_ATOL and golden > 10 * LLAMA_ATOL, f"seed {SEED}"
+    assert float(np.abs(llama[0] - ref[0]).max()) <= LLAMA_ATOL   # position 0: no rotation, no difference
