@@ -183,3 +183,22 @@ def test_goldens_record_the_family_and_refuse_another(tiny, tmp_path, capsys):
         assert main(["check", str(model), "--suite", "g", "--store", str(store), "--device", "cpu", "-q"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and said in err[0], err
+
+
+def test_decode_goldens_continue_with_the_references_own_choices(tiny):
+    """--decode N: with no candidate for the family, the reference proposes its own greedy steps."""
+    from moesnap.run.trace import run_case
+
+    case = run_case(GGUFModel.open(tiny), TOKENS[:6], decode=3)
+    cont = case.attrs["continuation"]
+    assert len(cont) == 3 and case.tokens.tolist() == TOKENS[:6] + cont
+    logits = np.asarray(case.model["logits"])
+    assert [int(i) for i in logits[5:8].argmax(-1)] == cont
+
+
+def test_other_engines_refuse_the_family_in_one_line(tiny, tmp_path, capsys):
+    for engine in ("transformers", "llama.cpp"):
+        assert main(["trace", str(tiny), "--engine", engine, "--tokens", "1,2,3", "--out", str(tmp_path / engine),
+                     "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--engine {engine} runs 'qwen3moe' models only, not 'gpt-oss'" in err[0], err

@@ -47,7 +47,7 @@ from .candidate import CandidateModel, _Call, _Dense
 from .faults import NO_FAULTS, Faults
 from .kvcache import KVCache
 from .recorder import NullRecorder, Recorder
-from .tensors import GLOBAL_TENSORS, LAYER_TENSORS
+from .tensors import table
 from .weights import ModelWeights
 
 #: the environment variable that names where proposals run (``cpu``, ``cuda``, ``cuda:N``)
@@ -148,7 +148,8 @@ def propose(model: ModelWeights | Drafter, tokens: Sequence[int], n: int, *, dev
 
 def stored_bytes(model: ModelWeights) -> int:
     """Bytes of every tensor as stored (what a device candidate uploads), from shapes and types alone."""
-    names = list(GLOBAL_TENSORS) + [f"blk.{i}.{t}" for i in range(model.config.n_layer) for t in LAYER_TENSORS]
+    tab = table(model.config.arch)
+    names = list(tab.global_tensors) + [f"blk.{i}.{t}" for i in range(model.config.n_layer) for t in tab.layer_tensors]
     total = 0
     for name in names:
         block, size = gguf.GGML_QUANT_SIZES[model.tensor_type(name)]
