@@ -177,6 +177,10 @@ def test_goldens_record_the_family_and_refuse_another(tiny, tmp_path, capsys):
     attrs = json.loads((store / "g" / "v0001" / "case0" / "zarr.json").read_text())["attributes"]
     assert attrs["model"]["config"]["arch"] == "gpt-oss"
     capsys.readouterr()
+    assert main(["goldens", "show", "g", "--store", str(store)]) == 0
+    shown = capsys.readouterr().out
+    assert "config:   arch=gpt-oss" in shown and "MXFP4 in every layer: ffn_gate_exps, ffn_up_exps, ffn_down_exps" in shown
+    assert "F32 in every layer: attn_norm, attn_q.bias" in shown      # a bias is a layer tensor like the rest
     # the bundled Qwen3-MoE model against the gpt-oss golden, and the candidate, which has no gpt-oss yet
     for model, said in [(tiny_path(), "golden is of a 'gpt-oss' model, tiny.gguf is a 'qwen3moe' one"),
                         (tiny, "candidate forward computes qwen3moe models, not 'gpt-oss' ones")]:
