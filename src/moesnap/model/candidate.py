@@ -140,6 +140,10 @@ def _token_ids(tokens: Any) -> np.ndarray:
     return np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens).astype(np.int64).reshape(-1)
 
 
+#: the families (gguf-py architecture names) this forward computes
+CANDIDATE_FAMILIES: tuple[str, ...] = ("qwen3moe", "gpt-oss")
+
+
 class CandidateModel:
     """The candidate forward over an open :class:`~moesnap.model.weights.GGUFModel`.
 
@@ -157,6 +161,9 @@ class CandidateModel:
         if dtype not in DTYPES:
             raise UsageError(f"dtype {dtype} is not supported by the candidate forward; "
                              f"choose one of {', '.join(str(d).removeprefix('torch.') for d in DTYPES)}")
+        if model.config.arch not in CANDIDATE_FAMILIES:
+            raise UsageError(f"{model.path}: moesnap's candidate forward computes {', '.join(CANDIDATE_FAMILIES)} "
+                             f"models, not {model.config.arch!r} ones (the reference and goldens do)")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {str(self.device)!r} requested but no CUDA device is available")

@@ -20,8 +20,11 @@ Qwen3-MoE's values, so a config built for Qwen3-MoE reads as before:
   (llama.cpp's ``set_swa_pattern``; gpt-oss: pattern 2, the even layers slide, as transformers'
   ``layer_types``).
 * ``rope_scaling`` (``"none"``/``"yarn"``), ``rope_factor``, ``rope_orig_context``,
-  ``rope_beta_fast``, ``rope_beta_slow``: YaRN's frequency blend and its attention factor
-  ``0.1 ln(factor) + 1`` (transformers' ``_compute_yarn_parameters``, correction range not truncated).
+  ``rope_beta_fast``, ``rope_beta_slow``, ``rope_yarn_truncate``: YaRN's frequency blend and its
+  attention factor ``0.1 ln(factor) + 1`` (transformers' ``_compute_yarn_parameters``); with
+  ``rope_yarn_truncate`` the correction range is widened to whole dimensions (floor / ceil), as
+  transformers does by default and llama.cpp always does; gpt-oss's config.json says ``truncate:
+  false``, which the reference follows (llama.cpp then differs from it at every position > 0).
 * ``router_bias``: the router adds a bias to its logits.
 * ``expert_bias``: each expert's gate, up and down projections add a bias.
 * ``gating``: ``"softmax_topk_renorm"`` (Qwen3: softmax over all experts, top-k, the k weights
@@ -78,6 +81,7 @@ class ModelConfig:
     rope_orig_context: int = 0
     rope_beta_fast: float = 32.0
     rope_beta_slow: float = 1.0
+    rope_yarn_truncate: bool = True
     router_bias: bool = False
     expert_bias: bool = False
     gating: str = "softmax_topk_renorm"
@@ -128,9 +132,9 @@ Qwen3MoeConfig = ModelConfig
 FAMILIES: dict[str, dict[str, Any]] = {
     QWEN3MOE: {"name": "Qwen3-MoE", "fixed": {}},
     GPT_OSS: {"name": "gpt-oss", "fixed": {
-        "qk_norm": False, "attn_bias": True, "attn_sinks": True, "swa_pattern": 2, "router_bias": True,
-        "expert_bias": True, "gating": "topk_softmax", "ffn_act": "swiglu_oai", "swiglu_limit": 7.0,
-        "swiglu_alpha": 1.702}},
+        "qk_norm": False, "attn_bias": True, "attn_sinks": True, "swa_pattern": 2, "rope_yarn_truncate": False,
+        "router_bias": True, "expert_bias": True, "gating": "topk_softmax", "ffn_act": "swiglu_oai",
+        "swiglu_limit": 7.0, "swiglu_alpha": 1.702}},
 }
 
 

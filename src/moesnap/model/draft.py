@@ -149,8 +149,8 @@ def propose(model: ModelWeights | Drafter, tokens: Sequence[int], n: int, *, dev
 
 def stored_bytes(model: ModelWeights) -> int:
     """Bytes of every tensor as stored (what a device candidate uploads), from shapes and types alone."""
-    t = table(model.config.arch)
-    names = list(t.global_tensors) + [f"blk.{i}.{n}" for i in range(model.config.n_layer) for n in t.layer_tensors]
+    tab = table(model.config.arch)
+    names = list(tab.global_tensors) + [f"blk.{i}.{t}" for i in range(model.config.n_layer) for t in tab.layer_tensors]
     total = 0
     for name in names:
         block, size = gguf.GGML_QUANT_SIZES[model.tensor_type(name)]

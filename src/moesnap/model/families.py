@@ -3,8 +3,8 @@ chosen by :class:`~moesnap.model.config.ModelConfig` fields (never by the family
 
 * :func:`rope_inv_freq` / :func:`rope_attention_factor`: plain RoPE, or YaRN's blend of interpolated
   and extrapolated frequencies with its ``0.1 ln(factor) + 1`` attention factor
-  (``rope_scaling``; transformers' ``_compute_yarn_parameters``, gpt-oss's correction range
-  not truncated);
+  (``rope_scaling``; transformers' ``_compute_yarn_parameters``, the correction range truncated
+  or not: ``rope_yarn_truncate``);
 * :func:`attention_mask`: causal, or causal within a sliding window (``sliding_window``,
   ``swa_pattern``);
 * :func:`softmax_with_sinks`: a learned per-head logit joining each row's softmax and dropped
@@ -38,8 +38,10 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         # the dimension whose wavelength turns n_rot times over the original context
         return D * math.log(cfg.rope_orig_context / (n_rot * 2 * math.pi)) / (2 * math.log(cfg.rope_base))
 
-    low = max(correction_dim(cfg.rope_beta_fast), 0.0)
-    high = min(correction_dim(cfg.rope_beta_slow), D - 1.0)
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0.0), min(high, D - 1.0)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(D // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)  # [D/2]
