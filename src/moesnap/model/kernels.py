@@ -150,7 +150,9 @@ def sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     """Attention of ``q [B, Hq, Tq, D]`` over ``k``/``v [B, Hkv, S, D]`` where ``mask [B, Tq, S]`` (bool) is
     true.  ``sinks [Hq]``: a learned logit per query head that joins each softmax's denominator and is
     dropped after -- computed as one more key, of zeros (its score is the bias alone), whose additive
-    bias is the head's sink, and whose value is zeros.  Returns ``[B, Hq, Tq, D]``."""
+    bias is the head's sink, and whose value is zeros.  Returns ``[B, Hq, Tq, D]``.  The per-head bias
+    costs ``B x Hq x Tq x (S + 1)`` values of the compute dtype (a 4096-token prefill of gpt-oss-20b's
+    64 heads in bfloat16: 2.1 GB; decode steps: ``Tq = 1``)."""
     B, Hq, Tq, _ = q.shape
     if Hq != k.shape[1] and not gqa:
         rep = Hq // k.shape[1]
