@@ -92,7 +92,8 @@ __all__ = [
 DECODE_TYPES: dict[str, gguf.GGMLQuantizationType] = {
     t.name.lower(): t for t in sorted(
         (gguf.GGMLQuantizationType[n] for n in
-         ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")),
+         ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+          "MXFP4")),
         key=lambda t: t.value)
 }
 
