@@ -60,9 +60,15 @@ def test_yarn_frequencies_match_transformers():
     inv_hf, factor_hf = ROPE_INIT_FUNCTIONS["yarn"](c)
     inv, factor = rope_frequencies(64, p["rope_theta"], scaling="yarn", factor=p["factor"],
                                    orig_context=p["original_max_position_embeddings"], beta_fast=p["beta_fast"],
-                                   beta_slow=p["beta_slow"])
+                                   beta_slow=p["beta_slow"], truncate=p["truncate"])
+    assert p["truncate"] is False
     assert factor == pytest.approx(factor_hf, rel=1e-12) and factor == pytest.approx(0.1 * math.log(32) + 1)
     assert torch.allclose(inv, inv_hf.double(), rtol=3e-7, atol=0)   # theirs is float32
+    c.rope_parameters["truncate"] = True                                  # transformers' default, llama.cpp's way
+    inv_t, _ = rope_frequencies(64, p["rope_theta"], scaling="yarn", factor=p["factor"],
+                                orig_context=p["original_max_position_embeddings"], truncate=True)
+    assert torch.allclose(inv_t, ROPE_INIT_FUNCTIONS["yarn"](c)[0].double(), rtol=3e-7, atol=0)
+    assert not torch.allclose(inv_t, inv, rtol=1e-3)
     plain, one = rope_frequencies(64, p["rope_theta"])
     assert one == 1.0 and inv[0] == plain[0] and float(inv[-1]) == pytest.approx(float(plain[-1]) / 32, rel=1e-12)
 

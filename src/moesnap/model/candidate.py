@@ -322,7 +322,7 @@ class CandidateModel:
             cfg = self.cfg
             inv, mscale = rope_frequencies(cfg.head_dim, cfg.rope_base, scaling=cfg.rope_scaling, factor=cfg.rope_factor,
                                            orig_context=cfg.rope_orig_context, beta_fast=cfg.rope_beta_fast,
-                                           beta_slow=cfg.rope_beta_slow)
+                                           beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_yarn_truncate)
             ang = torch.arange(n, dtype=torch.float64)[:, None] * inv[None, :]  # [n, D/2]
             cos, sin = ang.cos(), ang.sin()
             if mscale != 1.0:                                                   # YaRN's attention factor

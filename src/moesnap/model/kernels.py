@@ -111,14 +111,14 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -
 
 
 def rope_frequencies(head_dim: int, base: float, *, scaling: str = "none", factor: float = 1.0,
-                     orig_context: int = 0, beta_fast: float = 32.0, beta_slow: float = 1.0
-                     ) -> tuple[torch.Tensor, float]:
+                     orig_context: int = 0, beta_fast: float = 32.0, beta_slow: float = 1.0,
+                     truncate: bool = True) -> tuple[torch.Tensor, float]:
     """RoPE's inverse frequencies ``[D/2]`` (float64, on the CPU) and the factor cos and sin are
     multiplied by.  ``scaling="yarn"``: YaRN's blend of the interpolated (``/ factor``) and the
     original frequencies by a linear ramp over the dimensions whose wavelength lies between
-    ``beta_fast`` and ``beta_slow`` rotations of the original context (the correction range not
-    rounded to whole dimensions, as gpt-oss's ``truncate: false``), and the attention factor
-    ``0.1 ln(factor) + 1``."""
+    ``beta_fast`` and ``beta_slow`` rotations of the original context (with ``truncate`` the range
+    widened to whole dimensions, floor and ceiling, as transformers' default and llama.cpp; gpt-oss's
+    config says ``truncate: false``), and the attention factor ``0.1 ln(factor) + 1``."""
     half = head_dim // 2
     inv = torch.pow(float(base), -torch.arange(half, dtype=torch.float64) * 2.0 / head_dim)
     if scaling == "none":
@@ -129,7 +129,10 @@ def rope_frequencies(head_dim: int, base: float, *, scaling: str = "none", facto
     def dim_of(rotations: float) -> float:   # the dimension whose wavelength fits `rotations` in the context
         return head_dim * math.log(orig_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low, high = max(dim_of(beta_fast), 0.0), min(dim_of(beta_slow), head_dim - 1.0)
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0.0), min(high, head_dim - 1.0)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(half, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)   # 0: keep, 1: interpolate
