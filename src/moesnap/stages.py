@@ -3,6 +3,17 @@
 Shapes use ``T`` tokens, ``H`` hidden size, ``Hq``/``Hkv`` query/key-value
 heads, ``D`` head dim, ``E`` experts, ``k`` experts per token, ``V`` vocab.
 Per-layer stages are stored stacked on a leading layer axis ``[L, ...]``.
+
+The schema is one list for every model family; :data:`FAMILY_STAGES` (data, not code) says which
+layer stages each family's forward has.  A stage a family lacks (gpt-oss has no ``q_norm`` /
+``k_norm``: its q and k go from the projection, with its bias, straight to RoPE) is absent from its
+goldens and candidates, never faked, and the judge walks the golden's family's stages only, so it
+is neither a missing stage of a candidate nor a cell a pass claims.
+
+gpt-oss's attention sinks get no stage of their own: a sink is a per-head logit that only changes
+each softmax's denominator, so all of its effect is in ``attn`` of its layer (a sink ignored, or
+applied to the wrong head, fails there first: ``q_rope``/``k_rope`` before it hold no sink), and the
+sink's share of the probability mass is no value any engine dumps to compare with.
 """
 
 from __future__ import annotations
@@ -31,6 +42,21 @@ LAYER_STAGES: tuple[str, ...] = (
     "moe_out",       # [T, H]       weighted sum of expert outputs
     "layer_out",     # [T, H]       attn_resid + moe_out
 )
+
+# The layer stages of each family (gguf-py's architecture name), in LAYER_STAGES order.
+FAMILY_STAGES: dict[str, tuple[str, ...]] = {
+    "qwen3moe": LAYER_STAGES,
+    "gpt-oss": tuple(s for s in LAYER_STAGES if s not in ("q_norm", "k_norm")),
+}
+# the family of a golden or dump that does not say (those written before families existed)
+DEFAULT_FAMILY = "qwen3moe"
+assert all(set(v) <= set(LAYER_STAGES) for v in FAMILY_STAGES.values())
+
+
+def layer_stages(family: str) -> tuple[str, ...]:
+    """The layer stages ``family`` has (KeyError for a family moesnap does not know)."""
+    return FAMILY_STAGES[family]
+
 
 INTEGER_STAGES: frozenset[str] = frozenset({"tokens", "topk_ids"})
 

@@ -29,7 +29,12 @@ FP16_FIELDS: dict[T, tuple[int, ...]] = {
     T.Q4_K: (0, 2),
     T.Q5_K: (0, 2),
     T.Q6_K: (208,),
+    T.MXFP4: (),  # its scale is an E8M0 exponent byte: E8M0_FIELDS
 }
+#: byte offsets of the E8M0 exponent fields inside one block
+E8M0_FIELDS: dict[T, tuple[int, ...]] = {T.MXFP4: (0,)}
+#: E8M0 bytes at the edges: the two subnormal halves (0, 1), 2**0 (127, 128) and the top (254, 255)
+SPECIAL_E8M0 = np.array([0, 1, 2, 126, 127, 128, 253, 254, 255], dtype=np.uint8)
 QUANT_TYPES = sorted(FP16_FIELDS, key=lambda t: t.name)
 FLOAT_TYPES = [T.F32, T.F16, T.BF16]
 # fp16 bit patterns: +-Inf, quiet NaN, signalling NaN, -NaN, max finite, -0
@@ -95,6 +100,12 @@ def random_blocks(
             inf_nan = (bits & 0x7C00) == 0x7C00
             bits[inf_nan] &= np.uint16(0xBFFF)  # clear the exponent's top bit: finite
         raw[:, off : off + 2] = bits.view(np.uint8).reshape(-1, 2)
+    for off in E8M0_FIELDS.get(qtype, ()):
+        if special:  # about a quarter of the blocks at an edge exponent
+            pick = rng.random(raw.shape[0]) < 0.25
+            raw[pick, off] = rng.choice(SPECIAL_E8M0, size=int(pick.sum()))
+        else:  # 12 * 2**(e - 128) is finite for e <= 252
+            raw[:, off] = rng.integers(0, 253, size=raw.shape[0], dtype=np.uint8)
     return raw.reshape(*lead, n_blocks * type_size)
 
 
@@ -106,7 +117,7 @@ seeds = st.integers(0, 2**32 - 1)
 
 
 def test_supported_covers_the_required_types():
-    required = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q5_0}
+    required = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q5_0, T.MXFP4}
     assert required <= qt.SUPPORTED
     assert set(QUANT_TYPES) | set(FLOAT_TYPES) == qt.SUPPORTED
 
@@ -194,7 +205,7 @@ def test_out_dtype_is_the_float32_result_cast(qtype, out_dtype):
 # --------------------------------------------------------------------------- layouts
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0, T.BF16, T.F16, T.F32],
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0, T.MXFP4, T.BF16, T.F16, T.F32],
                          ids=lambda t: t.name)
 def test_non_contiguous_and_misaligned_inputs(qtype):
     raw = random_blocks(3, qtype, (4, 6), 2)
@@ -210,7 +221,7 @@ def test_non_contiguous_and_misaligned_inputs(qtype):
     assert_bits_equal(qt.dequantize(odd, qtype).cpu().numpy(), ref)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q5_0, T.BF16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q5_0, T.MXFP4, T.BF16], ids=lambda t: t.name)
 def test_chunked_decoding_matches(qtype, monkeypatch):
     raw = random_blocks(5, qtype, (3, 7), 5)
     ref = reference(raw, qtype)
@@ -229,7 +240,7 @@ def test_empty_inputs():
 # --------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_K, T.IQ2_XXS, T.TQ1_0, T.MXFP4, T.I32],
+@pytest.mark.parametrize("qtype", [T.Q8_K, T.IQ2_XXS, T.TQ1_0, T.IQ4_NL, T.I32],
                          ids=lambda t: t.name)
 def test_unsupported_type_names_it(qtype):
     raw = torch.zeros((2, 1024), dtype=torch.uint8)
@@ -259,6 +270,8 @@ PAIRS = [
     (T.Q5_K, T.Q4_0),
     (T.BF16, T.Q4_K),
     (T.Q6_K, T.F16),
+    (T.MXFP4, T.Q4_0),  # 17 vs 18 bytes per 32 values: wraps around
+    (T.Q8_0, T.MXFP4),
 ]
 
 
@@ -341,3 +354,49 @@ def test_q6k_decoded_as_q4k_on_realistic_weights_is_garbage():
     err = (bad[finite] - good[finite]).abs()
     assert (~finite).any() or err.max() > 1.0  # huge or non-finite somewhere
     assert err.median() > 0.02  # and wrong nearly everywhere
+
+
+# --------------------------------------------------------------------------- MXFP4
+
+
+def test_mxfp4_every_exponent_byte_and_code_is_bit_exact():
+    # 256 blocks: block i has exponent byte i and every one of the 16 E2M1 codes twice
+    codes = np.arange(32, dtype=np.uint8) % 16
+    qs = (codes[:16] | (codes[16:] << 4)).astype(np.uint8)
+    raw = np.concatenate([np.arange(256, dtype=np.uint8)[:, None], np.tile(qs, (256, 1))], axis=1)
+    raw = raw.reshape(8, 32 * 17)
+    ref = reference(raw, T.MXFP4)
+    got = ours(raw, T.MXFP4)
+    assert_bits_equal(got, ref)
+    vals = got.reshape(256, 32)
+    assert vals[127, 2] == 1.0 and vals[128, 7] == 12.0  # E2M1 1.0 at scale 2**0; E2M1 6.0 at scale 2**1
+    assert vals[0, 1] == 2.0**-128 and vals[1, 1] == 2.0**-127  # the subnormal scale bytes
+    assert np.isinf(vals[255]).any() and np.signbit(vals[:, 9:16]).all()  # overflow; codes 9-15 negative
+    assert (vals[:, 8] == 0).all() and not np.signbit(vals[:, 8]).any()  # code 8 is +0, not -0
+
+
+@given(seed=seeds, lead=leads, n_blocks=st.integers(1, 4), shift=st.sampled_from([-2, -1, 1, 2]))
+def test_mxfp4_scale_off_is_every_exponent_byte_shifted(seed, lead, n_blocks, shift):
+    raw = random_blocks(seed, T.MXFP4, lead, n_blocks, special=True)
+    moved = raw.reshape(-1, 17).astype(np.int64)
+    moved[:, 0] = np.clip(moved[:, 0] + shift, 0, 255)
+    want = reference(moved.astype(np.uint8).reshape(raw.shape), T.MXFP4)
+    got = qt.decode_scale_off(torch.from_numpy(raw).to(DEVICE), T.MXFP4, shift).cpu().numpy()
+    assert_bits_equal(got, want)
+
+
+def test_mxfp4_scale_off_by_one_doubles_or_halves_ordinary_blocks():
+    raw = random_blocks(4, T.MXFP4, (3,), 4)
+    raw.reshape(-1, 17)[:, 0] = np.arange(12, dtype=np.uint8) + 120  # well inside the normal range
+    good = qt.dequantize(torch.from_numpy(raw), T.MXFP4)
+    assert torch.equal(qt.decode_scale_off(torch.from_numpy(raw), T.MXFP4, 1), good * 2)
+    assert torch.equal(qt.decode_scale_off(torch.from_numpy(raw), T.MXFP4, -1), good / 2)
+    bf = qt.decode_scale_off(torch.from_numpy(raw), T.MXFP4, 1, out_dtype=torch.bfloat16)
+    assert torch.equal(bf, (good * 2).to(torch.bfloat16))
+
+
+def test_mxfp4_scale_off_refuses_other_types():
+    with pytest.raises(ModelFileError, match="Q4_K has no E8M0"):
+        qt.decode_scale_off(torch.zeros((2, 144), dtype=torch.uint8), T.Q4_K, 1)
+    with pytest.raises(ModelFileError, match="MXFP4 row of 18 bytes"):
+        qt.decode_scale_off(torch.zeros((2, 18), dtype=torch.uint8), T.MXFP4, 1)

@@ -32,18 +32,27 @@ straight into the preallocated output, so temporaries stay around a float32
 chunk (and a few uint8 chunk-sized tensors) whatever the input size.  A
 non-contiguous input is copied once (its bytes, not its values).
 
-``decode_as`` is a fault-injection helper: it decodes a tensor's bytes with
-the wrong block routine (see its docstring for the exact semantics).
+MXFP4 (gpt-oss's expert weights) is a block of 32 FP4 E2M1 codes sharing one
+E8M0 exponent byte; gguf-py multiplies the doubled E2M1 value by half the
+scale, both exact powers of two times small integers, so the float32 product
+is exact (or overflows to Inf for exponent bytes near 255) in any order.
+
+``decode_as`` and ``decode_scale_off`` are fault-injection helpers: the first
+decodes a tensor's bytes with the wrong block routine, the second reads each
+MXFP4 block's E8M0 exponent off by a few (see their docstrings).
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import Callable
 
 import gguf
 import torch
 
 from moesnap.errors import ModelFileError
 
-__all__ = ["SUPPORTED", "CHUNK_VALUES", "dequantize", "decode_as"]
+__all__ = ["SUPPORTED", "CHUNK_VALUES", "dequantize", "decode_as", "decode_scale_off"]
 
 T = gguf.GGMLQuantizationType
 
@@ -226,6 +235,37 @@ def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     o.sub_(32.0).mul_(dl)
 
 
+#: FP4 E2M1 values, doubled (the E8M0 scale below is halved to match), by 4-bit code
+_E2M1_X2 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+def _e8m0_half(e: torch.Tensor) -> torch.Tensor:
+    """E8M0 exponent bytes ``e`` (uint8, any shape) -> float32 ``2**(e - 128)``, built from its bits.
+
+    Half the E8M0 scale ``2**(e - 127)``, as ggml's ``ggml_e8m0_to_fp32_half``: bytes 0 and 1 give the
+    subnormals ``2**-128`` and ``2**-127`` (bit 21 or 22 set), the rest the normal ``(e - 1) << 23``.
+    """
+    x = e.to(torch.int32)
+    bits = torch.where(x < 2, torch.bitwise_left_shift(torch.full_like(x, 0x00200000), x), (x - 1) << 23)
+    return bits.view(torch.float32)
+
+
+def _mxfp4_with(b: torch.Tensor, out: torch.Tensor, shift: int) -> None:
+    n = b.shape[0]
+    e = b[:, 0:1].to(torch.int32) + shift
+    d = _e8m0_half(e.clamp(0, 255))  # [n, 1]
+    q = torch.empty((n, 2, 16), dtype=torch.uint8, device=b.device)
+    _nibbles_into(q, b[:, 1:17])
+    table = torch.tensor(_E2M1_X2, dtype=torch.float32, device=b.device)
+    out.copy_(table[q.view(n, 32).to(torch.int64)])
+    out.mul_(d)
+
+
+def _mxfp4(b: torch.Tensor, out: torch.Tensor) -> None:
+    # block: 1 E8M0 exponent byte, then 16 bytes of E2M1 codes (values 0-15 the low nibbles, 16-31 the high)
+    _mxfp4_with(b, out, 0)
+
+
 def _bf16(b: torch.Tensor, out: torch.Tensor) -> None:
     # bf16 -> f32 is the 16-bit pattern shifted left by 16: build the four
     # little-endian bytes (0, 0, lo, hi) and reinterpret them.
@@ -257,6 +297,7 @@ _DECODERS = {
     T.Q4_K: _q4_k,
     T.Q5_K: _q5_k,
     T.Q6_K: _q6_k,
+    T.MXFP4: _mxfp4,
 }
 
 #: Types :func:`dequantize` decodes.  (Q8_K is left out: it never stores
@@ -291,7 +332,8 @@ def _as_bytes(data: torch.Tensor) -> torch.Tensor:
 
 
 def _dequantize_bytes(
-    data: torch.Tensor, qtype: gguf.GGMLQuantizationType, out_dtype: torch.dtype
+    data: torch.Tensor, qtype: gguf.GGMLQuantizationType, out_dtype: torch.dtype,
+    decode: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     if data.dim() == 0:
@@ -307,7 +349,7 @@ def _dequantize_bytes(
     n_blocks = data.numel() // type_size
     blocks = data.reshape(n_blocks, type_size)  # a view unless data is non-contiguous
     out = torch.empty((n_blocks, block_size), dtype=out_dtype, device=data.device)
-    decode = _DECODERS[qtype]
+    decode = decode or _DECODERS[qtype]
     step = max(1, CHUNK_VALUES // block_size)
     for start in range(0, n_blocks, step):
         b = blocks[start : start + step]
@@ -408,3 +450,30 @@ def decode_as(
     if values.shape[-1] != n_values:
         values = values[..., :n_values].contiguous()
     return values
+
+
+def decode_scale_off(
+    data: torch.Tensor,
+    qtype: gguf.GGMLQuantizationType,
+    shift: int,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Fault injection: MXFP4 bytes decoded with every block's E8M0 exponent read ``shift`` off.
+
+    Models a kernel that mistakes the shared scale's exponent by one (``shift=1``: it forgot that the
+    E2M1 table is doubled and used ``2**(e-127)``; ``shift=-1`` the other way): each block's exponent
+    byte ``e`` is taken as ``e + shift``, clamped to ``0..255``, so every value of a block is scaled
+    by ``2**shift`` (exactly, except where the clamp or the subnormal range of exponent bytes 0 and 1
+    makes it less, or the product overflows to Inf).  Same shape and ``out_dtype`` rule as
+    :func:`dequantize`.
+
+    Raises :class:`~moesnap.errors.ModelFileError` for a ``qtype`` other than MXFP4 (only MXFP4 has an
+    E8M0 scale to misread) or a row that is not a whole number of blocks.
+    """
+    if qtype != T.MXFP4:
+        name = getattr(qtype, "name", str(qtype))
+        raise ModelFileError(f"{name} has no E8M0 block scale to read off by {shift} (only MXFP4 does)")
+    if data.dtype != torch.uint8:
+        raise ModelFileError(f"{qtype.name} tensor data must be uint8 bytes, got {data.dtype}")
+    return _dequantize_bytes(data, qtype, out_dtype, partial(_mxfp4_with, shift=shift))

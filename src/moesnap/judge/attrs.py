@@ -15,7 +15,32 @@ import numpy as np
 
 from ..case import Case
 from ..errors import GoldenError
-from ..stages import LAYER_STAGES, MODEL_STAGES
+from ..stages import DEFAULT_FAMILY, FAMILY_STAGES, LAYER_STAGES, MODEL_STAGES
+
+
+def recorded_family(case: Case, *, where: str) -> str | None:
+    """The model family a case records (``attrs.model.config.arch``, gguf-py's architecture name), or
+    None where it records no model config (an imported dump; a golden from before families)."""
+    model = case.attrs.get("model") if isinstance(case.attrs, dict) else None
+    config = model.get("config") if isinstance(model, dict) else None
+    if not isinstance(config, dict):
+        return None
+    arch = config.get("arch", DEFAULT_FAMILY)   # configs written before families: Qwen3-MoE's
+    if not isinstance(arch, str) or arch not in FAMILY_STAGES:
+        raise GoldenError(f"{where}: attribute 'model.config.arch' = {arch!r} is no family moesnap knows "
+                          f"({', '.join(FAMILY_STAGES)})")
+    return arch
+
+
+def family(golden: Case, candidate: Case, *, name: str) -> str:
+    """The family ``golden`` was made from (Qwen3-MoE where it does not say); a candidate that records
+    another family is refused: a golden of one family never judges a forward of another."""
+    mine = recorded_family(golden, where=f"{name} (golden)") or DEFAULT_FAMILY
+    theirs = recorded_family(candidate, where=f"{name} (candidate)")
+    if theirs is not None and theirs != mine:
+        raise GoldenError(f"{name}: the golden is of a {mine!r} model, the candidate of a {theirs!r} model: "
+                          f"judge it against goldens of the same model")
+    return mine
 
 
 def followed_routes(case: Case, *, where: str) -> dict[int, dict[int, np.ndarray]]:

@@ -35,8 +35,8 @@ import numpy as np
 
 from ..case import Case
 from ..errors import GoldenError, MoesnapError
-from ..stages import LAYER_STAGES, POST_ROUTING_STAGES
-from .attrs import Second, followed_routes, golden_rows, held_notes, held_tokens, own_ids, seconds
+from ..stages import LAYER_STAGES, POST_ROUTING_STAGES, layer_stages
+from .attrs import Second, family, followed_routes, golden_rows, held_notes, held_tokens, own_ids, seconds
 from .classify import classify
 from .device import JudgeDevice
 from .experts import classify_stage, expert_inputs
@@ -200,6 +200,8 @@ class _Walk:
     seconds: Mapping[tuple[int | None, str], list[Second]] = field(default_factory=dict)
     #: where the statistics are computed (:mod:`moesnap.judge.device`; None: numpy)
     device: JudgeDevice | None = None
+    #: the layer stages of the golden's family (:data:`moesnap.stages.FAMILY_STAGES`), in order
+    layer_stages: tuple[str, ...] = LAYER_STAGES
 
     def has(self, stage: str, layer: int | None) -> bool:
         if layer is None:
@@ -270,7 +272,8 @@ def _walk(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: 
     return _Walk(name=name, golden=golden, candidate=golden_rows(golden, candidate, held), tols=tols, dtype=dtype,
                  mode=mode, per_layer=mode in PER_LAYER_MODES, propagate=propagate, allow_missing=allow_missing,
                  n_tokens=T, n_layer=n_layer, held=masks, g_follow=g_follow, c_follow=c_follow,
-                 seconds=seconds(candidate, where=f"{name} (candidate)"), device=device)
+                 seconds=seconds(candidate, where=f"{name} (candidate)"), device=device,
+                 layer_stages=layer_stages(family(golden, candidate, name=name)))
 
 
 def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: str = "case",
@@ -364,7 +367,7 @@ def _judge_layer(w: _Walk, layer: int, inherited: int | None) -> tuple[list[_Jud
     flipped: tuple[int, ...] = ()
     notes: list[str] = []
     out: list[_Judged] = []
-    for stage in LAYER_STAGES:
+    for stage in w.layer_stages:
         g, c = w.golden.stage(stage, layer), w.candidate.stage(stage, layer)
         if stage == "topk_ids":
             if not w.holds(stage, layer):

@@ -1,4 +1,10 @@
-"""The candidate forward of Qwen3-MoE: a second, GPU-minded implementation.
+"""The candidate forward of the MoE families moesnap knows: a second, GPU-minded implementation.
+
+Families differ in data, read from the config once: gpt-oss adds biases to q/k/v/o, the router and
+the experts (the experts' biases and clamped SwiGLU in float32, as a fused kernel's epilogue), attention
+sinks and a sliding window on its sliding layers (one more key of zeros whose additive bias is the
+head's sink, and a mask; :mod:`moesnap.model.kernels`), YaRN RoPE tables, and picks its experts by the
+top k of its logits with a softmax over those k; Qwen3-MoE's q/k norm runs where the config has it.
 
 It computes the same model as :mod:`moesnap.model.reference` but shares none of its
 code: only the config, the stage names and the recorder.  What makes it a
@@ -60,8 +66,9 @@ decision (``ROUTING_TIE``).  A wider flip is kept: it is a divergence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Mapping, Sequence
 
 import gguf
 import numpy as np
@@ -72,10 +79,11 @@ from ..gguf import quants_torch
 from ..errors import UsageError
 from ..stages import DTYPES as STAGE_DTYPES
 from .faults import NO_FAULTS, Faults
+from .forward_io import Followed, LayerOutput, Output, RouterReplay, _Call
 from .kernels import (EXPERT_PATHS, _grouped, _looped, _opmath, _sdpa_causal, default_expert_path,
-                      grouped_mm_works, sdpa_takes_enable_gqa)
+                      grouped_mm_works, rope_frequencies, sdpa_masked, sdpa_takes_enable_gqa, swiglu, window_mask)
 from .kvcache import Batch, KVCache, cached_attention
-from .tensors import GLOBAL_TENSORS, LAYER_TENSORS
+from .tensors import table
 from .recorder import NullRecorder, Recorder
 from .static_replay import StaticReplay
 from .weights import ModelWeights, file_bytes
@@ -88,91 +96,6 @@ __all__ = ["CandidateModel", "RouterReplay", "Followed", "Output", "LayerOutput"
            "grouped_mm_works", "default_expert_path", "sdpa_takes_enable_gqa"]
 
 
-# --------------------------------------------------------------------------- the model
-
-
-@dataclass(frozen=True)
-class RouterReplay:
-    """The golden routing a candidate follows at near ties: ``ids [L, T, k]``, router
-    ``logits [L, T, E]`` (numpy, any layer count), the tie width in logit units (one for every
-    layer or one per layer, ``[L]``) and ``gap(logits_row, ids)``, the judge's near-tie gap of
-    choosing ``ids`` under golden logits (:func:`moesnap.judge.routing.tie_gap`; passed in, so that the
-    model does not depend on the judge)."""
-
-    ids: np.ndarray
-    logits: np.ndarray
-    tie_tol: float | np.ndarray
-    gap: Callable[[np.ndarray, np.ndarray], float]
-
-    def tie_tol_at(self, i: int) -> float:
-        t = np.asarray(self.tie_tol, dtype=np.float64)
-        return float(t) if t.ndim == 0 else float(t[min(i, t.size - 1)])
-
-    def layer(self, i: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray] | None:
-        if i >= len(self.ids) or i >= len(self.logits):
-            return None
-        ids, logits = np.asarray(self.ids[i]), np.asarray(self.logits[i])
-        if ids.ndim != 2 or logits.ndim != 2 or ids.shape[0] != n_tokens or logits.shape[0] != n_tokens:
-            return None
-        return ids, logits
-
-    def rows(self, positions: Sequence[int] | np.ndarray) -> RouterReplay:
-        """The same guide for a forward over the golden's rows at ``positions`` only (a decode step, a
-        chunk of a prompt)."""
-        idx = np.asarray(positions, dtype=np.int64)
-        return RouterReplay(np.asarray(self.ids)[:, idx], np.asarray(self.logits)[:, idx], self.tie_tol, self.gap)
-
-
-class Followed(NamedTuple):
-    """Where a forward continued with the golden's experts instead of its own: the layer, the row of the
-    forward (the token index of its case) and the experts the candidate itself chose."""
-
-    layer: int
-    token: int
-    own: list[int]
-
-
-class Output(NamedTuple):
-    """What :meth:`CandidateModel.forward` returns: the logits ``[T, V]`` (compute dtype) and where it
-    followed the golden's experts."""
-
-    logits: torch.Tensor
-    followed: tuple[Followed, ...]
-
-
-class LayerOutput(NamedTuple):
-    """What :meth:`CandidateModel.forward_layer` returns: the layer's output ``[T, H]`` and where it
-    followed the golden's experts."""
-
-    out: torch.Tensor
-    followed: tuple[Followed, ...]
-
-
-@dataclass
-class _Call:
-    """What one forward call was given, and the experts it followed: made by the public entry
-    points, handed down explicitly, never kept on the model."""
-
-    rec: Recorder
-    faults: Faults
-    guide: RouterReplay | StaticReplay | None = None   # StaticReplay: decided on the device
-    force: Mapping[str, np.ndarray | torch.Tensor] | None = None
-    batch: Batch | None = None          # rows attend through ``cache`` (else: causal over themselves)
-    cache: KVCache | None = None
-    followed: list[Followed] = field(default_factory=list)
-
-    def emit(self, stage: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """A stage's value: passed through the planted faults, recorded, and passed on (the golden's
-        value instead, where stage-local replay forces this stage)."""
-        x = self.faults.stage(layer, stage, x)
-        self.rec.save(stage, layer, x)
-        forced = self.force.get(stage) if self.force is not None and stage != "topk_ids" else None
-        if forced is not None and tuple(forced.shape) == tuple(x.shape):
-            t = forced if isinstance(forced, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(forced))
-            return t.to(x.device, x.dtype)
-        return x
-
-
 @dataclass
 class _Dense:
     """One layer's dense weights, dequantized on the device."""
@@ -180,10 +103,26 @@ class _Dense:
     attn_norm: torch.Tensor  # [H]
     wqkv: torch.Tensor       # [Hq*D + 2*Hkv*D, H]
     wo: torch.Tensor         # [H, Hq*D]
-    q_norm: torch.Tensor     # [D]
-    k_norm: torch.Tensor     # [D]
+    q_norm: torch.Tensor | None      # [D] (families with q/k norm)
+    k_norm: torch.Tensor | None      # [D]
     ffn_norm: torch.Tensor   # [H]
     router: torch.Tensor     # [E, H] in the router dtype
+    bqkv: torch.Tensor | None = None         # [Hq*D + 2*Hkv*D] q/k/v biases (families with attention biases)
+    bo: torch.Tensor | None = None           # [H] the output projection's bias
+    sinks: torch.Tensor | None = None        # [Hq] attention sink logits, float32 (families with sinks)
+    router_bias: torch.Tensor | None = None  # [E] in the router dtype
+
+
+#: how a family turns router logits into its k experts and their weights (:meth:`CandidateModel._route`)
+GATINGS = ("softmax_topk_renorm", "topk_softmax")
+#: the experts' activations the candidate computes
+FFN_ACTS = ("swiglu", "swiglu_oai")
+
+
+def _kind(name: str) -> str:
+    """A tensor's name without its ``blk.N.`` prefix (``attn_q.bias``, ``token_embd``): what planted faults
+    name a tensor by."""
+    return name.split(".", 2)[2] if name.startswith("blk.") else name
 
 
 def _batch(batch: Batch | None, cache: KVCache | None, n_rows: int) -> Batch | None:
@@ -199,6 +138,10 @@ def _batch(batch: Batch | None, cache: KVCache | None, n_rows: int) -> Batch | N
 
 def _token_ids(tokens: Any) -> np.ndarray:
     return np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens).astype(np.int64).reshape(-1)
+
+
+#: the families (gguf-py architecture names) this forward computes
+CANDIDATE_FAMILIES: tuple[str, ...] = ("qwen3moe", "gpt-oss")
 
 
 class CandidateModel:
@@ -218,10 +161,21 @@ class CandidateModel:
         if dtype not in DTYPES:
             raise UsageError(f"dtype {dtype} is not supported by the candidate forward; "
                              f"choose one of {', '.join(str(d).removeprefix('torch.') for d in DTYPES)}")
+        if model.config.arch not in CANDIDATE_FAMILIES:
+            raise UsageError(f"{model.path}: moesnap's candidate forward computes {', '.join(CANDIDATE_FAMILIES)} "
+                             f"models, not {model.config.arch!r} ones (the reference and goldens do)")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {str(self.device)!r} requested but no CUDA device is available")
         self.model, self.cfg, self.dtype = model, model.config, dtype
+        cfg = self.cfg
+        if cfg.gating not in GATINGS or cfg.ffn_act not in FFN_ACTS:
+            raise UsageError(f"the candidate forward does not compute {cfg.arch}'s gating {cfg.gating!r} with "
+                             f"activation {cfg.ffn_act!r} (it computes {', '.join(GATINGS)}; {', '.join(FFN_ACTS)})")
+        self.tensors = table(cfg.arch)
+        #: the norm before the MoE (``ffn_norm``; gpt-oss files call it ``post_attention_norm``)
+        self.ffn_norm_name = next(n for n, k in self.tensors.by_name.items() if k.stage == "ffn_norm" and not k.bias)
+        self._act = partial(swiglu, limit=cfg.swiglu_limit, alpha=cfg.swiglu_alpha, oai=cfg.ffn_act == "swiglu_oai")
         self.opmath = _opmath(dtype)
         self.router_dtype = self.opmath
         if expert_path is None:
@@ -298,16 +252,16 @@ class CandidateModel:
     def upload(self) -> None:
         """Upload every tensor's bytes now (a no-op on the CPU, where they stay memory-mapped)."""
         if self.resident:
-            for name in GLOBAL_TENSORS:
+            for name in self.tensors.global_tensors:
                 self._raw(name)
             for i in range(self.cfg.n_layer):
-                for t in LAYER_TENSORS:
+                for t in self.tensors.layer_tensors:
                     self._raw(f"blk.{i}.{t}")
 
     def _weight(self, name: str, faults: Faults, layer: int | None = None,
                 dtype: torch.dtype | None = None) -> torch.Tensor:
         qtype, data = self._raw(name)
-        return faults.dequantize(data.to(self.device), qtype, layer, name.split(".")[-1], dtype or self.dtype)
+        return faults.dequantize(data.to(self.device), qtype, layer, _kind(name), dtype or self.dtype)
 
     def _dense(self, i: int, faults: Faults) -> _Dense:
         kept = self._keeping(faults)
@@ -325,14 +279,21 @@ class CandidateModel:
         wqkv[:cfg.q_dim] = self._weight(p + "attn_q", faults, i)
         wqkv[cfg.q_dim:cfg.q_dim + cfg.kv_dim] = self._weight(p + "attn_k", faults, i)
         wqkv[cfg.q_dim + cfg.kv_dim:] = self._weight(p + "attn_v", faults, i)
+        bqkv = bo = None
+        if cfg.attn_bias:
+            bqkv = torch.cat([self._weight(p + f"attn_{n}.bias", faults, i) for n in "qkv"])
+            bo = self._weight(p + "attn_output.bias", faults, i)
         return _Dense(
             attn_norm=self._weight(p + "attn_norm", faults, i),
             wqkv=wqkv,
             wo=self._weight(p + "attn_output", faults, i),
-            q_norm=self._weight(p + "attn_q_norm", faults, i),
-            k_norm=self._weight(p + "attn_k_norm", faults, i),
-            ffn_norm=self._weight(p + "ffn_norm", faults, i),
+            q_norm=self._weight(p + "attn_q_norm", faults, i) if cfg.qk_norm else None,
+            k_norm=self._weight(p + "attn_k_norm", faults, i) if cfg.qk_norm else None,
+            ffn_norm=self._weight(p + self.ffn_norm_name, faults, i),
             router=self._weight(p + "ffn_gate_inp", faults, i, self.router_dtype),
+            bqkv=bqkv, bo=bo,
+            sinks=self._weight(p + "attn_sinks", faults, i, self.opmath) if cfg.attn_sinks else None,
+            router_bias=self._weight(p + "ffn_gate_inp.bias", faults, i, self.router_dtype) if cfg.router_bias else None,
         )
 
     def _experts_weights(self, i: int, ids: list[int], faults: Faults
@@ -380,6 +341,17 @@ class CandidateModel:
             out.append(faults.dequantize(data.to(self.device), qtype, i, name, self.dtype))
         return out[0], out[1], out[2]
 
+    def _experts_biases(self, i: int, ids: list[int], faults: Faults
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The biases of gate ``[G, F]``, up ``[G, F]`` and down ``[G, H]`` of experts ``ids`` (global ids: the
+        biases are small and every rank holds them whole), in float32, or None for a family without them."""
+        if not self.cfg.expert_bias:
+            return None
+        idx = torch.tensor(ids, device=self.device)
+        g, u, d = (self._weight(f"blk.{i}.{n}.bias", faults, i, self.opmath).index_select(0, idx)
+                   for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+        return g, u, d
+
     # -- stages ---------------------------------------------------------------
     def _rope(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[T, 1, D/2]`` of positions ``0..T-1`` in the rope dtype, from float64 angles."""
@@ -391,10 +363,15 @@ class CandidateModel:
         (float64 angles), so a row is the same whatever else is asked with it."""
         if self._rope_table is None or self._rope_table[0].shape[0] < need:
             n = max(need, 2 * (self._rope_table[0].shape[0] if self._rope_table is not None else 0), 64)
-            half = self.cfg.head_dim // 2
-            inv = torch.pow(float(self.cfg.rope_base), -torch.arange(half, dtype=torch.float64) * 2.0 / self.cfg.head_dim)
+            cfg = self.cfg
+            inv, mscale = rope_frequencies(cfg.head_dim, cfg.rope_base, scaling=cfg.rope_scaling, factor=cfg.rope_factor,
+                                           orig_context=cfg.rope_orig_context, beta_fast=cfg.rope_beta_fast,
+                                           beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_yarn_truncate)
             ang = torch.arange(n, dtype=torch.float64)[:, None] * inv[None, :]  # [n, D/2]
-            self._rope_table = (ang.cos().to(self.device, self.opmath), ang.sin().to(self.device, self.opmath))
+            cos, sin = ang.cos(), ang.sin()
+            if mscale != 1.0:                                                   # YaRN's attention factor
+                cos, sin = cos * mscale, sin * mscale
+            self._rope_table = (cos.to(self.device, self.opmath), sin.to(self.device, self.opmath))
         cos, sin = self._rope_table
         idx = positions.to(self.device)
         return cos.index_select(0, idx)[:, None, :], sin.index_select(0, idx)[:, None, :]
@@ -413,29 +390,51 @@ class CandidateModel:
         cfg = self.cfg
         T, D = x.shape[0], cfg.head_dim
         qkv = x @ w.wqkv.T                                                      # [T, Hq*D + 2*Hkv*D]
+        if w.bqkv is not None:
+            qkv = qkv + w.bqkv
         q = c.emit("q", i, qkv[:, :cfg.q_dim].view(T, cfg.n_head, D))           # [T, Hq, D]
         k = c.emit("k", i, qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].view(T, cfg.n_head_kv, D))
         v = c.emit("v", i, qkv[:, cfg.q_dim + cfg.kv_dim:].view(T, cfg.n_head_kv, D))
-        q = c.emit("q_norm", i, self._norm(q, w.q_norm))
-        k = c.emit("k_norm", i, self._norm(k, w.k_norm))
+        if w.q_norm is not None and w.k_norm is not None:                       # families with q/k norm
+            q = c.emit("q_norm", i, self._norm(q, w.q_norm))
+            k = c.emit("k_norm", i, self._norm(k, w.k_norm))
+        window = cfg.sliding_window if cfg.slides(i) else 0
         if c.batch is None or c.cache is None:                                  # causal over these rows
             cos, sin = self._rope(T)
             q = c.emit("q_rope", i, self._apply_rope(q, cos, sin))
             k = c.emit("k_rope", i, self._apply_rope(k, cos, sin))
-            o = _sdpa_causal(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.gqa).transpose(0, 1)
+            qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
+            window, sinks = c.faults.attention(i, window, w.sinks, T - 1)
+            if sinks is None and not window:
+                o = _sdpa_causal(qh, kh, vh, self.gqa).transpose(0, 1)
+            else:
+                mask = window_mask(torch.arange(T, device=x.device), T, window or T)[None]   # [1, T, T]
+                o = sdpa_masked(qh[None], kh[None], vh[None], mask, sinks, self.gqa)[0].transpose(0, 1)
         else:                                                                   # through the KV cache
             b = c.faults.layer(i, c.batch)
             cos, sin = self._rope_at(b.rope_pos, b.max_pos + 1)
             q = c.emit("q_rope", i, self._apply_rope(q, cos, sin))
             k = c.emit("k_rope", i, self._apply_rope(k, cos, sin))
-            o = cached_attention(q, k, v, c.cache.k[i], c.cache.v[i], b, self.gqa)  # [T, Hq, D]
+            window, sinks = c.faults.attention(i, window, w.sinks, max(b.lens) - 1)
+            o = cached_attention(q, k, v, c.cache.k[i], c.cache.v[i], b, self.gqa,
+                                 window=window, sinks=sinks)                    # [T, Hq, D]
         attn = c.emit("attn", i, o.reshape(T, cfg.q_dim))                       # [T, Hq*D]
-        return c.emit("attn_out", i, attn @ w.wo.T)                             # [T, H]
+        out = attn @ w.wo.T                                                     # [T, H]
+        return c.emit("attn_out", i, out if w.bo is None else out + w.bo)
 
     def _route(self, i: int, x: torch.Tensor, w: _Dense, c: _Call) -> tuple[torch.Tensor, torch.Tensor]:
-        """(topk_ids ``[T, k]`` int64, topk_weights ``[T, k]`` in the compute dtype)."""
-        logits = c.emit("router_logits", i, x.to(self.router_dtype) @ w.router.T)  # [T, E]
-        probs = torch.softmax(logits, dim=-1)
+        """(topk_ids ``[T, k]`` int64, topk_weights ``[T, k]`` in the compute dtype).
+
+        The experts are the top k of the router's scores: its softmax over every expert
+        (``softmax_topk_renorm``, Qwen3-MoE: their k probabilities renormalised) or its logits themselves
+        (``topk_softmax``, gpt-oss: a softmax over the k chosen logits).  Either way the order of the
+        logits decides, so router replay's near-tie gap is measured on the logits for both."""
+        logits = x.to(self.router_dtype) @ w.router.T                           # [T, E]
+        if w.router_bias is not None:
+            logits = logits + w.router_bias
+        logits = c.emit("router_logits", i, logits)
+        renorm = self.cfg.gating == "softmax_topk_renorm"
+        probs = torch.softmax(logits, dim=-1) if renorm else logits             # the scores top-k picks from
         pos = c.batch.pos if c.batch is not None else None
         pw, pid = c.faults.topk(i, probs, self.cfg.n_expert_used, pos)             # [T, k], descending
         if c.force is not None and "topk_ids" in c.force:
@@ -445,7 +444,7 @@ class CandidateModel:
         elif c.guide is not None:
             pw, pid = self._replay_router(i, probs, pw, pid, c)
         c.faults.routed(i, pid)
-        weights = (pw / pw.sum(dim=-1, keepdim=True)).to(self.dtype)
+        weights = (pw / pw.sum(dim=-1, keepdim=True) if renorm else torch.softmax(pw, dim=-1)).to(self.dtype)
         ids = c.emit("topk_ids", i, pid)
         weights = c.emit("topk_weights", i, weights)
         return ids, weights
@@ -519,16 +518,24 @@ class CandidateModel:
         for g0 in range(0, len(used_host), batch):
             sizes = n_used[g0:g0 + batch]
             gate, up, down = self._experts_weights(i, used_host[g0:g0 + batch], faults)  # [G, F, H] x2, [G, H, F]
+            bias = self._experts_biases(i, used_host[g0:g0 + batch], faults)           # [G, F] x2, [G, H]
             r1 = r0 + sum(sizes)
             bounds = np.cumsum([0, *sizes]).tolist()
             a = a_all[r0:r1]                                           # [n_g, H]
             if self.expert_path == "grouped_mm":
                 offs = torch.tensor(bounds[1:], dtype=torch.int32, device=self.device)
-                h = F.silu(_grouped(a, gate, offs)) * _grouped(a, up, offs)    # [n_g, F]
-                out[r0:r1] = _grouped(h, down, offs)                   # [n_g, H]
+                mm = partial(_grouped, offs=offs)
             else:
-                h = F.silu(_looped(a, gate, bounds)) * _looped(a, up, bounds)
-                out[r0:r1] = _looped(h, down, bounds)
+                mm = partial(_looped, bounds=bounds)
+            g, u = mm(a, gate), mm(a, up)                              # [n_g, F]
+            if bias is None:
+                out[r0:r1] = mm(self._act(g, u), down)                 # [n_g, H]
+            else:   # the biases and the activation in float32, as a fused kernel's epilogue applies them
+                grp = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(self.device)
+                g = g.to(self.opmath) + bias[0].index_select(0, grp)
+                u = u.to(self.opmath) + bias[1].index_select(0, grp)
+                d = mm(self._act(g, u).to(self.dtype), down)
+                out[r0:r1] = d.to(self.opmath) + bias[2].index_select(0, grp)
             faults.expert_rows(i, used_host[g0:g0 + batch], out[r0:r1], bounds)
             r0 = r1
         pairs = torch.empty_like(out)

@@ -47,7 +47,7 @@ from .candidate import CandidateModel, _Call, _Dense
 from .faults import NO_FAULTS, Faults
 from .kvcache import KVCache
 from .recorder import NullRecorder, Recorder
-from .tensors import GLOBAL_TENSORS, LAYER_TENSORS
+from .tensors import table
 from .weights import ModelWeights
 
 #: the environment variable that names where proposals run (``cpu``, ``cuda``, ``cuda:N``)
@@ -73,7 +73,8 @@ class Drafter(CandidateModel):
     @property
     def kept(self) -> dict[str, int]:
         """Bytes of dequantized weights kept so far: ``dense`` (every layer run so far), ``output``."""
-        dense = sum(t.numel() * t.element_size() for w in self._layers.values() for t in vars(w).values())
+        dense = sum(t.numel() * t.element_size() for w in self._layers.values() for t in vars(w).values()
+                    if t is not None)
         out = sum(t.numel() * t.element_size() for t in self._head_weights or ())
         return {"dense": dense, "output": out}
 
@@ -148,7 +149,8 @@ def propose(model: ModelWeights | Drafter, tokens: Sequence[int], n: int, *, dev
 
 def stored_bytes(model: ModelWeights) -> int:
     """Bytes of every tensor as stored (what a device candidate uploads), from shapes and types alone."""
-    names = list(GLOBAL_TENSORS) + [f"blk.{i}.{t}" for i in range(model.config.n_layer) for t in LAYER_TENSORS]
+    tab = table(model.config.arch)
+    names = list(tab.global_tensors) + [f"blk.{i}.{t}" for i in range(model.config.n_layer) for t in tab.layer_tensors]
     total = 0
     for name in names:
         block, size = gguf.GGML_QUANT_SIZES[model.tensor_type(name)]

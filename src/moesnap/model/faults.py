@@ -19,8 +19,9 @@ import torch
 from ..errors import UsageError
 from ..gguf import quants_torch
 from .config import Qwen3MoeConfig
-from .inject import (BlockTable, GraphStale, Injection, KvShort, KvSlot, NanExpert, PadAttend, QtypeAs, RopePos,
-                     RouteFlip, ScaleStage, ServeFault, SwapRows, check_injections, validate_injection)
+from .inject import (BlockTable, GraphStale, Injection, KvShort, KvSlot, MxfpScale, NanExpert, PadAttend, QtypeAs,
+                     RopePos, RouteFlip, ScaleStage, ServeFault, SinkOff, SwapRows, WindowOff, check_injections,
+                     validate_injection)
 from .kvcache import Batch
 
 __all__ = ["Faults", "NO_FAULTS"]
@@ -53,6 +54,8 @@ class Faults:
                 validate_injection(inj, model.config)
             check_injections(self.injections, model, ())
         self._qtype = {(j.layer, j.tensor): j.as_qtype for j in self.injections if isinstance(j, QtypeAs)}
+        self._mxfp4 = {(j.layer, j.tensor): j.shift for j in self.injections if isinstance(j, MxfpScale)}
+        self._attn = {j.layer: j for j in self.injections if isinstance(j, (SinkOff, WindowOff))}
         self._scale: dict[tuple[int, str], float] = {}
         for j in self.injections:
             if isinstance(j, ScaleStage):
@@ -81,7 +84,8 @@ class Faults:
         routing flip that router replay undid because it fell within the near-tie width, a serving fault
         whose decode step, sequence or block never came."""
         done = self._fired | set(fired_elsewhere)
-        return [j for j in self.injections if isinstance(j, (NanExpert, RouteFlip, ServeFault)) and j not in done]
+        return [j for j in self.injections if isinstance(j, (NanExpert, RouteFlip, ServeFault, WindowOff))
+                and j not in done]
 
     # -- what a forward asks -------------------------------------------------------------------------
     def check_tokens(self, n_tokens: int) -> None:
@@ -96,9 +100,27 @@ class Faults:
         """Tensor ``tensor`` of ``layer`` (None: a whole-model tensor) decoded from its stored bytes: by its
         own type's routine, or by another's where a ``qtype`` fault says so."""
         as_qtype = self._qtype.get((layer, tensor)) if layer is not None else None
+        shift = self._mxfp4.get((layer, tensor)) if layer is not None else None
+        if shift is not None:
+            return quants_torch.decode_scale_off(data, qtype, shift, out_dtype=dtype)
         if as_qtype is None:
             return quants_torch.dequantize(data, qtype, out_dtype=dtype)
         return quants_torch.decode_as(data, qtype, as_qtype, out_dtype=dtype)
+
+    def attention(self, layer: int, window: int, sinks: torch.Tensor | None, last_pos: int
+                  ) -> tuple[int, torch.Tensor | None]:
+        """The sliding window (0: none) and the sink logits layer ``layer``'s attention uses, for queries up to
+        position ``last_pos``: a ``sink_off`` fault drops the sinks, a ``window`` fault moves the window by
+        ``by`` (it fires where some query reaches a key that only one of the two windows holds)."""
+        j = self._attn.get(layer)
+        if isinstance(j, SinkOff) and sinks is not None:
+            self._fired.add(j)
+            return window, None
+        if isinstance(j, WindowOff) and window:
+            if last_pos >= min(window, window + j.by):
+                self._fired.add(j)
+            return window + j.by, sinks
+        return window, sinks
 
     def stage(self, layer: int, stage: str, x: torch.Tensor) -> torch.Tensor:
         """A stage's value as the forward passes it on (scaled where a ``scale`` fault says so)."""
@@ -107,7 +129,8 @@ class Faults:
 
     def topk(self, layer: int, probs: torch.Tensor, k: int, positions: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-``k`` (probabilities, expert ids) of each row of ``probs [T, E]``, descending; a
+        """The top-``k`` (scores, expert ids) of each row of ``probs [T, E]`` (the router's probabilities, or its
+        logits for a family that picks by them), descending; a
         ``route`` fault's token takes its (k+1)-th ranked expert instead of its k-th.  ``positions [T]``:
         the rows' positions in their sequences (a serving forward: the fault's token is a position, and
         a forward without it is left as it is); None: row ``t`` is token ``t``."""

@@ -41,6 +41,18 @@ after the prompt:
 ``swap_rows`` / ``swap_rows:layer=L``
     the attention output rows of the batch's first two sequences are exchanged (every layer, or
     layer ``L`` only); ``attn``.
+``mxfp4_scale:layer=L,tensor=NAME[,shift=S]``
+    tensor ``blk.L.NAME`` (stored as MXFP4) is decoded with every block's E8M0 exponent read ``S``
+    off (default 1: each value doubled); see :func:`moesnap.gguf.quants_torch.decode_scale_off`.
+    Refused for a tensor of another type.
+``sink_off:layer=L``
+    layer ``L``'s attention ignores its sinks (a softmax without the sink logits); ``attn``.  Refused
+    for a model without attention sinks.
+``window:layer=L[,by=N]``
+    sliding layer ``L`` attends ``window + N`` positions instead of ``window`` (default ``N = 1``: the
+    classic off-by-one); ``attn``.  Refused on a layer that does not slide, and where no prompt is
+    long enough for the two windows to differ.
+
 ``graph_stale:step=S``
     the decode step on static buffers (:class:`~moesnap.model.serve.GraphDecoder`, CUDA graph) is
     replayed at step ``S`` with the static token buffer not refreshed (it still holds step ``S-1``'s
@@ -68,11 +80,11 @@ import gguf
 from .config import Qwen3MoeConfig
 from ..errors import UsageError
 from ..stages import INTEGER_STAGES, LAYER_STAGES
-from .tensors import LAYER_TENSORS
+from .tensors import LAYER_TENSORS, TABLES, table
 
 __all__ = [
     "Injection", "NanExpert", "QtypeAs", "ScaleStage", "RouteFlip",
-    "ServeFault", "RopePos", "KvSlot", "KvShort", "BlockTable", "PadAttend", "SwapRows", "GraphStale", "ServePlan",
+    "MxfpScale", "SinkOff", "WindowOff", "ServeFault", "RopePos", "KvSlot", "KvShort", "BlockTable", "PadAttend", "SwapRows", "GraphStale", "ServePlan",
     "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection", "check_injections", "check_serving",
 ]
 
@@ -80,7 +92,8 @@ __all__ = [
 DECODE_TYPES: dict[str, gguf.GGMLQuantizationType] = {
     t.name.lower(): t for t in sorted(
         (gguf.GGMLQuantizationType[n] for n in
-         ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")),
+         ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+          "MXFP4")),
         key=lambda t: t.value)
 }
 
@@ -148,7 +161,7 @@ class QtypeAs(Injection):
 
     @property
     def target_stage(self) -> str:
-        return LAYER_TENSORS[self.tensor]
+        return _tensor_stage(self.tensor) or LAYER_TENSORS[self.tensor]
 
     @property
     def spec(self) -> str:
@@ -181,6 +194,52 @@ class RouteFlip(Injection):
     @property
     def spec(self) -> str:
         return f"route:layer={self.layer},token={self.token}"
+
+
+def _tensor_stage(tensor: str) -> str | None:
+    """The stage a per-layer tensor (bare name, any family's) feeds first, or None for an unknown name."""
+    for t in TABLES.values():
+        if tensor in t.layer_tensors:
+            return t.layer_tensors[tensor]
+    return None
+
+
+@dataclass(frozen=True)
+class MxfpScale(Injection):
+    tensor: str
+    shift: int = 1
+
+    kind = "mxfp4_scale"
+
+    @property
+    def target_stage(self) -> str:
+        return _tensor_stage(self.tensor) or "expert_out"
+
+    @property
+    def spec(self) -> str:
+        return f"mxfp4_scale:layer={self.layer},tensor={self.tensor},shift={self.shift}"
+
+
+@dataclass(frozen=True)
+class SinkOff(Injection):
+    kind = "sink_off"
+    target_stage = "attn"
+
+    @property
+    def spec(self) -> str:
+        return f"sink_off:layer={self.layer}"
+
+
+@dataclass(frozen=True)
+class WindowOff(Injection):
+    by: int = 1
+
+    kind = "window"
+    target_stage = "attn"
+
+    @property
+    def spec(self) -> str:
+        return f"window:layer={self.layer},by={self.by}"
 
 
 @dataclass(frozen=True)
@@ -291,6 +350,9 @@ KINDS: dict[str, tuple[type[Injection], tuple[str, ...]]] = {
     "qtype": (QtypeAs, ("layer", "tensor", "as")),
     "scale": (ScaleStage, ("layer", "stage", "factor")),
     "route": (RouteFlip, ("layer", "token")),
+    "mxfp4_scale": (MxfpScale, ("layer", "tensor", "shift")),
+    "sink_off": (SinkOff, ("layer",)),
+    "window": (WindowOff, ("layer", "by")),
     "rope_pos": (RopePos, ("step",)),
     "kv_slot": (KvSlot, ("layer",)),
     "kv_short": (KvShort, ("layer",)),
@@ -300,7 +362,8 @@ KINDS: dict[str, tuple[type[Injection], tuple[str, ...]]] = {
     "graph_stale": (GraphStale, ("step",)),
 }
 #: kind -> the keys it may leave out (a fault of every layer)
-OPTIONAL: dict[str, frozenset[str]] = {"pad_attend": frozenset({"layer"}), "swap_rows": frozenset({"layer"})}
+OPTIONAL: dict[str, frozenset[str]] = {"pad_attend": frozenset({"layer"}), "swap_rows": frozenset({"layer"}),
+                                       "mxfp4_scale": frozenset({"shift"}), "window": frozenset({"by"})}
 EXAMPLE = "nan:layer=6,expert=3"
 
 
@@ -326,8 +389,9 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
     if isinstance(inj, NanExpert):
         _range("expert", inj.expert, cfg.n_expert, "experts")
     elif isinstance(inj, QtypeAs):
-        if inj.tensor not in LAYER_TENSORS:
-            raise UsageError(f"tensor={inj.tensor!r} is not a layer tensor; choose one of {', '.join(LAYER_TENSORS)}")
+        if inj.tensor not in table(cfg.arch).layer_tensors:
+            raise UsageError(f"tensor={inj.tensor!r} is not a layer tensor; choose one of "
+                             f"{', '.join(table(cfg.arch).layer_tensors)}")
         if inj.as_qtype not in DECODE_TYPES.values():
             raise UsageError(f"as={inj.as_qtype!r} is not a supported quant type; "
                              f"choose one of {', '.join(DECODE_TYPES)}")
@@ -339,6 +403,26 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
             raise UsageError(f"stage={inj.stage!r} is not a per-layer stage; choose one of {', '.join(SCALABLE_STAGES)}")
         if isinstance(inj.factor, bool) or not isinstance(inj.factor, (int, float)):
             raise UsageError(f"factor={inj.factor!r} is not a number")
+    elif isinstance(inj, MxfpScale):
+        if inj.tensor not in table(cfg.arch).layer_tensors:
+            raise UsageError(f"tensor={inj.tensor!r} is not a layer tensor; choose one of "
+                             f"{', '.join(table(cfg.arch).layer_tensors)}")
+        if isinstance(inj.shift, bool) or not isinstance(inj.shift, int) or inj.shift == 0:
+            raise UsageError(f"shift={inj.shift!r} must be a non-zero integer (exponent steps)")
+    elif isinstance(inj, SinkOff):
+        if not cfg.attn_sinks:
+            raise UsageError(f"the model ({cfg.arch}) has no attention sinks to ignore")
+    elif isinstance(inj, WindowOff):
+        if isinstance(inj.by, bool) or not isinstance(inj.by, int) or inj.by == 0:
+            raise UsageError(f"by={inj.by!r} must be a non-zero integer")
+        if not cfg.slides(inj.layer):
+            sliding = [i for i in range(cfg.n_layer) if cfg.slides(i)]
+            raise UsageError(f"layer {inj.layer} attends every position (no sliding window); "
+                             + (f"the sliding layers are {', '.join(map(str, sliding))}" if sliding
+                                else f"the model ({cfg.arch}) has no sliding-window layers"))
+        if cfg.sliding_window + inj.by < 1:
+            raise UsageError(f"by={inj.by} leaves a window of {cfg.sliding_window + inj.by} positions; "
+                             f"the layer's window is {cfg.sliding_window}")
     elif isinstance(inj, (RopePos, GraphStale)):
         first = 1 if isinstance(inj, GraphStale) else 0
         if isinstance(inj.step, bool) or not isinstance(inj.step, int) or inj.step < first:
@@ -372,6 +456,9 @@ def parse_inject(spec: str, cfg: Qwen3MoeConfig) -> Injection:
 class _TensorTypes(Protocol):
     def tensor_type(self, name: str) -> gguf.GGMLQuantizationType: ...
 
+    @property
+    def config(self) -> Qwen3MoeConfig: ...
+
 
 def check_injections(injections: Sequence[Injection], model: _TensorTypes, n_tokens: Sequence[int]) -> None:
     """Refuse, before any forward runs, a fault that needs what :func:`parse_inject` cannot see: a
@@ -387,6 +474,17 @@ def check_injections(injections: Sequence[Injection], model: _TensorTypes, n_tok
             raise UsageError(f"{inj.option}: token={inj.token} is out of range: "
                              + (f"the prompt has {n_tokens[0]} tokens" if len(set(n_tokens)) == 1 else
                                 f"the shortest of the {len(n_tokens)} prompts has {min(n_tokens)} tokens"))
+        if isinstance(inj, MxfpScale):
+            stored = model.tensor_type(f"blk.{inj.layer}.{inj.tensor}")
+            if stored != gguf.GGMLQuantizationType.MXFP4:
+                raise UsageError(f"{inj.option}: blk.{inj.layer}.{inj.tensor} is {stored.name}, not MXFP4, "
+                                 "so it has no E8M0 block scale to misread; choose an MXFP4 tensor")
+        if isinstance(inj, WindowOff) and n_tokens:
+            window = model.config.sliding_window
+            if max(n_tokens) <= min(window, window + inj.by):
+                raise UsageError(f"{inj.option}: the planted fault cannot fire (a window of {window} and one of "
+                                 f"{window + inj.by} positions differ only from position {min(window, window + inj.by)} "
+                                 f"on; the longest prompt has {max(n_tokens)} tokens)")
 
 
 def _parse(spec: str, cfg: Qwen3MoeConfig) -> Injection:
@@ -426,12 +524,19 @@ def _parse(spec: str, cfg: Qwen3MoeConfig) -> Injection:
         inj = BlockTable(layer=0, seq=_int("seq", values["seq"]), block=_int("block", values["block"]))
     elif cls in (PadAttend, SwapRows):
         inj = cls(layer=layer, only="layer" in values)  # type: ignore[call-arg]
+    elif cls is MxfpScale:
+        inj = MxfpScale(layer=layer, tensor=values["tensor"].lower(), shift=_int("shift", values.get("shift", "1")))
+    elif cls is SinkOff:
+        inj = SinkOff(layer=layer)
+    elif cls is WindowOff:
+        inj = WindowOff(layer=layer, by=_int("by", values.get("by", "1")))
     elif cls is NanExpert:
         inj = NanExpert(layer=layer, expert=_int("expert", values["expert"]))
     elif cls is QtypeAs:
         tensor = values["tensor"].lower()
-        if tensor not in LAYER_TENSORS:
-            raise UsageError(f"tensor={values['tensor']!r} is not a layer tensor; choose one of {', '.join(LAYER_TENSORS)}")
+        if tensor not in table(cfg.arch).layer_tensors:
+            raise UsageError(f"tensor={values['tensor']!r} is not a layer tensor; choose one of "
+                             f"{', '.join(table(cfg.arch).layer_tensors)}")
         qname = values["as"].lower()
         if qname not in DECODE_TYPES:
             raise UsageError(f"as={values['as']!r} is not a supported quant type; choose one of {', '.join(DECODE_TYPES)}")

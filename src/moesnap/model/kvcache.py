@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from ..errors import UsageError
 from .config import Qwen3MoeConfig
+from .kernels import sdpa_masked
 
 #: tokens per block of the paged cache (vLLM's and SGLang's default)
 BLOCK_SIZE = 16
@@ -207,9 +208,14 @@ def _gather(pool: torch.Tensor, table: torch.Tensor, n_keys: int) -> torch.Tenso
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
-                     v_pool: torch.Tensor, batch: Batch, gqa: bool) -> torch.Tensor:
+                     v_pool: torch.Tensor, batch: Batch, gqa: bool, *, window: int = 0,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Write the new rows' ``k``/``v [T, Hkv, D]`` into the cache of one layer, then attend each packed
-    query row ``q [T, Hq, D]`` over its own sequence's cached keys; returns ``[T, Hq, D]``."""
+    query row ``q [T, Hq, D]`` over its own sequence's cached keys; returns ``[T, Hq, D]``.
+
+    ``window`` (a sliding layer): each query attends the keys of its own and the ``window - 1`` positions
+    before it only (the cache keeps every position; the older ones are masked, prefill and decode alike).
+    ``sinks [Hq]``: the layer's attention sink logits (:func:`~moesnap.model.kernels.sdpa_masked`)."""
     B, Tq = batch.q_index.shape
     T, Hq, D = q.shape
     flat = (-1, *k_pool.shape[2:])
@@ -224,7 +230,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
         mask &= kpos[None, None, :] < batch.seq_lens[:, None, None]
     if batch.causal:
         mask &= kpos[None, None, :] <= batch.q_pos[:, :, None]
-    if Hq != keys.shape[1] and gqa:
+    if window:
+        mask &= batch.q_pos[:, :, None] - kpos[None, None, :] < window
+    if sinks is not None:
+        o = sdpa_masked(qp, keys, vals, mask, sinks, gqa)                       # [B, Hq, Tq, D]
+    elif Hq != keys.shape[1] and gqa:
         o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask[:, None], enable_gqa=True)
     else:
         rep = Hq // keys.shape[1]

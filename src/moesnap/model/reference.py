@@ -1,12 +1,19 @@
-"""The reference forward of Qwen3-MoE: plain PyTorch on the CPU, written to be read.
+"""The reference forward of the MoE families moesnap knows: plain PyTorch on the CPU, written to be read.
 
-Everything else in moesnap is judged against this file.  It follows HF
+Everything else in moesnap is judged against this file.  For Qwen3-MoE it follows HF
 transformers' ``modeling_qwen3_moe.py``: RMSNorm, q/k/v projections without
 bias, per-head RMSNorm on q and k over ``head_dim`` *before* NeoX RoPE,
 causal grouped-query attention, o projection, residual; RMSNorm, router
 logits, softmax over all experts in float32 (float64 when the whole forward
 is float64), top-k, renormalised top-k weights, SwiGLU experts, weighted sum,
 residual; final RMSNorm and the lm head.
+
+For gpt-oss it follows ``modeling_gpt_oss.py``: q/k/v/o projections with biases, no q/k norm,
+NeoX RoPE with YaRN frequencies and attention factor, attention with one learned sink logit per
+head in each softmax, over a sliding window of positions on every other layer (the even ones);
+router logits with a bias, top-k of the logits and a softmax over those k; experts with biases and
+the clamped SwiGLU ``(up + 1) * gate * sigmoid(1.702 gate)``.  Where the families differ the forward
+calls a small function of :mod:`moesnap.model.families`, chosen by a config field.
 
 Every stage is handed to an explicit recorder (``rec.save(stage, layer, x)``).
 Weights are dequantized lazily by :class:`~moesnap.model.weights.GGUFModel`: one
@@ -25,9 +32,9 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from .config import Qwen3MoeConfig
+from .config import ModelConfig
+from .families import attention_mask, expert_act, rope_attention_factor, rope_inv_freq, route, softmax_with_sinks
 from .ggml import identity
 from .recorder import NullRecorder, Recorder
 from .weights import GGUFModel, LayerWeights, ModelWeights
@@ -62,13 +69,16 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(var + self.eps) * self.weight
 
 
-def rope_cos_sin(cfg: Qwen3MoeConfig, n_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """NeoX rotary tables for positions 0..T-1, computed in float64."""
-    D = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # [D/2]
+def rope_cos_sin(cfg: ModelConfig, n_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX rotary tables for positions 0..T-1, computed in float64 (YaRN: its frequencies, and both
+    tables scaled by its attention factor)."""
+    inv_freq = rope_inv_freq(cfg)                                                        # [D/2]
     angles = torch.outer(torch.arange(n_tokens, dtype=torch.float64), inv_freq)        # [T, D/2]
     angles = torch.cat([angles, angles], dim=-1)                                         # [T, D]
-    return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]      # [T, 1, D]
+    cos, sin = angles.cos(), angles.sin()
+    if (m := rope_attention_factor(cfg)) != 1.0:
+        cos, sin = cos * m, sin * m
+    return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]                        # [T, 1, D]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -76,17 +86,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def causal_attention(cfg: Qwen3MoeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal grouped-query attention of roped ``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]`` -> ``[T, Hq*D]``."""
+def causal_attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal grouped-query attention of roped ``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]`` -> ``[T, Hq*D]``
+    (within the sliding window on a sliding ``layer``; with ``sinks [Hq]`` in each softmax)."""
     T = q.shape[0]
     group = cfg.n_head // cfg.n_head_kv
     k = k.repeat_interleave(group, dim=1)                    # [T, Hq, D]
     v = v.repeat_interleave(group, dim=1)                    # [T, Hq, D]
     scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(cfg.head_dim)  # [Hq, T, T]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)                    # [Hq, T, T]
+    allowed = attention_mask(cfg, layer, T)                  # [T, T]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = softmax_with_sinks(scores, sinks)                # [Hq, T, T]
     return torch.einsum("hts,shd->thd", probs, v).reshape(T, cfg.q_dim)  # [T, Hq*D]
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x @ w.T if b is None else x @ w.T + b
 
 
 #: ``aq(x, tensor_name)``: the activation a matmul with weight ``tensor_name`` sees
@@ -94,7 +110,7 @@ def causal_attention(cfg: Qwen3MoeConfig, q: torch.Tensor, k: torch.Tensor, v: t
 ActQuant = Callable[[torch.Tensor, str], torch.Tensor]
 
 
-def expert_outputs(cfg: Qwen3MoeConfig, w: LayerWeights, x: torch.Tensor, topk_ids: torch.Tensor,
+def expert_outputs(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, topk_ids: torch.Tensor,
                    aq: ActQuant = identity) -> torch.Tensor:
     """Each selected expert's unweighted SwiGLU output ``[T, k, H]`` for ``x [T, H]`` and ``topk_ids [T, k]``."""
     T, k = topk_ids.shape
@@ -105,9 +121,10 @@ def expert_outputs(cfg: Qwen3MoeConfig, w: LayerWeights, x: torch.Tensor, topk_i
 
     def run(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gate, up, down = w.experts.expert(e)
+        bg, bu, bd = w.experts.bias(e) or (None, None, None)
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)         # tokens routed to e
-        h = F.silu(xg[tok] @ gate.T) * (xu[tok] @ up.T)            # [n, F]
-        return tok, slot, aq(h, p + "ffn_down_exps") @ down.T      # [n, H]
+        h = expert_act(cfg, _linear(xg[tok], gate, bg), _linear(xu[tok], up, bu))  # [n, F]
+        return tok, slot, _linear(aq(h, p + "ffn_down_exps"), down, bd)            # [n, H]
 
     # each expert dequantized and run on the pool's threads (numpy and torch release the GIL); every
     # (token, slot) belongs to one expert, so the order the results are written in changes no value
@@ -117,38 +134,39 @@ def expert_outputs(cfg: Qwen3MoeConfig, w: LayerWeights, x: torch.Tensor, topk_i
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
+    def __init__(self, cfg: ModelConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
         super().__init__()
         self.cfg, self.w, self.aq = cfg, w, aq
-        self.q_norm = RMSNorm(w.q_norm, cfg.rms_eps)
-        self.k_norm = RMSNorm(w.k_norm, cfg.rms_eps)
+        self.q_norm = None if w.q_norm is None else RMSNorm(w.q_norm, cfg.rms_eps)
+        self.k_norm = None if w.k_norm is None else RMSNorm(w.k_norm, cfg.rms_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, rec: Recorder) -> torch.Tensor:
         cfg, w = self.cfg, self.w
         T, aq, p = x.shape[0], self.aq, f"blk.{layer}."
-        q = (aq(x, p + "attn_q") @ w.wq.T).view(T, cfg.n_head, cfg.head_dim)      # [T, Hq, D]
-        k = (aq(x, p + "attn_k") @ w.wk.T).view(T, cfg.n_head_kv, cfg.head_dim)   # [T, Hkv, D]
-        v = (aq(x, p + "attn_v") @ w.wv.T).view(T, cfg.n_head_kv, cfg.head_dim)   # [T, Hkv, D]
+        q = _linear(aq(x, p + "attn_q"), w.wq, w.bq).view(T, cfg.n_head, cfg.head_dim)      # [T, Hq, D]
+        k = _linear(aq(x, p + "attn_k"), w.wk, w.bk).view(T, cfg.n_head_kv, cfg.head_dim)   # [T, Hkv, D]
+        v = _linear(aq(x, p + "attn_v"), w.wv, w.bv).view(T, cfg.n_head_kv, cfg.head_dim)   # [T, Hkv, D]
         rec.save("q", layer, q)
         rec.save("k", layer, k)
         rec.save("v", layer, v)
-        q, k = self.q_norm(q), self.k_norm(k)
-        rec.save("q_norm", layer, q)
-        rec.save("k_norm", layer, k)
+        if self.q_norm is not None and self.k_norm is not None:    # families without q/k norm: no such stage
+            q, k = self.q_norm(q), self.k_norm(k)
+            rec.save("q_norm", layer, q)
+            rec.save("k_norm", layer, k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         rec.save("q_rope", layer, q)
         rec.save("k_rope", layer, k)
 
-        attn = causal_attention(cfg, q, k, v)                   # [T, Hq*D]
+        attn = causal_attention(cfg, q, k, v, layer, w.sinks)   # [T, Hq*D]
         rec.save("attn", layer, attn)
-        out = aq(attn, p + "attn_output") @ w.wo.T              # [T, H]
+        out = _linear(aq(attn, p + "attn_output"), w.wo, w.bo)  # [T, H]
         rec.save("attn_out", layer, out)
         return out
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
+    def __init__(self, cfg: ModelConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
         super().__init__()
         self.cfg, self.w, self.aq = cfg, w, aq
 
@@ -156,11 +174,11 @@ class MoE(nn.Module):
         cfg, w = self.cfg, self.w
         k = cfg.n_expert_used
         router_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        logits = self.aq(x, f"blk.{layer}.ffn_gate_inp").to(router_dtype) @ w.router.to(router_dtype).T  # [T, E]
+        bias = None if w.router_bias is None else w.router_bias.to(router_dtype)
+        logits = _linear(self.aq(x, f"blk.{layer}.ffn_gate_inp").to(router_dtype), w.router.to(router_dtype), bias)  # [T, E]
         rec.save("router_logits", layer, logits)
-        probs = torch.softmax(logits, dim=-1)                          # [T, E]
-        topk_w, topk_ids = torch.topk(probs, k, dim=-1)                # [T, k], [T, k]
-        topk_w = (topk_w / topk_w.sum(-1, keepdim=True)).to(x.dtype)   # renormalised
+        topk_w, topk_ids = route(cfg, logits, k)                       # [T, k], [T, k]
+        topk_w = topk_w.to(x.dtype)
         rec.save("topk_ids", layer, topk_ids)
         rec.save("topk_weights", layer, topk_w)
 
@@ -172,7 +190,7 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
+    def __init__(self, cfg: ModelConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(w.attn_norm, cfg.rms_eps)
         self.attention = Attention(cfg, w, aq)

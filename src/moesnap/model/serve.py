@@ -35,7 +35,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from ..case import Case
 from ..errors import UsageError
@@ -214,6 +213,8 @@ class _Resident(CandidateModel):
         self.layers = [CandidateModel._dense(self, i, faults) for i in range(self.cfg.n_layer)]
         self.experts = [tuple(self._weight(f"blk.{i}.{n}", faults, i) for n in
                               ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")) for i in range(self.cfg.n_layer)]
+        every = list(range(self.cfg.n_expert))
+        self.expert_biases = [self._experts_biases(i, every, faults) for i in range(self.cfg.n_layer)]
         self.embedding = self._weight("token_embd", NO_FAULTS)                     # [V, H]
         self.out_norm = self._weight("output_norm", NO_FAULTS)                     # [H]
         self.out = self._weight("output", NO_FAULTS)                               # [V, H]
@@ -226,8 +227,16 @@ class _Resident(CandidateModel):
         flat = ids.reshape(-1)                                                    # [T*k]
         gate, up, down = self.experts[i]                                          # [E, F, H] x2, [E, H, F]
         xr = x[:, None, :].expand(T, k, x.shape[1]).reshape(T * k, x.shape[1], 1)  # [T*k, H, 1]
-        h = F.silu(torch.bmm(gate.index_select(0, flat), xr)) * torch.bmm(up.index_select(0, flat), xr)  # [T*k, F, 1]
-        return torch.bmm(down.index_select(0, flat), h).view(T, k, self.cfg.hidden)
+        g, u = torch.bmm(gate.index_select(0, flat), xr), torch.bmm(up.index_select(0, flat), xr)  # [T*k, F, 1]
+        bias = self.expert_biases[i]                                              # [E, F] x2, [E, H]
+        if bias is None:
+            d = torch.bmm(down.index_select(0, flat), self._act(g, u))            # [T*k, H, 1]
+        else:   # biases and activation in float32, as the candidate's grouped path
+            g = g.to(self.opmath) + bias[0].index_select(0, flat)[..., None]
+            u = u.to(self.opmath) + bias[1].index_select(0, flat)[..., None]
+            d = torch.bmm(down.index_select(0, flat), self._act(g, u).to(self.dtype))
+            d = (d.to(self.opmath) + bias[2].index_select(0, flat)[..., None]).to(self.dtype)
+        return d.view(T, k, self.cfg.hidden)
 
     def _embed(self, tok: torch.Tensor) -> torch.Tensor:
         return self.embedding.index_select(0, tok)

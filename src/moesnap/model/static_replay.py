@@ -11,8 +11,9 @@ and makes the same decision for every row at once with tensor operations:
   in float64 -- :func:`moesnap.judge.routing.tie_gap`'s formula, NaN where the row is not finite
   (the model may not import the judge, so the formula is written out here and tested against it);
 * ``use = differ & (gap <= tie_tol[layer]) & active`` (``active``: the guide holds this layer);
-* where ``use``: the golden's experts, weighted by the candidate's own probabilities for them, sorted
-  descending (stable) -- the rows the eager replay rewrites, with the same values.
+* where ``use``: the golden's experts, weighted by the candidate's own scores for them (its router
+  probabilities, or its logits for a family that picks by them, gpt-oss), sorted descending (stable) --
+  the rows the eager replay rewrites, with the same values.
 
 ``use`` and the candidate's own ids are copied into static output buffers as part of the step, and
 :meth:`StaticReplay.read` turns them into the (layer, row, own ids) notes the eager replay keeps.

@@ -1,19 +1,22 @@
-"""Synthetic Qwen3-MoE GGUF files: random weights, real layout, real quant types.
+"""Synthetic MoE GGUF files (Qwen3-MoE, gpt-oss): random weights, real layout, real quant types.
 
-A :class:`SynthSpec` says what to build (a :class:`~moesnap.model.config.Qwen3MoeConfig`
-for the shapes, a quant type per tensor kind, a seed); :func:`make_model` streams it into a GGUF file that gguf-py, moesnap's
-loaders and llama.cpp all read like a converted Qwen3-MoE checkpoint:
+A :class:`SynthSpec` says what to build (a :class:`~moesnap.model.config.ModelConfig`
+for the family and the shapes, a quant type per tensor kind, a seed); :func:`make_model` streams it
+into a GGUF file that gguf-py, moesnap's loaders and llama.cpp all read like a converted checkpoint
+of that family:
 
-* architecture ``qwen3moe``, every hyper-parameter under the keys of
+* architecture ``qwen3moe`` or ``gpt-oss``, every hyper-parameter under the keys of
   ``gguf.constants.Keys``, tensor names from ``gguf.constants.TENSOR_NAMES``
-  plus ``.weight`` as in real files (``blk.0.ffn_down_exps.weight``);
+  plus ``.weight`` (``.bias`` for biases) as in real files (``blk.0.ffn_down_exps.weight``);
 * a byte-level ``llama`` (SentencePiece) vocabulary: ids 0-2 are ``<unk>``,
   ``<s>``, ``</s>``; ids 3-258 are the bytes ``<0x00>``..``<0xFF>``; the rest
   are filler tokens ``tok_259``...;
 * quantized tensors hold *valid random blocks* (:func:`random_blocks`) whose
   dequantized values have the standard deviation a trained layer would have
   (projections ``1/sqrt(fan_in)``, embeddings 1, norms ``N(1, 0.1)``, router
-  ``4/sqrt(hidden)`` so top-k choices do not nearly tie).
+  ``4/sqrt(hidden)`` so top-k choices do not nearly tie); gpt-oss's biases ``N(0, 0.1)``, sinks
+  ``N(0, 1)``, and its expert gate/up projections ``3/sqrt(fan_in)`` so its SwiGLU clamp at 7 is
+  reached by a few percent of the values, as in the trained model.
 
 Each tensor draws from its own generator seeded by ``(seed, crc32(name))``
 (the name without ``.weight``), so the same spec gives a byte-identical file,
@@ -42,16 +45,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
-from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, TokenType
+from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, RopeScalingType, TokenType
 from gguf.quants import quantize
 
 from ..errors import UsageError
-from .config import Qwen3MoeConfig
-from .tensors import F32_TENSORS, KINDS, LAYER_TENSORS, WEIGHT_SUFFIX, Dims
+from .config import FAMILIES, GPT_OSS, SHAPE_FIELDS, Qwen3MoeConfig
+from .tensors import F32_TENSORS, KINDS, WEIGHT_SUFFIX, Dims, table
 
 QT = GGMLQuantizationType
 ARCH = "qwen3moe"
-assert MODEL_ARCH.QWEN3MOE  # the architecture this module writes
+assert MODEL_ARCH.QWEN3MOE  # the architecture this module first wrote; a spec's config names its own
 
 #: tensor kinds whose quant type a spec chooses (norms and router are always F32)
 QTYPE_KINDS: tuple[str, ...] = (
@@ -66,6 +69,7 @@ QTYPE_KINDS: tuple[str, ...] = (
     "ffn_down_exps",
 )
 assert set(QTYPE_KINDS) == set(KINDS) - F32_TENSORS
+assert set(QTYPE_KINDS) == set(table(GPT_OSS).by_name) - table(GPT_OSS).f32_tensors
 
 
 #: byte-level vocabulary layout
@@ -75,9 +79,10 @@ MIN_VOCAB = N_SPECIAL + 256
 
 # types random_blocks builds by quantizing float data with gguf-py
 _QUANTIZED_BY_GGUF = frozenset({QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0})
-# K-quants gguf-py cannot quantize: random bits with chosen fp16 scales
+# K-quants gguf-py cannot quantize: random bits with chosen fp16 scales; MXFP4: random e2m1 values with
+# chosen E8M0 scales (gguf-py's quantizer would need 64 bytes of work space per weight)
 _K_QUANTS = frozenset({QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
-SUPPORTED_QTYPES = _QUANTIZED_BY_GGUF | _K_QUANTS
+SUPPORTED_QTYPES = _QUANTIZED_BY_GGUF | _K_QUANTS | {QT.MXFP4}
 
 
 #: the config's fields (read through a spec: ``spec.n_layer`` is ``spec.config.n_layer``)
@@ -127,7 +132,7 @@ class SynthSpec:
 
     def qtype(self, kind: str, layer: int | None = None) -> GGMLQuantizationType:
         """The quant type of tensor kind ``kind`` (in ``layer`` for block tensors)."""
-        if kind in F32_TENSORS:
+        if kind in table(self.config.arch).f32_tensors:
             return QT.F32
         if kind == "ffn_down_exps" and self.down_exps_alternate is not None and layer is not None and layer % 2 == 1:
             return self.down_exps_alternate
@@ -139,7 +144,7 @@ class SynthSpec:
         d = self.config.dims
         out = [_tensor("token_embd", None, d, self)]
         for i in range(self.config.n_layer):
-            out += [_tensor(kind, i, d, self) for kind in LAYER_TENSORS]
+            out += [_tensor(kind, i, d, self) for kind in table(self.config.arch).layer_tensors]
         out += [_tensor("output_norm", None, d, self), _tensor("output", None, d, self)]
         return out
 
@@ -162,8 +167,8 @@ class SynthTensor(NamedTuple):
 
 
 def _tensor(kind: str, layer: int | None, d: Dims, spec: SynthSpec) -> SynthTensor:
-    k = KINDS[kind]
-    return SynthTensor(k.gguf_name(layer) + WEIGHT_SUFFIX, kind, layer, k.shape(d), spec.qtype(kind, layer))
+    k = table(spec.config.arch).by_name[kind]
+    return SynthTensor(k.file_name(layer), kind, layer, k.shape(d), spec.qtype(kind, layer))
 
 
 def _validate(spec: SynthSpec) -> None:
@@ -172,8 +177,13 @@ def _validate(spec: SynthSpec) -> None:
 
     c = spec.config
     if not isinstance(c, Qwen3MoeConfig):
-        raise bad(f"config={c!r} must be a Qwen3MoeConfig")
-    counts = [(f.name, getattr(c, f.name)) for f in dataclasses.fields(c) if f.type in (int, "int")]
+        raise bad(f"config={c!r} must be a ModelConfig")
+    if c.arch not in FAMILIES:
+        raise bad(f"arch={c.arch!r} is no family moesnap writes; choose one of {', '.join(FAMILIES)}")
+    if c.arch == GPT_OSS and not (c.sliding_window >= 1 and c.rope_factor >= 1 and c.rope_orig_context >= 1):
+        raise bad(f"sliding_window={c.sliding_window!r}, rope_factor={c.rope_factor!r} and "
+                  f"rope_orig_context={c.rope_orig_context!r} must be ≥ 1 for gpt-oss")
+    counts = [(n, getattr(c, n)) for n in SHAPE_FIELDS if n not in ("rope_base", "rms_eps")]
     for name, value in [*counts, ("dense_ff", spec.dense_ff)]:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise bad(f"{name}={value!r} must be an integer ≥ 1")
@@ -306,6 +316,25 @@ def _kquant_blocks(qtype: GGMLQuantizationType, n_blocks: int, rng: np.random.Ge
     raise AssertionError(qtype)
 
 
+# MXFP4 (32 values a block): one E8M0 byte e (the scale 2**(e-128) as ggml halves it) and 16 bytes of
+# two e2m1 nibbles; the 16 nibble values, doubled, are 0 1 2 3 4 6 8 12 and their negatives
+_E2M1_MEAN_SQ = float(np.mean(np.square([0, 1, 2, 3, 4, 6, 8, 12])))
+
+
+def _mxfp4_blocks(n_blocks: int, rng: np.random.Generator, scale: float) -> np.ndarray:
+    """Uniform random nibbles; each block's exponent the floor or ceiling of log2 of the wanted scale,
+    drawn so that the mean square of the values is ``scale**2``."""
+    want = scale * scale / _E2M1_MEAN_SQ                 # E[d**2]
+    lo = np.floor(np.log2(want) / 2)                     # d = 2**lo or 2**(lo+1)
+    p_lo = (4.0 ** (lo + 1) - want) / (4.0 ** (lo + 1) - 4.0 ** lo)
+    e = lo + 128 + (rng.random(n_blocks) >= p_lo)
+    if e.min() < 2 or e.max() > 254:
+        raise UsageError(f"random_blocks: scale={scale!r} is out of MXFP4's range")
+    out = rng.integers(0, 256, (n_blocks, 17), dtype=np.uint8)
+    out[:, 0] = e.astype(np.uint8)
+    return out
+
+
 def random_blocks(
     qtype: GGMLQuantizationType, n_rows: int, row_len: int, rng: np.random.Generator, *, scale: float
 ) -> np.ndarray:
@@ -331,6 +360,8 @@ def random_blocks(
     if qtype in _K_QUANTS:
         blocks = _kquant_blocks(qtype, n_rows * (row_len // block), rng, float(scale))
         return blocks.reshape(n_rows, row_bytes)
+    if qtype == QT.MXFP4:
+        return _mxfp4_blocks(n_rows * (row_len // block), rng, float(scale)).reshape(n_rows, row_bytes)
     x = rng.standard_normal((n_rows, row_len), dtype=np.float32)
     x *= np.float32(scale)
     q = quantize(x, qtype)
@@ -394,8 +425,41 @@ def _qwen3_235b_a22b() -> SynthSpec:
     )
 
 
+def _gpt_oss(n_layer: int, hidden: int, n_head: int, n_head_kv: int, n_expert: int, expert_ff: int, vocab: int,
+             window: int, context: int) -> Qwen3MoeConfig:
+    return Qwen3MoeConfig(n_layer=n_layer, hidden=hidden, n_head=n_head, n_head_kv=n_head_kv, head_dim=64,
+                          n_expert=n_expert, n_expert_used=4, expert_ff=expert_ff, vocab_size=vocab,
+                          rope_base=150_000.0, rms_eps=1e-5, context_length=context, arch=GPT_OSS,
+                          sliding_window=window, rope_scaling="yarn", rope_factor=32.0, rope_orig_context=4096,
+                          **FAMILIES[GPT_OSS]["fixed"])
+
+
+# gpt-oss as ggml-org ships it (gpt-oss-20b-mxfp4.gguf): the experts in their native MXFP4, the other
+# matrices Q8_0 (12.1 GB: 19.1e9 expert weights at 17/32 bytes plus 1.8e9 others at 34/32 bytes; F16
+# would make 13.7 GB), norms, router, biases and sinks F32
+GPT_OSS_MXFP4: dict[str, GGMLQuantizationType] = {
+    "token_embd": QT.Q8_0, "output": QT.Q8_0,
+    "attn_q": QT.Q8_0, "attn_k": QT.Q8_0, "attn_v": QT.Q8_0, "attn_output": QT.Q8_0,
+    "ffn_gate_exps": QT.MXFP4, "ffn_up_exps": QT.MXFP4, "ffn_down_exps": QT.MXFP4,
+}
+
+
+def _gpt_oss_tiny() -> SynthSpec:
+    # 4 layers (0 and 2 slide), a window of 4 positions that every CI prompt crosses, 8 experts of 64
+    return SynthSpec(_gpt_oss(4, 64, 4, 2, 8, 64, 272, window=4, context=4096), dense_ff=64,
+                     qtypes=dict(GPT_OSS_MXFP4), seed=0, name="moesnap-gpt-oss-tiny")
+
+
+def _gpt_oss_20b() -> SynthSpec:
+    # openai/gpt-oss-20b's config.json: 24 layers, hidden 2880, 64 query / 8 key-value heads of 64,
+    # 32 experts of 2880, top-4, vocab 201088, window 128, YaRN 32 over 4096, context 131072
+    return SynthSpec(_gpt_oss(24, 2880, 64, 8, 32, 2880, 201088, window=128, context=131072), dense_ff=2880,
+                     qtypes=dict(GPT_OSS_MXFP4), seed=0, name="moesnap-gpt-oss-20b")
+
+
 PRESETS: dict[str, SynthSpec] = {"tiny": _tiny(), "qwen3-30b-a3b": _qwen3_30b_a3b(),
-                                 "qwen3-235b-a22b": _qwen3_235b_a22b()}
+                                 "qwen3-235b-a22b": _qwen3_235b_a22b(), "gpt-oss-tiny": _gpt_oss_tiny(),
+                                 "gpt-oss-20b": _gpt_oss_20b()}
 
 
 def preset(name: str, *, layers: int | None = None, seed: int | None = None) -> SynthSpec:
@@ -446,6 +510,11 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec) -> None:
     w.add_value_length(c.head_dim)
     w.add_layer_norm_rms_eps(c.rms_eps)
     w.add_rope_freq_base(c.rope_base)
+    if c.arch == GPT_OSS:   # what convert_hf_to_gguf's GptOssModel adds; the rest is gpt-oss's constants
+        w.add_sliding_window(c.sliding_window)
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(c.rope_factor)
+        w.add_rope_scaling_orig_ctx_len(c.rope_orig_context)
     w.add_quantization_version(2)
     tokens, scores, types = vocabulary(c.vocab_size)
     w.add_tokenizer_model("llama")
@@ -463,16 +532,22 @@ def _scale(t: SynthTensor, spec: SynthSpec) -> float:
     """Standard deviation of a projection's values: 1/sqrt(fan_in); embeddings 1."""
     if t.kind == "token_embd":
         return 1.0
+    if spec.config.ffn_act == "swiglu_oai" and t.kind in ("ffn_gate_exps", "ffn_up_exps"):
+        return 3.0 / np.sqrt(t.shape[-1])   # gate and up of std 3: the clamp at 7 is reached
     return 1.0 / np.sqrt(t.shape[-1])
 
 
 def tensor_data(t: SynthTensor, spec: SynthSpec) -> np.ndarray:
     """The bytes of tensor ``t``, uint8 of shape ``t.byte_shape`` (deterministic)."""
     rng = np.random.default_rng([int(spec.seed), zlib.crc32(t.name.removesuffix(WEIGHT_SUFFIX).encode())])
-    if t.kind in F32_TENSORS:
+    if t.kind in table(spec.config.arch).f32_tensors:
         x = rng.standard_normal(t.shape, dtype=np.float32)
         if t.kind == "ffn_gate_inp":  # router: spread so top-k choices do not nearly tie
             x *= np.float32(4.0 / np.sqrt(spec.config.hidden))
+        elif t.kind in ("attn_sinks", "ffn_gate_inp.bias"):   # as large as the logits they join: ~ N(0, 1)
+            pass
+        elif t.kind.endswith(".bias"):
+            x *= np.float32(0.1)
         else:  # norm weights ~ N(1, 0.1)
             x = np.float32(1.0) + np.float32(0.1) * x
         return x.view(np.uint8).reshape(t.byte_shape)
@@ -523,7 +598,7 @@ def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = Fa
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    writer = GGUFWriter(tmp, ARCH)
+    writer = GGUFWriter(tmp, spec.config.arch)
     t0 = time.perf_counter()
     try:
         _add_metadata(writer, spec)

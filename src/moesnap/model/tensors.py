@@ -1,18 +1,27 @@
-"""The tensors of a Qwen3-MoE GGUF file: one table for the loader, the synthetic writer, the
-injector and the candidate.
+"""The tensors of a MoE GGUF file, one table per architecture: for the loader, the synthetic writer,
+the injector and the candidate.
 
-Names come from gguf-py's constants (``TENSOR_NAMES`` for ``MODEL_ARCH.QWEN3MOE``), never retyped;
-shapes are numpy (row-major) shapes, i.e. GGUF's ``ne`` reversed.  Real files (convert_hf_to_gguf,
-llama.cpp) call every weight ``<name>.weight``; the bare form is accepted on read.
+Names come from gguf-py's constants (``TENSOR_NAMES`` for the architecture's ``MODEL_TENSORS``),
+never retyped; shapes are numpy (row-major) shapes, i.e. GGUF's ``ne`` reversed.  Real files
+(convert_hf_to_gguf, llama.cpp) call every weight ``<name>.weight`` and every bias ``<name>.bias``;
+the bare weight name is accepted on read.
+
+:func:`table` gives an architecture's :class:`TensorTable`; the module-level names (``KINDS``,
+``LAYER_TENSORS``, ``GLOBAL_TENSORS``, ``EXPERT_TENSORS``, ``F32_TENSORS``, :func:`expected_shapes`)
+are Qwen3-MoE's, which moesnap knew first.  A bias is a kind of its own (``attn_q.bias``): it has
+the weight's shape less the input dimension, feeds the same stage, and is F32 in real files (the
+converter keeps every tensor not named ``.weight`` in float32).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
-from gguf import MODEL_ARCH, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
 WEIGHT_SUFFIX = ".weight"
+BIAS_SUFFIX = ".bias"
 
 
 class Dims(NamedTuple):
@@ -28,27 +37,35 @@ class Dims(NamedTuple):
 
 
 class TensorKind(NamedTuple):
-    """One kind of tensor: its bare name (``attn_q``; ``blk.N.`` prefix for per-layer ones), the
-    stage it feeds first, and whether real files always store it as F32 (norms and router)."""
+    """One kind of tensor: its bare name (``attn_q``, ``attn_q.bias``; ``blk.N.`` prefix for per-layer
+    ones), the stage it feeds first, and whether real files always store it as F32 (norms, router,
+    biases, sinks)."""
 
     tensor: MODEL_TENSOR
     stage: str
     f32: bool
+    bias: bool = False
 
     @property
     def name(self) -> str:
-        return TENSOR_NAMES[self.tensor].removeprefix("blk.{bid}.")
+        return TENSOR_NAMES[self.tensor].removeprefix("blk.{bid}.") + (BIAS_SUFFIX if self.bias else "")
 
     @property
     def per_layer(self) -> bool:
         return TENSOR_NAMES[self.tensor].startswith("blk.{bid}.")
 
     def gguf_name(self, layer: int | None = None) -> str:
-        """The full GGUF name without the ``.weight`` suffix (``blk.3.attn_q``, ``token_embd``)."""
-        return TENSOR_NAMES[self.tensor].format(bid=layer)
+        """The full GGUF name; a weight's without the ``.weight`` suffix (``blk.3.attn_q``,
+        ``token_embd``), a bias's with ``.bias`` (``blk.3.attn_q.bias``)."""
+        return TENSOR_NAMES[self.tensor].format(bid=layer) + (BIAS_SUFFIX if self.bias else "")
+
+    def file_name(self, layer: int | None = None) -> str:
+        """The name real files give it: ``blk.3.attn_q.weight``, ``blk.3.attn_q.bias``."""
+        return self.gguf_name(layer) + ("" if self.bias else WEIGHT_SUFFIX)
 
     def shape(self, d: Dims) -> tuple[int, ...]:
-        return _SHAPES[self.tensor](d)
+        shape = _SHAPES[self.tensor](d)
+        return shape[:-1] if self.bias else shape
 
 
 _T = MODEL_TENSOR
@@ -63,6 +80,8 @@ _SHAPES = {
     _T.ATTN_OUT: lambda d: (d.hidden, d.q_dim),
     _T.ATTN_Q_NORM: lambda d: (d.head_dim,),
     _T.ATTN_K_NORM: lambda d: (d.head_dim,),
+    _T.ATTN_SINKS: lambda d: (d.q_dim // d.head_dim,),
+    _T.ATTN_POST_NORM: lambda d: (d.hidden,),
     _T.FFN_NORM: lambda d: (d.hidden,),
     _T.FFN_GATE_INP: lambda d: (d.n_expert, d.hidden),
     _T.FFN_GATE_EXP: lambda d: (d.n_expert, d.expert_ff, d.hidden),
@@ -70,42 +89,129 @@ _SHAPES = {
     _T.FFN_DOWN_EXP: lambda d: (d.n_expert, d.hidden, d.expert_ff),
 }
 
-# file order of the synthetic writer: globals first (embedding), per-layer, then the head
-_ORDER = [
-    (_T.TOKEN_EMBD, "embed", False),
-    (_T.ATTN_NORM, "attn_norm", True),
-    (_T.ATTN_Q, "q", False),
-    (_T.ATTN_K, "k", False),
-    (_T.ATTN_V, "v", False),
-    (_T.ATTN_Q_NORM, "q_norm", True),
-    (_T.ATTN_K_NORM, "k_norm", True),
-    (_T.ATTN_OUT, "attn_out", False),
-    (_T.FFN_NORM, "ffn_norm", True),
-    (_T.FFN_GATE_INP, "router_logits", True),
-    (_T.FFN_GATE_EXP, "expert_out", False),
-    (_T.FFN_UP_EXP, "expert_out", False),
-    (_T.FFN_DOWN_EXP, "expert_out", False),
-    (_T.OUTPUT_NORM, "final_norm", True),
-    (_T.OUTPUT, "logits", False),
-]
-assert {t for t, _, _ in _ORDER} == set(MODEL_TENSORS[MODEL_ARCH.QWEN3MOE]), "gguf-py's qwen3moe tensors changed"
 
+@dataclass(frozen=True)
+class TensorTable:
+    """One architecture's tensors, in the synthetic writer's file order (embedding, per-layer, head)."""
+
+    arch: str                              # gguf-py's name: MODEL_ARCH_NAMES
+    kinds: tuple[TensorKind, ...]
+    #: the three expert matrices (gate, up, down), as the forwards ask for them
+    expert_tensors: tuple[str, str, str] = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+    @property
+    def by_name(self) -> dict[str, TensorKind]:
+        """Every kind, by bare name, in file order."""
+        return {k.name: k for k in self.kinds}
+
+    @property
+    def layer_tensors(self) -> dict[str, str]:
+        """Per-layer tensors (``blk.L.<name>``) and the stage each one feeds first."""
+        return {k.name: k.stage for k in self.kinds if k.per_layer}
+
+    @property
+    def global_tensors(self) -> tuple[str, ...]:
+        return tuple(k.name for k in self.kinds if not k.per_layer)
+
+    @property
+    def f32_tensors(self) -> frozenset[str]:
+        """Kinds real files always store as F32."""
+        return frozenset(k.name for k in self.kinds if k.f32)
+
+    @property
+    def expert_biases(self) -> tuple[str, ...]:
+        """The experts' biases (``ffn_gate_exps.bias``, …) where the architecture has them, in
+        :attr:`expert_tensors` order; empty otherwise."""
+        names = self.by_name
+        biases = tuple(n + BIAS_SUFFIX for n in self.expert_tensors)
+        return biases if all(b in names for b in biases) else ()
+
+    def has(self, name: str) -> bool:
+        return name in self.by_name
+
+    def expected_shapes(self, d: Dims, n_layer: int) -> dict[str, tuple[int, ...]]:
+        """Numpy shape of every tensor of a file, by GGUF name without ``.weight``: the whole-model
+        tensors, then layer by layer."""
+        kinds = self.by_name
+        out = {kinds[n].gguf_name(): kinds[n].shape(d) for n in self.global_tensors}
+        for layer in range(n_layer):
+            out.update({kinds[n].gguf_name(layer): kinds[n].shape(d) for n in self.layer_tensors})
+        return out
+
+
+def _table(arch: MODEL_ARCH, rows: list[tuple[MODEL_TENSOR, str, bool, bool]]) -> TensorTable:
+    assert {t for t, _, _, _ in rows} == set(MODEL_TENSORS[arch]), f"gguf-py's {arch.name} tensors changed"
+    return TensorTable(MODEL_ARCH_NAMES[arch], tuple(TensorKind(t, s, f, b) for t, s, f, b in rows))
+
+
+QWEN3MOE = _table(MODEL_ARCH.QWEN3MOE, [
+    (_T.TOKEN_EMBD, "embed", False, False),
+    (_T.ATTN_NORM, "attn_norm", True, False),
+    (_T.ATTN_Q, "q", False, False),
+    (_T.ATTN_K, "k", False, False),
+    (_T.ATTN_V, "v", False, False),
+    (_T.ATTN_Q_NORM, "q_norm", True, False),
+    (_T.ATTN_K_NORM, "k_norm", True, False),
+    (_T.ATTN_OUT, "attn_out", False, False),
+    (_T.FFN_NORM, "ffn_norm", True, False),
+    (_T.FFN_GATE_INP, "router_logits", True, False),
+    (_T.FFN_GATE_EXP, "expert_out", False, False),
+    (_T.FFN_UP_EXP, "expert_out", False, False),
+    (_T.FFN_DOWN_EXP, "expert_out", False, False),
+    (_T.OUTPUT_NORM, "final_norm", True, False),
+    (_T.OUTPUT, "logits", False, False),
+])
+
+# gpt-oss: biases on q/k/v/o, the router and the experts; a learned sink logit per query head; the
+# norm before the MoE is ``post_attention_norm`` (ATTN_POST_NORM), feeding our ``ffn_norm`` stage
+GPT_OSS = _table(MODEL_ARCH.GPT_OSS, [
+    (_T.TOKEN_EMBD, "embed", False, False),
+    (_T.ATTN_NORM, "attn_norm", True, False),
+    (_T.ATTN_Q, "q", False, False),
+    (_T.ATTN_Q, "q", True, True),
+    (_T.ATTN_K, "k", False, False),
+    (_T.ATTN_K, "k", True, True),
+    (_T.ATTN_V, "v", False, False),
+    (_T.ATTN_V, "v", True, True),
+    (_T.ATTN_SINKS, "attn", True, False),
+    (_T.ATTN_OUT, "attn_out", False, False),
+    (_T.ATTN_OUT, "attn_out", True, True),
+    (_T.ATTN_POST_NORM, "ffn_norm", True, False),
+    (_T.FFN_GATE_INP, "router_logits", True, False),
+    (_T.FFN_GATE_INP, "router_logits", True, True),
+    (_T.FFN_GATE_EXP, "expert_out", False, False),
+    (_T.FFN_GATE_EXP, "expert_out", True, True),
+    (_T.FFN_UP_EXP, "expert_out", False, False),
+    (_T.FFN_UP_EXP, "expert_out", True, True),
+    (_T.FFN_DOWN_EXP, "expert_out", False, False),
+    (_T.FFN_DOWN_EXP, "expert_out", True, True),
+    (_T.OUTPUT_NORM, "final_norm", True, False),
+    (_T.OUTPUT, "logits", False, False),
+])
+
+#: every architecture moesnap reads, by gguf-py's name
+TABLES: dict[str, TensorTable] = {t.arch: t for t in (QWEN3MOE, GPT_OSS)}
+
+
+def table(arch: str) -> TensorTable:
+    """The tensor table of ``arch`` (gguf-py's name, a config's ``arch``); KeyError for one moesnap
+    does not know (:meth:`~moesnap.model.config.ModelConfig.from_gguf` refuses those first)."""
+    return TABLES[arch]
+
+
+# Qwen3-MoE's table under the names the code written for it uses
 #: every kind, by bare name, in file order
-KINDS: dict[str, TensorKind] = {k.name: k for k in (TensorKind(t, s, f) for t, s, f in _ORDER)}
+KINDS: dict[str, TensorKind] = QWEN3MOE.by_name
 #: per-layer tensors (``blk.L.<name>``) and the stage each one feeds first
-LAYER_TENSORS: dict[str, str] = {n: k.stage for n, k in KINDS.items() if k.per_layer}
+LAYER_TENSORS: dict[str, str] = QWEN3MOE.layer_tensors
 #: whole-model tensors
-GLOBAL_TENSORS: tuple[str, ...] = tuple(n for n, k in KINDS.items() if not k.per_layer)
+GLOBAL_TENSORS: tuple[str, ...] = QWEN3MOE.global_tensors
 #: the three expert matrices (gate, up, down)
-EXPERT_TENSORS: tuple[str, ...] = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+EXPERT_TENSORS: tuple[str, ...] = QWEN3MOE.expert_tensors
 #: kinds real files always store as F32
-F32_TENSORS: frozenset[str] = frozenset(n for n, k in KINDS.items() if k.f32)
+F32_TENSORS: frozenset[str] = QWEN3MOE.f32_tensors
 
 
 def expected_shapes(d: Dims, n_layer: int) -> dict[str, tuple[int, ...]]:
-    """Numpy shape of every tensor of a file, by GGUF name without ``.weight``: the whole-model
-    tensors, then layer by layer."""
-    out = {KINDS[n].gguf_name(): KINDS[n].shape(d) for n in GLOBAL_TENSORS}
-    for layer in range(n_layer):
-        out.update({KINDS[n].gguf_name(layer): KINDS[n].shape(d) for n in LAYER_TENSORS})
-    return out
+    """Qwen3-MoE's :meth:`TensorTable.expected_shapes`."""
+    return QWEN3MOE.expected_shapes(d, n_layer)

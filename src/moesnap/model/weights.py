@@ -1,4 +1,5 @@
-"""Mapping GGUF tensors onto Qwen3-MoE weights, dequantized lazily with gguf-py.
+"""Mapping GGUF tensors onto a MoE model's weights (each family of :mod:`moesnap.model.tensors`),
+dequantized lazily with gguf-py.
 
 This is the one place where GGUF's reversed (ggml-order) dimensions meet the
 model's numpy/torch order: GGUF ``ne = [in, out]`` is numpy ``[out, in]``.
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from .config import Qwen3MoeConfig
-from .tensors import EXPERT_TENSORS, LAYER_TENSORS, expected_shapes
+from .config import ModelConfig
+from .tensors import table
 from ..errors import ModelFileError
 from ..gguf.reader import GGUFFile, open_gguf
 
@@ -47,7 +48,8 @@ def _dequantize(gf: GGUFFile, name: str, qtype: GGMLQuantizationType, data: np.n
 
 @dataclass
 class LayerWeights:
-    """Dense weights of one layer as torch tensors; experts stay quantized."""
+    """Dense weights of one layer as torch tensors; experts stay quantized.  What a family lacks is
+    None (gpt-oss: no ``q_norm``/``k_norm``; Qwen3-MoE: no biases, no sinks)."""
 
     index: int
     attn_norm: torch.Tensor     # [H]
@@ -55,11 +57,17 @@ class LayerWeights:
     wk: torch.Tensor            # [Hkv*D, H]
     wv: torch.Tensor            # [Hkv*D, H]
     wo: torch.Tensor            # [H, Hq*D]
-    q_norm: torch.Tensor        # [D]
-    k_norm: torch.Tensor        # [D]
-    ffn_norm: torch.Tensor      # [H]
+    q_norm: torch.Tensor | None  # [D]
+    k_norm: torch.Tensor | None  # [D]
+    ffn_norm: torch.Tensor      # [H]  (gpt-oss: post_attention_norm)
     router: torch.Tensor        # [E, H]
     experts: "ExpertBank"
+    bq: torch.Tensor | None = None            # [Hq*D]
+    bk: torch.Tensor | None = None            # [Hkv*D]
+    bv: torch.Tensor | None = None            # [Hkv*D]
+    bo: torch.Tensor | None = None            # [H]
+    sinks: torch.Tensor | None = None         # [Hq]  one learned logit per query head
+    router_bias: torch.Tensor | None = None   # [E]
 
 
 def file_bytes(arr: np.ndarray) -> torch.Tensor:
@@ -78,12 +86,23 @@ class ExpertBank:
 
     def __init__(self, model: "ModelWeights", layer: int, dtype: torch.dtype) -> None:
         self.model, self.layer, self.dtype = model, layer, dtype
+        tab = table(model.config.arch)
+        self.names = tab.expert_tensors
+        # the experts' biases ([E, F], [E, F], [E, H]; a few hundred KB) are read whole, once per layer
+        self.biases = tuple(model.dense(f"blk.{layer}.{b}", dtype) for b in tab.expert_biases) or None
 
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [F, H], up [F, H], down [H, F]) of expert ``e``."""
-        gate, up, down = (self.model.expert_matrix(self.layer, n, e) for n in EXPERT_TENSORS)
+        gate, up, down = (self.model.expert_matrix(self.layer, n, e) for n in self.names)
         return (torch.from_numpy(gate).to(self.dtype), torch.from_numpy(up).to(self.dtype),
                 torch.from_numpy(down).to(self.dtype))
+
+    def bias(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(gate [F], up [F], down [H]) biases of expert ``e``, or None where the family has none."""
+        if self.biases is None:
+            return None
+        bg, bu, bd = self.biases
+        return bg[e], bu[e], bd[e]
 
 
 class ModelWeights(ABC):
@@ -94,7 +113,7 @@ class ModelWeights(ABC):
     as in GGUF (``blk.3.attn_q``, ``token_embd``), shapes are numpy (logical) shapes."""
 
     path: Path
-    config: Qwen3MoeConfig
+    config: ModelConfig
     kind: str = "model"
 
     # -- per format -----------------------------------------------------------
@@ -148,7 +167,12 @@ class ModelWeights(ABC):
         return out.reshape(self.shape(name))
 
     def layer(self, i: int, dtype: torch.dtype = torch.float32) -> LayerWeights:
-        p = f"blk.{i}."
+        cfg, p = self.config, f"blk.{i}."
+        has = table(cfg.arch).has
+
+        def opt(name: str) -> torch.Tensor | None:
+            return self.dense(p + name, dtype) if has(name) else None
+
         return LayerWeights(
             index=i,
             attn_norm=self.dense(p + "attn_norm", dtype),
@@ -156,16 +180,19 @@ class ModelWeights(ABC):
             wk=self.dense(p + "attn_k", dtype),
             wv=self.dense(p + "attn_v", dtype),
             wo=self.dense(p + "attn_output", dtype),
-            q_norm=self.dense(p + "attn_q_norm", dtype),
-            k_norm=self.dense(p + "attn_k_norm", dtype),
-            ffn_norm=self.dense(p + "ffn_norm", dtype),
+            q_norm=opt("attn_q_norm"),
+            k_norm=opt("attn_k_norm"),
+            ffn_norm=self.dense(p + ("ffn_norm" if has("ffn_norm") else "post_attention_norm"), dtype),
             router=self.dense(p + "ffn_gate_inp", dtype),
             experts=ExpertBank(self, i, dtype),
+            bq=opt("attn_q.bias"), bk=opt("attn_k.bias"), bv=opt("attn_v.bias"), bo=opt("attn_output.bias"),
+            sinks=opt("attn_sinks"),
+            router_bias=opt("ffn_gate_inp.bias"),
         )
 
     def release_layer(self, i: int) -> None:
         """Drop layer ``i``'s mapped pages from this process, so resident memory does not grow with depth."""
-        for name in LAYER_TENSORS:
+        for name in table(self.config.arch).layer_tensors:
             self.release_tensor(f"blk.{i}.{name}")
 
     def check_tokens(self, tokens: Any) -> None:
@@ -183,21 +210,21 @@ class ModelWeights(ABC):
 
 
 class GGUFModel(ModelWeights):
-    """A validated Qwen3-MoE GGUF: config, tensor types, and lazy weight access."""
+    """A validated GGUF of a family moesnap knows: config, tensor types, and lazy weight access."""
 
     kind = "gguf"
 
     def __init__(self, gf: GGUFFile) -> None:
         self.file = gf
         self.path = gf.path
-        self.config = Qwen3MoeConfig.from_gguf(gf)
+        self.config = ModelConfig.from_gguf(gf)
         # the layer count comes from metadata and every check below loops over it: bound it by the
         # tensors first (block_count = 2^32-1 built 50 billion expected shapes and never returned)
         layers = {int(n.split(".")[1]) for n in gf.tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
         if self.config.n_layer > len(layers):
-            raise ModelFileError(f"{gf.path}: metadata key 'qwen3moe.block_count' = {self.config.n_layer}, "
+            raise ModelFileError(f"{gf.path}: metadata key '{self.config.arch}.block_count' = {self.config.n_layer}, "
                                  f"but the file holds tensors of {len(layers)} layers")
-        for name, shape in expected_shapes(self.config.dims, self.config.n_layer).items():
+        for name, shape in table(self.config.arch).expected_shapes(self.config.dims, self.config.n_layer).items():
             t = gf.tensor(name)
             got = tuple(int(d) for d in reversed(t.shape.tolist()))
             if got != shape:

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from ..case import Case, from_recorder
+from ..judge.attrs import recorded_family
 from ..judge.policy import CHECK_DTYPES, Policy, Settings
 from ..judge.report import Report
 from ..judge.suite import Pair, PerLayer, judge_suite
@@ -46,6 +47,11 @@ def check_golden_matches_model(cases: Sequence[tuple[str, Case]], model: ModelWe
                                meta: dict | None = None) -> None:
     """Refuse goldens made from another model file, or whose tokens the model cannot run (a bar while a
     large model file is hashed the first time)."""
+    for name, c in cases:   # the family first: a golden of one family never judges a model of another
+        arch = recorded_family(c, where=f"{where}/{name}")
+        if arch is not None and arch != model.config.arch:
+            raise GoldenError(f"{where}/{name}: golden is of a {arch!r} model, {model.path.name} is a "
+                              f"{model.config.arch!r} one")
     sha = None
     for source in [meta or {}] + [c.attrs for _, c in cases]:
         m = source.get("model") if isinstance(source, dict) else None

@@ -125,7 +125,7 @@ def tensor_type_lines(qtypes: Mapping[str, Any], *, suite: str = "NAME", model: 
     layers: dict[int, dict[str, str]] = {}
     for name, q in qtypes.items():
         name = name.removesuffix(".weight")
-        parts = name.split(".")
+        parts = name.split(".", 2)     # blk.3.attn_q, blk.3.attn_q.bias
         if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
             layers.setdefault(int(parts[1]), {})[parts[2]] = str(q)
         else:

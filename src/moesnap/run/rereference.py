@@ -49,8 +49,8 @@ import torch.nn.functional as F
 
 from ..case import Case
 from ..judge.routing import tie_gap
-from ..model.config import Qwen3MoeConfig
-from ..errors import GoldenError
+from ..model.config import ARCH, Qwen3MoeConfig
+from ..errors import GoldenError, UsageError
 from ..model.recorder import ArrayRecorder
 from ..model.ggml import ActivationQuant, identity, near_halves
 from ..model.reference import (ActQuant, RMSNorm, Transformer, causal_attention, expert_outputs, rope_cos_sin,
@@ -185,6 +185,7 @@ def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.
     for name, t in (("q", q), ("k", k), ("v", v)):
         rec.save(name, i, t)
     q, k, v = eng.or_own("q", q), eng.or_own("k", k), eng.or_own("v", v)
+    assert w.q_norm is not None and w.k_norm is not None   # Qwen3-MoE's layers: local_reference refuses others
     qn, kn = RMSNorm(w.q_norm, cfg.rms_eps)(q), RMSNorm(w.k_norm, cfg.rms_eps)(k)
     rec.save("q_norm", i, qn)
     rec.save("k_norm", i, kn)
@@ -245,6 +246,9 @@ def local_reference(model: ModelWeights, candidate: Case, *, tie_tol: float,
     hold zeros and must not be judged).
     """
     cfg = model.config
+    if cfg.arch != ARCH:
+        raise UsageError(f"{model.path}: the local re-reference computes {ARCH!r} layers only, not {cfg.arch!r} ones; "
+                         f"judge this dump without re-referencing (no --model)")
     T = int(candidate.tokens.shape[0])
     n_layer = min(cfg.n_layer, candidate.n_layer) if candidate.layers else cfg.n_layer
     ref = Transformer(model, torch.float32, aq)

@@ -84,7 +84,8 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
         check_serving(injections, plan)
     else:   # one sequence at a time: each must let a fault fire in its own run (a batch fault needs --batch)
         check_serving(injections, ServePlan(tuple(prompts[:1]), decode, paged=paged, graph=graph))
-    check_injections([i for i in injections if i.kind in ("nan", "qtype", "scale", "route")], model,
+    check_injections([i for i in injections if i.kind in ("nan", "qtype", "scale", "route", "mxfp4_scale", "sink_off",
+                                                          "window")], model,
                      [len(g.tokens) for _, g in goldens])
     how = ", ".join(x for x in ("paged KV cache" if paged else "contiguous KV cache",
                                 "one ragged batch" if batch and len(goldens) > 1 else "",
