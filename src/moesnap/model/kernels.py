@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import UsageError
 from .config import Qwen3MoeConfig
@@ -148,6 +149,19 @@ def window_mask(q_pos: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
     return (d >= 0) & (d < window)
 
 
+#: the backends masked attention may use: not cuDNN's, which builds an execution plan per shape — a decode
+#: step's keys grow by one at every step, so eager decode rebuilt one at every layer of every step (~4.8 ms
+#: of host time a call, measured on an H100 with torch 2.11: the largest cost of a decode step)
+MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+                **kw: Any) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with an explicit mask, on :data:`MASKED_BACKENDS`."""
+    with sdpa_kernel(MASKED_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
+
+
 def sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                 sinks: torch.Tensor | None, gqa: bool) -> torch.Tensor:
     """Attention of ``q [B, Hq, Tq, D]`` over ``k``/``v [B, Hkv, S, D]`` where ``mask [B, Tq, S]`` (bool) is
@@ -162,13 +176,13 @@ def sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     extra = {"enable_gqa": True} if Hq != k.shape[1] else {}
     if sinks is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], **extra)
+        return masked_sdpa(q, k, v, mask[:, None], **extra)
     zero = k.new_zeros(*k.shape[:2], 1, k.shape[3])
     k, v = torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2)            # [B, Hkv, S+1, D]
     bias = torch.zeros(B, Hq, Tq, mask.shape[-1] + 1, dtype=q.dtype, device=q.device)
     bias[..., :-1].masked_fill_(~mask[:, None], float("-inf"))
     bias[..., -1] = sinks.to(q.dtype)[None, :, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, **extra)
+    return masked_sdpa(q, k, v, bias, **extra)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = 0.0, alpha: float = 1.0,

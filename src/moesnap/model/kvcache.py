@@ -32,11 +32,10 @@ from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
-from torch.nn import functional as F
 
 from ..errors import UsageError
 from .config import Qwen3MoeConfig
-from .kernels import sdpa_masked
+from .kernels import masked_sdpa, sdpa_masked
 
 #: tokens per block of the paged cache (vLLM's and SGLang's default)
 BLOCK_SIZE = 16
@@ -235,10 +234,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
     if sinks is not None:
         o = sdpa_masked(qp, keys, vals, mask, sinks, gqa)                       # [B, Hq, Tq, D]
     elif Hq != keys.shape[1] and gqa:
-        o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask[:, None], enable_gqa=True)
+        o = masked_sdpa(qp, keys, vals, mask[:, None], enable_gqa=True)
     else:
         rep = Hq // keys.shape[1]
         if rep > 1:
             keys, vals = keys.repeat_interleave(rep, dim=1), vals.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask[:, None])  # [B, Hq, Tq, D]
+        o = masked_sdpa(qp, keys, vals, mask[:, None])                          # [B, Hq, Tq, D]
     return o.transpose(1, 2).reshape(B * Tq, Hq, D).index_select(0, batch.out_index)  # [T, Hq, D]
