@@ -93,7 +93,7 @@ _SHAPES = {
     _T.ATTN_Q: lambda d: (d.q_dim, d.hidden),
     _T.ATTN_K: lambda d: (d.kv_dim, d.hidden),
     _T.ATTN_V: lambda d: (d.kv_dim, d.hidden),
-    _T.ATTN_OUT: lambda d: (d.hidden, d.q_dim),
+    _T.ATTN_OUT: lambda d: (d.hidden, d.o_dim or d.q_dim),
     _T.ATTN_Q_NORM: lambda d: (d.head_dim,),
     _T.ATTN_K_NORM: lambda d: (d.head_dim,),
     _T.ATTN_SINKS: lambda d: (d.q_dim // d.head_dim,),
