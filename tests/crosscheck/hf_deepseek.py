@@ -74,7 +74,7 @@ def hf_config_from_gguf(reader: GGUFReader, vocab_size: int, *, v3: bool):
     )
     if v3:
         return DeepseekV3Config(**common, rope_interleave=True)
-    return DeepseekV2Config(**common, topk_method="group_limited_greedy" if 1 < used < n_group else "greedy")
+    return DeepseekV2Config(**common, topk_method="group_limited_greedy" if used < n_group else "greedy")
 
 
 def hf_state_dict(t: dict[str, np.ndarray], cfg) -> dict[str, torch.Tensor]:

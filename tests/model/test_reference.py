@@ -8,7 +8,7 @@ import torch
 
 from moesnap.model.recorder import ArrayRecorder, NullRecorder
 from moesnap.model.reference import run_reference
-from moesnap.stages import FAMILY_STAGES, LAYER_STAGES
+from moesnap.stages import FAMILY_STAGES
 from moesnap.model.weights import GGUFModel
 
 TOKENS = [3, 77, 104, 105, 200, 42, 9]

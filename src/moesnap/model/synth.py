@@ -537,10 +537,11 @@ def _deepseek_v2_lite() -> SynthSpec:
 
 
 def _deepseek_v2_tiny() -> SynthSpec:
-    # V2 in small: no q LoRA, one dense layer, softmax routing limited to 2 of 4 groups, 2 shared experts,
+    # V2 in small: no q LoRA, one dense layer, softmax routing limited to 1 of 2 groups (a group scores
+    # its best expert, so keeping the top n_group_used >= k groups would never bind), 2 shared experts,
     # YaRN 4 over 256 with DeepSeek's mscale
     cfg = _deepseek(3, 64, 4, 8, 2, 64, 272, nope=32, rope=32, v=32, kv_lora=64, q_lora=0, n_dense=1, dense_ff=128,
-                    shared=2, v3=False, n_group=4, n_group_used=2, routed_scale=1.5, yarn=(4.0, 256, 0.707), context=1024)
+                    shared=2, v3=False, n_group=2, n_group_used=1, routed_scale=1.5, yarn=(4.0, 256, 0.707), context=1024)
     return SynthSpec(cfg, dense_ff=128, qtypes=_deepseek_qtypes(QT.Q8_0), seed=0, name="moesnap-deepseek-v2-tiny")
 
 
