@@ -130,9 +130,12 @@ def expert_outputs(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, topk_ids:
     expert_out = x.new_zeros(T, k, cfg.hidden)                     # [T, k, H]
     selected = torch.unique(topk_ids).tolist()
 
+    assert w.experts is not None, f"layer {w.index} is dense: it has no experts"
+    bank = w.experts
+
     def run(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gate, up, down = w.experts.expert(e)
-        bg, bu, bd = w.experts.bias(e) or (None, None, None)
+        gate, up, down = bank.expert(e)
+        bg, bu, bd = bank.bias(e) or (None, None, None)
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)         # tokens routed to e
         h = expert_act(cfg, _linear(xg[tok], gate, bg), _linear(xu[tok], up, bu))  # [n, F]
         return tok, slot, _linear(aq(h, p + "ffn_down_exps"), down, bd)            # [n, H]
@@ -190,9 +193,12 @@ class LatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, rec: Recorder) -> torch.Tensor:
         cfg, w, aq, p = self.cfg, self.w, self.aq, f"blk.{layer}."
         T, Hq, Dn, Dr, Rkv = x.shape[0], cfg.n_head, cfg.qk_nope_dim, cfg.rope_dim, cfg.kv_lora_rank
+        assert w.wkv_a is not None and w.wkv_b is not None
         if self.q_a_norm is None:
+            assert w.wq is not None
             q = aq(x, p + "attn_q") @ w.wq.T                                    # [T, Hq*D]
         else:
+            assert w.wq_a is not None and w.wq_b is not None
             q_latent = aq(x, p + "attn_q_a") @ w.wq_a.T                          # [T, Rq]
             rec.save("q_latent", layer, q_latent)
             q_latent = self.q_a_norm(q_latent)

@@ -498,7 +498,7 @@ def _deepseek(n_layer: int, hidden: int, n_head: int, n_expert: int, n_used: int
               v3: bool, n_group: int = 1, n_group_used: int = 1, routed_scale: float = 1.0,
               yarn: tuple[float, int, float] | None = None, context: int = 4096) -> Qwen3MoeConfig:
     """A DeepSeek config; ``yarn``: (factor, original context, mscale_all_dim)."""
-    scaling = {} if yarn is None else {"rope_scaling": "yarn", "rope_factor": yarn[0], "rope_orig_context": yarn[1],
+    scaling: dict[str, Any] = {} if yarn is None else {"rope_scaling": "yarn", "rope_factor": yarn[0], "rope_orig_context": yarn[1],
                                        "yarn_log_mul": 0.1 * yarn[2]}
     return Qwen3MoeConfig(n_layer=n_layer, hidden=hidden, n_head=n_head, n_head_kv=n_head, head_dim=nope + rope,
                           n_expert=n_expert, n_expert_used=n_used, expert_ff=expert_ff, vocab_size=vocab,
