@@ -602,14 +602,14 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec) -> None:
     w.add_expert_count(c.n_expert)
     w.add_expert_used_count(c.n_expert_used)
     w.add_head_count(c.n_head)
+    if c.arch != DEEPSEEK2:      # keys in the order the bundled files were written with
+        w.add_head_count_kv(c.n_head_kv)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
     w.add_layer_norm_rms_eps(c.rms_eps)
     w.add_rope_freq_base(c.rope_base)
     if c.arch == DEEPSEEK2:
         _add_deepseek(w, c)
-    else:
-        w.add_head_count_kv(c.n_head_kv)
-        w.add_key_length(c.head_dim)
-        w.add_value_length(c.head_dim)
     if c.arch == GPT_OSS:   # what convert_hf_to_gguf's GptOssModel adds; the rest is gpt-oss's constants
         w.add_sliding_window(c.sliding_window)
         w.add_rope_scaling_type(RopeScalingType.YARN)
