@@ -21,9 +21,20 @@ from __future__ import annotations
 # Whole-model stages, in computation order (``tokens`` is the input).
 MODEL_STAGES: tuple[str, ...] = ("tokens", "embed", "final_norm", "logits")
 
-# Per-layer stages, in computation order within one layer.
+# Per-layer stages, in computation order within one layer (every family's, :data:`FAMILY_STAGES`
+# says which a family has).  DeepSeek's multi-head latent attention (``Rq``/``Rkv``: q/kv LoRA ranks,
+# ``Dr`` the decoupled RoPE width, ``Dn = D - Dr``, ``Dv`` its value width) adds the latents; its
+# ``k`` is every head's ``[k_nope, k_pe]`` (k_pe, one per token, shared by the heads) and ``v`` is
+# ``[T, Hq, Dv]``; RoPE turns the last ``Dr`` dimensions of q and k only, so ``q_rope``/``k_rope``
+# equal ``q``/``k`` in the first ``Dn``.  Its leading dense layers have ``dense_ffn_out`` and none of
+# the router, expert and MoE stages; its MoE layers have ``shared_expert_out``, and ``moe_out`` is the
+# routed mixture plus the shared experts (transformers' ``mlp`` output).
 LAYER_STAGES: tuple[str, ...] = (
     "attn_norm",     # [T, H]
+    "q_latent",      # [T, Rq]      DeepSeek: q_a projection (the compressed q)
+    "q_latent_norm", # [T, Rq]      DeepSeek: its RMSNorm
+    "kv_latent",     # [T, Rkv+Dr]  DeepSeek: kv_a_mqa projection: the compressed kv, then the rope key
+    "kv_latent_norm",  # [T, Rkv]   DeepSeek: the compressed kv's RMSNorm
     "q",             # [T, Hq, D]   after q projection
     "k",             # [T, Hkv, D]  after k projection
     "v",             # [T, Hkv, D]  after v projection
@@ -35,27 +46,67 @@ LAYER_STAGES: tuple[str, ...] = (
     "attn_out",      # [T, H]       after o projection
     "attn_resid",    # [T, H]       residual + attn_out
     "ffn_norm",      # [T, H]
+    "dense_ffn_out", # [T, H]       DeepSeek's leading dense layers: the dense SwiGLU MLP's output
     "router_logits", # [T, E]       float32 router logits
+    "router_select", # [T, E]       DeepSeek: the scores the top-k selection ranks by (see ROUTING_SCORES)
     "topk_ids",      # [T, k] int32 selected experts, by descending weight
     "topk_weights",  # [T, k]       renormalised weights, same order as ids
     "expert_out",    # [T, k, H]    each selected expert's unweighted output
-    "moe_out",       # [T, H]       weighted sum of expert outputs
+    "shared_expert_out",  # [T, H]  DeepSeek: the shared experts' output
+    "moe_out",       # [T, H]       weighted sum of expert outputs (DeepSeek: plus shared_expert_out)
     "layer_out",     # [T, H]       attn_resid + moe_out
 )
 
-# The layer stages of each family (gguf-py's architecture name), in LAYER_STAGES order.
+_MLA = ("q_latent", "q_latent_norm", "kv_latent", "kv_latent_norm")
+_DEEPSEEK_ONLY = (*_MLA, "dense_ffn_out", "router_select", "shared_expert_out")
+_QWEN3MOE = tuple(s for s in LAYER_STAGES if s not in _DEEPSEEK_ONLY)
+
+# The layer stages of each family (gguf-py's architecture name), in LAYER_STAGES order: every stage
+# some layer of some model of the family has (DeepSeek: V2-Lite has no q LoRA, so no ``q_latent``;
+# dense layers no router: :func:`stages_of_layer` says which a given layer has).
 FAMILY_STAGES: dict[str, tuple[str, ...]] = {
-    "qwen3moe": LAYER_STAGES,
-    "gpt-oss": tuple(s for s in LAYER_STAGES if s not in ("q_norm", "k_norm")),
+    "qwen3moe": _QWEN3MOE,
+    "gpt-oss": tuple(s for s in _QWEN3MOE if s not in ("q_norm", "k_norm")),
+    "deepseek2": tuple(s for s in LAYER_STAGES if s not in ("q_norm", "k_norm")),
 }
 # the family of a golden or dump that does not say (those written before families existed)
 DEFAULT_FAMILY = "qwen3moe"
 assert all(set(v) <= set(LAYER_STAGES) for v in FAMILY_STAGES.values())
 
+#: the stages of the router and the experts, which a dense layer (DeepSeek's leading ones) lacks
+MOE_STAGES: frozenset[str] = frozenset(
+    {"router_logits", "router_select", "topk_ids", "topk_weights", "expert_out", "shared_expert_out", "moe_out"})
+#: the stages only a dense layer has
+DENSE_STAGES: frozenset[str] = frozenset({"dense_ffn_out"})
+
+#: per family, the stage whose values the top-k selection ranks experts by: the near-tie rule
+#: (:mod:`moesnap.judge.routing`) measures a flip's gap on it.  Qwen3-MoE and gpt-oss rank by the
+#: router logits (softmax and top-k of the logits keep their order).  DeepSeek ranks by
+#: ``router_select``: V2 the softmax probabilities, V3 the sigmoid scores plus the correction bias
+#: (its weights come from the unbiased scores, which do not decide the selection).  With groups, an
+#: expert of a group the group selection dropped carries its score lowered by its group's shortfall
+#: to the last group kept, so a flip into a dropped group is a near tie only when the group scores
+#: and the expert scores both nearly tie (the two gaps together within ``tie_tol``).
+ROUTING_SCORES: dict[str, str] = {"qwen3moe": "router_logits", "gpt-oss": "router_logits",
+                                  "deepseek2": "router_select"}
+assert set(ROUTING_SCORES) == set(FAMILY_STAGES)
+
 
 def layer_stages(family: str) -> tuple[str, ...]:
     """The layer stages ``family`` has (KeyError for a family moesnap does not know)."""
     return FAMILY_STAGES[family]
+
+
+def stages_of_layer(family: str, config: dict, layer: int) -> tuple[str, ...]:
+    """The stages layer ``layer`` of a model of ``family`` has, by its recorded config (a golden's
+    ``model.config``): a dense layer (``layer < n_dense_layers``) has no router, expert or MoE stage,
+    a MoE layer no ``dense_ffn_out``; without a q LoRA (``q_lora_rank`` 0) there is no ``q_latent``;
+    a family without MLA has no ``kv_latent``."""
+    dense = layer < int(config.get("n_dense_layers", 0) or 0)
+    drop = set(MOE_STAGES if dense else DENSE_STAGES)
+    if not config.get("q_lora_rank"):
+        drop |= {"q_latent", "q_latent_norm"}
+    return tuple(s for s in FAMILY_STAGES[family] if s not in drop)
 
 
 INTEGER_STAGES: frozenset[str] = frozenset({"tokens", "topk_ids"})
@@ -70,7 +121,7 @@ CHECK_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 # Stages whose value depends on the routing decision of their layer.
 POST_ROUTING_STAGES: frozenset[str] = frozenset(
     {"topk_ids", "topk_weights", "expert_out", "moe_out", "layer_out"}
-)
+)   # shared_expert_out is not: the shared experts see every token whatever its routing
 
 ALL_STAGES: tuple[str, ...] = MODEL_STAGES + LAYER_STAGES
 

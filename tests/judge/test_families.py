@@ -35,8 +35,12 @@ def judge(golden: Case, cand: Case):
 
 
 def test_gpt_oss_has_no_qk_norm_stages_and_every_other_one():
-    assert set(LAYER_STAGES) - set(FAMILY_STAGES["gpt-oss"]) == set(NORMS)
-    assert FAMILY_STAGES["qwen3moe"] == LAYER_STAGES
+    assert set(FAMILY_STAGES["qwen3moe"]) - set(FAMILY_STAGES["gpt-oss"]) == set(NORMS)
+    # Qwen3-MoE's stages are the schema's less DeepSeek's own, in the schema's order
+    deepseek_only = {"q_latent", "q_latent_norm", "kv_latent", "kv_latent_norm", "dense_ffn_out", "router_select",
+                     "shared_expert_out"}
+    assert FAMILY_STAGES["qwen3moe"] == tuple(s for s in LAYER_STAGES if s not in deepseek_only)
+    assert set(LAYER_STAGES) - set(FAMILY_STAGES["deepseek2"]) == set(NORMS)
 
 
 def test_a_stage_the_family_lacks_is_not_missing_nor_claimed(golden):

@@ -21,7 +21,7 @@ from moesnap.judge.report import table
 from moesnap.judge.tolerances import Tolerances
 from moesnap.model.recorder import ArrayRecorder
 from moesnap.model.reference import run_reference
-from moesnap.stages import LAYER_STAGES
+from moesnap.stages import FAMILY_STAGES
 
 from judge_helpers import TOKENS  # noqa: E402  (the `golden` fixture: tests/judge/conftest.py)
 
@@ -56,7 +56,7 @@ class Page(HTMLParser):
         elif tag == "td" and self._in_table and "class" not in a:
             self._label = []
         elif tag == "td" and self._in_table:
-            stage = LAYER_STAGES[self._col] if self._row not in WHOLE else WHOLE[self._row]
+            stage = FAMILY_STAGES["qwen3moe"][self._col] if self._row not in WHOLE else WHOLE[self._row]
             self._col += 1
             self._cell = {"row": self._row, "stage": stage, "class": a["class"].split(), "title": a.get("title"),
                           "href": None}

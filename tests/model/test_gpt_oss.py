@@ -148,10 +148,10 @@ def test_yarn_frequencies_and_attention_factor():
     assert mask[5].tolist() == [False, False, True, True, True, True] and mask.tril().equal(mask)
 
 
-def test_an_unknown_architecture_names_both_families(tmp_path):
+def test_an_unknown_architecture_names_every_family(tmp_path):
     with pytest.raises(ModelFileError, match="architecture is 'llama', moesnap supports 'qwen3moe'") as e:
         ModelConfig.from_gguf(open_gguf(write_gguf(tmp_path / "l.gguf", arch="llama")))
-    assert "'gpt-oss' (gpt-oss)" in str(e.value) and set(FAMILIES) == {"qwen3moe", "gpt-oss"}
+    assert "'gpt-oss' (gpt-oss)" in str(e.value) and set(FAMILIES) == {"qwen3moe", "gpt-oss", "deepseek2"}
 
 
 @pytest.mark.parametrize("keys, message", [

@@ -190,7 +190,8 @@ def test_random_blocks_reject_bad_arguments():
 
 
 def test_presets():
-    assert set(PRESETS) == {"tiny", "qwen3-30b-a3b", "qwen3-235b-a22b", "gpt-oss-tiny", "gpt-oss-20b"}
+    assert set(PRESETS) == {"tiny", "qwen3-30b-a3b", "qwen3-235b-a22b", "gpt-oss-tiny", "gpt-oss-20b",
+                            "deepseek-v2-tiny", "deepseek-v3-tiny", "deepseek-v2-lite"}
     assert preset("tiny") == PRESETS["tiny"]
     assert preset("tiny", layers=7).n_layer == 7
     assert preset("qwen3-30b-a3b", seed=3).seed == 3

@@ -9,6 +9,8 @@ the case.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +32,14 @@ def recorded_family(case: Case, *, where: str) -> str | None:
         raise GoldenError(f"{where}: attribute 'model.config.arch' = {arch!r} is no family moesnap knows "
                           f"({', '.join(FAMILY_STAGES)})")
     return arch
+
+
+def recorded_config(case: Case) -> dict[str, Any]:
+    """The model config a case records (``attrs.model.config``), or {} where it records none: what
+    says which stages each layer has (:func:`moesnap.stages.stages_of_layer`)."""
+    model = case.attrs.get("model") if isinstance(case.attrs, dict) else None
+    config = model.get("config") if isinstance(model, dict) else None
+    return config if isinstance(config, dict) else {}
 
 
 def family(golden: Case, candidate: Case, *, name: str) -> str:

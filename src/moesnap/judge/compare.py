@@ -35,8 +35,9 @@ import numpy as np
 
 from ..case import Case
 from ..errors import GoldenError, MoesnapError
-from ..stages import LAYER_STAGES, POST_ROUTING_STAGES, layer_stages
-from .attrs import Second, family, followed_routes, golden_rows, held_notes, held_tokens, own_ids, seconds
+from ..stages import DEFAULT_FAMILY, LAYER_STAGES, POST_ROUTING_STAGES, ROUTING_SCORES, layer_stages, stages_of_layer
+from .attrs import (Second, family, followed_routes, golden_rows, held_notes, held_tokens, own_ids, recorded_config,
+                    seconds)
 from .classify import classify
 from .device import JudgeDevice
 from .experts import classify_stage, expert_inputs
@@ -202,6 +203,13 @@ class _Walk:
     device: JudgeDevice | None = None
     #: the layer stages of the golden's family (:data:`moesnap.stages.FAMILY_STAGES`), in order
     layer_stages: tuple[str, ...] = LAYER_STAGES
+    #: the golden's family and recorded config: which stages each layer has (dense layers: no router)
+    family: str = DEFAULT_FAMILY
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+    def stages_at(self, layer: int) -> tuple[str, ...]:
+        """The stages layer ``layer`` of the golden's model has (:func:`moesnap.stages.stages_of_layer`)."""
+        return stages_of_layer(self.family, dict(self.config), layer)
 
     def has(self, stage: str, layer: int | None) -> bool:
         if layer is None:
@@ -262,6 +270,7 @@ def _walk(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: 
         raise GoldenError(f"{name}: the candidate holds {candidate.n_layer} layers of {', '.join(extra[:4])}, "
                           f"the golden {n_layer}: judge it against goldens of the same model")
     T = int(golden.tokens.shape[0])
+    fam = family(golden, candidate, name=name)
     g_follow = followed_routes(golden, where=f"{name} (golden)")
     c_follow = followed_routes(candidate, where=f"{name} (candidate)")
     held = held_tokens(candidate, where=f"{name} (candidate)")
@@ -273,7 +282,7 @@ def _walk(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: 
                  mode=mode, per_layer=mode in PER_LAYER_MODES, propagate=propagate, allow_missing=allow_missing,
                  n_tokens=T, n_layer=n_layer, held=masks, g_follow=g_follow, c_follow=c_follow,
                  seconds=seconds(candidate, where=f"{name} (candidate)"), device=device,
-                 layer_stages=layer_stages(family(golden, candidate, name=name)))
+                 layer_stages=layer_stages(fam), family=fam, config=recorded_config(golden))
 
 
 def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: str = "case",
@@ -367,7 +376,7 @@ def _judge_layer(w: _Walk, layer: int, inherited: int | None) -> tuple[list[_Jud
     flipped: tuple[int, ...] = ()
     notes: list[str] = []
     out: list[_Judged] = []
-    for stage in w.layer_stages:
+    for stage in w.stages_at(layer):
         g, c = w.golden.stage(stage, layer), w.candidate.stage(stage, layer)
         if stage == "topk_ids":
             if not w.holds(stage, layer):
@@ -457,7 +466,7 @@ def _judge_routing(w: _Walk, layer: int, g: np.ndarray | None, c: np.ndarray | N
     """Judge each side's own expert choice as sets (``earlier``: tokens already left out), at once; with
     the tokens newly flipped at a near tie whose two sides went on with different experts (before
     ``inherited``, the first token an earlier layer's flip excused), and the notes saying so."""
-    logits = w.golden.stage("router_logits", layer)
+    logits = w.golden.stage(ROUTING_SCORES[w.family], layer)   # what the family's selection ranks by
     g_own = own_ids(g, w.g_follow.get(layer, {}))
     c_own = own_ids(c, w.c_follow.get(layer, {}))
     if g is None or c is None or logits is None or g_own is None or c_own is None:

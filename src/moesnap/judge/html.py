@@ -10,7 +10,7 @@ from pathlib import Path
 from .classify import Verdict
 from .compare import PER_LAYER_MODES, StageResult
 from .distribution import summary as next_token_summary
-from .report import SYMBOL, Report, _atomic_write, _fmt_loc, _unjudged, coverage_line, ratio_text, table_rows
+from .report import SYMBOL, Report, _atomic_write, _fmt_loc, _unjudged, columns, coverage_line, ratio_text, table_rows
 from ..stages import LAYER_STAGES
 
 #: passing cells, by how much of its tolerance the stage uses (error ÷ tolerance): upper bounds and colours
@@ -299,9 +299,10 @@ def write_html(report: Report, path: str | Path, *, title: str = "moesnap check"
     for si, (label, cases) in enumerate(sections):
         for ci, case in enumerate(cases):
             parts.append(f"<h3>{e(label)} — case {e(case.case)}</h3><table><tr><th></th>")
-            parts += [f"<th>{e(s)}</th>" for s in LAYER_STAGES] + ["</tr>"]
+            cols = columns(case)
+            parts += [f"<th>{e(s)}</th>" for s in cols] + ["</tr>"]
             for label, layer, row in table_rows(case):
-                cells = (LAYER_STAGES if layer is not None else tuple(row))
+                cells = (cols if layer is not None else tuple(row))
                 parts.append(f"<tr><td>{label}</td>" + "".join(
                     _cell(row.get(st), ids.get(id(row[st])) if st in row else None, first) for st in cells) + "</tr>")
             parts.append("</table>")

@@ -34,7 +34,11 @@ CODE = {
     "k_rope": "kr", "attn": "at", "attn_out": "ao", "attn_resid": "ar", "ffn_norm": "fn",
     "router_logits": "rl", "topk_ids": "id", "topk_weights": "tw", "expert_out": "eo", "moe_out": "mo",
     "layer_out": "lo",
+    # DeepSeek's
+    "q_latent": "ql", "q_latent_norm": "qa", "kv_latent": "kl", "kv_latent_norm": "ka", "dense_ffn_out": "df",
+    "router_select": "rs", "shared_expert_out": "se",
 }
+assert set(CODE) == set(LAYER_STAGES)
 LEGEND = (". MATCH  ~ ROUTING_TIE  D DIVERGE  N NAN_CANDIDATE  G NAN_GOLDEN  B NAN_BOTH  "
           "M MISSING  S SHAPE_MISMATCH  - not judged (every token excused by a routing flip)")
 
@@ -89,18 +93,26 @@ def table_rows(case: CaseReport) -> list[tuple[str, int | None, dict[str, StageR
     return out
 
 
+def columns(case: CaseReport) -> tuple[str, ...]:
+    """The layer stages a case's table shows, in :data:`~moesnap.stages.LAYER_STAGES` order: those
+    judged or skipped in some layer (a family's own stages; the Qwen3-MoE table is as it always was)."""
+    seen = {r.stage for r in case.results if r.layer is not None} | {s for lay, s in case.skipped if lay is not None}
+    return tuple(s for s in LAYER_STAGES if s in seen)
+
+
 def table(case: CaseReport, *, title: str | None = None) -> list[str]:
     """One row per layer: a symbol per stage, then the row's first failure and what failed, or (a
     passing row) how close it came to failing: the largest error ÷ tolerance of its stages."""
-    head = "      " + "".join(f"{CODE[s]:>3}" for s in LAYER_STAGES) + " | " + WORST_HEAD
+    cols = columns(case)
+    head = "      " + "".join(f"{CODE[s]:>3}" for s in cols) + " | " + WORST_HEAD
     lines = [title or f"case {case.case} ({case.dtype})", head]
-    blank = " " * (3 * len(LAYER_STAGES) - 3)
+    blank = " " * max(3 * len(cols) - 3, 0)
     for label, layer, row in table_rows(case):
         if layer is None:
             (r,) = row.values()
             lines.append(f"{label:<6}{_sym(r):>3}{blank} | {row_worst([r])}")
         else:
-            cells = "".join(f"{_sym(row[s]) if s in row else ' ':>3}" for s in LAYER_STAGES)
+            cells = "".join(f"{_sym(row[s]) if s in row else ' ':>3}" for s in cols)
             lines.append(f"{label:<6}{cells} | {row_worst(list(row.values()))}")
     return lines
 
@@ -146,7 +158,8 @@ def text(report: Report) -> list[str]:
     if steps:
         out += steps + [""]
     out.append(LEGEND)
-    out.append("columns: " + " ".join(f"{CODE[s]}={s}" for s in LAYER_STAGES))
+    shown = {s for case in report.cases for s in columns(case)}
+    out.append("columns: " + " ".join(f"{CODE[s]}={s}" for s in LAYER_STAGES if s in shown))
     for case in report.cases:
         out += [f"routing: {case.case}: {n}" for n in case.routing_notes]
     for case in report.replay or ():

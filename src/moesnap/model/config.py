@@ -31,6 +31,42 @@ Qwen3-MoE's values, so a config built for Qwen3-MoE reads as before:
   renormalised) or ``"topk_softmax"`` (gpt-oss: top-k of the logits, softmax over the k selected).
 * ``ffn_act``: ``"swiglu"`` (``silu(gate) * up``) or ``"swiglu_oai"`` (gpt-oss: gate clamped above at
   ``swiglu_limit``, up clamped to ``±swiglu_limit``, ``(up + 1) * gate * sigmoid(swiglu_alpha * gate)``).
+
+DeepSeek-V2/V3 (gguf-py's ``deepseek2``, which llama.cpp uses for both):
+
+* multi-head latent attention: ``kv_lora_rank`` (0: none; the other families) is the width of the
+  compressed kv, ``q_lora_rank`` that of the compressed q (0: q is one projection, as V2-Lite),
+  ``qk_rope_dim`` the decoupled RoPE part of each q/k head (``head_dim`` is ``qk_nope + qk_rope``,
+  the key length llama.cpp calls ``key_length_mla``), ``v_head_dim`` the value head width.  The
+  file says ``head_count_kv = 1`` (llama.cpp runs MLA as MQA over the latent); after ``kv_b`` every
+  head has its own k and v, so ``n_head_kv`` is ``n_head`` here, as in transformers.
+  ``kv_b_split``: the file stores ``kv_b`` as ``attn_k_b`` (transposed) and ``attn_v_b``, as
+  recent converters write it, rather than one ``attn_kv_b``.
+* ``rope_interleaved``: RoPE rotates the pairs ``(x0, x1), (x2, x3), …`` (llama.cpp's ``NORM`` mode,
+  DeepSeek's own layout, transformers' ``rope_interleave``; the converter leaves the weights as they
+  are) instead of NeoX's halves; the roped values keep their interleaved layout.
+* ``n_dense_layers`` leading layers run a dense SwiGLU MLP of width ``dense_ff`` instead of the MoE
+  (``leading_dense_block_count``); they have no router stages.
+* ``n_shared_experts``: a SwiGLU of width ``n_shared_experts * expert_ff`` every token goes through,
+  added to the routed mixture.
+* ``gating`` ``"softmax_grouped"`` (V2: softmax over every expert, groups scored by their best
+  expert — transformers' ``group_limited_greedy`` —, top-k of the probabilities) or
+  ``"sigmoid_grouped"`` (V3 ``noaux_tc``: sigmoid scores; the correction bias ``exp_probs_b``
+  added for the selection only, groups scored by the sum of their two best biased scores, top-k
+  of the biased scores, weights the unbiased scores); ``n_group`` groups of which ``n_group_used``
+  are kept (1 and 1: no groups); ``topk_norm``: the k weights renormalised
+  (``expert_weights_norm``), then times ``routed_scale`` (``expert_weights_scale``,
+  transformers' ``routed_scaling_factor``); ``router_probs_bias``: the file has ``exp_probs_b``.
+* ``yarn_log_mul`` (DeepSeek's YaRN, ``rope.scaling.yarn_log_multiplier`` = 0.1 ``mscale_all_dim``):
+  the softmax scale is multiplied by ``(1 + yarn_log_mul ln factor)^2`` and cos/sin by
+  ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` (transformers); GGUF carries no
+  ``mscale``, and every DeepSeek release has ``mscale == mscale_all_dim``, so that factor is 1, as
+  llama.cpp takes it.  DeepSeek's config has no ``truncate``: transformers truncates, as llama.cpp.
+
+Keys a DeepSeek file may leave out mean what llama.cpp's loader makes of them: no ``q_lora_rank``:
+no q LoRA; no ``expert_gating_func``: softmax (files older than V3); no ``expert_weights_norm``:
+false, no ``expert_weights_scale``: 1; no group keys: no groups (the converter writes these only
+where the checkpoint sets them).
 """
 
 from __future__ import annotations
@@ -41,7 +77,7 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any
 
-from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys, RopeScalingType
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, ExpertGatingFuncType, Keys, RopeScalingType
 
 from .tensors import Dims
 from ..errors import ModelFileError
@@ -49,9 +85,10 @@ from ..gguf.reader import GGUFFile
 
 QWEN3MOE = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3MOE]  # "qwen3moe"
 GPT_OSS = MODEL_ARCH_NAMES[MODEL_ARCH.GPT_OSS]    # "gpt-oss"
+DEEPSEEK2 = MODEL_ARCH_NAMES[MODEL_ARCH.DEEPSEEK2]  # "deepseek2": DeepSeek-V2 and V3
 ARCH = QWEN3MOE  # the first family; kept for the code written for it
 
-GATINGS: tuple[str, ...] = ("softmax_topk_renorm", "topk_softmax")
+GATINGS: tuple[str, ...] = ("softmax_topk_renorm", "topk_softmax", "softmax_grouped", "sigmoid_grouped")
 FFN_ACTS: tuple[str, ...] = ("swiglu", "swiglu_oai")
 
 
@@ -88,6 +125,22 @@ class ModelConfig:
     ffn_act: str = "swiglu"
     swiglu_limit: float = 0.0
     swiglu_alpha: float = 1.0
+    # -- DeepSeek-V2/V3 ----------------------------------------------------------------------
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
+    kv_b_split: bool = False
+    rope_interleaved: bool = False
+    n_dense_layers: int = 0
+    dense_ff: int = 0
+    n_shared_experts: int = 0
+    n_group: int = 1
+    n_group_used: int = 1
+    topk_norm: bool = False
+    routed_scale: float = 1.0
+    router_probs_bias: bool = False
+    yarn_log_mul: float = 0.0
 
     @property
     def q_dim(self) -> int:
@@ -98,10 +151,45 @@ class ModelConfig:
         return self.n_head_kv * self.head_dim
 
     @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek): q/kv compressed, the RoPE part decoupled."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def rope_dim(self) -> int:
+        """How many dimensions of a head RoPE turns: the decoupled part under MLA, else the whole head."""
+        return self.qk_rope_dim if self.mla else self.head_dim
+
+    @property
+    def qk_nope_dim(self) -> int:
+        return self.head_dim - self.rope_dim
+
+    @property
+    def v_dim(self) -> int:
+        """One head's value width (MLA: ``v_head_dim``; otherwise ``head_dim``)."""
+        return self.v_head_dim if self.mla else self.head_dim
+
+    def layer_where(self, layer: int) -> frozenset[str]:
+        """Which conditional tensor kinds layer ``layer`` holds (:data:`moesnap.model.tensors.WHEN`)."""
+        if not self.mla:
+            return frozenset()
+        where = {"q_lora" if self.q_lora_rank else "no_q_lora", "kv_split" if self.kv_b_split else "kv_b",
+                 "dense" if self.dense(layer) else "moe"}
+        if self.router_probs_bias and not self.dense(layer):
+            where.add("probs_bias")
+        return frozenset(where)
+
+    def dense(self, layer: int) -> bool:
+        """Layer ``layer`` runs a dense MLP, not the MoE (DeepSeek's leading dense layers)."""
+        return layer < self.n_dense_layers
+
+    @property
     def dims(self) -> Dims:
         """What tensor shapes depend on (:mod:`moesnap.model.tensors`)."""
         return Dims(self.hidden, self.q_dim, self.kv_dim, self.head_dim, self.n_expert, self.expert_ff,
-                    self.vocab_size)
+                    self.vocab_size, n_head=self.n_head, o_dim=self.n_head * self.v_dim,
+                    q_lora=self.q_lora_rank, kv_lora=self.kv_lora_rank, rope_dim=self.rope_dim,
+                    v_dim=self.v_dim, dense_ff=self.dense_ff, shexp_ff=self.n_shared_experts * self.expert_ff)
 
     def slides(self, layer: int) -> bool:
         """Layer ``layer`` attends to a sliding window of :attr:`sliding_window` positions."""
@@ -135,6 +223,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "qk_norm": False, "attn_bias": True, "attn_sinks": True, "swa_pattern": 2, "rope_yarn_truncate": False,
         "router_bias": True, "expert_bias": True, "gating": "topk_softmax", "ffn_act": "swiglu_oai",
         "swiglu_limit": 7.0, "swiglu_alpha": 1.702}},
+    DEEPSEEK2: {"name": "DeepSeek-V2/V3", "fixed": {"qk_norm": False, "rope_interleaved": True}},
 }
 
 
@@ -169,6 +258,8 @@ def _from_gguf(gf: GGUFFile, arch: str) -> ModelConfig:
             f"{gf.path}: {key(Keys.Attention.HEAD_COUNT)!r} = {n_head} is not a multiple of "
             f"{key(Keys.Attention.HEAD_COUNT_KV)!r} = {n_head_kv}"
         )
+    if arch == DEEPSEEK2:
+        return _deepseek2(gf, key, pos_int, pos_float)
     if key_len != val_len:
         raise ModelFileError(
             f"{gf.path}: {key(Keys.Attention.KEY_LENGTH)!r} = {key_len} differs from "
@@ -188,7 +279,7 @@ def _from_gguf(gf: GGUFFile, arch: str) -> ModelConfig:
     family: dict[str, Any] = dict(FAMILIES[arch]["fixed"])
     if arch == GPT_OSS:
         family["sliding_window"] = pos_int(Keys.Attention.SLIDING_WINDOW)
-        family.update(_yarn(gf, key, pos_int, pos_float))
+        family.update(_yarn(gf, key, pos_int, pos_float, arch))
     return ModelConfig(
         n_layer=pos_int(Keys.LLM.BLOCK_COUNT),
         hidden=pos_int(Keys.LLM.EMBEDDING_LENGTH),
@@ -207,15 +298,80 @@ def _from_gguf(gf: GGUFFile, arch: str) -> ModelConfig:
     )
 
 
-def _yarn(gf: GGUFFile, key, pos_int, pos_float) -> dict[str, Any]:
-    """The YaRN keys a gpt-oss file carries (convert_hf_to_gguf writes type, factor and original
+def _yarn(gf: GGUFFile, key, pos_int, pos_float, arch: str) -> dict[str, Any]:
+    """The YaRN keys a gpt-oss (or DeepSeek) file carries (convert_hf_to_gguf writes type, factor and original
     context; beta_fast/beta_slow only where they differ from 32 and 1, which llama.cpp then assumes)."""
     k = key(Keys.Rope.SCALING_TYPE)
     kind = gf.get(k)
     if kind != RopeScalingType.YARN.value:
         raise ModelFileError(f"{gf.path}: metadata key {k!r} = {reprlib.repr(kind)} must be "
-                             f"{RopeScalingType.YARN.value!r} for {FAMILIES[GPT_OSS]['name']}")
+                             f"{RopeScalingType.YARN.value!r} for {FAMILIES[arch]['name']}")
     return {"rope_scaling": "yarn", "rope_factor": pos_float(Keys.Rope.SCALING_FACTOR),
             "rope_orig_context": pos_int(Keys.Rope.SCALING_ORIG_CTX_LEN),
             "rope_beta_fast": pos_float(Keys.Rope.SCALING_YARN_BETA_FAST, 32.0),
             "rope_beta_slow": pos_float(Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0)}
+
+
+def _deepseek2(gf: GGUFFile, key, pos_int, pos_float) -> ModelConfig:
+    """A DeepSeek-V2/V3 file's config (the keys convert_hf_to_gguf's ``DeepseekV2Model`` writes)."""
+    def count(template: str, default: int | None = None) -> int:
+        k = key(template)
+        if default is not None and not gf.has(k):
+            return default
+        v = gf.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ModelFileError(f"{gf.path}: metadata key {k!r} = {reprlib.repr(v)} must be an integer ≥ 0")
+        return int(v)
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ModelFileError(f"{gf.path}: {msg}")
+
+    n_layer, n_head = pos_int(Keys.LLM.BLOCK_COUNT), pos_int(Keys.Attention.HEAD_COUNT)
+    n_expert, n_used = pos_int(Keys.LLM.EXPERT_COUNT), pos_int(Keys.LLM.EXPERT_USED_COUNT)
+    kv_lora, rope = pos_int(Keys.Attention.KV_LORA_RANK), pos_int(Keys.Rope.DIMENSION_COUNT)
+    head = pos_int(Keys.Attention.KEY_LENGTH_MLA)
+    need(head > rope and rope % 2 == 0, f"{key(Keys.Attention.KEY_LENGTH_MLA)!r} = {head} must exceed "
+         f"{key(Keys.Rope.DIMENSION_COUNT)!r} = {rope}, which must be even")
+    for k, want in ((Keys.Attention.KEY_LENGTH, kv_lora + rope), (Keys.Attention.VALUE_LENGTH, kv_lora)):
+        need(pos_int(k) == want, f"{key(k)!r} = {gf.get(key(k))} must be kv_lora_rank + rope dims / kv_lora_rank "
+             f"= {want} (the MQA view of MLA)")
+    need(n_used <= n_expert, f"{key(Keys.LLM.EXPERT_USED_COUNT)!r} = {n_used} exceeds "
+         f"{key(Keys.LLM.EXPERT_COUNT)!r} = {n_expert}")
+    n_dense = count(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0)
+    need(n_dense <= n_layer, f"{key(Keys.LLM.LEADING_DENSE_BLOCK_COUNT)!r} = {n_dense} exceeds "
+         f"{key(Keys.LLM.BLOCK_COUNT)!r} = {n_layer}")
+    gating_key = key(Keys.LLM.EXPERT_GATING_FUNC)
+    gating = gf.get(gating_key) if gf.has(gating_key) else int(ExpertGatingFuncType.SOFTMAX)
+    need(gating in (int(ExpertGatingFuncType.SOFTMAX), int(ExpertGatingFuncType.SIGMOID)),
+         f"metadata key {gating_key!r} = {reprlib.repr(gating)} must be 1 (softmax) or 2 (sigmoid)")
+    n_group, n_group_used = count(Keys.LLM.EXPERT_GROUP_COUNT, 1) or 1, count(Keys.LLM.EXPERT_GROUP_USED_COUNT, 1) or 1
+    need(n_expert % n_group == 0 and n_group_used <= n_group and n_group_used * (n_expert // n_group) >= n_used,
+         f"{key(Keys.LLM.EXPERT_GROUP_COUNT)!r} = {n_group} and {key(Keys.LLM.EXPERT_GROUP_USED_COUNT)!r} = "
+         f"{n_group_used} must split {n_expert} experts evenly and keep at least {n_used} of them")
+    norm_key = key(Keys.LLM.EXPERT_WEIGHTS_NORM)
+    norm = gf.get(norm_key) if gf.has(norm_key) else False
+    need(isinstance(norm, bool), f"metadata key {norm_key!r} = {reprlib.repr(norm)} must be a boolean")
+    has_bias = "blk.%d.exp_probs_b.bias" % max(n_dense, 0) in gf.tensors
+    need(not has_bias or gating == int(ExpertGatingFuncType.SIGMOID),
+         f"tensor 'blk.{n_dense}.exp_probs_b.bias' (the score-correction bias) needs sigmoid gating")
+    family: dict[str, Any] = dict(FAMILIES[DEEPSEEK2]["fixed"])
+    if gf.has(key(Keys.Rope.SCALING_TYPE)) and gf.get(key(Keys.Rope.SCALING_TYPE)) != "none":
+        family.update(_yarn(gf, key, pos_int, pos_float, DEEPSEEK2))
+        family["yarn_log_mul"] = pos_float(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0) if gf.has(
+            key(Keys.Rope.SCALING_YARN_LOG_MUL)) else 0.0
+    embd = gf.tensor("token_embd")
+    return ModelConfig(
+        n_layer=n_layer, hidden=pos_int(Keys.LLM.EMBEDDING_LENGTH), n_head=n_head, n_head_kv=n_head,
+        head_dim=head, n_expert=n_expert, n_expert_used=n_used, expert_ff=pos_int(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH),
+        vocab_size=int(embd.shape[1]), rope_base=pos_float(Keys.Rope.FREQ_BASE),
+        rms_eps=pos_float(Keys.Attention.LAYERNORM_RMS_EPS), context_length=pos_int(Keys.LLM.CONTEXT_LENGTH),
+        arch=DEEPSEEK2, q_lora_rank=count(Keys.Attention.Q_LORA_RANK, 0), kv_lora_rank=kv_lora, qk_rope_dim=rope,
+        v_head_dim=pos_int(Keys.Attention.VALUE_LENGTH_MLA), kv_b_split="blk.0.attn_kv_b.weight" not in gf.tensors,
+        n_dense_layers=n_dense, dense_ff=pos_int(Keys.LLM.FEED_FORWARD_LENGTH) if n_dense else 0,
+        n_shared_experts=count(Keys.LLM.EXPERT_SHARED_COUNT, 0),
+        gating="sigmoid_grouped" if gating == int(ExpertGatingFuncType.SIGMOID) else "softmax_grouped",
+        n_group=n_group, n_group_used=n_group_used, topk_norm=norm,
+        routed_scale=pos_float(Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0), router_probs_bias=has_bias,
+        **family,
+    )

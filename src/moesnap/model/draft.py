@@ -150,7 +150,8 @@ def propose(model: ModelWeights | Drafter, tokens: Sequence[int], n: int, *, dev
 def stored_bytes(model: ModelWeights) -> int:
     """Bytes of every tensor as stored (what a device candidate uploads), from shapes and types alone."""
     tab = table(model.config.arch)
-    names = list(tab.global_tensors) + [f"blk.{i}.{t}" for i in range(model.config.n_layer) for t in tab.layer_tensors]
+    names = list(tab.global_tensors) + [f"blk.{i}.{t}" for i in range(model.config.n_layer)
+                                          for t in tab.in_layer(i, model.config.layer_where(i))]
     total = 0
     for name in names:
         block, size = gguf.GGML_QUANT_SIZES[model.tensor_type(name)]

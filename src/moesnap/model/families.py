@@ -12,7 +12,13 @@ chosen by :class:`~moesnap.model.config.ModelConfig` fields (never by the family
 * :func:`route`: softmax over every expert then top-k renormalised, or top-k of the logits then a
   softmax over the k (``gating``);
 * :func:`expert_act`: SwiGLU, or gpt-oss's clamped variant (``ffn_act``, ``swiglu_limit``,
-  ``swiglu_alpha``).
+  ``swiglu_alpha``);
+* :func:`apply_rope`: NeoX halves, or DeepSeek's interleaved pairs (``rope_interleaved``);
+* :func:`softmax_scale`: ``1/sqrt(D)``, times DeepSeek YaRN's ``mscale^2`` (``yarn_log_mul``);
+* :func:`route_grouped`: DeepSeek's selection: softmax (V2) or sigmoid plus the correction bias (V3),
+  limited to the best expert groups, weights renormalised or not and scaled (``gating``
+  ``softmax_grouped`` / ``sigmoid_grouped``, ``n_group``, ``n_group_used``, ``topk_norm``,
+  ``routed_scale``).
 
 Each is written so that Qwen3-MoE's values come out of the very operations its forward always ran.
 """
@@ -28,8 +34,8 @@ from .config import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies ``[D/2]`` in float64."""
-    D = cfg.head_dim
+    """Inverse frequencies ``[Dr/2]`` in float64 (``Dr``: the dimensions RoPE turns, ``cfg.rope_dim``)."""
+    D = cfg.rope_dim
     inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # [D/2]
     if cfg.rope_scaling == "none":
         return inv_freq
@@ -50,10 +56,37 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_attention_factor(cfg: ModelConfig) -> float:
-    """What YaRN multiplies cos and sin by (1 without scaling)."""
-    if cfg.rope_scaling == "none" or cfg.rope_factor <= 1:
+    """What YaRN multiplies cos and sin by (1 without scaling; DeepSeek's YaRN, which carries
+    ``mscale_all_dim`` as ``yarn_log_mul``: ``mscale / mscale_all_dim`` = 1, see the config)."""
+    if cfg.rope_scaling == "none" or cfg.rope_factor <= 1 or cfg.yarn_log_mul > 0:
         return 1.0
     return 0.1 * math.log(cfg.rope_factor) + 1.0
+
+
+def softmax_scale(cfg: ModelConfig) -> float | None:
+    """What attention multiplies ``q·k`` by where it is not ``1/sqrt(head_dim)`` (None then):
+    DeepSeek's YaRN ``(1 + yarn_log_mul ln factor)^2 / sqrt(head_dim)`` (transformers'
+    ``yarn_apply_mscale``), and ``1/sqrt(head_dim)`` under MLA without YaRN."""
+    if not cfg.mla:
+        return None
+    scale = cfg.head_dim ** -0.5
+    if cfg.rope_scaling != "none" and cfg.yarn_log_mul > 0 and cfg.rope_factor > 1:
+        mscale = 1.0 + cfg.yarn_log_mul * math.log(cfg.rope_factor)
+        scale *= mscale * mscale
+    return scale
+
+
+def apply_rope(cfg: ModelConfig, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [T, heads, Dr]`` turned by the tables ``cos``/``sin [T, 1, Dr]`` (the angles twice over):
+    NeoX's halves ``(x_i, x_{i+Dr/2})``, or with ``rope_interleaved`` the pairs ``(x_{2i}, x_{2i+1})``,
+    which stay interleaved (llama.cpp's NORM mode; DeepSeek-V2's complex form in transformers)."""
+    if not cfg.rope_interleaved:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    half = cos.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]                                # [T, 1, Dr/2]
+    x1, x2 = x[..., 0::2], x[..., 1::2]                                    # [T, heads, Dr/2]
+    return torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)   # [T, heads, Dr]
 
 
 def attention_mask(cfg: ModelConfig, layer: int, n_tokens: int) -> torch.Tensor:
@@ -95,3 +128,39 @@ def expert_act(cfg: ModelConfig, gate: torch.Tensor, up: torch.Tensor) -> torch.
         up = up.clamp(min=-cfg.swiglu_limit, max=cfg.swiglu_limit)
         return (up + 1) * (gate * torch.sigmoid(cfg.swiglu_alpha * gate))
     return F.silu(gate) * up
+
+
+def route_grouped(cfg: ModelConfig, logits: torch.Tensor, k: int, bias: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek's routing of router ``logits [T, E]``: ``(weights [T, k], ids [T, k], select [T, E])``,
+    ids by descending selection score.
+
+    V2 (``softmax_grouped``): scores the softmax over every expert; a group scores its best expert
+    (transformers' ``group_limited_greedy``); the experts of the groups not kept score 0.
+    V3 (``sigmoid_grouped``, ``noaux_tc``): scores the sigmoid of the logits; the selection ranks
+    ``scores + bias`` (the correction bias ``exp_probs_b``), a group scores the sum of its two best;
+    the experts of the groups not kept drop out.  Both: top-k of what is left; the weights are the
+    (unbiased) scores of the k, renormalised with ``topk_norm``, times ``routed_scale``.
+
+    ``select`` is what the selection ranks, for the near-tie rule (:data:`moesnap.stages.ROUTING_SCORES`):
+    each expert of a group not kept lowered by its group's shortfall to the last group kept."""
+    T, E = logits.shape
+    sigmoid = cfg.gating == "sigmoid_grouped"
+    scores = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=-1)            # [T, E]
+    choice = scores + bias.to(scores.dtype) if bias is not None else scores                 # [T, E]
+    select = choice
+    if 1 < cfg.n_group and cfg.n_group_used < cfg.n_group:
+        grouped = choice.view(T, cfg.n_group, E // cfg.n_group)                              # [T, G, E/G]
+        group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if sigmoid else grouped.max(-1).values  # [T, G]
+        kept = torch.topk(group_scores, cfg.n_group_used, dim=-1)[1]                        # [T, Gk]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)     # [T, G]
+        last = group_scores.gather(1, kept).min(-1, keepdim=True).values                    # [T, 1]
+        shortfall = (last - group_scores).clamp(min=0).masked_fill(keep, 0)                 # [T, G]
+        select = choice - shortfall.repeat_interleave(E // cfg.n_group, dim=-1)             # [T, E]
+        dropped = ~keep.repeat_interleave(E // cfg.n_group, dim=-1)                         # [T, E]
+        choice = choice.masked_fill(dropped, float("-inf") if sigmoid else 0.0)
+    ids = torch.topk(choice, k, dim=-1)[1]                                                  # [T, k]
+    weights = scores.gather(1, ids)                                                         # [T, k]
+    if cfg.topk_norm:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * cfg.routed_scale, ids, select

@@ -235,11 +235,25 @@ class ArrayRecorder:
         return replace(case, steps=tuple(steps))
 
     def stacked(self) -> dict[str, np.ndarray]:
-        """Per-layer stages stacked on a leading layer axis, in layer order."""
+        """Per-layer stages stacked on a leading layer axis, in layer order.
+
+        A stage some layers lack (DeepSeek: the router stages in the leading dense layers,
+        ``dense_ffn_out`` in the MoE ones) is stacked over layers 0..its last one, the rows of the
+        layers without it filled (NaN; -1 for integer stages) so that row ``i`` stays layer ``i``.
+        Those rows are no values: the judge never reads them (it walks the stages each layer has,
+        :func:`moesnap.stages.stages_of_layer`)."""
         out: dict[str, np.ndarray] = {}
         for stage in LAYER_STAGES:
             per = self.layers.get(stage)
             if not per:
                 continue
-            out[stage] = np.stack([per[i] for i in sorted(per)])
+            n = max(per) + 1
+            if len(per) == n:
+                out[stage] = np.stack([per[i] for i in range(n)])
+                continue
+            some = next(iter(per.values()))
+            a = np.full((n, *some.shape), -1 if some.dtype.kind in "iu" else np.nan, dtype=some.dtype)
+            for i, row in per.items():
+                a[i] = row
+            out[stage] = a
         return out

@@ -12,8 +12,14 @@ For gpt-oss it follows ``modeling_gpt_oss.py``: q/k/v/o projections with biases,
 NeoX RoPE with YaRN frequencies and attention factor, attention with one learned sink logit per
 head in each softmax, over a sliding window of positions on every other layer (the even ones);
 router logits with a bias, top-k of the logits and a softmax over those k; experts with biases and
-the clamped SwiGLU ``(up + 1) * gate * sigmoid(1.702 gate)``.  Where the families differ the forward
-calls a small function of :mod:`moesnap.model.families`, chosen by a config field.
+the clamped SwiGLU ``(up + 1) * gate * sigmoid(1.702 gate)``.
+
+For DeepSeek-V2/V3 it follows ``modeling_deepseek_v2.py`` / ``modeling_deepseek_v3.py``:
+multi-head latent attention (:class:`LatentAttention`: q through its LoRA or one projection, the
+compressed kv and its decoupled rope key, RoPE on the rope parts only, interleaved), a dense SwiGLU
+MLP in the leading dense layers, and in the others the routed experts chosen by softmax (V2) or
+biased sigmoid (V3) scores within the best groups, plus the shared experts.  Where the families differ
+the forward calls a small function of :mod:`moesnap.model.families`, chosen by a config field.
 
 Every stage is handed to an explicit recorder (``rec.save(stage, layer, x)``).
 Weights are dequantized lazily by :class:`~moesnap.model.weights.GGUFModel`: one
@@ -32,9 +38,11 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import ModelConfig
-from .families import attention_mask, expert_act, rope_attention_factor, rope_inv_freq, route, softmax_with_sinks
+from .families import (apply_rope, attention_mask, expert_act, rope_attention_factor, rope_inv_freq, route,
+                       route_grouped, softmax_scale, softmax_with_sinks)
 from .ggml import identity
 from .recorder import NullRecorder, Recorder
 from .weights import GGUFModel, LayerWeights, ModelWeights
@@ -88,17 +96,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def causal_attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0,
                      sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal grouped-query attention of roped ``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]`` -> ``[T, Hq*D]``
-    (within the sliding window on a sliding ``layer``; with ``sinks [Hq]`` in each softmax)."""
+    """Causal grouped-query attention of roped ``q [T, Hq, D]``, ``k [T, Hkv, D]``, ``v [T, Hkv, Dv]``
+    -> ``[T, Hq*Dv]`` (within the sliding window on a sliding ``layer``; with ``sinks [Hq]`` in each
+    softmax; scaled by :func:`~moesnap.model.families.softmax_scale`)."""
     T = q.shape[0]
     group = cfg.n_head // cfg.n_head_kv
     k = k.repeat_interleave(group, dim=1)                    # [T, Hq, D]
-    v = v.repeat_interleave(group, dim=1)                    # [T, Hq, D]
-    scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(cfg.head_dim)  # [Hq, T, T]
+    v = v.repeat_interleave(group, dim=1)                    # [T, Hq, Dv]
+    scores = torch.einsum("thd,shd->hts", q, k)              # [Hq, T, T]
+    scale = softmax_scale(cfg)
+    scores = scores / math.sqrt(cfg.head_dim) if scale is None else scores * scale
     allowed = attention_mask(cfg, layer, T)                  # [T, T]
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = softmax_with_sinks(scores, sinks)                # [Hq, T, T]
-    return torch.einsum("hts,shd->thd", probs, v).reshape(T, cfg.q_dim)  # [T, Hq*D]
+    return torch.einsum("hts,shd->thd", probs, v).reshape(T, -1)  # [T, Hq*Dv]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -119,9 +130,12 @@ def expert_outputs(cfg: ModelConfig, w: LayerWeights, x: torch.Tensor, topk_ids:
     expert_out = x.new_zeros(T, k, cfg.hidden)                     # [T, k, H]
     selected = torch.unique(topk_ids).tolist()
 
+    assert w.experts is not None, f"layer {w.index} is dense: it has no experts"
+    bank = w.experts
+
     def run(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gate, up, down = w.experts.expert(e)
-        bg, bu, bd = w.experts.bias(e) or (None, None, None)
+        gate, up, down = bank.expert(e)
+        bg, bu, bd = bank.bias(e) or (None, None, None)
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)         # tokens routed to e
         h = expert_act(cfg, _linear(xg[tok], gate, bg), _linear(xu[tok], up, bu))  # [n, F]
         return tok, slot, _linear(aq(h, p + "ffn_down_exps"), down, bd)            # [n, H]
@@ -165,6 +179,65 @@ class Attention(nn.Module):
         return out
 
 
+class LatentAttention(nn.Module):
+    """DeepSeek's multi-head latent attention (transformers' ``DeepseekV2Attention``)."""
+
+    def __init__(self, cfg: ModelConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
+        super().__init__()
+        self.cfg, self.w, self.aq = cfg, w, aq
+        # transformers builds both latent norms with its default eps 1e-6 (llama.cpp: the file's eps);
+        # DeepSeek's releases use 1e-6 throughout, the same number
+        self.q_a_norm = None if w.q_a_norm is None else RMSNorm(w.q_a_norm, cfg.rms_eps)
+        self.kv_a_norm = RMSNorm(w.kv_a_norm, cfg.rms_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, rec: Recorder) -> torch.Tensor:
+        cfg, w, aq, p = self.cfg, self.w, self.aq, f"blk.{layer}."
+        T, Hq, Dn, Dr, Rkv = x.shape[0], cfg.n_head, cfg.qk_nope_dim, cfg.rope_dim, cfg.kv_lora_rank
+        assert w.wkv_a is not None and w.wkv_b is not None
+        if self.q_a_norm is None:
+            assert w.wq is not None
+            q = aq(x, p + "attn_q") @ w.wq.T                                    # [T, Hq*D]
+        else:
+            assert w.wq_a is not None and w.wq_b is not None
+            q_latent = aq(x, p + "attn_q_a") @ w.wq_a.T                          # [T, Rq]
+            rec.save("q_latent", layer, q_latent)
+            q_latent = self.q_a_norm(q_latent)
+            rec.save("q_latent_norm", layer, q_latent)
+            q = aq(q_latent, p + "attn_q_b") @ w.wq_b.T                          # [T, Hq*D]
+        q = q.view(T, Hq, Dn + Dr)                                              # [T, Hq, D]
+        kv_latent = aq(x, p + "attn_kv_a_mqa") @ w.wkv_a.T                       # [T, Rkv+Dr]
+        rec.save("kv_latent", layer, kv_latent)
+        compressed, k_pe = kv_latent.split([Rkv, Dr], dim=-1)                    # [T, Rkv], [T, Dr]
+        compressed = self.kv_a_norm(compressed)
+        rec.save("kv_latent_norm", layer, compressed)
+        kv = (aq(compressed, p + "attn_kv_b") @ w.wkv_b.T).view(T, Hq, -1)       # [T, Hq, Dn+Dv]
+        k_nope, v = kv.split([Dn, cfg.v_dim], dim=-1)                            # [T, Hq, Dn], [T, Hq, Dv]
+        k_pe = k_pe[:, None, :].expand(T, Hq, Dr)                                # [T, Hq, Dr] one per token
+        k = torch.cat([k_nope, k_pe], dim=-1)                                    # [T, Hq, D]
+        rec.save("q", layer, q)
+        rec.save("k", layer, k)
+        rec.save("v", layer, v)
+        q_nope, q_pe = q.split([Dn, Dr], dim=-1)
+        q = torch.cat([q_nope, apply_rope(cfg, q_pe, cos, sin)], dim=-1)         # [T, Hq, D]
+        k = torch.cat([k_nope, apply_rope(cfg, k_pe, cos, sin)], dim=-1)         # [T, Hq, D]
+        rec.save("q_rope", layer, q)
+        rec.save("k_rope", layer, k)
+
+        attn = causal_attention(cfg, q, k, v, layer)                             # [T, Hq*Dv]
+        rec.save("attn", layer, attn)
+        out = aq(attn, p + "attn_output") @ w.wo.T                               # [T, H]
+        rec.save("attn_out", layer, out)
+        return out
+
+
+def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, aq: ActQuant,
+               names: tuple[str, str, str]) -> torch.Tensor:
+    """A dense SwiGLU MLP ``down(silu(gate x) * up x)`` of ``x [T, H]`` (DeepSeek's dense layers and
+    shared experts); ``names``: the three tensors' GGUF names, for ``aq``."""
+    h = F.silu(aq(x, names[0]) @ gate.T) * (aq(x, names[1]) @ up.T)             # [T, F]
+    return aq(h, names[2]) @ down.T                                             # [T, H]
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
         super().__init__()
@@ -175,9 +248,15 @@ class MoE(nn.Module):
         k = cfg.n_expert_used
         router_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         bias = None if w.router_bias is None else w.router_bias.to(router_dtype)
+        assert w.router is not None
         logits = _linear(self.aq(x, f"blk.{layer}.ffn_gate_inp").to(router_dtype), w.router.to(router_dtype), bias)  # [T, E]
         rec.save("router_logits", layer, logits)
-        topk_w, topk_ids = route(cfg, logits, k)                       # [T, k], [T, k]
+        if cfg.gating in ("softmax_grouped", "sigmoid_grouped"):
+            probs_bias = None if w.probs_bias is None else w.probs_bias.to(router_dtype)
+            topk_w, topk_ids, select = route_grouped(cfg, logits, k, probs_bias)  # [T, k], [T, k], [T, E]
+            rec.save("router_select", layer, select)
+        else:
+            topk_w, topk_ids = route(cfg, logits, k)                   # [T, k], [T, k]
         topk_w = topk_w.to(x.dtype)
         rec.save("topk_ids", layer, topk_ids)
         rec.save("topk_weights", layer, topk_w)
@@ -185,6 +264,11 @@ class MoE(nn.Module):
         expert_out = expert_outputs(cfg, w, x, topk_ids, self.aq)      # [T, k, H]
         rec.save("expert_out", layer, expert_out)
         out = (expert_out * topk_w[..., None]).sum(dim=1)              # [T, H]
+        if w.shexp is not None:                                        # DeepSeek's shared experts
+            p = f"blk.{layer}."
+            shared = swiglu_mlp(x, *w.shexp, self.aq, (p + "ffn_gate_shexp", p + "ffn_up_shexp", p + "ffn_down_shexp"))
+            rec.save("shared_expert_out", layer, shared)
+            out = out + shared
         rec.save("moe_out", layer, out)
         return out
 
@@ -192,8 +276,9 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, w: LayerWeights, aq: ActQuant = identity) -> None:
         super().__init__()
+        self.w, self.aq = w, aq
         self.attn_norm = RMSNorm(w.attn_norm, cfg.rms_eps)
-        self.attention = Attention(cfg, w, aq)
+        self.attention: nn.Module = LatentAttention(cfg, w, aq) if cfg.mla else Attention(cfg, w, aq)
         self.ffn_norm = RMSNorm(w.ffn_norm, cfg.rms_eps)
         self.moe = MoE(cfg, w, aq)
 
@@ -204,7 +289,15 @@ class Block(nn.Module):
         rec.save("attn_resid", layer, h)
         m = self.ffn_norm(h)
         rec.save("ffn_norm", layer, m)
-        out = h + self.moe(m, layer, rec)
+        w = self.w
+        if w.experts is None:          # DeepSeek's leading dense layers: no router, no experts
+            assert w.ffn_gate is not None and w.ffn_up is not None and w.ffn_down is not None
+            p = f"blk.{layer}."
+            dense = swiglu_mlp(m, w.ffn_gate, w.ffn_up, w.ffn_down, self.aq, (p + "ffn_gate", p + "ffn_up", p + "ffn_down"))
+            rec.save("dense_ffn_out", layer, dense)
+            out = h + dense
+        else:
+            out = h + self.moe(m, layer, rec)
         rec.save("layer_out", layer, out)
         return out
 

@@ -45,11 +45,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
-from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, RopeScalingType, TokenType
+from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, ExpertGatingFuncType, RopeScalingType, TokenType
 from gguf.quants import quantize
 
 from ..errors import UsageError
-from .config import FAMILIES, GPT_OSS, SHAPE_FIELDS, Qwen3MoeConfig
+from .config import DEEPSEEK2, FAMILIES, GPT_OSS, SHAPE_FIELDS, Qwen3MoeConfig
 from .tensors import F32_TENSORS, KINDS, WEIGHT_SUFFIX, Dims, table
 
 QT = GGMLQuantizationType
@@ -70,6 +70,13 @@ QTYPE_KINDS: tuple[str, ...] = (
 )
 assert set(QTYPE_KINDS) == set(KINDS) - F32_TENSORS
 assert set(QTYPE_KINDS) == set(table(GPT_OSS).by_name) - table(GPT_OSS).f32_tensors
+
+
+def qtype_kinds(arch: str) -> tuple[str, ...]:
+    """The tensor kinds of ``arch`` whose quant type a spec chooses (every kind real files do not
+    keep in F32), in file order; Qwen3-MoE's and gpt-oss's are :data:`QTYPE_KINDS`."""
+    tab = table(arch)
+    return tuple(n for n in tab.by_name if n not in tab.f32_tensors)
 
 
 #: byte-level vocabulary layout
@@ -141,10 +148,11 @@ class SynthSpec:
     def tensors(self) -> list[SynthTensor]:
         """Every tensor of the file, in file order (embedding, layer by layer, head), with its numpy shape
         and type."""
-        d = self.config.dims
+        c = self.config
+        d = c.dims
         out = [_tensor("token_embd", None, d, self)]
-        for i in range(self.config.n_layer):
-            out += [_tensor(kind, i, d, self) for kind in table(self.config.arch).layer_tensors]
+        for i in range(c.n_layer):
+            out += [_tensor(kind, i, d, self) for kind in table(c.arch).in_layer(i, c.layer_where(i))]
         out += [_tensor("output_norm", None, d, self), _tensor("output", None, d, self)]
         return out
 
@@ -183,6 +191,8 @@ def _validate(spec: SynthSpec) -> None:
     if c.arch == GPT_OSS and not (c.sliding_window >= 1 and c.rope_factor >= 1 and c.rope_orig_context >= 1):
         raise bad(f"sliding_window={c.sliding_window!r}, rope_factor={c.rope_factor!r} and "
                   f"rope_orig_context={c.rope_orig_context!r} must be ≥ 1 for gpt-oss")
+    if c.arch == DEEPSEEK2:
+        _validate_deepseek(spec, bad)
     counts = [(n, getattr(c, n)) for n in SHAPE_FIELDS if n not in ("rope_base", "rms_eps")]
     for name, value in [*counts, ("dense_ff", spec.dense_ff)]:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -197,20 +207,46 @@ def _validate(spec: SynthSpec) -> None:
         raise bad(f"vocab_size={c.vocab_size} is below {MIN_VOCAB} (3 special + 256 byte tokens)")
     if not isinstance(spec.seed, (int, np.integer)) or spec.seed < 0:
         raise bad(f"seed={spec.seed!r} must be an integer ≥ 0")
-    missing = [k for k in QTYPE_KINDS if k not in spec.qtypes]
-    unknown = sorted(set(spec.qtypes) - set(QTYPE_KINDS))
+    kinds = qtype_kinds(c.arch)
+    missing = [k for k in kinds if k not in spec.qtypes]
+    unknown = sorted(set(spec.qtypes) - set(kinds))
     if missing or unknown:
-        raise bad(f"qtypes missing {missing}, unknown {unknown}; expected keys {list(QTYPE_KINDS)}")
+        raise bad(f"qtypes missing {missing}, unknown {unknown}; expected keys {list(kinds)}")
     for kind, qt in [*spec.qtypes.items(), ("down_exps_alternate", spec.down_exps_alternate)]:
         if qt is not None and qt not in SUPPORTED_QTYPES:
             raise bad(f"{kind}: {qt.name} is not supported; choose one of {sorted(t.name for t in SUPPORTED_QTYPES)}")
     # every layer has the same shapes (types alternate): two layers stand for all of them, and
     # --layers 1000000000000 does not build a plan of 12 trillion tensors
-    sample = spec if c.n_layer <= 2 else spec.with_(n_layer=2)
+    sample = spec if c.n_layer <= c.n_dense_layers + 2 else spec.with_(n_layer=c.n_dense_layers + 2)
     for t in sample.tensors():
         block = GGML_QUANT_SIZES[t.qtype][0]
         if t.shape[-1] % block:
             raise bad(f"{t.name}: row length {t.shape[-1]} is not a multiple of the {t.qtype.name} block size {block}")
+
+
+def _validate_deepseek(spec: SynthSpec, bad) -> None:
+    c = spec.config
+    checks = [
+        (c.kv_lora_rank >= 1 and c.qk_rope_dim >= 2 and c.qk_rope_dim % 2 == 0 and c.head_dim > c.qk_rope_dim
+         and c.v_head_dim >= 1 and c.q_lora_rank >= 0,
+         f"kv_lora_rank={c.kv_lora_rank}, qk_rope_dim={c.qk_rope_dim} (even), head_dim={c.head_dim} (> qk_rope_dim), "
+         f"v_head_dim={c.v_head_dim} and q_lora_rank={c.q_lora_rank} (≥ 0) do not describe latent attention"),
+        (c.n_head_kv == c.n_head, f"n_head_kv={c.n_head_kv} must equal n_head={c.n_head} (every head its own k, v)"),
+        (0 <= c.n_dense_layers <= c.n_layer and (c.dense_ff == spec.dense_ff or not c.n_dense_layers),
+         f"n_dense_layers={c.n_dense_layers} must be within the {c.n_layer} layers, with dense_ff={c.dense_ff} "
+         f"the spec's dense_ff={spec.dense_ff}"),
+        (c.n_group >= 1 and c.n_expert % c.n_group == 0 and 1 <= c.n_group_used <= c.n_group
+         and c.n_group_used * (c.n_expert // c.n_group) >= c.n_expert_used,
+         f"n_group={c.n_group}, n_group_used={c.n_group_used} must split n_expert={c.n_expert} evenly and keep "
+         f"n_expert_used={c.n_expert_used} experts"),
+        (c.gating in ("softmax_grouped", "sigmoid_grouped") and (not c.router_probs_bias or c.gating == "sigmoid_grouped"),
+         f"gating={c.gating!r} with router_probs_bias={c.router_probs_bias} is no DeepSeek routing"),
+        (c.n_shared_experts >= 0 and c.routed_scale > 0, f"n_shared_experts={c.n_shared_experts} must be ≥ 0 and "
+         f"routed_scale={c.routed_scale} > 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise bad(msg)
 
 
 # ---------------------------------------------------------------- random blocks
@@ -457,9 +493,70 @@ def _gpt_oss_20b() -> SynthSpec:
                      qtypes=dict(GPT_OSS_MXFP4), seed=0, name="moesnap-gpt-oss-20b")
 
 
+def _deepseek(n_layer: int, hidden: int, n_head: int, n_expert: int, n_used: int, expert_ff: int, vocab: int,
+              *, nope: int, rope: int, v: int, kv_lora: int, q_lora: int, n_dense: int, dense_ff: int, shared: int,
+              v3: bool, n_group: int = 1, n_group_used: int = 1, routed_scale: float = 1.0,
+              yarn: tuple[float, int, float] | None = None, context: int = 4096) -> Qwen3MoeConfig:
+    """A DeepSeek config; ``yarn``: (factor, original context, mscale_all_dim)."""
+    scaling: dict[str, Any] = {} if yarn is None else {"rope_scaling": "yarn", "rope_factor": yarn[0], "rope_orig_context": yarn[1],
+                                       "yarn_log_mul": 0.1 * yarn[2]}
+    return Qwen3MoeConfig(n_layer=n_layer, hidden=hidden, n_head=n_head, n_head_kv=n_head, head_dim=nope + rope,
+                          n_expert=n_expert, n_expert_used=n_used, expert_ff=expert_ff, vocab_size=vocab,
+                          rope_base=10_000.0, rms_eps=1e-6, context_length=context, arch=DEEPSEEK2,
+                          q_lora_rank=q_lora, kv_lora_rank=kv_lora, qk_rope_dim=rope, v_head_dim=v, kv_b_split=True,
+                          n_dense_layers=n_dense, dense_ff=dense_ff, n_shared_experts=shared,
+                          gating="sigmoid_grouped" if v3 else "softmax_grouped", n_group=n_group,
+                          n_group_used=n_group_used, topk_norm=v3, routed_scale=routed_scale, router_probs_bias=v3,
+                          **FAMILIES[DEEPSEEK2]["fixed"], **scaling)
+
+
+def _deepseek_qtypes(base: GGMLQuantizationType) -> dict[str, GGMLQuantizationType]:
+    return {k: base for k in qtype_kinds(DEEPSEEK2)}
+
+
+# DeepSeek-V2-Lite as a Q4_K_M file: llama.cpp's K-quants need rows of 256 and fall back where a row
+# is shorter or not a multiple (Q4_K -> Q5_0, Q6_K -> Q8_0): attn_k_b (rows of qk_nope 128), the
+# experts' down projections (rows of 1408) and the dense layer's (10944); the rest as the Q4_K_M rule
+# (Q6_K for the output, the values and half of the down projections, Q4_K elsewhere).  Our reading of
+# llama.cpp's quantizer, not a byte-for-byte copy of a published file.
+DEEPSEEK_Q4_K_M: dict[str, GGMLQuantizationType] = {
+    **_deepseek_qtypes(QT.Q4_K), "output": QT.Q6_K, "attn_v_b": QT.Q6_K, "attn_kv_b": QT.Q6_K,
+    "attn_k_b": QT.Q5_0, "ffn_down": QT.Q8_0, "ffn_down_exps": QT.Q8_0, "ffn_down_shexp": QT.Q6_K,
+}
+
+
+def _deepseek_v2_lite() -> SynthSpec:
+    # deepseek-ai/DeepSeek-V2-Lite's config.json: 27 layers (the first dense, intermediate 10944), hidden
+    # 2048, 16 heads, no q LoRA, kv_lora 512, qk_nope 128 + qk_rope 64, v 128; 64 routed experts of 1408,
+    # top-6, 2 shared, softmax, greedy (one group), no renormalisation, routed_scaling_factor 1;
+    # vocab 102400; YaRN 40 over 4096 with mscale = mscale_all_dim = 0.707; context 163840
+    cfg = _deepseek(27, 2048, 16, 64, 6, 1408, 102400, nope=128, rope=64, v=128, kv_lora=512, q_lora=0, n_dense=1,
+                    dense_ff=10944, shared=2, v3=False, yarn=(40.0, 4096, 0.707), context=163840)
+    return SynthSpec(cfg, dense_ff=10944, qtypes=dict(DEEPSEEK_Q4_K_M), down_exps_alternate=QT.Q5_0,
+                     seed=0, name="moesnap-deepseek-v2-lite")
+
+
+def _deepseek_v2_tiny() -> SynthSpec:
+    # V2 in small: no q LoRA, one dense layer, softmax routing limited to 1 of 2 groups (a group scores
+    # its best expert, so keeping the top n_group_used >= k groups would never bind), 2 shared experts,
+    # YaRN 4 over 256 with DeepSeek's mscale
+    cfg = _deepseek(3, 64, 4, 8, 2, 64, 272, nope=32, rope=32, v=32, kv_lora=64, q_lora=0, n_dense=1, dense_ff=128,
+                    shared=2, v3=False, n_group=2, n_group_used=1, routed_scale=1.5, yarn=(4.0, 256, 0.707), context=1024)
+    return SynthSpec(cfg, dense_ff=128, qtypes=_deepseek_qtypes(QT.Q8_0), seed=0, name="moesnap-deepseek-v2-tiny")
+
+
+def _deepseek_v3_tiny() -> SynthSpec:
+    # V3 in small: q LoRA, one dense layer, sigmoid scores + correction bias, 2 of 4 groups, renormalised
+    # weights times 2.5, one shared expert
+    cfg = _deepseek(3, 64, 4, 8, 2, 64, 272, nope=32, rope=32, v=32, kv_lora=64, q_lora=64, n_dense=1, dense_ff=128,
+                    shared=1, v3=True, n_group=4, n_group_used=2, routed_scale=2.5)
+    return SynthSpec(cfg, dense_ff=128, qtypes=_deepseek_qtypes(QT.Q8_0), seed=0, name="moesnap-deepseek-v3-tiny")
+
+
 PRESETS: dict[str, SynthSpec] = {"tiny": _tiny(), "qwen3-30b-a3b": _qwen3_30b_a3b(),
                                  "qwen3-235b-a22b": _qwen3_235b_a22b(), "gpt-oss-tiny": _gpt_oss_tiny(),
-                                 "gpt-oss-20b": _gpt_oss_20b()}
+                                 "gpt-oss-20b": _gpt_oss_20b(), "deepseek-v2-tiny": _deepseek_v2_tiny(),
+                                 "deepseek-v3-tiny": _deepseek_v3_tiny(), "deepseek-v2-lite": _deepseek_v2_lite()}
 
 
 def preset(name: str, *, layers: int | None = None, seed: int | None = None) -> SynthSpec:
@@ -505,11 +602,14 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec) -> None:
     w.add_expert_count(c.n_expert)
     w.add_expert_used_count(c.n_expert_used)
     w.add_head_count(c.n_head)
-    w.add_head_count_kv(c.n_head_kv)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
+    if c.arch != DEEPSEEK2:      # keys in the order the bundled files were written with
+        w.add_head_count_kv(c.n_head_kv)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
     w.add_layer_norm_rms_eps(c.rms_eps)
     w.add_rope_freq_base(c.rope_base)
+    if c.arch == DEEPSEEK2:
+        _add_deepseek(w, c)
     if c.arch == GPT_OSS:   # what convert_hf_to_gguf's GptOssModel adds; the rest is gpt-oss's constants
         w.add_sliding_window(c.sliding_window)
         w.add_rope_scaling_type(RopeScalingType.YARN)
@@ -528,12 +628,43 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec) -> None:
     w.add_add_eos_token(False)
 
 
+def _add_deepseek(w: GGUFWriter, c: Qwen3MoeConfig) -> None:
+    """What convert_hf_to_gguf's ``DeepseekV2Model`` writes: MLA as MQA over the latent (one kv head,
+    key length ``kv_lora + rope``, value length ``kv_lora``) and the real head sizes as ``*_mla``."""
+    w.add_head_count_kv(1)
+    w.add_key_length(c.kv_lora_rank + c.qk_rope_dim)
+    w.add_value_length(c.kv_lora_rank)
+    w.add_key_length_mla(c.head_dim)
+    w.add_value_length_mla(c.v_head_dim)
+    w.add_kv_lora_rank(c.kv_lora_rank)
+    if c.q_lora_rank:
+        w.add_q_lora_rank(c.q_lora_rank)
+    w.add_rope_dimension_count(c.qk_rope_dim)
+    w.add_leading_dense_block_count(c.n_dense_layers)
+    w.add_vocab_size(c.vocab_size)
+    w.add_expert_shared_count(c.n_shared_experts)
+    w.add_expert_weights_scale(c.routed_scale)
+    if c.topk_norm:
+        w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if c.gating == "sigmoid_grouped" else ExpertGatingFuncType.SOFTMAX)
+    if c.n_group > 1:
+        w.add_expert_group_count(c.n_group)
+        w.add_expert_group_used_count(c.n_group_used)
+    if c.rope_scaling == "yarn":
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(c.rope_factor)
+        w.add_rope_scaling_orig_ctx_len(c.rope_orig_context)
+        w.add_rope_scaling_yarn_log_mul(c.yarn_log_mul)
+
+
 def _scale(t: SynthTensor, spec: SynthSpec) -> float:
     """Standard deviation of a projection's values: 1/sqrt(fan_in); embeddings 1."""
     if t.kind == "token_embd":
         return 1.0
     if spec.config.ffn_act == "swiglu_oai" and t.kind in ("ffn_gate_exps", "ffn_up_exps"):
         return 3.0 / np.sqrt(t.shape[-1])   # gate and up of std 3: the clamp at 7 is reached
+    if t.kind == "attn_k_b":                # stored transposed: its fan-in (kv_lora) is the middle axis
+        return 1.0 / np.sqrt(t.shape[-2])
     return 1.0 / np.sqrt(t.shape[-1])
 
 
@@ -564,10 +695,10 @@ def _size(n: int) -> str:
 
 def estimated_size(spec: SynthSpec) -> int:
     """Bytes of tensor data ``spec`` makes, without building its plan (layers alternate types)."""
-    two = spec.with_(n_layer=2).tensors()
-    size = {k: sum(t.nbytes for t in two if t.layer == k) for k in (None, 0, 1)}
-    n = int(spec.config.n_layer)
-    return size[None] + size[0] * ((n + 1) // 2) + size[1] * (n // 2)
+    n, lead = int(spec.config.n_layer), spec.config.n_dense_layers   # leading dense layers, then pairs alike
+    sample = spec.with_(n_layer=min(n, lead + 2)).tensors()
+    size = {k: sum(t.nbytes for t in sample if t.layer == k) for k in (None, *range(min(n, lead + 2)))}
+    return size[None] + sum(size[i] if i < lead + 2 else size[lead + (i - lead) % 2] for i in range(n))
 
 
 def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = False, progress: bool = False) -> Path:

@@ -16,7 +16,7 @@ converter keeps every tensor not named ``.weight`` in float32).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
@@ -34,6 +34,15 @@ class Dims(NamedTuple):
     n_expert: int
     expert_ff: int
     vocab_size: int
+    # DeepSeek's multi-head latent attention, dense layers and shared experts (0 where a family has none)
+    n_head: int = 0
+    o_dim: int = 0       # heads x value width: attn_output's input
+    q_lora: int = 0
+    kv_lora: int = 0
+    rope_dim: int = 0
+    v_dim: int = 0
+    dense_ff: int = 0
+    shexp_ff: int = 0
 
 
 class TensorKind(NamedTuple):
@@ -45,6 +54,8 @@ class TensorKind(NamedTuple):
     stage: str
     f32: bool
     bias: bool = False
+    #: which files or layers hold it (:data:`WHEN`); "" everywhere
+    when: str = ""
 
     @property
     def name(self) -> str:
@@ -68,6 +79,11 @@ class TensorKind(NamedTuple):
         return shape[:-1] if self.bias else shape
 
 
+#: where a kind of :data:`DEEPSEEK2` is: ``q_lora`` / ``no_q_lora`` (the q LoRA or one q projection),
+#: ``kv_b`` / ``kv_split`` (one ``attn_kv_b`` or its split ``attn_k_b`` + ``attn_v_b``), ``dense`` / ``moe``
+#: (the leading dense layers or the MoE ones), ``probs_bias`` (the V3 score-correction bias, MoE layers)
+WHEN: tuple[str, ...] = ("", "q_lora", "no_q_lora", "kv_b", "kv_split", "dense", "moe", "probs_bias")
+
 _T = MODEL_TENSOR
 _SHAPES = {
     _T.TOKEN_EMBD: lambda d: (d.vocab_size, d.hidden),
@@ -77,7 +93,7 @@ _SHAPES = {
     _T.ATTN_Q: lambda d: (d.q_dim, d.hidden),
     _T.ATTN_K: lambda d: (d.kv_dim, d.hidden),
     _T.ATTN_V: lambda d: (d.kv_dim, d.hidden),
-    _T.ATTN_OUT: lambda d: (d.hidden, d.q_dim),
+    _T.ATTN_OUT: lambda d: (d.hidden, d.o_dim or d.q_dim),
     _T.ATTN_Q_NORM: lambda d: (d.head_dim,),
     _T.ATTN_K_NORM: lambda d: (d.head_dim,),
     _T.ATTN_SINKS: lambda d: (d.q_dim // d.head_dim,),
@@ -87,6 +103,22 @@ _SHAPES = {
     _T.FFN_GATE_EXP: lambda d: (d.n_expert, d.expert_ff, d.hidden),
     _T.FFN_UP_EXP: lambda d: (d.n_expert, d.expert_ff, d.hidden),
     _T.FFN_DOWN_EXP: lambda d: (d.n_expert, d.hidden, d.expert_ff),
+    # DeepSeek: attn_output reads heads x value width; q through a LoRA; the kv latent and its rope key
+    _T.ATTN_Q_A: lambda d: (d.q_lora, d.hidden),
+    _T.ATTN_Q_A_NORM: lambda d: (d.q_lora,),
+    _T.ATTN_Q_B: lambda d: (d.q_dim, d.q_lora),
+    _T.ATTN_KV_A_MQA: lambda d: (d.kv_lora + d.rope_dim, d.hidden),
+    _T.ATTN_KV_A_NORM: lambda d: (d.kv_lora,),
+    _T.ATTN_KV_B: lambda d: (d.n_head * (d.head_dim - d.rope_dim + d.v_dim), d.kv_lora),
+    _T.ATTN_K_B: lambda d: (d.n_head, d.kv_lora, d.head_dim - d.rope_dim),   # transposed by the converter
+    _T.ATTN_V_B: lambda d: (d.n_head, d.v_dim, d.kv_lora),
+    _T.FFN_GATE: lambda d: (d.dense_ff, d.hidden),
+    _T.FFN_UP: lambda d: (d.dense_ff, d.hidden),
+    _T.FFN_DOWN: lambda d: (d.hidden, d.dense_ff),
+    _T.FFN_GATE_SHEXP: lambda d: (d.shexp_ff, d.hidden),
+    _T.FFN_UP_SHEXP: lambda d: (d.shexp_ff, d.hidden),
+    _T.FFN_DOWN_SHEXP: lambda d: (d.hidden, d.shexp_ff),
+    _T.FFN_EXP_PROBS_B: lambda d: (d.n_expert, 1),   # only its ".bias" exists: [E]
 }
 
 
@@ -129,19 +161,29 @@ class TensorTable:
     def has(self, name: str) -> bool:
         return name in self.by_name
 
-    def expected_shapes(self, d: Dims, n_layer: int) -> dict[str, tuple[int, ...]]:
+    def in_layer(self, layer: int, where: frozenset[str] = frozenset()) -> tuple[str, ...]:
+        """The per-layer kinds layer ``layer`` holds: those found everywhere and those whose
+        :attr:`TensorKind.when` is in ``where`` (what a config says of that layer:
+        :meth:`~moesnap.model.config.ModelConfig.layer_where`)."""
+        return tuple(k.name for k in self.kinds if k.per_layer and (not k.when or k.when in where))
+
+    def expected_shapes(self, d: Dims, n_layer: int,
+                        where: Callable[[int], frozenset[str]] | None = None) -> dict[str, tuple[int, ...]]:
         """Numpy shape of every tensor of a file, by GGUF name without ``.weight``: the whole-model
-        tensors, then layer by layer."""
+        tensors, then layer by layer (``where(layer)``: which conditional kinds the layer holds)."""
         kinds = self.by_name
         out = {kinds[n].gguf_name(): kinds[n].shape(d) for n in self.global_tensors}
         for layer in range(n_layer):
-            out.update({kinds[n].gguf_name(layer): kinds[n].shape(d) for n in self.layer_tensors})
+            names = self.in_layer(layer, where(layer) if where else frozenset())
+            out.update({kinds[n].gguf_name(layer): kinds[n].shape(d) for n in names})
         return out
 
 
-def _table(arch: MODEL_ARCH, rows: list[tuple[MODEL_TENSOR, str, bool, bool]]) -> TensorTable:
-    assert {t for t, _, _, _ in rows} == set(MODEL_TENSORS[arch]), f"gguf-py's {arch.name} tensors changed"
-    return TensorTable(MODEL_ARCH_NAMES[arch], tuple(TensorKind(t, s, f, b) for t, s, f, b in rows))
+def _table(arch: MODEL_ARCH, rows: list[tuple], unused: tuple[MODEL_TENSOR, ...] = ()) -> TensorTable:
+    """``rows``: (tensor, stage, f32, bias[, when]); ``unused``: gguf-py's tensors of ``arch`` that
+    converted files of the family do not hold."""
+    assert {r[0] for r in rows} | set(unused) == set(MODEL_TENSORS[arch]), f"gguf-py's {arch.name} tensors changed"
+    return TensorTable(MODEL_ARCH_NAMES[arch], tuple(TensorKind(*r) for r in rows))
 
 
 QWEN3MOE = _table(MODEL_ARCH.QWEN3MOE, [
@@ -189,8 +231,43 @@ GPT_OSS = _table(MODEL_ARCH.GPT_OSS, [
     (_T.OUTPUT, "logits", False, False),
 ])
 
+# DeepSeek-V2/V3: multi-head latent attention (q through the LoRA ``attn_q_a`` -> ``attn_q_a_norm`` ->
+# ``attn_q_b`` where the model has one, else ``attn_q``; ``attn_kv_a_mqa`` -> the compressed kv and the
+# rope key; ``attn_kv_a_norm``; ``attn_kv_b`` or its split ``attn_k_b``/``attn_v_b``); leading dense
+# layers (``ffn_gate``/``ffn_up``/``ffn_down``); in the MoE layers shared experts (``*_shexp``) and, in
+# V3, the score-correction bias ``exp_probs_b.bias``.  gguf-py also lists ``rope_freqs``, ``attn_k``,
+# ``attn_v`` and ``attn_rot_embd`` for the architecture; no converted DeepSeek file holds them.
+DEEPSEEK2 = _table(MODEL_ARCH.DEEPSEEK2, [
+    (_T.TOKEN_EMBD, "embed", False, False),
+    (_T.ATTN_NORM, "attn_norm", True, False),
+    (_T.ATTN_Q, "q", False, False, "no_q_lora"),
+    (_T.ATTN_Q_A, "q_latent", False, False, "q_lora"),
+    (_T.ATTN_Q_A_NORM, "q_latent_norm", True, False, "q_lora"),
+    (_T.ATTN_Q_B, "q", False, False, "q_lora"),
+    (_T.ATTN_KV_A_MQA, "kv_latent", False, False),
+    (_T.ATTN_KV_A_NORM, "kv_latent_norm", True, False),
+    (_T.ATTN_KV_B, "k", False, False, "kv_b"),
+    (_T.ATTN_K_B, "k", False, False, "kv_split"),
+    (_T.ATTN_V_B, "v", False, False, "kv_split"),
+    (_T.ATTN_OUT, "attn_out", False, False),
+    (_T.FFN_NORM, "ffn_norm", True, False),
+    (_T.FFN_GATE, "dense_ffn_out", False, False, "dense"),
+    (_T.FFN_UP, "dense_ffn_out", False, False, "dense"),
+    (_T.FFN_DOWN, "dense_ffn_out", False, False, "dense"),
+    (_T.FFN_GATE_INP, "router_logits", True, False, "moe"),
+    (_T.FFN_EXP_PROBS_B, "router_select", True, True, "probs_bias"),
+    (_T.FFN_GATE_EXP, "expert_out", False, False, "moe"),
+    (_T.FFN_UP_EXP, "expert_out", False, False, "moe"),
+    (_T.FFN_DOWN_EXP, "expert_out", False, False, "moe"),
+    (_T.FFN_GATE_SHEXP, "shared_expert_out", False, False, "moe"),
+    (_T.FFN_UP_SHEXP, "shared_expert_out", False, False, "moe"),
+    (_T.FFN_DOWN_SHEXP, "shared_expert_out", False, False, "moe"),
+    (_T.OUTPUT_NORM, "final_norm", True, False),
+    (_T.OUTPUT, "logits", False, False),
+], unused=(_T.ROPE_FREQS, _T.ATTN_K, _T.ATTN_V, _T.ATTN_ROT_EMBD))
+
 #: every architecture moesnap reads, by gguf-py's name
-TABLES: dict[str, TensorTable] = {t.arch: t for t in (QWEN3MOE, GPT_OSS)}
+TABLES: dict[str, TensorTable] = {t.arch: t for t in (QWEN3MOE, GPT_OSS, DEEPSEEK2)}
 
 
 def table(arch: str) -> TensorTable:

@@ -53,21 +53,33 @@ class LayerWeights:
 
     index: int
     attn_norm: torch.Tensor     # [H]
-    wq: torch.Tensor            # [Hq*D, H]
-    wk: torch.Tensor            # [Hkv*D, H]
-    wv: torch.Tensor            # [Hkv*D, H]
-    wo: torch.Tensor            # [H, Hq*D]
+    wq: torch.Tensor | None     # [Hq*D, H]  (None: DeepSeek's q LoRA instead)
+    wk: torch.Tensor | None     # [Hkv*D, H] (None under MLA)
+    wv: torch.Tensor | None     # [Hkv*D, H] (None under MLA)
+    wo: torch.Tensor            # [H, Hq*D]  (MLA: [H, Hq*Dv])
     q_norm: torch.Tensor | None  # [D]
     k_norm: torch.Tensor | None  # [D]
     ffn_norm: torch.Tensor      # [H]  (gpt-oss: post_attention_norm)
-    router: torch.Tensor        # [E, H]
-    experts: "ExpertBank"
+    router: torch.Tensor | None  # [E, H] (None in a dense layer)
+    experts: "ExpertBank | None"
     bq: torch.Tensor | None = None            # [Hq*D]
     bk: torch.Tensor | None = None            # [Hkv*D]
     bv: torch.Tensor | None = None            # [Hkv*D]
     bo: torch.Tensor | None = None            # [H]
     sinks: torch.Tensor | None = None         # [Hq]  one learned logit per query head
     router_bias: torch.Tensor | None = None   # [E]
+    # DeepSeek-V2/V3 (multi-head latent attention, dense layers, shared experts, V3's correction bias)
+    wq_a: torch.Tensor | None = None          # [Rq, H]
+    q_a_norm: torch.Tensor | None = None      # [Rq]
+    wq_b: torch.Tensor | None = None          # [Hq*D, Rq]
+    wkv_a: torch.Tensor | None = None         # [Rkv + Dr, H]
+    kv_a_norm: torch.Tensor | None = None     # [Rkv]
+    wkv_b: torch.Tensor | None = None         # [Hq*(Dn + Dv), Rkv]: per head its Dn key rows, then Dv value rows
+    ffn_gate: torch.Tensor | None = None      # [F_dense, H]
+    ffn_up: torch.Tensor | None = None        # [F_dense, H]
+    ffn_down: torch.Tensor | None = None      # [H, F_dense]
+    shexp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # gate, up [F_sh, H]; down [H, F_sh]
+    probs_bias: torch.Tensor | None = None    # [E] added to the scores for the selection only
 
 
 def file_bytes(arr: np.ndarray) -> torch.Tensor:
@@ -168,31 +180,49 @@ class ModelWeights(ABC):
 
     def layer(self, i: int, dtype: torch.dtype = torch.float32) -> LayerWeights:
         cfg, p = self.config, f"blk.{i}."
-        has = table(cfg.arch).has
+        held = set(table(cfg.arch).in_layer(i, cfg.layer_where(i)))
 
         def opt(name: str) -> torch.Tensor | None:
-            return self.dense(p + name, dtype) if has(name) else None
+            return self.dense(p + name, dtype) if name in held else None
 
+        moe = "ffn_gate_inp" in held
         return LayerWeights(
             index=i,
             attn_norm=self.dense(p + "attn_norm", dtype),
-            wq=self.dense(p + "attn_q", dtype),
-            wk=self.dense(p + "attn_k", dtype),
-            wv=self.dense(p + "attn_v", dtype),
+            wq=opt("attn_q"), wk=opt("attn_k"), wv=opt("attn_v"),
             wo=self.dense(p + "attn_output", dtype),
             q_norm=opt("attn_q_norm"),
             k_norm=opt("attn_k_norm"),
-            ffn_norm=self.dense(p + ("ffn_norm" if has("ffn_norm") else "post_attention_norm"), dtype),
-            router=self.dense(p + "ffn_gate_inp", dtype),
-            experts=ExpertBank(self, i, dtype),
+            ffn_norm=self.dense(p + ("ffn_norm" if "ffn_norm" in held else "post_attention_norm"), dtype),
+            router=opt("ffn_gate_inp"),
+            experts=ExpertBank(self, i, dtype) if moe else None,
             bq=opt("attn_q.bias"), bk=opt("attn_k.bias"), bv=opt("attn_v.bias"), bo=opt("attn_output.bias"),
             sinks=opt("attn_sinks"),
             router_bias=opt("ffn_gate_inp.bias"),
+            wq_a=opt("attn_q_a"), q_a_norm=opt("attn_q_a_norm"), wq_b=opt("attn_q_b"),
+            wkv_a=opt("attn_kv_a_mqa"), kv_a_norm=opt("attn_kv_a_norm"), wkv_b=self._kv_b(i, held, dtype),
+            ffn_gate=opt("ffn_gate"), ffn_up=opt("ffn_up"), ffn_down=opt("ffn_down"),
+            shexp=(self.dense(p + "ffn_gate_shexp", dtype), self.dense(p + "ffn_up_shexp", dtype),
+                   self.dense(p + "ffn_down_shexp", dtype)) if "ffn_gate_shexp" in held and cfg.n_shared_experts else None,
+            probs_bias=opt("exp_probs_b.bias"),
         )
+
+    def _kv_b(self, i: int, held: set[str], dtype: torch.dtype) -> torch.Tensor | None:
+        """DeepSeek's ``kv_b`` as transformers' ``kv_b_proj.weight`` ``[Hq*(Dn+Dv), Rkv]``: the file's
+        ``attn_kv_b``, or its split ``attn_k_b`` ``[Hq, Rkv, Dn]`` (transposed by the converter) and
+        ``attn_v_b`` ``[Hq, Dv, Rkv]`` put back together."""
+        p = f"blk.{i}."
+        if "attn_kv_b" in held:
+            return self.dense(p + "attn_kv_b", dtype)
+        if "attn_k_b" not in held:
+            return None
+        k_b = self.dense(p + "attn_k_b", dtype).transpose(1, 2)       # [Hq, Dn, Rkv]
+        v_b = self.dense(p + "attn_v_b", dtype)                       # [Hq, Dv, Rkv]
+        return torch.cat([k_b, v_b], dim=1).reshape(-1, k_b.shape[-1]).contiguous()  # [Hq*(Dn+Dv), Rkv]
 
     def release_layer(self, i: int) -> None:
         """Drop layer ``i``'s mapped pages from this process, so resident memory does not grow with depth."""
-        for name in table(self.config.arch).layer_tensors:
+        for name in table(self.config.arch).in_layer(i, self.config.layer_where(i)):
             self.release_tensor(f"blk.{i}.{name}")
 
     def check_tokens(self, tokens: Any) -> None:
@@ -224,7 +254,8 @@ class GGUFModel(ModelWeights):
         if self.config.n_layer > len(layers):
             raise ModelFileError(f"{gf.path}: metadata key '{self.config.arch}.block_count' = {self.config.n_layer}, "
                                  f"but the file holds tensors of {len(layers)} layers")
-        for name, shape in table(self.config.arch).expected_shapes(self.config.dims, self.config.n_layer).items():
+        cfg = self.config
+        for name, shape in table(cfg.arch).expected_shapes(cfg.dims, cfg.n_layer, cfg.layer_where).items():
             t = gf.tensor(name)
             got = tuple(int(d) for d in reversed(t.shape.tolist()))
             if got != shape:

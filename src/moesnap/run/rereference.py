@@ -152,6 +152,7 @@ def _follow_rounding(w: LayerWeights, fn: torch.Tensor, ids: torch.Tensor, eo: t
     for t, slot in diff.nonzero().tolist():
         e = int(ids[t, slot])
         if e not in experts:
+            assert w.experts is not None   # local re-reference refuses families with dense layers
             experts[e] = w.experts.expert(e)
         gate, up, down = experts[e]
         x = fn[t:t + 1]
@@ -176,6 +177,7 @@ def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.
            rounded: list | None = None) -> None:
     """Every stage of layer ``i`` from the engine's own value of the stage before it (module docstring)."""
     T, D, p = x.shape[0], cfg.head_dim, f"blk.{i}."
+    assert w.wq is not None and w.wk is not None and w.wv is not None and w.router is not None   # Qwen3-MoE's
     own = RMSNorm(w.attn_norm, cfg.rms_eps)(x)                                  # [T, H]
     rec.save("attn_norm", i, own)
     a = eng.or_own("attn_norm", own)
