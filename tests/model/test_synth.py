@@ -328,3 +328,15 @@ def test_spec_is_frozen_and_normalises_qtypes():
     same = spec.with_(qtypes={k: int(v) for k, v in spec.qtypes.items()})
     assert same == spec and all(isinstance(v, QT) for v in same.qtypes.values())
     assert isinstance(spec, SynthSpec)
+
+
+@pytest.mark.parametrize("name", sorted(synth.PRESETS))
+def test_estimated_size_is_the_plan_s_bytes_and_counts_layers_without_looping(name):
+    # `model make` refuses a file larger than the disk before writing: its size is counted from two sample
+    # layers (families alternate layer kinds; DeepSeek leads with dense layers), never by walking every layer
+    spec = synth.preset(name)
+    for n in (1, 2, 3, 4, 5, 8):
+        s = spec.with_(n_layer=n)
+        assert synth.estimated_size(s) == sum(t.nbytes for t in s.tensors()), n
+    huge = synth.estimated_size(spec.with_(n_layer=10**12))       # instant: 10^12 layers are not visited
+    assert huge > 10**12

@@ -697,8 +697,10 @@ def estimated_size(spec: SynthSpec) -> int:
     """Bytes of tensor data ``spec`` makes, without building its plan (layers alternate types)."""
     n, lead = int(spec.config.n_layer), spec.config.n_dense_layers   # leading dense layers, then pairs alike
     sample = spec.with_(n_layer=min(n, lead + 2)).tensors()
-    size = {k: sum(t.nbytes for t in sample if t.layer == k) for k in (None, *range(min(n, lead + 2)))}
-    return size[None] + sum(size[i] if i < lead + 2 else size[lead + (i - lead) % 2] for i in range(n))
+    m = min(n, lead + 2)
+    size = {k: sum(t.nbytes for t in sample if t.layer == k) for k in (None, *range(m))}
+    rest = n - m        # layer i >= lead + 2 is like layer lead + (i - lead) % 2: counted, not looped over
+    return size[None] + sum(size[i] for i in range(m)) + (rest + 1) // 2 * size.get(lead, 0) + rest // 2 * size.get(lead + 1, 0)
 
 
 def make_model(out: str | os.PathLike[str], spec: SynthSpec, *, force: bool = False, progress: bool = False) -> Path:
