@@ -24,6 +24,7 @@ from typing import Any, Callable
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from .config import FAMILIES, LLAMA, OLMOE, QWEN2MOE, ModelConfig
+from .tensors import table
 
 QT = GGMLQuantizationType
 #: the families this module writes
@@ -89,9 +90,9 @@ def _olmoe(n_layer: int, hidden: int, n_head: int, n_expert: int, n_used: int, e
 
 
 def _all(arch: str, base: GGMLQuantizationType, **over: GGMLQuantizationType) -> dict[str, GGMLQuantizationType]:
-    from .synth import qtype_kinds
-
-    return {**{k: base for k in qtype_kinds(arch)}, **over}
+    """``base`` for every kind of ``arch`` a spec chooses a type for (those not F32 in real files), then ``over``."""
+    tab = table(arch)
+    return {**{k: base for k in tab.by_name if k not in tab.f32_tensors}, **over}
 
 
 def presets(spec_cls: Any) -> dict[str, Any]:
