@@ -39,7 +39,7 @@ TYPED = [f"src/moesnap/{m}" for m in (
     "gguf/__init__.py", "gguf/reader.py", "gguf/tokenizer.py", "gguf/hf_tokenizer.py", "gguf/pretokenizers.py",
     "gguf/quants_torch.py",
     "model/__init__.py", "model/config.py", "model/tensors.py", "model/recorder.py", "model/weights.py",
-    "model/inject.py", "model/synth.py", "model/ggml.py", "model/candidate.py", "model/reference.py",
+    "model/inject.py", "model/synth.py", "model/synth_families.py", "model/ggml.py", "model/candidate.py", "model/reference.py",
     "model/checkpoint.py", "model/load.py", "_version.py",
     "store/__init__.py", "store/base.py", "store/case.py", "store/memory.py", "store/zarr.py", "store/local.py",
     "store/s3.py", "store/open.py",

@@ -74,7 +74,7 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
                          "more than the file holds"),
     "truncated data": (lambda t, m: _copy_of_tiny(t, m, "cut.gguf", lambda d: d[: len(d) // 2]),
                        "more than the file holds"),
-    "other architecture": (lambda t, m: write_gguf(t / "llama.gguf", arch="llama"), "architecture is 'llama'"),
+    "other architecture": (lambda t, m: write_gguf(t / "phimoe.gguf", arch="phimoe"), "architecture is 'phimoe'"),
     "missing key": (lambda t, m: write_gguf(t / "nokey.gguf", drop_keys=("qwen3moe.rope.freq_base",)),
                     "missing metadata key 'qwen3moe.rope.freq_base'"),
     "block_count an array of 100k": (lambda t, m: _array_key(t / "arr.gguf"), "'qwen3moe.block_count' = [0, 0, 0, 0, 0, 0, ...] must be a positive integer"),

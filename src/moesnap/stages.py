@@ -52,22 +52,28 @@ LAYER_STAGES: tuple[str, ...] = (
     "topk_ids",      # [T, k] int32 selected experts, by descending weight
     "topk_weights",  # [T, k]       renormalised weights, same order as ids
     "expert_out",    # [T, k, H]    each selected expert's unweighted output
-    "shared_expert_out",  # [T, H]  DeepSeek: the shared experts' output
-    "moe_out",       # [T, H]       weighted sum of expert outputs (DeepSeek: plus shared_expert_out)
+    "shared_expert_out",  # [T, H]  DeepSeek, Qwen2-MoE: the shared experts' output (before Qwen2-MoE's gate)
+    "shared_gate",   # [T, 1]       Qwen2-MoE: the shared expert's gate logit (ffn_gate_inp_shexp · x)
+    "moe_out",       # [T, H]       weighted sum of expert outputs (plus the shared experts', gated in Qwen2-MoE)
     "layer_out",     # [T, H]       attn_resid + moe_out
 )
 
 _MLA = ("q_latent", "q_latent_norm", "kv_latent", "kv_latent_norm")
 _DEEPSEEK_ONLY = (*_MLA, "dense_ffn_out", "router_select", "shared_expert_out")
-_QWEN3MOE = tuple(s for s in LAYER_STAGES if s not in _DEEPSEEK_ONLY)
+_QWEN3MOE = tuple(s for s in LAYER_STAGES if s not in (*_DEEPSEEK_ONLY, "shared_gate"))
+_NO_QK_NORM = tuple(s for s in _QWEN3MOE if s not in ("q_norm", "k_norm"))
 
 # The layer stages of each family (gguf-py's architecture name), in LAYER_STAGES order: every stage
 # some layer of some model of the family has (DeepSeek: V2-Lite has no q LoRA, so no ``q_latent``;
 # dense layers no router: :func:`stages_of_layer` says which a given layer has).
 FAMILY_STAGES: dict[str, tuple[str, ...]] = {
     "qwen3moe": _QWEN3MOE,
-    "gpt-oss": tuple(s for s in _QWEN3MOE if s not in ("q_norm", "k_norm")),
-    "deepseek2": tuple(s for s in LAYER_STAGES if s not in ("q_norm", "k_norm")),
+    "gpt-oss": _NO_QK_NORM,
+    "deepseek2": tuple(s for s in LAYER_STAGES if s not in ("q_norm", "k_norm", "shared_gate")),
+    # Qwen2-MoE: no q/k norm; its shared expert and the shared expert's gate, both in moe_out
+    "qwen2moe": tuple(s for s in LAYER_STAGES if s in _NO_QK_NORM or s in ("shared_expert_out", "shared_gate")),
+    "llama": _NO_QK_NORM,      # Mixtral
+    "olmoe": _QWEN3MOE,        # its q_norm/k_norm normalise the whole projection: the same [T, heads, D] values
 }
 # the family of a golden or dump that does not say (those written before families existed)
 DEFAULT_FAMILY = "qwen3moe"
@@ -75,7 +81,8 @@ assert all(set(v) <= set(LAYER_STAGES) for v in FAMILY_STAGES.values())
 
 #: the stages of the router and the experts, which a dense layer (DeepSeek's leading ones) lacks
 MOE_STAGES: frozenset[str] = frozenset(
-    {"router_logits", "router_select", "topk_ids", "topk_weights", "expert_out", "shared_expert_out", "moe_out"})
+    {"router_logits", "router_select", "topk_ids", "topk_weights", "expert_out", "shared_expert_out", "shared_gate",
+     "moe_out"})
 #: the stages only a dense layer has
 DENSE_STAGES: frozenset[str] = frozenset({"dense_ffn_out"})
 
@@ -88,7 +95,8 @@ DENSE_STAGES: frozenset[str] = frozenset({"dense_ffn_out"})
 #: to the last group kept, so a flip into a dropped group is a near tie only when the group scores
 #: and the expert scores both nearly tie (the two gaps together within ``tie_tol``).
 ROUTING_SCORES: dict[str, str] = {"qwen3moe": "router_logits", "gpt-oss": "router_logits",
-                                  "deepseek2": "router_select"}
+                                  "deepseek2": "router_select", "qwen2moe": "router_logits",
+                                  "llama": "router_logits", "olmoe": "router_logits"}
 assert set(ROUTING_SCORES) == set(FAMILY_STAGES)
 
 
@@ -121,7 +129,7 @@ CHECK_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 # Stages whose value depends on the routing decision of their layer.
 POST_ROUTING_STAGES: frozenset[str] = frozenset(
     {"topk_ids", "topk_weights", "expert_out", "moe_out", "layer_out"}
-)   # shared_expert_out is not: the shared experts see every token whatever its routing
+)   # shared_expert_out and shared_gate are not: the shared experts see every token whatever its routing
 
 ALL_STAGES: tuple[str, ...] = MODEL_STAGES + LAYER_STAGES
 
@@ -144,6 +152,8 @@ ALIASES: dict[str, str] = {
     "ffn_moe_weights_norm": "topk_weights",
     "ffn_moe_down": "expert_out",
     "ffn_moe_out": "moe_out",
+    "ffn_shexp": "shared_expert_out",        # before Qwen2-MoE's gate ("ffn_shexp_out": after it)
+    "ffn_shexp_gate_inp": "shared_gate",
     "l_out": "layer_out",
     "result_norm": "final_norm",
     "result_output": "logits",

@@ -37,10 +37,15 @@ def judge(golden: Case, cand: Case):
 def test_gpt_oss_has_no_qk_norm_stages_and_every_other_one():
     assert set(FAMILY_STAGES["qwen3moe"]) - set(FAMILY_STAGES["gpt-oss"]) == set(NORMS)
     # Qwen3-MoE's stages are the schema's less DeepSeek's own, in the schema's order
-    deepseek_only = {"q_latent", "q_latent_norm", "kv_latent", "kv_latent_norm", "dense_ffn_out", "router_select",
-                     "shared_expert_out"}
-    assert FAMILY_STAGES["qwen3moe"] == tuple(s for s in LAYER_STAGES if s not in deepseek_only)
-    assert set(LAYER_STAGES) - set(FAMILY_STAGES["deepseek2"]) == set(NORMS)
+    deepseek_only = {"q_latent", "q_latent_norm", "kv_latent", "kv_latent_norm", "dense_ffn_out", "router_select"}
+    shared = {"shared_expert_out", "shared_gate"}
+    assert FAMILY_STAGES["qwen3moe"] == tuple(s for s in LAYER_STAGES if s not in deepseek_only | shared)
+    assert set(LAYER_STAGES) - set(FAMILY_STAGES["deepseek2"]) == {*NORMS, "shared_gate"}
+    # Qwen2-MoE: gpt-oss's stages and its gated shared expert; Mixtral: gpt-oss's; OLMoE: Qwen3-MoE's
+    assert set(FAMILY_STAGES["qwen2moe"]) == set(FAMILY_STAGES["gpt-oss"]) | shared
+    assert FAMILY_STAGES["llama"] == FAMILY_STAGES["gpt-oss"] and FAMILY_STAGES["olmoe"] == FAMILY_STAGES["qwen3moe"]
+    for family in FAMILY_STAGES.values():     # in the schema's order
+        assert list(family) == sorted(family, key=LAYER_STAGES.index)
 
 
 def test_a_stage_the_family_lacks_is_not_missing_nor_claimed(golden):
@@ -79,7 +84,7 @@ def test_a_golden_of_one_family_never_judges_another(golden):
         judge(of_family(golden, None), of_family(golden, "gpt-oss", NORMS))
 
 
-@pytest.mark.parametrize("arch", ["llama", 7, None])
+@pytest.mark.parametrize("arch", ["mamba", 7, None])
 def test_an_unknown_family_is_refused_in_one_line(golden, arch):
     g = copy.deepcopy(golden)
     g.attrs["model"] = {"config": {"arch": arch}}

@@ -149,9 +149,10 @@ def test_yarn_frequencies_and_attention_factor():
 
 
 def test_an_unknown_architecture_names_every_family(tmp_path):
-    with pytest.raises(ModelFileError, match="architecture is 'llama', moesnap supports 'qwen3moe'") as e:
-        ModelConfig.from_gguf(open_gguf(write_gguf(tmp_path / "l.gguf", arch="llama")))
-    assert "'gpt-oss' (gpt-oss)" in str(e.value) and set(FAMILIES) == {"qwen3moe", "gpt-oss", "deepseek2"}
+    with pytest.raises(ModelFileError, match="architecture is 'phimoe', moesnap supports 'qwen3moe'") as e:
+        ModelConfig.from_gguf(open_gguf(write_gguf(tmp_path / "l.gguf", arch="phimoe")))
+    assert "'gpt-oss' (gpt-oss)" in str(e.value) and "'llama' (Mixtral)" in str(e.value)
+    assert set(FAMILIES) == {"qwen3moe", "gpt-oss", "deepseek2", "qwen2moe", "llama", "olmoe"}
 
 
 @pytest.mark.parametrize("keys, message", [

@@ -66,9 +66,9 @@ def test_absurd_headers(capsys, tmp_path, kw, needle):
 
 
 def test_other_architecture(capsys, tmp_path):
-    p = write_gguf(tmp_path / "llama.gguf", arch="llama")
+    p = write_gguf(tmp_path / "phimoe.gguf", arch="phimoe")
     code, _, err = trace(capsys, tmp_path, p)
-    assert_one_line_error(code, err, str(p), "'llama'", "qwen3moe")
+    assert_one_line_error(code, err, str(p), "'phimoe'", "qwen3moe")
 
 
 @pytest.mark.parametrize("key", [

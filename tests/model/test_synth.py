@@ -191,7 +191,8 @@ def test_random_blocks_reject_bad_arguments():
 
 def test_presets():
     assert set(PRESETS) == {"tiny", "qwen3-30b-a3b", "qwen3-235b-a22b", "gpt-oss-tiny", "gpt-oss-20b",
-                            "deepseek-v2-tiny", "deepseek-v3-tiny", "deepseek-v2-lite"}
+                            "deepseek-v2-tiny", "deepseek-v3-tiny", "deepseek-v2-lite", "qwen2-moe-tiny",
+                            "qwen1.5-moe-a2.7b", "mixtral-tiny", "mixtral-8x7b", "olmoe-tiny", "olmoe-1b-7b"}
     assert preset("tiny") == PRESETS["tiny"]
     assert preset("tiny", layers=7).n_layer == 7
     assert preset("qwen3-30b-a3b", seed=3).seed == 3

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="make: write a synthetic model file")
     mk = msub.add_parser("make", help="write a synthetic qwen3moe GGUF")
     mk.add_argument("out", help="the GGUF file to write")
-    mk.add_argument("--preset", required=True, help="tiny | qwen3-30b-a3b | qwen3-235b-a22b (the real models' shapes, a Q4_K_M quant mix) | gpt-oss-tiny | gpt-oss-20b (MXFP4 experts, Q8_0 elsewhere) | deepseek-v2-tiny | deepseek-v3-tiny | deepseek-v2-lite")
+    mk.add_argument("--preset", required=True, help="tiny | qwen3-30b-a3b | qwen3-235b-a22b (the real models' shapes, a Q4_K_M quant mix) | gpt-oss-tiny | gpt-oss-20b (MXFP4 experts, Q8_0 elsewhere) | deepseek-v2-tiny | deepseek-v3-tiny | deepseek-v2-lite | qwen2-moe-tiny | qwen1.5-moe-a2.7b | mixtral-tiny | mixtral-8x7b | olmoe-tiny | olmoe-1b-7b")
     mk.add_argument("--layers", type=int, metavar="N", help="number of layers (default: the preset's)")
     mk.add_argument("--seed", type=int, metavar="S", help="random seed of the weights (default: the preset's)")
     mk.add_argument("--force", action="store_true", help="overwrite an existing file")

@@ -37,6 +37,8 @@ CODE = {
     # DeepSeek's
     "q_latent": "ql", "q_latent_norm": "qa", "kv_latent": "kl", "kv_latent_norm": "ka", "dense_ffn_out": "df",
     "router_select": "rs", "shared_expert_out": "se",
+    # Qwen2-MoE's
+    "shared_gate": "sg",
 }
 assert set(CODE) == set(LAYER_STAGES)
 LEGEND = (". MATCH  ~ ROUTING_TIE  D DIVERGE  N NAN_CANDIDATE  G NAN_GOLDEN  B NAN_BOTH  "

@@ -12,8 +12,11 @@ Qwen3-MoE's values, so a config built for Qwen3-MoE reads as before:
   ``expert_ff``, ``vocab_size``, ``rope_base``, ``rms_eps``, ``context_length``: the shapes and
   constants every family has.
 * ``arch``: gguf-py's architecture name (``MODEL_ARCH_NAMES``): ``"qwen3moe"``, ``"gpt-oss"``.
-* ``qk_norm``: per-head RMSNorm of q and k before RoPE (the ``q_norm``/``k_norm`` stages exist).
-* ``attn_bias``: q/k/v/o projections carry biases.
+* ``qk_norm``: RMSNorm of q and k before RoPE (the ``q_norm``/``k_norm`` stages exist): per head,
+  over ``head_dim`` (Qwen3-MoE), or with ``qk_norm_whole`` over the whole projection, every head at
+  once (OLMoE: ``attn_q_norm`` has ``n_head * head_dim`` weights).
+* ``attn_bias``: the attention projections carry biases (gpt-oss: q/k/v/o; Qwen2-MoE: q/k/v; the
+  tensor table says which).
 * ``attn_sinks``: a learned per-head logit joins each softmax's denominator and is dropped after.
 * ``sliding_window`` (0: none) and ``swa_pattern``: layer ``i`` attends to the last
   ``sliding_window`` positions only when ``swa_pattern`` and ``i % swa_pattern < swa_pattern - 1``
@@ -27,8 +30,9 @@ Qwen3-MoE's values, so a config built for Qwen3-MoE reads as before:
   false``, which the reference follows (llama.cpp then differs from it at every position > 0).
 * ``router_bias``: the router adds a bias to its logits.
 * ``expert_bias``: each expert's gate, up and down projections add a bias.
-* ``gating``: ``"softmax_topk_renorm"`` (Qwen3: softmax over all experts, top-k, the k weights
-  renormalised) or ``"topk_softmax"`` (gpt-oss: top-k of the logits, softmax over the k selected).
+* ``gating``: ``"softmax_topk_renorm"`` (Qwen3, Mixtral: softmax over all experts, top-k, the k
+  weights renormalised), ``"softmax_topk"`` (Qwen2-MoE, OLMoE: the same without renormalising, their
+  ``norm_topk_prob: false``, which llama.cpp hard-codes for both) or ``"topk_softmax"`` (gpt-oss: top-k of the logits, softmax over the k selected).
 * ``ffn_act``: ``"swiglu"`` (``silu(gate) * up``) or ``"swiglu_oai"`` (gpt-oss: gate clamped above at
   ``swiglu_limit``, up clamped to ``±swiglu_limit``, ``(up + 1) * gate * sigmoid(swiglu_alpha * gate)``).
 
@@ -63,6 +67,27 @@ DeepSeek-V2/V3 (gguf-py's ``deepseek2``, which llama.cpp uses for both):
   ``mscale``, and every DeepSeek release has ``mscale == mscale_all_dim``, so that factor is 1, as
   llama.cpp takes it.  DeepSeek's config has no ``truncate``: transformers truncates, as llama.cpp.
 
+Qwen2-MoE (``qwen2moe``): q/k/v biases, no q/k norm, ``softmax_topk`` gating and one shared expert
+of width ``shared_expert_ff`` (``expert_shared_feed_forward_length``) whose output is scaled per token
+by ``sigmoid(ffn_gate_inp_shexp · x)`` (``shared_expert_gate``) before it joins the routed mixture.
+
+Mixtral (``llama`` with ``ffn_*_exps``): no q/k norm, no biases, ``softmax_topk_renorm``; the experts'
+width is ``feed_forward_length`` (llama.cpp reads no expert key for ``llama``).  RoPE is
+``rope_interleaved``: convert_hf_to_gguf permutes the rows of ``q_proj``/``k_proj`` of every ``llama``
+model back to Meta's layout, in which llama.cpp turns adjacent pairs (its ``NORM`` mode); transformers
+turns halves (NeoX) of the un-permuted rows.  The two agree on every attention score (the same
+permutation of each head's dimensions on q and k), so the reference turns pairs of the file's rows,
+and its ``q``/``k``/``q_rope``/``k_rope`` are in the file's row order (llama.cpp's), which
+transformers' equal after the converter's permutation.
+
+OLMoE (``olmoe``): q/k RMSNorm over the whole projection (``qk_norm_whole``), ``softmax_topk`` gating;
+the experts' width is ``feed_forward_length``, as for ``llama``.
+
+These three files carry ``attention.key_length`` only where the checkpoint's config.json names a
+``head_dim``; without it a head is ``embedding_length / head_count`` wide (llama.cpp's rule).
+``rope.dimension_count``, where present, must be the head width (no partial RoPE), and a file with
+RoPE scaling is refused.
+
 Keys a DeepSeek file may leave out mean what llama.cpp's loader makes of them: no ``q_lora_rank``:
 no q LoRA; no ``expert_gating_func``: softmax (files older than V3); no ``expert_weights_norm``:
 false, no ``expert_weights_scale``: 1; no group keys: no groups (the converter writes these only
@@ -86,9 +111,12 @@ from ..gguf.reader import GGUFFile
 QWEN3MOE = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3MOE]  # "qwen3moe"
 GPT_OSS = MODEL_ARCH_NAMES[MODEL_ARCH.GPT_OSS]    # "gpt-oss"
 DEEPSEEK2 = MODEL_ARCH_NAMES[MODEL_ARCH.DEEPSEEK2]  # "deepseek2": DeepSeek-V2 and V3
+QWEN2MOE = MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2MOE]    # "qwen2moe": Qwen1.5-MoE, Qwen2-MoE
+LLAMA = MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]          # "llama": Mixtral (a llama file with experts)
+OLMOE = MODEL_ARCH_NAMES[MODEL_ARCH.OLMOE]          # "olmoe"
 ARCH = QWEN3MOE  # the first family; kept for the code written for it
 
-GATINGS: tuple[str, ...] = ("softmax_topk_renorm", "topk_softmax", "softmax_grouped", "sigmoid_grouped")
+GATINGS: tuple[str, ...] = ("softmax_topk_renorm", "softmax_topk", "topk_softmax", "softmax_grouped", "sigmoid_grouped")
 FFN_ACTS: tuple[str, ...] = ("swiglu", "swiglu_oai")
 
 
@@ -141,6 +169,10 @@ class ModelConfig:
     routed_scale: float = 1.0
     router_probs_bias: bool = False
     yarn_log_mul: float = 0.0
+    # -- Qwen2-MoE, OLMoE ----------------------------------------------------------------------
+    shared_expert_ff: int = 0          # the shared experts' width; 0: n_shared_experts * expert_ff
+    shared_expert_gate: bool = False   # the shared expert's output times sigmoid(ffn_gate_inp_shexp · x)
+    qk_norm_whole: bool = False        # q/k RMSNorm over the whole projection, not per head
 
     @property
     def q_dim(self) -> int:
@@ -189,7 +221,9 @@ class ModelConfig:
         return Dims(self.hidden, self.q_dim, self.kv_dim, self.head_dim, self.n_expert, self.expert_ff,
                     self.vocab_size, n_head=self.n_head, o_dim=self.n_head * self.v_dim,
                     q_lora=self.q_lora_rank, kv_lora=self.kv_lora_rank, rope_dim=self.rope_dim,
-                    v_dim=self.v_dim, dense_ff=self.dense_ff, shexp_ff=self.n_shared_experts * self.expert_ff)
+                    v_dim=self.v_dim, dense_ff=self.dense_ff,
+                    shexp_ff=self.shared_expert_ff or self.n_shared_experts * self.expert_ff,
+                    qk_norm_whole=self.qk_norm_whole)
 
     def slides(self, layer: int) -> bool:
         """Layer ``layer`` attends to a sliding window of :attr:`sliding_window` positions."""
@@ -224,7 +258,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "router_bias": True, "expert_bias": True, "gating": "topk_softmax", "ffn_act": "swiglu_oai",
         "swiglu_limit": 7.0, "swiglu_alpha": 1.702}},
     DEEPSEEK2: {"name": "DeepSeek-V2/V3", "fixed": {"qk_norm": False, "rope_interleaved": True}},
+    QWEN2MOE: {"name": "Qwen2-MoE", "fixed": {
+        "qk_norm": False, "attn_bias": True, "gating": "softmax_topk", "n_shared_experts": 1,
+        "shared_expert_gate": True}},
+    LLAMA: {"name": "Mixtral", "fixed": {"qk_norm": False, "rope_interleaved": True}},
+    OLMOE: {"name": "OLMoE", "fixed": {"qk_norm_whole": True, "gating": "softmax_topk"}},
 }
+#: the families whose files give a head's width by ``key_length`` only where it is not
+#: ``embedding_length / head_count`` and whose experts' width may be ``feed_forward_length``
+_LLAMA_LIKE = (QWEN2MOE, LLAMA, OLMOE)
 
 
 def _from_gguf(gf: GGUFFile, arch: str) -> ModelConfig:
@@ -247,10 +289,16 @@ def _from_gguf(gf: GGUFFile, arch: str) -> ModelConfig:
             raise ModelFileError(f"{gf.path}: metadata key {k!r} = {reprlib.repr(v)} must be a positive finite number")
         return float(v)
 
+    if arch == LLAMA and not gf.has(key(Keys.LLM.EXPERT_COUNT)):
+        raise ModelFileError(f"{gf.path}: a 'llama' file without {key(Keys.LLM.EXPERT_COUNT)!r} is a dense model; "
+                             f"moesnap reads MoE models (Mixtral: llama with experts)")
     n_head = pos_int(Keys.Attention.HEAD_COUNT)
     n_head_kv = pos_int(Keys.Attention.HEAD_COUNT_KV)
-    key_len = pos_int(Keys.Attention.KEY_LENGTH)
-    val_len = pos_int(Keys.Attention.VALUE_LENGTH)
+    if arch in _LLAMA_LIKE:
+        key_len, val_len = _llama_like_head(gf, key, pos_int, n_head)
+    else:
+        key_len = pos_int(Keys.Attention.KEY_LENGTH)
+        val_len = pos_int(Keys.Attention.VALUE_LENGTH)
     n_expert = pos_int(Keys.LLM.EXPERT_COUNT)
     n_used = pos_int(Keys.LLM.EXPERT_USED_COUNT)
     if n_head % n_head_kv:
@@ -280,6 +328,8 @@ def _from_gguf(gf: GGUFFile, arch: str) -> ModelConfig:
     if arch == GPT_OSS:
         family["sliding_window"] = pos_int(Keys.Attention.SLIDING_WINDOW)
         family.update(_yarn(gf, key, pos_int, pos_float, arch))
+    expert_ff = _llama_like_ffn(gf, key, pos_int, n_used, family) if arch in _LLAMA_LIKE \
+        else pos_int(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH)
     return ModelConfig(
         n_layer=pos_int(Keys.LLM.BLOCK_COUNT),
         hidden=pos_int(Keys.LLM.EMBEDDING_LENGTH),
@@ -288,7 +338,7 @@ def _from_gguf(gf: GGUFFile, arch: str) -> ModelConfig:
         head_dim=key_len,
         n_expert=n_expert,
         n_expert_used=n_used,
-        expert_ff=pos_int(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH),
+        expert_ff=expert_ff,
         vocab_size=vocab,
         rope_base=pos_float(Keys.Rope.FREQ_BASE),
         rms_eps=pos_float(Keys.Attention.LAYERNORM_RMS_EPS),
@@ -296,6 +346,52 @@ def _from_gguf(gf: GGUFFile, arch: str) -> ModelConfig:
         arch=arch,
         **family,
     )
+
+
+def _llama_like_head(gf: GGUFFile, key, pos_int, n_head: int) -> tuple[int, int]:
+    """A head's key and value widths in a Qwen2-MoE, Mixtral or OLMoE file: ``key_length`` /
+    ``value_length`` where the file has them, else ``embedding_length / head_count``; refuses RoPE
+    scaling and partial RoPE, which none of these models has and the reference does not compute."""
+    hidden = pos_int(Keys.LLM.EMBEDDING_LENGTH)
+    if gf.has(key(Keys.Attention.KEY_LENGTH)):
+        key_len = pos_int(Keys.Attention.KEY_LENGTH)
+        val_len = pos_int(Keys.Attention.VALUE_LENGTH) if gf.has(key(Keys.Attention.VALUE_LENGTH)) else key_len
+    elif hidden % n_head:
+        raise ModelFileError(f"{gf.path}: no metadata key {key(Keys.Attention.KEY_LENGTH)!r}, and "
+                             f"{key(Keys.LLM.EMBEDDING_LENGTH)!r} = {hidden} is not a multiple of "
+                             f"{key(Keys.Attention.HEAD_COUNT)!r} = {n_head}")
+    else:
+        key_len = val_len = hidden // n_head
+    rope_k = key(Keys.Rope.DIMENSION_COUNT)
+    if gf.has(rope_k) and gf.get(rope_k) != key_len:
+        raise ModelFileError(f"{gf.path}: metadata key {rope_k!r} = {reprlib.repr(gf.get(rope_k))} differs from the "
+                             f"head width {key_len}: partial RoPE is not supported")
+    scaling_k = key(Keys.Rope.SCALING_TYPE)
+    if gf.has(scaling_k) and gf.get(scaling_k) != "none":
+        raise ModelFileError(f"{gf.path}: metadata key {scaling_k!r} = {reprlib.repr(gf.get(scaling_k))}: RoPE "
+                             f"scaling is not supported for {FAMILIES[gf.get(Keys.General.ARCHITECTURE)]['name']}")
+    return key_len, val_len
+
+
+def _llama_like_ffn(gf: GGUFFile, key, pos_int, n_used: int, family: dict[str, Any]) -> int:
+    """The experts' width (and Qwen2-MoE's shared expert's, into ``family``), as llama.cpp reads them:
+    Mixtral and OLMoE ``feed_forward_length``; Qwen2-MoE ``expert_feed_forward_length`` (without it
+    ``feed_forward_length / expert_used_count``) and ``expert_shared_feed_forward_length`` (without it
+    ``feed_forward_length``)."""
+    arch = gf.get(Keys.General.ARCHITECTURE)
+    if arch != QWEN2MOE:
+        if arch == LLAMA and "blk.0.ffn_gate.0.weight" in gf.tensors:
+            raise ModelFileError(f"{gf.path}: experts stored one tensor each ('blk.0.ffn_gate.0.weight', an old "
+                                 f"Mixtral conversion); moesnap reads the merged 'ffn_gate_exps' of current files")
+        return pos_int(Keys.LLM.FEED_FORWARD_LENGTH)
+    has = lambda t: gf.has(key(t))  # noqa: E731
+    ff = pos_int(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH) if has(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH) \
+        else pos_int(Keys.LLM.FEED_FORWARD_LENGTH) // n_used
+    family["shared_expert_ff"] = pos_int(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH) \
+        if has(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH) else pos_int(Keys.LLM.FEED_FORWARD_LENGTH)
+    if ff < 1:
+        raise ModelFileError(f"{gf.path}: the experts' width {ff} (feed_forward_length / expert_used_count) must be ≥ 1")
+    return ff
 
 
 def _yarn(gf: GGUFFile, key, pos_int, pos_float, arch: str) -> dict[str, Any]:

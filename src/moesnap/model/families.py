@@ -9,8 +9,8 @@ chosen by :class:`~moesnap.model.config.ModelConfig` fields (never by the family
   ``swa_pattern``);
 * :func:`softmax_with_sinks`: a learned per-head logit joining each row's softmax and dropped
   after (``attn_sinks``; transformers' ``eager_attention_forward`` of gpt-oss);
-* :func:`route`: softmax over every expert then top-k renormalised, or top-k of the logits then a
-  softmax over the k (``gating``);
+* :func:`route`: softmax over every expert then top-k, renormalised (Qwen3-MoE, Mixtral) or not
+  (Qwen2-MoE, OLMoE), or top-k of the logits then a softmax over the k (``gating``);
 * :func:`expert_act`: SwiGLU, or gpt-oss's clamped variant (``ffn_act``, ``swiglu_limit``,
   ``swiglu_alpha``);
 * :func:`apply_rope`: NeoX halves, or DeepSeek's interleaved pairs (``rope_interleaved``);
@@ -118,6 +118,8 @@ def route(cfg: ModelConfig, logits: torch.Tensor, k: int) -> tuple[torch.Tensor,
         return torch.softmax(top, dim=-1), ids
     probs = torch.softmax(logits, dim=-1)                                  # [T, E]
     top, ids = torch.topk(probs, k, dim=-1)                                # [T, k]
+    if cfg.gating == "softmax_topk":                                       # Qwen2-MoE, OLMoE: as they are
+        return top, ids
     return top / top.sum(-1, keepdim=True), ids
 
 

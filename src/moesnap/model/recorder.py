@@ -155,7 +155,10 @@ class ArrayRecorder:
         (``[T, H]``); ``q``, ``q_norm``, ``q_rope`` (``[T, Hq, D]``); ``k``, ``v``, ``k_norm``,
         ``k_rope`` (``[T, Hkv, D]``); ``attn`` (``[T, Hq*D]``); ``router_logits`` (``[T, E]``);
         ``topk_ids`` and ``topk_weights`` (``[T, k]``, by descending weight); ``expert_out``
-        (``[T, k, H]``): :mod:`moesnap.stages` lists them with their shapes.
+        (``[T, k, H]``).  Stages of some families only: DeepSeek's ``q_latent``,
+        ``q_latent_norm``, ``kv_latent``, ``kv_latent_norm``, ``dense_ffn_out``, ``router_select``
+        (``[T, E]``) and ``shared_expert_out`` (``[T, H]``, Qwen2-MoE's too), Qwen2-MoE's
+        ``shared_gate`` (``[T, 1]``): :mod:`moesnap.stages` lists them all with their shapes.
 
         ``x`` is a torch tensor (any device; detached and copied to the host), a numpy array or a
         list of numbers (``rec.save("tokens", None, [1, 2, 3])``).  Integers are kept as int32,

@@ -14,6 +14,12 @@ head in each softmax, over a sliding window of positions on every other layer (t
 router logits with a bias, top-k of the logits and a softmax over those k; experts with biases and
 the clamped SwiGLU ``(up + 1) * gate * sigmoid(1.702 gate)``.
 
+For Qwen2-MoE it follows ``modeling_qwen2_moe.py`` (q/k/v biases, no q/k norm, top-k of the softmax
+not renormalised, one shared expert scaled by the sigmoid of its own gate); for Mixtral
+``modeling_mixtral.py`` (RoPE on adjacent pairs of the GGUF's permuted q/k rows: see
+:mod:`moesnap.model.config`); for OLMoE ``modeling_olmoe.py`` (q/k RMSNorm over the whole projection,
+top-k not renormalised).
+
 For DeepSeek-V2/V3 it follows ``modeling_deepseek_v2.py`` / ``modeling_deepseek_v3.py``:
 multi-head latent attention (:class:`LatentAttention`: q through its LoRA or one projection, the
 compressed kv and its decoupled rope key, RoPE on the rope parts only, interleaved), a dense SwiGLU
@@ -164,11 +170,15 @@ class Attention(nn.Module):
         rec.save("k", layer, k)
         rec.save("v", layer, v)
         if self.q_norm is not None and self.k_norm is not None:    # families without q/k norm: no such stage
-            q, k = self.q_norm(q), self.k_norm(k)
+            if cfg.qk_norm_whole:      # OLMoE: over every head at once, then back to heads
+                q = self.q_norm(q.reshape(T, -1)).view(T, cfg.n_head, cfg.head_dim)        # [T, Hq, D]
+                k = self.k_norm(k.reshape(T, -1)).view(T, cfg.n_head_kv, cfg.head_dim)     # [T, Hkv, D]
+            else:
+                q, k = self.q_norm(q), self.k_norm(k)
             rec.save("q_norm", layer, q)
             rec.save("k_norm", layer, k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = apply_rope(cfg, q, cos, sin)       # NeoX halves; Mixtral: pairs of the file's permuted rows
+        k = apply_rope(cfg, k, cos, sin)
         rec.save("q_rope", layer, q)
         rec.save("k_rope", layer, k)
 
@@ -264,10 +274,14 @@ class MoE(nn.Module):
         expert_out = expert_outputs(cfg, w, x, topk_ids, self.aq)      # [T, k, H]
         rec.save("expert_out", layer, expert_out)
         out = (expert_out * topk_w[..., None]).sum(dim=1)              # [T, H]
-        if w.shexp is not None:                                        # DeepSeek's shared experts
+        if w.shexp is not None:                                        # DeepSeek's, Qwen2-MoE's shared experts
             p = f"blk.{layer}."
             shared = swiglu_mlp(x, *w.shexp, self.aq, (p + "ffn_gate_shexp", p + "ffn_up_shexp", p + "ffn_down_shexp"))
             rec.save("shared_expert_out", layer, shared)
+            if w.shexp_gate is not None:                               # Qwen2-MoE: gated per token
+                gate = self.aq(x, p + "ffn_gate_inp_shexp") @ w.shexp_gate[:, None]   # [T, 1] logit
+                rec.save("shared_gate", layer, gate)
+                shared = torch.sigmoid(gate) * shared
             out = out + shared
         rec.save("moe_out", layer, out)
         return out

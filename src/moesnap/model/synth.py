@@ -1,4 +1,5 @@
-"""Synthetic MoE GGUF files (Qwen3-MoE, gpt-oss): random weights, real layout, real quant types.
+"""Synthetic MoE GGUF files (Qwen3-MoE, gpt-oss, DeepSeek; Qwen2-MoE, Mixtral and OLMoE through
+:mod:`moesnap.model.synth_families`): random weights, real layout, real quant types.
 
 A :class:`SynthSpec` says what to build (a :class:`~moesnap.model.config.ModelConfig`
 for the family and the shapes, a quant type per tensor kind, a seed); :func:`make_model` streams it
@@ -51,6 +52,7 @@ from gguf.quants import quantize
 from ..errors import UsageError
 from .config import DEEPSEEK2, FAMILIES, GPT_OSS, SHAPE_FIELDS, Qwen3MoeConfig
 from .tensors import F32_TENSORS, KINDS, WEIGHT_SUFFIX, Dims, table
+from . import synth_families
 
 QT = GGMLQuantizationType
 ARCH = "qwen3moe"
@@ -193,6 +195,8 @@ def _validate(spec: SynthSpec) -> None:
                   f"rope_orig_context={c.rope_orig_context!r} must be ≥ 1 for gpt-oss")
     if c.arch == DEEPSEEK2:
         _validate_deepseek(spec, bad)
+    if c.arch in synth_families.LLAMA_LIKE:
+        synth_families.validate(spec, bad)
     counts = [(n, getattr(c, n)) for n in SHAPE_FIELDS if n not in ("rope_base", "rms_eps")]
     for name, value in [*counts, ("dense_ff", spec.dense_ff)]:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -556,7 +560,8 @@ def _deepseek_v3_tiny() -> SynthSpec:
 PRESETS: dict[str, SynthSpec] = {"tiny": _tiny(), "qwen3-30b-a3b": _qwen3_30b_a3b(),
                                  "qwen3-235b-a22b": _qwen3_235b_a22b(), "gpt-oss-tiny": _gpt_oss_tiny(),
                                  "gpt-oss-20b": _gpt_oss_20b(), "deepseek-v2-tiny": _deepseek_v2_tiny(),
-                                 "deepseek-v3-tiny": _deepseek_v3_tiny(), "deepseek-v2-lite": _deepseek_v2_lite()}
+                                 "deepseek-v3-tiny": _deepseek_v3_tiny(), "deepseek-v2-lite": _deepseek_v2_lite(),
+                                 **synth_families.presets(SynthSpec)}
 
 
 def preset(name: str, *, layers: int | None = None, seed: int | None = None) -> SynthSpec:
@@ -597,15 +602,10 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec) -> None:
     w.add_block_count(c.n_layer)
     w.add_context_length(c.context_length)
     w.add_embedding_length(c.hidden)
-    w.add_feed_forward_length(spec.dense_ff)
-    w.add_expert_feed_forward_length(c.expert_ff)
-    w.add_expert_count(c.n_expert)
-    w.add_expert_used_count(c.n_expert_used)
-    w.add_head_count(c.n_head)
-    if c.arch != DEEPSEEK2:      # keys in the order the bundled files were written with
-        w.add_head_count_kv(c.n_head_kv)
-        w.add_key_length(c.head_dim)
-        w.add_value_length(c.head_dim)
+    if c.arch in synth_families.LLAMA_LIKE:
+        synth_families.add_metadata(w, spec)
+    else:
+        _add_moe_shape(w, spec)
     w.add_layer_norm_rms_eps(c.rms_eps)
     w.add_rope_freq_base(c.rope_base)
     if c.arch == DEEPSEEK2:
@@ -626,6 +626,20 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec) -> None:
     w.add_eos_token_id(EOS_ID)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+
+
+def _add_moe_shape(w: GGUFWriter, spec: SynthSpec) -> None:
+    """Qwen3-MoE's, gpt-oss's and DeepSeek's shape keys, after the embedding length."""
+    c = spec.config
+    w.add_feed_forward_length(spec.dense_ff)
+    w.add_expert_feed_forward_length(c.expert_ff)
+    w.add_expert_count(c.n_expert)
+    w.add_expert_used_count(c.n_expert_used)
+    w.add_head_count(c.n_head)
+    if c.arch != DEEPSEEK2:      # keys in the order the bundled files were written with
+        w.add_head_count_kv(c.n_head_kv)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
 
 
 def _add_deepseek(w: GGUFWriter, c: Qwen3MoeConfig) -> None:
@@ -677,6 +691,8 @@ def tensor_data(t: SynthTensor, spec: SynthSpec) -> np.ndarray:
             x *= np.float32(4.0 / np.sqrt(spec.config.hidden))
         elif t.kind in ("attn_sinks", "ffn_gate_inp.bias"):   # as large as the logits they join: ~ N(0, 1)
             pass
+        elif t.kind == "ffn_gate_inp_shexp":   # Qwen2-MoE's shared gate: logits ~ N(0, 1), sigmoids spread over (0, 1)
+            x *= np.float32(1.0 / np.sqrt(spec.config.hidden))
         elif t.kind.endswith(".bias"):
             x *= np.float32(0.1)
         else:  # norm weights ~ N(1, 0.1)

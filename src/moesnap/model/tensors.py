@@ -43,6 +43,7 @@ class Dims(NamedTuple):
     v_dim: int = 0
     dense_ff: int = 0
     shexp_ff: int = 0
+    qk_norm_whole: bool = False   # OLMoE: q/k norms over the whole projection
 
 
 class TensorKind(NamedTuple):
@@ -94,8 +95,8 @@ _SHAPES = {
     _T.ATTN_K: lambda d: (d.kv_dim, d.hidden),
     _T.ATTN_V: lambda d: (d.kv_dim, d.hidden),
     _T.ATTN_OUT: lambda d: (d.hidden, d.o_dim or d.q_dim),
-    _T.ATTN_Q_NORM: lambda d: (d.head_dim,),
-    _T.ATTN_K_NORM: lambda d: (d.head_dim,),
+    _T.ATTN_Q_NORM: lambda d: (d.q_dim if d.qk_norm_whole else d.head_dim,),
+    _T.ATTN_K_NORM: lambda d: (d.kv_dim if d.qk_norm_whole else d.head_dim,),
     _T.ATTN_SINKS: lambda d: (d.q_dim // d.head_dim,),
     _T.ATTN_POST_NORM: lambda d: (d.hidden,),
     _T.FFN_NORM: lambda d: (d.hidden,),
@@ -119,6 +120,7 @@ _SHAPES = {
     _T.FFN_UP_SHEXP: lambda d: (d.shexp_ff, d.hidden),
     _T.FFN_DOWN_SHEXP: lambda d: (d.hidden, d.shexp_ff),
     _T.FFN_EXP_PROBS_B: lambda d: (d.n_expert, 1),   # only its ".bias" exists: [E]
+    _T.FFN_GATE_INP_SHEXP: lambda d: (d.hidden,),     # Qwen2-MoE: one logit per token (llama.cpp: {n_embd})
 }
 
 
@@ -266,8 +268,71 @@ DEEPSEEK2 = _table(MODEL_ARCH.DEEPSEEK2, [
     (_T.OUTPUT, "logits", False, False),
 ], unused=(_T.ROPE_FREQS, _T.ATTN_K, _T.ATTN_V, _T.ATTN_ROT_EMBD))
 
+# Qwen2-MoE: biases on q/k/v (not o), no q/k norm; one shared expert (``*_shexp``) and its gate
+# ``ffn_gate_inp_shexp`` (a [H] vector: the gate's logit of each token; F32 like the router)
+QWEN2MOE = _table(MODEL_ARCH.QWEN2MOE, [
+    (_T.TOKEN_EMBD, "embed", False, False),
+    (_T.ATTN_NORM, "attn_norm", True, False),
+    (_T.ATTN_Q, "q", False, False),
+    (_T.ATTN_Q, "q", True, True),
+    (_T.ATTN_K, "k", False, False),
+    (_T.ATTN_K, "k", True, True),
+    (_T.ATTN_V, "v", False, False),
+    (_T.ATTN_V, "v", True, True),
+    (_T.ATTN_OUT, "attn_out", False, False),
+    (_T.FFN_NORM, "ffn_norm", True, False),
+    (_T.FFN_GATE_INP, "router_logits", True, False),
+    (_T.FFN_GATE_EXP, "expert_out", False, False),
+    (_T.FFN_UP_EXP, "expert_out", False, False),
+    (_T.FFN_DOWN_EXP, "expert_out", False, False),
+    (_T.FFN_GATE_INP_SHEXP, "shared_gate", True, False),
+    (_T.FFN_GATE_SHEXP, "shared_expert_out", False, False),
+    (_T.FFN_UP_SHEXP, "shared_expert_out", False, False),
+    (_T.FFN_DOWN_SHEXP, "shared_expert_out", False, False),
+    (_T.OUTPUT_NORM, "final_norm", True, False),
+    (_T.OUTPUT, "logits", False, False),
+])
+
+# Mixtral: a ``llama`` file with experts.  gguf-py's llama also lists ``rope_freqs`` (Llama 3's RoPE
+# scaling), ``attn_rot_embd`` and the dense ``ffn_gate``/``ffn_up``/``ffn_down`` (dense Llamas; old
+# Mixtral conversions kept one ``ffn_gate.<e>`` per expert): no current Mixtral file holds them.
+LLAMA = _table(MODEL_ARCH.LLAMA, [
+    (_T.TOKEN_EMBD, "embed", False, False),
+    (_T.ATTN_NORM, "attn_norm", True, False),
+    (_T.ATTN_Q, "q", False, False),
+    (_T.ATTN_K, "k", False, False),
+    (_T.ATTN_V, "v", False, False),
+    (_T.ATTN_OUT, "attn_out", False, False),
+    (_T.FFN_NORM, "ffn_norm", True, False),
+    (_T.FFN_GATE_INP, "router_logits", True, False),
+    (_T.FFN_GATE_EXP, "expert_out", False, False),
+    (_T.FFN_UP_EXP, "expert_out", False, False),
+    (_T.FFN_DOWN_EXP, "expert_out", False, False),
+    (_T.OUTPUT_NORM, "final_norm", True, False),
+    (_T.OUTPUT, "logits", False, False),
+], unused=(_T.ROPE_FREQS, _T.ATTN_ROT_EMBD, _T.FFN_GATE, _T.FFN_UP, _T.FFN_DOWN))
+
+# OLMoE: Qwen3-MoE's tensors, its q/k norms over the whole projection ([Hq*D], [Hkv*D])
+OLMOE = _table(MODEL_ARCH.OLMOE, [
+    (_T.TOKEN_EMBD, "embed", False, False),
+    (_T.ATTN_NORM, "attn_norm", True, False),
+    (_T.ATTN_Q, "q", False, False),
+    (_T.ATTN_K, "k", False, False),
+    (_T.ATTN_V, "v", False, False),
+    (_T.ATTN_Q_NORM, "q_norm", True, False),
+    (_T.ATTN_K_NORM, "k_norm", True, False),
+    (_T.ATTN_OUT, "attn_out", False, False),
+    (_T.FFN_NORM, "ffn_norm", True, False),
+    (_T.FFN_GATE_INP, "router_logits", True, False),
+    (_T.FFN_GATE_EXP, "expert_out", False, False),
+    (_T.FFN_UP_EXP, "expert_out", False, False),
+    (_T.FFN_DOWN_EXP, "expert_out", False, False),
+    (_T.OUTPUT_NORM, "final_norm", True, False),
+    (_T.OUTPUT, "logits", False, False),
+])
+
 #: every architecture moesnap reads, by gguf-py's name
-TABLES: dict[str, TensorTable] = {t.arch: t for t in (QWEN3MOE, GPT_OSS, DEEPSEEK2)}
+TABLES: dict[str, TensorTable] = {t.arch: t for t in (QWEN3MOE, GPT_OSS, DEEPSEEK2, QWEN2MOE, LLAMA, OLMOE)}
 
 
 def table(arch: str) -> TensorTable:

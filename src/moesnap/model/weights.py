@@ -80,6 +80,7 @@ class LayerWeights:
     ffn_down: torch.Tensor | None = None      # [H, F_dense]
     shexp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # gate, up [F_sh, H]; down [H, F_sh]
     probs_bias: torch.Tensor | None = None    # [E] added to the scores for the selection only
+    shexp_gate: torch.Tensor | None = None    # [H] Qwen2-MoE: the shared expert's gate (sigmoid of its logit)
 
 
 def file_bytes(arr: np.ndarray) -> torch.Tensor:
@@ -205,6 +206,7 @@ class ModelWeights(ABC):
             shexp=(self.dense(p + "ffn_gate_shexp", dtype), self.dense(p + "ffn_up_shexp", dtype),
                    self.dense(p + "ffn_down_shexp", dtype)) if "ffn_gate_shexp" in held and cfg.n_shared_experts else None,
             probs_bias=opt("exp_probs_b.bias"),
+            shexp_gate=opt("ffn_gate_inp_shexp"),
         )
 
     def _kv_b(self, i: int, held: set[str], dtype: torch.dtype) -> torch.Tensor | None:
