@@ -6,7 +6,9 @@
 * ``moesnap.capture.transformers`` on a GptOssForCausalLM built independently of moesnap
   (:mod:`.hf_gpt_oss`) passes the same way, with ``decode=N`` through transformers' own cache
   (sliding layers keep a window-sized cache) in float32 and bfloat16;
-* a 5 % error planted in one layer's ``moe_out`` of a bfloat16 dump is named at that layer and stage;
+* a 5 % error planted in one layer's ``moe_out`` of a bfloat16 dump is named at that layer and stage
+  (local re-reference), a doubled ``attn_out`` free-running alone under gpt-oss's own wider
+  free-running tolerances (:mod:`moesnap.judge.family_tolerances`);
 * the router's outputs map onto ``router_logits``/``topk_ids``/``topk_weights`` whether the scores
   come in slot order ``[T, k]`` or scattered over the experts ``[T, E]``.
 """
@@ -135,6 +137,26 @@ def test_a_5_percent_moe_out_error_in_a_bfloat16_dump_is_named(world, tmp_path):
     assert rc == 1 and rep["verdict"] == "fail", text[-3000:]
     assert rep["local"]["first_introduced"]["layer"] == layer, rep["local"]
     assert rep["local"]["first_introduced"]["stage"] == "moe_out", rep["local"]
+
+
+def test_a_doubled_attn_out_is_named_free_running_under_gpt_osss_own_tolerances(world, tmp_path):
+    """The family's wider free-running numbers still name a gross error, with no local re-reference."""
+    _needs_transformers()
+    from moesnap.run.trace import write_output
+    from moesnap.store.case import load_case
+
+    model, store = world
+    cand = _trace(model, tmp_path / "cand", "--dtype", "bfloat16")
+    bad, layer = tmp_path / "bad", 1
+    bad.mkdir()
+    for name in PROMPTS:
+        c = load_case(cand / name)
+        c.layers["attn_out"][layer] *= 2.0
+        write_output(c, bad / name)
+    rc, rep, text = _compare(store, bad, tmp_path / "r.json", "--no-local")
+    assert rc == 1 and rep["verdict"] == "fail", text[-3000:]
+    assert (rep["first_divergence"]["layer"], rep["first_divergence"]["stage"]) == (layer, "attn_out"), text[-3000:]
+    assert "that family's own calibrated spread" in text
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import torch
 from ..model.recorder import ArrayRecorder
 from ..model.ggml import identity
 from ..model.reference import ActQuant, run_reference
-from ..stages import INTEGER_STAGES, LAYER_STAGES, POST_ROUTING_STAGES
+from ..stages import INTEGER_STAGES, POST_ROUTING_STAGES, layer_stages
 from ..model.weights import ModelWeights
 
 MARGIN = 10.0
@@ -62,8 +62,10 @@ def measure(model: ModelWeights, token_lists: list[list[int]], dtype: torch.dtyp
     """Per-stage spread of the reference in ``dtype`` against float64; also the number of routing flips.
 
     ``aq`` rounds each matmul input of the ``dtype`` run (``ActivationQuant``: what a correct ggml
-    engine computes, for the ``ggml`` profile); the float64 run never rounds."""
-    spread = {s: StageSpread() for s in ("embed", *LAYER_STAGES, "final_norm", "logits") if s not in INTEGER_STAGES}
+    engine computes, for the ``ggml`` profile); the float64 run never rounds.  The stages are the
+    model's family's (gpt-oss has no ``q_norm``/``k_norm``)."""
+    stages = layer_stages(model.config.arch)
+    spread = {s: StageSpread() for s in ("embed", *stages, "final_norm", "logits") if s not in INTEGER_STAGES}
     flips = 0
     for tokens in token_lists:
         lo, hi = ArrayRecorder(), ArrayRecorder(keep_dtype=True)
@@ -77,7 +79,7 @@ def measure(model: ModelWeights, token_lists: list[list[int]], dtype: torch.dtyp
             same = np.array([set(a) == set(b) for a, b in zip(L_hi["topk_ids"][layer], L_lo["topk_ids"][layer])])
             flipped = np.flatnonzero(~same[:keep_from])
             flips += len(flipped)
-            for stage in LAYER_STAGES:
+            for stage in stages:
                 if stage in INTEGER_STAGES:
                     continue
                 rows = np.arange(keep_from)
