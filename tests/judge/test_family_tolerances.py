@@ -9,9 +9,9 @@ import json
 import pytest
 
 from moesnap.cli.main import main
-from moesnap.judge.family_tolerances import FAMILY_CARRIED, family_note
+from moesnap.judge.family_tolerances import FAMILY_CARRIED, FAMILY_GGML_CARRIED, family_note
 from moesnap.judge.policy import Settings
-from moesnap.judge.tolerances import DEFAULT, DEFAULT_TOLERANCES, Tolerances
+from moesnap.judge.tolerances import DEFAULT, DEFAULT_TOLERANCES, GGML_CARRIED, Tolerances
 from moesnap.stages import FAMILY_STAGES, INTEGER_STAGES, MODEL_STAGES
 
 
@@ -25,8 +25,10 @@ def test_qwen3moe_keeps_the_built_in_tables_and_has_no_family_note():
 @pytest.mark.parametrize("family", list(FAMILY_CARRIED))
 def test_family_numbers_are_known_stages_never_below_the_built_in_ones(family):
     known = (set(FAMILY_STAGES[family]) | set(MODEL_STAGES)) - INTEGER_STAGES
-    for dtype, own in FAMILY_CARRIED[family].items():
-        built_in = DEFAULT_TOLERANCES[dtype]
+    tables = [(dtype, own, DEFAULT_TOLERANCES[dtype]) for dtype, own in FAMILY_CARRIED[family].items()]
+    if family in FAMILY_GGML_CARRIED:
+        tables.append(("ggml float32", FAMILY_GGML_CARRIED[family], GGML_CARRIED))
+    for dtype, own, built_in in tables:
         assert own.tie_tol >= built_in.tie_tol, dtype
         for stage, (atol, rtol) in own.stages.items():
             assert stage in known, (dtype, stage)
@@ -51,9 +53,12 @@ def test_gpt_oss_free_running_takes_its_own_numbers_and_the_per_layer_modes_do_n
 def test_overrides_and_the_ggml_profile_still_apply_over_a_familys_numbers():
     tols = Settings(profile="default", overrides=("bfloat16:moe_out.atol=0.5",)).tolerances("default", "gpt-oss")
     assert tols.carried("moe_out", "bfloat16", 0).atol == 0.5 and tols.for_stage("moe_out", "bfloat16").atol == 0.5
-    ggml = Tolerances.for_profile("ggml", "gpt-oss")
-    assert ggml.carried("moe_out", "float32", 0).atol == 0.38          # GGML_CARRIED's float32
-    assert ggml.carried("moe_out", "bfloat16", 0).atol == 8.7          # the family's
+    ggml, qwen_ggml = Tolerances.for_profile("ggml", "gpt-oss"), Tolerances.for_profile("ggml")
+    assert qwen_ggml.carried("moe_out", "float32", 0).atol == GGML_CARRIED.stages["moe_out"][0]
+    assert ggml.carried("moe_out", "float32", 0).atol == FAMILY_GGML_CARRIED["gpt-oss"].stages["moe_out"][0] == 4.0
+    assert ggml.tie_tol_at("float32", 0) == 0.98 and qwen_ggml.tie_tol_at("float32", 0) == GGML_CARRIED.tie_tol
+    assert ggml.carried("moe_out", "bfloat16", 0).atol == 8.7          # the family's default-profile bfloat16
+    assert ggml.for_stage("moe_out", "float32") == qwen_ggml.for_stage("moe_out", "float32")   # per-layer: built-in
     policy = Settings(profile="auto").resolve(engine="transformers", family="gpt-oss")
     assert any("'gpt-oss' is judged with that family's own calibrated spread" in n for n in policy.notes)
     assert policy.tolerances == Tolerances.defaults("gpt-oss")

@@ -20,6 +20,12 @@ Qwen3-MoE's at the same depth (the 2-layer 20b file: ``moe_out`` p99 0.25 agains
 ``topk_weights``, a softmax over only k selected logits, p99 0.22), so transformers' clean bfloat16
 gpt-oss failed the built-in free-running table (``moe_out`` 0.6 % of elements outside where 0.5 % is
 allowed) while its per-layer judgement passed.  Stages not listed keep the built-in value.
+
+The ``ggml`` profile (llama.cpp: float32 with every quantized matmul's input rounded to 8 bits) has its
+own free-running float32 numbers per family likewise (``calibrate --profile ggml``,
+``benchmarks/calibration/ggml-gpt-oss-*.json``): llama.cpp's clean gpt-oss-tiny failed
+``GGML_CARRIED`` free-running (``expert_out`` 1.4 % of elements outside) while the local
+re-reference found every stage of every layer within float32 noise of a correct ggml engine.
 """
 
 from __future__ import annotations
@@ -62,9 +68,27 @@ FAMILY_CARRIED: Mapping[str, Mapping[str, FamilyCarried]] = MappingProxyType({
 })
 
 
+#: the ``ggml`` profile's float32 free-running numbers of a family (in place of ``GGML_CARRIED``):
+#: ``moesnap calibrate --profile ggml --margin 1`` on the same two models, MARGIN 2 as for GGML_CARRIED
+FAMILY_GGML_CARRIED: Mapping[str, FamilyCarried] = MappingProxyType({
+    "gpt-oss": FamilyCarried(tie_tol=0.98, stages={
+        "attn_norm": (0.32, 0.15), "q": (0.41, 0.21), "k": (0.44, 0.24), "v": (0.44, 0.21),
+        "q_rope": (0.54, 0.21), "k_rope": (0.59, 0.21), "attn": (0.55, 0.4), "attn_out": (0.38, 0.28),
+        "attn_resid": (2.4, 0.25), "ffn_norm": (0.38, 0.21), "router_logits": (0.98, 0.11),
+        "topk_weights": (0.15, 0.24), "expert_out": (5.3, 0.39), "moe_out": (4.0, 0.31),
+        "layer_out": (4.4, 0.2), "final_norm": (0.78, 0.24), "logits": (0.96, 0.29),
+    }),
+})
+
+
 def family_carried(family: str) -> Mapping[str, FamilyCarried]:
     """``family``'s own free-running numbers by dtype (empty: the built-in tables judge it)."""
     return FAMILY_CARRIED.get(family, MappingProxyType({}))
+
+
+def family_ggml_carried(family: str) -> FamilyCarried | None:
+    """``family``'s own float32 free-running numbers under the ``ggml`` profile, if it has them."""
+    return FAMILY_GGML_CARRIED.get(family)
 
 
 def family_note(family: str) -> str | None:

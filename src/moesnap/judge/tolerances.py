@@ -453,7 +453,8 @@ class Tolerances:
     def for_profile(cls, profile: str = "default", family: str = DEFAULT_FAMILY) -> Tolerances:
         """The built-in tables of ``profile`` (:data:`PROFILES`) for a golden of ``family``.
 
-        ``ggml``: float32 candidates are held free-running to :data:`GGML_CARRIED` (widening with
+        ``ggml``: float32 candidates are held free-running to :data:`GGML_CARRIED` (or the family's own
+        ggml numbers, :mod:`moesnap.judge.family_tolerances`; widening with
         depth by :data:`GGML_DRIFT`) and, in the per-layer modes, to the float32 table (there the
         reference rounds its matmul inputs as ggml does); other dtypes as by default."""
         base = cls.defaults(family)
@@ -461,10 +462,14 @@ class Tolerances:
             return base
         if profile != "ggml":
             raise ToleranceError(f"unknown tolerance profile {profile!r}; choose one of {', '.join(PROFILES)}")
-        g = GGML_CARRIED
+        from .family_tolerances import family_ggml_carried
+
+        g, own = GGML_CARRIED, family_ggml_carried(family)
+        table = {**g.stages, **(own.stages if own is not None else {})}
         carried = {**base.carried_stages,
-                   "float32": {stage: Tolerance(atol, rtol, g.max_frac_outside) for stage, (atol, rtol) in g.stages.items()}}
-        return replace(base, carried_stages=carried, carried_tie_tols={**base.carried_tie_tols, "float32": g.tie_tol},
+                   "float32": {stage: Tolerance(atol, rtol, g.max_frac_outside) for stage, (atol, rtol) in table.items()}}
+        tie = own.tie_tol if own is not None else g.tie_tol
+        return replace(base, carried_stages=carried, carried_tie_tols={**base.carried_tie_tols, "float32": tie},
                        drift_rates={"float32": GGML_DRIFT}, profile="ggml")
 
     def for_stage(self, stage: str, dtype: str) -> Tolerance:

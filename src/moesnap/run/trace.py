@@ -49,7 +49,7 @@ def model_provenance(model: ModelWeights) -> dict:
 #: engines ``trace --engine`` runs: moesnap's own forwards, and other engines as candidates
 ENGINES: tuple[str, ...] = ("moesnap", "transformers", "llama.cpp")
 #: the families (gguf-py's architecture names) each foreign engine is driven for
-ENGINE_FAMILIES: dict[str, tuple[str, ...]] = {"transformers": (QWEN3MOE, GPT_OSS), "llama.cpp": (QWEN3MOE,)}
+ENGINE_FAMILIES: dict[str, tuple[str, ...]] = {"transformers": (QWEN3MOE, GPT_OSS), "llama.cpp": (QWEN3MOE, GPT_OSS)}
 
 
 def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
