@@ -225,3 +225,28 @@ def test_router_outputs_in_either_layout_map_onto_our_stages():
         _routing(logits, 1, 2)
     with pytest.raises(UsageError, match="router scores have 3 columns"):
         _routing((logits, torch.ones(2, 3), ids), 0, 2)
+
+
+def test_a_transformers_that_fixes_the_swiglu_clamp_in_code_is_refused_for_another_clamp(world, monkeypatch):
+    """transformers before 5.2x hard-codes limit 7.0 and alpha 1.702 in GptOssExperts: a model with
+    another clamp is refused in one line rather than built with the wrong one."""
+    _needs_transformers()
+    import dataclasses
+
+    from transformers.models.gpt_oss import modeling_gpt_oss as mg
+
+    from moesnap.capture.hf import model_from_gguf
+    from moesnap.model.load import open_model
+
+    real_init = mg.GptOssExperts.__init__
+
+    def fixed(self, config):
+        real_init(self, config)
+        self.limit, self.alpha = 7.0, 1.702
+
+    monkeypatch.setattr(mg.GptOssExperts, "__init__", fixed)
+    model = open_model(world[0])
+    assert model_from_gguf(model) is not None                 # the model's own clamp: built
+    model.config = dataclasses.replace(model.config, swiglu_limit=6.0)
+    with pytest.raises(UsageError, match=r"GptOssExperts uses limit = 7.0, the model 6.0"):
+        model_from_gguf(model)

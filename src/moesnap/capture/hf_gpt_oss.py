@@ -70,6 +70,12 @@ def gpt_oss_from_weights(model: Any, *, device: torch.device | str, dtype: torch
     cfg = hf_config(c, dtype, extra)
     with torch.device("meta"):
         hf = GptOssForCausalLM(cfg)
+    experts: Any = hf.model.layers[0].mlp.experts if c.n_layer else None
+    for want, attr in ((c.swiglu_limit, "limit"), (c.swiglu_alpha, "alpha")):
+        value = getattr(experts, attr, want)
+        if float(value) != float(want):     # transformers before 5.2x fixes limit 7.0 and alpha 1.702 in code
+            raise UsageError(f"{model.path}: this transformers' GptOssExperts uses {attr} = {value}, the model "
+                             f"{want}: its clamped SwiGLU cannot be built here")
     norm_dtype = torch.float32 if dtype == torch.float16 else dtype
 
     def w(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
