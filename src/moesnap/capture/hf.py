@@ -1,7 +1,7 @@
-"""Capture HF transformers' Qwen3-MoE forward into a moesnap :class:`~moesnap.store.case.Case`.
+"""Capture HF transformers' MoE forward into a moesnap :class:`~moesnap.store.case.Case`.
 
 transformers is an engine like any other: :func:`transformers_case` runs one
-forward (batch 1, no KV cache) of a ``Qwen3MoeForCausalLM`` on any device and
+forward (batch 1, no KV cache) of a ``Qwen3MoeForCausalLM`` or a ``GptOssForCausalLM`` on any device and
 in any dtype and records every stage that forward hooks can see, without
 patching a forward function.  With ``decode=N`` it serves the prompt as
 transformers does: a prefill into its ``DynamicCache``, then N single-token
@@ -18,10 +18,18 @@ transformers 5.x; checked against 5.24)::
     layer.post_attention_layernorm input / output   -> attn_resid / ffn_norm [T, H]
     mlp.gate  -> (router_logits, top_k_weights, top_k_index)
                                                     -> router_logits [T, E], topk_weights, topk_ids [T, k]
-    layer.mlp                     output            -> moe_out        [T, H]
+    layer.mlp                     output            -> moe_out        [T, H]  (gpt-oss: its first output)
     layer                         output            -> layer_out      [T, H]
     model.norm                    output            -> final_norm     [T, H]
     model output ``logits``                         -> logits         [T, V]
+
+gpt-oss (``modeling_gpt_oss.py``) has the same modules but no ``q_norm``/``k_norm`` (no such stage
+in its family) and its router is ``mlp.router``, returning ``(router_logits [T, E], scores, indices
+[T, k])``: the scores are the softmax over the k selected logits, in slot order ``[T, k]`` in
+transformers 5.x; where a release gives them scattered over the experts ``[T, E]`` (transformers
+4.5x: ``(scores [T, E], indices)``, no logits) the weights are gathered at the indices and
+``router_logits`` is left out.  Its experts are fused too (gate and up interleaved in one
+``gate_up_proj``).
 
 RoPE is a plain function and the experts are one fused module, so ``q_rope``,
 ``k_rope`` and ``expert_out`` are not visible: they are left out (compare with
@@ -42,11 +50,20 @@ from torch import nn
 
 from ..case import Case, from_recorder
 from ..errors import UsageError
+from ..model.config import GPT_OSS, QWEN3MOE
 from ..model.recorder import ArrayRecorder
+from ..stages import layer_stages
 from ..util import versions
 
 #: stages a hook-based capture of transformers cannot see
 NOT_CAPTURED: tuple[str, ...] = ("q_rope", "k_rope", "expert_out")
+#: moesnap's family (gguf-py's architecture name) of a transformers ``config.model_type``
+FAMILY_OF_MODEL_TYPE: dict[str, str] = {"qwen3_moe": QWEN3MOE, "gpt_oss": GPT_OSS}
+
+
+def _family(model: nn.Module) -> str:
+    return FAMILY_OF_MODEL_TYPE.get(str(getattr(getattr(model, "config", None), "model_type", "")), QWEN3MOE)
+
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                 torch.float64: "float64"}
@@ -68,15 +85,22 @@ def _first_arg(args: tuple, kwargs: dict, where: str) -> torch.Tensor:
     raise UsageError(f"transformers capture: {where} was called without a tensor input")
 
 
+def _router(layer: nn.Module) -> nn.Module | None:
+    """The module that routes a layer's tokens: Qwen3-MoE's ``mlp.gate``, gpt-oss's ``mlp.router``."""
+    mlp = getattr(layer, "mlp", None)
+    return getattr(mlp, "gate", None) or getattr(mlp, "router", None)
+
+
 def _decoder(model: nn.Module) -> nn.Module:
-    """The ``Qwen3MoeModel`` inside a ``Qwen3MoeForCausalLM`` (refused with one line otherwise)."""
+    """The decoder (``.model``) inside a ``Qwen3MoeForCausalLM`` or ``GptOssForCausalLM`` (refused with
+    one line otherwise)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or not hasattr(inner, "embed_tokens") or not hasattr(inner, "norm"):
-        raise UsageError(f"transformers capture: {type(model).__name__} is not a Qwen3MoeForCausalLM "
-                         f"(no .model.layers / .model.embed_tokens / .model.norm)")
+        raise UsageError(f"transformers capture: {type(model).__name__} is not a Qwen3MoeForCausalLM or "
+                         f"GptOssForCausalLM (no .model.layers / .model.embed_tokens / .model.norm)")
     for i, layer in enumerate(layers):
-        if not hasattr(getattr(layer, "mlp", None), "gate"):
+        if _router(layer) is None:
             raise UsageError(f"transformers capture: layer {i} has a dense MLP (mlp_only_layers / "
                              f"decoder_sparse_step); only all-MoE models are captured")
     return inner
@@ -88,23 +112,31 @@ def model_from_gguf(model: Any, *, device: torch.device | str = "cpu", dtype: to
     :class:`~moesnap.model.weights.GGUFModel`), built on ``device`` in ``dtype``.
 
     The config comes from the GGUF's metadata through moesnap's own :class:`Qwen3MoeConfig`
-    (all layers sparse, top-k probabilities renormalised, untied lm head).  Each tensor's stored
+    (all layers sparse, top-k probabilities renormalised, untied lm head); a gpt-oss model gives a
+    ``GptOssForCausalLM`` (:mod:`moesnap.capture.hf_gpt_oss`).  Each tensor's stored
     bytes are dequantized on ``device`` (bit-exact with gguf-py in float32) one tensor at a time and
     assigned to the meta-initialised model, so the host never holds more than one tensor's bytes.
     ``attn_implementation`` / ``experts_implementation``: transformers' own choice when None (what a
     user of transformers runs); ``"eager"`` for the plain loops.
     """
-    try:
-        from transformers import Qwen3MoeConfig as HFConfig
-        from transformers import Qwen3MoeForCausalLM
-    except ImportError:
-        raise UsageError("transformers is not installed (pip install 'moesnap[transformers]')") from None
     c = model.config
     extra: dict[str, Any] = {}
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
     if experts_implementation:
         extra["experts_implementation"] = experts_implementation
+    if c.arch == GPT_OSS:
+        from .hf_gpt_oss import gpt_oss_from_weights
+
+        return gpt_oss_from_weights(model, device=device, dtype=dtype, extra=extra)
+    if c.arch != QWEN3MOE:
+        raise UsageError(f"{model.path}: transformers capture builds {QWEN3MOE!r} and {GPT_OSS!r} models, "
+                         f"not {c.arch!r} ones")
+    try:
+        from transformers import Qwen3MoeConfig as HFConfig
+        from transformers import Qwen3MoeForCausalLM
+    except ImportError:
+        raise UsageError("transformers is not installed (pip install 'moesnap[transformers]')") from None
     # head_dim is no declared field of Qwen3MoeConfig: the class takes it through **kwargs (PreTrainedConfig
     # sets it; the attention reads config.head_dim), which its dataclass typing does not show
     cfg = HFConfig(  # type: ignore[call-arg]
@@ -157,6 +189,29 @@ def model_from_gguf(model: Any, *, device: torch.device | str = "cpu", dtype: to
     return hf.eval()
 
 
+def _routing(out: Any, layer: int, k: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """``(router_logits or None, topk_weights [.., k], topk_ids [.., k])`` from what a router module
+    returned: ``(logits, weights, ids)`` with the weights in slot order ``[.., k]`` or scattered over the
+    experts ``[.., E]``, or transformers 4.5x gpt-oss's ``(scores [.., E], ids)``."""
+    if isinstance(out, tuple) and len(out) == 3 and all(isinstance(x, torch.Tensor) for x in out):
+        logits, scores, index = out
+    elif isinstance(out, tuple) and len(out) == 2 and all(isinstance(x, torch.Tensor) for x in out):
+        (scores, index), logits = out, None
+    else:
+        raise UsageError(f"transformers capture: layer {layer}'s router did not return (router_logits, "
+                         f"top_k_weights, top_k_index) or (router_scores, router_indices)")
+    if index.shape[-1] != k:
+        raise UsageError(f"transformers capture: layer {layer}'s router gave {index.shape[-1]} expert ids per "
+                         f"token, expected top-k = {k}")
+    if logits is None or (scores.shape[-1] != k and scores.shape == logits.shape):
+        # scattered over the experts [.., E]: the selected experts' weights, in slot order [.., k]
+        scores = scores.reshape(-1, scores.shape[-1]).gather(-1, index.reshape(-1, k).long())
+    elif scores.shape[-1] != k:
+        raise UsageError(f"transformers capture: layer {layer}'s router scores have {scores.shape[-1]} columns, "
+                         f"neither top-k = {k} nor one per expert")
+    return logits, scores, index
+
+
 class _Stages:
     """Forward hooks on the modules of every stage, recording into the forward under way.
 
@@ -174,22 +229,24 @@ class _Stages:
         try:
             hf_config: Any = model.config
             for i, layer in enumerate(inner.layers):
-                att, mlp = layer.self_attn, layer.mlp
+                att, mlp, router = layer.self_attn, layer.mlp, _router(layer)
+                assert router is not None     # _decoder refused a layer without one
                 D = int(att.head_dim)
-                k = int(getattr(mlp.gate, "top_k", hf_config.num_experts_per_tok))
+                k = int(getattr(router, "top_k", hf_config.num_experts_per_tok))
+                if hasattr(att, "q_norm") and hasattr(att, "k_norm"):    # gpt-oss has none: no such stage
+                    hooks += [att.q_norm.register_forward_hook(self._out("q_norm", i, (-1, D))),  # [B, T, Hq, D]
+                              att.k_norm.register_forward_hook(self._out("k_norm", i, (-1, D)))]
                 hooks += [
                     layer.input_layernorm.register_forward_hook(self._out("attn_norm", i, (-1,))),
                     att.q_proj.register_forward_hook(self._out("q", i, (-1, D))),           # [T, Hq, D]
                     att.k_proj.register_forward_hook(self._out("k", i, (-1, D))),           # [T, Hkv, D]
                     att.v_proj.register_forward_hook(self._out("v", i, (-1, D))),           # [T, Hkv, D]
-                    att.q_norm.register_forward_hook(self._out("q_norm", i, (-1, D))),      # [B, T, Hq, D] in
-                    att.k_norm.register_forward_hook(self._out("k_norm", i, (-1, D))),
                     att.o_proj.register_forward_pre_hook(self._in("attn", i), with_kwargs=True),  # [T, Hq*D]
                     att.o_proj.register_forward_hook(self._out("attn_out", i, (-1,))),
                     layer.post_attention_layernorm.register_forward_pre_hook(self._in("attn_resid", i),
                                                                              with_kwargs=True),
                     layer.post_attention_layernorm.register_forward_hook(self._out("ffn_norm", i, (-1,))),
-                    mlp.gate.register_forward_hook(self._gate(i, k)),
+                    router.register_forward_hook(self._gate(i, k)),
                     mlp.register_forward_hook(self._out("moe_out", i, (-1,))),
                     layer.register_forward_hook(self._out("layer_out", i, (-1,))),
                 ]
@@ -214,12 +271,10 @@ class _Stages:
 
     def _gate(self, layer: int, k: int) -> Callable:
         def hook(mod, args, out) -> None:
-            if not (isinstance(out, tuple) and len(out) == 3):
-                raise UsageError(f"transformers capture: layer {layer} mlp.gate did not return "
-                                 f"(router_logits, top_k_weights, top_k_index)")
-            logits, weights, index = out
-            self._save("router_logits", layer, logits, (-1,))     # [T, E]
-            self._save("topk_weights", layer, weights, (k,))       # [T, k] renormalised when norm_topk_prob
+            logits, weights, index = _routing(out, layer, k)
+            if logits is not None:
+                self._save("router_logits", layer, logits, (-1,))  # [T, E]
+            self._save("topk_weights", layer, weights, (k,))       # [T, k] (renormalised / softmax over the k)
             self._save("topk_ids", layer, index, (k,))             # [T, k] by descending weight (torch.topk)
         return hook
 
@@ -248,7 +303,8 @@ def _cache_keyword(model: nn.Module) -> str:
 
 def transformers_case(model: nn.Module, tokens: Sequence[int], *, decode: int = 0,
                       continuation: Sequence[int] | None = None, attrs: dict[str, Any] | None = None) -> Case:
-    """Run ``tokens`` through a transformers ``Qwen3MoeForCausalLM`` and capture every visible stage;
+    """Run ``tokens`` through a transformers ``Qwen3MoeForCausalLM`` or ``GptOssForCausalLM`` and
+    capture every visible stage;
     with ``decode``, then decode steps through transformers' own KV cache, each captured too.
 
     ``decode=0`` (and no ``continuation``): one forward, batch 1, ``use_cache=False``.  ``decode=N``:
@@ -265,7 +321,7 @@ def transformers_case(model: nn.Module, tokens: Sequence[int], *, decode: int = 
     ``decode``, the fed ``continuation`` and ``continuation_source`` — ``"given"`` or ``"greedy"``),
     updated with ``attrs``; its ``steps`` hold one case of one row per decode step
     (``attrs`` ``positions=[len(tokens) + n]``, ``step=n``, ``engine``, ``dtype``).  Raises
-    :class:`UsageError` when transformers is missing, ``model`` is not an all-MoE Qwen3-MoE causal LM,
+    :class:`UsageError` when transformers is missing, ``model`` is not an all-MoE Qwen3-MoE or gpt-oss causal LM,
     or a token or ``decode``/``continuation`` is out of range.
     """
     from ._decode import decode_plan
@@ -301,11 +357,12 @@ def transformers_case(model: nn.Module, tokens: Sequence[int], *, decode: int = 
         try:
             with torch.inference_mode():
                 keyword = _cache_keyword(model)
+                hf_config: Any = model.config
                 cache: Any = None
                 if n_steps:
                     from transformers import DynamicCache
 
-                    cache = DynamicCache(config=model.config)
+                    cache = DynamicCache(config=hf_config)
 
                 def forward(rows: np.ndarray) -> Callable[[], Any]:
                     input_ids = torch.as_tensor(rows, device=param.device)[None, :]   # [1, T]
@@ -332,7 +389,7 @@ def transformers_case(model: nn.Module, tokens: Sequence[int], *, decode: int = 
         "transformers_version": transformers.__version__,
         "versions": {**versions(), "transformers": transformers.__version__},
         "token_ids": [int(t) for t in ids],
-        "not_captured": list(NOT_CAPTURED),
+        "not_captured": [s for s in layer_stages(_family(model)) if s not in rec.layers],
     }
     if n_steps:   # the prompt's rows are positions 0..T-1 of a sequence the steps go on (a prefix of the golden's)
         meta.update({"positions": list(range(T)), "prompt_tokens": T, "decode": n_steps,

@@ -50,6 +50,7 @@ import torch
 from ..case import Case, from_recorder
 from ..errors import UsageError
 from ..model.recorder import ArrayRecorder
+from ..stages import DEFAULT_FAMILY, FAMILY_STAGES, layer_stages
 from ..util import versions
 
 # --- ctypes mirror of struct ggml_tensor (ggml/include/ggml.h, llama-cpp-python 0.3.36) ---
@@ -80,32 +81,42 @@ class ggml_tensor(ctypes.Structure):
     ]
 
 
-# llama.cpp qwen3moe graph name (without the "-<layer>" suffix) -> moesnap stage,
-# as observed with llama-cpp-python 0.3.36 (CPU, F32 weights, no flash attention).
-# "Qcur"/"Kcur" name three graph nodes per layer: the 2-D projection, its 3-D
-# reshape (both ``q``/``k``) and the RoPE output (``q_rope``/``k_rope``, the
-# last one); "Vcur" names the projection and its reshape.  The o-projection
-# output is unnamed ("node_N"): ``attn_out`` is derived as
-# ``ffn_inp - <layer input>`` (layer input = ``embd`` or the previous ``l_out``).
+# llama.cpp graph name (without the "-<layer>" suffix) -> moesnap stage, as observed with
+# llama-cpp-python 0.3.36 (CPU, F32 KV cache, no flash attention) in its qwen3moe graph and its
+# openai-moe graph (gpt-oss, ``llm_build_openai_moe_iswa``).  "Qcur"/"Kcur" name several graph nodes
+# per layer: the 2-D projection, in gpt-oss the projection plus its bias, the 3-D reshape, and last
+# the RoPE output: the node before the last is ``q``/``k`` (the reshape: the projection with its bias
+# where there is one), the last ``q_rope``/``k_rope``; "Vcur" names the projection (plus bias) and its
+# reshape, the last one ``v``.  qwen3moe leaves the o-projection output unnamed ("node_N"):
+# ``attn_out`` is then derived as ``ffn_inp - <layer input>`` (layer input = ``embd`` or the previous
+# ``l_out``) where asked; openai-moe names it ``attn_out``.  Where two names map to one stage of a layer
+# the later node in the graph wins: gpt-oss's ``ffn_moe_down_biased`` (the expert output with its
+# bias) over ``ffn_moe_down``.
 STAGE_MAP: dict[str, str] = {
     "attn_norm": "attn_norm",
-    "Qcur": "q",            # first occurrence; the last of three is q_rope
-    "Kcur": "k",            # first occurrence; the last of three is k_rope
-    "Vcur": "v",
     "Qcur_normed": "q_norm",
     "Kcur_normed": "k_norm",
     "kqv_out": "attn",
+    "attn_out": "attn_out",             # openai-moe only
     "ffn_inp": "attn_resid",
     "ffn_norm": "ffn_norm",
+    "attn_post_norm": "ffn_norm",       # openai-moe: the norm before the MoE
     "ffn_moe_logits": "router_logits",
-    "ffn_moe_argsort": "topk_ids",      # [T, E] descending-probability order; first k columns
-    "ffn_moe_weights_norm": "topk_weights",
+    "ffn_moe_argsort": "topk_ids",      # [T, E] descending order; first k columns
+    "ffn_moe_weights_norm": "topk_weights",      # qwen3moe: softmax, top-k, renormalised
+    "ffn_moe_weights_softmax": "topk_weights",   # openai-moe: softmax over the k selected logits
     "ffn_moe_down": "expert_out",       # [T, k, H] unweighted, in topk_ids order
+    "ffn_moe_down_biased": "expert_out",
     "ffn_moe_out": "moe_out",
     "l_out": "layer_out",
 }
+#: where a family's graph names a stage otherwise: gpt-oss's router adds its bias after the node named
+#: ``ffn_moe_logits``, and with top-k-then-softmax gating ``ffn_moe_probs`` holds those biased logits
+#: (with softmax gating, Qwen3-MoE's, it holds probabilities: no stage); the later node wins
+FAMILY_STAGE_MAP: dict[str, dict[str, str]] = {"gpt-oss": {**STAGE_MAP, "ffn_moe_probs": "router_logits"}}
+#: names of several nodes per layer: (the stage of the node before the last, the stage of the last)
+OCCURRENCES: dict[str, tuple[str, str | None]] = {"Qcur": ("q", "q_rope"), "Kcur": ("k", "k_rope"), "Vcur": ("v", None)}
 MODEL_MAP: dict[str, str] = {"embd": "embed", "result_norm": "final_norm", "result_output": "logits"}
-ROPE_OCCURRENCE = {"Qcur": "q_rope", "Kcur": "k_rope"}
 HEAD_STAGES = frozenset({"q", "k", "v", "q_norm", "k_norm", "q_rope", "k_rope"})
 
 
@@ -272,11 +283,13 @@ def _split(name: str) -> tuple[str, int | None]:
 
 
 def map_stages(captured: list[tuple[str, np.ndarray]], T: int, n_expert_used: int, head_dim: int, *,
-               derive_attn_out: bool = False) -> dict[str, np.ndarray]:
+               derive_attn_out: bool = False, arch: str = "qwen3moe") -> dict[str, np.ndarray]:
     """moesnap stages ``[L, T, ...]`` (and model stages ``[T, ...]``) from the captured llama.cpp tensors.
 
     ``derive_attn_out``: add ``attn_out = ffn_inp - <layer input>`` (not a tensor llama.cpp computes:
-    the cross-check uses it; a candidate case leaves the stage out)."""
+    the cross-check uses it; a candidate case leaves the stage out).  ``arch``: the GGUF's
+    architecture (:data:`FAMILY_STAGE_MAP`)."""
+    names = FAMILY_STAGE_MAP.get(arch, STAGE_MAP)
     occ: dict[tuple[str, int], list[np.ndarray]] = {}
     model: dict[str, np.ndarray] = {}
     for name, arr in captured:
@@ -289,10 +302,16 @@ def map_stages(captured: list[tuple[str, np.ndarray]], T: int, n_expert_used: in
     per: dict[str, dict[int, np.ndarray]] = {}
     for (base, il), arrs in occ.items():
         picks = []
-        if base in STAGE_MAP:
-            picks.append((STAGE_MAP[base], arrs[0]))
-        if base in ROPE_OCCURRENCE and len(arrs) >= 3:
-            picks.append((ROPE_OCCURRENCE[base], arrs[-1]))
+        if base in names:
+            picks.append((names[base], arrs[0]))
+        if base in OCCURRENCES:
+            before_last, last = OCCURRENCES[base]
+            if last is None:
+                picks.append((before_last, arrs[-1]))
+            elif len(arrs) >= 3:
+                picks += [(before_last, arrs[-2]), (last, arrs[-1])]
+            else:
+                picks.append((before_last, arrs[0]))
         for stage, arr in picks:
             if arr.size % T:
                 continue
@@ -332,15 +351,16 @@ def forward_in_process(path: str, tokens: list[int], *, stages: bool = True,
         from gguf import GGUFReader
 
         fields = GGUFReader(path).fields
-        n_expert_used = int(fields["qwen3moe.expert_used_count"].contents())
-        head_dim = int(fields["qwen3moe.attention.key_length"].contents())
+        arch = fields["general.architecture"].contents()
+        n_expert_used = int(fields[f"{arch}.expert_used_count"].contents())
+        head_dim = int(fields[f"{arch}.attention.key_length"].contents())
         for stage, arr in map_stages(captured, len(tokens), n_expert_used, head_dim,
-                                     derive_attn_out=derive_attn_out).items():
+                                     derive_attn_out=derive_attn_out, arch=arch).items():
             if stage != "logits":
                 res[stage] = arr
         for n, (tok, logits, step_captured) in enumerate(steps):
             for stage, arr in map_stages(step_captured, 1, n_expert_used, head_dim,
-                                         derive_attn_out=derive_attn_out).items():
+                                         derive_attn_out=derive_attn_out, arch=arch).items():
                 if stage != "logits":
                     res[f"step{n}.{stage}"] = arr
             res[f"step{n}.tokens"] = np.asarray([tok], dtype=np.int64)
@@ -355,16 +375,17 @@ def forward_in_process(path: str, tokens: list[int], *, stages: bool = True,
 
 
 def has_weight_suffix(path: str | Path) -> bool:
-    """Whether every tensor is named like a converted checkpoint (``blk.0.attn_q.weight``)."""
+    """Whether every tensor is named like a converted checkpoint (``blk.0.attn_q.weight``, a bias
+    ``blk.0.attn_q.bias``)."""
     from gguf import GGUFReader
 
-    return all(t.name.endswith(".weight") for t in GGUFReader(str(path)).tensors)
+    return all(t.name.endswith((".weight", ".bias")) for t in GGUFReader(str(path)).tensors)
 
 
 def copy_with_weight_suffix(src: str | Path, dst: str | Path) -> Path:
     """Copy ``src`` to ``dst`` byte-for-byte in data, adding ``.weight`` to tensor names that lack it.
 
-    llama.cpp looks tensors up as ``<name>.weight``; a file whose tensors are
+    llama.cpp looks tensors up as ``<name>.weight`` (biases as ``<name>.bias``); a file whose tensors are
     named ``blk.0.attn_q`` does not load.  Metadata is copied key by key with
     its GGUF value type; tensor bytes (quantized blocks included) unchanged.
     """
@@ -380,7 +401,7 @@ def copy_with_weight_suffix(src: str | Path, dst: str | Path) -> Path:
         sub = f.types[1] if vtype == GGUFValueType.ARRAY and len(f.types) > 1 else None
         w.add_key_value(key, f.contents(), vtype, sub_type=sub)
     for t in r.tensors:
-        name = t.name if t.name.endswith(".weight") else t.name + ".weight"
+        name = t.name if t.name.endswith((".weight", ".bias")) else t.name + ".weight"
         w.add_tensor(name, np.asarray(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -428,7 +449,8 @@ def llama_forward(path: str | Path, tokens, *, stages: bool = True, timeout: flo
             return {k: z[k] for k in z.files}
 
 
-#: stages llama.cpp's qwen3moe graph does not name (the o-projection output)
+#: stages llama.cpp's qwen3moe graph does not name (the o-projection output); its openai-moe graph
+#: names every gpt-oss stage (``not_captured`` of a case: its family's stages it lacks)
 NOT_CAPTURED: tuple[str, ...] = ("attn_out",)
 
 
@@ -502,7 +524,7 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
         "llama_cpp_version": llama_cpp.__version__,
         "versions": {**versions(), "llama_cpp_python": llama_cpp.__version__},
         "token_ids": ids,
-        "not_captured": list(NOT_CAPTURED),
+        "not_captured": [s for s in layer_stages(_family(path)) if s not in prompt],
     }
     if n_steps:   # the prompt's rows are positions 0..T-1 of a sequence the steps go on (a prefix of the golden's)
         meta.update({"positions": list(range(len(ids))), "prompt_tokens": len(ids), "decode": n_steps,
@@ -512,6 +534,14 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
         meta["planted"] = f"position {int(forget[1])} removed from the KV cache before decode step {int(forget[0])}"
     meta.update(attrs or {})
     return replace(_case(prompt, ids, meta), steps=tuple(steps))
+
+
+def _family(path: str | Path) -> str:
+    """The GGUF's architecture where moesnap knows it as a family (else Qwen3-MoE's stages are listed)."""
+    from gguf import GGUFReader
+
+    arch = GGUFReader(str(path)).fields["general.architecture"].contents()
+    return arch if arch in FAMILY_STAGES else DEFAULT_FAMILY
 
 
 def main(argv: list[str] | None = None) -> int:

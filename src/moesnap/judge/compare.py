@@ -543,7 +543,7 @@ ABSORBED: dict[str, tuple[str, ...]] = {
     "expert_out": ("moe_out",),
 }
 #: what the local re-reference recomputes an absorbed stage's successor from (moesnap.run.rereference)
-_FROM = {"attn": "the engine's own q, k, v through the reference's q/k norm and RoPE",
+_FROM = {"attn": "the engine's own q, k, v through the reference's q/k norm (where the family has one) and RoPE",
          "q_rope": "the engine's own q through the reference's q norm", "k_rope": "the engine's own k through "
          "the reference's k norm", "moe_out": "the engine's own ffn_norm and routing through the reference's experts"}
 

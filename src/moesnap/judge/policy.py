@@ -5,7 +5,9 @@ ranks, the pytest fixture) and ``goldens diff`` judge under one :class:`Policy`.
 one ordered list of sources, later ones winning:
 
 1. the built-in tables of the tolerance profile (:data:`~moesnap.judge.tolerances.PROFILES`);
-   ``auto`` picks ``ggml`` where the candidate's ``engine`` attribute names a ggml engine;
+   ``auto`` picks ``ggml`` where the candidate's ``engine`` attribute names a ggml engine; with the
+   golden's family's own calibrated numbers where it has them (data:
+   :mod:`~moesnap.judge.family_tolerances`);
 2. ``[tool.moesnap]`` of a ``pyproject.toml`` (``--config``, else ``./pyproject.toml`` when it has
    that table), read and parsed once (:class:`ConfigFile`);
 3. overrides (``--tol``, the fixture's ``tol=``), ``[DTYPE:][STAGE.]KEY=VALUE``.
@@ -25,7 +27,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
-from ..stages import CHECK_DTYPES, DTYPES, GOLDEN_DTYPES
+from ..stages import CHECK_DTYPES, DEFAULT_FAMILY, DTYPES, GOLDEN_DTYPES
+from .family_tolerances import family_note
 from .tolerances import PROFILES, Tolerances, profile_for, read_section
 
 if TYPE_CHECKING:
@@ -134,15 +137,17 @@ class Settings:
             object.__setattr__(self, "overrides", tuple(self.overrides))
         self.tolerances("default")       # every override and the config file parse, or are refused now
 
-    def tolerances(self, profile: str) -> Tolerances:
-        """``profile``'s built-in tables, then the config file, then the overrides."""
-        tols = Tolerances.for_profile(profile)
+    def tolerances(self, profile: str, family: str = DEFAULT_FAMILY) -> Tolerances:
+        """``profile``'s built-in tables for a golden of ``family``, then the config file, then the overrides."""
+        tols = Tolerances.for_profile(profile, family)
         if self.config is not None:
             tols = Tolerances.from_section(self.config.section, base=tols, where=str(self.config.path))
         return tols.with_overrides(self.overrides) if self.overrides else tols
 
-    def resolve(self, *, engine: object = None) -> Policy:
-        """The policy for a candidate whose ``engine`` attribute is ``engine`` (None: unknown)."""
+    def resolve(self, *, engine: object = None, family: str | None = None) -> Policy:
+        """The policy for a candidate whose ``engine`` attribute is ``engine`` (None: unknown), judged
+        against a golden of ``family`` (None: Qwen3-MoE's tables; a family with its own calibrated
+        numbers, :mod:`~moesnap.judge.family_tolerances`, gets them, and the report says so)."""
         auto = self.profile == "auto"
         profile = profile_for(engine) if auto else self.profile
         notes: list[str] = []
@@ -150,10 +155,14 @@ class Settings:
             why = f" (the candidate's engine is {engine})" if auto else ""
             notes.append(f"tolerance profile ggml{why}: free-running tolerances admit 8-bit activation rounding "
                          f"carried through the layers; the local re-reference rounds every matmul input as ggml does")
+        family = family or DEFAULT_FAMILY
+        own = family_note(family)
+        if own is not None:
+            notes.append(own)
         note = self._config_note()
         if note is not None:
             notes.append(note)
-        return Policy(self.dtype, profile, self.tolerances(profile), tuple(notes))
+        return Policy(self.dtype, profile, self.tolerances(profile, family), tuple(notes))
 
     def _config_note(self) -> str | None:
         cfg = self.config

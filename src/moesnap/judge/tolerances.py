@@ -44,7 +44,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ..errors import ToleranceError
-from ..stages import DTYPES, INTEGER_STAGES, canonical
+from ..stages import DEFAULT_FAMILY, DTYPES, INTEGER_STAGES, canonical
 
 KEYS: tuple[str, ...] = ("atol", "rtol", "max_frac_outside", "row_rel_l2", "expert_scale")
 INF_KEYS = frozenset({"row_rel_l2", "expert_scale"})   # keys where inf means "rule off"
@@ -428,8 +428,11 @@ class Tolerances:
                      tuple(self.drift_rates.items()), self.profile))
 
     @classmethod
-    def defaults(cls) -> Tolerances:
-        """The built-in table :data:`DEFAULT_TOLERANCES`."""
+    def defaults(cls, family: str = DEFAULT_FAMILY) -> Tolerances:
+        """The built-in table :data:`DEFAULT_TOLERANCES`; free-running, ``family``'s own calibrated
+        numbers where it has them (:mod:`moesnap.judge.family_tolerances`)."""
+        from .family_tolerances import family_carried
+
         stages = {
             dtype: {
                 stage: Tolerance(atol, rtol, d.max_frac_outside, d.row_rel_l2.get(stage, d.row_rel_l2.get(DEFAULT, math.inf)),
@@ -438,23 +441,35 @@ class Tolerances:
             }
             for dtype, d in DEFAULT_TOLERANCES.items()
         }
-        return cls(stages, {dtype: d.tie_tol for dtype, d in DEFAULT_TOLERANCES.items()})
+        own = family_carried(family)
+        carried = {dtype: {**stages[dtype], **{stage: replace(stages[dtype].get(stage, stages[dtype][DEFAULT]),
+                                                              atol=atol, rtol=rtol)
+                                               for stage, (atol, rtol) in f.stages.items()}}
+                   for dtype, f in own.items()}
+        return cls(stages, {dtype: d.tie_tol for dtype, d in DEFAULT_TOLERANCES.items()}, carried,
+                   {dtype: f.tie_tol for dtype, f in own.items()})
 
     @classmethod
-    def for_profile(cls, profile: str = "default") -> Tolerances:
-        """The built-in tables of ``profile`` (:data:`PROFILES`).
+    def for_profile(cls, profile: str = "default", family: str = DEFAULT_FAMILY) -> Tolerances:
+        """The built-in tables of ``profile`` (:data:`PROFILES`) for a golden of ``family``.
 
-        ``ggml``: float32 candidates are held free-running to :data:`GGML_CARRIED` (widening with
+        ``ggml``: float32 candidates are held free-running to :data:`GGML_CARRIED` (or the family's own
+        ggml numbers, :mod:`moesnap.judge.family_tolerances`; widening with
         depth by :data:`GGML_DRIFT`) and, in the per-layer modes, to the float32 table (there the
         reference rounds its matmul inputs as ggml does); other dtypes as by default."""
-        base = cls.defaults()
+        base = cls.defaults(family)
         if profile == "default":
             return base
         if profile != "ggml":
             raise ToleranceError(f"unknown tolerance profile {profile!r}; choose one of {', '.join(PROFILES)}")
-        g = GGML_CARRIED
-        carried = {"float32": {stage: Tolerance(atol, rtol, g.max_frac_outside) for stage, (atol, rtol) in g.stages.items()}}
-        return replace(base, carried_stages=carried, carried_tie_tols={"float32": g.tie_tol},
+        from .family_tolerances import family_ggml_carried
+
+        g, own = GGML_CARRIED, family_ggml_carried(family)
+        table = {**g.stages, **(own.stages if own is not None else {})}
+        carried = {**base.carried_stages,
+                   "float32": {stage: Tolerance(atol, rtol, g.max_frac_outside) for stage, (atol, rtol) in table.items()}}
+        tie = own.tie_tol if own is not None else g.tie_tol
+        return replace(base, carried_stages=carried, carried_tie_tols={**base.carried_tie_tols, "float32": tie},
                        drift_rates={"float32": GGML_DRIFT}, profile="ggml")
 
     def for_stage(self, stage: str, dtype: str) -> Tolerance:

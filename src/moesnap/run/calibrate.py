@@ -62,8 +62,9 @@ def measure(model: ModelWeights, token_lists: list[list[int]], dtype: torch.dtyp
     """Per-stage spread of the reference in ``dtype`` against float64; also the number of routing flips.
 
     ``aq`` rounds each matmul input of the ``dtype`` run (``ActivationQuant``: what a correct ggml
-    engine computes, for the ``ggml`` profile); the float64 run never rounds."""
-    stages = layer_stages(model.config.arch)                       # the family's own (gpt-oss: no q/k norm)
+    engine computes, for the ``ggml`` profile); the float64 run never rounds.  The stages are the
+    model's family's (gpt-oss has no ``q_norm``/``k_norm``)."""
+    stages = layer_stages(model.config.arch)
     spread = {s: StageSpread() for s in ("embed", *stages, "final_norm", "logits") if s not in INTEGER_STAGES}
     flips = 0
     for tokens in token_lists:

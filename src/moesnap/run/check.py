@@ -173,12 +173,13 @@ def open_check(model: str | Path, suite: str, *, store: str | None, device: str,
     from ..model.load import parse_device
 
     # the candidate runs one of CHECK_DTYPES: a bad one is refused here, before the model is read
-    policy = replace(settings or Settings(profile="default"), dtype=dtype, allowed=CHECK_DTYPES).resolve()
-    if tols is not None:
-        policy = replace(policy, tolerances=tols)
+    asked = replace(settings or Settings(profile="default"), dtype=dtype, allowed=CHECK_DTYPES)
     where = parse_device(device)
     status(f"opening {model}")
     ggm = open_model(model)
+    policy = asked.resolve(family=ggm.config.arch)      # the family's own calibrated numbers, where it has them
+    if tols is not None:
+        policy = replace(policy, tolerances=tols)
     injections = tuple(parse_inject(s, ggm.config) for s in inject)
     status(f"reading golden {suite} from {store or 'goldens/'}")
     ref, meta, goldens = load_goldens(suite, store)

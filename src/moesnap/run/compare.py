@@ -13,6 +13,7 @@ import numpy as np
 from ..capture.shards import unshard
 from ..case import Case
 from ..errors import GoldenError, MoesnapError, UsageError
+from ..judge.attrs import recorded_family
 from ..judge.policy import Policy, Settings
 from ..judge.report import Report
 from ..judge.suite import Pair, PerLayer, judge_suite
@@ -250,7 +251,8 @@ def judge_dump(ref: str, meta: dict, gold: list[tuple[str, Case]],
         if c.n_layer > g.n_layer:
             raise GoldenError(f"{where}: case {name!r} holds {c.n_layer} layers, the golden {g.n_layer} ({ref}): "
                               f"judge it against goldens of the same model")
-    policy = settings if isinstance(settings, Policy) else settings.resolve(engine=pairs[0][2].attrs.get("engine"))
+    policy = settings if isinstance(settings, Policy) else settings.resolve(
+        engine=pairs[0][2].attrs.get("engine"), family=recorded_family(pairs[0][1], where=f"{ref} (golden)"))
     if tols is not None:
         policy = replace(policy, tolerances=tols)
     out_notes: list[str] = _other_model(meta, pairs, where) + list(notes) + list(case_notes)

@@ -45,16 +45,16 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..case import Case
 from ..judge.routing import tie_gap
-from ..model.config import ARCH, Qwen3MoeConfig
-from ..errors import GoldenError, UsageError
+from ..model.config import ModelConfig
+from ..model.families import expert_act, route
+from ..errors import GoldenError
 from ..model.recorder import ArrayRecorder
 from ..model.ggml import ActivationQuant, identity, near_halves
-from ..model.reference import (ActQuant, RMSNorm, Transformer, causal_attention, expert_outputs, rope_cos_sin,
-                               rotate_half)
+from ..model.reference import (ActQuant, RMSNorm, Transformer, _linear, causal_attention, expert_outputs,
+                               rope_cos_sin, rotate_half)
 from ..stages import LAYER_STAGES
 from ..model.weights import LayerWeights, ModelWeights
 
@@ -131,7 +131,7 @@ ROW_NOISE = 1e-5
 
 
 @torch.no_grad()
-def _follow_rounding(w: LayerWeights, fn: torch.Tensor, ids: torch.Tensor, eo: torch.Tensor, eo_e: torch.Tensor,
+def _follow_rounding(cfg: ModelConfig, w: LayerWeights, fn: torch.Tensor, ids: torch.Tensor, eo: torch.Tensor, eo_e: torch.Tensor,
                      aq: ActivationQuant, layer: int, rounded: list | None) -> None:
     """Take the engine's 8-bit rounding of an expert's down-projection input where it sits at a near half.
 
@@ -156,11 +156,13 @@ def _follow_rounding(w: LayerWeights, fn: torch.Tensor, ids: torch.Tensor, eo: t
             experts[e] = w.experts.expert(e)
         gate, up, down = experts[e]
         x = fn[t:t + 1]
-        h = (F.silu(aq(x, p + "ffn_gate_exps") @ gate.T) * (aq(x, p + "ffn_up_exps") @ up.T))[0]   # [F]
+        bg, bu, bd = w.experts.bias(e) or (None, None, None)
+        h = expert_act(cfg, _linear(aq(x, p + "ffn_gate_exps"), gate, bg),
+                       _linear(aq(x, p + "ffn_up_exps"), up, bu))[0]                              # [F]
         near, steps = near_halves(h, down_type)
         if near.numel() == 0:
             continue                    # no rounding here is decided by noise: the difference is the judge's
-        y = aq(h, p + "ffn_down_exps") @ down.T         # [H] this row alone: its sums, its own roundings
+        y = _linear(aq(h, p + "ffn_down_exps"), down, bd)   # [H] this row alone: its sums, its own roundings
         for j, step in zip(near.tolist(), steps):
             change = step * down[:, j]                                                             # [H]
             if (eo_e[t, slot] - y - change).norm() < (eo_e[t, slot] - y).norm():
@@ -171,8 +173,20 @@ def _follow_rounding(w: LayerWeights, fn: torch.Tensor, ids: torch.Tensor, eo: t
                 rounded.extend([layer, t, e, j] for j in near.tolist())
 
 
+def _weights_of(cfg: ModelConfig, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights, ids)`` of the experts ``ids [T, k]`` (the reference's own, or the engine's it followed)
+    under the family's gating, by descending weight: the softmax over all experts at those ids,
+    renormalised (``softmax_topk_renorm``), or the softmax over the k logits (``topk_softmax``)."""
+    if cfg.gating == "topk_softmax":
+        tw = torch.softmax(logits.gather(-1, ids), dim=-1)                       # [T, k]
+        tw, order = tw.sort(dim=-1, descending=True)
+        return tw, ids.gather(-1, order)
+    tw, order = torch.softmax(logits, dim=-1).gather(-1, ids).sort(dim=-1, descending=True)
+    return tw / tw.sum(-1, keepdim=True), ids.gather(-1, order)                 # renormalised [T, k]
+
+
 @torch.no_grad()
-def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.Tensor, cos, sin,
+def _layer(cfg: ModelConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.Tensor, cos, sin,
            rec: ArrayRecorder, tie_tol: float, followed: list, aq: ActQuant = identity,
            rounded: list | None = None) -> None:
     """Every stage of layer ``i`` from the engine's own value of the stage before it (module docstring)."""
@@ -181,24 +195,24 @@ def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.
     own = RMSNorm(w.attn_norm, cfg.rms_eps)(x)                                  # [T, H]
     rec.save("attn_norm", i, own)
     a = eng.or_own("attn_norm", own)
-    q = (aq(a, p + "attn_q") @ w.wq.T).view(T, cfg.n_head, D)                    # [T, Hq, D]
-    k = (aq(a, p + "attn_k") @ w.wk.T).view(T, cfg.n_head_kv, D)                 # [T, Hkv, D]
-    v = (aq(a, p + "attn_v") @ w.wv.T).view(T, cfg.n_head_kv, D)                 # [T, Hkv, D]
+    q = _linear(aq(a, p + "attn_q"), w.wq, w.bq).view(T, cfg.n_head, D)         # [T, Hq, D]
+    k = _linear(aq(a, p + "attn_k"), w.wk, w.bk).view(T, cfg.n_head_kv, D)      # [T, Hkv, D]
+    v = _linear(aq(a, p + "attn_v"), w.wv, w.bv).view(T, cfg.n_head_kv, D)      # [T, Hkv, D]
     for name, t in (("q", q), ("k", k), ("v", v)):
         rec.save(name, i, t)
     q, k, v = eng.or_own("q", q), eng.or_own("k", k), eng.or_own("v", v)
-    assert w.q_norm is not None and w.k_norm is not None   # Qwen3-MoE's layers: local_reference refuses others
-    qn, kn = RMSNorm(w.q_norm, cfg.rms_eps)(q), RMSNorm(w.k_norm, cfg.rms_eps)(k)
-    rec.save("q_norm", i, qn)
-    rec.save("k_norm", i, kn)
-    qn, kn = eng.or_own("q_norm", qn), eng.or_own("k_norm", kn)
-    qr, kr = qn * cos + rotate_half(qn) * sin, kn * cos + rotate_half(kn) * sin  # [T, H*, D]
+    if w.q_norm is not None and w.k_norm is not None:      # families without q/k norm (gpt-oss): no such stage
+        qn, kn = RMSNorm(w.q_norm, cfg.rms_eps)(q), RMSNorm(w.k_norm, cfg.rms_eps)(k)
+        rec.save("q_norm", i, qn)
+        rec.save("k_norm", i, kn)
+        q, k = eng.or_own("q_norm", qn), eng.or_own("k_norm", kn)
+    qr, kr = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin      # [T, H*, D]
     rec.save("q_rope", i, qr)
     rec.save("k_rope", i, kr)
     qr, kr = eng.or_own("q_rope", qr), eng.or_own("k_rope", kr)
-    attn = causal_attention(cfg, qr, kr, v)                                      # [T, Hq*D]
+    attn = causal_attention(cfg, qr, kr, v, i, w.sinks)                          # [T, Hq*D]
     rec.save("attn", i, attn)
-    attn_out = aq(eng.or_own("attn", attn), p + "attn_output") @ w.wo.T          # [T, H]
+    attn_out = _linear(aq(eng.or_own("attn", attn), p + "attn_output"), w.wo, w.bo)   # [T, H]
     rec.save("attn_out", i, attn_out)
     resid = x + eng.or_own("attn_out", attn_out)                                 # [T, H]
     rec.save("attn_resid", i, resid)
@@ -206,23 +220,20 @@ def _layer(cfg: Qwen3MoeConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.
     fn = RMSNorm(w.ffn_norm, cfg.rms_eps)(resid)
     rec.save("ffn_norm", i, fn)
     fn = eng.or_own("ffn_norm", fn)
-    logits = aq(fn, p + "ffn_gate_inp") @ w.router.T                             # [T, E] float32
+    logits = _linear(aq(fn, p + "ffn_gate_inp"), w.router, w.router_bias)       # [T, E] float32
     rec.save("router_logits", i, logits)
     logits = eng.or_own("router_logits", logits)
-    probs = torch.softmax(logits, dim=-1)                                        # [T, E]
-    _, ids = torch.topk(probs, cfg.n_expert_used, dim=-1)                        # [T, k]
+    _, ids = route(cfg, logits, cfg.n_expert_used)                               # [T, k] the reference's own
     cand_ids = eng.ids(T, cfg.n_expert_used, cfg.n_expert)
     ids = _follow(ids, logits, cand_ids, cfg.n_expert, tie_tol, i, followed)
-    tw, order = probs.gather(-1, ids).sort(dim=-1, descending=True)
-    ids = ids.gather(-1, order)
-    tw = tw / tw.sum(-1, keepdim=True)                                           # renormalised [T, k]
+    tw, ids = _weights_of(cfg, logits, ids)                                      # [T, k] by descending weight
     rec.save("topk_ids", i, ids)
     rec.save("topk_weights", i, tw)
     eo = expert_outputs(cfg, w, fn, ids, aq)                                     # [T, k, H]
     tw_e = _by_ids(eng.get("topk_weights", tw), cand_ids, ids)
     eo_e = _by_ids(eng.get("expert_out", eo), cand_ids, ids)
     if eo_e is not None and isinstance(aq, ActivationQuant):
-        _follow_rounding(w, fn, ids, eo, eo_e, aq, i, rounded)
+        _follow_rounding(cfg, w, fn, ids, eo, eo_e, aq, i, rounded)
     rec.save("expert_out", i, eo)
     moe = ((eo if eo_e is None else eo_e) * (tw if tw_e is None else tw_e)[..., None]).sum(dim=1)  # [T, H]
     rec.save("moe_out", i, moe)
@@ -248,9 +259,6 @@ def local_reference(model: ModelWeights, candidate: Case, *, tie_tol: float,
     hold zeros and must not be judged).
     """
     cfg = model.config
-    if cfg.arch != ARCH:
-        raise UsageError(f"{model.path}: the local re-reference computes {ARCH!r} layers only, not {cfg.arch!r} ones; "
-                         f"judge this dump without re-referencing (no --model)")
     T = int(candidate.tokens.shape[0])
     n_layer = min(cfg.n_layer, candidate.n_layer) if candidate.layers else cfg.n_layer
     ref = Transformer(model, torch.float32, aq)
@@ -296,5 +304,6 @@ def local_reference(model: ModelWeights, candidate: Case, *, tie_tol: float,
     if fn is not None and fn.shape == (T, cfg.hidden) and fn.dtype.kind == "f":
         model_stages["logits"] = ref.lm_head(torch.from_numpy(np.ascontiguousarray(fn, np.float32))).numpy()
     local = Case(tokens=candidate.tokens, model=model_stages, layers=layers,
-                 attrs={"producer": "moesnap-local-reference", "router_followed": followed})
+                 attrs={"producer": "moesnap-local-reference", "router_followed": followed,
+                        "model": {"config": cfg.to_dict()}})      # its family: the judge walks that family's stages
     return local, done, notes

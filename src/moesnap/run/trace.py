@@ -20,7 +20,7 @@ from ..model.recorder import ArrayRecorder
 from ..util import LayerProgress, file_sha256, plural, published_version_above, show_progress_switch, status, versions
 from ..model.load import parse_device
 from ..model.weights import ModelWeights
-from ..model.config import QWEN3MOE
+from ..model.config import GPT_OSS, QWEN3MOE
 from ..stages import DTYPES as STAGE_DTYPES
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in STAGE_DTYPES}
@@ -48,6 +48,8 @@ def model_provenance(model: ModelWeights) -> dict:
 
 #: engines ``trace --engine`` runs: moesnap's own forwards, and other engines as candidates
 ENGINES: tuple[str, ...] = ("moesnap", "transformers", "llama.cpp")
+#: the families (gguf-py's architecture names) each foreign engine is driven for
+ENGINE_FAMILIES: dict[str, tuple[str, ...]] = {"transformers": (QWEN3MOE, GPT_OSS), "llama.cpp": (QWEN3MOE, GPT_OSS)}
 
 
 def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
@@ -71,9 +73,10 @@ def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype =
     """
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine != "moesnap" and model.config.arch != QWEN3MOE:
-        raise UsageError(f"{model.path}: --engine {engine} runs {QWEN3MOE!r} models only, not {model.config.arch!r} "
-                         f"ones; trace the reference (--engine moesnap)")
+    families = ENGINE_FAMILIES.get(engine)
+    if families is not None and model.config.arch not in families:
+        raise UsageError(f"{model.path}: --engine {engine} runs {' and '.join(map(repr, families))} models only, not "
+                         f"{model.config.arch!r} ones; trace the reference (--engine moesnap)")
     model.check_tokens(np.asarray(tokens))
     if decode or continuation is not None:
         return _run_decode(model, tokens, dtype=dtype, device=device, candidate=candidate, prompt=prompt, engine=engine, decode=decode, continuation=continuation)
