@@ -457,8 +457,10 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
         lacks = {"bias_off": not cfg.router_probs_bias and "no score-correction bias (exp_probs_b)",
                  "shared_off": not cfg.n_shared_experts and "no shared experts",
                  "scale_off": cfg.routed_scale == 1.0 and "a routed scale of 1 (leaving it out changes nothing)"}
-        if cfg.gating not in ("softmax_grouped", "sigmoid_grouped") or lacks[inj.kind]:
-            raise UsageError(f"the model ({cfg.arch}) has {lacks[inj.kind] or 'no grouped routing'}")
+        if cfg.gating not in ("softmax_grouped", "sigmoid_grouped"):
+            raise UsageError(f"the model ({cfg.arch}) has no grouped routing, no shared experts, no routed scale")
+        if lacks[inj.kind]:
+            raise UsageError(f"the model ({cfg.arch}) has {lacks[inj.kind]}")
         if cfg.dense(inj.layer):
             raise UsageError(f"layer {inj.layer} is dense (no router, no experts); the MoE layers are "
                              f"{moe[0]}..{moe[-1]}")
