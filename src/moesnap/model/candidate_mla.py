@@ -38,18 +38,39 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
+from .config import ModelConfig
 from .faults import Faults
 from .forward_io import _Call, forced_router, replay_router
 from .kernels import _sdpa_causal, swiglu
 from .kvcache import cached_attention
 from .static_replay import StaticReplay
+from .weights import ModelWeights
 
-if TYPE_CHECKING:
-    from .candidate import CandidateModel
+
+class CandidateModel(Protocol):
+    """What these functions use of :class:`~moesnap.model.candidate.CandidateModel` (which calls them)."""
+
+    cfg: ModelConfig
+    model: ModelWeights
+    dtype: torch.dtype
+    opmath: torch.dtype
+    router_dtype: torch.dtype
+    gqa: bool
+
+    def _weight(self, name: str, faults: Faults, layer: int | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor: ...
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
+
+    def _rope(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def _rope_at(self, positions: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor, c: _Call) -> torch.Tensor: ...
 
 
 @dataclass

@@ -128,7 +128,8 @@ def propose(model: ModelWeights | Drafter, tokens: Sequence[int], n: int, *, dev
         if (k.ndim != 4 or v.shape != k.shape[:-1] + (cfg.v_dim,) or (k.shape[0], *k.shape[2:]) != want
                 or k.shape[1] < len(ids) - 1):
             raise ValueError(f"seed k_rope/v of shape {list(k.shape)}/{list(v.shape)}: expected "
-                             f"[{cfg.n_layer}, >= {len(ids) - 1}, {cfg.n_head_kv}, {cfg.head_dim} / {cfg.v_dim}]")
+                             f"[{cfg.n_layer}, >= {len(ids) - 1}, {cfg.n_head_kv}, {cfg.head_dim}]"
+                             + (f" (values {cfg.v_dim} wide)" if cfg.v_dim != cfg.head_dim else ""))
         for i in range(cfg.n_layer):
             cache.load(i, 0, torch.from_numpy(np.ascontiguousarray(k[i, :len(ids) - 1])),
                        torch.from_numpy(np.ascontiguousarray(v[i, :len(ids) - 1])))
