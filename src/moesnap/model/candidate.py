@@ -5,6 +5,9 @@ the experts (the experts' biases and clamped SwiGLU in float32, as a fused kerne
 sinks and a sliding window on its sliding layers (one more key of zeros whose additive bias is the
 head's sink, and a mask; :mod:`moesnap.model.kernels`), YaRN RoPE tables, and picks its experts by the
 top k of its logits with a softmax over those k; Qwen3-MoE's q/k norm runs where the config has it.
+DeepSeek-V2/V3 (a config with ``mla``) runs its own layer parts from :mod:`moesnap.model.candidate_mla`:
+latent attention, dense leading layers, grouped routing and shared experts, with this module's expert
+path, RoPE tables, KV cache and router replay.
 
 It computes the same model as :mod:`moesnap.model.reference` but shares none of its
 code: only the config, the stage names and the recorder.  What makes it a

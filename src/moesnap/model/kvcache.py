@@ -1,7 +1,7 @@
 """The candidate's KV cache, contiguous or paged, and where the rows of one forward sit in it.
 
 **Layout.**  Every layer keeps a pool of blocks ``k, v [n_blocks, block_size, Hkv, D]`` in the compute
-dtype (zeros until written).  Each sequence owns a row of the block table: its logical block ``j`` (token
+dtype (zeros until written; DeepSeek's values are ``v_head_dim`` wide, narrower than its keys).  Each sequence owns a row of the block table: its logical block ``j`` (token
 positions ``16j .. 16j+15``) lives in physical block ``table[seq, j]``, and the token at position ``p``
 in slot ``table[seq, p // bs] * bs + p % bs`` of the flattened pool.
 
