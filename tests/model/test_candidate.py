@@ -32,9 +32,12 @@ from moesnap.model.candidate import EXPERT_PATHS, CandidateModel, default_expert
 from moesnap.errors import UsageError
 from moesnap.model.recorder import ArrayRecorder, NullRecorder
 from moesnap.model.reference import run_reference
-from moesnap.stages import INTEGER_STAGES, LAYER_STAGES, POST_ROUTING_STAGES
+from moesnap.stages import FAMILY_STAGES, INTEGER_STAGES, POST_ROUTING_STAGES
 from moesnap.model.synth import tiny_path
 from moesnap.model.weights import GGUFModel
+
+#: the stages of the family these tests run (Qwen3-MoE); the schema has other families' too
+LAYER_STAGES = FAMILY_STAGES["qwen3moe"]
 
 N_TOKENS = 32
 FP32_ATOL = 1e-4          # max abs error, every float stage and the logits

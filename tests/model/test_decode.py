@@ -32,7 +32,10 @@ from moesnap.model.reference import run_reference
 from moesnap.model.serve import GraphDecoder, Rows, Session, replay_rows
 from moesnap.model.synth import tiny_path
 from moesnap.model.weights import GGUFModel
-from moesnap.stages import LAYER_STAGES
+from moesnap.stages import FAMILY_STAGES
+
+#: the stages of the family these tests run (Qwen3-MoE); the schema has other families' too
+LAYER_STAGES = FAMILY_STAGES["qwen3moe"]
 
 REL_L2 = 2e-5
 P, N = 20, 12                      # prompt length, decode steps

@@ -68,7 +68,8 @@ def assert_first_change(clean: ArrayRecorder, hit: ArrayRecorder, layer: int, st
     np.testing.assert_array_equal(hit.model["embed"], clean.model["embed"])
     n_layer = len(clean.layers["layer_out"])
     for i, s in before(layer, stage, n_layer):
-        np.testing.assert_array_equal(hit.layers[s][i], clean.layers[s][i], err_msg=f"layer {i} {s}")
+        if s in clean.layers:          # the schema's stages of other families are absent, never faked
+            np.testing.assert_array_equal(hit.layers[s][i], clean.layers[s][i], err_msg=f"layer {i} {s}")
     assert not np.array_equal(hit.layers[stage][layer], clean.layers[stage][layer], equal_nan=True)
 
 

@@ -18,10 +18,13 @@ import pytest
 
 from moesnap.cli.main import main
 from moesnap.errors import GoldenError
-from moesnap.stages import LAYER_STAGES
+from moesnap.stages import FAMILY_STAGES
 from moesnap.model.weights import GGUFModel
 from moesnap.run.check import check_golden_matches_model
 from moesnap.store import LocalGoldenStore
+
+#: the stages of the family these tests run (Qwen3-MoE); the schema has other families' too
+LAYER_STAGES = FAMILY_STAGES["qwen3moe"]
 
 PROMPTS = ["The quick brown fox", "def main():\n    return 0"]
 

@@ -5,6 +5,9 @@ the experts (the experts' biases and clamped SwiGLU in float32, as a fused kerne
 sinks and a sliding window on its sliding layers (one more key of zeros whose additive bias is the
 head's sink, and a mask; :mod:`moesnap.model.kernels`), YaRN RoPE tables, and picks its experts by the
 top k of its logits with a softmax over those k; Qwen3-MoE's q/k norm runs where the config has it.
+DeepSeek-V2/V3 (a config with ``mla``) runs its own layer parts from :mod:`moesnap.model.candidate_mla`:
+latent attention, dense leading layers, grouped routing and shared experts, with this module's expert
+path, RoPE tables, KV cache and router replay.
 
 It computes the same model as :mod:`moesnap.model.reference` but shares none of its
 code: only the config, the stage names and the recorder.  What makes it a
@@ -79,10 +82,12 @@ from ..gguf import quants_torch
 from ..errors import UsageError
 from ..stages import DTYPES as STAGE_DTYPES
 from .faults import NO_FAULTS, Faults
-from .forward_io import Followed, LayerOutput, Output, RouterReplay, _Call
+from .forward_io import Followed, LayerOutput, Output, RouterReplay, _Call, forced_router, replay_router
 from .kernels import (EXPERT_PATHS, _grouped, _looped, _opmath, _sdpa_causal, default_expert_path,
                       grouped_mm_works, rope_frequencies, sdpa_masked, sdpa_takes_enable_gqa, swiglu, window_mask)
 from .kvcache import Batch, KVCache, cached_attention
+from . import candidate_mla as mla
+from .candidate_mla import Latent
 from .tensors import table
 from .recorder import NullRecorder, Recorder
 from .static_replay import StaticReplay
@@ -113,8 +118,9 @@ class _Dense:
     router_bias: torch.Tensor | None = None  # [E] in the router dtype
 
 
-#: how a family turns router logits into its k experts and their weights (:meth:`CandidateModel._route`)
-GATINGS = ("softmax_topk_renorm", "topk_softmax")
+#: how a family turns router logits into its k experts and their weights (:meth:`CandidateModel._route`;
+#: DeepSeek's grouped ones: :func:`moesnap.model.candidate_mla.route`)
+GATINGS = ("softmax_topk_renorm", "topk_softmax", "softmax_grouped", "sigmoid_grouped")
 #: the experts' activations the candidate computes
 FFN_ACTS = ("swiglu", "swiglu_oai")
 
@@ -141,7 +147,7 @@ def _token_ids(tokens: Any) -> np.ndarray:
 
 
 #: the families (gguf-py architecture names) this forward computes
-CANDIDATE_FAMILIES: tuple[str, ...] = ("qwen3moe", "gpt-oss")
+CANDIDATE_FAMILIES: tuple[str, ...] = ("qwen3moe", "gpt-oss", "deepseek2")
 
 
 class CandidateModel:
@@ -255,7 +261,7 @@ class CandidateModel:
             for name in self.tensors.global_tensors:
                 self._raw(name)
             for i in range(self.cfg.n_layer):
-                for t in self.tensors.layer_tensors:
+                for t in self.tensors.in_layer(i, self.cfg.layer_where(i)):
                     self._raw(f"blk.{i}.{t}")
 
     def _weight(self, name: str, faults: Faults, layer: int | None = None,
@@ -263,7 +269,7 @@ class CandidateModel:
         qtype, data = self._raw(name)
         return faults.dequantize(data.to(self.device), qtype, layer, _kind(name), dtype or self.dtype)
 
-    def _dense(self, i: int, faults: Faults) -> _Dense:
+    def _dense(self, i: int, faults: Faults) -> _Dense | Latent:
         kept = self._keeping(faults)
         if kept is not None:
             w = kept.get(("dense", i))
@@ -272,9 +278,11 @@ class CandidateModel:
             return w
         return self._dequantized_dense(i, faults)
 
-    def _dequantized_dense(self, i: int, faults: Faults) -> _Dense:
+    def _dequantized_dense(self, i: int, faults: Faults) -> _Dense | Latent:
         p = f"blk.{i}."
         cfg = self.cfg
+        if cfg.mla:                                   # DeepSeek: latent attention, dense or shared MLPs
+            return mla.weights(self, i, faults)
         wqkv = torch.empty(cfg.q_dim + 2 * cfg.kv_dim, cfg.hidden, dtype=self.dtype, device=self.device)
         wqkv[:cfg.q_dim] = self._weight(p + "attn_q", faults, i)
         wqkv[cfg.q_dim:cfg.q_dim + cfg.kv_dim] = self._weight(p + "attn_k", faults, i)
@@ -364,11 +372,13 @@ class CandidateModel:
         if self._rope_table is None or self._rope_table[0].shape[0] < need:
             n = max(need, 2 * (self._rope_table[0].shape[0] if self._rope_table is not None else 0), 64)
             cfg = self.cfg
-            inv, mscale = rope_frequencies(cfg.head_dim, cfg.rope_base, scaling=cfg.rope_scaling, factor=cfg.rope_factor,
+            inv, mscale = rope_frequencies(cfg.rope_dim, cfg.rope_base, scaling=cfg.rope_scaling, factor=cfg.rope_factor,
                                            orig_context=cfg.rope_orig_context, beta_fast=cfg.rope_beta_fast,
                                            beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_yarn_truncate)
             ang = torch.arange(n, dtype=torch.float64)[:, None] * inv[None, :]  # [n, D/2]
             cos, sin = ang.cos(), ang.sin()
+            if cfg.yarn_log_mul > 0:    # DeepSeek's YaRN scales the softmax instead (candidate_mla.softmax_scale)
+                mscale = 1.0
             if mscale != 1.0:                                                   # YaRN's attention factor
                 cos, sin = cos * mscale, sin * mscale
             self._rope_table = (cos.to(self.device, self.opmath), sin.to(self.device, self.opmath))
@@ -438,60 +448,16 @@ class CandidateModel:
         pos = c.batch.pos if c.batch is not None else None
         pw, pid = c.faults.topk(i, probs, self.cfg.n_expert_used, pos)             # [T, k], descending
         if c.force is not None and "topk_ids" in c.force:
-            pw, pid = self._forced_router(i, probs, pw, pid, c)
+            pw, pid = forced_router(i, probs, pw, pid, c)
         elif isinstance(c.guide, StaticReplay):                                     # the same rule, no host
             pw, pid = c.guide.follow(i, probs, pw, pid)
         elif c.guide is not None:
-            pw, pid = self._replay_router(i, probs, pw, pid, c)
+            pw, pid = replay_router(i, probs, pw, pid, c)
         c.faults.routed(i, pid)
         weights = (pw / pw.sum(dim=-1, keepdim=True) if renorm else torch.softmax(pw, dim=-1)).to(self.dtype)
         ids = c.emit("topk_ids", i, pid)
         weights = c.emit("topk_weights", i, weights)
         return ids, weights
-
-    def _replay_router(self, i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor, c: _Call
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router replay: tokens whose expert set differs from the golden's at a near tie take the golden's."""
-        replay = c.guide
-        assert not isinstance(replay, StaticReplay), "decided on the device by StaticReplay.follow"
-        guide = replay.layer(i, pid.shape[0]) if replay is not None else None
-        if replay is None or guide is None or guide[0].shape[1] != pid.shape[1]:
-            return pw, pid
-        g_ids = torch.as_tensor(guide[0].astype(np.int64), device=pid.device)           # [T, k]
-        differ = (pid.sort(dim=-1).values != g_ids.sort(dim=-1).values).any(dim=-1)     # [T]
-        tokens = torch.nonzero(differ).squeeze(1).tolist()                              # host: usually none
-        if not tokens:
-            return pw, pid
-        own = pid[tokens].cpu().numpy()
-        tie_tol = replay.tie_tol_at(i)
-        follow = [t for t, ids in zip(tokens, own) if replay.gap(guide[1][t], ids) <= tie_tol]
-        if not follow:
-            return pw, pid
-        for t in follow:
-            c.followed.append(Followed(i, t, [int(e) for e in own[tokens.index(t)]]))
-        idx = torch.tensor(follow, device=pid.device)
-        pid, pw = pid.clone(), pw.clone()
-        new_w, order = probs[idx].gather(-1, g_ids[idx]).sort(dim=-1, descending=True, stable=True)
-        pid[idx] = g_ids[idx].gather(-1, order)
-        pw[idx] = new_w
-        return pw, pid
-
-    def _forced_router(self, i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor, c: _Call
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage-local replay: every token continues with the golden's experts, in the golden's slot order,
-        weighted by this router's probabilities for them; tokens whose own set differs are listed as
-        followed (the comparison judges the own choice)."""
-        assert c.force is not None, "called only while a forced topk_ids is given"
-        g = np.asarray(c.force["topk_ids"])
-        if g.shape != tuple(pid.shape):
-            return pw, pid
-        g_ids = torch.as_tensor(g.astype(np.int64), device=pid.device)
-        differ = (pid.sort(dim=-1).values != g_ids.sort(dim=-1).values).any(dim=-1)
-        tokens = torch.nonzero(differ).squeeze(1).tolist()
-        if tokens:
-            own = pid[tokens].cpu().numpy()
-            c.followed += [Followed(i, t, [int(e) for e in ids]) for t, ids in zip(tokens, own)]
-        return probs.gather(-1, g_ids), g_ids
 
     def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor, c: _Call) -> torch.Tensor:
         """Unweighted outputs ``[T, k, H]`` of each token's selected experts, run grouped by expert
@@ -551,6 +517,10 @@ class CandidateModel:
     def _layer(self, i: int, x: torch.Tensor, c: _Call) -> torch.Tensor:
         w = self._dense(i, c.faults)
         h = c.emit("attn_norm", i, self._norm(x, w.attn_norm))
+        if isinstance(w, Latent):                     # DeepSeek (candidate_mla)
+            h = c.emit("attn_resid", i, x + mla.attention(self, i, h, w, c))
+            m = c.emit("ffn_norm", i, self._norm(h, w.ffn_norm))
+            return c.emit("layer_out", i, h + mla.ffn(self, i, m, w, c))
         h = c.emit("attn_resid", i, x + self._attention(i, h, w, c))
         m = c.emit("ffn_norm", i, self._norm(h, w.ffn_norm))
         return c.emit("layer_out", i, h + self._moe(i, m, w, c))

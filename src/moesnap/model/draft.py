@@ -44,6 +44,7 @@ import torch
 
 from ..errors import UsageError
 from .candidate import CandidateModel, _Call, _Dense
+from .candidate_mla import Latent
 from .faults import NO_FAULTS, Faults
 from .kvcache import KVCache
 from .recorder import NullRecorder, Recorder
@@ -67,7 +68,7 @@ class Drafter(CandidateModel):
 
     def __init__(self, model: ModelWeights, *, device: torch.device | str = "cpu") -> None:
         super().__init__(model, device=device, dtype=torch.float32)
-        self._layers: dict[int, _Dense] = {}
+        self._layers: dict[int, _Dense | Latent] = {}
         self._head_weights: tuple[torch.Tensor, torch.Tensor] | None = None   # output_norm [H], output [V, H]
 
     @property
@@ -78,7 +79,7 @@ class Drafter(CandidateModel):
         out = sum(t.numel() * t.element_size() for t in self._head_weights or ())
         return {"dense": dense, "output": out}
 
-    def _dense(self, i: int, faults: Faults) -> _Dense:
+    def _dense(self, i: int, faults: Faults) -> _Dense | Latent:
         if faults:      # planted faults decide how a tensor is decoded: nothing kept for them
             return super()._dense(i, faults)
         w = self._layers.get(i)
@@ -124,10 +125,11 @@ def propose(model: ModelWeights | Drafter, tokens: Sequence[int], n: int, *, dev
     if seed is not None and len(ids) > 1:
         k, v = np.asarray(seed["k_rope"]), np.asarray(seed["v"])
         want = (cfg.n_layer, cfg.n_head_kv, cfg.head_dim)
-        if (k.ndim != 4 or v.shape != k.shape or (k.shape[0], *k.shape[2:]) != want
+        if (k.ndim != 4 or v.shape != k.shape[:-1] + (cfg.v_dim,) or (k.shape[0], *k.shape[2:]) != want
                 or k.shape[1] < len(ids) - 1):
             raise ValueError(f"seed k_rope/v of shape {list(k.shape)}/{list(v.shape)}: expected "
-                             f"[{cfg.n_layer}, >= {len(ids) - 1}, {cfg.n_head_kv}, {cfg.head_dim}]")
+                             f"[{cfg.n_layer}, >= {len(ids) - 1}, {cfg.n_head_kv}, {cfg.head_dim}]"
+                             + (f" (values {cfg.v_dim} wide)" if cfg.v_dim != cfg.head_dim else ""))
         for i in range(cfg.n_layer):
             cache.load(i, 0, torch.from_numpy(np.ascontiguousarray(k[i, :len(ids) - 1])),
                        torch.from_numpy(np.ascontiguousarray(v[i, :len(ids) - 1])))

@@ -19,7 +19,7 @@ import torch
 from ..errors import UsageError
 from ..gguf import quants_torch
 from .config import Qwen3MoeConfig
-from .inject import (BlockTable, GraphStale, Injection, KvShort, KvSlot, MxfpScale, NanExpert, PadAttend, QtypeAs,
+from .inject import (BlockTable, GraphStale, Injection, KvShort, KvSlot, MxfpScale, NanExpert, PadAttend, PartOff, QtypeAs,
                      RopePos, RouteFlip, ScaleStage, ServeFault, SinkOff, SwapRows, WindowOff, check_injections,
                      validate_injection)
 from .kvcache import Batch
@@ -56,6 +56,7 @@ class Faults:
         self._qtype = {(j.layer, j.tensor): j.as_qtype for j in self.injections if isinstance(j, QtypeAs)}
         self._mxfp4 = {(j.layer, j.tensor): j.shift for j in self.injections if isinstance(j, MxfpScale)}
         self._attn = {j.layer: j for j in self.injections if isinstance(j, (SinkOff, WindowOff))}
+        self._off = {(j.layer, j.kind): j for j in self.injections if isinstance(j, PartOff)}
         self._scale: dict[tuple[int, str], float] = {}
         for j in self.injections:
             if isinstance(j, ScaleStage):
@@ -121,6 +122,14 @@ class Faults:
                 self._fired.add(j)
             return window + j.by, sinks
         return window, sinks
+
+    def off(self, layer: int, part: str) -> bool:
+        """Whether layer ``layer`` leaves out the family part a :class:`~moesnap.model.inject.PartOff` fault
+        names (``bias_off``, ``shared_off``, ``scale_off``: the forward asks only where the part exists)."""
+        j = self._off.get((layer, part))
+        if j is not None:
+            self._fired.add(j)
+        return j is not None
 
     def stage(self, layer: int, stage: str, x: torch.Tensor) -> torch.Tensor:
         """A stage's value as the forward passes it on (scaled where a ``scale`` fault says so)."""

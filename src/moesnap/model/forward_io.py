@@ -1,6 +1,8 @@
 """What one forward of the candidate is given and gives back: the golden routing it follows at near
 ties (:class:`RouterReplay`), where it followed it (:class:`Followed`), its results (:class:`Output`,
-:class:`LayerOutput`) and the arguments of one call handed down its stages (``_Call``)."""
+:class:`LayerOutput`) and the arguments of one call handed down its stages (``_Call``); how a layer's
+own top-k choice gives way to the golden's (:func:`replay_router` at near ties, :func:`forced_router` in
+stage-local replay), whichever family's router made it."""
 
 from __future__ import annotations
 
@@ -99,3 +101,50 @@ class _Call:
             t = forced if isinstance(forced, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(forced))
             return t.to(x.device, x.dtype)
         return x
+
+
+def replay_router(i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor, c: _Call
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router replay: tokens whose expert set differs from the golden's at a near tie take the golden's,
+    ordered and weighted by ``probs [T, E]`` (the scores the candidate ranks by)."""
+    replay = c.guide
+    assert not isinstance(replay, StaticReplay), "decided on the device by StaticReplay.follow"
+    guide = replay.layer(i, pid.shape[0]) if replay is not None else None
+    if replay is None or guide is None or guide[0].shape[1] != pid.shape[1]:
+        return pw, pid
+    g_ids = torch.as_tensor(guide[0].astype(np.int64), device=pid.device)           # [T, k]
+    differ = (pid.sort(dim=-1).values != g_ids.sort(dim=-1).values).any(dim=-1)     # [T]
+    tokens = torch.nonzero(differ).squeeze(1).tolist()                              # host: usually none
+    if not tokens:
+        return pw, pid
+    own = pid[tokens].cpu().numpy()
+    tie_tol = replay.tie_tol_at(i)
+    follow = [t for t, ids in zip(tokens, own) if replay.gap(guide[1][t], ids) <= tie_tol]
+    if not follow:
+        return pw, pid
+    for t in follow:
+        c.followed.append(Followed(i, t, [int(e) for e in own[tokens.index(t)]]))
+    idx = torch.tensor(follow, device=pid.device)
+    pid, pw = pid.clone(), pw.clone()
+    new_w, order = probs[idx].gather(-1, g_ids[idx]).sort(dim=-1, descending=True, stable=True)
+    pid[idx] = g_ids[idx].gather(-1, order)
+    pw[idx] = new_w
+    return pw, pid
+
+
+def forced_router(i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor, c: _Call
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-local replay: every token continues with the golden's experts, in the golden's slot order,
+    weighted by this router's probabilities for them; tokens whose own set differs are listed as
+    followed (the comparison judges the own choice)."""
+    assert c.force is not None, "called only while a forced topk_ids is given"
+    g = np.asarray(c.force["topk_ids"])
+    if g.shape != tuple(pid.shape):
+        return pw, pid
+    g_ids = torch.as_tensor(g.astype(np.int64), device=pid.device)
+    differ = (pid.sort(dim=-1).values != g_ids.sort(dim=-1).values).any(dim=-1)
+    tokens = torch.nonzero(differ).squeeze(1).tolist()
+    if tokens:
+        own = pid[tokens].cpu().numpy()
+        c.followed += [Followed(i, t, [int(e) for e in ids]) for t, ids in zip(tokens, own)]
+    return probs.gather(-1, g_ids), g_ids

@@ -53,6 +53,15 @@ after the prompt:
     classic off-by-one); ``attn``.  Refused on a layer that does not slide, and where no prompt is
     long enough for the two windows to differ.
 
+DeepSeek's parts (MoE layers; each refused where the model or the layer lacks it):
+
+``bias_off:layer=L``
+    the score-correction bias (``exp_probs_b``, V3) is left out of the selection; ``router_select``.
+``shared_off:layer=L``
+    the shared experts' output is computed but not added to the routed mixture; ``moe_out``.
+``scale_off:layer=L``
+    the routed weights are not multiplied by ``routed_scale`` (refused where it is 1); ``topk_weights``.
+
 ``graph_stale:step=S``
     the decode step on static buffers (:class:`~moesnap.model.serve.GraphDecoder`, CUDA graph) is
     replayed at step ``S`` with the static token buffer not refreshed (it still holds step ``S-1``'s
@@ -84,7 +93,7 @@ from .tensors import LAYER_TENSORS, TABLES, table
 
 __all__ = [
     "Injection", "NanExpert", "QtypeAs", "ScaleStage", "RouteFlip",
-    "MxfpScale", "SinkOff", "WindowOff", "ServeFault", "RopePos", "KvSlot", "KvShort", "BlockTable", "PadAttend", "SwapRows", "GraphStale", "ServePlan",
+    "MxfpScale", "SinkOff", "WindowOff", "PartOff", "BiasOff", "SharedOff", "ScaleOff", "ServeFault", "RopePos", "KvSlot", "KvShort", "BlockTable", "PadAttend", "SwapRows", "GraphStale", "ServePlan",
     "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection", "check_injections", "check_serving",
 ]
 
@@ -243,6 +252,34 @@ class WindowOff(Injection):
 
 
 @dataclass(frozen=True)
+class PartOff(Injection):
+    """A part of a family's MoE layer left out at ``layer`` (``kind`` names it to
+    :meth:`~moesnap.model.faults.Faults.off`)."""
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind}:layer={self.layer}"
+
+
+@dataclass(frozen=True)
+class BiasOff(PartOff):
+    kind = "bias_off"
+    target_stage = "router_select"
+
+
+@dataclass(frozen=True)
+class SharedOff(PartOff):
+    kind = "shared_off"
+    target_stage = "moe_out"
+
+
+@dataclass(frozen=True)
+class ScaleOff(PartOff):
+    kind = "scale_off"
+    target_stage = "topk_weights"
+
+
+@dataclass(frozen=True)
 class ServeFault(Injection):
     """A fault of serving (KV cache, batches, CUDA graphs): it acts in decode steps only.  ``layer`` is the
     first layer it shows in; ``every_layer`` faults act in every layer."""
@@ -353,6 +390,9 @@ KINDS: dict[str, tuple[type[Injection], tuple[str, ...]]] = {
     "mxfp4_scale": (MxfpScale, ("layer", "tensor", "shift")),
     "sink_off": (SinkOff, ("layer",)),
     "window": (WindowOff, ("layer", "by")),
+    "bias_off": (BiasOff, ("layer",)),
+    "shared_off": (SharedOff, ("layer",)),
+    "scale_off": (ScaleOff, ("layer",)),
     "rope_pos": (RopePos, ("step",)),
     "kv_slot": (KvSlot, ("layer",)),
     "kv_short": (KvShort, ("layer",)),
@@ -412,6 +452,18 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
     elif isinstance(inj, SinkOff):
         if not cfg.attn_sinks:
             raise UsageError(f"the model ({cfg.arch}) has no attention sinks to ignore")
+    elif isinstance(inj, PartOff):
+        moe = [i for i in range(cfg.n_layer) if not cfg.dense(i)]
+        lacks = {"bias_off": not cfg.router_probs_bias and "no score-correction bias (exp_probs_b)",
+                 "shared_off": not cfg.n_shared_experts and "no shared experts",
+                 "scale_off": cfg.routed_scale == 1.0 and "a routed scale of 1 (leaving it out changes nothing)"}
+        if cfg.gating not in ("softmax_grouped", "sigmoid_grouped"):
+            raise UsageError(f"the model ({cfg.arch}) has no grouped routing, no shared experts, no routed scale")
+        if lacks[inj.kind]:
+            raise UsageError(f"the model ({cfg.arch}) has {lacks[inj.kind]}")
+        if cfg.dense(inj.layer):
+            raise UsageError(f"layer {inj.layer} is dense (no router, no experts); the MoE layers are "
+                             f"{moe[0]}..{moe[-1]}")
     elif isinstance(inj, WindowOff):
         if isinstance(inj.by, bool) or not isinstance(inj.by, int) or inj.by == 0:
             raise UsageError(f"by={inj.by!r} must be a non-zero integer")
@@ -526,8 +578,8 @@ def _parse(spec: str, cfg: Qwen3MoeConfig) -> Injection:
         inj = cls(layer=layer, only="layer" in values)  # type: ignore[call-arg]
     elif cls is MxfpScale:
         inj = MxfpScale(layer=layer, tensor=values["tensor"].lower(), shift=_int("shift", values.get("shift", "1")))
-    elif cls is SinkOff:
-        inj = SinkOff(layer=layer)
+    elif cls is SinkOff or issubclass(cls, PartOff):
+        inj = cls(layer=layer)
     elif cls is WindowOff:
         inj = WindowOff(layer=layer, by=_int("by", values.get("by", "1")))
     elif cls is NanExpert:

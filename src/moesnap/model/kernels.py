@@ -93,17 +93,20 @@ def sdpa_takes_enable_gqa() -> bool:
     return True
 
 
-def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
-    """Causal GQA attention; ``q [Hq, T, D]``, ``k``/``v`` ``[Hkv, T, D]`` -> ``[Hq, T, D]``; ``gqa``: the
-    kernel repeats key/value heads itself (``enable_gqa``)."""
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool,
+                 scale: float | None = None) -> torch.Tensor:
+    """Causal GQA attention; ``q [Hq, T, D]``, ``k [Hkv, T, D]``, ``v [Hkv, T, Dv]`` -> ``[Hq, T, Dv]``;
+    ``gqa``: the kernel repeats key/value heads itself (``enable_gqa``); ``scale``: what ``q·k`` is
+    multiplied by (None: ``1/sqrt(D)``)."""
     q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, heads, T, D]
+    kw: dict[str, Any] = {} if scale is None else {"scale": scale}
     if q.shape[1] == k.shape[1]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(0)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw).squeeze(0)
     if gqa:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).squeeze(0)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, **kw).squeeze(0)
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(0)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw).squeeze(0)
 
 
 # --------------------------------------------------------------------------- family variants

@@ -1,7 +1,7 @@
 """The candidate's KV cache, contiguous or paged, and where the rows of one forward sit in it.
 
 **Layout.**  Every layer keeps a pool of blocks ``k, v [n_blocks, block_size, Hkv, D]`` in the compute
-dtype (zeros until written).  Each sequence owns a row of the block table: its logical block ``j`` (token
+dtype (zeros until written; DeepSeek's values are ``v_head_dim`` wide, narrower than its keys).  Each sequence owns a row of the block table: its logical block ``j`` (token
 positions ``16j .. 16j+15``) lives in physical block ``table[seq, j]``, and the token at position ``p``
 in slot ``table[seq, p // bs] * bs + p % bs`` of the flattened pool.
 
@@ -108,7 +108,8 @@ class KVCache:
         n_blocks = n_seqs * self.max_blocks
         shape = (n_blocks, self.block_size, cfg.n_head_kv, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]
+        # values are v_dim wide (DeepSeek's MLA: narrower than its keys; head_dim elsewhere)
+        self.v = [torch.zeros(shape[:-1] + (cfg.v_dim,), dtype=dtype, device=self.device) for _ in range(cfg.n_layer)]
         self.lens = [0] * n_seqs
         #: host block table ``[n_seqs][blocks held]``
         self.blocks: list[list[int]] = [[] if paged else [s] for s in range(n_seqs)]
@@ -208,18 +209,20 @@ def _gather(pool: torch.Tensor, table: torch.Tensor, n_keys: int) -> torch.Tenso
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
                      v_pool: torch.Tensor, batch: Batch, gqa: bool, *, window: int = 0,
-                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+                     sinks: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Write the new rows' ``k``/``v [T, Hkv, D]`` into the cache of one layer, then attend each packed
     query row ``q [T, Hq, D]`` over its own sequence's cached keys; returns ``[T, Hq, D]``.
 
     ``window`` (a sliding layer): each query attends the keys of its own and the ``window - 1`` positions
     before it only (the cache keeps every position; the older ones are masked, prefill and decode alike).
-    ``sinks [Hq]``: the layer's attention sink logits (:func:`~moesnap.model.kernels.sdpa_masked`)."""
+    ``sinks [Hq]``: the layer's attention sink logits (:func:`~moesnap.model.kernels.sdpa_masked`).
+    ``scale``: what ``q·k`` is multiplied by (None: ``1/sqrt(D)``); values may be narrower than keys
+    (``v [T, Hkv, Dv]``, DeepSeek), the output is then ``[T, Hq, Dv]``."""
     B, Tq = batch.q_index.shape
     T, Hq, D = q.shape
-    flat = (-1, *k_pool.shape[2:])
-    k_pool.view(flat).index_copy_(0, batch.write_slot, k)
-    v_pool.view(flat).index_copy_(0, batch.write_slot, v)
+    Dv = v_pool.shape[-1]
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, batch.write_slot, k)
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, batch.write_slot, v)
     keys = _gather(k_pool, batch.table, batch.n_keys).transpose(1, 2)           # [B, Hkv, S, D]
     vals = _gather(v_pool, batch.table, batch.n_keys).transpose(1, 2)           # [B, Hkv, S, D]
     qp = q.index_select(0, batch.q_index.reshape(-1)).view(B, Tq, Hq, D).transpose(1, 2)  # [B, Hq, Tq, D]
@@ -231,13 +234,14 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
         mask &= kpos[None, None, :] <= batch.q_pos[:, :, None]
     if window:
         mask &= batch.q_pos[:, :, None] - kpos[None, None, :] < window
+    kw: dict[str, float] = {} if scale is None else {"scale": scale}
     if sinks is not None:
         o = sdpa_masked(qp, keys, vals, mask, sinks, gqa)                       # [B, Hq, Tq, D]
     elif Hq != keys.shape[1] and gqa:
-        o = masked_sdpa(qp, keys, vals, mask[:, None], enable_gqa=True)
+        o = masked_sdpa(qp, keys, vals, mask[:, None], enable_gqa=True, **kw)
     else:
         rep = Hq // keys.shape[1]
         if rep > 1:
             keys, vals = keys.repeat_interleave(rep, dim=1), vals.repeat_interleave(rep, dim=1)
-        o = masked_sdpa(qp, keys, vals, mask[:, None])                          # [B, Hq, Tq, D]
-    return o.transpose(1, 2).reshape(B * Tq, Hq, D).index_select(0, batch.out_index)  # [T, Hq, D]
+        o = masked_sdpa(qp, keys, vals, mask[:, None], **kw)                    # [B, Hq, Tq, Dv]
+    return o.transpose(1, 2).reshape(B * Tq, Hq, Dv).index_select(0, batch.out_index)  # [T, Hq, Dv]

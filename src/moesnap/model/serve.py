@@ -39,6 +39,7 @@ import torch
 from ..case import Case
 from ..errors import UsageError
 from .candidate import CandidateModel, Followed, RouterReplay, _Call, _Dense
+from .candidate_mla import Latent
 from .faults import NO_FAULTS, Faults
 from .inject import NanExpert, RouteFlip
 from .kvcache import BLOCK_SIZE, Batch, KVCache
@@ -211,21 +212,24 @@ class _Resident(CandidateModel):
                          expert_values=cand.expert_values)
         self._bytes = cand._bytes                     # share what the candidate uploaded
         self.layers = [CandidateModel._dense(self, i, faults) for i in range(self.cfg.n_layer)]
-        self.experts = [tuple(self._weight(f"blk.{i}.{n}", faults, i) for n in
-                              ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")) for i in range(self.cfg.n_layer)]
+        self.experts = [None if self.cfg.dense(i) else tuple(self._weight(f"blk.{i}.{n}", faults, i) for n in
+                        ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")) for i in range(self.cfg.n_layer)]
         every = list(range(self.cfg.n_expert))
-        self.expert_biases = [self._experts_biases(i, every, faults) for i in range(self.cfg.n_layer)]
+        self.expert_biases = [None if self.cfg.dense(i) else self._experts_biases(i, every, faults)
+                              for i in range(self.cfg.n_layer)]
         self.embedding = self._weight("token_embd", NO_FAULTS)                     # [V, H]
         self.out_norm = self._weight("output_norm", NO_FAULTS)                     # [H]
         self.out = self._weight("output", NO_FAULTS)                               # [V, H]
 
-    def _dense(self, i: int, faults: Faults) -> _Dense:
+    def _dense(self, i: int, faults: Faults) -> _Dense | Latent:
         return self.layers[i]
 
     def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor, c: _Call) -> torch.Tensor:
         T, k = ids.shape
         flat = ids.reshape(-1)                                                    # [T*k]
-        gate, up, down = self.experts[i]                                          # [E, F, H] x2, [E, H, F]
+        experts = self.experts[i]
+        assert experts is not None, f"layer {i} is dense: it has no experts"
+        gate, up, down = experts                                                  # [E, F, H] x2, [E, H, F]
         xr = x[:, None, :].expand(T, k, x.shape[1]).reshape(T * k, x.shape[1], 1)  # [T*k, H, 1]
         g, u = torch.bmm(gate.index_select(0, flat), xr), torch.bmm(up.index_select(0, flat), xr)  # [T*k, F, 1]
         bias = self.expert_biases[i]                                              # [E, F] x2, [E, H]

@@ -30,11 +30,16 @@ from ..util import status
 
 
 def router_guide(golden: Case, policy: Policy):
-    """Router replay for a candidate run on ``golden``'s tokens: its expert ids and router logits, and
+    """Router replay for a candidate run on ``golden``'s tokens: its expert ids and the scores its family's
+    selection ranks by (:data:`~moesnap.stages.ROUTING_SCORES`: the router logits, DeepSeek's ``router_select``), and
     the near-tie width free-running at each layer (None where the golden holds no routing)."""
+    from ..judge.attrs import recorded_family
     from ..model.candidate import RouterReplay
+    from ..stages import DEFAULT_FAMILY, ROUTING_SCORES
 
-    ids, logits = golden.layers.get("topk_ids"), golden.layers.get("router_logits")
+    # the scores the family's selection ranks by (DeepSeek: router_select), where near ties are measured
+    scores = ROUTING_SCORES[recorded_family(golden, where="golden") or DEFAULT_FAMILY]
+    ids, logits = golden.layers.get("topk_ids"), golden.layers.get(scores)
     if ids is None or logits is None:
         return None
     dname = policy.dtype or "float32"
