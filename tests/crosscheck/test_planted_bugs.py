@@ -26,7 +26,7 @@ pytest.importorskip("transformers", reason="transformers not installed (pip inst
 import torch  # noqa: E402
 
 from moesnap.errors import UsageError  # noqa: E402
-from moesnap.stages import LAYER_STAGES  # noqa: E402
+from moesnap.stages import FAMILY_STAGES  # noqa: E402
 
 from .foreign_run import BUG_LAYER, World, cli  # noqa: E402
 from .planted_bugs import BUGS, DTYPES, Plant, _replace_attention, _replace_router, expert_scale  # noqa: E402
@@ -65,7 +65,7 @@ def test_capture_float32_matches_golden(world):
     assert case.attrs["engine"] == "transformers" and case.attrs["dtype"] == "float32"
     assert case.attrs["transformers_version"] and case.attrs["note"] == "x"
     assert case.tokens.dtype == np.int32 and (case.tokens == golden.tokens).all()
-    assert set(case.layers) == set(LAYER_STAGES) - set(NOT_CAPTURED)
+    assert set(case.layers) == set(FAMILY_STAGES["qwen3moe"]) - set(NOT_CAPTURED)   # the world is Qwen3-MoE
     assert case.layers["topk_ids"].dtype == np.int32
     for stage, arr in case.layers.items():
         g = golden.layers[stage]
