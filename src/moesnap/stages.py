@@ -18,6 +18,8 @@ sink's share of the probability mass is no value any engine dumps to compare wit
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 # Whole-model stages, in computation order (``tokens`` is the input).
 MODEL_STAGES: tuple[str, ...] = ("tokens", "embed", "final_norm", "logits")
 
@@ -105,7 +107,7 @@ def layer_stages(family: str) -> tuple[str, ...]:
     return FAMILY_STAGES[family]
 
 
-def stages_of_layer(family: str, config: dict, layer: int) -> tuple[str, ...]:
+def stages_of_layer(family: str, config: Mapping[str, Any], layer: int) -> tuple[str, ...]:
     """The stages layer ``layer`` of a model of ``family`` has, by its recorded config (a golden's
     ``model.config``): a dense layer (``layer < n_dense_layers``) has no router, expert or MoE stage,
     a MoE layer no ``dense_ffn_out``; without a q LoRA (``q_lora_rank`` 0) there is no ``q_latent``;

@@ -149,14 +149,15 @@ def _follow_rounding(cfg: ModelConfig, w: LayerWeights, fn: torch.Tensor, ids: t
     down_type = aq.type_of(p + "ffn_down_exps")
     diff = (eo - eo_e).norm(dim=-1) > ROW_NOISE * eo_e.norm(dim=-1)                # [T, k]
     experts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    bank = w.experts
+    assert bank is not None   # local re-reference refuses families with dense layers
     for t, slot in diff.nonzero().tolist():
         e = int(ids[t, slot])
         if e not in experts:
-            assert w.experts is not None   # local re-reference refuses families with dense layers
-            experts[e] = w.experts.expert(e)
+            experts[e] = bank.expert(e)
         gate, up, down = experts[e]
         x = fn[t:t + 1]
-        bg, bu, bd = w.experts.bias(e) or (None, None, None)
+        bg, bu, bd = bank.bias(e) or (None, None, None)
         h = expert_act(cfg, _linear(aq(x, p + "ffn_gate_exps"), gate, bg),
                        _linear(aq(x, p + "ffn_up_exps"), up, bu))[0]                              # [F]
         near, steps = near_halves(h, down_type)
