@@ -196,6 +196,16 @@ def test_family_faults_are_refused_where_they_cannot_fire(model):
         with pytest.raises(UsageError, match=r"^--inject '.*': the model \(qwen3moe\) has no"):
             parse_inject(spec, tiny)
     check_injections([parse_inject("shared_off:layer=1", cfg)], model, [N_TOKENS])     # accepted where it fires
+    # the generic faults on what a dense layer, or this model, does not have: refused, never a vacuous pass
+    for spec, why in (("nan:layer=0,expert=1", "layer 0 is dense"), ("route:layer=0,token=1", "layer 0 is dense"),
+                      ("scale:layer=0,stage=router_logits,factor=2", "not a stage of layer 0"),
+                      ("scale:layer=1,stage=dense_ffn_out,factor=2", "not a stage of layer 1"),
+                      ("qtype:layer=0,tensor=ffn_up_exps,as=q4_0", "tensor=ffn_up_exps is not in layer 0"),
+                      ("qtype:layer=1,tensor=ffn_up,as=q4_0", "tensor=ffn_up is not in layer 1")):
+        with pytest.raises(UsageError, match=why):
+            parse_inject(spec, cfg)
+    with pytest.raises(UsageError, match="stage=q_latent is not a stage of layer 1 of this qwen3moe model"):
+        parse_inject("scale:layer=1,stage=q_latent,factor=2", tiny)
 
 
 def test_fault_specs_round_trip(model):

@@ -24,8 +24,8 @@ from moesnap.errors import UsageError
 from moesnap.judge.routing import tie_gap
 from moesnap.model.candidate import CandidateModel, RouterReplay
 from moesnap.model.faults import Faults
-from moesnap.model.inject import (BlockTable, GraphStale, KvShort, KvSlot, PadAttend, RopePos, ServePlan, SwapRows,
-                                  check_serving, parse_inject)
+from moesnap.model.inject import BlockTable, GraphStale, KvShort, KvSlot, PadAttend, RopePos, SwapRows, parse_inject
+from moesnap.model.inject_serving import ServePlan, check_serving
 from moesnap.model.kvcache import KVCache
 from moesnap.model.recorder import ArrayRecorder
 from moesnap.model.reference import run_reference

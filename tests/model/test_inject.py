@@ -18,7 +18,7 @@ from moesnap.model.faults import Faults
 from moesnap.model.recorder import ArrayRecorder
 from moesnap.model.synth import tiny_path
 from moesnap.model.weights import GGUFModel
-from moesnap.stages import LAYER_STAGES
+from moesnap.stages import FAMILY_STAGES, LAYER_STAGES
 
 stage_order = LAYER_STAGES.index
 
@@ -217,10 +217,16 @@ def test_scale(model, tokens, clean, stage):
 
 
 def test_every_scalable_stage_is_reachable(model, tokens, clean):
-    """A factor of 1 at any stage reproduces the clean run bit for bit."""
-    specs = [f"scale:layer=2,stage={s},factor=1" for s in SCALABLE_STAGES]
+    """A factor of 1 at any stage of the model's family reproduces the clean run bit for bit (a stage of
+    another family's is refused: test_scale_of_a_stage_the_layer_lacks_is_refused)."""
+    specs = [f"scale:layer=2,stage={s},factor=1" for s in SCALABLE_STAGES if s in FAMILY_STAGES["qwen3moe"]]
     hit = run(model, tokens, *specs)
     np.testing.assert_array_equal(hit.model["logits"], clean.model["logits"])
+
+
+def test_scale_of_a_stage_the_layer_lacks_is_refused(model):
+    with pytest.raises(UsageError, match="stage=shared_expert_out is not a stage of layer 2 of this qwen3moe model"):
+        parse_inject("scale:layer=2,stage=shared_expert_out,factor=2", model.config)
 
 
 @pytest.mark.parametrize("layer, token", [(0, 0), (2, 7), (3, N_TOKENS - 1)])

@@ -67,8 +67,9 @@ DeepSeek's parts (MoE layers; each refused where the model or the layer lacks it
     replayed at step ``S`` with the static token buffer not refreshed (it still holds step ``S-1``'s
     token); first shows in ``embed``.
 
-The forward applies faults through :class:`moesnap.model.faults.Faults`.  :func:`check_serving`
-refuses, in one line, a serving fault that cannot fire in a planned run (:class:`ServePlan`).
+The forward applies faults through :class:`moesnap.model.faults.Faults`.
+:func:`moesnap.model.inject_serving.check_serving` refuses, in one line, a serving fault that cannot fire
+in a planned run (:class:`~moesnap.model.inject_serving.ServePlan`).
 
 :func:`parse_inject` checks everything it can against the model's config and
 raises :class:`~moesnap.errors.UsageError` with one line naming the bad value;
@@ -88,13 +89,13 @@ import gguf
 
 from .config import Qwen3MoeConfig
 from ..errors import UsageError
-from ..stages import INTEGER_STAGES, LAYER_STAGES
+from ..stages import INTEGER_STAGES, LAYER_STAGES, stages_of_layer
 from .tensors import LAYER_TENSORS, TABLES, table
 
 __all__ = [
     "Injection", "NanExpert", "QtypeAs", "ScaleStage", "RouteFlip",
-    "MxfpScale", "SinkOff", "WindowOff", "PartOff", "BiasOff", "SharedOff", "ScaleOff", "ServeFault", "RopePos", "KvSlot", "KvShort", "BlockTable", "PadAttend", "SwapRows", "GraphStale", "ServePlan",
-    "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection", "check_injections", "check_serving",
+    "MxfpScale", "SinkOff", "WindowOff", "PartOff", "BiasOff", "SharedOff", "ScaleOff", "ServeFault", "RopePos", "KvSlot", "KvShort", "BlockTable", "PadAttend", "SwapRows", "GraphStale",
+    "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection", "check_injections",
 ]
 
 #: block types the decoder can be told to use (``as=``), by lower-case name
@@ -426,6 +427,7 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
     if isinstance(inj.layer, bool) or not isinstance(inj.layer, int):
         raise UsageError(f"layer={inj.layer!r} is not an integer")
     _range("layer", inj.layer, cfg.n_layer, "layers")
+    _layer_has(inj, cfg)
     if isinstance(inj, NanExpert):
         _range("expert", inj.expert, cfg.n_expert, "experts")
     elif isinstance(inj, QtypeAs):
@@ -453,7 +455,6 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
         if not cfg.attn_sinks:
             raise UsageError(f"the model ({cfg.arch}) has no attention sinks to ignore")
     elif isinstance(inj, PartOff):
-        moe = [i for i in range(cfg.n_layer) if not cfg.dense(i)]
         lacks = {"bias_off": not cfg.router_probs_bias and "no score-correction bias (exp_probs_b)",
                  "shared_off": not cfg.n_shared_experts and "no shared experts",
                  "scale_off": cfg.routed_scale == 1.0 and "a routed scale of 1 (leaving it out changes nothing)"}
@@ -461,9 +462,6 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
             raise UsageError(f"the model ({cfg.arch}) has no grouped routing, no shared experts, no routed scale")
         if lacks[inj.kind]:
             raise UsageError(f"the model ({cfg.arch}) has {lacks[inj.kind]}")
-        if cfg.dense(inj.layer):
-            raise UsageError(f"layer {inj.layer} is dense (no router, no experts); the MoE layers are "
-                             f"{moe[0]}..{moe[-1]}")
     elif isinstance(inj, WindowOff):
         if isinstance(inj.by, bool) or not isinstance(inj.by, int) or inj.by == 0:
             raise UsageError(f"by={inj.by!r} must be a non-zero integer")
@@ -493,6 +491,25 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
             raise UsageError(f"token={inj.token!r} must be an integer >= 0")
         if inj.token >= cfg.context_length:
             raise UsageError(f"token={inj.token} is out of range: the model's context is {cfg.context_length} tokens")
+
+
+def _layer_has(inj: Injection, cfg: Qwen3MoeConfig) -> None:
+    """Refuse a fault of a layer that lacks what it breaks (it could not fire): the router or the experts of
+    a dense layer (DeepSeek's leading ones), a stage or a tensor the layer does not have."""
+    if isinstance(inj, ServeFault):
+        return
+    if cfg.dense(inj.layer) and isinstance(inj, (NanExpert, RouteFlip, PartOff)):
+        moe = [i for i in range(cfg.n_layer) if not cfg.dense(i)]
+        raise UsageError(f"layer {inj.layer} is dense (no router, no experts); the MoE layers are {moe[0]}..{moe[-1]}")
+    if isinstance(inj, ScaleStage) and inj.stage in SCALABLE_STAGES and \
+            inj.stage not in stages_of_layer(cfg.arch, cfg.to_dict(), inj.layer):
+        raise UsageError(f"stage={inj.stage} is not a stage of layer {inj.layer} of this {cfg.arch} model, "
+                         "so nothing would change")
+    tensor = getattr(inj, "tensor", None)
+    held = table(cfg.arch).in_layer(inj.layer, cfg.layer_where(inj.layer))
+    if isinstance(tensor, str) and tensor in table(cfg.arch).layer_tensors and tensor not in held:
+        raise UsageError(f"tensor={tensor} is not in layer {inj.layer} of this {cfg.arch} model; it holds "
+                         f"{', '.join(held)}")
 
 
 def parse_inject(spec: str, cfg: Qwen3MoeConfig) -> Injection:
@@ -606,55 +623,3 @@ def _parse(spec: str, cfg: Qwen3MoeConfig) -> Injection:
         inj = RouteFlip(layer=layer, token=_int("token", values["token"]))
     validate_injection(inj, cfg)
     return inj
-
-
-# --------------------------------------------------------------------------- serving runs
-
-
-@dataclass(frozen=True)
-class ServePlan:
-    """A planned serving run: each sequence's prompt length, the decode steps after the prompts (every
-    sequence one token per step), a paged cache or a contiguous one, and whether the decode steps run on
-    static buffers (``graph``: :class:`~moesnap.model.serve.GraphDecoder`)."""
-
-    prompt_lens: tuple[int, ...]
-    decode: int
-    paged: bool = False
-    block_size: int = 16
-    graph: bool = False
-
-
-def check_serving(injections: Sequence[Injection], plan: ServePlan) -> None:
-    """Refuse, in one line naming the spec, a planted fault that cannot fire in ``plan`` (a self-test
-    that cannot fire proves nothing)."""
-    n = len(plan.prompt_lens)
-    last = [p + plan.decode - 1 for p in plan.prompt_lens]   # each sequence's last decode position
-    for inj in injections:
-        why = None
-        if isinstance(inj, ServeFault) and plan.decode < 1:
-            why = "it acts in decode steps only, and the run has none (--decode N)"
-        elif plan.graph and isinstance(inj, (NanExpert, RouteFlip)):
-            why = "the decode steps run in a CUDA graph (static buffers), where it is not planted; run them eagerly"
-        elif isinstance(inj, RopePos) and inj.step >= plan.decode:
-            why = f"the run has {plan.decode} decode step{'s' if plan.decode != 1 else ''} (0..{plan.decode - 1})"
-        elif isinstance(inj, GraphStale) and not plan.graph:
-            why = "it needs the decode steps on a CUDA graph's static buffers (--cuda-graph)"
-        elif isinstance(inj, GraphStale) and inj.step >= plan.decode:
-            why = f"the run has {plan.decode} decode steps (0..{plan.decode - 1})"
-        elif isinstance(inj, BlockTable):
-            if not plan.paged:
-                why = "it needs a paged KV cache (--paged)"
-            elif n < 2:
-                why = "it needs a batch of at least 2 sequences (another sequence's block to point at)"
-            elif inj.seq >= n:
-                why = f"seq={inj.seq} is out of range: the batch has {n} sequences"
-            elif last[inj.seq] < inj.block * plan.block_size:
-                why = (f"sequence {inj.seq} never reaches block {inj.block} (its last decode position is "
-                       f"{last[inj.seq]}, blocks of {plan.block_size})")
-        elif isinstance(inj, PadAttend) and not plan.graph and len(set(plan.prompt_lens)) < 2:
-            why = ("no decode step has padding: it needs a batch of sequences of different lengths"
-                   if n > 1 else "a single sequence has no padding: it needs a batch of sequences of different lengths")
-        elif isinstance(inj, SwapRows) and n < 2:
-            why = "it needs a batch of at least 2 sequences"
-        if why is not None:
-            raise UsageError(f"{inj.option}: the planted fault cannot fire ({why})")

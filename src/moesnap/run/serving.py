@@ -24,7 +24,8 @@ from ..judge.report import Report
 from ..judge.routing import tie_gap
 from ..judge.suite import Pair, PerLayer, judge_suite
 from ..model.candidate import RouterReplay
-from ..model.inject import Injection, ServePlan, check_injections, check_serving
+from ..model.inject import Injection, check_injections
+from ..model.inject_serving import ServePlan, check_serving
 from ..model.weights import ModelWeights
 from ..util import status
 
