@@ -14,3 +14,8 @@ timeout 280 python benchmarks/bench_decode_check.py --check-only --dtype float32
 rm -rf /tmp/bench48
 timeout 100 python tools/time_decode.py --layers 8 --dtype bfloat16 --steps 32 2>&1 | cut -c1-200 \
     | tee "$out/time_decode_8.txt" | head -40
+# a cProfile of the 8-layer bfloat16 prefill-only check (stage-local replay, the bf16 default) of time_decode's golden
+timeout 90 python -m cProfile -o "$out/check8.prof" -m moesnap check /tmp/time-decode/q30-8.gguf --suite time \
+    --store /tmp/time-decode/goldens --device cuda --dtype bfloat16 2>&1 | grep -E "^(judged|verdict|first)"
+python -c "import pstats; p = pstats.Stats('$out/check8.prof'); p.sort_stats('cumtime').print_stats(35); \
+p.sort_stats('tottime').print_stats(25)" 2>&1 | cut -c1-170 > "$out/check8_prof.txt"
