@@ -130,6 +130,17 @@ def plural(n: int, word: str, words: str | None = None) -> str:
     return f"{n} {word if n == 1 else words or word + 's'}"
 
 
+def spans(xs: Iterable[int]) -> str:
+    """Ascending numbers as runs: ``0-2, 5, 7-8``."""
+    parts: list[str] = []
+    for x in xs:
+        if parts and parts[-1].split("-")[-1] == str(x - 1):
+            parts[-1] = parts[-1].split("-")[0] + f"-{x}"
+        else:
+            parts.append(str(x))
+    return ", ".join(parts)
+
+
 def mib(n_bytes: float) -> str:
     """A size as moesnap prints every size: in MiB (``1.6 MiB``, ``0.0123 MiB``, ``16,213.5 MiB``)."""
     value = n_bytes / 2**20

@@ -233,3 +233,44 @@ def test_a_malformed_parted_attribute_is_refused_naming_the_case(tmp_path, golde
                   extra={"parted/0": golden.layers["moe_out"][2]})
     with pytest.raises(GoldenError, match="entry 0 is not"):
         moesnap.compare(str(CASE0), bad, allow_missing=True, show_progress=False, local=False)
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    """A ``deepseek-v2-tiny`` golden case group (layer 0 dense: no router, experts or moe_out there, its
+    rows of those stages filler) and the case."""
+    import moesnap
+    from moesnap.model.synth import make_model, preset
+
+    root = tmp_path_factory.mktemp("ds")
+    path = make_model(root / "ds.gguf", preset("deepseek-v2-tiny"))
+    moesnap.generate(path, "ds", [[1, 5, 9, 200, 17, 3, 3]], store=root / "store")
+    like = root / "store" / "ds" / "v0001" / "case0"
+    return like, load_case(like)
+
+
+@pytest.mark.parametrize("style", ["old", "new"])
+def test_a_stage_a_layer_lacks_is_skipped(tmp_path, deepseek, style):
+    """A dump holding the router and MoE stages at DeepSeek's dense layer 0 (here the golden's own filler:
+    NaN, and -1 for topk_ids, which no expert id is) is imported with those skipped and listed; the
+    layers that have the stages keep the dump's values, and everything held is judged."""
+    like, golden = deepseek
+    dump, cand = write_sglang(tmp_path / "dump", golden, style=style), tmp_path / "cand.zarr"
+    code, out, err = invoke(["import", "--format", "sglang", str(dump), "--like", str(like), "--out", str(cand)])
+    assert code == 0, err
+    stored = load_case(cand)
+    lacking = ["moe_out", "router_logits", "topk_ids", "topk_weights"]
+    assert stored.attrs["skipped"] == [[s, 0] for s in lacking]
+    assert "skipped (the golden's model has no such stage at the layer): moe_out at layer 0; router_logits at " \
+           "layer 0; topk_ids at layer 0; topk_weights at layer 0" in out
+    assert "  router_logits: layers 1-2\n" in out and "  attn_norm: layers 0-2\n" in out
+    assert np.isnan(stored.layers["router_logits"][0]).all() and (stored.layers["topk_ids"][0] == -1).all()
+    for stage in lacking:
+        assert np.array_equal(stored.layers[stage][1:], golden.layers[stage][1:]), stage
+    # --no-local: the local re-reference (run/rereference.py) computes Qwen3-MoE-shaped layers only
+    code, text, err = invoke(["compare", str(like), str(cand), "--allow-missing", "--no-local",
+                              "--json", str(tmp_path / "r.json")])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and rep["verdict"] == "pass", text + err
+    assert rep["coverage"]["cells_held"] == rep["coverage"]["cells_judged"] > 0
+    assert not any(r["layer"] == 0 and r["stage"] in lacking for r in rep["results"])

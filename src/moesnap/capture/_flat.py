@@ -11,11 +11,18 @@ which checks it against the golden's shape and builds the case:
 * rows the dump does not hold are NaN (-1 for ``topk_ids``), never the golden's values, and attribute
   ``held_tokens`` lists ``[stage, layer or None, [token indices]]`` for every (stage, layer) whose
   array holds fewer than every token's rows.  The judge (:func:`moesnap.judge.compare.compare_cases`)
-  judges those rows only and counts only them as held, so nothing the dump lacks can pass.
+  judges those rows only and counts only them as held, so nothing the dump lacks can pass;
+* a stage the golden's model has at some layers only (DeepSeek: no router or experts in its leading
+  dense layers, no ``dense_ffn_out`` in the MoE ones; :func:`moesnap.stages.stages_of_layer` by the
+  golden's recorded config) is taken at those layers alone: what a dump gives at another layer is
+  no value of the model's (an engine's zeros, a module output under the other layer kind's name),
+  is not stored, and attribute ``skipped`` lists it as ``[stage, layer]``; that layer's row is filler
+  as in the golden, and held by no token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +30,12 @@ import numpy as np
 
 from ..case import Case
 from ..errors import GoldenError
-from ..stages import INTEGER_STAGES, LAYER_STAGES, MODEL_STAGES
+from ..stages import DEFAULT_FAMILY, FAMILY_STAGES, INTEGER_STAGES, LAYER_STAGES, MODEL_STAGES, stages_of_layer
 
 #: the case attribute naming the rows an imported array holds (read by moesnap.judge.compare)
 HELD_TOKENS = "held_tokens"
+#: the case attribute listing the [stage, layer] a dump gave at a layer of the golden's model without it
+SKIPPED = "skipped"
 
 
 @dataclass(frozen=True)
@@ -37,16 +46,23 @@ class Like:
     tokens: np.ndarray                      # [T] int32
     n_layer: int
     shapes: dict[str, tuple[int, ...]]      # stage -> one token's row shape
+    #: the stages each layer of the golden's model has (None: every stage at every layer)
+    layer_stages: tuple[frozenset[str], ...] | None = None
 
     @classmethod
     def of(cls, case: Case) -> Like:
         shapes = {s: tuple(int(d) for d in a.shape[1:]) for s, a in case.model.items()}
         shapes.update({s: tuple(int(d) for d in a.shape[2:]) for s, a in case.layers.items()})
-        return cls(tokens=np.asarray(case.tokens, dtype=np.int32), n_layer=case.n_layer, shapes=shapes)
+        return cls(tokens=np.asarray(case.tokens, dtype=np.int32), n_layer=case.n_layer, shapes=shapes,
+                   layer_stages=_layer_stages(case))
 
     @property
     def n_tokens(self) -> int:
         return int(self.tokens.shape[0])
+
+    def in_layer(self, stage: str, layer: int) -> bool:
+        """Layer ``layer`` of the golden's model has ``stage``."""
+        return self.layer_stages is None or stage in self.layer_stages[layer]
 
     def row_size(self, stage: str) -> int:
         return int(np.prod(self.shapes[stage], dtype=np.int64))
@@ -104,6 +120,7 @@ class Collector:
         self.values: dict[tuple[str, int | None], tuple[np.ndarray, str]] = {}   # (stage, layer) -> rows, source
         self.keep_both = keep_both              # two differing names of one stage: kept (Parted), not refused
         self.parted: list[Parted] = []
+        self.skipped: set[tuple[str, int]] = set()   # (stage, layer) given at a layer without the stage
 
     def has(self, stage: str, layer: int | None) -> bool:
         return (stage, layer) in self.values
@@ -145,6 +162,9 @@ class Collector:
                 raise GoldenError(f"{source}: {stage} is a whole-model stage, but the file gives layer {layer}")
         else:
             raise GoldenError(f"{source}: {stage!r} is not a stage moesnap judges")
+        if layer is not None and stage in self.like.shapes and not self.like.in_layer(stage, layer):
+            self.skipped.add((stage, layer))     # no value of the model's: not read (module docstring)
+            return
         rows = self.rows(stage, values, source)
         old = self.values.get((stage, layer))
         if old is not None:
@@ -196,8 +216,21 @@ class Collector:
         a = dict(attrs or {})
         if held:
             a[HELD_TOKENS] = held
+        if self.skipped:
+            a[SKIPPED] = [[stage, layer] for layer, stage in sorted((lay, s) for s, lay in self.skipped)]
         return Case(tokens=self.like.tokens.copy(), model=model, layers=layers, attrs=a)
 
 
 def _fill(a: np.ndarray) -> float | int:
     return -1 if a.dtype.kind in "iu" else np.nan
+
+
+def _layer_stages(case: Case) -> tuple[frozenset[str], ...] | None:
+    """The stages each layer of the model ``case`` records (``attrs.model.config``) has; None where it
+    records no config or no family moesnap knows (the judge refuses those)."""
+    model = case.attrs.get("model") if isinstance(case.attrs, Mapping) else None
+    config = model.get("config") if isinstance(model, Mapping) else None
+    family = config.get("arch", DEFAULT_FAMILY) if isinstance(config, Mapping) else None
+    if not isinstance(config, Mapping) or not isinstance(family, str) or family not in FAMILY_STAGES:
+        return None
+    return tuple(frozenset(stages_of_layer(family, config, layer)) for layer in range(case.n_layer))

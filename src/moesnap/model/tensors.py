@@ -1,5 +1,7 @@
 """The tensors of a MoE GGUF file, one table per architecture: for the loader, the synthetic writer,
-the injector and the candidate.
+the injector and the candidate.  The tables are built from data: what each tensor feeds and its shape
+(the same in every family), Qwen3-MoE's tensors in file order, and each family's edits of them (what it
+drops, which weights have a bias, what it adds where, which layers hold what).
 
 Names come from gguf-py's constants (``TENSOR_NAMES`` for the architecture's ``MODEL_TENSORS``),
 never retyped; shapes are numpy (row-major) shapes, i.e. GGUF's ``ne`` reversed.  Real files
@@ -16,7 +18,7 @@ converter keeps every tensor not named ``.weight`` in float32).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
@@ -76,52 +78,16 @@ class TensorKind(NamedTuple):
         return self.gguf_name(layer) + ("" if self.bias else WEIGHT_SUFFIX)
 
     def shape(self, d: Dims) -> tuple[int, ...]:
-        shape = _SHAPES[self.tensor](d)
+        shape = _FEEDS[self.tensor].shape(d)
         return shape[:-1] if self.bias else shape
 
 
-#: where a kind of :data:`DEEPSEEK2` is: ``q_lora`` / ``no_q_lora`` (the q LoRA or one q projection),
+#: where a kind of DeepSeek's table is: ``q_lora`` / ``no_q_lora`` (the q LoRA or one q projection),
 #: ``kv_b`` / ``kv_split`` (one ``attn_kv_b`` or its split ``attn_k_b`` + ``attn_v_b``), ``dense`` / ``moe``
 #: (the leading dense layers or the MoE ones), ``probs_bias`` (the V3 score-correction bias, MoE layers)
 WHEN: tuple[str, ...] = ("", "q_lora", "no_q_lora", "kv_b", "kv_split", "dense", "moe", "probs_bias")
 
 _T = MODEL_TENSOR
-_SHAPES = {
-    _T.TOKEN_EMBD: lambda d: (d.vocab_size, d.hidden),
-    _T.OUTPUT_NORM: lambda d: (d.hidden,),
-    _T.OUTPUT: lambda d: (d.vocab_size, d.hidden),
-    _T.ATTN_NORM: lambda d: (d.hidden,),
-    _T.ATTN_Q: lambda d: (d.q_dim, d.hidden),
-    _T.ATTN_K: lambda d: (d.kv_dim, d.hidden),
-    _T.ATTN_V: lambda d: (d.kv_dim, d.hidden),
-    _T.ATTN_OUT: lambda d: (d.hidden, d.o_dim or d.q_dim),
-    _T.ATTN_Q_NORM: lambda d: (d.q_dim if d.qk_norm_whole else d.head_dim,),
-    _T.ATTN_K_NORM: lambda d: (d.kv_dim if d.qk_norm_whole else d.head_dim,),
-    _T.ATTN_SINKS: lambda d: (d.q_dim // d.head_dim,),
-    _T.ATTN_POST_NORM: lambda d: (d.hidden,),
-    _T.FFN_NORM: lambda d: (d.hidden,),
-    _T.FFN_GATE_INP: lambda d: (d.n_expert, d.hidden),
-    _T.FFN_GATE_EXP: lambda d: (d.n_expert, d.expert_ff, d.hidden),
-    _T.FFN_UP_EXP: lambda d: (d.n_expert, d.expert_ff, d.hidden),
-    _T.FFN_DOWN_EXP: lambda d: (d.n_expert, d.hidden, d.expert_ff),
-    # DeepSeek: attn_output reads heads x value width; q through a LoRA; the kv latent and its rope key
-    _T.ATTN_Q_A: lambda d: (d.q_lora, d.hidden),
-    _T.ATTN_Q_A_NORM: lambda d: (d.q_lora,),
-    _T.ATTN_Q_B: lambda d: (d.q_dim, d.q_lora),
-    _T.ATTN_KV_A_MQA: lambda d: (d.kv_lora + d.rope_dim, d.hidden),
-    _T.ATTN_KV_A_NORM: lambda d: (d.kv_lora,),
-    _T.ATTN_KV_B: lambda d: (d.n_head * (d.head_dim - d.rope_dim + d.v_dim), d.kv_lora),
-    _T.ATTN_K_B: lambda d: (d.n_head, d.kv_lora, d.head_dim - d.rope_dim),   # transposed by the converter
-    _T.ATTN_V_B: lambda d: (d.n_head, d.v_dim, d.kv_lora),
-    _T.FFN_GATE: lambda d: (d.dense_ff, d.hidden),
-    _T.FFN_UP: lambda d: (d.dense_ff, d.hidden),
-    _T.FFN_DOWN: lambda d: (d.hidden, d.dense_ff),
-    _T.FFN_GATE_SHEXP: lambda d: (d.shexp_ff, d.hidden),
-    _T.FFN_UP_SHEXP: lambda d: (d.shexp_ff, d.hidden),
-    _T.FFN_DOWN_SHEXP: lambda d: (d.hidden, d.shexp_ff),
-    _T.FFN_EXP_PROBS_B: lambda d: (d.n_expert, 1),   # only its ".bias" exists: [E]
-    _T.FFN_GATE_INP_SHEXP: lambda d: (d.hidden,),     # Qwen2-MoE: one logit per token (llama.cpp: {n_embd})
-}
 
 
 @dataclass(frozen=True)
@@ -181,158 +147,134 @@ class TensorTable:
         return out
 
 
-def _table(arch: MODEL_ARCH, rows: list[tuple], unused: tuple[MODEL_TENSOR, ...] = ()) -> TensorTable:
-    """``rows``: (tensor, stage, f32, bias[, when]); ``unused``: gguf-py's tensors of ``arch`` that
-    converted files of the family do not hold."""
-    assert {r[0] for r in rows} | set(unused) == set(MODEL_TENSORS[arch]), f"gguf-py's {arch.name} tensors changed"
-    return TensorTable(MODEL_ARCH_NAMES[arch], tuple(TensorKind(*r) for r in rows))
+class _Feeds(NamedTuple):
+    """What one tensor is in every family: the stage it feeds first, whether real files store it as F32,
+    and its numpy shape from the dimensions."""
+
+    stage: str
+    f32: bool
+    shape: Callable[[Dims], tuple[int, ...]]
 
 
-QWEN3MOE = _table(MODEL_ARCH.QWEN3MOE, [
-    (_T.TOKEN_EMBD, "embed", False, False),
-    (_T.ATTN_NORM, "attn_norm", True, False),
-    (_T.ATTN_Q, "q", False, False),
-    (_T.ATTN_K, "k", False, False),
-    (_T.ATTN_V, "v", False, False),
-    (_T.ATTN_Q_NORM, "q_norm", True, False),
-    (_T.ATTN_K_NORM, "k_norm", True, False),
-    (_T.ATTN_OUT, "attn_out", False, False),
-    (_T.FFN_NORM, "ffn_norm", True, False),
-    (_T.FFN_GATE_INP, "router_logits", True, False),
-    (_T.FFN_GATE_EXP, "expert_out", False, False),
-    (_T.FFN_UP_EXP, "expert_out", False, False),
-    (_T.FFN_DOWN_EXP, "expert_out", False, False),
-    (_T.OUTPUT_NORM, "final_norm", True, False),
-    (_T.OUTPUT, "logits", False, False),
-])
+_FEEDS: dict[MODEL_TENSOR, _Feeds] = {
+    _T.TOKEN_EMBD: _Feeds("embed", False, lambda d: (d.vocab_size, d.hidden)),
+    _T.OUTPUT_NORM: _Feeds("final_norm", True, lambda d: (d.hidden,)),
+    _T.OUTPUT: _Feeds("logits", False, lambda d: (d.vocab_size, d.hidden)),
+    _T.ATTN_NORM: _Feeds("attn_norm", True, lambda d: (d.hidden,)),
+    _T.ATTN_Q: _Feeds("q", False, lambda d: (d.q_dim, d.hidden)),
+    _T.ATTN_K: _Feeds("k", False, lambda d: (d.kv_dim, d.hidden)),
+    _T.ATTN_V: _Feeds("v", False, lambda d: (d.kv_dim, d.hidden)),
+    _T.ATTN_OUT: _Feeds("attn_out", False, lambda d: (d.hidden, d.o_dim or d.q_dim)),
+    _T.ATTN_Q_NORM: _Feeds("q_norm", True, lambda d: (d.q_dim if d.qk_norm_whole else d.head_dim,)),
+    _T.ATTN_K_NORM: _Feeds("k_norm", True, lambda d: (d.kv_dim if d.qk_norm_whole else d.head_dim,)),
+    # gpt-oss: a learned sink logit per query head, felt in ``attn``; the norm before its MoE is
+    # ``post_attention_norm``, feeding our ``ffn_norm`` stage
+    _T.ATTN_SINKS: _Feeds("attn", True, lambda d: (d.q_dim // d.head_dim,)),
+    _T.ATTN_POST_NORM: _Feeds("ffn_norm", True, lambda d: (d.hidden,)),
+    _T.FFN_NORM: _Feeds("ffn_norm", True, lambda d: (d.hidden,)),
+    _T.FFN_GATE_INP: _Feeds("router_logits", True, lambda d: (d.n_expert, d.hidden)),
+    _T.FFN_GATE_EXP: _Feeds("expert_out", False, lambda d: (d.n_expert, d.expert_ff, d.hidden)),
+    _T.FFN_UP_EXP: _Feeds("expert_out", False, lambda d: (d.n_expert, d.expert_ff, d.hidden)),
+    _T.FFN_DOWN_EXP: _Feeds("expert_out", False, lambda d: (d.n_expert, d.hidden, d.expert_ff)),
+    # DeepSeek: attn_output reads heads x value width; q through a LoRA; the kv latent and its rope key
+    _T.ATTN_Q_A: _Feeds("q_latent", False, lambda d: (d.q_lora, d.hidden)),
+    _T.ATTN_Q_A_NORM: _Feeds("q_latent_norm", True, lambda d: (d.q_lora,)),
+    _T.ATTN_Q_B: _Feeds("q", False, lambda d: (d.q_dim, d.q_lora)),
+    _T.ATTN_KV_A_MQA: _Feeds("kv_latent", False, lambda d: (d.kv_lora + d.rope_dim, d.hidden)),
+    _T.ATTN_KV_A_NORM: _Feeds("kv_latent_norm", True, lambda d: (d.kv_lora,)),
+    _T.ATTN_KV_B: _Feeds("k", False, lambda d: (d.n_head * (d.head_dim - d.rope_dim + d.v_dim), d.kv_lora)),
+    _T.ATTN_K_B: _Feeds("k", False, lambda d: (d.n_head, d.kv_lora, d.head_dim - d.rope_dim)),  # transposed
+    _T.ATTN_V_B: _Feeds("v", False, lambda d: (d.n_head, d.v_dim, d.kv_lora)),
+    _T.FFN_GATE: _Feeds("dense_ffn_out", False, lambda d: (d.dense_ff, d.hidden)),
+    _T.FFN_UP: _Feeds("dense_ffn_out", False, lambda d: (d.dense_ff, d.hidden)),
+    _T.FFN_DOWN: _Feeds("dense_ffn_out", False, lambda d: (d.hidden, d.dense_ff)),
+    _T.FFN_EXP_PROBS_B: _Feeds("router_select", True, lambda d: (d.n_expert, 1)),   # only its ".bias": [E]
+    # the shared experts (DeepSeek, Qwen2-MoE) and Qwen2-MoE's gate of them: one logit per token
+    _T.FFN_GATE_SHEXP: _Feeds("shared_expert_out", False, lambda d: (d.shexp_ff, d.hidden)),
+    _T.FFN_UP_SHEXP: _Feeds("shared_expert_out", False, lambda d: (d.shexp_ff, d.hidden)),
+    _T.FFN_DOWN_SHEXP: _Feeds("shared_expert_out", False, lambda d: (d.hidden, d.shexp_ff)),
+    _T.FFN_GATE_INP_SHEXP: _Feeds("shared_gate", True, lambda d: (d.hidden,)),   # llama.cpp: {n_embd}
+}
+#: tensors whose ``.bias`` alone exists (no weight)
+_BIAS_ONLY = frozenset({_T.FFN_EXP_PROBS_B})
 
-# gpt-oss: biases on q/k/v/o, the router and the experts; a learned sink logit per query head; the
-# norm before the MoE is ``post_attention_norm`` (ATTN_POST_NORM), feeding our ``ffn_norm`` stage
-GPT_OSS = _table(MODEL_ARCH.GPT_OSS, [
-    (_T.TOKEN_EMBD, "embed", False, False),
-    (_T.ATTN_NORM, "attn_norm", True, False),
-    (_T.ATTN_Q, "q", False, False),
-    (_T.ATTN_Q, "q", True, True),
-    (_T.ATTN_K, "k", False, False),
-    (_T.ATTN_K, "k", True, True),
-    (_T.ATTN_V, "v", False, False),
-    (_T.ATTN_V, "v", True, True),
-    (_T.ATTN_SINKS, "attn", True, False),
-    (_T.ATTN_OUT, "attn_out", False, False),
-    (_T.ATTN_OUT, "attn_out", True, True),
-    (_T.ATTN_POST_NORM, "ffn_norm", True, False),
-    (_T.FFN_GATE_INP, "router_logits", True, False),
-    (_T.FFN_GATE_INP, "router_logits", True, True),
-    (_T.FFN_GATE_EXP, "expert_out", False, False),
-    (_T.FFN_GATE_EXP, "expert_out", True, True),
-    (_T.FFN_UP_EXP, "expert_out", False, False),
-    (_T.FFN_UP_EXP, "expert_out", True, True),
-    (_T.FFN_DOWN_EXP, "expert_out", False, False),
-    (_T.FFN_DOWN_EXP, "expert_out", True, True),
-    (_T.OUTPUT_NORM, "final_norm", True, False),
-    (_T.OUTPUT, "logits", False, False),
-])
+#: Qwen3-MoE's tensors in file order, which every family's table edits (:class:`_Family`)
+_BASE: tuple[MODEL_TENSOR, ...] = (
+    _T.TOKEN_EMBD, _T.ATTN_NORM, _T.ATTN_Q, _T.ATTN_K, _T.ATTN_V, _T.ATTN_Q_NORM, _T.ATTN_K_NORM, _T.ATTN_OUT,
+    _T.FFN_NORM, _T.FFN_GATE_INP, _T.FFN_GATE_EXP, _T.FFN_UP_EXP, _T.FFN_DOWN_EXP, _T.OUTPUT_NORM, _T.OUTPUT)
+_QK_NORM = (_T.ATTN_Q_NORM, _T.ATTN_K_NORM)
+_EXPERTS = (_T.FFN_GATE_EXP, _T.FFN_UP_EXP, _T.FFN_DOWN_EXP)
+_SHARED = (_T.FFN_GATE_SHEXP, _T.FFN_UP_SHEXP, _T.FFN_DOWN_SHEXP)
+_DENSE = (_T.FFN_GATE, _T.FFN_UP, _T.FFN_DOWN)
 
-# DeepSeek-V2/V3: multi-head latent attention (q through the LoRA ``attn_q_a`` -> ``attn_q_a_norm`` ->
-# ``attn_q_b`` where the model has one, else ``attn_q``; ``attn_kv_a_mqa`` -> the compressed kv and the
-# rope key; ``attn_kv_a_norm``; ``attn_kv_b`` or its split ``attn_k_b``/``attn_v_b``); leading dense
-# layers (``ffn_gate``/``ffn_up``/``ffn_down``); in the MoE layers shared experts (``*_shexp``) and, in
-# V3, the score-correction bias ``exp_probs_b.bias``.  gguf-py also lists ``rope_freqs``, ``attn_k``,
-# ``attn_v`` and ``attn_rot_embd`` for the architecture; no converted DeepSeek file holds them.
-DEEPSEEK2 = _table(MODEL_ARCH.DEEPSEEK2, [
-    (_T.TOKEN_EMBD, "embed", False, False),
-    (_T.ATTN_NORM, "attn_norm", True, False),
-    (_T.ATTN_Q, "q", False, False, "no_q_lora"),
-    (_T.ATTN_Q_A, "q_latent", False, False, "q_lora"),
-    (_T.ATTN_Q_A_NORM, "q_latent_norm", True, False, "q_lora"),
-    (_T.ATTN_Q_B, "q", False, False, "q_lora"),
-    (_T.ATTN_KV_A_MQA, "kv_latent", False, False),
-    (_T.ATTN_KV_A_NORM, "kv_latent_norm", True, False),
-    (_T.ATTN_KV_B, "k", False, False, "kv_b"),
-    (_T.ATTN_K_B, "k", False, False, "kv_split"),
-    (_T.ATTN_V_B, "v", False, False, "kv_split"),
-    (_T.ATTN_OUT, "attn_out", False, False),
-    (_T.FFN_NORM, "ffn_norm", True, False),
-    (_T.FFN_GATE, "dense_ffn_out", False, False, "dense"),
-    (_T.FFN_UP, "dense_ffn_out", False, False, "dense"),
-    (_T.FFN_DOWN, "dense_ffn_out", False, False, "dense"),
-    (_T.FFN_GATE_INP, "router_logits", True, False, "moe"),
-    (_T.FFN_EXP_PROBS_B, "router_select", True, True, "probs_bias"),
-    (_T.FFN_GATE_EXP, "expert_out", False, False, "moe"),
-    (_T.FFN_UP_EXP, "expert_out", False, False, "moe"),
-    (_T.FFN_DOWN_EXP, "expert_out", False, False, "moe"),
-    (_T.FFN_GATE_SHEXP, "shared_expert_out", False, False, "moe"),
-    (_T.FFN_UP_SHEXP, "shared_expert_out", False, False, "moe"),
-    (_T.FFN_DOWN_SHEXP, "shared_expert_out", False, False, "moe"),
-    (_T.OUTPUT_NORM, "final_norm", True, False),
-    (_T.OUTPUT, "logits", False, False),
-], unused=(_T.ROPE_FREQS, _T.ATTN_K, _T.ATTN_V, _T.ATTN_ROT_EMBD))
 
-# Qwen2-MoE: biases on q/k/v (not o), no q/k norm; one shared expert (``*_shexp``) and its gate
-# ``ffn_gate_inp_shexp`` (a [H] vector: the gate's logit of each token; F32 like the router)
-QWEN2MOE = _table(MODEL_ARCH.QWEN2MOE, [
-    (_T.TOKEN_EMBD, "embed", False, False),
-    (_T.ATTN_NORM, "attn_norm", True, False),
-    (_T.ATTN_Q, "q", False, False),
-    (_T.ATTN_Q, "q", True, True),
-    (_T.ATTN_K, "k", False, False),
-    (_T.ATTN_K, "k", True, True),
-    (_T.ATTN_V, "v", False, False),
-    (_T.ATTN_V, "v", True, True),
-    (_T.ATTN_OUT, "attn_out", False, False),
-    (_T.FFN_NORM, "ffn_norm", True, False),
-    (_T.FFN_GATE_INP, "router_logits", True, False),
-    (_T.FFN_GATE_EXP, "expert_out", False, False),
-    (_T.FFN_UP_EXP, "expert_out", False, False),
-    (_T.FFN_DOWN_EXP, "expert_out", False, False),
-    (_T.FFN_GATE_INP_SHEXP, "shared_gate", True, False),
-    (_T.FFN_GATE_SHEXP, "shared_expert_out", False, False),
-    (_T.FFN_UP_SHEXP, "shared_expert_out", False, False),
-    (_T.FFN_DOWN_SHEXP, "shared_expert_out", False, False),
-    (_T.OUTPUT_NORM, "final_norm", True, False),
-    (_T.OUTPUT, "logits", False, False),
-])
+class _Family(NamedTuple):
+    """A family's tensors as edits of :data:`_BASE`: ``drop`` these, give ``biases`` a ``.bias`` right
+    after the weight, put ``after[t]`` after ``t`` (and its bias); ``when`` (:data:`WHEN`) says which
+    files or layers hold a tensor; ``unused``: gguf-py's tensors of ``arch`` that converted files of the
+    family do not hold."""
 
-# Mixtral: a ``llama`` file with experts.  gguf-py's llama also lists ``rope_freqs`` (Llama 3's RoPE
-# scaling), ``attn_rot_embd`` and the dense ``ffn_gate``/``ffn_up``/``ffn_down`` (dense Llamas; old
-# Mixtral conversions kept one ``ffn_gate.<e>`` per expert): no current Mixtral file holds them.
-LLAMA = _table(MODEL_ARCH.LLAMA, [
-    (_T.TOKEN_EMBD, "embed", False, False),
-    (_T.ATTN_NORM, "attn_norm", True, False),
-    (_T.ATTN_Q, "q", False, False),
-    (_T.ATTN_K, "k", False, False),
-    (_T.ATTN_V, "v", False, False),
-    (_T.ATTN_OUT, "attn_out", False, False),
-    (_T.FFN_NORM, "ffn_norm", True, False),
-    (_T.FFN_GATE_INP, "router_logits", True, False),
-    (_T.FFN_GATE_EXP, "expert_out", False, False),
-    (_T.FFN_UP_EXP, "expert_out", False, False),
-    (_T.FFN_DOWN_EXP, "expert_out", False, False),
-    (_T.OUTPUT_NORM, "final_norm", True, False),
-    (_T.OUTPUT, "logits", False, False),
-], unused=(_T.ROPE_FREQS, _T.ATTN_ROT_EMBD, _T.FFN_GATE, _T.FFN_UP, _T.FFN_DOWN))
+    arch: MODEL_ARCH
+    drop: tuple[MODEL_TENSOR, ...] = ()
+    biases: tuple[MODEL_TENSOR, ...] = ()
+    after: Mapping[MODEL_TENSOR, tuple[MODEL_TENSOR, ...]] = {}
+    when: Mapping[MODEL_TENSOR, str] = {}
+    unused: tuple[MODEL_TENSOR, ...] = ()
 
-# OLMoE: Qwen3-MoE's tensors, its q/k norms over the whole projection ([Hq*D], [Hkv*D])
-OLMOE = _table(MODEL_ARCH.OLMOE, [
-    (_T.TOKEN_EMBD, "embed", False, False),
-    (_T.ATTN_NORM, "attn_norm", True, False),
-    (_T.ATTN_Q, "q", False, False),
-    (_T.ATTN_K, "k", False, False),
-    (_T.ATTN_V, "v", False, False),
-    (_T.ATTN_Q_NORM, "q_norm", True, False),
-    (_T.ATTN_K_NORM, "k_norm", True, False),
-    (_T.ATTN_OUT, "attn_out", False, False),
-    (_T.FFN_NORM, "ffn_norm", True, False),
-    (_T.FFN_GATE_INP, "router_logits", True, False),
-    (_T.FFN_GATE_EXP, "expert_out", False, False),
-    (_T.FFN_UP_EXP, "expert_out", False, False),
-    (_T.FFN_DOWN_EXP, "expert_out", False, False),
-    (_T.OUTPUT_NORM, "final_norm", True, False),
-    (_T.OUTPUT, "logits", False, False),
-])
+    def table(self) -> TensorTable:
+        kinds: list[TensorKind] = []
+        todo = [t for t in _BASE if t not in self.drop]
+        while todo:
+            t = todo.pop(0)
+            stage, f32, _ = _FEEDS[t]
+            when = self.when.get(t, "")
+            if t not in _BIAS_ONLY:
+                kinds.append(TensorKind(t, stage, f32, False, when))
+            if t in self.biases or t in _BIAS_ONLY:
+                kinds.append(TensorKind(t, stage, True, True, when))
+            todo[:0] = self.after.get(t, ())
+        assert {k.tensor for k in kinds} | set(self.unused) == set(MODEL_TENSORS[self.arch]), \
+            f"gguf-py's {self.arch.name} tensors changed"
+        return TensorTable(MODEL_ARCH_NAMES[self.arch], tuple(kinds))
+
+
+_FAMILIES: tuple[_Family, ...] = (
+    _Family(MODEL_ARCH.QWEN3MOE),
+    # gpt-oss: biases on q/k/v/o, the router and the experts; a sink logit per query head; no q/k norm;
+    # post_attention_norm in place of ffn_norm
+    _Family(MODEL_ARCH.GPT_OSS, drop=(*_QK_NORM, _T.FFN_NORM),
+            biases=(_T.ATTN_Q, _T.ATTN_K, _T.ATTN_V, _T.ATTN_OUT, _T.FFN_GATE_INP, *_EXPERTS),
+            after={_T.ATTN_V: (_T.ATTN_SINKS,), _T.ATTN_OUT: (_T.ATTN_POST_NORM,)}),
+    # DeepSeek-V2/V3: multi-head latent attention (q through the LoRA ``attn_q_a`` -> ``attn_q_a_norm`` ->
+    # ``attn_q_b`` where the model has one, else ``attn_q``; ``attn_kv_a_mqa`` -> the compressed kv and the
+    # rope key; ``attn_kv_a_norm``; ``attn_kv_b`` or its split ``attn_k_b``/``attn_v_b``); leading dense
+    # layers (``ffn_gate``/``ffn_up``/``ffn_down``); in the MoE layers shared experts and, in V3, the
+    # score-correction bias ``exp_probs_b.bias``.  gguf-py also lists ``rope_freqs``, ``attn_k``,
+    # ``attn_v`` and ``attn_rot_embd`` for the architecture; no converted DeepSeek file holds them.
+    _Family(MODEL_ARCH.DEEPSEEK2, drop=(_T.ATTN_K, _T.ATTN_V, *_QK_NORM),
+            after={_T.ATTN_Q: (_T.ATTN_Q_A, _T.ATTN_Q_A_NORM, _T.ATTN_Q_B, _T.ATTN_KV_A_MQA, _T.ATTN_KV_A_NORM,
+                               _T.ATTN_KV_B, _T.ATTN_K_B, _T.ATTN_V_B),
+                   _T.FFN_NORM: _DENSE, _T.FFN_GATE_INP: (_T.FFN_EXP_PROBS_B,), _T.FFN_DOWN_EXP: _SHARED},
+            when={_T.ATTN_Q: "no_q_lora", **dict.fromkeys((_T.ATTN_Q_A, _T.ATTN_Q_A_NORM, _T.ATTN_Q_B), "q_lora"),
+                  _T.ATTN_KV_B: "kv_b", _T.ATTN_K_B: "kv_split", _T.ATTN_V_B: "kv_split",
+                  **dict.fromkeys(_DENSE, "dense"), **dict.fromkeys((_T.FFN_GATE_INP, *_EXPERTS, *_SHARED), "moe"),
+                  _T.FFN_EXP_PROBS_B: "probs_bias"},
+            unused=(_T.ROPE_FREQS, _T.ATTN_K, _T.ATTN_V, _T.ATTN_ROT_EMBD)),
+    # Qwen2-MoE: biases on q/k/v (not o), no q/k norm; one shared expert and its gate
+    # ``ffn_gate_inp_shexp`` (a [H] vector: the gate's logit of each token; F32 like the router)
+    _Family(MODEL_ARCH.QWEN2MOE, drop=_QK_NORM, biases=(_T.ATTN_Q, _T.ATTN_K, _T.ATTN_V),
+            after={_T.FFN_DOWN_EXP: (_T.FFN_GATE_INP_SHEXP, *_SHARED)}),
+    # Mixtral: a ``llama`` file with experts, no q/k norm.  gguf-py's llama also lists ``rope_freqs``
+    # (Llama 3's RoPE scaling), ``attn_rot_embd`` and the dense ``ffn_gate``/``ffn_up``/``ffn_down`` (dense
+    # Llamas; old Mixtral conversions kept one ``ffn_gate.<e>`` per expert): no current Mixtral file holds them.
+    _Family(MODEL_ARCH.LLAMA, drop=_QK_NORM, unused=(_T.ROPE_FREQS, _T.ATTN_ROT_EMBD, *_DENSE)),
+    # OLMoE: Qwen3-MoE's tensors, its q/k norms over the whole projection ([Hq*D], [Hkv*D])
+    _Family(MODEL_ARCH.OLMOE),
+)
 
 #: every architecture moesnap reads, by gguf-py's name
-TABLES: dict[str, TensorTable] = {t.arch: t for t in (QWEN3MOE, GPT_OSS, DEEPSEEK2, QWEN2MOE, LLAMA, OLMOE)}
+TABLES: dict[str, TensorTable] = {t.arch: t for t in (f.table() for f in _FAMILIES)}
+QWEN3MOE = TABLES[MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3MOE]]
 
 
 def table(arch: str) -> TensorTable:

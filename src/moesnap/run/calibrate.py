@@ -10,7 +10,11 @@ float64 on the same tokens; per stage we take
 
 Tokens whose expert set differs from float64's at some layer (a near tie the
 lower precision flipped) are left out of that layer's post-routing stages
-and of every later layer from that token on, as the classifier does.
+and of every later layer from that token on, as the classifier does.  Each
+layer is measured on the stages it has (:func:`moesnap.stages.stages_of_layer`:
+a DeepSeek dense layer has no router or experts, a MoE layer no
+``dense_ffn_out``); the filler rows the stacked arrays hold for the others are
+never read.
 
 The suggested tolerance is ``atol = margin * max_abs``, ``rtol = margin *
 rel_p99`` (:data:`MARGIN`): the float32 reference's own distance to float64
@@ -28,7 +32,7 @@ import torch
 from ..model.recorder import ArrayRecorder
 from ..model.ggml import identity
 from ..model.reference import ActQuant, run_reference
-from ..stages import INTEGER_STAGES, POST_ROUTING_STAGES, layer_stages
+from ..stages import INTEGER_STAGES, POST_ROUTING_STAGES, layer_stages, stages_of_layer
 from ..model.weights import ModelWeights
 
 MARGIN = 10.0
@@ -64,8 +68,10 @@ def measure(model: ModelWeights, token_lists: list[list[int]], dtype: torch.dtyp
     ``aq`` rounds each matmul input of the ``dtype`` run (``ActivationQuant``: what a correct ggml
     engine computes, for the ``ggml`` profile); the float64 run never rounds.  The stages are the
     model's family's (gpt-oss has no ``q_norm``/``k_norm``)."""
-    stages = layer_stages(model.config.arch)
-    spread = {s: StageSpread() for s in ("embed", *stages, "final_norm", "logits") if s not in INTEGER_STAGES}
+    cfg = model.config
+    spread = {s: StageSpread() for s in ("embed", *layer_stages(cfg.arch), "final_norm", "logits")
+              if s not in INTEGER_STAGES}
+    per_layer = [stages_of_layer(cfg.arch, cfg.to_dict(), layer) for layer in range(cfg.n_layer)]
     flips = 0
     for tokens in token_lists:
         lo, hi = ArrayRecorder(), ArrayRecorder(keep_dtype=True)
@@ -75,9 +81,11 @@ def measure(model: ModelWeights, token_lists: list[list[int]], dtype: torch.dtyp
         T = len(tokens)
         keep_from = T  # tokens >= keep_from are left out (an earlier layer flipped one)
         spread["embed"].add(hi.model["embed"], lo.model["embed"])
-        for layer in range(model.config.n_layer):
-            same = np.array([set(a) == set(b) for a, b in zip(L_hi["topk_ids"][layer], L_lo["topk_ids"][layer])])
-            flipped = np.flatnonzero(~same[:keep_from])
+        for layer, stages in enumerate(per_layer):
+            flipped = np.zeros(0, dtype=np.int64)
+            if "topk_ids" in stages:
+                same = np.array([set(a) == set(b) for a, b in zip(L_hi["topk_ids"][layer], L_lo["topk_ids"][layer])])
+                flipped = np.flatnonzero(~same[:keep_from])
             flips += len(flipped)
             for stage in stages:
                 if stage in INTEGER_STAGES:

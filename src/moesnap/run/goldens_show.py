@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..stages import DEFAULT_FAMILY, FAMILY_STAGES, stages_of_layer
 from ..store import GoldenStore, GoldenVersion
-from ..util import mib, plural, printable, progress
+from ..util import mib, plural, printable, progress, spans
 from .goldens import SNAPSHOT_KIND, command_text, is_snapshot, timing_summary
 
 
@@ -110,8 +111,10 @@ def show_lines(v: GoldenVersion, *, verify: bool = True) -> list[str]:
         model_level = [p for p in arrays if not p.startswith("layers/")]
         lines.append("    " + "  ".join(f"{p} {_shape(arrays[p])}" for p in model_level))
         if layer:
-            n_layer = arrays[layer[0]]["shape"][0] if arrays[layer[0]]["shape"] else 0
-            lines.append(f"    layers ({n_layer}): " + "  ".join(f"{p[7:]} {_shape(arrays[p], skip=1)}" for p in layer))
+            n_layer = max(int((arrays[p].get("shape") or [0])[0]) for p in layer)
+            held = _layers_holding(cfg, n_layer)
+            lines.append(f"    layers ({n_layer}): " + "  ".join(
+                f"{p[7:]} {_shape(arrays[p], skip=1)}{_which_layers(held.get(p[7:]), n_layer)}" for p in layer))
     lines.append(f"  checksums: {plural(len(m.get('checksums') or {}), 'array')}" + (", all verified" if verify else " (not verified)"))
     return [printable(line) for line in lines]   # provenance is input: no control characters to the terminal
 
@@ -189,6 +192,31 @@ def _inject_example(layers: Mapping[int, Mapping[str, str]]) -> tuple[int, str, 
                     continue
                 return lay, tensor, q, "Q8_0" if q.upper() == "Q4_K" else "Q4_K"
     return None
+
+
+def _layers_holding(cfg: Mapping[str, Any], n_layer: int) -> dict[str, list[int]]:
+    """Each layer stage and the layers of the recorded model that have it (:func:`moesnap.stages.stages_of_layer`:
+    a DeepSeek dense layer has no router, a MoE layer no ``dense_ffn_out``); empty for a config that names
+    no family moesnap knows (every stored row then counts as a layer's)."""
+    family = cfg.get("arch", DEFAULT_FAMILY)
+    if not isinstance(family, str) or family not in FAMILY_STAGES:
+        return {}
+    out: dict[str, list[int]] = {}
+    try:
+        for layer in range(n_layer):
+            for stage in stages_of_layer(family, cfg, layer):
+                out.setdefault(stage, []).append(layer)
+    except (TypeError, ValueError):      # a recorded n_dense_layers that is no number: say nothing of it
+        return {}
+    return out
+
+
+def _which_layers(layers: list[int] | None, n_layer: int) -> str:
+    """`` (layers 1-2)`` for a stage some layers lack: its array's rows of the others are filler, no
+    layer's values; nothing for a stage every layer has."""
+    if layers is None or len(layers) == n_layer:
+        return ""
+    return f" ({'layer' if len(layers) == 1 else 'layers'} {spans(layers)})"
 
 
 def _size(n: Any) -> str:

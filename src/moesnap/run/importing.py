@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+from ..util import spans
 
 if TYPE_CHECKING:
     from ..case import Case
@@ -104,9 +105,9 @@ def describe(case: Case) -> list[str]:
     for stage, a in case.layers.items():
         lays = [lay for lay in range(a.shape[0]) if held.get((stage, lay), [0]) != []]
         last = [lay for lay in lays if (stage, lay) in held]
-        text = f"{stage}: layers {_ranges(lays)}"
+        text = f"{stage}: layers {spans(lays)}"
         if last:
-            text += f" (last token only{'' if last == lays else ' at layers ' + _ranges(last)})"
+            text += f" (last token only{'' if last == lays else ' at layers ' + spans(last)})"
         out.append(text)
     for n, step in enumerate(case.steps):
         out.append(f"decode step {step.attrs.get('step', n)}: position {[int(x) for x in step.positions]}, {len(step.layers)} "
@@ -118,6 +119,14 @@ def describe(case: Case) -> list[str]:
             out.append(f"{x['stage']}{'' if x['layer'] is None else ' of layer ' + str(x['layer'])}{at}: {x['other']} "
                        f"and {x['kept']} part from token {x.get('token')} (rel L2 {rel}): both kept and judged "
                        f"({x['array']} holds {x['other']})")
+    skipped: dict[str, set[int]] = {}
+    for part in (case, *case.steps):
+        for stage, layer in part.attrs.get("skipped") or []:
+            skipped.setdefault(stage, set()).add(layer)
+    if skipped:
+        out.append("skipped (the golden's model has no such stage at the layer): "
+                   + "; ".join(f"{s} at {'layer' if len(ls) == 1 else 'layers'} {spans(sorted(ls))}"
+                               for s, ls in skipped.items()))
     names = case.attrs.get("ignored_names") or []
     if names:
         out.append(f"ignored (no stage): {len(names)} names: {', '.join(names[:6])}{' …' if len(names) > 6 else ''}")
@@ -125,12 +134,3 @@ def describe(case: Case) -> list[str]:
         out.append(f"pass left out (not the golden's request): {x}")
     return out
 
-
-def _ranges(xs: list[int]) -> str:
-    parts: list[str] = []
-    for x in xs:
-        if parts and parts[-1].split("-")[-1] == str(x - 1):
-            parts[-1] = parts[-1].split("-")[0] + f"-{x}"
-        else:
-            parts.append(str(x))
-    return ", ".join(parts)
