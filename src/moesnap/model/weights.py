@@ -40,6 +40,7 @@ def _dequantize(gf: GGUFFile, name: str, qtype: GGMLQuantizationType, data: np.n
     try:
         traits = _TRAITS.get(qtype)
         if traits is not None and getattr(data, "ndim", 0) == 2 and hasattr(traits, "dequantize_rows"):
+            traits.init_grid()     # the IQ types' lookup grids (quants.dequantize builds them first too)
             out = traits.dequantize_rows(np.asarray(data))
         else:
             out = quants.dequantize(np.asarray(data), qtype)

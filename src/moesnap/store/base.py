@@ -354,10 +354,10 @@ class VersionWriter(ABC):
         """Publish atomically under the next free version name and return it."""
         if self._done:
             raise GoldenError(f"{self.suite}: writer already committed or aborted")
-        if not self._cases:
-            raise UsageError(f"{self.suite}: a version needs at least one case")
         if self._streams:
             raise UsageError(f"{self.suite}: case {next(iter(self._streams))!r} was begun and never finished")
+        if not self._cases:
+            raise UsageError(f"{self.suite}: a version needs at least one case")
         full = _json_clean({**dict(meta or {}), "schema": SCHEMA, "cases": self._cases,
                             "checksums": self._checksums})
         with interrupts_held():          # published and known to be, or neither
