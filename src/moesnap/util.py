@@ -130,7 +130,12 @@ def hash_ahead(paths: Iterable[str | Path]) -> None:
                 _SHA256_AHEAD[key] = h = _Hashing(p, key)
                 todo.append(h)
     if todo:
-        threading.Thread(target=lambda: [h.run() for h in todo], name="moesnap-sha256", daemon=True).start()
+        threading.Thread(target=_hash_all, args=(todo,), name="moesnap-sha256", daemon=True).start()
+
+
+def _hash_all(todo: list[_Hashing]) -> None:
+    for h in todo:
+        h.run()
 
 
 def file_sha256(path: str | Path, *, progress: bool = False) -> str:

@@ -52,19 +52,17 @@ import re
 import signal
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from ..case import Case
+from ..case import Case, stack_layers
+from ..stages import LAYER_STAGES
 from .arrays import LAYOUT, NamedArrays
 from .case import GroupValue, checksum_matches
 from ..errors import GoldenError, UsageError
-
-if TYPE_CHECKING:
-    from .stream import CaseStream
 
 SCHEMA = 1                      # version of the store layout and its provenance attributes
 MARKER = "published.json"       # written last; readers ignore versions without it
@@ -315,9 +313,8 @@ class VersionWriter(ABC):
 
     def _stream(self, name: str) -> "CaseStream":
         """The stream :meth:`begin_case` hands out: by default one that keeps the layers and adds the
-        case when it is finished (a store that writes layers as they come overrides this)."""
-        from .stream import CaseStream
-
+        case when it is finished (a store that writes layers as they come overrides this:
+        :class:`moesnap.store.stream.RawCaseStream`)."""
         return CaseStream(self, name)
 
     def _check_new(self, name: str) -> None:
@@ -403,6 +400,42 @@ class VersionWriter(ABC):
     @abstractmethod
     def _discard(self) -> None:
         """Remove what was written; a storage fault is a GoldenError (or OSError)."""
+
+
+class CaseStream:
+    """One case given layer by layer while its forward runs (:meth:`VersionWriter.begin_case`,
+    :mod:`moesnap.store.stream`); this one keeps the layers in memory and adds the whole case, its
+    layers stacked (:func:`moesnap.case.stack_layers`), when it is finished."""
+
+    def __init__(self, writer: VersionWriter, name: str) -> None:
+        self.writer, self.name = writer, name
+        self._kept: dict[str, dict[int, np.ndarray]] = {}
+        self._last = -1
+
+    def put_layer(self, layer: int, stages: Mapping[str, np.ndarray]) -> None:
+        """Layer ``layer``'s per-layer stages, ``{stage: value}`` (after every earlier layer's)."""
+        if layer <= self._last:
+            raise ValueError(f"case {self.name!r}: layer {layer} after layer {self._last}; layers come in increasing order")
+        unknown = [s for s in stages if s not in LAYER_STAGES]
+        if unknown:
+            raise ValueError(f"case {self.name!r}: {unknown[0]!r} is not a per-layer stage")
+        self._last = layer
+        for stage, value in stages.items():
+            self._take(stage, layer, np.asarray(value))
+
+    def _take(self, stage: str, layer: int, value: np.ndarray) -> None:
+        self._kept.setdefault(stage, {})[layer] = value
+
+    def finish(self, case: Case) -> None:
+        """The rest of the case (its ``layers`` empty: they came through :meth:`put_layer`)."""
+        if case.layers:
+            raise ValueError(f"case {self.name!r}: its layers come through put_layer, not with finish")
+        kept, self._kept = self._kept, {}
+        self.writer.add_case(self.name, replace(case, layers=stack_layers(kept, LAYER_STAGES)))
+
+    def close(self) -> None:
+        """Stop (an aborted version): nothing is written into the version after this returns."""
+        self._kept = {}
 
 
 class GoldenStore(ABC):

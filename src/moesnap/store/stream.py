@@ -7,8 +7,8 @@ stored is what :meth:`~moesnap.store.base.VersionWriter.add_case` stores of the 
 layers stacked (:func:`moesnap.case.stack_layers`), byte for byte: the same chunk files, the same
 ``zarr.json`` files, the same checksums, the same provenance.
 
-:class:`CaseStream` itself keeps the layers and adds the whole case at the end (the memory and S3
-stores).  The local store's :class:`RawCaseStream` writes each layer's chunk of every stage
+:class:`~moesnap.store.base.CaseStream` itself keeps the layers and adds the whole case at the end
+(the memory and S3 stores).  The local store's :class:`RawCaseStream` writes each layer's chunk of every stage
 (``layers/<stage>/c/<l>/0/...``: one chunk per layer, uncompressed, as
 :func:`~moesnap.store.case.write_arrays` lays them out) on a thread of its own while the next layer
 is computed, extends each array's CRC-32C over the chunks in order, and writes the arrays'
@@ -19,7 +19,7 @@ is made (on a 48-layer 30B-A3B case, 1.2 GB copied and then written after the fo
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -27,46 +27,12 @@ import numpy as np
 
 from ..case import Case, fill_row, stack_layers
 from ..stages import LAYER_STAGES
-from .base import case_info, interrupts_held
+from .base import CaseStream, case_info, interrupts_held
 from .case import write_arrays, write_attrs
+from .zarr import _GROUP_JSON, PIECE, _array_json, _PipelinedGroup
 
 if TYPE_CHECKING:
     from .base import VersionWriter
-
-
-class CaseStream:
-    """One case given layer by layer (module docstring); this one keeps the layers in memory and
-    adds the whole case when it is finished."""
-
-    def __init__(self, writer: VersionWriter, name: str) -> None:
-        self.writer, self.name = writer, name
-        self._kept: dict[str, dict[int, np.ndarray]] = {}
-        self._last = -1
-
-    def put_layer(self, layer: int, stages: Mapping[str, np.ndarray]) -> None:
-        """Layer ``layer``'s per-layer stages, ``{stage: value}`` (after every earlier layer's)."""
-        if layer <= self._last:
-            raise ValueError(f"case {self.name!r}: layer {layer} after layer {self._last}; layers come in increasing order")
-        unknown = [s for s in stages if s not in LAYER_STAGES]
-        if unknown:
-            raise ValueError(f"case {self.name!r}: {unknown[0]!r} is not a per-layer stage")
-        self._last = layer
-        for stage, value in stages.items():
-            self._take(stage, layer, np.asarray(value))
-
-    def _take(self, stage: str, layer: int, value: np.ndarray) -> None:
-        self._kept.setdefault(stage, {})[layer] = value
-
-    def finish(self, case: Case) -> None:
-        """The rest of the case (its ``layers`` empty: they came through :meth:`put_layer`)."""
-        if case.layers:
-            raise ValueError(f"case {self.name!r}: its layers come through put_layer, not with finish")
-        kept, self._kept = self._kept, {}
-        self.writer.add_case(self.name, replace(case, layers=stack_layers(kept, LAYER_STAGES)))
-
-    def close(self) -> None:
-        """Stop (an aborted version): nothing is written into the version after this returns."""
-        self._kept = {}
 
 
 @dataclass
@@ -126,8 +92,6 @@ class RawCaseStream(CaseStream):
         """Rows ``rows.n .. layer-1`` (layers without the stage) filled, then ``value`` as row ``layer``."""
         import google_crc32c
 
-        from .zarr import _GROUP_JSON, PIECE
-
         where = self._dir / "layers"
         if rows.n == 0 and not (where / "zarr.json").is_file():     # the implicit group, as zarr writes it
             where.mkdir(parents=True, exist_ok=True)
@@ -162,8 +126,6 @@ class RawCaseStream(CaseStream):
                 f.cancel()
 
     def finish(self, case: Case) -> None:
-        from .zarr import _array_json, _PipelinedGroup
-
         if case.layers:
             raise ValueError(f"case {self.name!r}: its layers come through put_layer, not with finish")
         with self._errors(f"{self._dir}"):
