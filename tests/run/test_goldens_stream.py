@@ -173,6 +173,9 @@ def test_a_stream_refuses_what_the_stacked_case_could_not_hold(tmp_path):
         with pytest.raises(ValueError, match="come through put_layer"):
             stream.finish(Case(tokens=np.arange(2, dtype=np.int32), layers={"q": np.zeros((1, 2))}))
         stream.finish(_case(rng))
+        for again in (lambda: stream.finish(_case(rng)), lambda: stream.put_layer(5, {})):
+            with pytest.raises(GoldenError, match="s: case 'c' is finished or aborted already"):
+                again()
         w.commit({})
     got = LocalGoldenStore(tmp_path).open_version("s").read_case("c").layers["attn_norm"]
     assert got.shape == (2, 2, 3) and np.isnan(got[0]).all() and (got[1] == 0).all()

@@ -411,9 +411,11 @@ class CaseStream:
         self.writer, self.name = writer, name
         self._kept: dict[str, dict[int, np.ndarray]] = {}
         self._last = -1
+        self._open = True
 
     def put_layer(self, layer: int, stages: Mapping[str, np.ndarray]) -> None:
         """Layer ``layer``'s per-layer stages, ``{stage: value}`` (after every earlier layer's)."""
+        self._check_open()
         if layer <= self._last:
             raise ValueError(f"case {self.name!r}: layer {layer} after layer {self._last}; layers come in increasing order")
         unknown = [s for s in stages if s not in LAYER_STAGES]
@@ -423,19 +425,29 @@ class CaseStream:
         for stage, value in stages.items():
             self._take(stage, layer, np.asarray(value))
 
-    def _take(self, stage: str, layer: int, value: np.ndarray) -> None:
-        self._kept.setdefault(stage, {})[layer] = value
-
     def finish(self, case: Case) -> None:
         """The rest of the case (its ``layers`` empty: they came through :meth:`put_layer`)."""
+        self._check_open()
         if case.layers:
             raise ValueError(f"case {self.name!r}: its layers come through put_layer, not with finish")
-        kept, self._kept = self._kept, {}
-        self.writer.add_case(self.name, replace(case, layers=stack_layers(kept, LAYER_STAGES)))
+        self._open = False
+        self._finish(case)
 
     def close(self) -> None:
         """Stop (an aborted version): nothing is written into the version after this returns."""
+        self._open = False
         self._kept = {}
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise GoldenError(f"{self.writer.suite}: case {self.name!r} is finished or aborted already")
+
+    def _take(self, stage: str, layer: int, value: np.ndarray) -> None:
+        self._kept.setdefault(stage, {})[layer] = value
+
+    def _finish(self, case: Case) -> None:
+        kept, self._kept = self._kept, {}
+        self.writer.add_case(self.name, replace(case, layers=stack_layers(kept, LAYER_STAGES)))
 
 
 class GoldenStore(ABC):

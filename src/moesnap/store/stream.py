@@ -18,6 +18,7 @@ is made (on a 48-layer 30B-A3B case, 1.2 GB copied and then written after the fo
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ class RawCaseStream(CaseStream):
             self._raise_failed()
         super().put_layer(layer, stages)
         if self._delay:
-            self._pending.append(self._pool.submit(_sleep, self._delay))
+            self._pending.append(self._pool.submit(time.sleep, self._delay))
 
     def _take(self, stage: str, layer: int, value: np.ndarray) -> None:
         rows = self._rows.get(stage)
@@ -125,9 +126,7 @@ class RawCaseStream(CaseStream):
             for f in pending:
                 f.cancel()
 
-    def finish(self, case: Case) -> None:
-        if case.layers:
-            raise ValueError(f"case {self.name!r}: its layers come through put_layer, not with finish")
+    def _finish(self, case: Case) -> None:
         with self._errors(f"{self._dir}"):
             self._wait()
             written: dict[str, tuple[tuple[int, ...], np.dtype, str]] = {}
@@ -158,16 +157,6 @@ class RawCaseStream(CaseStream):
 
     def close(self) -> None:
         super().close()
-        try:
-            self._wait()
-        except Exception:     # noqa: S110 -- the version is being removed: what failed no longer matters
-            pass
-        finally:
-            with interrupts_held():
-                self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _sleep(seconds: float) -> None:
-    import time
-
-    time.sleep(seconds)
+        with interrupts_held():      # the write under way ends, the others never start (what failed no longer matters)
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending = []
