@@ -1,6 +1,6 @@
 """Golden generation, phase by phase (issue 22, point 3): where ``goldens generate`` spends its time.
 
-One model (default: the qwen3-30b-a3b shape, full width, 4 layers) and one 128-token prompt (the
+One model (default: the qwen3-30b-a3b shape, full width, 2 layers) and one 128-token prompt (the
 prompt of ``bench_check.py``).  Each run is a fresh process, as a user's command is: it imports
 moesnap from a source tree, generates the goldens with the model's sha256 not yet known (an empty
 cache, as on the first use of a model), and reports the main thread's time in each phase:
@@ -22,7 +22,7 @@ value (the same teams split the same work), only whether idle threads burn the c
 threads need.  The goldens of every run are compared array by array (their checksums): they must be
 identical.
 
-    python benchmarks/bench_generate.py [--preset qwen3-30b-a3b] [--layers 4] [--repeat 3]
+    python benchmarks/bench_generate.py [--preset qwen3-30b-a3b] [--layers 2] [--repeat 2]
                                         [--baseline /tmp/old/src] [--passive] [--work DIR]
 """
 
@@ -117,13 +117,13 @@ def run_tree(src: Path, model: Path, work: Path, prompt: str, extra_env: dict[st
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="qwen3-30b-a3b")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--baseline", default=None, help="another tree's src directory, run alternately")
     ap.add_argument("--passive", action="store_true", help="also this tree with OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--work", default=None)
     ap.add_argument("--inner", nargs=3, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
+    a, _ = ap.parse_known_args(argv)     # nox -s bench hands every script the same arguments
     if a.inner:
         inner(*a.inner)
         return 0
