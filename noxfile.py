@@ -42,7 +42,7 @@ TYPED = [f"src/moesnap/{m}" for m in (
     "model/inject.py", "model/synth.py", "model/synth_families.py", "model/ggml.py", "model/candidate.py", "model/reference.py",
     "model/checkpoint.py", "model/load.py", "_version.py",
     "store/__init__.py", "store/base.py", "store/case.py", "store/memory.py", "store/zarr.py", "store/local.py",
-    "store/s3.py", "store/open.py",
+    "store/s3.py", "store/open.py", "store/stream.py",
     "judge/__init__.py", "judge/tolerances.py", "judge/classify.py", "judge/routing.py", "judge/compare.py", "judge/report.py",
     "judge/verdict.py", "judge/ratios.py", "judge/chunked.py", "judge/pool.py", "judge/margins.py", "judge/attrs.py",
     "judge/experts.py", "judge/device.py", "judge/torch_stats.py", "judge/torch_rows.py",

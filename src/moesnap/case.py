@@ -7,7 +7,7 @@ Pure numpy: the judge needs the value, not its storage (the Zarr v3 layout and i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 
@@ -78,6 +78,38 @@ class Recorded(Protocol):
     def model(self) -> Mapping[str, np.ndarray]: ...
 
     def stacked(self) -> dict[str, np.ndarray]: ...
+
+
+def stack_layers(per_layer: Mapping[str, Mapping[int, np.ndarray]], order: Iterable[str]) -> dict[str, np.ndarray]:
+    """Per-layer values ``{stage: {layer: array}}`` stacked on a leading layer axis, stage by stage in
+    ``order`` (stages without values left out).
+
+    A stage some layers lack (DeepSeek: the router stages in the leading dense layers,
+    ``dense_ffn_out`` in the MoE ones) is stacked over layers 0..its last one, the rows of the
+    layers without it filled (:func:`fill_row`) so that row ``i`` stays layer ``i``.  Those rows
+    are no values: the judge never reads them (it walks the stages each layer has,
+    :func:`moesnap.stages.stages_of_layer`)."""
+    out: dict[str, np.ndarray] = {}
+    for stage in order:
+        per = per_layer.get(stage)
+        if not per:
+            continue
+        n = max(per) + 1
+        if len(per) == n:
+            out[stage] = np.stack([per[i] for i in range(n)])
+            continue
+        some = next(iter(per.values()))
+        a = np.empty((n, *some.shape), dtype=some.dtype)
+        for i in range(n):
+            a[i] = per[i] if i in per else fill_row(some)
+        out[stage] = a
+    return out
+
+
+def fill_row(like: np.ndarray) -> np.ndarray:
+    """The row that stands for a layer without the stage, in a stack of rows like ``like``: NaN, or
+    -1 for an integer stage."""
+    return np.full(like.shape, -1 if like.dtype.kind in "iu" else np.nan, dtype=like.dtype)
 
 
 def from_recorder(rec: Recorded, attrs: dict[str, Any] | None = None) -> Case:

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, ParamSpec, TypeVar
 
@@ -25,50 +26,146 @@ def _cache_dir() -> Path:
 
 #: sha256 digests this process has computed or read, by cache key (a read-only cache still hashes once)
 _SHA256_SEEN: dict[str, str] = {}
+#: files being hashed on a thread of their own (:func:`hash_ahead`), by cache key
+_SHA256_AHEAD: dict[str, "_Hashing"] = {}
+_SHA256_LOCK = threading.Lock()
 
 
-def file_sha256(path: str | Path, *, progress: bool = False) -> str:
-    """sha256 of a file, cached by (real path, size, mtime) so a 17 GB model is hashed once;
-    ``progress``: a byte bar on stderr while a large file is hashed (see :func:`progress_enabled`)."""
+def _sha256_key(path: str | Path) -> tuple[Path, os.stat_result, str]:
     p = Path(path).resolve()
     st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    return p, st, f"{p}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _sha256_known(key: str) -> str | None:
+    """The digest of cache key ``key``, from this process's memory or the cache file, or None."""
     if key in _SHA256_SEEN:
         return _SHA256_SEEN[key]
-    cache = _cache_dir() / "sha256.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), str):
+    known = _sha256_cache()
+    if isinstance(known.get(key), str):
         _SHA256_SEEN[key] = known[key]
         return known[key]
-    h = hashlib.sha256()
-    bar = None
-    if progress_enabled(progress) and st.st_size >= 256 << 20:
-        from tqdm import tqdm
+    return None
 
-        bar = tqdm(total=st.st_size, desc=f"sha256 {p.name}", unit="iB", unit_scale=True, unit_divisor=1024,   # MiB
-                   file=sys.stderr, leave=False, dynamic_ncols=True)
+
+def _sha256_cache() -> dict[str, Any]:
+    try:
+        known = json.loads((_cache_dir() / "sha256.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _sha256_compute(p: Path, key: str, on_bytes: Callable[[int], None]) -> str:
+    """Hash ``p`` (``on_bytes(n)`` after each piece), remember the digest in memory and in the cache file."""
+    h = hashlib.sha256()
     with open(p, "rb") as f:
         while chunk := f.read(16 << 20):
-            h.update(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            h.update(chunk)          # releases the GIL: a thread hashing beside a forward costs it one core
+            on_bytes(len(chunk))
     digest = h.hexdigest()
     _SHA256_SEEN[key] = digest
+    cache = _cache_dir() / "sha256.json"
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        if not isinstance(known, dict):
-            known = {}
+        known = _sha256_cache()       # read again: another file's digest may have come in meanwhile
         known[key] = digest
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp = cache.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(known))
         os.replace(tmp, cache)
     except OSError:
         pass  # a read-only home only costs a re-hash next time
+    return digest
+
+
+class _Hashing:
+    """One file to hash on a thread (:func:`hash_ahead`); :meth:`result` waits for its digest (or
+    re-raises what went wrong)."""
+
+    def __init__(self, p: Path, key: str) -> None:
+        self.p, self.key = p, key
+        self.done_bytes = 0
+        self._done = threading.Event()
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        def count(n: int) -> None:
+            self.done_bytes += n
+
+        try:
+            self._digest = _sha256_compute(self.p, self.key, count)
+        except BaseException as e:        # handed to whoever waits for the digest
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self, bar: Any = None) -> str:
+        while not self._done.wait(0.1):
+            if bar is not None:
+                bar.update(self.done_bytes - bar.n)
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+
+def hash_ahead(paths: Iterable[str | Path]) -> None:
+    """Start hashing ``paths``, one after the other on a thread of their own, except those whose
+    sha256 is known (this process, or the cache of :func:`file_sha256`) or already on the way;
+    :func:`file_sha256` of one of them later takes that digest, waiting for it if need be.  A
+    golden's provenance needs the model's sha256, and a 17 GB model takes 10-15 s to hash: started
+    here, it runs beside the forward instead of before it.  A file that cannot be read is left
+    alone (:func:`file_sha256` reports it)."""
+    todo: list[_Hashing] = []
+    with _SHA256_LOCK:
+        for path in paths:
+            try:
+                p, _, key = _sha256_key(path)
+            except OSError:
+                continue
+            if key in _SHA256_AHEAD:
+                continue
+            if _sha256_known(key) is None:
+                _SHA256_AHEAD[key] = h = _Hashing(p, key)
+                todo.append(h)
+    if todo:
+        threading.Thread(target=_hash_all, args=(todo,), name="moesnap-sha256", daemon=True).start()
+
+
+def _hash_all(todo: list[_Hashing]) -> None:
+    for h in todo:
+        h.run()
+
+
+def file_sha256(path: str | Path, *, progress: bool = False) -> str:
+    """sha256 of a file, cached by (real path, size, mtime) so a 17 GB model is hashed once;
+    ``progress``: a byte bar on stderr while a large file is hashed (see :func:`progress_enabled`).
+    A file :func:`hash_ahead` is hashing already is waited for, not hashed again."""
+    p, st, key = _sha256_key(path)
+    with _SHA256_LOCK:
+        running = _SHA256_AHEAD.get(key)
+        digest = None if running is not None else _sha256_known(key)
+    if digest is not None:
+        return digest
+    bar = None
+    if progress_enabled(progress) and st.st_size >= 256 << 20 and (running is None or running.done_bytes < st.st_size):
+        from tqdm import tqdm
+
+        bar = tqdm(total=st.st_size, desc=f"sha256 {p.name}", unit="iB", unit_scale=True, unit_divisor=1024,   # MiB
+                   file=sys.stderr, leave=False, dynamic_ncols=True)
+    try:
+        if running is not None:
+            try:
+                digest = running.result(bar)
+            finally:              # done with it: the digest is remembered, a failure is tried afresh next time
+                with _SHA256_LOCK:
+                    _SHA256_AHEAD.pop(key, None)
+        else:
+            digest = _sha256_compute(p, key, bar.update if bar is not None else (lambda n: None))
+    finally:
+        if bar is not None:
+            bar.close()
     return digest
 
 

@@ -362,11 +362,14 @@ class CheckpointModel(ModelWeights):
     # -- ModelWeights -------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """The directory, and a sha256 over every file that defines the weights (config, index, shards)."""
-        files = [self.path / CONFIG] + ([self.path / INDEX] if (self.path / INDEX).exists() else []) + self.shards
+        files = self.hashed_files()
         each = {f.name: _sha256(f) for f in files}
         whole = hashlib.sha256(json.dumps(each, sort_keys=True).encode()).hexdigest()
         return {"file": self.path.name, "path": str(self.path.resolve()), "size": sum(f.stat().st_size for f in files),
                 "sha256": whole, "files": each, "format": "hf-checkpoint"}
+
+    def hashed_files(self) -> list[Path]:
+        return [self.path / CONFIG] + ([self.path / INDEX] if (self.path / INDEX).exists() else []) + self.shards
 
     def qtypes(self) -> dict[str, str]:
         return {**{name: _DTYPES[parts[0].dtype][1].name for name, parts in self._tensors.items()},

@@ -238,25 +238,19 @@ class ArrayRecorder:
         return replace(case, steps=tuple(steps))
 
     def stacked(self) -> dict[str, np.ndarray]:
-        """Per-layer stages stacked on a leading layer axis, in layer order.
+        """Per-layer stages stacked on a leading layer axis, in layer order
+        (:func:`moesnap.case.stack_layers`: a stage some layers lack is stacked over layers 0..its last
+        one, the rows of the layers without it filled)."""
+        from ..case import stack_layers
 
-        A stage some layers lack (DeepSeek: the router stages in the leading dense layers,
-        ``dense_ffn_out`` in the MoE ones) is stacked over layers 0..its last one, the rows of the
-        layers without it filled (NaN; -1 for integer stages) so that row ``i`` stays layer ``i``.
-        Those rows are no values: the judge never reads them (it walks the stages each layer has,
-        :func:`moesnap.stages.stages_of_layer`)."""
-        out: dict[str, np.ndarray] = {}
-        for stage in LAYER_STAGES:
-            per = self.layers.get(stage)
-            if not per:
-                continue
-            n = max(per) + 1
-            if len(per) == n:
-                out[stage] = np.stack([per[i] for i in range(n)])
-                continue
-            some = next(iter(per.values()))
-            a = np.full((n, *some.shape), -1 if some.dtype.kind in "iu" else np.nan, dtype=some.dtype)
-            for i, row in per.items():
-                a[i] = row
-            out[stage] = a
+        return stack_layers(self.layers, LAYER_STAGES)
+
+    def pop_layer(self, layer: int) -> dict[str, np.ndarray]:
+        """Layer ``layer``'s stages as saved (``{stage: array}``), no longer held here: a forward's
+        finished layer handed on (to a store that writes it while the next layer runs) leaves the
+        recorder, so that :meth:`stacked` and :meth:`case` hold the other layers only."""
+        out = {}
+        for stage, per in self.layers.items():
+            if layer in per:
+                out[stage] = per.pop(layer)
         return out

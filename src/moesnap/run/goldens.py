@@ -125,7 +125,7 @@ def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: 
         import torch  # noqa: F401
     from .prompts import check_choice, check_continuation_length, encode_continuation, encode_prompt, prompt_tokenizer
     from .trace import DTYPES, continued_reference, model_provenance, run_case
-    from ..util import versions
+    from ..util import hash_ahead, versions
     from ..model.load import open_model
 
     validate_suite(suite)
@@ -139,6 +139,7 @@ def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: 
     check_choice(tokenizer)
     given: list[list[int] | str] = [token_ids(value) if kind == "tokens" else str(value) for kind, value in inputs]
     model = open_model(model_path)
+    hash_ahead(model.hashed_files())     # the provenance's sha256, on a thread beside the forwards
     if n_decode and given_after is None:     # where the greedy continuation is proposed: refused now if misnamed
         from ..model.draft import draft_device
 
@@ -170,7 +171,7 @@ def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: 
         after = [(None, None)] * len(cases)
     meta: dict[str, Any] = {
         "suite": suite,
-        "model": model_provenance(model),
+        "model": None,          # once the forwards ran: the sha256 is being taken beside them
         "dtype": dtype,
         "versions": versions(),
         "platform": platform.platform(),
@@ -204,13 +205,19 @@ def generate(model_path: str | Path, suite: str, *, store: GoldenStore, inputs: 
                                    if key in case.attrs}
             else:
                 status(f"{suite}: {name} ({i} of {len(cases)}), {plural(len(ids), 'token')}")
-                case = run_case(model, ids, dtype=DTYPES[dtype], prompt=prompt)
+                # each layer's stages go to the store as the layer ends, written while the next one runs
+                stream = writer.begin_case(name)
+                case = run_case(model, ids, dtype=DTYPES[dtype], prompt=prompt, layer_sink=stream.put_layer)
             if made_by is not None:
                 case.attrs["tokenizer"] = made_by
             timing[name] = case.attrs.get("layer_timing") or []
             status(f"{name}: {timing_summary(timing[name])}")
-            writer.add_case(name, case)
+            if after:
+                writer.add_case(name, case)
+            else:
+                stream.finish(case)
         meta["layer_timing"] = timing
+        meta["model"] = model_provenance(model)
         if continued:
             meta["continuations"] = continued
         version = writer.commit(meta)

@@ -17,7 +17,7 @@ from ..case import Case, from_recorder
 from ..store.case import save_case
 from ..errors import UsageError
 from ..model.recorder import ArrayRecorder
-from ..util import LayerProgress, file_sha256, plural, published_version_above, show_progress_switch, status, versions
+from ..util import LayerProgress, file_sha256, hash_ahead, plural, published_version_above, show_progress_switch, status, versions
 from ..model.load import parse_device
 from ..model.weights import ModelWeights
 from ..model.config import GPT_OSS, QWEN3MOE
@@ -55,7 +55,8 @@ ENGINE_FAMILIES: dict[str, tuple[str, ...]] = {"transformers": (QWEN3MOE, GPT_OS
 def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", candidate: bool = False, prompt: str | None = None,
              engine: str = "moesnap", decode: int = 0,
-             continuation: Sequence[int] | None = None) -> Case:
+             continuation: Sequence[int] | None = None,
+             layer_sink: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> Case:
     """Run one forward over ``tokens`` and capture every stage it exposes.
 
     ``engine="moesnap"``: the reference (CPU) or, with ``candidate``, moesnap's device forward.
@@ -70,6 +71,10 @@ def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype =
     engine, serving the prompt and then N single-token steps through its KV cache, the steps in
     ``Case.steps`` (:func:`serve_candidate`).  Each such case carries ``prompt_tokens``,
     ``continuation`` and ``decode``.
+
+    ``layer_sink(layer, {stage: value})`` (the reference forward of a prompt alone): each layer's
+    stages handed on as the layer ends (to a store writing them while the next layer runs,
+    :meth:`~moesnap.store.VersionWriter.begin_case`); the case returned then has no ``layers``.
     """
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -78,6 +83,9 @@ def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype =
         raise UsageError(f"{model.path}: --engine {engine} runs {' and '.join(map(repr, families))} models only, not "
                          f"{model.config.arch!r} ones; trace the reference (--engine moesnap)")
     model.check_tokens(np.asarray(tokens))
+    hash_ahead(model.hashed_files())     # the provenance's sha256 (_with_provenance), beside the forward
+    if layer_sink is not None and (engine != "moesnap" or candidate or decode or continuation is not None):
+        raise UsageError("layer_sink: the reference forward of a prompt alone hands its layers on as they end")
     if decode or continuation is not None:
         return _run_decode(model, tokens, dtype=dtype, device=device, candidate=candidate, prompt=prompt, engine=engine, decode=decode, continuation=continuation)
     if engine == "moesnap":
@@ -85,17 +93,22 @@ def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype =
         status(f"running {'the candidate on ' + str(device) if candidate else 'the reference'} in "
                f"{str(dtype).removeprefix('torch.')}: {plural(len(tokens), 'token')} x {plural(model.config.n_layer, 'layer')}")
         bar = LayerProgress("candidate" if candidate else "reference").start(model.config.n_layer)
+        progress: Callable[[int, int], None] = bar
+        if layer_sink is not None:
+            def progress(done: int, total: int) -> None:
+                bar(done, total)
+                layer_sink(done - 1, rec.pop_layer(done - 1))
         try:
             if candidate:
                 from ..model.candidate import CandidateModel
 
-                CandidateModel(model, device=device, dtype=dtype).forward(tokens, rec, progress=bar)
+                CandidateModel(model, device=device, dtype=dtype).forward(tokens, rec, progress=progress)
             else:
                 if torch.device(device).type != "cpu":
                     raise UsageError("the reference forward runs on the CPU; add --candidate to trace the device forward")
                 from ..model.reference import run_reference
 
-                run_reference(model, tokens, dtype=dtype, recorder=rec, progress=bar)
+                run_reference(model, tokens, dtype=dtype, recorder=rec, progress=progress)
         finally:
             bar.close()
         case = from_recorder(rec)

@@ -52,13 +52,14 @@ import re
 import signal
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from ..case import Case
+from ..case import Case, stack_layers
+from ..stages import LAYER_STAGES
 from .arrays import LAYOUT, NamedArrays
 from .case import GroupValue, checksum_matches
 from ..errors import GoldenError, UsageError
@@ -276,6 +277,11 @@ class GoldenVersion:
         return arrays
 
 
+def case_info(case: Case) -> dict[str, Any]:
+    """What a version's provenance says of a forward's case beside its arrays: prompt and token ids."""
+    return {"prompt": case.attrs.get("prompt"), "token_ids": [int(t) for t in np.asarray(case.tokens).tolist()]}
+
+
 class VersionWriter(ABC):
     """Writes one new version; nothing is visible until :meth:`commit` returns.
 
@@ -290,10 +296,45 @@ class VersionWriter(ABC):
         self._cases: list[dict[str, Any]] = []
         self._checksums: dict[str, str] = {}
         self._done = False
+        self._streams: dict[str, "CaseStream"] = {}    # cases begun and not yet finished, by name
 
     def add_case(self, name: str, case: Case) -> None:
-        self._add(name, case, {"prompt": case.attrs.get("prompt"),
-                               "token_ids": [int(t) for t in np.asarray(case.tokens).tolist()]})
+        self._add(name, case, case_info(case))
+
+    def begin_case(self, name: str) -> "CaseStream":
+        """A case written while its forward runs (:mod:`moesnap.store.stream`): hand each layer's
+        stages to its ``put_layer`` as the layer ends, then the rest to ``finish``.  What is stored
+        is what :meth:`add_case` stores of the whole case, byte for byte."""
+        self._check_new(name)
+        if name in self._streams:
+            raise UsageError(f"case name {name!r} given twice")
+        self._streams[name] = stream = self._stream(name)
+        return stream
+
+    def _stream(self, name: str) -> "CaseStream":
+        """The stream :meth:`begin_case` hands out: by default one that keeps the layers and adds the
+        case when it is finished (a store that writes layers as they come overrides this:
+        :class:`moesnap.store.stream.RawCaseStream`)."""
+        return CaseStream(self, name)
+
+    def _check_new(self, name: str) -> None:
+        validate_case_name(name)
+        if self._done:
+            raise GoldenError(f"{self.suite}: writer already committed or aborted")
+        if any(c["name"] == name for c in self._cases):
+            raise UsageError(f"case name {name!r} given twice")
+
+    def _record(self, name: str, info: dict[str, Any], arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                sums: Mapping[str, str]) -> None:
+        """Case ``name`` is written: its entry in the version's provenance (``arrays``: each one's
+        shape and dtype, in the case's order) and its arrays' checksums."""
+        self._streams.pop(name, None)
+        self._cases.append({
+            "name": name,
+            **info,
+            "arrays": {p: {"shape": list(shape), "dtype": str(dtype)} for p, (shape, dtype) in arrays.items()},
+        })
+        self._checksums.update({f"{name}/{p}": s for p, s in sums.items()})
 
     def add_arrays(self, name: str, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None) -> None:
         """Add a case group of arrays of any names (the layout of :mod:`moesnap.store.arrays`);
@@ -302,23 +343,16 @@ class VersionWriter(ABC):
         self._add(name, NamedArrays.of(arrays, attrs), {"layout": LAYOUT})
 
     def _add(self, name: str, value: GroupValue, info: dict[str, Any]) -> None:
-        validate_case_name(name)
-        if self._done:
-            raise GoldenError(f"{self.suite}: writer already committed or aborted")
-        if any(c["name"] == name for c in self._cases):
-            raise UsageError(f"case name {name!r} given twice")
+        self._check_new(name)
         sums = self._write_case(name, value)
-        self._cases.append({
-            "name": name,
-            **info,
-            "arrays": {p: {"shape": list(a.shape), "dtype": str(a.dtype)} for p, a in value.arrays().items()},
-        })
-        self._checksums.update({f"{name}/{p}": s for p, s in sums.items()})
+        self._record(name, info, {p: (a.shape, a.dtype) for p, a in value.arrays().items()}, sums)
 
     def commit(self, meta: Mapping[str, Any] | None = None) -> GoldenVersion:
         """Publish atomically under the next free version name and return it."""
         if self._done:
             raise GoldenError(f"{self.suite}: writer already committed or aborted")
+        if self._streams:
+            raise UsageError(f"{self.suite}: case {next(iter(self._streams))!r} was begun and never finished")
         if not self._cases:
             raise UsageError(f"{self.suite}: a version needs at least one case")
         full = _json_clean({**dict(meta or {}), "schema": SCHEMA, "cases": self._cases,
@@ -333,7 +367,12 @@ class VersionWriter(ABC):
         if not self._done:
             self._done = True
             with interrupts_held():      # a staging area half removed is a leftover
-                self._discard()
+                streams, self._streams = list(self._streams.values()), {}
+                try:
+                    for stream in streams:   # none still writing into what is removed next
+                        stream.close()
+                finally:
+                    self._discard()
 
     def __enter__(self) -> "VersionWriter":
         return self
@@ -361,6 +400,54 @@ class VersionWriter(ABC):
     @abstractmethod
     def _discard(self) -> None:
         """Remove what was written; a storage fault is a GoldenError (or OSError)."""
+
+
+class CaseStream:
+    """One case given layer by layer while its forward runs (:meth:`VersionWriter.begin_case`,
+    :mod:`moesnap.store.stream`); this one keeps the layers in memory and adds the whole case, its
+    layers stacked (:func:`moesnap.case.stack_layers`), when it is finished."""
+
+    def __init__(self, writer: VersionWriter, name: str) -> None:
+        self.writer, self.name = writer, name
+        self._kept: dict[str, dict[int, np.ndarray]] = {}
+        self._last = -1
+        self._open = True
+
+    def put_layer(self, layer: int, stages: Mapping[str, np.ndarray]) -> None:
+        """Layer ``layer``'s per-layer stages, ``{stage: value}`` (after every earlier layer's)."""
+        self._check_open()
+        if layer <= self._last:
+            raise ValueError(f"case {self.name!r}: layer {layer} after layer {self._last}; layers come in increasing order")
+        unknown = [s for s in stages if s not in LAYER_STAGES]
+        if unknown:
+            raise ValueError(f"case {self.name!r}: {unknown[0]!r} is not a per-layer stage")
+        self._last = layer
+        for stage, value in stages.items():
+            self._take(stage, layer, np.asarray(value))
+
+    def finish(self, case: Case) -> None:
+        """The rest of the case (its ``layers`` empty: they came through :meth:`put_layer`)."""
+        self._check_open()
+        if case.layers:
+            raise ValueError(f"case {self.name!r}: its layers come through put_layer, not with finish")
+        self._open = False
+        self._finish(case)
+
+    def close(self) -> None:
+        """Stop (an aborted version): nothing is written into the version after this returns."""
+        self._open = False
+        self._kept = {}
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise GoldenError(f"{self.writer.suite}: case {self.name!r} is finished or aborted already")
+
+    def _take(self, stage: str, layer: int, value: np.ndarray) -> None:
+        self._kept.setdefault(stage, {})[layer] = value
+
+    def _finish(self, case: Case) -> None:
+        kept, self._kept = self._kept, {}
+        self.writer.add_case(self.name, replace(case, layers=stack_layers(kept, LAYER_STAGES)))
 
 
 class GoldenStore(ABC):

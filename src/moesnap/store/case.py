@@ -86,20 +86,38 @@ class GroupValue(Protocol):
 
 def write_case(group: CaseSink, case: GroupValue) -> dict[str, str]:
     """Write ``case`` into an empty group; return the checksum of every array."""
+    sums = write_arrays(group, case.arrays())
+    write_attrs(group, case.attrs, sums)
+    return sums
+
+
+def write_arrays(group: CaseSink, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Create each array in ``group`` (one chunk per layer under ``layers/``, one chunk otherwise,
+    uncompressed); return the checksum of every array, in the order given.  A pipelined sink
+    has written them all once its ``attrs`` is read."""
     sums: dict[str, str] = {}
     taken = getattr(group, "checksums", None)     # a sink that checksums what it writes, as it writes
-    for path, arr in case.arrays().items():
+    for path, arr in arrays.items():
         arr = np.ascontiguousarray(arr).reshape(np.shape(arr))     # a 0-d array stays 0-d
-        whole: tuple[int, ...] = (1, *arr.shape[1:]) if path.startswith("layers/") and arr.ndim >= 1 else arr.shape
-        chunks = tuple(max(1, c) for c in whole)
-        group.create_array(path, data=arr, chunks=chunks, compressors=None)
+        group.create_array(path, data=arr, chunks=layer_chunks(path, arr.shape), compressors=None)
         if not isinstance(taken, dict):
             sums[path] = checksum(arr)
-    attrs = group.attrs        # a pipelined sink has written (and checksummed) every array here
     if isinstance(taken, dict):
-        sums = {path: taken[path] for path in case.arrays()}
-    attrs.update({**case.attrs, "schema": SCHEMA_VERSION, "checksums": sums})
+        _ = group.attrs               # a pipelined sink: every array written (and checksummed) once it is read
+        sums = {path: taken[path] for path in arrays}
     return sums
+
+
+def layer_chunks(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The chunks of array ``path`` in a case group: one per layer for a per-layer stage
+    (``layers/<stage>`` ``[L, ...]``), else the whole array."""
+    whole: tuple[int, ...] = (1, *shape[1:]) if path.startswith("layers/") and len(shape) >= 1 else shape
+    return tuple(max(1, c) for c in whole)
+
+
+def write_attrs(group: CaseSink, attrs: dict[str, Any], sums: dict[str, str]) -> None:
+    """The case group's attributes: ``attrs`` with the schema and every array's checksum."""
+    group.attrs.update({**attrs, "schema": SCHEMA_VERSION, "checksums": sums})
 
 
 def save_case(path: str | Path, case: Case) -> dict[str, str]:

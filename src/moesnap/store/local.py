@@ -34,6 +34,7 @@ from .base import (
     version_name,
     version_number,
 )
+from .stream import CaseStream, RawCaseStream
 from .zarr import ZarrGoldenStore, write_case_pipelined
 
 
@@ -211,6 +212,15 @@ class _LocalWriter(VersionWriter):
             with interrupts_held():    # zarr writes on its own thread: not on after the staging area is gone
                 group = self.group.create_group(name)
             return write_case_pipelined(group, case, self._delay, raw_dir=self.dir / name)
+
+    def _stream(self, name: str) -> CaseStream:
+        """A case whose layers are written as its forward hands them over (:class:`RawCaseStream`)."""
+        where = f"{self.dir}/{name}"
+        with self.store._errors(where):  # type: ignore[attr-defined]
+            with interrupts_held():
+                group = self.group.create_group(name)
+        return RawCaseStream(self, name, group, self.dir / name, delay=self._delay,
+                             errors=self.store._errors)  # type: ignore[attr-defined]
 
     def _publish(self, meta: dict[str, Any]) -> str:
         st: LocalGoldenStore = self.store  # type: ignore[assignment]
