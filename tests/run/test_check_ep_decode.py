@@ -124,3 +124,15 @@ def test_refused_in_the_api_too():
         check_ep(tiny_path(), "tiny", store=GOLDENS, n_ranks=3, decode=1)
     with pytest.raises(UsageError, match="backend='nccl' runs on CUDA devices only"):
         check_ep(tiny_path(), "tiny", store=GOLDENS, backend="nccl", decode=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < N, reason=f"skipped: needs {N} CUDA devices")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nccl_ep_serving_passes_every_step(dtype):
+    rep = check_ep(tiny_path(), "tiny", store=GOLDENS, n_ranks=N, backend="nccl", device="cuda", dtype=dtype,
+                   decode=STEPS, paged=True)
+    assert rep is not None and rep.verdict == "pass", rep.summary()
+    cov = rep.coverage()
+    assert cov.complete and cov.judged == cov.held and sum(c.step is not None for c in rep.cases) == 3 * STEPS
+    assert any("peak GPU memory" in n for n in rep.notes), rep.notes

@@ -27,7 +27,10 @@ other ranks run with a null recorder.  :attr:`ExpertParallelCandidate.traffic` c
 each layer's collectives send from this rank to the others.
 
 :func:`run_ep` starts the ranks itself (``torch.multiprocessing`` spawn, a free localhost port,
-``env://``) or, where ``RANK`` and ``WORLD_SIZE`` are set (``torchrun``), runs this process's rank.
+``env://``) or, where ``RANK`` and ``WORLD_SIZE`` are set (``torchrun``), runs this process's rank;
+:func:`launch` does that for any rank function (the serving check's ranks,
+:mod:`moesnap.run.expert_parallel`, run :meth:`ExpertParallelCandidate.forward_batch` through a KV cache of
+their own, each forward's time and bytes noted in :attr:`ExpertParallelCandidate.served`).
 gloo runs ``all_to_all_single`` on the CPU (torch 2.13, two processes), so the CPU test suite covers
 both modes; NCCL runs them on GPUs, with NVLink multicast kept off in the ranks' environment.
 """

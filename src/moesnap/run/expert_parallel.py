@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from ..util import progress_enabled, quiet, status
 from .check import Opened, open_check, with_golden_command
 from .compare import judge_dump
 from .serving import Serving, judge_serving, plan_serving, serve_pairs, unfired_error
+
+if TYPE_CHECKING:
+    import torch
 
 
 def nonfinite_experts(case: Case, ranges: Sequence[Sequence[int]]) -> list[str]:
@@ -202,7 +205,8 @@ def _serve_rank(job: _ServeJob) -> tuple[Report, list[tuple[str, Case]]] | None:
 
 
 def _serve(job: _ServeJob, o: Opened, s: Serving, rank: int, world: int,
-           device: Any) -> tuple[Report, list[tuple[str, Case]]] | None:
+           device: torch.device) -> tuple[Report, list[tuple[str, Case]]] | None:
+    """This rank's serving run on its candidate (the process group up); rank 0 judges it."""
     import torch
     import torch.distributed as dist
 
