@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -211,52 +212,66 @@ def transformers_engine(model: Path, store: Path, device: str, work: Path, out: 
     judged(rec, js)
 
 
-def multi_gpu(out: Path, work: Path, layers: int, log: list[dict], n_ranks: int = 2,
-              preset: str = "qwen3-30b-a3b", single: bool = True) -> list[dict]:
-    """The expert-parallel candidate on ``n_ranks`` GPUs (NCCL) against full-width goldens: float32 and
-    bfloat16, both dispatch modes, and a NaN planted in an expert of the last rank; then (``single``)
-    the one-GPU candidate on the same file and goldens, for figures side by side from one run.
-    The goldens' per-layer generation time and memory are in the summary (``goldens show``)."""
+def _last_rank_expert(store: Path, suite: str, layer: int, n_ranks: int) -> int:
+    """An expert the last of ``n_ranks`` ranks owns (of 128) that case0 of ``suite`` routes a token to at ``layer``."""
+    from moesnap.store import open_store
+
+    v = open_store(str(store)).open_version(suite, None)
+    ids = v.read_case(v.case_names()[0]).layers["topk_ids"][layer]
+    return int(max(e for e in np.unique(ids) if e >= 128 - 128 // n_ranks))
+
+
+def _ep_check(out: Path, model: Path, store: Path, suite: str, name: str, layers: int, log: list[dict], *,
+              n_ranks: int, dtype: str, mode: str, inject: list[str], **serving: Any) -> None:
+    """One expert-parallel check (``serving``: ``decode=N``, ``paged=True``, … as check_ep takes them), its
+    report written and summed up; a pass that did not judge every cell, or a planted NaN not named at its
+    layer / expert_out, ends the session."""
     from moesnap.judge.report import write_json
     from moesnap.run.expert_parallel import check_ep
 
+    t0 = time.perf_counter()
+    rep = check_ep(str(model), suite, store=str(store), n_ranks=n_ranks, backend="nccl", device="cuda", dtype=dtype,
+                   mode=mode, inject=inject, **serving)
+    wall = time.perf_counter() - t0
+    assert rep is not None
+    write_json(rep, out / (name.replace(" ", "_") + ".json"))
+    cov = rep.coverage()
+    fd = rep.first_divergence
+    rec = {"name": name, "wall_s": round(wall, 2), "verdict": rep.verdict, "cells": f"{cov.judged}/{cov.held}",
+           "first_divergence": None if fd is None else [fd.case, fd.layer, fd.stage, fd.verdict.name],
+           "notes": [n for n in rep.notes if "expert parallel" in n or "routed to expert" in n]}
+    log.append(rec)
+    print(json.dumps(rec), flush=True)
+    if rep.verdict == "pass" and cov.judged != cov.held:
+        raise SystemExit(f"{name}: a pass that did not judge every cell")
+    if inject and (fd is None or fd.layer != layers // 2 or fd.stage != "expert_out"):
+        raise SystemExit(f"{name}: the planted NaN was not named at layer {layers // 2} / expert_out: {fd}")
+
+
+def multi_gpu(out: Path, work: Path, layers: int, log: list[dict], n_ranks: int = 2,
+              preset: str = "qwen3-30b-a3b", single: bool = True, decode: int = 0) -> list[dict]:
+    """The expert-parallel candidate on ``n_ranks`` GPUs (NCCL) against full-width goldens: float32 and
+    bfloat16, both dispatch modes, and a NaN planted in an expert of the last rank; then (``single``)
+    the one-GPU candidate on the same file and goldens, for figures side by side from one run.
+    ``decode``: then the same with the prompt served and ``decode`` decode steps after it (goldens generated
+    with ``--decode``; every rank its own KV cache, rank 0 judging each step), beside the one-GPU serving check.
+    The goldens' per-layer generation time and memory are in the summary (``goldens show``)."""
     model = work / f"{preset}-{layers}l.gguf"
     store = work / "goldens"
     if not model.exists():
         run_step("make model", ["-q", "model", "make", str(model), "--preset", preset, "--layers", str(layers)], log)
     run_step("generate goldens (CPU)", ["-q", "goldens", "generate", str(model), "--suite", "ep", "--store", str(store),
                                         "--prompt", PROMPT_128], log)
-    from moesnap.store import open_store as _open
-
-    timing = (_open(str(store)).open_version("ep", None).meta.get("layer_timing") or {}).get("case0") or []
-    log.append({"name": "generation per layer", "layers": timing})
     from moesnap.store import open_store
 
-    v = open_store(str(store)).open_version("ep", None)
-    ids = v.read_case(v.case_names()[0]).layers["topk_ids"][layers // 2]
-    last_rank = int(max(e for e in np.unique(ids) if e >= 128 - 128 // n_ranks))   # an expert the last rank owns, routed to
+    timing = (open_store(str(store)).open_version("ep", None).meta.get("layer_timing") or {}).get("case0") or []
+    log.append({"name": "generation per layer", "layers": timing})
+    last_rank = _last_rank_expert(store, "ep", layers // 2, n_ranks)   # an expert the last rank owns, routed to
     runs = [("float32", "alltoall", []), ("bfloat16", "alltoall", []), ("float32", "allreduce", []),
             ("bfloat16", "alltoall", [f"nan:layer={layers // 2},expert={last_rank}"])]
     for dtype, mode, inject in runs:
-        name = f"ep{n_ranks} {dtype} {mode}" + (" nan" if inject else "")
-        t0 = time.perf_counter()
-        rep = check_ep(str(model), "ep", store=str(store), n_ranks=n_ranks, backend="nccl", device="cuda", dtype=dtype,
-                       mode=mode, inject=inject)
-        wall = time.perf_counter() - t0
-        assert rep is not None
-        js = out / (name.replace(" ", "_") + ".json")
-        write_json(rep, js)
-        cov = rep.coverage()
-        fd = rep.first_divergence
-        rec = {"name": name, "wall_s": round(wall, 2), "verdict": rep.verdict, "cells": f"{cov.judged}/{cov.held}",
-               "first_divergence": None if fd is None else [fd.case, fd.layer, fd.stage, fd.verdict.name],
-               "notes": [n for n in rep.notes if "expert parallel" in n or "routed to expert" in n]}
-        log.append(rec)
-        print(json.dumps(rec), flush=True)
-        if rep.verdict == "pass" and cov.judged != cov.held:
-            raise SystemExit(f"{name}: a pass that did not judge every cell")
-        if inject and (fd is None or fd.layer != layers // 2 or fd.stage != "expert_out"):
-            raise SystemExit(f"{name}: the planted NaN was not named at layer {layers // 2} / expert_out: {fd}")
+        _ep_check(out, model, store, "ep", f"ep{n_ranks} {dtype} {mode}" + (" nan" if inject else ""), layers, log,
+                  n_ranks=n_ranks, dtype=dtype, mode=mode, inject=inject)
     if single:
         for dtype in ("float32", "bfloat16"):
             js = out / f"single_{dtype}.json"
@@ -264,6 +279,25 @@ def multi_gpu(out: Path, work: Path, layers: int, log: list[dict], n_ranks: int 
                                                 "--device", "cuda", "--dtype", dtype, "--force", "--json", str(js)],
                            log, expect=(0, 1))
             judged(rec, js)
+    if decode:
+        run_step(f"generate goldens with {decode} decode steps (CPU)",
+                 ["-q", "goldens", "generate", str(model), "--suite", "ep_decode", "--store", str(store), "--prompt",
+                  PROMPT_128, "--decode", str(decode)], log)
+        last_rank = _last_rank_expert(store, "ep_decode", layers // 2, n_ranks)
+        for dtype, mode, inject, how in (("float32", "alltoall", [], {}), ("bfloat16", "alltoall", [], {}),
+                                         ("bfloat16", "allreduce", [], {"paged": True}),
+                                         ("bfloat16", "alltoall", [f"nan:layer={layers // 2},expert={last_rank}"], {})):
+            name = f"ep{n_ranks} decode{decode} {dtype} {mode}" + (" paged" if how else "") + (" nan" if inject else "")
+            _ep_check(out, model, store, "ep_decode", name, layers, log, n_ranks=n_ranks, dtype=dtype, mode=mode,
+                      inject=inject, decode=decode, **how)
+        if single:
+            for dtype in ("float32", "bfloat16"):
+                js = out / f"single_decode{decode}_{dtype}.json"
+                rec = run_step(f"one GPU decode{decode} {dtype}",
+                               ["-q", "check", str(model), "--suite", "ep_decode", "--store", str(store), "--device",
+                                "cuda", "--dtype", dtype, "--decode", str(decode), "--force", "--json", str(js)],
+                               log, expect=(0, 1))
+                judged(rec, js)
     return log
 
 
@@ -284,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="qwen3-30b-a3b", help="multi_gpu: the model's shape (qwen3-235b-a22b: 94 "
                    "layers of hidden 4096, ~1.4 GB a layer at Q4_K_M; pick --layers to fit the disk)")
     p.add_argument("--no-single", action="store_true", help="multi_gpu: skip the one-GPU checks of the same file")
+    p.add_argument("--decode", type=int, default=0, metavar="N",
+                   help="multi_gpu: also serve the prompt plus N decode steps on the ranks (and on one GPU)")
     a = p.parse_args(argv)
     import torch
 
@@ -311,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(a.work or tempfile.mkdtemp(prefix="moesnap-ep-"))
             work.mkdir(parents=True, exist_ok=True)
             multi_gpu(out, work, a.layers, log, n_ranks=torch.cuda.device_count(), preset=a.preset,
-                      single=not a.no_single)
+                      single=not a.no_single, decode=a.decode)
         else:
             work = Path(a.work or tempfile.mkdtemp(prefix="moesnap-heavy-"))
             work.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ def test_check_on_two_ranks_passes_and_names_a_nan_expert_and_its_rank(capsys):
 
 @pytest.mark.parametrize("extra, says", [
     (["--gpus", "1"], "--gpus 1: expert parallelism needs at least 2 ranks"),
-    (["--gpus", "2", "--replay"], "--replay is not available with --gpus"),
+    (["--gpus", "2", "--replay"], "--replay with --gpus: one prefill is judged layer by layer by local re-reference"),
     (["--gpus", "3"], "experts do not split evenly over 3 ranks"),
 ])
 def test_misuse_of_gpus_is_one_line_exit_2(capsys, extra, says):

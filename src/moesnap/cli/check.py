@@ -30,9 +30,6 @@ def cmd_check(a: argparse.Namespace) -> int:
     from ..run.check import check
 
     if a.gpus is not None:
-        if a.decode is not None or a.paged or a.batch or a.chunk is not None or a.cuda_graph:
-            raise UsageError("--gpus: the expert-parallel check runs one prefill (no --decode, --paged, --batch, "
-                             "--chunk or --cuda-graph yet)")
         ep = _check_expert_parallel(a, asked)
         if ep is None:   # a torchrun rank other than 0: rank 0 reports
             return 0
@@ -47,15 +44,15 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def _check_expert_parallel(a: argparse.Namespace, asked) -> Report | None:
     """``--gpus N``: the expert-parallel candidate on N ranks (NCCL on CUDA, gloo on the CPU), started here;
-    None on a torchrun rank other than 0."""
-    from ..errors import UsageError
+    None on a torchrun rank other than 0.  With ``--decode`` (``--paged``, ``--batch``, ``--chunk``) every rank
+    serves the cases and rank 0 judges each forward as the single-device serving check does."""
     from ..run.expert_parallel import check_ep
 
-    if a.replay:
-        raise UsageError("--replay is not available with --gpus (each layer is judged by local re-reference)")
     return check_ep(a.model, a.suite, store=a.store, n_ranks=a.gpus, backend="nccl" if a.device.startswith("cuda")
                     else "gloo", device=a.device, dtype=a.dtype, mode=a.ep_mode, inject=a.inject,
-                    router_replay=not a.no_router_replay, settings=asked)
+                    router_replay=not a.no_router_replay, settings=asked, decode=a.decode, paged=a.paged,
+                    batch=a.batch, chunk=a.chunk, cuda_graph=a.cuda_graph,
+                    replay=True if a.replay else False if a.no_replay else None)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -90,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--device cuda; eager on the CPU), the stages recorded from inside the graph")
     p.add_argument("--gpus", type=int, metavar="N",
                    help="expert parallel: N ranks, each holding 1/N of every layer's experts, started here (NCCL "
-                        "with --device cuda, gloo on the CPU); or one rank of a torchrun launch")
+                        "with --device cuda, gloo on the CPU); or one rank of a torchrun launch; with --decode N "
+                        "(--paged, --batch, --chunk) every rank serves the steps, rank 0 judges them")
     p.add_argument("--ep-mode", choices=("alltoall", "allreduce"), default="alltoall",
                    help="with --gpus: all-to-all dispatch and combine (default), or every rank runs its experts "
                         "for all tokens and an all-reduce sums them")

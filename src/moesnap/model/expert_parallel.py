@@ -27,7 +27,10 @@ other ranks run with a null recorder.  :attr:`ExpertParallelCandidate.traffic` c
 each layer's collectives send from this rank to the others.
 
 :func:`run_ep` starts the ranks itself (``torch.multiprocessing`` spawn, a free localhost port,
-``env://``) or, where ``RANK`` and ``WORLD_SIZE`` are set (``torchrun``), runs this process's rank.
+``env://``) or, where ``RANK`` and ``WORLD_SIZE`` are set (``torchrun``), runs this process's rank;
+:func:`launch` does that for any rank function (the serving check's ranks,
+:mod:`moesnap.run.expert_parallel`, run :meth:`ExpertParallelCandidate.forward_batch` through a KV cache of
+their own, each forward's time and bytes noted in :attr:`ExpertParallelCandidate.served`).
 gloo runs ``all_to_all_single`` on the CPU (torch 2.13, two processes), so the CPU test suite covers
 both modes; NCCL runs them on GPUs, with NVLink multicast kept off in the ranks' environment.
 """
@@ -38,6 +41,8 @@ import os
 import queue
 import socket
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,10 +56,12 @@ from .. import errors
 from ..case import Case, from_recorder
 from ..errors import MoesnapError, UsageError
 from ..stages import CHECK_DTYPES
-from .candidate import CandidateModel, RouterReplay, _Call
-from .faults import Faults
+from .candidate import CandidateModel, Output, RouterReplay, _Call
+from .faults import NO_FAULTS, Faults
 from .inject import Injection, check_injections, parse_inject
+from .kvcache import Batch, KVCache
 from .recorder import ArrayRecorder, NullRecorder, Recorder
+from .static_replay import StaticReplay
 from .tensors import EXPERT_TENSORS
 from .weights import ModelWeights
 
@@ -100,6 +107,23 @@ class ExpertParallelCandidate(CandidateModel):
         self.lo, self.hi = expert_range(self.cfg.n_expert, self.rank, self.world)
         #: layer -> collective -> bytes this rank sent to the others (summed over forwards)
         self.traffic: dict[int, dict[str, int]] = {}
+        #: each serving forward (:meth:`forward_batch`): whether a decode step, seconds, bytes this rank sent
+        self.served: list[tuple[bool, float, int]] = []
+
+    def forward_batch(self, tokens: Any, batch: Batch, cache: KVCache, rec: Recorder | None = None, *,
+                      router_replay: RouterReplay | StaticReplay | None = None, faults: Faults = NO_FAULTS) -> Output:
+        """:meth:`CandidateModel.forward_batch <moesnap.model.candidate.CandidateModel.forward_batch>` (collective),
+        its time (the device synchronised around it) and bytes sent noted in :attr:`served`."""
+        sent = sum(n for per in self.traffic.values() for n in per.values())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        out = super().forward_batch(tokens, batch, cache, rec, router_replay=router_replay, faults=faults)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = sum(n for per in self.traffic.values() for n in per.values())
+        self.served.append((batch.step is not None, time.perf_counter() - t0, now - sent))
+        return out
 
     # -- which experts this rank holds and runs -------------------------------------------------
     def _stored(self, name: str) -> tuple[gguf.GGMLQuantizationType, np.ndarray]:
@@ -209,21 +233,26 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def check_launch(n_ranks: int, backend: str, device_type: str, mode: str, n_expert: int) -> None:
+    """Refuse, in one line, ranks that could not start or could not split ``n_expert`` experts."""
+    if backend not in BACKENDS:
+        raise UsageError(f"backend={backend!r}; choose one of {', '.join(BACKENDS)}")
+    if device_type not in ("cpu", "cuda"):
+        raise UsageError(f"device_type={device_type!r}; choose cpu or cuda")
+    if backend == "nccl" and device_type != "cuda":
+        raise UsageError("backend='nccl' runs on CUDA devices only; use device_type='cuda', or backend='gloo' on the CPU")
+    if device_type == "cuda" and torch.cuda.device_count() < n_ranks:
+        raise UsageError(f"n_ranks={n_ranks} needs {n_ranks} CUDA devices, this host has {torch.cuda.device_count()}")
+    if mode not in MODES:
+        raise UsageError(f"mode={mode!r}; choose one of {', '.join(MODES)}")
+    if n_ranks < 1:
+        raise UsageError(f"n_ranks={n_ranks} must be >= 1")
+    expert_range(n_expert, 0, n_ranks)
+
+
 def _validate(job: _Job, model: ModelWeights) -> list[Injection]:
     """Refuse, in one line, what no rank could run; return the planted faults."""
-    if job.backend not in BACKENDS:
-        raise UsageError(f"backend={job.backend!r}; choose one of {', '.join(BACKENDS)}")
-    if job.device_type not in ("cpu", "cuda"):
-        raise UsageError(f"device_type={job.device_type!r}; choose cpu or cuda")
-    if job.backend == "nccl" and job.device_type != "cuda":
-        raise UsageError("backend='nccl' runs on CUDA devices only; use device_type='cuda', or backend='gloo' on the CPU")
-    if job.device_type == "cuda" and torch.cuda.device_count() < job.n_ranks:
-        raise UsageError(f"n_ranks={job.n_ranks} needs {job.n_ranks} CUDA devices, this host has {torch.cuda.device_count()}")
-    if job.mode not in MODES:
-        raise UsageError(f"mode={job.mode!r}; choose one of {', '.join(MODES)}")
-    if job.n_ranks < 1:
-        raise UsageError(f"n_ranks={job.n_ranks} must be >= 1")
-    expert_range(model.config.n_expert, 0, job.n_ranks)
+    check_launch(job.n_ranks, job.backend, job.device_type, job.mode, model.config.n_expert)
     if not job.cases:
         raise UsageError("no token sequence to run")
     for ids in job.cases:
@@ -235,27 +264,44 @@ def _validate(job: _Job, model: ModelWeights) -> list[Injection]:
     return injections
 
 
+def rank_setup(n_ranks: int, backend: str, device_type: str) -> tuple[int, int, torch.device]:
+    """This process's rank, the world's size and the rank's device (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
+    set, as torchrun and :func:`launch` set them); NVLink multicast off for NCCL."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != n_ranks:
+        raise UsageError(f"n_ranks={n_ranks}, but WORLD_SIZE={world} ranks were started")
+    if backend == "nccl":
+        for key, value in NVLS_OFF.items():
+            os.environ.setdefault(key, value)
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+@contextmanager
+def process_group(backend: str) -> Iterator[None]:
+    """The default process group (``env://``) while inside, unless one is initialised already (it is left be)."""
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group(backend, init_method="env://")
+    try:
+        yield
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
 def _rank_main(job: _Job) -> list[Case] | None:
     """This process's rank (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` set): run every case;
     rank 0 returns what it recorded, the others None."""
     from .load import open_model
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != job.n_ranks:
-        raise UsageError(f"n_ranks={job.n_ranks}, but WORLD_SIZE={world} ranks were started")
-    if job.backend == "nccl":
-        for key, value in NVLS_OFF.items():
-            os.environ.setdefault(key, value)
-    device = torch.device("cpu")
-    if job.device_type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
+    rank, world, device = rank_setup(job.n_ranks, job.backend, job.device_type)
     model = open_model(job.model_path)
     injections = _validate(job, model)
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group(job.backend, init_method="env://")
-    try:
+    with process_group(job.backend):
         cand = ExpertParallelCandidate(model, device=device, dtype=job.dtype, mode=job.mode,
                                        expert_path=job.expert_path)
         faults = Faults(injections, model)
@@ -296,9 +342,6 @@ def _rank_main(job: _Job) -> list[Case] | None:
             case.attrs.setdefault("producer", f"moesnap expert-parallel candidate ({world} ranks, {job.mode}, "
                                               f"{job.backend}, {job.device_type} {case.attrs['dtype']})")
         return cases
-    finally:
-        if own:
-            dist.destroy_process_group()
 
 
 def _summary(job: _Job, every: list[dict[str, Any]], c: int, n_layer: int) -> dict[str, Any]:
@@ -318,46 +361,44 @@ def free_port() -> int:
         return port
 
 
-def _spawned(rank: int, job: _Job, port: int, results: Any) -> None:
-    """One rank started by :func:`run_ep_cases`: the environment torchrun would give it, then :func:`_rank_main`."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job.n_ranks),
+def under_torchrun() -> bool:
+    """Whether this process is one rank of a launch (``RANK`` and ``WORLD_SIZE`` set, as torchrun sets them)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _spawned(rank: int, target: Callable[[Any], Any], job: Any, n_ranks: int, device_type: str, port: int,
+             results: Any) -> None:
+    """One rank started by :func:`launch`: the environment torchrun would give it, then ``target(job)``."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n_ranks),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if job.device_type == "cpu":   # the ranks share the host's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.n_ranks))
+    if device_type == "cpu":   # the ranks share the host's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_ranks))
     try:
-        cases = _rank_main(job)
+        out = target(job)
     except MoesnapError as e:
         results.put(("error", type(e).__name__, str(e)))
         raise
-    if cases is not None:
-        results.put(("ok", cases))
+    if out is not None:
+        results.put(("ok", out))
 
 
-def run_ep_cases(model_path: str | Path, cases: Sequence[Sequence[int]], n_ranks: int = 2, backend: str = "gloo",
-                 device_type: str = "cpu", dtype: torch.dtype | str = torch.float32,
-                 injections: Sequence[Injection | str] = (), *, mode: str = "alltoall",
-                 router_replay: Sequence[RouterReplay | None] | None = None, expert_path: str | None = None,
-                 attrs: dict[str, Any] | None = None) -> list[Case] | None:
-    """:func:`run_ep` over several token sequences with one set of ranks (the weights upload once);
-    ``router_replay``: one per sequence, or None."""
-    job = _Job(model_path=str(model_path), cases=tuple(tuple(int(t) for t in ids) for ids in cases),
-               n_ranks=int(n_ranks), backend=backend, device_type=device_type, dtype=_dtype(dtype),
-               injections=tuple(injections), mode=mode,
-               router_replay=tuple(router_replay) if router_replay is not None else (None,) * len(cases),
-               expert_path=expert_path, attrs=dict(attrs or {}))
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:   # torchrun: this process is one rank
-        return _rank_main(job)
-    from .load import open_model
-
-    _validate(job, open_model(job.model_path))                 # refuse before starting anything
+def launch(target: Callable[[Any], Any], job: Any, n_ranks: int, device_type: str) -> Any:
+    """``target(job)`` on each of ``n_ranks`` ranks, returning rank 0's result (the others return None).
+    Under torchrun (:func:`under_torchrun`) this process is one rank and runs ``target`` itself; else the
+    ranks are spawned here (``torch.multiprocessing``, a free localhost port), their result read while
+    they run, and a rank's :class:`~moesnap.errors.MoesnapError` raised here as the same error.
+    ``target`` and ``job`` must pickle (a module-level function, a frozen dataclass)."""
+    if under_torchrun():
+        return target(job)
     import torch.multiprocessing as mp
 
     results = mp.get_context("spawn").Queue()
-    ranks = mp.spawn(_spawned, args=(job, free_port(), results), nprocs=job.n_ranks, join=False)
+    ranks = mp.spawn(_spawned, args=(target, job, n_ranks, device_type, free_port(), results), nprocs=n_ranks,
+                     join=False)
     got: list[Any] = []
     while True:
         try:
-            got.append(results.get(timeout=0.1))   # read while the ranks run: a large case fills the pipe
+            got.append(results.get(timeout=0.1))   # read while the ranks run: a large result fills the pipe
             continue
         except queue.Empty:
             pass
@@ -377,6 +418,26 @@ def run_ep_cases(model_path: str | Path, cases: Sequence[Sequence[int]], n_ranks
     while not any(kind == "ok" for kind, *_ in got):
         got.append(results.get(timeout=10.0))
     return next(rest[0] for kind, *rest in got if kind == "ok")
+
+
+def run_ep_cases(model_path: str | Path, cases: Sequence[Sequence[int]], n_ranks: int = 2, backend: str = "gloo",
+                 device_type: str = "cpu", dtype: torch.dtype | str = torch.float32,
+                 injections: Sequence[Injection | str] = (), *, mode: str = "alltoall",
+                 router_replay: Sequence[RouterReplay | None] | None = None, expert_path: str | None = None,
+                 attrs: dict[str, Any] | None = None) -> list[Case] | None:
+    """:func:`run_ep` over several token sequences with one set of ranks (the weights upload once);
+    ``router_replay``: one per sequence, or None."""
+    job = _Job(model_path=str(model_path), cases=tuple(tuple(int(t) for t in ids) for ids in cases),
+               n_ranks=int(n_ranks), backend=backend, device_type=device_type, dtype=_dtype(dtype),
+               injections=tuple(injections), mode=mode,
+               router_replay=tuple(router_replay) if router_replay is not None else (None,) * len(cases),
+               expert_path=expert_path, attrs=dict(attrs or {}))
+    if not under_torchrun():
+        from .load import open_model
+
+        _validate(job, open_model(job.model_path))             # refuse before starting anything
+    out: list[Case] | None = launch(_rank_main, job, job.n_ranks, job.device_type)
+    return out
 
 
 def run_ep(model_path: str | Path, tokens: Sequence[int], n_ranks: int = 2, backend: str = "gloo",

@@ -12,7 +12,8 @@ recorded ``prompt_tokens`` (``goldens generate --decode N``), else its first ``T
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +24,8 @@ from ..judge.policy import Policy
 from ..judge.report import Report
 from ..judge.routing import tie_gap
 from ..judge.suite import Pair, PerLayer, judge_suite
-from ..model.candidate import RouterReplay
+from ..model.candidate import CandidateModel, RouterReplay
+from ..model.faults import Faults
 from ..model.inject import Injection, check_injections
 from ..model.inject_serving import ServePlan, check_serving
 from ..model.weights import ModelWeights
@@ -64,25 +66,30 @@ def prompt_length(name: str, golden: Case, decode: int) -> int:
     return P
 
 
-def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str,
-                      policy: Policy, decode: int, replay: bool | None = None, injections: Sequence[Injection] = (),
-                      golden_ref: str = "golden", guides: Sequence[RouterReplay | None] | None = None,
-                      paged: bool = False, batch: bool = False, chunk: int | None = None,
-                      graph: bool = False) -> Report:
-    """Serve every golden case with moesnap's candidate (prefill, then ``decode`` steps) and judge each
-    forward's rows at their positions.  ``paged``: a paged KV cache (blocks of 16); ``batch``: every
-    case one sequence of a ragged batch (one forward per prefill and per step); ``chunk``: the prompt in
-    forwards of that many tokens; ``graph``: the decode steps on static buffers (a CUDA graph on CUDA,
-    eager elsewhere; router replay decided on the device there).  ``replay`` (default: on for
-    bfloat16/float16): each forward's rows also run stage by stage from the golden's values.  ``guides``:
-    router replay, one per case, or None to let the candidate route freely."""
-    from ..model.candidate import CandidateModel
-    from ..model.serve import GraphDecoder, Session, replay_batch
+@dataclass(frozen=True)
+class Serving:
+    """A serving run, checked against the goldens and the planted faults before anything runs
+    (:func:`plan_serving`): each case's prompt length, the decode steps after it, and how it is served."""
 
-    dname = policy.dtype or "float32"
+    prompts: tuple[int, ...]
+    decode: int
+    replay: bool
+    paged: bool = False
+    batch: bool = False
+    chunk: int | None = None
+    graph: bool = False
+    #: how it is served, in words (for the status line and the report's notes)
+    how: str = ""
+
+
+def plan_serving(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str,
+                 dtype: str, decode: int, replay: bool | None = None, injections: Sequence[Injection] = (),
+                 paged: bool = False, batch: bool = False, chunk: int | None = None,
+                 graph: bool = False) -> Serving:
+    """The run :func:`run_serving_check` makes of these options (``replay`` None: on for bfloat16/float16),
+    refusing in one line a golden too short for ``decode`` steps or a planted fault that cannot fire in it."""
     if replay is None:
-        replay = dname in ("bfloat16", "float16")
-    router_replay = guides is not None
+        replay = dtype in ("bfloat16", "float16")
     prompts = [prompt_length(name, g, decode) for name, g in goldens]
     plan = ServePlan(tuple(prompts) if batch else (prompts[0],) if len(prompts) == 1 else tuple(prompts), decode,
                      paged=paged, graph=graph)
@@ -98,29 +105,36 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
                                 f"prefill in chunks of {chunk}" if chunk else "",
                                 "decode on static buffers" + (" (CUDA graph)" if str(device).startswith("cuda")
                                                               else " (eager: no CUDA here)") if graph else "") if x)
-    status(f"serving {len(goldens)} case{'s' if len(goldens) != 1 else ''} on {device} in {dname}: prefill + "
-           f"{decode} decode step{'s' if decode != 1 else ''} ({how})")
-    cand = CandidateModel(model, device=device, dtype=policy.torch_dtype)
-    if decode:
-        cand.keep_weights()     # every step would dequantize the dense weights and the output matrix again
-    faults = cand.faults(injections)
+    return Serving(tuple(prompts), decode, replay, paged=paged, batch=batch, chunk=chunk, graph=graph, how=how)
+
+
+def serve_pairs(cand: CandidateModel, goldens: Sequence[tuple[str, Case]], s: Serving, faults: Faults,
+                guides: Sequence[RouterReplay | None] | None, *, record: bool = True) -> Iterator[Pair]:
+    """Serve every golden case with ``cand`` as ``s`` plans it and yield each forward's pairs, in order:
+    the prompt (or its chunks), then each decode step (of every sequence at once with ``s.batch``), each
+    with its stage-local replay where ``s.replay``.  Made lazily: a consumer judges one forward while the
+    next has not run.  ``record=False``: the forwards keep only their logits (the ranks of an
+    expert-parallel run other than the one that judges)."""
+    from ..model.serve import GraphDecoder, Session, replay_batch
+
     per_case = list(guides) if guides is not None else [None] * len(goldens)
+    prompts, decode = s.prompts, s.decode
 
     def serve(group: list[int]) -> Iterator[Pair]:
         names = [goldens[i][0] for i in group]
         gold = [goldens[i][1] for i in group]
-        session = Session(cand, capacity=max(int(g.tokens.shape[0]) for g in gold), n_seqs=len(group), paged=paged,
-                          faults=faults, router_replay=[per_case[i] for i in group])
+        session = Session(cand, capacity=max(int(g.tokens.shape[0]) for g in gold), n_seqs=len(group), paged=s.paged,
+                          faults=faults, router_replay=[per_case[i] for i in group], record=record)
         toks = [g.tokens.tolist() for g in gold]
         if len(group) == 1:
-            forwards = [session.prefill(toks[0][:prompts[group[0]]], chunk=chunk)]
+            forwards = [session.prefill(toks[0][:prompts[group[0]]], chunk=s.chunk)]
             forwards = [[r] for r in forwards[0]]
         else:
             forwards = [session.prefill_batch([t[:prompts[i]] for t, i in zip(toks, group)])]
         for n_fwd, rows in enumerate(forwards):
             yield from _pairs([names[r.seq] if n_fwd == 0 else f"{names[r.seq]}/chunk{n_fwd}" for r in rows],
                               [gold[r.seq] for r in rows], [r.case for r in rows], None)
-        decoder = GraphDecoder(session, graph=str(device).startswith("cuda")) if graph else session
+        decoder = GraphDecoder(session, graph=str(cand.device).startswith("cuda")) if s.graph else session
         for n in range(decode):
             rows = decoder.decode([t[prompts[i] + n] for t, i in zip(toks, group)])
             yield from _pairs([f"{names[r.seq]}/step{n}" for r in rows], [gold[r.seq] for r in rows],
@@ -130,29 +144,72 @@ def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], 
         """The pairs of one serving forward's sequences; its stage-local replay is ONE forward too (the
         sequences of a batch packed together, so that a fault between them acts there as well)."""
         replays: list[Case | None] = [None] * len(rows)
-        if replay:
+        if s.replay:
             replays = [c for c, _ in replay_batch(cand, golden, [r.positions.tolist() for r in rows], step=step,
-                                                  faults=faults, paged=paged)]
+                                                  faults=faults, paged=s.paged)]
         for name, g, r, rep in zip(names, golden, rows, replays):
             yield Pair(name, g, r, None if rep is None else PerLayer(g.rows(r.positions), rep), step=step)
 
-    def pairs() -> Iterator[Pair]:
-        groups = [list(range(len(goldens)))] if batch else [[i] for i in range(len(goldens))]
-        for group in groups:
-            yield from serve(group)
+    groups = [list(range(len(goldens)))] if s.batch else [[i] for i in range(len(goldens))]
+    for group in groups:
+        yield from serve(group)
 
+
+def unfired_error(unfired: Sequence[Injection]) -> UsageError | None:
+    """The refusal of a serving run where a planted fault did not fire (None where every one did)."""
+    if not unfired:
+        return None
+    return UsageError(f"{unfired[0].option}: the planted fault did not fire in this run, so this self-test "
+                      f"would prove nothing; choose another layer, expert, step or token")
+
+
+def judge_serving(pairs: Iterable[Pair], s: Serving, policy: Policy, *, goldens: Sequence[tuple[str, Case]],
+                  injections: Sequence[Injection], unfired: Callable[[], Sequence[Injection]], candidate: str,
+                  served_by: str, device: torch.device | str, router_replay: bool,
+                  golden_ref: str = "golden") -> Report:
+    """Judge a serving run's ``pairs`` (:func:`serve_pairs`): the one judging of every serving check,
+    whichever candidate served them.  ``unfired``: the planted faults that fired nowhere, asked once every
+    pair is judged (one is refused); ``candidate``: its name in the report; ``served_by``: the note saying
+    what ran it."""
     notes = [f"injected fault: {inj}" for inj in injections]
-    notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}; served: {how}; the decode steps "
-                 f"fed the golden's tokens (teacher-forced), each judged against the golden's row at its position")
-    if graph and router_replay:
+    notes.append(f"candidate: {served_by}; served: {s.how}; the decode steps fed the golden's tokens "
+                 f"(teacher-forced), each judged against the golden's row at its position")
+    if s.graph and router_replay:
         notes.append("decode on static buffers: router replay decided on the device (the golden's routing of each "
                      "step in static buffers, refilled before every replay)")
     mode = "free-running, router replay" if router_replay else "free-running"
-    report = judge_suite(pairs(), policy, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})",
-                         mode=mode, per_layer="replay" if replay else None, notes=notes,
+    report = judge_suite(pairs, policy, golden=golden_ref, candidate=candidate, mode=mode,
+                         per_layer="replay" if s.replay else None, notes=notes,
                          golden_cases=tuple(n for n, _ in goldens), device=device)
-    unfired = faults.unfired()
-    if unfired:
-        raise UsageError(f"{unfired[0].option}: the planted fault did not fire in this run, so this self-test "
-                         f"would prove nothing; choose another layer, expert, step or token")
+    error = unfired_error(unfired())
+    if error is not None:
+        raise error
     return report
+
+
+def run_serving_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, device: torch.device | str,
+                      policy: Policy, decode: int, replay: bool | None = None, injections: Sequence[Injection] = (),
+                      golden_ref: str = "golden", guides: Sequence[RouterReplay | None] | None = None,
+                      paged: bool = False, batch: bool = False, chunk: int | None = None,
+                      graph: bool = False) -> Report:
+    """Serve every golden case with moesnap's candidate (prefill, then ``decode`` steps) and judge each
+    forward's rows at their positions.  ``paged``: a paged KV cache (blocks of 16); ``batch``: every
+    case one sequence of a ragged batch (one forward per prefill and per step); ``chunk``: the prompt in
+    forwards of that many tokens; ``graph``: the decode steps on static buffers (a CUDA graph on CUDA,
+    eager elsewhere; router replay decided on the device there).  ``replay`` (default: on for
+    bfloat16/float16): each forward's rows also run stage by stage from the golden's values.  ``guides``:
+    router replay, one per case, or None to let the candidate route freely."""
+    dname = policy.dtype or "float32"
+    s = plan_serving(model, goldens, device=device, dtype=dname, decode=decode, replay=replay, injections=injections,
+                     paged=paged, batch=batch, chunk=chunk, graph=graph)
+    status(f"serving {len(goldens)} case{'s' if len(goldens) != 1 else ''} on {device} in {dname}: prefill + "
+           f"{decode} decode step{'s' if decode != 1 else ''} ({s.how})")
+    cand = CandidateModel(model, device=device, dtype=policy.torch_dtype)
+    if decode:
+        cand.keep_weights()     # every step would dequantize the dense weights and the output matrix again
+    faults = cand.faults(injections)
+    return judge_serving(serve_pairs(cand, goldens, s, faults, guides), s, policy, goldens=goldens,
+                         injections=injections, unfired=faults.unfired,
+                         candidate=f"moesnap candidate ({device}, {dname})",
+                         served_by=f"{device} {dname}, experts via {cand.expert_path}", device=device,
+                         router_replay=guides is not None, golden_ref=golden_ref)
