@@ -42,7 +42,7 @@ def rewrite(src: Path, out: Path, *, drop: tuple[str, ...] = (), override: dict[
 
 def judge_goldens(path: Path, arch: str, tmp_path: Path, capsys) -> dict:
     """Generate goldens of ``path``, judge them against themselves (every cell of the family's stages
-    judged, a pass) and ask the candidate to check them (refused in one line, exit 2); the golden's
+    judged, a pass) and check moesnap's candidate against them on the CPU (a pass, exit 0); the golden's
     recorded config."""
     store = tmp_path / "goldens"
     assert main(["goldens", "generate", str(path), "--suite", "f", "--store", str(store), "--tokens",
@@ -57,7 +57,6 @@ def judge_goldens(path: Path, arch: str, tmp_path: Path, capsys) -> dict:
     assert "verdict: pass" in out, out
     layer0 = next(line for line in out.splitlines() if line.startswith("L00"))
     assert layer0.split("|")[0].count(".") == len(FAMILY_STAGES[arch]), out
-    assert main(["check", str(path), "--suite", "f", "--store", str(store), "--device", "cpu", "-q"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"not {arch!r} ones" in err[0], err
+    assert main(["check", str(path), "--suite", "f", "--store", str(store), "--device", "cpu", "-q"]) == 0, \
+        capsys.readouterr()
     return config
