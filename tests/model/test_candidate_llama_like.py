@@ -18,11 +18,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from family_files import assert_router_replay, assert_static_decode_is_the_sessions, close
 
 from moesnap.errors import UsageError
-from moesnap.judge.routing import tie_gap
-from moesnap.model.candidate import CandidateModel, RouterReplay
-from moesnap.model.inject import PartOff, RouteFlip, check_injections, parse_inject
+from moesnap.model.candidate import CandidateModel
+from moesnap.model.inject import PartOff, check_injections, parse_inject
 from moesnap.model.recorder import ArrayRecorder
 from moesnap.model.reference import run_reference
 from moesnap.model.synth import make_model, preset, tiny_path
@@ -60,10 +60,6 @@ def run(model, tokens, *, dtype=torch.float32, expert_path=None, **kw) -> ArrayR
     rec = ArrayRecorder()
     CandidateModel(model, dtype=dtype, expert_path=expert_path).forward(tokens, rec, **kw)
     return rec
-
-
-def close(c: np.ndarray, r: np.ndarray, rel: float) -> bool:
-    return bool(np.abs(c - r).max(initial=0) <= rel * np.abs(r).max(initial=0))
 
 
 @pytest.mark.parametrize("expert_path", ["grouped_mm", "loop"])
@@ -119,19 +115,7 @@ def test_shared_expert_is_gated_by_the_sigmoid_of_its_logit(model, clean):
 def test_router_replay_weighs_the_goldens_experts_as_the_family_does(model, tokens, ref, tie_tol, follows):
     """A flipped token follows the golden's experts where the gap on the golden's logits is within the tie
     width, weighted by its own probabilities (renormalised only where the family renormalises)."""
-    golden = ref.stacked()
-    guide = RouterReplay(golden["topk_ids"], golden["router_logits"], tie_tol, tie_gap)
-    cand = CandidateModel(model)
-    faults = cand.faults([RouteFlip(layer=1, token=3)])
-    rec = ArrayRecorder()
-    _, followed = cand.forward(tokens, rec, router_replay=guide, faults=faults)
-    got, want = rec.stacked()["topk_ids"][1][3], golden["topk_ids"][1][3]
-    if follows:
-        assert set(got.tolist()) == set(want.tolist()) and [(f.layer, f.token) for f in followed] == [(1, 3)]
-        assert close(rec.stacked()["topk_weights"][1], golden["topk_weights"][1], FP32_REL)
-        assert not faults.fired                              # replay undid the flip
-    else:
-        assert set(got.tolist()) != set(want.tolist()) and followed == () and faults.fired
+    assert_router_replay(model, tokens, ref.stacked(), 1, tie_tol, follows, FP32_REL)
 
 
 def test_stage_local_replay_runs_the_goldens_experts(model, tokens, ref):
@@ -160,18 +144,7 @@ def test_decode_through_a_paged_cache_gives_the_forward_rows(model, tokens, ref)
 
 
 def test_decode_steps_on_static_buffers_equal_the_session(model, tokens):
-    """The static decode step (CUDA graph on CUDA; eager here) computes what the session's step computes."""
-    from moesnap.model.serve import GraphDecoder, Session
-
-    cand = CandidateModel(model)
-    eager, static = Session(cand, n_seqs=1, capacity=N_TOKENS), Session(cand, n_seqs=1, capacity=N_TOKENS)
-    eager.prefill(tokens[:16])
-    static.prefill(tokens[:16])
-    dec = GraphDecoder(static, graph=False)
-    for t in tokens[16:]:
-        a, b = eager.decode(t)[0], dec.decode(t)[0]
-        for st in a.case.layers:
-            np.testing.assert_allclose(b.case.layers[st], a.case.layers[st], rtol=1e-5, atol=1e-5, err_msg=st)
+    assert_static_decode_is_the_sessions(model, tokens, 16)
 
 
 # --------------------------------------------------------------------------- planted faults of the families

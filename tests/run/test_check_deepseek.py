@@ -14,10 +14,10 @@ limit, 0.02 (judge/tolerances.py).
 from __future__ import annotations
 
 import pytest
+from family_checks import assert_all_judged_pass, check, introduced, make_suite
 
 import moesnap
 from moesnap.judge.tolerances import Tolerances
-from moesnap.model.synth import make_model, preset
 
 PROMPTS = [[1, 5, 9, 200, 17, 3, 3, 64, 100, 7, 11, 12], [7, 8, 9, 10, 11, 12, 13, 14, 30]]
 DECODE = 4
@@ -25,32 +25,7 @@ DECODE = 4
 
 @pytest.fixture(scope="module", params=["deepseek-v2-tiny", "deepseek-v3-tiny"])
 def suite(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds_check")
-    path = make_model(root / f"{request.param}.gguf", preset(request.param))
-    store = root / "store"
-    moesnap.generate(path, "p", PROMPTS, store=store)
-    moesnap.generate(path, "d", PROMPTS, store=store, decode=DECODE)
-    return path, store
-
-
-def check(suite, name: str, dtype: str, **kw):
-    path, store = suite
-    return moesnap.check(path, name, store=store, dtype=dtype, show_progress=False, **kw)
-
-
-def assert_all_judged_pass(report) -> None:
-    cov = report.coverage()
-    assert cov.held > 0 and cov.judged == cov.held, report.summary()
-    assert report.verdict == "pass", report.summary()
-    if report.dtype == "bfloat16":
-        assert report.replay, "bfloat16 runs stage-local replay by default"
-
-
-def introduced(report):
-    """The first (layer, stage) that fails in stage-local replay (None: none fails)."""
-    bad = sorted((r.layer, r.stage) for c in report.replay or () for r in c.results
-                 if not r.verdict.passed and r.layer is not None)
-    return bad[0] if bad else None
+    return make_suite(tmp_path_factory.mktemp("ds_check"), request.param, PROMPTS, DECODE)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -9,10 +9,7 @@ their layer and stage in float32 and bfloat16.  The built-in tables judge ``shar
 from __future__ import annotations
 
 import pytest
-
-import moesnap
-from moesnap.model.synth import make_model, preset
-from moesnap.stages import LAYER_STAGES
+from family_checks import assert_all_judged_pass, check, introduced, make_suite
 
 PROMPTS = [[1, 5, 9, 200, 17, 3, 3, 64, 100, 7, 11, 12], [7, 8, 9, 10, 11, 12, 13, 14, 30]]
 DECODE = 4
@@ -20,32 +17,7 @@ DECODE = 4
 
 @pytest.fixture(scope="module", params=["qwen2-moe-tiny", "mixtral-tiny", "olmoe-tiny"])
 def suite(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ll_check")
-    path = make_model(root / f"{request.param}.gguf", preset(request.param))
-    store = root / "store"
-    moesnap.generate(path, "p", PROMPTS, store=store)
-    moesnap.generate(path, "d", PROMPTS, store=store, decode=DECODE)
-    return path, store
-
-
-def check(suite, name: str, dtype: str, **kw):
-    path, store = suite
-    return moesnap.check(path, name, store=store, dtype=dtype, show_progress=False, **kw)
-
-
-def assert_all_judged_pass(report) -> None:
-    cov = report.coverage()
-    assert cov.held > 0 and cov.judged == cov.held, report.summary()
-    assert report.verdict == "pass", report.summary()
-    if report.dtype in ("bfloat16", "float16"):
-        assert report.replay, "a low precision runs stage-local replay by default"
-
-
-def introduced(report):
-    """The first (layer, stage), in computation order, that fails in stage-local replay (None: none fails)."""
-    bad = sorted((r.layer, LAYER_STAGES.index(r.stage), r.stage) for c in report.replay or () for r in c.results
-                 if not r.verdict.passed and r.layer is not None)
-    return bad[0][::2] if bad else None
+    return make_suite(tmp_path_factory.mktemp("ll_check"), request.param, PROMPTS, DECODE)
 
 
 def family(suite) -> str:
