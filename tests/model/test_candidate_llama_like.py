@@ -274,3 +274,17 @@ def test_cuda_graph_decode_is_the_static_decode(model, tokens):
     for a, b in zip(out[False], out[True]):
         for st in a.case.layers:
             np.testing.assert_array_equal(a.case.layers[st], b.case.layers[st], err_msg=st)
+
+
+def test_the_draft_proposes_the_references_tokens_and_keeps_what_it_promises(model, tokens):
+    """Decode goldens of these families are proposed by the candidate (model/draft.py), whose kept weights
+    (the shared expert and its gate, the q/k/v biases) are what kept_bytes() counts."""
+    from moesnap.model.draft import Drafter, kept_bytes, propose
+
+    d = Drafter(model)
+    got = propose(d, tokens[:8], 4)
+    ids = list(tokens[:8])
+    for _ in range(4):
+        ids.append(int(run_reference(model, ids)[-1].argmax()))
+    assert got == ids[8:]
+    assert sum(d.kept.values()) == kept_bytes(model)

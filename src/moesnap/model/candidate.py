@@ -123,7 +123,9 @@ class _Dense:
     bo: torch.Tensor | None = None           # [H] the output projection's bias
     sinks: torch.Tensor | None = None        # [Hq] attention sink logits, float32 (families with sinks)
     router_bias: torch.Tensor | None = None  # [E] in the router dtype
-    shared: moe.Shared | None = None         # the shared expert: gate/up [2F, H], down [H, F], gate [H] (Qwen2-MoE)
+    shexp_gate_up: torch.Tensor | None = None  # [2F, H] the shared expert (Qwen2-MoE): gate and up, fused
+    shexp_down: torch.Tensor | None = None     # [H, F]
+    shexp_gate: torch.Tensor | None = None     # [H] its gate, in the router dtype
 
 
 #: how a family turns router logits into its k experts and their weights (:func:`moesnap.model.candidate_moe.route`;
@@ -295,14 +297,14 @@ class CandidateModel:
         wqkv[:cfg.q_dim] = self._weight(p + "attn_q", faults, i)
         wqkv[cfg.q_dim:cfg.q_dim + cfg.kv_dim] = self._weight(p + "attn_k", faults, i)
         wqkv[cfg.q_dim + cfg.kv_dim:] = self._weight(p + "attn_v", faults, i)
-        bqkv = bo = shared = None
+        bqkv = bo = gate_up = down = gate = None
         if cfg.attn_bias:   # q/k/v (and gpt-oss's o)
             bqkv = torch.cat([self._weight(p + f"attn_{n}.bias", faults, i) for n in "qkv"])
             bo = self._weight(p + "attn_output.bias", faults, i) if self.tensors.has("attn_output.bias") else None
         if cfg.n_shared_experts:   # Qwen2-MoE's one, with its gate
             gate_up = torch.cat([self._weight(p + "ffn_gate_shexp", faults, i), self._weight(p + "ffn_up_shexp", faults, i)])
+            down = self._weight(p + "ffn_down_shexp", faults, i)
             gate = self._weight(p + "ffn_gate_inp_shexp", faults, i, self.router_dtype) if cfg.shared_expert_gate else None
-            shared = (gate_up, self._weight(p + "ffn_down_shexp", faults, i), gate)
         return _Dense(
             attn_norm=self._weight(p + "attn_norm", faults, i),
             wqkv=wqkv,
@@ -314,7 +316,7 @@ class CandidateModel:
             bqkv=bqkv, bo=bo,
             sinks=self._weight(p + "attn_sinks", faults, i, self.opmath) if cfg.attn_sinks else None,
             router_bias=self._weight(p + "ffn_gate_inp.bias", faults, i, self.router_dtype) if cfg.router_bias else None,
-            shared=shared,
+            shexp_gate_up=gate_up, shexp_down=down, shexp_gate=gate,
         )
 
     def _experts_weights(self, i: int, ids: list[int], faults: Faults
@@ -515,7 +517,8 @@ class CandidateModel:
         h = c.emit("attn_resid", i, x + self._attention(i, h, w, c))
         m = c.emit("ffn_norm", i, self._norm(h, w.ffn_norm))
         ids, weights = moe.route(self, i, m, w.router, w.router_bias, c)
-        return c.emit("layer_out", i, h + moe.mixture(self, i, m, ids, weights, w.shared, c))
+        shared = None if w.shexp_gate_up is None or w.shexp_down is None else (w.shexp_gate_up, w.shexp_down, w.shexp_gate)
+        return c.emit("layer_out", i, h + moe.mixture(self, i, m, ids, weights, shared, c))
 
     def _layer_input(self, i: int, x: Any) -> torch.Tensor:
         if not 0 <= i < self.cfg.n_layer:
