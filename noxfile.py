@@ -49,6 +49,7 @@ TYPED = [f"src/moesnap/{m}" for m in (
     "judge/policy.py", "judge/suite.py", "judge/html.py", "judge/distribution.py", "run/serving.py",
     "model/faults.py", "model/kvcache.py", "model/serve.py", "model/kernels.py", "model/draft.py",
     "model/replay.py", "model/static_replay.py", "model/forward_io.py", "model/families.py", "model/candidate_mla.py",
+    "model/candidate_moe.py",
     "model/inject_serving.py",
     "run/__init__.py", "run/trace.py", "run/goldens.py", "run/check.py", "run/compare.py", "run/calibrate.py",
     "run/rereference.py", "run/importing.py", "run/prompts.py", "run/goldens_show.py", "run/goldens_diff.py",

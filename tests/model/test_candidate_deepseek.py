@@ -16,11 +16,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from family_files import assert_router_replay, assert_static_decode_is_the_sessions, close
 
 from moesnap.errors import UsageError
-from moesnap.judge.routing import tie_gap
-from moesnap.model.candidate import CandidateModel, RouterReplay
-from moesnap.model.inject import BiasOff, RouteFlip, ScaleOff, SharedOff, check_injections, parse_inject
+from moesnap.model.candidate import CandidateModel
+from moesnap.model.inject import BiasOff, ScaleOff, SharedOff, check_injections, parse_inject
 from moesnap.model.kvcache import KVCache
 from moesnap.model.recorder import ArrayRecorder
 from moesnap.model.reference import run_reference
@@ -54,12 +54,6 @@ def run(model, tokens, *, dtype=torch.float32, expert_path=None, **kw) -> ArrayR
     rec = ArrayRecorder()
     CandidateModel(model, dtype=dtype, expert_path=expert_path).forward(tokens, rec, **kw)
     return rec
-
-
-def close(c: np.ndarray, r: np.ndarray, rel: float) -> bool:
-    ok = np.isfinite(r)                             # the dense layer's filler rows of the MoE stages
-    assert (np.isfinite(c) == ok).all()
-    return bool(np.abs(c[ok] - r[ok]).max(initial=0) <= rel * np.abs(r[ok]).max(initial=0))
 
 
 @pytest.mark.parametrize("expert_path", ["grouped_mm", "loop"])
@@ -109,19 +103,7 @@ def test_weights_are_the_unbiased_scores_renormalised_and_scaled(model, tokens, 
 def test_router_replay_on_router_select(model, tokens, ref, tie_tol, follows):
     """A flipped token follows the golden's experts where the gap on the golden's router_select is within
     the tie width, weighted by its own unbiased scores; else the flip stays (a divergence)."""
-    golden = ref.stacked()
-    guide = RouterReplay(golden["topk_ids"], golden["router_select"], tie_tol, tie_gap)
-    cand = CandidateModel(model)
-    faults = cand.faults([RouteFlip(layer=2, token=3)])
-    rec = ArrayRecorder()
-    _, followed = cand.forward(tokens, rec, router_replay=guide, faults=faults)
-    got, want = rec.stacked()["topk_ids"][2][3], golden["topk_ids"][2][3]
-    if follows:
-        assert set(got.tolist()) == set(want.tolist()) and [(f.layer, f.token) for f in followed] == [(2, 3)]
-        assert close(rec.stacked()["topk_weights"][2], golden["topk_weights"][2], FP32_REL)
-        assert not faults.fired                              # replay undid the flip
-    else:
-        assert set(got.tolist()) != set(want.tolist()) and followed == () and faults.fired
+    assert_router_replay(model, tokens, ref.stacked(), 2, tie_tol, follows, FP32_REL)
 
 
 def test_decode_through_the_cache_gives_the_forward_rows(model, tokens, ref):
@@ -142,17 +124,7 @@ def test_decode_through_the_cache_gives_the_forward_rows(model, tokens, ref):
 
 def test_decode_steps_on_static_buffers_equal_the_session(model, tokens):
     """The static decode step (CUDA graph on CUDA; eager here) computes what the session's step computes."""
-    from moesnap.model.serve import GraphDecoder, Session
-
-    cand = CandidateModel(model)
-    eager, static = Session(cand, n_seqs=1, capacity=N_TOKENS), Session(cand, n_seqs=1, capacity=N_TOKENS)
-    eager.prefill(tokens[:16])
-    static.prefill(tokens[:16])
-    dec = GraphDecoder(static, graph=False)
-    for t in tokens[16:]:
-        a, b = eager.decode(t)[0], dec.decode(t)[0]
-        for st in ("k_rope", "attn", "moe_out", "layer_out"):
-            np.testing.assert_allclose(b.case.layers[st], a.case.layers[st], rtol=1e-5, atol=1e-5)
+    assert_static_decode_is_the_sessions(model, tokens, 16, ("k_rope", "attn", "moe_out", "layer_out"))
 
 
 # --------------------------------------------------------------------------- planted faults of the family

@@ -101,6 +101,6 @@ def test_a_bad_mixtral_file_is_one_line(tiny, tmp_path, drop, override, skip, me
     assert str(e.value).startswith(str(out)) and "\n" not in str(e.value)
 
 
-def test_goldens_judge_a_mixtral_model_and_refuse_the_candidate(tiny, tmp_path, capsys):
+def test_goldens_judge_a_mixtral_model_and_its_candidate(tiny, tmp_path, capsys):
     config = judge_goldens(tiny, "llama", tmp_path, capsys)
     assert config["rope_interleaved"] is True and config["gating"] == "softmax_topk_renorm"

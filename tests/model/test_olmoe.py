@@ -76,6 +76,6 @@ def test_a_norm_of_one_head_is_refused_in_one_line(tiny, tmp_path):
     assert str(e.value).startswith(str(out)) and "\n" not in str(e.value)
 
 
-def test_goldens_judge_an_olmoe_model_and_refuse_the_candidate(tiny, tmp_path, capsys):
+def test_goldens_judge_an_olmoe_model_and_its_candidate(tiny, tmp_path, capsys):
     config = judge_goldens(tiny, "olmoe", tmp_path, capsys)
     assert config["qk_norm_whole"] is True and config["gating"] == "softmax_topk"

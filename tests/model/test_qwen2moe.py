@@ -90,6 +90,6 @@ def test_without_expert_keys_the_widths_are_llama_cpps(tiny, tmp_path):
     assert (cfg.expert_ff, cfg.shared_expert_ff) == (32, 128)
 
 
-def test_goldens_judge_a_qwen2moe_model_and_refuse_the_candidate(tiny, tmp_path, capsys):
+def test_goldens_judge_a_qwen2moe_model_and_its_candidate(tiny, tmp_path, capsys):
     config = judge_goldens(tiny, "qwen2moe", tmp_path, capsys)
     assert config["shared_expert_gate"] is True and config["gating"] == "softmax_topk"

@@ -17,10 +17,10 @@ replay clean, each planted fault named where stage-local replay finds it introdu
 from __future__ import annotations
 
 import pytest
+from family_checks import introduced, make_suite
 
 import moesnap
 from moesnap.errors import UsageError
-from moesnap.model.synth import make_model, preset
 
 PROMPTS = [[5, 17, 42, 99, 3, 8, 150, 200, 11, 12], [7, 8, 9, 10, 11, 12, 13, 14]]
 DECODE = 4
@@ -28,12 +28,7 @@ DECODE = 4
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gptoss_check")
-    path = make_model(root / "gpt-oss-tiny.gguf", preset("gpt-oss-tiny"))
-    store = root / "store"
-    moesnap.generate(path, "p", PROMPTS, store=store)
-    moesnap.generate(path, "d", PROMPTS, store=store, decode=DECODE)
-    return path, store
+    return make_suite(tmp_path_factory.mktemp("gptoss_check"), "gpt-oss-tiny", PROMPTS, DECODE)
 
 
 def assert_all_judged_pass(report) -> None:
@@ -47,13 +42,6 @@ def assert_all_judged_pass(report) -> None:
         assert report.replay, "bfloat16 runs stage-local replay by default"
         bad = [(r.case, r.layer, r.stage) for c in report.replay for r in c.results if not r.verdict.passed]
         assert not bad, bad
-
-
-def introduced(report):
-    """The first (layer, stage) that fails in stage-local replay (None: none fails)."""
-    bad = sorted((r.layer, r.stage) for c in report.replay or () for r in c.results
-                 if not r.verdict.passed and r.layer is not None)
-    return bad[0] if bad else None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

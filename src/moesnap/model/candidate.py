@@ -4,10 +4,14 @@ Families differ in data, read from the config once: gpt-oss adds biases to q/k/v
 the experts (the experts' biases and clamped SwiGLU in float32, as a fused kernel's epilogue), attention
 sinks and a sliding window on its sliding layers (one more key of zeros whose additive bias is the
 head's sink, and a mask; :mod:`moesnap.model.kernels`), YaRN RoPE tables, and picks its experts by the
-top k of its logits with a softmax over those k; Qwen3-MoE's q/k norm runs where the config has it.
+top k of its logits with a softmax over those k; Qwen3-MoE's q/k norm runs where the config has it, per
+head, OLMoE's over the whole projection; Qwen2-MoE adds q/k/v biases; Mixtral's RoPE turns adjacent pairs
+of the file's permuted q/k rows (as llama.cpp; ``rope_interleaved``).  Routing, the routed mixture and
+shared experts (Qwen2-MoE's gated one) are :mod:`moesnap.model.candidate_moe`'s, every family's; the k
+weights renormalised or not (Qwen2-MoE and OLMoE do not) by the config's ``gating``.
 DeepSeek-V2/V3 (a config with ``mla``) runs its own layer parts from :mod:`moesnap.model.candidate_mla`:
-latent attention, dense leading layers, grouped routing and shared experts, with this module's expert
-path, RoPE tables, KV cache and router replay.
+latent attention, dense leading layers, grouped routing, with this module's expert path, RoPE tables,
+KV cache and router replay.
 
 It computes the same model as :mod:`moesnap.model.reference` but shares none of its
 code: only the config, the stage names and the recorder.  What makes it a
@@ -60,8 +64,9 @@ in low precision the candidate legitimately picks other experts where two
 golden router logits nearly tie.  Given the golden routing, a token whose
 expert set differs from the golden's within ``tie_tol`` (the judge's rule,
 passed in as :attr:`RouterReplay.gap`) continues with the golden's experts,
-weighted by the candidate's own router probabilities for them and
-renormalised, so that it stays comparable in every later stage and layer.
+weighted by the candidate's own router probabilities for them as the family
+weighs its own (renormalised or not), so that it stays comparable in every
+later stage and layer.
 ``topk_ids`` records the experts used; :attr:`Output.followed` lists
 each (layer, token, own choice), which the comparison judges as the routing
 decision (``ROUTING_TIE``).  A wider flip is kept: it is a divergence.
@@ -82,11 +87,13 @@ from ..gguf import quants_torch
 from ..errors import UsageError
 from ..stages import DTYPES as STAGE_DTYPES
 from .faults import NO_FAULTS, Faults
-from .forward_io import Followed, LayerOutput, Output, RouterReplay, _Call, forced_router, replay_router
+from .forward_io import Followed, LayerOutput, Output, RouterReplay, _Call
 from .kernels import (EXPERT_PATHS, _grouped, _looped, _opmath, _sdpa_causal, default_expert_path,
-                      grouped_mm_works, rope_frequencies, sdpa_masked, sdpa_takes_enable_gqa, swiglu, window_mask)
+                      grouped_mm_works, rope_frequencies, rope_halves, rope_pairs, sdpa_masked, sdpa_takes_enable_gqa,
+                      swiglu, window_mask)
 from .kvcache import Batch, KVCache, cached_attention
 from . import candidate_mla as mla
+from . import candidate_moe as moe
 from .candidate_mla import Latent
 from .tensors import table
 from .recorder import NullRecorder, Recorder
@@ -108,19 +115,22 @@ class _Dense:
     attn_norm: torch.Tensor  # [H]
     wqkv: torch.Tensor       # [Hq*D + 2*Hkv*D, H]
     wo: torch.Tensor         # [H, Hq*D]
-    q_norm: torch.Tensor | None      # [D] (families with q/k norm)
-    k_norm: torch.Tensor | None      # [D]
+    q_norm: torch.Tensor | None      # [D] (families with q/k norm; OLMoE's over the whole projection: [Hq*D])
+    k_norm: torch.Tensor | None      # [D] (OLMoE: [Hkv*D])
     ffn_norm: torch.Tensor   # [H]
     router: torch.Tensor     # [E, H] in the router dtype
     bqkv: torch.Tensor | None = None         # [Hq*D + 2*Hkv*D] q/k/v biases (families with attention biases)
     bo: torch.Tensor | None = None           # [H] the output projection's bias
     sinks: torch.Tensor | None = None        # [Hq] attention sink logits, float32 (families with sinks)
     router_bias: torch.Tensor | None = None  # [E] in the router dtype
+    shexp_gate_up: torch.Tensor | None = None  # [2F, H] the shared expert (Qwen2-MoE): gate and up, fused
+    shexp_down: torch.Tensor | None = None     # [H, F]
+    shexp_gate: torch.Tensor | None = None     # [H] its gate, in the router dtype
 
 
-#: how a family turns router logits into its k experts and their weights (:meth:`CandidateModel._route`;
+#: how a family turns router logits into its k experts and their weights (:func:`moesnap.model.candidate_moe.route`;
 #: DeepSeek's grouped ones: :func:`moesnap.model.candidate_mla.route`)
-GATINGS = ("softmax_topk_renorm", "topk_softmax", "softmax_grouped", "sigmoid_grouped")
+GATINGS = ("softmax_topk_renorm", "softmax_topk", "topk_softmax", "softmax_grouped", "sigmoid_grouped")
 #: the experts' activations the candidate computes
 FFN_ACTS = ("swiglu", "swiglu_oai")
 
@@ -147,7 +157,7 @@ def _token_ids(tokens: Any) -> np.ndarray:
 
 
 #: the families (gguf-py architecture names) this forward computes
-CANDIDATE_FAMILIES: tuple[str, ...] = ("qwen3moe", "gpt-oss", "deepseek2")
+CANDIDATE_FAMILIES: tuple[str, ...] = ("qwen3moe", "gpt-oss", "deepseek2", "qwen2moe", "llama", "olmoe")
 
 
 class CandidateModel:
@@ -287,10 +297,14 @@ class CandidateModel:
         wqkv[:cfg.q_dim] = self._weight(p + "attn_q", faults, i)
         wqkv[cfg.q_dim:cfg.q_dim + cfg.kv_dim] = self._weight(p + "attn_k", faults, i)
         wqkv[cfg.q_dim + cfg.kv_dim:] = self._weight(p + "attn_v", faults, i)
-        bqkv = bo = None
-        if cfg.attn_bias:
+        bqkv = bo = gate_up = down = gate = None
+        if cfg.attn_bias:   # q/k/v (and gpt-oss's o)
             bqkv = torch.cat([self._weight(p + f"attn_{n}.bias", faults, i) for n in "qkv"])
-            bo = self._weight(p + "attn_output.bias", faults, i)
+            bo = self._weight(p + "attn_output.bias", faults, i) if self.tensors.has("attn_output.bias") else None
+        if cfg.n_shared_experts:   # Qwen2-MoE's one, with its gate
+            gate_up = torch.cat([self._weight(p + "ffn_gate_shexp", faults, i), self._weight(p + "ffn_up_shexp", faults, i)])
+            down = self._weight(p + "ffn_down_shexp", faults, i)
+            gate = self._weight(p + "ffn_gate_inp_shexp", faults, i, self.router_dtype) if cfg.shared_expert_gate else None
         return _Dense(
             attn_norm=self._weight(p + "attn_norm", faults, i),
             wqkv=wqkv,
@@ -302,6 +316,7 @@ class CandidateModel:
             bqkv=bqkv, bo=bo,
             sinks=self._weight(p + "attn_sinks", faults, i, self.opmath) if cfg.attn_sinks else None,
             router_bias=self._weight(p + "ffn_gate_inp.bias", faults, i, self.router_dtype) if cfg.router_bias else None,
+            shexp_gate_up=gate_up, shexp_down=down, shexp_gate=gate,
         )
 
     def _experts_weights(self, i: int, ids: list[int], faults: Faults
@@ -386,15 +401,26 @@ class CandidateModel:
         idx = positions.to(self.device)
         return cos.index_select(0, idx)[:, None, :], sin.index_select(0, idx)[:, None, :]
 
-    def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """NeoX rotation of the two halves of each head, in float32: ``[T, H*, D]``."""
-        xf = x.to(self.opmath)
-        half = xf.shape[-1] // 2
-        a, b = xf[..., :half], xf[..., half:]
-        return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1).to(x.dtype)
+    def _apply_rope(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c: _Call) -> torch.Tensor:
+        """``x [T, heads, D]`` of layer ``i`` turned in float32: NeoX's halves, or the family's adjacent pairs
+        (``rope_interleaved``: DeepSeek's rope part, a Mixtral file's permuted rows); a ``rope_flip`` fault
+        turns the other layout."""
+        pairs = self.cfg.rope_interleaved != c.faults.off(i, "rope_flip")
+        return (rope_pairs if pairs else rope_halves)(x, cos, sin)
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_eps)
+
+    def _qk_norm(self, i: int, x: torch.Tensor, w: torch.Tensor, c: _Call) -> torch.Tensor:
+        """RMSNorm of ``x [T, heads, D]`` per head (weights ``[D]``), or over the whole projection (OLMoE's
+        ``qk_norm_whole``, weights ``[heads*D]``); a ``qk_norm_flip`` fault normalises over the other extent
+        (the weights applied as they are)."""
+        whole = self.cfg.qk_norm_whole
+        if not c.faults.off(i, "qk_norm_flip"):
+            return self._norm(x.flatten(1), w).view_as(x) if whole else self._norm(x, w)
+        if whole:
+            return F.rms_norm(x, (x.shape[-1],), None, self.cfg.rms_eps) * w.view(x.shape[1:])
+        return F.rms_norm(x.flatten(1), (x[0].numel(),), None, self.cfg.rms_eps).view_as(x) * w
 
     def _attention(self, i: int, x: torch.Tensor, w: _Dense, c: _Call) -> torch.Tensor:
         cfg = self.cfg
@@ -406,13 +432,13 @@ class CandidateModel:
         k = c.emit("k", i, qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].view(T, cfg.n_head_kv, D))
         v = c.emit("v", i, qkv[:, cfg.q_dim + cfg.kv_dim:].view(T, cfg.n_head_kv, D))
         if w.q_norm is not None and w.k_norm is not None:                       # families with q/k norm
-            q = c.emit("q_norm", i, self._norm(q, w.q_norm))
-            k = c.emit("k_norm", i, self._norm(k, w.k_norm))
+            q = c.emit("q_norm", i, self._qk_norm(i, q, w.q_norm, c))
+            k = c.emit("k_norm", i, self._qk_norm(i, k, w.k_norm, c))
         window = cfg.sliding_window if cfg.slides(i) else 0
         if c.batch is None or c.cache is None:                                  # causal over these rows
             cos, sin = self._rope(T)
-            q = c.emit("q_rope", i, self._apply_rope(q, cos, sin))
-            k = c.emit("k_rope", i, self._apply_rope(k, cos, sin))
+            q = c.emit("q_rope", i, self._apply_rope(i, q, cos, sin, c))
+            k = c.emit("k_rope", i, self._apply_rope(i, k, cos, sin, c))
             qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
             window, sinks = c.faults.attention(i, window, w.sinks, T - 1)
             if sinks is None and not window:
@@ -423,41 +449,14 @@ class CandidateModel:
         else:                                                                   # through the KV cache
             b = c.faults.layer(i, c.batch)
             cos, sin = self._rope_at(b.rope_pos, b.max_pos + 1)
-            q = c.emit("q_rope", i, self._apply_rope(q, cos, sin))
-            k = c.emit("k_rope", i, self._apply_rope(k, cos, sin))
+            q = c.emit("q_rope", i, self._apply_rope(i, q, cos, sin, c))
+            k = c.emit("k_rope", i, self._apply_rope(i, k, cos, sin, c))
             window, sinks = c.faults.attention(i, window, w.sinks, max(b.lens) - 1)
             o = cached_attention(q, k, v, c.cache.k[i], c.cache.v[i], b, self.gqa,
                                  window=window, sinks=sinks)                    # [T, Hq, D]
         attn = c.emit("attn", i, o.reshape(T, cfg.q_dim))                       # [T, Hq*D]
         out = attn @ w.wo.T                                                     # [T, H]
         return c.emit("attn_out", i, out if w.bo is None else out + w.bo)
-
-    def _route(self, i: int, x: torch.Tensor, w: _Dense, c: _Call) -> tuple[torch.Tensor, torch.Tensor]:
-        """(topk_ids ``[T, k]`` int64, topk_weights ``[T, k]`` in the compute dtype).
-
-        The experts are the top k of the router's scores: its softmax over every expert
-        (``softmax_topk_renorm``, Qwen3-MoE: their k probabilities renormalised) or its logits themselves
-        (``topk_softmax``, gpt-oss: a softmax over the k chosen logits).  Either way the order of the
-        logits decides, so router replay's near-tie gap is measured on the logits for both."""
-        logits = x.to(self.router_dtype) @ w.router.T                           # [T, E]
-        if w.router_bias is not None:
-            logits = logits + w.router_bias
-        logits = c.emit("router_logits", i, logits)
-        renorm = self.cfg.gating == "softmax_topk_renorm"
-        probs = torch.softmax(logits, dim=-1) if renorm else logits             # the scores top-k picks from
-        pos = c.batch.pos if c.batch is not None else None
-        pw, pid = c.faults.topk(i, probs, self.cfg.n_expert_used, pos)             # [T, k], descending
-        if c.force is not None and "topk_ids" in c.force:
-            pw, pid = forced_router(i, probs, pw, pid, c)
-        elif isinstance(c.guide, StaticReplay):                                     # the same rule, no host
-            pw, pid = c.guide.follow(i, probs, pw, pid)
-        elif c.guide is not None:
-            pw, pid = replay_router(i, probs, pw, pid, c)
-        c.faults.routed(i, pid)
-        weights = (pw / pw.sum(dim=-1, keepdim=True) if renorm else torch.softmax(pw, dim=-1)).to(self.dtype)
-        ids = c.emit("topk_ids", i, pid)
-        weights = c.emit("topk_weights", i, weights)
-        return ids, weights
 
     def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor, c: _Call) -> torch.Tensor:
         """Unweighted outputs ``[T, k, H]`` of each token's selected experts, run grouped by expert
@@ -508,12 +507,6 @@ class CandidateModel:
         pairs[order] = out                                           # back to pair order
         return pairs
 
-    def _moe(self, i: int, x: torch.Tensor, w: _Dense, c: _Call) -> torch.Tensor:
-        ids, weights = self._route(i, x, w, c)
-        eo = c.emit("expert_out", i, self._experts(i, x, ids, c))              # [T, k, H]
-        mix = torch.bmm(weights.to(self.opmath).unsqueeze(1), eo.to(self.opmath))  # [T, 1, H]
-        return c.emit("moe_out", i, mix.squeeze(1).to(self.dtype))             # [T, H]
-
     def _layer(self, i: int, x: torch.Tensor, c: _Call) -> torch.Tensor:
         w = self._dense(i, c.faults)
         h = c.emit("attn_norm", i, self._norm(x, w.attn_norm))
@@ -523,7 +516,9 @@ class CandidateModel:
             return c.emit("layer_out", i, h + mla.ffn(self, i, m, w, c))
         h = c.emit("attn_resid", i, x + self._attention(i, h, w, c))
         m = c.emit("ffn_norm", i, self._norm(h, w.ffn_norm))
-        return c.emit("layer_out", i, h + self._moe(i, m, w, c))
+        ids, weights = moe.route(self, i, m, w.router, w.router_bias, c)
+        shared = None if w.shexp_gate_up is None or w.shexp_down is None else (w.shexp_gate_up, w.shexp_down, w.shexp_gate)
+        return c.emit("layer_out", i, h + moe.mixture(self, i, m, ids, weights, shared, c))
 
     def _layer_input(self, i: int, x: Any) -> torch.Tensor:
         if not 0 <= i < self.cfg.n_layer:

@@ -26,51 +26,27 @@ reference, none of its code paths).
   ranking scores with each expert of a dropped group lowered by its group's shortfall (the near-tie rule
   of :data:`moesnap.stages.ROUTING_SCORES`); router replay and stage-local replay take the golden's
   experts through the same functions as every family, ordered by ``router_select``, weighted as above.
-* **Shared experts** (:func:`mlp`): one SwiGLU of ``n_shared_experts x expert_ff`` every token runs, added
-  to the routed mixture in float32.
+* **Shared experts**: one SwiGLU of ``n_shared_experts x expert_ff`` every token runs, added to the routed
+  mixture in float32 (:func:`moesnap.model.candidate_moe.mixture`, every family's).
 
 Planted faults of the family act through :meth:`~moesnap.model.faults.Faults.off`: ``bias_off`` (the
 correction bias dropped: ``router_select``), ``shared_off`` (the shared experts' output left out of
-``moe_out``), ``scale_off`` (``routed_scale`` not applied: ``topk_weights``).
+``moe_out``), ``scale_off`` (``routed_scale`` not applied: ``topk_weights``), ``renorm_flip`` (``topk_norm``
+the other way: ``topk_weights``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from .config import ModelConfig
+from .candidate_moe import mixture, mlp
 from .faults import Faults
-from .forward_io import _Call, forced_router, replay_router
-from .kernels import _sdpa_causal, swiglu
+from .forward_io import Candidate, _Call, choose_experts
+from .kernels import _sdpa_causal
 from .kvcache import cached_attention
-from .static_replay import StaticReplay
-from .weights import ModelWeights
-
-
-class CandidateModel(Protocol):
-    """What these functions use of :class:`~moesnap.model.candidate.CandidateModel` (which calls them)."""
-
-    cfg: ModelConfig
-    model: ModelWeights
-    dtype: torch.dtype
-    opmath: torch.dtype
-    router_dtype: torch.dtype
-    gqa: bool
-
-    def _weight(self, name: str, faults: Faults, layer: int | None = None,
-                dtype: torch.dtype | None = None) -> torch.Tensor: ...
-
-    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
-
-    def _rope(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def _rope_at(self, positions: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor, c: _Call) -> torch.Tensor: ...
 
 
 @dataclass
@@ -89,12 +65,9 @@ class Latent:
     mlp_down: torch.Tensor | None      # [H, F]
     router: torch.Tensor | None = None        # [E, H] in the router dtype (MoE layers)
     probs_bias: torch.Tensor | None = None    # [E] the V3 correction bias, router dtype
-    # Qwen2-MoE's shared expert has a sigmoid gate of its own (``ffn_gate_inp_shexp`` [1, H]); no family the
-    # candidate computes has one, so :func:`mlp`'s caller never multiplies by it (see :func:`moe`)
-    shared_gate: torch.Tensor | None = None
 
 
-def weights(cand: CandidateModel, i: int, faults: Faults) -> Latent:
+def weights(cand: Candidate, i: int, faults: Faults) -> Latent:
     """Layer ``i``'s :class:`Latent`, each tensor decoded from its own bytes (planted ``qtype`` faults apply)."""
     cfg, p = cand.cfg, f"blk.{i}."
 
@@ -121,7 +94,7 @@ def weights(cand: CandidateModel, i: int, faults: Faults) -> Latent:
     )
 
 
-def softmax_scale(cand: CandidateModel) -> float:
+def softmax_scale(cand: Candidate) -> float:
     """What attention multiplies ``q·k`` by: ``1/sqrt(head_dim)``, times ``mscale^2`` under DeepSeek's YaRN
     (``mscale = 1 + yarn_log_mul ln factor``)."""
     cfg = cand.cfg
@@ -131,16 +104,7 @@ def softmax_scale(cand: CandidateModel) -> float:
     return scale
 
 
-def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [T, heads, Dr]`` turned pair by pair ``(x_2i, x_2i+1)`` by ``cos``/``sin [T, 1, Dr/2]``, in float32;
-    the result keeps the interleaved layout and ``x``'s dtype."""
-    xf = x.float() if x.dtype != torch.float64 else x
-    pairs = xf.unflatten(-1, (-1, 2))                                         # [T, heads, Dr/2, 2]
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2).to(x.dtype)
-
-
-def attention(cand: CandidateModel, i: int, x: torch.Tensor, w: Latent, c: _Call) -> torch.Tensor:
+def attention(cand: Candidate, i: int, x: torch.Tensor, w: Latent, c: _Call) -> torch.Tensor:
     """Multi-head latent attention of ``x [T, H]`` (the normed hidden state) -> ``attn_out [T, H]``."""
     cfg = cand.cfg
     T, Hq, Dn, Dr, Dv = x.shape[0], cfg.n_head, cfg.qk_nope_dim, cfg.rope_dim, cfg.v_dim
@@ -164,8 +128,8 @@ def attention(cand: CandidateModel, i: int, x: torch.Tensor, w: Latent, c: _Call
     else:                                                                      # through the KV cache
         b = c.faults.layer(i, c.batch)
         cos, sin = cand._rope_at(b.rope_pos, b.max_pos + 1)
-    q = c.emit("q_rope", i, torch.cat([q[..., :Dn], rope_interleaved(q[..., Dn:], cos, sin)], dim=-1))
-    k_rot = rope_interleaved(k[:, :1, Dn:], cos, sin).expand(T, Hq, Dr)        # the one rope key, turned once
+    q = c.emit("q_rope", i, torch.cat([q[..., :Dn], cand._apply_rope(i, q[..., Dn:], cos, sin, c)], dim=-1))
+    k_rot = cand._apply_rope(i, k[:, :1, Dn:], cos, sin, c).expand(T, Hq, Dr)   # the one rope key, turned once
     k = c.emit("k_rope", i, torch.cat([k[..., :Dn], k_rot], dim=-1))
     if b is None:
         o = _sdpa_causal(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cand.gqa, scale).transpose(0, 1)
@@ -176,15 +140,7 @@ def attention(cand: CandidateModel, i: int, x: torch.Tensor, w: Latent, c: _Call
     return c.emit("attn_out", i, attn @ w.wo.T)                                # [T, H]
 
 
-def mlp(x: torch.Tensor, w: Latent) -> torch.Tensor:
-    """The SwiGLU MLP of ``x [T, H]`` with the layer's fused gate/up and down matrices: a dense layer's
-    MLP, or a MoE layer's shared experts."""
-    assert w.mlp_gate_up is not None and w.mlp_down is not None
-    gate, up = (x @ w.mlp_gate_up.T).chunk(2, dim=-1)                          # [T, F] x2
-    return swiglu(gate, up) @ w.mlp_down.T                                     # [T, H]
-
-
-def route(cand: CandidateModel, i: int, x: torch.Tensor, w: Latent, c: _Call) -> tuple[torch.Tensor, torch.Tensor]:
+def route(cand: Candidate, i: int, x: torch.Tensor, w: Latent, c: _Call) -> tuple[torch.Tensor, torch.Tensor]:
     """(topk_ids ``[T, k]`` by descending selection score, topk_weights ``[T, k]`` in the compute dtype)
     of layer ``i``'s grouped routing (module docstring)."""
     cfg = cand.cfg
@@ -207,34 +163,21 @@ def route(cand: CandidateModel, i: int, x: torch.Tensor, w: Latent, c: _Call) ->
         select = choice - shortfall.repeat_interleave(E // G, dim=-1)
         rank = choice.masked_fill(~keep.repeat_interleave(E // G, dim=-1), float("-inf") if sigmoid else 0.0)
     select = c.emit("router_select", i, select)
-    pos = c.batch.pos if c.batch is not None else None
-    pw, pid = c.faults.topk(i, rank, cfg.n_expert_used, pos)                    # [T, k], descending
-    if c.force is not None and "topk_ids" in c.force:
-        pw, pid = forced_router(i, select, pw, pid, c)
-    elif isinstance(c.guide, StaticReplay):
-        pw, pid = c.guide.follow(i, select, pw, pid)
-    elif c.guide is not None:
-        pw, pid = replay_router(i, select, pw, pid, c)
-    c.faults.routed(i, pid)
+    _, pid = choose_experts(i, rank, select, cfg.n_expert_used, c)              # [T, k]
     weights = scores.gather(1, pid)                                             # [T, k] unbiased
-    if cfg.topk_norm:
+    if cfg.topk_norm != c.faults.off(i, "renorm_flip"):
         weights = weights / weights.sum(-1, keepdim=True)
     if not c.faults.off(i, "scale_off"):
         weights = weights * cfg.routed_scale
     return c.emit("topk_ids", i, pid), c.emit("topk_weights", i, weights.to(cand.dtype))
 
 
-def ffn(cand: CandidateModel, i: int, x: torch.Tensor, w: Latent, c: _Call) -> torch.Tensor:
+def ffn(cand: Candidate, i: int, x: torch.Tensor, w: Latent, c: _Call) -> torch.Tensor:
     """What follows ``ffn_norm`` (``x [T, H]``): a dense layer's MLP (``dense_ffn_out``), or the routed
-    experts' weighted mixture plus the shared experts (``moe_out``)."""
+    experts' weighted mixture plus the shared experts (``moe_out``: :func:`~moesnap.model.candidate_moe.mixture`)."""
     if w.router is None:
-        return c.emit("dense_ffn_out", i, mlp(x, w))
+        assert w.mlp_gate_up is not None and w.mlp_down is not None
+        return c.emit("dense_ffn_out", i, mlp(x, w.mlp_gate_up, w.mlp_down))
     ids, weights = route(cand, i, x, w, c)
-    eo = c.emit("expert_out", i, cand._experts(i, x, ids, c))                 # [T, k, H]
-    mix = torch.bmm(weights.to(cand.opmath).unsqueeze(1), eo.to(cand.opmath)).squeeze(1)   # [T, H] float32
-    if w.mlp_gate_up is not None:
-        shared = c.emit("shared_expert_out", i, mlp(x, w))                     # [T, H]
-        # (Qwen2-MoE would multiply ``shared`` by sigmoid(x @ w.shared_gate.T) here: not computed yet)
-        if not c.faults.off(i, "shared_off"):
-            mix = mix + shared.to(cand.opmath)
-    return c.emit("moe_out", i, mix.to(cand.dtype))
+    shared = None if w.mlp_gate_up is None or w.mlp_down is None else (w.mlp_gate_up, w.mlp_down, None)
+    return mixture(cand, i, x, ids, weights, shared, c)

@@ -162,11 +162,13 @@ def stored_bytes(model: ModelWeights) -> int:
 
 
 def kept_bytes(model: ModelWeights) -> int:
-    """Bytes :class:`Drafter` keeps for a whole proposal: float32 dense weights of every layer and the
-    output matrix."""
+    """Bytes :class:`Drafter` keeps for a whole proposal: every tensor of the family's table but the embedding
+    and the experts (and their biases) in float32: each layer's dense weights and the output matrix."""
     c = model.config
-    layer = c.hidden * (2 * c.q_dim + 2 * c.kv_dim + c.n_expert + 2) + 2 * c.head_dim   # [H]-sized norms: +2
-    return 4 * (c.n_layer * layer + c.vocab_size * c.hidden + c.hidden)
+    tab = table(c.arch)
+    left = {"token_embd", *tab.expert_tensors, *tab.expert_biases}
+    shapes = tab.expected_shapes(c.dims, c.n_layer, c.layer_where)
+    return 4 * sum(int(np.prod(shape)) for name, shape in shapes.items() if name.split(".", 2)[-1] not in left)
 
 
 def draft_device(model: ModelWeights) -> torch.device:

@@ -20,8 +20,7 @@ from ..errors import UsageError
 from ..gguf import quants_torch
 from .config import Qwen3MoeConfig
 from .inject import (BlockTable, GraphStale, Injection, KvShort, KvSlot, MxfpScale, NanExpert, PadAttend, PartOff, QtypeAs,
-                     RopePos, RouteFlip, ScaleStage, ServeFault, SinkOff, SwapRows, WindowOff, check_injections,
-                     validate_injection)
+                     RopePos, RouteFlip, ScaleStage, ServeFault, SwapRows, WindowOff, check_injections, validate_injection)
 from .kvcache import Batch
 
 __all__ = ["Faults", "NO_FAULTS"]
@@ -55,8 +54,8 @@ class Faults:
             check_injections(self.injections, model, ())
         self._qtype = {(j.layer, j.tensor): j.as_qtype for j in self.injections if isinstance(j, QtypeAs)}
         self._mxfp4 = {(j.layer, j.tensor): j.shift for j in self.injections if isinstance(j, MxfpScale)}
-        self._attn = {j.layer: j for j in self.injections if isinstance(j, (SinkOff, WindowOff))}
-        self._off = {(j.layer, j.kind): j for j in self.injections if isinstance(j, PartOff)}
+        self._window = {j.layer: j for j in self.injections if isinstance(j, WindowOff)}
+        self._off = {(j.layer, j.part): j for j in self.injections if isinstance(j, PartOff)}
         self._scale: dict[tuple[int, str], float] = {}
         for j in self.injections:
             if isinstance(j, ScaleStage):
@@ -113,19 +112,19 @@ class Faults:
         """The sliding window (0: none) and the sink logits layer ``layer``'s attention uses, for queries up to
         position ``last_pos``: a ``sink_off`` fault drops the sinks, a ``window`` fault moves the window by
         ``by`` (it fires where some query reaches a key that only one of the two windows holds)."""
-        j = self._attn.get(layer)
-        if isinstance(j, SinkOff) and sinks is not None:
-            self._fired.add(j)
-            return window, None
-        if isinstance(j, WindowOff) and window:
+        if sinks is not None and self.off(layer, "sink_off"):
+            sinks = None
+        j = self._window.get(layer)
+        if j is not None and window:
             if last_pos >= min(window, window + j.by):
                 self._fired.add(j)
             return window + j.by, sinks
         return window, sinks
 
     def off(self, layer: int, part: str) -> bool:
-        """Whether layer ``layer`` leaves out the family part a :class:`~moesnap.model.inject.PartOff` fault
-        names (``bias_off``, ``shared_off``, ``scale_off``: the forward asks only where the part exists)."""
+        """Whether layer ``layer`` leaves out, or does the other way, the family part a
+        :class:`~moesnap.model.inject.PartOff` fault names (:data:`~moesnap.model.inject.PARTS`: ``sink_off``,
+        ``rope_flip``, ``shared_off``, ...; the forward asks only where the part exists)."""
         j = self._off.get((layer, part))
         if j is not None:
             self._fired.add(j)

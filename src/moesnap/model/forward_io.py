@@ -1,21 +1,25 @@
 """What one forward of the candidate is given and gives back: the golden routing it follows at near
 ties (:class:`RouterReplay`), where it followed it (:class:`Followed`), its results (:class:`Output`,
 :class:`LayerOutput`) and the arguments of one call handed down its stages (``_Call``); how a layer's
-own top-k choice gives way to the golden's (:func:`replay_router` at near ties, :func:`forced_router` in
-stage-local replay), whichever family's router made it."""
+own top-k choice gives way to the golden's (:func:`choose_experts`: :func:`replay_router` at near ties,
+:func:`forced_router` in stage-local replay), whichever family's router made it; what the family modules
+(:mod:`~moesnap.model.candidate_moe`, :mod:`~moesnap.model.candidate_mla`) use of the candidate
+(:class:`Candidate`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
 
+from .config import ModelConfig
 from .faults import Faults
 from .kvcache import Batch, KVCache
 from .recorder import Recorder
 from .static_replay import StaticReplay
+from .weights import ModelWeights
 
 __all__ = ["RouterReplay", "Followed", "Output", "LayerOutput"]
 # --------------------------------------------------------------------------- the model
@@ -101,6 +105,47 @@ class _Call:
             t = forced if isinstance(forced, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(forced))
             return t.to(x.device, x.dtype)
         return x
+
+
+class Candidate(Protocol):
+    """What the family modules use of :class:`~moesnap.model.candidate.CandidateModel` (which calls them;
+    a Protocol: no import cycle)."""
+
+    cfg: ModelConfig
+    model: ModelWeights
+    dtype: torch.dtype
+    opmath: torch.dtype
+    router_dtype: torch.dtype
+    gqa: bool
+
+    def _weight(self, name: str, faults: Faults, layer: int | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor: ...
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
+
+    def _rope(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def _rope_at(self, positions: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def _apply_rope(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c: _Call) -> torch.Tensor: ...
+
+    def _experts(self, i: int, x: torch.Tensor, ids: torch.Tensor, c: _Call) -> torch.Tensor: ...
+
+
+def choose_experts(i: int, rank: torch.Tensor, select: torch.Tensor, k: int, c: _Call
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``i``'s (scores, expert ids) ``[T, k]``: the top ``k`` of ``rank [T, E]`` (descending; a planted
+    ``route`` flip applied), then the golden's experts where stage-local replay forces them or router replay
+    follows them at a near tie, ordered and scored by ``select [T, E]`` (the scores the family ranks by)."""
+    pw, pid = c.faults.topk(i, rank, k, c.batch.pos if c.batch is not None else None)   # [T, k], descending
+    if c.force is not None and "topk_ids" in c.force:
+        pw, pid = forced_router(i, select, pw, pid, c)
+    elif isinstance(c.guide, StaticReplay):                                     # the same rule, no host
+        pw, pid = c.guide.follow(i, select, pw, pid)
+    elif c.guide is not None:
+        pw, pid = replay_router(i, select, pw, pid, c)
+    c.faults.routed(i, pid)
+    return pw, pid
 
 
 def replay_router(i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tensor, c: _Call

@@ -45,22 +45,34 @@ after the prompt:
     tensor ``blk.L.NAME`` (stored as MXFP4) is decoded with every block's E8M0 exponent read ``S``
     off (default 1: each value doubled); see :func:`moesnap.gguf.quants_torch.decode_scale_off`.
     Refused for a tensor of another type.
-``sink_off:layer=L``
-    layer ``L``'s attention ignores its sinks (a softmax without the sink logits); ``attn``.  Refused
-    for a model without attention sinks.
 ``window:layer=L[,by=N]``
     sliding layer ``L`` attends ``window + N`` positions instead of ``window`` (default ``N = 1``: the
     classic off-by-one); ``attn``.  Refused on a layer that does not slide, and where no prompt is
     long enough for the two windows to differ.
 
-DeepSeek's parts (MoE layers; each refused where the model or the layer lacks it):
+A family's parts, left out or done the other way at layer ``L`` (``KIND:layer=L``; :data:`PARTS`, data:
+each refused in one line where the model, or the layer, lacks the part, or where it would change nothing):
 
-``bias_off:layer=L``
-    the score-correction bias (``exp_probs_b``, V3) is left out of the selection; ``router_select``.
-``shared_off:layer=L``
+``sink_off``
+    the attention ignores its sinks (a softmax without the sink logits; gpt-oss); ``attn``.
+``rope_flip``
+    RoPE turns NeoX's halves where the family turns adjacent pairs (Mixtral's permuted rows, DeepSeek's
+    rope part), or pairs where it turns halves; ``q_rope``.  Refused where every prompt is one token.
+``qk_norm_flip``
+    the q/k RMSNorm per head where the family normalises the whole projection (OLMoE), or over the whole
+    projection where it normalises per head (Qwen3-MoE); ``q_norm``.
+``bias_off``
+    the score-correction bias (``exp_probs_b``, DeepSeek-V3) is left out of the selection; ``router_select``.
+``renorm_flip``
+    the k routing weights renormalised where the family keeps them (Qwen2-MoE, OLMoE, DeepSeek without
+    ``topk_norm``), or kept where it renormalises (Qwen3-MoE, Mixtral); ``topk_weights``.
+``scale_off``
+    the routed weights are not multiplied by ``routed_scale`` (DeepSeek; refused where it is 1); ``topk_weights``.
+``shared_off``
     the shared experts' output is computed but not added to the routed mixture; ``moe_out``.
-``scale_off:layer=L``
-    the routed weights are not multiplied by ``routed_scale`` (refused where it is 1); ``topk_weights``.
+``shared_gate_off``
+    Qwen2-MoE's shared expert is added without its sigmoid gate (its logit, ``shared_gate``, is computed);
+    ``moe_out``.
 
 ``graph_stale:step=S``
     the decode step on static buffers (:class:`~moesnap.model.serve.GraphDecoder`, CUDA graph) is
@@ -83,7 +95,8 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Protocol, Sequence
+from functools import partial
+from typing import Callable, ClassVar, NamedTuple, Protocol, Sequence
 
 import gguf
 
@@ -94,7 +107,7 @@ from .tensors import LAYER_TENSORS, TABLES, table
 
 __all__ = [
     "Injection", "NanExpert", "QtypeAs", "ScaleStage", "RouteFlip",
-    "MxfpScale", "SinkOff", "WindowOff", "PartOff", "BiasOff", "SharedOff", "ScaleOff", "ServeFault", "RopePos", "KvSlot", "KvShort", "BlockTable", "PadAttend", "SwapRows", "GraphStale",
+    "MxfpScale", "WindowOff", "PartOff", "PARTS", "SinkOff", "BiasOff", "SharedOff", "ScaleOff", "ServeFault", "RopePos", "KvSlot", "KvShort", "BlockTable", "PadAttend", "SwapRows", "GraphStale",
     "KINDS", "LAYER_TENSORS", "parse_inject", "validate_injection", "check_injections",
 ]
 
@@ -130,9 +143,13 @@ class Injection(ABC):
         """The first stage (in computation order) whose value the fault changes."""
 
     @property
-    @abstractmethod
     def spec(self) -> str:
-        """The fault as ``--inject`` syntax (round-trips through :func:`parse_inject`)."""
+        """The fault as ``--inject`` syntax (round-trips through :func:`parse_inject`): its kind, then each key
+        :data:`KINDS` lists for it, with the value of the field of that name (``as``: ``as_qtype``)."""
+        def value(key: str) -> str:
+            v = getattr(self, "as_qtype" if key == "as" else key)
+            return v.name.lower() if key == "as" else repr(v) if key == "factor" else str(v)
+        return f"{self.kind}:" + ",".join(f"{key}={value(key)}" for key in KINDS[self.kind][1])
 
     @property
     def target_layer(self) -> int | None:
@@ -157,10 +174,6 @@ class NanExpert(Injection):
     kind = "nan"
     target_stage = "expert_out"
 
-    @property
-    def spec(self) -> str:
-        return f"nan:layer={self.layer},expert={self.expert}"
-
 
 @dataclass(frozen=True)
 class QtypeAs(Injection):
@@ -172,10 +185,6 @@ class QtypeAs(Injection):
     @property
     def target_stage(self) -> str:
         return _tensor_stage(self.tensor) or LAYER_TENSORS[self.tensor]
-
-    @property
-    def spec(self) -> str:
-        return f"qtype:layer={self.layer},tensor={self.tensor},as={self.as_qtype.name.lower()}"
 
 
 @dataclass(frozen=True)
@@ -189,10 +198,6 @@ class ScaleStage(Injection):
     def target_stage(self) -> str:
         return self.stage
 
-    @property
-    def spec(self) -> str:
-        return f"scale:layer={self.layer},stage={self.stage},factor={self.factor!r}"
-
 
 @dataclass(frozen=True)
 class RouteFlip(Injection):
@@ -200,10 +205,6 @@ class RouteFlip(Injection):
 
     kind = "route"
     target_stage = "topk_ids"
-
-    @property
-    def spec(self) -> str:
-        return f"route:layer={self.layer},token={self.token}"
 
 
 def _tensor_stage(tensor: str) -> str | None:
@@ -225,20 +226,6 @@ class MxfpScale(Injection):
     def target_stage(self) -> str:
         return _tensor_stage(self.tensor) or "expert_out"
 
-    @property
-    def spec(self) -> str:
-        return f"mxfp4_scale:layer={self.layer},tensor={self.tensor},shift={self.shift}"
-
-
-@dataclass(frozen=True)
-class SinkOff(Injection):
-    kind = "sink_off"
-    target_stage = "attn"
-
-    @property
-    def spec(self) -> str:
-        return f"sink_off:layer={self.layer}"
-
 
 @dataclass(frozen=True)
 class WindowOff(Injection):
@@ -247,37 +234,64 @@ class WindowOff(Injection):
     kind = "window"
     target_stage = "attn"
 
-    @property
-    def spec(self) -> str:
-        return f"window:layer={self.layer},by={self.by}"
+
+class Part(NamedTuple):
+    """A family part a :class:`PartOff` fault breaks: the stage it shows in first, whether only a MoE layer
+    has it, and why a model cannot have it broken (``lacks(cfg)``: "" where it can)."""
+
+    stage: str
+    moe: bool
+    lacks: Callable[[Qwen3MoeConfig], str]
+
+
+_SOFTMAX = ("softmax_topk_renorm", "softmax_topk", "softmax_grouped")
+
+
+def _renorm_lacks(c: Qwen3MoeConfig) -> str:
+    if c.gating == "topk_softmax":
+        return "has top-k weights that are a softmax over the k chosen (they sum to 1 renormalised or not)"
+    if c.gating in _SOFTMAX and c.n_expert_used >= c.n_expert:
+        return f"routes every token to all {c.n_expert} experts (their softmax weights sum to 1 renormalised or not)"
+    return ""
+
+
+#: the family parts a ``KIND:layer=L`` fault leaves out or does the other way (module docstring), by kind
+PARTS: dict[str, Part] = {
+    "sink_off": Part("attn", False, lambda c: "" if c.attn_sinks else "has no attention sinks to ignore"),
+    "rope_flip": Part("q_rope", False, lambda c: ""),
+    "qk_norm_flip": Part("q_norm", False, lambda c: "has no q/k norm" if not c.qk_norm else
+                         "has one head (per head is the whole projection)" if c.n_head == 1 else ""),
+    "bias_off": Part("router_select", True,
+                     lambda c: "" if c.router_probs_bias else "has no score-correction bias (exp_probs_b)"),
+    "renorm_flip": Part("topk_weights", True, _renorm_lacks),
+    "scale_off": Part("topk_weights", True, lambda c: "" if c.routed_scale != 1.0 else "has no routed scale"
+                      if c.gating not in ("softmax_grouped", "sigmoid_grouped") else
+                      "has a routed scale of 1 (leaving it out changes nothing)"),
+    "shared_off": Part("moe_out", True, lambda c: "" if c.n_shared_experts else "has no shared experts"),
+    "shared_gate_off": Part("moe_out", True, lambda c: "" if c.shared_expert_gate else
+                            "has no shared-expert gate (ffn_gate_inp_shexp)"),
+}
 
 
 @dataclass(frozen=True)
 class PartOff(Injection):
-    """A part of a family's MoE layer left out at ``layer`` (``kind`` names it to
-    :meth:`~moesnap.model.faults.Faults.off`)."""
+    """A family part (:data:`PARTS`) left out or done the other way at ``layer``; ``part`` names it to
+    :meth:`~moesnap.model.faults.Faults.off`."""
+
+    part: str
 
     @property
-    def spec(self) -> str:
-        return f"{self.kind}:layer={self.layer}"
+    def kind(self) -> str:
+        return self.part
+
+    @property
+    def target_stage(self) -> str:
+        return PARTS[self.part].stage
 
 
-@dataclass(frozen=True)
-class BiasOff(PartOff):
-    kind = "bias_off"
-    target_stage = "router_select"
-
-
-@dataclass(frozen=True)
-class SharedOff(PartOff):
-    kind = "shared_off"
-    target_stage = "moe_out"
-
-
-@dataclass(frozen=True)
-class ScaleOff(PartOff):
-    kind = "scale_off"
-    target_stage = "topk_weights"
+# the spellings of earlier code
+SinkOff, BiasOff = partial(PartOff, part="sink_off"), partial(PartOff, part="bias_off")
+SharedOff, ScaleOff = partial(PartOff, part="shared_off"), partial(PartOff, part="scale_off")
 
 
 @dataclass(frozen=True)
@@ -296,29 +310,17 @@ class RopePos(ServeFault):
     target_stage = "q_rope"
     every_layer = True
 
-    @property
-    def spec(self) -> str:
-        return f"rope_pos:step={self.step}"
-
 
 @dataclass(frozen=True)
 class KvSlot(ServeFault):
     kind = "kv_slot"
     target_stage = "attn"
 
-    @property
-    def spec(self) -> str:
-        return f"kv_slot:layer={self.layer}"
-
 
 @dataclass(frozen=True)
 class KvShort(ServeFault):
     kind = "kv_short"
     target_stage = "attn"
-
-    @property
-    def spec(self) -> str:
-        return f"kv_short:layer={self.layer}"
 
 
 @dataclass(frozen=True)
@@ -329,10 +331,6 @@ class BlockTable(ServeFault):
     kind = "block_table"
     target_stage = "attn"
     every_layer = True
-
-    @property
-    def spec(self) -> str:
-        return f"block_table:seq={self.seq},block={self.block}"
 
 
 @dataclass(frozen=True)
@@ -377,10 +375,6 @@ class GraphStale(ServeFault):
     def target_layer(self) -> int | None:
         return None
 
-    @property
-    def spec(self) -> str:
-        return f"graph_stale:step={self.step}"
-
 
 #: kind -> (class, keys in spec order); keys in :data:`OPTIONAL` may be left out
 KINDS: dict[str, tuple[type[Injection], tuple[str, ...]]] = {
@@ -389,11 +383,8 @@ KINDS: dict[str, tuple[type[Injection], tuple[str, ...]]] = {
     "scale": (ScaleStage, ("layer", "stage", "factor")),
     "route": (RouteFlip, ("layer", "token")),
     "mxfp4_scale": (MxfpScale, ("layer", "tensor", "shift")),
-    "sink_off": (SinkOff, ("layer",)),
     "window": (WindowOff, ("layer", "by")),
-    "bias_off": (BiasOff, ("layer",)),
-    "shared_off": (SharedOff, ("layer",)),
-    "scale_off": (ScaleOff, ("layer",)),
+    **{part: (PartOff, ("layer",)) for part in PARTS},
     "rope_pos": (RopePos, ("step",)),
     "kv_slot": (KvSlot, ("layer",)),
     "kv_short": (KvShort, ("layer",)),
@@ -451,17 +442,12 @@ def validate_injection(inj: Injection, cfg: Qwen3MoeConfig) -> None:
                              f"{', '.join(table(cfg.arch).layer_tensors)}")
         if isinstance(inj.shift, bool) or not isinstance(inj.shift, int) or inj.shift == 0:
             raise UsageError(f"shift={inj.shift!r} must be a non-zero integer (exponent steps)")
-    elif isinstance(inj, SinkOff):
-        if not cfg.attn_sinks:
-            raise UsageError(f"the model ({cfg.arch}) has no attention sinks to ignore")
     elif isinstance(inj, PartOff):
-        lacks = {"bias_off": not cfg.router_probs_bias and "no score-correction bias (exp_probs_b)",
-                 "shared_off": not cfg.n_shared_experts and "no shared experts",
-                 "scale_off": cfg.routed_scale == 1.0 and "a routed scale of 1 (leaving it out changes nothing)"}
-        if cfg.gating not in ("softmax_grouped", "sigmoid_grouped"):
-            raise UsageError(f"the model ({cfg.arch}) has no grouped routing, no shared experts, no routed scale")
-        if lacks[inj.kind]:
-            raise UsageError(f"the model ({cfg.arch}) has {lacks[inj.kind]}")
+        if inj.part not in PARTS:
+            raise UsageError(f"part={inj.part!r} is no family part; choose one of {', '.join(PARTS)}")
+        why = PARTS[inj.part].lacks(cfg)
+        if why:
+            raise UsageError(f"the model ({cfg.arch}) {why}")
     elif isinstance(inj, WindowOff):
         if isinstance(inj.by, bool) or not isinstance(inj.by, int) or inj.by == 0:
             raise UsageError(f"by={inj.by!r} must be a non-zero integer")
@@ -498,7 +484,8 @@ def _layer_has(inj: Injection, cfg: Qwen3MoeConfig) -> None:
     a dense layer (DeepSeek's leading ones), a stage or a tensor the layer does not have."""
     if isinstance(inj, ServeFault):
         return
-    if cfg.dense(inj.layer) and isinstance(inj, (NanExpert, RouteFlip, PartOff)):
+    if cfg.dense(inj.layer) and (isinstance(inj, (NanExpert, RouteFlip)) or
+                                 isinstance(inj, PartOff) and inj.part in PARTS and PARTS[inj.part].moe):
         moe = [i for i in range(cfg.n_layer) if not cfg.dense(i)]
         raise UsageError(f"layer {inj.layer} is dense (no router, no experts); the MoE layers are {moe[0]}..{moe[-1]}")
     if isinstance(inj, ScaleStage) and inj.stage in SCALABLE_STAGES and \
@@ -548,6 +535,9 @@ def check_injections(injections: Sequence[Injection], model: _TensorTypes, n_tok
             if stored != gguf.GGMLQuantizationType.MXFP4:
                 raise UsageError(f"{inj.option}: blk.{inj.layer}.{inj.tensor} is {stored.name}, not MXFP4, "
                                  "so it has no E8M0 block scale to misread; choose an MXFP4 tensor")
+        if isinstance(inj, PartOff) and inj.part == "rope_flip" and n_tokens and max(n_tokens) < 2:
+            raise UsageError(f"{inj.option}: the planted fault cannot fire (every prompt is one token, at position 0, "
+                             "which RoPE does not turn)")
         if isinstance(inj, WindowOff) and n_tokens:
             window = model.config.sliding_window
             if max(n_tokens) <= min(window, window + inj.by):
@@ -595,8 +585,8 @@ def _parse(spec: str, cfg: Qwen3MoeConfig) -> Injection:
         inj = cls(layer=layer, only="layer" in values)  # type: ignore[call-arg]
     elif cls is MxfpScale:
         inj = MxfpScale(layer=layer, tensor=values["tensor"].lower(), shift=_int("shift", values.get("shift", "1")))
-    elif cls is SinkOff or issubclass(cls, PartOff):
-        inj = cls(layer=layer)
+    elif cls is PartOff:
+        inj = PartOff(layer=layer, part=kind)
     elif cls is WindowOff:
         inj = WindowOff(layer=layer, by=_int("by", values.get("by", "1")))
     elif cls is NanExpert:

@@ -17,7 +17,7 @@ from ..errors import UsageError
 from .config import Qwen3MoeConfig
 
 __all__ = ["EXPERT_PATHS", "grouped_mm_works", "default_expert_path", "sdpa_takes_enable_gqa", "rope_frequencies",
-           "window_mask", "sdpa_masked", "swiglu"]
+           "rope_halves", "rope_pairs", "window_mask", "sdpa_masked", "swiglu"]
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -142,6 +142,24 @@ def rope_frequencies(head_dim: int, base: float, *, scaling: str = "none", facto
     ramp = ((torch.arange(half, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)   # 0: keep, 1: interpolate
     inv = inv / factor * ramp + inv * (1 - ramp)
     return inv, (0.1 * math.log(factor) + 1.0) if factor > 1 else 1.0
+
+
+def rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [T, heads, D]`` turned by ``cos``/``sin [T, 1, D/2]`` NeoX's way, the halves ``(x_i, x_{i+D/2})``
+    paired, in float32 (float64 for float64); the result in ``x``'s dtype."""
+    xf = x.to(_opmath(x.dtype))
+    half = xf.shape[-1] // 2
+    a, b = xf[..., :half], xf[..., half:]
+    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1).to(x.dtype)
+
+
+def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [T, heads, D]`` turned pair by pair ``(x_2i, x_2i+1)`` by ``cos``/``sin [T, 1, D/2]`` (llama.cpp's
+    NORM mode: DeepSeek's rope part, the rows of a Mixtral file), in float32 (float64 for float64); the
+    result keeps the interleaved layout and ``x``'s dtype."""
+    pairs = x.to(_opmath(x.dtype)).unflatten(-1, (-1, 2))                     # [T, heads, D/2, 2]
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2).to(x.dtype)
 
 
 def window_mask(q_pos: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
