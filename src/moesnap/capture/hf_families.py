@@ -212,7 +212,7 @@ def deepseek_config(c: ModelConfig, dtype: torch.dtype, extra: dict[str, Any]) -
                                      "original_max_position_embeddings": c.rope_orig_context,
                                      "beta_fast": c.rope_beta_fast, "beta_slow": c.rope_beta_slow,
                                      "mscale": mscale, "mscale_all_dim": mscale}
-    fields = dict(intermediate_size=c.dense_ff or c.expert_ff, moe_intermediate_size=c.expert_ff,
+    fields: dict[str, Any] = dict(intermediate_size=c.dense_ff or c.expert_ff, moe_intermediate_size=c.expert_ff,
                   n_shared_experts=c.n_shared_experts, n_routed_experts=c.n_expert, routed_scaling_factor=c.routed_scale,
                   kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank or None, qk_rope_head_dim=c.qk_rope_dim,
                   v_head_dim=c.v_head_dim, qk_nope_head_dim=c.qk_nope_dim, n_group=c.n_group, topk_group=c.n_group_used,

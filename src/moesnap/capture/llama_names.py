@@ -132,6 +132,7 @@ def map_stages(captured: list[Node], T: int, cfg: ModelConfig, *, derive_attn_ou
         for stage, arr in _picks(base, layer_nodes, cfg):
             if arr.size % T:
                 continue
+            a: np.ndarray
             if stage in HEAD_STAGES:
                 a = arr.reshape(T, -1, cfg.rope_dim if stage == "_q_pe" else cfg.head_dim)
             elif stage == "expert_out":
