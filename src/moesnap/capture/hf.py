@@ -134,8 +134,9 @@ def _decoder(model: nn.Module) -> nn.Module:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or not hasattr(inner, "embed_tokens") or not hasattr(inner, "norm"):
-        raise UsageError(f"transformers capture: {type(model).__name__} is no causal LM of "
-                         f"{', '.join(sorted(FAMILY_OF_MODEL_TYPE))} (no .model.layers / .model.embed_tokens / .model.norm)")
+        raise UsageError(f"transformers capture: {type(model).__name__} is not a Qwen3MoeForCausalLM, GptOssForCausalLM, "
+                         f"Qwen2MoeForCausalLM, MixtralForCausalLM, OlmoeForCausalLM or DeepseekV2/V3ForCausalLM "
+                         f"(no .model.layers / .model.embed_tokens / .model.norm)")
     family = _family(model)
     for i, layer in enumerate(layers):
         if _router(layer) is None and "dense_ffn_out" not in FAMILY_STAGES[family]:
