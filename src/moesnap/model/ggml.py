@@ -112,7 +112,15 @@ def near_halves(x: torch.Tensor, weight_type: str, tol: float = NEAR_HALF) -> tu
     return near, step[near]
 
 
-def near_scale_halves(x: torch.Tensor, weight_type: str, tol: float = NEAR_HALF) -> list[tuple[int, torch.Tensor]]:
+#: the same for a Q8_0 block's float16 scale ``amax / 127``: a relative error e of the block's largest
+#: element moves an element's product by at most 127 e quant steps but the scale by 2^11 e float16 steps
+#: (11 significant bits), so the scale's near half is that much wider (Qwen1.5-MoE-A2.7B's full-width
+#: experts: a scale 1.1e-3 steps from a half rounded the other way in llama.cpp, whose SwiGLU output
+#: differs from the reference's by ~1e-6)
+NEAR_HALF_SCALE = NEAR_HALF * 2048 / 127
+
+
+def near_scale_halves(x: torch.Tensor, weight_type: str, tol: float = NEAR_HALF_SCALE) -> list[tuple[int, torch.Tensor]]:
     """Where the float16 scale of a Q8_0 block of the row ``x [n]`` is decided by float noise: the blocks
     whose ``amax / 127`` lies within ``tol`` float16 steps of a half between two float16 values (its
     rounding may go either way; every quant of the block then keeps its integer and changes with the
