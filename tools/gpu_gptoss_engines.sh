@@ -6,6 +6,8 @@
 # Usage: bash tools/gpu_gptoss_engines.sh OUTDIR [LAYERS]   (after the carried wheels are installed, as
 # tools/gpu_round.sh does; ~3 GB of disk for 4 layers)
 # PRESET=gpt-oss-tiny DEVICE=cpu runs the same steps on a CPU in a minute (a dry run).
+# Any family's preset runs the same way through its transformers model: PRESET=deepseek-v2-lite,
+# qwen1.5-moe-a2.7b, mixtral-8x7b or olmoe-1b-7b (deepseek-v3-tiny, qwen2-moe-tiny... DEVICE=cpu: dry runs).
 set -u
 out=${1:?OUTDIR}; layers=${2:-4}; preset=${PRESET:-gpt-oss-20b}; device=${DEVICE:-cuda}
 mkdir -p "$out"; export PYTHONPATH=$PWD/src MOESNAP_NO_PROGRESS=1

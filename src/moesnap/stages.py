@@ -119,6 +119,13 @@ def stages_of_layer(family: str, config: Mapping[str, Any], layer: int) -> tuple
     return tuple(s for s in FAMILY_STAGES[family] if s not in drop)
 
 
+def stages_of_model(family: str, config: Mapping[str, Any], n_layer: int) -> tuple[str, ...]:
+    """The layer stages some layer of a model of ``family`` has, by its recorded config
+    (:func:`stages_of_layer` over its ``n_layer`` layers), in schema order."""
+    have = {s for i in range(n_layer) for s in stages_of_layer(family, config, i)}
+    return tuple(s for s in FAMILY_STAGES[family] if s in have)
+
+
 INTEGER_STAGES: frozenset[str] = frozenset({"tokens", "topk_ids"})
 
 # The precisions a forward may compute in, by name (torch's and numpy's), the widest first.  Every

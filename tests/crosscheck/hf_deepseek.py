@@ -1,6 +1,8 @@
 """HF transformers' DeepseekV2ForCausalLM / DeepseekV3ForCausalLM built from a deepseek2 GGUF file,
-independently of moesnap: the GGUF read with ``gguf.GGUFReader``, every tensor dequantized with
-``gguf.quants.dequantize`` (:mod:`.hf_model`).
+independently of moesnap's reader and config: the GGUF read with ``gguf.GGUFReader``, every tensor
+dequantized with ``gguf.quants.dequantize`` (:mod:`.hf_model`), the config from the file's metadata read
+here; the tensors put where transformers wants them by the map ``trace --engine transformers`` uses
+(:func:`moesnap.capture.hf_families.state_dict`: the converter's inverse, no part of the reference).
 
 Layout notes (transformers 5.x, ``modeling_deepseek_v2.py`` / ``modeling_deepseek_v3.py``;
 convert_hf_to_gguf's ``DeepseekV2Model`` does the inverse):
@@ -29,6 +31,8 @@ from unittest import mock
 import numpy as np
 import torch
 from gguf import GGUFReader, Keys
+
+from moesnap.capture.hf_families import state_dict
 
 from .hf_model import _field, read_tensors
 
@@ -77,43 +81,6 @@ def hf_config_from_gguf(reader: GGUFReader, vocab_size: int, *, v3: bool):
     return DeepseekV2Config(**common, topk_method="group_limited_greedy" if used < n_group else "greedy")
 
 
-def hf_state_dict(t: dict[str, np.ndarray], cfg) -> dict[str, torch.Tensor]:
-    """GGUF tensor names onto transformers' parameter names."""
-    T = lambda name: torch.from_numpy(t[name])  # noqa: E731
-    sd = {"model.embed_tokens.weight": T("token_embd"), "model.norm.weight": T("output_norm"),
-          "lm_head.weight": T("output")}
-    for i in range(cfg.num_hidden_layers):
-        g, m = f"blk.{i}.", f"model.layers.{i}."
-        a = m + "self_attn."
-        sd[m + "input_layernorm.weight"] = T(g + "attn_norm")
-        sd[m + "post_attention_layernorm.weight"] = T(g + "ffn_norm")
-        if cfg.q_lora_rank:
-            sd.update({a + "q_a_proj.weight": T(g + "attn_q_a"), a + "q_a_layernorm.weight": T(g + "attn_q_a_norm"),
-                       a + "q_b_proj.weight": T(g + "attn_q_b")})
-        else:
-            sd[a + "q_proj.weight"] = T(g + "attn_q")
-        sd[a + "kv_a_proj_with_mqa.weight"] = T(g + "attn_kv_a_mqa")
-        sd[a + "kv_a_layernorm.weight"] = T(g + "attn_kv_a_norm")
-        if g + "attn_kv_b" in t:
-            sd[a + "kv_b_proj.weight"] = T(g + "attn_kv_b")
-        else:   # undo the converter's split: k_b [H, Rkv, Dn] transposed back, v_b [H, Dv, Rkv]
-            kb, vb = T(g + "attn_k_b").transpose(1, 2), T(g + "attn_v_b")
-            sd[a + "kv_b_proj.weight"] = torch.cat([kb, vb], dim=1).reshape(-1, kb.shape[-1]).contiguous()
-        sd[a + "o_proj.weight"] = T(g + "attn_output")
-        if i < cfg.first_k_dense_replace:
-            for ours, theirs in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
-                sd[m + f"mlp.{theirs}.weight"] = T(g + ours)
-            continue
-        sd[m + "mlp.gate.weight"] = T(g + "ffn_gate_inp")
-        if g + "exp_probs_b.bias" in t:
-            sd[m + "mlp.gate.e_score_correction_bias"] = T(g + "exp_probs_b.bias")
-        sd[m + "mlp.experts.gate_up_proj"] = torch.cat([T(g + "ffn_gate_exps"), T(g + "ffn_up_exps")], dim=1)
-        sd[m + "mlp.experts.down_proj"] = T(g + "ffn_down_exps")
-        for ours, theirs in (("ffn_gate_shexp", "gate_proj"), ("ffn_up_shexp", "up_proj"), ("ffn_down_shexp", "down_proj")):
-            sd[m + f"mlp.shared_experts.{theirs}.weight"] = T(g + ours)
-    return sd
-
-
 def load_hf_from_gguf(path: str | Path):
     """A float32, eager-attention transformers DeepSeek model holding the GGUF's weights (V3 where the
     file's gating is sigmoid, V2 otherwise)."""
@@ -126,10 +93,7 @@ def load_hf_from_gguf(path: str | Path):
     cls = DeepseekV3ForCausalLM if v3 else DeepseekV2ForCausalLM
     with torch.device("meta"):
         model = cls(cfg)
-    sd = hf_state_dict(tensors, cfg)
-    if v3:   # a buffer of zeros where the file has no bias
-        for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
-            sd.setdefault(f"model.layers.{i}.mlp.gate.e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+    sd = state_dict(lambda name: torch.from_numpy(tensors[name]), tensors.__contains__, cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)   # non-persistent buffers: rebuild
     if missing or unexpected:

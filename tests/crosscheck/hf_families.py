@@ -1,6 +1,9 @@
 """HF transformers' Qwen2MoeForCausalLM, MixtralForCausalLM and OlmoeForCausalLM built from a
-``qwen2moe``, ``llama`` (with experts) or ``olmoe`` GGUF file, independently of moesnap: the GGUF read
-with ``gguf.GGUFReader``, every tensor dequantized with ``gguf.quants.dequantize`` (:mod:`.hf_model`).
+``qwen2moe``, ``llama`` (with experts) or ``olmoe`` GGUF file, independently of moesnap's reader and
+config: the GGUF read with ``gguf.GGUFReader``, every tensor dequantized with ``gguf.quants.dequantize``
+(:mod:`.hf_model`), the config from the file's metadata read here; the tensors are put where
+transformers wants them by the map ``trace --engine transformers`` uses
+(:func:`moesnap.capture.hf_families.state_dict`: the converter's inverse, no part of the reference).
 
 Layout notes (transformers 5.x; convert_hf_to_gguf does the inverse):
 
@@ -9,8 +12,8 @@ Layout notes (transformers 5.x; convert_hf_to_gguf does the inverse):
   ``norm_topk_prob`` false (llama.cpp hard-codes it; Qwen1.5-MoE's config.json says so).
 * Mixtral: the converter permuted the rows of ``q_proj``/``k_proj`` per head
   (``LlamaModel.permute``: ``reshape(heads, 2, D/2, H).swapaxes(1, 2)``), so llama.cpp's RoPE on
-  adjacent pairs equals transformers' on halves; :func:`unpermute` undoes it for transformers, and
-  :func:`interleave` puts transformers' per-head q/k values back into the file's order for comparison.
+  adjacent pairs equals transformers' on halves; ``unpermute`` undoes it for transformers, and
+  ``interleave`` puts transformers' per-head q/k values back into the file's order for comparison.
   Mixtral's experts' width is the file's ``feed_forward_length``.
 * OLMoE: ``q_norm``/``k_norm`` weigh the whole projection (``[Hq*D]``, ``[Hkv*D]``); the experts' width
   is ``feed_forward_length``; ``norm_topk_prob`` false.
@@ -28,7 +31,13 @@ import numpy as np
 import torch
 from gguf import GGUFReader, Keys
 
+from moesnap.capture.hf_families import interleave, state_dict
+
 from .hf_model import _field, read_tensors
+
+
+def _get(t: dict[str, np.ndarray]):
+    return lambda name: torch.from_numpy(t[name])
 
 
 def _key(reader: GGUFReader, arch: str, tmpl: str, default: Any = None) -> Any:
@@ -38,17 +47,6 @@ def _key(reader: GGUFReader, arch: str, tmpl: str, default: Any = None) -> Any:
     if default is None:
         raise KeyError(f"GGUF metadata key {key!r} missing")
     return default
-
-
-def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """The rows of a GGUF ``attn_q``/``attn_k`` ``[heads*D, H]`` in HF's order (undoes ``LlamaModel.permute``)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def interleave(x: torch.Tensor) -> torch.Tensor:
-    """``[..., D]`` in HF's per-head order (halves) -> the GGUF's (pairs): element ``2i + j`` is ``j*D/2 + i``."""
-    half = x.shape[-1] // 2
-    return torch.stack([x[..., :half], x[..., half:]], dim=-1).flatten(-2)
 
 
 def hf_config_from_gguf(reader: GGUFReader, arch: str, vocab_size: int):
@@ -82,33 +80,6 @@ def hf_config_from_gguf(reader: GGUFReader, arch: str, vocab_size: int):
     return cfg
 
 
-def hf_state_dict(t: dict[str, np.ndarray], arch: str, cfg) -> dict[str, torch.Tensor]:
-    """GGUF tensor names onto transformers' parameter names (Mixtral's q/k rows un-permuted)."""
-    T = lambda name: torch.from_numpy(t[name])  # noqa: E731
-    sd = {"model.embed_tokens.weight": T("token_embd"), "model.norm.weight": T("output_norm"),
-          "lm_head.weight": T("output")}
-    for i in range(cfg.num_hidden_layers):
-        g, m = f"blk.{i}.", f"model.layers.{i}."
-        a = m + "self_attn."
-        q, k = T(g + "attn_q"), T(g + "attn_k")
-        if arch == "llama":
-            q, k = unpermute(q, cfg.num_attention_heads), unpermute(k, cfg.num_key_value_heads)
-        sd.update({m + "input_layernorm.weight": T(g + "attn_norm"), m + "post_attention_layernorm.weight": T(g + "ffn_norm"),
-                   a + "q_proj.weight": q, a + "k_proj.weight": k, a + "v_proj.weight": T(g + "attn_v"),
-                   a + "o_proj.weight": T(g + "attn_output"), m + "mlp.gate.weight": T(g + "ffn_gate_inp"),
-                   m + "mlp.experts.gate_up_proj": torch.cat([T(g + "ffn_gate_exps"), T(g + "ffn_up_exps")], dim=1),
-                   m + "mlp.experts.down_proj": T(g + "ffn_down_exps")})
-        if arch == "qwen2moe":
-            for n in ("q", "k", "v"):
-                sd[a + f"{n}_proj.bias"] = T(g + f"attn_{n}.bias")
-            for ours, theirs in (("ffn_gate_shexp", "gate_proj"), ("ffn_up_shexp", "up_proj"), ("ffn_down_shexp", "down_proj")):
-                sd[m + f"mlp.shared_expert.{theirs}.weight"] = T(g + ours)
-            sd[m + "mlp.shared_expert_gate.weight"] = T(g + "ffn_gate_inp_shexp")[None, :]
-        if arch == "olmoe":
-            sd[a + "q_norm.weight"], sd[a + "k_norm.weight"] = T(g + "attn_q_norm"), T(g + "attn_k_norm")
-    return sd
-
-
 def load_hf_from_gguf(path: str | Path):
     """A float32, eager-attention transformers model of the file's family holding its weights."""
     from transformers import MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM
@@ -120,7 +91,8 @@ def load_hf_from_gguf(path: str | Path):
     cls = {"qwen2moe": Qwen2MoeForCausalLM, "llama": MixtralForCausalLM, "olmoe": OlmoeForCausalLM}[arch]
     with torch.device("meta"):
         model = cls(cfg)
-    missing, unexpected = model.load_state_dict(hf_state_dict(tensors, arch, cfg), strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(state_dict(_get(tensors), tensors.__contains__, cfg), strict=False,
+                                                assign=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)   # non-persistent buffers: rebuild
     if missing or unexpected:
         raise ValueError(f"state dict mismatch: missing={missing} unexpected={unexpected}")

@@ -8,7 +8,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from moesnap.model.ggml import VEC_DOT_TYPE, ActivationQuant, near_halves, q8_0, q8_k, round_activation
+from moesnap.model.ggml import VEC_DOT_TYPE, ActivationQuant, near_halves, near_scale_halves, q8_0, q8_k, round_activation
 
 
 def _x(rows: int, n: int, seed: int = 0) -> np.ndarray:
@@ -144,3 +144,25 @@ def test_near_halves_are_the_elements_float_noise_can_round_either_way(weight_ty
     assert near_halves(torch.from_numpy(x), "F32")[0].numel() == 0
     assert near_halves(torch.from_numpy(x), "F16")[0].numel() == 0
     assert near_halves(torch.from_numpy(x[:block - 1]), weight_type)[0].numel() == 0
+
+
+def test_near_scale_halves_are_the_q8_0_blocks_whose_float16_scale_float_noise_decides():
+    """A block whose ``amax / 127`` lies at a half between two float16 values (scale 1.0 and its next
+    float16 up, 1 + 2^-10) is found with the change of each of its rounded elements had the scale rounded
+    the other way (its integer quants times the other scale); a block a quarter step away is not, nor
+    are Q8_K rows (a float32 scale) or rows that are not whole blocks."""
+    up = np.float32(1.0 + 2.0 ** -10)                                # the float16 after 1.0
+    x = _x(1, 64, seed=3)[0] / 10
+    x[3] = 127.0 * (1.0 + 2.0 ** -11)                                # block 0: amax / 127 halfway to ``up``
+    x[40] = 127.0 * (1.0 + 2.0 ** -12)                               # block 1: a quarter step above 1.0
+    found = near_scale_halves(torch.from_numpy(x), "Q8_0")
+    assert [j for j, _ in found] == [0]
+    (_, change), = found
+    rounded = q8_0(torch.from_numpy(x)).numpy()[:32]
+    d = np.float32(np.float16(x[3] / np.float32(127.0)))
+    q = np.round(rounded / d)
+    other = np.float32(1.0) if d == up else up
+    np.testing.assert_allclose(change.numpy(), q * (other - d), rtol=1e-6)
+    assert near_scale_halves(torch.from_numpy(x), "Q4_K") == []       # Q8_K: its scale is float32
+    assert near_scale_halves(torch.from_numpy(x[:40]), "Q8_0") == []
+    assert near_scale_halves(torch.from_numpy(x), "F32") == []

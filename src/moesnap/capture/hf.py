@@ -1,8 +1,10 @@
 """Capture HF transformers' MoE forward into a moesnap :class:`~moesnap.store.case.Case`.
 
 transformers is an engine like any other: :func:`transformers_case` runs one
-forward (batch 1, no KV cache) of a ``Qwen3MoeForCausalLM`` or a ``GptOssForCausalLM`` on any device and
-in any dtype and records every stage that forward hooks can see, without
+forward (batch 1, no KV cache) of a ``Qwen3MoeForCausalLM``, ``GptOssForCausalLM``,
+``Qwen2MoeForCausalLM``, ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``DeepseekV2ForCausalLM`` or
+``DeepseekV3ForCausalLM`` (:data:`FAMILY_OF_MODEL_TYPE`) on any device
+and in any dtype and records every stage that forward hooks can see, without
 patching a forward function.  With ``decode=N`` it serves the prompt as
 transformers does: a prefill into its ``DynamicCache``, then N single-token
 forwards through it (transformers places each at the cache's length), the same
@@ -31,6 +33,26 @@ transformers 5.x; where a release gives them scattered over the experts ``[T, E]
 ``router_logits`` is left out.  Its experts are fused too (gate and up interleaved in one
 ``gate_up_proj``).
 
+Qwen2-MoE: ``mlp.shared_expert`` output -> ``shared_expert_out`` (before its gate),
+``mlp.shared_expert_gate`` output -> ``shared_gate`` ``[T, 1]`` (the logit), ``mlp`` output (routed plus
+gated shared) -> ``moe_out``.  Mixtral: no q/k norm; ``q``/``k`` are put back into the GGUF's row order
+(:data:`PAIRED_QK`: the converter permutes them so that llama.cpp's RoPE on pairs equals transformers' on
+halves; the golden keeps the file's order).  OLMoE: ``q_norm``/``k_norm`` normalise the whole projection
+``[T, H*D]``, stored per head.  DeepSeek-V2/V3 (multi-head latent attention)::
+
+    self_attn.q_a_proj / q_a_layernorm   output     -> q_latent / q_latent_norm [T, Rq] (with a q LoRA)
+    self_attn.q_b_proj (or q_proj)       output     -> q              [T, Hq, Dn+Dr]
+    self_attn.kv_a_proj_with_mqa         output     -> kv_latent      [T, Rkv+Dr]
+    self_attn.kv_a_layernorm             output     -> kv_latent_norm [T, Rkv]
+    self_attn.kv_b_proj output (this forward's rows, the last T: it runs over every cached position)
+        [k_nope | v], with kv_latent's rope key  -> k = [k_nope, k_pe] [T, Hq, Dn+Dr], v [T, Hq, Dv]
+    mlp.shared_experts            output            -> shared_expert_out [T, H]
+    a dense layer's mlp           output            -> dense_ffn_out  [T, H] (no router stages)
+
+``k`` joins two outputs the engine computed (no arithmetic); the router's ids come as transformers
+returns them (unsorted: the judge compares them as sets, weights by expert), and ``router_select``
+(moesnap's measure of the selection scores) is no module's output.
+
 RoPE is a plain function and the experts are one fused module, so ``q_rope``,
 ``k_rope`` and ``expert_out`` are not visible: they are left out (compare with
 ``--allow-missing``), never reconstructed.  Every array is stored as float32
@@ -50,19 +72,34 @@ from torch import nn
 
 from ..case import Case, from_recorder
 from ..errors import UsageError
-from ..model.config import GPT_OSS, QWEN3MOE
+from ..model.config import DEEPSEEK2, GPT_OSS, LLAMA, OLMOE, QWEN2MOE, QWEN3MOE
 from ..model.recorder import ArrayRecorder
-from ..stages import layer_stages
+from ..stages import FAMILY_STAGES, stages_of_model
 from ..util import versions
+from .hf_build import model_from_gguf
+from .hf_families import interleave
 
-#: stages a hook-based capture of transformers cannot see
+#: stages a hook-based capture of transformers cannot see (every family's; DeepSeek also its ``router_select``)
 NOT_CAPTURED: tuple[str, ...] = ("q_rope", "k_rope", "expert_out")
 #: moesnap's family (gguf-py's architecture name) of a transformers ``config.model_type``
-FAMILY_OF_MODEL_TYPE: dict[str, str] = {"qwen3_moe": QWEN3MOE, "gpt_oss": GPT_OSS}
+FAMILY_OF_MODEL_TYPE: dict[str, str] = {"qwen3_moe": QWEN3MOE, "gpt_oss": GPT_OSS, "qwen2_moe": QWEN2MOE,
+                                        "mixtral": LLAMA, "olmoe": OLMOE, "deepseek_v2": DEEPSEEK2,
+                                        "deepseek_v3": DEEPSEEK2}
+#: model types whose GGUF q/k rows are permuted from transformers' (the converter's ``LlamaModel.permute``):
+#: their q and k are captured in the file's order (:func:`~moesnap.capture.hf_families.interleave`)
+PAIRED_QK: frozenset[str] = frozenset({"mixtral"})
+
+__all__ = ["transformers_case", "model_from_gguf", "NOT_CAPTURED", "FAMILY_OF_MODEL_TYPE"]
 
 
 def _family(model: nn.Module) -> str:
     return FAMILY_OF_MODEL_TYPE.get(str(getattr(getattr(model, "config", None), "model_type", "")), QWEN3MOE)
+
+
+def _layout(hf_config: Any) -> dict[str, int]:
+    """What of a transformers config says which stages a layer has (:func:`~moesnap.stages.stages_of_layer`)."""
+    return {"n_dense_layers": int(getattr(hf_config, "first_k_dense_replace", 0) or 0),
+            "q_lora_rank": int(getattr(hf_config, "q_lora_rank", 0) or 0)}
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
@@ -86,107 +123,26 @@ def _first_arg(args: tuple, kwargs: dict, where: str) -> torch.Tensor:
 
 
 def _router(layer: nn.Module) -> nn.Module | None:
-    """The module that routes a layer's tokens: Qwen3-MoE's ``mlp.gate``, gpt-oss's ``mlp.router``."""
+    """The module that routes a layer's tokens: ``mlp.gate`` (gpt-oss: ``mlp.router``); None in a dense layer."""
     mlp = getattr(layer, "mlp", None)
     return getattr(mlp, "gate", None) or getattr(mlp, "router", None)
 
 
 def _decoder(model: nn.Module) -> nn.Module:
-    """The decoder (``.model``) inside a ``Qwen3MoeForCausalLM`` or ``GptOssForCausalLM`` (refused with
-    one line otherwise)."""
+    """The decoder (``.model``) inside a causal LM of a family moesnap knows (refused with one line
+    otherwise, and where a layer is dense in a family that has no dense layers)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or not hasattr(inner, "embed_tokens") or not hasattr(inner, "norm"):
-        raise UsageError(f"transformers capture: {type(model).__name__} is not a Qwen3MoeForCausalLM or "
-                         f"GptOssForCausalLM (no .model.layers / .model.embed_tokens / .model.norm)")
+        raise UsageError(f"transformers capture: {type(model).__name__} is not a Qwen3MoeForCausalLM, GptOssForCausalLM, "
+                         f"Qwen2MoeForCausalLM, MixtralForCausalLM, OlmoeForCausalLM or DeepseekV2/V3ForCausalLM "
+                         f"(no .model.layers / .model.embed_tokens / .model.norm)")
+    family = _family(model)
     for i, layer in enumerate(layers):
-        if _router(layer) is None:
+        if _router(layer) is None and "dense_ffn_out" not in FAMILY_STAGES[family]:
             raise UsageError(f"transformers capture: layer {i} has a dense MLP (mlp_only_layers / "
-                             f"decoder_sparse_step); only all-MoE models are captured")
+                             f"decoder_sparse_step); only all-MoE {family} models are captured")
     return inner
-
-
-def model_from_gguf(model: Any, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    attn_implementation: str | None = None, experts_implementation: str | None = None) -> nn.Module:
-    """transformers' ``Qwen3MoeForCausalLM`` holding the weights of ``model`` (a
-    :class:`~moesnap.model.weights.GGUFModel`), built on ``device`` in ``dtype``.
-
-    The config comes from the GGUF's metadata through moesnap's own :class:`Qwen3MoeConfig`
-    (all layers sparse, top-k probabilities renormalised, untied lm head); a gpt-oss model gives a
-    ``GptOssForCausalLM`` (:mod:`moesnap.capture.hf_gpt_oss`).  Each tensor's stored
-    bytes are dequantized on ``device`` (bit-exact with gguf-py in float32) one tensor at a time and
-    assigned to the meta-initialised model, so the host never holds more than one tensor's bytes.
-    ``attn_implementation`` / ``experts_implementation``: transformers' own choice when None (what a
-    user of transformers runs); ``"eager"`` for the plain loops.
-    """
-    c = model.config
-    extra: dict[str, Any] = {}
-    if attn_implementation:
-        extra["attn_implementation"] = attn_implementation
-    if experts_implementation:
-        extra["experts_implementation"] = experts_implementation
-    if c.arch == GPT_OSS:
-        from .hf_gpt_oss import gpt_oss_from_weights
-
-        return gpt_oss_from_weights(model, device=device, dtype=dtype, extra=extra)
-    if c.arch != QWEN3MOE:
-        raise UsageError(f"{model.path}: transformers capture builds {QWEN3MOE!r} and {GPT_OSS!r} models, "
-                         f"not {c.arch!r} ones")
-    try:
-        from transformers import Qwen3MoeConfig as HFConfig
-        from transformers import Qwen3MoeForCausalLM
-    except ImportError:
-        raise UsageError("transformers is not installed (pip install 'moesnap[transformers]')") from None
-    # head_dim is no declared field of Qwen3MoeConfig: the class takes it through **kwargs (PreTrainedConfig
-    # sets it; the attention reads config.head_dim), which its dataclass typing does not show
-    cfg = HFConfig(  # type: ignore[call-arg]
-        vocab_size=c.vocab_size, hidden_size=c.hidden, intermediate_size=c.expert_ff * c.n_expert_used,
-        moe_intermediate_size=c.expert_ff, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-        num_key_value_heads=c.n_head_kv, head_dim=c.head_dim, num_experts=c.n_expert,
-        num_experts_per_tok=c.n_expert_used, rms_norm_eps=c.rms_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_base},
-        max_position_embeddings=c.context_length, norm_topk_prob=True, decoder_sparse_step=1,
-        mlp_only_layers=[], tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
-        dtype=dtype, **extra,
-    )
-    with torch.device("meta"):
-        hf = Qwen3MoeForCausalLM(cfg)
-
-    def w(name: str) -> torch.Tensor:
-        return model.on_device(name, device, dtype)
-
-    def assign(sd: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
-        if unexpected:
-            raise UsageError(f"transformers capture: unexpected parameters {unexpected[:3]}")
-
-    assign({"model.embed_tokens.weight": w("token_embd"), "model.norm.weight": w("output_norm"),
-            "lm_head.weight": w("output")})
-    for i in range(c.n_layer):
-        g, m = f"blk.{i}.", f"model.layers.{i}."
-        gate_up = torch.cat([w(g + "ffn_gate_exps"), w(g + "ffn_up_exps")], dim=1)   # [E, 2F, H] gate first
-        assign({
-            m + "input_layernorm.weight": w(g + "attn_norm"),
-            m + "self_attn.q_proj.weight": w(g + "attn_q"),
-            m + "self_attn.k_proj.weight": w(g + "attn_k"),
-            m + "self_attn.v_proj.weight": w(g + "attn_v"),
-            m + "self_attn.o_proj.weight": w(g + "attn_output"),
-            m + "self_attn.q_norm.weight": w(g + "attn_q_norm"),
-            m + "self_attn.k_norm.weight": w(g + "attn_k_norm"),
-            m + "post_attention_layernorm.weight": w(g + "ffn_norm"),
-            m + "mlp.gate.weight": w(g + "ffn_gate_inp"),                  # [E, H]
-            m + "mlp.experts.gate_up_proj": gate_up,
-            m + "mlp.experts.down_proj": w(g + "ffn_down_exps"),           # [E, H, F]
-        })
-        del gate_up
-        model.release_layer(i)
-    still_meta = [n for n, p in hf.named_parameters() if p.is_meta]
-    if still_meta:
-        raise UsageError(f"transformers capture: parameters not loaded from the GGUF: {still_meta[:3]}")
-    # rotary inv_freq buffers are non-persistent and were created on meta: rebuild them on the device
-    with torch.device(device):
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
-    return hf.eval()
 
 
 def _routing(out: Any, layer: int, k: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -223,36 +179,82 @@ class _Stages:
         self.rec = ArrayRecorder()
         self.T = 0
         self.calls: Counter[tuple[str, int | None]] = Counter()
+        self.kv_latent: dict[int, torch.Tensor] = {}
         hooks = [inner.embed_tokens.register_forward_hook(self._out("embed", None, (-1,))),
                  inner.norm.register_forward_hook(self._out("final_norm", None, (-1,)))]
         self.hooks = hooks
         try:
             hf_config: Any = model.config
+            paired = str(getattr(hf_config, "model_type", "")) in PAIRED_QK
             for i, layer in enumerate(inner.layers):
                 att, mlp, router = layer.self_attn, layer.mlp, _router(layer)
-                assert router is not None     # _decoder refused a layer without one
-                D = int(att.head_dim)
-                k = int(getattr(router, "top_k", hf_config.num_experts_per_tok))
-                if hasattr(att, "q_norm") and hasattr(att, "k_norm"):    # gpt-oss has none: no such stage
-                    hooks += [att.q_norm.register_forward_hook(self._out("q_norm", i, (-1, D))),  # [B, T, Hq, D]
-                              att.k_norm.register_forward_hook(self._out("k_norm", i, (-1, D)))]
                 hooks += [
                     layer.input_layernorm.register_forward_hook(self._out("attn_norm", i, (-1,))),
-                    att.q_proj.register_forward_hook(self._out("q", i, (-1, D))),           # [T, Hq, D]
-                    att.k_proj.register_forward_hook(self._out("k", i, (-1, D))),           # [T, Hkv, D]
-                    att.v_proj.register_forward_hook(self._out("v", i, (-1, D))),           # [T, Hkv, D]
-                    att.o_proj.register_forward_pre_hook(self._in("attn", i), with_kwargs=True),  # [T, Hq*D]
+                    att.o_proj.register_forward_pre_hook(self._in("attn", i), with_kwargs=True),  # [T, Hq*Dv]
                     att.o_proj.register_forward_hook(self._out("attn_out", i, (-1,))),
                     layer.post_attention_layernorm.register_forward_pre_hook(self._in("attn_resid", i),
                                                                              with_kwargs=True),
                     layer.post_attention_layernorm.register_forward_hook(self._out("ffn_norm", i, (-1,))),
-                    router.register_forward_hook(self._gate(i, k)),
-                    mlp.register_forward_hook(self._out("moe_out", i, (-1,))),
                     layer.register_forward_hook(self._out("layer_out", i, (-1,))),
                 ]
+                hooks += self._latent(i, att) if hasattr(att, "kv_a_proj_with_mqa") else self._attention(i, att, paired)
+                if router is None:                      # a dense layer (DeepSeek's leading ones; _decoder checked)
+                    hooks.append(mlp.register_forward_hook(self._out("dense_ffn_out", i, (-1,))))
+                    continue
+                k = int(getattr(router, "top_k", hf_config.num_experts_per_tok))
+                hooks += [router.register_forward_hook(self._gate(i, k)),
+                          mlp.register_forward_hook(self._out("moe_out", i, (-1,)))]
+                shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
+                if shared is not None:                  # Qwen2-MoE's (before its gate), DeepSeek's
+                    hooks.append(shared.register_forward_hook(self._out("shared_expert_out", i, (-1,))))
+                if getattr(mlp, "shared_expert_gate", None) is not None:                     # [T, 1] logit
+                    hooks.append(mlp.shared_expert_gate.register_forward_hook(self._out("shared_gate", i, (1,))))
         except BaseException:
             self.remove()
             raise
+
+    def _attention(self, i: int, att: Any, paired: bool) -> list:
+        """Hooks of a layer's q, k, v projections and q/k norms (where the family has them)."""
+        D = int(att.head_dim)
+        order = interleave if paired else None          # Mixtral: q and k in the file's row order
+        hooks = [att.q_proj.register_forward_hook(self._out("q", i, (-1, D), order)),           # [T, Hq, D]
+                 att.k_proj.register_forward_hook(self._out("k", i, (-1, D), order)),           # [T, Hkv, D]
+                 att.v_proj.register_forward_hook(self._out("v", i, (-1, D)))]                  # [T, Hkv, D]
+        if getattr(att, "q_norm", None) is not None and getattr(att, "k_norm", None) is not None:
+            hooks += [att.q_norm.register_forward_hook(self._out("q_norm", i, (-1, D))),   # per head or whole
+                      att.k_norm.register_forward_hook(self._out("k_norm", i, (-1, D)))]
+        return hooks
+
+    def _latent(self, i: int, att: Any) -> list:
+        """Hooks of DeepSeek's latent attention: the q LoRA (where there is one) and q, the latent and its
+        norm, and ``k``/``v`` from ``kv_b_proj``'s output (its rows of this forward: the last T, as it runs
+        over every cached position) and the rope key of the latent (``k = [k_nope, k_pe]``, no arithmetic)."""
+        Dn, Dr, Dv = int(att.qk_nope_head_dim), int(att.qk_rope_head_dim), int(att.v_head_dim)
+        hooks = []
+        if getattr(att, "q_a_proj", None) is not None:
+            hooks += [att.q_a_proj.register_forward_hook(self._out("q_latent", i, (-1,))),
+                      att.q_a_layernorm.register_forward_hook(self._out("q_latent_norm", i, (-1,))),
+                      att.q_b_proj.register_forward_hook(self._out("q", i, (-1, Dn + Dr)))]
+        else:
+            hooks.append(att.q_proj.register_forward_hook(self._out("q", i, (-1, Dn + Dr))))
+
+        def latent(mod, args, out) -> None:
+            x = _tensor(out, f"kv_latent (layer {i})")
+            self.kv_latent[i] = x.detach().reshape(self.T, -1)
+            self._save("kv_latent", i, x, (-1,))
+
+        def kv(mod, args, out) -> None:
+            x = _tensor(out, f"kv_b_proj (layer {i})").detach()
+            x = x.reshape(-1, x.shape[-1])[-self.T:].reshape(self.T, -1, Dn + Dv)        # [T, Hq, Dn+Dv]
+            if i not in self.kv_latent:
+                raise UsageError(f"transformers capture: layer {i}'s kv_b_proj ran before kv_a_proj_with_mqa")
+            k_pe = self.kv_latent[i][:, -Dr:][:, None, :].expand(self.T, x.shape[1], Dr)  # [T, Hq, Dr] one per token
+            self._save("k", i, torch.cat([x[..., :Dn], k_pe.to(x.dtype)], dim=-1), (-1, Dn + Dr))
+            self._save("v", i, x[..., Dn:], (-1, Dv))
+
+        return hooks + [att.kv_a_proj_with_mqa.register_forward_hook(latent),
+                        att.kv_a_layernorm.register_forward_hook(self._out("kv_latent_norm", i, (-1,))),
+                        att.kv_b_proj.register_forward_hook(kv)]
 
     def remove(self) -> None:
         for h in self.hooks:
@@ -262,8 +264,14 @@ class _Stages:
         self.calls[(stage, layer)] += 1
         self.rec.save(stage, layer, x.detach().reshape(self.T, *tail))
 
-    def _out(self, stage: str, layer: int | None, tail: tuple[int, ...]) -> Callable:
-        return lambda mod, args, out: self._save(stage, layer, _tensor(out, f"{stage} (layer {layer})"), tail)
+    def _out(self, stage: str, layer: int | None, tail: tuple[int, ...],
+             then: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable:
+        def hook(mod, args, out) -> None:
+            x = _tensor(out, f"{stage} (layer {layer})")
+            if then is not None:
+                x = then(x.detach().reshape(self.T, *tail))
+            self._save(stage, layer, x, tail)
+        return hook
 
     def _in(self, stage: str, layer: int) -> Callable:
         return lambda mod, args, kwargs: self._save(stage, layer, _first_arg(args, kwargs, f"{stage} (layer {layer})"),
@@ -281,7 +289,7 @@ class _Stages:
     def forward(self, run: Callable[[], Any], ids: np.ndarray, where: str) -> tuple[ArrayRecorder, torch.Tensor]:
         """Run one forward (``run()``) over the rows ``ids``; its recorder (tokens and logits included)
         and its logits ``[T, V]``."""
-        self.rec, self.T, self.calls = ArrayRecorder(), int(ids.size), Counter()
+        self.rec, self.T, self.calls, self.kv_latent = ArrayRecorder(), int(ids.size), Counter(), {}
         out = run()
         twice = sorted(f"{s}" + ("" if layer is None else f" (layer {layer})")
                        for (s, layer), n in self.calls.items() if n > 1)
@@ -389,7 +397,8 @@ def transformers_case(model: nn.Module, tokens: Sequence[int], *, decode: int = 
         "transformers_version": transformers.__version__,
         "versions": {**versions(), "transformers": transformers.__version__},
         "token_ids": [int(t) for t in ids],
-        "not_captured": [s for s in layer_stages(_family(model)) if s not in rec.layers],
+        "not_captured": [s for s in stages_of_model(_family(model), _layout(model.config), len(inner.layers))
+                         if s not in rec.layers],
     }
     if n_steps:   # the prompt's rows are positions 0..T-1 of a sequence the steps go on (a prefix of the golden's)
         meta.update({"positions": list(range(T)), "prompt_tokens": T, "decode": n_steps,

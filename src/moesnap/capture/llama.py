@@ -1,8 +1,9 @@
 """llama.cpp as a candidate engine: its own forward of a GGUF, every stage its graph names.
 
 llama.cpp (through llama-cpp-python's low-level API) loads the GGUF itself and
-runs its own qwen3moe graph; a ``cb_eval`` callback copies every named,
-contiguous F32/I32 graph tensor (``ggml_backend_tensor_get``) -- a ctypes
+runs its own graph of the family (qwen3moe, openai-moe, qwen2moe, llama, olmoe, deepseek2); a
+``cb_eval`` callback copies every named, contiguous F32/I32 graph tensor
+(``ggml_backend_tensor_get``) with its op (``ggml_op_name``) -- a ctypes
 mirror of ``struct ggml_tensor`` from the vendored ``ggml.h`` of the pinned
 llama-cpp-python (0.3.36) gives its type, shape, strides and name.  Tensors
 that are not contiguous F32/I32 are not copied (nothing is read through a
@@ -19,11 +20,10 @@ With ``decode=N`` the low-level pass goes on after the prompt with N calls of
 holds the earlier ones); the callback captures each call's graph apart, and each
 step is a one-row case at its position in the returned case's ``steps``.
 
-llama.cpp tensor names for qwen3moe and the moesnap stages they map onto are
-in :data:`STAGE_MAP`; the ggml shape ``ne = [ne0, ne1, ...]`` is reversed
-into numpy order.  The o-projection output is unnamed in llama.cpp's graph,
-so :func:`llama_case` leaves ``attn_out`` out (``derive_attn_out=True`` of
-:func:`map_stages`, used by the cross-check, derives it as ``ffn_inp - input``).
+The graph's names and the moesnap stages they map onto, per family, are in
+:mod:`moesnap.capture.llama_names`; a stage a graph does not name (the o-projection output of
+qwen3moe's, DeepSeek's keys and values, which its latent attention never forms) is left out.  A
+model llama.cpp cannot run (:func:`~moesnap.capture.llama_names.unsupported`) is refused in one line.
 
 ggml quantizes activations inside quantized matmuls (to Q8_0 or Q8_K, the
 weight type's ``vec_dot_type``): a correct llama.cpp differs from a float32
@@ -49,8 +49,10 @@ import torch
 
 from ..case import Case, from_recorder
 from ..errors import UsageError
+from ..model.config import ModelConfig
 from ..model.recorder import ArrayRecorder
-from ..stages import DEFAULT_FAMILY, FAMILY_STAGES, layer_stages
+from ..stages import stages_of_model
+from .llama_names import Node, map_stages, stacked, unsupported
 from ..util import versions
 
 # --- ctypes mirror of struct ggml_tensor (ggml/include/ggml.h, llama-cpp-python 0.3.36) ---
@@ -81,55 +83,19 @@ class ggml_tensor(ctypes.Structure):
     ]
 
 
-# llama.cpp graph name (without the "-<layer>" suffix) -> moesnap stage, as observed with
-# llama-cpp-python 0.3.36 (CPU, F32 KV cache, no flash attention) in its qwen3moe graph and its
-# openai-moe graph (gpt-oss, ``llm_build_openai_moe_iswa``).  "Qcur"/"Kcur" name several graph nodes
-# per layer: the 2-D projection, in gpt-oss the projection plus its bias, the 3-D reshape, and last
-# the RoPE output: the node before the last is ``q``/``k`` (the reshape: the projection with its bias
-# where there is one), the last ``q_rope``/``k_rope``; "Vcur" names the projection (plus bias) and its
-# reshape, the last one ``v``.  qwen3moe leaves the o-projection output unnamed ("node_N"):
-# ``attn_out`` is then derived as ``ffn_inp - <layer input>`` (layer input = ``embd`` or the previous
-# ``l_out``) where asked; openai-moe names it ``attn_out``.  Where two names map to one stage of a layer
-# the later node in the graph wins: gpt-oss's ``ffn_moe_down_biased`` (the expert output with its
-# bias) over ``ffn_moe_down``.
-STAGE_MAP: dict[str, str] = {
-    "attn_norm": "attn_norm",
-    "Qcur_normed": "q_norm",
-    "Kcur_normed": "k_norm",
-    "kqv_out": "attn",
-    "attn_out": "attn_out",             # openai-moe only
-    "ffn_inp": "attn_resid",
-    "ffn_norm": "ffn_norm",
-    "attn_post_norm": "ffn_norm",       # openai-moe: the norm before the MoE
-    "ffn_moe_logits": "router_logits",
-    "ffn_moe_argsort": "topk_ids",      # [T, E] descending order; first k columns
-    "ffn_moe_weights_norm": "topk_weights",      # qwen3moe: softmax, top-k, renormalised
-    "ffn_moe_weights_softmax": "topk_weights",   # openai-moe: softmax over the k selected logits
-    "ffn_moe_down": "expert_out",       # [T, k, H] unweighted, in topk_ids order
-    "ffn_moe_down_biased": "expert_out",
-    "ffn_moe_out": "moe_out",
-    "l_out": "layer_out",
-}
-#: where a family's graph names a stage otherwise: gpt-oss's router adds its bias after the node named
-#: ``ffn_moe_logits``, and with top-k-then-softmax gating ``ffn_moe_probs`` holds those biased logits
-#: (with softmax gating, Qwen3-MoE's, it holds probabilities: no stage); the later node wins
-FAMILY_STAGE_MAP: dict[str, dict[str, str]] = {"gpt-oss": {**STAGE_MAP, "ffn_moe_probs": "router_logits"}}
-#: names of several nodes per layer: (the stage of the node before the last, the stage of the last)
-OCCURRENCES: dict[str, tuple[str, str | None]] = {"Qcur": ("q", "q_rope"), "Kcur": ("k", "k_rope"), "Vcur": ("v", None)}
-MODEL_MAP: dict[str, str] = {"embd": "embed", "result_norm": "final_norm", "result_output": "logits"}
-HEAD_STAGES = frozenset({"q", "k", "v", "q_norm", "k_norm", "q_rope", "k_rope"})
-
-
 class LlamaCrash(RuntimeError):
     """The llama.cpp child process died or failed."""
 
 
 def _contiguous(t: ggml_tensor) -> bool:
-    if t.nb[0] != 4:
-        return False
-    for i in range(1, GGML_MAX_DIMS):
-        if t.ne[i] > 1 and t.nb[i] != t.nb[i - 1] * t.ne[i - 1]:
+    """Whether the tensor's elements lie one after another (ggml's ``ggml_is_contiguous``): each
+    dimension of more than one element steps by the product of the ones before.  A dimension of one
+    element may carry any stride (a view's row stride), so it is skipped, never compared with."""
+    expected = 4
+    for i in range(GGML_MAX_DIMS):
+        if t.ne[i] > 1 and t.nb[i] != expected:
             return False
+        expected *= t.ne[i]
     return True
 
 
@@ -145,6 +111,8 @@ def _libggml_base():
         raise LlamaCrash(f"libggml-base not found in {lib_dir}")
     lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
     lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_op_name.argtypes = [ctypes.c_int]
+    lib.ggml_op_name.restype = ctypes.c_char_p
     return lib
 
 
@@ -181,20 +149,20 @@ def _highlevel_logits(path: str, tokens: list[int], n_threads: int) -> np.ndarra
 
 
 #: one decode step of :func:`_lowlevel`: the token it was fed, its logits ``[1, V]`` and its captured tensors
-Step = tuple[int, np.ndarray, list[tuple[str, np.ndarray]]]
+Step = tuple[int, np.ndarray, list[Node]]
 
 
 def _lowlevel(path: str, tokens: list[int], n_threads: int, *, decode: int = 0,
               continuation: list[int] | None = None,
-              forget: tuple[int, int] | None = None) -> tuple[np.ndarray, list[tuple[str, np.ndarray]], list[Step]]:
-    """Logits [T, V] and every captured (name, array) in graph order of the prompt's forward; then
+              forget: tuple[int, int] | None = None) -> tuple[np.ndarray, list[Node], list[Step]]:
+    """Logits [T, V] and every captured (name, op, array) in graph order of the prompt's forward; then
     ``decode`` steps, one ``llama_decode`` of one token each at the next position (llama.cpp's KV
     cache holds the earlier ones), fed ``continuation[n]`` or else the argmax of the previous logits.
     ``forget=(n, p)``: a planted fault, position ``p`` removed from the KV cache before step ``n``."""
     import llama_cpp as L
 
     ggml = _libggml_base()
-    sink: list[list[tuple[str, np.ndarray]]] = [[]]   # the forward under way's captures
+    sink: list[list[Node]] = [[]]   # the forward under way's captures
     errors: list[str] = []
 
     def callback(t_ptr, ask, user_data):  # noqa: ARG001
@@ -208,7 +176,7 @@ def _lowlevel(path: str, tokens: list[int], n_threads: int, *, decode: int = 0,
                 shape = tuple(int(t.ne[i]) for i in reversed(range(GGML_MAX_DIMS)))  # numpy order
                 arr = np.empty(shape, dtype=np.float32 if t.type == GGML_TYPE_F32 else np.int32)
                 ggml.ggml_backend_tensor_get(t_ptr, arr.ctypes.data, 0, arr.nbytes)
-                sink[0].append((name, arr))
+                sink[0].append((name, ggml.ggml_op_name(t.op).decode(), arr))
             return True
         except Exception as e:  # never let an exception cross into C
             errors.append(repr(e))
@@ -240,7 +208,7 @@ def _lowlevel(path: str, tokens: list[int], n_threads: int, *, decode: int = 0,
     batch = L.llama_batch_init(T, 0, 1)
     steps: list[Step] = []
 
-    def run(rows: list[int], start: int) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    def run(rows: list[int], start: int) -> tuple[np.ndarray, list[Node]]:
         sink[0] = []   # warm-up graphs (if any) and earlier forwards are not this one's
         for i, tok in enumerate(rows):
             batch.token[i] = tok
@@ -275,72 +243,16 @@ def _lowlevel(path: str, tokens: list[int], n_threads: int, *, decode: int = 0,
     return logits, captured, steps
 
 
-def _split(name: str) -> tuple[str, int | None]:
-    base, sep, idx = name.rpartition("-")
-    if sep and idx.isdigit():
-        return base, int(idx)
-    return name, None
-
-
-def map_stages(captured: list[tuple[str, np.ndarray]], T: int, n_expert_used: int, head_dim: int, *,
-               derive_attn_out: bool = False, arch: str = "qwen3moe") -> dict[str, np.ndarray]:
-    """moesnap stages ``[L, T, ...]`` (and model stages ``[T, ...]``) from the captured llama.cpp tensors.
-
-    ``derive_attn_out``: add ``attn_out = ffn_inp - <layer input>`` (not a tensor llama.cpp computes:
-    the cross-check uses it; a candidate case leaves the stage out).  ``arch``: the GGUF's
-    architecture (:data:`FAMILY_STAGE_MAP`)."""
-    names = FAMILY_STAGE_MAP.get(arch, STAGE_MAP)
-    occ: dict[tuple[str, int], list[np.ndarray]] = {}
-    model: dict[str, np.ndarray] = {}
-    for name, arr in captured:
-        base, il = _split(name)
-        if il is None:
-            if base in MODEL_MAP and base not in model:
-                model[MODEL_MAP[base]] = arr.reshape(T, -1)
-        else:
-            occ.setdefault((base, il), []).append(arr)
-    per: dict[str, dict[int, np.ndarray]] = {}
-    for (base, il), arrs in occ.items():
-        picks = []
-        if base in names:
-            picks.append((names[base], arrs[0]))
-        if base in OCCURRENCES:
-            before_last, last = OCCURRENCES[base]
-            if last is None:
-                picks.append((before_last, arrs[-1]))
-            elif len(arrs) >= 3:
-                picks += [(before_last, arrs[-2]), (last, arrs[-1])]
-            else:
-                picks.append((before_last, arrs[0]))
-        for stage, arr in picks:
-            if arr.size % T:
-                continue
-            a: np.ndarray
-            if stage in HEAD_STAGES:
-                a = arr.reshape(T, -1, head_dim)
-            elif stage == "expert_out":
-                a = arr.reshape(T, n_expert_used, -1)
-            else:
-                a = arr.reshape(T, -1)
-            if stage == "topk_ids":
-                a = a[:, :n_expert_used]
-            per.setdefault(stage, {})[il] = a
-    out = {s: np.stack([v[i] for i in sorted(v)]) for s, v in per.items()}
-    if derive_attn_out and "attn_resid" in out and "layer_out" in out and "embed" in model:
-        inputs = np.concatenate([model["embed"][None], out["layer_out"][:-1]])
-        out["attn_out"] = out["attn_resid"] - inputs  # derived: the o-projection output is unnamed
-    out.update(model)
-    return out
-
-
 def forward_in_process(path: str, tokens: list[int], *, stages: bool = True,
                        n_threads: int | None = None, derive_attn_out: bool = False, decode: int = 0,
                        continuation: list[int] | None = None,
                        forget: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Run both passes in this process (a llama.cpp abort kills the interpreter).
 
-    With ``decode``, the low-level pass goes on with that many decode steps; step ``n``'s arrays are
-    keyed ``step<n>.<stage>`` (``tokens`` [1], ``logits`` [1, V] and its stages, one row each)."""
+    Layer stages are stacked over the layers that have them, with ``_layers.<stage>`` (their indices)
+    where that is not every layer (:func:`~moesnap.capture.llama_names.stacked`).  With ``decode``, the
+    low-level pass goes on with that many decode steps; step ``n``'s arrays are keyed ``step<n>.<stage>``
+    (``tokens`` [1], ``logits`` [1, V] and its stages, one row each)."""
     n_threads = n_threads or min(os.cpu_count() or 1, 4)
     _capture_log()
     res: dict[str, np.ndarray] = {"logits": _highlevel_logits(path, tokens, n_threads)}
@@ -348,30 +260,29 @@ def forward_in_process(path: str, tokens: list[int], *, stages: bool = True,
         ll_logits, captured, steps = _lowlevel(path, tokens, n_threads, decode=decode, continuation=continuation,
                                                forget=forget)
         res["logits_lowlevel"] = ll_logits
-        from gguf import GGUFReader
-
-        fields = GGUFReader(path).fields
-        arch = fields["general.architecture"].contents()
-        n_expert_used = int(fields[f"{arch}.expert_used_count"].contents())
-        head_dim = int(fields[f"{arch}.attention.key_length"].contents())
-        for stage, arr in map_stages(captured, len(tokens), n_expert_used, head_dim,
-                                     derive_attn_out=derive_attn_out, arch=arch).items():
-            if stage != "logits":
-                res[stage] = arr
-        for n, (tok, logits, step_captured) in enumerate(steps):
-            for stage, arr in map_stages(step_captured, 1, n_expert_used, head_dim,
-                                         derive_attn_out=derive_attn_out, arch=arch).items():
-                if stage != "logits":
-                    res[f"step{n}.{stage}"] = arr
+        cfg = _config(path)
+        for prefix, rows, nodes in [("", len(tokens), captured)] + [(f"step{n}.", 1, c) for n, (_, _, c) in
+                                                                     enumerate(steps)]:
+            model, layers = map_stages(nodes, rows, cfg, derive_attn_out=derive_attn_out)
+            model.pop("logits", None)
+            res.update({prefix + k: v for k, v in {**model, **stacked(layers, cfg.n_layer)}.items()})
+        for n, (tok, logits, _) in enumerate(steps):
             res[f"step{n}.tokens"] = np.asarray([tok], dtype=np.int64)
             res[f"step{n}.logits"] = logits
         names: dict[str, list] = {}
-        for name, arr in captured:
-            names.setdefault(name, []).append(list(arr.shape))
+        for name, op, arr in captured:
+            names.setdefault(name, []).append([op, *arr.shape])
         res["_names"] = np.array(json.dumps(names))
     elif decode:
         raise ValueError("decode steps are captured by the low-level pass: stages=True")
     return res
+
+
+def _config(path: str | Path) -> ModelConfig:
+    """moesnap's config of the GGUF at ``path`` (its metadata only)."""
+    from ..gguf.reader import open_gguf
+
+    return ModelConfig.from_gguf(open_gguf(path))
 
 
 def has_weight_suffix(path: str | Path) -> bool:
@@ -449,21 +360,18 @@ def llama_forward(path: str | Path, tokens, *, stages: bool = True, timeout: flo
             return {k: z[k] for k in z.files}
 
 
-#: stages llama.cpp's qwen3moe graph does not name (the o-projection output); its openai-moe graph
-#: names every gpt-oss stage (``not_captured`` of a case: its family's stages it lacks)
-NOT_CAPTURED: tuple[str, ...] = ("attn_out",)
-
-
 def _case(res: dict[str, np.ndarray], ids: list[int], meta: dict[str, Any]) -> Case:
     """One forward's case from its arrays (``embed``, ``final_norm``, ``logits`` ``[T, ...]``; the
-    layer stages ``[L, T, ...]``)."""
+    layer stages ``[L', T, ...]`` over the layers ``_layers.<stage>`` names, else every layer)."""
     rec = ArrayRecorder()
     for stage, arr in res.items():
+        if stage.startswith("_"):
+            continue
         if stage in ("embed", "final_norm", "logits"):
             rec.save(stage, None, torch.from_numpy(np.ascontiguousarray(arr)))
         else:
-            for layer in range(arr.shape[0]):
-                rec.save(stage, layer, torch.from_numpy(np.ascontiguousarray(arr[layer])))
+            for row, layer in enumerate(res.get(f"_layers.{stage}", range(arr.shape[0]))):
+                rec.save(stage, int(layer), torch.from_numpy(np.ascontiguousarray(arr[row])))
     rec.save("tokens", None, torch.as_tensor(np.asarray(ids, dtype=np.int64)))
     return from_recorder(rec, meta)
 
@@ -486,7 +394,8 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
     the fed ``continuation`` and ``continuation_source``, ``"given"`` or ``"greedy"``), updated with ``attrs``; its ``steps`` hold one case of one row per decode step
     (``attrs`` ``positions=[len(tokens) + n]``, ``step=n``, ``engine``, ``dtype``).  Raises
     :class:`UsageError` when llama-cpp-python is not installed or ``decode``/``continuation`` is out of
-    range, :class:`LlamaCrash` when llama.cpp fails.
+    range or the model is one llama.cpp cannot run (:func:`~moesnap.capture.llama_names.unsupported`),
+    :class:`LlamaCrash` when llama.cpp fails.
 
     ``forget=(n, p)`` plants a decode fault inside llama.cpp, to show a judge finds one: before decode
     step ``n``, position ``p`` is removed from llama.cpp's KV cache (``llama_memory_seq_rm``), so step
@@ -506,6 +415,10 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
     if forget is not None and not (0 <= int(forget[0]) < n_steps and 0 <= int(forget[1]) < len(ids) + int(forget[0]) - 1):
         raise UsageError(f"llama.cpp capture: forget={forget!r} must name a decode step (0..{n_steps - 1}) and a "
                          f"position cached before it, not its last one")
+    cfg = _config(path)
+    why = unsupported(cfg)
+    if why is not None:
+        raise UsageError(f"{path}: {why}")
     with tempfile.TemporaryDirectory(prefix="moesnap-llama-") as d:
         model_path = Path(path)
         if not has_weight_suffix(model_path):
@@ -513,7 +426,7 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
         res = llama_forward(model_path, ids, stages=True, timeout=timeout, n_threads=n_threads, decode=n_steps,
                             continuation=fed, forget=forget)
     common: dict[str, Any] = {"producer": "llama.cpp", "engine": "llama.cpp", "dtype": "float32", "device": "cpu"}
-    prompt = {k: v for k, v in res.items() if not k.startswith(("_", "step")) and k != "logits_lowlevel"}
+    prompt = {k: v for k, v in res.items() if not k.startswith(("_names", "step")) and k != "logits_lowlevel"}
     steps = []
     for n in range(n_steps):
         own = {k.split(".", 1)[1]: v for k, v in res.items() if k.startswith(f"step{n}.")}
@@ -524,7 +437,7 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
         "llama_cpp_version": llama_cpp.__version__,
         "versions": {**versions(), "llama_cpp_python": llama_cpp.__version__},
         "token_ids": ids,
-        "not_captured": [s for s in layer_stages(_family(path)) if s not in prompt],
+        "not_captured": [s for s in stages_of_model(cfg.arch, cfg.to_dict(), cfg.n_layer) if s not in prompt],
     }
     if n_steps:   # the prompt's rows are positions 0..T-1 of a sequence the steps go on (a prefix of the golden's)
         meta.update({"positions": list(range(len(ids))), "prompt_tokens": len(ids), "decode": n_steps,
@@ -534,14 +447,6 @@ def llama_case(path: str | Path, tokens: Sequence[int], *, decode: int = 0,
         meta["planted"] = f"position {int(forget[1])} removed from the KV cache before decode step {int(forget[0])}"
     meta.update(attrs or {})
     return replace(_case(prompt, ids, meta), steps=tuple(steps))
-
-
-def _family(path: str | Path) -> str:
-    """The GGUF's architecture where moesnap knows it as a family (else Qwen3-MoE's stages are listed)."""
-    from gguf import GGUFReader
-
-    arch = GGUFReader(str(path)).fields["general.architecture"].contents()
-    return arch if arch in FAMILY_STAGES else DEFAULT_FAMILY
 
 
 def main(argv: list[str] | None = None) -> int:

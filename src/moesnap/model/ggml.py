@@ -112,6 +112,35 @@ def near_halves(x: torch.Tensor, weight_type: str, tol: float = NEAR_HALF) -> tu
     return near, step[near]
 
 
+#: the same for a Q8_0 block's float16 scale ``amax / 127``: a relative error e of the block's largest
+#: element moves an element's product by at most 127 e quant steps but the scale by 2^11 e float16 steps
+#: (11 significant bits), so the scale's near half is that much wider (Qwen1.5-MoE-A2.7B's full-width
+#: experts: a scale 1.1e-3 steps from a half rounded the other way in llama.cpp, whose SwiGLU output
+#: differs from the reference's by ~1e-6)
+NEAR_HALF_SCALE = NEAR_HALF * 2048 / 127
+
+
+def near_scale_halves(x: torch.Tensor, weight_type: str, tol: float = NEAR_HALF_SCALE) -> list[tuple[int, torch.Tensor]]:
+    """Where the float16 scale of a Q8_0 block of the row ``x [n]`` is decided by float noise: the blocks
+    whose ``amax / 127`` lies within ``tol`` float16 steps of a half between two float16 values (its
+    rounding may go either way; every quant of the block then keeps its integer and changes with the
+    scale, ~5e-4 of the block), and for each (its first element's index, the change of each of its
+    rounded elements ``[32]`` had the scale rounded the other way).  Empty for other formats (Q8_K's
+    scale is float32) and rows that are not whole blocks."""
+    fmt = VEC_DOT_TYPE.get(weight_type)
+    if fmt not in ("Q8_0", "Q8_1") or x.dim() != 1 or x.shape[0] % 32:
+        return []
+    prod, d = _grid_q8_0(x.float().reshape(-1, 32))                 # [B, 32], [B, 1]
+    s = _div(x.float().reshape(-1, 32).abs().amax(-1, keepdim=True), 127.0)   # [B, 1] before float16
+    mant, exp = torch.frexp(d)                                      # d = mant * 2^exp, mant in [0.5, 1)
+    ulp = torch.ldexp(torch.ones_like(d), exp - 11)                 # float16's spacing above d (normal range)
+    below = torch.where(mant == 0.5, ulp / 2, ulp)                  # ...and below it
+    other = torch.where(s > d, d + ulp, d - below)
+    gap = ((s - (d + other) / 2).abs() / (other - d).abs()).reshape(-1)   # float16 steps from the half
+    q = torch.round(prod).clamp(max=127.0)
+    return [(32 * b, q[b] * (other[b] - d[b])) for b in (gap < tol).nonzero().flatten().tolist() if d[b] > 0]
+
+
 def round_activation(x: torch.Tensor, weight_type: str) -> torch.Tensor:
     """``x`` as ggml hands it to a matmul with a ``weight_type`` weight (same dtype as ``x``).
 

@@ -158,6 +158,13 @@ class ExpertBank:
         return bg[e], bu[e], bd[e]
 
 
+def join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's ``kv_b`` ``[Hq*(Dn+Dv), Rkv]`` (transformers' ``kv_b_proj.weight``) from the split the
+    converter writes: ``attn_k_b`` ``[Hq, Rkv, Dn]`` (transposed) and ``attn_v_b`` ``[Hq, Dv, Rkv]``."""
+    k_b = k_b.transpose(1, 2)                                           # [Hq, Dn, Rkv]
+    return torch.cat([k_b, v_b], dim=1).reshape(-1, k_b.shape[-1]).contiguous()  # [Hq*(Dn+Dv), Rkv]
+
+
 class ModelWeights(ABC):
     """What the forwards need of a model file: its config, each tensor's type, shape and stored data,
     and lazy dequantization.  :class:`GGUFModel` (a GGUF file) and
@@ -263,9 +270,7 @@ class ModelWeights(ABC):
             return self.dense(p + "attn_kv_b", dtype)
         if "attn_k_b" not in held:
             return None
-        k_b = self.dense(p + "attn_k_b", dtype).transpose(1, 2)       # [Hq, Dn, Rkv]
-        v_b = self.dense(p + "attn_v_b", dtype)                       # [Hq, Dv, Rkv]
-        return torch.cat([k_b, v_b], dim=1).reshape(-1, k_b.shape[-1]).contiguous()  # [Hq*(Dn+Dv), Rkv]
+        return join_kv_b(self.dense(p + "attn_k_b", dtype), self.dense(p + "attn_v_b", dtype))
 
     def release_layer(self, i: int) -> None:
         """Drop layer ``i``'s mapped pages from this process, so resident memory does not grow with depth."""

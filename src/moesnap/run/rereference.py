@@ -45,16 +45,17 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from ..case import Case
 from ..judge.routing import tie_gap
 from ..model.config import ModelConfig
-from ..model.families import expert_act, route
+from ..model.families import apply_rope, expert_act, route, route_grouped
 from ..errors import GoldenError
 from ..model.recorder import ArrayRecorder
-from ..model.ggml import ActivationQuant, identity, near_halves
+from ..model.ggml import ActivationQuant, identity, near_halves, near_scale_halves
 from ..model.reference import (ActQuant, RMSNorm, Transformer, _linear, causal_attention, expert_outputs,
-                               rope_cos_sin, rotate_half)
+                               rope_cos_sin, swiglu_mlp)
 from ..stages import LAYER_STAGES
 from ..model.weights import LayerWeights, ModelWeights
 
@@ -130,6 +131,46 @@ def _by_ids(values: torch.Tensor | None, ids_from: np.ndarray | None, ids_to: to
 ROW_NOISE = 1e-5
 
 
+def _rerounded(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tensor: str, aq: ActivationQuant,
+               target: torch.Tensor) -> tuple[torch.Tensor, list[int | str]] | None:
+    """``weight @ round(h) (+ bias)`` for one row ``h [n]`` of a matmul input that is no stage (``tensor``:
+    the weight's name), computed alone (its own sums), with each of ``h``'s roundings that float noise
+    decides turned the other way, nearest first, where that brings the row closer to the engine's
+    ``target``: an element within :data:`~moesnap.model.ggml.NEAR_HALF` steps of a half, or a Q8_0
+    block's float16 scale within as much of one (:func:`~moesnap.model.ggml.near_scale_halves`: the whole
+    block moves by ~5e-4).  (the row, the near-half elements and the scales turned, ``the scale of block
+    B``), or None where no rounding of ``h`` is decided by noise: any difference is then the judge's."""
+    wtype = aq.type_of(tensor)
+    near, steps = near_halves(h, wtype)
+    scales = near_scale_halves(h, wtype)
+    if near.numel() == 0 and not scales:
+        return None
+    y = _linear(aq(h, tensor), weight, bias)                                     # [out] this row alone
+    taken: list[int | str] = list(near.tolist())      # every near half of a row that moves, as ever
+    changes = [(j, step * weight[:, j]) for j, step in zip(near.tolist(), steps)]                 # [out] each
+    changes += [(f"the scale of block {j // 32}", weight[:, j:j + 32] @ dq) for j, dq in scales]
+    for j, change in changes:
+        if (target - y - change).norm() < (target - y).norm():
+            y = y + change
+            if isinstance(j, str):
+                taken.append(j)
+    return y, taken
+
+
+def _take_closer(own: torch.Tensor, engine: torch.Tensor, got: tuple[torch.Tensor, list[int | str]] | None,
+                 where: list, rounded: list | None) -> None:
+    """Put ``got``'s row into ``own`` (in place) where it is closer to the engine's row, noting its roundings."""
+    if got is not None and (engine - got[0]).norm() < (engine - own).norm():
+        own.copy_(got[0])
+        if rounded is not None:
+            rounded.extend([*where, j] for j in got[1])
+
+
+def _differ(own: torch.Tensor, engine: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows (over the last axis) where ``own`` and ``engine`` differ by more than float noise."""
+    return ((own - engine).norm(dim=-1) > ROW_NOISE * engine.norm(dim=-1)).nonzero()
+
+
 @torch.no_grad()
 def _follow_rounding(cfg: ModelConfig, w: LayerWeights, fn: torch.Tensor, ids: torch.Tensor, eo: torch.Tensor, eo_e: torch.Tensor,
                      aq: ActivationQuant, layer: int, rounded: list | None) -> None:
@@ -137,21 +178,17 @@ def _follow_rounding(cfg: ModelConfig, w: LayerWeights, fn: torch.Tensor, ids: t
 
     That input (the SwiGLU output) is no stage: the reference computes it from the engine's ``ffn_norm``
     with its own float32 sums, ~2e-7 away from the engine's, and where a product ``scale * h`` lies within
-    that of a half the two round it to neighbouring quants (one step: ~1e-3 of the row).  For each row of
-    ``eo [T, k, H]`` that differs from the engine's ``eo_e`` by more than float noise and whose input has
-    elements within :data:`~moesnap.model.ggml.NEAR_HALF` steps of a half, the row is computed again alone
-    (its own sums may round those elements either way) and each such element is rounded the other way,
-    nearest first, where that brings the row closer to the engine's; the row so made replaces ``eo``'s (in
-    place) where it is the closer of the two, and its near-half elements are appended to ``rounded`` as
-    ``[layer, token, expert, element]``.  Only the rounding of near-half elements can move a row: any other
-    difference is left for the judge."""
+    that of a half the two round it to neighbouring quants (one step: ~1e-3 of the row).  Each row of
+    ``eo [T, k, H]`` that differs from the engine's ``eo_e`` by more than float noise is computed again
+    alone with those roundings turned (:func:`_rerounded`) and replaces ``eo``'s (in place) where it is
+    the closer of the two; its near-half elements are appended to ``rounded`` as ``[layer, token,
+    "expert E", element]``.  Only these roundings can move a row: any other difference is left for the
+    judge."""
     p = f"blk.{w.index}."
-    down_type = aq.type_of(p + "ffn_down_exps")
-    diff = (eo - eo_e).norm(dim=-1) > ROW_NOISE * eo_e.norm(dim=-1)                # [T, k]
     experts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     bank = w.experts
-    assert bank is not None   # local re-reference refuses families with dense layers
-    for t, slot in diff.nonzero().tolist():
+    assert bank is not None   # a MoE layer's
+    for t, slot in _differ(eo, eo_e).tolist():
         e = int(ids[t, slot])
         if e not in experts:
             experts[e] = bank.expert(e)
@@ -160,42 +197,51 @@ def _follow_rounding(cfg: ModelConfig, w: LayerWeights, fn: torch.Tensor, ids: t
         bg, bu, bd = bank.bias(e) or (None, None, None)
         h = expert_act(cfg, _linear(aq(x, p + "ffn_gate_exps"), gate, bg),
                        _linear(aq(x, p + "ffn_up_exps"), up, bu))[0]                              # [F]
-        near, steps = near_halves(h, down_type)
-        if near.numel() == 0:
-            continue                    # no rounding here is decided by noise: the difference is the judge's
-        y = _linear(aq(h, p + "ffn_down_exps"), down, bd)   # [H] this row alone: its sums, its own roundings
-        for j, step in zip(near.tolist(), steps):
-            change = step * down[:, j]                                                             # [H]
-            if (eo_e[t, slot] - y - change).norm() < (eo_e[t, slot] - y).norm():
-                y = y + change
-        if (eo_e[t, slot] - y).norm() < (eo_e[t, slot] - eo[t, slot]).norm():
-            eo[t, slot] = y
-            if rounded is not None:
-                rounded.extend([layer, t, e, j] for j in near.tolist())
+        _take_closer(eo[t, slot], eo_e[t, slot], _rerounded(h, down, bd, p + "ffn_down_exps", aq, eo_e[t, slot]),
+                     [layer, t, f"expert {e}"], rounded)
+
+
+@torch.no_grad()
+def _mlp(x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor], names: tuple[str, str, str],
+         aq: ActQuant, engine: torch.Tensor | None, where: tuple[int, str], rounded: list | None) -> torch.Tensor:
+    """A dense SwiGLU MLP of ``x [T, H]`` (DeepSeek's dense layers, the shared experts), its rows following
+    the engine's (``engine [T, H]``) rounding of the down projection's input where a ggml engine's may
+    differ by noise (as :func:`_follow_rounding`; ``where``: the layer and what to call the MLP in a note)."""
+    gate, up, down = weights
+    out = swiglu_mlp(x, gate, up, down, aq, names)                                 # [T, H]
+    if engine is None or not isinstance(aq, ActivationQuant):
+        return out
+    for (t,) in _differ(out, engine).tolist():
+        h = F.silu(aq(x[t], names[0]) @ gate.T) * (aq(x[t], names[1]) @ up.T)       # [F] this row alone
+        _take_closer(out[t], engine[t], _rerounded(h, down, None, names[2], aq, engine[t]), [where[0], t, where[1]],
+                     rounded)
+    return out
 
 
 def _weights_of(cfg: ModelConfig, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights, ids)`` of the experts ``ids [T, k]`` (the reference's own, or the engine's it followed)
     under the family's gating, by descending weight: the softmax over all experts at those ids,
-    renormalised (``softmax_topk_renorm``), or the softmax over the k logits (``topk_softmax``)."""
+    renormalised (``softmax_topk_renorm``) or not (``softmax_topk``), the softmax over the k logits
+    (``topk_softmax``), or DeepSeek's scores (softmax or sigmoid) at those ids, renormalised where
+    ``topk_norm``, times ``routed_scale`` (the grouped gatings)."""
     if cfg.gating == "topk_softmax":
         tw = torch.softmax(logits.gather(-1, ids), dim=-1)                       # [T, k]
         tw, order = tw.sort(dim=-1, descending=True)
         return tw, ids.gather(-1, order)
-    tw, order = torch.softmax(logits, dim=-1).gather(-1, ids).sort(dim=-1, descending=True)
-    return tw / tw.sum(-1, keepdim=True), ids.gather(-1, order)                 # renormalised [T, k]
+    grouped = cfg.gating in ("softmax_grouped", "sigmoid_grouped")
+    scores = torch.sigmoid(logits) if cfg.gating == "sigmoid_grouped" else torch.softmax(logits, dim=-1)  # [T, E]
+    tw, order = scores.gather(-1, ids).sort(dim=-1, descending=True)            # [T, k]
+    if cfg.gating == "softmax_topk_renorm" or grouped and cfg.topk_norm:
+        tw = tw / tw.sum(-1, keepdim=True)
+    return tw * cfg.routed_scale if grouped else tw, ids.gather(-1, order)
 
 
-@torch.no_grad()
-def _layer(cfg: ModelConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.Tensor, cos, sin,
-           rec: ArrayRecorder, tie_tol: float, followed: list, aq: ActQuant = identity,
-           rounded: list | None = None) -> None:
-    """Every stage of layer ``i`` from the engine's own value of the stage before it (module docstring)."""
-    T, D, p = x.shape[0], cfg.head_dim, f"blk.{i}."
-    assert w.wq is not None and w.wk is not None and w.wv is not None and w.router is not None   # Qwen3-MoE's
-    own = RMSNorm(w.attn_norm, cfg.rms_eps)(x)                                  # [T, H]
-    rec.save("attn_norm", i, own)
-    a = eng.or_own("attn_norm", own)
+def _attention(cfg: ModelConfig, w: LayerWeights, eng: _Engine, i: int, a: torch.Tensor, cos, sin,
+               rec: ArrayRecorder, aq: ActQuant, rounded: list | None = None) -> torch.Tensor:  # noqa: ARG001
+    """Layer ``i``'s attention (``q`` .. ``attn_out``) of the engine's ``attn_norm`` ``a``, each stage from
+    the engine's own value of the stage before it."""
+    T, D, p = a.shape[0], cfg.head_dim, f"blk.{i}."
+    assert w.wq is not None and w.wk is not None and w.wv is not None
     q = _linear(aq(a, p + "attn_q"), w.wq, w.bq).view(T, cfg.n_head, D)         # [T, Hq, D]
     k = _linear(aq(a, p + "attn_k"), w.wk, w.bk).view(T, cfg.n_head_kv, D)      # [T, Hkv, D]
     v = _linear(aq(a, p + "attn_v"), w.wv, w.bv).view(T, cfg.n_head_kv, D)      # [T, Hkv, D]
@@ -203,30 +249,131 @@ def _layer(cfg: ModelConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.Ten
         rec.save(name, i, t)
     q, k, v = eng.or_own("q", q), eng.or_own("k", k), eng.or_own("v", v)
     if w.q_norm is not None and w.k_norm is not None:      # families without q/k norm (gpt-oss): no such stage
-        qn, kn = RMSNorm(w.q_norm, cfg.rms_eps)(q), RMSNorm(w.k_norm, cfg.rms_eps)(k)
+        if cfg.qk_norm_whole:                               # OLMoE: over every head at once
+            qn = RMSNorm(w.q_norm, cfg.rms_eps)(q.reshape(T, -1)).view_as(q)
+            kn = RMSNorm(w.k_norm, cfg.rms_eps)(k.reshape(T, -1)).view_as(k)
+        else:
+            qn, kn = RMSNorm(w.q_norm, cfg.rms_eps)(q), RMSNorm(w.k_norm, cfg.rms_eps)(k)
         rec.save("q_norm", i, qn)
         rec.save("k_norm", i, kn)
         q, k = eng.or_own("q_norm", qn), eng.or_own("k_norm", kn)
-    qr, kr = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin      # [T, H*, D]
+    qr, kr = apply_rope(cfg, q, cos, sin), apply_rope(cfg, k, cos, sin)          # [T, H*, D]
+    return _attend(cfg, w, eng, i, qr, kr, v, rec, aq)
+
+
+def _latent_attention(cfg: ModelConfig, w: LayerWeights, eng: _Engine, i: int, a: torch.Tensor, cos, sin,
+                      rec: ArrayRecorder, aq: ActQuant, rounded: list | None = None) -> torch.Tensor:
+    """DeepSeek's multi-head latent attention (:class:`~moesnap.model.reference.LatentAttention`) of the
+    engine's ``attn_norm`` ``a``, each stage from the engine's own value of the stage before it."""
+    T, Hq, Dn, Dr, p = a.shape[0], cfg.n_head, cfg.qk_nope_dim, cfg.rope_dim, f"blk.{i}."
+    assert w.wkv_a is not None and w.wkv_b is not None and w.kv_a_norm is not None
+    if w.q_a_norm is None:
+        assert w.wq is not None
+        q = aq(a, p + "attn_q") @ w.wq.T                                          # [T, Hq*D]
+    else:
+        assert w.wq_a is not None and w.wq_b is not None
+        ql = aq(a, p + "attn_q_a") @ w.wq_a.T                                     # [T, Rq]
+        rec.save("q_latent", i, ql)
+        qln = RMSNorm(w.q_a_norm, cfg.rms_eps)(eng.or_own("q_latent", ql))
+        rec.save("q_latent_norm", i, qln)
+        q = aq(eng.or_own("q_latent_norm", qln), p + "attn_q_b") @ w.wq_b.T       # [T, Hq*D]
+    q = q.view(T, Hq, Dn + Dr)                                                    # [T, Hq, D]
+    rec.save("q", i, q)
+    q = eng.or_own("q", q)
+    kv_latent = aq(a, p + "attn_kv_a_mqa") @ w.wkv_a.T                            # [T, Rkv+Dr]
+    rec.save("kv_latent", i, kv_latent)
+    compressed, k_pe = eng.or_own("kv_latent", kv_latent).split([cfg.kv_lora_rank, Dr], dim=-1)
+    cn = RMSNorm(w.kv_a_norm, cfg.rms_eps)(compressed)                            # [T, Rkv]
+    rec.save("kv_latent_norm", i, cn)
+    kv = (aq(eng.or_own("kv_latent_norm", cn), p + "attn_kv_b") @ w.wkv_b.T).view(T, Hq, -1)  # [T, Hq, Dn+Dv]
+    k_nope, v = kv.split([Dn, cfg.v_dim], dim=-1)
+    k = torch.cat([k_nope, k_pe[:, None, :].expand(T, Hq, Dr)], dim=-1)           # [T, Hq, D]
+    rec.save("k", i, k)
+    rec.save("v", i, v)
+    k, v = eng.or_own("k", k), eng.or_own("v", v)
+    qr = torch.cat([q[..., :Dn], apply_rope(cfg, q[..., Dn:], cos, sin)], dim=-1)  # [T, Hq, D] rope part only
+    kr = torch.cat([k[..., :Dn], apply_rope(cfg, k[..., Dn:], cos, sin)], dim=-1)
+    absorbed = isinstance(aq, ActivationQuant) and cfg.kv_b_split    # llama.cpp's order: see _absorbed
+    return _attend(cfg, w, eng, i, qr, kr, v, rec, aq, eng.or_own("kv_latent_norm", cn) if absorbed else None, rounded)
+
+
+def _absorbed(cfg: ModelConfig, w: LayerWeights, i: int, qr: torch.Tensor, kr: torch.Tensor, latent: torch.Tensor,
+              aq: ActQuant, engine: torch.Tensor | None, rounded: list | None) -> torch.Tensor:
+    """``attn [T, Hq*Dv]`` of latent attention computed as llama.cpp computes it where the file splits
+    ``kv_b`` into ``attn_k_b``/``attn_v_b``: ``k_b`` absorbed into each head's unroped q (its 8-bit
+    rounding: of ``q_nope``), attention over the normed latent ``[T, Rkv]`` and the roped key as one
+    shared head, then ``v_b`` applied to each head's weighted latent (its rounding: of that, which is
+    no stage: each head's row follows the engine's ``attn`` where noise decides it, :func:`_rerounded`).
+    Without rounding it equals :func:`~moesnap.model.reference.causal_attention` of q, k and v."""
+    T, Hq, Dn, Rkv, p = qr.shape[0], cfg.n_head, cfg.qk_nope_dim, cfg.kv_lora_rank, f"blk.{i}."
+    assert w.wkv_b is not None
+    kv_b = w.wkv_b.view(Hq, Dn + cfg.v_dim, Rkv)                                  # [Hq, Dn+Dv, Rkv]
+    q_abs = torch.einsum("thd,hdr->thr", aq(qr[..., :Dn].contiguous(), p + "attn_k_b"), kv_b[:, :Dn])  # [T, Hq, Rkv]
+    q = torch.cat([q_abs, qr[..., Dn:]], dim=-1)                                  # [T, Hq, Rkv+Dr]
+    k = torch.cat([latent, kr[:, 0, Dn:]], dim=-1)[:, None, :].expand(T, Hq, -1)  # [T, Hq, Rkv+Dr] one head
+    mixed = causal_attention(cfg, q, k, latent[:, None, :].expand(T, Hq, Rkv), i).view(T, Hq, Rkv)
+    attn = torch.einsum("thr,hvr->thv", aq(mixed, p + "attn_v_b"), kv_b[:, Dn:])  # [T, Hq, Dv]
+    if engine is not None and isinstance(aq, ActivationQuant):
+        target = engine.view(T, Hq, -1)
+        for t, h in _differ(attn, target).tolist():
+            got = _rerounded(mixed[t, h], kv_b[h, Dn:], None, p + "attn_v_b", aq, target[t, h])
+            _take_closer(attn[t, h], target[t, h], got, [i, t, f"head {h} (attn_v_b)"], rounded)
+    return attn.reshape(T, -1)                                                    # [T, Hq*Dv]
+
+
+def _attend(cfg: ModelConfig, w: LayerWeights, eng: _Engine, i: int, qr: torch.Tensor, kr: torch.Tensor,
+            v: torch.Tensor, rec: ArrayRecorder, aq: ActQuant, latent: torch.Tensor | None = None,
+            rounded: list | None = None) -> torch.Tensor:
+    """``q_rope``/``k_rope`` (the reference's, of the engine's q and k), ``attn`` (``latent``: the normed
+    compressed kv an MLA engine attends over in llama.cpp's order, :func:`_absorbed`) and ``attn_out``."""
     rec.save("q_rope", i, qr)
     rec.save("k_rope", i, kr)
     qr, kr = eng.or_own("q_rope", qr), eng.or_own("k_rope", kr)
-    attn = causal_attention(cfg, qr, kr, v, i, w.sinks)                          # [T, Hq*D]
+    if latent is None:
+        attn = causal_attention(cfg, qr, kr, v, i, w.sinks)                      # [T, Hq*Dv]
+    else:
+        attn = _absorbed(cfg, w, i, qr, kr, latent, aq, eng.get("attn", v.new_zeros(qr.shape[0], v.shape[1] * v.shape[2])),
+                         rounded)
     rec.save("attn", i, attn)
-    attn_out = _linear(aq(eng.or_own("attn", attn), p + "attn_output"), w.wo, w.bo)   # [T, H]
+    attn_out = _linear(aq(eng.or_own("attn", attn), f"blk.{i}.attn_output"), w.wo, w.bo)   # [T, H]
     rec.save("attn_out", i, attn_out)
+    return attn_out
+
+
+@torch.no_grad()
+def _layer(cfg: ModelConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.Tensor, cos, sin,
+           rec: ArrayRecorder, tie_tol: float, followed: list, aq: ActQuant = identity,
+           rounded: list | None = None) -> None:
+    """Every stage of layer ``i`` from the engine's own value of the stage before it (module docstring)."""
+    T, p = x.shape[0], f"blk.{i}."
+    own = RMSNorm(w.attn_norm, cfg.rms_eps)(x)                                  # [T, H]
+    rec.save("attn_norm", i, own)
+    attention = _latent_attention if cfg.mla else _attention
+    attn_out = attention(cfg, w, eng, i, eng.or_own("attn_norm", own), cos, sin, rec, aq, rounded)
     resid = x + eng.or_own("attn_out", attn_out)                                 # [T, H]
     rec.save("attn_resid", i, resid)
     resid = eng.or_own("attn_resid", resid)
     fn = RMSNorm(w.ffn_norm, cfg.rms_eps)(resid)
     rec.save("ffn_norm", i, fn)
     fn = eng.or_own("ffn_norm", fn)
+    if w.router is None:               # DeepSeek's leading dense layers
+        assert w.ffn_gate is not None and w.ffn_up is not None and w.ffn_down is not None
+        names = (p + "ffn_gate", p + "ffn_up", p + "ffn_down")
+        mlp = (w.ffn_gate, w.ffn_up, w.ffn_down)
+        dense = _mlp(fn, mlp, names, aq, eng.get("dense_ffn_out", fn), (i, "the dense MLP"), rounded)
+        rec.save("dense_ffn_out", i, dense)
+        rec.save("layer_out", i, resid + eng.or_own("dense_ffn_out", dense))
+        return
     logits = _linear(aq(fn, p + "ffn_gate_inp"), w.router, w.router_bias)       # [T, E] float32
     rec.save("router_logits", i, logits)
     logits = eng.or_own("router_logits", logits)
-    _, ids = route(cfg, logits, cfg.n_expert_used)                               # [T, k] the reference's own
+    if cfg.gating in ("softmax_grouped", "sigmoid_grouped"):
+        _, ids, ranked = route_grouped(cfg, logits, cfg.n_expert_used, w.probs_bias)   # ranked by the selection's scores
+        rec.save("router_select", i, ranked)
+    else:
+        (_, ids), ranked = route(cfg, logits, cfg.n_expert_used), logits          # [T, k] the reference's own
     cand_ids = eng.ids(T, cfg.n_expert_used, cfg.n_expert)
-    ids = _follow(ids, logits, cand_ids, cfg.n_expert, tie_tol, i, followed)
+    ids = _follow(ids, ranked, cand_ids, cfg.n_expert, tie_tol, i, followed)
     tw, ids = _weights_of(cfg, logits, ids)                                      # [T, k] by descending weight
     rec.save("topk_ids", i, ids)
     rec.save("topk_weights", i, tw)
@@ -237,16 +384,26 @@ def _layer(cfg: ModelConfig, w: LayerWeights, eng: _Engine, i: int, x: torch.Ten
         _follow_rounding(cfg, w, fn, ids, eo, eo_e, aq, i, rounded)
     rec.save("expert_out", i, eo)
     moe = ((eo if eo_e is None else eo_e) * (tw if tw_e is None else tw_e)[..., None]).sum(dim=1)  # [T, H]
+    if w.shexp is not None:            # DeepSeek's, Qwen2-MoE's shared experts
+        names = (p + "ffn_gate_shexp", p + "ffn_up_shexp", p + "ffn_down_shexp")
+        shared = _mlp(fn, w.shexp, names, aq, eng.get("shared_expert_out", fn), (i, "the shared experts"), rounded)
+        rec.save("shared_expert_out", i, shared)
+        shared = eng.or_own("shared_expert_out", shared)
+        if w.shexp_gate is not None:   # Qwen2-MoE: gated per token
+            gate = aq(fn, p + "ffn_gate_inp_shexp") @ w.shexp_gate[:, None]     # [T, 1] logit
+            rec.save("shared_gate", i, gate)
+            shared = torch.sigmoid(eng.or_own("shared_gate", gate)) * shared
+        moe = moe + shared
     rec.save("moe_out", i, moe)
     rec.save("layer_out", i, resid + eng.or_own("moe_out", moe))
 
 
 def _rounding_note(rounded: list) -> str:
     """One line on the expert rows that follow the engine's rounding at a near half."""
-    where = ", ".join(f"token {t} expert {e} element {j}" for _, t, e, j in rounded[:4])
+    where = ", ".join(f"token {t} {what} " + (f"element {j}" if isinstance(j, int) else j) for _, t, what, j in rounded[:4])
     more = f" and {len(rounded) - 4} more" if len(rounded) > 4 else ""
-    return (f"the engine's rounding taken for {len(rounded)} 8-bit quant{'s' if len(rounded) != 1 else ''} of an "
-            f"expert's down-projection input at a near half ({where}{more})")
+    return (f"the engine's rounding taken for {len(rounded)} 8-bit quant{'s' if len(rounded) != 1 else ''} of a "
+            f"matmul input no stage holds (a down projection's, MLA's v_b's) at a near half ({where}{more})")
 
 
 def local_reference(model: ModelWeights, candidate: Case, *, tie_tol: float,

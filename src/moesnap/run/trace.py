@@ -20,7 +20,7 @@ from ..model.recorder import ArrayRecorder
 from ..util import LayerProgress, file_sha256, hash_ahead, plural, published_version_above, show_progress_switch, status, versions
 from ..model.load import parse_device
 from ..model.weights import ModelWeights
-from ..model.config import GPT_OSS, QWEN3MOE
+from ..model.config import FAMILIES
 from ..stages import DTYPES as STAGE_DTYPES
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in STAGE_DTYPES}
@@ -49,7 +49,7 @@ def model_provenance(model: ModelWeights) -> dict:
 #: engines ``trace --engine`` runs: moesnap's own forwards, and other engines as candidates
 ENGINES: tuple[str, ...] = ("moesnap", "transformers", "llama.cpp")
 #: the families (gguf-py's architecture names) each foreign engine is driven for
-ENGINE_FAMILIES: dict[str, tuple[str, ...]] = {"transformers": (QWEN3MOE, GPT_OSS), "llama.cpp": (QWEN3MOE, GPT_OSS)}
+ENGINE_FAMILIES: dict[str, tuple[str, ...]] = {"transformers": tuple(FAMILIES), "llama.cpp": tuple(FAMILIES)}
 
 
 def run_case(model: ModelWeights, tokens: Sequence[int], *, dtype: torch.dtype = torch.float32,
