@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 23's figures in one call: each family's full-shape preset (LAYERS layers, default 2, its own quant mix)
+# made, its CPU reference golden generated (128 tokens + 8 decode steps), then checked on CUDA in float32,
+# bfloat16, bfloat16 decode on a paged cache in a CUDA graph, and one planted fault in bfloat16 (each fault
+# line says where the check must name it: the stage after "->").
+# Usage: bash tools/gpu_s8c.sh OUTDIR [LAYERS]   (wheels carried in .whl/; PRESETS="..." for some of them)
+set -u
+out=${1:?OUTDIR}; layers=${2:-2}
+presets=${PRESETS:-"gpt-oss-20b deepseek-v2-lite qwen1.5-moe-a2.7b olmoe-1b-7b mixtral-8x7b"}
+work=/tmp/moesnap-s8c; mkdir -p "$out" "$work"
+python -m pip install -q --no-deps .whl/*.whl 2>&1 | grep -v WARNING | tail -2
+export PYTHONPATH=$PWD/src MOESNAP_NO_PROGRESS=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+for p in $presets; do
+    m="$work/$p.gguf"; s="$work/store-$p"
+    vocab=$(python -c "from moesnap.model.synth import preset; print(preset('$p').config.vocab_size)")
+    toks=$(python -c "import numpy as np; print(','.join(map(str, np.random.default_rng(0).integers(0, $vocab, 128))))")
+    echo "=== $p"
+    { /usr/bin/time -f "make %e s, peak %M KB" python -m moesnap -q model make "$m" --preset "$p" --layers "$layers" \
+        --force; } 2>&1 | tail -1
+    { /usr/bin/time -f "generate %e s, peak %M KB" python -m moesnap -q goldens generate "$m" --suite f --store "$s" \
+        --tokens "$toks" --decode 8; } 2>&1 | tail -1
+    run() {   # name, then check options
+        local name=$p-$1; shift
+        { /usr/bin/time -f "wall %e s" timeout 120 python -m moesnap check "$m" --suite f --store "$s" --device cuda \
+            --force "$@"; } > "$out/$name.txt" 2>&1
+        echo "== $name: exit $? $(grep -E '^wall' "$out/$name.txt")"
+        grep -E "^first divergence|^judged|^verdict" "$out/$name.txt" | cut -c1-160
+    }
+    run float32 --dtype float32
+    run bfloat16 --dtype bfloat16
+    run decode-graph --dtype bfloat16 --decode 8 --paged --cuda-graph
+    case $p in
+        qwen*) f="shared_gate_off:layer=1->moe_out" ;;
+        mixtral*) f="rope_flip:layer=1->q_rope" ;;
+        olmoe*) f="qk_norm_flip:layer=1->q_norm" ;;
+        gpt-oss*) f="sink_off:layer=1->attn" ;;
+        deepseek*) f="shared_off:layer=1->moe_out" ;;
+    esac
+    echo "-- ${f%->*} -> layer ${f%%->*}; expected stage ${f#*->}"
+    run fault-bf16 --dtype bfloat16 --inject "${f%->*}"
+    rm -rf "$m" "$s"
+done 2>&1 | tee "$out/families.txt"
