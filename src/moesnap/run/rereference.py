@@ -282,6 +282,9 @@ class LocalReference:
         cfg = model.config
         self.model, self.candidate, self.tie_tol, self.progress, self.aq = model, candidate, tie_tol, progress, aq
         self.device, self.label = torch.device(device), label
+        #: made by the host's own code (``model.layer``, the reference's lm head); False: by the device path
+        #: (experts dequantized where the arithmetic runs; a test runs it on the host, where it must agree)
+        self.host = self.device.type == "cpu"
         T = int(candidate.tokens.shape[0])
         self.n_layer = min(cfg.n_layer, candidate.n_layer) if candidate.layers else cfg.n_layer
         done = []
@@ -296,8 +299,9 @@ class LocalReference:
         self.layers: tuple[int, ...] = tuple(done)
         self.notes: list[str] = []
         self.followed: list = []
-        layers = {s: np.zeros((self.n_layer, *shape), dtype=dt) for s, (shape, dt) in _layer_shapes(cfg, T, done).items()}
-        model_stages = {}
+        layers: dict[str, np.ndarray] = {s: np.zeros((self.n_layer, *shape), dtype=dt)
+                                          for s, (shape, dt) in _layer_shapes(cfg, T, done).items()}
+        model_stages: dict[str, np.ndarray] = {}
         if _usable(candidate.stage("layer_out", cfg.n_layer - 1), T, cfg.hidden):
             model_stages["final_norm"] = np.zeros((T, cfg.hidden), dtype=np.float32)
         if _usable(candidate.model.get("final_norm"), T, cfg.hidden):
@@ -376,8 +380,8 @@ class LocalReference:
                 self.notes.append(f"{self.label}layer {i}: the dump has no {what}, so the layer is judged "
                                   f"free-running only")
             else:
-                w = layer_on(model, i, dev)
-                rec = ArrayRecorder(batched=dev.type != "cpu")     # one copy to the host per layer
+                w = model.layer(i, torch.float32) if self.host else layer_on(model, i, dev)
+                rec = ArrayRecorder(batched=not self.host)     # one copy to the host per layer
                 rounded: list = []
                 _layer(cfg, w, _Engine(cand, i, dev), i, torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(dev),
                        cos, sin, rec, self.tie_tol, self.followed, self.aq, rounded)
@@ -388,8 +392,9 @@ class LocalReference:
                 self._write(i, rec.layers)
             if self.progress is not None:
                 self.progress(i + 1, self.n_layer)
-        if "final_norm" in self.case.model:
-            self.case.model["final_norm"][...] = self._final_norm(cand.stage("layer_out", cfg.n_layer - 1))
+        x_last = cand.stage("layer_out", cfg.n_layer - 1)
+        if "final_norm" in self.case.model and x_last is not None:
+            self.case.model["final_norm"][...] = self._final_norm(x_last)
         if "logits" in self.case.model:
             self.case.model["logits"][...] = self._lm_head(cand.model["final_norm"])
 
@@ -407,14 +412,14 @@ class LocalReference:
 
     def _final_norm(self, x: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-        if self.device.type == "cpu":
+        if self.host:
             return Transformer(self.model, torch.float32, self.aq).final_norm(t).numpy()
         norm = RMSNorm(self.model.dense("output_norm", torch.float32).to(self.device), self.model.config.rms_eps)
         return norm(t.to(self.device)).cpu().numpy()
 
     def _lm_head(self, x: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-        if self.device.type == "cpu":
+        if self.host:
             return Transformer(self.model, torch.float32, self.aq).lm_head(t).numpy()
         return (self.aq(t.to(self.device), "output") @ output_on(self.model, self.device).T).cpu().numpy()
 

@@ -49,10 +49,9 @@ class DeviceExpertBank(ExpertBank):
 
 
 def layer_on(model: ModelWeights, i: int, device: torch.device) -> LayerWeights:
-    """Layer ``i``'s weights in float32 on ``device`` (on the host: :meth:`ModelWeights.layer` as it is)."""
+    """Layer ``i``'s weights in float32 on ``device``: the dense ones dequantized on the host and copied, the
+    experts a :class:`DeviceExpertBank`."""
     w = model.layer(i, torch.float32)
-    if device.type == "cpu":
-        return w
     moved: dict[str, object] = {}
     for f in dataclasses.fields(w):
         v = getattr(w, f.name)
