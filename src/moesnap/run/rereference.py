@@ -62,7 +62,7 @@ from ..model.reference import (ActQuant, RMSNorm, Transformer, _linear, causal_a
 from ..stages import LAYER_STAGES
 from ..model.tensors import table
 from ..model.weights import LayerWeights, ModelWeights
-from .rereference_device import exact_matmuls, layer_on, output_on
+from .rereference_device import DeviceWeights, exact_matmuls
 
 Progress = Callable[[int, int], None]
 _HOST = torch.device("cpu")
@@ -380,7 +380,7 @@ class LocalReference:
                 self.notes.append(f"{self.label}layer {i}: the dump has no {what}, so the layer is judged "
                                   f"free-running only")
             else:
-                w = model.layer(i, torch.float32) if self.host else layer_on(model, i, dev)
+                w = (model if self.host else DeviceWeights(model, dev)).layer(i, torch.float32)
                 rec = ArrayRecorder(batched=not self.host)     # one copy to the host per layer
                 rounded: list = []
                 _layer(cfg, w, _Engine(cand, i, dev), i, torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(dev),
@@ -414,14 +414,15 @@ class LocalReference:
         t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
         if self.host:
             return Transformer(self.model, torch.float32, self.aq).final_norm(t).numpy()
-        norm = RMSNorm(self.model.dense("output_norm", torch.float32).to(self.device), self.model.config.rms_eps)
+        norm = RMSNorm(DeviceWeights(self.model, self.device).dense("output_norm"), self.model.config.rms_eps)
         return norm(t.to(self.device)).cpu().numpy()
 
     def _lm_head(self, x: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
         if self.host:
             return Transformer(self.model, torch.float32, self.aq).lm_head(t).numpy()
-        return (self.aq(t.to(self.device), "output") @ output_on(self.model, self.device).T).cpu().numpy()
+        head = DeviceWeights(self.model, self.device).dense("output")                 # [V, H]
+        return (self.aq(t.to(self.device), "output") @ head.T).cpu().numpy()
 
 
 def _usable(x: np.ndarray | None, T: int, hidden: int) -> bool:

@@ -1,11 +1,12 @@
 """The local re-reference's weights on a torch device: one layer at a time, as on the host.
 
-A layer's dense weights are dequantized on the host (:meth:`~moesnap.model.weights.ModelWeights.layer`,
-a few matrices) and copied to the device; its experts' stored bytes are copied there once, and each
-expert the router selects is dequantized there (:mod:`moesnap.gguf.quants_torch`: bit-exact with the
-host's float32 dequantization), not on the host's cores, where a layer's 128 experts of the 30B-A3B
-shape took seconds.  A type the device decoder lacks is dequantized on the host and copied.  The
-whole-model tensors (``output_norm``, the lm head) likewise.  Everything in float32.
+:class:`DeviceWeights` is a model seen from a device: each tensor's stored bytes are copied there and
+dequantized there (:mod:`moesnap.gguf.quants_torch`: bit-exact with the host's float32 dequantization),
+not on the host's cores, where a layer's 128 experts of the 30B-A3B shape took seconds; a type the
+device decoder lacks is dequantized on the host and copied.  Its :meth:`~DeviceWeights.layer` is the
+model's own (:meth:`~moesnap.model.weights.ModelWeights.layer`: the same tensors, the same family
+logic), with the experts a :class:`DeviceExpertBank`: their bytes copied once per layer, each expert the
+router selects dequantized when asked.  Everything in float32.
 """
 
 from __future__ import annotations
@@ -13,22 +14,70 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from ..gguf import quants_torch
 from ..model.weights import ExpertBank, LayerWeights, ModelWeights, file_bytes
+
+
+class DeviceWeights(ModelWeights):
+    """``model``'s tensors dequantized on ``device`` by :meth:`dense` and :meth:`layer`; everything else is
+    ``model``'s."""
+
+    def __init__(self, model: ModelWeights, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.path, self.config, self.kind = model.path, model.config, model.kind
+
+    def qtypes(self) -> dict[str, str]:
+        return self.model.qtypes()
+
+    def tensor_type(self, name: str) -> GGMLQuantizationType:
+        return self.model.tensor_type(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.model.shape(name)
+
+    def raw(self, name: str) -> tuple[GGMLQuantizationType, np.ndarray]:
+        return self.model.raw(name)
+
+    def release_tensor(self, name: str) -> None:
+        self.model.release_tensor(name)
+
+    def rows(self, name: str, rows: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.model.rows(name, rows, dtype).to(self.device)
+
+    def n_rows(self, name: str) -> int:
+        return self.model.n_rows(name)
+
+    def expert_matrix(self, layer: int, tensor: str, e: int) -> np.ndarray:
+        return self.model.expert_matrix(layer, tensor, e)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.model.fingerprint()
+
+    def dense(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tensor ``name`` dequantized on the device (on the host where the device decoder lacks its type)."""
+        if self.tensor_type(name) in quants_torch.SUPPORTED:
+            return self.model.on_device(name, self.device, torch.float32).to(dtype)
+        return self.model.dense(name, dtype).to(self.device)
+
+    def layer(self, i: int, dtype: torch.dtype = torch.float32) -> LayerWeights:
+        w = super().layer(i, dtype)
+        return w if w.experts is None else dataclasses.replace(w, experts=DeviceExpertBank(w.experts, self.device))
 
 
 class DeviceExpertBank(ExpertBank):
     """One layer's experts on ``device``: the stored bytes of each expert tensor copied once, an expert
     dequantized there when asked."""
 
-    def __init__(self, host: ExpertBank, device: torch.device) -> None:
-        # not ExpertBank.__init__: the host bank has read the biases already
-        self.model, self.layer, self.dtype, self.names = host.model, host.layer, host.dtype, host.names
+    def __init__(self, bank: ExpertBank, device: torch.device) -> None:
+        # not ExpertBank.__init__: ``bank`` has read the biases already
+        self.model, self.layer, self.dtype, self.names, self.biases = bank.model, bank.layer, bank.dtype, bank.names, bank.biases
         self.device = device
-        self.biases = None if host.biases is None else tuple(b.to(device) for b in host.biases)
         self._stored: dict[str, torch.Tensor | None] = {}
         for n in self.names:      # here, not when first asked: experts are asked for on the dequantizing threads
             qtype, data = self.model.raw(f"blk.{self.layer}.{n}")
@@ -46,29 +95,6 @@ class DeviceExpertBank(ExpertBank):
         """(gate [F, H], up [F, H], down [H, F]) of expert ``e``, on the device."""
         gate, up, down = (self._matrix(n, e) for n in self.names)
         return gate, up, down
-
-
-def layer_on(model: ModelWeights, i: int, device: torch.device) -> LayerWeights:
-    """Layer ``i``'s weights in float32 on ``device``: the dense ones dequantized on the host and copied, the
-    experts a :class:`DeviceExpertBank`."""
-    w = model.layer(i, torch.float32)
-    moved: dict[str, object] = {}
-    for f in dataclasses.fields(w):
-        v = getattr(w, f.name)
-        if isinstance(v, torch.Tensor):
-            moved[f.name] = v.to(device)
-        elif isinstance(v, tuple):
-            moved[f.name] = tuple(t.to(device) for t in v)
-        elif isinstance(v, ExpertBank):
-            moved[f.name] = DeviceExpertBank(v, device)
-    return dataclasses.replace(w, **moved)   # type: ignore[arg-type]
-
-
-def output_on(model: ModelWeights, device: torch.device) -> torch.Tensor:
-    """The lm head ``[V, H]`` in float32 on ``device``."""
-    if model.tensor_type("output") in quants_torch.SUPPORTED:
-        return model.on_device("output", device, torch.float32)
-    return model.dense("output", torch.float32).to(device)
 
 
 @contextlib.contextmanager
