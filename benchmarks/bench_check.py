@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compare", action="store_true", help="leave out the trace and compare rows")
     a = ap.parse_args(argv)
     judges: list[str | None] = [j.strip() for j in a.judge.split(",") if j.strip()] if a.judge else [None]
-    if any(j not in ("cpu", "device", "auto") for j in judges):
+    if any(j is not None and j not in ("cpu", "device", "auto") for j in judges):
         raise SystemExit(f"--judge {a.judge!r}: expected cpu, device and/or auto")
     import torch
 
