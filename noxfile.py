@@ -52,7 +52,7 @@ TYPED = [f"src/moesnap/{m}" for m in (
     "model/candidate_moe.py",
     "model/inject_serving.py",
     "run/__init__.py", "run/trace.py", "run/goldens.py", "run/check.py", "run/compare.py", "run/calibrate.py",
-    "run/rereference.py", "run/importing.py", "run/prompts.py", "run/goldens_show.py", "run/goldens_diff.py",
+    "run/rereference.py", "run/rereference_device.py", "run/importing.py", "run/prompts.py", "run/goldens_show.py", "run/goldens_diff.py",
     "run/goldens_diff_text.py",
     "capture/__init__.py", "capture/_flat.py", "capture/_decode.py", "capture/hf.py", "capture/llama.py", "capture/sglang.py",
     "capture/aprt.py", "capture/_ptload.py",

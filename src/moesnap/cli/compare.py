@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..judge.policy import DTYPES
-from ._options import add_report_options, check_report_outputs, dtype_arg, emit, settings
+from ._options import add_report_options, check_report_outputs, device_name, dtype_arg, emit, settings
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -17,7 +17,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     asked = settings(a, dtype=a.dtype)
     check_candidate_path(a.candidate)
     report = compare(a.golden, a.candidate, store=a.store, settings=asked, model=a.model,
-                     local=not a.no_local, allow_missing=a.allow_missing, case=a.case)
+                     local=not a.no_local, allow_missing=a.allow_missing, case=a.case, device=a.device)
     return emit(report, a, "moesnap compare")
 
 
@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "input and judge the error each layer introduces (default: the model file the golden "
                         "records, where it is found with the same sha256)")
     p.add_argument("--no-local", action="store_true", help="judge free-running only, even where the model is found")
+    p.add_argument("--device", default=None, type=device_name,
+                   help="where the local re-reference runs, in float32: cuda[:N] (the default where there is one) "
+                        "or cpu")
     p.add_argument("--case", metavar="NAME",
                    help="judge the candidate against this one golden case (default: the case with the candidate's "
                         "tokens, or every case for a directory of case groups)")

@@ -26,7 +26,7 @@ and the :class:`CaseReport` is assembled from them at the end.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -287,7 +287,8 @@ def _walk(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: 
 
 def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str, name: str = "case",
                   allow_missing: bool = False, layers: Iterable[int] | None = None,
-                  propagate: bool = True, mode: str = "free-running", device: JudgeDevice | None = None) -> CaseReport:
+                  propagate: bool = True, mode: str = "free-running", device: JudgeDevice | None = None,
+                  ready: Callable[[int | None], None] | None = None) -> CaseReport:
     """Judge every stage of ``candidate`` against ``golden``.
 
     ``allow_missing``: stages the candidate does not have at all (an engine
@@ -310,8 +311,13 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     Stages are classified concurrently (numpy releases the GIL: :mod:`moesnap.judge.pool`); results
     keep computation order.  ``device``: their statistics computed in torch there
     (:func:`moesnap.judge.device.judge_device`); None: by numpy.
+    ``ready``: ``golden`` is still being made (the local re-reference, on a thread of its own): each
+    layer is judged once ``ready(layer)`` returned, the whole-model stages once ``ready(None)`` did,
+    so that judging a layer overlaps making the next.
     """
     check_same_tokens(golden, candidate, where=name)
+    if ready is not None and candidate.attrs.get("held_tokens"):
+        ready(None)        # the rows the candidate does not hold are set to the golden's (attrs.golden_rows)
     w = _walk(golden, candidate, tols, dtype=dtype, name=name, mode=mode, propagate=propagate,
               allow_missing=allow_missing, device=device)
     notes = [] if not w.held or w.per_layer else held_notes(
@@ -324,6 +330,9 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     routing_notes: list[str] = []
     inherited: int | None = None  # first token left out because an earlier layer flipped it
     for layer in order:
+        if ready is not None:
+            ready(layer)   # its followed routes too: appended as the layer is made
+            w = replace(w, g_follow=followed_routes(golden, where=f"{name} (golden)"))
         judged, flipped, said = _judge_layer(w, layer, inherited)
         items += judged
         routing_notes += said
@@ -335,6 +344,8 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
                     f"from layer {layer + 1} on every token is excused by a near-tie flip, so the free-running "
                     f"comparison judges nothing further")
     tail = tuple(range(inherited, w.n_tokens)) if inherited is not None else ()
+    if ready is not None:
+        ready(None)
     for stage in ("final_norm", "logits"):
         if stage in model_stages:
             items += _seconds(w, stage, None, tail)

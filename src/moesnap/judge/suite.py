@@ -39,7 +39,11 @@ class PerLayer:
     golden: Case
     candidate: Case
     layers: tuple[int, ...] | None = None
-    notes: tuple[str, ...] = ()
+    notes: Sequence[str] = ()
+    #: a ``golden`` still being made as it is judged (the local re-reference, made on a thread of its own):
+    #: ``ready(l)`` returns once its layer ``l`` is written, ``ready(None)`` once all of it is (``notes``
+    #: then complete too); the judge of each layer waits for it.  None: made already
+    ready: Callable[[int | None], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
 
     def start(p: Pair, golden_rows: Case, d: str) -> None:
         pl = p.per_layer
-        run = submit_case if processes and p.step is not None else _now
+        run = submit_case if processes and p.step is not None and (pl is None or pl.ready is None) else _now
         where = None if run is submit_case else on      # a worker process judges with numpy
         free = run(compare_cases, golden_rows, p.candidate, tols, dtype=d, name=p.name, allow_missing=allow_missing,
                    mode=mode, device=where)
@@ -108,7 +112,8 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
         if pl is not None:
             pg = pl.golden if pl.golden.tokens.shape == pl.candidate.tokens.shape else pl.golden.rows(pl.candidate.positions)
             per_rep = run(compare_cases, pg, pl.candidate, tols, dtype=d, name=p.name, allow_missing=True,
-                          layers=pl.layers, propagate=False, mode=per_layer or "replay", device=where)
+                          layers=pl.layers, propagate=False, mode=per_layer or "replay", device=where,
+                          ready=pl.ready)
         pending.append((p, golden_rows, d, free, per_rep))
         if run is _now:     # judged already: taken now, so that a large case is not held to the end
             settle()
@@ -126,6 +131,8 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
             if per_rep is not None:
                 assert p.per_layer is not None
                 prep = _result(per_rep)
+                if p.per_layer.ready is not None:
+                    p.per_layer.ready(None)     # made to the end: its notes are complete
                 prep.notes.extend(p.per_layer.notes)
                 prep.step, prep.positions = p.step, _positions(p.per_layer.candidate)
                 per.append(prep)

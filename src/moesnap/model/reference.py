@@ -112,7 +112,7 @@ def causal_attention(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torc
     scores = torch.einsum("thd,shd->hts", q, k)              # [Hq, T, T]
     scale = softmax_scale(cfg)
     scores = scores / math.sqrt(cfg.head_dim) if scale is None else scores * scale
-    allowed = attention_mask(cfg, layer, T)                  # [T, T]
+    allowed = attention_mask(cfg, layer, T).to(q.device)     # [T, T] (q's device: the local re-reference's GPU)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = softmax_with_sinks(scores, sinks)                # [Hq, T, T]
     return torch.einsum("hts,shd->thd", probs, v).reshape(T, -1)  # [T, Hq*Dv]

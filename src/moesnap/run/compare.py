@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from ..judge.suite import Pair, PerLayer, judge_suite
 from ..judge.tolerances import Tolerances
 from ..store.case import load_case
 from ..util import LayerProgress, show_progress_switch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_golden(spec: str, store: str | None) -> list[tuple[str, Case]]:
@@ -188,7 +192,7 @@ def compare(golden: str, candidate: str | Path | Case | Mapping[str, Case], *, s
             model: str | Path | None = None, local: bool = True, allow_missing: bool = False,
             dtype: str | None = None, show_progress: bool = True, case: str | None = None,
             settings: Settings | None = None, candidate_name: str | None = None,
-            notes: tuple[str, ...] = ()) -> Report:
+            notes: tuple[str, ...] = (), device: str | None = None) -> Report:
     """Judge the dump at ``candidate`` (a case group, a group of case groups named like the golden's, a
     :class:`~moesnap.case.Case` in memory, or a mapping of golden case names to Cases) against
     ``golden`` (``NAME[@vNNNN]`` in ``store``, or a case group path).
@@ -216,9 +220,16 @@ def compare(golden: str, candidate: str | Path | Case | Mapping[str, Case], *, s
     config file, overrides; :class:`~moesnap.judge.policy.Settings`), the command line's; ``tols``:
     tolerances as given (over the profile's tables).  ``candidate_name`` and ``notes``: what the report
     calls the candidate, and what it adds about it.
+
+    ``device``: where the local re-reference computes (``cpu``, ``cuda``, ``cuda:N``; default: a CUDA
+    device where torch sees one, else the host), in float32; it is judged layer by layer as it is made.
     """
     if model is not None and not local:
         raise UsageError("--model and --no-local contradict each other")
+    if device is not None and not local:
+        raise UsageError(f"--device {device} and --no-local contradict each other (the device runs the local "
+                         f"re-reference)")
+    where = reference_device(device)
     if settings is None:
         settings = Settings(dtype=dtype, profile=profile or "auto")
     else:
@@ -228,17 +239,31 @@ def compare(golden: str, candidate: str | Path | Case | Mapping[str, Case], *, s
     gold = _pick_case(gold, case, golden)
     return judge_dump(ref, meta, gold, candidate, settings, tols=tols, model=model, local=local,
                       allow_missing=allow_missing, case=case,
-                      candidate_name=candidate_name, notes=notes)
+                      candidate_name=candidate_name, notes=notes, device=where)
+
+
+def reference_device(name: str | None) -> torch.device:
+    """Where the local re-reference runs: ``name`` (cpu, cuda, cuda:N; a CUDA device only where torch sees
+    one), or by default the CUDA device where there is one, else the host."""
+    import torch
+
+    from ..model.load import parse_device
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return parse_device(name)
 
 
 def judge_dump(ref: str, meta: dict, gold: list[tuple[str, Case]],
                candidate: str | Path | Case | Mapping[str, Case], settings: Settings | Policy, *,
                tols: Tolerances | None = None, model: str | Path | None = None, local: bool = True,
                allow_missing: bool = False, case: str | None = None,
-               candidate_name: str | None = None, notes: tuple[str, ...] = ()) -> Report:
+               candidate_name: str | None = None, notes: tuple[str, ...] = (),
+               device: torch.device | None = None) -> Report:
     """:func:`compare` of a golden already read: ``ref`` (what it is), its metadata ``meta`` and its
     cases ``gold``; ``settings`` is resolved here (its profile may follow the candidate's engine), a
-    :class:`~moesnap.judge.policy.Policy` is taken as it is."""
+    :class:`~moesnap.judge.policy.Policy` is taken as it is.  ``device``: where the local re-reference
+    runs (None: :func:`reference_device`'s default)."""
     from ..model.load import open_model
     from .check import check_golden_matches_model
 
@@ -268,27 +293,33 @@ def judge_dump(ref: str, meta: dict, gold: list[tuple[str, Case]],
             ggm = open_model(found)
             out_notes.append(f"local re-reference with {found} (the golden's model file, same sha256)")
     hint = None
-    if ggm is None:
+    if ggm is not None:
+        device = device or reference_device(None)
+        if device.type != "cpu":     # (on the host it says nothing: the reference's own arithmetic)
+            out_notes.append(f"local re-reference computed on {device} in float32")
+    else:
+        device = None
         hint = (f"moesnap compare {ref} {where} --model MODEL.gguf (the golden's model file: the "
                 f"reference then judges every layer from the engine's own input)")
     judged = [name for name, _, _ in pairs]
     left = [name for name, _ in gold if name not in judged]
-    return judge_suite(_pairs(pairs, ggm, policy), policy, golden=ref, candidate=where,
+    # the judge's statistics on the re-reference's device where it is a CUDA one (moesnap.judge.device)
+    return judge_suite(_pairs(pairs, ggm, policy, device), policy, golden=ref, candidate=where,
                        per_layer="local" if ggm is not None else None, allow_missing=allow_missing,
                        notes=out_notes, hint=hint, golden_cases=tuple(name for name, _ in gold),
                        ignored={n: c.ignored for n, _, c in pairs},
-                       case_hint=None if single else _case_hint(left), single_case=single)
+                       case_hint=None if single else _case_hint(left), single_case=single, device=device)
 
 
-def _pairs(pairs: list[tuple[str, Case, Case]], ggm, policy: Policy) -> Iterator[Pair]:
-    """The judge's pairs, each with its local re-reference (``ggm``: the golden's model) made as it is
-    judged, then its steps."""
+def _pairs(pairs: list[tuple[str, Case, Case]], ggm, policy: Policy, device: Any) -> Iterator[Pair]:
+    """The judge's pairs, each with its local re-reference (``ggm``: the golden's model; on ``device``) made
+    as it is judged, then its steps."""
     for name, g, c in pairs:
         merged = _sequence(c) if ggm is not None and c.steps else None
         if merged is not None:   # the prompt and its steps re-referenced as one sequence of the engine's own rows
-            yield from _local_steps(name, g, c, merged, ggm, policy)
+            yield from _local_steps(name, g, c, merged, ggm, policy, device)
             continue
-        yield from _local(name, g, c, ggm, policy)
+        yield from _local(name, g, c, ggm, policy, device)
         for n, step in enumerate(c.steps):   # decode steps (or later chunks), each at its own positions
             yield Pair(f"{name}/step{_number(step, n)}", g, step, step=_number(step, n),
                        notes=(f"{name}: its decode steps are judged free-running only (local re-reference needs "
@@ -317,49 +348,54 @@ def _sequence(c: Case) -> Case | None:
                 attrs={k: v for k, v in c.attrs.items() if k not in ("positions", "router_followed")})
 
 
-def _local_steps(name: str, g: Case, c: Case, merged: Case, ggm, policy: Policy) -> Iterator[Pair]:
+def _reference(name: str, c: Case, ggm, policy: Policy, device: Any):
+    """The local re-reference of ``c`` (:class:`~moesnap.run.rereference.LocalReference`), not yet started;
+    its notes prefixed with the case's name."""
+    from ..model.ggml import ActivationQuant, identity
+    from .rereference import LocalReference
+
+    aq = ActivationQuant(ggm.qtypes()) if policy.rounds_activations else identity
+    return LocalReference(ggm, c, tie_tol=policy.tolerances.tie_tol(policy.dtype_of(c.attrs)),
+                          progress=LayerProgress(f"local {name}"), aq=aq, device=device, label=f"{name}: ")
+
+
+def _local_steps(name: str, g: Case, c: Case, merged: Case, ggm, policy: Policy, device: Any) -> Iterator[Pair]:
     """Local re-reference of a prompt and its decode steps: the reference recomputes every layer of every
     row from the engine's own input to it, attending the engine's own earlier rows (so a step's keys and
-    values are those the engine's own earlier inputs give), then each forward is judged on its rows."""
-    from ..model.ggml import ActivationQuant, identity
-    from .rereference import local_reference
-
-    d = policy.dtype_of(c.attrs)
-    bar = LayerProgress(f"local {name}")
-    aq = ActivationQuant(ggm.qtypes()) if policy.rounds_activations else identity
-    ref, done, lnotes = local_reference(ggm, merged, tie_tol=policy.tolerances.tie_tol(d), progress=bar, aq=aq)
-    bar.close()
+    values are those the engine's own earlier inputs give), then each forward is judged on its rows.  The
+    prompt's rows are judged as the layers are made; its steps' once all are."""
+    ref = _reference(name, merged, ggm, policy, device)
     note = (f"{name}: its {len(c.steps)} decode steps re-referenced with the prompt as one sequence of the engine's "
             f"own rows (each step's attention over the keys and values of the engine's own earlier inputs)",)
-    if not done:
+    if not ref.layers:
         yield Pair(name, g, c, notes=(f"{name}: local re-reference judged nothing: the dump holds no layer input "
                                       f"(embed, layer_out), so every layer is judged free-running only",))
         for n, step in enumerate(c.steps):
             yield Pair(f"{name}/step{_number(step, n)}", g, step, step=_number(step, n))
         return
-    lines = tuple(f"{name}: {n}" for n in lnotes)
-    yield Pair(name, g, c, PerLayer(ref.rows(c.positions), c, tuple(done), lines), notes=note)
+    try:
+        yield Pair(name, g, c, PerLayer(ref.start().rows(c.positions), c, ref.layers, ref.notes, ready=ref.ready),
+                   notes=note)
+        ref.ready(None)
+    finally:
+        ref.close()
     for n, step in enumerate(c.steps):
-        yield Pair(f"{name}/step{_number(step, n)}", g, step, PerLayer(ref.rows(step.positions), step, tuple(done)),
+        yield Pair(f"{name}/step{_number(step, n)}", g, step, PerLayer(ref.case.rows(step.positions), step, ref.layers),
                    step=_number(step, n))
 
 
-def _local(name: str, g: Case, c: Case, ggm, policy: Policy) -> Iterator[Pair]:
-    """One case's pair, with its local re-reference where the model is at hand."""
-    from ..model.ggml import ActivationQuant, identity
-    from .rereference import local_reference
-
+def _local(name: str, g: Case, c: Case, ggm, policy: Policy, device: Any) -> Iterator[Pair]:
+    """One case's pair, with its local re-reference where the model is at hand, judged as it is made."""
     prefix = bool((c.positions == np.arange(c.tokens.size)).all())    # rows 0..T-1: their own causal prefix
     if ggm is None or c.n_layer > g.n_layer or not prefix:   # (the judge refuses the second)
         yield Pair(name, g, c)
         return
-    d = policy.dtype_of(c.attrs)
-    bar = LayerProgress(f"local {name}")
-    aq = ActivationQuant(ggm.qtypes()) if policy.rounds_activations else identity
-    ref, done, lnotes = local_reference(ggm, c, tie_tol=policy.tolerances.tie_tol(d), progress=bar, aq=aq)
-    bar.close()
-    if not done:
+    ref = _reference(name, c, ggm, policy, device)
+    if not ref.layers:
         yield Pair(name, g, c, notes=(f"{name}: local re-reference judged nothing: the dump holds no layer "
                                       f"input (embed, layer_out), so every layer is judged free-running only",))
         return
-    yield Pair(name, g, c, PerLayer(ref, c, tuple(done), tuple(f"{name}: {n}" for n in lnotes)))
+    try:
+        yield Pair(name, g, c, PerLayer(ref.start().case, c, ref.layers, ref.notes, ready=ref.ready))
+    finally:
+        ref.close()

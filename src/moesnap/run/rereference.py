@@ -35,12 +35,16 @@ output, no stage): the reference computes it with its own float32 sums, and wher
 step: ~4e-3 of the row).  There the reference takes the engine's rounding of those elements only
 (:func:`_follow_rounding`), and a note says which.
 
+The judge does not wait for the whole of it: :class:`LocalReference` makes it layer by layer on a
+thread of its own, on the host or a CUDA device, while the judge reads the layers already made.
+
 Memory: one layer's weights at a time (the reference's lazy loader); the
 recomputed stages take what one golden case takes.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import numpy as np
@@ -57,9 +61,12 @@ from ..model.ggml import ActivationQuant, identity, near_halves, near_scale_halv
 from ..model.reference import (ActQuant, RMSNorm, Transformer, _linear, causal_attention, expert_outputs,
                                rope_cos_sin, swiglu_mlp)
 from ..stages import LAYER_STAGES
+from ..model.tensors import table
 from ..model.weights import LayerWeights, ModelWeights
+from .rereference_device import DeviceWeights, exact_matmuls
 
 Progress = Callable[[int, int], None]
+_HOST = torch.device("cpu")
 
 
 def _input_of(candidate: Case, layer: int) -> tuple[np.ndarray | None, str]:
@@ -69,16 +76,16 @@ def _input_of(candidate: Case, layer: int) -> tuple[np.ndarray | None, str]:
 
 
 class _Engine:
-    """The engine's own values of one layer's stages, as float32 tensors where usable."""
+    """The engine's own values of one layer's stages, as float32 tensors (on ``device``) where usable."""
 
-    def __init__(self, candidate: Case, layer: int) -> None:
-        self.case, self.layer = candidate, layer
+    def __init__(self, candidate: Case, layer: int, device: torch.device = _HOST) -> None:
+        self.case, self.layer, self.device = candidate, layer, device
 
     def get(self, stage: str, like: torch.Tensor) -> torch.Tensor | None:
         a = self.case.stage(stage, self.layer)
         if a is None or a.dtype.kind != "f" or tuple(a.shape) != tuple(like.shape) or not np.isfinite(a).all():
             return None
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
 
     def or_own(self, stage: str, own: torch.Tensor) -> torch.Tensor:
         """The engine's value of ``stage`` where it has a usable one, else the reference's."""
@@ -97,17 +104,17 @@ def _follow(own_ids: torch.Tensor, logits: torch.Tensor, cand: np.ndarray | None
     """Take the engine's expert set where it differs from the reference's own at a near tie."""
     if cand is None:
         return own_ids
-    own = own_ids.numpy()
+    own = own_ids.cpu().numpy()
     differ = np.flatnonzero((np.sort(own, axis=1) != np.sort(cand, axis=1)).any(axis=1))
     out = own_ids.clone()
-    lg = logits.numpy()
+    lg = logits.cpu().numpy()
     for t in differ.tolist():
         row = cand[t]
         if len(set(row.tolist())) != row.size or row.min() < 0 or row.max() >= n_expert:
             continue
         if tie_gap(lg[t], row) <= tie_tol:
             followed.append([layer, t, [int(e) for e in own[t]]])
-            out[t] = torch.from_numpy(row)
+            out[t] = torch.from_numpy(row).to(out.device)
     return out
 
 
@@ -116,11 +123,11 @@ def _by_ids(values: torch.Tensor | None, ids_from: np.ndarray | None, ids_to: to
     token's two id sets agree; None otherwise."""
     if values is None or ids_from is None:
         return None
-    to = ids_to.numpy()
+    to = ids_to.cpu().numpy()
     if not (np.sort(ids_from, axis=1) == np.sort(to, axis=1)).all():
         return None
     pos = np.argsort(ids_from, axis=1)[np.arange(to.shape[0])[:, None], np.argsort(np.argsort(to, axis=1), axis=1)]
-    idx = torch.from_numpy(pos)
+    idx = torch.from_numpy(pos).to(values.device)
     if values.dim() == 3:
         idx = idx[..., None].expand(-1, -1, values.shape[-1])
     return values.gather(1, idx)
@@ -406,62 +413,199 @@ def _rounding_note(rounded: list) -> str:
             f"matmul input no stage holds (a down projection's, MLA's v_b's) at a near half ({where}{more})")
 
 
-def local_reference(model: ModelWeights, candidate: Case, *, tie_tol: float,
-                    progress: Progress | None = None, aq: ActQuant = identity) -> tuple[Case, list[int], list[str]]:
-    """(the reference recomputed from ``candidate``'s own values, the layers recomputed, notes).
+class LocalReference:
+    """The local re-reference of one dump (module docstring) as a value the judge reads while it is made.
 
-    ``aq`` rounds each matmul's input as the engine does (``ActivationQuant`` for a ggml engine:
-    the local reference then computes what a correct ggml engine computes from the same inputs).
+    :attr:`case` holds the reference's arrays from the start (``[n_layer, ...]``, zeros until made);
+    :meth:`start` makes them on a thread of its own, layer by layer, then the whole-model stages
+    (``final_norm`` from the engine's last ``layer_out``, ``logits`` from its ``final_norm``), while
+    :meth:`ready` returns once a layer (given None: all of it) is made.  So the judge of layer ``l``
+    overlaps the recomputation of layer ``l + 1``, and the free-running judgement of the same dump the
+    whole of it.  :meth:`run` makes it all on the calling thread instead (the same values, bit for bit).
 
-    Layers the dump gives no input for are left out of the list (their arrays
-    hold zeros and must not be judged).
+    :attr:`layers`: the layers recomputed, those the dump gives an input for (known before any is made;
+    the other layers' arrays hold zeros and must not be judged).  :attr:`notes`: what the re-reference
+    says, in layer order, each prefixed with ``label``; complete once ``ready(None)`` returned.
+
+    ``aq`` rounds each matmul's input as the engine does (``ActivationQuant`` for a ggml engine: the
+    local reference then computes what a correct ggml engine computes from the same inputs).
+    ``device``: where the arithmetic runs, in float32 (:mod:`moesnap.run.rereference_device`: one
+    layer's weights at a time there, as on the host).  A dump whose input to a layer is not a float
+    array ``[T, H]`` is refused here, before anything is made.
     """
-    cfg = model.config
-    T = int(candidate.tokens.shape[0])
-    n_layer = min(cfg.n_layer, candidate.n_layer) if candidate.layers else cfg.n_layer
-    ref = Transformer(model, torch.float32, aq)
-    cos, sin = rope_cos_sin(cfg, T, torch.float32)
-    rec = ArrayRecorder()
-    followed: list = []
-    done: list[int] = []
-    notes: list[str] = []
-    for i in range(n_layer):
-        x, what = _input_of(candidate, i)
-        if x is None:
-            notes.append(f"layer {i}: the dump has no {what}, so the layer is judged free-running only")
-        else:
+
+    def __init__(self, model: ModelWeights, candidate: Case, *, tie_tol: float, progress: Progress | None = None,
+                 aq: ActQuant = identity, device: torch.device | str = "cpu", label: str = "") -> None:
+        cfg = model.config
+        self.model, self.candidate, self.tie_tol, self.progress, self.aq = model, candidate, tie_tol, progress, aq
+        self.device, self.label = torch.device(device), label
+        #: made by the host's own code (``model.layer``, the reference's lm head); False: by the device path
+        #: (experts dequantized where the arithmetic runs; a test runs it on the host, where it must agree)
+        self.host = self.device.type == "cpu"
+        T = int(candidate.tokens.shape[0])
+        self.n_layer = min(cfg.n_layer, candidate.n_layer) if candidate.layers else cfg.n_layer
+        done = []
+        for i in range(self.n_layer):
+            x, what = _input_of(candidate, i)
+            if x is None:
+                continue
             if x.ndim != 2 or x.shape != (T, cfg.hidden) or x.dtype.kind != "f":
                 raise GoldenError(f"candidate {what}: expected a float array [{T}, {cfg.hidden}], "
                                   f"got {x.dtype} {list(x.shape)}")
-            w = model.layer(i, torch.float32)
-            rounded: list = []
-            _layer(cfg, w, _Engine(candidate, i), i, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-                   cos, sin, rec, tie_tol, followed, aq, rounded)
-            if rounded:
-                notes.append(f"layer {i}: {_rounding_note(rounded)}")
-            del w
-            model.release_layer(i)
             done.append(i)
-        if progress is not None:
-            progress(i + 1, n_layer)
-    layers: dict[str, np.ndarray] = {}
-    for stage in LAYER_STAGES:
-        per = rec.layers.get(stage)
-        if not per:
-            continue
-        first = next(iter(per.values()))
-        full = np.zeros((n_layer, *first.shape), dtype=first.dtype)
-        for i, a in per.items():
-            full[i] = a
-        layers[stage] = full
-    model_stages: dict[str, np.ndarray] = {}
-    x_last = candidate.stage("layer_out", cfg.n_layer - 1)
-    if x_last is not None and x_last.shape == (T, cfg.hidden) and x_last.dtype.kind == "f":
-        model_stages["final_norm"] = ref.final_norm(torch.from_numpy(np.ascontiguousarray(x_last, np.float32))).numpy()
-    fn = candidate.model.get("final_norm")
-    if fn is not None and fn.shape == (T, cfg.hidden) and fn.dtype.kind == "f":
-        model_stages["logits"] = ref.lm_head(torch.from_numpy(np.ascontiguousarray(fn, np.float32))).numpy()
-    local = Case(tokens=candidate.tokens, model=model_stages, layers=layers,
-                 attrs={"producer": "moesnap-local-reference", "router_followed": followed,
-                        "model": {"config": cfg.to_dict()}})      # its family: the judge walks that family's stages
-    return local, done, notes
+        self.layers: tuple[int, ...] = tuple(done)
+        self.notes: list[str] = []
+        self.followed: list = []
+        layers: dict[str, np.ndarray] = {s: np.zeros((self.n_layer, *shape), dtype=dt)
+                                          for s, (shape, dt) in _layer_shapes(cfg, T, done).items()}
+        model_stages: dict[str, np.ndarray] = {}
+        if _usable(candidate.stage("layer_out", cfg.n_layer - 1), T, cfg.hidden):
+            model_stages["final_norm"] = np.zeros((T, cfg.hidden), dtype=np.float32)
+        if _usable(candidate.model.get("final_norm"), T, cfg.hidden):
+            model_stages["logits"] = np.zeros((T, model.n_rows("output")), dtype=np.float32)
+        self.case = Case(tokens=candidate.tokens, model=model_stages, layers=layers,
+                         attrs={"producer": "moesnap-local-reference", "router_followed": self.followed,
+                                "model": {"config": cfg.to_dict()}})  # its family: the judge walks its stages
+        self._made: set[int] = set()
+        self._finished = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the consumer's side
+    def start(self) -> LocalReference:
+        """Make it on a thread of its own (:meth:`ready` waits for what the judge reads)."""
+        if self._thread is None and not self._finished:
+            self._thread = threading.Thread(target=self.run, name="moesnap-local-reference", daemon=True)
+            self._thread.start()
+        return self
+
+    def ready(self, layer: int | None) -> None:
+        """Return once layer ``layer`` is made (None: every layer and the whole-model stages); what went
+        wrong in making it is raised here.  Never started: it is made now, on this thread."""
+        if self._thread is None and not self._finished:
+            self.run()
+        with self._cond:
+            self._cond.wait_for(lambda: self._finished or layer is not None and (layer in self._made
+                                                                                 or layer not in self.layers))
+        if self._error is not None and (layer is None or layer not in self._made):
+            raise self._error
+
+    def close(self) -> None:
+        """Stop after the layer in progress and wait for the thread (a judge that stopped early)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def rows(self, positions: np.ndarray) -> Case:
+        """:meth:`Case.rows <moesnap.case.Case.rows>` of :attr:`case` at ``positions``, consecutive ones: views
+        of its arrays, so that what is made later is seen there too."""
+        pos = np.asarray(positions, dtype=np.int64)
+        lo = int(pos[0]) if pos.size else 0
+        if not (pos == np.arange(lo, lo + pos.size)).all():
+            raise ValueError(f"positions {pos.tolist()[:8]}: not consecutive")
+        at = slice(lo, lo + pos.size)
+        c = self.case
+        attrs = {k: v for k, v in c.attrs.items() if k not in ("router_followed", "token_ids", "held_tokens")}
+        attrs["positions"] = [int(p) for p in pos]
+        return Case(tokens=c.tokens[pos], model={s: a[at] for s, a in c.model.items()},
+                    layers={s: a[:, at] for s, a in c.layers.items()}, attrs=attrs)
+
+    # -- the maker's side
+    def run(self) -> None:
+        """Make every layer, then the whole-model stages, on this thread."""
+        try:
+            with torch.no_grad(), exact_matmuls(self.device):
+                self._make()
+        except BaseException as e:   # handed to the judge's thread by ready()
+            self._error = e
+        finally:
+            with self._cond:
+                self._finished = True
+                self._cond.notify_all()
+
+    def _make(self) -> None:
+        model, cand, cfg, dev = self.model, self.candidate, self.model.config, self.device
+        T = int(cand.tokens.shape[0])
+        cos, sin = (t.to(dev) for t in rope_cos_sin(cfg, T, torch.float32))
+        for i in range(self.n_layer):
+            if self._stop.is_set():
+                raise RuntimeError("the local re-reference was closed before it was made")
+            x, what = _input_of(cand, i)
+            if x is None:
+                self.notes.append(f"{self.label}layer {i}: the dump has no {what}, so the layer is judged "
+                                  f"free-running only")
+            else:
+                w = (model if self.host else DeviceWeights(model, dev)).layer(i, torch.float32)
+                rec = ArrayRecorder(batched=not self.host)     # one copy to the host per layer
+                rounded: list = []
+                _layer(cfg, w, _Engine(cand, i, dev), i, torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(dev),
+                       cos, sin, rec, self.tie_tol, self.followed, self.aq, rounded)
+                if rounded:
+                    self.notes.append(f"{self.label}layer {i}: {_rounding_note(rounded)}")
+                del w
+                model.release_layer(i)
+                self._write(i, rec.layers)
+            if self.progress is not None:
+                self.progress(i + 1, self.n_layer)
+        x_last = cand.stage("layer_out", cfg.n_layer - 1)
+        if "final_norm" in self.case.model and x_last is not None:
+            self.case.model["final_norm"][...] = self._final_norm(x_last)
+        if "logits" in self.case.model:
+            self.case.model["logits"][...] = self._lm_head(cand.model["final_norm"])
+
+    def _write(self, i: int, recorded: dict[str, dict[int, np.ndarray]]) -> None:
+        """Layer ``i``'s stages into :attr:`case`, and the layer marked made."""
+        got = sorted(s for s, per in recorded.items() if i in per)
+        assert got == sorted(self.case.layers), f"layer {i}: made {got}, allotted {sorted(self.case.layers)}"
+        for stage, per in recorded.items():
+            dst, a = self.case.layers[stage], per[i]
+            assert a.shape == dst.shape[1:] and a.dtype == dst.dtype, f"layer {i} / {stage}: {a.dtype} {a.shape}"
+            dst[i] = a
+        with self._cond:
+            self._made.add(i)
+            self._cond.notify_all()
+
+    def _final_norm(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        if self.host:
+            return Transformer(self.model, torch.float32, self.aq).final_norm(t).numpy()
+        norm = RMSNorm(DeviceWeights(self.model, self.device).dense("output_norm"), self.model.config.rms_eps)
+        return norm(t.to(self.device)).cpu().numpy()
+
+    def _lm_head(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        if self.host:
+            return Transformer(self.model, torch.float32, self.aq).lm_head(t).numpy()
+        head = DeviceWeights(self.model, self.device).dense("output")                 # [V, H]
+        return (self.aq(t.to(self.device), "output") @ head.T).cpu().numpy()
+
+
+def _usable(x: np.ndarray | None, T: int, hidden: int) -> bool:
+    return x is not None and x.shape == (T, hidden) and x.dtype.kind == "f"
+
+
+def _layer_shapes(cfg: ModelConfig, T: int, layers: list[int]) -> dict[str, tuple[tuple[int, ...], type]]:
+    """What :func:`_layer` records of each layer, in stage order: (shape of one layer, dtype) by stage (none
+    where no layer is recomputed; ``q_norm``/``k_norm`` where a recomputed layer has q/k norms)."""
+    if not layers:
+        return {}
+    H, D, Hq, Hkv, k = cfg.hidden, cfg.head_dim, cfg.n_head, cfg.n_head_kv, cfg.n_expert_used
+    tab = table(cfg.arch)     # what model.layer(i) loads: q/k norms where the layer holds them
+    qk = any({"attn_q_norm", "attn_k_norm"} <= set(tab.in_layer(i, cfg.layer_where(i))) for i in layers)
+    shapes = {"attn_norm": (T, H), "q": (T, Hq, D), "k": (T, Hkv, D), "v": (T, Hkv, D), "q_norm": (T, Hq, D),
+              "k_norm": (T, Hkv, D), "q_rope": (T, Hq, D), "k_rope": (T, Hkv, D), "attn": (T, Hq * D),
+              "attn_out": (T, H), "attn_resid": (T, H), "ffn_norm": (T, H), "router_logits": (T, cfg.n_expert),
+              "topk_ids": (T, k), "topk_weights": (T, k), "expert_out": (T, k, H), "moe_out": (T, H), "layer_out": (T, H)}
+    return {s: (shapes[s], np.int32 if s == "topk_ids" else np.float32) for s in LAYER_STAGES
+            if s in shapes and (qk or s not in ("q_norm", "k_norm"))}
+
+
+def local_reference(model: ModelWeights, candidate: Case, *, tie_tol: float, progress: Progress | None = None,
+                    aq: ActQuant = identity, device: torch.device | str = "cpu") -> tuple[Case, list[int], list[str]]:
+    """(the reference recomputed from ``candidate``'s own values, the layers recomputed, notes), made on
+    this thread (:class:`LocalReference`, whose arguments these are)."""
+    ref = LocalReference(model, candidate, tie_tol=tie_tol, progress=progress, aq=aq, device=device)
+    ref.ready(None)
+    return ref.case, list(ref.layers), list(ref.notes)
