@@ -60,7 +60,7 @@ from ..model.recorder import ArrayRecorder
 from ..model.ggml import ActivationQuant, identity, near_halves, near_scale_halves
 from ..model.reference import (ActQuant, RMSNorm, Transformer, _linear, causal_attention, expert_outputs,
                                rope_cos_sin, swiglu_mlp)
-from ..stages import LAYER_STAGES
+from ..stages import LAYER_STAGES, stages_of_layer
 from ..model.tensors import table
 from ..model.weights import LayerWeights, ModelWeights
 from .rereference_device import DeviceWeights, exact_matmuls
@@ -558,7 +558,8 @@ class LocalReference:
     def _write(self, i: int, recorded: dict[str, dict[int, np.ndarray]]) -> None:
         """Layer ``i``'s stages into :attr:`case`, and the layer marked made."""
         got = sorted(s for s, per in recorded.items() if i in per)
-        assert got == sorted(self.case.layers), f"layer {i}: made {got}, allotted {sorted(self.case.layers)}"
+        own = sorted(s for s in _stages_of(self.model.config, i) if s in self.case.layers)
+        assert got == own, f"layer {i}: made {got}, allotted {own}"   # the others stay zeros: never judged
         for stage, per in recorded.items():
             dst, a = self.case.layers[stage], per[i]
             assert a.shape == dst.shape[1:] and a.dtype == dst.dtype, f"layer {i} / {stage}: {a.dtype} {a.shape}"
@@ -587,19 +588,30 @@ def _usable(x: np.ndarray | None, T: int, hidden: int) -> bool:
 
 
 def _layer_shapes(cfg: ModelConfig, T: int, layers: list[int]) -> dict[str, tuple[tuple[int, ...], type]]:
-    """What :func:`_layer` records of each layer, in stage order: (shape of one layer, dtype) by stage (none
-    where no layer is recomputed; ``q_norm``/``k_norm`` where a recomputed layer has q/k norms)."""
+    """What :func:`_layer` records of the layers ``layers``, in stage order: (shape of one layer, dtype) by
+    stage, over every stage one of them has (:func:`~moesnap.stages.stages_of_layer`: a family's own stages,
+    a dense layer's or a MoE layer's; ``q_norm``/``k_norm`` where a recomputed layer holds q/k norms)."""
     if not layers:
         return {}
-    H, D, Hq, Hkv, k = cfg.hidden, cfg.head_dim, cfg.n_head, cfg.n_head_kv, cfg.n_expert_used
+    H, D, Hq, Hkv, k, E = cfg.hidden, cfg.head_dim, cfg.n_head, cfg.n_head_kv, cfg.n_expert_used, cfg.n_expert
     tab = table(cfg.arch)     # what model.layer(i) loads: q/k norms where the layer holds them
     qk = any({"attn_q_norm", "attn_k_norm"} <= set(tab.in_layer(i, cfg.layer_where(i))) for i in layers)
-    shapes = {"attn_norm": (T, H), "q": (T, Hq, D), "k": (T, Hkv, D), "v": (T, Hkv, D), "q_norm": (T, Hq, D),
-              "k_norm": (T, Hkv, D), "q_rope": (T, Hq, D), "k_rope": (T, Hkv, D), "attn": (T, Hq * D),
-              "attn_out": (T, H), "attn_resid": (T, H), "ffn_norm": (T, H), "router_logits": (T, cfg.n_expert),
-              "topk_ids": (T, k), "topk_weights": (T, k), "expert_out": (T, k, H), "moe_out": (T, H), "layer_out": (T, H)}
+    Hk = Hq if cfg.mla else Hkv            # MLA: one key and value per query head
+    shapes = {"attn_norm": (T, H), "q_latent": (T, cfg.q_lora_rank), "q_latent_norm": (T, cfg.q_lora_rank),
+              "q": (T, Hq, D), "kv_latent": (T, cfg.kv_lora_rank + cfg.rope_dim), "kv_latent_norm": (T, cfg.kv_lora_rank),
+              "k": (T, Hk, D), "v": (T, Hk, cfg.v_dim), "q_norm": (T, Hq, D), "k_norm": (T, Hk, D),
+              "q_rope": (T, Hq, D), "k_rope": (T, Hk, D), "attn": (T, Hq * cfg.v_dim), "attn_out": (T, H),
+              "attn_resid": (T, H), "ffn_norm": (T, H), "dense_ffn_out": (T, H), "router_logits": (T, E),
+              "router_select": (T, E), "topk_ids": (T, k), "topk_weights": (T, k), "expert_out": (T, k, H),
+              "shared_expert_out": (T, H), "shared_gate": (T, 1), "moe_out": (T, H), "layer_out": (T, H)}
+    have = set().union(*(_stages_of(cfg, i) for i in layers))
     return {s: (shapes[s], np.int32 if s == "topk_ids" else np.float32) for s in LAYER_STAGES
-            if s in shapes and (qk or s not in ("q_norm", "k_norm"))}
+            if s in have and (qk or s not in ("q_norm", "k_norm"))}
+
+
+def _stages_of(cfg: ModelConfig, layer: int) -> tuple[str, ...]:
+    """The stages layer ``layer`` of the model has (its family's, as a dense or a MoE layer)."""
+    return stages_of_layer(cfg.arch, cfg.to_dict(), layer)
 
 
 def local_reference(model: ModelWeights, candidate: Case, *, tie_tol: float, progress: Progress | None = None,
