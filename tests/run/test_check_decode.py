@@ -341,3 +341,19 @@ def test_a_batch_fault_is_named_where_stage_local_replay_sees_it_introduced(spec
     assert rep.verdict == "fail" and intro is not None, rep.summary()
     assert (intro.case, intro.layer, intro.stage) == ("case0/step0", layer, "attn")
     assert (rep.first_divergence.case, rep.first_divergence.layer) == ("case0/step0", layer)
+
+
+def test_a_batch_prefilled_in_chunks_runs_one_forward_per_chunk_of_every_sequence():
+    """--batch --chunk: forward n holds chunk n of every prompt that still has one (the committed cases'
+    prompts are 4-18 tokens: chunks of 4 give one to five forwards each), each chunk judged at its positions."""
+    rep = check(decode=STEPS, batch=True, chunk=4)
+    assert rep.verdict == "pass", rep.summary()
+    prefill = [c for c in rep.cases if c.step is None]
+    for name in ("case0", "case1", "case2"):
+        mine = [c for c in prefill if c.case == name or c.case.startswith(name + "/chunk")]
+        P = sum(c.n_tokens for c in mine)
+        assert [c.case for c in mine] == [name] + [f"{name}/chunk{n}" for n in range(1, -(-P // 4))]
+        assert all(c.n_tokens == 4 for c in mine[:-1]) and 1 <= mine[-1].n_tokens <= 4
+    assert any("/chunk" in c.case for c in prefill)
+    cov = rep.coverage()
+    assert cov.complete and cov.judged == cov.held

@@ -6,7 +6,8 @@ for one or more sequences and runs serving forwards on it (:meth:`CandidateModel
 
 * :meth:`Session.prefill` -- one sequence's prompt, whole or in chunks that attend the cache;
 * :meth:`Session.prefill_batch` -- several sequences' prompts of different lengths in one forward
-  (packed rows; attention pads each sequence's queries and keys with masks: :mod:`~moesnap.model.kvcache`);
+  (packed rows; attention pads each sequence's queries and keys with masks: :mod:`~moesnap.model.kvcache`),
+  or with :meth:`Session.prefill_batch_chunks` in forwards of one chunk of each;
 * :meth:`Session.decode` -- one decode step: one token per sequence, each at its own absolute position.
 
 Each forward records every stage as the prefill of :meth:`~moesnap.model.candidate.CandidateModel.forward`
@@ -160,6 +161,18 @@ class Session:
         if any(len(p) == 0 for p in prompts):
             raise UsageError("an empty prompt in the batch: nothing to prefill")
         return self.run([(s, list(p)) for s, p in enumerate(prompts)])
+
+    def prefill_batch_chunks(self, prompts: Sequence[Sequence[int]], chunk: int) -> list[list[Rows]]:
+        """Sequences ``0..len(prompts)-1``'s prompts in forwards of up to ``chunk`` tokens of each sequence
+        (chunked prefill of a batch: forward ``n`` holds chunk ``n`` of every prompt that still has one,
+        each attending its own earlier chunks through the cache): one list of :class:`Rows` per forward."""
+        if chunk < 1:
+            raise UsageError(f"chunk={chunk} must be >= 1 token")
+        if any(len(p) == 0 for p in prompts):
+            raise UsageError("an empty prompt in the batch: nothing to prefill")
+        longest = max(len(p) for p in prompts)
+        return [self.run([(s, list(p[lo:lo + chunk])) for s, p in enumerate(prompts) if len(p) > lo])
+                for lo in range(0, longest, chunk)]
 
     def decode(self, tokens: int | Sequence[int]) -> list[Rows]:
         """One decode step: the next token of each sequence (``tokens[s]`` for sequence ``s``; an int for

@@ -129,6 +129,8 @@ def serve_pairs(cand: CandidateModel, goldens: Sequence[tuple[str, Case]], s: Se
         if len(group) == 1:
             forwards = [session.prefill(toks[0][:prompts[group[0]]], chunk=s.chunk)]
             forwards = [[r] for r in forwards[0]]
+        elif s.chunk:
+            forwards = session.prefill_batch_chunks([t[:prompts[i]] for t, i in zip(toks, group)], s.chunk)
         else:
             forwards = [session.prefill_batch([t[:prompts[i]] for t, i in zip(toks, group)])]
         for n_fwd, rows in enumerate(forwards):
