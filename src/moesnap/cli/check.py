@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from ..judge.report import Report
 
 
+#: the family-part faults (``model.inject.PARTS``), named here so that the help needs no torch
+_PARTS = ("sink_off", "rope_flip", "qk_norm_flip", "bias_off", "renorm_flip", "scale_off", "shared_off",
+          "shared_gate_off")
+
 def cmd_check(a: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..util import loading_torch
@@ -69,8 +73,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-replay", action="store_true",
                    help="bfloat16/float16: judge free-running only (not sensitive to errors of a few percent)")
     p.add_argument("--inject", action="append", default=[], metavar="SPEC",
-                   help="plant a fault: nan:layer=L,expert=E | qtype:layer=L,tensor=ffn_down_exps,as=q4_k | "
-                        "scale:layer=L,stage=STAGE,factor=F | route:layer=L,token=T")
+                   help="plant a fault (self-test), KIND:KEY=VALUE,...: nan:layer=L,expert=E | "
+                        "qtype:layer=L,tensor=ffn_down_exps,as=q4_k | scale:layer=L,stage=STAGE,factor=F | "
+                        "route:layer=L,token=T; a family's own parts: mxfp4_scale:layer=L,tensor=T[,shift=S] | "
+                        "window:layer=L[,by=B] | " + " | ".join(f"{k}:layer=L" for k in _PARTS) + "; serving "
+                        "(--decode, --paged, --batch, --cuda-graph): rope_pos:step=S | kv_slot:layer=L | "
+                        "kv_short:layer=L | block_table:seq=S,block=B | pad_attend[:layer=L] | swap_rows[:layer=L] | "
+                        "graph_stale:step=S. A fault that cannot fire in the run is refused")
     p.add_argument("--no-router-replay", action="store_true",
                    help="let the candidate keep its own experts at near ties (a flipped token then goes unjudged "
                         "in later layers, and the verdict may be inconclusive)")
