@@ -31,7 +31,7 @@ TOKENS = 12
 def _random_spec(seed: int, v3: bool):
     """A small DeepSeek spec drawn from ``seed``: 2-4 layers (1-2 dense), 2 or 4 heads, qk_nope/rope/v of
     16-48, kv_lora 32-96, q LoRA or not, 8-16 experts in 2-4 groups keeping 1..all, top-1..3,
-    0-2 shared experts (V2: 1-2), a routed scale of 1-2.5, YaRN or not, F32 or Q8_0 matrices."""
+    1-2 shared experts (none: the synthetic writer would write zero-width tensors), a routed scale of 1-2.5, YaRN or not, F32 or Q8_0 matrices."""
     from gguf import GGMLQuantizationType as QT
     from moesnap.model.synth import preset, qtype_kinds
 
@@ -48,7 +48,7 @@ def _random_spec(seed: int, v3: bool):
         n_head=(h := int(rng.choice([2, 4]))), n_head_kv=h, head_dim=32 + (rope := int(rng.choice([16, 32]))),
         qk_rope_dim=rope, v_head_dim=int(rng.choice([32, 64])), kv_lora_rank=int(rng.choice([32, 64, 96])),
         q_lora_rank=int(rng.choice([0, 32, 64])), n_expert=n_expert, n_expert_used=n_used, n_group=n_group,
-        n_group_used=n_group_used, n_shared_experts=int(rng.integers(0 if v3 else 1, 3)),
+        n_group_used=n_group_used, n_shared_experts=int(rng.integers(1, 3)),
         routed_scale=float(rng.choice([1.0, 2.5])), topk_norm=v3 and bool(rng.random() < 0.8),
         expert_ff=int(rng.choice([32, 64])), vocab_size=int(rng.integers(260, 330)),
         rope_scaling="yarn" if yarn else "none", rope_factor=4.0 if yarn else 1.0, rope_orig_context=256 if yarn else 0,

@@ -39,12 +39,14 @@ def _random_spec(seed: int, arch: str):
 
     rng = np.random.default_rng([seed, len(arch)])
     hidden, n_head_kv = int(rng.choice([64, 128])), int(rng.choice([1, 2]))
+    # OLMoE: at least two query and key heads, else its whole-projection q/k norm is the per-head one
+    n_head_kv = max(n_head_kv, 2) if arch == "olmoe" else n_head_kv
     n_head = n_head_kv * int(rng.choice([1, 2, 4]))
     head_dim = hidden // n_head if arch == "olmoe" or rng.random() < 0.5 else 32
     n_expert = int(rng.integers(4, 13))
     changes = dict(
         n_layer=int(rng.integers(2, 4)), hidden=hidden, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
-        n_expert=n_expert, n_expert_used=int(rng.integers(1, min(4, n_expert) + 1)),
+        n_expert=n_expert, n_expert_used=int(rng.integers(1, min(4, n_expert // 2) + 1)),   # at most half: renormalising binds
         expert_ff=int(rng.choice([32, 64, 96])), vocab_size=int(rng.integers(260, 330)),
         rope_base=float(rng.choice([1e4, 1e6])), seed=seed, name=f"{arch}-random-{seed}",
         qtypes={k: QT(rng.choice([QT.F32, QT.Q8_0])) for k in qtype_kinds(arch)})
