@@ -214,6 +214,8 @@ DumperAlias: TypeAlias = str | tuple[str, ...] | None
 # family, where they are other stages than :data:`ALIASES` says (its Qwen3-MoE names) or no stage; read
 # from sglang/srt/models/{qwen2_moe,deepseek_v2,mixtral,gpt_oss}.py (OLMoE's are Qwen3-MoE's).  A linear
 # layer returning ``(out, None)`` dumps ``.output`` (one tensor), a tuple of several ``.output.<i>``.
+# vLLM's port reads with the same table (its DeepSeek and Mixtral modules have SGLang's paths and values),
+# :data:`VLLM_ALIASES` over it where they differ.
 DUMPER_ALIASES: dict[str, dict[str, DumperAlias]] = {
     "qwen2moe": {
         "mlp.shared_expert.output": "shared_expert_out",   # before its gate: SGLang gates it outside the module
@@ -234,6 +236,7 @@ DUMPER_ALIASES: dict[str, dict[str, DumperAlias]] = {
         "self_attn.attn_mha.output": "attn",
         "self_attn.rotary_emb.output.0": None,              # the rope part alone, [T, Hq, Dr] and [T, 1, Dr]
         "self_attn.rotary_emb.output.1": None,
+        "self_attn.attn.output": None,  # vLLM's MHA path: v padded to the q/k head width, [T, Hq*(Dn+Dr)]
         "mlp.topk.output.0": None,      # routed_scaling_factor in it only where the MoE runner fuses it there
         "mlp.shared_experts.output": "shared_expert_out",
         "mlp.experts.output": None,     # the routed mixture alone, scaled or not by the backend
@@ -259,6 +262,7 @@ VLLM_ALIASES: dict[str, dict[str, DumperAlias]] = {
 DUMPER_SPLITS: dict[str, tuple[str, ...]] = {
     "self_attn.qkv_proj.output": ("q", "k", "v"),
     "self_attn.fused_qkv_a_proj_with_mqa.output": ("q_latent", "kv_latent"),   # DeepSeek with a q LoRA
+    "self_attn.fused_qkv_a_proj.output": ("q_latent", "kv_latent"),            # vLLM's name of it
 }
 assert all(set(v) <= set(FAMILY_STAGES) for v in (DUMPER_ALIASES, VLLM_ALIASES))
 assert all(s in LAYER_STAGES for t in (*DUMPER_ALIASES.values(), *VLLM_ALIASES.values()) for v in t.values()

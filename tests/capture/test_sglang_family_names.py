@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from flat_dumps import invoke, sglang_name
+from flat_dumps import assert_refused, invoke, sglang_name
 from moesnap.store.case import load_case
 
 TOKENS = [1, 5, 9, 200, 17, 3, 3, 42, 100, 7]
-PRESETS = {"llama": "mixtral-tiny", "olmoe": "olmoe-tiny", "gpt-oss": "gpt-oss-tiny", "qwen2moe": "qwen2-moe-tiny"}
+PRESETS = {"llama": "mixtral-tiny", "olmoe": "olmoe-tiny", "gpt-oss": "gpt-oss-tiny", "qwen2moe": "qwen2-moe-tiny",
+           "deepseek2": "deepseek-v3-tiny"}
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +156,62 @@ def test_vllms_qwen2_moe_shared_expert_is_gated_inside_the_module(tmp_path, gold
     case, code, text, rep = _import(goldens, "qwen2moe", dump, tmp_path, "sglang")
     assert case.attrs["producer"] == "sglang" and code == 1
     assert (rep["first_divergence"]["layer"], rep["first_divergence"]["stage"]) == (0, "shared_expert_out"), text
+
+
+def test_vllms_deepseek_v3_names(tmp_path, goldens):
+    """vLLM's DeepseekV2MLAAttention and DeepseekV2MoE: fused_qkv_a_proj (the q and kv latents side by side),
+    the latent norms, q_b_proj, the rope part alone from rotary_emb and the MHA path's padded attention
+    output (no stage), the MoE block's experts output (routed plus shared, as vLLM's FusedMoE returns it;
+    no stage) and mlp.output: a dense layer's is its dense_ffn_out."""
+    _, _, g = goldens["deepseek2"]
+    T, lay = g.tokens.size, g.layers
+    Dn = lay["q"].shape[-1] - 32                                          # deepseek-v3-tiny: rope width 32
+    entries: list[tuple[str, int | None, np.ndarray]] = [("non_intrusive__model.embed_tokens.output", None,
+                                                          g.model["embed"])]
+    for n in range(g.n_layer):
+        p = f"non_intrusive__model.layers.{n}."
+        moe = n >= 1                                                      # one leading dense layer
+        entries += [(p + "inputs.1", n, lay["layer_out"][n - 1] if n else g.model["embed"]),
+                    (p + "input_layernorm.output", n, lay["attn_norm"][n]),
+                    (p + "self_attn.fused_qkv_a_proj.output", n,
+                     np.concatenate([lay["q_latent"][n], lay["kv_latent"][n]], axis=1)),
+                    (p + "self_attn.q_a_layernorm.output", n, lay["q_latent_norm"][n]),
+                    (p + "self_attn.q_b_proj.output", n, lay["q"][n].reshape(T, -1)),
+                    (p + "self_attn.kv_a_layernorm.output", n, lay["kv_latent_norm"][n]),
+                    (p + "self_attn.rotary_emb.output.0", n, lay["q_rope"][n][..., Dn:]),
+                    (p + "self_attn.rotary_emb.output.1", n, lay["k_rope"][n][:, :1, Dn:]),
+                    (p + "self_attn.attn.output", n, np.zeros((T, lay["q"].shape[2] * lay["q"].shape[3]), np.float32)),
+                    (p + "self_attn.o_proj.output", n, lay["attn_out"][n]),
+                    (p + "post_attention_layernorm.output.0", n, lay["ffn_norm"][n]),
+                    (p + "post_attention_layernorm.output.1", n, lay["attn_resid"][n])]
+        if moe:
+            entries += [(p + "mlp.gate.output", n, lay["router_logits"][n]),
+                        (p + "mlp.shared_experts.output", n, lay["shared_expert_out"][n]),
+                        (p + "mlp.experts.output", n, lay["moe_out"][n])]
+        entries.append((p + "mlp.output", n, lay["moe_out"][n] if moe else lay["dense_ffn_out"][n]))
+    entries += [("non_intrusive__model.norm.inputs.0", None, lay["layer_out"][g.n_layer - 1]),
+                ("non_intrusive__model.norm.output", None, g.model["final_norm"]),
+                ("non_intrusive__logits_processor.output", None, g.model["logits"][-1:])]
+    case, code, text, rep = _import(goldens, "deepseek2", write(tmp_path / "dump", g, entries), tmp_path, "vllm")
+    for stage in ("q_latent", "kv_latent", "q_latent_norm", "kv_latent_norm", "q", "attn_out", "layer_out"):
+        assert np.array_equal(case.layers[stage], lay[stage]), stage
+    for stage in ("router_logits", "shared_expert_out", "moe_out"):
+        assert np.array_equal(case.layers[stage][1:], lay[stage][1:]), stage
+    assert np.array_equal(case.layers["dense_ffn_out"], lay["dense_ffn_out"][:1]) and "skipped" not in case.attrs
+    assert not {"q_rope", "k_rope", "attn"} & set(case.layers)
+    for name in ("self_attn.rotary_emb.output.0", "self_attn.attn.output", "mlp.experts.output"):
+        assert f"non_intrusive__model.layers.N.{name}" in case.attrs["ignored_names"], name
+    assert code == 0 and rep["verdict"] == "pass", text
+
+
+def test_a_split_name_of_stages_the_golden_lacks_is_refused_naming_the_file(tmp_path, goldens):
+    """DeepSeek's fused q/kv latent projection in a dump judged against a Qwen2-MoE golden: another model."""
+    store, golden, g = goldens["qwen2moe"]
+    name = "non_intrusive__model.layers.0.self_attn.fused_qkv_a_proj_with_mqa.output"
+    dump = write(tmp_path / "dump", g, module_names(g, "mlp") + [(name, 0, np.zeros((g.tokens.size, 96), np.float32))])
+    bad = next(p for p in dump.iterdir() if name in p.name)
+    out = tmp_path / "o.zarr"
+    assert_refused(["import", "--format", "sglang", str(dump), "--like", golden, "--store", str(store), "--out", str(out)],
+                   f"{bad}: self_attn.fused_qkv_a_proj_with_mqa.output holds q_latent, kv_latent side by side, but the "
+                   f"golden holds no q_latent, kv_latent")
+    assert not out.exists()
