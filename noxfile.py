@@ -55,6 +55,7 @@ TYPED = [f"src/moesnap/{m}" for m in (
     "run/rereference.py", "run/rereference_device.py", "run/importing.py", "run/prompts.py", "run/goldens_show.py", "run/goldens_diff.py",
     "run/goldens_diff_text.py",
     "capture/__init__.py", "capture/_flat.py", "capture/_decode.py", "capture/hf.py", "capture/llama.py", "capture/sglang.py",
+    "capture/sglang_names.py",
     "capture/aprt.py", "capture/_ptload.py",
     "model/expert_parallel.py", "capture/shards.py", "run/expert_parallel.py",
     "cli/__init__.py", "cli/main.py", "cli/goldens.py", "cli/check.py", "cli/compare.py", "cli/calibrate.py",

@@ -18,7 +18,7 @@ sink's share of the probability mass is no value any engine dumps to compare wit
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeAlias
 
 # Whole-model stages, in computation order (``tokens`` is the input).
 MODEL_STAGES: tuple[str, ...] = ("tokens", "embed", "final_norm", "logits")
@@ -175,10 +175,10 @@ ALIASES: dict[str, str] = {
     # SGLang's dumper (python/sglang/srt/debug_utils/dumper.py), module outputs of its Qwen3-MoE as
     # the non-intrusive hooks name them, with "non_intrusive__" and "model.layers.<N>." taken off by
     # capture/sglang.py; "output.<i>" is the i-th tensor a module returns.  RMSNorm with a residual
-    # returns (normed, residual sum); topk returns (topk_weights, topk_ids, router_logits).  Three
-    # names capture/sglang.py maps itself, as they are no one stage of their own layer:
-    # "input_layernorm.output.1" and "norm.output.1" (the previous layer's layer_out) and
-    # "self_attn.qkv_proj.output" (q, k and v fused).
+    # returns (normed, residual sum); topk returns (topk_weights, topk_ids, router_logits).  Two
+    # names capture/sglang.py maps itself, as they are no stage of their own layer:
+    # "input_layernorm.output.1" and "norm.output.1" (the previous layer's layer_out); other families'
+    # names: DUMPER_ALIASES below, fused outputs (q, k and v in qkv_proj): DUMPER_SPLITS.
     "embed_tokens.output": "embed",
     "input_layernorm.output": "attn_norm",
     "input_layernorm.output.0": "attn_norm",
@@ -203,6 +203,70 @@ ALIASES: dict[str, str] = {
     "logits_processor.output.next_token_logits": "logits",
     "next_token_logits": "logits",
 }
+
+
+#: a dumper name's stage in a family's table: one stage; the first of several that the layer has (by the
+#: golden's stages of that layer: a module whose output is one stage in a MoE layer and another in a dense
+#: one); or None, no stage at all (the name is listed as ignored, never placed)
+DumperAlias: TypeAlias = str | tuple[str, ...] | None
+
+# SGLang's module paths as its dumper's non-intrusive hooks name them (``model.layers.N.`` taken off), per
+# family, where they are other stages than :data:`ALIASES` says (its Qwen3-MoE names) or no stage; read
+# from sglang/srt/models/{qwen2_moe,deepseek_v2,mixtral,gpt_oss}.py (OLMoE's are Qwen3-MoE's).  A linear
+# layer returning ``(out, None)`` dumps ``.output`` (one tensor), a tuple of several ``.output.<i>``.
+# vLLM's port reads with the same table (its DeepSeek and Mixtral modules have SGLang's paths and values),
+# :data:`VLLM_ALIASES` over it where they differ.
+DUMPER_ALIASES: dict[str, dict[str, DumperAlias]] = {
+    "qwen2moe": {
+        "mlp.shared_expert.output": "shared_expert_out",   # before its gate: SGLang gates it outside the module
+        "mlp.shared_expert_gate.output": "shared_gate",     # [T, 1] logit; called only where the gate is not fused
+        "mlp.experts.output": None,                         # the routed mixture alone (the shared expert comes after)
+    },
+    "deepseek2": {
+        "self_attn.q_a_proj.output": "q_latent",
+        "self_attn.q_a_layernorm.output": "q_latent_norm",
+        "self_attn.kv_a_proj_with_mqa.output": "kv_latent",
+        "self_attn.kv_a_layernorm.output": "kv_latent_norm",
+        "self_attn.q_proj.output": "q",                     # no q LoRA (V2-Lite)
+        "self_attn.q_b_proj.output": "q",
+        # the MHA prefill path's attention inputs: q and k after RoPE on their rope part, v; its output
+        "self_attn.attn_mha.inputs.0": "q_rope",
+        "self_attn.attn_mha.inputs.1": "k_rope",
+        "self_attn.attn_mha.inputs.2": "v",
+        "self_attn.attn_mha.output": "attn",
+        "self_attn.rotary_emb.output.0": None,              # the rope part alone, [T, Hq, Dr] and [T, 1, Dr]
+        "self_attn.rotary_emb.output.1": None,
+        "self_attn.attn.output": None,  # vLLM's MHA path: v padded to the q/k head width, [T, Hq*(Dn+Dr)]
+        "mlp.topk.output.0": None,      # routed_scaling_factor in it only where the MoE runner fuses it there
+        "mlp.shared_experts.output": "shared_expert_out",
+        "mlp.experts.output": None,     # the routed mixture alone, scaled or not by the backend
+        "mlp.output": ("moe_out", "dense_ffn_out"),         # a dense layer's mlp is the dense MLP
+    },
+    "llama": {                          # Mixtral's MoE block is block_sparse_moe, not mlp
+        "block_sparse_moe.gate.output": "router_logits",
+        "block_sparse_moe.topk.output.0": "topk_weights",
+        "block_sparse_moe.topk.output.1": "topk_ids",
+        "block_sparse_moe.topk.output.2": "router_logits",
+        "block_sparse_moe.experts.output": "moe_out",
+        "block_sparse_moe.output": "moe_out",
+    },
+    "gpt-oss": {"mlp.router.output": "router_logits"},  # its sinks (self_attn.attn.inputs.sinks) are weights
+}
+# vLLM's port of the dumper, where its module of the same path holds another value than SGLang's:
+# Qwen2-MoE's shared_expert applies its gate inside (sigmoid(shared_expert_gate(x)) * out), and
+# SharedFusedMoE returns (gated shared, routed) as experts.output.0 / .1, neither one stage.
+VLLM_ALIASES: dict[str, dict[str, DumperAlias]] = {
+    "qwen2moe": {"mlp.shared_expert.output": None},
+}
+# Dumper names that hold several stages side by side ([T, sum of their rows]), in this order.
+DUMPER_SPLITS: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj.output": ("q", "k", "v"),
+    "self_attn.fused_qkv_a_proj_with_mqa.output": ("q_latent", "kv_latent"),   # DeepSeek with a q LoRA
+    "self_attn.fused_qkv_a_proj.output": ("q_latent", "kv_latent"),            # vLLM's name of it
+}
+assert all(set(v) <= set(FAMILY_STAGES) for v in (DUMPER_ALIASES, VLLM_ALIASES))
+assert all(s in LAYER_STAGES for t in (*DUMPER_ALIASES.values(), *VLLM_ALIASES.values()) for v in t.values()
+           for s in ((v,) if isinstance(v, str) else v or ()))
 
 
 def canonical(name: str) -> str | None:

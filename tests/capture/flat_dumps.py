@@ -78,7 +78,7 @@ def write_sglang(d: Path, case: Case, *, style: str = "new", step: int = 0, rank
 
     ``style`` ``new``: the non-intrusive hooks' module names (``step=``, ``{"value", "meta"}`` files, q/k/v
     fused in qkv_proj, the residual as input_layernorm's second output, next_token_logits of the last
-    token); ``old``: ``dumper.dump("moe_out", x, layer_id=N)`` calls of 2025 releases (``forward_pass_id=``,
+    token; a dense layer's ``mlp.output`` its ``dense_ffn_out``); ``old``: ``dumper.dump("moe_out", x, layer_id=N)`` calls of 2025 releases (``forward_pass_id=``,
     bare tensors).  ``edit(stage, layer, values)`` plants a fault; ``dtype``: a torch dtype to store in."""
     import torch
 
@@ -127,6 +127,9 @@ def write_sglang(d: Path, case: Case, *, style: str = "new", step: int = 0, rank
                             ("attn_resid", "post_attention_layernorm.output.1"), ("router_logits", "mlp.gate.output"),
                             ("topk_weights", "mlp.topk.output.0"), ("topk_ids", "mlp.topk.output.1"),
                             ("moe_out", "mlp.output")):
+            if name == "mlp.output" and layer < len(case.layers.get("dense_ffn_out", ())) and \
+                    not np.isnan(case.layers["dense_ffn_out"][layer]).all():
+                stage = "dense_ffn_out"          # a dense layer's mlp (DeepSeek's leading layers) is the dense MLP
             dump(p + name, case.layers[stage][layer], stage, layer, **lay)
     dump("non_intrusive__model.norm.output.0", case.model["final_norm"], "final_norm")
     dump("non_intrusive__model.norm.output.1", case.layers["layer_out"][L - 1], "layer_out", L - 1)

@@ -253,16 +253,23 @@ def deepseek(tmp_path_factory):
 def test_a_stage_a_layer_lacks_is_skipped(tmp_path, deepseek, style):
     """A dump holding the router and MoE stages at DeepSeek's dense layer 0 (here the golden's own filler:
     NaN, and -1 for topk_ids, which no expert id is) is imported with those skipped and listed; the
-    layers that have the stages keep the dump's values, and everything held is judged."""
+    layers that have the stages keep the dump's values, and everything held is judged.  The module names
+    (``new``): a dense layer's ``mlp.output`` is its ``dense_ffn_out``, and DeepSeek's ``mlp.topk.output.0``
+    no stage (SGLang's weights carry routed_scaling_factor only where the MoE runner fuses it in)."""
     like, golden = deepseek
     dump, cand = write_sglang(tmp_path / "dump", golden, style=style), tmp_path / "cand.zarr"
     code, out, err = invoke(["import", "--format", "sglang", str(dump), "--like", str(like), "--out", str(cand)])
     assert code == 0, err
     stored = load_case(cand)
-    lacking = ["moe_out", "router_logits", "topk_ids", "topk_weights"]
+    lacking = ["moe_out", "router_logits", "topk_ids", "topk_weights"] if style == "old" else ["router_logits", "topk_ids"]
     assert stored.attrs["skipped"] == [[s, 0] for s in lacking]
-    assert "skipped (the golden's model has no such stage at the layer): moe_out at layer 0; router_logits at " \
-           "layer 0; topk_ids at layer 0; topk_weights at layer 0" in out
+    assert "skipped (the golden's model has no such stage at the layer): " + "; ".join(
+        f"{s} at layer 0" for s in lacking) in out
+    if style == "new":
+        assert np.array_equal(stored.layers["dense_ffn_out"], golden.layers["dense_ffn_out"][:1])
+        assert "topk_weights" not in stored.layers and "non_intrusive__model.layers.N.mlp.topk.output.0" in \
+            stored.attrs["ignored_names"]
+        lacking.append("moe_out")
     assert "  router_logits: layers 1-2\n" in out and "  attn_norm: layers 0-2\n" in out
     assert np.isnan(stored.layers["router_logits"][0]).all() and (stored.layers["topk_ids"][0] == -1).all()
     for stage in lacking:

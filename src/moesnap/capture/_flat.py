@@ -48,13 +48,15 @@ class Like:
     shapes: dict[str, tuple[int, ...]]      # stage -> one token's row shape
     #: the stages each layer of the golden's model has (None: every stage at every layer)
     layer_stages: tuple[frozenset[str], ...] | None = None
+    #: the golden model's family (gguf-py's architecture name; a dump's module names depend on it)
+    family: str = DEFAULT_FAMILY
 
     @classmethod
     def of(cls, case: Case) -> Like:
         shapes = {s: tuple(int(d) for d in a.shape[1:]) for s, a in case.model.items()}
         shapes.update({s: tuple(int(d) for d in a.shape[2:]) for s, a in case.layers.items()})
         return cls(tokens=np.asarray(case.tokens, dtype=np.int32), n_layer=case.n_layer, shapes=shapes,
-                   layer_stages=_layer_stages(case))
+                   layer_stages=_layer_stages(case), family=_family(case))
 
     @property
     def n_tokens(self) -> int:
@@ -225,12 +227,24 @@ def _fill(a: np.ndarray) -> float | int:
     return -1 if a.dtype.kind in "iu" else np.nan
 
 
+def _config(case: Case) -> Mapping | None:
+    model = case.attrs.get("model") if isinstance(case.attrs, Mapping) else None
+    config = model.get("config") if isinstance(model, Mapping) else None
+    return config if isinstance(config, Mapping) else None
+
+
+def _family(case: Case) -> str:
+    """The family ``case``'s recorded config names (``arch``), :data:`DEFAULT_FAMILY` where it names none."""
+    config = _config(case)
+    family = config.get("arch", DEFAULT_FAMILY) if config is not None else DEFAULT_FAMILY
+    return family if isinstance(family, str) else DEFAULT_FAMILY
+
+
 def _layer_stages(case: Case) -> tuple[frozenset[str], ...] | None:
     """The stages each layer of the model ``case`` records (``attrs.model.config``) has; None where it
     records no config or no family moesnap knows (the judge refuses those)."""
-    model = case.attrs.get("model") if isinstance(case.attrs, Mapping) else None
-    config = model.get("config") if isinstance(model, Mapping) else None
-    family = config.get("arch", DEFAULT_FAMILY) if isinstance(config, Mapping) else None
-    if not isinstance(config, Mapping) or not isinstance(family, str) or family not in FAMILY_STAGES:
+    config = _config(case)
+    family = config.get("arch", DEFAULT_FAMILY) if config is not None else None
+    if config is None or not isinstance(family, str) or family not in FAMILY_STAGES:
         return None
     return tuple(frozenset(stages_of_layer(family, config, layer)) for layer in range(case.n_layer))

@@ -12,13 +12,15 @@ returns); the forward pass is ``forward_pass_id`` (older releases) or ``step`` (
 process.  A file holds the tensor (older releases) or ``{"value": tensor, "meta": {...}}``.
 
 How each name becomes a stage: ``non_intrusive__`` and ``model.layers.<N>.`` are taken off, and what
-is left goes through :data:`moesnap.stages.ALIASES` (moesnap's own stage names work too); the layer is
-``layer_id`` (or the ``<N>`` of the name: the two must agree).  Three names are mapped here: the
-residual output of ``input_layernorm`` (layer ``N``) and of the final ``norm`` is the ``layer_out`` of
-the layer before, and ``self_attn.qkv_proj.output`` holds ``q``, ``k`` and ``v`` side by side.
+is left goes through the golden family's table of module paths, then :data:`moesnap.stages.ALIASES`
+(moesnap's own stage names work too; :mod:`moesnap.capture.sglang_names`: Qwen2-MoE's, DeepSeek's,
+Mixtral's, gpt-oss's paths, names holding several stages side by side such as ``self_attn.qkv_proj.output``,
+Mixtral's q/k order); the layer is ``layer_id`` (or the ``<N>`` of the name: the two must agree).  Two
+names are mapped here: the residual output of ``input_layernorm`` (layer ``N``) and of the final ``norm``
+is the ``layer_out`` of the layer before.
 SGLang's bookkeeping fields (``input_ids``, ``positions``, ``seq_lens``, ``req_pool_indices``,
 ``rids``) are no stages: ``input_ids`` and ``positions`` match each pass to the golden's tokens.  SGLang's
-source-patch names (:data:`SOURCE_PATCH`) are stages too, and so are the module inputs that are one
+source-patch names (``SOURCE_PATCH``) are stages too, and so are the module inputs that are one
 (``model.layers.N.inputs.1`` / ``layer_input``: the residual a layer starts from, the previous layer's
 ``layer_out`` or ``embed``; ``model.norm.inputs.0``: the last ``layer_out``).  Every other name (an
 unfiltered ``DUMPER_NON_INTRUSIVE_MODE=all`` dump holds ~36 patterns) is listed in ``ignored_names``,
@@ -52,9 +54,10 @@ import numpy as np
 
 from ..case import PARTED, Case
 from ..errors import GoldenError, UsageError
-from ..stages import canonical
+from ..stages import DUMPER_SPLITS, DumperAlias
 from ._flat import Collector, Like, Parted
 from ._ptload import load_file, load_tensor
+from .sglang_names import names_of, split, stage_of, to_file_order
 
 #: tag keys that number the forward pass, by dumper release
 PASS_KEYS: tuple[str, ...] = ("forward_pass_id", "step", "curr_step")
@@ -141,23 +144,13 @@ def _bare(name: str) -> str:
 # --------------------------------------------------------------------------- names
 
 
-#: SGLang's own names for stages: its Qwen3-MoE source-patch test (test_engine_dumper_comparator_e2e.py)
-SOURCE_PATCH: dict[str, str] = {
-    "attn_output": "attn_out",
-    "pre_mlp_residual": "attn_resid",
-    "mlp_output": "moe_out",
-    "attn_pre_o_proj": "attn",
-    "moe_router_logits": "router_logits",
-    "moe_expert_output": "moe_out",
-    "logits_processor.output": "logits",   # vLLM's port: compute_logits's rows (the requests' last tokens)
-}
-
-
-def _place(f: DumpFile, like: Like, classic: bool) -> tuple[str, list[tuple[str, int | None]]]:
-    """(kind, [(stage, layer)]) of a file: kind ``stage``, ``qkv`` (q, k, v fused), ``bookkeeping`` or
-    ``ignored`` (a name that is no stage: a module's other inputs and outputs).  ``classic``: the dump's
-    layers pass the residual beside the hidden state (``input_layernorm.output.1``), so a layer's
-    ``inputs.1`` is not its input residual."""
+def _place(f: DumpFile, like: Like, classic: bool,
+           names: dict[str, DumperAlias]) -> tuple[str, list[tuple[str, int | None]]]:
+    """(kind, [(stage, layer)]) of a file: kind ``stage``, ``split`` (several stages side by side:
+    :data:`~moesnap.stages.DUMPER_SPLITS`), ``bookkeeping`` or ``ignored`` (a name that is no stage: a
+    module's other inputs and outputs).  ``classic``: the dump's layers pass the residual beside the
+    hidden state (``input_layernorm.output.1``), so a layer's ``inputs.1`` is not its input residual;
+    ``names``: the family's table (:func:`~moesnap.capture.sglang_names.names_of`)."""
     name = _bare(f.name)
     if name in BOOKKEEPING or name == "tokens":
         return "bookkeeping", []
@@ -168,8 +161,8 @@ def _place(f: DumpFile, like: Like, classic: bool) -> tuple[str, list[tuple[str,
     if layer is not None and from_name is not None and layer != from_name:
         raise GoldenError(f"{f.path}: layer_id={layer}, but the name says layer {from_name}")
     layer = from_name if layer is None else layer
-    if rest == "self_attn.qkv_proj.output":
-        return "qkv", [(s, layer) for s in ("q", "k", "v")]
+    if rest in DUMPER_SPLITS:
+        return "split", [(s, layer) for s in DUMPER_SPLITS[rest]]
     if rest == "norm.output.1":          # the final norm's (normed, residual): the last layer's layer_out
         if layer is not None:
             raise GoldenError(f"{f.path}: the final norm's residual, but the file gives layer {layer}")
@@ -184,10 +177,16 @@ def _place(f: DumpFile, like: Like, classic: bool) -> tuple[str, list[tuple[str,
         return "stage", [("embed", None) if layer == 0 else ("layer_out", layer - 1)]
     if rest == "norm.inputs.0" and not m and not classic:    # the final norm's input: the last layer's layer_out
         return "stage", [("layer_out", like.n_layer - 1)]
-    stage = SOURCE_PATCH.get(rest) or canonical(rest)
+    stage = stage_of(rest, names, like, layer)
     if stage is None or stage == "tokens" or (m and rest in ("inputs.1", "output")):
         return "ignored", []
     return "stage", [(stage, layer)]
+
+
+def _rest(name: str) -> str:
+    """A dumper name without ``non_intrusive__`` and ``model.layers.<N>.``."""
+    m = _LAYER_NAME.fullmatch(_bare(name))
+    return m[2] if m else _bare(name).removeprefix("model.")
 
 
 def _ignored_name(name: str) -> str:
@@ -315,7 +314,7 @@ def dumped_tokens(path: str | Path, forward_pass: int | None = None) -> np.ndarr
 HEAD_STAGES: tuple[str, ...] = ("q", "k", "v", "q_norm", "k_norm", "q_rope", "k_rope", "attn")
 #: the stages a rank holds a partial sum of (row-parallel o_proj; the experts of its EP rank) where the
 #: ranks' values differ; identical on every rank, they were reduced before the dump
-PARTIAL_STAGES: tuple[str, ...] = ("attn_out", "moe_out")
+PARTIAL_STAGES: tuple[str, ...] = ("attn_out", "moe_out", "shared_expert_out", "dense_ffn_out")
 
 
 #: the meta key of each dumper's parallel info (SGLang's, vLLM's port), and its key of the experts' EP size
@@ -372,18 +371,6 @@ _NARROW = ("bfloat16", "float16", "float32", "float64")
 _ROUNDING = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float32": 2.0 ** -23, "float64": 2.0 ** -52}
 
 
-def _split_qkv(f: DumpFile, values: np.ndarray, places: list, like: Like) -> list:
-    """``self_attn.qkv_proj.output`` [T, (Hq + 2 Hkv) D] as q, k and v."""
-    sizes = [like.row_size(s) for s, _ in places]
-    total = sum(sizes)
-    n = like.n_tokens if values.size == like.n_tokens * total else 1 if values.size == total else 0
-    if not n:
-        raise GoldenError(f"{f.path}: {values.size} values of q, k and v side by side, which are "
-                          f"{' + '.join(map(str, sizes))} = {total} values a token, {like.n_tokens} tokens")
-    parts = np.split(values.reshape(n, total), np.cumsum(sizes)[:-1], axis=1)
-    return [(s, lay, p) for (s, lay), p in zip(places, parts)]
-
-
 @dataclass
 class _Read:
     """One rank's collected tensors of one pass."""
@@ -394,11 +381,11 @@ class _Read:
     ignored: set[str]
 
 
-def _read_rank(files: list[DumpFile], like: Like, start: int, classic: bool) -> _Read:
+def _read_rank(files: list[DumpFile], like: Like, start: int, classic: bool, names: dict[str, DumperAlias]) -> _Read:
     col = Collector(like, keep_both=True)
     r = _Read(col, set(), False, set())
     for f in files:
-        kind, places = _place(f, like, classic)
+        kind, places = _place(f, like, classic, names)
         if kind == "ignored":
             r.ignored.add(_ignored_name(f.name))
             continue
@@ -409,9 +396,10 @@ def _read_rank(files: list[DumpFile], like: Like, start: int, classic: bool) -> 
             continue
         values, dtype = load_tensor(f.path)
         r.dtypes.add(dtype)
-        pieces = [(s, lay, values) for s, lay in places] if kind == "stage" else _split_qkv(f, values, places, like)
+        pieces = [(s, lay, values) for s, lay in places] if kind == "stage" else \
+            split(f.path, _rest(f.name), values, places[0][1], like)
         for stage, layer, v in pieces:
-            col.add(stage, layer, v, str(f.path))
+            col.add(stage, layer, to_file_order(stage, v, like), str(f.path))
     return r
 
 
@@ -511,7 +499,8 @@ def _parted_ranks(d: Path, reads: dict[int, _Read], case: Case, tp: int, info: d
     return out
 
 
-def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple[Case, set[str], list[Parted], set[str]]:
+def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool,
+               names: dict[str, DumperAlias]) -> tuple[Case, set[str], list[Parted], set[str]]:
     """The case one pass holds over ``like``'s rows (those at positions ``start``...), its ignored names, the
     stages two of its names gave other values for, and its dtypes."""
     world, info, key = parallel_info(p.files)
@@ -531,7 +520,7 @@ def _pass_case(d: Path, p: Pass, like: Like, start: int, classic: bool) -> tuple
         raise GoldenError(f"{_first(p.files).path}: {key} says {ep}={info[ep]} "
                           f"with tp_size={tp}: only experts over every rank can be placed")
     rank_like = _like_rank(like, tp, str(_first(p.files).path)) if tp > 1 else like
-    reads = {r: _read_rank([f for f in p.files if f.rank == r], rank_like, start, classic) for r in ranks}
+    reads = {r: _read_rank([f for f in p.files if f.rank == r], rank_like, start, classic, names) for r in ranks}
     r0 = reads[0]
     if tp > 1:
         _same_names(reads)
@@ -575,15 +564,19 @@ def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None
     d = Path(path)
     first, steps, left = plan(d, like.tokens, forward_pass)
     classic = any(_bare(f.name).endswith("input_layernorm.output.1") for f in first.files)
+    fmt = (attrs or {}).get("imported", {})
+    engine = "vllm" if parallel_info(first.files)[2] == "vllm_parallel_info" or \
+        (isinstance(fmt, dict) and fmt.get("format") == "vllm") else "sglang"
+    names = names_of(like.family, engine)
     n = like.n_tokens if first.input_ids is None else int(first.input_ids.size)
     prompt_like = like if n == like.n_tokens else replace(like, tokens=like.tokens[:n])
-    case, ignored, parted, dtypes = _pass_case(d, first, prompt_like, 0, classic)
+    case, ignored, parted, dtypes = _pass_case(d, first, prompt_like, 0, classic, names)
     checked, one_row = "checked" in dtypes, "one_row" in dtypes
     dtypes -= {"checked", "one_row"}
     step_cases = []
     for number, (p, at) in enumerate(steps):
         step_like = replace(like, tokens=like.tokens[at:at + 1])
-        sc, ign, prt, dts = _pass_case(d, p, step_like, at, classic)
+        sc, ign, prt, dts = _pass_case(d, p, step_like, at, classic, names)
         if not (sc.model or sc.layers):
             raise GoldenError(f"{p.first.path}: decode pass {p.number} holds no stage moesnap knows")
         ignored |= ign
@@ -591,10 +584,10 @@ def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None
         sc.attrs.update({"positions": [at], "step": number, "forward_pass": p.number})
         step_cases.append(_with_parted(sc, prt))
     if not (case.model or case.layers):
-        names = sorted({_bare(f.name) for f in first.files})
-        if all(x in BOOKKEEPING for x in names):
+        held = sorted({_bare(f.name) for f in first.files})
+        if all(x in BOOKKEEPING for x in held):
             raise GoldenError(f"{d}: holds no stage moesnap knows, only SGLang's bookkeeping fields "
-                              f"({', '.join(names)}): what the dumper's default DUMPER_NON_INTRUSIVE_MODE=core "
+                              f"({', '.join(held)}): what the dumper's default DUMPER_NON_INTRUSIVE_MODE=core "
                               f"writes; dump again with DUMPER_NON_INTRUSIVE_MODE=all")
         shown = sorted(ignored)[:6]
         raise GoldenError(f"{d}: holds no stage moesnap knows (it holds {', '.join(shown)}"
@@ -602,7 +595,6 @@ def sglang_case(path: str | Path, like: Like, *, forward_pass: int | None = None
     if prompt_like.n_tokens > 1 and not checked and one_row:
         raise GoldenError(f"{d}: every tensor of the pass holds one token: a decode pass? moesnap judges the "
                           f"prefill pass of the golden's prompt (--pass N; dump input_ids too, to check it)")
-    engine = "vllm" if parallel_info(first.files)[2] == "vllm_parallel_info" else "sglang"
     a: dict[str, Any] = {"producer": engine, "source": str(d), "forward_pass": first.number,
          "ranks": sorted({f.rank for f in first.files})}
     narrow = next((x for x in _NARROW if x in dtypes), None)     # the engine's precision: its narrowest float

@@ -1,0 +1,400 @@
+"""SGLang's own dumper (``sglang/srt/debug_utils/dumper.py``, unmodified, loaded as sglang_tree.py loads it)
+driven by module trees named and called as SGLang's Qwen2-MoE (``sglang/srt/models/qwen2_moe.py``) and
+DeepSeek-V2/V3 (``deepseek_v2.py``), built from a moesnap model file's weights.  Run as a script (a process
+of its own, as sglang_tree.py)::
+
+    python tests/capture/sglang_families.py OUT --model M.gguf --tokens 1,2,3 [--dtype bfloat16]
+        [--unfused-gate] [--fault-gate LAYER] [--fault-shared LAYER]
+
+writes one prefill pass of ``--tokens`` into ``OUT/exp`` (``DUMPER_NON_INTRUSIVE_MODE=all``, one rank); the
+family is the model file's.
+
+Qwen2-MoE (``Qwen2MoeSparseMoeBlock.forward`` on CUDA): ``shared_expert`` (``gate_up_proj``, ``act_fn``,
+``down_proj``: its output before the gate), ``gate`` -> ``(logits, None)``, ``topk`` (softmax, top-k, not
+renormalised: ``norm_topk_prob``), ``experts`` (the routed mixture), then the shared expert's gate and the
+add in one fused kernel that calls no module (``fused_gate_sigmoid_mul_add``): ``shared_expert_gate`` is
+not dumped.  ``--unfused-gate``: the path where the gate is not fused (CPU AMX, NPU): ``shared_expert_gate``
+is called (its ``[T, 1]`` logit dumped) and the gated output added.  Attention: ``qkv_proj`` with biases, no
+q/k norm, ``rotary_emb`` (NeoX), ``attn``, ``o_proj``.  ``--fault-gate L``: the shared expert gate's weight
+of layer L off by 5 %.
+
+DeepSeek (``DeepseekV2AttentionMLA``'s MHA prefill path, ``forward_normal_prepare``/``_core``): with a q
+LoRA ``fused_qkv_a_proj_with_mqa`` (q latent and kv latent side by side), ``q_a_layernorm``, ``q_b_proj``;
+without, ``q_proj`` and ``kv_a_proj_with_mqa``; ``kv_a_layernorm``; ``rotary_emb(positions, q_pe, k_pe)`` on
+the rope part alone (interleaved pairs; DeepSeek's YaRN), written back into q; ``kv_b_proj``; ``attn_mha(q, k,
+v, forward_batch, save_kv_cache=False)`` (k every head's ``[k_nope, k_pe]``); ``o_proj``.  A MoE layer's
+``mlp`` (``DeepseekV2MoE.forward_normal``): ``shared_experts`` first, ``gate`` (``MoEGate``: the logits,
+float32), ``topk`` (grouped top-k: V2 softmax, a group scores its best expert; V3 sigmoid plus the
+correction bias, a group scores its best two; weights not scaled), ``experts`` (the routed mixture), times
+``routed_scaling_factor`` after it, plus the shared experts; a leading dense layer's ``mlp`` is
+``DeepseekV2MLP``.  ``--fault-shared L``: the shared experts' down projection of layer L off by 5 %.
+Layers return ``(hidden_states, None)`` as DeepSeek's do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from sglang_tree import (  # noqa: E402
+    REPO, FusedMoE, ForwardBatch, Linear, LogitsProcessor, ParallelLMHead, RMSNorm, dumper_path, load_dumper)
+
+FAULT_SCALE = 1.05
+
+
+class LinearBias(Linear):
+    """SGLang's QKVParallelLinear with biases: ``(x W^T + b, None)``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor):
+        return x @ self.weight.T + self.bias, None
+
+
+class SiluAndMul(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class GatedMLP(nn.Module):
+    """Qwen2MoeMLP / DeepseekV2MLP: ``gate_up_proj`` (gate rows first), ``act_fn``, ``down_proj``."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(torch.cat([gate, up]))
+        self.down_proj = Linear(down)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor, forward_batch=None) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class Rotary(nn.Module):
+    """SGLang's rotary embedding: NeoX halves, or (``is_neox_style`` False) GPT-J's interleaved pairs, over
+    the angles of moesnap's config (DeepSeek's YaRN frequencies included)."""
+
+    def __init__(self, cfg, dtype: torch.dtype) -> None:
+        super().__init__()
+        from moesnap.model.families import rope_attention_factor, rope_inv_freq
+
+        self.inv_freq, self.mscale = rope_inv_freq(cfg), rope_attention_factor(cfg)
+        self.is_neox_style, self.dtype = not cfg.rope_interleaved, dtype
+
+    def _turn(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        T, D = positions.shape[0], self.inv_freq.shape[0] * 2
+        shape = x.shape
+        x = x.reshape(T, -1, D)                                                       # [T, heads, Dr]
+        ang = torch.outer(positions.to(torch.float64), self.inv_freq)                 # [T, Dr/2]
+        cos = (ang.cos() * self.mscale).to(self.dtype)[:, None, :]
+        sin = (ang.sin() * self.mscale).to(self.dtype)[:, None, :]
+        if self.is_neox_style:
+            x1, x2 = x.chunk(2, -1)
+        else:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        a, b = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        out = torch.cat([a, b], -1) if self.is_neox_style else torch.stack([a, b], -1).flatten(-2)
+        return out.reshape(shape)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        return self._turn(positions, q), self._turn(positions, k)
+
+
+class RadixAttention(nn.Module):
+    """Causal attention over this request's KV cache, q ``[T, Hq*D]``, k ``[T, Hkv*D]``, v ``[T, Hkv*Dv]``."""
+
+    def __init__(self, n_head: int, n_kv: int, head_dim: int, v_head_dim: int, scaling: float) -> None:
+        super().__init__()
+        self.n_head, self.n_kv, self.D, self.Dv, self.scaling = n_head, n_kv, head_dim, v_head_dim, scaling
+        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, q, k, v, forward_batch, save_kv_cache: bool = True):
+        T = q.shape[0]
+        q, k, v = q.reshape(T, self.n_head, self.D), k.reshape(T, self.n_kv, self.D), v.reshape(T, self.n_kv, self.Dv)
+        if int(forward_batch.positions[0]) == 0 or self.cache is None:
+            self.cache = (k, v)
+        else:
+            self.cache = (torch.cat([self.cache[0], k]), torch.cat([self.cache[1], v]))
+        K, V = (c.repeat_interleave(self.n_head // self.n_kv, dim=1) for c in self.cache)
+        scores = torch.einsum("thd,shd->hts", q, K).float() * self.scaling
+        mask = torch.arange(K.shape[0])[None, :] <= forward_batch.positions[:, None]
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).to(q.dtype)
+        return torch.einsum("hts,shd->thd", probs, V).reshape(T, self.n_head * self.Dv)
+
+
+class TopKOutput(NamedTuple):
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+    router_logits: torch.Tensor
+
+
+class TopK(nn.Module):
+    """SGLang's TopK: softmax then top-k (renormalised or not), or DeepSeek's grouped top-k."""
+
+    def __init__(self, cfg, correction_bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.cfg, self.bias = cfg, correction_bias
+
+    def forward(self, hidden_states, router_logits):
+        c = self.cfg
+        logits = router_logits.float()
+        if c.gating not in ("softmax_grouped", "sigmoid_grouped"):
+            w, ids = torch.topk(torch.softmax(logits, -1), c.n_expert_used, dim=-1)
+            if c.gating != "softmax_topk":                                   # renormalize=norm_topk_prob
+                w = w / w.sum(-1, keepdim=True)
+            return TopKOutput(w, ids.to(torch.int32), router_logits)
+        T, E, G = logits.shape[0], logits.shape[1], c.n_group
+        sigmoid = c.gating == "sigmoid_grouped"
+        scores = logits.sigmoid() if sigmoid else torch.softmax(logits, -1)          # [T, E]
+        choice = scores + self.bias.float() if self.bias is not None else scores     # biased_grouped_topk
+        grouped = choice.view(T, G, E // G)
+        group_scores = grouped.topk(2, -1)[0].sum(-1) if sigmoid else grouped.max(-1).values   # [T, G]
+        kept = torch.topk(group_scores, c.n_group_used, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores).scatter_(1, kept, 1).bool()
+        mask = mask[:, :, None].expand(T, G, E // G).reshape(T, E)
+        ids = torch.topk(choice.masked_fill(~mask, float("-inf") if sigmoid else 0.0), c.n_expert_used, dim=-1,
+                         sorted=False)[1]
+        w = scores.gather(1, ids)
+        if c.topk_norm:
+            w = w / w.sum(-1, keepdim=True)
+        return TopKOutput(w, ids.to(torch.int32), router_logits)
+
+
+# --------------------------------------------------------------------------- Qwen2-MoE
+
+
+class Qwen2MoeAttention(nn.Module):
+    def __init__(self, cfg, w, dtype: torch.dtype) -> None:
+        super().__init__()
+        D = cfg.head_dim
+        self.q_size, self.kv_size = cfg.n_head * D, cfg.n_head_kv * D
+        self.qkv_proj = LinearBias(torch.cat([w.wq, w.wk, w.wv]), torch.cat([w.bq, w.bk, w.bv]))
+        self.rotary_emb = Rotary(cfg, dtype)
+        self.attn = RadixAttention(cfg.n_head, cfg.n_head_kv, D, D, D ** -0.5)
+        self.o_proj = Linear(w.wo)
+
+    def forward(self, positions, hidden_states, forward_batch):
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        output, _ = self.o_proj(self.attn(q, k, v, forward_batch))
+        return output
+
+
+class Qwen2MoeSparseMoeBlock(nn.Module):
+    def __init__(self, cfg, w, dtype: torch.dtype, unfused_gate: bool, fault: bool) -> None:
+        super().__init__()
+        self.gate = Linear(w.router.float())
+        self.topk = TopK(cfg)
+        self.experts = FusedMoE(cfg, w, dtype)
+        self.shared_expert = GatedMLP(*w.shexp)
+        self.shared_expert_gate = nn.Linear(cfg.hidden, 1, bias=False, dtype=dtype)
+        self.shared_expert_gate.weight.data.copy_(w.shexp_gate[None, :] * (FAULT_SCALE if fault else 1.0))
+        self.shared_expert_gate.requires_grad_(False)
+        self.unfused_gate = unfused_gate
+
+    def forward(self, hidden_states, forward_batch=None):
+        shared_output = self.shared_expert(hidden_states)
+        if self.unfused_gate:
+            shared_output = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared_output
+        router_logits, _ = self.gate(hidden_states.float())
+        topk_output = self.topk(hidden_states, router_logits)
+        final = self.experts(hidden_states, topk_output)
+        if self.unfused_gate:
+            return final + shared_output
+        # fused_gate_sigmoid_mul_add: the gate's GEMV, sigmoid, product and add in one kernel, no module call
+        gate = hidden_states @ self.shared_expert_gate.weight.T                     # [T, 1]
+        return final + torch.sigmoid(gate) * shared_output
+
+
+class Qwen2MoeDecoderLayer(nn.Module):
+    def __init__(self, cfg, w, layer_id: int, dtype: torch.dtype, args) -> None:
+        super().__init__()
+        self.self_attn = Qwen2MoeAttention(cfg, w, dtype)
+        self.mlp = Qwen2MoeSparseMoeBlock(cfg, w, dtype, args.unfused_gate, args.fault_gate == layer_id)
+        self.input_layernorm = RMSNorm(w.attn_norm, cfg.rms_eps)
+        self.post_attention_layernorm = RMSNorm(w.ffn_norm, cfg.rms_eps)
+
+    def forward(self, positions, hidden_states, forward_batch):
+        h = self.input_layernorm(hidden_states)
+        attn = self.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch)
+        h, residual = self.post_attention_layernorm(attn, hidden_states)
+        return residual + self.mlp(h, forward_batch)
+
+
+# --------------------------------------------------------------------------- DeepSeek-V2/V3
+
+
+class DeepseekV2AttentionMLA(nn.Module):
+    def __init__(self, cfg, w, dtype: torch.dtype) -> None:
+        super().__init__()
+        from moesnap.model.families import softmax_scale
+
+        self.Hq, self.Dn, self.Dr, self.Dv = cfg.n_head, cfg.qk_nope_dim, cfg.rope_dim, cfg.v_dim
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        if self.q_lora_rank:
+            self.fused_qkv_a_proj_with_mqa = Linear(torch.cat([w.wq_a, w.wkv_a]))
+            self.q_a_layernorm = RMSNorm(w.q_a_norm, cfg.rms_eps)
+            self.q_b_proj = Linear(w.wq_b)
+        else:
+            self.q_proj = Linear(w.wq)
+            self.kv_a_proj_with_mqa = Linear(w.wkv_a)
+        self.kv_b_proj = Linear(w.wkv_b)
+        self.o_proj = Linear(w.wo)
+        self.kv_a_layernorm = RMSNorm(w.kv_a_norm, cfg.rms_eps)
+        self.rotary_emb = Rotary(cfg, dtype)
+        self.attn_mha = RadixAttention(self.Hq, self.Hq, self.Dn + self.Dr, self.Dv, softmax_scale(cfg))
+
+    def forward(self, positions, hidden_states, forward_batch):
+        T, Hq, Dn, Dr = hidden_states.shape[0], self.Hq, self.Dn, self.Dr
+        if self.q_lora_rank:
+            q, latent_cache = self.fused_qkv_a_proj_with_mqa(hidden_states)[0].split(
+                [self.q_lora_rank, self.kv_lora_rank + Dr], dim=-1)
+            q = self.q_b_proj(self.q_a_layernorm(q))[0].view(-1, Hq, Dn + Dr)
+        else:
+            q = self.q_proj(hidden_states)[0].view(-1, Hq, Dn + Dr)
+            latent_cache = self.kv_a_proj_with_mqa(hidden_states)[0]
+        _, q_pe = q.split([Dn, Dr], dim=-1)
+        kv_a, _ = latent_cache.split([self.kv_lora_rank, Dr], dim=-1)
+        latent_cache = latent_cache.unsqueeze(1)
+        kv_a = self.kv_a_layernorm(kv_a)
+        k_pe = latent_cache[:, :, self.kv_lora_rank:]
+        q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
+        q[..., Dn:] = q_pe
+        kv = self.kv_b_proj(kv_a)[0].view(-1, Hq, Dn + self.Dv)
+        k_nope, v = kv[..., :Dn], kv[..., Dn:]
+        k = torch.cat([k_nope, k_pe.expand(T, Hq, Dr)], dim=-1)
+        attn_output = self.attn_mha(q, k, v, forward_batch, save_kv_cache=False)
+        output, _ = self.o_proj(attn_output.reshape(-1, Hq * self.Dv))
+        return output
+
+
+class MoEGate(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.float(), requires_grad=False)
+
+    def forward(self, hidden_states):
+        return F.linear(hidden_states.float(), self.weight)
+
+
+class DeepseekV2MoE(nn.Module):
+    def __init__(self, cfg, w, dtype: torch.dtype, fault: bool) -> None:
+        super().__init__()
+        self.routed_scaling_factor = cfg.routed_scale
+        self.gate = MoEGate(w.router)
+        self.topk = TopK(cfg, w.probs_bias)
+        self.experts = FusedMoE(cfg, w, dtype)
+        gate, up, down = w.shexp
+        self.shared_experts = GatedMLP(gate, up, down * (FAULT_SCALE if fault else 1.0))
+
+    def forward(self, hidden_states, forward_batch=None):
+        shared_output = self.shared_experts(hidden_states)
+        router_logits = self.gate(hidden_states)
+        topk_output = self.topk(hidden_states, router_logits)
+        final = self.experts(hidden_states, topk_output)
+        final = final * self.routed_scaling_factor
+        return final + shared_output
+
+
+class DeepseekV2DecoderLayer(nn.Module):
+    def __init__(self, cfg, w, layer_id: int, dtype: torch.dtype, args) -> None:
+        super().__init__()
+        self.self_attn = DeepseekV2AttentionMLA(cfg, w, dtype)
+        if w.experts is not None:
+            self.mlp: nn.Module = DeepseekV2MoE(cfg, w, dtype, args.fault_shared == layer_id)
+        else:
+            self.mlp = GatedMLP(w.ffn_gate, w.ffn_up, w.ffn_down)
+        self.input_layernorm = RMSNorm(w.attn_norm, cfg.rms_eps)
+        self.post_attention_layernorm = RMSNorm(w.ffn_norm, cfg.rms_eps)
+
+    def forward(self, positions, hidden_states, forward_batch):
+        h = self.input_layernorm(hidden_states)
+        attn = self.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch)
+        h, residual = self.post_attention_layernorm(attn, hidden_states)
+        return residual + self.mlp(h, forward_batch), None
+
+
+# --------------------------------------------------------------------------- the model
+
+
+LAYERS = {"qwen2moe": Qwen2MoeDecoderLayer, "deepseek2": DeepseekV2DecoderLayer}
+
+
+class Model(nn.Module):
+    def __init__(self, weights, dtype: torch.dtype, args) -> None:
+        super().__init__()
+        cfg = weights.config
+        layer = LAYERS[cfg.arch]
+        self.embed_tokens = nn.Embedding.from_pretrained(weights.dense("token_embd", dtype))
+        self.layers = nn.ModuleList(layer(cfg, weights.layer(i, dtype), i, dtype, args) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(weights.dense("output_norm", dtype), cfg.rms_eps)
+
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None):
+        hidden_states = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            out = layer(positions, hidden_states, forward_batch)
+            hidden_states = out[0] if isinstance(out, tuple) else out
+        return self.norm(hidden_states)
+
+
+class ForCausalLM(nn.Module):
+    def __init__(self, weights, dtype: torch.dtype, args) -> None:
+        super().__init__()
+        self.model = Model(weights, dtype, args)
+        self.lm_head = ParallelLMHead(weights.dense("output", dtype))
+        self.logits_processor = LogitsProcessor()
+
+    @torch.no_grad()
+    def forward(self, input_ids, positions, forward_batch):
+        hidden_states = self.model(input_ids, positions, forward_batch)
+        return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out", type=Path)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--unfused-gate", action="store_true")
+    p.add_argument("--fault-gate", type=int, default=None)
+    p.add_argument("--fault-shared", type=int, default=None)
+    args = p.parse_args(argv)
+    found = dumper_path()
+    if found is None:
+        sys.exit("sglang's dumper.py not found: pip install --no-deps sglang==0.5.23, or set MOESNAP_SGLANG_DUMPER")
+    torch.set_num_threads(1)
+    os.environ.update(DUMPER_ENABLE="1", DUMPER_DIR=str(args.out), DUMPER_EXP_NAME="exp",
+                      DUMPER_ENABLE_OUTPUT_CONSOLE="0", DUMPER_COLLECTIVE_TIMEOUT="30", DUMPER_NON_INTRUSIVE_MODE="all")
+    dumper = load_dumper(found).dumper
+    sys.path.insert(0, str(REPO / "src"))
+    from moesnap.model.load import open_model
+
+    weights = open_model(args.model)
+    if weights.config.arch not in LAYERS:
+        sys.exit(f"{args.model}: a {weights.config.arch} model; this tree builds {', '.join(LAYERS)}")
+    model = ForCausalLM(weights, getattr(torch, args.dtype), args)
+    dumper.register_non_intrusive_dumper(model)
+    ids = torch.tensor([int(t) for t in args.tokens.split(",")])
+    positions = torch.arange(ids.shape[0])
+    model.forward(ids, positions, ForwardBatch(ids, positions, torch.tensor([ids.shape[0]]), torch.tensor([0]),
+                                               ["req-0"]))
+    dumper.step()
+
+
+if __name__ == "__main__":
+    main()
