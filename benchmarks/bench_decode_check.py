@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                          "moesnap command picks on this host")
     ap.add_argument("--no-plain", action="store_true",
                     help="leave out the plain generation of the same P+N tokens (no proposal)")
+    ap.add_argument("--phases", action="store_true",
+                    help="time the decode rows by phase (forwards, replays, judging, next-token figures; the GPU "
+                         "synchronised at each phase's edges, which the ratio then includes) and print the split")
     ap.add_argument("--no-graph", action="store_true",
                     help="leave out the --cuda-graph row (its static buffers hold every expert dequantized: "
                          "~58 GB at 48 layers in bfloat16)")
@@ -186,10 +189,75 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class PhaseClock:
+    """Seconds spent in each phase of a decode check while installed: the serving forwards
+    (``Session.prefill``/``Session.decode``), the stage-local replay of each forward (``replay_batch``),
+    handing steps to the judge processes, waiting for their verdicts, next-token figures, and judging in
+    this process.  ``device``: a CUDA device is synchronised at each phase's edges (so a phase owns the
+    GPU work it queued).  ``on_call(name, n)`` may return a context manager to run around call ``n``
+    of phase ``name`` (a profiler, say)."""
+
+    PHASES = (("prefill", "moesnap.model.serve", "Session", "prefill"),
+              ("decode step", "moesnap.model.serve", "Session", "decode"),
+              ("stage-local replay", "moesnap.model.serve", None, "replay_batch"),
+              ("submit to judge processes", "moesnap.judge.suite", None, "submit_case"),
+              ("wait for verdicts", "moesnap.judge.suite", None, "_result"),
+              ("next-token figures", "moesnap.judge.suite", None, "next_tokens"),
+              ("judge in this process", "moesnap.judge.suite", None, "_now"))
+
+    def __init__(self, device: str, on_call=None) -> None:
+        import importlib
+
+        import torch
+
+        self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+        self.on_call = on_call
+        self.spent: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+        self._undo: list[tuple[object, str, object]] = []
+        self._targets = [(name, getattr(importlib.import_module(mod), cls) if cls else importlib.import_module(mod),
+                          attr) for name, mod, cls, attr in self.PHASES]
+
+    def _wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            self.sync()
+            n = self.count[name] = self.count.get(name, 0) + 1
+            extra = self.on_call(name, n) if self.on_call else None
+            if extra is not None:
+                extra.__enter__()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - t
+                if extra is not None:
+                    extra.__exit__(None, None, None)
+        return timed
+
+    def __enter__(self) -> PhaseClock:
+        for name, owner, attr in self._targets:
+            real = getattr(owner, attr)
+            self._undo.append((owner, attr, real))
+            setattr(owner, attr, self._wrap(name, real))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, real in reversed(self._undo):
+            setattr(owner, attr, real)
+        self._undo.clear()
+
+    def table(self, indent: str = "  ") -> str:
+        return "\n".join(f"{indent}{name:28s} {s:8.2f} s  {self.count[name]:5d} calls  "
+                         f"{1000 * s / max(1, self.count[name]):8.2f} ms/call"
+                         for name, s in sorted(self.spent.items(), key=lambda kv: -kv[1]))
+
+
 def _check_rows(model: str, golden: str | None, store: str, a: argparse.Namespace, dtype: str, graph: bool) -> None:
     """The check of ``golden`` as one prefill, with ``--decode N`` and with ``--cuda-graph``, in ``dtype``."""
     kw = dict(store=store, device=a.device, dtype=dtype, show_progress=False)
     times: dict[str, list[float]] = {"check_prefill": [], "check_decode": [], "check_graph": []}
+    phases: list[PhaseClock] = []
     verdicts: dict[str, str] = {}
     cells: dict[str, str] = {}
     for r in range(a.repeat):
@@ -203,7 +271,12 @@ def _check_rows(model: str, golden: str | None, store: str, a: argparse.Namespac
                 assert golden is not None
                 rep = moesnap.check(model, golden, **kw, **extra)
 
-            times[which].append(_time(run))
+            if a.phases and which == "check_decode":
+                with PhaseClock(a.device) as clock:
+                    times[which].append(_time(run))
+                phases.append(clock)
+            else:
+                times[which].append(_time(run))
             assert rep is not None
             verdicts[which] = rep.verdict
             cells[which] = next(x for x in rep.summary().splitlines() if x.startswith("judged"))
@@ -217,6 +290,9 @@ def _check_rows(model: str, golden: str | None, store: str, a: argparse.Namespac
               f"ratio {med['check_graph'] / med['check_prefill']:.2f}x ({verdicts['check_graph']})")
     for which, line in cells.items():
         print(f"    {which}: {line}")
+    for clock in phases[:1]:
+        print(f"    phases of the first --decode {a.steps} row (GPU synchronised at their edges):")
+        print(clock.table("      "))
 
 
 if __name__ == "__main__":

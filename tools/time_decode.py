@@ -11,12 +11,15 @@ their verdicts, the next-token figures, and the rest of the check.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_decode_check import PhaseClock  # noqa: E402  (the phases, shared with the benchmark)
 
 
 def main() -> int:
@@ -30,8 +33,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/time-decode"))
     a = ap.parse_args()
     import moesnap
-    from moesnap.judge import pool, suite
-    from moesnap.model import serve
+    from moesnap.judge import pool
     from moesnap.model.synth import make_model, preset
 
     pool.processes_by_default()
@@ -44,45 +46,32 @@ def main() -> int:
     ref = moesnap.generate(str(model), "time", [ids], store=store, decode=a.steps, show_progress=False)
     kw = dict(store=store, device=a.device, dtype=a.dtype, show_progress=False)
     moesnap.check(str(model), ref, **kw, decode=2)          # warm-up
-    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
-    spent: dict[str, float] = defaultdict(float)
-    count: dict[str, int] = defaultdict(int)
     prof_tables: list[str] = []
+    on_cuda = a.device.startswith("cuda")
+    first_profiled = {"decode step": 10, "stage-local replay": 11}
 
-    def timed(name, fn, profile_from=None):
-        def wrapper(*args, **kwargs):
-            sync()
-            count[name] += 1
-            prof = None
-            if profile_from is not None and profile_from <= count[name] < profile_from + a.profile_steps:
-                acts = [torch.profiler.ProfilerActivity.CPU]
-                if a.device.startswith("cuda"):
-                    acts.append(torch.profiler.ProfilerActivity.CUDA)
-                prof = torch.profiler.profile(activities=acts)
-                prof.__enter__()
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                sync()
-                spent[name] += time.perf_counter() - t
-                if prof is not None:
-                    prof.__exit__(None, None, None)
-                    key = "self_cuda_time_total" if a.device.startswith("cuda") else "self_cpu_time_total"
-                    prof_tables.append(f"--- {name} call {count[name]}: by {key}\n"
-                                       + prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60)
-                                       + "--- same call by self_cpu_time_total\n"
-                                       + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
-                                                                   max_name_column_width=60))
-        return wrapper
+    class _Profiled:
+        def __init__(self, name: str, n: int) -> None:
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
+            self.name, self.n, self.prof = name, n, torch.profiler.profile(activities=acts)
 
-    serve.Session.prefill = timed("prefill", serve.Session.prefill)
-    serve.Session.decode = timed("decode step", serve.Session.decode, profile_from=10)
-    serve.replay_batch = timed("stage-local replay", serve.replay_batch, profile_from=11)
-    suite.submit_case = timed("submit to judge processes", suite.submit_case)
-    suite._result = timed("wait for verdicts", suite._result)
-    suite.next_tokens = timed("next-token figures", suite.next_tokens)
-    suite._now = timed("judge in this process", suite._now)
+        def __enter__(self) -> None:
+            self.prof.__enter__()
+
+        def __exit__(self, *exc) -> None:
+            self.prof.__exit__(None, None, None)
+            key = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+            prof_tables.append(f"--- {self.name} call {self.n}: by {key}\n"
+                               + self.prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60)
+                               + "--- same call by self_cpu_time_total\n"
+                               + self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
+                                                                max_name_column_width=60))
+
+    def on_call(name: str, n: int):
+        lo = first_profiled.get(name)
+        return _Profiled(name, n) if lo is not None and lo <= n < lo + a.profile_steps else None
+
+    clock = PhaseClock(a.device, on_call).__enter__()
     t = time.perf_counter()
     rep = moesnap.check(str(model), ref, **kw, decode=a.steps)
     total = time.perf_counter() - t
@@ -92,8 +81,8 @@ def main() -> int:
     print(f"{a.layers} layers, P={a.prompt}, N={a.steps}, {a.dtype} on {a.device}, {pool.case_processes()} judge "
           f"processes: decode check {total:.2f} s ({rep.verdict}); prefill-only check {pre:.2f} s ({rep0.verdict})")
     print("phases of the decode check (prefill-only check's calls included in counts below the line):")
-    for name, s in sorted(spent.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:28s} {s:8.2f} s  {count[name]:5d} calls  {1000 * s / max(1, count[name]):8.2f} ms/call")
+    clock.__exit__(None, None, None)
+    print(clock.table())
     for tab in prof_tables:
         print(tab)
     return 0
