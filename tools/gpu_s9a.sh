@@ -16,7 +16,7 @@ tail -4 "$out/pytest_gpu.txt"; wait $mk; cat "$out/make.txt"; echo "at $((SECOND
 ln -sf "$W/qwen3-30b-a3b-48l.gguf" "$W/qwen3-30b-a3b-48.gguf"
 timeout 300 python benchmarks/bench_check.py --layers 48 --judge cpu,device --no-compare --work "$W" 2>&1 \
     | tee "$out/bench_check_48.txt"
-left=$((580 - (SECONDS - t0))); echo "at $((SECONDS-t0)) s, $left s left"
+left=$((${BUDGET:-580} - (SECONDS - t0))); echo "at $((SECONDS-t0)) s, $left s left"
 [ $left -gt 60 ] && timeout $left python benchmarks/bench_decode_check.py --check-only --dtype float32,bfloat16 \
     --repeat 1 --no-graph --phases --work "$W" 2>&1 | tee "$out/bench_decode_check_48.txt"
 echo "end at $((SECONDS-t0)) s"
