@@ -73,6 +73,17 @@ def test_the_pipeline_gives_the_report_of_the_forwards_made_whole_first(tiny_pat
         assert fd is not None and fd.layer == int(kw["inject"][0].split("layer=")[1].split(",")[0]), fd
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_on_cuda_the_pipeline_gives_the_report_of_the_forwards_made_whole_first(tiny_path, monkeypatch, dtype):
+    # each layer to the host in one copy (a batched recorder), the judge on the device
+    kw = {"dtype": dtype, "device": "cuda", "inject": ["nan:layer=2,expert=3"]}
+    piped = _check(tiny_path, monkeypatch, "1", **kw)
+    whole = _check(tiny_path, monkeypatch, "0", **kw)
+    assert piped.to_dict() == whole.to_dict() and text(piped) == text(whole)
+    assert piped.verdict == "fail" and piped.first_divergence.layer == 2
+
+
 def test_the_command_line_reports_are_the_same_file(tiny_path, monkeypatch, capsys, tmp_path):
     # without router replay a near-tie flip excuses its token in later layers: what the judge leaves out
     # depends on the routes, read layer by layer as they are made
