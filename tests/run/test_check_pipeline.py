@@ -228,6 +228,17 @@ def test_an_interrupt_stops_the_forward_after_the_layer_in_progress(tiny_path, m
     assert _no_thread_left() and replayed == []
 
 
+@pytest.mark.parametrize("env, on_cpu, on_cuda", [(None, False, True), ("auto", False, True), ("1", True, True),
+                                                    ("0", False, False)])
+def test_by_default_the_pipeline_runs_where_the_forward_leaves_the_cores_to_the_judge(monkeypatch, env, on_cpu,
+                                                                                      on_cuda):
+    if env is None:
+        monkeypatch.delenv("MOESNAP_PIPELINE", raising=False)
+    else:
+        monkeypatch.setenv("MOESNAP_PIPELINE", env)
+    assert (run_check.pipelined("cpu"), run_check.pipelined("cuda:0")) == (on_cpu, on_cuda)
+
+
 def test_a_bad_pipeline_switch_is_refused_in_one_line(tiny_path, monkeypatch, capsys, tmp_path):
     code, out, err, _ = _cli(tiny_path, monkeypatch, capsys, tmp_path, "yes")
     assert code == 2 and err.startswith("moesnap: error: MOESNAP_PIPELINE='yes': expected 1") and err.count("\n") == 1
