@@ -21,10 +21,12 @@ layers <= 30 s and <= 6 GiB on 16 cores (issue 22; ``bench_generate.py`` splits 
 
 ``--judge cpu,device`` runs every check and compare row once per judge (``MOESNAP_JUDGE``: numpy on the
 host's cores, or torch on the candidate's device, :mod:`moesnap.judge.device`), in the same run, and says
-whether their verdicts agree stage by stage; ``--no-compare`` leaves out the trace and compare rows.
+whether their verdicts agree stage by stage; ``--pipeline 1,0`` runs every check row with and without the
+pipeline (``MOESNAP_PIPELINE``: each layer judged while the forward makes the next, or the forwards made whole
+first) and says whether the JSON reports are the same file; ``--no-compare`` leaves out the trace and compare rows.
 
     python benchmarks/bench_check.py [--preset qwen3-30b-a3b] [--layers N] [--device cpu|cuda] [--work DIR]
-                                     [--judge cpu,device] [--no-compare]
+                                     [--judge cpu,device] [--pipeline 1,0] [--no-compare]
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ PROMPT_128 = ("def route(tokens, experts):\n    # pick the top-k experts for eve
               "    return [e(t) for t in tokens for e in experts]\n")[:128]
 
 
-def run(argv: list[str], judge: str | None = None) -> tuple[float, float, int]:
+def run(argv: list[str], judge: str | None = None, pipeline: str | None = None) -> tuple[float, float, int]:
     """(wall seconds, peak resident GiB, exit code) of ``python -m moesnap ARGV`` in a child process
-    (``judge``: its ``MOESNAP_JUDGE``)."""
+    (``judge``: its ``MOESNAP_JUDGE``; ``pipeline``: its ``MOESNAP_PIPELINE``)."""
     env = {**os.environ, "MOESNAP_NO_PROGRESS": "1"}
     if judge is not None:
         env["MOESNAP_JUDGE"] = judge
+    if pipeline is not None:
+        env["MOESNAP_PIPELINE"] = pipeline
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "moesnap", "-q", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -90,8 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="where the model and goldens go (default: a temporary directory)")
     ap.add_argument("--judge", default=None, help="comma-separated MOESNAP_JUDGE values to time: cpu, device, auto "
                                                   "(default: as the environment says)")
+    ap.add_argument("--pipeline", default=None, help="comma-separated MOESNAP_PIPELINE values to time the checks "
+                                                     "with: 1 (each layer judged as it is made), 0 (forwards whole "
+                                                     "first); default: as the environment says")
     ap.add_argument("--no-compare", action="store_true", help="leave out the trace and compare rows")
     a = ap.parse_args(argv)
+    pipes: list[str | None] = [p.strip() for p in a.pipeline.split(",") if p.strip()] if a.pipeline else [None]
+    if any(p not in ("0", "1") for p in pipes if p is not None):
+        raise SystemExit(f"--pipeline {a.pipeline!r}: expected 1 and/or 0")
     judges: list[str | None] = [j.strip() for j in a.judge.split(",") if j.strip()] if a.judge else [None]
     if any(j is not None and j not in ("cpu", "device", "auto") for j in judges):
         raise SystemExit(f"--judge {a.judge!r}: expected cpu, device and/or auto")
@@ -114,16 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         floor = read_floor([model, store])
         rows = []
         verdicts: dict[str, list[list[tuple]]] = {}
+        reports: dict[str, list[str]] = {}       # each check's JSON report, in run order
         for judge in judges:
-            tag = f" [judge {judge}]" if judge else ""
             for label, extra in (("check float32 (router replay)", ["--dtype", "float32"]),
                                  ("check bfloat16, router replay", ["--dtype", "bfloat16", "--no-replay"]),
                                  ("check bfloat16, + stage-local replay", ["--dtype", "bfloat16"])):
-                report = work / "report.json"
-                wall, rss, rc = run(["check", str(model), "--suite", "bench", "--store", str(store), "--device",
-                                     device, *extra, "--force", "--json", str(report)], judge)
-                rows.append((label, tag, wall, rss, rc))
-                verdicts.setdefault(label, []).append(stage_verdicts(report))
+                for pipe in pipes:
+                    tag = (f" [judge {judge}]" if judge else "") + (f" [pipeline {pipe}]" if pipe else "")
+                    report = work / "report.json"
+                    wall, rss, rc = run(["check", str(model), "--suite", "bench", "--store", str(store), "--device",
+                                         device, *extra, "--force", "--json", str(report)], judge, pipe)
+                    rows.append((label, tag, wall, rss, rc))
+                    verdicts.setdefault(label, []).append(stage_verdicts(report))
+                    reports.setdefault(label, []).append(report.read_text())
         cmp_rows = []
         if not a.no_compare:
             tr, _, _ = run(["trace", str(model), "--prompt", PROMPT_128, "--candidate", "--device", device,
@@ -161,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         if len(runs) > 1:
             same = all(r == runs[0] for r in runs[1:])
             print(f"  verdicts of {label}: {'identical' if same else 'DIFFER'} across "
-                  f"{'judges and re-reference devices' if label == 'compare' else 'judges'} ({len(runs[0])} stage results)")
+                  f"{'judges and re-reference devices' if label == 'compare' else 'judges and pipelines'} "
+                  f"({len(runs[0])} stage results)")
+    if len(pipes) > 1:              # one judge's reports with and without the pipeline: the same file
+        for label, texts in reports.items():
+            groups = [texts[i:i + len(pipes)] for i in range(0, len(texts), len(pipes))]
+            same = all(t == g[0] for g in groups for t in g[1:])
+            print(f"  JSON reports of {label}: {'identical' if same else 'DIFFER'} with and without the pipeline")
     return 0
 
 

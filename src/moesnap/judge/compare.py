@@ -311,19 +311,25 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     Stages are classified concurrently (numpy releases the GIL: :mod:`moesnap.judge.pool`); results
     keep computation order.  ``device``: their statistics computed in torch there
     (:func:`moesnap.judge.device.judge_device`); None: by numpy.
-    ``ready``: ``golden`` is still being made (the local re-reference, on a thread of its own): each
-    layer is judged once ``ready(layer)`` returned, the whole-model stages once ``ready(None)`` did,
-    so that judging a layer overlaps making the next.
+    ``ready``: one side is still being made on a thread of its own (the golden: the local
+    re-reference; the candidate: moesnap's forward in a check), its arrays allotted and filled layer by
+    layer: each layer is judged once ``ready(layer)`` returned (``embed`` too, once ``ready(0)`` did),
+    ``final_norm`` and ``logits`` once ``ready(None)`` did, so that judging a layer overlaps making the
+    next.  What the walk reads of the sides' attributes is read again after each ``ready`` (the routes
+    each side followed grow layer by layer); attributes about whole arrays (``held_tokens``,
+    ``parted``) wait for all of it first.
     """
     check_same_tokens(golden, candidate, where=name)
-    if ready is not None and candidate.attrs.get("held_tokens"):
-        ready(None)        # the rows the candidate does not hold are set to the golden's (attrs.golden_rows)
+    if ready is not None and any(side.attrs.get(key) for side in (golden, candidate) for key in _WHOLE_ATTRS):
+        ready(None)        # e.g. the rows the candidate does not hold are set to the golden's (attrs.golden_rows)
     w = _walk(golden, candidate, tols, dtype=dtype, name=name, mode=mode, propagate=propagate,
               allow_missing=allow_missing, device=device)
     notes = [] if not w.held or w.per_layer else held_notes(
         name, {key: np.flatnonzero(mask) for key, mask in w.held.items()}, w.n_tokens)
     model_stages, model_notes = _model_stages(w, whole_model=layers is None)
     order, layer_notes = _layer_order(w, layers)
+    if ready is not None and "embed" in model_stages:
+        ready(0)           # made with the first layer
     items = [*_seconds(w, "embed", None, ()),
              _judge_stage(w, "embed", None, w.golden.stage("embed"), w.candidate.stage("embed"))
              ] if "embed" in model_stages else []
@@ -332,7 +338,8 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
     for layer in order:
         if ready is not None:
             ready(layer)   # its followed routes too: appended as the layer is made
-            w = replace(w, g_follow=followed_routes(golden, where=f"{name} (golden)"))
+            w = replace(w, g_follow=followed_routes(golden, where=f"{name} (golden)"),
+                        c_follow=followed_routes(candidate, where=f"{name} (candidate)"))
         judged, flipped, said = _judge_layer(w, layer, inherited)
         items += judged
         routing_notes += said
@@ -351,6 +358,10 @@ def compare_cases(golden: Case, candidate: Case, tols: Tolerances, *, dtype: str
             items += _seconds(w, stage, None, tail)
             items.append(_judge_stage(w, stage, None, w.golden.stage(stage), w.candidate.stage(stage), tail))
     return _case_report(w, items, notes + layer_notes + model_notes, routing_notes)
+
+
+#: attributes about a side's whole arrays: a side being made is judged against them once all of it is made
+_WHOLE_ATTRS = ("held_tokens", "parted")
 
 
 def _model_stages(w: _Walk, *, whole_model: bool) -> tuple[tuple[str, ...], list[str]]:

@@ -40,9 +40,10 @@ class PerLayer:
     candidate: Case
     layers: tuple[int, ...] | None = None
     notes: Sequence[str] = ()
-    #: a ``golden`` still being made as it is judged (the local re-reference, made on a thread of its own):
-    #: ``ready(l)`` returns once its layer ``l`` is written, ``ready(None)`` once all of it is (``notes``
-    #: then complete too); the judge of each layer waits for it.  None: made already
+    #: one side still being made as it is judged, on a thread of its own (the ``golden``: the local
+    #: re-reference; the ``candidate``: a check's stage-local replay): ``ready(l)`` returns once its layer
+    #: ``l`` is written, ``ready(None)`` once all of it is (``notes`` then complete too); the judge of each
+    #: layer waits for it (:func:`~moesnap.judge.compare.compare_cases`).  None: made already
     ready: Callable[[int | None], None] | None = None
 
 
@@ -59,6 +60,9 @@ class Pair:
     #: the decode step these rows are (None: a prompt, a chunk of one, a whole forward); the candidate's
     #: rows sit at ``candidate.positions`` of the golden sequence and are judged against its rows there
     step: int | None = None
+    #: a ``candidate`` still being made as it is judged (a check's forward, on a thread of its own), as
+    #: :attr:`PerLayer.ready`.  None: made already
+    ready: Callable[[int | None], None] | None = None
 
 
 def drift_notes(policy: Policy, dtype: str, n_layer: int, per_layer: str | None) -> list[str]:
@@ -104,10 +108,11 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
 
     def start(p: Pair, golden_rows: Case, d: str) -> None:
         pl = p.per_layer
-        run = submit_case if processes and p.step is not None and (pl is None or pl.ready is None) else _now
+        being_made = p.ready is not None or (pl is not None and pl.ready is not None)
+        run = submit_case if processes and p.step is not None and not being_made else _now
         where = None if run is submit_case else on      # a worker process judges with numpy
         free = run(compare_cases, golden_rows, p.candidate, tols, dtype=d, name=p.name, allow_missing=allow_missing,
-                   mode=mode, device=where)
+                   mode=mode, device=where, ready=p.ready)
         per_rep = None
         if pl is not None:
             pg = pl.golden if pl.golden.tokens.shape == pl.candidate.tokens.shape else pl.golden.rows(pl.candidate.positions)

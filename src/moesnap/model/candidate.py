@@ -553,7 +553,8 @@ class CandidateModel:
     @torch.inference_mode()
     def forward(self, tokens: Any, rec: Recorder | None = None, *, progress: Progress | None = None,
                 layer_inputs: Mapping[int, torch.Tensor] | None = None,
-                router_replay: RouterReplay | None = None, faults: Faults = NO_FAULTS) -> Output:
+                router_replay: RouterReplay | None = None, faults: Faults = NO_FAULTS,
+                on_layer: Callable[[int, tuple[Followed, ...]], None] | None = None) -> Output:
         """Logits ``[T, V]`` (in the compute dtype) for ``tokens`` ``[T]``, every stage recorded.
 
         ``layer_inputs`` (replay) maps a layer index to the hidden state
@@ -561,6 +562,8 @@ class CandidateModel:
         ``router_replay``: follow the golden's experts at near ties (module
         docstring); the returned :attr:`Output.followed` lists where.
         ``faults``: the planted faults to apply (:meth:`faults`).
+        ``on_layer(i, followed)``: called once layer ``i`` is computed (its stages saved), with where it
+        followed the golden's experts in that layer (a judge may read the layer while the next runs).
         """
         rec = rec or NullRecorder()
         cfg = self.cfg
@@ -580,7 +583,10 @@ class CandidateModel:
                 x = torch.as_tensor(layer_inputs[i])
                 if x.dim() != 2 or x.shape[0] != len(ids):
                     raise UsageError(f"layer_inputs[{i}] has shape {list(x.shape)}, expected [{len(ids)}, {cfg.hidden}]")
+            before = len(c.followed)
             x = self._layer(i, self._layer_input(i, x), c)
+            if on_layer is not None:
+                on_layer(i, tuple(c.followed[before:]))
             if progress is not None:
                 progress(i + 1, cfg.n_layer)
         return Output(self._head(x, rec), tuple(c.followed))

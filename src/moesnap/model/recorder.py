@@ -7,7 +7,7 @@ anyway, so a null recorder changes nothing but the copies.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -254,3 +254,133 @@ class ArrayRecorder:
             if layer in per:
                 out[stage] = per.pop(layer)
         return out
+
+
+#: one layer stage's allotment: (the shape of one layer's value, its dtype, the layers that have it)
+Allotment = tuple[tuple[int, ...], Any, tuple[int, ...]]
+
+
+class LayerRecorder(ArrayRecorder):
+    """Records one forward into arrays allotted before it runs, and says when each layer is made: the
+    judge reads layer ``l`` (:meth:`ready`) while the forward computes layer ``l + 1``.
+
+    :attr:`made` holds the arrays from the start: ``tokens``; each whole-model stage of ``model``
+    ({stage: (shape, dtype)}); each layer stage of ``layers`` ({stage: (shape of one layer, dtype, the
+    layers that have it)}) stacked over layers 0..the last that has it, the rows of the layers without
+    it filled as :func:`moesnap.case.stack_layers` fills them.  So once made it is, array for array,
+    the case :func:`moesnap.case.from_recorder` builds from an :class:`ArrayRecorder` of the same forward.
+
+    The forward saves into it as into an :class:`ArrayRecorder` (``batched``: one copy to the host per
+    layer, when the layer is done, instead of one per stage); its driver calls :meth:`layer_done` after
+    each layer, :meth:`finish` at the end, :meth:`fail` where it raised.  A stage saved that was not
+    allotted, or one allotted and not saved by the end of its layer, is a ``ValueError``: the allotment
+    and the forward disagree, and what the judge would read is not what the forward made.
+    """
+
+    def __init__(self, tokens: np.ndarray, *, layers: Mapping[str, Allotment],
+                 model: Mapping[str, tuple[tuple[int, ...], Any]], attrs: dict[str, Any] | None = None,
+                 batched: bool = False) -> None:
+        import threading
+
+        from ..case import Case, fill_row
+
+        super().__init__(batched=batched)
+        stacked: dict[str, np.ndarray] = {}
+        self._of_layer: dict[int, set[str]] = {}
+        for stage, (shape, dtype, have) in layers.items():
+            if not have:
+                continue
+            a = np.zeros((max(have) + 1, *shape), dtype=dtype)
+            for i in sorted(set(range(a.shape[0])) - set(have)):
+                a[i] = fill_row(a[i])
+            stacked[stage] = a
+            for i in have:
+                self._of_layer.setdefault(i, set()).add(stage)
+        #: the case being made (its arrays filled as the layers are made)
+        self.made: Case = Case(tokens=np.asarray(tokens, dtype=np.int32),
+                               model={s: np.zeros(shape, dtype=dt) for s, (shape, dt) in model.items()},
+                               layers=stacked, attrs=dict(attrs or {}))
+        self._saved: set[tuple[int | None, str]] = set()
+        self._made: set[int] = set()
+        self._finished = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    @property
+    def model(self) -> dict[str, np.ndarray]:
+        """Whole-model stages by name (those not yet made hold zeros)."""
+        return {"tokens": self.made.tokens, **self.made.model}
+
+    @property
+    def layers(self) -> dict[str, dict[int, np.ndarray]]:
+        """Per-layer stages, ``{stage: {layer: array}}``, of the layers that have them (views)."""
+        return {s: {i: a[i] for i in range(a.shape[0]) if s in self._of_layer.get(i, ())}
+                for s, a in self.made.layers.items()}
+
+    def stacked(self) -> dict[str, np.ndarray]:
+        """The allotted per-layer arrays themselves."""
+        return dict(self.made.layers)
+
+    # -- the forward's side
+    def _store(self, stage: str, layer: int | None, arr: np.ndarray) -> None:
+        if stage == "tokens" and layer is None:
+            if not np.array_equal(arr, self.made.tokens):
+                raise ValueError(f"tokens {arr.tolist()[:8]}: the forward ran other tokens than the ones allotted")
+            return
+        if layer is None:
+            dst = self.made.model.get(stage)
+        else:
+            dst = self.made.layers.get(stage) if stage in self._of_layer.get(layer, ()) else None
+            dst = None if dst is None else dst[layer]
+        where = stage if layer is None else f"{stage} of layer {layer}"
+        if dst is None:
+            raise ValueError(f"{where}: saved by the forward, not allotted")
+        if dst.shape != arr.shape or dst.dtype != arr.dtype:
+            raise ValueError(f"{where}: saved as {arr.dtype} {list(arr.shape)}, allotted {dst.dtype} {list(dst.shape)}")
+        dst[...] = arr
+        self._saved.add((layer, stage))
+
+    def layer_done(self, layer: int) -> None:
+        """Layer ``layer`` is computed: its values on the host, every allotted stage of it saved, and it
+        marked made (:meth:`ready` returns for it)."""
+        self._to_host()
+        lacking = sorted(s for s in self._of_layer.get(layer, ()) if (layer, s) not in self._saved)
+        if lacking:
+            raise ValueError(f"layer {layer}: {', '.join(lacking)} allotted, not saved by the forward")
+        with self._cond:
+            self._made.add(layer)
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        """The forward is done: every allotted whole-model stage saved; :meth:`ready` returns for all."""
+        self._to_host()
+        lacking = sorted(s for s in self.made.model if (None, s) not in self._saved)
+        made = set(self._made)
+        lacking += [f"layer {i}" for i in sorted(set(self._of_layer) - made)]
+        if lacking:
+            raise ValueError(f"{', '.join(lacking)} allotted, not made by the forward")
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """The forward raised ``error``: :meth:`ready` raises it for every layer not made (a recorder
+        already finished keeps what it made)."""
+        with self._cond:
+            if not self._finished:
+                self._error, self._finished = error, True
+            self._cond.notify_all()
+
+    # -- the judge's side
+    def ready(self, layer: int | None) -> None:
+        """Return once layer ``layer`` is made (and what the forward computes before it: ``embed`` with
+        layer 0), or with None once all of it is; what went wrong in making it is raised here."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._finished or (layer is not None and layer in self._made))
+        if self._error is not None and (layer is None or layer not in self._made):
+            raise self._error
+
+    @property
+    def finished(self) -> bool:
+        """Made to the end, or failed."""
+        return self._finished

@@ -9,15 +9,16 @@ step, are replayed by :func:`moesnap.model.serve.replay_rows`, through a KV cach
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..case import Case
 from .candidate import CandidateModel
+from .forward_io import Followed
 from .faults import Faults
-from .recorder import ArrayRecorder
+from .recorder import ArrayRecorder, Recorder
 
 
 def followed_attr(followed: Sequence) -> list[list]:
@@ -31,14 +32,29 @@ def replay_case(cand: CandidateModel, golden: Case, faults: Faults,
     """The candidate's stages of every layer of ``golden``, each computed from the golden's values
     (model-level stages are not replayed); attributes ``replay`` and ``router_followed``."""
     rec = ArrayRecorder()
+    followed = replay_into(cand, golden, faults, rec, progress=progress)
+    return Case(tokens=golden.tokens, model={}, layers=rec.stacked(), attrs=replay_attrs(followed))
+
+
+def replay_attrs(followed: Sequence) -> dict[str, Any]:
+    """The attributes of a replay case whose forwards followed the golden's experts at ``followed``."""
+    return {"replay": True, "router_followed": followed_attr(followed)}
+
+
+def replay_into(cand: CandidateModel, golden: Case, faults: Faults, rec: Recorder, *,
+                progress: Callable[[int, int], None] | None = None,
+                on_layer: Callable[[int, tuple[Followed, ...]], None] | None = None) -> list[Followed]:
+    """:func:`replay_case`'s forwards, layer by layer, recorded into ``rec``; ``on_layer(i, followed)``
+    after each layer (as :meth:`CandidateModel.forward` calls it).  Where it followed the golden's experts."""
     n = golden.n_layer
-    followed: list = []
+    followed: list[Followed] = []
     for i in range(n):
         x = golden.model["embed"] if i == 0 else golden.layers["layer_out"][i - 1]
         force = {stage: a[i] for stage, a in golden.layers.items() if i < a.shape[0]}
-        followed += cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec, force=force,
-                                       faults=faults).followed
+        out = cand.forward_layer(i, torch.from_numpy(np.ascontiguousarray(x)), rec, force=force, faults=faults)
+        followed += out.followed
+        if on_layer is not None:
+            on_layer(i, out.followed)
         if progress is not None:
             progress(i + 1, n)
-    return Case(tokens=golden.tokens, model={}, layers=rec.stacked(),
-                attrs={"replay": True, "router_followed": followed_attr(followed)})
+    return followed

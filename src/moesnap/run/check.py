@@ -20,10 +20,14 @@ layer **introduces**; one that diverges only when running free is an error it
 
 from __future__ import annotations
 
+import contextvars
+import os
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..case import Case, from_recorder
@@ -31,14 +35,17 @@ from ..judge.attrs import recorded_family
 from ..judge.policy import CHECK_DTYPES, Policy, Settings
 from ..judge.report import Report
 from ..judge.suite import Pair, PerLayer, judge_suite
+from .rereference import layer_allotment
 from .serving import router_guide, run_serving_check
 from ..errors import GoldenError, UsageError
 from ..model.inject import Injection, check_injections
-from ..model.recorder import ArrayRecorder
-from ..model.replay import followed_attr, replay_case
+from ..model.faults import Faults
+from ..model.forward_io import Followed
+from ..model.recorder import ArrayRecorder, LayerRecorder
+from ..model.replay import followed_attr, replay_attrs, replay_case, replay_into
 from ..judge.tolerances import Tolerances
 from ..util import LayerProgress, file_sha256, show_progress_switch, status
-from ..model.candidate import RouterReplay
+from ..model.candidate import CandidateModel, RouterReplay
 from ..model.load import open_model
 from ..model.weights import ModelWeights
 
@@ -84,9 +91,12 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
               golden_ref: str = "golden", guides: Sequence[RouterReplay | None] | None = None) -> Report:
     """Run moesnap's candidate on every golden case (and, with ``replay``, each layer on the golden's
     inputs) and judge it under ``policy`` (default: float32, the built-in tables); ``guides``: router
-    replay, one per case (:func:`router_guides`), or None to let the candidate route freely."""
-    from ..model.candidate import CandidateModel
+    replay, one per case (:func:`router_guides`), or None to let the candidate route freely.
 
+    Pipelined (:func:`pipelined`: by default on a GPU): each case's forwards run on a thread of their own, into arrays
+    allotted from the config, and the judge reads each layer as it is made (the free-running case's
+    judge overlaps the rest of its forward and the replay's); the same report as the forwards made
+    whole first, to the bit, the same error where one of them raises."""
     policy = policy or Policy.default("float32")
     dname = policy.dtype or "float32"
     if replay is None:   # low precision: free-running tolerances must admit drift; replay judges each stage
@@ -98,9 +108,19 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
     faults = cand.faults(injections)
     router_replay = guides is not None
     mode = "free-running, router replay" if router_replay else "free-running"
+    makers: list[_Making] = []
+    piped = pipelined(device)
 
     def pairs():
         for (name, golden), guide in zip(goldens, guides or [None] * len(goldens)):
+            if piped:
+                m = _Making(cand, name, golden, guide, faults, dname, replay)
+                makers.append(m)
+                m.start()
+                per = None if m.replay is None else PerLayer(golden, m.replay.made, ready=m.replay.ready)
+                yield Pair(name, golden, m.free.made, per, ready=m.free.ready)
+                m.join()        # the judge read it to the end (or a caller took every pair first): done, or ends now
+                continue
             rec = ArrayRecorder()
             bar = LayerProgress(f"check {name}").start(golden.n_layer)
             out = cand.forward(golden.tokens, rec, progress=bar, router_replay=guide, faults=faults)
@@ -116,9 +136,22 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
 
     notes = [f"injected fault: {inj}" for inj in injections]
     notes.append(f"candidate: {device} {dname}, experts via {cand.expert_path}")
-    report = judge_suite(pairs(), policy, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})",
-                         mode=mode, per_layer="replay" if replay else None, notes=notes,
-                         hint=None if router_replay else "leave router replay on (drop --no-router-replay)", device=device)
+    try:
+        report = judge_suite(pairs(), policy, golden=golden_ref, candidate=f"moesnap candidate ({device}, {dname})",
+                             mode=mode, per_layer="replay" if replay else None, notes=notes,
+                             hint=None if router_replay else "leave router replay on (drop --no-router-replay)",
+                             device=device)
+    except Exception as e:
+        # the sequential path makes a case's forwards before judging it: an error of theirs comes first
+        for m in makers:
+            m.join()
+        first = next((m.error for m in makers if m.error is not None), None)
+        if first is None or first is e:
+            raise
+        raise first from None
+    finally:
+        for m in makers:    # an interrupt, an error: stop after the layer in progress, no thread left behind
+            m.stop()
     unfired = faults.unfired()
     if unfired:
         why = ("no token of any case routes to that expert there" if unfired[0].kind == "nan" else
@@ -130,6 +163,103 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
                                    "continued with the golden's (routing notes), so every token was judged in "
                                    "every layer")
     return report
+
+
+#: the environment variable that turns the pipeline of :func:`run_check` on (``1``), off (``0``), or leaves it to
+#: the device (``auto``, the default)
+PIPELINE_ENV = "MOESNAP_PIPELINE"
+
+
+def pipelined(device: torch.device | str | None = None) -> bool:
+    """Whether a check judges each layer of its candidate while the forward computes the next (``1``), or
+    makes each case's forwards whole first (``0``); by default (``auto``) where the candidate runs on
+    ``device`` other than the CPU: on the CPU the forward's threads and the judge's share the cores (measured
+    on 2 cores: 25 % slower pipelined).  The same report either way.  ``MOESNAP_PIPELINE`` decides."""
+    env = os.environ.get(PIPELINE_ENV, "").strip()
+    if env not in ("", "auto", "0", "1"):
+        raise UsageError(f"{PIPELINE_ENV}={env!r}: expected 1 (judge each layer while the forward computes the next), "
+                         f"0 (each case's forwards whole before judging) or auto (1 on a GPU, 0 on the CPU; the default)")
+    if env in ("", "auto"):
+        return device is not None and torch.device(device).type != "cpu"
+    return env == "1"
+
+
+class _Stopped(Exception):
+    """The check stopped before this case's forwards were done (an error of the judge's, an interrupt)."""
+
+
+class _Making:
+    """One golden case's forwards on a thread of their own: the candidate running free (router replay with
+    a ``guide``) into :attr:`free`, then, with ``replay``, its stage-local replay into :attr:`replay`, each
+    a :class:`~moesnap.model.recorder.LayerRecorder` whose layers the judge reads as they are made.  One
+    device: the replay starts after the free forward, and the judge of the free case overlaps it.
+    :attr:`error`: what a forward raised (the judge meets it too, at the first layer it waits for)."""
+
+    def __init__(self, cand: CandidateModel, name: str, golden: Case, guide: RouterReplay | None, faults: Faults,
+                 dname: str, replay: bool) -> None:
+        cfg = cand.cfg
+        T = int(golden.tokens.shape[0])
+        layers = layer_allotment(cfg, T)
+        whole = {"embed": ((T, cfg.hidden), np.float32), "final_norm": ((T, cfg.hidden), np.float32),
+                 "logits": ((T, cand.model.n_rows("output")), np.float32)}
+        batched = cand.device.type != "cpu"     # one copy to the host per layer, on the forward's thread
+        self.free = LayerRecorder(golden.tokens, layers=layers, model=whole,
+                                  attrs={"dtype": dname, "router_followed": []}, batched=batched)
+        self.replay = LayerRecorder(golden.tokens, layers=layers, model={}, attrs=replay_attrs(()),
+                                    batched=batched) if replay else None
+        self.cand, self.golden, self.guide, self.faults = cand, golden, guide, faults
+        # made here: whether a bar is drawn is this thread's context's (-q)
+        self._bars = (LayerProgress(f"check {name}"), LayerProgress(f"replay {name}"))
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name=f"moesnap-check {name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait for the forwards to end."""
+        if self._thread.ident is not None:
+            self._thread.join()
+
+    def stop(self) -> None:
+        """Stop after the layer in progress, and wait for the thread."""
+        self._stop.set()
+        self.join()
+
+    def _layer_done(self, rec: LayerRecorder) -> Callable[[int, tuple[Followed, ...]], None]:
+        def done(i: int, followed: tuple[Followed, ...]) -> None:
+            if self._stop.is_set():
+                raise _Stopped(f"stopped at layer {i}")
+            rec.made.attrs["router_followed"].extend(followed_attr(followed))
+            rec.layer_done(i)
+        return done
+
+    def _run(self) -> None:
+        n = self.golden.n_layer
+        try:
+            bar = self._bars[0].start(n)
+            self.cand.forward(self.golden.tokens, self.free, progress=bar, router_replay=self.guide,
+                              faults=self.faults, on_layer=self._layer_done(self.free))
+            bar.close()
+            self.free.finish()
+            if self.replay is not None:
+                if self._stop.is_set():
+                    raise _Stopped("stopped before the replay")
+                bar = self._bars[1].start(n)
+                replay_into(self.cand, self.golden, self.faults, self.replay, progress=bar,
+                            on_layer=self._layer_done(self.replay))
+                bar.close()
+                self.replay.finish()
+        except BaseException as e:     # handed to the judge's thread by ready()
+            self.error = e
+            self.free.fail(e)
+            if self.replay is not None:
+                self.replay.fail(e)
+        finally:
+            for b in self._bars:
+                b.close()
 
 
 def load_goldens(spec: str, store: str | None):
@@ -205,6 +335,7 @@ def check(model: str | Path, suite: str, *, store: str | None = None, device: st
     ``chunk``-token forwards, the decode steps on a CUDA graph's static buffers (``cuda_graph``)."""
     if chunk is not None and chunk < 1:
         raise UsageError(f"--chunk {chunk}: must be >= 1 token")
+    pipelined()     # a bad MOESNAP_PIPELINE refused before the model is read
     o = open_check(model, suite, store=store, device=device, dtype=dtype, inject=inject, settings=settings, tols=tols,
                    router_replay=router_replay)
     if decode is not None or paged or batch or chunk is not None or cuda_graph:

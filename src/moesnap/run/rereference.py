@@ -609,6 +609,15 @@ def _layer_shapes(cfg: ModelConfig, T: int, layers: list[int]) -> dict[str, tupl
             if s in have and (qk or s not in ("q_norm", "k_norm"))}
 
 
+def layer_allotment(cfg: ModelConfig, T: int) -> dict[str, tuple[tuple[int, ...], type, tuple[int, ...]]]:
+    """What a forward of ``T`` tokens through every layer records, by stage (:func:`_layer_shapes`): the
+    shape of one layer's value, its dtype, and the layers that have it (the arrays a
+    :class:`~moesnap.model.recorder.LayerRecorder` allots)."""
+    every = list(range(cfg.n_layer))
+    of = [set(_stages_of(cfg, i)) for i in every]
+    return {s: (shape, dt, tuple(i for i in every if s in of[i])) for s, (shape, dt) in _layer_shapes(cfg, T, every).items()}
+
+
 def _stages_of(cfg: ModelConfig, layer: int) -> tuple[str, ...]:
     """The stages layer ``layer`` of the model has (its family's, as a dense or a MoE layer)."""
     return stages_of_layer(cfg.arch, cfg.to_dict(), layer)
