@@ -228,9 +228,9 @@ def test_an_interrupt_stops_the_forward_after_the_layer_in_progress(tiny_path, m
     assert _no_thread_left() and replayed == []
 
 
-@pytest.mark.parametrize("env, on_cpu, on_cuda", [(None, False, True), ("auto", False, True), ("1", True, True),
+@pytest.mark.parametrize("env, on_cpu, on_cuda", [(None, False, False), ("auto", False, True), ("1", True, True),
                                                     ("0", False, False)])
-def test_by_default_the_pipeline_runs_where_the_forward_leaves_the_cores_to_the_judge(monkeypatch, env, on_cpu,
+def test_the_pipeline_is_off_by_default_and_auto_runs_it_where_the_forward_leaves_the_cores_to_the_judge(monkeypatch, env, on_cpu,
                                                                                       on_cuda):
     if env is None:
         monkeypatch.delenv("MOESNAP_PIPELINE", raising=False)

@@ -165,21 +165,22 @@ def run_check(model: ModelWeights, goldens: Sequence[tuple[str, Case]], *, devic
     return report
 
 
-#: the environment variable that turns the pipeline of :func:`run_check` on (``1``), off (``0``), or leaves it to
-#: the device (``auto``, the default)
+#: the environment variable that turns the pipeline of :func:`run_check` on (``1``), off (``0``, the default until
+#: the pipeline's GPU figure is measured), or leaves it to the device (``auto``: on for a GPU candidate)
 PIPELINE_ENV = "MOESNAP_PIPELINE"
 
 
 def pipelined(device: torch.device | str | None = None) -> bool:
     """Whether a check judges each layer of its candidate while the forward computes the next (``1``), or
-    makes each case's forwards whole first (``0``); by default (``auto``) where the candidate runs on
-    ``device`` other than the CPU: on the CPU the forward's threads and the judge's share the cores (measured
-    on 2 cores: 25 % slower pipelined).  The same report either way.  ``MOESNAP_PIPELINE`` decides."""
+    makes each case's forwards whole first (``0``, the default: the pipeline has not run on a GPU yet, where
+    it is meant to pay); with ``auto`` where the candidate runs on ``device`` other than the CPU: on the CPU
+    the forward's threads and the judge's share the cores (measured on 2 cores: 25 % slower pipelined).  The
+    same report either way.  ``MOESNAP_PIPELINE`` decides."""
     env = os.environ.get(PIPELINE_ENV, "").strip()
     if env not in ("", "auto", "0", "1"):
         raise UsageError(f"{PIPELINE_ENV}={env!r}: expected 1 (judge each layer while the forward computes the next), "
-                         f"0 (each case's forwards whole before judging) or auto (1 on a GPU, 0 on the CPU; the default)")
-    if env in ("", "auto"):
+                         f"0 (each case's forwards whole before judging; the default) or auto (1 on a GPU, 0 on the CPU)")
+    if env == "auto":
         return device is not None and torch.device(device).type != "cpu"
     return env == "1"
 
