@@ -423,6 +423,37 @@ def test_router_replay_follows_the_golden_in_a_decode_step(model, cand, seq):
     assert faults.unfired() == [parse_inject(f"route:layer=2,token={P + 1}", model.config)]
 
 
+def test_a_guided_decode_step_uploads_nothing_per_layer(model, seq, monkeypatch):
+    """A decode step under router replay makes no index tensor from host lists at its layers: the golden's
+    ids go to the device once per forward (every layer's at once), and the experts' ids, group offsets and
+    rows come from the device tensors routing made (on a GPU each such upload is a copy the host waits on,
+    ~10 a layer measured on an H100, 2026-12-08).  The same rows as before, bit for bit (the other tests)."""
+    import moesnap.model.candidate as candidate_mod
+    import moesnap.model.forward_io as forward_io
+
+    cand = CandidateModel(model)
+    cand.keep_weights()
+    guide = RouterReplay(*(causal(cand, seq)[s] for s in ("topk_ids", "router_logits")), 1e9, tie_gap)
+    s = Session(cand, capacity=P + N, router_replay=guide)
+    s.prefill(seq[:P])
+    made: list[str] = []
+    for mod in (candidate_mod, forward_io):
+        real_tensor, real_as = mod.torch.tensor, mod.torch.as_tensor
+
+        def counted(real, name):
+            def f(*a, **k):
+                made.append(name)
+                return real(*a, **k)
+            return f
+
+        monkeypatch.setattr(mod, "torch", type("T", (), {**{k: getattr(torch, k) for k in dir(torch)
+                                                            if not k.startswith("__")},
+                                                         "tensor": staticmethod(counted(real_tensor, "tensor")),
+                                                         "as_tensor": staticmethod(counted(real_as, "as_tensor"))}))
+    rows = s.decode(seq[P])
+    assert rows[0].step == 0 and made.count("as_tensor") == 1 and "tensor" not in made, made
+
+
 def test_stage_local_replay_of_a_decode_step(model, cand, seq):
     """Each layer of decode step n run on the golden's input row, over the golden's cached keys, each
     stage forced: every stage within one operation's float noise; a planted kv_short shows in its layer

@@ -152,6 +152,13 @@ def _batch(batch: Batch | None, cache: KVCache | None, n_rows: int) -> Batch | N
     return batch
 
 
+def _ids_on(idx: torch.Tensor | None, ids: list[int], device: torch.device | str) -> torch.Tensor:
+    """``ids`` as an index tensor on ``device``: ``idx`` where it is one there already, else uploaded."""
+    if idx is not None and idx.device == torch.device(device):
+        return idx
+    return torch.tensor(ids, device=device)
+
+
 def _token_ids(tokens: Any) -> np.ndarray:
     return np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens).astype(np.int64).reshape(-1)
 
@@ -319,12 +326,13 @@ class CandidateModel:
             shexp_gate_up=gate_up, shexp_down=down, shexp_gate=gate,
         )
 
-    def _experts_weights(self, i: int, ids: list[int], faults: Faults
+    def _experts_weights(self, i: int, ids: list[int], faults: Faults, idx: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gate ``[G, F, H]``, up ``[G, F, H]`` and down ``[G, H, F]`` of experts ``ids`` (ascending)."""
+        """Gate ``[G, F, H]``, up ``[G, F, H]`` and down ``[G, H, F]`` of experts ``ids`` (ascending); ``idx``:
+        the same ids as a tensor on the device already (no upload, so no wait for one)."""
         whole = self._kept_experts(i, faults)
         if whole is not None:
-            idx = torch.tensor(ids, device=self.device)
+            idx = _ids_on(idx, ids, self.device)
             return whole[0].index_select(0, idx), whole[1].index_select(0, idx), whole[2].index_select(0, idx)
         p = f"blk.{i}."
         lo, hi = ids[0], ids[-1] + 1
@@ -332,7 +340,7 @@ class CandidateModel:
         out = []
         for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
             qtype, data = self._raw(p + name)
-            sel = data[lo:hi] if contiguous else data.index_select(0, torch.tensor(ids, device=data.device))
+            sel = data[lo:hi] if contiguous else data.index_select(0, _ids_on(idx, ids, data.device))
             out.append(faults.dequantize(sel.to(self.device), qtype, i, name, self.dtype))  # only these experts
         return out[0], out[1], out[2]
 
@@ -348,6 +356,9 @@ class CandidateModel:
             size = 3 * cfg.n_expert * cfg.expert_ff * cfg.hidden * torch.empty(0, dtype=self.dtype).element_size()
             if self._expert_budget is None:
                 free, total = torch.cuda.mem_get_info(self.device)
+                # what torch's allocator holds cached but unused (the judge's copies, a prefill's activations)
+                # is free to it too, though the driver counts it as taken
+                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
                 if free - size < total // 4:
                     return None
             elif self._expert_kept + size > self._expert_budget:
@@ -364,13 +375,14 @@ class CandidateModel:
             out.append(faults.dequantize(data.to(self.device), qtype, i, name, self.dtype))
         return out[0], out[1], out[2]
 
-    def _experts_biases(self, i: int, ids: list[int], faults: Faults
+    def _experts_biases(self, i: int, ids: list[int], faults: Faults, idx: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The biases of gate ``[G, F]``, up ``[G, F]`` and down ``[G, H]`` of experts ``ids`` (global ids: the
-        biases are small and every rank holds them whole), in float32, or None for a family without them."""
+        biases are small and every rank holds them whole), in float32, or None for a family without them;
+        ``idx``: ``ids`` on the device already."""
         if not self.cfg.expert_bias:
             return None
-        idx = torch.tensor(ids, device=self.device)
+        idx = _ids_on(idx, ids, self.device)
         g, u, d = (self._weight(f"blk.{i}.{n}.bias", faults, i, self.opmath).index_select(0, idx)
                    for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
         return g, u, d
@@ -479,16 +491,19 @@ class CandidateModel:
         out = torch.empty_like(a_all)                                # [n, H]
         per_expert = 3 * cfg.expert_ff * cfg.hidden
         batch = max(1, self.expert_values // per_expert)
+        sizes_dev = counts.index_select(0, used)                     # [U] the group sizes, where used lives
         r0 = 0
         for g0 in range(0, len(used_host), batch):
-            sizes = n_used[g0:g0 + batch]
-            gate, up, down = self._experts_weights(i, used_host[g0:g0 + batch], faults)  # [G, F, H] x2, [G, H, F]
-            bias = self._experts_biases(i, used_host[g0:g0 + batch], faults)           # [G, F] x2, [G, H]
+            # the ids, offsets and group of each row made from what is on the device already: a decode step
+            # would otherwise upload them (and wait for each upload) at every layer
+            sizes, ids_dev = n_used[g0:g0 + batch], used[g0:g0 + batch]
+            gate, up, down = self._experts_weights(i, used_host[g0:g0 + batch], faults, ids_dev)  # [G, F, H] x2, [G, H, F]
+            bias = self._experts_biases(i, used_host[g0:g0 + batch], faults, ids_dev)           # [G, F] x2, [G, H]
             r1 = r0 + sum(sizes)
             bounds = np.cumsum([0, *sizes]).tolist()
             a = a_all[r0:r1]                                           # [n_g, H]
             if self.expert_path == "grouped_mm":
-                offs = torch.tensor(bounds[1:], dtype=torch.int32, device=self.device)
+                offs = torch.cumsum(sizes_dev[g0:g0 + batch], 0, dtype=torch.int32)
                 mm = partial(_grouped, offs=offs)
             else:
                 mm = partial(_looped, bounds=bounds)
@@ -496,7 +511,8 @@ class CandidateModel:
             if bias is None:
                 out[r0:r1] = mm(self._act(g, u), down)                 # [n_g, H]
             else:   # the biases and the activation in float32, as a fused kernel's epilogue applies them
-                grp = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(self.device)
+                grp = torch.repeat_interleave(torch.arange(len(sizes), device=self.device), sizes_dev[g0:g0 + batch],
+                                              output_size=r1 - r0)
                 g = g.to(self.opmath) + bias[0].index_select(0, grp)
                 u = u.to(self.opmath) + bias[1].index_select(0, grp)
                 d = mm(self._act(g, u).to(self.dtype), down)

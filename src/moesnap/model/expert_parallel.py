@@ -132,12 +132,12 @@ class ExpertParallelCandidate(CandidateModel):
             return qtype, data[self.lo:self.hi]          # [E/N, ...]: this rank's experts only
         return qtype, data
 
-    def _experts_weights(self, i: int, ids: list[int], faults: Faults
+    def _experts_weights(self, i: int, ids: list[int], faults: Faults, idx: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if ids and (ids[0] < self.lo or ids[-1] >= self.hi):
             bad = next(e for e in ids if not self.lo <= e < self.hi)
             raise RuntimeError(f"rank {self.rank} was given expert {bad} of layer {i}; it holds [{self.lo}, {self.hi})")
-        return super()._experts_weights(i, [e - self.lo for e in ids], faults)
+        return super()._experts_weights(i, [e - self.lo for e in ids], faults, None if idx is None else idx - self.lo)
 
     def _sent(self, i: int, what: str, n: int) -> None:
         per = self.traffic.setdefault(i, {})

@@ -9,7 +9,7 @@ own top-k choice gives way to the golden's (:func:`choose_experts`: :func:`repla
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,19 @@ class RouterReplay:
         if ids.ndim != 2 or logits.ndim != 2 or ids.shape[0] != n_tokens or logits.shape[0] != n_tokens:
             return None
         return ids, logits
+
+    def ids_on(self, i: int, device: torch.device | str) -> torch.Tensor:
+        """Layer ``i``'s golden ids ``[T, k]`` (int64) on ``device``: every layer's uploaded in one copy at the
+        first ask and kept (a forward would otherwise upload, and wait for, a copy at each layer)."""
+        kept = self.__dict__.setdefault("_on_device", {})
+        key = str(device)
+        if key not in kept:
+            kept[key] = torch.as_tensor(np.asarray(self.ids).astype(np.int64), device=device)
+        return kept[key][i]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the device copies (a rank, a worker process makes its own)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_on_device"}
 
     def rows(self, positions: Sequence[int] | np.ndarray) -> RouterReplay:
         """The same guide for a forward over the golden's rows at ``positions`` only (a decode step, a
@@ -157,7 +170,7 @@ def replay_router(i: int, probs: torch.Tensor, pw: torch.Tensor, pid: torch.Tens
     guide = replay.layer(i, pid.shape[0]) if replay is not None else None
     if replay is None or guide is None or guide[0].shape[1] != pid.shape[1]:
         return pw, pid
-    g_ids = torch.as_tensor(guide[0].astype(np.int64), device=pid.device)           # [T, k]
+    g_ids = replay.ids_on(i, pid.device)                                            # [T, k]
     differ = (pid.sort(dim=-1).values != g_ids.sort(dim=-1).values).any(dim=-1)     # [T]
     tokens = torch.nonzero(differ).squeeze(1).tolist()                              # host: usually none
     if not tokens:
