@@ -7,7 +7,6 @@ milliseconds go), host and device totals and the synchronising calls.
 import sys
 import time
 
-import numpy as np
 import torch
 
 
