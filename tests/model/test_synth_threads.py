@@ -106,5 +106,7 @@ def test_bad_thread_counts_are_usage_errors_naming_the_file(tmp_path, threads):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_default_threads_are_the_cores_capped():
-    assert 1 <= synth.default_threads() <= synth.MAX_THREADS
+@pytest.mark.parametrize("cores, want", [(1, 1), (2, 2), (64, None)])
+def test_default_threads_are_the_cores_capped(monkeypatch, cores, want):
+    monkeypatch.setattr(synth.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert synth.default_threads() == (synth.MAX_THREADS if want is None else want)
