@@ -106,3 +106,72 @@ def test_stage_tasks_wait_on_the_chunk_tier_without_deadlock(one_worker, monkeyp
     direct = judge()
     assert [r.to_dict() for r in nested.results] == [r.to_dict() for r in direct.results]
     assert [r.stage for r in direct.results] == ["attn_out", "attn_out", "logits"] and direct.passed
+
+
+# ---------------------------------------------------------------- numpy's BLAS threads
+
+
+def _blas_threads() -> list[int]:
+    return [lib.num_threads for lib in pool._numpy_blas()]
+
+
+def _worker_blas_threads() -> list[int]:
+    return _blas_threads()
+
+
+@pytest.fixture
+def two_blas_threads():
+    """numpy's BLAS set to two threads in this process for the test (as a 2-CPU host starts it), then as it
+    was: what the judge must hold at one thread while it works."""
+    libs = pool._numpy_blas()
+    if not libs:
+        pytest.skip("numpy loaded no BLAS that threadpoolctl can set")
+    before = [lib.num_threads for lib in libs]
+    for lib in libs:
+        lib.set_num_threads(2)
+    yield
+    for lib, n in zip(libs, before):
+        lib.set_num_threads(n)
+
+
+def test_blas_one_thread_holds_numpy_blas_at_one_thread_and_restores_it_after_the_last_user(two_blas_threads):
+    with pool.blas_one_thread():
+        assert set(_blas_threads()) == {1}
+        with pool.blas_one_thread():          # a judgement overlapping another (two ranks, two threads)
+            assert set(_blas_threads()) == {1}
+        assert set(_blas_threads()) == {1}    # the outer one still runs
+    assert set(_blas_threads()) == {2}
+
+
+def test_judge_suite_classifies_with_numpy_blas_on_one_thread(two_blas_threads, monkeypatch):
+    from moesnap.judge import suite
+    from moesnap.judge.policy import Policy
+    from moesnap.testing.store import small_case
+
+    seen = []
+    real = suite.compare_cases
+
+    def spy(*args, **kwargs):
+        seen.append(_blas_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(suite, "compare_cases", spy)
+    g = small_case()
+    suite.judge_suite([suite.Pair("c", g, g)], Policy.default("float32"), golden="g", candidate="c")
+    assert seen and all(set(s) == {1} for s in seen)
+    assert set(_blas_threads()) == {2}
+
+
+def test_judge_worker_processes_run_numpy_blas_on_one_thread(monkeypatch):
+    # a spawned worker starts OpenBLAS at this many threads (its environment's), then its first act sets 1
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    monkeypatch.setenv("MOESNAP_JUDGE_PROCESSES", "1")
+    monkeypatch.setattr(pool, "_PROCESSES", [])
+    try:
+        threads = pool.submit_case(_worker_blas_threads).result(timeout=120)
+    finally:
+        for ex in pool._PROCESSES:
+            ex.shutdown(wait=True)
+    if not threads:
+        pytest.skip("numpy loaded no BLAS that threadpoolctl can set")
+    assert set(threads) == {1}

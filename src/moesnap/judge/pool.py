@@ -21,16 +21,23 @@ the candidate's next forward too.  Used where :func:`case_processes` is above 0:
 A worker process imports the main module of the program that started it (Python's ``spawn``), so a
 script calling the Python API gets workers only when it asks for them, and must then keep its own work
 under ``if __name__ == "__main__":``.
+
+numpy's BLAS runs on one thread wherever the judge works (:func:`blas_one_thread`; every worker process
+from its start): the tiers above are the judge's parallelism.  OpenBLAS otherwise starts a thread per
+CPU for every dot product of 10^4 elements or more (a decode step's logits, its experts' outputs) and
+keeps them spinning after it: each worker process of a 16-CPU host kept 15 threads busy between its
+small calls, and the candidate's forward, on the same CPUs, waited.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -85,6 +92,49 @@ def map_chunks(fn: Callable[[A], T], items: Iterable[A]) -> list[T]:
     return list(_executor("chunk").map(fn, items))
 
 
+def _numpy_blas() -> list[Any]:
+    """The BLAS libraries numpy loaded (threadpoolctl's view of them); not torch's, whose CPU
+    matmuls keep their threads."""
+    import numpy  # noqa: F401  (loaded, so that threadpoolctl sees its BLAS)
+    from threadpoolctl import ThreadpoolController
+
+    return [lib for lib in ThreadpoolController().select(user_api="blas").lib_controllers
+            if "numpy" in lib.filepath or "scipy_openblas" in lib.prefix]
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS: list[int] = [0]        # judgements running in this process
+_BLAS_BEFORE: list[tuple[Any, int]] = []   # each library's thread count before the first of them
+
+
+@contextlib.contextmanager
+def blas_one_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread while the block runs (and judgements of other threads overlapping
+    it), then as it was."""
+    with _BLAS_LOCK:
+        if _BLAS_USERS[0] == 0:
+            libs = _numpy_blas()
+            _BLAS_BEFORE[:] = [(lib, lib.num_threads) for lib in libs]
+            for lib in libs:
+                lib.set_num_threads(1)
+        _BLAS_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS[0] -= 1
+            if _BLAS_USERS[0] == 0:
+                for lib, n in _BLAS_BEFORE:
+                    lib.set_num_threads(n)
+                _BLAS_BEFORE.clear()
+
+
+def _worker_start() -> None:
+    """A judge worker process's first act: numpy's BLAS on one thread for its whole life."""
+    for lib in _numpy_blas():
+        lib.set_num_threads(1)
+
+
 _PROCESSES: list[ProcessPoolExecutor] = []
 _BY_DEFAULT: list[bool] = [False]
 
@@ -116,6 +166,7 @@ def submit_case(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Fut
     with _LOCK:
         if not _PROCESSES:
             _PROCESSES.append(ProcessPoolExecutor(max_workers=max(1, case_processes()),
-                                                  mp_context=multiprocessing.get_context("spawn")))
+                                                  mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_worker_start))
         ex = _PROCESSES[0]
     return ex.submit(fn, *args, **kwargs)

@@ -22,7 +22,7 @@ from .compare import PER_LAYER_MODES, CaseReport, compare_cases
 from .device import judge_device
 from .distribution import NextToken, next_tokens
 from .policy import Policy
-from .pool import case_processes, submit_case
+from .pool import blas_one_thread, case_processes, submit_case
 from .report import Report
 
 #: what a per-layer mode is called in the drift note, by kind
@@ -88,7 +88,19 @@ def judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate
     lacks are skipped, not ``MISSING``.  ``device``: the torch device the candidate ran on (None: no
     torch forward); with ``judge`` (``auto``, ``cpu``, ``device``; None: ``$MOESNAP_JUDGE``) it decides
     where the statistics are computed (:func:`moesnap.judge.device.judge_device`).  The other keywords
-    say what the report is about (see :class:`Report`)."""
+    say what the report is about (see :class:`Report`).  numpy's BLAS runs on one thread meanwhile
+    (:func:`moesnap.judge.pool.blas_one_thread`)."""
+    with blas_one_thread():
+        return _judge_suite(pairs, policy, golden=golden, candidate=candidate, mode=mode, per_layer=per_layer,
+                            allow_missing=allow_missing, notes=notes, hint=hint, golden_cases=golden_cases,
+                            ignored=ignored, case_hint=case_hint, single_case=single_case, device=device,
+                            judge=judge)
+
+
+def _judge_suite(pairs: Iterable[Pair], policy: Policy, *, golden: str, candidate: str, mode: str,
+                 per_layer: str | None, allow_missing: bool, notes: Sequence[str], hint: str | None,
+                 golden_cases: Sequence[str], ignored: Mapping[str, Sequence[str]] | None, case_hint: str | None,
+                 single_case: bool, device: Any, judge: str | None) -> Report:
     if per_layer is not None and per_layer not in PER_LAYER_MODES:
         raise ValueError(f"per_layer={per_layer!r}; expected one of {', '.join(PER_LAYER_MODES)}")
     tols = policy.tolerances

@@ -213,6 +213,7 @@ def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None) -> DiffReport:
     """Which stages of ``vb`` differ from ``va`` (the golden side), and by how much (the classifier);
     for two versions of a pytest snapshot suite, which arrays of each check (:func:`diff_snapshots`)."""
     from ..judge.compare import compare_cases
+    from ..judge.pool import blas_one_thread
     from ..judge.tolerances import Tolerances
 
     if _named_arrays(va) != _named_arrays(vb):
@@ -235,7 +236,8 @@ def diff(va: GoldenVersion, vb: GoldenVersion, *, tols=None) -> DiffReport:
             rep.token_changes.append(change)
             rep.case_notes.append(change.note(va.ref, vb.ref))
             continue
-        report = compare_cases(ca, cb, tols, dtype=dtype, name=name)
+        with blas_one_thread():
+            report = compare_cases(ca, cb, tols, dtype=dtype, name=name)
         for r in report.results:
             a, b = ca.stage(r.stage, r.layer), cb.stage(r.stage, r.layer)
             same = _bitwise_equal(a, b)
