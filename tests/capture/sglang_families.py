@@ -10,8 +10,9 @@ writes one prefill pass of ``--tokens`` into ``OUT/exp`` (``DUMPER_NON_INTRUSIVE
 the model file's (sglang_more_families.py adds Mixtral, OLMoE and gpt-oss to this one's).  ``--decode N``: the
 prefill runs all but the last N tokens, then N decode passes one token each through the KV cache (the dumper's
 ``step`` counts the passes); ``--fault-cache S,L``: decode pass S (from 0) of layer L reads its KV cache
-without the first row, a decode-only fault.  ``--tp 2`` (Qwen2-MoE; gloo, one process per rank): q/k/v heads
-column parallel, ``o_proj`` and the shared expert's ``down_proj`` row parallel (partial sums, as SGLang's
+without the first row, a decode-only fault.  ``--tp 2`` (Qwen2-MoE, DeepSeek; gloo, one process per rank): q/k/v heads
+column parallel (DeepSeek: ``q_proj``/``q_b_proj`` and ``kv_b_proj`` by heads, the latents replicated),
+``o_proj`` and the shared experts' (or a dense layer's) ``down_proj`` row parallel (partial sums, as SGLang's
 ``reduce_results=False``), the routed experts by EP rank, reduced after ``self_attn`` and ``mlp``; the
 router and the shared expert's gate replicated; the lm head vocabulary parallel.
 
@@ -280,21 +281,25 @@ class Qwen2MoeDecoderLayer(nn.Module):
 
 
 class DeepseekV2AttentionMLA(nn.Module):
+    """Tensor parallel: ``q_proj``/``q_b_proj`` and ``kv_b_proj`` this rank's heads (column parallel), the
+    latent projections replicated, ``o_proj`` row parallel."""
+
     def __init__(self, cfg, w, dtype: torch.dtype) -> None:
         super().__init__()
         from moesnap.model.families import softmax_scale
 
-        self.Hq, self.Dn, self.Dr, self.Dv = cfg.n_head, cfg.qk_nope_dim, cfg.rope_dim, cfg.v_dim
+        H = cfg.n_head
+        self.Hq, self.Dn, self.Dr, self.Dv = H // PARALLEL[0].tp_size, cfg.qk_nope_dim, cfg.rope_dim, cfg.v_dim
         self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
         if self.q_lora_rank:
             self.fused_qkv_a_proj_with_mqa = Linear(torch.cat([w.wq_a, w.wkv_a]))
             self.q_a_layernorm = RMSNorm(w.q_a_norm, cfg.rms_eps)
-            self.q_b_proj = Linear(w.wq_b)
+            self.q_b_proj = Linear(_heads(w.wq_b, H))
         else:
-            self.q_proj = Linear(w.wq)
+            self.q_proj = Linear(_heads(w.wq, H))
             self.kv_a_proj_with_mqa = Linear(w.wkv_a)
-        self.kv_b_proj = Linear(w.wkv_b)
-        self.o_proj = Linear(w.wo)
+        self.kv_b_proj = Linear(_heads(w.wkv_b, H))
+        self.o_proj = Linear(_cols(w.wo, H))
         self.kv_a_layernorm = RMSNorm(w.kv_a_norm, cfg.rms_eps)
         self.rotary_emb = Rotary(cfg, dtype)
         self.attn_mha = RadixAttention(self.Hq, self.Hq, self.Dn + self.Dr, self.Dv, softmax_scale(cfg))
@@ -364,9 +369,9 @@ class DeepseekV2DecoderLayer(nn.Module):
 
     def forward(self, positions, hidden_states, forward_batch):
         h = self.input_layernorm(hidden_states)
-        attn = self.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch)
+        attn = _all_reduce(self.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch))
         h, residual = self.post_attention_layernorm(attn, hidden_states)
-        return residual + self.mlp(h, forward_batch), None
+        return residual + _all_reduce(self.mlp(h, forward_batch)), None
 
 
 # --------------------------------------------------------------------------- the model
@@ -375,7 +380,7 @@ class DeepseekV2DecoderLayer(nn.Module):
 #: the decoder layer of each family (gguf-py's architecture name); sglang_more_families.py adds its own
 LAYERS: dict[str, type[nn.Module]] = {"qwen2moe": Qwen2MoeDecoderLayer, "deepseek2": DeepseekV2DecoderLayer}
 #: the families whose trees shard over tensor-parallel ranks (``--tp``)
-TP_FAMILIES = ("qwen2moe",)
+TP_FAMILIES = ("qwen2moe", "deepseek2")
 
 
 class Model(nn.Module):

@@ -44,7 +44,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "src" / "moesnap" / "data" / "tiny.gguf"

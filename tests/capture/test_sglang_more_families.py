@@ -24,7 +24,8 @@ from sglang_tree import dumper_path  # noqa: E402
 
 TOKENS = [1, 5, 9, 200, 17, 3, 3, 42, 100, 7, 250, 64]
 PROMPT, DECODE = TOKENS[:10], 3
-PRESETS = {"mixtral": "mixtral-tiny", "olmoe": "olmoe-tiny", "oss": "gpt-oss-tiny", "qwen2": "qwen2-moe-tiny"}
+PRESETS = {"mixtral": "mixtral-tiny", "olmoe": "olmoe-tiny", "oss": "gpt-oss-tiny", "qwen2": "qwen2-moe-tiny",
+           "v3": "deepseek-v3-tiny"}
 MORE, FAMILIES = HERE / "sglang_more_families.py", HERE / "sglang_families.py"
 #: run name -> (preset, golden, tree, the tree's arguments); golden "dec": Qwen2-MoE's of PROMPT and DECODE steps
 RUNS = {
@@ -37,6 +38,7 @@ RUNS = {
     "qwen2_decode": ("qwen2", "dec", FAMILIES, ["--unfused-gate", "--decode", str(DECODE)]),
     "qwen2_decode_fault": ("qwen2", "dec", FAMILIES, ["--unfused-gate", "--decode", str(DECODE), "--fault-cache", "1,1"]),
     "qwen2_tp2": ("qwen2", "qwen2", FAMILIES, ["--unfused-gate", "--tp", "2", "--port", "29671"]),
+    "v3_tp2": ("v3", "v3", FAMILIES, ["--tp", "2", "--port", "29673"]),
 }
 
 
@@ -60,7 +62,7 @@ def runs(tmp_path_factory):
                                     tokens.get(golden, ",".join(map(str, TOKENS))), *args],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for run, (k, golden, tree, args) in RUNS.items()}
-    for k in ("mixtral", "olmoe", "oss", "qwen2"):            # the prefill goldens while the trees run
+    for k in ("mixtral", "olmoe", "oss", "qwen2", "v3"):            # the prefill goldens while the trees run
         moesnap.generate(models[k], k, [TOKENS], store=store)
     for p in procs.values():
         out, _ = p.communicate(timeout=300)
@@ -182,21 +184,38 @@ def test_a_decode_only_fault_is_named_at_its_step(tmp_path, runs):
     assert "first failing step: case0/step1 (position 11, float32)" in text
 
 
-def test_qwen2_moe_over_two_tensor_parallel_ranks_is_merged_and_passes(tmp_path, runs):
-    """TP = 2: each rank's q/k/v heads put side by side, its o_proj, routed experts (EP) and shared expert
-    (intermediate split, down_proj row parallel) partial sums added up; the router and the shared expert's
-    gate replicated."""
-    case, cand = _imported(runs, "qwen2_tp2", tmp_path)
+#: run -> (the stages sharded by heads, those the ranks hold partial sums of, replicated ones, stages held at
+#: every layer, a stage's layers)
+TP = {
+    "qwen2_tp2": (("q", "k", "v", "q_rope", "k_rope", "attn"), ("attn_out", "moe_out", "shared_expert_out"),
+                  ("router_logits", "shared_gate"),
+                  ("q", "k", "v", "attn", "attn_out", "shared_expert_out", "shared_gate", "moe_out", "layer_out"),
+                  ("shared_expert_out", [0, 1, 2])),
+    "v3_tp2": (("q", "v", "q_rope", "k_rope", "attn"), ("attn_out", "moe_out", "shared_expert_out", "dense_ffn_out"),
+               ("q_latent", "kv_latent", "kv_latent_norm", "router_logits"),
+               ("q_latent", "kv_latent", "q", "q_rope", "k_rope", "v", "attn", "attn_out", "layer_out"),
+               ("shared_expert_out", [1, 2])),
+}
+
+
+@pytest.mark.parametrize("run", list(TP))
+def test_qwen2_moe_and_deepseek_over_two_tensor_parallel_ranks_are_merged_and_pass(tmp_path, runs, run):
+    """TP = 2: each rank's heads put side by side (DeepSeek: q_b_proj's and kv_b_proj's, the latents
+    replicated), its o_proj, routed experts (EP) and shared experts (intermediate split, down_proj row
+    parallel; DeepSeek's dense layer 0 likewise) partial sums added up; the router replicated."""
+    heads, partial, replicated, every, (stage, layers) = TP[run]
+    case, cand = _imported(runs, run, tmp_path)
     assert case.attrs["ranks"] == [0, 1] and case.attrs["sharding"]["sglang_parallel_info"]["tp_size"] == 2
     sharding = case.attrs["sharding"]
-    assert sharding["q"] == sharding["k"] == "t h[tp] d" and sharding["attn"] == "t (h[tp] d)"
-    assert sharding["shared_expert_out"] == sharding["moe_out"] == sharding["attn_out"] == "t h[tp:partial]"
-    assert "shared_gate" not in sharding and "router_logits" not in sharding
-    golden = _golden(runs, "qwen2_tp2")
-    assert np.allclose(case.layers["shared_expert_out"], golden.layers["shared_expert_out"], rtol=1e-4, atol=1e-5)
-    code, text, rep = _compare(runs, "qwen2_tp2", cand, tmp_path)
+    assert all(sharding[s] == ("t (h[tp] d)" if s == "attn" else "t h[tp] d") for s in heads), sharding
+    assert all(sharding[s] == "t h[tp:partial]" for s in partial), sharding
+    assert not set(replicated) & set(sharding) and set(replicated) <= set(case.layers)
+    golden = _golden(runs, run)
+    assert np.allclose(case.layers[stage][layers], golden.layers[stage][layers], rtol=1e-4, atol=1e-5)
+    code, text, rep = _compare(runs, run, cand, tmp_path)
     assert code == 0 and rep["verdict"] == "pass", text
     cov = rep["coverage"]
     assert cov["cells_held"] == cov["cells_judged"] > 0
-    for stage in ("q", "k", "v", "attn", "attn_out", "shared_expert_out", "shared_gate", "moe_out", "layer_out"):
-        assert _held(rep, stage) == [0, 1, 2], stage
+    for s in every:
+        assert _held(rep, s) == [0, 1, 2], s
+    assert _held(rep, stage) == layers
