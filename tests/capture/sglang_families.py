@@ -34,7 +34,11 @@ v, forward_batch, save_kv_cache=False)`` (k every head's ``[k_nope, k_pe]``); ``
 float32), ``topk`` (grouped top-k: V2 softmax, a group scores its best expert; V3 sigmoid plus the
 correction bias, a group scores its best two; weights not scaled), ``experts`` (the routed mixture), times
 ``routed_scaling_factor`` after it, plus the shared experts; a leading dense layer's ``mlp`` is
-``DeepseekV2MLP``.  ``--fault-shared L``: the shared experts' down projection of layer L off by 5 %.
+``DeepseekV2MLP``.  A decode pass runs the absorbed path (``forward_absorb_prepare``/``_core``): q's nope
+part times ``w_kc`` (kv_b_proj's key half, a bmm, no module), ``rotary_emb`` as above, ``attn_mqa(q_input,
+k_input, v_input, forward_batch)`` in the latent space over the latent cache (the MHA prefill writes it
+without a module call, as ``set_mla_kv_buffer``), times ``w_vc`` (a bmm), ``o_proj``: no ``attn_mha`` names,
+the attention's output only as ``o_proj``'s input.  ``--fault-shared L``: the shared experts' down projection of layer L off by 5 %.
 Layers return ``(hidden_states, None)`` as DeepSeek's do.
 """
 
@@ -59,7 +63,7 @@ from sglang_tree import (  # noqa: E402
 FAULT_SCALE = 1.05
 #: the forward pass running (``pass``: the decode pass's number from 0, None in the prefill) and the decode-only
 #: fault (``cache``: (decode pass, layer), ``--fault-cache``)
-FAULTS: dict[str, object] = {"pass": None, "cache": None}
+FAULTS: dict[str, object] = {"pass": None, "cache": None, "fired": False}
 
 
 def _heads(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -164,12 +168,13 @@ class RadixAttention(nn.Module):
             self.cache = (torch.cat([self.cache[0], k]), torch.cat([self.cache[1], v]))
         K, V = (c.repeat_interleave(self.n_head // self.n_kv, dim=1) for c in self.cache)
         keys = torch.arange(K.shape[0])
-        if FAULTS["cache"] == (FAULTS["pass"], self.layer_id) and T == 1:
-            K, V, keys = K[1:], V[1:], keys[1:]
-        scores = torch.einsum("thd,shd->hts", q, K).float() * self.scaling
         mask = keys[None, :] <= forward_batch.positions[:, None]
         if self.window >= 0:
             mask &= forward_batch.positions[:, None] - keys[None, :] <= self.window
+        if FAULTS["cache"] == (FAULTS["pass"], self.layer_id) and T == 1:
+            FAULTS["fired"] = FAULTS["fired"] or bool(mask[:, 0].any())          # the row dropped was one it sees
+            K, V, keys, mask = K[1:], V[1:], keys[1:], mask[:, 1:]
+        scores = torch.einsum("thd,shd->hts", q, K).float() * self.scaling
         probs = softmax_with_sinks(scores.masked_fill(~mask, float("-inf")), None if sinks is None else sinks.float())
         return torch.einsum("hts,shd->thd", probs.to(q.dtype), V).reshape(T, self.n_head * self.Dv)
 
@@ -284,7 +289,7 @@ class DeepseekV2AttentionMLA(nn.Module):
     """Tensor parallel: ``q_proj``/``q_b_proj`` and ``kv_b_proj`` this rank's heads (column parallel), the
     latent projections replicated, ``o_proj`` row parallel."""
 
-    def __init__(self, cfg, w, dtype: torch.dtype) -> None:
+    def __init__(self, cfg, w, dtype: torch.dtype, layer_id: int = -1) -> None:
         super().__init__()
         from moesnap.model.families import softmax_scale
 
@@ -302,7 +307,12 @@ class DeepseekV2AttentionMLA(nn.Module):
         self.o_proj = Linear(_cols(w.wo, H))
         self.kv_a_layernorm = RMSNorm(w.kv_a_norm, cfg.rms_eps)
         self.rotary_emb = Rotary(cfg, dtype)
-        self.attn_mha = RadixAttention(self.Hq, self.Hq, self.Dn + self.Dr, self.Dv, softmax_scale(cfg))
+        self.attn_mha = RadixAttention(self.Hq, self.Hq, self.Dn + self.Dr, self.Dv, softmax_scale(cfg), layer_id=layer_id)
+        # the absorbed path: MQA over the latent cache ([kv_a_normed, k_pe], one kv head), kv_b_proj's halves
+        self.attn_mqa = RadixAttention(self.Hq, 1, self.kv_lora_rank + self.Dr, self.kv_lora_rank, softmax_scale(cfg),
+                                       layer_id=layer_id)
+        kv_b = self.kv_b_proj.weight.view(self.Hq, self.Dn + self.Dv, self.kv_lora_rank)
+        self.w_kc, self.w_vc = kv_b[:, :self.Dn], kv_b[:, self.Dn:].transpose(1, 2)     # [H, Dn, Rkv], [H, Rkv, Dv]
 
     def forward(self, positions, hidden_states, forward_batch):
         T, Hq, Dn, Dr = hidden_states.shape[0], self.Hq, self.Dn, self.Dr
@@ -319,6 +329,14 @@ class DeepseekV2AttentionMLA(nn.Module):
         kv_a = self.kv_a_layernorm(kv_a)
         k_pe = latent_cache[:, :, self.kv_lora_rank:]
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
+        latent = (torch.cat([kv_a.unsqueeze(1), k_pe], dim=-1), kv_a.unsqueeze(1))   # [T, 1, Rkv+Dr], [T, 1, Rkv]
+        if T == 1 and int(positions[0]) > 0:        # a decode pass: forward_absorb_prepare / _core
+            q_nope_out = torch.bmm(q[..., :Dn].transpose(0, 1), self.w_kc).transpose(0, 1)        # [T, H, Rkv]
+            attn_output = self.attn_mqa(torch.cat([q_nope_out, q_pe], dim=-1), *latent, forward_batch)
+            attn_bmm_output = torch.bmm(attn_output.view(T, Hq, -1).transpose(0, 1), self.w_vc)   # [H, T, Dv]
+            output, _ = self.o_proj(attn_bmm_output.transpose(0, 1).flatten(1, 2))
+            return output
+        self.attn_mqa.cache = latent                # the MHA path writes the latent cache (set_mla_kv_buffer)
         q[..., Dn:] = q_pe
         kv = self.kv_b_proj(kv_a)[0].view(-1, Hq, Dn + self.Dv)
         k_nope, v = kv[..., :Dn], kv[..., Dn:]
@@ -359,7 +377,7 @@ class DeepseekV2MoE(nn.Module):
 class DeepseekV2DecoderLayer(nn.Module):
     def __init__(self, cfg, w, layer_id: int, dtype: torch.dtype, args) -> None:
         super().__init__()
-        self.self_attn = DeepseekV2AttentionMLA(cfg, w, dtype)
+        self.self_attn = DeepseekV2AttentionMLA(cfg, w, dtype, layer_id)
         if w.experts is not None:
             self.mlp: nn.Module = DeepseekV2MoE(cfg, w, dtype, args.fault_shared == layer_id)
         else:
@@ -418,6 +436,8 @@ class ForCausalLM(nn.Module):
 
 #: each family's model class where it is not :class:`Model`
 MODELS: dict[str, type[nn.Module]] = {}
+#: the family whose tree plants each ``--fault-*`` of a layer (another family's tree never fires it)
+FAULT_FAMILIES: dict[str, str] = {"fault_gate": "qwen2moe", "fault_shared": "deepseek2"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -466,6 +486,10 @@ def serve(rank: int, args: argparse.Namespace) -> None:
         model.forward(x, positions, ForwardBatch(x, positions, torch.tensor([start + x.shape[0]]), torch.tensor([0]),
                                                  ["req-0"]))
         dumper.step()
+    if FAULTS["cache"] is not None and not FAULTS["fired"]:
+        sys.exit(f"--fault-cache {args.fault_cache}: decode pass {FAULTS['cache'][0]} of layer {FAULTS['cache'][1]} "
+                 f"never read the row it drops (no such pass or layer, or a sliding window past it): the fault "
+                 f"cannot fire")
     if tp > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -481,9 +505,20 @@ def main(argv: list[str] | None = None, p: argparse.ArgumentParser | None = None
     sys.path.insert(0, str(REPO / "src"))
     from moesnap.model.load import open_model
 
-    arch = open_model(args.model).config.arch
+    cfg = open_model(args.model).config
+    arch = cfg.arch
     if arch not in LAYERS:
         sys.exit(f"{args.model}: a {arch} model; this tree builds {', '.join(LAYERS)}")
+    for key, layer in vars(args).items():        # a planted fault at no layer of the model cannot fire
+        if not key.startswith("fault_") or not isinstance(layer, int):
+            continue
+        flag = f"--{key.replace('_', '-')} {layer}"
+        if not 0 <= layer < cfg.n_layer:
+            sys.exit(f"{flag}: {args.model} has layers 0-{cfg.n_layer - 1}")
+        if FAULT_FAMILIES.get(key, arch) != arch:
+            sys.exit(f"{flag}: a fault of the {FAULT_FAMILIES[key]} tree; {args.model} is a {arch} model")
+        if key == "fault_shared" and layer < cfg.n_dense_layers:
+            sys.exit(f"{flag}: layer {layer} is dense, it has no shared experts")
     if args.tp > 1 and arch not in TP_FAMILIES:
         sys.exit(f"{args.model}: --tp {args.tp}: this tree shards {', '.join(TP_FAMILIES)} only")
     if args.tp > 1:

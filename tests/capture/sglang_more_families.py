@@ -222,6 +222,7 @@ class GptOssDecoderLayer(nn.Module):
 
 fam.LAYERS.update({"llama": MixtralDecoderLayer, "olmoe": OlmoeDecoderLayer, "gpt-oss": GptOssDecoderLayer})
 fam.MODELS["olmoe"] = OlmoeModel
+fam.FAULT_FAMILIES.update(fault_rope="llama", fault_qk_norm="olmoe", fault_sinks="gpt-oss")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,9 +25,11 @@ from sglang_tree import dumper_path  # noqa: E402
 TOKENS = [1, 5, 9, 200, 17, 3, 3, 42, 100, 7, 250, 64]
 PROMPT, DECODE = TOKENS[:10], 3
 PRESETS = {"mixtral": "mixtral-tiny", "olmoe": "olmoe-tiny", "oss": "gpt-oss-tiny", "qwen2": "qwen2-moe-tiny",
-           "v3": "deepseek-v3-tiny"}
+           "v3": "deepseek-v3-tiny", "ds": "deepseek-v2-tiny"}
 MORE, FAMILIES = HERE / "sglang_more_families.py", HERE / "sglang_families.py"
-#: run name -> (preset, golden, tree, the tree's arguments); golden "dec": Qwen2-MoE's of PROMPT and DECODE steps
+#: the goldens of PROMPT and DECODE steps (the reference's continuation), by preset
+DECODE_GOLDENS = {"dec": "qwen2", "dsdec": "ds"}
+#: run name -> (preset, golden, tree, the tree's arguments)
 RUNS = {
     "mixtral": ("mixtral", "mixtral", MORE, []),
     "mixtral_rope_fault": ("mixtral", "mixtral", MORE, ["--fault-rope", "1"]),
@@ -37,6 +39,8 @@ RUNS = {
     "oss_sinks_fault": ("oss", "oss", MORE, ["--fault-sinks", "2"]),
     "qwen2_decode": ("qwen2", "dec", FAMILIES, ["--unfused-gate", "--decode", str(DECODE)]),
     "qwen2_decode_fault": ("qwen2", "dec", FAMILIES, ["--unfused-gate", "--decode", str(DECODE), "--fault-cache", "1,1"]),
+    "ds_decode": ("ds", "dsdec", FAMILIES, ["--decode", str(DECODE)]),
+    "ds_decode_fault": ("ds", "dsdec", FAMILIES, ["--decode", str(DECODE), "--fault-cache", "2,2"]),
     "qwen2_tp2": ("qwen2", "qwen2", FAMILIES, ["--unfused-gate", "--tp", "2", "--port", "29671"]),
     "v3_tp2": ("v3", "v3", FAMILIES, ["--tp", "2", "--port", "29673"]),
 }
@@ -55,9 +59,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sgmore")
     store = root / "store"
     models = {k: make_model(root / f"{name}.gguf", preset(name)) for k, name in PRESETS.items()}
-    moesnap.generate(models["qwen2"], "dec", [PROMPT], store=store, decode=DECODE)   # its continuation feeds the tree
-    continued = load_case(store / "dec" / "v0001" / "case0").tokens
-    tokens = {"dec": ",".join(map(str, continued))}
+    tokens = {}
+    for golden, k in DECODE_GOLDENS.items():                  # their continuations feed the trees
+        moesnap.generate(models[k], golden, [PROMPT], store=store, decode=DECODE)
+        tokens[golden] = ",".join(map(str, load_case(store / golden / "v0001" / "case0").tokens))
     procs = {run: subprocess.Popen([sys.executable, str(tree), str(root / run), "--model", str(models[k]), "--tokens",
                                     tokens.get(golden, ",".join(map(str, TOKENS))), *args],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -182,6 +187,34 @@ def test_a_decode_only_fault_is_named_at_its_step(tmp_path, runs):
     assert [s["passed"] for s in rep["steps"]] == [True, False, False]
     assert all(r["verdict"] == "MATCH" for r in rep["results"] if r["case"] in ("case0", "case0/step0"))
     assert "first failing step: case0/step1 (position 11, float32)" in text
+
+
+def test_deepseek_decode_passes_run_the_absorbed_mla_and_are_judged(tmp_path, runs):
+    """DeepSeek-V2's decode passes take SGLang's absorbed path (attn_mqa in the latent space, w_kc and w_vc
+    as bmm): no q_rope, k_rope, v in a step, its attn from o_proj's input (DUMPER_ALIASES), every cell judged."""
+    case, cand = _imported(runs, "ds_decode", tmp_path)
+    assert [s.attrs["positions"] for s in case.steps] == [[10], [11], [12]]
+    assert "non_intrusive__model.layers.N.self_attn.attn_mqa.inputs.0" in case.attrs["ignored_names"]
+    for s in case.steps:
+        assert not {"q_rope", "k_rope", "v"} & set(s.layers) and {"q", "kv_latent_norm", "attn"} <= set(s.layers)
+    code, text, rep = _compare(runs, "ds_decode", cand, tmp_path)
+    assert code == 0 and rep["verdict"] == "pass", text
+    cov = rep["coverage"]
+    assert cov["cells_held"] == cov["cells_judged"] and not cov["unjudged"]
+    for step in range(DECODE):
+        for stage in ("kv_latent", "q", "attn", "attn_out", "layer_out"):
+            assert _held(rep, stage, f"case0/step{step}") == [0, 1, 2], (step, stage)
+        assert _held(rep, "moe_out", f"case0/step{step}") == [1, 2] and _held(rep, "v", f"case0/step{step}") == []
+    assert _held(rep, "v") == [0, 1, 2]                      # the prefill's MHA path
+
+
+def test_a_fault_in_deepseeks_absorbed_decode_attention_is_named_at_its_step(tmp_path, runs):
+    _, cand = _imported(runs, "ds_decode_fault", tmp_path)
+    code, text, rep = _compare(runs, "ds_decode_fault", cand, tmp_path)
+    assert code == 1 and rep["verdict"] == "fail"
+    fd = rep["first_divergence"]
+    assert (fd["case"], fd["step"], fd["layer"], fd["stage"]) == ("case0/step2", 2, 2, "attn"), text
+    assert [s["passed"] for s in rep["steps"]] == [True, True, False]
 
 
 #: run -> (the stages sharded by heads, those the ranks hold partial sums of, replicated ones, stages held at
