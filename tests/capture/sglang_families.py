@@ -38,7 +38,8 @@ correction bias, a group scores its best two; weights not scaled), ``experts`` (
 part times ``w_kc`` (kv_b_proj's key half, a bmm, no module), ``rotary_emb`` as above, ``attn_mqa(q_input,
 k_input, v_input, forward_batch)`` in the latent space over the latent cache (the MHA prefill writes it
 without a module call, as ``set_mla_kv_buffer``), times ``w_vc`` (a bmm), ``o_proj``: no ``attn_mha`` names,
-the attention's output only as ``o_proj``'s input.  ``--fault-shared L``: the shared experts' down projection of layer L off by 5 %.
+the attention's output only as ``o_proj``'s input.  ``--fault-shared L``: the shared experts' down projection
+of layer L off by 5 %.
 Layers return ``(hidden_states, None)`` as DeepSeek's do.
 """
 
@@ -307,7 +308,8 @@ class DeepseekV2AttentionMLA(nn.Module):
         self.o_proj = Linear(_cols(w.wo, H))
         self.kv_a_layernorm = RMSNorm(w.kv_a_norm, cfg.rms_eps)
         self.rotary_emb = Rotary(cfg, dtype)
-        self.attn_mha = RadixAttention(self.Hq, self.Hq, self.Dn + self.Dr, self.Dv, softmax_scale(cfg), layer_id=layer_id)
+        self.attn_mha = RadixAttention(self.Hq, self.Hq, self.Dn + self.Dr, self.Dv, softmax_scale(cfg),
+                                       layer_id=layer_id)
         # the absorbed path: MQA over the latent cache ([kv_a_normed, k_pe], one kv head), kv_b_proj's halves
         self.attn_mqa = RadixAttention(self.Hq, 1, self.kv_lora_rank + self.Dr, self.kv_lora_rank, softmax_scale(cfg),
                                        layer_id=layer_id)

@@ -28,7 +28,7 @@ PRESETS = {"mixtral": "mixtral-tiny", "olmoe": "olmoe-tiny", "oss": "gpt-oss-tin
            "v3": "deepseek-v3-tiny", "ds": "deepseek-v2-tiny"}
 MORE, FAMILIES = HERE / "sglang_more_families.py", HERE / "sglang_families.py"
 #: the goldens of PROMPT and DECODE steps (the reference's continuation), by preset
-DECODE_GOLDENS = {"dec": "qwen2", "dsdec": "ds"}
+DECODE_GOLDENS = {"dec": "qwen2", "dsdec": "ds", "ossdec": "oss"}
 #: run name -> (preset, golden, tree, the tree's arguments)
 RUNS = {
     "mixtral": ("mixtral", "mixtral", MORE, []),
@@ -38,8 +38,10 @@ RUNS = {
     "oss": ("oss", "oss", MORE, []),
     "oss_sinks_fault": ("oss", "oss", MORE, ["--fault-sinks", "2"]),
     "qwen2_decode": ("qwen2", "dec", FAMILIES, ["--unfused-gate", "--decode", str(DECODE)]),
-    "qwen2_decode_fault": ("qwen2", "dec", FAMILIES, ["--unfused-gate", "--decode", str(DECODE), "--fault-cache", "1,1"]),
+    "qwen2_decode_fault": ("qwen2", "dec", FAMILIES,
+                           ["--unfused-gate", "--decode", str(DECODE), "--fault-cache", "1,1"]),
     "ds_decode": ("ds", "dsdec", FAMILIES, ["--decode", str(DECODE)]),
+    "oss_decode": ("oss", "ossdec", MORE, ["--decode", str(DECODE)]),
     "ds_decode_fault": ("ds", "dsdec", FAMILIES, ["--decode", str(DECODE), "--fault-cache", "2,2"]),
     "qwen2_tp2": ("qwen2", "qwen2", FAMILIES, ["--unfused-gate", "--tp", "2", "--port", "29671"]),
     "v3_tp2": ("v3", "v3", FAMILIES, ["--tp", "2", "--port", "29673"]),
@@ -187,6 +189,21 @@ def test_a_decode_only_fault_is_named_at_its_step(tmp_path, runs):
     assert [s["passed"] for s in rep["steps"]] == [True, False, False]
     assert all(r["verdict"] == "MATCH" for r in rep["results"] if r["case"] in ("case0", "case0/step0"))
     assert "first failing step: case0/step1 (position 11, float32)" in text
+
+
+def test_gpt_oss_decode_passes_through_sliding_windows_and_sinks_pass(tmp_path, runs):
+    """gpt-oss's decode passes: each step's query sees the last 4 positions on the sliding layers 0 and 2
+    (a prompt of 10 crosses the window) and every position on 1 and 3, with the sinks; every cell judged."""
+    case, cand = _imported(runs, "oss_decode", tmp_path)
+    assert [s.attrs["positions"] for s in case.steps] == [[10], [11], [12]]
+    code, text, rep = _compare(runs, "oss_decode", cand, tmp_path)
+    assert code == 0 and rep["verdict"] == "pass", text
+    assert [s["passed"] for s in rep["steps"]] == [True] * DECODE
+    cov = rep["coverage"]
+    assert cov["cells_held"] == cov["cells_judged"] and not cov["unjudged"]
+    for step in range(DECODE):
+        for stage in ("q_rope", "k_rope", "attn", "router_logits", "moe_out", "layer_out"):
+            assert _held(rep, stage, f"case0/step{step}") == [0, 1, 2, 3], (step, stage)
 
 
 def test_deepseek_decode_passes_run_the_absorbed_mla_and_are_judged(tmp_path, runs):
