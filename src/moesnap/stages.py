@@ -234,6 +234,9 @@ DUMPER_ALIASES: dict[str, dict[str, DumperAlias]] = {
         "self_attn.attn_mha.inputs.1": "k_rope",
         "self_attn.attn_mha.inputs.2": "v",
         "self_attn.attn_mha.output": "attn",
+        # o_proj's input: the attention's output on both paths; a decode pass's absorbed MLA (attn_mqa, in the
+        # latent space: no stage) gives it as nothing else (its w_vc product calls no module)
+        "self_attn.o_proj.inputs.0": "attn",
         "self_attn.rotary_emb.output.0": None,              # the rope part alone, [T, Hq, Dr] and [T, 1, Dr]
         "self_attn.rotary_emb.output.1": None,
         "self_attn.attn.output": None,  # vLLM's MHA path: v padded to the q/k head width, [T, Hq*(Dn+Dr)]

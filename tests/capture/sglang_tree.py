@@ -44,7 +44,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "src" / "moesnap" / "data" / "tiny.gguf"
@@ -278,24 +277,30 @@ class TopK(nn.Module):
 
 
 class FusedMoE(nn.Module):
-    """This EP rank's experts (a contiguous range) applied and weighted: a partial sum over ranks."""
+    """This EP rank's experts (a contiguous range) applied and weighted: a partial sum over ranks.  SwiGLU,
+    or the family's activation (gpt-oss: the clamped one, ``gemm1_alpha``/``gemm1_clamp_limit``) and the
+    experts' biases (``with_bias``) where the family has them."""
 
     def __init__(self, cfg, w, dtype: torch.dtype) -> None:
         super().__init__()
         par = PARALLEL[0]
         per = cfg.n_expert // par.moe_ep_size
         self.lo, self.hi = par.moe_ep_rank * per, (par.moe_ep_rank + 1) * per
-        self.bank, self.dtype = w.experts, dtype
+        self.bank, self.dtype, self.cfg = w.experts, dtype, cfg
 
     def forward(self, hidden_states, topk_output):
+        from moesnap.model.families import expert_act
+
         w, ids, _ = topk_output
         out = torch.zeros_like(hidden_states)
         for e in range(self.lo, self.hi):
             tok, slot = (ids == e).nonzero(as_tuple=True)
             if tok.numel():
                 gate, up, down = (t.to(self.dtype) for t in self.bank.expert(e))
+                bg, bu, bd = (t.to(self.dtype) for t in self.bank.bias(e) or (torch.zeros(()),) * 3)
                 x = hidden_states[tok]
-                out[tok] += (F.silu(x @ gate.T) * (x @ up.T)) @ down.T * w[tok, slot][:, None]
+                h = expert_act(self.cfg, x @ gate.T + bg, x @ up.T + bu)
+                out[tok] += (h @ down.T + bd) * w[tok, slot][:, None]
         return out
 
 
