@@ -588,7 +588,9 @@ def _absent_notes(w: _Walk, label: str, skipped: list[tuple[int | None, str]]) -
         how = (f"{after} is recomputed from {_FROM[after]}, so {after} judges {them} with it" if w.per_layer
                else f"{after} carries {'their' if len(absent) > 1 else 'its'} error")
         why = ("a fused MoE kernel keeps no per-expert output" if after == "moe_out" else
-               "SGLang on CUDA fuses q/k norm and RoPE into one kernel; transformers applies RoPE where no hook sees it")
+               "an engine computes them where no hook sees them: SGLang on CUDA fuses q/k norm and RoPE into one "
+               "kernel and decodes DeepSeek's latent attention without q/k/v rows; transformers applies RoPE inside "
+               "the attention")
         out.append(f"{label}: {names} not in the candidate at layers {_span(layers)} ({why}): judged through "
                    f"{after} of the same layer ({how})")
     return out
