@@ -131,3 +131,24 @@ def test_json_carries_each_stages_margins(golden):
     ok = next(r for r in d["results"] if (r["layer"], r["stage"]) == (1, "moe_out"))
     assert ok["worst"]["rule"] == "elementwise" and 0 <= ok["worst"]["ratio"] <= 1
     assert d["first_divergence"]["failed"]["text"] == "1 NaN in the candidate"
+
+
+def test_the_introducing_layer_is_not_claimed_none_where_the_failing_case_had_no_per_layer_judgement(golden):
+    """A foreign dump's decode step that the local re-reference could not take fails free-running; the
+    prompt it did take is clean: the line must not say that no layer introduces the divergence."""
+    tols = Tolerances.defaults()
+    clean = compare_cases(golden, golden, tols, dtype="float32", name="case0")
+    bad = copy.deepcopy(golden)
+    bad.layers["attn_out"][1] *= np.float32(1.05)
+    step = compare_cases(golden, bad, tols, dtype="float32", name="case0/step1")
+    per = [compare_cases(golden, golden, tols, dtype="float32", name="case0", propagate=False, mode="local")]
+    rep = Report(cases=[clean, step], golden="g@v0001", candidate="c", dtype="float32", replay=per,
+                 replay_kind="local")
+    line = next(ln for ln in text(rep) if ln.startswith("first layer that introduces a divergence"))
+    assert "none" not in line and "not known: case0/step1" in line, line
+    # where the failing case was judged per layer and nothing was introduced there, "none" stands
+    rep2 = Report(cases=[step], golden="g@v0001", candidate="c", dtype="float32",
+                  replay=[compare_cases(golden, golden, tols, dtype="float32", name="case0/step1", propagate=False,
+                                        mode="local")], replay_kind="local")
+    line2 = next(ln for ln in text(rep2) if ln.startswith("first layer that introduces a divergence"))
+    assert line2.endswith(": none"), line2

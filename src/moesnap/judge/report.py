@@ -192,7 +192,7 @@ def text(report: Report) -> list[str]:
                 intro_text = ((intro.stage + " " + intro.verdict.name) if intro else "none") if layer in per \
                     else "not judged"
                 out.append(f"{case.case:<{width}}  L{layer:02d}   | {intro_text:<29} | {_inherited(free, layer)}")
-        out.append(f"first layer that introduces a divergence: {_fmt_loc(report.first_introduced())}")
+        out.append(f"first layer that introduces a divergence: {_introduced_text(report, fd)}")
     out.append(f"first divergence: {_fmt_loc(fd)}")
     nt = next_token_summary(report.next_tokens)
     if nt:
@@ -236,6 +236,16 @@ def _inherited(free: CaseReport | None, layer: int) -> str:
         return "not judged (every token excused by a routing flip)" if masks else "not judged"
     left = sum(int((free.held[k] & ~m if k in free.held else ~m).sum()) for k, m in zip(keys, masks))  # of held rows
     return "none" if left == 0 else f"none ({left} cells not judged)"
+
+
+def _introduced_text(report: Report, fd: StageResult | None) -> str:
+    """Where the per-layer mode found an error made, or, where it found none while a case it did not judge
+    per layer failed (a decode step a local re-reference could not take), that it cannot say."""
+    intro = report.first_introduced()
+    if intro is not None or fd is None or any(c.case == fd.case for c in report.replay or ()):
+        return _fmt_loc(intro)
+    return (f"not known: {fd.case}, where the first divergence is, was judged free-running only (no "
+            f"{report.replay_kind} judgement of it; see the notes)")
 
 
 def detail_lines(r: StageResult) -> list[str]:
