@@ -189,8 +189,8 @@ def test_a_decode_only_fault_is_named_at_its_step(tmp_path, runs):
     assert [s["passed"] for s in rep["steps"]] == [True, False, False]
     assert all(r["verdict"] == "MATCH" for r in rep["results"] if r["case"] in ("case0", "case0/step0"))
     assert "first failing step: case0/step1 (position 11, float32)" in text
-    # the local re-reference took the prompt only: it cannot say which layer introduced the step's error
-    assert "first layer that introduces a divergence: not known: case0/step1" in text
+    # the local re-reference takes the prompt and its steps as one sequence, the prompt's last-row logits aside
+    assert "first layer that introduces a divergence: case0/step1 / layer 1 / attn" in text
 
 
 def test_gpt_oss_decode_passes_through_sliding_windows_and_sinks_pass(tmp_path, runs):

@@ -271,6 +271,29 @@ def test_local_re_reference_names_the_step_and_layer_that_introduce_a_fault_in_a
     assert (intro.case, intro.layer, intro.stage) == ("case0/step1", 2, "moe_out"), intro.explain()
 
 
+def test_local_re_reference_takes_steps_whose_prompt_holds_the_last_rows_logits_only(tmp_path):
+    # as engines dump a prefill (SGLang computes the logits of the last prompt row alone): the prompt and
+    # its steps still make one sequence for the re-reference, the partial logits left out of it
+    def scale(steps):
+        s = steps[1]
+        layers = {k: np.array(v, copy=True) for k, v in s.layers.items()}
+        layers["moe_out"][2] *= 1.05
+        return [steps[0], replace(s, layers=layers), *steps[2:]]
+
+    c = load_case(_dump(tmp_path / "whole", scale))
+    T = int(c.tokens.shape[0])
+    logits = np.full_like(c.model["logits"], np.nan)
+    logits[-1] = c.model["logits"][-1]
+    path = tmp_path / "last-row-logits.zarr"
+    save_case(path, replace(c, model={**c.model, "logits": logits},
+                            attrs={**c.attrs, "held_tokens": [["logits", None, [T - 1]]]}))
+    rep = moesnap.compare("tiny", str(path), store=GOLDENS, show_progress=False)
+    intro = rep.first_introduced()
+    assert rep.verdict == "fail" and intro is not None, "\n".join(rep.notes)
+    assert (intro.case, intro.layer, intro.stage) == ("case0/step1", 2, "moe_out"), intro.explain()
+    assert not any("judged free-running only" in n for n in rep.notes)
+
+
 def _same_judgement(a, b):
     assert a.verdict == b.verdict and a.first_divergence == b.first_divergence
     assert [(c.case, c.step, c.positions) for c in a.cases] == [(c.case, c.step, c.positions) for c in b.cases]

@@ -14,7 +14,7 @@ import numpy as np
 from ..capture.shards import unshard
 from ..case import Case
 from ..errors import GoldenError, MoesnapError, UsageError
-from ..judge.attrs import recorded_family
+from ..judge.attrs import held_tokens, recorded_family
 from ..judge.policy import Policy, Settings
 from ..judge.report import Report
 from ..judge.suite import Pair, PerLayer, judge_suite
@@ -334,18 +334,21 @@ def _number(step: Case, n: int) -> int:
 
 def _sequence(c: Case) -> Case | None:
     """The prompt's rows and every step's as one case over positions 0..T-1 (the engine's own values,
-    row by row), where they join up: consecutive positions, the same stages, no partial rows."""
+    row by row), where they join up: consecutive positions, the stages every part holds whole.  A stage
+    some part holds for some rows only (an engine's prefill keeps the last row's logits, say) is left
+    out of it: the re-reference then goes without it, as for a dump that lacks it."""
     parts = [c, *c.steps]
     pos = np.concatenate([p.positions for p in parts])
-    if not (pos == np.arange(pos.size)).all() or any(p.attrs.get("held_tokens") for p in parts):
+    if not (pos == np.arange(pos.size)).all():
         return None
-    model = {s for s in c.model if all(s in p.model for p in parts)}
-    layers = {s for s in c.layers if all(s in p.layers and p.layers[s].shape[0] == c.layers[s].shape[0]
-                                         for p in parts)}
+    partial = {stage for p in parts for (_, stage) in held_tokens(p, where="the candidate")}
+    model = {s for s in c.model if s not in partial and all(s in p.model for p in parts)}
+    layers = {s for s in c.layers if s not in partial and all(s in p.layers and p.layers[s].shape[0] ==
+                                                              c.layers[s].shape[0] for p in parts)}
     return Case(tokens=np.concatenate([p.tokens for p in parts]).astype(np.int32),
                 model={s: np.concatenate([p.model[s] for p in parts]) for s in model},
                 layers={s: np.concatenate([p.layers[s] for p in parts], axis=1) for s in layers},
-                attrs={k: v for k, v in c.attrs.items() if k not in ("positions", "router_followed")})
+                attrs={k: v for k, v in c.attrs.items() if k not in ("positions", "router_followed", "held_tokens")})
 
 
 def _reference(name: str, c: Case, ggm, policy: Policy, device: Any):
