@@ -4,13 +4,25 @@
 # bfloat16, bfloat16 decode on a paged cache in a CUDA graph, and one planted fault in bfloat16 (each fault
 # line says where the check must name it: the stage after "->").
 # Usage: bash tools/gpu_s8c.sh OUTDIR [LAYERS]   (wheels carried in .whl/; PRESETS="..." for some of them)
+# The same rows on the CPU (a rehearsal before a GPU call: the candidate's code is the same, --cuda-graph runs the
+# static-buffer decode eagerly there): DEVICE=cpu TIMEOUT=900 PRESETS="gpt-oss-20b deepseek-v2-lite" bash ...
+# TIMEOUT: seconds a check may run (default 120 on CUDA, 900 on the CPU; 0: no limit); WORK: where the GGUFs and
+# stores go (deleted after each preset).  Each step's line gives its wall time and peak resident memory.
 set -u
 out=${1:?OUTDIR}; layers=${2:-2}
 presets=${PRESETS:-"gpt-oss-20b deepseek-v2-lite qwen1.5-moe-a2.7b olmoe-1b-7b mixtral-8x7b"}
-work=/tmp/moesnap-s8c; mkdir -p "$out" "$work"
-python -m pip install -q --no-deps .whl/*.whl 2>&1 | grep -v WARNING | tail -2
+device=${DEVICE:-cuda}
+if [ "$device" = cuda ]; then limit=${TIMEOUT:-120}; else limit=${TIMEOUT:-900}; fi
+work=${WORK:-/tmp/moesnap-s8c}; mkdir -p "$out" "$work"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python -m pip install -q --no-deps .whl/*.whl 2>&1 | grep -v WARNING | tail -2
+fi
 export PYTHONPATH=$PWD/src MOESNAP_NO_PROGRESS=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+if [ "$device" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+else
+    echo "$device: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" | tee "$out/gpu.txt"
+fi
 for p in $presets; do
     m="$work/$p.gguf"; s="$work/store-$p"
     vocab=$(python -c "from moesnap.model.synth import preset; print(preset('$p').config.vocab_size)")
@@ -22,10 +34,10 @@ for p in $presets; do
         --tokens "$toks" --decode 8; } 2>&1 | tail -1
     run() {   # name, then check options
         local name=$p-$1; shift
-        { /usr/bin/time -f "wall %e s" timeout 120 python -m moesnap check "$m" --suite f --store "$s" --device cuda \
-            --force "$@"; } > "$out/$name.txt" 2>&1
+        { /usr/bin/time -f "wall %e s, peak %M KB" timeout "$limit" python -m moesnap check "$m" --suite f \
+            --store "$s" --device "$device" --force "$@"; } > "$out/$name.txt" 2>&1
         echo "== $name: exit $? $(grep -E '^wall' "$out/$name.txt")"
-        grep -E "^first divergence|^judged|^verdict" "$out/$name.txt" | cut -c1-160
+        grep -E "^first divergence|^judged|^verdict|^note: candidate" "$out/$name.txt" | cut -c1-200
     }
     run float32 --dtype float32
     run bfloat16 --dtype bfloat16
