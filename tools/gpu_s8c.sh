@@ -25,13 +25,21 @@ else
 fi
 for p in $presets; do
     m="$work/$p.gguf"; s="$work/store-$p"
-    vocab=$(python -c "from moesnap.model.synth import preset; print(preset('$p').config.vocab_size)")
-    toks=$(python -c "import numpy as np; print(','.join(map(str, np.random.default_rng(0).integers(0, $vocab, 128))))")
     echo "=== $p"
-    { /usr/bin/time -f "make %e s, peak %M KB" python -m moesnap -q model make "$m" --preset "$p" --layers "$layers" \
-        --force; } 2>&1 | tail -1
-    { /usr/bin/time -f "generate %e s, peak %M KB" python -m moesnap -q goldens generate "$m" --suite f --store "$s" \
-        --tokens "$toks" --decode 8; } 2>&1 | tail -1
+    vocab=$(python -c "from moesnap.model.synth import preset; print(preset('$p').config.vocab_size)") ||
+        { echo "!! $p: no vocabulary size (not a preset, or moesnap not importable); skipped"; continue; }
+    toks=$(python -c "import numpy as np; print(','.join(map(str, np.random.default_rng(0).integers(0, $vocab, 128))))")
+    setup() {   # step name, then its command: its time line, or where it failed its error and the preset skipped
+        local step=$1; shift
+        { /usr/bin/time -f "$step %e s, peak %M KB" "$@"; } > "$work/$step.log" 2>&1
+        local rc=$?
+        if [ $rc -eq 0 ]; then tail -1 "$work/$step.log"; else
+            tail -3 "$work/$step.log"; echo "!! $p: $step failed (exit $rc); its rows skipped"; fi
+        return $rc
+    }
+    setup make python -m moesnap -q model make "$m" --preset "$p" --layers "$layers" --force || continue
+    setup generate python -m moesnap -q goldens generate "$m" --suite f --store "$s" --tokens "$toks" --decode 8 ||
+        { rm -rf "$m" "$s"; continue; }
     run() {   # name, then check options
         local name=$p-$1; shift
         { /usr/bin/time -f "wall %e s, peak %M KB" timeout "$limit" python -m moesnap check "$m" --suite f \
@@ -49,7 +57,8 @@ for p in $presets; do
         gpt-oss*) f="sink_off:layer=1->attn" ;;
         deepseek*) f="shared_off:layer=1->moe_out" ;;
     esac
-    echo "-- ${f%->*} -> layer ${f%%->*}; expected stage ${f#*->}"
+    at=${f#*layer=}
+    echo "-- ${f%->*}: expected at layer ${at%%[,-]*}, stage ${f#*->}"
     run fault-bf16 --dtype bfloat16 --inject "${f%->*}"
     rm -rf "$m" "$s"
 done 2>&1 | tee "$out/families.txt"
