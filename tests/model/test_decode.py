@@ -235,6 +235,24 @@ def test_decode_on_static_buffers_gives_the_causal_rows(cand, batch_seqs):
     assert all(r.case.attrs["cuda_graph"] is False for r in forwards[1])
 
 
+def test_static_buffers_share_the_weights_the_candidate_keeps(model, batch_seqs):
+    """The static step holds the candidate's kept tensors (dense weights, the output matrix's chunks, whole
+    layers' experts where kept), not copies of them: made again, gpt-oss-20b's output matrix alone (1.2 GB in
+    bfloat16) was held twice.  Still the causal rows."""
+    cand = CandidateModel(model, expert_values=4 * 64 * model.config.hidden)    # the output in chunks of 64 rows
+    cand.keep_weights(expert_bytes=1 << 30)                                     # experts kept too, as on a GPU
+    s = Session(cand, capacity=32, n_seqs=len(batch_seqs), paged=True)
+    s.prefill_batch([q[:p] for q, p in zip(batch_seqs, PROMPTS)])
+    dec = GraphDecoder(s, graph=False)
+    kept, L = cand._kept, model.config.n_layer
+    assert kept is not None and len(dec.model.out) == -(-model.config.vocab_size // 64)
+    assert all(w is kept[("output", at)] for at, w in dec.model.out)
+    assert all(dec.model.layers[i] is kept[("dense", i)] for i in range(L))
+    assert all(dec.model.experts[i] is kept[("experts", i)] for i in range(L))
+    steps = [dec.decode([q[p + n] for q, p in zip(batch_seqs, PROMPTS)]) for n in range(STEPS)]
+    assert worst_error([r for f in steps for r in f], [causal(cand, q) for q in batch_seqs]) <= REL_L2
+
+
 def test_recording_off_keeps_the_logits(cand, seq):
     on, off = serve(cand, seq, paged=False), serve(cand, seq, paged=False, record=False)
     assert not off[-1].case.layers and off[-1].case.tokens.tolist() == [seq[-1]]

@@ -76,7 +76,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import gguf
 import numpy as np
@@ -647,10 +647,17 @@ class CandidateModel:
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, H] @ output.T`` with the vocabulary dequantized in row chunks on the device."""
+        logits = torch.empty(x.shape[0], self._raw("output")[1].shape[0], dtype=self.dtype, device=self.device)
+        for s, wchunk in self._output_chunks():
+            logits[:, s:s + wchunk.shape[0]] = x @ wchunk.T
+        return logits
+
+    def _output_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """The output matrix as (first row, rows ``[n, H]`` dequantized on the device), one chunk at a time
+        (those :meth:`keep_weights` keeps are taken from there, the others kept there as they are made)."""
         qtype, data = self._raw("output")
         V = data.shape[0]
         step = max(1, min(V, (self.expert_values // 4) // self.cfg.hidden))
-        logits = torch.empty(x.shape[0], V, dtype=self.dtype, device=self.device)
         kept = self._kept       # no planted fault decodes the output matrix
         for s in range(0, V, step):
             wchunk = None if kept is None else kept.get(("output", s))
@@ -658,5 +665,4 @@ class CandidateModel:
                 wchunk = quants_torch.dequantize(data[s:s + step].to(self.device), qtype, out_dtype=self.dtype)
                 if kept is not None:
                     kept[("output", s)] = wchunk
-            logits[:, s:s + step] = x @ wchunk.T
-        return logits
+            yield s, wchunk

@@ -218,21 +218,25 @@ class _Resident(CandidateModel):
     """The candidate with every weight dequantized on the device once (planted ``qtype`` faults baked
     in) and experts gathered per (token, slot) pair: a forward with no host synchronisation and no
     dequantization, which a CUDA graph can capture.  Holds every expert of every layer dequantized
-    (a 30B-A3B model in bfloat16: ~58 GB)."""
+    (a 30B-A3B model in bfloat16: ~58 GB).  What the candidate keeps already (:meth:`keep_weights`: the
+    dense weights, the output matrix's chunks, on a GPU whole layers' experts) is shared, not made again:
+    the same tensors, so the same bits, held once (gpt-oss-20b's output matrix alone is 1.2 GB in bfloat16)."""
 
     def __init__(self, cand: CandidateModel, faults: Faults) -> None:
         super().__init__(cand.model, device=cand.device, dtype=cand.dtype, expert_path=cand.expert_path,
                          expert_values=cand.expert_values)
         self._bytes = cand._bytes                     # share what the candidate uploaded
-        self.layers = [CandidateModel._dense(self, i, faults) for i in range(self.cfg.n_layer)]
-        self.experts = [None if self.cfg.dense(i) else tuple(self._weight(f"blk.{i}.{n}", faults, i) for n in
-                        ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")) for i in range(self.cfg.n_layer)]
+        self.layers = [cand._dense(i, faults) for i in range(self.cfg.n_layer)]
+        self.experts = [None if self.cfg.dense(i) else cand._kept_experts(i, faults) or self._experts_weights_all(i, faults)
+                        for i in range(self.cfg.n_layer)]
         every = list(range(self.cfg.n_expert))
         self.expert_biases = [None if self.cfg.dense(i) else self._experts_biases(i, every, faults)
                               for i in range(self.cfg.n_layer)]
         self.embedding = self._weight("token_embd", NO_FAULTS)                     # [V, H]
         self.out_norm = self._weight("output_norm", NO_FAULTS)                     # [H]
-        self.out = self._weight("output", NO_FAULTS)                               # [V, H]
+        #: the output matrix's rows in the candidate's chunks (its own where it keeps them), held here
+        #: whatever the candidate drops later: a captured graph reads these very tensors
+        self.out = list(cand._output_chunks())                                     # [(first row, [n, H])]
 
     def _dense(self, i: int, faults: Faults) -> _Dense | Latent:
         return self.layers[i]
@@ -261,7 +265,9 @@ class _Resident(CandidateModel):
     def _head(self, x: torch.Tensor, rec: Recorder) -> torch.Tensor:
         x = self._norm(x, self.out_norm)
         rec.save("final_norm", None, x)
-        logits = x @ self.out.T
+        logits = torch.empty(x.shape[0], self.cfg.vocab_size, dtype=self.dtype, device=self.device)
+        for s, wchunk in self.out:                                                 # the candidate's products
+            logits[:, s:s + wchunk.shape[0]] = x @ wchunk.T
         rec.save("logits", None, logits)
         return logits
 
