@@ -29,6 +29,39 @@ def invoke(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def import_sglang_run(runs, run: str, tmp: Path) -> tuple[Case, Path]:
+    """``moesnap import --format sglang`` of run ``run``'s dump (``runs[run]``: dump directory, golden store,
+    golden reference) against its golden: the imported case and where it was written."""
+    from moesnap.store.case import load_case
+
+    dump, store, golden = runs[run]
+    out = tmp / "cand.zarr"
+    code, text, err = invoke(["import", "--format", "sglang", str(dump), "--like", golden, "--store", str(store),
+                              "--out", str(out)])
+    assert code == 0, err
+    return load_case(out), out
+
+
+def compare_run(runs, run: str, cand: Path, tmp: Path) -> tuple[int, str, dict]:
+    """``moesnap compare`` of an imported candidate against run ``run``'s golden (missing stages allowed):
+    (exit code, text, the JSON report)."""
+    import json
+
+    _, store, golden = runs[run]
+    code, text, err = invoke(["compare", golden, str(cand), "--store", str(store), "--allow-missing",
+                              "--json", str(tmp / "r.json")])
+    assert code in (0, 1), err
+    return code, text, json.loads((tmp / "r.json").read_text())
+
+
+def golden_of_run(runs, run: str) -> Case:
+    """Run ``run``'s golden case0, read from its store."""
+    from moesnap.store.case import load_case
+
+    _, store, golden = runs[run]
+    return load_case(store / golden.split("@")[0] / "v0001" / "case0")
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under root (names included)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()

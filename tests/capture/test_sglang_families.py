@@ -6,7 +6,6 @@ Skipped with the reason where sglang is not installed (``pip install --no-deps s
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flat_dumps import invoke
-from moesnap.store.case import load_case
+from flat_dumps import compare_run, golden_of_run, import_sglang_run
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -59,26 +57,7 @@ def runs(tmp_path_factory):
     return {run: (root / run / "exp", store, f"{k}@v0001") for run, (k, _) in RUNS.items()}
 
 
-def _imported(runs, run: str, tmp: Path):
-    dump, store, golden = runs[run]
-    out = tmp / "cand.zarr"
-    code, text, err = invoke(["import", "--format", "sglang", str(dump), "--like", golden, "--store", str(store),
-                              "--out", str(out)])
-    assert code == 0, err
-    return load_case(out), out
-
-
-def _compare(runs, run: str, cand: Path, tmp: Path) -> tuple[int, str, dict]:
-    _, store, golden = runs[run]
-    code, text, err = invoke(["compare", golden, str(cand), "--store", str(store), "--allow-missing",
-                              "--json", str(tmp / "r.json")])
-    assert code in (0, 1), err
-    return code, text, json.loads((tmp / "r.json").read_text())
-
-
-def _golden(runs, run: str):
-    _, store, golden = runs[run]
-    return load_case(store / golden.split("@")[0] / "v0001" / "case0")
+_imported, _compare, _golden = import_sglang_run, compare_run, golden_of_run
 
 
 def _held(rep: dict, stage: str) -> list[int]:
