@@ -63,6 +63,18 @@ def dumper_path() -> Path | None:
     return p if p.is_file() else None
 
 
+def require_dumper() -> Path:
+    """SGLang's dumper.py, or the calling test skipped with what to install (it needs pyzmq too)."""
+    import pytest
+
+    path = dumper_path()
+    if path is None:
+        pytest.skip("sglang's dumper.py is not installed (pip install --no-deps sglang==0.5.23 pyzmq, or set "
+                    "MOESNAP_SGLANG_DUMPER)")
+    pytest.importorskip("zmq", reason="SGLang's dumper imports zmq (pip install pyzmq)")
+    return path
+
+
 # --------------------------------------------------------------------------- SGLang, stubbed
 
 

@@ -17,7 +17,7 @@ from flat_dumps import compare_run, golden_of_run, import_sglang_run
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sglang_tree import dumper_path  # noqa: E402
+from sglang_tree import require_dumper  # noqa: E402
 
 TOKENS = [1, 5, 9, 200, 17, 3, 3, 42, 100, 7, 250, 64]
 PRESETS = {"qwen2": "qwen2-moe-tiny", "ds": "deepseek-v2-tiny", "v3": "deepseek-v3-tiny"}
@@ -35,10 +35,7 @@ RUNS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Each run's (dump directory, golden store, golden name)."""
-    if dumper_path() is None:
-        pytest.skip("sglang's dumper.py is not installed (pip install --no-deps sglang==0.5.23 pyzmq, or set "
-                    "MOESNAP_SGLANG_DUMPER)")
-    pytest.importorskip("zmq", reason="SGLang's dumper imports zmq (pip install pyzmq)")
+    require_dumper()
     import moesnap
     from moesnap.model.synth import make_model, preset
 
