@@ -49,6 +49,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -77,6 +78,38 @@ def _heads(w: torch.Tensor, n: int) -> torch.Tensor:
 def _cols(w: torch.Tensor, n: int) -> torch.Tensor:
     """This rank's columns of ``w`` [H, n * ...] (row parallel: a partial sum, reduced after the module)."""
     return _heads(w.T, n).T
+
+
+class _IntermediateSlice:
+    """An expert bank as a rank of SGLang's FusedMoE holds it under tensor parallelism without EP
+    (``moe_tp_size`` = tp_size, SGLang's default): every expert's gate/up rows and down columns of this
+    rank's slice of the intermediate width (``intermediate_size_per_partition``); the down projection's bias
+    on rank 0 alone (gpt_oss.py zeroes ``down_proj_bias`` where ``moe_tp_rank != 0``), so the ranks' outputs
+    are partial sums."""
+
+    def __init__(self, bank) -> None:
+        self.bank = bank
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gate, up, down = self.bank.expert(e)
+        F_ = gate.shape[0]
+        return _heads(gate, F_), _heads(up, F_), _cols(down, F_)
+
+    def bias(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        got = self.bank.bias(e)
+        if got is None:
+            return None
+        bg, bu, bd = got
+        return _heads(bg, bg.shape[0]), _heads(bu, bu.shape[0]), bd if PARALLEL[0].tp_rank == 0 else torch.zeros_like(bd)
+
+
+def experts(cfg, w, dtype: torch.dtype, cls: type[FusedMoE] = FusedMoE) -> FusedMoE:
+    """This rank's FusedMoE (``cls``): its EP rank's experts (``moe_ep_size`` > 1, sglang_tree's), or, where
+    the family's experts shard by the intermediate width (:data:`EXPERTS_TP`, ``moe_tp_size`` > 1), every
+    expert's slice (:class:`_IntermediateSlice`); either way a partial sum over the ranks."""
+    if PARALLEL[0].moe_tp_size > 1:
+        w = SimpleNamespace(experts=_IntermediateSlice(w.experts))
+    return cls(cfg, w, dtype)
 
 
 class LinearBias(Linear):
@@ -399,8 +432,11 @@ class DeepseekV2DecoderLayer(nn.Module):
 
 #: the decoder layer of each family (gguf-py's architecture name); sglang_more_families.py adds its own
 LAYERS: dict[str, type[nn.Module]] = {"qwen2moe": Qwen2MoeDecoderLayer, "deepseek2": DeepseekV2DecoderLayer}
-#: the families whose trees shard over tensor-parallel ranks (``--tp``)
-TP_FAMILIES = ("qwen2moe", "deepseek2")
+#: the families whose trees shard over tensor-parallel ranks (``--tp``); sglang_more_families.py adds its own
+TP_FAMILIES: list[str] = ["qwen2moe", "deepseek2"]
+#: the TP families whose routed experts shard by the intermediate width on every rank (SGLang's FusedMoE
+#: without ``--ep-size``: ``moe_tp_size`` = tp_size); the others' by EP rank (``moe_ep_size`` = tp_size)
+EXPERTS_TP: list[str] = []
 
 
 class Model(nn.Module):
@@ -451,6 +487,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, default=0)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--port", type=int, default=29651)
+    p.add_argument("--fault-rank", type=int, default=None)
     p.add_argument("--fault-cache", default=None)
     p.add_argument("--unfused-gate", action="store_true")
     p.add_argument("--fault-gate", type=int, default=None)
@@ -464,8 +501,10 @@ def serve(rank: int, args: argparse.Namespace) -> None:
     if tp > 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         torch.distributed.init_process_group("gloo", rank=rank, world_size=tp)
-    PARALLEL[0] = Parallel(tp_rank=rank, tp_size=tp, moe_ep_rank=rank, moe_ep_size=tp, attn_tp_rank=rank,
-                           attn_tp_size=tp)
+    moe = dict(moe_tp_rank=rank, moe_tp_size=tp) if args.arch in EXPERTS_TP else dict(moe_ep_rank=rank, moe_ep_size=tp)
+    PARALLEL[0] = Parallel(tp_rank=rank, tp_size=tp, attn_tp_rank=rank, attn_tp_size=tp, **moe)
+    if args.fault_rank not in (None, rank):          # the planted faults on that rank alone
+        args = argparse.Namespace(**{k: None if k.startswith("fault_") else v for k, v in vars(args).items()})
     torch.set_num_threads(1)
     if args.fault_cache is not None:
         FAULTS["cache"] = tuple(int(x) for x in args.fault_cache.split(","))
@@ -508,11 +547,11 @@ def main(argv: list[str] | None = None, p: argparse.ArgumentParser | None = None
     from moesnap.model.load import open_model
 
     cfg = open_model(args.model).config
-    arch = cfg.arch
+    arch = args.arch = cfg.arch
     if arch not in LAYERS:
         sys.exit(f"{args.model}: a {arch} model; this tree builds {', '.join(LAYERS)}")
     for key, layer in vars(args).items():        # a planted fault at no layer of the model cannot fire
-        if not key.startswith("fault_") or not isinstance(layer, int):
+        if key == "fault_rank" or not key.startswith("fault_") or not isinstance(layer, int):
             continue
         flag = f"--{key.replace('_', '-')} {layer}"
         if not 0 <= layer < cfg.n_layer:
@@ -523,6 +562,11 @@ def main(argv: list[str] | None = None, p: argparse.ArgumentParser | None = None
             sys.exit(f"{flag}: layer {layer} is dense, it has no shared experts")
     if args.tp > 1 and arch not in TP_FAMILIES:
         sys.exit(f"{args.model}: --tp {args.tp}: this tree shards {', '.join(TP_FAMILIES)} only")
+    if args.fault_rank is not None:
+        if not 0 <= args.fault_rank < args.tp:
+            sys.exit(f"--fault-rank {args.fault_rank}: the run has ranks 0-{args.tp - 1} (--tp {args.tp})")
+        if not any(v is not None for k, v in vars(args).items() if k.startswith("fault_") and k != "fault_rank"):
+            sys.exit(f"--fault-rank {args.fault_rank}: no fault planted (a --fault-* option) to put on that rank")
     if args.tp > 1:
         os.environ["MASTER_PORT"] = str(args.port)
         torch.multiprocessing.spawn(serve, args=(args,), nprocs=args.tp)

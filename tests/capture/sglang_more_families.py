@@ -40,27 +40,43 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import sglang_families as fam  # noqa: E402
-from sglang_families import LinearBias, RadixAttention, Rotary, TopK  # noqa: E402
-from sglang_tree import FusedMoE, Linear, RMSNorm  # noqa: E402
+from sglang_families import LinearBias, RadixAttention, Rotary, TopK, _cols, _heads, experts  # noqa: E402
+from sglang_tree import PARALLEL, FusedMoE, Linear, RMSNorm, _all_reduce  # noqa: E402
 
 
 def _layer_forward(layer: nn.Module, positions, hidden_states, forward_batch, ffn) -> torch.Tensor:
     """A layer of SGLang's fused add + norm pattern: ``input_layernorm``, ``self_attn``,
-    ``post_attention_layernorm(attn, residual)``, then ``ffn`` of the normed hidden states."""
+    ``post_attention_layernorm(attn, residual)``, then ``ffn`` of the normed hidden states; under tensor
+    parallelism both partial sums reduced after their modules (the layer's communicator)."""
     h = layer.input_layernorm(hidden_states)
-    attn = layer.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch)
+    attn = _all_reduce(layer.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch))
     h, residual = layer.post_attention_layernorm(attn, hidden_states)
-    return residual + ffn(h)
+    return residual + _all_reduce(ffn(h))
+
+
+class ReducedLinear(Linear):
+    """A RowParallelLinear with ``reduce_results=True`` (OLMoE's ``o_proj``): reduced inside the module."""
+
+    def forward(self, x: torch.Tensor):
+        return _all_reduce(x @ self.weight.T), None
+
+
+class ReducedFusedMoE(FusedMoE):
+    """A FusedMoE with ``reduce_results=True`` (OLMoE's ``experts``): its output reduced inside it."""
+
+    def forward(self, hidden_states, topk_output):
+        return _all_reduce(super().forward(hidden_states, topk_output))
 
 
 class RouterMoE(nn.Module):
-    """MixtralMoE / OlmoeMoE: ``gate`` (the model's dtype) -> ``(logits, None)``, ``topk``, ``experts``."""
+    """MixtralMoE / OlmoeMoE: ``gate`` (the model's dtype, replicated) -> ``(logits, None)``, ``topk``,
+    ``experts`` (this rank's slice of every expert's intermediate width; ``reduced``: OLMoE's, reduced inside)."""
 
-    def __init__(self, cfg, w, dtype: torch.dtype) -> None:
+    def __init__(self, cfg, w, dtype: torch.dtype, reduced: bool = False) -> None:
         super().__init__()
         self.gate = Linear(w.router.to(dtype))
         self.topk = TopK(cfg)
-        self.experts = FusedMoE(cfg, w, dtype)
+        self.experts = experts(cfg, w, dtype, ReducedFusedMoE if reduced else FusedMoE)
 
     def forward(self, hidden_states):
         router_logits, _ = self.gate(hidden_states)
@@ -75,13 +91,14 @@ class MixtralAttention(nn.Module):
         super().__init__()
         from moesnap.capture.hf_families import unpermute
 
-        D = cfg.head_dim
-        self.q_size, self.kv_size = cfg.n_head * D, cfg.n_head_kv * D
-        self.qkv_proj = Linear(torch.cat([unpermute(w.wq, cfg.n_head), unpermute(w.wk, cfg.n_head_kv), w.wv]))
+        D, tp, Hq, Hkv = cfg.head_dim, PARALLEL[0].tp_size, cfg.n_head, cfg.n_head_kv
+        self.q_size, self.kv_size = Hq // tp * D, Hkv // tp * D
+        self.qkv_proj = Linear(torch.cat([_heads(unpermute(w.wq, Hq), Hq), _heads(unpermute(w.wk, Hkv), Hkv),
+                                          _heads(w.wv, Hkv)]))
         self.rotary_emb = Rotary(cfg, dtype)
         self.rotary_emb.is_neox_style = not fault          # get_rope(..., is_neox_style=True)
-        self.attn = RadixAttention(cfg.n_head, cfg.n_head_kv, D, D, D ** -0.5, layer_id=layer_id)
-        self.o_proj = Linear(w.wo)
+        self.attn = RadixAttention(Hq // tp, Hkv // tp, D, D, D ** -0.5, layer_id=layer_id)
+        self.o_proj = Linear(_cols(w.wo, Hq))              # reduce_results=False: reduced by the layer
 
     def forward(self, positions, hidden_states, forward_batch):
         qkv, _ = self.qkv_proj(hidden_states)
@@ -106,6 +123,20 @@ class MixtralDecoderLayer(nn.Module):
 # --------------------------------------------------------------------------- OLMoE
 
 
+class OlmoeRMSNormTP(RMSNorm):
+    """OLMoE's whole-projection q/k norm over this rank's heads: its slice of the weight, the mean square
+    all-reduced over the ranks (SGLang's tp-aware ``MiniMaxM2RMSNormTP``); at tp 1 ``RMSNorm(hidden_size)``.
+    SGLang 0.5.23's olmoe.py itself applies ``RMSNorm(hidden_size)`` to the rank's ``[T, hidden/tp]`` and
+    fails at tp > 1 (sgl-project/sglang#11651, closed unfixed): this is the norm a tp-capable OLMoE needs."""
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        variance = xf.pow(2).mean(-1, keepdim=True)
+        if PARALLEL[0].tp_size > 1:
+            variance = _all_reduce(variance) / PARALLEL[0].tp_size
+        return (xf * torch.rsqrt(variance + self.variance_epsilon) * self.weight.float()).to(x.dtype)
+
+
 class HeadwiseRMSNorm(RMSNorm):
     """The fault of ``--fault-qk-norm``: each head normalised apart, the whole projection's weights."""
 
@@ -125,14 +156,15 @@ class OlmoeAttention(nn.Module):
 
     def __init__(self, cfg, w, dtype: torch.dtype, layer_id: int, fault: bool) -> None:
         super().__init__()
-        D = cfg.head_dim
-        self.q_size, self.kv_size = cfg.n_head * D, cfg.n_head_kv * D
-        self.qkv_proj = Linear(torch.cat([w.wq, w.wk, w.wv]))
-        self.q_norm = HeadwiseRMSNorm(w.q_norm, self.OLMOE_EPS, D) if fault else RMSNorm(w.q_norm, self.OLMOE_EPS)
-        self.k_norm = RMSNorm(w.k_norm, self.OLMOE_EPS)
-        self.o_proj = Linear(w.wo)
+        D, tp, Hq, Hkv = cfg.head_dim, PARALLEL[0].tp_size, cfg.n_head, cfg.n_head_kv
+        self.q_size, self.kv_size = Hq // tp * D, Hkv // tp * D
+        self.qkv_proj = Linear(torch.cat([_heads(w.wq, Hq), _heads(w.wk, Hkv), _heads(w.wv, Hkv)]))
+        q_w, k_w = _heads(w.q_norm, Hq), _heads(w.k_norm, Hkv)
+        self.q_norm = HeadwiseRMSNorm(q_w, self.OLMOE_EPS, D) if fault else OlmoeRMSNormTP(q_w, self.OLMOE_EPS)
+        self.k_norm = OlmoeRMSNormTP(k_w, self.OLMOE_EPS)
+        self.o_proj = ReducedLinear(_cols(w.wo, Hq))        # RowParallelLinear's default reduce_results=True
         self.rotary_emb = Rotary(cfg, dtype)
-        self.attn = RadixAttention(cfg.n_head, cfg.n_head_kv, D, D, D ** -0.5, layer_id=layer_id)
+        self.attn = RadixAttention(Hq // tp, Hkv // tp, D, D, D ** -0.5, layer_id=layer_id)
 
     def forward(self, positions, hidden_states, forward_batch):
         qkv, _ = self.qkv_proj(hidden_states)
@@ -147,7 +179,7 @@ class OlmoeDecoderLayer(nn.Module):
     def __init__(self, cfg, w, layer_id: int, dtype: torch.dtype, args) -> None:
         super().__init__()
         self.self_attn = OlmoeAttention(cfg, w, dtype, layer_id, args.fault_qk_norm == layer_id)
-        self.mlp = RouterMoE(cfg, w, dtype)
+        self.mlp = RouterMoE(cfg, w, dtype, reduced=True)
         self.input_layernorm = RMSNorm(w.attn_norm, OlmoeAttention.OLMOE_EPS)
         self.post_attention_layernorm = RMSNorm(w.ffn_norm, OlmoeAttention.OLMOE_EPS)
 
@@ -177,14 +209,16 @@ class OlmoeModel(fam.Model):
 class GptOssAttention(nn.Module):
     def __init__(self, cfg, w, dtype: torch.dtype, layer_id: int, fault: bool) -> None:
         super().__init__()
-        D = cfg.head_dim
-        self.q_size, self.kv_size = cfg.n_head * D, cfg.n_head_kv * D
-        self.qkv_proj = LinearBias(torch.cat([w.wq, w.wk, w.wv]), torch.cat([w.bq, w.bk, w.bv]))
-        self.sinks = nn.Parameter(w.sinks.float(), requires_grad=False)
-        self.o_proj = LinearBias(w.wo, w.bo)
+        D, par, Hq, Hkv = cfg.head_dim, PARALLEL[0], cfg.n_head, cfg.n_head_kv
+        self.q_size, self.kv_size = Hq // par.tp_size * D, Hkv // par.tp_size * D
+        self.qkv_proj = LinearBias(torch.cat([_heads(w.wq, Hq), _heads(w.wk, Hkv), _heads(w.wv, Hkv)]),
+                                   torch.cat([_heads(w.bq, Hq), _heads(w.bk, Hkv), _heads(w.bv, Hkv)]))
+        self.sinks = nn.Parameter(_heads(w.sinks.float(), Hq), requires_grad=False)     # this rank's heads' sinks
+        # row parallel, reduce_results=False: the bias added on rank 0 alone, the sum reduced by the layer
+        self.o_proj = LinearBias(_cols(w.wo, Hq), w.bo if par.tp_rank == 0 else torch.zeros_like(w.bo))
         self.rotary_emb = Rotary(cfg, dtype)
         window = cfg.sliding_window - 1 if cfg.slides(layer_id) else -1
-        self.attn = RadixAttention(cfg.n_head, cfg.n_head_kv, D, D, D ** -0.5, window, layer_id)
+        self.attn = RadixAttention(Hq // par.tp_size, Hkv // par.tp_size, D, D, D ** -0.5, window, layer_id)
         self.fault = fault
 
     def forward(self, positions, hidden_states, forward_batch):
@@ -200,7 +234,7 @@ class GptOssSparseMoeBlock(nn.Module):
     def __init__(self, cfg, w, dtype: torch.dtype) -> None:
         super().__init__()
         self.topk = TopK(cfg)
-        self.experts = FusedMoE(cfg, w, dtype)
+        self.experts = experts(cfg, w, dtype)
         self.router = LinearBias(w.router.to(dtype), w.router_bias.to(dtype))
 
     def forward(self, hidden_states, forward_batch=None):
@@ -223,6 +257,8 @@ class GptOssDecoderLayer(nn.Module):
 fam.LAYERS.update({"llama": MixtralDecoderLayer, "olmoe": OlmoeDecoderLayer, "gpt-oss": GptOssDecoderLayer})
 fam.MODELS["olmoe"] = OlmoeModel
 fam.FAULT_FAMILIES.update(fault_rope="llama", fault_qk_norm="olmoe", fault_sinks="gpt-oss")
+fam.TP_FAMILIES += ["llama", "olmoe", "gpt-oss"]
+fam.EXPERTS_TP += ["llama", "olmoe", "gpt-oss"]        # SGLang's FusedMoE without --ep-size
 
 
 def main(argv: list[str] | None = None) -> None:

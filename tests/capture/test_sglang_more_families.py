@@ -44,6 +44,11 @@ RUNS = {
     "ds_decode_fault": ("ds", "dsdec", FAMILIES, ["--decode", str(DECODE), "--fault-cache", "2,2"]),
     "qwen2_tp2": ("qwen2", "qwen2", FAMILIES, ["--unfused-gate", "--tp", "2", "--port", "29671"]),
     "v3_tp2": ("v3", "v3", FAMILIES, ["--tp", "2", "--port", "29673"]),
+    "mixtral_tp2": ("mixtral", "mixtral", MORE, ["--tp", "2", "--port", "29675"]),
+    "olmoe_tp2_bf16": ("olmoe", "olmoe", MORE, ["--tp", "2", "--port", "29677", "--dtype", "bfloat16"]),
+    "oss_tp2": ("oss", "oss", MORE, ["--tp", "2", "--port", "29679"]),
+    "mixtral_tp2_rope_fault_rank1": ("mixtral", "mixtral", MORE,
+                                     ["--tp", "2", "--port", "29681", "--fault-rope", "1", "--fault-rank", "1"]),
 }
 
 
@@ -248,3 +253,68 @@ def test_qwen2_moe_and_deepseek_over_two_tensor_parallel_ranks_are_merged_and_pa
     for s in every:
         assert _held(rep, s) == [0, 1, 2], s
     assert _held(rep, stage) == layers
+
+
+#: run -> (layers, the dtype judged, the stages sharded by heads, those the ranks hold partial sums of, those
+#: reduced inside their module (identical on every rank), stages held at every layer)
+TP_MORE = {
+    "mixtral_tp2": (3, "float32", ("q", "k", "v", "q_rope", "k_rope", "attn"), ("attn_out", "moe_out"), (),
+                    ("q", "k", "v", "q_rope", "k_rope", "attn", "attn_out", "router_logits", "topk_ids",
+                     "topk_weights", "moe_out", "layer_out")),
+    "olmoe_tp2_bf16": (3, "bfloat16", ("q", "k", "v", "q_norm", "k_norm", "q_rope", "k_rope", "attn"), (),
+                       ("attn_out", "moe_out"),
+                       ("q", "q_norm", "k_norm", "q_rope", "k_rope", "attn", "attn_out", "router_logits",
+                        "topk_weights", "moe_out", "layer_out")),
+    "oss_tp2": (4, "float32", ("q", "k", "v", "q_rope", "k_rope", "attn"), ("attn_out", "moe_out"), (),
+                ("q", "k", "v", "q_rope", "k_rope", "attn", "attn_out", "router_logits", "topk_ids", "topk_weights",
+                 "moe_out", "layer_out")),
+}
+
+
+@pytest.mark.parametrize("run", list(TP_MORE))
+def test_mixtral_olmoe_and_gpt_oss_over_two_tensor_parallel_ranks_are_merged_and_pass(tmp_path, runs, run):
+    """TP = 2 as SGLang shards these three at tp_size=2 without EP: each rank's q/k/v heads (gpt-oss: their
+    biases and sinks too), o_proj row parallel (gpt-oss: its bias on rank 0), every expert's intermediate
+    width split (FusedMoE's moe_tp_size = 2; gpt-oss's down bias on rank 0), the router replicated.  Mixtral's
+    and gpt-oss's o_proj and experts are reduced after the module (partial sums in the dump, added up by the
+    importer); OLMoE's inside it (reduce_results=True: the same on both ranks), its whole-projection q/k norm
+    the tp-aware one (the mean square all-reduced), its normed heads split like q and k."""
+    n_layer, dtype, heads, partial, reduced, every = TP_MORE[run]
+    case, cand = _imported(runs, run, tmp_path)
+    sharding = case.attrs["sharding"]
+    info = sharding["sglang_parallel_info"]
+    assert case.attrs["ranks"] == [0, 1] and info["tp_size"] == 2
+    assert (info["moe_tp_size"], info["moe_ep_size"]) == (2, 1)
+    assert all(sharding[s] == ("t (h[tp] d)" if s == "attn" else "t h[tp] d") for s in heads), sharding
+    assert all(sharding[s] == "t h[tp:partial]" for s in partial), sharding
+    assert not {"router_logits", "topk_ids", "topk_weights", *reduced} & set(sharding)
+    golden = _golden(runs, run)
+    for s in ("q_rope", "attn", *partial, *reduced):           # merged in the golden's shapes (and values)
+        assert case.layers[s].shape == golden.layers[s].shape, s
+        assert dtype != "float32" or np.allclose(case.layers[s], golden.layers[s], rtol=1e-4, atol=1e-5), s
+    code, text, rep = _compare(runs, run, cand, tmp_path)
+    assert code == 0 and rep["verdict"] == "pass", text
+    assert rep["dtype"] == dtype
+    cov = rep["coverage"]
+    assert cov["cells_held"] == cov["cells_judged"] > 0 and not cov["unjudged"]
+    for s in every:
+        assert _held(rep, s) == list(range(n_layer)), s
+
+
+def test_a_fault_on_one_tensor_parallel_rank_alone_is_named_at_its_layer_and_stage(tmp_path, runs):
+    """Mixtral at TP = 2, rank 1's heads of layer 1 turned as GPT-J pairs, rank 0's right: the merged
+    q_rope diverges at layer 1 (in rank 1's half of the heads alone), named there by both modes."""
+    run = "mixtral_tp2_rope_fault_rank1"
+    case, cand = _imported(runs, run, tmp_path)
+    golden = _golden(runs, run)
+    half = golden.layers["q_rope"].shape[-2] // 2
+    got, want = case.layers["q_rope"][1], golden.layers["q_rope"][1]                    # [T, H, D]
+    assert np.allclose(got[:, :half], want[:, :half], rtol=1e-4, atol=1e-5)           # rank 0's heads
+    assert not np.allclose(got[:, half:], want[:, half:], rtol=1e-2, atol=1e-2)       # rank 1's
+    code, text, rep = _compare(runs, run, cand, tmp_path)
+    assert code == 1 and rep["verdict"] == "fail"
+    fd, intro = rep["first_divergence"], rep["local"]["first_introduced"]
+    assert (fd["layer"], fd["stage"]) == (intro["layer"], intro["stage"]) == (1, "q_rope"), text
+    verdicts = [r["verdict"] for r in rep["results"] if r["stage"] == "q_rope"]
+    assert verdicts[:2] == ["MATCH", "DIVERGE"]
+    assert rep["coverage"]["cells_held"] == rep["coverage"]["cells_judged"]
