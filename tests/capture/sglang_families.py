@@ -4,7 +4,8 @@ DeepSeek-V2/V3 (``deepseek_v2.py``), built from a moesnap model file's weights. 
 of its own, as sglang_tree.py)::
 
     python tests/capture/sglang_families.py OUT --model M.gguf --tokens 1,2,3 [--dtype bfloat16] [--decode N]
-        [--tp 2 [--port P]] [--fault-cache STEP,LAYER] [--unfused-gate] [--fault-gate LAYER] [--fault-shared LAYER]
+        [--tp 2 [--port P] [--fault-rank R]] [--fault-cache STEP,LAYER] [--unfused-gate] [--fault-gate LAYER]
+        [--fault-shared LAYER]
 
 writes one prefill pass of ``--tokens`` into ``OUT/exp`` (``DUMPER_NON_INTRUSIVE_MODE=all``); the family is
 the model file's (sglang_more_families.py adds Mixtral, OLMoE and gpt-oss to this one's).  ``--decode N``: the
@@ -14,7 +15,9 @@ without the first row, a decode-only fault.  ``--tp 2`` (Qwen2-MoE, DeepSeek; gl
 column parallel (DeepSeek: ``q_proj``/``q_b_proj`` and ``kv_b_proj`` by heads, the latents replicated),
 ``o_proj`` and the shared experts' (or a dense layer's) ``down_proj`` row parallel (partial sums, as SGLang's
 ``reduce_results=False``), the routed experts by EP rank, reduced after ``self_attn`` and ``mlp``; the
-router and the shared expert's gate replicated; the lm head vocabulary parallel.
+router and the shared expert's gate replicated; the lm head vocabulary parallel (sglang_more_families.py's
+families: the routed experts as SGLang's FusedMoE shards them without EP, every expert's intermediate width
+split, ``moe_tp_size`` = 2).  ``--fault-rank R``: the planted ``--fault-*`` on rank R alone.
 
 Qwen2-MoE (``Qwen2MoeSparseMoeBlock.forward`` on CUDA): ``shared_expert`` (``gate_up_proj``, ``act_fn``,
 ``down_proj``: its output before the gate), ``gate`` -> ``(logits, None)``, ``topk`` (softmax, top-k, not
@@ -100,7 +103,8 @@ class _IntermediateSlice:
         if got is None:
             return None
         bg, bu, bd = got
-        return _heads(bg, bg.shape[0]), _heads(bu, bu.shape[0]), bd if PARALLEL[0].tp_rank == 0 else torch.zeros_like(bd)
+        down = bd if PARALLEL[0].tp_rank == 0 else torch.zeros_like(bd)
+        return _heads(bg, bg.shape[0]), _heads(bu, bu.shape[0]), down
 
 
 def experts(cfg, w, dtype: torch.dtype, cls: type[FusedMoE] = FusedMoE) -> FusedMoE:

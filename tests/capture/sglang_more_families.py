@@ -4,7 +4,18 @@ built from a moesnap model file's weights; the building blocks, the passes and t
 sglang_families.py's, this file adds the three families' layers.  Run as a script::
 
     python tests/capture/sglang_more_families.py OUT --model M.gguf --tokens 1,2,3 [--dtype bfloat16]
-        [--decode N] [--fault-rope LAYER] [--fault-qk-norm LAYER] [--fault-sinks LAYER]
+        [--decode N] [--tp 2 [--port P] [--fault-rank R]] [--fault-rope LAYER] [--fault-qk-norm LAYER]
+        [--fault-sinks LAYER]
+
+``--tp 2`` (gloo, one process per rank, sglang_families.py's): as SGLang shards the three at tp_size=2 without
+EP: QKVParallelLinear's heads (gpt-oss: with their biases and sinks), ``o_proj`` row parallel (gpt-oss: its
+bias on rank 0), ``FusedMoE`` every expert's slice of the intermediate width (``moe_tp_size`` = 2; gpt-oss's
+down bias on rank 0, as its loader zeroes it elsewhere), the router replicated.  Mixtral's and gpt-oss's
+``o_proj`` and experts are ``reduce_results=False`` (partial sums, reduced by the layer); OLMoE's are
+reduced inside the module (RowParallelLinear's and its ``FusedMoE(reduce_results=True)``).  OLMoE's
+whole-projection q/k norm: SGLang 0.5.23 applies ``RMSNorm(hidden_size)`` to the rank's ``[T, hidden/tp]``
+and fails at tp > 1 (sgl-project/sglang#11651, closed unfixed); the tree uses the tp-aware norm SGLang has
+for the same problem (``MiniMaxM2RMSNormTP``: the mean square all-reduced, the weight split by heads).
 
 Mixtral (``MixtralDecoderLayer``): ``self_attn`` (``qkv_proj`` without biases, ``rotary_emb`` NeoX,
 ``attn``, ``o_proj``) over transformers' q/k rows (the engines load the HF checkpoint; the GGUF's rows are

@@ -1,7 +1,7 @@
 """SGLang 0.5.23's own dumper (unmodified) on module trees named and called as SGLang's Mixtral, OLMoE and
 gpt-oss (tests/capture/sglang_more_families.py), and on its Qwen2-MoE (sglang_families.py) through decode
-passes and over two tensor-parallel ranks, built from the tiny presets, imported against each preset's
-golden and judged.  Skipped with the reason where sglang is not installed (``pip install --no-deps
+passes, and all but DeepSeek-V2 over two tensor-parallel ranks, built from the tiny presets, imported against
+each preset's golden and judged.  Skipped with the reason where sglang is not installed (``pip install --no-deps
 sglang==0.5.23`` and pyzmq).
 """
 
@@ -318,3 +318,18 @@ def test_a_fault_on_one_tensor_parallel_rank_alone_is_named_at_its_layer_and_sta
     verdicts = [r["verdict"] for r in rep["results"] if r["stage"] == "q_rope"]
     assert verdicts[:2] == ["MATCH", "DIVERGE"]
     assert rep["coverage"]["cells_held"] == rep["coverage"]["cells_judged"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--tp", "2", "--fault-rank", "1"], "--fault-rank 1: no fault planted"),
+    (["--tp", "2", "--fault-rope", "1", "--fault-rank", "2"], "--fault-rank 2: the run has ranks 0-1"),
+])
+def test_a_fault_on_a_rank_that_cannot_fire_is_refused_by_the_tree(tmp_path, argv, needle):
+    require_dumper()
+    from moesnap.model.synth import make_model, preset
+
+    model = make_model(tmp_path / "m.gguf", preset(PRESETS["mixtral"]))
+    p = subprocess.run([sys.executable, str(MORE), str(tmp_path / "out"), "--model", str(model), "--tokens", "1,2",
+                        *argv], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith(needle) and p.stderr.count("\n") == 1, p.stderr
+    assert not (tmp_path / "out").exists()
