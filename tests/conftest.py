@@ -28,12 +28,26 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+#: the light suite (profile ci) runs each ``props`` / ``fuzz`` property at this many examples: ``nox -s props``
+#: runs the same properties at the nightly profile's 10,000 (a property with @settings of its own keeps them)
+settings.register_profile("ci-props", parent=settings.get_profile("ci"), max_examples=25)
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
+settings.load_profile(PROFILE)
 
 
 def pytest_collection_modifyitems(config, items):
     import torch
+    from hypothesis.errors import InvalidArgument
 
+    if PROFILE == "ci":
+        light = settings(settings.get_profile("ci-props"))
+        for item in items:
+            fn = getattr(item, "function", None)
+            if ("props" in item.keywords or "fuzz" in item.keywords) and hasattr(fn, "hypothesis"):
+                try:
+                    light(fn)
+                except InvalidArgument:   # its own @settings, or a parametrized test's function seen before
+                    pass
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="skipped: no CUDA")

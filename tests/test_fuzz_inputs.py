@@ -9,9 +9,10 @@ a golden's ``zarr.json`` files (bytes, and JSON-aware edits such as a shape of
 allocations are traced with ``tracemalloc`` and the peak of each example is
 bounded; a MemoryError is not a MoesnapError and fails the test too).
 
-Example counts follow the hypothesis profile: ``default``/``ci`` keep this
-module well under a minute; ``nox -s props`` (profile ``nightly``, ``-k "prop
-or fuzz"``) runs each at 100x.  Inputs that once broke a loader are kept as
+Example counts follow the hypothesis profile: ``default`` and the light suite
+(``ci``: conftest.py's ``ci-props`` count) keep this module well under a
+minute; ``nox -s props`` (profile ``nightly``, ``-m "props or fuzz"``) runs each
+at 10,000.  Inputs that once broke a loader are kept as
 ``@example``s or plain tests below.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import signal
 import struct
@@ -48,8 +50,9 @@ pytestmark = pytest.mark.fuzz
 REPO_GOLDENS = Path(__file__).resolve().parent.parent / "goldens"
 TINY = tiny_path().read_bytes()
 
-#: examples per test in the loaded profile (100 by default and in CI, 10,000 nightly)
-N = settings().max_examples
+#: examples per test: the loaded profile's (100 by default, 10,000 nightly), in the light suite (profile ci)
+#: conftest.py's ci-props count
+N = (settings.get_profile("ci-props") if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else settings()).max_examples
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 SECONDS = 20               # one example that takes longer than this is a hang
@@ -335,16 +338,24 @@ def _edit(path: Path, edit) -> None:
     path.write_bytes(bytes(b))
 
 
+@pytest.fixture(scope="module")
+def case_copy(golden_case, tmp_path_factory):
+    """A second copy of the case group, each example's edit undone after it (load_case only reads)."""
+    src, files = golden_case
+    work = tmp_path_factory.mktemp("case") / "case0"
+    shutil.copytree(src, work)
+    return work, files
+
+
 @settings(max_examples=N, **FUZZ)
 @given(data=st.data())
-def test_fuzz_case_zarr_json(golden_case, tmp_path_factory, data):
+def test_fuzz_case_zarr_json(case_copy, data):
     """moesnap.store.case.load_case (what compare reads) on a case group with one mutated zarr.json."""
-    src, files = golden_case
+    work, files = case_copy
     edit = data.draw(zarr_json_edit(files), label="edit")
-    base = tmp_path_factory.mktemp("case")
-    work = base / "case0"
-    shutil.copytree(src, work)
-    _edit(work / edit[0], edit)
+    target = work / edit[0]
+    raw = target.read_bytes()
+    _edit(target, edit)
     try:
         with bounded():
             try:
@@ -352,7 +363,7 @@ def test_fuzz_case_zarr_json(golden_case, tmp_path_factory, data):
             except MoesnapError as e:
                 assert str(e) and "\n" not in str(e)
     finally:
-        shutil.rmtree(base)      # 10,000 nightly examples would leave 5 GB behind
+        target.write_bytes(raw)
 
 
 @pytest.mark.parametrize("array, shape, chunks, message", [

@@ -5,6 +5,7 @@ process per rank)::
 
     python tests/capture/sglang_tree.py OUT --mode all|core|patch [--dtype bfloat16] [--tp 2]
         [--prompt 17] [--decode 2] [--warmup] [--fault LAYER] [--fused-qk] [--fault-qk LAYER]
+    python tests/capture/sglang_tree.py --each '["OUT1", ...]' '["OUT2", "--tp", "2", ...]' ...
 
 writes the dump into ``OUT/exp``.  The prompt is the first ``--prompt`` tokens of the committed golden
 case0, each decode pass is fed the next golden token (teacher-forced), ``--warmup`` runs another request
@@ -451,7 +452,7 @@ def serve(rank: int, args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("out", type=Path)
     p.add_argument("--mode", choices=("all", "core", "patch"), default="all")
@@ -464,7 +465,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fused-qk", action="store_true")
     p.add_argument("--fault-qk", type=int, default=None)
     p.add_argument("--port", type=int, default=29611)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     found = dumper_path()
     if found is None:
         sys.exit("sglang's dumper.py not found: pip install --no-deps sglang==0.5.23, or set MOESNAP_SGLANG_DUMPER")
@@ -477,5 +482,50 @@ def main(argv: list[str] | None = None) -> None:
         serve(0, args)
 
 
+def _forked_rank(rank: int, args: argparse.Namespace) -> None:
+    os.environ["MASTER_PORT"] = str(args.port)
+    serve(rank, args)
+
+
+def main_each(runs: list[list[str]]) -> None:
+    """Several runs at once (``--each ARGV_JSON ...``), each rank a process forked from this one: torch,
+    moesnap and the dumper's imports load once (a run of its own process pays ~3 s of CPU for them, a
+    TP = 2 run under ``torch.multiprocessing.spawn`` three times that).  Each child starts from the
+    state before any run (the stubs, the dumper and the model are made in the child, as in ``main``)."""
+    import multiprocessing
+
+    import zmq  # noqa: F401  (the dumper's imports, loaded once before the forks)
+    import torch.distributed  # noqa: F401
+    sys.path.insert(0, str(REPO / "src"))
+    import moesnap.model.load  # noqa: F401
+    import moesnap.store.case  # noqa: F401
+
+    found = dumper_path()
+    if found is None:
+        sys.exit("sglang's dumper.py not found: pip install --no-deps sglang==0.5.23, or set MOESNAP_SGLANG_DUMPER")
+    torch.set_num_threads(1)
+    fork = multiprocessing.get_context("fork")
+    procs = []
+    for argv in runs:
+        args = _parser().parse_args(argv)
+        args.dumper = str(found)
+        for rank in range(args.tp):
+            procs.append((argv, fork.Process(target=_forked_rank, args=(rank, args))))
+            procs[-1][1].start()
+    failed = []
+    for argv, proc in procs:
+        proc.join(timeout=300)
+        if proc.exitcode != 0:
+            proc.kill()
+            failed.append(f"{argv}: exit {proc.exitcode}")
+    if failed:
+        sys.exit("; ".join(failed))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--each"]:
+        import json
+
+        main_each([json.loads(a) for a in sys.argv[2:]])
+    else:
+        main()

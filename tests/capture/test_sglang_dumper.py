@@ -124,11 +124,11 @@ def dumps(tmp_path_factory):
                     "MOESNAP_SGLANG_DUMPER): the committed dumps above still run")
     pytest.importorskip("zmq", reason="SGLang's dumper imports zmq (pip install pyzmq)")
     root = tmp_path_factory.mktemp("sglang")
-    procs = {k: subprocess.Popen([sys.executable, str(HERE / "sglang_tree.py"), str(root / k), *args],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for k, args in RUNS.items()}
-    for p in procs.values():
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out.decode()[-2000:]
+    # one process, each run's ranks forked from it (torch and the dumper's imports load once)
+    r = subprocess.run([sys.executable, str(HERE / "sglang_tree.py"), "--each",
+                        *(json.dumps([str(root / k), *args]) for k, args in RUNS.items())],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert r.returncode == 0, r.stdout.decode()[-2000:]
     return {k: root / k / "exp" for k in RUNS}
 
 

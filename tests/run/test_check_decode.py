@@ -5,6 +5,7 @@ dumps of decode steps (the ``steps/<n>`` layout) compared, and refused where the
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -27,6 +28,12 @@ def check(**kw):
     return moesnap.check(tiny_path(), "tiny", store=GOLDENS, show_progress=False, **kw)
 
 
+@functools.cache
+def prefill_cells() -> int:
+    """The cells one prefill of every golden case holds (what serving must cover too)."""
+    return check().coverage().held
+
+
 @pytest.mark.parametrize("kw", [{}, {"paged": True}, {"batch": True}, {"batch": True, "paged": True, "chunk": 3},
                                 {"cuda_graph": True}])
 def test_clean_serving_passes_with_every_step_judged(kw):
@@ -38,7 +45,7 @@ def test_clean_serving_passes_with_every_step_judged(kw):
     cov = rep.coverage()
     assert cov.complete and cov.judged == cov.held
     # prompt rows plus step rows cover every golden token once: the same cells as one prefill
-    assert cov.held == check().coverage().held
+    assert cov.held == prefill_cells()
     assert {r.choice for r in rep.next_tokens} == {"match"}
 
 
@@ -99,11 +106,14 @@ def test_a_fault_that_cannot_fire_is_refused():
         check(inject=["rope_pos:step=0"], paged=True)
 
 
-def test_more_steps_than_the_golden_holds_is_one_line_exit_2():
-    r = subprocess.run([sys.executable, "-m", "moesnap", "check", tiny_path(), "--suite", "tiny", "--store", GOLDENS,
-                        "--decode", "40", "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "--decode 40: golden case case0 holds 19 tokens" in r.stderr and "generate the golden with --decode" in r.stderr
+def test_more_steps_than_the_golden_holds_is_one_line_exit_2(capsys):
+    # in this process (the command in a process of its own: test_the_command_line_judges_steps_in_worker_processes)
+    from moesnap.cli.main import main
+
+    code = main(["check", str(tiny_path()), "--suite", "tiny", "--store", GOLDENS, "--decode", "40", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--decode 40: golden case case0 holds 19 tokens" in err and "generate the golden with --decode" in err
 
 
 def test_the_text_has_one_line_per_step_and_the_table_of_the_first_failing_step():
@@ -119,22 +129,26 @@ def test_the_text_has_one_line_per_step_and_the_table_of_the_first_failing_step(
 # ---------------------------------------------------------------- dumps of decode steps
 
 
-def _dump(tmp_path: Path, mutate=None) -> Path:
-    """The candidate's prefill of case0 and its decode steps, in the steps/<n> layout."""
+@functools.cache
+def _served() -> tuple:
+    """The candidate's prefill of case0 and its decode steps (served once; :func:`_dump`'s edits copy)."""
     from moesnap.model.candidate import CandidateModel
     from moesnap.model.load import open_model
     from moesnap.model.serve import Session
-
-    golden = moesnap.compare  # noqa: F841  (the API under test below)
-    model = open_model(tiny_path())
     from moesnap.store import open_store
 
     g = open_store(GOLDENS).open_version("tiny").read_case("case0")
     toks = g.tokens.tolist()
     P = len(toks) - STEPS
-    session = Session(CandidateModel(model), capacity=len(toks))
+    session = Session(CandidateModel(open_model(tiny_path())), capacity=len(toks))
     prefill = session.prefill(toks[:P])[0].case
-    steps = [session.decode(toks[P + n])[0].case for n in range(STEPS)]
+    return prefill, tuple(session.decode(toks[P + n])[0].case for n in range(STEPS))
+
+
+def _dump(tmp_path: Path, mutate=None) -> Path:
+    """The candidate's prefill of case0 and its decode steps, in the steps/<n> layout."""
+    prefill, served = _served()
+    steps = list(served)
     if mutate is not None:
         steps = mutate(steps)
     path = tmp_path / "dump.zarr"

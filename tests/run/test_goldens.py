@@ -34,9 +34,17 @@ def gen_args(model, root, *extra, suite="tiny"):
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under root (names included): byte-for-byte comparison."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    """sha256 of every file under root (names included): byte-for-byte comparison.  The files
+    ``root.rglob("*")`` yields that are files (symlinked directories not entered), walked with os.walk:
+    two thirds of rglob's time over a copy of goldens/ (300 files), which test_bad_inputs digests per row."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
 
 
 SLOW_CLI = Path(__file__).with_name("slow_cli.py")
