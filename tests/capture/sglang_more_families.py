@@ -51,7 +51,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import sglang_families as fam  # noqa: E402
-from sglang_families import LinearBias, RadixAttention, Rotary, TopK, _cols, _heads, experts  # noqa: E402
+from sglang_families import LinearBias, Qwen2MoeAttention, RadixAttention, Rotary, TopK, _cols, _heads, experts  # noqa: E402
 from sglang_tree import PARALLEL, FusedMoE, Linear, RMSNorm, _all_reduce  # noqa: E402
 
 
@@ -111,12 +111,7 @@ class MixtralAttention(nn.Module):
         self.attn = RadixAttention(Hq // tp, Hkv // tp, D, D, D ** -0.5, layer_id=layer_id)
         self.o_proj = Linear(_cols(w.wo, Hq))              # reduce_results=False: reduced by the layer
 
-    def forward(self, positions, hidden_states, forward_batch):
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        output, _ = self.o_proj(self.attn(q, k, v, forward_batch))
-        return output
+    forward = Qwen2MoeAttention.forward                    # the same calls as SGLang's Qwen2-MoE attention
 
 
 class MixtralDecoderLayer(nn.Module):

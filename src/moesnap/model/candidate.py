@@ -647,7 +647,8 @@ class CandidateModel:
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, H] @ output.T`` with the vocabulary dequantized in row chunks on the device."""
-        logits = torch.empty(x.shape[0], self._raw("output")[1].shape[0], dtype=self.dtype, device=self.device)
+        V = self._stored("output")[1].shape[0]      # the file's rows: no fetch of the bytes for the shape alone
+        logits = torch.empty(x.shape[0], V, dtype=self.dtype, device=self.device)
         for s, wchunk in self._output_chunks():
             logits[:, s:s + wchunk.shape[0]] = x @ wchunk.T
         return logits
