@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flat_dumps import compare_run, golden_of_run, import_sglang_run
+from flat_dumps import compare_run, golden_of_run, import_sglang_run, invoke
 from moesnap.store.case import load_case
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +39,8 @@ RUNS = {
     "qwen2_decode": ("qwen2", "dec", FAMILIES, ["--unfused-gate", "--decode", str(DECODE)]),
     "qwen2_decode_fault": ("qwen2", "dec", FAMILIES,
                            ["--unfused-gate", "--decode", str(DECODE), "--fault-cache", "1,1"]),
+    "qwen2_decode_fault_bf16": ("qwen2", "dec", FAMILIES, ["--unfused-gate", "--decode", str(DECODE), "--dtype",
+                                                           "bfloat16", "--fault-cache", "1,1"]),
     "ds_decode": ("ds", "dsdec", FAMILIES, ["--decode", str(DECODE)]),
     "oss_decode": ("oss", "ossdec", MORE, ["--decode", str(DECODE)]),
     "ds_decode_fault": ("ds", "dsdec", FAMILIES, ["--decode", str(DECODE), "--fault-cache", "2,2"]),
@@ -173,6 +175,20 @@ def test_a_decode_only_fault_is_named_at_its_step(tmp_path, runs):
     assert "first failing step: case0/step1 (position 11, float32)" in text
     # the local re-reference takes the prompt and its steps as one sequence, the prompt's last-row logits aside
     assert "first layer that introduces a divergence: case0/step1 / layer 1 / attn" in text
+
+
+def test_local_re_reference_names_the_step_and_layer_of_a_bfloat16_decode_fault(tmp_path, runs):
+    """The same KV-cache fault in a bfloat16 dump, judged with the golden's model at hand: the prompt (its
+    logits held for the last row only, as SGLang keeps them) and its steps re-referenced as one sequence, so
+    the layer that introduces the step's error is named, not only where it is first seen."""
+    _, cand = _imported(runs, "qwen2_decode_fault_bf16", tmp_path)
+    _, store, golden = runs["qwen2_decode_fault_bf16"]
+    model = next(Path(store).parent.glob("qwen2-moe-tiny.gguf"))
+    code, text, err = invoke(["compare", golden, str(cand), "--store", str(store), "--allow-missing", "--model",
+                              str(model)])
+    assert code == 1, err
+    assert "first failing step: case0/step1 (position 11, bfloat16)" in text
+    assert "first layer that introduces a divergence: case0/step1 / layer 1 / attn" in text, text
 
 
 def test_gpt_oss_decode_passes_through_sliding_windows_and_sinks_pass(tmp_path, runs):
