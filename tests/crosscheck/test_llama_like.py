@@ -141,12 +141,16 @@ FEATURES = {"qwen2moe": ["attn_bias", "shared_gate", "no_renorm"], "llama": ["ro
 
 def test_each_family_feature_binds(pair):
     """Changing one feature of the reference (same weights) changes the stage it first acts on and the
-    logits: the agreement above exercises every one of them."""
+    logits by at least 100 times the agreement's tolerance: the agreement above exercises every one of them.
+
+    (The bound is 100x, not more: renormalising the top-k weights scales them by 1 / their sum, and a peaked
+    router's top 4 of 8 can hold 99% of the mass -- seed 538067443 on qwen2-moe-tiny moved them by 0.9%.)"""
     name, spec, model, tokens, ours, _ = pair
     for feature in FEATURES[model.config.arch]:
         stage, logits = _without(model, tokens, feature)
         err = max(_rel_l2(stage[i], _np(ours[STAGE[feature]][i])) for i in range(spec.n_layer))
-        assert err > 1e3 * REL_L2 and _rel_l2(logits, ours["logits"]) > 1e2 * REL_L2, (feature, err, name, SEED)
+        moved = _rel_l2(logits, ours["logits"])
+        assert err > 1e2 * REL_L2 and moved > 1e2 * REL_L2, (feature, err, moved, name, SEED)
 
 
 STAGE = {"attn_bias": "q", "shared_gate": "moe_out", "no_renorm": "topk_weights", "renorm": "topk_weights",
