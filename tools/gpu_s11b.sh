@@ -1,5 +1,6 @@
 # Eleventh session, second GPU call on the warm machine (~8 min): issue 20's 48-layer decode rows by phase
-# (the file made by gpu_s11a.sh in /tmp/w48), then the heavy session at 8 layers (clean, faults, decode, graph).
+# (the file made by gpu_s11a.sh in /tmp/w48), then issue 22's
+# check with the layer pipeline on and off (the device judge), with what time is left.
 # Usage: OUT=DIR bash tools/gpu_s11b.sh
 set -u
 t0=$SECONDS; out=$OUT; mkdir -p "$out"
@@ -11,6 +12,8 @@ timeout 330 python benchmarks/bench_decode_check.py --check-only --dtype float32
     --repeat 1 --no-graph --phases --work "$W" 2>&1 | tee "$out/bench_decode_check_48.txt"
 echo "at $((SECONDS-t0)) s"
 left=$((570 - (SECONDS - t0)))
-timeout $left python tools/gpu_sessions.py heavy --layers 8 --no-engines --out "$out/heavy" --work /tmp/heavy8 \
-    2>&1 | tail -40
+# issue 22: the float32 check of the same 48-layer file with the layer pipeline on and off, the device judge
+mkdir -p /tmp/w48b; ln -sf "$W/qwen3-30b-a3b-48.gguf" /tmp/w48b/qwen3-30b-a3b-48l.gguf
+timeout $left python benchmarks/bench_check.py --layers 48 --judge device --pipeline 1,0 --no-compare \
+    --work /tmp/w48b 2>&1 | tail -30
 echo "end at $((SECONDS-t0)) s"
