@@ -42,7 +42,7 @@ from .classify import classify
 from .device import JudgeDevice
 from .experts import classify_stage, expert_inputs
 from .margins import Margin, margins, routing_margins
-from .pool import submit_stage
+from .pool import submit_stage_of
 from .routing import align_topk_weights, classify_routing
 from .tolerances import Tolerance, Tolerances
 from .verdict import Result, Verdict, bad_tokens_text
@@ -459,7 +459,8 @@ def _seconds(w: _Walk, stage: str, layer: int | None, exclude: tuple[int, ...],
             experts = expert_inputs(w.golden, layer, stage)
         mask = np.ones(T, dtype=bool)
         mask[[t for t in ex if 0 <= t < T]] = False
-        out.append(_Judged(layer, stage, submit_stage(classify_stage, gs, cs, tol, tuple(sorted(ex)), experts, absent),
+        out.append(_Judged(layer, stage, submit_stage_of(_values(gs, cs), classify_stage, gs, cs, tol,
+                                                           tuple(sorted(ex)), experts, absent),
                            mask, second=sec))
     return out
 
@@ -479,8 +480,13 @@ def _judge_stage(w: _Walk, stage: str, layer: int | None, g: np.ndarray | None, 
     experts = None
     if math.isfinite(tol.expert_scale) and stage in ("expert_out", "moe_out") and layer is not None:
         experts = expert_inputs(w.golden, layer, stage)
-    return _Judged(layer, stage, submit_stage(classify_stage, g, c, tol, exclude, experts, len(absent), w.device),
-                   mask)
+    return _Judged(layer, stage, submit_stage_of(_values(g, c), classify_stage, g, c, tol, exclude, experts,
+                                                 len(absent), w.device), mask)
+
+
+def _values(g: np.ndarray | None, c: np.ndarray | None) -> int:
+    """How many values judging a stage reads on its larger side (what decides the thread it runs on)."""
+    return max(0 if g is None else int(np.size(g)), 0 if c is None else int(np.size(c)))
 
 
 def _judge_routing(w: _Walk, layer: int, g: np.ndarray | None, c: np.ndarray | None, earlier: tuple[int, ...],

@@ -85,6 +85,26 @@ def submit_stage(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Fu
     return done
 
 
+#: a stage of fewer values than this is judged on the thread that asks (:func:`submit_stage_of`)
+INLINE_VALUES = 1 << 15
+
+
+def submit_stage_of(values: int, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+    """:func:`submit_stage` for a stage of ``values`` values: below :data:`INLINE_VALUES` it runs on the
+    calling thread.  Judging a small stage (a decode step's row) is Python bytecode around numpy calls too
+    short to release the GIL for long: a stage thread cannot overlap it, and handing it over costs a
+    future, two thread switches and a wait for the GIL (a 48-layer decode step of the tiny model: ~870 such
+    hand-overs, and its judging in this process took ~2x longer for them)."""
+    if values < INLINE_VALUES:
+        done: Future[T] = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as e:   # kept for .result(), as the executor would
+            done.set_exception(e)
+        return done
+    return submit_stage(fn, *args, **kwargs)
+
+
 def map_chunks(fn: Callable[[A], T], items: Iterable[A]) -> list[T]:
     """``[fn(x) for x in items]``, on the chunk tier; ``fn`` must not wait on other work."""
     if _on("chunk"):
