@@ -423,3 +423,17 @@ def test_align_topk_weights_handles_expert_out_and_bad_shapes():
     np.testing.assert_array_equal(aligned[0], out[0, ::-1])
     assert same is out                              # ids cannot index it: returned as given
     assert align_topk_weights(None, None, ids, None) == (None, None)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (5, 3, 4), (7, 1, 2, 3), (4, 8, 16)])
+def test_align_topk_weights_moves_whole_rows_as_take_along_axis_would(shape):
+    """Per-expert rows ``[T, k, ...]`` gathered whole give take_along_axis's result, C or Fortran order."""
+    rng = np.random.default_rng(len(shape) + shape[0])
+    T, k = shape[:2]
+    ids = np.stack([rng.permutation(20)[:k] for _ in range(T)]) if T else np.zeros((0, k), np.int64)
+    values = rng.normal(size=shape).astype(np.float32)
+    order = np.argsort(ids, axis=1, kind="stable").reshape((T, k) + (1,) * (len(shape) - 2))
+    want = np.take_along_axis(values, order, axis=1)
+    for v in (values, np.asfortranarray(values)):
+        got = align_topk_weights(ids, v, ids, v)[0]
+        assert got.shape == want.shape and np.array_equal(got, want)

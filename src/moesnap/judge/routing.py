@@ -274,8 +274,13 @@ def _sort_by_ids(ids: np.ndarray | None, values: np.ndarray | None) -> np.ndarra
     if ids.ndim != 2 or values.shape[:2] != ids.shape or ids.dtype.kind not in "biuf":
         return values
     order = np.argsort(ids, axis=1, kind="stable")
-    order = order.reshape(order.shape + (1,) * (values.ndim - 2))
-    return np.take_along_axis(values, order, axis=1)
+    if values.ndim == 2:
+        return np.take_along_axis(values, order, axis=1)
+    # [T, k, ...]: whole rows gathered (take_along_axis would build an index per element: 6x slower on a
+    # 2048-token expert_out of width 2048)
+    T, k = ids.shape
+    rows = (np.arange(T, dtype=np.intp)[:, None] * k + order).reshape(-1)
+    return values.reshape((T * k,) + values.shape[2:])[rows].reshape(values.shape)
 
 
 def align_topk_weights(
