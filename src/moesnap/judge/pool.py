@@ -4,7 +4,9 @@ numpy releases the GIL, so the judge classifies on threads, in two tiers that ne
 themselves:
 
 - :func:`submit_stage`: one task per stage being judged (:func:`moesnap.judge.compare.compare_cases`).
-  A stage task may wait on the chunk tier.
+  A stage task may wait on the chunk tier.  A stage too small to release the GIL for long (fewer than
+  :data:`INLINE_VALUES` values: a decode step's row) is judged on the thread that asks instead
+  (:func:`submit_stage_of`).
 - :func:`map_chunks`: the slices of one large array (:mod:`moesnap.judge.chunked`).  Chunk work is a
   leaf: it never submits work nor waits on any, so the chunk tier always drains and a stage task
   waiting on it cannot deadlock.
