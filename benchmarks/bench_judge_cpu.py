@@ -8,6 +8,10 @@ Rows (medians of ``--repeat`` runs; the figures of both trees must agree, or the
   of a ``--vocab``-word vocabulary (default 1024 x 151936: Qwen3's), seconds inside the call.  Its KL,
   top-1s and |Δ logprob| are float64 over every logit of every row; since the eleventh session they are
   worked in blocks on the judge's chunk threads.
+- **row rule**: ``moesnap.judge.classify.row_stats`` (bfloat16's and float16's rule: each row's relative L2
+  error against the median row norm) over ``--tokens``/2 rows of the same logits, seconds inside the call;
+  since the eleventh session in chunks of whole rows on the chunk threads (its sums of squares in another
+  order than einsum's before: the worst row's error is compared to 12 significant digits).
 - **decode steps judged in this process**: ``moesnap check --decode 16 --device cpu`` of the tiny model at
   ``--layers`` layers (default 48: a deep model's ~870 small stages a step), judge worker processes off
   (``MOESNAP_JUDGE_PROCESSES=0``, as on a machine of fewer than 6 CPUs), wall seconds of the check.  Since the
@@ -48,6 +52,19 @@ rows = next_tokens(golden, golden, cand, "case0", None, Policy.default(), "float
 wall = time.perf_counter() - t
 digest = sum(r.kl for r in rows) + sum(r.dlogprob for r in rows) + sum(r.candidate_top1 for r in rows)
 print("BENCH " + json.dumps({"wall": wall, "same": repr(digest)}))
+"""
+
+_ROWS = """
+import json, sys, time
+import numpy as np
+from moesnap.judge.classify import row_stats
+T, V = int(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+g = rng.normal(0, 3, (T, V)).astype(np.float32)
+c = g + rng.normal(0, 0.01, (T, V)).astype(np.float32)
+t = time.perf_counter()
+n, worst, at, bad, toks = row_stats(g, c, 0.01, 0, (1, 2))
+print("BENCH " + json.dumps({"wall": time.perf_counter() - t, "same": repr((n, f"{worst:.12g}", at, bad, toks.tolist()))}))
 """
 
 _CHECK = """
@@ -101,6 +118,7 @@ def main() -> int:
     print(f"bench_judge_cpu: {os.cpu_count()} CPUs; this tree {here}" +
           (f", baseline {a.baseline}" if a.baseline else ""))
     _row(f"next-token figures, {a.tokens} x {a.vocab}", trees, _NEXT, [str(a.tokens), str(a.vocab)], a.repeat)
+    _row(f"row rule, {a.tokens // 2} x {a.vocab}", trees, _ROWS, [str(a.tokens // 2), str(a.vocab)], a.repeat)
 
     import moesnap
     from moesnap.model.synth import make_model, preset

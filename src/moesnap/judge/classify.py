@@ -113,6 +113,7 @@ import numpy as np
 from ..errors import MoesnapError
 from .chunked import chunked_metrics
 from .device import JudgeDevice
+from .pool import map_chunks
 from .ratios import closeness_of, ratios
 from .tolerances import Tolerance
 from .verdict import MAX_BAD_TOKENS, Metrics, Result, Verdict, bad_tokens_text, fmt, json_float
@@ -328,30 +329,40 @@ def _row_rule(res: Result, golden: np.ndarray, candidate: np.ndarray, tol: Toler
     return Result(Verdict.DIVERGE, metrics, detail, res.flipped_tokens, res.excluded_tokens)
 
 
+#: values of a row rule's chunk of whole rows (a chunk-tier task each)
+ROW_CHUNK_VALUES = 1 << 18
+
+
 def row_stats(golden: np.ndarray, candidate: np.ndarray, limit: float, axis: int | None,
               excluded: tuple[int, ...]) -> tuple[int, float, int, int, np.ndarray]:
     """The row rule's figures, by numpy: (judged rows, largest relative error, flat index over the rows
-    of the first row holding it, rows above ``limit``, the sorted tokens of those rows)."""
+    of the first row holding it, rows above ``limit``, the sorted tokens of those rows).
+
+    Each row's norms are computed in chunks of whole rows on the chunk tier (every row's figures the same
+    whichever chunk holds it, bit for bit); only the median row norm needs every row.  (Until the eleventh
+    session the sums of squares were einsum's over the whole array, whose order depended on the rows beside:
+    figures may differ from those in the last bit.)"""
     shape = golden.shape
     width = shape[-1]
-    g = golden.astype(np.float64, copy=False).reshape(-1, width)
-    c = candidate.astype(np.float64, copy=False).reshape(-1, width)
-    keep = np.isfinite(g).all(axis=1) & np.isfinite(c).all(axis=1)
+    g2, c2 = golden.reshape(-1, width), candidate.reshape(-1, width)
+    per = max(1, ROW_CHUNK_VALUES // max(width, 1))
+
+    def chunk(lo: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return _row_norms(g2[lo:lo + per], c2[lo:lo + per])
+
+    parts = map_chunks(chunk, list(range(0, g2.shape[0], per)))
+    keep, dn, gn, e = (np.concatenate([p[j] for p in parts]) if parts else np.zeros(0) for j in range(4))
+    keep = keep.astype(bool)
     row_tok = None
     if axis is not None:
-        row_tok = np.unravel_index(np.arange(g.shape[0]), shape[:-1])[axis]
+        row_tok = np.unravel_index(np.arange(g2.shape[0]), shape[:-1])[axis]
         if excluded:
             keep &= ~np.isin(row_tok, np.asarray(excluded))
     rows = np.flatnonzero(keep)
     if rows.size == 0:
         return 0, 0.0, -1, 0, np.zeros(0, np.int64)
-    g, c = g[rows], c[rows]
+    dn, gn, e = dn[rows], gn[rows], e[rows].astype(np.int64)
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-        top = np.maximum(np.abs(g).max(axis=1), np.abs(c).max(axis=1))
-        e = np.frexp(np.where(top > 0, top, 1.0))[1]
-        gs, cs = np.ldexp(g, -e[:, None]), np.ldexp(c, -e[:, None])
-        dn = np.sqrt(np.einsum("ij,ij->i", cs - gs, cs - gs))
-        gn = np.sqrt(np.einsum("ij,ij->i", gs, gs))
         true_gn = np.ldexp(gn, e)
         floor = ROW_NORM_FLOOR * float(np.median(true_gn))
         den = np.maximum(gn, np.ldexp(np.full_like(gn, floor), -e))
@@ -361,6 +372,26 @@ def row_stats(golden: np.ndarray, candidate: np.ndarray, limit: float, axis: int
     bad = rel > limit
     bad_tok = np.unique(row_tok[rows[bad]]) if row_tok is not None else np.zeros(0, np.int64)
     return int(rows.size), float(rel[worst]), int(rows[worst]), int(bad.sum()), bad_tok
+
+
+def _row_norms(golden: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row ``[n, W]``: (finite on both sides, ||c - g|| and ||g|| at the row's scale 2**-e, e), in float64;
+    a row that is not finite has norms of no meaning (the caller leaves it out)."""
+    g = golden.astype(np.float64, copy=False)
+    c = candidate.astype(np.float64, copy=False)
+    finite = np.isfinite(g).all(axis=1) & np.isfinite(c).all(axis=1)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        top = np.maximum(np.abs(g).max(axis=1), np.abs(c).max(axis=1))
+        e = np.frexp(np.where(top > 0, top, 1.0))[1]
+        gs, cs = np.ldexp(g, -e[:, None]), np.ldexp(c, -e[:, None])
+        # each row's sum of squares by numpy's pairwise sum along the row: the same for a row whatever rows
+        # share its chunk (einsum's buffered reduction summed a wide row in another order with more rows)
+        d = cs - gs
+        d *= d
+        dn = np.sqrt(d.sum(axis=1))
+        gs *= gs
+        gn = np.sqrt(gs.sum(axis=1))
+    return finite, dn, gn, e.astype(np.float64)
 
 
 def _classify_elements(

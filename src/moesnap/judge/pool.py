@@ -108,8 +108,10 @@ def submit_stage_of(values: int, fn: Callable[P, T], /, *args: P.args, **kwargs:
 
 
 def map_chunks(fn: Callable[[A], T], items: Iterable[A]) -> list[T]:
-    """``[fn(x) for x in items]``, on the chunk tier; ``fn`` must not wait on other work."""
-    if _on("chunk"):
+    """``[fn(x) for x in items]``, on the chunk tier (one item: on this thread); ``fn`` must not wait on other
+    work."""
+    items = list(items)
+    if _on("chunk") or len(items) <= 1:
         return [fn(x) for x in items]
     return list(_executor("chunk").map(fn, items))
 
