@@ -12,6 +12,10 @@ Rows (medians of ``--repeat`` runs; the figures of both trees must agree, or the
   error against the median row norm) over ``--tokens``/2 rows of the same logits, seconds inside the call;
   since the eleventh session in chunks of whole rows on the chunk threads (its sums of squares in another
   order than einsum's before: the worst row's error is compared to 12 significant digits).
+- **expert-scale sums**: ``moesnap.judge.routing.expert_scale_errors`` (the rule that names an expert whose
+  output is scaled) over ``--tokens`` tokens x top-8 x 2048 (30B-A3B's width), seconds inside the call; since
+  the eleventh session in blocks of tokens on the chunk threads (pairwise sums instead of einsum's: compared
+  to 9 significant digits).
 - **decode steps judged in this process**: ``moesnap check --decode 16 --device cpu`` of the tiny model at
   ``--layers`` layers (default 48: a deep model's ~870 small stages a step), judge worker processes off
   (``MOESNAP_JUDGE_PROCESSES=0``, as on a machine of fewer than 6 CPUs), wall seconds of the check.  Since the
@@ -67,6 +71,21 @@ n, worst, at, bad, toks = row_stats(g, c, 0.01, 0, (1, 2))
 print("BENCH " + json.dumps({"wall": time.perf_counter() - t, "same": repr((n, f"{worst:.12g}", at, bad, toks.tolist()))}))
 """
 
+_PAIRS = """
+import json, sys, time
+import numpy as np
+from moesnap.judge.routing import expert_scale_errors
+T, k, H = int(sys.argv[1]), 8, 2048
+rng = np.random.default_rng(0)
+ids = np.stack([rng.permutation(128)[:k] for _ in range(T)])
+a = rng.normal(0, 1, (T, k, H)).astype(np.float32)
+r = (a.sum(1) * 1e-3 + rng.normal(0, 1e-3, (T, H))).astype(np.float32)
+t = time.perf_counter()
+out = expert_scale_errors(ids, a, r, (), a.sum(1))
+print("BENCH " + json.dumps({"wall": time.perf_counter() - t,
+                             "same": repr([(e, f"{eps:.9g}", f"{se:.9g}", n, t0) for e, eps, se, n, t0 in out])}))
+"""
+
 _CHECK = """
 import json, sys, time
 from moesnap.cli.main import main
@@ -119,6 +138,7 @@ def main() -> int:
           (f", baseline {a.baseline}" if a.baseline else ""))
     _row(f"next-token figures, {a.tokens} x {a.vocab}", trees, _NEXT, [str(a.tokens), str(a.vocab)], a.repeat)
     _row(f"row rule, {a.tokens // 2} x {a.vocab}", trees, _ROWS, [str(a.tokens // 2), str(a.vocab)], a.repeat)
+    _row(f"expert-scale sums, {a.tokens} x 8 x 2048", trees, _PAIRS, [str(a.tokens)], a.repeat)
 
     import moesnap
     from moesnap.model.synth import make_model, preset

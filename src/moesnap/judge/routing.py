@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ToleranceError
+from .pool import map_chunks
 from .verdict import Metrics, Result, Verdict, fmt, json_float
 
 _DETAIL_FLIPS = 8
@@ -86,6 +87,9 @@ def tie_gap(logits_row: np.ndarray, chosen: np.ndarray) -> float:
 #: rounding shows (a near-tie slot at layer 26 of the 48-layer H200 run did just that)
 MIN_SHARE = 0.05
 
+#: values of a block of tokens whose per-pair sums one chunk-tier task computes (:func:`expert_pair_sums`)
+PAIR_CHUNK_VALUES = 1 << 19
+
 
 def expert_scale_errors(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray,
                         exclude_tokens: Collection[int] = (), total: np.ndarray | None = None
@@ -114,26 +118,50 @@ def expert_pair_sums(ids: np.ndarray, contrib: np.ndarray, resid: np.ndarray, ex
     """The sums over ``H`` of :func:`expert_scale_errors`, per (token, slot) ``[T, k]``: ``<r, a>``,
     ``|a|^2``, ``sum r_i^2 a_i^2``, and which pairs count (finite, not excluded, not below
     :data:`MIN_SHARE` of their token's total).  The device judge computes the same
-    (:func:`moesnap.judge.torch_rows.device_pair_sums`)."""
+    (:func:`moesnap.judge.torch_rows.device_pair_sums`).  In blocks of tokens on the chunk tier (each of
+    :data:`PAIR_CHUNK_VALUES` values or so), every pair's sums the same whichever block holds it (until the
+    eleventh session they were einsum's, in another order of summation: figures may move in the last bit)."""
     ids = np.asarray(ids)
     T, k = ids.shape
-    a = np.asarray(contrib, dtype=np.float64).reshape(T, k, -1)
-    r = np.asarray(resid, dtype=np.float64)
-    r = r.reshape(T, 1, -1) if r.ndim == 2 else r.reshape(T, k, -1)
+    a_all = np.asarray(contrib).reshape(T, k, -1)
+    r_all = np.asarray(resid)
+    r_all = r_all.reshape(T, 1, -1) if r_all.ndim == 2 else r_all.reshape(T, k, -1)
+    tot_all = None if total is None else np.asarray(total).reshape(T, -1)
+    per = max(1, PAIR_CHUNK_VALUES // max(1, k * a_all.shape[-1]))
+
+    def block(lo: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The sums of tokens ``lo .. lo + per``, in float64 (each pair's the same whichever block holds it)."""
+        a = a_all[lo:lo + per].astype(np.float64)          # a copy: squared in place below
+        r = r_all[lo:lo + per].astype(np.float64)
+        # numpy's pairwise sums along H: a pair's sums do not depend on the pairs beside it (einsum's did, for
+        # some shapes: a block of one token, k = 1 and H = 9000 summed in another order)
+        with np.errstate(over="ignore", invalid="ignore"):
+            ra = np.multiply(r, a)                                             # [t, k, H]
+            dots = ra.sum(axis=-1)                                             # [t, k]
+            ra *= ra                                                           # (r a)^2 = r^2 a^2
+            var = ra.sum(axis=-1)                                              # [t, k]
+            a *= a
+            sq = a.sum(axis=-1)                                                # [t, k]
+            tsq = None
+            if tot_all is not None:
+                tot = tot_all[lo:lo + per].astype(np.float64)
+                tot *= tot
+                tsq = tot.sum(axis=-1)
+        return dots, sq, var, tsq
+
+    parts = map_chunks(block, list(range(0, T, per)))
+    if parts:
+        dots, sq, var = (np.concatenate([p[j] for p in parts]) for j in range(3))
+    else:
+        dots = sq = var = np.zeros((0, k))
     keep = np.ones((T, k), dtype=bool)
     if exclude_tokens:
         keep[np.asarray(sorted(exclude_tokens), dtype=np.int64)] = False
-    with np.errstate(over="ignore", invalid="ignore"):
-        rb = np.broadcast_to(r, a.shape)
-        dots = np.einsum("tkh,tkh->tk", rb, a)                                 # [T, k]
-        sq = np.einsum("tkh,tkh->tk", a, a)                                    # [T, k]
-        var = np.einsum("tkh,tkh->tk", rb * rb, a * a)                         # [T, k]
     keep &= np.isfinite(dots) & np.isfinite(sq) & np.isfinite(var)
-    if total is not None:   # ``resid`` is ``[T, H]``: each pair against the norm of its token's total
-        tot = np.asarray(total, dtype=np.float64).reshape(T, -1)
+    if tot_all is not None:   # ``resid`` is ``[T, H]``: each pair against the norm of its token's total
+        tsq = np.concatenate([p[3] for p in parts])[:, None] if parts else np.zeros((0, 1))
         with np.errstate(over="ignore", invalid="ignore"):
-            tsq = np.einsum("th,th->t", tot, tot)[:, None]
-        keep &= sq >= (MIN_SHARE ** 2) * tsq
+            keep &= sq >= (MIN_SHARE ** 2) * tsq
     return dots, sq, var, keep
 
 
