@@ -79,6 +79,11 @@ def submit_stage(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Fu
     """``fn(*args, **kwargs)`` on the stage tier; its outcome (value or exception) in the future."""
     if not _on("stage"):
         return _executor("stage").submit(fn, *args, **kwargs)
+    return _here(fn, *args, **kwargs)
+
+
+def _here(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+    """``fn(*args, **kwargs)`` run on this thread, its outcome (value or exception) in a future."""
     done: Future[T] = Future()
     try:
         done.set_result(fn(*args, **kwargs))
@@ -98,12 +103,7 @@ def submit_stage_of(values: int, fn: Callable[P, T], /, *args: P.args, **kwargs:
     future, two thread switches and a wait for the GIL (a 48-layer decode step of the tiny model: ~870 such
     hand-overs, and its judging in this process took ~2x longer for them)."""
     if values < INLINE_VALUES:
-        done: Future[T] = Future()
-        try:
-            done.set_result(fn(*args, **kwargs))
-        except BaseException as e:   # kept for .result(), as the executor would
-            done.set_exception(e)
-        return done
+        return _here(fn, *args, **kwargs)
     return submit_stage(fn, *args, **kwargs)
 
 
