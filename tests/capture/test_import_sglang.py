@@ -281,3 +281,18 @@ def test_a_stage_a_layer_lacks_is_skipped(tmp_path, deepseek, style):
     assert code == 0 and rep["verdict"] == "pass", text + err
     assert rep["coverage"]["cells_held"] == rep["coverage"]["cells_judged"] > 0
     assert not any(r["layer"] == 0 and r["stage"] in lacking for r in rep["results"])
+
+
+def test_a_count_of_several_times_every_tokens_row_says_what_it_likely_is():
+    """A rank's stage holding every token's whole row twice over (a tensor-parallel rank that all-gathered its
+    heads first) is refused naming that; a count of no such multiple keeps the plain line."""
+    from moesnap.capture._flat import Like
+    from moesnap.errors import GoldenError
+
+    like = Like(tokens=np.arange(4, dtype=np.int32), n_layer=1, shapes={"q_norm": (2, 8)})
+    assert like.rows("q_norm", 4 * 16, "f.pt") == 4 and like.rows("q_norm", 16, "f.pt") == 1
+    with pytest.raises(GoldenError, match=r"f\.pt: 128 values of q_norm.*2 x every token's values: a tensor-parallel "
+                                          r"rank holding the whole row where its 1/2 was expected"):
+        like.rows("q_norm", 2 * 4 * 16, "f.pt")
+    with pytest.raises(GoldenError, match=r"f\.pt: 72 values of q_norm.*another model or prompt"):
+        like.rows("q_norm", 72, "f.pt")

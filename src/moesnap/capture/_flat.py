@@ -78,9 +78,14 @@ class Like:
             return T
         if n == per:
             return 1
+        why = "a dump of another model or prompt than the golden's?"
+        if T * per and n % (T * per) == 0:
+            k = n // (T * per)
+            why = (f"{k} x every token's values: a tensor-parallel rank holding the whole row where its 1/{k} was "
+                   f"expected (all-gathered first, as vLLM does for OLMoE's q/k norm), or a dump of more tokens than "
+                   f"the golden's?")
         raise GoldenError(f"{source}: {n} values of {stage}, whose row is {list(self.shapes[stage])} ({per} values): "
-                          f"neither every token's ({T} x {per} = {T * per}) nor the last token's ({per}); "
-                          f"a dump of another model or prompt than the golden's?")
+                          f"neither every token's ({T} x {per} = {T * per}) nor the last token's ({per}); {why}")
 
 
 @dataclass(frozen=True)
