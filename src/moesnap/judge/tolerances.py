@@ -404,6 +404,8 @@ class Tolerances:
         object.__setattr__(self, "carried_stages", MappingProxyType(carried))
         object.__setattr__(self, "carried_tie_tols", MappingProxyType(dict(self.carried_tie_tols)))
         object.__setattr__(self, "drift_rates", MappingProxyType({**DRIFT, **self.drift_rates}))
+        # :meth:`carried`'s answers by (stage, dtype, depth): a decode step asks for each of its ~870 stages
+        object.__setattr__(self, "_carried_memo", {})
         stages: dict[str, Mapping[str, Tolerance]] = {}
         for dtype in DTYPES:
             table = dict(self.stages.get(dtype, {}))
@@ -510,6 +512,11 @@ class Tolerances:
         """The free-running tolerance of ``stage`` at layer ``depth``: ``atol`` and ``rtol`` (of the
         free-running table where the profile has one) widened by :meth:`drift`; the row and expert
         rules, which judge one operation's error, switched off."""
+        memo: dict[tuple[str, str, int], Tolerance] = self.__dict__["_carried_memo"]
+        key = (stage, dtype, depth)
+        done = memo.get(key)
+        if done is not None:
+            return done
         dname = _dtype_name(dtype)
         table = self.carried_stages.get(dname)
         name = canonical(stage)
@@ -518,7 +525,9 @@ class Tolerances:
         else:
             tol = table.get(name, table[DEFAULT])
         f = self.drift(dtype, depth)
-        return replace(tol, atol=tol.atol * f, rtol=tol.rtol * f, row_rel_l2=math.inf, expert_scale=math.inf)
+        memo[key] = tol = replace(tol, atol=tol.atol * f, rtol=tol.rtol * f, row_rel_l2=math.inf,
+                                  expert_scale=math.inf)
+        return tol
 
     def tie_tol_at(self, dtype: str, depth: int) -> float:
         """The near-tie width free-running at layer ``depth`` (router logits drift too)."""
