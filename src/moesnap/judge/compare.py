@@ -608,6 +608,8 @@ def _span(xs: list[int]) -> str:
 
 def _parted_notes(name: str, pairs: list[tuple[Second, StageResult]], results: list[StageResult]) -> list[str]:
     """Where a stage's two values part, and which of them the golden holds against."""
+    if not pairs:
+        return []
     own = {(r.layer, r.stage): r for r in results if r.source is None}
     out = []
     for sec, r2 in pairs:
