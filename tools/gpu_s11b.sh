@@ -4,9 +4,7 @@
 # Usage: OUT=DIR [BUDGET=seconds, default 570] bash tools/gpu_s11b.sh
 set -u
 t0=$SECONDS; out=$OUT; mkdir -p "$out"
-python -m pip install -q --no-deps .whl/*.whl 2>&1 | grep -v WARNING | tail -2
-export PYTHONPATH=$PWD/src MOESNAP_NO_PROGRESS=1 PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git log --oneline -1; } | tee "$out/gpu.txt"
+. tools/gpu_common.sh
 W=/tmp/w48; mkdir -p "$W"
 limit=${BUDGET:-570}
 timeout $((limit < 330 ? limit : 330)) python benchmarks/bench_decode_check.py --check-only --dtype float32,bfloat16 \

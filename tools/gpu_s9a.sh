@@ -4,15 +4,10 @@
 # rows in float32 and bfloat16 with what time is left.   Usage: bash tools/gpu_s9a.sh OUTDIR  (carry .whl)
 set -u
 t0=$SECONDS; out=${1:?OUTDIR}; mkdir -p "$out"
-python -m pip install -q --no-deps .whl/*.whl 2>&1 | grep -v WARNING | tail -2
-export PYTHONPATH=$PWD/src MOESNAP_NO_PROGRESS=1 PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; git log --oneline -1; } | tee "$out/gpu.txt"
-W=/tmp/w48; mkdir -p "$W"
-( /usr/bin/time -f "make: %e s, %M KiB" python -m moesnap -q model make "$W/qwen3-30b-a3b-48l.gguf" \
-    --preset qwen3-30b-a3b --layers 48 ) > "$out/make.txt" 2>&1 &
-mk=$!
-timeout 110 python -m pytest -q -m gpu -p no:cacheprovider -rs tests > "$out/pytest_gpu.txt" 2>&1
-tail -4 "$out/pytest_gpu.txt"; wait $mk; cat "$out/make.txt"; echo "at $((SECONDS-t0)) s"
+. tools/gpu_common.sh
+W=/tmp/w48
+gpu_tests_beside_make "$W/qwen3-30b-a3b-48l.gguf" 110
+echo "at $((SECONDS-t0)) s"
 ln -sf "$W/qwen3-30b-a3b-48l.gguf" "$W/qwen3-30b-a3b-48.gguf"
 timeout 300 python benchmarks/bench_check.py --layers 48 --judge cpu,device --no-compare --work "$W" 2>&1 \
     | tee "$out/bench_check_48.txt"
