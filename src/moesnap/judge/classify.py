@@ -353,16 +353,24 @@ def row_stats(golden: np.ndarray, candidate: np.ndarray, limit: float, axis: int
 
     parts = map_chunks(chunk, list(range(0, g2.shape[0], per)))
     keep, dn, gn, e = (np.concatenate([p[j] for p in parts]) if parts else np.zeros(0) for j in range(4))
-    keep = keep.astype(bool)
+    return row_figures(keep.astype(bool), dn, gn, e.astype(np.int64), shape, limit, axis, excluded)
+
+
+def row_figures(finite: np.ndarray, dn: np.ndarray, gn: np.ndarray, e: np.ndarray, shape: tuple[int, ...],
+                limit: float, axis: int | None, excluded: tuple[int, ...]) -> tuple[int, float, int, int, np.ndarray]:
+    """:func:`row_stats`' answer from every row's norms (``finite``: the row is finite on both sides; ``dn``,
+    ``gn``: ||c - g|| and ||g|| at the row's scale ``2**-e``): the rows judged (finite, not excluded), each
+    one's error against the floor of the median row norm, the worst, and those above ``limit``."""
+    keep = finite.copy()
     row_tok = None
     if axis is not None:
-        row_tok = np.unravel_index(np.arange(g2.shape[0]), shape[:-1])[axis]
+        row_tok = np.unravel_index(np.arange(keep.shape[0]), shape[:-1])[axis]
         if excluded:
             keep &= ~np.isin(row_tok, np.asarray(excluded))
     rows = np.flatnonzero(keep)
     if rows.size == 0:
         return 0, 0.0, -1, 0, np.zeros(0, np.int64)
-    dn, gn, e = dn[rows], gn[rows], e[rows].astype(np.int64)
+    dn, gn, e = dn[rows], gn[rows], e[rows]
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
         true_gn = np.ldexp(gn, e)
         floor = ROW_NORM_FLOOR * float(np.median(true_gn))
